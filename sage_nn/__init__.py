@@ -1,0 +1,8 @@
+"""sage_nn: ground-truth evaluation of sparse autoencoders on real language models."""
+
+from .activations import collect, open_store
+from .models import DEFAULT_MODEL, load_model, tiny_random_model
+from .sites import Site, adapter
+
+__all__ = ["DEFAULT_MODEL", "Site", "adapter", "collect", "load_model", "open_store",
+           "tiny_random_model"]
