@@ -258,14 +258,16 @@ def _unpad(arr: np.ndarray, batch: Batch, max_len: int) -> np.ndarray:
 def _check_finite(part: xr.Dataset, batch: Batch) -> None:
     """Raise on NaN/inf at real tokens (the NaN tails of short prompts are by design)."""
     for name, var in part.data_vars.items():
-        finite = np.isfinite(var.values).reshape(*var.shape[:2], -1).all(-1)
+        finite = np.isfinite(var.values).reshape(*var.shape[:3], -1).all(-1)  # prompt, pos, layer
         if np.issubdtype(var.position.dtype, np.integer):
-            finite |= var.position.values[None, :] >= batch.lengths.numpy()[:, None]
+            finite |= (var.position.values[None, :] >= batch.lengths.numpy()[:, None])[..., None]
         if not finite.all():
-            rows = part.prompt.values[~finite.all(1)].tolist()
+            rows = part.prompt.values[~finite.all((1, 2))].tolist()
+            layers = part.layer.values[~finite.all((0, 1))].tolist()
             raise NonFiniteActivationError(
-                f"NaN or inf in {name} activations for prompts {rows[:10]}: check the model's "
-                "dtype (float16 overflows on some models: use float32 or bfloat16) and inputs")
+                f"NaN or inf in {name} activations at layers {layers} for prompts {rows[:10]}: "
+                "check the model's dtype (float16 overflows on some models: use float32 or "
+                "bfloat16) and its weights and inputs")
 
 
 def _checksum(ds: xr.Dataset) -> str:
