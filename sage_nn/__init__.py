@@ -1,8 +1,10 @@
 """sage_nn: ground-truth evaluation of sparse autoencoders on real language models."""
 
 from .activations import collect, open_store
+from .dictionaries import MeanDictionary, MSEDictionary
 from .models import DEFAULT_MODEL, load_model, tiny_random_model
 from .sites import Site, adapter
 
-__all__ = ["DEFAULT_MODEL", "Site", "adapter", "collect", "load_model", "open_store",
+__all__ = ["DEFAULT_MODEL", "MSEDictionary", "MeanDictionary", "Site", "adapter", "collect",
+           "load_model", "open_store",
            "tiny_random_model"]
