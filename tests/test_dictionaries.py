@@ -126,6 +126,8 @@ def test_codes_are_the_one_hot_design_with_unit_weights():
     np.testing.assert_array_equal(d.transform(X, table), d.encoder_.transform(table))
     assert list(d.get_feature_names_out()[:2]) == ["a=a0", "a=a1"]
     assert d.value_counts_.loc[("b", "b1")] == 4 * 2 * 5
+    frame = clone(d).set_output(transform="pandas").fit_transform(X, table)
+    assert list(frame.columns[-2:]) == ["c=c0", "c=c1"] and frame.shape == (120, 9)
 
 
 # -- labeled (xarray) input ------------------------------------------------------------
