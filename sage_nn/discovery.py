@@ -1,0 +1,497 @@
+"""Discovery: attribution patching per attribute finds a task's cross-sections.
+
+For attribute ``A``, clean prompt ``x``, counterfactual ``x'`` and the clean logit
+difference ``m`` (always with the clean prompt's answer/distractor)::
+
+    delta_A(s, t) = mean over prompts of (a_s,t(x') - a_s,t(x)) . dm/da_s,t |_x
+    score_A(s, t) = delta_A(s, t) / mean(m(x') - m(x))
+
+``delta`` estimates the change in logit difference from patching the counterfactual value
+into site ``s`` at named position ``t`` (the value is taken at the position's own token in
+each prompt); ``score`` is that as a fraction of the total counterfactual effect, so a site
+that carries the whole effect scores 1. An attribute whose total effect is below
+``min_effect`` (logits) is flagged ``small_effect``: its fractions divide by a near-zero
+number, so read its raw ``delta`` instead (rankings are the same).
+
+Each batch costs one counterfactual forward (all attributes stacked along the batch) and one
+clean forward+backward; every site of the grid is scored from them, never a pass per site.
+
+Scores are an ``xarray.DataArray`` with dims ``(attribute, layer, kind, head, position)``.
+Head convention (no NaN): ``head`` runs over ``-1, 0 .. n_heads-1``; per-head kinds
+(q/k/v/z) use heads ``0..``, the other kinds use ``head = -1``; cells that are not a site
+(e.g. ``resid_pre`` at head 3, or ``k`` beyond the KV heads) hold 0 and are marked False in
+the ``is_site`` coordinate ``(kind, head)``. :func:`ranked` lists only real sites.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from .activations import batches, encode, model_device
+from .interventions import counterfactual_patches, logit_diff, run_patched
+from .sites import HEAD_KINDS, KINDS, Site, adapter
+
+SCORES_FORMAT = "sage_nn.discovery/1"
+
+
+# -- attribution patching -------------------------------------------------------------
+
+class AttributionPatching:
+    """Attribution-patching scores of every (site, named position) for each attribute.
+
+    Hyperparameters: ``kinds`` / ``layers`` / ``positions`` / ``attributes`` restrict the
+    grid (default: everything the model and dataset have); ``batch_size`` prompts per
+    forward; ``min_effect`` (logits) is the smallest |total effect| worth normalising by.
+
+    Fitted: ``result_`` (Dataset: ``score``, ``delta`` and per-attribute effects),
+    ``scores_`` and ``deltas_`` (its DataArrays), ``effects_`` (a table per attribute).
+    """
+
+    def __init__(self, kinds: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+                 positions: Sequence[str] | None = None,
+                 attributes: Sequence[str] | None = None, batch_size: int = 16,
+                 min_effect: float = 1.0, progress: bool = False):
+        self.kinds = kinds
+        self.layers = layers
+        self.positions = positions
+        self.attributes = attributes
+        self.batch_size = batch_size
+        self.min_effect = min_effect
+        self.progress = progress
+
+    # grid -------------------------------------------------------------------------
+    def _grid(self, ad, dataset):
+        kinds = list(ad.kinds() if self.kinds is None else self.kinds)
+        for kind in kinds:
+            if kind not in ad.kinds():
+                raise ValueError(f"kind {kind!r} is not available for this model; available: "
+                                 f"{', '.join(ad.kinds())}")
+        kinds.sort(key=KINDS.index)
+        layers = list(range(ad.n_layers)) if self.layers is None else sorted(self.layers)
+        bad = [l for l in layers if not 0 <= l < ad.n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range; the model has layers "
+                             f"0..{ad.n_layers - 1}")
+        positions = list(dataset.positions if self.positions is None else self.positions)
+        missing = [p for p in positions if p not in dataset.positions]
+        if missing or not positions:
+            raise ValueError(f"unknown named positions {missing}; the dataset {dataset.name!r} "
+                             f"has {sorted(dataset.positions)}")
+        attributes = list(dataset.attribute_names if self.attributes is None else self.attributes)
+        missing = [a for a in attributes if a not in dataset.counterfactuals]
+        if missing or not attributes:
+            raise ValueError(f"attributes {missing} have no counterfactuals in dataset "
+                             f"{dataset.name!r}; it has {sorted(dataset.counterfactuals)}")
+        return kinds, layers, positions, attributes
+
+    def fit(self, model: Any, dataset: Any) -> "AttributionPatching":
+        ad = adapter(model)
+        kinds, layers, positions, attributes = self._grid(ad, dataset)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        grid = [(layer, kind) for layer in layers for kind in kinds]
+        n, n_heads = len(dataset.prompts), ad.n_heads
+        device = model_device(model)
+        delta = np.zeros((len(attributes), len(layers), len(kinds), n_heads + 1, len(positions)))
+        clean_sum, cf_sum = 0.0, np.zeros(len(attributes))
+        for idx in batches(n, self.batch_size, self.progress and "attribution"):
+            cf_vals, cf_ld = _counterfactual_forward(
+                model, ad, dataset, attributes, positions, grid, idx, device)
+            contrib, ld = _clean_forward_backward(
+                model, ad, dataset, positions, grid, idx, cf_vals, len(attributes), device)
+            for (layer, kind), c in contrib.items():
+                li, ki = layers.index(layer), kinds.index(kind)
+                c = c.double().cpu().numpy()  # [attribute, position, heads] or [attribute, position]
+                if kind in HEAD_KINDS:
+                    delta[:, li, ki, 1:1 + c.shape[2], :] += c.transpose(0, 2, 1)
+                else:
+                    delta[:, li, ki, 0, :] += c
+            clean_sum += float(ld.sum())
+            cf_sum += cf_ld.double().cpu().numpy().reshape(len(attributes), len(idx)).sum(1)
+        delta /= n
+        clean_ld, cf_ld = clean_sum / n, cf_sum / n
+        total = cf_ld - clean_ld
+        small = np.abs(total) < self.min_effect
+        safe = np.where(total == 0, np.inf, total)
+        score = delta / safe[:, None, None, None, None]
+        for a, s in zip(attributes, small):
+            if s:
+                warnings.warn(f"attribute {a!r}: total counterfactual effect "
+                              f"{total[attributes.index(a)]:+.3f} is below min_effect="
+                              f"{self.min_effect}; its normalised scores are unreliable, use "
+                              "the raw deltas", stacklevel=2)
+        heads = np.arange(-1, n_heads)
+        is_site = np.array([[(h >= 0 and h < ad.n_heads_of(k)) if k in HEAD_KINDS else h < 0
+                             for h in heads] for k in kinds])
+        dims = ("attribute", "layer", "kind", "head", "position")
+        self.result_ = xr.Dataset(
+            {"score": (dims, score), "delta": (dims, delta),
+             "counterfactual_logit_diff": ("attribute", cf_ld),
+             "total_effect": ("attribute", total), "small_effect": ("attribute", small)},
+            coords={"attribute": attributes, "layer": layers, "kind": kinds, "head": heads,
+                    "position": positions, "is_site": (("kind", "head"), is_site)},
+            attrs={"format": SCORES_FORMAT, "model": str(model.config._name_or_path),
+                   "task": str(getattr(dataset, "name", "")), "n_prompts": n,
+                   "clean_logit_diff": clean_ld, "min_effect": self.min_effect,
+                   "method": "attribution patching; score = delta / total_effect"})
+        self.scores_ = self.result_.score
+        self.deltas_ = self.result_.delta
+        self.effects_ = effects_table(self.result_)
+        return self
+
+    def save(self, path: str | Path) -> Path:
+        return save_scores(self.result_, path)
+
+
+def _rows_cols(batch, positions_per_row: Sequence[np.ndarray], device):
+    cols = torch.stack([batch.index(p) for p in positions_per_row], 1).to(device)
+    rows = torch.arange(cols.shape[0], device=device)[:, None]
+    return rows, cols
+
+
+def _counterfactual_forward(model, ad, dataset, attributes, positions, grid, idx, device):
+    """Site values at the named positions of every attribute's counterfactual, stacked."""
+    cfs = [dataset.counterfactuals[a] for a in attributes]
+    prompts = [cf.prompts[i] for cf in cfs for i in idx]
+    batch = encode(model, prompts, device)
+    rows, cols = _rows_cols(
+        batch, [np.concatenate([cf.positions[p][idx] for cf in cfs]) for p in positions], device)
+    answer = torch.as_tensor(np.tile(dataset.answer_ids[idx], len(cfs)), device=device)
+    distractor = torch.as_tensor(np.tile(dataset.distractor_ids[idx], len(cfs)), device=device)
+    with torch.no_grad(), model.trace(batch.inputs):
+        values = {}
+        for layer, kind in grid:
+            t = ad.tensor(model, layer, kind)[..., ad.channels(kind)]
+            values[(layer, kind)] = t[rows, cols]  # [attribute * batch, position, channels]
+        values.save()
+        ld = logit_diff(model.output.logits[:, -1], answer, distractor).save()
+    return values, ld
+
+
+def _clean_forward_backward(model, ad, dataset, positions, grid, idx, cf_values, n_attr, device):
+    """One forward and one backward of the clean batch; reduces every site in the trace."""
+    batch = encode(model, [dataset.prompts[i] for i in idx], device)
+    rows, cols = _rows_cols(batch, [dataset.positions[p][idx] for p in positions], device)
+    answer = torch.as_tensor(dataset.answer_ids[idx], device=device)
+    distractor = torch.as_tensor(dataset.distractor_ids[idx], device=device)
+    b = len(idx)
+    with torch.enable_grad(), model.trace(batch.inputs):
+        # Gradients w.r.t. activations only: a frozen model gets its graph from here.
+        first = ad.tensor(model, 0, "resid_pre")
+        if not first.requires_grad:
+            first.requires_grad_(True)
+        tensors = [first if key == (0, "resid_pre") else ad.tensor(model, *key) for key in grid]
+        ld = logit_diff(model.output.logits[:, -1], answer, distractor)
+        grads = torch.autograd.grad(ld.sum(), tensors, allow_unused=True)
+        contrib = {}
+        for key, t, g in zip(grid, tensors, grads):
+            kind = key[1]
+            ch = ad.channels(kind)
+            a = t.detach()[..., ch][rows, cols]  # [batch, position, channels]
+            g = torch.zeros_like(a) if g is None else g[..., ch][rows, cols]
+            diff = cf_values[key].reshape(n_attr, b, *a.shape[1:]) - a
+            c = diff * g
+            if kind in HEAD_KINDS:
+                c = c.unflatten(-1, (ad.n_heads_of(kind), ad.d_head))
+            contrib[key] = c.sum(-1).sum(1)  # [attribute, position(, head)]
+        contrib.save()
+        ld = ld.detach().save()
+    return contrib, ld
+
+
+# -- tables, selection, persistence ---------------------------------------------------
+
+def effects_table(result: xr.Dataset) -> pd.DataFrame:
+    """Per attribute: clean and counterfactual logit difference, total effect, flag."""
+    return pd.DataFrame({
+        "clean_logit_diff": result.attrs["clean_logit_diff"],
+        "counterfactual_logit_diff": result.counterfactual_logit_diff.values,
+        "total_effect": result.total_effect.values,
+        "small_effect": result.small_effect.values.astype(bool),
+    }, index=pd.Index(result.attribute.values, name="attribute"))
+
+
+def _site_name(layer: int, kind: str, head: int) -> str:
+    return str(Site(int(layer), kind, None if kind not in HEAD_KINDS else int(head)))
+
+
+def ranked(result: xr.Dataset, attribute: str, *, kinds: Sequence[str] | None = None,
+           positions: Sequence[str] | None = None) -> pd.DataFrame:
+    """Every real (site, position) of ``attribute``, by decreasing |score|.
+
+    Columns: ``site`` (e.g. ``L9.z.h3``), ``layer``, ``kind``, ``head`` (-1 for non-head
+    kinds), ``position``, ``score``, ``delta``, ``share`` (of the summed |score|) and
+    ``cum_share``.
+    """
+    if attribute not in result.attribute.values:
+        raise ValueError(f"attribute {attribute!r} was not scored; scored: "
+                         f"{list(result.attribute.values)}")
+    sub = result[["score", "delta"]].sel(attribute=attribute)
+    if kinds is not None:
+        sub = sub.sel(kind=list(kinds))
+    if positions is not None:
+        sub = sub.sel(position=list(positions))
+    df = sub.to_dataframe().reset_index()
+    df = df[df["is_site"].astype(bool)].drop(columns=["is_site", "attribute"], errors="ignore")
+    df.insert(0, "site", [_site_name(l, k, h) for l, k, h in zip(df["layer"], df["kind"], df["head"])])
+    df = df.iloc[np.argsort(-np.abs(df["delta"].to_numpy()), kind="stable")]
+    total = np.abs(df["score"]).sum()
+    df["share"] = np.abs(df["score"]) / total if total > 0 else 0.0
+    df["cum_share"] = df["share"].cumsum()
+    return df.reset_index(drop=True)
+
+
+def select_cross_section(result: xr.Dataset, attribute: str, *, top_k: int | None = None,
+                         coverage: float | None = None, kinds: Sequence[str] | None = None,
+                         positions: Sequence[str] | None = None) -> pd.DataFrame:
+    """The top-``k`` sites, or the fewest top sites covering ``coverage`` of summed |score|.
+
+    Give exactly one of ``top_k`` / ``coverage`` (a share in (0, 1]). Returns the first rows
+    of :func:`ranked`.
+    """
+    if (top_k is None) == (coverage is None):
+        raise ValueError("give exactly one of top_k (a number of sites) or coverage (a share "
+                         "of the summed |score| in (0, 1])")
+    df = ranked(result, attribute, kinds=kinds, positions=positions)
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        return df.iloc[:top_k].copy()
+    if not 0 < coverage <= 1:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    k = int(np.searchsorted(df["cum_share"].to_numpy(), coverage - 1e-12) + 1)
+    return df.iloc[:min(k, len(df))].copy()
+
+
+def save_scores(result: xr.Dataset, path: str | Path) -> Path:
+    """Write attribution results to netCDF (``.nc``)."""
+    path = Path(path)
+    if path.suffix != ".nc":
+        raise ValueError(f"scores path {path}: use a .nc file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = result.assign_coords(is_site=result.is_site.astype("int8"))
+    out = out.assign(small_effect=out.small_effect.astype("int8"))
+    out.to_netcdf(path, engine="h5netcdf")
+    return path
+
+
+def load_scores(path: str | Path) -> xr.Dataset:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"scores file {path} does not exist")
+    ds = xr.load_dataset(path, engine="h5netcdf")
+    if ds.attrs.get("format") != SCORES_FORMAT:
+        raise ValueError(f"{path} is not a sage_nn discovery scores file")
+    ds = ds.assign_coords(is_site=ds.is_site.astype(bool))
+    return ds.assign(small_effect=ds.small_effect.astype(bool))
+
+
+# -- validation by exact activation patching ------------------------------------------
+
+def exact_patching(model: Any, dataset: Any, attribute: str, pairs: Sequence[tuple], *,
+                   joint: bool = True, batch_size: int = 32, max_rows: int = 256,
+                   progress: bool = False) -> tuple[pd.DataFrame, dict]:
+    """Exact change in logit difference from patching each (site, position) from ``x'``.
+
+    All variants (one per pair, plus all pairs together when ``joint``) run stacked along
+    the batch, ``max_rows`` rows per forward. Returns a table (``site``, ``position``,
+    ``exact_delta``) and a dict with the clean and counterfactual logit differences, the
+    total effect and, when ``joint``, ``joint_delta`` (all pairs patched at once).
+    """
+    if attribute not in dataset.counterfactuals:
+        raise ValueError(f"attribute {attribute!r} has no counterfactuals; available: "
+                         f"{sorted(dataset.counterfactuals)}")
+    cf = dataset.counterfactuals[attribute]
+    pairs = [(Site.parse(s), str(p)) for s, p in pairs]
+    patches = counterfactual_patches(model, dataset, cf, pairs, batch_size=batch_size)
+    variants = [[]] + [[p] for p in patches] + ([patches] if joint and patches else [])
+    out = run_patched(model, dataset, variants, names=list(range(len(variants))),
+                      batch_size=batch_size, max_rows=max_rows, progress=progress)
+    ld = out.logit_diff.mean("prompt").values.astype(float)
+    cf_ld = run_patched(model, cf, [[]], answer_ids=dataset.answer_ids,
+                        distractor_ids=dataset.distractor_ids,
+                        batch_size=batch_size).logit_diff.mean().item()
+    table = pd.DataFrame({"site": [str(s) for s, _ in pairs], "position": [p for _, p in pairs],
+                          "exact_delta": ld[1:1 + len(pairs)] - ld[0]})
+    summary = {"clean_logit_diff": ld[0], "counterfactual_logit_diff": cf_ld,
+               "total_effect": cf_ld - ld[0]}
+    if joint and patches:
+        summary["joint_delta"] = ld[-1] - ld[0]
+    return table, summary
+
+
+def validate(model: Any, dataset: Any, result: xr.Dataset, attribute: str,
+             selection: pd.DataFrame, *, batch_size: int = 32, max_rows: int = 256
+             ) -> tuple[pd.DataFrame, dict]:
+    """Exact patching of the selected sites next to their estimates.
+
+    Returns the selection with ``exact_delta`` (and ``exact_score`` = exact_delta / exact
+    total effect) added, and a summary: Spearman rank correlation of estimated vs exact
+    deltas, and ``recovered`` = exact effect of patching the whole selection at once over
+    the total effect.
+    """
+    from scipy.stats import spearmanr
+
+    pairs = list(zip(selection["site"], selection["position"]))
+    table, summary = exact_patching(model, dataset, attribute, pairs, batch_size=batch_size,
+                                    max_rows=max_rows)
+    out = selection.reset_index(drop=True).copy()
+    out["exact_delta"] = table["exact_delta"].to_numpy()
+    total = summary["total_effect"]
+    out["exact_score"] = out["exact_delta"] / total if total else 0.0
+    rho = spearmanr(out["delta"], out["exact_delta"]).statistic if len(out) > 2 else float("nan")
+    summary.update(attribute=attribute, n_sites=len(out), spearman=float(rho),
+                   recovered=float(summary["joint_delta"] / total) if total else float("nan"))
+    return out, summary
+
+
+# -- plots ----------------------------------------------------------------------------
+
+def plot_heatmaps(result: xr.Dataset, attribute: str, out_dir: str | Path) -> list[Path]:
+    """PNG heatmaps of ``attribute``'s scores: layer x head per head kind, and layer x kind
+    for the other kinds; one column per named position."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sub = result.score.sel(attribute=attribute)
+    vmax = float(np.abs(sub).max()) or 1.0
+    positions = list(result.position.values)
+    paths = []
+    panels = [(k, sub.sel(kind=k, head=[h for h in result["head"].values
+                                         if bool(result.is_site.sel(kind=k, head=h))]))
+              for k in result.kind.values if k in HEAD_KINDS]
+    other = [k for k in result.kind.values if k not in HEAD_KINDS]
+    if other:
+        panels.append(("residual", sub.sel(kind=other, head=-1)))
+    for name, data in panels:
+        fig, axes = plt.subplots(1, len(positions), figsize=(2.2 * len(positions) + 1.5,
+                                 0.18 * len(result.layer) + 1.5), squeeze=False, sharey=True)
+        for ax, pos in zip(axes[0], positions):
+            values = data.sel(position=pos).transpose("layer", ...).values
+            im = ax.imshow(values, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto",
+                           origin="lower", interpolation="nearest")
+            xt = data["head"].values if name != "residual" else data.kind.values
+            ax.set_xticks(range(len(xt)), [str(x) for x in xt],
+                          rotation=0 if name != "residual" else 90, fontsize=7)
+            ax.set_title(pos, fontsize=9)
+            ax.set_xlabel("head" if name != "residual" else "")
+        axes[0][0].set_ylabel("layer")
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="score (fraction of effect)")
+        fig.suptitle(f"{result.attrs.get('task', '')} / {attribute}: {name}")
+        path = out_dir / f"heatmap_{attribute}_{name}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_cross_section(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Bar chart of a selected cross-section: estimated score, and exact when validated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels = [f"{s}@{p}" for s, p in zip(table["site"], table["position"])]
+    y = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(6, 0.28 * len(labels) + 1.2))
+    has_exact = "exact_score" in table
+    h = 0.4 if has_exact else 0.8
+    ax.barh(y - (h / 2 if has_exact else 0), table["score"], height=h, label="attribution")
+    if has_exact:
+        ax.barh(y + h / 2, table["exact_score"], height=h, label="exact patching")
+        ax.legend(fontsize=8)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="k", lw=0.5)
+    ax.set_xlabel("fraction of the counterfactual effect")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# -- the whole stage ------------------------------------------------------------------
+
+@dataclass
+class DiscoveryConfig:
+    """Settings of :func:`discover` (the attribution grid, selection and validation)."""
+
+    kinds: Sequence[str] | None = None
+    layers: Sequence[int] | None = None
+    positions: Sequence[str] | None = None
+    attributes: Sequence[str] | None = None
+    batch_size: int = 16
+    min_effect: float = 1.0
+    top_k: int | None = None  # set one of top_k / coverage; neither means coverage 0.8
+    coverage: float | None = None
+    validate: bool = True
+    max_rows: int = 256
+
+
+@dataclass
+class Discovery:
+    """What :func:`discover` found: scores, cross-sections, validation summaries."""
+
+    result: xr.Dataset
+    cross_sections: dict[str, pd.DataFrame]
+    validation: dict[str, dict] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        effects = effects_table(self.result)
+        return {a: {**{k: (bool(v) if isinstance(v, (bool, np.bool_)) else float(v))
+                       for k, v in effects.loc[a].items()},
+                    "cross_section": [f"{s}@{p}" for s, p in zip(t["site"], t["position"])],
+                    **{k: v for k, v in self.validation.get(a, {}).items() if k != "attribute"}}
+                for a, t in self.cross_sections.items()}
+
+
+def discover(model: Any, dataset: Any, config: DiscoveryConfig | None = None, *,
+             out_dir: str | Path | None = None, progress: bool = False) -> Discovery:
+    """Score the grid, select a cross-section per attribute, validate it, save and plot.
+
+    With ``out_dir``: ``scores.nc``, ``cross_sections.csv``, ``summary.json`` and the PNGs.
+    """
+    config = config or DiscoveryConfig()
+    if config.top_k is not None and config.coverage is not None:
+        raise ValueError("set only one of DiscoveryConfig.top_k or DiscoveryConfig.coverage")
+    coverage = 0.8 if config.top_k is None and config.coverage is None else config.coverage
+    fit = AttributionPatching(config.kinds, config.layers, config.positions, config.attributes,
+                              config.batch_size, config.min_effect, progress).fit(model, dataset)
+    found = Discovery(fit.result_, {})
+    for attribute in fit.result_.attribute.values:
+        sel = select_cross_section(fit.result_, attribute, top_k=config.top_k,
+                                   coverage=coverage)
+        if config.validate:
+            sel, summary = validate(model, dataset, fit.result_, attribute, sel,
+                                    batch_size=config.batch_size, max_rows=config.max_rows)
+            found.validation[attribute] = summary
+        found.cross_sections[attribute] = sel
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        save_scores(fit.result_, out_dir / "scores.nc")
+        pd.concat([t.assign(attribute=a) for a, t in found.cross_sections.items()]).to_csv(
+            out_dir / "cross_sections.csv", index=False)
+        (out_dir / "summary.json").write_text(json.dumps(found.summary(), indent=2))
+        for attribute, table in found.cross_sections.items():
+            plot_heatmaps(fit.result_, attribute, out_dir)
+            plot_cross_section(table, out_dir / f"cross_section_{attribute}.png",
+                               title=f"{fit.result_.attrs['task']} / {attribute}")
+    return found

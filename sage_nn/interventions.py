@@ -1,0 +1,219 @@
+"""Patching primitives: run prompts with site values written in, many variants per forward.
+
+A *patch* writes one value per prompt into one site at one token of each prompt; a
+*variant* is a list of patches applied together (an empty variant is the clean run).
+:func:`run_patched` stacks variants along the batch — row ``v * b + i`` is prompt ``i``
+under variant ``v`` — so one forward serves many variants, and returns the task metric
+and the top-1 prediction of every (variant, prompt)::
+
+    patches = counterfactual_patches(model, ds, ds.counterfactuals["io"],
+                                     [("L9.z.h3", "END"), ("L12.resid_post", "END")])
+    out = run_patched(model, ds, [[p] for p in patches] + [patches])
+    out.logit_diff.mean("prompt")        # (variant)
+
+Everything inside the traces is plain torch, so it can run remotely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .activations import batches, collect, encode, model_device
+from .sites import HEAD_KINDS, KINDS, Site, adapter
+
+
+def logit_diff(logits: torch.Tensor, answer_ids: Any, distractor_ids: Any) -> torch.Tensor:
+    """``logit(answer) - logit(distractor)`` per row, at the last token.
+
+    ``logits`` is ``[batch, vocab]`` or ``[batch, seq, vocab]`` (the last position is used;
+    with left padding that is every prompt's last token).
+    """
+    if logits.ndim == 3:
+        logits = logits[:, -1]
+    answer = torch.as_tensor(answer_ids, device=logits.device).long().reshape(-1, 1)
+    distractor = torch.as_tensor(distractor_ids, device=logits.device).long().reshape(-1, 1)
+    if len(answer) != len(logits) or len(distractor) != len(logits):
+        raise ValueError(f"{len(logits)} rows of logits but {len(answer)} answer ids and "
+                         f"{len(distractor)} distractor ids; pass one id per prompt")
+    return (logits.gather(1, answer) - logits.gather(1, distractor)).squeeze(1)
+
+
+@dataclass
+class Patch:
+    """Write ``values[i]`` into ``site`` at token ``positions[i]`` of prompt ``i``.
+
+    ``positions`` are per-prompt token indices (unpadded; negative counts from the end);
+    ``values`` is ``[n_prompts, width]`` (width ``d_head`` for q/k/v/z, else ``d_model``).
+    ``label`` names the patch, e.g. ``"L9.z.h3@END"``.
+    """
+
+    site: Site
+    positions: np.ndarray
+    values: torch.Tensor
+    label: str = ""
+
+    def __post_init__(self):
+        self.site = Site.parse(self.site)
+        self.positions = np.asarray(self.positions, dtype=np.int64).reshape(-1)
+        self.values = torch.as_tensor(self.values)
+        if self.values.ndim != 2 or len(self.values) != len(self.positions):
+            raise ValueError(f"patch {self.label or self.site}: values must be [n_prompts, width] "
+                             f"with one row per position; got values {tuple(self.values.shape)} "
+                             f"for {len(self.positions)} positions")
+        self.label = self.label or str(self.site)
+
+
+def _prompt_set(data: Any, answer_ids: Any, distractor_ids: Any):
+    if hasattr(data, "prompts"):
+        answer_ids = data.answer_ids if answer_ids is None else answer_ids
+        distractor_ids = data.distractor_ids if distractor_ids is None else distractor_ids
+        data = data.prompts
+    prompts = [data] if isinstance(data, str) else list(data)
+    if answer_ids is None or distractor_ids is None:
+        raise ValueError("answer_ids and distractor_ids are needed for plain prompts; pass them "
+                         "or pass a task dataset")
+    answer_ids = np.broadcast_to(np.asarray(answer_ids, dtype=np.int64), (len(prompts),))
+    distractor_ids = np.broadcast_to(np.asarray(distractor_ids, dtype=np.int64), (len(prompts),))
+    return prompts, answer_ids, distractor_ids
+
+
+def run_patched(
+    model: Any,
+    data: Any,
+    variants: Sequence[Sequence[Patch]],
+    *,
+    names: Sequence[str] | None = None,
+    answer_ids: Any = None,
+    distractor_ids: Any = None,
+    batch_size: int = 32,
+    max_rows: int = 256,
+    progress: bool = False,
+) -> xr.Dataset:
+    """Run ``data`` under every variant; one forward serves up to ``max_rows`` rows.
+
+    ``data`` is a task dataset or a list of prompts (then pass ``answer_ids`` and
+    ``distractor_ids``, one per prompt or one for all). Returns a Dataset with
+    ``logit_diff`` and ``top1`` (the argmax token id at the last position), both
+    ``(variant, prompt)``; ``variant`` is labelled by ``names`` (default: the joined patch
+    labels, ``"clean"`` for an empty variant).
+    """
+    prompts, answer_ids, distractor_ids = _prompt_set(data, answer_ids, distractor_ids)
+    n, ad, device = len(prompts), adapter(model), model_device(model)
+    variants = [list(v) for v in variants]
+    if not variants:
+        raise ValueError("no variants to run; pass e.g. [[]] for the clean run")
+    for v in variants:
+        for p in v:
+            ad.check(p.site)
+            if len(p.positions) != n:
+                raise ValueError(f"patch {p.label}: {len(p.positions)} positions/values for "
+                                 f"{n} prompts; give one per prompt")
+            if p.values.shape[1] != ad.width(p.site.kind):
+                raise ValueError(f"patch {p.label}: values have width {p.values.shape[1]}, site "
+                                 f"{p.site} has width {ad.width(p.site.kind)}")
+    if names is None:
+        names = ["+".join(p.label for p in v) or "clean" for v in variants]
+    if len(names) != len(variants):
+        raise ValueError(f"{len(names)} names for {len(variants)} variants")
+    dtype = next(model._module.parameters()).dtype
+    ld = np.zeros((len(variants), n), dtype=np.float32)
+    top1 = np.zeros((len(variants), n), dtype=np.int64)
+    for idx in batches(n, batch_size, progress and "patch"):
+        batch = encode(model, [prompts[i] for i in idx], device)
+        b = len(idx)
+        per_forward = max(1, max_rows // b)
+        for start in range(0, len(variants), per_forward):
+            chunk = range(start, min(start + per_forward, len(variants)))
+            writes = _writes(ad, batch, idx, [variants[v] for v in chunk], device, dtype)
+            inputs = {k: t.repeat(len(chunk), 1) for k, t in batch.inputs.items()}
+            answer = torch.as_tensor(np.tile(answer_ids[idx], len(chunk)), device=device)
+            distractor = torch.as_tensor(np.tile(distractor_ids[idx], len(chunk)), device=device)
+            out_ld, out_top = _patched_forward(model, ad, inputs, writes, answer, distractor)
+            ld[chunk.start:chunk.stop, idx] = out_ld.float().cpu().numpy().reshape(len(chunk), b)
+            top1[chunk.start:chunk.stop, idx] = out_top.cpu().numpy().reshape(len(chunk), b)
+    return xr.Dataset(
+        {"logit_diff": (("variant", "prompt"), ld), "top1": (("variant", "prompt"), top1)},
+        coords={"variant": list(names), "prompt": np.arange(n)},
+    )
+
+
+def _writes(ad, batch, idx, variants, device, dtype) -> dict:
+    """Group a chunk's patches by (layer, kind) into one flat index_put per tensor."""
+    groups: dict[tuple, list] = {}
+    b = len(idx)
+    for j, variant in enumerate(variants):
+        rows = torch.arange(b) + j * b
+        for p in variant:
+            cols = batch.index(p.positions[idx])
+            if p.site.kind in HEAD_KINDS:
+                ch = ad.channels(p.site.kind, p.site.head)
+            else:
+                ch = torch.arange(ad.d_model)
+            r, c, h = torch.broadcast_tensors(rows[:, None], cols[:, None], ch[None, :])
+            groups.setdefault((p.site.layer, p.site.kind), []).append(
+                (r, c, h, p.values[torch.as_tensor(idx)]))
+    writes = {}
+    for key, parts in groups.items():
+        writes[key] = tuple(torch.cat([part[i].reshape(-1) for part in parts]).to(device)
+                            for i in range(3)) + (
+            torch.cat([part[3].reshape(-1) for part in parts]).to(device, dtype),)
+    return writes
+
+
+def _patched_forward(model, ad, inputs, writes, answer, distractor):
+    with torch.no_grad(), model.trace(inputs):
+        for layer, kind in sorted(writes, key=lambda k: (k[0], KINDS.index(k[1]))):
+            rows, cols, chans, values = writes[(layer, kind)]
+            t = ad.tensor(model, layer, kind)
+            t[rows, cols, chans] = values
+        logits = model.output.logits[:, -1]
+        out_ld = logit_diff(logits, answer, distractor).save()
+        out_top = logits.argmax(-1).save()
+    return out_ld, out_top
+
+
+def site_values(model: Any, data: Any, pairs: Sequence[tuple], *, batch_size: int = 32
+                ) -> dict[tuple[Site, str], torch.Tensor]:
+    """Activations of ``data`` at (site, named position) pairs: ``{(site, pos): [n, width]}``.
+
+    ``data`` is a task dataset (its named positions are used). One trace per batch reads
+    every pair (through :func:`sage_nn.activations.collect`).
+    """
+    pairs = [(Site.parse(s), str(p)) for s, p in pairs]
+    missing = sorted({p for _, p in pairs} - set(data.positions))
+    if missing:
+        raise ValueError(f"unknown named positions {missing}; the dataset has "
+                         f"{sorted(data.positions)}")
+    ad = adapter(model)
+    positions = {p: data.positions[p] for p in sorted({p for _, p in pairs})}
+    ds = collect(model, list(data.prompts), [s for s, _ in pairs], positions=positions,
+                 batch_size=batch_size, progress=False)
+    out = {}
+    for site, pos in pairs:
+        var = ds[site.kind].sel(layer=site.layer, position=pos)
+        if site.head is not None:
+            var = var.sel({ad.head_dim(site.kind): site.head})
+        out[(site, pos)] = torch.as_tensor(var.values)
+    return out
+
+
+def counterfactual_patches(model: Any, clean: Any, source: Any, pairs: Sequence[tuple], *,
+                           batch_size: int = 32) -> list[Patch]:
+    """One patch per (site, named position): ``source``'s activation written into ``clean``.
+
+    The value is read at the position's token in the source prompt and written at the same
+    named position's token in the clean prompt (they may differ, e.g. IOI's order swap).
+    """
+    if len(source.prompts) != len(clean.prompts):
+        raise ValueError(f"source has {len(source.prompts)} prompts, clean has "
+                         f"{len(clean.prompts)}; they must be paired row by row")
+    pairs = [(Site.parse(s), str(p)) for s, p in pairs]
+    values = site_values(model, source, pairs, batch_size=batch_size)
+    return [Patch(site, clean.positions[pos], values[(site, pos)], f"{site}@{pos}")
+            for site, pos in pairs]

@@ -1,0 +1,202 @@
+"""Discovery: attribution patching, selection, validation, plots.
+
+The known-answer test builds a tiny llama whose only path from the earlier tokens to the
+output is one attention head (L1 head 2), so discovery must find exactly that head.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from sage_nn import tiny_random_model
+from sage_nn.activations import encode
+from sage_nn.discovery import (AttributionPatching, DiscoveryConfig, discover, load_scores,
+                               ranked, select_cross_section, validate)
+from sage_nn.interventions import logit_diff
+from test_interventions import ARCHITECTURES, tiny_ioi
+
+CARRIER = 2  # the one head (layer 1) that carries every earlier token to the output
+
+
+def one_head_model():
+    """Tiny llama (4 heads, 2 KV heads): MLPs and layer 0's attention write nothing, and in
+    layer 1 only head 2 writes (its KV head is 1). Every effect of a name reaches END
+    through L1 head 2's z at END, which reads the name through KV head 1."""
+    model = tiny_random_model("llama", seed=0, n_layers=2)
+    hf = model._module
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.mlp.down_proj.weight.zero_()
+        hf.model.layers[0].self_attn.o_proj.weight.zero_()
+        w = hf.model.layers[1].self_attn.o_proj.weight  # [d_model, heads * d_head]
+        keep = w[:, CARRIER * 8:(CARRIER + 1) * 8].clone()
+        w.zero_()
+        w[:, CARRIER * 8:(CARRIER + 1) * 8] = keep
+    return model
+
+
+@pytest.fixture(scope="module")
+def carrier():
+    model = one_head_model()
+    ds = tiny_ioi(model, n=12)
+    fit = AttributionPatching(min_effect=0).fit(model, ds)
+    return model, ds, fit
+
+
+def test_finds_the_one_head_that_carries_the_attribute(carrier):
+    model, ds, fit = carrier
+    for attribute in ("io", "s"):
+        s = fit.scores_.sel(attribute=attribute)
+        z_end = s.sel(kind="z", position="END", head=[0, 1, 2, 3])
+        # the carrier's z at END carries the whole effect (up to the linear approximation)
+        assert 0.9 < float(z_end.sel(layer=1, head=CARRIER)) < 1.15
+        # heads whose output projection is zero get exactly nothing
+        others = z_end.transpose("layer", "head").values.copy()
+        others[1, CARRIER] = 0
+        assert np.abs(others).max() < 1e-6
+        # the name is read through KV head 1 (shared by heads 2 and 3), never KV head 0
+        v = s.sel(kind="v", layer=1, head=[0, 1])
+        assert float(np.abs(v.sel(head=0)).max()) < 1e-6
+        assert float(np.abs(v.sel(head=1)).max()) > 0.3
+        top = select_cross_section(fit.result_, attribute, top_k=1, kinds=["z"])
+        assert top[["site", "position"]].values.tolist() == [[f"L1.z.h{CARRIER}", "END"]]
+    # io is read at the IO token only: v at S1/S2 contributes nothing for io
+    v_io = fit.scores_.sel(attribute="io", kind="v", layer=1, head=1)
+    assert float(v_io.sel(position="IO")) > 0.8 and abs(float(v_io.sel(position="S1"))) < 1e-3
+
+
+def test_exact_patching_of_the_carrier_recovers_everything(carrier):
+    model, ds, fit = carrier
+    sel = select_cross_section(fit.result_, "io", top_k=12)
+    table, summary = validate(model, ds, fit.result_, "io", sel)
+    row = table[(table.site == f"L1.z.h{CARRIER}") & (table.position == "END")].iloc[0]
+    assert row.exact_score == pytest.approx(1.0, abs=1e-4)
+    assert abs(row.score - row.exact_score) < 0.1
+    assert summary["recovered"] == pytest.approx(1.0, abs=1e-4)
+    # the clean and counterfactual logit differences agree with attribution's own forwards
+    assert summary["total_effect"] == pytest.approx(float(fit.result_.total_effect.sel(
+        attribute="io")), rel=1e-3, abs=1e-7)
+    assert summary["spearman"] > 0.6
+
+
+def test_deltas_match_a_hand_computed_gradient():
+    """delta at the last block's output at END = (h' - h) . dm/dh, by plain torch hooks."""
+    model = tiny_random_model("llama", seed=5, n_layers=2)
+    ds = tiny_ioi(model, n=6)
+    fit = AttributionPatching(kinds=["resid_post"], positions=["END"], min_effect=0).fit(model, ds)
+    hf, block = model._module, model._module.model.layers[-1]
+    cache = {}
+    handle = block.register_forward_hook(lambda m, i, o: cache.__setitem__("h", o))
+    try:
+        for attribute in ds.attribute_names:
+            cf = ds.counterfactuals[attribute]
+            b, b_cf = encode(model, ds.prompts), encode(model, cf.prompts)
+            with torch.no_grad():
+                ld_cf = logit_diff(hf(**b_cf.inputs).logits, ds.answer_ids, ds.distractor_ids)
+                h_cf = cache["h"][:, -1]
+            ld = logit_diff(hf(**b.inputs).logits, ds.answer_ids, ds.distractor_ids)
+            (grad,) = torch.autograd.grad(ld.sum(), cache["h"])
+            expected = ((h_cf - cache["h"][:, -1].detach()) * grad[:, -1]).sum(-1).mean()
+            got = fit.deltas_.sel(attribute=attribute, layer=1, kind="resid_post", head=-1,
+                                  position="END")
+            assert float(got) == pytest.approx(float(expected), rel=1e-4, abs=1e-8)
+            total = float((ld_cf - ld.detach()).mean())
+            assert float(fit.result_.total_effect.sel(attribute=attribute)) == pytest.approx(
+                total, rel=1e-4, abs=1e-8)
+            assert float(fit.scores_.sel(attribute=attribute, layer=1, kind="resid_post",
+                                         head=-1, position="END")) == pytest.approx(
+                float(expected) / total, rel=1e-3)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_grid_identities_on_every_architecture(arch):
+    model = tiny_random_model(arch, seed=2)
+    ds = tiny_ioi(model, n=5)
+    fit = AttributionPatching(min_effect=0, batch_size=3).fit(model, ds)
+    d = fit.deltas_
+    # the block output is the next block's input: the same tensor, the same scores
+    np.testing.assert_allclose(d.sel(kind="resid_post", layer=0).values,
+                               d.sel(kind="resid_pre", layer=1).values, rtol=1e-5, atol=1e-9)
+    if arch != "gemma2":  # attn_out is linear in z (Gemma 2 adds a post-norm)
+        np.testing.assert_allclose(d.sel(kind="z").sum("head").values,
+                                   d.sel(kind="attn_out", head=-1).values, rtol=1e-3, atol=1e-7)
+    mask = fit.scores_.is_site
+    assert ("resid_mid" in fit.scores_.kind.values) == (arch != "gpt_neox")
+    n_kv = 2 if arch in ("llama", "qwen2", "gemma2") else 4
+    assert int(mask.sel(kind="k").sum()) == n_kv and int(mask.sel(kind="z").sum()) == 4
+    assert bool(mask.sel(kind="resid_pre", head=-1)) and not bool(mask.sel(kind="z", head=-1))
+    assert float(np.abs(d.where(~mask, 0)).max()) == 0  # non-sites hold 0, no NaN
+    assert np.isfinite(fit.scores_.values).all()
+    assert len(ranked(fit.result_, "io")) == int(mask.sum()) * 2 * 4  # layers x positions
+
+
+def test_batching_does_not_change_scores(carrier):
+    model, ds, fit = carrier
+    other = AttributionPatching(min_effect=0, batch_size=5).fit(model, ds)
+    np.testing.assert_allclose(other.deltas_.values, fit.deltas_.values, rtol=1e-4, atol=1e-9)
+
+
+def test_small_effects_are_flagged_with_a_warning(carrier):
+    model, ds, _ = carrier
+    with pytest.warns(UserWarning, match="attribute 'order': total counterfactual effect"):
+        fit = AttributionPatching(min_effect=1e-4, kinds=["z"]).fit(model, ds)
+    assert fit.effects_.small_effect.to_dict() == {"io": False, "s": False, "order": True}
+    assert set(fit.effects_.columns) >= {"clean_logit_diff", "total_effect"}
+
+
+def test_selection_top_k_and_coverage(carrier):
+    _, _, fit = carrier
+    df = ranked(fit.result_, "io")
+    assert (np.diff(np.abs(df.delta.to_numpy())) <= 1e-12).all()
+    assert df.cum_share.iloc[-1] == pytest.approx(1.0)
+    for share in (0.3, 0.5, 0.9):
+        sel = select_cross_section(fit.result_, "io", coverage=share)
+        assert sel.cum_share.iloc[-1] >= share - 1e-9
+        assert len(sel) == 1 or sel.cum_share.iloc[-2] < share
+    assert len(select_cross_section(fit.result_, "io", top_k=7)) == 7
+    with pytest.raises(ValueError, match="exactly one of top_k"):
+        select_cross_section(fit.result_, "io", top_k=3, coverage=0.5)
+    with pytest.raises(ValueError, match="coverage must be in \\(0, 1\\]"):
+        select_cross_section(fit.result_, "io", coverage=1.5)
+    with pytest.raises(ValueError, match="attribute 'xx' was not scored"):
+        ranked(fit.result_, "xx")
+
+
+def test_bad_grid_gets_clear_errors(carrier):
+    model, ds, _ = carrier
+    neox = tiny_random_model("gpt_neox")
+    with pytest.raises(ValueError, match="kind 'resid_mid' is not available for this model"):
+        AttributionPatching(kinds=["resid_mid"]).fit(neox, tiny_ioi(neox, n=2))
+    with pytest.raises(ValueError, match="layers \\[5\\] out of range"):
+        AttributionPatching(layers=[5]).fit(model, ds)
+    with pytest.raises(ValueError, match="unknown named positions \\['XX'\\]"):
+        AttributionPatching(positions=["XX"]).fit(model, ds)
+    with pytest.raises(ValueError, match="attributes \\['color'\\] have no counterfactuals"):
+        AttributionPatching(attributes=["color"]).fit(model, ds)
+
+
+def test_discover_saves_scores_tables_and_plots(carrier, tmp_path):
+    model, ds, _ = carrier
+    found = discover(model, ds.subset(range(6)), DiscoveryConfig(min_effect=0, top_k=5),
+                     out_dir=tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"scores.nc", "cross_sections.csv", "summary.json", "cross_section_io.png",
+            "heatmap_io_z.png", "heatmap_s_residual.png"} <= names
+    for name in names:
+        if name.endswith(".png"):
+            assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    back = load_scores(tmp_path / "scores.nc")
+    np.testing.assert_allclose(back.score.values, found.result.score.values)
+    assert back.is_site.dtype == bool and back.attrs["task"] == "tiny_ioi"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["io"]["cross_section"]) == 5 and "spearman" in summary["io"]
+    with pytest.raises(ValueError, match="not a sage_nn discovery scores file"):
+        xr.Dataset({"a": ("x", [1.0])}).to_netcdf(tmp_path / "x.nc", engine="h5netcdf")
+        load_scores(tmp_path / "x.nc")
