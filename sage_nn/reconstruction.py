@@ -1,0 +1,461 @@
+"""Residual-to-sublayer reconstruction: sublayer sites rebuilt from residual-stream SAEs.
+
+Two modes (DESIGN.md, "Residual-to-sublayer reconstruction"), applied inside the traced
+forward to the chosen sites only; everything else runs clean:
+
+- ``input``: recompute the sublayer from the SAE's reconstruction of the residual that feeds
+  it (q/k/v/z/attn_out from ``resid_pre``; mlp_out from ``resid_mid``, or ``resid_pre`` in
+  parallel blocks). The batch is run twice in one pass: clean rows, and scratch rows whose
+  residual is overwritten by ``SAE(clean residual)`` so the model's own modules compute the
+  sublayer from it; the chosen sites of the clean rows then take the scratch rows' values.
+  ``freeze_norm`` rescales the scratch norm outputs to the clean norm scale,
+  ``freeze_pattern`` gives the scratch rows the clean queries and keys (so the clean
+  attention pattern). With both frozen the map residual -> site is linear and
+  :meth:`ResidualReconstruction.directions` gives each latent's site-level direction.
+- ``difference``: ``attn_out ~ SAE_mid(resid_mid) - SAE_pre(resid_pre)``,
+  ``mlp_out ~ SAE_post(resid_post) - SAE_mid(resid_mid)`` (an SAE at ``L+1.resid_pre``
+  serves as ``L.resid_post``).
+
+Inside the trace everything is plain torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .activations import encode, model_device
+from .saes import SparseAutoencoder, check_sae
+from .sites import HEAD_KINDS, Site, _path, adapter
+
+MODES = ("input", "difference")
+ATTN_KINDS = ("q", "k", "v", "z", "attn_out")
+# Norm feeding the attention sublayer, per architecture.
+_ATTN_NORM = {"gpt2": "ln_1"}
+
+
+@dataclass
+class ReconstructionResult:
+    """Clean and reconstructed values of each site ([batch, seq, width]) and the logits of
+    the forward pass with the reconstructions spliced in. With ``with_codes``: each site's
+    latent codes and offset (see :meth:`ResidualReconstruction.directions`)."""
+
+    clean: dict[Site, torch.Tensor]
+    recon: dict[Site, torch.Tensor]
+    logits: torch.Tensor
+    codes: dict[Site, torch.Tensor] = field(default_factory=dict)
+    offsets: dict[Site, torch.Tensor] = field(default_factory=dict)
+
+
+def _norm_kind(module: torch.nn.Module) -> tuple[str, float]:
+    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None) or 1e-5
+    return ("layer" if isinstance(module, torch.nn.LayerNorm) else "rms"), float(eps)
+
+
+def _inv_scale(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+    """The per-token factor a norm multiplies its (centred) input by, before its weight."""
+    x = x.float()
+    var = x.var(-1, unbiased=False, keepdim=True) if kind == "layer" else x.pow(2).mean(-1, True)
+    return torch.rsqrt(var + eps)
+
+
+def _affine_of(module: torch.nn.Module, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W [d_in, d_out], b)`` of a linear module (Linear or GPT-2's Conv1D)."""
+    with torch.no_grad():
+        p = next(module.parameters())
+        b = module(torch.zeros(1, d_in, dtype=p.dtype, device=p.device))[0]
+        W = module(torch.eye(d_in, dtype=p.dtype, device=p.device)) - b
+    return W.float(), b.float()
+
+
+def _norm_weight(module: torch.nn.Module, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gamma, beta)`` with ``norm(x) = inv_scale(x) * centre(x) * gamma + beta``, read off
+    the module itself (so Gemma's ``1 + w`` convention needs no special case)."""
+    kind, eps = _norm_kind(module)
+    p = next(module.parameters())
+    with torch.no_grad():
+        v = torch.ones(d, dtype=p.dtype, device=p.device)
+        if kind == "layer":
+            v[1::2] = -1.0  # zero mean, unit variance
+            beta = module(torch.ones(1, d, dtype=p.dtype, device=p.device))[0].float()
+        else:
+            beta = torch.zeros(d, device=p.device)
+        gamma = (module(v[None])[0].float() - beta) / (v.float() * torch.rsqrt(torch.tensor(1 + eps)))
+    return gamma, beta
+
+
+class ResidualReconstruction:
+    """Rebuild sublayer sites from residual SAEs inside the traced forward.
+
+    ``saes``: residual-stream :class:`SparseAutoencoder` s (their ``layer``/``kind`` say where).
+    Hyperparameters: ``mode`` (``"input"`` or ``"difference"``), ``freeze_norm``,
+    ``freeze_pattern`` (input mode). :meth:`fit` checks the SAEs against a model.
+    """
+
+    def __init__(self, saes: Sequence[SparseAutoencoder] | Mapping[Any, SparseAutoencoder],
+                 mode: str = "input", freeze_norm: bool = False, freeze_pattern: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"unknown reconstruction mode {mode!r}; use one of {', '.join(MODES)}")
+        if mode == "difference" and (freeze_norm or freeze_pattern):
+            raise ValueError("freeze_norm/freeze_pattern apply to input mode only; "
+                             "difference mode runs no sublayer")
+        self.saes = list(saes.values()) if isinstance(saes, Mapping) else list(saes)
+        self.mode, self.freeze_norm, self.freeze_pattern = mode, freeze_norm, freeze_pattern
+
+    # -- setup ------------------------------------------------------------------------
+    def fit(self, model: Any) -> "ResidualReconstruction":
+        ad = adapter(model)
+        self.adapter_, self.by_site_ = ad, {}
+        for sae in self.saes:
+            check_sae(sae, ad)
+            if sae.kind not in ("resid_pre", "resid_mid", "resid_post"):
+                raise ValueError(f"{sae!r} is not a residual-stream SAE; the reconstruction "
+                                 "needs SAEs at resid_pre/resid_mid/resid_post")
+            key = (sae.layer, sae.kind)
+            if sae.kind == "resid_post" and sae.layer + 1 < ad.n_layers:
+                key = (sae.layer + 1, "resid_pre")  # the same residual stream
+            self.by_site_[key] = sae
+        if ad.n_layers - 1 >= 0:
+            last = next((s for s in self.saes if s.kind == "resid_post"
+                         and s.layer == ad.n_layers - 1), None)
+            if last is not None:
+                self.by_site_[(ad.n_layers, "resid_pre")] = last
+        arch, hf = ad.arch, model._module
+        self.norms_ = {}
+        for layer in range(ad.n_layers):
+            block = _path(hf, arch.layers)[layer]
+            attn_norm = _ATTN_NORM.get(arch.name, "input_layernorm")
+            mlp_norm = "post_attention_layernorm" if ad.parallel else ad._mid_norm
+            self.norms_[layer] = {
+                name: (mod_name, *_norm_kind(getattr(block, mod_name)))
+                for name, mod_name in (("attn", attn_norm), ("mlp", mlp_norm),
+                                       ("attn_post", arch.attn_post_norm),
+                                       ("mlp_post", arch.mlp_post_norm)) if mod_name}
+        self.model_ = model
+        return self
+
+    def source(self, site: Site | str) -> SparseAutoencoder:
+        """The residual SAE whose input feeds ``site`` in input mode."""
+        site = self.adapter_.check(site)
+        kind = "resid_pre" if site.kind in ATTN_KINDS or self.adapter_.parallel else "resid_mid"
+        return self._need(site, (site.layer, kind))
+
+    def _need(self, site, key) -> SparseAutoencoder:
+        if key not in self.by_site_:
+            have = ", ".join(f"L{l}.{k}" for l, k in sorted(self.by_site_)) or "none"
+            raise ValueError(f"reconstructing {site} in {self.mode} mode needs an SAE at "
+                             f"L{key[0]}.{key[1]} (have: {have}); add one, or choose another site")
+        return self.by_site_[key]
+
+    def _plan(self, sites) -> list[Site]:
+        if not hasattr(self, "adapter_"):
+            raise RuntimeError("call fit(model) before reconstructing")
+        ad = self.adapter_
+        sites = sorted({ad.check(s) for s in sites}, key=lambda s: s.order)
+        for s in sites:
+            if self.mode == "input":
+                if s.kind not in ATTN_KINDS + ("mlp_out",):
+                    raise ValueError(f"input mode rebuilds q/k/v/z/attn_out/mlp_out, not {s}")
+                self.source(s)
+            else:
+                if s.kind not in ("attn_out", "mlp_out"):
+                    raise ValueError(f"difference mode rebuilds attn_out and mlp_out, not {s}")
+                if ad.parallel:
+                    raise ValueError(f"{ad.arch.name} has parallel attention and MLP, so there is "
+                                     f"no resid_mid between them: use input mode for {s}")
+                first = (s.layer, "resid_pre" if s.kind == "attn_out" else "resid_mid")
+                second = (s.layer, "resid_mid") if s.kind == "attn_out" else (s.layer + 1, "resid_pre")
+                self._need(s, first), self._need(s, second)
+        return sites
+
+    # -- running ----------------------------------------------------------------------
+    def run(self, prompts: Sequence[str], sites: Sequence[Site | str], *,
+            with_codes: bool = False) -> ReconstructionResult:
+        """One forward pass over ``prompts`` with ``sites`` reconstructed."""
+        model, sites = self.model_, self._plan(sites)
+        if with_codes:
+            self._check_linear(sites)
+            for s in sites:  # modules must not be called inside the trace
+                self._maps(s.layer, self.source(s))
+        batch = encode(model, prompts, model_device(model))
+        inputs = batch.inputs
+        if self.mode == "input":  # clean rows, then scratch rows
+            inputs = {k: torch.cat([v, v]) for k, v in inputs.items()}
+        n = len(prompts)
+        saved = {"clean": {}, "recon": {}, "codes": {}, "offsets": {}}  # filled in the trace
+        with torch.no_grad(), model.trace(inputs):
+            self.splice(model, sites, n, with_codes=with_codes, out=saved)
+            logits = model.output.logits[:n].save()
+        return ReconstructionResult(saved["clean"], saved["recon"], logits, saved["codes"],
+                                    saved["offsets"])
+
+    def splice(self, model: Any, sites: Sequence[Site], n: int, *, with_codes: bool = False,
+               out: dict | None = None) -> dict:
+        """Inside a trace: reconstruct ``sites`` in rows ``[:n]``. In input mode the trace's
+        batch must be the prompts twice (rows ``[n:]`` are scratch). Fills and returns ``out``
+        (create it before the trace: nnsight hands back only objects made outside it or saved):
+        ``{"clean"|"recon"|"codes"|"offsets": {site: tensor}}``."""
+        sites = self._plan(sites)
+        ad = self.adapter_
+        if out is None:
+            out = {}
+        for key in ("clean", "recon", "codes", "offsets"):
+            out.setdefault(key, {})
+        by_layer: dict[int, list[Site]] = {}
+        for s in sites:
+            by_layer.setdefault(s.layer, []).append(s)
+        for layer in sorted(by_layer):
+            if self.mode == "input":
+                self._input_layer(model, ad, layer, by_layer[layer], n, out, with_codes)
+            else:
+                self._difference_layer(model, ad, layer, by_layer[layer], out)
+        return out
+
+    def _record(self, out, site, clean, recon):
+        out["clean"][site] = clean.clone().save()
+        out["recon"][site] = recon.clone().save()
+
+    def _difference_layer(self, model, ad, layer, sites, out):
+        kinds = {s.kind for s in sites}
+        r_pre = ad.tensor(model, layer, "resid_pre")
+        hat_pre = self.by_site_[(layer, "resid_pre")](r_pre) if "attn_out" in kinds else None
+        if "attn_out" in kinds:
+            a = ad.tensor(model, layer, "attn_out")
+            clean = a.clone()
+            recon = self.by_site_[(layer, "resid_mid")](r_pre + clean) - hat_pre
+            a[:] = recon
+            self._record(out, Site(layer, "attn_out"), clean, recon)
+        if "mlp_out" in kinds:
+            r_mid = ad.tensor(model, layer, "resid_mid")
+            m = ad.tensor(model, layer, "mlp_out")
+            clean = m.clone()
+            recon = self.by_site_[(layer + 1, "resid_pre")](r_mid + clean) - \
+                self.by_site_[(layer, "resid_mid")](r_mid)
+            m[:] = recon
+            self._record(out, Site(layer, "mlp_out"), clean, recon)
+
+    def _rescale(self, model, layer, which, inp_clean, inp_scratch, out_t, n):
+        """Give the scratch rows' norm output the clean rows' norm scale."""
+        mod_name, kind, eps = self.norms_[layer][which]
+        module = getattr(_path(model._module, self.adapter_.arch.layers)[layer], mod_name)
+        beta = module.bias if getattr(module, "bias", None) is not None else 0.0
+        ratio = _inv_scale(inp_clean, kind, eps) / _inv_scale(inp_scratch, kind, eps)
+        out_t[n:] = ((out_t[n:] - beta) * ratio.to(out_t.dtype) + beta)
+
+    def _input_layer(self, model, ad, layer, sites, n, out, with_codes):
+        arch = ad.arch
+        block = _path(model, arch.layers)[layer]
+        attn_sites = [s for s in sites if s.kind in ATTN_KINDS]
+        mlp = any(s.kind == "mlp_out" for s in sites)
+        cache = {}
+        # resid_pre: clean rows feed the SAE, scratch rows take its reconstruction
+        r = ad.tensor(model, layer, "resid_pre")
+        if attn_sites or (mlp and ad.parallel):
+            sae = self.by_site_[(layer, "resid_pre")]
+            clean_r = r[:n].clone()
+            r[n:] = sae(clean_r).to(r.dtype)
+            if with_codes:
+                cache["codes"], cache["scale"], cache["shift"] = (sae.encode(clean_r),
+                                                                  *sae.decode_affine(clean_r))
+                cache["sae"] = sae
+            if self.freeze_norm or with_codes:
+                norm_name, kind, eps = self.norms_[layer]["attn"]
+                if with_codes:
+                    cache["s"] = _inv_scale(clean_r, kind, eps)
+                if self.freeze_norm:
+                    scratch_r = r[n:].clone()
+                    norm_out = getattr(block, norm_name).output
+                    self._rescale(model, layer, "attn", clean_r, scratch_r, norm_out, n)
+        if attn_sites:
+            proj = {"q": arch.q_proj, "k": arch.k_proj, "v": arch.v_proj}
+            attn = getattr(block, arch.attn)
+            fused = arch.qkv != "separate"
+            needed = {"q", "k", "v"} & {s.kind for s in attn_sites}
+            if self.freeze_pattern:
+                needed |= {"q", "k"}
+            for kind in ("q", "k", "v") if not fused else ("q",):
+                kinds_here = ("q", "k", "v") if fused else (kind,)
+                if not needed & set(kinds_here):
+                    continue
+                t = getattr(attn, proj[kind]).output
+                frozen = {kk: t[:n, :, ad.channels(kk)].clone() for kk in kinds_here
+                          if self.freeze_pattern and kk in ("q", "k")}
+                for kk in kinds_here:
+                    for s in (s for s in attn_sites if s.kind == kk):
+                        ch = ad.channels(kk, s.head)
+                        clean, recon = t[:n, :, ch].clone(), t[n:, :, ch].clone()
+                        t[:n, :, ch] = recon
+                        self._record(out, s, clean, recon)
+                for kk, clean_qk in frozen.items():  # the clean pattern in the scratch rows
+                    t[n:, :, ad.channels(kk)] = clean_qk
+            z_sites = [s for s in attn_sites if s.kind == "z"]
+            attn_out_site = next((s for s in attn_sites if s.kind == "attn_out"), None)
+            if z_sites:
+                t = ad.tensor(model, layer, "z")
+                for s in z_sites:
+                    ch = ad.channels("z", s.head)
+                    clean, recon = t[:n, :, ch].clone(), t[n:, :, ch].clone()
+                    t[:n, :, ch] = recon
+                    self._record(out, s, clean, recon)
+            post = arch.attn_post_norm
+            if post and ((attn_out_site and self.freeze_norm) or with_codes):
+                o = getattr(attn, arch.o_proj).output
+                o_clean, o_scratch = o[:n].clone(), o[n:].clone()
+                cache["o_out"] = o_clean
+            attn_output = attn.output if (with_codes or (attn_out_site and not post)) else None
+            if with_codes and (z_sites or attn_out_site):
+                cache["pattern"] = attn_output[1][n:].float()  # the pattern the scratch rows used
+            if attn_out_site is not None:
+                t = getattr(block, post).output if post else attn_output[0]
+                if post and self.freeze_norm:
+                    self._rescale(model, layer, "attn_post", o_clean, o_scratch, t, n)
+                clean, recon = t[:n].clone(), t[n:].clone()
+                t[:n] = recon
+                self._record(out, attn_out_site, clean, recon)
+            if with_codes:
+                self._codes(layer, attn_sites, cache, out)
+        if mlp:
+            if not ad.parallel:
+                sae = self.by_site_[(layer, "resid_mid")]
+                mid = ad.tensor(model, layer, "resid_mid")
+                clean_m = mid[:n].clone()
+                mid[n:] = sae(clean_m).to(mid.dtype)
+                if self.freeze_norm:
+                    norm_name = self.norms_[layer]["mlp"][0]
+                    self._rescale(model, layer, "mlp", clean_m, mid[n:].clone(),
+                                  getattr(block, norm_name).output, n)
+            elif self.freeze_norm:  # parallel block: the MLP norm reads resid_pre, rebuilt above
+                norm_name = self.norms_[layer]["mlp"][0]
+                self._rescale(model, layer, "mlp", clean_r, r[n:].clone(),
+                              getattr(block, norm_name).output, n)
+            if arch.mlp_post_norm and self.freeze_norm:
+                m_in = getattr(block, arch.mlp).output
+                m_clean, m_scratch = m_in[:n].clone(), m_in[n:].clone()
+                t = ad.tensor(model, layer, "mlp_out")
+                self._rescale(model, layer, "mlp_post", m_clean, m_scratch, t, n)
+            else:
+                t = ad.tensor(model, layer, "mlp_out")
+            clean, recon = t[:n].clone(), t[n:].clone()
+            t[:n] = recon
+            self._record(out, Site(layer, "mlp_out"), clean, recon)
+
+    # -- linear view: per-latent directions at a site ---------------------------------
+    def _check_linear(self, sites, need_pattern: bool = True):
+        if self.mode != "input" or not self.freeze_norm:
+            raise ValueError("per-latent site directions need input mode with freeze_norm=True "
+                             "(and freeze_pattern=True for z/attn_out): otherwise the map from "
+                             "residual to site is not linear")
+        for s in sites:
+            if s.kind == "mlp_out":
+                raise ValueError(f"{s}: the MLP is nonlinear, so mlp_out has no per-latent "
+                                 "directions; they exist for q/k/v/z/attn_out")
+            if s.kind in ("z", "attn_out"):
+                if not self.freeze_pattern:
+                    raise ValueError(f"{s}: directions at z/attn_out need freeze_pattern=True")
+                impl = getattr(self.model_._module.config, "_attn_implementation", None)
+                if need_pattern and impl != "eager":
+                    raise ValueError(
+                        f"{s}: site codes at z/attn_out need the attention pattern, which only "
+                        f"eager attention returns (this model uses {impl!r}); call "
+                        "model._module.set_attn_implementation('eager') first")
+
+    def _maps(self, layer: int, sae: SparseAutoencoder):
+        """Frozen linear pieces of the attention sublayer (cached per layer and SAE)."""
+        key = (layer, id(sae))
+        self.__dict__.setdefault("_maps_cache", {})
+        if key in self._maps_cache:
+            return self._maps_cache[key]
+        ad, arch = self.adapter_, self.adapter_.arch
+        block = _path(self.model_._module, arch.layers)[layer]
+        attn = getattr(block, arch.attn)
+        norm_name, kind, _ = self.norms_[layer]["attn"]
+        gamma, beta = _norm_weight(getattr(block, norm_name), ad.d_model)
+        centre = (lambda x: x - x.mean(-1, keepdim=True)) if kind == "layer" else (lambda x: x)
+        W_dec, b_dec = sae.decoder().float(), sae.b_dec.float()
+        proj = {}
+        for k in "qkv":
+            W, b = _affine_of(getattr(attn, getattr(arch, f"{k}_proj")), ad.d_model)
+            proj[k] = (W, b)
+        W_O, b_O = _affine_of(getattr(attn, arch.o_proj), ad.n_heads * ad.d_head)
+        post = None
+        if arch.attn_post_norm:
+            post = _norm_weight(getattr(block, arch.attn_post_norm), ad.d_model)
+        maps = dict(centre=centre, gamma=gamma, beta=beta, W_dec=W_dec, b_dec=b_dec, proj=proj,
+                    W_O=W_O, b_O=b_O, post=post)
+        self._maps_cache[key] = maps
+        return maps
+
+    def directions(self, site: Site | str) -> torch.Tensor:
+        """Each latent's decoder vector pushed through the frozen map to ``site``.
+
+        q/k/v/z: ``[d_sae, d_head]``; attn_out: ``[head, d_sae, d_model]`` (latents reach
+        attn_out through each head's own pattern). With :meth:`run` ``(with_codes=True)``,
+        ``codes @ directions + offset`` (summed over heads for attn_out) equals the
+        reconstructed site exactly.
+        """
+        site = self.adapter_.check(site)
+        self._check_linear([site], need_pattern=False)
+        ad, sae = self.adapter_, self.source(site)
+        m = self._maps(site.layer, sae)
+        base = m["centre"](m["W_dec"]) * m["gamma"]  # [d_sae, d_model] after the frozen norm
+
+        def head_dir(kind, head):
+            W = m["proj"][kind][0][:, ad.channels(kind, head)]
+            return base @ W
+
+        if site.kind in ("q", "k", "v"):
+            return head_dir(site.kind, site.head)
+        group = ad.n_heads // ad.n_kv_heads
+        if site.kind == "z":
+            return head_dir("v", site.head // group)
+        dirs = []
+        for h in range(ad.n_heads):
+            W_Oh = m["W_O"][ad.channels("z", h)]
+            d = head_dir("v", h // group) @ W_Oh
+            dirs.append(d * m["post"][0] if m["post"] is not None else d)
+        return torch.stack(dirs)
+
+    def _codes(self, layer, sites, cache, out):
+        """Site-level codes and offsets (plain torch, in the trace), for :meth:`directions`."""
+        ad, sae = self.adapter_, cache["sae"]
+        m = self._maps(layer, sae)
+        eff = cache["scale"].float() * cache["s"]  # [n, T, 1] per-token factor on the codes
+        codes = cache["codes"].float() * eff
+        bias_r = cache["scale"].float() * m["b_dec"] + cache["shift"].float()  # r_hat offset
+        pre = cache["s"] * m["centre"](bias_r) * m["gamma"] + m["beta"]  # frozen-norm offset
+
+        def head_offset(kind, head):
+            W, b = m["proj"][kind]
+            ch = ad.channels(kind, head)
+            return pre @ W[:, ch] + b[ch]
+
+        group = ad.n_heads // ad.n_kv_heads
+        for s in sites:
+            if s.kind in ("q", "k", "v"):
+                out["codes"][s], out["offsets"][s] = codes.save(), head_offset(s.kind, s.head).save()
+            elif s.kind == "z":
+                P = cache["pattern"][:, s.head]  # [n, T, T]
+                out["codes"][s] = (P @ codes).save()
+                out["offsets"][s] = (P @ head_offset("v", s.head // group)).save()
+            else:
+                P = cache["pattern"]  # [n, H, T, T]
+                per_head = torch.einsum("nhtu,nud->nthd", P, codes)
+                off = m["b_O"].clone()
+                for h in range(ad.n_heads):
+                    off = off + (P[:, h] @ head_offset("v", h // group)) @ m["W_O"][ad.channels("z", h)]
+                if m["post"] is not None:
+                    o_out = cache["o_out"].float()
+                    _, kind, eps = self.norms_[layer]["attn_post"]
+                    sp = _inv_scale(o_out, kind, eps)
+                    per_head = per_head * sp[..., None]
+                    off = off * sp * m["post"][0] + m["post"][1]
+                out["codes"][s], out["offsets"][s] = per_head.save(), off.save()
+
+
+def fvu(recon: torch.Tensor, clean: torch.Tensor) -> float:
+    """Fraction of variance unexplained: ``sum |clean - recon|^2 / sum |clean - mean|^2``."""
+    clean, recon = clean.reshape(-1, clean.shape[-1]).float(), recon.reshape(-1, recon.shape[-1]).float()
+    return float(((clean - recon) ** 2).sum() / ((clean - clean.mean(0)) ** 2).sum())
