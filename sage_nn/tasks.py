@@ -1,0 +1,707 @@
+"""Declarative tasks: YAML specs, validated on load, built into tokenizer-aware datasets.
+
+A task is data (``tasks/<name>.yaml``, format in ``docs/tasks.md``)::
+
+    spec = load_task("ioi")
+    ds = spec.build(model, n=64, seed=0, split="test")
+    ds.prompts, ds.attributes, ds.answer_ids, ds.positions["S2"], ds.counterfactuals["io"]
+    check_task(model, "ioi")   # accuracy, clean and counterfactual logit differences
+
+Slot values that are not one token for the model's tokenizer (in the form they take in the
+prompt, leading space included) are dropped and reported in ``ds.dropped``.
+"""
+
+from __future__ import annotations
+
+import string
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+SPLITS = ("train", "test")
+
+
+class TaskSpecError(ValueError):
+    """A task spec that cannot be used; the message says where, what, and how to fix it."""
+
+    def __init__(self, file: Any, problems: list[tuple[str, str, str]]):
+        self.file, self.problems = str(file), problems
+        lines = [f"{self.file}: field {loc}: {what}; fix: {fix}" for loc, what, fix in problems]
+        super().__init__(f"invalid task spec ({len(problems)} problem"
+                         f"{'s' if len(problems) > 1 else ''}):\n  " + "\n  ".join(lines))
+
+
+class TaskBuildError(ValueError):
+    """A valid spec that cannot be built for this model (e.g. too few single-token values)."""
+
+
+# -- the spec (pydantic) ---------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class VocabFile(_Strict):
+    file: str = Field(description="path relative to the spec: .txt (one value a line) or "
+                                  ".csv (header row with a 'text' column)")
+
+
+class Template(_Strict):
+    id: str
+    text: str | None = None
+    variants: dict[str, str] | None = None
+
+
+class Swap(_Strict):
+    swap: str
+
+
+class Attribute(_Strict):
+    slot: str | None = None
+    field: str | None = None
+    template: bool = False
+    counterfactual: Union[Literal["resample", "flip"], Swap, None] = None
+
+
+class Position(_Strict):
+    slot: str
+    field: str | None = None
+    occurrence: int = 1
+    offset: int = 0
+
+
+class Split(_Strict):
+    test_templates: list[str] = []
+    vocab_halves: list[str] = []
+
+
+class TaskSpecModel(_Strict):
+    name: str
+    description: str = ""
+    vocab: dict[str, Union[list[Union[str, dict[str, str]]], VocabFile]]
+    slots: dict[str, str]
+    distinct: list[list[str]] = []
+    templates: list[Template] = Field(min_length=1)
+    attributes: dict[str, Attribute] = Field(min_length=1)
+    answer: str
+    distractor: str
+    positions: dict[str, Union[Literal["last"], Position]] = {}
+    split: Split
+
+
+# -- loading and validation ------------------------------------------------------------
+
+_FIXES = {
+    "missing": "add the field",
+    "extra_forbidden": "remove it or correct its spelling",
+    "string_type": "give a string (quote it in YAML)",
+    "list_type": "give a YAML list",
+    "dict_type": "give a YAML mapping",
+    "model_type": "give a YAML mapping",
+    "too_short": "give at least one entry",
+    "int_parsing": "give an integer",
+    "bool_parsing": "give true or false",
+    "literal_error": "use one of the allowed values",
+}
+
+
+def _pydantic_problems(err: ValidationError) -> list[tuple[str, str, str]]:
+    problems, seen = [], set()
+    for e in err.errors():
+        # Union members each report an error; keep the first per location and drop the
+        # union-member tags from the path so it reads like the YAML.
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]
+                      if not _is_union_tag(p)).lstrip(".")
+        if loc in seen:
+            continue
+        seen.add(loc)
+        problems.append((loc or "<top>", e["msg"], _FIXES.get(e["type"], "see docs/tasks.md")))
+    return problems
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part[:1].isupper() or "[" in part or part in
+                                      ("str", "list", "dict", "literal['last']"))
+
+
+def _fields(text: str) -> list[tuple[str, str | None]]:
+    """Placeholders of a template string as (slot, field or None)."""
+    out = []
+    for _, name, _, _ in string.Formatter().parse(text):
+        if name is not None:
+            slot, _, fld = name.partition(".")
+            out.append((slot, fld or None))
+    return out
+
+
+def _read_vocab(path: Path) -> list[dict[str, str]]:
+    if path.suffix == ".csv":
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return table.to_dict("records")
+    return [{"text": line.strip()} for line in path.read_text().splitlines() if line.strip()]
+
+
+def _load_vocab(model: TaskSpecModel, base: Path, problems: list) -> dict[str, list[dict]]:
+    vocab = {}
+    for name, entries in model.vocab.items():
+        loc = f"vocab.{name}"
+        if isinstance(entries, VocabFile):
+            path = base / entries.file
+            if not path.is_file():
+                problems.append((loc + ".file", f"file {path} does not exist",
+                                 "give a path relative to the spec's folder"))
+                continue
+            if path.suffix not in (".txt", ".csv"):
+                problems.append((loc + ".file", f"{path.name} is not .txt or .csv",
+                                 "use a .txt file (one value a line) or a .csv with a 'text' "
+                                 "column"))
+                continue
+            entries = _read_vocab(path)
+        records = [e if isinstance(e, dict) else {"text": e} for e in entries]
+        if not records:
+            problems.append((loc, "the vocabulary is empty", "list at least two values"))
+        for i, rec in enumerate(records):
+            if not str(rec.get("text", "")).strip():
+                problems.append((f"{loc}[{i}]", "entry has no 'text'",
+                                 "give every entry a non-empty 'text' (the value in the prompt)"))
+                break
+        texts = [r.get("text") for r in records]
+        dup = sorted({t for t in texts if texts.count(t) > 1})
+        if dup:
+            problems.append((loc, f"duplicate values {dup[:5]}", "list each value once"))
+        keys = {k for r in records for k in r}
+        for rec in records:
+            if set(rec) != keys:
+                problems.append((loc, f"entries have different fields ({sorted(set(rec))} vs "
+                                 f"{sorted(keys)})", "give every entry the same fields"))
+                break
+        vocab[name] = records
+    return vocab
+
+
+def _check(m: TaskSpecModel, vocab: dict[str, list[dict]], problems: list) -> None:
+    """Cross-field checks pydantic cannot express; each appends (field, what, fix)."""
+    slots = m.slots
+    for slot, v in slots.items():
+        if v not in m.vocab:
+            problems.append((f"slots.{slot}", f"unknown vocabulary {v!r}",
+                             f"use one of {sorted(m.vocab)} or add it under vocab"))
+
+    def check_ref(loc, slot, fld):
+        if slot not in slots:
+            problems.append((loc, f"unknown slot {slot!r}", f"use one of {sorted(slots)} or "
+                             "declare it under slots"))
+        elif fld is not None and slots[slot] in vocab and vocab[slots[slot]] and \
+                fld not in vocab[slots[slot]][0]:
+            problems.append((loc, f"vocabulary {slots[slot]!r} has no field {fld!r}",
+                             f"use one of {sorted(vocab[slots[slot]][0])} or add the column"))
+
+    for i, group in enumerate(m.distinct):
+        for slot in group:
+            check_ref(f"distinct[{i}]", slot, None)
+
+    template_attrs = [a for a, spec in m.attributes.items() if spec.template]
+    if len(template_attrs) > 1:
+        problems.append(("attributes", f"more than one template attribute {template_attrs}",
+                         "keep one attribute with template: true"))
+    ids = [t.id for t in m.templates]
+    variant_keys = None
+    for i, t in enumerate(m.templates):
+        loc = f"templates[{i}]"
+        if ids.count(t.id) > 1:
+            problems.append((loc + ".id", f"duplicate template id {t.id!r}", "give each a unique id"))
+        if (t.text is None) == (t.variants is None):
+            problems.append((loc, "needs exactly one of 'text' or 'variants'",
+                             "use 'text' for one wording, 'variants' (value: text) for a "
+                             "template attribute"))
+            continue
+        if t.variants is not None and not template_attrs:
+            problems.append((loc + ".variants", "variants given but no attribute has "
+                             "template: true", "add e.g. 'order: {template: true}' under "
+                             "attributes, or use 'text'"))
+        if t.text is not None and template_attrs:
+            problems.append((loc + ".text", f"attribute {template_attrs[0]!r} is a template "
+                             "choice, so every template needs variants", "replace 'text' by "
+                             "'variants' with one text per value"))
+        if t.variants is not None:
+            keys = sorted(t.variants)
+            if len(keys) < 2:
+                problems.append((loc + ".variants", "only one variant",
+                                 "give at least two variants to flip between"))
+            if variant_keys is None:
+                variant_keys = keys
+            elif keys != variant_keys:
+                problems.append((loc + ".variants", f"variants {keys} differ from {variant_keys} "
+                                 "of the first template", "give every template the same variants"))
+        for key, text in (t.variants or {"text": t.text}).items():
+            tloc = loc + (f".variants.{key}" if t.variants else ".text")
+            try:
+                refs = _fields(text)
+            except ValueError as err:
+                problems.append((tloc, f"bad template string ({err})",
+                                 "write slots as {slot} or {slot.field}; double literal braces"))
+                continue
+            for slot, fld in refs:
+                check_ref(tloc, slot, fld)
+            used = {s for s, _ in refs}
+            for a, spec in m.attributes.items():
+                if spec.slot and spec.slot not in used and spec.slot in slots:
+                    problems.append((tloc, f"slot {spec.slot!r} of attribute {a!r} is not in "
+                                     "this template", "use every attribute's slot in every "
+                                     "template"))
+            for p, pos in m.positions.items():
+                if isinstance(pos, Position):
+                    n = sum(1 for s, f in refs if (s, f) == (pos.slot, pos.field))
+                    if n < abs(pos.occurrence):
+                        problems.append((tloc, f"position {p!r} needs occurrence "
+                                         f"{pos.occurrence} of {{{_ref(pos)}}} but the template "
+                                         f"has {n}", "fix the occurrence or the template"))
+
+    for a, spec in m.attributes.items():
+        loc = f"attributes.{a}"
+        if a in ("template", "split"):
+            problems.append((loc, f"{a!r} is a reserved column name", "rename the attribute"))
+        if spec.template == (spec.slot is not None):
+            problems.append((loc, "needs exactly one of 'slot' or 'template: true'",
+                             "name the slot the attribute is, or mark it a template choice"))
+            continue
+        if spec.slot is not None:
+            check_ref(loc + ".slot", spec.slot, spec.field)
+        cf = spec.counterfactual
+        if spec.template and cf not in (None, "flip"):
+            problems.append((loc + ".counterfactual", f"a template attribute cannot {cf}",
+                             "use 'flip' (or leave it out)"))
+        if spec.slot is not None and cf == "flip":
+            problems.append((loc + ".counterfactual", "'flip' is for template attributes",
+                             "use 'resample' or {swap: <other slot>}"))
+        if isinstance(cf, Swap):
+            check_ref(loc + ".counterfactual.swap", cf.swap, None)
+            if cf.swap == spec.slot:
+                problems.append((loc + ".counterfactual.swap", f"slot {cf.swap!r} swapped with "
+                                 "itself", "swap with another slot of the same vocabulary"))
+            if cf.swap in slots and spec.slot in slots and slots[cf.swap] != slots[spec.slot]:
+                problems.append((loc + ".counterfactual.swap", f"slots {spec.slot!r} and "
+                                 f"{cf.swap!r} draw from different vocabularies",
+                                 "swap two slots of the same vocabulary"))
+
+    for key in ("answer", "distractor"):
+        try:
+            refs = _fields(getattr(m, key))
+        except ValueError as err:
+            problems.append((key, f"bad template string ({err})", "write {slot} or {slot.field}"))
+            continue
+        for slot, fld in refs:
+            check_ref(key, slot, fld)
+    for p, pos in m.positions.items():
+        if isinstance(pos, Position):
+            check_ref(f"positions.{p}.slot", pos.slot, pos.field)
+            if pos.occurrence == 0:
+                problems.append((f"positions.{p}.occurrence", "occurrence 0",
+                                 "count from 1 (first) or from -1 (last)"))
+    for t in m.split.test_templates:
+        if t not in ids:
+            problems.append(("split.test_templates", f"unknown template id {t!r}",
+                             f"use one of {ids}"))
+    if set(m.split.test_templates) >= set(ids) and not m.split.vocab_halves:
+        problems.append(("split.test_templates", "every template is held out, none is left "
+                         "for train", "hold out fewer templates"))
+    for v in m.split.vocab_halves:
+        if v not in m.vocab:
+            problems.append(("split.vocab_halves", f"unknown vocabulary {v!r}",
+                             f"use one of {sorted(m.vocab)}"))
+    if not m.split.test_templates and not m.split.vocab_halves:
+        problems.append(("split", "declares no held-out templates or vocabulary halves",
+                         "add test_templates: [<id>] and/or vocab_halves: [<vocabulary>]"))
+
+
+def _ref(pos: Position) -> str:
+    return pos.slot + (f".{pos.field}" if pos.field else "")
+
+
+def load_task(name_or_path: str | Path) -> "TaskSpec":
+    """Load and validate a task: a name in ``tasks/`` (e.g. ``"ioi"``) or a YAML path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = TASKS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no task {str(name_or_path)!r}: {path} does not exist; "
+                                f"available tasks: {', '.join(available_tasks())}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise TaskSpecError(path, [("<yaml>", f"not valid YAML{where}: "
+                                    f"{getattr(err, 'problem', None) or err}",
+                                    "fix the YAML syntax there (quote strings with ': ' "
+                                    "or braces)")]) from None
+    if not isinstance(data, dict):
+        raise TaskSpecError(path, [("<top>", "the file is not a YAML mapping",
+                                    "write the spec as 'key: value' lines, see docs/tasks.md")])
+    try:
+        model = TaskSpecModel.model_validate(data)
+    except ValidationError as err:
+        raise TaskSpecError(path, _pydantic_problems(err)) from None
+    problems: list = []
+    vocab = _load_vocab(model, path.parent, problems)
+    if not problems:
+        _check(model, vocab, problems)
+    if problems:
+        raise TaskSpecError(path, problems)
+    return TaskSpec(model, vocab, path)
+
+
+def available_tasks() -> list[str]:
+    return sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+
+
+# -- the dataset -----------------------------------------------------------------------
+
+@dataclass
+class TaskDataset:
+    """Prompts of a task built for one tokenizer, with attributes, answers and positions."""
+
+    name: str
+    prompts: list[str]
+    attributes: pd.DataFrame
+    attribute_names: list[str]
+    answers: list[str]
+    distractors: list[str]
+    answer_ids: np.ndarray
+    distractor_ids: np.ndarray
+    positions: dict[str, np.ndarray]
+    counterfactuals: dict[str, "TaskDataset"] = field(default_factory=dict)
+    dropped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        columns=["vocab", "value", "form", "reason"]))
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def subset(self, indices: Any) -> "TaskDataset":
+        idx = np.arange(len(self))[np.asarray(indices)]
+        return TaskDataset(
+            self.name, [self.prompts[i] for i in idx],
+            self.attributes.iloc[idx].reset_index(drop=True), list(self.attribute_names),
+            [self.answers[i] for i in idx], [self.distractors[i] for i in idx],
+            self.answer_ids[idx], self.distractor_ids[idx],
+            {k: v[idx] for k, v in self.positions.items()},
+            {k: v.subset(idx) for k, v in self.counterfactuals.items()}, self.dropped)
+
+
+@dataclass
+class _Row:
+    """One prompt before rendering: template family, variant, and a record per slot."""
+
+    template: str
+    variant: str | None
+    values: dict[str, dict[str, str]]
+    split: str
+
+
+class TaskSpec:
+    """A validated task spec; :meth:`build` makes a :class:`TaskDataset` for a model."""
+
+    def __init__(self, model: TaskSpecModel, vocab: dict[str, list[dict]], path: Path):
+        self.model, self.vocab, self.path = model, vocab, path
+        self.name = model.name
+        self.attribute_names = list(model.attributes)
+        self._template_attr = next((a for a, s in model.attributes.items() if s.template), None)
+
+    def __repr__(self) -> str:
+        return f"TaskSpec({self.name!r}, attributes={self.attribute_names})"
+
+    # -- tokenizer-aware vocabularies
+
+    def _forms(self) -> dict[str, set[tuple[str | None, str]]]:
+        """Per vocabulary, the (field, prefix) forms its values take in prompts and answers."""
+        forms: dict[str, set] = {v: set() for v in self.vocab}
+        texts = [t for tpl in self.model.templates for t in (tpl.variants or {"": tpl.text}).values()]
+        for text in texts + [self.model.answer, self.model.distractor]:
+            for literal, name, _, _ in string.Formatter().parse(text):
+                if name is not None:  # the text right before a slot decides its leading space
+                    slot, _, fld = name.partition(".")
+                    prefix = " " if literal.endswith(" ") else ""
+                    forms[self.model.slots[slot]].add((fld or None, prefix))
+        return forms
+
+    def usable_vocab(self, tokenizer: Any) -> tuple[dict[str, list[dict]], pd.DataFrame]:
+        """Values that are one token in every form they take; and a table of the dropped."""
+        _require_fast(tokenizer)
+        forms, kept, dropped = self._forms(), {}, []
+        for v, records in self.vocab.items():
+            kept[v] = []
+            for rec in records:
+                bad = [(prefix + rec[fld or "text"]) for fld, prefix in sorted(
+                    forms[v], key=str) if not _single_token(tokenizer, prefix + rec[fld or "text"])]
+                if bad:
+                    dropped.append((v, rec["text"], repr(bad[0]), "not a single token"))
+                else:
+                    kept[v].append(rec)
+        return kept, pd.DataFrame(dropped, columns=["vocab", "value", "form", "reason"])
+
+    def _halves(self, kept: dict[str, list[dict]]) -> dict[str, dict[str, list[dict]]]:
+        """Vocabulary per split; held-out halves alternate within strata of attribute fields."""
+        out = {s: dict(kept) for s in SPLITS}
+        for v in self.model.split.vocab_halves:
+            strat = [a.field for a in self.model.attributes.values()
+                     if a.slot and a.field and self.model.slots[a.slot] == v]
+            halves: dict[str, list] = {s: [] for s in SPLITS}
+            counts: dict[tuple, int] = {}
+            for rec in kept[v]:
+                key = tuple(rec[f] for f in strat)
+                halves[SPLITS[counts.get(key, 0) % 2]].append(rec)
+                counts[key] = counts.get(key, 0) + 1
+            for s in SPLITS:
+                out[s][v] = halves[s]
+        return out
+
+    def _check_sizes(self, vocab: dict[str, dict[str, list[dict]]], dropped: pd.DataFrame,
+                     tokenizer: Any) -> None:
+        m = self.model
+        for v in self.vocab:
+            users = [s for s, sv in m.slots.items() if sv == v]
+            if not users:
+                continue
+            together = max([sum(1 for s in g if s in users) for g in m.distinct] + [1])
+            resampled = any(a.slot in users and a.counterfactual in (None, "resample")
+                            for a in m.attributes.values() if a.slot)
+            need = together + int(resampled)
+            for split in SPLITS:
+                have = vocab[split][v]
+                where = f"the {split} half of " if v in m.split.vocab_halves else ""
+                n_drop = int((dropped.vocab == v).sum())
+                if len(have) < need:
+                    raise TaskBuildError(
+                        f"task {self.name}: {where}vocabulary {v!r} has {len(have)} single-token "
+                        f"values for tokenizer {type(tokenizer).__name__} ({n_drop} dropped: "
+                        f"{dropped[dropped.vocab == v].value.tolist()[:8]}), but slots {users} "
+                        f"need at least {need}: add single-token values to {v!r}")
+                for a, spec in m.attributes.items():
+                    if spec.slot in users and spec.field:
+                        values = {r[spec.field] for r in have}
+                        if len(values) < 2:
+                            raise TaskBuildError(
+                                f"task {self.name}: attribute {a!r} takes only the value(s) "
+                                f"{sorted(values)} in {where}vocabulary {v!r} after dropping "
+                                f"{n_drop} multi-token values: add single-token values with "
+                                f"other {spec.field!r}")
+
+    # -- sampling
+
+    def _sample(self, rng, vocab: dict[str, list[dict]], split: str, exclude=None,
+                fixed: dict | None = None, order: list[str] | None = None) -> dict[str, dict]:
+        """Draw a record per slot (in ``order``), keeping ``fixed`` and distinct groups."""
+        values = dict(fixed or {})
+        for slot in order or list(self.model.slots):
+            if slot in values:
+                continue
+            partners = {values[p]["text"] for g in self.model.distinct if slot in g
+                        for p in g if p != slot and p in values}
+            cands = [r for r in vocab[self.model.slots[slot]] if r["text"] not in partners
+                     and (exclude is None or exclude(slot, r))]
+            if not cands:
+                raise TaskBuildError(f"task {self.name}: no value of vocabulary "
+                                     f"{self.model.slots[slot]!r} left for slot {slot!r} in the "
+                                     f"{split} split: add values to the vocabulary")
+            values[slot] = cands[rng.integers(len(cands))]
+        return values
+
+    def _draw(self, rng, vocab: dict[str, list[dict]], split: str) -> _Row:
+        test = set(self.model.split.test_templates)
+        families = [t for t in self.model.templates if (t.id in test) == (split == "test")] \
+            or list(self.model.templates)  # only vocabulary halves split the task
+        tpl = families[rng.integers(len(families))]
+        variant = sorted(tpl.variants)[rng.integers(len(tpl.variants))] if tpl.variants else None
+        return _Row(tpl.id, variant, self._sample(rng, vocab, split), split)
+
+    def _counterfactual(self, rng, vocab, row: _Row, attr: str) -> _Row:
+        spec = self.model.attributes[attr]
+        if spec.template:
+            tpl = next(t for t in self.model.templates if t.id == row.template)
+            others = [k for k in sorted(tpl.variants) if k != row.variant]
+            return _Row(row.template, others[rng.integers(len(others))], dict(row.values),
+                        row.split)
+        if isinstance(spec.counterfactual, Swap):
+            values = dict(row.values)
+            values[spec.slot], values[spec.counterfactual.swap] = \
+                row.values[spec.counterfactual.swap], row.values[spec.slot]
+            return _Row(row.template, row.variant, values, row.split)
+        old = row.values[spec.slot]
+        if spec.field:
+            def exclude(slot, rec):  # a new value of the attribute, not just a new word
+                return slot != spec.slot or rec[spec.field] != old[spec.field]
+        else:
+            def exclude(slot, rec):
+                return slot != spec.slot or rec["text"] != old["text"]
+        fixed = {s: r for s, r in row.values.items() if s != spec.slot}
+        values = self._sample(rng, vocab, row.split, exclude, fixed, [spec.slot])
+        return _Row(row.template, row.variant, {s: values[s] for s in row.values}, row.split)
+
+    # -- building
+
+    def build(self, model: Any, n: int = 64, seed: int = 0,
+              split: Literal["train", "test"] | None = "train") -> TaskDataset:
+        """``n`` prompts (and a counterfactual per attribute) for ``model``'s tokenizer.
+
+        ``split=None`` gives both: the first ``ceil(n/2)`` rows train, the rest test.
+        """
+        if split not in (*SPLITS, None):
+            raise ValueError(f"split={split!r}: use 'train', 'test' or None (both)")
+        if n < 1:
+            raise ValueError(f"n={n}: build at least one prompt")
+        tokenizer = getattr(model, "tokenizer", model)
+        kept, dropped = self.usable_vocab(tokenizer)
+        vocab = self._halves(kept)
+        self._check_sizes(vocab, dropped, tokenizer)
+        if len(dropped):
+            warnings.warn(f"task {self.name}: dropped {len(dropped)} values that are not a "
+                          f"single token: {dropped.value.tolist()[:10]} (see dataset.dropped)",
+                          stacklevel=2)
+        rng = np.random.default_rng(seed)
+        splits = [split] * n if split else ["train"] * ((n + 1) // 2) + ["test"] * (n // 2)
+        rows = [self._draw(rng, vocab[s], s) for s in splits]
+        cf_rows = {a: [self._counterfactual(rng, vocab[r.split], r, a) for r in rows]
+                   for a in self.attribute_names}
+        ds = self._dataset(rows, tokenizer, dropped)
+        ds.counterfactuals = {a: self._dataset(r, tokenizer, dropped) for a, r in cf_rows.items()}
+        return ds
+
+    def _render(self, row: _Row) -> tuple[str, list[tuple[str, str | None, int, int]]]:
+        tpl = next(t for t in self.model.templates if t.id == row.template)
+        text = tpl.variants[row.variant] if tpl.variants else tpl.text
+        out, spans = "", []
+        for literal, name, _, _ in string.Formatter().parse(text):
+            out += literal
+            if name is not None:
+                slot, _, fld = name.partition(".")
+                value = row.values[slot][fld or "text"]
+                spans.append((slot, fld or None, len(out), len(out) + len(value)))
+                out += value
+        return out, spans
+
+    def _fill(self, text: str, row: _Row) -> str:
+        return "".join(lit + (row.values[n.partition(".")[0]][n.partition(".")[2] or "text"]
+                              if n is not None else "")
+                       for lit, n, _, _ in string.Formatter().parse(text))
+
+    def _attribute_values(self, row: _Row) -> dict[str, str]:
+        out = {}
+        for a, spec in self.model.attributes.items():
+            out[a] = row.variant if spec.template else row.values[spec.slot][spec.field or "text"]
+        return out
+
+    def _dataset(self, rows: list[_Row], tokenizer: Any, dropped: pd.DataFrame) -> TaskDataset:
+        rendered = [self._render(r) for r in rows]
+        prompts = [p for p, _ in rendered]
+        enc = tokenizer(prompts, return_offsets_mapping=True)
+        positions = {name: np.zeros(len(rows), dtype=np.int64) for name in self.model.positions}
+        for i, ((prompt, spans), offsets) in enumerate(zip(rendered, enc["offset_mapping"])):
+            for name, pos in self.model.positions.items():
+                if pos == "last":
+                    positions[name][i] = len(offsets) - 1
+                    continue
+                matching = [s for s in spans if (s[0], s[1]) == (pos.slot, pos.field)]
+                _, _, start, end = matching[pos.occurrence - 1 if pos.occurrence > 0
+                                            else pos.occurrence]
+                tok = _token_at(offsets, start, end, prompt, self.name)
+                if not 0 <= tok + pos.offset < len(offsets):
+                    raise TaskBuildError(f"task {self.name}: position {name!r} (offset "
+                                         f"{pos.offset}) falls outside prompt {prompt!r}")
+                positions[name][i] = tok + pos.offset
+        answers = [self._fill(self.model.answer, r) for r in rows]
+        distractors = [self._fill(self.model.distractor, r) for r in rows]
+        attrs = pd.DataFrame([self._attribute_values(r) for r in rows],
+                             columns=self.attribute_names)
+        attrs["template"] = [r.template for r in rows]
+        attrs["split"] = [r.split for r in rows]
+        return TaskDataset(self.name, prompts, attrs, list(self.attribute_names),
+                           answers, distractors, _token_ids(tokenizer, answers),
+                           _token_ids(tokenizer, distractors), positions, {}, dropped)
+
+
+def _require_fast(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise TaskBuildError(f"tokenizer {type(tokenizer).__name__} is not a fast (Rust) "
+                             "tokenizer; token positions need offset mappings: load the model "
+                             "with a fast tokenizer (use_fast=True)")
+
+
+def _single_token(tokenizer: Any, form: str) -> bool:
+    ids = tokenizer(form, add_special_tokens=False)["input_ids"]
+    return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
+
+
+def _token_ids(tokenizer: Any, texts: list[str]) -> np.ndarray:
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    bad = [t for t, i in zip(texts, ids) if len(i) != 1]
+    if bad:  # the vocabulary filter should have caught these
+        raise TaskBuildError(f"answers/distractors {bad[:5]} are not single tokens")
+    return np.array([i[0] for i in ids], dtype=np.int64)
+
+
+def _token_at(offsets, start: int, end: int, prompt: str, task: str) -> int:
+    """Index of the token holding the characters [start, end) (its leading space allowed)."""
+    for i, (a, b) in enumerate(offsets):
+        if a <= start < b or (a == start and b > a):
+            if b == end:
+                return i
+            break
+    raise TaskBuildError(f"task {task}: {prompt[start:end]!r} in prompt {prompt!r} is not one "
+                         "token in context (the text around the slot merges with it): put a "
+                         "space or punctuation next to the slot in the template")
+
+
+# -- the check -------------------------------------------------------------------------
+
+def logit_diffs(model: Any, ds: TaskDataset, batch_size: int = 32) -> "xr.DataArray":
+    """Logit difference (clean answer minus clean distractor) at the last token.
+
+    Returns ``(prompt, condition)`` with conditions ``clean`` and one per counterfactual.
+    One trace per batch serves the clean prompts and all their counterfactuals.
+    """
+    import torch
+    import xarray as xr
+
+    from .activations import batches, encode, model_device
+
+    conditions = [ds] + list(ds.counterfactuals.values())
+    device = model_device(model)
+    out = np.zeros((len(ds), len(conditions)), dtype=np.float32)
+    per_batch = max(1, batch_size // len(conditions))
+    for idx in batches(len(ds), per_batch):
+        prompts = [c.prompts[i] for c in conditions for i in idx]
+        batch = encode(model, prompts, device)
+        ans = torch.as_tensor(np.tile(ds.answer_ids[idx], len(conditions)), device=device)
+        dis = torch.as_tensor(np.tile(ds.distractor_ids[idx], len(conditions)), device=device)
+        rows = torch.arange(len(prompts), device=device)
+        with torch.no_grad(), model.trace(batch.inputs):
+            last = model.output.logits[:, -1]  # left padding: the last token is at -1
+            ld = (last[rows, ans] - last[rows, dis]).save()
+        out[idx] = ld.float().cpu().numpy().reshape(len(conditions), len(idx)).T
+    return xr.DataArray(out, dims=("prompt", "condition"),
+                        coords={"condition": ["clean"] + list(ds.counterfactuals)},
+                        name="logit_diff")
+
+
+def check_task(model: Any, task: Any, n: int = 128, split: str | None = "test", seed: int = 0,
+               batch_size: int = 32) -> pd.DataFrame:
+    """Does ``model`` perform ``task``? One row per condition (clean, each counterfactual).
+
+    Columns: ``accuracy`` (clean answer logit > clean distractor logit), ``mean_ld`` and
+    ``std_ld`` of the logit difference, and ``effect`` = mean clean LD - mean LD.
+    """
+    ds = task if isinstance(task, TaskDataset) else \
+        (task if isinstance(task, TaskSpec) else load_task(task)).build(model, n, seed, split)
+    ld = logit_diffs(model, ds, batch_size).to_pandas()
+    table = pd.DataFrame({"n": len(ds), "accuracy": (ld > 0).mean(), "mean_ld": ld.mean(),
+                          "std_ld": ld.std(), "effect": ld["clean"].mean() - ld.mean()})
+    table.index.name = "condition"
+    table.attrs.update(task=ds.name, split=str(split), dropped=len(ds.dropped))
+    return table
