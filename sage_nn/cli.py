@@ -57,29 +57,6 @@ def _discover(args) -> None:
     print(f"wrote {args.out}")
 
 
-def _discover(args) -> None:
-    from .discovery import DiscoveryConfig, discover
-    from .models import load_model
-    from .tasks import load_task
-
-    spec = load_task(args.task)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    ds = spec.build(model, n=args.n, seed=args.seed, split=args.split)
-    config = DiscoveryConfig(kinds=args.kinds, layers=args.layers, positions=args.positions,
-                             attributes=args.attributes, batch_size=args.batch_size,
-                             min_effect=args.min_effect, top_k=args.top_k,
-                             coverage=args.coverage, validate=not args.no_validate)
-    found = discover(model, ds, config, out_dir=args.out, progress=True)
-    for attribute, info in found.summary().items():
-        print(f"{attribute}: total effect {info['total_effect']:+.3f}"
-              + (" (small: read raw deltas)" if info["small_effect"] else "")
-              + (f", spearman {info['spearman']:.2f}, recovered {info['recovered']:.2f}"
-                 if "spearman" in info else ""))
-        print("  " + " ".join(info["cross_section"][:12])
-              + (" ..." if len(info["cross_section"]) > 12 else ""))
-    print(f"wrote {args.out}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sage", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,31 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.set_defaults(func=_task_check)
-
-    p = sub.add_parser("discover", help="attribution patching per attribute: scores, "
-                       "cross-sections, exact validation, plots")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--task", required=True, help="a name in tasks/ (e.g. ioi) or a YAML path")
-    p.add_argument("--out", required=True, help="output directory (scores.nc, PNGs, ...)")
-    p.add_argument("--n", type=int, default=32, help="number of prompts")
-    p.add_argument("--split", default="train", choices=["train", "test"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kinds", nargs="+", default=None, help="site kinds (default: all)")
-    p.add_argument("--layers", nargs="+", type=int, default=None)
-    p.add_argument("--positions", nargs="+", default=None, help="named positions (default: all)")
-    p.add_argument("--attributes", nargs="+", default=None)
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--top-k", type=int, default=None, help="cross-section = top-k sites")
-    group.add_argument("--coverage", type=float, default=None,
-                       help="cross-section = fewest sites covering this share of |score| "
-                       "(default 0.8)")
-    p.add_argument("--min-effect", type=float, default=1.0,
-                   help="flag attributes whose total effect is below this (logits)")
-    p.add_argument("--no-validate", action="store_true", help="skip exact patching")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.set_defaults(func=_discover)
 
     p = sub.add_parser("discover", help="attribution patching per attribute: scores, "
                        "cross-sections, exact validation, plots")
