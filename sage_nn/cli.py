@@ -57,9 +57,58 @@ def _discover(args) -> None:
     print(f"wrote {args.out}")
 
 
+def _run_config(args):
+    from .pipeline import RunConfig
+
+    overrides = {k: getattr(args, k, None) for k in ("model", "task", "run_dir", "seed",
+                                                     "n_fit", "n_eval", "top_k", "device",
+                                                     "dtype", "n_boot")}
+    overrides["saes"] = args.sae or None
+    if args.config:
+        return RunConfig.from_file(args.config, **overrides)
+    return RunConfig(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _run(args) -> None:
+    import logging
+
+    from .pipeline import run
+    from .report import headline_table
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = run(_run_config(args))
+    print(headline_table(result.results).to_string(float_format=lambda x: f"{x:.3f}"))
+    print("stage seconds:", {k: round(v, 1) for k, v in result.timings.items()})
+    print(f"report: {result.report / 'summary.md'}")
+
+
+def _add_run_options(p) -> None:
+    p.add_argument("--config", help="YAML file with any RunConfig fields (flags override it)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--task", default=None)
+    p.add_argument("--sae", action="append", help="train:topk | train:standard | SAE directory "
+                   "| RELEASE:SAE_ID (repeatable)")
+    p.add_argument("--run-dir", dest="run_dir", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--n-fit", dest="n_fit", type=int, default=None)
+    p.add_argument("--n-eval", dest="n_eval", type=int, default=None)
+    p.add_argument("--top-k", dest="top_k", type=int, default=None)
+    p.add_argument("--n-boot", dest="n_boot", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(func=_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sage", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="the whole evaluation: task, discovery, ground truth, "
+                       "SAEs, metrics, report (resumable)")
+    _add_run_options(p)
+    p = sub.add_parser("quickstart", help="run everything on the embedded default: SmolLM2, "
+                       "IOI, residual TopK SAEs trained on first use")
+    _add_run_options(p)
 
     p = sub.add_parser("collect", help="collect activations at sites into a zarr/netCDF store")
     p.add_argument("--model", default="smollm2-135m")

@@ -1,0 +1,347 @@
+"""Scoring dictionaries at a cross-section: the supervised ceiling, SAEs, a random floor.
+
+Every method is seen the same way at each (site, position) pair of a cross-section, as a
+:class:`SiteCode`: the clean activations, the method's reconstruction, its codes for the
+clean and the counterfactual prompts, and its latent directions at the site. From these,
+one batched run of patched variants gives every intervention metric at once::
+
+    clean | mean-ablation | counterfactual | per method: sufficiency, necessity, edit@k
+
+Patched values are computed from the clean run's activations at every pair of the
+cross-section (Makelov et al.'s protocol), so all variants share one set of forwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from sklearn.base import clone
+
+from . import metrics
+from .dictionaries import MSEDictionary
+from .activations import batches, encode
+from .interventions import Patch, run_patched, site_values
+from .reconstruction import ATTN_KINDS, ResidualReconstruction
+from .saes import SparseAutoencoder
+from .sites import RESID_KINDS, Site
+
+SUPERVISED = "supervised"
+RANDOM = "random"
+
+
+@dataclass
+class SiteCode:
+    """One method at one (site, position) pair, on n clean prompts and their counterfactuals.
+
+    ``a, a_hat, a_cf [n, w]``; ``codes, codes_cf [n, L]``; ``directions [L, w]`` with an
+    optional per-prompt ``scale [n]`` (a frozen norm) so latent ``j`` moves the site by
+    ``scale * code_j * directions[j]``.
+    """
+
+    a: torch.Tensor
+    a_hat: torch.Tensor
+    a_cf: torch.Tensor
+    codes: torch.Tensor
+    codes_cf: torch.Tensor
+    directions: torch.Tensor | None
+    scale: torch.Tensor | None = None
+
+    def edit(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.directions is None:  # no linear latent directions here: no sparse edit
+            return self.a, torch.full((len(self.a),), torch.nan)
+        edited, _, magnitude = metrics.greedy_edit(self.a, self.codes, self.codes_cf,
+                                                   self.directions, self.a_cf, k, self.scale)
+        return edited, magnitude
+
+
+def supervised_code(dictionary: MSEDictionary, a, attrs, a_cf, attrs_cf) -> SiteCode:
+    """The fitted supervised dictionary as a :class:`SiteCode` (unit or fitted weights)."""
+    codes = np.asarray(dictionary.transform(a, attrs))
+    codes_cf = np.asarray(dictionary.transform(a_cf, attrs_cf))
+    t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)  # noqa: E731
+    return SiteCode(t(a), t(dictionary.inverse_transform(codes)), t(a_cf), t(codes),
+                    t(codes_cf), t(dictionary.components_))
+
+
+def random_sae_like(sae: SparseAutoencoder, mean: torch.Tensor, seed: int = 0) -> SparseAutoencoder:
+    """The floor: an SAE of the same shape and sparsity with random unit directions.
+
+    Tied encoder, decoder bias at the data mean, and a TopK nonlinearity with ``k`` set to
+    the tested SAE's (or 32) so its L0 is comparable."""
+    g = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(sae.d_sae, sae.d_in, generator=g)
+    W_dec /= W_dec.norm(dim=-1, keepdim=True)
+    return SparseAutoencoder(W_dec.T.clone(), torch.zeros(sae.d_sae), W_dec, mean.float(),
+                             architecture="topk", k=sae.k or 32, layer=sae.layer,
+                             kind=sae.kind, heads=sae.heads)
+
+
+class DirectSAE:
+    """An SAE evaluated at its own site (a residual SAE at a residual cross-section site)."""
+
+    def __init__(self, sae: SparseAutoencoder):
+        self.sae = sae
+
+    def serves(self, site: Site) -> bool:
+        return (self.sae.layer, self.sae.kind) == (site.layer, site.kind)
+
+    def code(self, model, pair, test, cf, a, a_cf) -> SiteCode:
+        sae = self.sae
+        with torch.no_grad():
+            codes, codes_cf = sae.encode(a), sae.encode(a_cf)
+            scale, _ = sae.decode_affine(a)
+            return SiteCode(a, sae.decode(codes, a).float(), a_cf, codes.float(),
+                            codes_cf.float(), sae.decoder().float(), scale.squeeze(-1).float())
+
+    def floor(self, mean: torch.Tensor, seed: int) -> "DirectSAE":
+        return DirectSAE(random_sae_like(self.sae, mean, seed))
+
+
+class ReconstructedSAE:
+    """Residual SAEs evaluated anywhere: directly at residual sites, and at sublayer sites
+    through the residual-to-sublayer reconstruction (input mode, frozen norm and pattern),
+    where each latent has a site-level direction. mlp_out has none (the MLP is nonlinear):
+    there the codes are the feeding SAE's and edits are not defined (NaN)."""
+
+    def __init__(self, saes: Mapping[str, SparseAutoencoder] | Sequence[SparseAutoencoder],
+                 batch_size: int = 16):
+        self.saes = list(saes.values()) if isinstance(saes, Mapping) else list(saes)
+        self.batch_size = batch_size
+        self._fitted = {}
+
+    def _reconstruction(self, model) -> ResidualReconstruction:
+        if id(model) not in self._fitted:
+            self._fitted[id(model)] = ResidualReconstruction(
+                self.saes, mode="input", freeze_norm=True, freeze_pattern=True).fit(model)
+        return self._fitted[id(model)]
+
+    def _direct(self, site: Site) -> SparseAutoencoder | None:
+        return next((s for s in self.saes if (s.layer, s.kind) == (site.layer, site.kind)), None)
+
+    def serves(self, site: Site) -> bool:
+        if site.kind in RESID_KINDS:
+            return self._direct(site) is not None
+        feeding = "resid_pre" if site.kind in ATTN_KINDS else "resid_mid"
+        return any((s.layer, s.kind) == (site.layer, feeding) for s in self.saes) or (
+            feeding == "resid_mid" and any((s.layer, s.kind) == (site.layer, "resid_pre")
+                                           for s in self.saes))
+
+    def code(self, model, pair, test, cf, a, a_cf) -> SiteCode:
+        site, position = pair
+        if site.kind in RESID_KINDS:
+            return DirectSAE(self._direct(site)).code(model, pair, test, cf, a, a_cf)
+        recon = self._reconstruction(model)
+        codes, a_hat = self._site_codes(model, recon, test, site, position)
+        codes_cf, _ = self._site_codes(model, recon, cf, site, position)
+        directions = None
+        if site.kind != "mlp_out":
+            directions = recon.directions(site).float()
+            directions = directions.reshape(-1, directions.shape[-1])  # attn_out: (head, latent)
+        return SiteCode(a, a_hat, a_cf, codes, codes_cf, directions)
+
+    def _site_codes(self, model, recon, data, site, position):
+        linear = site.kind != "mlp_out"
+        codes, values = [], []
+        for idx in batches(len(data), self.batch_size):
+            prompts = [data.prompts[i] for i in idx]
+            out = recon.run(prompts, [site], with_codes=linear)
+            batch = encode(model, prompts)
+            rows, cols = torch.arange(len(idx)), batch.index(data.positions[position][idx])
+            values.append(out.recon[site][rows, cols].float())
+            if linear:
+                codes.append(out.codes[site][rows, cols].flatten(1).float())
+        if not linear:  # the codes of the SAE whose reconstruction feeds the MLP
+            source = recon.source(site)
+            feed = site_values(model, data, [(Site(site.layer, source.kind), position)],
+                               batch_size=self.batch_size)
+            codes = [source.encode(next(iter(feed.values()))).float()]
+        return torch.cat(codes), torch.cat(values)
+
+    def floor(self, mean: torch.Tensor, seed: int) -> "ReconstructedSAE":
+        """Random SAEs of the same shapes; their decoder bias is each site's own mean."""
+        return ReconstructedSAE([random_sae_like(s, s.b_dec.detach(), seed) for s in self.saes],
+                                self.batch_size)
+
+
+def as_coder(sae: Any) -> Any:
+    """A :class:`SparseAutoencoder` is evaluated at its own site; anything with ``serves``,
+    ``code`` and ``floor`` (e.g. a residual SAE reaching sublayer sites) is used as is."""
+    return DirectSAE(sae) if isinstance(sae, SparseAutoencoder) else sae
+
+
+def _seen_values_only(train: Any, test: Any, attribute: str) -> Any:
+    """Drop test rows whose (or whose counterfactual's) attribute values the supervised
+    dictionary never saw: it has no feature for them."""
+    names = train.attribute_names
+    seen = {a: set(train.attributes[a]) for a in names}
+    keep = np.ones(len(test), dtype=bool)
+    for table in (test.attributes, test.counterfactuals[attribute].attributes):
+        for a in names:
+            keep &= table[a].isin(seen[a]).to_numpy()
+    if not keep.any():
+        raise ValueError(f"no test prompt of {test.name!r} has attribute values seen in the "
+                         "training prompts: build both from the same vocabulary (e.g. the "
+                         "train split, held-out prompts)")
+    return test if keep.all() else test.subset(np.nonzero(keep)[0])
+
+
+@dataclass
+class CrossSection:
+    """The (site, named position) pairs where one attribute is computed."""
+
+    attribute: str
+    pairs: list[tuple[Site, str]]
+
+    @property
+    def labels(self) -> list[str]:
+        return [f"{s}@{p}" for s, p in self.pairs]
+
+
+def evaluate_cross_section(
+    model: Any,
+    train: Any,
+    test: Any,
+    cross_section: CrossSection,
+    saes: Mapping[str, Any] | None = None,
+    *,
+    dictionaries: Mapping[str, Any] | None = None,
+    ks: Sequence[int] = metrics.EDIT_KS,
+    n_boot: int = 1000,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> xr.Dataset:
+    """All SAGE metrics of the supervised dictionary, each SAE and the random floor.
+
+    ``train``/``test`` are task datasets (the dictionary is fitted on ``train``, all metrics
+    are measured on ``test`` and its counterfactual for the attribute). ``saes`` maps a
+    name to a :class:`SparseAutoencoder` (evaluated at its own site) or to a coder (see
+    :func:`as_coder`); each must serve every site of the cross-section. Returns a Dataset
+    over ``method`` (and ``k``, ``pair``); ``random:NAME`` is NAME's floor.
+    ``dictionaries`` maps names to unfitted supervised estimators (default
+    ``{"supervised": MSEDictionary()}``), each fitted per pair; the first one is the
+    reference for feature alignment.
+    """
+    attribute, pairs = cross_section.attribute, cross_section.pairs
+    test = _seen_values_only(train, test, attribute)
+    cf = test.counterfactuals[attribute]
+    a_train = site_values(model, train, pairs, batch_size=batch_size)
+    a_test = site_values(model, test, pairs, batch_size=batch_size)
+    a_cf = site_values(model, cf, pairs, batch_size=batch_size)
+    attrs, attrs_cf = test.attributes[train.attribute_names], cf.attributes[train.attribute_names]
+
+    dictionaries = dictionaries or {SUPERVISED: MSEDictionary()}
+    codes_by_method: dict[str, dict[tuple, SiteCode]] = {}
+    features = {}
+    for name, estimator in dictionaries.items():
+        codes_by_method[name] = {}
+        for pair in pairs:
+            dictionary = clone(estimator).set_params(attributes=train.attribute_names).fit(
+                a_train[pair].numpy(), train.attributes[train.attribute_names])
+            features.setdefault(pair, dictionary.components_)
+            codes_by_method[name][pair] = supervised_code(
+                dictionary, a_test[pair].numpy(), attrs, a_cf[pair].numpy(), attrs_cf)
+    for name, sae in (saes or {}).items():
+        coder = as_coder(sae)
+        codes_by_method[name], codes_by_method[f"{RANDOM}:{name}"] = {}, {}
+        for pair in pairs:
+            if not coder.serves(pair[0]):
+                raise ValueError(f"SAE {name!r} cannot serve cross-section site {pair[0]}: "
+                                 "place it at that site, or reach sublayer sites through a "
+                                 "residual-to-sublayer reconstruction")
+            args = (model, pair, test, cf, a_test[pair], a_cf[pair])
+            codes_by_method[name][pair] = coder.code(*args)
+            codes_by_method[f"{RANDOM}:{name}"][pair] = coder.floor(
+                a_train[pair].mean(0), seed).code(*args)
+
+    out, magnitudes = _run_variants(model, test, pairs, codes_by_method, a_train, a_cf, ks,
+                                    batch_size)
+    per_method = [_intervention_metrics(out, method, ks, magnitudes, n_boot, seed)
+                  | _code_metrics(codes_by_method[method], features, attrs[[attribute]])
+                  for method in codes_by_method]
+    dims = {"sufficiency": ("method",), "sufficiency_ci": ("method", "bound"),
+            "necessity": ("method",), "necessity_ci": ("method", "bound"),
+            "edit_accuracy": ("method", "k"), "edit_accuracy_ci": ("method", "k", "bound"),
+            "edit_magnitude": ("method", "k")}
+    ds = xr.Dataset(
+        {key: (dims.get(key, ("method", "pair")), [m[key] for m in per_method])
+         for key in per_method[0]},
+        coords={"method": list(codes_by_method), "k": list(ks), "pair": cross_section.labels,
+                "bound": ["low", "high"]},
+        attrs={"n_prompts": len(test),
+               "clean_logit_diff": float(out.logit_diff.sel(variant="clean").mean()),
+               "mean_ablated_logit_diff": float(out.logit_diff.sel(variant="mean").mean())},
+    )
+    return ds.expand_dims(attribute=[attribute])
+
+
+def _run_variants(model, test, pairs, codes_by_method, a_train, a_cf, ks, batch_size):
+    """One batched run: clean, mean-ablated, counterfactual-patched, and per method its
+    reconstruction (sufficiency), mean + error (necessity) and sparse edits."""
+    positions = {pair: test.positions[pair[1]] for pair in pairs}
+
+    def variant(values: Mapping[tuple, torch.Tensor]) -> list[Patch]:
+        return [Patch(site, positions[(site, pos)], values[(site, pos)], f"{site}@{pos}")
+                for site, pos in pairs]
+
+    means = {p: a_train[p].mean(0).expand_as(a_cf[p]) for p in pairs}
+    variants, names, magnitudes = [[], variant(means), variant(a_cf)], ["clean", "mean", "cf"], {}
+    for method, codes in codes_by_method.items():
+        variants.append(variant({p: c.a_hat for p, c in codes.items()}))
+        variants.append(variant({p: means[p] + c.a - c.a_hat for p, c in codes.items()}))
+        names += [f"{method}|sufficiency", f"{method}|necessity"]
+        if any(c.directions is None for c in codes.values()):
+            continue  # no sparse edit without latent directions at every pair
+        for k in ks:
+            edits = {p: c.edit(k) for p, c in codes.items()}
+            variants.append(variant({p: e[0] for p, e in edits.items()}))
+            names.append(f"{method}|edit{k}")
+            magnitudes[method, k] = float(torch.stack([e[1] for e in edits.values()]).mean())
+    return run_patched(model, test, variants, names=names, batch_size=batch_size), magnitudes
+
+
+def _intervention_metrics(out: xr.Dataset, method: str, ks, magnitudes, n_boot, seed) -> dict:
+    ld, top1 = out.logit_diff, out.top1
+    clean, mean = ld.sel(variant="clean").values, ld.sel(variant="mean").values
+    suff = ld.sel(variant=f"{method}|sufficiency").values
+    nec = ld.sel(variant=f"{method}|necessity").values
+    row = {"sufficiency": metrics.sufficiency(suff, clean),
+           "sufficiency_ci": metrics.bootstrap(metrics.sufficiency, suff, clean,
+                                               n_boot=n_boot, seed=seed),
+           "necessity": metrics.necessity(nec, mean, clean),
+           "necessity_ci": metrics.bootstrap(metrics.necessity, nec, mean, clean,
+                                             n_boot=n_boot, seed=seed),
+           "edit_accuracy": [], "edit_accuracy_ci": [], "edit_magnitude": []}
+    cf_top = top1.sel(variant="cf").values
+    for k in ks:
+        if (method, k) not in magnitudes:
+            row["edit_accuracy"].append(np.nan)
+            row["edit_accuracy_ci"].append((np.nan, np.nan))
+            row["edit_magnitude"].append(np.nan)
+            continue
+        edit_top = top1.sel(variant=f"{method}|edit{k}").values
+        row["edit_accuracy"].append(metrics.edit_accuracy(edit_top, cf_top))
+        row["edit_accuracy_ci"].append(metrics.bootstrap(metrics.edit_accuracy, edit_top,
+                                                         cf_top, n_boot=n_boot, seed=seed))
+        row["edit_magnitude"].append(magnitudes[method, k])
+    return row
+
+
+def _code_metrics(codes: Mapping[tuple, SiteCode], features, labels) -> dict:
+    """Per pair: FVU, L0, dead latents, interpretability, alignment with supervised features."""
+    row = {k: [] for k in ("fvu", "l0", "dead", "best_f1", "share_interpretable", "alignment")}
+    for pair, code in codes.items():
+        c = code.codes.numpy()
+        interp = metrics.interpretability(c, labels)
+        row["fvu"].append(metrics.fvu(code.a.numpy(), code.a_hat.numpy()))
+        row["l0"].append(metrics.l0(c))
+        row["dead"].append(metrics.dead_share(c))
+        row["best_f1"].append(float(interp.best_f1.mean()))
+        row["share_interpretable"].append(float(interp.share_interpretable.mean()))
+        row["alignment"].append(np.nan if code.directions is None else float(
+            metrics.feature_alignment(features[pair], code.directions.numpy()).mean()))
+    return row

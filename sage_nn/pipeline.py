@@ -1,0 +1,332 @@
+"""The end-to-end run: task -> discovery -> ground truth -> SAEs -> evaluation -> report.
+
+Each stage writes its output into the run directory and records it in ``manifest.json``
+with a SHA-256 of every file and a hash of the settings it depended on. A rerun skips a
+stage whose record matches; a stage whose file is missing, corrupt or computed with other
+settings is recomputed (and so is everything after it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import yaml
+
+log = logging.getLogger("sage_nn")
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class RunConfig:
+    """Every option of a run; ``RunConfig.from_file("run.yaml")`` reads the same fields."""
+
+    model: str = "smollm2-135m"
+    task: str = "ioi"
+    saes: list[str] = field(default_factory=lambda: ["train:topk"])
+    run_dir: str = "runs/quickstart"
+    seed: int = 0
+    n_fit: int = 96          # prompts to fit dictionaries (and discover) on
+    n_eval: int = 48         # held-out prompts every metric is measured on
+    attributes: list[str] | None = None
+    discovery_kinds: list[str] | None = None  # default: every kind
+    top_k: int = 2           # sites per cross-section (the top ones by |attribution|)
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    n_boot: int = 1000
+    batch_size: int = 32
+    device: str | None = None
+    dtype: str | None = None
+    sae_width: int = 2048    # for SAEs trained by the run
+    sae_steps: int = 1500
+    reconstruction: str = "input"  # how residual SAEs reach sublayer sites
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "RunConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"config {path}: unknown option(s) {unknown}; known: "
+                             f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def hash(self, *names: str) -> str:
+        values = {n: getattr(self, n) for n in names}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class RunDirectory:
+    """A run directory with its manifest of finished stages."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.path / MANIFEST
+        try:
+            self.manifest = json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            self.manifest = {}
+        except json.JSONDecodeError:
+            log.warning("%s is corrupt: recomputing every stage", self.manifest_path)
+            self.manifest = {}
+
+    def done(self, stage: str, settings: str) -> bool:
+        """Whether ``stage`` finished with these settings and its files are intact."""
+        record = self.manifest.get(stage)
+        if record is None or record["settings"] != settings:
+            return False
+        for name, digest in record["files"].items():
+            path = self.path / name
+            if not path.exists() or _sha256(path) != digest:
+                log.warning("stage %s: %s is missing or corrupt; recomputing", stage, name)
+                return False
+        return True
+
+    def record(self, stage: str, settings: str, files: list[str], seconds: float) -> None:
+        self.manifest[stage] = {"settings": settings, "seconds": round(seconds, 2),
+                                "files": {f: _sha256(self.path / f) for f in files}}
+        tmp = self.manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.manifest, indent=2))
+        os.replace(tmp, self.manifest_path)  # atomic: a crash never leaves half a manifest
+
+    def forget_after(self, stage: str, order: list[str]) -> None:
+        for later in order[order.index(stage) + 1:]:
+            self.manifest.pop(later, None)
+
+
+def write_netcdf(ds: xr.Dataset, path: Path) -> None:
+    """Write atomically, so an interrupted write never looks like a finished stage."""
+    tmp = path.with_suffix(".partial")
+    ds.to_netcdf(tmp, engine="h5netcdf")
+    os.replace(tmp, path)
+
+
+def read_netcdf(path: Path) -> xr.Dataset:
+    with xr.open_dataset(path, engine="h5netcdf") as ds:
+        return ds.load()
+
+
+def json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+class Stage:
+    """Run ``compute`` unless the run directory already holds its result."""
+
+    def __init__(self, run: RunDirectory, order: list[str]):
+        self.run, self.order = run, order
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, name: str, settings: str, files: list[str],
+                 compute: Callable[[], None], load: Callable[[], Any]) -> Any:
+        if self.run.done(name, settings):
+            log.info("stage %s: cached", name)
+            self.timings[name] = 0.0
+            return load()
+        self.run.forget_after(name, self.order)
+        start = time.perf_counter()
+        compute()
+        seconds = time.perf_counter() - start
+        self.run.record(name, settings, files, seconds)
+        self.timings[name] = seconds
+        log.info("stage %s: %.1f s", name, seconds)
+        return load()
+
+
+# -- the run ----------------------------------------------------------------------------
+
+STAGES = ["task", "discovery", "saes", "evaluation", "report"]
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` produced; every piece is also on disk under ``run_dir``."""
+
+    run_dir: Path
+    results: xr.Dataset
+    cross_sections: dict[str, list[str]]
+    timings: dict[str, float]
+    report: Path
+
+
+def _needed_residual_sites(pairs: list[tuple], parallel: bool) -> list[str]:
+    """Residual SAE sites that serve every cross-section site (directly or as the residual
+    that feeds a sublayer site in the reconstruction)."""
+    from .reconstruction import ATTN_KINDS
+    from .sites import RESID_KINDS
+
+    needed = set()
+    for site, _ in pairs:
+        if site.kind in RESID_KINDS:
+            needed.add(f"L{site.layer}.{site.kind}")
+        elif site.kind in ATTN_KINDS or parallel:
+            needed.add(f"L{site.layer}.resid_pre")
+        else:
+            needed.add(f"L{site.layer}.resid_mid")
+    return sorted(needed, key=lambda s: (int(s[1:].split(".")[0]), s))
+
+
+def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> tuple[str, list]:
+    """``(name, [SparseAutoencoder, ...])`` for one ``--sae`` value.
+
+    ``train:topk`` / ``train:standard``: residual SAEs at ``sites`` trained here on the
+    built-in corpus, cached under ``$SAGE_NN_CACHE/saes`` and reused. A directory with
+    ``cfg.json``: one sae_lens SAE. A directory of such directories: all of them.
+    ``RELEASE:SAE_ID``: a sae_lens pretrained SAE (needs the hub).
+    """
+    from .models import cache_dir
+    from .saes import load_sae
+    from .training import TrainConfig, load_trained, train_saes
+
+    if spec.startswith("train:"):
+        arch = spec.split(":", 1)[1]
+        cfg = TrainConfig(architecture=arch, d_sae=config.sae_width, seed=config.seed,
+                          tokens=config.sae_steps * 1024)
+        name = f"{arch}-{config.sae_width}"
+        root = cache_dir() / "saes" / str(model.config._name_or_path).replace("/", "--") / \
+            f"{name}-{cfg.tokens}-seed{cfg.seed}"
+        have = load_trained(root, model) if any(root.glob("*/cfg.json")) else {}
+        missing = [s for s in sites if s not in have]
+        if missing:
+            log.info("training %s SAEs at %s", arch, ", ".join(missing))
+            trained, report = train_saes(model, missing, cfg, out_dir=root)
+            log.info("trained SAEs:\n%s", report.to_string())
+            have.update(trained)
+        return name, [have[s] for s in sites]
+    path = Path(spec)
+    if (path / "cfg.json").exists():
+        return path.name, [load_sae(path, model=model)]
+    if path.is_dir():
+        return path.name, list(load_trained(path, model).values())
+    if ":" in spec:
+        release, sae_id = spec.split(":", 1)
+        return sae_id, [load_sae(release, sae_id, model=model)]
+    raise ValueError(f"--sae {spec!r}: not a directory with cfg.json, a directory of SAE "
+                     "directories, 'train:topk'/'train:standard', or 'RELEASE:SAE_ID'")
+
+
+def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = None) -> RunResult:
+    """Build the task, discover cross-sections, get SAEs, evaluate, report; resumable."""
+    import pandas as pd
+
+    from .discovery import DiscoveryConfig, discover, load_scores
+    from .evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section
+    from .models import load_model
+    from .report import write_report
+    from .sites import Site, adapter
+    from .tasks import load_task, logit_diffs
+
+    config = config or RunConfig()
+    run_dir = RunDirectory(config.run_dir)
+    stage = Stage(run_dir, STAGES)
+    root = run_dir.path
+    (root / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+
+    model = model or load_model(config.model, device=config.device, dtype=config.dtype)
+    spec = load_task(config.task)
+    # Held-out prompts share the fit prompts' vocabulary: a supervised feature exists per
+    # attribute value, so the ceiling can only be measured on values it was fitted on.
+    full = spec.build(model, n=config.n_fit + config.n_eval, seed=config.seed, split="train")
+    fit = full.subset(np.arange(config.n_fit))
+    held_out = full.subset(np.arange(config.n_fit, len(full)))
+    attributes = config.attributes or fit.attribute_names
+
+    def task_stage():
+        ld = logit_diffs(model, held_out, config.batch_size).to_pandas()
+        summary = {"task": spec.name, "n_fit": len(fit), "n_eval": len(held_out),
+                   "accuracy": float((ld["clean"] > 0).mean()),
+                   "mean_logit_diff": ld.mean().to_dict(), "prompts": full.prompts}
+        (root / "task.json").write_text(json.dumps(summary, indent=2, default=json_default))
+
+    def task_load():
+        stored = json.loads((root / "task.json").read_text())
+        if stored["prompts"] != full.prompts:
+            raise RuntimeError("the task built different prompts than the stored run: the "
+                               "task spec or tokenizer changed; use a new run directory")
+        return stored
+
+    task_summary = stage("task", config.hash("model", "task", "seed", "n_fit", "n_eval"),
+                         ["task.json"], task_stage, task_load)
+
+    disc_dir = root / "discovery"
+    disc_files = ["discovery/scores.nc", "discovery/cross_sections.csv", "discovery/summary.json"]
+
+    def discovery_stage():
+        disc_dir.mkdir(exist_ok=True)
+        discover(model, fit, DiscoveryConfig(kinds=config.discovery_kinds, attributes=attributes,
+                                             top_k=config.top_k, batch_size=config.batch_size),
+                 out_dir=disc_dir, progress=progress)
+
+    def discovery_load():
+        table = pd.read_csv(disc_dir / "cross_sections.csv")
+        return {a: [(Site.parse(s), str(p)) for s, p in zip(t.site, t.position)]
+                for a, t in table.groupby("attribute", sort=False)}
+
+    pairs_by_attr = stage("discovery", config.hash("model", "task", "seed", "n_fit", "n_eval",
+                                                   "attributes", "discovery_kinds", "top_k"),
+                          disc_files, discovery_stage, discovery_load)
+    all_pairs = [p for pairs in pairs_by_attr.values() for p in pairs]
+    needed = _needed_residual_sites(all_pairs, adapter(model).parallel)
+
+    def saes_stage():
+        listing = {}
+        for spec_ in config.saes:
+            name, saes = resolve_saes(spec_, model, needed, config)
+            listing[name] = {"spec": spec_, "sites": [f"L{s.layer}.{s.kind}" for s in saes]}
+        (root / "saes.json").write_text(json.dumps(listing, indent=2))
+
+    stage("saes", config.hash("model", "saes", "sae_width", "sae_steps", "seed") + ",".join(needed),
+          ["saes.json"], saes_stage, lambda: None)
+    saes = {}
+    for spec_ in config.saes:  # cheap once trained: loads from the cache
+        name, members = resolve_saes(spec_, model, needed, config)
+        saes[name] = ReconstructedSAE(members, batch_size=config.batch_size)
+
+    def evaluation_stage():
+        if any(p[0].kind in ("z", "attn_out") for p in all_pairs):
+            model._module.set_attn_implementation("eager")  # the frozen pattern is read
+        parts = [evaluate_cross_section(model, fit, held_out, CrossSection(a, pairs), saes,
+                                        ks=config.ks, n_boot=config.n_boot, seed=config.seed,
+                                        batch_size=config.batch_size)
+                 for a, pairs in pairs_by_attr.items()]
+        write_netcdf(xr.concat(parts, "attribute", join="outer"), root / "evaluation.nc")
+
+    results = stage("evaluation", config.hash("model", "task", "seed", "n_fit", "n_eval",
+                                              "attributes", "discovery_kinds", "top_k", "saes",
+                                              "sae_width", "sae_steps", "ks", "n_boot"),
+                    ["evaluation.nc"], evaluation_stage, lambda: read_netcdf(root / "evaluation.nc"))
+
+    report_dir = root / "report"
+
+    def report_stage():
+        write_report(results, report_dir, discovery_dir=disc_dir,
+                     config={**dataclasses.asdict(config), "task_summary": {
+                         k: v for k, v in task_summary.items() if k != "prompts"}},
+                     timings=stage.timings)
+
+    stage("report", run_dir.manifest["evaluation"]["files"]["evaluation.nc"],
+          ["report/summary.md"], report_stage, lambda: None)
+    return RunResult(root, results, {a: [f"{s}@{p}" for s, p in pairs]
+                                     for a, pairs in pairs_by_attr.items()},
+                     stage.timings, report_dir)
