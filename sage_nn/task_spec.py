@@ -98,22 +98,27 @@ _FIXES = {
 
 
 def _pydantic_problems(err: ValidationError) -> list[tuple[str, str, str]]:
-    problems, seen = [], set()
+    # Each member of a union reports an error; keep the deepest one per field (it names
+    # the real mistake) and drop the union-member tags so the path reads like the YAML.
+    errors = []
     for e in err.errors():
-        # Union members each report an error; keep the first per location and drop the
-        # union-member tags from the path so it reads like the YAML.
-        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]
-                      if not _is_union_tag(p)).lstrip(".")
-        if loc in seen:
-            continue
-        seen.add(loc)
-        problems.append((loc or "<top>", e["msg"], _FIXES.get(e["type"], "see docs/tasks.md")))
+        parts = [p for p in e["loc"] if not _is_union_tag(p)]
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
+        errors.append((parts, loc or "<top>", e["msg"], _FIXES.get(e["type"], "see docs/tasks.md")))
+    problems, seen = [], set()
+    for parts, loc, msg, fix in errors:
+        deeper = any(len(q) > len(parts) and q[:len(parts)] == parts for q, *_ in errors)
+        if loc not in seen and not deeper:
+            seen.add(loc)
+            problems.append((loc, msg, fix))
     return problems
 
 
+_UNION_TAGS = {"VocabFile", "Position", "Swap", "str", "dict", "list", "int", "bool"}
+
+
 def _is_union_tag(part: Any) -> bool:
-    return isinstance(part, str) and (part[:1].isupper() or "[" in part or part in
-                                      ("str", "list", "dict", "literal['last']"))
+    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part)
 
 
 def _fields(text: str) -> list[tuple[str, str | None]]:

@@ -112,6 +112,11 @@ BROKEN = [  # (what to change, expected field in the message, expected text)
     (("colour",), "red", "field colour: Extra inputs are not permitted; fix: remove it"),
     (("templates", 0, "id"), True, "field templates[0].id: Input should be a valid string; "
                                    "fix: give a string (quote it in YAML)"),
+    (("slots", "A"), 3, "field slots.A: Input should be a valid string"),
+    (("positions", "B1"), {"slot": "B", "ofset": 1},
+     "field positions.B1.ofset: Extra inputs are not permitted; fix: remove it or correct its "
+     "spelling"),
+    (("vocab", "places"), [["store"]], "field vocab.places[0]: "),
     (("slots", "A"), "folk", "field slots.A: unknown vocabulary 'folk'; fix: use one of "
                              "['people', 'places']"),
     (("templates", 0, "variants", "AB"), "when {C} and {B} went to the {place} , {B} said",
