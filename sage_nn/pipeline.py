@@ -48,6 +48,7 @@ class RunConfig:
     dtype: str | None = None
     sae_width: int = 2048    # for SAEs trained by the run
     sae_steps: int = 1500
+    sae_corpus: str = "builtin"  # text SAEs are trained on: "builtin", a file/dir, "hf:NAME"
     reconstruction: str = "input"  # how residual SAEs reach sublayer sites
 
     @classmethod
@@ -204,13 +205,15 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> 
         cfg = TrainConfig(architecture=arch, d_sae=config.sae_width, seed=config.seed,
                           tokens=config.sae_steps * 1024)
         name = f"{arch}-{config.sae_width}"
+        corpus = hashlib.sha256(config.sae_corpus.encode()).hexdigest()[:8]
         root = cache_dir() / "saes" / str(model.config._name_or_path).replace("/", "--") / \
-            f"{name}-{cfg.tokens}-seed{cfg.seed}"
+            f"{name}-{cfg.tokens}-seed{cfg.seed}-{corpus}"
         have = load_trained(root, model) if any(root.glob("*/cfg.json")) else {}
         missing = [s for s in sites if s not in have]
         if missing:
             log.info("training %s SAEs at %s", arch, ", ".join(missing))
-            trained, report = train_saes(model, missing, cfg, out_dir=root)
+            trained, report = train_saes(model, missing, cfg, source=config.sae_corpus,
+                                         out_dir=root)
             log.info("trained SAEs:\n%s", report.to_string())
             have.update(trained)
         return name, [have[s] for s in sites]
@@ -296,7 +299,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
             listing[name] = {"spec": spec_, "sites": [f"L{s.layer}.{s.kind}" for s in saes]}
         (root / "saes.json").write_text(json.dumps(listing, indent=2))
 
-    stage("saes", config.hash("model", "saes", "sae_width", "sae_steps", "seed") + ",".join(needed),
+    stage("saes", config.hash("model", "saes", "sae_width", "sae_steps", "sae_corpus", "seed") + ",".join(needed),
           ["saes.json"], saes_stage, lambda: None)
     saes = {}
     for spec_ in config.saes:  # cheap once trained: loads from the cache

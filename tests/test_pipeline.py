@@ -1,0 +1,134 @@
+"""The end-to-end run on a tiny model: stage files, resume, corruption, determinism."""
+
+import dataclasses
+import json
+
+import pytest
+import xarray as xr
+
+import numpy as np
+
+from sage_nn import tiny_random_model
+from sage_nn.models import TINY_WORDS
+from sage_nn.pipeline import RunConfig, RunDirectory, run
+
+TINY_TASK = """
+name: tiny-ioi
+vocab:
+  names: [Mary, John, Alice, Bob, Tom, Anna]
+  places: [store, park, school]
+slots: {IO: names, S: names, place: places}
+distinct: [[IO, S]]
+templates:
+  - id: went
+    text: "when {IO} and {S} went to the {place} , {S} gave a ball to"
+  - id: then
+    text: "then {IO} and {S} went to the {place} , {S} said it to"
+attributes:
+  io: {slot: IO}
+  s: {slot: S}
+answer: " {IO}"
+distractor: " {S}"
+positions:
+  IO: {slot: IO}
+  S2: {slot: S, occurrence: 2}
+  END: last
+split:
+  test_templates: [then]
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    with pytest.MonkeyPatch.context() as mp:  # trained SAEs go to a cache of this test's own
+        mp.setenv("SAGE_NN_CACHE", str(root / "cache"))
+        yield _setup(root)
+
+
+def _setup(root):
+    (root / "tiny.yaml").write_text(TINY_TASK)
+    rng = np.random.default_rng(0)
+    words = TINY_WORDS
+    text = "\n\n".join(" ".join(rng.choice(words, 80)) for _ in range(60))
+    (root / "corpus.txt").write_text(text)
+    model = tiny_random_model("llama", seed=0)
+    return root, model
+
+
+def config(root, name, **kw):
+    return RunConfig(model="tiny-llama", task=str(root / "tiny.yaml"), run_dir=str(root / name),
+                     saes=["train:topk"], n_fit=24, n_eval=16, top_k=2, n_boot=50,
+                     sae_width=64, sae_steps=4, ks=[1, 2, 4], batch_size=16,
+                     sae_corpus=str(root / "corpus.txt"), **kw)
+
+
+def test_run_writes_every_stage_and_resumes(setup):
+    root, model = setup
+    first = run(config(root, "a"), model=model, progress=False)
+    files = ["task.json", "discovery/scores.nc", "discovery/cross_sections.csv", "saes.json",
+             "evaluation.nc", "report/summary.md", "manifest.json", "config.yaml"]
+    for f in files:
+        assert (first.run_dir / f).exists(), f
+    res = first.results
+    assert set(res.attribute.values) == {"io", "s"}
+    assert {"supervised", "topk-64", "random:topk-64"} <= set(res.method.values)
+    assert all(v > 0 for v in first.timings.values())
+
+    # a rerun recomputes nothing and reads the same numbers back
+    again = run(config(root, "a"), model=model, progress=False)
+    assert all(v == 0 for v in again.timings.values())
+    xr.testing.assert_identical(again.results, first.results)
+
+    # a corrupt stage file is detected and recomputed (and only what depends on it)
+    ev = first.run_dir / "evaluation.nc"
+    ev.write_bytes(ev.read_bytes()[:100])
+    third = run(config(root, "a"), model=model, progress=False)
+    assert third.timings["task"] == third.timings["discovery"] == 0
+    assert third.timings["evaluation"] > 0
+    xr.testing.assert_allclose(third.results, first.results)
+
+
+def test_interrupted_run_resumes_from_last_finished_stage(setup, monkeypatch):
+    root, model = setup
+    import sage_nn.evaluation as evaluation
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("interrupted")
+
+    monkeypatch.setattr(evaluation, "evaluate_cross_section", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(root, "b"), model=model, progress=False)
+    manifest = RunDirectory(root / "b").manifest
+    assert set(manifest) == {"task", "discovery", "saes"}
+    monkeypatch.undo()
+    resumed = run(config(root, "b"), model=model, progress=False)
+    assert resumed.timings["task"] == resumed.timings["discovery"] == resumed.timings["saes"] == 0
+    assert resumed.timings["evaluation"] > 0
+
+
+def test_same_seed_same_numbers_other_settings_recompute(setup, monkeypatch):
+    root, model = setup
+    one = run(config(root, "c1"), model=model, progress=False)
+    monkeypatch.setenv("SAGE_NN_CACHE", str(root / "cache2"))  # the SAEs are trained again
+    two = run(config(root, "c2"), model=model, progress=False)
+    assert any((root / "cache2" / "saes").rglob("cfg.json"))
+    xr.testing.assert_identical(one.results, two.results)
+    summary = json.loads((one.run_dir / "task.json").read_text())
+    assert summary["n_fit"] == 24 and summary["n_eval"] == 16
+    # a changed setting invalidates the stages that depend on it, not the ones before
+    changed = run(dataclasses.replace(config(root, "c1"), n_boot=60), model=model,
+                  progress=False)
+    assert changed.timings["discovery"] == changed.timings["saes"] == 0
+    assert changed.timings["evaluation"] > 0
+    xr.testing.assert_identical(changed.results.sufficiency, one.results.sufficiency)
+
+
+def test_config_file_round_trip_and_unknown_options(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("task: ioi\nn_fit: 10\ntop_k: 3\n")
+    cfg = RunConfig.from_file(path, n_fit=12)
+    assert (cfg.task, cfg.n_fit, cfg.top_k) == ("ioi", 12, 3)
+    path.write_text("task: ioi\nnfit: 10\n")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['nfit'\]"):
+        RunConfig.from_file(path)
