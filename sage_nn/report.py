@@ -1,0 +1,687 @@
+"""The report of a run: results as netCDF, a SAEBench-style JSON per SAE, plots, a summary.
+
+``write_report(results, out_dir)`` takes the labeled results of
+:func:`sage_nn.evaluation.evaluate_cross_section` (concatenated over ``attribute``) and
+writes into ``out_dir``::
+
+    results.nc                      the Dataset itself (h5netcdf)
+    <sae>_eval_results.json         one per SAE, in SAEBench's eval-output shape
+    compare_<metric>.png            SAEs vs ceiling vs floor, bars per attribute, 95% CIs
+    controllability.png             edit accuracy and magnitude over k
+    discovery/*.png                 copies of the discovery heatmaps (if given)
+    summary.md, summary.html        the same summary; the HTML embeds its images
+
+Roles of the ``method`` coordinate: ``"supervised"`` is the ceiling, an SAE under test is
+any method ``NAME`` that has a floor ``"random:NAME"``; other methods (e.g. another
+supervised dictionary) are shown as references.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+CEILING = "supervised"
+FLOOR_PREFIX = "random:"
+EVAL_TYPE_ID = "sage"
+REQUIRED = ("sufficiency", "necessity", "edit_accuracy")
+# Metrics where higher is better and ceiling/floor calibrate the scale (gap closed).
+CALIBRATED = ("sufficiency", "necessity", "edit_accuracy", "best_f1")
+PER_PAIR = ("fvu", "l0", "dead", "best_f1", "share_interpretable", "alignment")
+LABELS = {"sufficiency": "sufficiency", "necessity": "necessity",
+          "edit_accuracy": "edit accuracy", "edit_magnitude": "edit magnitude",
+          "best_f1": "best F1", "share_interpretable": "share F1 ≥ 0.8",
+          "alignment": "alignment", "fvu": "FVU", "l0": "L0", "dead": "dead share"}
+
+
+# -- reading the results -----------------------------------------------------------------
+
+@dataclass
+class Roles:
+    """Which method is the ceiling, which are SAEs (each with its floor), which are other."""
+
+    ceiling: str
+    saes: list[str]
+    floors: dict[str, str]
+    others: list[str] = field(default_factory=list)
+
+    @property
+    def ordered(self) -> list[str]:
+        """Ceiling, then each SAE followed by its floor, then references."""
+        out = [self.ceiling]
+        for sae in self.saes:
+            out += [sae, self.floors[sae]]
+        return out + self.others
+
+
+def _check(results: Any) -> xr.Dataset:
+    if not isinstance(results, xr.Dataset):
+        raise TypeError(f"results must be an xarray.Dataset (from evaluate_cross_section, "
+                        f"concatenated over 'attribute'), got {type(results).__name__}")
+    missing = [v for v in REQUIRED if v not in results.data_vars]
+    if missing:
+        raise ValueError(f"results lack the variable(s) {missing}: pass the Dataset returned "
+                         "by sage_nn.evaluation.evaluate_cross_section (one per attribute, "
+                         "joined with xr.concat(..., 'attribute'))")
+    if "attribute" not in results.dims:
+        if "attribute" in results.attrs:  # one cross-section without its attribute dim
+            results = results.expand_dims(attribute=[results.attrs["attribute"]])
+        else:
+            raise ValueError("results have no 'attribute' dimension: concatenate the "
+                             "per-attribute Datasets with xr.concat(datasets, 'attribute')")
+    return results
+
+
+def roles(results: xr.Dataset) -> Roles:
+    """Split the ``method`` coordinate into ceiling, SAEs with their floors, and others."""
+    methods = [str(m) for m in results["method"].values]
+    if CEILING not in methods:
+        raise ValueError(f"results have no {CEILING!r} method (the ceiling); methods: "
+                         f"{methods}. Evaluate with the supervised dictionary (the default "
+                         "of evaluate_cross_section)")
+    saes = [m for m in methods if FLOOR_PREFIX + m in methods]
+    floors = {m: FLOOR_PREFIX + m for m in saes}
+    others = [m for m in methods if m != CEILING and m not in saes
+              and m not in floors.values()]
+    return Roles(CEILING, saes, floors, others)
+
+
+def _pair_mean(da: xr.DataArray) -> xr.DataArray:
+    """Mean over the pairs of each attribute's cross-section (NaN marks other pairs)."""
+    if "pair" not in da.dims:
+        return da
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows stay NaN
+        return da.mean("pair", skipna=True)
+
+
+def headline_k(results: xr.Dataset, k: int = 2) -> int:
+    """The edit budget of the headline: ``k`` if evaluated, else the smallest larger one
+    (else the largest there is)."""
+    ks = sorted(int(x) for x in results["k"].values)
+    larger = [x for x in ks if x >= k]
+    return larger[0] if larger else ks[-1]
+
+
+def headline_table(results: xr.Dataset) -> pd.DataFrame:
+    """Headline metrics, one row per (attribute, method): sufficiency, necessity, edit
+    accuracy at k = 2 (or the smallest k ≥ 2 evaluated; the column is named after it), best
+    F1, FVU and L0 (both averaged over the cross-section's pairs)."""
+    results = _check(results)
+    order = roles(results).ordered
+    k = headline_k(results)
+    columns = {"sufficiency": results["sufficiency"], "necessity": results["necessity"],
+               f"edit_accuracy_k{k}": results["edit_accuracy"].sel(k=k, drop=True)}
+    for name in ("best_f1", "fvu", "l0"):
+        if name in results:
+            columns[name] = _pair_mean(results[name])
+    rows = []
+    for attribute in results["attribute"].values:
+        for method in order:
+            row = {"attribute": str(attribute), "method": method}
+            for name, da in columns.items():
+                row[name] = float(da.sel({"attribute": attribute, "method": method}))
+            rows.append(row)
+    table = pd.DataFrame(rows).set_index(["attribute", "method"])
+    table.attrs["edit_k"] = k
+    return table
+
+
+class _Lookup:
+    """Scalar access to the results by labels (one ``.sel`` per scalar is slow)."""
+
+    def __init__(self, results: xr.Dataset):
+        self.results = results
+        self._series: dict[str, pd.Series] = {}
+
+    def __call__(self, name: str, attribute: str, method: str, **sel) -> float | None:
+        if name not in self.results:
+            return None
+        if name not in self._series:  # per-pair metrics: mean over the cross-section
+            self._series[name] = _pair_mean(self.results[name]).to_series()
+        series = self._series[name]
+        labels = {"attribute": attribute, "method": method, **sel}
+        key = tuple(labels[d] for d in series.index.names)
+        try:
+            value = float(series.loc[key if len(key) > 1 else key[0]])
+        except KeyError:
+            return None
+        return None if math.isnan(value) else value
+
+    def ci(self, name: str, attribute: str, method: str, **sel):
+        return (self(f"{name}_ci", attribute, method, bound="low", **sel),
+                self(f"{name}_ci", attribute, method, bound="high", **sel))
+
+
+def _lookup(results: "xr.Dataset | _Lookup") -> _Lookup:
+    return results if isinstance(results, _Lookup) else _Lookup(results)
+
+
+def _extra_scalars(results: xr.Dataset) -> list[str]:
+    """Further (attribute, method) metrics a newer evaluation adds (e.g. a loss increase)."""
+    known = set(REQUIRED) | set(PER_PAIR) | {"edit_magnitude"}
+    return [str(v) for v, da in results.data_vars.items()
+            if v not in known and not str(v).endswith("_ci")
+            and set(da.dims) <= {"attribute", "method", "pair"} and "method" in da.dims]
+
+
+def gap_closed(sae: float | None, ceiling: float | None, floor: float | None) -> float | None:
+    """Where the SAE sits between floor (0) and ceiling (1)."""
+    if None in (sae, ceiling, floor) or abs(ceiling - floor) < 1e-12:
+        return None
+    return (sae - floor) / (ceiling - floor)
+
+
+# -- SAEBench-style JSON -----------------------------------------------------------------
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON: numpy scalars to Python, NaN/inf to null, anything else exotic to str."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+        return _jsonable(asdict(value))
+    return str(value)
+
+
+def _commit_hash() -> str:
+    """The sage_nn git commit that produced the report (SAEBench records its own here)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def sae_metrics(results: "xr.Dataset | _Lookup", sae: str,
+                attribute: str) -> dict[str, float | None]:
+    """Flat metrics of one SAE at one attribute, each next to ceiling and floor:
+    ``m``, ``m_ci_low``, ``m_ci_high``, ``m_ceiling``, ``m_floor``, ``m_gap_closed``."""
+    look = _lookup(results)
+    results = look.results
+    floor = FLOOR_PREFIX + sae
+    out: dict[str, float | None] = {}
+
+    def put(key: str, name: str, with_gap: bool, **sel) -> None:
+        out[key] = look(name, attribute, sae, **sel)
+        if f"{name}_ci" in results:
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = look.ci(name, attribute, sae, **sel)
+        out[f"{key}_ceiling"] = look(name, attribute, CEILING, **sel)
+        out[f"{key}_floor"] = look(name, attribute, floor, **sel)
+        if with_gap:
+            out[f"{key}_gap_closed"] = gap_closed(out[key], out[f"{key}_ceiling"],
+                                                  out[f"{key}_floor"])
+
+    for name in ("sufficiency", "necessity"):
+        put(name, name, True)
+    for k in results["k"].values:
+        put(f"edit_accuracy_k{int(k)}", "edit_accuracy", True, k=int(k))
+        if "edit_magnitude" in results:
+            put(f"edit_magnitude_k{int(k)}", "edit_magnitude", False, k=int(k))
+    for name in [n for n in PER_PAIR if n in results] + _extra_scalars(results):
+        put(name, name, name in CALIBRATED)
+    return out
+
+
+def sae_eval_output(results: xr.Dataset, sae: str, *, config: Mapping | None = None,
+                    info: Mapping | None = None) -> dict:
+    """One SAE's results in the shape of SAEBench's ``BaseEvalOutput`` (``eval_type_id``
+    ``"sage"``). Metric categories are the attributes (plus ``"mean"`` over them), each a
+    flat dict; ``eval_result_details`` holds one entry per (attribute, cross-section pair).
+    ``info`` may give ``sae_lens_id``, ``sae_lens_release_id`` and ``sae_cfg_dict``."""
+    results = _check(results)
+    r = roles(results)
+    if sae not in r.saes:
+        raise ValueError(f"{sae!r} is not an SAE of these results (an SAE needs a floor "
+                         f"'{FLOOR_PREFIX}{sae}'); SAEs: {r.saes}")
+    info = dict(info or {})
+    attributes = [str(a) for a in results["attribute"].values]
+    look = _Lookup(results)
+    categories = {a: sae_metrics(look, sae, a) for a in attributes}
+    if len(attributes) > 1:
+        keys = categories[attributes[0]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            categories["mean"] = {key: _none_nan(np.nanmean(
+                [np.nan if categories[a][key] is None else categories[a][key]
+                 for a in attributes])) for key in keys}
+    details = []
+    for a in attributes:
+        for pair in (results["pair"].values if "pair" in results.dims else []):
+            entry = {"attribute": a, "pair": str(pair)}
+            for name in (n for n in PER_PAIR if n in results):
+                for role, method in (("", sae), ("_ceiling", CEILING),
+                                     ("_floor", FLOOR_PREFIX + sae)):
+                    entry[name + role] = _none_nan(float(
+                        results[name].sel({"attribute": a, "method": method, "pair": pair})))
+            if all(v is None for k, v in entry.items() if k not in ("attribute", "pair")):
+                continue  # this pair is not in this attribute's cross-section
+            details.append(entry)
+    eval_config = {"metric": "logit difference (answer - distractor) at the last token",
+                   "ceiling": CEILING, "floor": FLOOR_PREFIX + sae,
+                   "ks": [int(k) for k in results["k"].values], **dict(config or {})}
+    return _jsonable({
+        "eval_type_id": EVAL_TYPE_ID,
+        "eval_config": eval_config,
+        "eval_id": str(uuid.uuid4()),
+        "datetime_epoch_millis": int(time.time() * 1000),
+        "eval_result_metrics": categories,
+        "eval_result_details": details,
+        "sae_bench_commit_hash": info.get("sae_bench_commit_hash", _commit_hash()),
+        "sae_lens_id": info.get("sae_lens_id", sae),
+        "sae_lens_release_id": info.get("sae_lens_release_id"),
+        "sae_lens_version": _version("sae_lens"),
+        "sae_cfg_dict": info.get("sae_cfg_dict", {}),
+        "eval_result_unstructured": {"sage_nn_version": _version("sage_nn"), "sae": sae,
+                                     "attributes": attributes},
+    })
+
+
+def _none_nan(x: float) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe form of a method name (``random:topk/x`` -> ``random_topk_x``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "sae"
+
+
+# -- plots -------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _styles(r: Roles) -> dict[str, dict]:
+    """Colour per method: the ceiling green, each SAE its own colour, its floor the same
+    colour hatched and pale, references grey."""
+    palette = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+    styles = {r.ceiling: dict(color="#2ca02c", label=f"{r.ceiling} (ceiling)")}
+    for i, sae in enumerate(r.saes):
+        c = palette[i % len(palette)]
+        styles[sae] = dict(color=c, label=sae)
+        styles[r.floors[sae]] = dict(color=c, alpha=0.35, hatch="//", linestyle="--",
+                                     label=f"{r.floors[sae]} (floor)")
+    for other in r.others:
+        styles[other] = dict(color="#7f7f7f", label=other)
+    return styles
+
+
+def plot_comparison(results: xr.Dataset, metric: str, path: Path, *, k: int | None = None,
+                    dpi: int = 110) -> Path:
+    """Grouped bars, one group per attribute and one bar per method, with the bootstrap
+    95% interval as error bars where the results have one."""
+    plt = _pyplot()
+    r, styles = roles(results), _styles(roles(results))
+    methods = r.ordered
+    sel = {} if k is None else {"k": k}
+    values = _pair_mean(results[metric]).sel(**sel)
+    ci = results[f"{metric}_ci"].sel(**sel) if f"{metric}_ci" in results else None
+    attributes = [str(a) for a in results["attribute"].values]
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 + len(attributes) * len(methods) * 0.45),
+                                    3.6))
+    x = np.arange(len(attributes))
+    for i, method in enumerate(methods):
+        v = values.sel({"method": method, "attribute": attributes}).values.astype(float)
+        err = None
+        if ci is not None:
+            lo = ci.sel({"method": method, "attribute": attributes, "bound": "low"}).values
+            hi = ci.sel({"method": method, "attribute": attributes, "bound": "high"}).values
+            err = np.clip(np.stack([v - lo, hi - v]), 0, None)  # CIs may not contain v
+        style = {k_: s for k_, s in styles[method].items() if k_ != "linestyle"}
+        ax.bar(x - 0.4 + width * (i + 0.5), np.nan_to_num(v), width, yerr=err, capsize=3,
+               edgecolor=style["color"], linewidth=0.8, **style)
+    ax.set_xticks(x, attributes)
+    ax.set_xlabel("attribute")
+    title = LABELS.get(metric, metric) + (f" at k = {k}" if k is not None else "")
+    ax.set_title(title + (" (95% bootstrap CI)" if ci is not None else ""))
+    ax.axhline(0, color="black", linewidth=0.6)
+    if metric in ("sufficiency", "necessity", "edit_accuracy"):
+        ax.axhline(1, color="black", linewidth=0.6, linestyle=":")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def plot_controllability(results: xr.Dataset, path: Path, *, dpi: int = 110) -> Path:
+    """Edit accuracy (with its 95% band) and edit magnitude over k: one column per
+    attribute, one line per method."""
+    plt = _pyplot()
+    r = roles(results)
+    styles = _styles(r)
+    attributes = [str(a) for a in results["attribute"].values]
+    rows = ["edit_accuracy"] + (["edit_magnitude"] if "edit_magnitude" in results else [])
+    ks = results["k"].values.astype(int)
+    fig, axes = plt.subplots(len(rows), len(attributes), squeeze=False, sharex=True,
+                             sharey="row",
+                             figsize=(1.5 + 3.2 * len(attributes), 1.2 + 2.6 * len(rows)))
+    for j, attribute in enumerate(attributes):
+        for i, metric in enumerate(rows):
+            ax = axes[i, j]
+            for method in r.ordered:
+                s = styles[method]
+                y = results[metric].sel({"attribute": attribute, "method": method}).values
+                ax.plot(ks, y, marker="o", markersize=3, color=s["color"],
+                        linestyle=s.get("linestyle", "-"), label=s["label"])
+                if f"{metric}_ci" in results:
+                    ci = results[f"{metric}_ci"].sel({"attribute": attribute, "method": method})
+                    ax.fill_between(ks, ci.sel(bound="low"), ci.sel(bound="high"),
+                                    color=s["color"], alpha=0.12, linewidth=0)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ks, [str(k) for k in ks])
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(f"attribute {attribute}")
+            if i == len(rows) - 1:
+                ax.set_xlabel("k (latents edited)")
+            if j == 0:
+                ax.set_ylabel(LABELS[metric])
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    ncol = min(5, len(labels))
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=ncol, frameon=False)
+    legend_rows = -(-len(labels) // ncol)
+    fig.tight_layout(rect=(0, (0.035 + 0.03 * legend_rows) * 2 / len(rows), 1, 1))
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+# -- the summary document ----------------------------------------------------------------
+# One list of blocks rendered twice: Markdown (images linked) and HTML (images embedded).
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{digits}f}"
+
+
+def _with_ci(value, low, high) -> str:
+    if value is None:
+        return "–"
+    return _fmt(value) + ("" if low is None else f" [{_fmt(low, 2)}, {_fmt(high, 2)}]")
+
+
+def _attribute_table(look: _Lookup, attribute: str, k: int) -> tuple[list, list]:
+    results = look.results
+    r = roles(results)
+    header = ["method", "role", "sufficiency", "necessity", f"edit acc. k={k}"]
+    per_pair = [n for n in PER_PAIR if n in results]
+    extra = _extra_scalars(results)
+    header += [LABELS.get(n, n) for n in per_pair + extra]
+    rows = []
+    for method in r.ordered:
+        role = ("ceiling" if method == r.ceiling else "SAE" if method in r.saes
+                else "floor" if method in r.floors.values() else "reference")
+        row = [method, role]
+        for name, sel in (("sufficiency", {}), ("necessity", {}), ("edit_accuracy", {"k": k})):
+            row.append(_with_ci(look(name, attribute, method, **sel),
+                                *look.ci(name, attribute, method, **sel)))
+        row += [_fmt(look(n, attribute, method)) for n in per_pair + extra]
+        rows.append(row)
+    return header, rows
+
+
+def _calibration_table(look: _Lookup, k: int) -> tuple[list, list]:
+    """Per SAE and attribute: the share of the floor→ceiling gap it closes, and whether
+    ceiling ≥ SAE ≥ floor holds."""
+    metrics = (("sufficiency", "sufficiency"), ("necessity", "necessity"),
+               (f"edit_accuracy_k{k}", f"edit acc. k={k}"))
+    rows = []
+    for sae in roles(look.results).saes:
+        for a in (str(x) for x in look.results["attribute"].values):
+            m = sae_metrics(look, sae, a)
+            row = [sae, a]
+            for key, _ in metrics:
+                ceiling, value, floor = m[f"{key}_ceiling"], m[key], m[f"{key}_floor"]
+                if None in (ceiling, value, floor):
+                    row.append("–")
+                    continue
+                ok = "✓" if ceiling >= value >= floor else "✗ violated"
+                row.append(f"{_fmt(m[f'{key}_gap_closed'], 2)} {ok}")
+            rows.append(row)
+    return ["SAE", "attribute"] + [label for _, label in metrics], rows
+
+
+def _document(results, config, timings, images, k, discovery_note) -> list[tuple]:
+    title = "SAGE report"
+    if config and config.get("task"):
+        title += f": task {config['task']}" + (f" on {config['model']}"
+                                               if config.get("model") else "")
+    r = roles(results)
+    blocks: list[tuple] = [("h1", title), ("p", (
+        "Ground-truth evaluation of sparse autoencoders. For every attribute of the task, "
+        "each SAE is measured at the attribute's cross-section next to the supervised "
+        f"dictionary (`{CEILING}`, the ceiling) and a random SAE of the same shape "
+        f"(`{FLOOR_PREFIX}<sae>`, the floor). Intervals are 95% bootstrap intervals over "
+        "prompts; per-site metrics (F1, FVU, L0, ...) are means over the cross-section's "
+        "sites."))]
+    blocks.append(("p", f"SAEs under test: {', '.join(f'`{s}`' for s in r.saes) or 'none'}. "
+                        f"Files: `results.nc` (all results), "
+                        + ", ".join(f"`{safe_name(s)}_eval_results.json`" for s in r.saes)
+                        + " (SAEBench eval-output format)."))
+    blocks.append(("h2", "Calibration: SAE between floor and ceiling"))
+    look = _Lookup(results)
+    blocks.append(("p", "Share of the gap between floor (0) and ceiling (1) that each SAE "
+                        "closes; ✓ marks that ceiling ≥ SAE ≥ floor holds, ✗ that it does "
+                        "not."))
+    blocks.append(("table",) + _calibration_table(look, k))
+    blocks.append(("h2", "Headline metrics per attribute"))
+    for a in (str(x) for x in results["attribute"].values):
+        pairs = []
+        if "pair" in results.dims:
+            probe = next((results[n] for n in PER_PAIR if n in results), None)
+            if probe is not None:
+                pairs = [str(p) for p in results["pair"].values
+                         if not np.all(np.isnan(probe.sel(attribute=a, pair=p).values))]
+        blocks.append(("h3", f"Attribute `{a}`"))
+        if pairs:
+            blocks.append(("p", "Cross-section: " + ", ".join(f"`{p}`" for p in pairs)))
+        blocks.append(("table",) + _attribute_table(look, a, k))
+    blocks.append(("h2", "Plots"))
+    for caption, path in images:
+        blocks.append(("img", caption, path))
+    if discovery_note:
+        blocks.append(("p", discovery_note))
+    if timings:
+        blocks.append(("h2", "Stage timings"))
+        rows = [[str(s), f"{float(t):.1f}"] for s, t in timings.items()]
+        rows.append(["total", f"{sum(float(t) for t in timings.values()):.1f}"])
+        blocks.append(("table", ["stage", "seconds"], rows))
+    if config:
+        blocks.append(("h2", "Configuration"))
+        blocks.append(("code", json.dumps(_jsonable(config), indent=2)))
+    return blocks
+
+
+def _render_markdown(blocks: list[tuple]) -> str:
+    out = []
+    for kind, *body in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + body[0])
+        elif kind == "p":
+            out.append(body[0])
+        elif kind == "table":
+            header, rows = body
+            esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+            out.append("\n".join(["| " + " | ".join(map(esc, header)) + " |",
+                                  "|" + "---|" * len(header)]
+                                 + ["| " + " | ".join(map(esc, row)) + " |" for row in rows]))
+        elif kind == "img":
+            caption, path = body
+            out.append(f"**{caption}**\n\n![{caption}]({path})")
+        elif kind == "code":
+            out.append("```json\n" + body[0] + "\n```")
+    return "\n\n".join(out) + "\n"
+
+
+def _inline_html(text: str) -> str:
+    """Escape, then the two Markdown inlines the summary uses: `code` and **bold**."""
+    text = html.escape(text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+
+
+def _render_html(blocks: list[tuple], root: Path) -> str:
+    body = []
+    for kind, *content in blocks:
+        if kind in ("h1", "h2", "h3"):
+            body.append(f"<{kind}>{_inline_html(content[0])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{_inline_html(content[0])}</p>")
+        elif kind == "table":
+            header, rows = content
+            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+            trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row)
+                          + "</tr>" for row in rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
+        elif kind == "img":
+            caption, path = content
+            data = base64.b64encode((root / path).read_bytes()).decode("ascii")
+            body.append(f"<figure><img alt=\"{html.escape(caption)}\" "
+                        f"src=\"data:image/png;base64,{data}\"><figcaption>"
+                        f"{html.escape(caption)}</figcaption></figure>")
+        elif kind == "code":
+            body.append(f"<pre><code>{html.escape(content[0])}</code></pre>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+             "line-height:1.4}table{border-collapse:collapse;margin:.5em 0 1.5em;"
+             "font-size:.85em}th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right}"
+             "td:first-child,td:nth-child(2){text-align:left}"
+             "th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}"
+             "figcaption{font-size:.85em;color:#555}pre{background:#f6f6f6;padding:.8em;"
+             "overflow-x:auto}code{background:#f3f3f3;padding:0 .2em}")
+    title = html.escape(blocks[0][1]) if blocks and blocks[0][0] == "h1" else "SAGE report"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{title}</title><style>{style}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+# -- the whole report --------------------------------------------------------------------
+
+def _write_netcdf(results: xr.Dataset, path: Path, config: Mapping | None) -> None:
+    ds = results.copy()
+    # netCDF attributes must be numbers or strings; keep the config as JSON text.
+    ds.attrs = {k: (v if isinstance(v, (str, int, float, np.number)) else json.dumps(
+        _jsonable(v))) for k, v in ds.attrs.items() if v is not None}
+    if config:
+        ds.attrs["sage_config"] = json.dumps(_jsonable(config))
+    tmp = path.with_suffix(".partial")
+    ds.to_netcdf(tmp, engine="h5netcdf")
+    os.replace(tmp, path)  # never leave half a file under the final name
+
+
+def _discovery_images(discovery_dir: str | Path, out_dir: Path) -> list[Path]:
+    """The discovery heatmaps, relative to ``out_dir``: used in place when they already lie
+    inside it, copied into ``out_dir/discovery`` otherwise."""
+    src = Path(discovery_dir)
+    found = sorted(src.glob("*.png"))
+    src_abs, out_abs = src.resolve(), out_dir.resolve()
+    if out_abs == src_abs or out_abs in src_abs.parents:
+        return [p.resolve().relative_to(out_abs) for p in found]
+    dest = out_dir / "discovery"
+    dest.mkdir(exist_ok=True)
+    copied = []
+    for p in found:
+        shutil.copy2(p, dest / p.name)
+        copied.append(Path("discovery") / p.name)
+    return copied
+
+
+def write_report(results: xr.Dataset, out_dir: str | Path, *,
+                 discovery_dir: str | Path | None = None, config: Mapping | None = None,
+                 timings: Mapping[str, float] | None = None,
+                 sae_info: Mapping[str, Mapping] | None = None) -> Path:
+    """Write the report of a run into ``out_dir`` (created if needed) and return the path
+    of ``summary.md``; see the module docstring for the files.
+
+    ``config``: the run's options (recorded in every JSON and the summary); ``timings``:
+    seconds per stage; ``sae_info``: per SAE name, SAEBench identity fields
+    (``sae_lens_id``, ``sae_lens_release_id``, ``sae_cfg_dict``)."""
+    results = _check(results)
+    r = roles(results)
+    if not r.saes:
+        raise ValueError("results hold no SAE under test (a method NAME with its floor "
+                         f"'{FLOOR_PREFIX}NAME'); methods: "
+                         f"{[str(m) for m in results['method'].values]}. Pass SAEs to "
+                         "evaluate_cross_section")
+    files = {s: f"{safe_name(s)}_eval_results.json" for s in r.saes}
+    if len(set(files.values())) < len(files):
+        raise ValueError(f"SAE names {r.saes} give clashing file names {files}: rename them")
+    if discovery_dir is not None and not Path(discovery_dir).is_dir():
+        raise FileNotFoundError(f"discovery_dir {discovery_dir} is not a directory: pass the "
+                                "folder the discovery stage wrote its heatmaps (*.png) into, "
+                                "or leave it out")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dict(config or {})
+
+    _write_netcdf(results, out / "results.nc", config)
+    for sae, name in files.items():
+        doc = sae_eval_output(results, sae, config=config,
+                              info=(sae_info or {}).get(sae))
+        (out / name).write_text(json.dumps(doc, indent=2))
+
+    k = headline_k(results)
+    images = []
+    for metric, sel in (("sufficiency", {}), ("necessity", {}), ("edit_accuracy", {"k": k}),
+                        ("best_f1", {}), ("alignment", {}), ("fvu", {})):
+        if metric in results:
+            file = f"compare_{metric}" + (f"_k{k}" if sel else "") + ".png"
+            plot_comparison(results, metric, out / file, **sel)
+            images.append((LABELS[metric] + (f" at k = {k}" if sel else "")
+                           + ": SAEs vs ceiling and floor", file))
+    plot_controllability(results, out / "controllability.png")
+    images.append(("Controllability over k", "controllability.png"))
+    note = None
+    if discovery_dir is not None:
+        found = _discovery_images(discovery_dir, out)
+        images += [(f"Discovery: {p.stem}", p.as_posix()) for p in found]
+        if not found:
+            note = f"No discovery heatmaps (*.png) were found in `{discovery_dir}`."
+
+    blocks = _document(results, config, timings, images, k, note)
+    (out / "summary.md").write_text(_render_markdown(blocks))
+    (out / "summary.html").write_text(_render_html(blocks, out))
+    return out / "summary.md"

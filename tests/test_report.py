@@ -1,0 +1,217 @@
+"""The report: netCDF, SAEBench-style JSON, plots, Markdown/HTML summary, headline table.
+
+Fixtures are small synthetic results of the schema of ``evaluate_cross_section``
+(concatenated over attributes), with numbers chosen so every check has a known answer.
+"""
+
+import json
+import math
+import re
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import xarray as xr
+
+from sage_nn.report import headline_table, sae_eval_output, write_report
+
+KS = [1, 2, 4, 8, 16, 32]
+METHODS = ["supervised", "topk-2048", "random:topk-2048", "relu-1024", "random:relu-1024"]
+# A per-method base score: ceiling > SAEs > floors.
+BASE = {"supervised": 0.9, "topk-2048": 0.6, "random:topk-2048": 0.1, "relu-1024": 0.5,
+        "random:relu-1024": 0.05}
+
+
+def cross_section(attribute: str, offset: float, pairs: list[str],
+                  methods=METHODS) -> xr.Dataset:
+    """One attribute's results; every number is BASE[method] + offset (+ known shifts)."""
+    base = np.array([BASE.get(m, 0.3) for m in methods]) + offset
+    n_m, n_k, n_p = len(methods), len(KS), len(pairs)
+    edit = base[:, None] * (1 - 0.5 / np.arange(1, n_k + 1))[None, :]   # rising in k
+    per_pair = base[:, None] + 0.01 * np.arange(n_p)[None, :]           # known pair means
+    ds = xr.Dataset(
+        {
+            "sufficiency": ("method", base),
+            "sufficiency_ci": (("method", "bound"), np.stack([base - 0.05, base + 0.05], -1)),
+            "necessity": ("method", base - 0.1),
+            "necessity_ci": (("method", "bound"), np.stack([base - 0.2, base], -1)),
+            "edit_accuracy": (("method", "k"), edit),
+            "edit_accuracy_ci": (("method", "k", "bound"),
+                                 np.stack([edit - 0.1, edit + 0.1], -1)),
+            "edit_magnitude": (("method", "k"), np.tile(np.linspace(0.1, 0.9, n_k), (n_m, 1))),
+            "fvu": (("method", "pair"), 1 - per_pair),
+            "l0": (("method", "pair"), 10 * per_pair),
+            "dead": (("method", "pair"), np.zeros((n_m, n_p))),
+            "best_f1": (("method", "pair"), per_pair),
+            "share_interpretable": (("method", "pair"), per_pair / 2),
+            "alignment": (("method", "pair"), per_pair),
+        },
+        coords={"method": methods, "k": KS, "pair": pairs, "bound": ["low", "high"]},
+        attrs={"attribute": attribute, "n_prompts": 48, "clean_logit_diff": 3.0},
+    )
+    return ds.expand_dims(attribute=[attribute])
+
+
+@pytest.fixture
+def results() -> xr.Dataset:
+    # Different cross-sections per attribute: concat pads the other's pairs with NaN.
+    return xr.concat([cross_section("io", 0.0, ["L12.resid_post@END", "L9.z.h3@END"]),
+                      cross_section("s", 0.05, ["L3.resid_post@S2"])], "attribute")
+
+
+def test_headline_table_values(results):
+    table = headline_table(results)
+    assert list(table.columns) == ["sufficiency", "necessity", "edit_accuracy_k2",
+                                   "best_f1", "fvu", "l0"]
+    # rows: attribute x method, ceiling first, each SAE followed by its floor
+    assert list(table.loc["io"].index) == ["supervised", "topk-2048", "random:topk-2048",
+                                           "relu-1024", "random:relu-1024"]
+    row = table.loc[("io", "topk-2048")]
+    assert row.sufficiency == pytest.approx(0.6)
+    assert row.necessity == pytest.approx(0.5)
+    assert row.edit_accuracy_k2 == pytest.approx(0.6 * 0.75)
+    # mean over io's two pairs only (base + 0, base + 0.01), not the NaN-padded s pair
+    assert row.best_f1 == pytest.approx(0.605)
+    assert row.fvu == pytest.approx(0.395)
+    assert row.l0 == pytest.approx(6.05)
+    assert table.loc[("s", "supervised")].sufficiency == pytest.approx(0.95)
+    assert table.loc[("s", "random:relu-1024")].best_f1 == pytest.approx(0.10)
+    assert table.attrs["edit_k"] == 2
+
+
+def test_headline_table_smallest_k_at_least_2(results):
+    table = headline_table(results.sel(k=[1, 4, 8]))
+    assert "edit_accuracy_k4" in table.columns
+    assert table.loc[("io", "supervised")].edit_accuracy_k4 == pytest.approx(0.9 * (1 - 0.5 / 3))
+
+
+def test_write_report_files(results, tmp_path):
+    disc = tmp_path / "discovery_out"
+    disc.mkdir()
+    _heatmap(disc / "heatmap_io_resid.png")
+
+    out = tmp_path / "report"
+    config = {"model": "smollm2-135m", "task": "ioi", "seed": 0, "n_eval": 48}
+    timings = {"task": 0.5, "discovery": 12.25, "evaluation": 30.0}
+    summary = write_report(results, out, discovery_dir=disc, config=config, timings=timings,
+                           sae_info={"topk-2048": {"sae_lens_release_id": "local",
+                                                   "sae_cfg_dict": {"d_sae": 2048}}})
+    assert summary == out / "summary.md"
+
+    # 1. the results round-trip through netCDF, config attached as JSON text
+    with xr.open_dataset(out / "results.nc", engine="h5netcdf") as back:
+        xr.testing.assert_allclose(back.load().drop_attrs(), results.drop_attrs())
+        assert json.loads(back.attrs["sage_config"])["task"] == "ioi"
+
+    # 2. one SAEBench-shaped JSON per SAE, carrying the SAE's, ceiling's and floor's numbers
+    for sae in ("topk-2048", "relu-1024"):
+        doc = json.loads((out / f"{sae}_eval_results.json").read_text())
+        assert {"eval_type_id", "eval_config", "eval_id", "datetime_epoch_millis",
+                "eval_result_metrics", "eval_result_details", "sae_bench_commit_hash",
+                "sae_lens_id", "sae_lens_release_id", "sae_lens_version", "sae_cfg_dict",
+                "eval_result_unstructured"} <= set(doc)
+        assert doc["eval_type_id"] == "sage"
+        assert doc["eval_config"]["task"] == "ioi" and doc["eval_config"]["seed"] == 0
+        m = doc["eval_result_metrics"]["io"]
+        assert m["sufficiency"] == pytest.approx(BASE[sae])
+        assert m["sufficiency_ceiling"] == pytest.approx(0.9)
+        assert m["sufficiency_floor"] == pytest.approx(BASE["random:" + sae])
+        assert m["sufficiency_ci_low"] == pytest.approx(BASE[sae] - 0.05)
+        assert m["sufficiency_gap_closed"] == pytest.approx(
+            (BASE[sae] - BASE["random:" + sae]) / (0.9 - BASE["random:" + sae]))
+        assert m["edit_accuracy_k32_ceiling"] == pytest.approx(0.9 * (1 - 0.5 / 6))
+        assert m["best_f1"] == pytest.approx(BASE[sae] + 0.005)
+        # SAEBench's metric categories are flat: no nested dicts
+        assert all(not isinstance(v, (dict, list)) for v in m.values())
+        assert doc["eval_result_metrics"]["mean"]["sufficiency"] == pytest.approx(
+            BASE[sae] + 0.025)
+        details = doc["eval_result_details"]
+        assert [(d["attribute"], d["pair"]) for d in details] == [
+            ("io", "L12.resid_post@END"), ("io", "L9.z.h3@END"), ("s", "L3.resid_post@S2")]
+        assert details[1]["alignment_floor"] == pytest.approx(BASE["random:" + sae] + 0.01)
+    doc = json.loads((out / "topk-2048_eval_results.json").read_text())
+    assert doc["sae_lens_release_id"] == "local" and doc["sae_cfg_dict"] == {"d_sae": 2048}
+
+    # 3. plots are valid images; the discovery heatmap was copied in
+    pngs = sorted(p.name for p in out.rglob("*.png"))
+    for name in ("compare_sufficiency.png", "compare_necessity.png",
+                 "compare_edit_accuracy_k2.png", "compare_best_f1.png",
+                 "controllability.png", "heatmap_io_resid.png"):
+        assert name in pngs
+    for p in out.rglob("*.png"):
+        image = mpimg.imread(p)
+        assert image.ndim == 3 and min(image.shape[:2]) > 100
+
+    # 4. Markdown links every PNG and shows the numbers; HTML embeds them all
+    md = summary.read_text()
+    for p in out.rglob("*.png"):
+        assert f"]({p.relative_to(out).as_posix()})" in md
+    assert "0.600 [0.55, 0.65]" in md          # topk sufficiency with its CI, io
+    assert "| discovery | 12.2 |" in md or "| discovery | 12.3 |" in md
+    assert '"n_eval": 48' in md
+    assert "| topk-2048 | io | 0.62 ✓ |" in md and "violated" not in md
+    page = (out / "summary.html").read_text()
+    srcs = re.findall(r'src="([^"]*)"', page)
+    assert len(srcs) == len(pngs) and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert not re.search(r'(href|src)="(?!data:|#)', page)   # nothing external
+    assert "<td>0.600 [0.55, 0.65]</td>" in page
+
+
+def test_report_flags_a_violated_ordering(results, tmp_path):
+    bad = results.copy(deep=True)
+    bad["sufficiency"].loc[dict(attribute="io", method="random:topk-2048")] = 0.99
+    write_report(bad, tmp_path)
+    assert "| topk-2048 | io | 4.33 ✗ violated |" in (tmp_path / "summary.md").read_text()
+
+
+def _heatmap(path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.imshow(np.arange(9).reshape(3, 3))
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def test_discovery_dir_inside_run_dir_is_linked_not_copied(results, tmp_path):
+    (tmp_path / "discovery").mkdir()
+    _heatmap(tmp_path / "discovery" / "heat.png")
+    write_report(results, tmp_path, discovery_dir=tmp_path / "discovery")
+    assert "](discovery/heat.png)" in (tmp_path / "summary.md").read_text()
+    assert [p.name for p in (tmp_path / "discovery").iterdir()] == ["heat.png"]
+
+
+def test_single_cross_section_and_nan_json(tmp_path):
+    one = cross_section("io", 0.0, ["L12.resid_post@END"])
+    one["fvu"][:] = np.nan  # NaN must become JSON null, not the invalid token NaN
+    write_report(one.isel(attribute=0, drop=True).assign_attrs(attribute="io"), tmp_path)
+    text = (tmp_path / "topk-2048_eval_results.json").read_text()
+    assert "NaN" not in text
+    assert json.loads(text)["eval_result_metrics"]["io"]["fvu"] is None
+
+
+def test_bad_input_errors(results, tmp_path):
+    with pytest.raises(ValueError, match="lack the variable.*evaluate_cross_section"):
+        write_report(results.drop_vars("sufficiency"), tmp_path)
+    with pytest.raises(ValueError, match="no 'supervised' method"):
+        write_report(results.sel({"method": METHODS[1:]}), tmp_path)
+    with pytest.raises(ValueError, match="no SAE under test.*floor"):
+        write_report(results.sel({"method": ["supervised", "topk-2048"]}), tmp_path)
+    with pytest.raises(TypeError, match="must be an xarray.Dataset"):
+        write_report({"sufficiency": 1}, tmp_path)
+    with pytest.raises(FileNotFoundError, match="discovery_dir .* is not a directory"):
+        write_report(results, tmp_path, discovery_dir=tmp_path / "nope")
+    with pytest.raises(ValueError, match="not an SAE of these results"):
+        sae_eval_output(results, "supervised")
+    clash = cross_section("io", 0.0, ["p"], methods=["supervised", "a:b", "random:a:b",
+                                                      "a_b", "random:a_b"])
+    with pytest.raises(ValueError, match="clashing file names"):
+        write_report(clash, tmp_path)
+
+
+def test_sae_eval_output_second_attribute(results):
+    m = sae_eval_output(results, "relu-1024")["eval_result_metrics"]["s"]
+    assert math.isclose(m["necessity_ceiling"], 0.85)
+    assert math.isclose(m["necessity"], 0.45)
+    assert math.isclose(m["edit_magnitude_k1"], 0.1)
