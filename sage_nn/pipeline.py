@@ -171,7 +171,7 @@ class RunResult:
     report: Path
 
 
-def _needed_residual_sites(pairs: list[tuple], parallel: bool) -> list[str]:
+def residual_sites_for(pairs: list[tuple], parallel: bool) -> list[str]:
     """Residual SAE sites that serve every cross-section site (directly or as the residual
     that feeds a sublayer site in the reconstruction)."""
     from .reconstruction import ATTN_KINDS
@@ -290,7 +290,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                                                    "attributes", "discovery_kinds", "top_k"),
                           disc_files, discovery_stage, discovery_load)
     all_pairs = [p for pairs in pairs_by_attr.values() for p in pairs]
-    needed = _needed_residual_sites(all_pairs, adapter(model).parallel)
+    needed = residual_sites_for(all_pairs, adapter(model).parallel)
 
     def saes_stage():
         listing = {}

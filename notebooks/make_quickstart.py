@@ -1,0 +1,84 @@
+"""Writes notebooks/quickstart.ipynb (kept as code so the notebook's source is reviewable)."""
+
+from pathlib import Path
+
+import nbformat as nbf
+
+cells = [
+    nbf.v4.new_markdown_cell("""# sage_nn quickstart, step by step
+
+Ground-truth evaluation of a sparse autoencoder on SmolLM2-135M and the IOI task:
+
+1. build the task's prompts and counterfactuals,
+2. find where each attribute is computed (attribution patching),
+3. train residual-stream SAEs there (cached after the first run),
+4. score the SAE against the supervised dictionary (ceiling) and a random SAE (floor),
+5. write the report.
+
+`sage quickstart` does all of this in one call. Set `SAGE_NB_SMALL=1` for a fast, small run
+(the test suite does)."""),
+    nbf.v4.new_code_cell("""import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from IPython.display import Image, Markdown, display
+
+import sage_nn
+from sage_nn.discovery import DiscoveryConfig, discover
+from sage_nn.evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section
+from sage_nn.pipeline import RunConfig, resolve_saes, residual_sites_for
+from sage_nn.report import headline_table, write_report
+from sage_nn.sites import Site
+from sage_nn.tasks import check_task, load_task
+
+SMALL = os.environ.get("SAGE_NB_SMALL") == "1"
+config = RunConfig(n_fit=24 if SMALL else 96, n_eval=16 if SMALL else 48,
+                   top_k=1 if SMALL else 2, sae_width=256 if SMALL else 2048,
+                   sae_steps=30 if SMALL else 1500, n_boot=100 if SMALL else 1000,
+                   ks=[1, 2, 4] if SMALL else [1, 2, 4, 8, 16, 32],
+                   run_dir=tempfile.mkdtemp() if SMALL else "runs/notebook")
+out = Path(config.run_dir)
+config"""),
+    nbf.v4.new_markdown_cell("## 1. The model and the task"),
+    nbf.v4.new_code_cell("""model = sage_nn.load_model(config.model)
+spec = load_task(config.task)
+full = spec.build(model, n=config.n_fit + config.n_eval, seed=config.seed, split="train")
+fit = full.subset(np.arange(config.n_fit))
+held_out = full.subset(np.arange(config.n_fit, len(full)))
+print(fit.prompts[0], "->", fit.answers[0])
+fit.attributes.head()"""),
+    nbf.v4.new_code_cell("""check_task(model, spec, n=32 if SMALL else 128, split="test")"""),
+    nbf.v4.new_markdown_cell("## 2. Where is each attribute computed?"),
+    nbf.v4.new_code_cell("""found = discover(model, fit, DiscoveryConfig(top_k=config.top_k, validate=not SMALL),
+                 out_dir=out / "discovery")
+pairs = {a: [(Site.parse(s), p) for s, p in zip(t.site, t.position)]
+         for a, t in found.cross_sections.items()}
+{a: [f"{s}@{p}" for s, p in ps] for a, ps in pairs.items()}"""),
+    nbf.v4.new_code_cell("""found.result.score.sel(attribute="io").max("position")  # labeled: select by meaning"""),
+    nbf.v4.new_code_cell("""for png in sorted((out / "discovery").glob("*io*.png"))[:2]:
+    display(Image(filename=str(png)))"""),
+    nbf.v4.new_markdown_cell("## 3. Residual SAEs where the task is computed"),
+    nbf.v4.new_code_cell("""needed = residual_sites_for([p for ps in pairs.values() for p in ps],
+                                sage_nn.adapter(model).parallel)
+name, members = resolve_saes("train:topk", model, needed, config)
+sae = ReconstructedSAE(members)
+name, members"""),
+    nbf.v4.new_markdown_cell("## 4. Score the SAE against the ceiling and the floor"),
+    nbf.v4.new_code_cell("""import xarray as xr
+
+model._module.set_attn_implementation("eager")  # the reconstruction reads attention patterns
+results = xr.concat([evaluate_cross_section(model, fit, held_out, CrossSection(a, ps), {name: sae},
+                                            ks=config.ks, n_boot=config.n_boot)
+                     for a, ps in pairs.items()], "attribute", join="outer")
+headline_table(results)"""),
+    nbf.v4.new_code_cell("""results.edit_accuracy.sel(attribute="io").to_pandas()"""),
+    nbf.v4.new_markdown_cell("## 5. The report"),
+    nbf.v4.new_code_cell("""report = write_report(results, out / "report", discovery_dir=out / "discovery")
+for png in sorted((out / "report").glob("*.png")):
+    display(Image(filename=str(png)))
+display(Markdown(f"Report: `{out / 'report' / 'summary.md'}`"))"""),
+]
+nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {
+    "name": "python3", "display_name": "Python 3", "language": "python"}})
+nbf.write(nb, Path(__file__).with_name("quickstart.ipynb"))
