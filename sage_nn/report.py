@@ -29,7 +29,7 @@ import subprocess
 import time
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -603,8 +603,11 @@ def _render_html(blocks: list[tuple], root: Path) -> str:
 def _write_netcdf(results: xr.Dataset, path: Path, config: Mapping | None) -> None:
     ds = results.copy()
     # netCDF attributes must be numbers or strings; keep the config as JSON text.
+    # After xr.concat over attributes, per-attribute attrs are the first one's: drop the
+    # misleading "attribute" label.
     ds.attrs = {k: (v if isinstance(v, (str, int, float, np.number)) else json.dumps(
-        _jsonable(v))) for k, v in ds.attrs.items() if v is not None}
+        _jsonable(v))) for k, v in ds.attrs.items()
+        if v is not None and not (k == "attribute" and "attribute" in ds.dims)}
     if config:
         ds.attrs["sage_config"] = json.dumps(_jsonable(config))
     tmp = path.with_suffix(".partial")
