@@ -172,19 +172,22 @@ class ResidualReconstruction:
         return sites
 
     # -- running ----------------------------------------------------------------------
-    def run(self, prompts: Sequence[str], sites: Sequence[Site | str], *,
-            with_codes: bool = False) -> ReconstructionResult:
-        """One forward pass over ``prompts`` with ``sites`` reconstructed."""
+    def run(self, prompts: Sequence[str] | Mapping[str, torch.Tensor],
+            sites: Sequence[Site | str], *, with_codes: bool = False) -> ReconstructionResult:
+        """One forward pass over ``prompts`` (strings, or model inputs such as
+        ``{"input_ids": ...}``) with ``sites`` reconstructed."""
         model, sites = self.model_, self._plan(sites)
         if with_codes:
             self._check_linear(sites)
             for s in sites:  # modules must not be called inside the trace
                 self._maps(s.layer, self.source(s))
-        batch = encode(model, prompts, model_device(model))
-        inputs = batch.inputs
+        if isinstance(prompts, Mapping):
+            inputs = {k: v.to(model_device(model)) for k, v in prompts.items()}
+        else:
+            inputs = encode(model, prompts, model_device(model)).inputs
+        n = len(inputs["input_ids"])
         if self.mode == "input":  # clean rows, then scratch rows
             inputs = {k: torch.cat([v, v]) for k, v in inputs.items()}
-        n = len(prompts)
         saved = {"clean": {}, "recon": {}, "codes": {}, "offsets": {}}  # filled in the trace
         with torch.no_grad(), model.trace(inputs):
             self.splice(model, sites, n, with_codes=with_codes, out=saved)

@@ -250,13 +250,18 @@ def _hf_kinds(arch) -> dict[str, str]:
 
 
 def parse_site(name: "str | Site", model: Any = None) -> tuple[int, str, list[int] | None]:
-    """``(layer, kind, heads)`` of a sage site (``L5.z.h3``), a TransformerLens hook name
+    """``(layer, kind, heads)`` of a sage site (``L5.z.h3``; ``L5.z`` = all heads), a TransformerLens hook name
     (``blocks.5.hook_resid_pre``, ``blocks.5.attn.hook_z``) or a HuggingFace module path
     (``model.layers.5``, ``model.layers.5.mlp``, ``transformer.h.5.attn.c_proj.input``).
 
     ``heads`` is ``None`` for d_model-wide kinds and for all-head q/k/v/z hooks (filled with
     every head once a model is known).
     """
+    whole = re.match(r"^L(\d+)\.([qkvz])$", str(name).strip())  # all heads, e.g. L5.z
+    if whole:
+        kind = whole.group(2)
+        heads = list(range(adapter(model).n_heads_of(kind))) if model is not None else None
+        return int(whole.group(1)), kind, heads
     if isinstance(name, Site) or re.match(r"^L\d+\.", str(name)):
         site = Site.parse(name)
         return site.layer, site.kind, None if site.head is None else [site.head]

@@ -1,10 +1,10 @@
 """Generate the built-in offline training corpus: text SmolLM2 writes itself, at a fixed seed.
 
-Run once (about 3-5 minutes on 2 CPU cores); it writes ``sage_nn/data/smollm2_corpus.jsonl.gz``,
+Run once (about 10 minutes on 2 idle CPU cores); it writes ``sage_nn/data/smollm2_corpus.jsonl.gz``,
 one JSON object per line: ``{"topic": ..., "text": ...}``. The text is the model's own output,
 so nothing is copied from elsewhere, and training SAEs needs no network.
 
-    python scripts/make_corpus.py [--docs 160] [--tokens 192] [--seed 0]
+    python scripts/make_corpus.py [--docs 96] [--tokens 160] [--seed 0]
 """
 
 from __future__ import annotations
@@ -43,11 +43,18 @@ STYLES = (
 )
 
 
+def _write(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8", compresslevel=9) as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=160)
-    parser.add_argument("--tokens", type=int, default=192, help="new tokens per document")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--docs", type=int, default=96)
+    parser.add_argument("--tokens", type=int, default=160, help="new tokens per document")
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -72,10 +79,7 @@ def main() -> None:
             records.append({"topic": topic, "text": text})
         print(f"{len(records)}/{len(requests)} docs, {n_tokens} tokens, "
               f"{time.time() - start:.0f} s", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(args.out, "wt", encoding="utf-8", compresslevel=9) as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
+        _write(args.out, records)  # after every batch, so an interrupted run still leaves text
     print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KB, {n_tokens} tokens)")
 
 
