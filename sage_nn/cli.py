@@ -57,6 +57,21 @@ def _discover(args) -> None:
     print(f"wrote {args.out}")
 
 
+def _train_sae(args) -> None:
+    from .training import TrainConfig, train_saes  # imports sae_lens before any trace
+
+    config = TrainConfig(architecture=args.architecture, d_sae=args.d_sae, k=args.k,
+                         l1_coefficient=args.l1, lr=args.lr, tokens=args.tokens,
+                         batch_size=args.batch_size, context_size=args.context_size,
+                         seed=args.seed)
+    from .models import load_model
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    _, report = train_saes(model, args.sites, config, source=args.source, out_dir=args.out)
+    print(report.to_string(float_format=lambda x: f"{x:.3f}"))
+    print(f"wrote {len(report)} SAE(s) to {args.out} (sae_lens format: SAE.load_from_disk)")
+
+
 def _run_config(args):
     from .pipeline import RunConfig
 
@@ -157,6 +172,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.set_defaults(func=_discover)
+
+    p = sub.add_parser("train-sae", help="train SAEs (residual, or sublayer references) on the "
+                       "model's activations with sae_lens, several sites from one pass")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--sites", nargs="+", required=True,
+                   help="e.g. L3.resid_pre L3.resid_mid L3.mlp_out L3.z (all heads) or hook names")
+    p.add_argument("--out", required=True, help="directory; one sae_lens SAE per site inside")
+    p.add_argument("--source", default="builtin",
+                   help="'builtin' (offline corpus), a .txt file or directory, or hf:DATASET")
+    p.add_argument("--architecture", default="topk", choices=["topk", "standard"])
+    p.add_argument("--d-sae", type=int, default=2048)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--l1", type=float, default=5.0, help="L1 coefficient (standard SAEs)")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--tokens", type=int, default=200_000, help="training tokens per SAE")
+    p.add_argument("--batch-size", type=int, default=1024, help="tokens per optimiser step")
+    p.add_argument("--context-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(func=_train_sae)
     return parser
 
 
