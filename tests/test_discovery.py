@@ -7,6 +7,7 @@ output is one attention head (L1 head 2), so discovery must find exactly that he
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -200,3 +201,51 @@ def test_discover_saves_scores_tables_and_plots(carrier, tmp_path):
     with pytest.raises(ValueError, match="not a sage_nn discovery scores file"):
         xr.Dataset({"a": ("x", [1.0])}).to_netcdf(tmp_path / "x.nc", engine="h5netcdf")
         load_scores(tmp_path / "x.nc")
+
+
+# -- real SmolLM2 ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_ioi(smollm2):
+    from sage_nn.tasks import load_task
+
+    ds = load_task("ioi").build(smollm2, n=8, seed=0, split="train")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = AttributionPatching(batch_size=8).fit(smollm2, ds)
+    return ds, fit, [str(w.message) for w in caught]
+
+
+@pytest.mark.slow
+def test_smollm2_ioi_effects_and_z_ranking(smollm2, smollm2_ioi):
+    ds, fit, caught = smollm2_ioi
+    effects = fit.effects_
+    # resampling IO moves the logit difference by several logits; flipping order barely
+    assert effects.total_effect["io"] < -4 and not effects.small_effect["io"]
+    assert abs(effects.total_effect["order"]) < 0.3 * abs(effects.total_effect["io"])
+    for attribute, row in effects.iterrows():
+        assert row.small_effect == (abs(row.total_effect) < 1.0)
+        assert row.small_effect == any(f"attribute '{attribute}'" in w for w in caught)
+    # the last residual stream at END carries (nearly) the whole effect
+    last = fit.scores_.sel(attribute="io", layer=29, kind="resid_post", head=-1, position="END")
+    assert 0.8 < float(last) < 1.2
+    # attribution ranks heads' z at END like exact patching does
+    sel = select_cross_section(fit.result_, "io", top_k=20, kinds=["z"], positions=["END"])
+    table, summary = validate(smollm2, ds, fit.result_, "io", sel, batch_size=8)
+    assert summary["spearman"] > 0.7, table
+    assert np.sign(table.exact_delta.iloc[0]) == np.sign(table.delta.iloc[0])
+
+
+@pytest.mark.slow
+def test_cli_discover_on_smollm2(tmp_path, capsys):
+    from sage_nn.cli import main
+
+    main(["discover", "--task", "ioi", "--n", "4", "--kinds", "z", "--positions", "END",
+          "--layers", "20", "21", "22", "--attributes", "io", "--top-k", "3",
+          "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "io: total effect" in out and "spearman" in out
+    assert (tmp_path / "scores.nc").exists() and (tmp_path / "heatmap_io_z.png").exists()
+    with pytest.raises(SystemExit):
+        main(["discover", "--task", "ioi", "--out", str(tmp_path), "--top-k", "3",
+              "--coverage", "0.5"])
