@@ -4,9 +4,12 @@ from .activations import collect, open_store
 from .dictionaries import MeanDictionary, MSEDictionary
 from .discovery import AttributionPatching, discover
 from .models import DEFAULT_MODEL, load_model, tiny_random_model
+from .reconstruction import ResidualReconstruction
+from .saes import SparseAutoencoder, load_sae  # imports sae_lens early, before any trace
 from .sites import Site, adapter
 from .tasks import check_task, load_task
 
-__all__ = ["AttributionPatching", "discover", "check_task", "load_task", "DEFAULT_MODEL", "MSEDictionary", "MeanDictionary", "Site", "adapter", "collect",
-           "load_model", "open_store",
-           "tiny_random_model"]
+__all__ = ["DEFAULT_MODEL", "AttributionPatching", "MSEDictionary", "MeanDictionary", "Site",
+           "adapter", "check_task", "collect", "discover", "load_model", "load_task",
+           "open_store", "tiny_random_model", "ResidualReconstruction", "SparseAutoencoder",
+           "load_sae"]

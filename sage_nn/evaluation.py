@@ -23,10 +23,10 @@ import xarray as xr
 from sklearn.base import clone
 
 from . import metrics
-from .dictionaries import MSEDictionary
 from .activations import batches, encode
+from .dictionaries import MSEDictionary
 from .interventions import Patch, run_patched, site_values
-from .reconstruction import ATTN_KINDS, ResidualReconstruction
+from .reconstruction import ResidualReconstruction
 from .saes import SparseAutoencoder
 from .sites import RESID_KINDS, Site
 
@@ -77,7 +77,7 @@ def random_sae_like(sae: SparseAutoencoder, mean: torch.Tensor, seed: int = 0) -
     W_dec = torch.randn(sae.d_sae, sae.d_in, generator=g)
     W_dec /= W_dec.norm(dim=-1, keepdim=True)
     return SparseAutoencoder(W_dec.T.clone(), torch.zeros(sae.d_sae), W_dec, mean.float(),
-                             architecture="topk", k=sae.k or 32, layer=sae.layer,
+                             architecture="topk", k=min(sae.k or 32, sae.d_sae), layer=sae.layer,
                              kind=sae.kind, heads=sae.heads)
 
 
@@ -87,7 +87,7 @@ class DirectSAE:
     def __init__(self, sae: SparseAutoencoder):
         self.sae = sae
 
-    def serves(self, site: Site) -> bool:
+    def serves(self, model, site: Site) -> bool:
         return (self.sae.layer, self.sae.kind) == (site.layer, site.kind)
 
     def code(self, model, pair, test, cf, a, a_cf) -> SiteCode:
@@ -123,13 +123,14 @@ class ReconstructedSAE:
     def _direct(self, site: Site) -> SparseAutoencoder | None:
         return next((s for s in self.saes if (s.layer, s.kind) == (site.layer, site.kind)), None)
 
-    def serves(self, site: Site) -> bool:
+    def serves(self, model, site: Site) -> bool:
         if site.kind in RESID_KINDS:
             return self._direct(site) is not None
-        feeding = "resid_pre" if site.kind in ATTN_KINDS else "resid_mid"
-        return any((s.layer, s.kind) == (site.layer, feeding) for s in self.saes) or (
-            feeding == "resid_mid" and any((s.layer, s.kind) == (site.layer, "resid_pre")
-                                           for s in self.saes))
+        try:
+            self._reconstruction(model).source(site)  # the residual SAE feeding the site
+        except ValueError:
+            return False
+        return True
 
     def code(self, model, pair, test, cf, a, a_cf) -> SiteCode:
         site, position = pair
@@ -249,7 +250,7 @@ def evaluate_cross_section(
         coder = as_coder(sae)
         codes_by_method[name], codes_by_method[f"{RANDOM}:{name}"] = {}, {}
         for pair in pairs:
-            if not coder.serves(pair[0]):
+            if not coder.serves(model, pair[0]):
                 raise ValueError(f"SAE {name!r} cannot serve cross-section site {pair[0]}: "
                                  "place it at that site, or reach sublayer sites through a "
                                  "residual-to-sublayer reconstruction")

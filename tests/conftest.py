@@ -7,6 +7,32 @@ import pytest  # noqa: E402
 
 ARCHITECTURES = ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2"]
 
+# An IOI-like task over the words of the tiny models' tokenizer (sage_nn.models.TINY_WORDS).
+TINY_TASK = """
+name: tiny-ioi
+vocab:
+  names: [Mary, John, Alice, Bob, Tom, Anna]
+  places: [store, park, school]
+slots: {IO: names, S: names, place: places}
+distinct: [[IO, S]]
+templates:
+  - id: went
+    text: "when {IO} and {S} went to the {place} , {S} gave a ball to"
+  - id: then
+    text: "then {IO} and {S} went to the {place} , {S} said it to"
+attributes:
+  io: {slot: IO}
+  s: {slot: S}
+answer: " {IO}"
+distractor: " {S}"
+positions:
+  IO: {slot: IO}
+  S2: {slot: S, occurrence: 2}
+  END: last
+split:
+  test_templates: [then]
+"""
+
 
 @pytest.fixture(scope="session")
 def smollm2():

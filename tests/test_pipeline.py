@@ -3,39 +3,14 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import xarray as xr
 
-import numpy as np
-
+from conftest import TINY_TASK
 from sage_nn import tiny_random_model
 from sage_nn.models import TINY_WORDS
 from sage_nn.pipeline import RunConfig, RunDirectory, run
-
-TINY_TASK = """
-name: tiny-ioi
-vocab:
-  names: [Mary, John, Alice, Bob, Tom, Anna]
-  places: [store, park, school]
-slots: {IO: names, S: names, place: places}
-distinct: [[IO, S]]
-templates:
-  - id: went
-    text: "when {IO} and {S} went to the {place} , {S} gave a ball to"
-  - id: then
-    text: "then {IO} and {S} went to the {place} , {S} said it to"
-attributes:
-  io: {slot: IO}
-  s: {slot: S}
-answer: " {IO}"
-distractor: " {S}"
-positions:
-  IO: {slot: IO}
-  S2: {slot: S, occurrence: 2}
-  END: last
-split:
-  test_templates: [then]
-"""
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +22,7 @@ def setup(tmp_path_factory):
 
 
 def _setup(root):
-    (root / "tiny.yaml").write_text(TINY_TASK)
+    (root / "tiny.yaml").write_text(TINY_TASK)  # words of the tiny tokenizer
     rng = np.random.default_rng(0)
     words = TINY_WORDS
     text = "\n\n".join(" ".join(rng.choice(words, 80)) for _ in range(60))

@@ -1,0 +1,88 @@
+"""evaluate_cross_section on a tiny model, with SAEs whose answers are known."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_TASK
+from sage_nn import tiny_random_model
+from sage_nn.evaluation import CrossSection, SiteCode, evaluate_cross_section
+from sage_nn.saes import SparseAutoencoder
+from sage_nn.sites import Site
+from sage_nn.tasks import load_task
+
+SITE = Site(1, "resid_pre")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("task") / "tiny.yaml"
+    path.write_text(TINY_TASK)
+    model = tiny_random_model("llama", seed=4)
+    full = load_task(path).build(model, n=48, seed=0, split="train")
+    return model, full.subset(np.arange(32)), full.subset(np.arange(32, 48))
+
+
+def perfect_sae(d: int) -> SparseAutoencoder:
+    """ReLU SAE with latents ±e_i: reconstructs every input exactly."""
+    eye = torch.eye(d)
+    return SparseAutoencoder(torch.cat([eye, -eye], 1), torch.zeros(2 * d),
+                             torch.cat([eye, -eye], 0), torch.zeros(d),
+                             layer=SITE.layer, kind=SITE.kind)
+
+
+def mean_sae(d: int, mean: torch.Tensor) -> SparseAutoencoder:
+    """Never active: reconstructs every input as the mean."""
+    return SparseAutoencoder(torch.zeros(d, 4), -torch.ones(4), torch.randn(4, d), mean,
+                             layer=SITE.layer, kind=SITE.kind)
+
+
+def test_known_answers(setup):
+    model, fit, held_out = setup
+    cs = CrossSection("io", [(SITE, "END"), (SITE, "IO")])
+    d = model.config.hidden_size
+    out = evaluate_cross_section(model, fit, held_out, cs, {"perfect": perfect_sae(d)},
+                                 ks=[1, 64], n_boot=50).squeeze("attribute")
+    perfect = out.sel({"method": "perfect"})
+    assert float(perfect.sufficiency) == pytest.approx(1.0, abs=1e-4)
+    assert float(perfect.necessity) == pytest.approx(1.0, abs=1e-4)  # x = mean exactly
+    np.testing.assert_allclose(perfect.fvu, 0, atol=1e-10)
+    # with every latent allowed, the edit is the counterfactual activation itself
+    assert float(perfect.edit_accuracy.sel(k=64)) == 1.0
+    assert float(out.edit_accuracy.sel({"method": "supervised", "k": 64})) <= 1.0
+    low, high = perfect.sufficiency_ci.values
+    assert low <= 1.0 + 1e-4 and high >= 1.0 - 1e-4
+    assert set(out.method.values) == {"supervised", "perfect", "random:perfect"}
+    assert list(out.pair.values) == ["L1.resid_pre@END", "L1.resid_pre@IO"]
+
+
+def test_a_reconstruction_that_explains_nothing(setup):
+    model, fit, held_out = setup
+    cs = CrossSection("s", [(SITE, "END")])
+    d = model.config.hidden_size
+    from sage_nn.interventions import site_values
+
+    mean = site_values(model, fit, [(SITE, "END")])[(SITE, "END")].mean(0)
+    out = evaluate_cross_section(model, fit, held_out, cs, {"mean": mean_sae(d, mean)},
+                                 ks=[1], n_boot=20).squeeze("attribute")
+    m = out.sel({"method": "mean"})
+    # â = mean: sufficiency is the mean-ablated LD over the clean LD, necessity 0
+    assert float(m.sufficiency) == pytest.approx(
+        out.attrs["mean_ablated_logit_diff"] / out.attrs["clean_logit_diff"], rel=1e-4)
+    assert float(m.necessity) == pytest.approx(0.0, abs=1e-4)
+    assert float(m.l0.squeeze()) == 0.0 and float(m.dead.squeeze()) == 1.0
+
+
+def test_an_sae_at_another_site_is_refused(setup):
+    model, fit, held_out = setup
+    cs = CrossSection("io", [(Site(0, "resid_post"), "END")])
+    with pytest.raises(ValueError, match="cannot serve cross-section site L0.resid_post"):
+        evaluate_cross_section(model, fit, held_out, cs,
+                               {"x": perfect_sae(model.config.hidden_size)}, ks=[1])
+
+
+def test_site_code_without_directions_has_no_edit():
+    a = torch.ones(3, 2)
+    code = SiteCode(a, a, a, torch.ones(3, 4), torch.ones(3, 4), None)
+    edited, magnitude = code.edit(2)
+    assert torch.equal(edited, a) and torch.isnan(magnitude).all()
