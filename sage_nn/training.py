@@ -27,6 +27,7 @@ from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .activations import model_device
 from .saes import SparseAutoencoder, from_sae_lens, parse_site
@@ -228,7 +229,9 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
                                    dead_feature_window=max(1, cfg.tokens // cfg.batch_size // 4),
                                    feature_sampling_window=max(1, cfg.tokens // cfg.batch_size),
                                    device=str(model_device(model)))
-    stream = _shuffled(model, train_chunks, labels, cfg, rng)
+    # sae_lens's own bar moves every 100 steps only: count steps here too
+    stream = iter(tqdm(_shuffled(model, train_chunks, labels, cfg, rng),
+                       total=-(-cfg.tokens // cfg.batch_size), desc="train steps", leave=False))
     trainer = MultiSAETrainer(trainer_cfg, saes, hooks, stream)
     trained = trainer.fit()  # sae_lens shows a progress bar
     plain = {}
