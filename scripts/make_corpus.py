@@ -2,7 +2,10 @@
 
 Run once (about 10 minutes on 2 idle CPU cores); it writes ``sage_nn/data/smollm2_corpus.jsonl.gz``,
 one JSON object per line: ``{"topic": ..., "text": ...}``. The text is the model's own output,
-so nothing is copied from elsewhere, and training SAEs needs no network.
+so nothing is copied from elsewhere, and training SAEs needs no network. Batches are
+generated in a fixed order from one seed, so any run's first batches are the same text; the
+shipped file holds the first batch (32 documents, about 5k tokens): on a loaded 2-core
+machine a batch took about 24 minutes, and the run was stopped there.
 
     python scripts/make_corpus.py [--docs 96] [--tokens 160] [--seed 0]
 """
