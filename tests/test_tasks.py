@@ -380,7 +380,7 @@ def test_check_task_table(tmp_path, tiny):
 
 @pytest.mark.slow
 def test_smollm2_performs_ioi(smollm2):
-    table = check_task(smollm2, "ioi", n=64, split="test")
+    table = check_task(smollm2, "ioi", n=48, split="test")
     assert table.loc["clean", "accuracy"] > 0.9
     assert table.loc["clean", "mean_ld"] > 3
     assert table.loc["io", "effect"] > 5  # the answer changes: the LD collapses
