@@ -7,7 +7,7 @@ unexplained (FVU) at z, attn_out and mlp_out by: input mode (live and frozen nor
 difference mode, and the direct sublayer SAE. Also counts the SAEs each approach needs for
 every layer of the model. Writes benchmarks/results/reconstruction.json.
 
-    python benchmarks/reconstruction.py [--layers 4 14] [--tokens 40000] [--d-sae 2048]
+    python benchmarks/reconstruction.py [--layers 5] [--tokens 24576] [--d-sae 2048]
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ def sae_counts(ad) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[4, 14])
-    parser.add_argument("--tokens", type=int, default=40_000)
+    parser.add_argument("--layers", type=int, nargs="+", default=[5])
+    parser.add_argument("--tokens", type=int, default=24_576)
     parser.add_argument("--d-sae", type=int, default=2048)
     parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-prompts", type=int, default=24)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
                         "reconstruction.json")
@@ -60,15 +61,20 @@ def main() -> None:
         sites += [f"L{L}.resid_pre", f"L{L}.resid_mid", f"L{L + 1}.resid_pre",
                   f"L{L}.z", f"L{L}.attn_out", f"L{L}.mlp_out"]
     cfg = TrainConfig(architecture="topk", d_sae=args.d_sae, k=args.k, tokens=args.tokens,
-                      batch_size=1024, context_size=64, lr=4e-4, seed=0)
+                      batch_size=1024, context_size=64, lr=args.lr, seed=0)
     start = time.time()
-    saes, report = train_saes(model, sites, cfg, source="builtin")
+    # a snapshot of the corpus, so training and the held-out split see the same text
+    snapshot = args.out.parent / "corpus_snapshot.txt"
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.write_text("\n\n".join(t.replace("\n\n", "\n") for t in load_texts("builtin")))
+    saes, report = train_saes(model, sites, cfg, source=snapshot)
     train_s = time.time() - start
     print(report.to_string(float_format=lambda x: f"{x:.3f}"), flush=True)
 
     # held-out text: the same split train_saes held out (same seed and chunking)
     rng = torch.Generator().manual_seed(cfg.seed)
-    chunks = chunk_tokens(model, load_texts("builtin"), cfg.context_size)
+    chunks = chunk_tokens(model, load_texts(snapshot), cfg.context_size)
+    snapshot.unlink()
     chunks = chunks[torch.randperm(len(chunks), generator=rng)]
     eval_chunks = chunks[: max(1, int(len(chunks) * cfg.eval_fraction))][: args.eval_prompts]
     prompts = {"input_ids": eval_chunks, "attention_mask": torch.ones_like(eval_chunks)}
