@@ -11,6 +11,7 @@ sae_lens on-disk format (``SAE.load_from_disk`` reads it), one directory per sit
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -232,6 +233,13 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
     # sae_lens's own bar moves every 100 steps only: count steps here too
     stream = iter(tqdm(_shuffled(model, train_chunks, labels, cfg, rng),
                        total=-(-cfg.tokens // cfg.batch_size), desc="train steps", leave=False))
+    # b_dec starts at the data mean (sae_lens's runner does this too): residual streams
+    # have large means, which a few hundred steps from zero would not learn
+    first = next(stream)
+    with torch.no_grad():
+        for label, sae in saes.items():
+            sae.b_dec.copy_(first[label].mean(0))
+    stream = itertools.chain([first], stream)
     trainer = MultiSAETrainer(trainer_cfg, saes, hooks, stream)
     trained = trainer.fit()  # sae_lens shows a progress bar
     plain = {}
