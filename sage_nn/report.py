@@ -184,10 +184,18 @@ def _extra_scalars(results: xr.Dataset) -> list[str]:
 
 
 def gap_closed(sae: float | None, ceiling: float | None, floor: float | None) -> float | None:
-    """Where the SAE sits between floor (0) and ceiling (1)."""
+    """Where the SAE sits between floor (0) and ceiling (1); None when they coincide."""
     if None in (sae, ceiling, floor) or abs(ceiling - floor) < 1e-12:
         return None
     return (sae - floor) / (ceiling - floor)
+
+
+def _goodness(name: str, value: float | None) -> float | None:
+    """Higher is better: sufficiency is best at 1 (overshooting the clean logit difference
+    is no better than falling short), so it is scored as ``1 - |1 - s|``."""
+    if value is None or name != "sufficiency":
+        return value
+    return 1 - abs(1 - value)
 
 
 # -- SAEBench-style JSON -----------------------------------------------------------------
@@ -243,8 +251,8 @@ def sae_metrics(results: "xr.Dataset | _Lookup", sae: str,
         out[f"{key}_ceiling"] = look(name, attribute, CEILING, **sel)
         out[f"{key}_floor"] = look(name, attribute, floor, **sel)
         if with_gap:
-            out[f"{key}_gap_closed"] = gap_closed(out[key], out[f"{key}_ceiling"],
-                                                  out[f"{key}_floor"])
+            out[f"{key}_gap_closed"] = gap_closed(*(_goodness(name, out[key + role]) for role
+                                                    in ("", "_ceiling", "_floor")))
 
     for name in ("sufficiency", "necessity"):
         put(name, name, True)
@@ -475,12 +483,16 @@ def _calibration_table(look: _Lookup, k: int) -> tuple[list, list]:
             m = sae_metrics(look, sae, a)
             row = [sae, a]
             for key, _ in metrics:
-                ceiling, value, floor = m[f"{key}_ceiling"], m[key], m[f"{key}_floor"]
+                name = key.split("_k")[0]
+                ceiling, value, floor = (_goodness(name, m[key + role])
+                                         for role in ("_ceiling", "", "_floor"))
                 if None in (ceiling, value, floor):
                     row.append("–")
-                    continue
-                ok = "✓" if ceiling >= value >= floor else "✗ violated"
-                row.append(f"{_fmt(m[f'{key}_gap_closed'], 2)} {ok}")
+                elif m[f"{key}_gap_closed"] is None:
+                    row.append("– (ceiling = floor)")
+                else:
+                    ok = "✓" if ceiling >= value >= floor else "✗ violated"
+                    row.append(f"{_fmt(m[f'{key}_gap_closed'], 2)} {ok}")
             rows.append(row)
     return ["SAE", "attribute"] + [label for _, label in metrics], rows
 
@@ -506,7 +518,7 @@ def _document(results, config, timings, images, k, discovery_note) -> list[tuple
     look = _Lookup(results)
     blocks.append(("p", "Share of the gap between floor (0) and ceiling (1) that each SAE "
                         "closes; ✓ marks that ceiling ≥ SAE ≥ floor holds, ✗ that it does "
-                        "not."))
+                        "not. Sufficiency is compared by its distance from 1 (1 - |1 - s|)."))
     blocks.append(("table",) + _calibration_table(look, k))
     blocks.append(("h2", "Headline metrics per attribute"))
     for a in (str(x) for x in results["attribute"].values):

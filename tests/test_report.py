@@ -215,3 +215,14 @@ def test_sae_eval_output_second_attribute(results):
     assert math.isclose(m["necessity_ceiling"], 0.85)
     assert math.isclose(m["necessity"], 0.45)
     assert math.isclose(m["edit_magnitude_k1"], 0.1)
+
+
+def test_gap_closed_scores_sufficiency_by_distance_from_one(results):
+    r = results.copy(deep=True)
+    r["sufficiency"].loc[{"attribute": "io", "method": "topk-2048"}] = 1.3
+    # edit accuracy identical for all methods at k=1: no gap to close
+    r["edit_accuracy"].loc[{"attribute": "io", "k": 1}] = 0.5
+    m = sae_eval_output(r, "topk-2048")["eval_result_metrics"]["io"]
+    assert m["sufficiency"] == pytest.approx(1.3)          # reported as measured
+    assert m["sufficiency_gap_closed"] == pytest.approx((0.7 - 0.1) / (0.9 - 0.1))
+    assert m["edit_accuracy_k1_gap_closed"] is None
