@@ -40,8 +40,8 @@ def one_task(model, task: str, n_fit: int, n_eval: int, top_k: int, seed: int) -
         res = evaluate_cross_section(model, fit, held_out, CrossSection(attribute, pairs),
                                      dictionaries=DICTIONARIES, ks=[1, 2, 4], seed=seed)
         res = res.squeeze("attribute")
-        for method in res.method.values:
-            r = res.sel(method=method)
+        for method in res.dictionary.values:
+            r = res.sel(dictionary=method)
             rows.append({
                 "task": task, "attribute": attribute, "cross_section": " ".join(res.pair.values),
                 "dictionary": str(method), "n_eval": int(res.attrs["n_prompts"]),

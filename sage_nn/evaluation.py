@@ -222,7 +222,7 @@ def evaluate_cross_section(
     are measured on ``test`` and its counterfactual for the attribute). ``saes`` maps a
     name to a :class:`SparseAutoencoder` (evaluated at its own site) or to a coder (see
     :func:`as_coder`); each must serve every site of the cross-section. Returns a Dataset
-    over ``method`` (and ``k``, ``pair``); ``random:NAME`` is NAME's floor.
+    over ``dictionary`` (and ``k``, ``pair``); ``random:NAME`` is NAME's floor.
     ``dictionaries`` maps names to unfitted supervised estimators (default
     ``{"supervised": MSEDictionary()}``), each fitted per pair; the first one is the
     reference for feature alignment.
@@ -264,14 +264,14 @@ def evaluate_cross_section(
     per_method = [_intervention_metrics(out, method, ks, magnitudes, n_boot, seed)
                   | _code_metrics(codes_by_method[method], features, attrs[[attribute]])
                   for method in codes_by_method]
-    dims = {"sufficiency": ("method",), "sufficiency_ci": ("method", "bound"),
-            "necessity": ("method",), "necessity_ci": ("method", "bound"),
-            "edit_accuracy": ("method", "k"), "edit_accuracy_ci": ("method", "k", "bound"),
-            "edit_magnitude": ("method", "k")}
+    dims = {"sufficiency": ("dictionary",), "sufficiency_ci": ("dictionary", "bound"),
+            "necessity": ("dictionary",), "necessity_ci": ("dictionary", "bound"),
+            "edit_accuracy": ("dictionary", "k"), "edit_accuracy_ci": ("dictionary", "k", "bound"),
+            "edit_magnitude": ("dictionary", "k")}
     ds = xr.Dataset(
-        {key: (dims.get(key, ("method", "pair")), [m[key] for m in per_method])
+        {key: (dims.get(key, ("dictionary", "pair")), [m[key] for m in per_method])
          for key in per_method[0]},
-        coords={"method": list(codes_by_method), "k": list(ks), "pair": cross_section.labels,
+        coords={"dictionary": list(codes_by_method), "k": list(ks), "pair": cross_section.labels,
                 "bound": ["low", "high"]},
         attrs={"n_prompts": len(test),
                "clean_logit_diff": float(out.logit_diff.sel(variant="clean").mean()),

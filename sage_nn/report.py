@@ -92,7 +92,7 @@ def _check(results: Any) -> xr.Dataset:
 
 def roles(results: xr.Dataset) -> Roles:
     """Split the ``method`` coordinate into ceiling, SAEs with their floors, and others."""
-    methods = [str(m) for m in results["method"].values]
+    methods = [str(m) for m in results["dictionary"].values]
     if CEILING not in methods:
         raise ValueError(f"results have no {CEILING!r} method (the ceiling); methods: "
                          f"{methods}. Evaluate with the supervised dictionary (the default "
@@ -136,11 +136,11 @@ def headline_table(results: xr.Dataset) -> pd.DataFrame:
     rows = []
     for attribute in results["attribute"].values:
         for method in order:
-            row = {"attribute": str(attribute), "method": method}
+            row = {"attribute": str(attribute), "dictionary": method}
             for name, da in columns.items():
-                row[name] = float(da.sel({"attribute": attribute, "method": method}))
+                row[name] = float(da.sel({"attribute": attribute, "dictionary": method}))
             rows.append(row)
-    table = pd.DataFrame(rows).set_index(["attribute", "method"])
+    table = pd.DataFrame(rows).set_index(["attribute", "dictionary"])
     table.attrs["edit_k"] = k
     return table
 
@@ -158,7 +158,7 @@ class _Lookup:
         if name not in self._series:  # per-pair metrics: mean over the cross-section
             self._series[name] = _pair_mean(self.results[name]).to_series()
         series = self._series[name]
-        labels = {"attribute": attribute, "method": method, **sel}
+        labels = {"attribute": attribute, "dictionary": method, **sel}
         key = tuple(labels[d] for d in series.index.names)
         try:
             value = float(series.loc[key if len(key) > 1 else key[0]])
@@ -180,7 +180,7 @@ def _extra_scalars(results: xr.Dataset) -> list[str]:
     known = set(REQUIRED) | set(PER_PAIR) | {"edit_magnitude"}
     return [str(v) for v, da in results.data_vars.items()
             if v not in known and not str(v).endswith("_ci")
-            and set(da.dims) <= {"attribute", "method", "pair"} and "method" in da.dims]
+            and set(da.dims) <= {"attribute", "dictionary", "pair"} and "dictionary" in da.dims]
 
 
 def gap_closed(sae: float | None, ceiling: float | None, floor: float | None) -> float | None:
@@ -295,7 +295,7 @@ def sae_eval_output(results: xr.Dataset, sae: str, *, config: Mapping | None = N
                 for role, method in (("", sae), ("_ceiling", CEILING),
                                      ("_floor", FLOOR_PREFIX + sae)):
                     entry[name + role] = _none_nan(float(
-                        results[name].sel({"attribute": a, "method": method, "pair": pair})))
+                        results[name].sel({"attribute": a, "dictionary": method, "pair": pair})))
             if all(v is None for k, v in entry.items() if k not in ("attribute", "pair")):
                 continue  # this pair is not in this attribute's cross-section
             details.append(entry)
@@ -368,11 +368,11 @@ def plot_comparison(results: xr.Dataset, metric: str, path: Path, *, k: int | No
                                     3.6))
     x = np.arange(len(attributes))
     for i, method in enumerate(methods):
-        v = values.sel({"method": method, "attribute": attributes}).values.astype(float)
+        v = values.sel({"dictionary": method, "attribute": attributes}).values.astype(float)
         err = None
         if ci is not None:
-            lo = ci.sel({"method": method, "attribute": attributes, "bound": "low"}).values
-            hi = ci.sel({"method": method, "attribute": attributes, "bound": "high"}).values
+            lo = ci.sel({"dictionary": method, "attribute": attributes, "bound": "low"}).values
+            hi = ci.sel({"dictionary": method, "attribute": attributes, "bound": "high"}).values
             err = np.clip(np.stack([v - lo, hi - v]), 0, None)  # CIs may not contain v
         style = {k_: s for k_, s in styles[method].items() if k_ != "linestyle"}
         ax.bar(x - 0.4 + width * (i + 0.5), np.nan_to_num(v), width, yerr=err, capsize=3,
@@ -409,11 +409,11 @@ def plot_controllability(results: xr.Dataset, path: Path, *, dpi: int = 110) -> 
             ax = axes[i, j]
             for method in r.ordered:
                 s = styles[method]
-                y = results[metric].sel({"attribute": attribute, "method": method}).values
+                y = results[metric].sel({"attribute": attribute, "dictionary": method}).values
                 ax.plot(ks, y, marker="o", markersize=3, color=s["color"],
                         linestyle=s.get("linestyle", "-"), label=s["label"])
                 if f"{metric}_ci" in results:
-                    ci = results[f"{metric}_ci"].sel({"attribute": attribute, "method": method})
+                    ci = results[f"{metric}_ci"].sel({"attribute": attribute, "dictionary": method})
                     ax.fill_between(ks, ci.sel(bound="low"), ci.sel(bound="high"),
                                     color=s["color"], alpha=0.12, linewidth=0)
             ax.set_xscale("log", base=2)
@@ -455,7 +455,7 @@ def _with_ci(value, low, high) -> str:
 def _attribute_table(look: _Lookup, attribute: str, k: int) -> tuple[list, list]:
     results = look.results
     r = roles(results)
-    header = ["method", "role", "sufficiency", "necessity", f"edit acc. k={k}"]
+    header = ["dictionary", "role", "sufficiency", "necessity", f"edit acc. k={k}"]
     per_pair = [n for n in PER_PAIR if n in results]
     extra = _extra_scalars(results)
     header += [LABELS.get(n, n) for n in per_pair + extra]
@@ -659,7 +659,7 @@ def write_report(results: xr.Dataset, out_dir: str | Path, *,
     if not r.saes:
         raise ValueError("results hold no SAE under test (a method NAME with its floor "
                          f"'{FLOOR_PREFIX}NAME'); methods: "
-                         f"{[str(m) for m in results['method'].values]}. Pass SAEs to "
+                         f"{[str(m) for m in results['dictionary'].values]}. Pass SAEs to "
                          "evaluate_cross_section")
     files = {s: f"{safe_name(s)}_eval_results.json" for s in r.saes}
     if len(set(files.values())) < len(files):

@@ -43,16 +43,16 @@ def test_known_answers(setup):
     d = model.config.hidden_size
     out = evaluate_cross_section(model, fit, held_out, cs, {"perfect": perfect_sae(d)},
                                  ks=[1, 64], n_boot=50).squeeze("attribute")
-    perfect = out.sel({"method": "perfect"})
+    perfect = out.sel(dictionary="perfect")
     assert float(perfect.sufficiency) == pytest.approx(1.0, abs=1e-4)
     assert float(perfect.necessity) == pytest.approx(1.0, abs=1e-4)  # x = mean exactly
     np.testing.assert_allclose(perfect.fvu, 0, atol=1e-10)
     # with every latent allowed, the edit is the counterfactual activation itself
     assert float(perfect.edit_accuracy.sel(k=64)) == 1.0
-    assert float(out.edit_accuracy.sel({"method": "supervised", "k": 64})) <= 1.0
+    assert float(out.edit_accuracy.sel(dictionary="supervised", k=64)) <= 1.0
     low, high = perfect.sufficiency_ci.values
     assert low <= 1.0 + 1e-4 and high >= 1.0 - 1e-4
-    assert set(out.method.values) == {"supervised", "perfect", "random:perfect"}
+    assert set(out.dictionary.values) == {"supervised", "perfect", "random:perfect"}
     assert list(out.pair.values) == ["L1.resid_pre@END", "L1.resid_pre@IO"]
 
 
@@ -65,7 +65,7 @@ def test_a_reconstruction_that_explains_nothing(setup):
     mean = site_values(model, fit, [(SITE, "END")])[(SITE, "END")].mean(0)
     out = evaluate_cross_section(model, fit, held_out, cs, {"mean": mean_sae(d, mean)},
                                  ks=[1], n_boot=20).squeeze("attribute")
-    m = out.sel({"method": "mean"})
+    m = out.sel(dictionary="mean")
     # â = mean: sufficiency is the mean-ablated LD over the clean LD, necessity 0
     assert float(m.sufficiency) == pytest.approx(
         out.attrs["mean_ablated_logit_diff"] / out.attrs["clean_logit_diff"], rel=1e-4)

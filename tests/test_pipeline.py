@@ -47,7 +47,7 @@ def test_run_writes_every_stage_and_resumes(setup):
         assert (first.run_dir / f).exists(), f
     res = first.results
     assert set(res.attribute.values) == {"io", "s"}
-    assert {"supervised", "topk-64", "random:topk-64"} <= set(res.method.values)
+    assert {"supervised", "topk-64", "random:topk-64"} <= set(res.dictionary.values)
     assert all(v > 0 for v in first.timings.values())
 
     # a rerun recomputes nothing and reads the same numbers back

@@ -31,22 +31,22 @@ def cross_section(attribute: str, offset: float, pairs: list[str],
     per_pair = base[:, None] + 0.01 * np.arange(n_p)[None, :]           # known pair means
     ds = xr.Dataset(
         {
-            "sufficiency": ("method", base),
-            "sufficiency_ci": (("method", "bound"), np.stack([base - 0.05, base + 0.05], -1)),
-            "necessity": ("method", base - 0.1),
-            "necessity_ci": (("method", "bound"), np.stack([base - 0.2, base], -1)),
-            "edit_accuracy": (("method", "k"), edit),
-            "edit_accuracy_ci": (("method", "k", "bound"),
+            "sufficiency": ("dictionary", base),
+            "sufficiency_ci": (("dictionary", "bound"), np.stack([base - 0.05, base + 0.05], -1)),
+            "necessity": ("dictionary", base - 0.1),
+            "necessity_ci": (("dictionary", "bound"), np.stack([base - 0.2, base], -1)),
+            "edit_accuracy": (("dictionary", "k"), edit),
+            "edit_accuracy_ci": (("dictionary", "k", "bound"),
                                  np.stack([edit - 0.1, edit + 0.1], -1)),
-            "edit_magnitude": (("method", "k"), np.tile(np.linspace(0.1, 0.9, n_k), (n_m, 1))),
-            "fvu": (("method", "pair"), 1 - per_pair),
-            "l0": (("method", "pair"), 10 * per_pair),
-            "dead": (("method", "pair"), np.zeros((n_m, n_p))),
-            "best_f1": (("method", "pair"), per_pair),
-            "share_interpretable": (("method", "pair"), per_pair / 2),
-            "alignment": (("method", "pair"), per_pair),
+            "edit_magnitude": (("dictionary", "k"), np.tile(np.linspace(0.1, 0.9, n_k), (n_m, 1))),
+            "fvu": (("dictionary", "pair"), 1 - per_pair),
+            "l0": (("dictionary", "pair"), 10 * per_pair),
+            "dead": (("dictionary", "pair"), np.zeros((n_m, n_p))),
+            "best_f1": (("dictionary", "pair"), per_pair),
+            "share_interpretable": (("dictionary", "pair"), per_pair / 2),
+            "alignment": (("dictionary", "pair"), per_pair),
         },
-        coords={"method": methods, "k": KS, "pair": pairs, "bound": ["low", "high"]},
+        coords={"dictionary": methods, "k": KS, "pair": pairs, "bound": ["low", "high"]},
         attrs={"attribute": attribute, "n_prompts": 48, "clean_logit_diff": 3.0},
     )
     return ds.expand_dims(attribute=[attribute])
@@ -159,7 +159,7 @@ def test_write_report_files(results, tmp_path):
 
 def test_report_flags_a_violated_ordering(results, tmp_path):
     bad = results.copy(deep=True)
-    bad["sufficiency"].loc[dict(attribute="io", method="random:topk-2048")] = 0.99
+    bad["sufficiency"].loc[dict(attribute="io", dictionary="random:topk-2048")] = 0.99
     write_report(bad, tmp_path)
     assert "| topk-2048 | io | 4.33 ✗ violated |" in (tmp_path / "summary.md").read_text()
 
@@ -195,9 +195,9 @@ def test_bad_input_errors(results, tmp_path):
     with pytest.raises(ValueError, match="lack the variable.*evaluate_cross_section"):
         write_report(results.drop_vars("sufficiency"), tmp_path)
     with pytest.raises(ValueError, match="no 'supervised' method"):
-        write_report(results.sel({"method": METHODS[1:]}), tmp_path)
+        write_report(results.sel({"dictionary": METHODS[1:]}), tmp_path)
     with pytest.raises(ValueError, match="no SAE under test.*floor"):
-        write_report(results.sel({"method": ["supervised", "topk-2048"]}), tmp_path)
+        write_report(results.sel({"dictionary": ["supervised", "topk-2048"]}), tmp_path)
     with pytest.raises(TypeError, match="must be an xarray.Dataset"):
         write_report({"sufficiency": 1}, tmp_path)
     with pytest.raises(FileNotFoundError, match="discovery_dir .* is not a directory"):
@@ -219,7 +219,7 @@ def test_sae_eval_output_second_attribute(results):
 
 def test_gap_closed_scores_sufficiency_by_distance_from_one(results):
     r = results.copy(deep=True)
-    r["sufficiency"].loc[{"attribute": "io", "method": "topk-2048"}] = 1.3
+    r["sufficiency"].loc[{"attribute": "io", "dictionary": "topk-2048"}] = 1.3
     # edit accuracy identical for all methods at k=1: no gap to close
     r["edit_accuracy"].loc[{"attribute": "io", "k": 1}] = 0.5
     m = sae_eval_output(r, "topk-2048")["eval_result_metrics"]["io"]
