@@ -46,6 +46,7 @@ class TrainConfig:
     ``context_size``: tokens per text chunk fed to the model. ``skip_first``: drop each
     chunk's first tokens (attention-sink outliers). ``buffer_chunks``: chunks mixed in the
     shuffle buffer. ``eval_fraction``: share of chunks held out for FVU/L0/dead latents.
+    ``cache_bytes``: a corpus whose activations fit is read once and kept in memory.
     """
 
     architecture: str = "topk"
@@ -60,6 +61,7 @@ class TrainConfig:
     skip_first: int = 1
     buffer_chunks: int = 64
     eval_fraction: float = 0.1
+    cache_bytes: int = 2 << 30
     seed: int = 0
 
     def __post_init__(self):
@@ -155,19 +157,39 @@ def activation_batches(model: Any, chunks: torch.Tensor, sites, *, batch_size: i
 
 
 def _shuffled(model, chunks, sites, cfg: TrainConfig, rng: torch.Generator):
-    """Endless stream of shuffled training batches ``{label: [batch_size, width]}``."""
+    """Endless stream of shuffled training batches ``{label: [batch_size, width]}``.
+
+    A corpus whose activations fit in ``cfg.cache_bytes`` (the built-in one does) is run
+    through the model once and reshuffled every epoch; a larger one is streamed through
+    a shuffle buffer of ``cfg.buffer_chunks`` chunks, re-running the model each epoch.
+    """
+    ad = adapter(model)
+    width = sum(ad.d_head * len(h) if kind in HEAD_KINDS else ad.d_model
+                for _, _, kind, h in _site_keys(model, sites))
+    cached = len(chunks) * (cfg.context_size - cfg.skip_first) * width * 4 <= cfg.cache_bytes
+    buffers = None
     while True:
         order = chunks[torch.randperm(len(chunks), generator=rng)]
-        for start in range(0, len(order), cfg.buffer_chunks):
-            parts = list(activation_batches(model, order[start: start + cfg.buffer_chunks], sites,
-                                            batch_size=cfg.model_batch_size,
-                                            skip_first=cfg.skip_first))
-            buf = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            n = next(iter(buf.values())).shape[0]
-            perm = torch.randperm(n, generator=rng)
-            for b in range(0, n - cfg.batch_size + 1, cfg.batch_size):
-                idx = perm[b: b + cfg.batch_size]
-                yield {k: v[idx] for k, v in buf.items()}
+        if buffers is None or not cached:
+            step = len(order) if cached else cfg.buffer_chunks
+            buffers = []
+            for start in range(0, len(order), step):
+                parts = list(activation_batches(model, order[start: start + step], sites,
+                                                batch_size=cfg.model_batch_size,
+                                                skip_first=cfg.skip_first))
+                buffers.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+                if not cached:
+                    yield from _batches_of(buffers.pop(), cfg.batch_size, rng)
+        for buf in buffers:
+            yield from _batches_of(buf, cfg.batch_size, rng)
+
+
+def _batches_of(buf: dict, batch_size: int, rng: torch.Generator):
+    n = next(iter(buf.values())).shape[0]
+    perm = torch.randperm(n, generator=rng)
+    for b in range(0, n - batch_size + 1, batch_size):
+        idx = perm[b: b + batch_size]
+        yield {k: v[idx] for k, v in buf.items()}
 
 
 # -- training -----------------------------------------------------------------------------
