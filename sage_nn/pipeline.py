@@ -188,6 +188,17 @@ def residual_sites_for(pairs: list[tuple], parallel: bool) -> list[str]:
     return sorted(needed, key=lambda s: (int(s[1:].split(".")[0]), s))
 
 
+def _corpus_hash(source: str) -> str:
+    """Identifies the training text, so a changed corpus never reuses cached SAEs."""
+    from .training import BUILTIN_CORPUS
+
+    path = BUILTIN_CORPUS if source == "builtin" else Path(source)
+    h = hashlib.sha256(source.encode())
+    for f in sorted(path.rglob("*.txt")) if path.is_dir() else [path] if path.is_file() else []:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:8]
+
+
 def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> tuple[str, list]:
     """``(name, [SparseAutoencoder, ...])`` for one ``--sae`` value.
 
@@ -205,7 +216,7 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> 
         cfg = TrainConfig(architecture=arch, d_sae=config.sae_width, seed=config.seed,
                           tokens=config.sae_steps * 1024)
         name = f"{arch}-{config.sae_width}"
-        corpus = hashlib.sha256(config.sae_corpus.encode()).hexdigest()[:8]
+        corpus = _corpus_hash(config.sae_corpus)
         root = cache_dir() / "saes" / str(model.config._name_or_path).replace("/", "--") / \
             f"{name}-{cfg.tokens}-seed{cfg.seed}-{corpus}"
         have = load_trained(root, model) if any(root.glob("*/cfg.json")) else {}
@@ -299,7 +310,8 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
             listing[name] = {"spec": spec_, "sites": [f"L{s.layer}.{s.kind}" for s in saes]}
         (root / "saes.json").write_text(json.dumps(listing, indent=2))
 
-    stage("saes", config.hash("model", "saes", "sae_width", "sae_steps", "sae_corpus", "seed") + ",".join(needed),
+    sae_settings = config.hash("model", "saes", "sae_width", "sae_steps", "sae_corpus", "seed")
+    stage("saes", f"{sae_settings},{_corpus_hash(config.sae_corpus)},{','.join(needed)}",
           ["saes.json"], saes_stage, lambda: None)
     saes = {}
     for spec_ in config.saes:  # cheap once trained: loads from the cache
