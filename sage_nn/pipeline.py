@@ -46,8 +46,8 @@ class RunConfig:
     batch_size: int = 32
     device: str | None = None
     dtype: str | None = None
-    sae_width: int = 2048    # for SAEs trained by the run
-    sae_steps: int = 1500
+    sae_width: int = 1024    # for SAEs trained by the run
+    sae_steps: int = 300     # x 1024 training tokens: ~14 passes over the built-in corpus
     sae_corpus: str = "builtin"  # text SAEs are trained on: "builtin", a file/dir, "hf:NAME"
     reconstruction: str = "input"  # how residual SAEs reach sublayer sites
 

@@ -1,0 +1,80 @@
+"""Evaluation throughput against plain forward throughput, on the same prompts.
+
+Reuses a finished run directory (default: the quickstart's, `sage quickstart` first): its
+cross-sections and cached SAEs. Times `evaluate_cross_section` for every attribute (all
+metrics, all cross-section sites, ceiling, SAE and floor) and a plain HuggingFace forward
+of the same held-out prompts, in one process; writes benchmarks/results/evaluation.json.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sage_nn import load_model
+from sage_nn.activations import batches, encode
+from sage_nn.evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section
+from sage_nn.pipeline import RunConfig, RunDirectory, resolve_saes, residual_sites_for
+from sage_nn.sites import Site, adapter
+from sage_nn.tasks import load_task
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run-dir", default="runs/quickstart")
+    args = parser.parse_args()
+    config = RunConfig.from_file(Path(args.run_dir) / "config.yaml")
+    if "discovery" not in RunDirectory(args.run_dir).manifest:
+        raise SystemExit(f"{args.run_dir} has no finished discovery stage: run sage quickstart")
+    import pandas as pd
+
+    table = pd.read_csv(Path(args.run_dir) / "discovery" / "cross_sections.csv")
+    pairs = {a: [(Site.parse(s), str(p)) for s, p in zip(t.site, t.position)]
+             for a, t in table.groupby("attribute", sort=False)}
+    model = load_model(config.model)
+    full = load_task(config.task).build(model, n=config.n_fit + config.n_eval, seed=config.seed,
+                                        split="train")
+    fit, held_out = full.subset(np.arange(config.n_fit)), full.subset(np.arange(config.n_fit, len(full)))
+    needed = residual_sites_for([p for ps in pairs.values() for p in ps], adapter(model).parallel)
+    saes = {}
+    for spec in config.saes:
+        name, members = resolve_saes(spec, model, needed, config)
+        saes[name] = ReconstructedSAE(members, batch_size=config.batch_size)
+    model._module.set_attn_implementation("eager")
+
+    def plain():
+        with torch.no_grad():
+            for idx in batches(len(held_out), config.batch_size):
+                model._module(**encode(model, [held_out.prompts[i] for i in idx]).inputs)
+
+    plain()  # warm-up
+    start = time.perf_counter()
+    plain()
+    t_plain = time.perf_counter() - start
+    start = time.perf_counter()
+    for attribute, ps in pairs.items():
+        evaluate_cross_section(model, fit, held_out, CrossSection(attribute, ps), saes,
+                               ks=config.ks, n_boot=config.n_boot, seed=config.seed,
+                               batch_size=config.batch_size)
+    t_eval = time.perf_counter() - start
+    n = len(held_out)
+    result = {"benchmark": "evaluation", "run_dir": args.run_dir, "prompts": n,
+              "attributes": list(pairs), "cross_sections": {a: [f"{s}@{p}" for s, p in ps]
+                                                            for a, ps in pairs.items()},
+              "saes": list(saes), "ks": config.ks, "n_boot": config.n_boot,
+              "plain_forward_s": t_plain, "evaluation_s": t_eval,
+              "plain_prompts_per_s": n / t_plain, "evaluation_prompts_per_s": n / t_eval,
+              "ratio_evaluation_over_plain_time": t_eval / t_plain,
+              "note": "evaluation includes fitting the dictionaries, the reconstruction runs, "
+                      "all patched variants and the bootstrap intervals"}
+    out = Path(__file__).parent / "results" / "evaluation.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
