@@ -38,6 +38,7 @@ class RunConfig:
     seed: int = 0
     n_fit: int = 96          # prompts to fit dictionaries (and discover) on
     n_eval: int = 48         # held-out prompts every metric is measured on
+    n_discovery: int = 32    # of the fit prompts, used for attribution patching
     attributes: list[str] | None = None
     discovery_kinds: list[str] | None = None  # default: every kind
     top_k: int = 2           # sites per cross-section (the top ones by |attribution|)
@@ -288,9 +289,10 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
 
     def discovery_stage():
         disc_dir.mkdir(exist_ok=True)
-        discover(model, fit, DiscoveryConfig(kinds=config.discovery_kinds, attributes=attributes,
-                                             top_k=config.top_k, batch_size=config.batch_size),
-                 out_dir=disc_dir, progress=progress)
+        prompts = fit.subset(np.arange(min(config.n_discovery, len(fit))))
+        settings = DiscoveryConfig(kinds=config.discovery_kinds, attributes=attributes,
+                                   top_k=config.top_k, batch_size=config.batch_size)
+        discover(model, prompts, settings, out_dir=disc_dir, progress=progress)
 
     def discovery_load():
         table = pd.read_csv(disc_dir / "cross_sections.csv")
@@ -298,7 +300,8 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                 for a, t in table.groupby("attribute", sort=False)}
 
     pairs_by_attr = stage("discovery", config.hash("model", "task", "seed", "n_fit", "n_eval",
-                                                   "attributes", "discovery_kinds", "top_k"),
+                                                   "n_discovery", "attributes",
+                                                   "discovery_kinds", "top_k"),
                           disc_files, discovery_stage, discovery_load)
     all_pairs = [p for pairs in pairs_by_attr.values() for p in pairs]
     needed = residual_sites_for(all_pairs, adapter(model).parallel)
@@ -328,8 +331,9 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         write_netcdf(xr.concat(parts, "attribute", join="outer"), root / "evaluation.nc")
 
     results = stage("evaluation", config.hash("model", "task", "seed", "n_fit", "n_eval",
-                                              "attributes", "discovery_kinds", "top_k", "saes",
-                                              "sae_width", "sae_steps", "ks", "n_boot"),
+                                              "n_discovery", "attributes", "discovery_kinds",
+                                              "top_k", "saes", "sae_width", "sae_steps", "ks",
+                                              "n_boot"),
                     ["evaluation.nc"], evaluation_stage, lambda: read_netcdf(root / "evaluation.nc"))
 
     report_dir = root / "report"
