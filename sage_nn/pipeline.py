@@ -306,20 +306,26 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     all_pairs = [p for pairs in pairs_by_attr.values() for p in pairs]
     needed = residual_sites_for(all_pairs, adapter(model).parallel)
 
-    def saes_stage():
+    saes: dict[str, Any] = {}
+
+    def resolve_all() -> dict:  # trains what the SAE cache lacks, loads the rest
         listing = {}
         for spec_ in config.saes:
-            name, saes = resolve_saes(spec_, model, needed, config)
-            listing[name] = {"spec": spec_, "sites": [f"L{s.layer}.{s.kind}" for s in saes]}
-        (root / "saes.json").write_text(json.dumps(listing, indent=2))
+            name, members = resolve_saes(spec_, model, needed, config)
+            saes[name] = ReconstructedSAE(members, batch_size=config.batch_size)
+            listing[name] = {"spec": spec_, "sites": [f"L{s.layer}.{s.kind}" for s in members]}
+        return listing
+
+    def saes_stage():
+        (root / "saes.json").write_text(json.dumps(resolve_all(), indent=2))
+
+    def saes_load():
+        if not saes:  # the stage was cached: resolving only reads the SAEs it trained
+            resolve_all()
 
     sae_settings = config.hash("model", "saes", "sae_width", "sae_steps", "sae_corpus", "seed")
     stage("saes", f"{sae_settings},{_corpus_hash(config.sae_corpus)},{','.join(needed)}",
-          ["saes.json"], saes_stage, lambda: None)
-    saes = {}
-    for spec_ in config.saes:  # cheap once trained: loads from the cache
-        name, members = resolve_saes(spec_, model, needed, config)
-        saes[name] = ReconstructedSAE(members, batch_size=config.batch_size)
+          ["saes.json"], saes_stage, saes_load)
 
     def evaluation_stage():
         if any(p[0].kind in ("z", "attn_out") for p in all_pairs):

@@ -459,6 +459,9 @@ class ResidualReconstruction:
 
 
 def fvu(recon: torch.Tensor, clean: torch.Tensor) -> float:
-    """Fraction of variance unexplained: ``sum |clean - recon|^2 / sum |clean - mean|^2``."""
-    clean, recon = clean.reshape(-1, clean.shape[-1]).float(), recon.reshape(-1, recon.shape[-1]).float()
-    return float(((clean - recon) ** 2).sum() / ((clean - clean.mean(0)) ** 2).sum())
+    """:func:`sage_nn.metrics.fvu` over every token of ``[..., width]`` tensors."""
+    from .metrics import fvu as fvu_of_rows
+
+    width = clean.shape[-1]
+    return fvu_of_rows(clean.reshape(-1, width).float().numpy(),
+                       recon.reshape(-1, width).float().numpy())

@@ -39,8 +39,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-CEILING = "supervised"
-FLOOR_PREFIX = "random:"
+from .evaluation import RANDOM, SUPERVISED
+
+CEILING = SUPERVISED
+FLOOR_PREFIX = f"{RANDOM}:"
 EVAL_TYPE_ID = "sage"
 REQUIRED = ("sufficiency", "necessity", "edit_accuracy")
 # Metrics where higher is better and ceiling/floor calibrate the scale (gap closed).
