@@ -107,3 +107,10 @@ def test_config_file_round_trip_and_unknown_options(tmp_path):
     path.write_text("task: ioi\nnfit: 10\n")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['nfit'\]"):
         RunConfig.from_file(path)
+
+
+def test_unknown_sae_spec_is_explained():
+    from sage_nn.pipeline import resolve_saes
+
+    with pytest.raises(ValueError, match=r"--sae 'nonsense': not a directory with cfg.json"):
+        resolve_saes("nonsense", None, [], RunConfig())
