@@ -16,11 +16,22 @@ number, so read its raw ``delta`` instead (rankings are the same).
 Each batch costs one counterfactual forward (all attributes stacked along the batch) and one
 clean forward+backward; every site of the grid is scored from them, never a pass per site.
 
+One name per residual tensor: block ``L``'s output ``L.resid_post`` *is* block ``L+1``'s input
+``L+1.resid_pre``, so scoring both would list one tensor twice (and a top-k cross-section
+could spend two of its k slots on it). The grid keeps ``resid_pre`` (layer 0's is the
+embeddings) and drops ``L.resid_post`` whenever ``L+1.resid_pre`` is in the grid, so by
+default only the last block's ``resid_post`` (the stream that feeds the unembedding)
+remains. ``resid_pre`` is the name the rest of sage_nn keys residual SAEs by (the residual
+that feeds a layer's attention sites; :mod:`sage_nn.reconstruction` serves ``L.resid_post``
+from ``L+1.resid_pre``), so a residual site of a cross-section and the residual that feeds a
+sublayer site of the same layer resolve to one SAE.
+
 Scores are an ``xarray.DataArray`` with dims ``(attribute, layer, kind, head, position)``.
 Head convention (no NaN): ``head`` runs over ``-1, 0 .. n_heads-1``; per-head kinds
 (q/k/v/z) use heads ``0..``, the other kinds use ``head = -1``; cells that are not a site
-(e.g. ``resid_pre`` at head 3, or ``k`` beyond the KV heads) hold 0 and are marked False in
-the ``is_site`` coordinate ``(kind, head)``. :func:`ranked` lists only real sites.
+(e.g. ``resid_pre`` at head 3, ``k`` beyond the KV heads, or a ``resid_post`` that is the
+next layer's ``resid_pre``) hold 0 and are marked False in the ``is_site`` coordinate
+``(layer, kind, head)``. :func:`ranked` lists only real sites.
 """
 
 from __future__ import annotations
@@ -99,7 +110,8 @@ class AttributionPatching:
         kinds, layers, positions, attributes = self._grid(ad, dataset)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        grid = [(layer, kind) for layer in layers for kind in kinds]
+        grid = [(layer, kind) for layer in layers for kind in kinds
+                if not _aliased(layer, kind, layers, kinds)]
         n, n_heads = len(dataset.prompts), ad.n_heads
         device = model_device(model)
         delta = np.zeros((len(attributes), len(layers), len(kinds), n_heads + 1, len(positions)))
@@ -131,15 +143,16 @@ class AttributionPatching:
                               f"{self.min_effect}; its normalised scores are unreliable, use "
                               "the raw deltas", stacklevel=2)
         heads = np.arange(-1, n_heads)
-        is_site = np.array([[(h >= 0 and h < ad.n_heads_of(k)) if k in HEAD_KINDS else h < 0
-                             for h in heads] for k in kinds])
+        is_site = np.array([[[(0 <= h < ad.n_heads_of(k)) if k in HEAD_KINDS else
+                              h < 0 and (layer, k) in grid for h in heads] for k in kinds]
+                            for layer in layers])
         dims = ("attribute", "layer", "kind", "head", "position")
         self.result_ = xr.Dataset(
             {"score": (dims, score), "delta": (dims, delta),
              "counterfactual_logit_diff": ("attribute", cf_ld),
              "total_effect": ("attribute", total), "small_effect": ("attribute", small)},
             coords={"attribute": attributes, "layer": layers, "kind": kinds, "head": heads,
-                    "position": positions, "is_site": (("kind", "head"), is_site)},
+                    "position": positions, "is_site": (("layer", "kind", "head"), is_site)},
             attrs={"format": SCORES_FORMAT, "model": str(model.config._name_or_path),
                    "task": str(getattr(dataset, "name", "")), "n_prompts": n,
                    "clean_logit_diff": clean_ld, "min_effect": self.min_effect,
@@ -151,6 +164,11 @@ class AttributionPatching:
 
     def save(self, path: str | Path) -> Path:
         return save_scores(self.result_, path)
+
+
+def _aliased(layer: int, kind: str, layers: Sequence[int], kinds: Sequence[str]) -> bool:
+    """``L.resid_post`` is ``L+1.resid_pre``: score that tensor once, by its resid_pre name."""
+    return kind == "resid_post" and "resid_pre" in kinds and layer + 1 in layers
 
 
 def _rows_cols(batch, positions_per_row: Sequence[np.ndarray], device):
@@ -292,7 +310,13 @@ def load_scores(path: str | Path) -> xr.Dataset:
     ds = xr.load_dataset(path, engine="h5netcdf")
     if ds.attrs.get("format") != SCORES_FORMAT:
         raise ValueError(f"{path} is not a sage_nn discovery scores file")
-    ds = ds.assign_coords(is_site=ds.is_site.astype(bool))
+    is_site = ds.is_site.astype(bool)
+    if "layer" not in is_site.dims:  # written before residual aliases were dropped
+        layers, kinds = list(ds.layer.values), list(ds.kind.values)
+        alias = xr.DataArray([[_aliased(l, k, layers, kinds) for k in kinds] for l in layers],
+                             dims=("layer", "kind"), coords={"layer": layers, "kind": kinds})
+        is_site = (is_site & ~alias).transpose("layer", "kind", "head")
+    ds = ds.assign_coords(is_site=is_site)
     return ds.assign(small_effect=ds.small_effect.astype(bool))
 
 
@@ -367,12 +391,12 @@ def plot_heatmaps(result: xr.Dataset, attribute: str, out_dir: str | Path) -> li
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sub = result.score.sel(attribute=attribute)
+    sub = result.score.sel(attribute=attribute).where(result.is_site)  # non-sites blank
     vmax = float(np.abs(sub).max()) or 1.0
     positions = list(result.position.values)
     paths = []
-    panels = [(k, sub.sel(kind=k, head=[h for h in result["head"].values
-                                         if bool(result.is_site.sel(kind=k, head=h))]))
+    panels = [(k, sub.sel(kind=k, head=result["head"].values[
+                  result.is_site.sel(kind=k).any("layer").values]))
               for k in result.kind.values if k in HEAD_KINDS]
     other = [k for k in result.kind.values if k not in HEAD_KINDS]
     if other:

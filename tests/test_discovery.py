@@ -17,8 +17,9 @@ import xarray as xr
 from sage_nn import tiny_random_model
 from sage_nn.activations import encode
 from sage_nn.discovery import (AttributionPatching, DiscoveryConfig, discover, load_scores,
-                               ranked, select_cross_section, validate)
+                               ranked, save_scores, select_cross_section, validate)
 from sage_nn.interventions import logit_diff
+from sage_nn.sites import Site
 from test_interventions import ARCHITECTURES, tiny_ioi
 
 CARRIER = 2  # the one head (layer 1) that carries every earlier token to the output
@@ -122,8 +123,10 @@ def test_grid_identities_on_every_architecture(arch):
     ds = tiny_ioi(model, n=5)
     fit = AttributionPatching(min_effect=0, batch_size=3).fit(model, ds)
     d = fit.deltas_
-    # the block output is the next block's input: the same tensor, the same scores
-    np.testing.assert_allclose(d.sel(kind="resid_post", layer=0).values,
+    # the block output is the next block's input: the same tensor, the same scores; alone
+    # in a grid, resid_post is scored at every layer
+    post = AttributionPatching(min_effect=0, kinds=["resid_post"]).fit(model, ds).deltas_
+    np.testing.assert_allclose(post.sel(kind="resid_post", layer=0).values,
                                d.sel(kind="resid_pre", layer=1).values, rtol=1e-5, atol=1e-9)
     if arch != "gemma2":  # attn_out is linear in z (Gemma 2 adds a post-norm)
         np.testing.assert_allclose(d.sel(kind="z").sum("head").values,
@@ -131,11 +134,35 @@ def test_grid_identities_on_every_architecture(arch):
     mask = fit.scores_.is_site
     assert ("resid_mid" in fit.scores_.kind.values) == (arch != "gpt_neox")
     n_kv = 2 if arch in ("llama", "qwen2", "gemma2") else 4
-    assert int(mask.sel(kind="k").sum()) == n_kv and int(mask.sel(kind="z").sum()) == 4
-    assert bool(mask.sel(kind="resid_pre", head=-1)) and not bool(mask.sel(kind="z", head=-1))
+    assert int(mask.sel(kind="k").sum()) == 2 * n_kv and int(mask.sel(kind="z").sum()) == 2 * 4
+    assert bool(mask.sel(kind="resid_pre", head=-1).all())
+    assert not bool(mask.sel(kind="z", head=-1).any())
+    # one name per residual tensor: only the last block's output keeps its resid_post name
+    assert mask.sel(kind="resid_post", head=-1).values.tolist() == [False, True]
     assert float(np.abs(d.where(~mask, 0)).max()) == 0  # non-sites hold 0, no NaN
     assert np.isfinite(fit.scores_.values).all()
-    assert len(ranked(fit.result_, "io")) == int(mask.sum()) * 2 * 4  # layers x positions
+    table = ranked(fit.result_, "io")
+    assert len(table) == int(mask.sum()) * 4  # x positions
+    assert "L0.resid_post" not in set(table.site) and "L1.resid_pre" in set(table.site)
+
+
+def test_a_cross_section_never_names_one_tensor_twice(carrier, tmp_path):
+    _, _, fit = carrier
+    last = int(fit.result_.layer[-1])
+    for attribute in ("io", "s"):
+        sel = ranked(fit.result_, attribute)  # every site, the candidates of any selection
+        assert len(sel) == int(fit.result_.is_site.sum()) * len(fit.result_.position)
+        post = {(Site.parse(s).layer, p) for s, p in zip(sel.site, sel.position)
+                if s.endswith("resid_post")}
+        pre = {(Site.parse(s).layer - 1, p) for s, p in zip(sel.site, sel.position)
+               if s.endswith("resid_pre")}
+        assert post and {layer for layer, _ in post} == {last} and not post & pre
+    # scores written before the aliases were dropped (is_site over (kind, head)) load without
+    old = fit.result_.assign_coords(is_site=fit.result_.is_site.any("layer") |
+                                    (fit.result_.kind == "resid_post") & (fit.result_["head"] < 0))
+    back = load_scores(save_scores(old, tmp_path / "old.nc"))
+    assert back.is_site.dims == ("layer", "kind", "head")
+    assert (back.is_site == fit.result_.is_site).all()
 
 
 def test_batching_does_not_change_scores(carrier):
