@@ -24,6 +24,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from .remote import run_kernel
 from .sites import HEAD_KINDS, KINDS, Site, adapter
 
 STORE_FORMAT = "sage_nn.activations/1"
@@ -82,7 +83,9 @@ def batches(n: int, batch_size: int, progress: bool | str = False):
 
 
 def model_device(model: Any) -> torch.device:
-    return next(model._module.parameters()).device
+    """Where inputs go: the weights' device (the CPU for a remote model's meta weights)."""
+    device = next(model._module.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 # -- collection -----------------------------------------------------------------------
@@ -136,11 +139,11 @@ def _grid(model: Any, sites: Sequence[Site | str]) -> _Grid:
                  {k: sorted(heads[ad.head_dim(k)]) for k in kinds if k in HEAD_KINDS})
 
 
-def _run_batch(model, batch: Batch, grid: _Grid, rows_positions) -> dict:
-    """One trace reads every (layer, kind) of the grid, in execution order."""
+def _run_batch(model, inputs: dict, grid: _Grid, rows_positions) -> dict:
+    """One trace reads every (layer, kind) of the grid, in execution order (a remote kernel)."""
     ad = adapter(model)
     saved = {}
-    with torch.no_grad(), model.trace(batch.inputs):
+    with torch.no_grad(), model.trace(inputs):
         for layer in grid.layers:
             for kind in grid.kinds:
                 t = ad.tensor(model, layer, kind)
@@ -163,6 +166,7 @@ def collect(
     batch_size: int = 32,
     store: str | Path | None = None,
     progress: bool = True,
+    remote: Any = None,
 ) -> xr.Dataset:
     """Collect activations at ``sites`` for ``prompts``, one trace per batch.
 
@@ -171,7 +175,8 @@ def collect(
     end), or lists shared indices like ``[-1]``; ``None`` keeps every token, with NaN past
     a prompt's end. ``coords`` (a table, one row per prompt) becomes prompt coordinates.
     ``store`` (``.zarr`` or ``.nc``) writes to disk and returns the lazily reopened store;
-    zarr is written batch by batch so it may exceed memory.
+    zarr is written batch by batch so it may exceed memory. ``remote`` runs the traces
+    elsewhere (see :mod:`sage_nn.remote`): full activations are then downloaded.
     """
     prompts, positions, coords = _as_prompt_set(prompts, positions, coords)
     ad = adapter(model)
@@ -182,14 +187,20 @@ def collect(
     device = model_device(model)
     lengths = [len(ids) for ids in model.tokenizer(prompts)["input_ids"]]
     max_len = max(lengths)
-    parts, written = [], False
-    for idx in batches(len(prompts), batch_size, progress and "collect"):
-        batch = encode(model, [prompts[i] for i in idx], device)
-        rows_positions = None
-        if positions is not None:
-            cols = torch.stack([batch.index(p[idx]) for p in positions.values()], 1)
-            rows_positions = (torch.arange(len(idx))[:, None], cols.to(device))
-        saved = _run_batch(model, batch, grid, rows_positions)
+    parts, written, prepared = [], False, []
+
+    def chunks():
+        for idx in batches(len(prompts), batch_size, progress and "collect"):
+            batch = encode(model, [prompts[i] for i in idx], device)
+            rows_positions = None
+            if positions is not None:
+                cols = torch.stack([batch.index(p[idx]) for p in positions.values()], 1)
+                rows_positions = (torch.arange(len(idx))[:, None], cols.to(device))
+            prepared.append((idx, batch))
+            yield batch.inputs, grid, rows_positions
+
+    for saved in run_kernel(model, _run_batch, chunks(), remote, stage="collect"):
+        idx, batch = prepared.pop(0)
         part = _to_dataset(ad, grid, saved, batch, idx, positions, max_len)
         _check_finite(part, batch)
         if store is not None and store.suffix == ".zarr":

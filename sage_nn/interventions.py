@@ -25,6 +25,7 @@ import torch
 import xarray as xr
 
 from .activations import batches, collect, encode, model_device
+from .remote import run_kernel
 from .sites import HEAD_KINDS, KINDS, Site, adapter
 
 
@@ -94,13 +95,14 @@ def run_patched(
     batch_size: int = 32,
     max_rows: int = 256,
     progress: bool = False,
+    remote: Any = None,
 ) -> xr.Dataset:
     """Run ``data`` under every variant; one forward serves up to ``max_rows`` rows.
 
     ``data`` is a task dataset or a list of prompts (then pass ``answer_ids`` and
     ``distractor_ids``, one per prompt or one for all). Returns a Dataset with
-    ``logit_diff`` and ``top1`` (the argmax token id at the last position), both
-    ``(variant, prompt)``; ``variant`` is labelled by ``names`` (default: the joined patch
+    ``logit_diff``, ``answer_logprob`` and ``top1`` (the argmax token id), all at the last
+    position and ``(variant, prompt)``; ``variant`` is labelled by ``names`` (default: the joined patch
     labels, ``"clean"`` for an empty variant).
     """
     prompts, answer_ids, distractor_ids = _prompt_set(data, answer_ids, distractor_ids)
@@ -122,23 +124,30 @@ def run_patched(
     if len(names) != len(variants):
         raise ValueError(f"{len(names)} names for {len(variants)} variants")
     dtype = next(model._module.parameters()).dtype
-    ld = np.zeros((len(variants), n), dtype=np.float32)
-    top1 = np.zeros((len(variants), n), dtype=np.int64)
-    for idx in batches(n, batch_size, progress and "patch"):
-        batch = encode(model, [prompts[i] for i in idx], device)
-        b = len(idx)
-        per_forward = max(1, max_rows // b)
-        for start in range(0, len(variants), per_forward):
-            chunk = range(start, min(start + per_forward, len(variants)))
-            writes = _writes(ad, batch, idx, [variants[v] for v in chunk], device, dtype)
-            inputs = {k: t.repeat(len(chunk), 1) for k, t in batch.inputs.items()}
-            answer = torch.as_tensor(np.tile(answer_ids[idx], len(chunk)), device=device)
-            distractor = torch.as_tensor(np.tile(distractor_ids[idx], len(chunk)), device=device)
-            out_ld, out_top = _patched_forward(model, ad, inputs, writes, answer, distractor)
-            ld[chunk.start:chunk.stop, idx] = out_ld.float().cpu().numpy().reshape(len(chunk), b)
-            top1[chunk.start:chunk.stop, idx] = out_top.cpu().numpy().reshape(len(chunk), b)
+    shape = (len(variants), n)
+    ld, logp = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    top1 = np.zeros(shape, np.int64)
+    prepared = []
+
+    def chunks():
+        for idx in batches(n, batch_size, progress and "patch"):
+            batch = encode(model, [prompts[i] for i in idx], device)
+            per_forward = max(1, max_rows // len(idx))
+            for start in range(0, len(variants), per_forward):
+                chunk = range(start, min(start + per_forward, len(variants)))
+                writes = _writes(ad, batch, idx, [variants[v] for v in chunk], device, dtype)
+                inputs = {k: t.repeat(len(chunk), 1) for k, t in batch.inputs.items()}
+                tile = lambda ids: torch.as_tensor(np.tile(ids[idx], len(chunk)), device=device)  # noqa: E731
+                prepared.append((idx, chunk))
+                yield inputs, writes, tile(answer_ids), tile(distractor_ids)
+
+    for out in run_kernel(model, _patched_forward, chunks(), remote, stage="patch"):
+        idx, chunk = prepared.pop(0)
+        for array, values in zip((ld, logp, top1), out):
+            array[chunk.start:chunk.stop, idx] = values.cpu().numpy().reshape(len(chunk), len(idx))
     return xr.Dataset(
-        {"logit_diff": (("variant", "prompt"), ld), "top1": (("variant", "prompt"), top1)},
+        {"logit_diff": (("variant", "prompt"), ld), "answer_logprob": (("variant", "prompt"), logp),
+         "top1": (("variant", "prompt"), top1)},
         coords={"variant": list(names), "prompt": np.arange(n)},
     )
 
@@ -166,16 +175,21 @@ def _writes(ad, batch, idx, variants, device, dtype) -> dict:
     return writes
 
 
-def _patched_forward(model, ad, inputs, writes, answer, distractor):
+def _patched_forward(model, inputs, writes, answer, distractor):
+    """One forward with every write applied (a remote kernel): the logit difference, the
+    answer's log-probability and the top token at the last position, per row."""
+    ad = adapter(model)
     with torch.no_grad(), model.trace(inputs):
         for layer, kind in sorted(writes, key=lambda k: (k[0], KINDS.index(k[1]))):
             rows, cols, chans, values = writes[(layer, kind)]
             t = ad.tensor(model, layer, kind)
             t[rows, cols, chans] = values
-        logits = model.output.logits[:, -1]
-        out_ld = logit_diff(logits, answer, distractor).save()
-        out_top = logits.argmax(-1).save()
-    return out_ld, out_top
+        logits = model.output.logits[:, -1].float()
+        rows = torch.arange(len(answer), device=logits.device)
+        out = [logit_diff(logits, answer, distractor),
+               logits.log_softmax(-1)[rows, answer], logits.argmax(-1)]
+        out.save()
+    return out
 
 
 def site_values(model: Any, data: Any, pairs: Sequence[tuple], *, batch_size: int = 32

@@ -1,0 +1,201 @@
+"""Where a stage's forward passes run: here, on NDIF, or in a faithful simulation of NDIF.
+
+Every stage that runs the model is split in three: *prepare* here (tokenize, build patch
+indices), a *kernel* that runs the traces (plain torch: the only code that touches the
+model), and *assemble* here (xarray, scikit-learn). :func:`run_kernel` runs the kernel over
+the prepared chunks of prompts. Locally it calls it chunk by chunk; remotely all chunks go
+in one nnsight session, so one request (or one per ``max_prompts`` prompts), and only what
+the kernel returns comes back::
+
+    with model.session(remote=True):          # one request
+        out = [kernel(model, *chunk) for chunk in chunks]
+        nnsight.save(out)
+
+The kernel and what it calls ship by value (``sage_nn`` registers itself, so a pip or
+editable install works) and import only what an NDIF server has (:data:`SERVER_MODULES`).
+The NDIF API key is nnsight's (``NDIF_API_KEY`` or nnsight's config); sage_nn never stores it.
+
+Backends for testing without a server: nnsight's own ``remote="local"`` (serialize, hide
+local modules, deserialize, run in-process) and :class:`FreshProcessBackend`, which runs
+each request in a new Python process that cannot import sage_nn or any non-server package.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from nnsight.tracing.backend import Backend
+
+#: The top-level packages an NDIF server can import for traced code (besides the stdlib).
+SERVER_MODULES = ("torch", "numpy", "einops", "nnsight", "transformers")
+#: sage_nn's own dependencies that a server does not have; the fresh-process backend blocks them.
+NOT_ON_SERVER = ("sage_nn", "sae_lens", "xarray", "sklearn", "pandas", "zarr", "dask",
+                 "h5netcdf", "h5py", "matplotlib")
+
+_SERVER_SCRIPT = Path(__file__).with_name("_server.py")
+
+
+@dataclass
+class Remote:
+    """How a stage runs its traces.
+
+    ``backend``: ``False`` (here, no session), ``True`` (NDIF), ``"local"`` (nnsight's
+    offline simulation of NDIF), a host URL, or an nnsight ``Backend`` object.
+    ``max_prompts`` caps the prompts per request (``None``: the whole stage in one request).
+    A request that fails to reach the server is retried ``retries`` times, waiting
+    ``backoff_s``, then twice that, and so on.
+    """
+
+    backend: Any = False
+    max_prompts: int | None = None
+    retries: int = 3
+    backoff_s: float = 5.0
+    verbose: bool = False
+    requests: list = field(default_factory=list, repr=False)  # (stage, n_prompts) per request
+
+    @property
+    def is_remote(self) -> bool:
+        return self.backend is not False and self.backend is not None
+
+    def session(self, model: Any) -> Any:
+        if isinstance(self.backend, Backend):
+            return model.session(backend=self.backend)
+        return model.session(remote=self.backend, verbose=self.verbose)
+
+
+LOCAL = Remote()
+
+
+def as_remote(remote: Any) -> Remote:
+    """``None``/``False`` -> local; ``True``/``"local"``/a URL/a Backend -> that backend."""
+    if isinstance(remote, Remote):
+        return remote
+    return LOCAL if remote is None or remote is False else Remote(backend=remote)
+
+
+def register() -> None:
+    """Ship sage_nn by value, so a server without sage_nn can run its kernels."""
+    import nnsight
+
+    nnsight.register("sage_nn")
+
+
+def _size(chunk: tuple) -> int:
+    return len(chunk[0]["input_ids"])  # a kernel's first argument is the model inputs
+
+
+def _requests(chunks: Iterable[tuple], max_prompts: int | None) -> Iterator[list[tuple]]:
+    group, n = [], 0
+    for chunk in chunks:
+        if group and max_prompts is not None and n + _size(chunk) > max_prompts:
+            yield group
+            group, n = [], 0
+        group.append(chunk)
+        n += _size(chunk)
+    if group:
+        yield group
+
+
+def _is_transient(error: BaseException) -> bool:
+    """A failure to reach the server (worth retrying), not an error in the request."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    name = type(error).__module__ + "." + type(error).__name__
+    return name.startswith(("httpx.", "websocket.", "httpcore."))
+
+
+def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: Any = None,
+               *, stage: str = "") -> Iterator[Any]:
+    """Yield ``kernel(model, *chunk)`` for each chunk, in order.
+
+    Locally each chunk runs as it is consumed. Remotely, chunks are grouped into requests of
+    at most ``max_prompts`` prompts; each request is one nnsight session, retried on
+    connection failures; a request's results are yielded once it returns.
+    """
+    remote = as_remote(remote)
+    if not remote.is_remote:
+        for chunk in chunks:
+            yield kernel(model, *chunk)
+        return
+    register()
+    for group in _requests(chunks, remote.max_prompts):
+        for attempt in range(remote.retries + 1):
+            try:
+                out = _session(model, kernel, group, remote)
+                break
+            except Exception as error:  # noqa: BLE001 (re-raised unless transient)
+                if not _is_transient(error) or attempt == remote.retries:
+                    raise
+                wait = remote.backoff_s * 2 ** attempt
+                print(f"sage_nn: request for {stage or kernel.__name__} failed ({error}); "
+                      f"retrying in {wait:.0f} s", file=sys.stderr)
+                time.sleep(wait)
+        remote.requests.append((stage or kernel.__name__, sum(map(_size, group))))
+        yield from out
+
+
+def _session(model: Any, kernel: Callable, group: list[tuple], remote: Remote) -> list:
+    with remote.session(model):
+        out = [kernel(model, *chunk) for chunk in group]
+        out.save()
+    return out
+
+
+class FreshProcessBackend(Backend):
+    """An nnsight backend that runs each request like a server would, offline.
+
+    The request is serialized exactly as for NDIF, then deserialized and run in a new
+    Python process that loads the model from ``model_dir`` (``save_pretrained`` format)
+    and cannot import sage_nn or any package in :data:`NOT_ON_SERVER`. Only the saved
+    values come back. ``request_bytes`` and ``result_bytes`` record each request's sizes.
+    """
+
+    def __init__(self, model_dir: str | Path, timeout_s: float = 600):
+        self.model_dir = Path(model_dir)
+        self.timeout_s = timeout_s
+        self.request_bytes: list[int] = []
+        self.result_bytes: list[int] = []
+
+    @classmethod
+    def for_model(cls, model: Any, directory: str | Path | None = None) -> "FreshProcessBackend":
+        """Save ``model`` (weights and tokenizer) for the server process to load."""
+        directory = Path(directory or tempfile.mkdtemp(prefix="sage_nn_server_"))
+        if not (directory / "config.json").exists():
+            model._module.save_pretrained(directory)
+            model.tokenizer.save_pretrained(directory)
+        return cls(directory)
+
+    def __call__(self, tracer: Any) -> None:
+        from nnsight.schema.request import RequestModel
+        from nnsight.tracing.tracer import save
+        from nnsight.tracing.util import push
+
+        from nnsight.ndif import pull_env
+
+        pull_env()
+        blob = RequestModel.serialize(tracer)
+        self.request_bytes.append(len(blob))
+        with tempfile.TemporaryDirectory(prefix="sage_nn_request_") as tmp:
+            request, result = Path(tmp) / "request", Path(tmp) / "result"
+            request.write_bytes(blob)
+            proc = subprocess.run(
+                [sys.executable, str(_SERVER_SCRIPT), str(self.model_dir), str(request),
+                 str(result), ",".join(NOT_ON_SERVER)],
+                capture_output=True, text=True, timeout=self.timeout_s, cwd=tmp)
+            if proc.returncode != 0:
+                raise RuntimeError(f"the request failed in the server process:\n{proc.stderr[-4000:]}")
+            content = result.read_bytes()
+        self.result_bytes.append(len(content))
+        values = torch.load(io.BytesIO(content), map_location="cpu", weights_only=False)
+        for value in values.values():  # as nnsight's RemoteBackend: saved, back in the frame
+            save(value)
+        push(tracer.info.frame, values)
