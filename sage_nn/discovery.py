@@ -15,6 +15,9 @@ number, so read its raw ``delta`` instead (rankings are the same).
 
 Each batch costs one counterfactual forward (all attributes stacked along the batch) and one
 clean forward+backward; every site of the grid is scored from them, never a pass per site.
+The optional integrated-gradients variant (``ig_steps``, see :class:`AttributionPatching`)
+replaces ``dm/da |_x`` by its mean over a few points between ``x`` and ``x'``, each one
+forward+backward that still scores every site.
 
 One name per residual tensor: block ``L``'s output ``L.resid_post`` *is* block ``L+1``'s input
 ``L+1.resid_pre``, so scoring both would list one tensor twice (and a top-k cross-section
@@ -50,7 +53,7 @@ import xarray as xr
 
 from .activations import batches, encode, model_device
 from .interventions import counterfactual_patches, logit_diff, run_patched
-from .sites import HEAD_KINDS, KINDS, Site, adapter
+from .sites import HEAD_KINDS, KINDS, Site, _path, adapter
 
 SCORES_FORMAT = "sage_nn.discovery/1"
 
@@ -63,6 +66,12 @@ class AttributionPatching:
     Hyperparameters: ``kinds`` / ``layers`` / ``positions`` / ``attributes`` restrict the
     grid (default: everything the model and dataset have); ``batch_size`` prompts per
     forward; ``min_effect`` (logits) is the smallest |total effect| worth normalising by.
+    ``ig_steps`` = 0 (default) takes the gradient at the clean run (one clean
+    forward+backward per batch). ``ig_steps`` = k > 0 averages it over k points along the
+    straight line from the clean to the counterfactual embeddings (integrated gradients on
+    the input, as EAP-IG); each point is one forward+backward of all attributes' prompts that
+    still scores every site, so it costs about k x attributes clean passes. It needs each
+    counterfactual to have as many tokens as its clean prompt.
 
     Fitted: ``result_`` (Dataset: ``score``, ``delta`` and per-attribute effects),
     ``scores_`` and ``deltas_`` (its DataArrays), ``effects_`` (a table per attribute).
@@ -71,13 +80,14 @@ class AttributionPatching:
     def __init__(self, kinds: Sequence[str] | None = None, layers: Sequence[int] | None = None,
                  positions: Sequence[str] | None = None,
                  attributes: Sequence[str] | None = None, batch_size: int = 16,
-                 min_effect: float = 1.0, progress: bool = False):
+                 min_effect: float = 1.0, ig_steps: int = 0, progress: bool = False):
         self.kinds = kinds
         self.layers = layers
         self.positions = positions
         self.attributes = attributes
         self.batch_size = batch_size
         self.min_effect = min_effect
+        self.ig_steps = ig_steps
         self.progress = progress
 
     # grid -------------------------------------------------------------------------
@@ -110,6 +120,9 @@ class AttributionPatching:
         kinds, layers, positions, attributes = self._grid(ad, dataset)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.ig_steps < 0:
+            raise ValueError(f"ig_steps must be >= 0 (0: plain attribution patching), got "
+                             f"{self.ig_steps}")
         grid = [(layer, kind) for layer in layers for kind in kinds
                 if not _aliased(layer, kind, layers, kinds)]
         n, n_heads = len(dataset.prompts), ad.n_heads
@@ -117,10 +130,8 @@ class AttributionPatching:
         delta = np.zeros((len(attributes), len(layers), len(kinds), n_heads + 1, len(positions)))
         clean_sum, cf_sum = 0.0, np.zeros(len(attributes))
         for idx in batches(n, self.batch_size, self.progress and "attribution"):
-            cf_vals, cf_ld = _counterfactual_forward(
-                model, ad, dataset, attributes, positions, grid, idx, device)
-            contrib, ld = _clean_forward_backward(
-                model, ad, dataset, positions, grid, idx, cf_vals, len(attributes), device)
+            contrib, ld, cf_ld = _score_batch(model, ad, dataset, attributes, positions, grid,
+                                              idx, device, self.ig_steps)
             for (layer, kind), c in contrib.items():
                 li, ki = layers.index(layer), kinds.index(kind)
                 c = c.double().cpu().numpy()  # [attribute, position, heads] or [attribute, position]
@@ -156,7 +167,10 @@ class AttributionPatching:
             attrs={"format": SCORES_FORMAT, "model": str(model.config._name_or_path),
                    "task": str(getattr(dataset, "name", "")), "n_prompts": n,
                    "clean_logit_diff": clean_ld, "min_effect": self.min_effect,
-                   "method": "attribution patching; score = delta / total_effect"})
+                   "ig_steps": int(self.ig_steps),
+                   "method": ("attribution patching" if not self.ig_steps else
+                              f"attribution patching, integrated gradients ({self.ig_steps} "
+                              "steps on the embeddings)") + "; score = delta / total_effect"})
         self.scores_ = self.result_.score
         self.deltas_ = self.result_.delta
         self.effects_ = effects_table(self.result_)
@@ -177,54 +191,107 @@ def _rows_cols(batch, positions_per_row: Sequence[np.ndarray], device):
     return rows, cols
 
 
-def _counterfactual_forward(model, ad, dataset, attributes, positions, grid, idx, device):
-    """Site values at the named positions of every attribute's counterfactual, stacked."""
+def _score_batch(model, ad, dataset, attributes, positions, grid, idx, device, ig_steps):
+    """One batch of prompts: every grid site's summed contribution per attribute
+    (``{(layer, kind): [attribute, position(, head)]}``), the clean logit differences and
+    the counterfactual ones (``[attribute * batch]``)."""
     cfs = [dataset.counterfactuals[a] for a in attributes]
-    prompts = [cf.prompts[i] for cf in cfs for i in idx]
-    batch = encode(model, prompts, device)
-    rows, cols = _rows_cols(
-        batch, [np.concatenate([cf.positions[p][idx] for cf in cfs]) for p in positions], device)
-    answer = torch.as_tensor(np.tile(dataset.answer_ids[idx], len(cfs)), device=device)
-    distractor = torch.as_tensor(np.tile(dataset.distractor_ids[idx], len(cfs)), device=device)
-    with torch.no_grad(), model.trace(batch.inputs):
+    n_attr, b = len(cfs), len(idx)
+    clean = encode(model, [dataset.prompts[i] for i in idx], device)
+    cf = encode(model, [c.prompts[i] for c in cfs for i in idx], device)
+    clean_at = _rows_cols(clean, [dataset.positions[p][idx] for p in positions], device)
+    cf_at = _rows_cols(cf, [np.concatenate([c.positions[p][idx] for c in cfs])
+                            for p in positions], device)
+    answer = torch.as_tensor(np.tile(dataset.answer_ids[idx], n_attr), device=device)
+    distractor = torch.as_tensor(np.tile(dataset.distractor_ids[idx], n_attr), device=device)
+    cf_values, cf_ld, cf_embed = _forward(model, ad, cf.inputs, grid, *cf_at, answer, distractor,
+                                          embeddings=ig_steps > 0)
+    if not ig_steps:
+        values, grads, ld = _forward_backward(model, ad, clean.inputs, grid, *clean_at,
+                                              answer[:b], distractor[:b])
+        grads = {key: g.repeat(n_attr, 1, 1) for key, g in grads.items()}
+    else:
+        _check_aligned(clean, cf, attributes, idx)
+        values, ld, embed = _forward(model, ad, clean.inputs, grid, *clean_at, answer[:b],
+                                     distractor[:b], embeddings=True)
+        # Integrated gradients: the mean gradient at k midpoints of the straight line from
+        # the clean to the counterfactual embeddings; each step is one forward+backward of
+        # every attribute's interpolated batch and scores all sites at once.
+        inputs = {k: t.repeat(n_attr, 1) for k, t in clean.inputs.items()}
+        cols = clean_at[1].repeat(n_attr, 1)  # the clean tokens: the batch is aligned
+        rows = torch.arange(len(cols), device=device)[:, None]
+        embed = embed.repeat(n_attr, 1, 1)
+        grads = {}
+        for alpha in (np.arange(ig_steps) + 0.5) / ig_steps:
+            mix = embed + float(alpha) * (cf_embed - embed)
+            _, step, _ = _forward_backward(model, ad, inputs, grid, rows, cols, answer,
+                                           distractor, embeddings=mix)
+            for key, g in step.items():
+                grads[key] = grads.get(key, 0) + g / ig_steps
+    contrib = {}
+    for key in grid:
+        # (a(x') - a(x)) . grad, per attribute, summed over prompts and over each head's dims
+        c = (cf_values[key] - values[key].repeat(n_attr, 1, 1)) * grads[key]
+        if key[1] in HEAD_KINDS:
+            c = c.unflatten(-1, (ad.n_heads_of(key[1]), ad.d_head))
+        contrib[key] = c.sum(-1).unflatten(0, (n_attr, b)).sum(1)
+    return contrib, ld, cf_ld
+
+
+def _check_aligned(clean, cf, attributes, idx):
+    lengths = clean.lengths.repeat(len(attributes))
+    bad = np.flatnonzero((cf.lengths != lengths).cpu().numpy())
+    if len(bad):
+        i = bad[0]
+        raise ValueError(
+            f"ig_steps > 0 interpolates the embeddings of each clean prompt and its "
+            f"counterfactual token by token, so they need the same number of tokens; attribute "
+            f"{attributes[i // len(idx)]!r}, prompt {idx[i % len(idx)]} has "
+            f"{int(lengths[i])} clean and {int(cf.lengths[i])} counterfactual tokens. Use "
+            "ig_steps=0 (plain attribution patching) for this dataset")
+
+
+def _forward(model, ad, inputs, grid, rows, cols, answer, distractor, embeddings=False):
+    """Every grid tensor at (rows, cols) (``[row, position, channels]``), the logit
+    differences and, with ``embeddings``, layer 0's whole input."""
+    with torch.no_grad(), model.trace(inputs):
         values = {}
+        if embeddings:
+            values["embeddings"] = ad.tensor(model, 0, "resid_pre")
         for layer, kind in grid:
             t = ad.tensor(model, layer, kind)[..., ad.channels(kind)]
-            values[(layer, kind)] = t[rows, cols]  # [attribute * batch, position, channels]
+            values[(layer, kind)] = t[rows, cols]
         values.save()
         ld = logit_diff(model.output.logits[:, -1], answer, distractor).save()
-    return values, ld
+    return values, ld, values.pop("embeddings", None)
 
 
-def _clean_forward_backward(model, ad, dataset, positions, grid, idx, cf_values, n_attr, device):
-    """One forward and one backward of the clean batch; reduces every site in the trace."""
-    batch = encode(model, [dataset.prompts[i] for i in idx], device)
-    rows, cols = _rows_cols(batch, [dataset.positions[p][idx] for p in positions], device)
-    answer = torch.as_tensor(dataset.answer_ids[idx], device=device)
-    distractor = torch.as_tensor(dataset.distractor_ids[idx], device=device)
-    b = len(idx)
-    with torch.enable_grad(), model.trace(batch.inputs):
-        # Gradients w.r.t. activations only: a frozen model gets its graph from here.
-        first = ad.tensor(model, 0, "resid_pre")
-        if not first.requires_grad:
-            first.requires_grad_(True)
+def _forward_backward(model, ad, inputs, grid, rows, cols, answer, distractor,
+                      embeddings=None):
+    """One forward and one backward: every grid tensor and its gradient of the summed logit
+    difference, at (rows, cols). ``embeddings`` replace layer 0's input when given."""
+    with torch.enable_grad(), model.trace(inputs):
+        block0 = _path(model, ad.arch.layers)[0]
+        if embeddings is not None:
+            first = embeddings.detach().requires_grad_(True)
+            block0.input = first
+        else:
+            # Gradients w.r.t. activations only: a frozen model gets its graph from here.
+            first = block0.input
+            if not first.requires_grad:
+                first.requires_grad_(True)
         tensors = [first if key == (0, "resid_pre") else ad.tensor(model, *key) for key in grid]
         ld = logit_diff(model.output.logits[:, -1], answer, distractor)
         grads = torch.autograd.grad(ld.sum(), tensors, allow_unused=True)
-        contrib = {}
+        values, out = {}, {}
         for key, t, g in zip(grid, tensors, grads):
-            kind = key[1]
-            ch = ad.channels(kind)
-            a = t.detach()[..., ch][rows, cols]  # [batch, position, channels]
-            g = torch.zeros_like(a) if g is None else g[..., ch][rows, cols]
-            diff = cf_values[key].reshape(n_attr, b, *a.shape[1:]) - a
-            c = diff * g
-            if kind in HEAD_KINDS:
-                c = c.unflatten(-1, (ad.n_heads_of(kind), ad.d_head))
-            contrib[key] = c.sum(-1).sum(1)  # [attribute, position(, head)]
-        contrib.save()
+            ch = ad.channels(key[1])
+            values[key] = t.detach()[..., ch][rows, cols]
+            out[key] = torch.zeros_like(values[key]) if g is None else g[..., ch][rows, cols]
+        values.save()
+        out.save()
         ld = ld.detach().save()
-    return contrib, ld
+    return values, out, ld
 
 
 # -- tables, selection, persistence ---------------------------------------------------
@@ -464,6 +531,7 @@ class DiscoveryConfig:
     attributes: Sequence[str] | None = None
     batch_size: int = 16
     min_effect: float = 1.0
+    ig_steps: int = 0  # > 0: integrated gradients (see AttributionPatching)
     top_k: int | None = None  # set one of top_k / coverage; neither means coverage 0.8
     coverage: float | None = None
     validate: bool = True
@@ -498,7 +566,8 @@ def discover(model: Any, dataset: Any, config: DiscoveryConfig | None = None, *,
         raise ValueError("set only one of DiscoveryConfig.top_k or DiscoveryConfig.coverage")
     coverage = 0.8 if config.top_k is None and config.coverage is None else config.coverage
     fit = AttributionPatching(config.kinds, config.layers, config.positions, config.attributes,
-                              config.batch_size, config.min_effect, progress).fit(model, dataset)
+                              config.batch_size, config.min_effect, ig_steps=config.ig_steps,
+                              progress=progress).fit(model, dataset)
     found = Discovery(fit.result_, {})
     for attribute in fit.result_.attribute.values:
         sel = select_cross_section(fit.result_, attribute, top_k=config.top_k,

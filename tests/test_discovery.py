@@ -165,6 +165,25 @@ def test_a_cross_section_never_names_one_tensor_twice(carrier, tmp_path):
     assert (back.is_site == fit.result_.is_site).all()
 
 
+def test_integrated_gradients_are_complete_at_the_embeddings():
+    """With ig_steps, the embedding sites' deltas sum to the total effect (completeness of
+    integrated gradients; here the prompts differ from their counterfactuals only at named
+    positions), which plain attribution patching misses on a random model."""
+    model = tiny_random_model("llama", seed=5, n_layers=2)
+    ds = tiny_ioi(model, n=6)
+    grid = dict(kinds=["resid_pre"], layers=[0], attributes=["io", "s"], min_effect=0)
+    plain = AttributionPatching(**grid).fit(model, ds).scores_.sum("position")
+    ig = AttributionPatching(**grid, ig_steps=16).fit(model, ds)
+    assert ig.result_.attrs["ig_steps"] == 16
+    for attribute in ("io", "s"):
+        assert float(ig.scores_.sel(attribute=attribute).sum()) == pytest.approx(1, abs=0.01)
+        assert abs(float(plain.sel(attribute=attribute).sum()) - 1) > 0.1
+    # the interpolation is token by token: a counterfactual of another length is refused
+    ds.counterfactuals["io"].prompts[2] = "Well, " + ds.counterfactuals["io"].prompts[2]
+    with pytest.raises(ValueError, match="attribute 'io', prompt 2 has .* Use ig_steps=0"):
+        AttributionPatching(**grid, ig_steps=2).fit(model, ds)
+
+
 def test_batching_does_not_change_scores(carrier):
     model, ds, fit = carrier
     other = AttributionPatching(min_effect=0, batch_size=5).fit(model, ds)
