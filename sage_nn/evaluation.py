@@ -23,7 +23,6 @@ import xarray as xr
 from sklearn.base import clone
 
 from . import metrics
-from .activations import batches, encode
 from .dictionaries import MSEDictionary
 from .interventions import Patch, run_patched, site_values
 from .reconstruction import ResidualReconstruction
@@ -90,7 +89,7 @@ class DirectSAE:
     def serves(self, model, site: Site) -> bool:
         return (self.sae.layer, self.sae.kind) == (site.layer, site.kind)
 
-    def code(self, model, pair, test, cf, a, a_cf) -> SiteCode:
+    def code(self, model, pair, test, cf, a, a_cf, remote=None) -> SiteCode:
         sae = self.sae
         with torch.no_grad():
             codes, codes_cf = sae.encode(a), sae.encode(a_cf)
@@ -132,36 +131,30 @@ class ReconstructedSAE:
             return False
         return True
 
-    def code(self, model, pair, test, cf, a, a_cf) -> SiteCode:
+    def code(self, model, pair, test, cf, a, a_cf, remote=None) -> SiteCode:
         site, position = pair
         if site.kind in RESID_KINDS:
             return DirectSAE(self._direct(site)).code(model, pair, test, cf, a, a_cf)
         recon = self._reconstruction(model)
-        codes, a_hat = self._site_codes(model, recon, test, site, position)
-        codes_cf, _ = self._site_codes(model, recon, cf, site, position)
-        directions = None
-        if site.kind != "mlp_out":
+        linear = site.kind != "mlp_out"
+        # test and counterfactual prompts in one pass (one request remotely)
+        out = recon.run_at(list(test.prompts) + list(cf.prompts),
+                           np.concatenate([test.positions[position], cf.positions[position]]),
+                           [site], with_codes=linear, batch_size=self.batch_size, remote=remote)
+        n = len(test)
+        a_hat = out.recon[site][:n].float()
+        if linear:
+            codes = out.codes[site].flatten(1).float()
             directions = recon.directions(site).float()
             directions = directions.reshape(-1, directions.shape[-1])  # attn_out: (head, latent)
-        return SiteCode(a, a_hat, a_cf, codes, codes_cf, directions)
-
-    def _site_codes(self, model, recon, data, site, position):
-        linear = site.kind != "mlp_out"
-        codes, values = [], []
-        for idx in batches(len(data), self.batch_size):
-            prompts = [data.prompts[i] for i in idx]
-            out = recon.run(prompts, [site], with_codes=linear)
-            batch = encode(model, prompts)
-            rows, cols = torch.arange(len(idx)), batch.index(data.positions[position][idx])
-            values.append(out.recon[site][rows, cols].float())
-            if linear:
-                codes.append(out.codes[site][rows, cols].flatten(1).float())
-        if not linear:  # the codes of the SAE whose reconstruction feeds the MLP
+        else:  # no linear latent directions through the MLP: the feeding SAE's codes
             source = recon.source(site)
-            feed = site_values(model, data, [(Site(site.layer, source.kind), position)],
-                               batch_size=self.batch_size)
-            codes = [source.encode(next(iter(feed.values()))).float()]
-        return torch.cat(codes), torch.cat(values)
+            feed = Site(site.layer, source.kind)
+            values = site_values(model, [test, cf], [(feed, position)],
+                                 batch_size=self.batch_size, remote=remote)
+            codes = torch.cat([source.encode(v[(feed, position)]).float() for v in values])
+            directions = None
+        return SiteCode(a, a_hat, a_cf, codes[:n], codes[n:], directions)
 
     def floor(self, mean: torch.Tensor, seed: int) -> "ReconstructedSAE":
         """Random SAEs of the same shapes; their decoder bias is each site's own mean."""
@@ -215,6 +208,7 @@ def evaluate_cross_section(
     n_boot: int = 1000,
     seed: int = 0,
     batch_size: int = 32,
+    remote: Any = None,
 ) -> xr.Dataset:
     """All SAGE metrics of the supervised dictionary, each SAE and the random floor.
 
@@ -230,9 +224,8 @@ def evaluate_cross_section(
     attribute, pairs = cross_section.attribute, cross_section.pairs
     test = _seen_values_only(train, test, attribute)
     cf = test.counterfactuals[attribute]
-    a_train = site_values(model, train, pairs, batch_size=batch_size)
-    a_test = site_values(model, test, pairs, batch_size=batch_size)
-    a_cf = site_values(model, cf, pairs, batch_size=batch_size)
+    a_train, a_test, a_cf = site_values(model, [train, test, cf], pairs, batch_size=batch_size,
+                                        remote=remote)
     attrs, attrs_cf = test.attributes[train.attribute_names], cf.attributes[train.attribute_names]
 
     dictionaries = dictionaries or {SUPERVISED: MSEDictionary()}
@@ -254,17 +247,18 @@ def evaluate_cross_section(
                 raise ValueError(f"SAE {name!r} cannot serve cross-section site {pair[0]}: "
                                  "place it at that site, or reach sublayer sites through a "
                                  "residual-to-sublayer reconstruction")
-            args = (model, pair, test, cf, a_test[pair], a_cf[pair])
+            args = (model, pair, test, cf, a_test[pair], a_cf[pair], remote)
             codes_by_method[name][pair] = coder.code(*args)
             codes_by_method[f"{RANDOM}:{name}"][pair] = coder.floor(
                 a_train[pair].mean(0), seed).code(*args)
 
     out, magnitudes = _run_variants(model, test, pairs, codes_by_method, a_train, a_cf, ks,
-                                    batch_size)
+                                    batch_size, remote)
     per_method = [_intervention_metrics(out, method, ks, magnitudes, n_boot, seed)
                   | _code_metrics(codes_by_method[method], features, attrs[[attribute]])
                   for method in codes_by_method]
     dims = {"sufficiency": ("dictionary",), "sufficiency_ci": ("dictionary", "bound"),
+            "loss_increase": ("dictionary",), "loss_increase_ci": ("dictionary", "bound"),
             "necessity": ("dictionary",), "necessity_ci": ("dictionary", "bound"),
             "edit_accuracy": ("dictionary", "k"), "edit_accuracy_ci": ("dictionary", "k", "bound"),
             "edit_magnitude": ("dictionary", "k")}
@@ -275,12 +269,15 @@ def evaluate_cross_section(
                 "bound": ["low", "high"]},
         attrs={"n_prompts": len(test),
                "clean_logit_diff": float(out.logit_diff.sel(variant="clean").mean()),
-               "mean_ablated_logit_diff": float(out.logit_diff.sel(variant="mean").mean())},
+               "mean_ablated_logit_diff": float(out.logit_diff.sel(variant="mean").mean()),
+               "clean_answer_logprob": float(out.answer_logprob.sel(variant="clean").mean()),
+               "mean_ablated_answer_logprob":
+                   float(out.answer_logprob.sel(variant="mean").mean())},
     )
     return ds.expand_dims(attribute=[attribute])
 
 
-def _run_variants(model, test, pairs, codes_by_method, a_train, a_cf, ks, batch_size):
+def _run_variants(model, test, pairs, codes_by_method, a_train, a_cf, ks, batch_size, remote):
     """One batched run: clean, mean-ablated, counterfactual-patched, and per method its
     reconstruction (sufficiency), mean + error (necessity) and sparse edits."""
     positions = {pair: test.positions[pair[1]] for pair in pairs}
@@ -302,7 +299,8 @@ def _run_variants(model, test, pairs, codes_by_method, a_train, a_cf, ks, batch_
             variants.append(variant({p: e[0] for p, e in edits.items()}))
             names.append(f"{method}|edit{k}")
             magnitudes[method, k] = float(torch.stack([e[1] for e in edits.values()]).mean())
-    return run_patched(model, test, variants, names=names, batch_size=batch_size), magnitudes
+    return run_patched(model, test, variants, names=names, batch_size=batch_size,
+                       remote=remote), magnitudes
 
 
 def _intervention_metrics(out: xr.Dataset, method: str, ks, magnitudes, n_boot, seed) -> dict:
@@ -310,9 +308,13 @@ def _intervention_metrics(out: xr.Dataset, method: str, ks, magnitudes, n_boot, 
     clean, mean = ld.sel(variant="clean").values, ld.sel(variant="mean").values
     suff = ld.sel(variant=f"{method}|sufficiency").values
     nec = ld.sel(variant=f"{method}|necessity").values
+    logp = [out.answer_logprob.sel(variant=v).values for v in (f"{method}|sufficiency", "clean")]
     row = {"sufficiency": metrics.sufficiency(suff, clean),
            "sufficiency_ci": metrics.bootstrap(metrics.sufficiency, suff, clean,
                                                n_boot=n_boot, seed=seed),
+           "loss_increase": metrics.loss_increase(*logp),
+           "loss_increase_ci": metrics.bootstrap(metrics.loss_increase, *logp,
+                                                 n_boot=n_boot, seed=seed),
            "necessity": metrics.necessity(nec, mean, clean),
            "necessity_ci": metrics.bootstrap(metrics.necessity, nec, mean, clean,
                                              n_boot=n_boot, seed=seed),

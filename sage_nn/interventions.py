@@ -192,29 +192,37 @@ def _patched_forward(model, inputs, writes, answer, distractor):
     return out
 
 
-def site_values(model: Any, data: Any, pairs: Sequence[tuple], *, batch_size: int = 32
-                ) -> dict[tuple[Site, str], torch.Tensor]:
+def site_values(model: Any, data: Any, pairs: Sequence[tuple], *, batch_size: int = 32,
+                remote: Any = None) -> Any:
     """Activations of ``data`` at (site, named position) pairs: ``{(site, pos): [n, width]}``.
 
-    ``data`` is a task dataset (its named positions are used). One trace per batch reads
-    every pair (through :func:`sage_nn.activations.collect`).
+    ``data`` is a task dataset (its named positions are used), or a list of them (then a
+    list of dicts comes back). One trace per batch reads every pair, for all datasets
+    together (through :func:`sage_nn.activations.collect`; one request remotely).
     """
+    sets = list(data) if isinstance(data, (list, tuple)) else [data]
     pairs = [(Site.parse(s), str(p)) for s, p in pairs]
-    missing = sorted({p for _, p in pairs} - set(data.positions))
+    missing = sorted({p for _, p in pairs} - set.intersection(*(set(d.positions) for d in sets)))
     if missing:
         raise ValueError(f"unknown named positions {missing}; the dataset has "
-                         f"{sorted(data.positions)}")
+                         f"{sorted(sets[0].positions)}")
     ad = adapter(model)
-    positions = {p: data.positions[p] for p in sorted({p for _, p in pairs})}
-    ds = collect(model, list(data.prompts), [s for s, _ in pairs], positions=positions,
-                 batch_size=batch_size, progress=False)
-    out = {}
-    for site, pos in pairs:
-        var = ds[site.kind].sel(layer=site.layer, position=pos)
-        if site.head is not None:
-            var = var.sel({ad.head_dim(site.kind): site.head})
-        out[(site, pos)] = torch.as_tensor(var.values)
-    return out
+    names = sorted({p for _, p in pairs})
+    positions = {p: np.concatenate([d.positions[p] for d in sets]) for p in names}
+    ds = collect(model, [p for d in sets for p in d.prompts], [s for s, _ in pairs],
+                 positions=positions, batch_size=batch_size, progress=False, remote=remote)
+    out, start = [], 0
+    for d in sets:
+        part = ds.isel(prompt=slice(start, start + len(d.prompts)))
+        start += len(d.prompts)
+        values = {}
+        for site, pos in pairs:
+            var = part[site.kind].sel(layer=site.layer, position=pos)
+            if site.head is not None:
+                var = var.sel({ad.head_dim(site.kind): site.head})
+            values[(site, pos)] = torch.as_tensor(var.values)
+        out.append(values)
+    return out if isinstance(data, (list, tuple)) else out[0]
 
 
 def counterfactual_patches(model: Any, clean: Any, source: Any, pairs: Sequence[tuple], *,

@@ -31,6 +31,12 @@ def necessity(ld_x: np.ndarray, ld_mean: np.ndarray, ld_clean: np.ndarray) -> fl
     return float(1 - abs(np.mean(ld_mean) - np.mean(ld_x)) / total)
 
 
+def loss_increase(logp_patched: np.ndarray, logp_clean: np.ndarray) -> float:
+    """Next-token loss increase (nats): mean ``-log p(answer)`` with the reconstruction
+    spliced in, minus the clean one. 0: the splice costs the model nothing."""
+    return float(np.mean(np.asarray(logp_clean) - np.asarray(logp_patched)))
+
+
 def edit_accuracy(top1_edit: np.ndarray, top1_counterfactual: np.ndarray) -> float:
     """Share of prompts whose top prediction after the edit equals that under the real
     counterfactual activation."""

@@ -25,9 +25,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-from .activations import encode, model_device
+from .activations import batches, encode, model_device
+from .remote import run_kernel
 from .saes import SparseAutoencoder, check_sae
 from .sites import HEAD_KINDS, Site, _path, adapter
 
@@ -185,15 +187,40 @@ class ResidualReconstruction:
             inputs = {k: v.to(model_device(model)) for k, v in prompts.items()}
         else:
             inputs = encode(model, prompts, model_device(model)).inputs
+        saved, logits = _reconstruct(model, *self._double(inputs), self, sites, with_codes, None)
+        return ReconstructionResult(**saved, logits=logits)
+
+    def run_at(self, prompts: Sequence[str], positions: Sequence[int], sites: Sequence[Site | str],
+               *, with_codes: bool = False, batch_size: int = 16,
+               remote: Any = None) -> ReconstructionResult:
+        """:meth:`run` over many prompts in batches, keeping one token per prompt
+        (``positions``: an index per prompt, negative from the end): each site's values are
+        ``[n_prompts, ...]`` and ``logits`` those of the last token. ``remote`` runs the
+        forwards elsewhere (see :mod:`sage_nn.remote`); only these rows come back."""
+        model, sites = self.model_, self._plan(sites)
+        if with_codes:
+            self._check_linear(sites)
+            for s in sites:
+                self._maps(s.layer, self.source(s))
+        positions = np.asarray(positions)
+
+        def chunks():
+            for idx in batches(len(prompts), batch_size):
+                batch = encode(model, [prompts[i] for i in idx], model_device(model))
+                rows_cols = (torch.arange(len(idx)), batch.index(positions[idx]))
+                yield *self._double(batch.inputs), self, sites, with_codes, rows_cols
+
+        parts = list(run_kernel(model, _reconstruct, chunks(), remote, stage="reconstruct"))
+        cat = {key: {s: torch.cat([p[0][key][s] for p in parts]) for s in parts[0][0][key]}
+               for key in parts[0][0]}
+        return ReconstructionResult(**cat, logits=torch.cat([p[1] for p in parts]))
+
+    def _double(self, inputs: dict) -> tuple[dict, int]:
+        """Input mode runs the prompts twice: clean rows, then scratch rows."""
         n = len(inputs["input_ids"])
-        if self.mode == "input":  # clean rows, then scratch rows
+        if self.mode == "input":
             inputs = {k: torch.cat([v, v]) for k, v in inputs.items()}
-        saved = {"clean": {}, "recon": {}, "codes": {}, "offsets": {}}  # filled in the trace
-        with torch.no_grad(), model.trace(inputs):
-            self.splice(model, sites, n, with_codes=with_codes, out=saved)
-            logits = model.output.logits[:n].save()
-        return ReconstructionResult(saved["clean"], saved["recon"], logits, saved["codes"],
-                                    saved["offsets"])
+        return inputs, n
 
     def splice(self, model: Any, sites: Sequence[Site], n: int, *, with_codes: bool = False,
                out: dict | None = None) -> dict:
@@ -456,6 +483,22 @@ class ResidualReconstruction:
                     per_head = per_head * sp[..., None]
                     off = off * sp * m["post"][0] + m["post"][1]
                 out["codes"][s], out["offsets"][s] = per_head.save(), off.save()
+
+
+def _reconstruct(model, inputs, n, recon, sites, with_codes, rows_cols):
+    """One forward with ``sites`` reconstructed in rows ``[:n]`` (a remote kernel). With
+    ``rows_cols``, only those tokens' values and the last token's logits are kept."""
+    saved = {"clean": {}, "recon": {}, "codes": {}, "offsets": {}}  # filled in the trace
+    with torch.no_grad(), model.trace(inputs):
+        recon.splice(model, sites, n, with_codes=with_codes, out=saved)
+        logits = model.output.logits[:n]
+        if rows_cols is not None:
+            rows, cols = rows_cols
+            saved = {key: {s: v[rows, cols] for s, v in d.items()} for key, d in saved.items()}
+            logits = logits[:, -1]
+        result = [saved, logits]
+        result.save()
+    return result
 
 
 def fvu(recon: torch.Tensor, clean: torch.Tensor) -> float:

@@ -348,32 +348,24 @@ def _token_at(offsets, start: int, end: int, prompt: str, task: str) -> int:
 
 # -- the check -------------------------------------------------------------------------
 
-def logit_diffs(model: Any, ds: TaskDataset, batch_size: int = 32) -> "xr.DataArray":
+def logit_diffs(model: Any, ds: TaskDataset, batch_size: int = 32,
+                remote: Any = None) -> "xr.DataArray":
     """Logit difference (clean answer minus clean distractor) at the last token.
 
     Returns ``(prompt, condition)`` with conditions ``clean`` and one per counterfactual.
-    One trace per batch serves the clean prompts and all their counterfactuals.
+    The clean prompts and all their counterfactuals run as one prompt set.
     """
-    import torch
     import xarray as xr
 
-    from .activations import batches, encode, model_device
+    from .interventions import run_patched
 
     conditions = [ds] + list(ds.counterfactuals.values())
-    device = model_device(model)
-    out = np.zeros((len(ds), len(conditions)), dtype=np.float32)
-    per_batch = max(1, batch_size // len(conditions))
-    for idx in batches(len(ds), per_batch):
-        prompts = [c.prompts[i] for c in conditions for i in idx]
-        batch = encode(model, prompts, device)
-        ans = torch.as_tensor(np.tile(ds.answer_ids[idx], len(conditions)), device=device)
-        dis = torch.as_tensor(np.tile(ds.distractor_ids[idx], len(conditions)), device=device)
-        rows = torch.arange(len(prompts), device=device)
-        with torch.no_grad(), model.trace(batch.inputs):
-            last = model.output.logits[:, -1]  # left padding: the last token is at -1
-            ld = (last[rows, ans] - last[rows, dis]).save()
-        out[idx] = ld.float().cpu().numpy().reshape(len(conditions), len(idx)).T
-    return xr.DataArray(out, dims=("prompt", "condition"),
+    prompts = [p for c in conditions for p in c.prompts]
+    tile = lambda ids: np.tile(ids, len(conditions))  # noqa: E731  (the clean answer throughout)
+    out = run_patched(model, prompts, [[]], answer_ids=tile(ds.answer_ids),
+                      distractor_ids=tile(ds.distractor_ids), batch_size=batch_size,
+                      remote=remote).logit_diff.values[0]
+    return xr.DataArray(out.reshape(len(conditions), len(ds)).T, dims=("prompt", "condition"),
                         coords={"condition": ["clean"] + list(ds.counterfactuals)},
                         name="logit_diff")
 

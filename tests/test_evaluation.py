@@ -47,6 +47,7 @@ def test_known_answers(setup):
     assert float(perfect.sufficiency) == pytest.approx(1.0, abs=1e-4)
     assert float(perfect.necessity) == pytest.approx(1.0, abs=1e-4)  # x = mean exactly
     np.testing.assert_allclose(perfect.fvu, 0, atol=1e-10)
+    assert float(perfect.loss_increase) == pytest.approx(0.0, abs=1e-5)
     # with every latent allowed, the edit is the counterfactual activation itself
     assert float(perfect.edit_accuracy.sel(k=64)) == 1.0
     assert float(out.edit_accuracy.sel(dictionary="supervised", k=64)) <= 1.0
@@ -70,6 +71,9 @@ def test_a_reconstruction_that_explains_nothing(setup):
     assert float(m.sufficiency) == pytest.approx(
         out.attrs["mean_ablated_logit_diff"] / out.attrs["clean_logit_diff"], rel=1e-4)
     assert float(m.necessity) == pytest.approx(0.0, abs=1e-4)
+    # the splice costs exactly what mean ablation costs
+    assert float(m.loss_increase) == pytest.approx(
+        out.attrs["clean_answer_logprob"] - out.attrs["mean_ablated_answer_logprob"], abs=1e-5)
     assert float(m.l0.squeeze()) == 0.0 and float(m.dead.squeeze()) == 1.0
 
 

@@ -19,6 +19,13 @@ def test_sufficiency_and_necessity():
     assert metrics.necessity(np.array([3.0, 3.0]), mean_ablated, clean) == pytest.approx(0.5)
 
 
+def test_loss_increase():
+    clean = np.log(np.array([0.5, 0.25]))
+    assert metrics.loss_increase(clean, clean) == 0.0
+    # halving p(answer) costs log 2 nats
+    assert metrics.loss_increase(clean - np.log(2), clean) == pytest.approx(np.log(2))
+
+
 def test_edit_accuracy():
     assert metrics.edit_accuracy([1, 2, 3, 4], [1, 2, 0, 0]) == 0.5
 
