@@ -202,6 +202,48 @@ def _goodness(name: str, value: float | None) -> float | None:
 
 # -- SAEBench-style JSON -----------------------------------------------------------------
 
+def sae_cfg_dict(saes: Any, *, model_name: str | None = None,
+                 training: Mapping | None = None) -> dict:
+    """SAEBench's ``sae_cfg_dict`` (sae_lens's config fields) of an SAE under test: one
+    :class:`~sage_nn.saes.SparseAutoencoder`, a list of them, or an object holding them in
+    ``.saes`` (residual SAEs evaluated together, one per site).
+
+    Fields all members share are top-level (``architecture``, ``d_in``, ``d_sae``, ``k``,
+    ...); ``hook_name``/``hook_layer`` are the member's, or lists over ``sites`` (one entry
+    per member). ``training`` (the trainer's config: corpus, steps, tokens, seed, ...) is
+    kept under ``training`` and its corpus named in ``dataset_path``."""
+    members = getattr(saes, "saes", saes)
+    members = list(members) if isinstance(members, (list, tuple)) else [members]
+    if not members:
+        raise ValueError("sae_cfg_dict needs at least one SAE")
+    sites = []
+    for m in members:
+        heads = "" if m.heads is None else ".h" + "_".join(map(str, m.heads))
+        sites.append({"site": f"L{m.layer}.{m.kind}{heads}" if m.kind else None,
+                      "hook_name": m.hook_name, "hook_layer": m.layer,
+                      "architecture": m.architecture, "d_in": m.d_in, "d_sae": m.d_sae,
+                      "k": m.k, "apply_b_dec_to_input": m.apply_b_dec_to_input,
+                      "normalize_activations": m.normalize,
+                      "rescale_acts_by_decoder_norm": m.rescale_acts_by_decoder_norm,
+                      "center_writing_weights": m.center})
+    out = {key: value for key, value in sites[0].items()
+           if key not in ("site", "hook_name", "hook_layer")
+           and all(s[key] == value for s in sites)}
+    if len(sites) == 1:
+        out.update(hook_name=sites[0]["hook_name"], hook_layer=sites[0]["hook_layer"],
+                   site=sites[0]["site"])
+    else:
+        out.update(hook_name=[s["hook_name"] for s in sites],
+                   hook_layer=[s["hook_layer"] for s in sites], sites=sites)
+    if model_name:
+        out["model_name"] = model_name
+    if training:
+        training = dict(training)
+        out["dataset_path"] = training.get("corpus")
+        out["training"] = training
+    return _jsonable(out)
+
+
 def _jsonable(value: Any) -> Any:
     """Plain JSON: numpy scalars to Python, NaN/inf to null, anything else exotic to str."""
     if isinstance(value, Mapping):
@@ -499,7 +541,26 @@ def _calibration_table(look: _Lookup, k: int) -> tuple[list, list]:
     return ["SAE", "attribute"] + [label for _, label in metrics], rows
 
 
-def _document(results, config, timings, images, k, discovery_note) -> list[tuple]:
+def _sae_rows(saes: list[str], sae_info: Mapping | None) -> list[list[str]]:
+    """One row per SAE with a known config: what it is and what it was trained on."""
+    rows = []
+    for sae in saes:
+        cfg = ((sae_info or {}).get(sae) or {}).get("sae_cfg_dict") or {}
+        if not cfg:
+            continue
+        hooks = cfg.get("hook_name")
+        training = cfg.get("training") or {}
+        steps = (training["tokens"] // training["batch_size"]
+                 if training.get("tokens") and training.get("batch_size") else None)
+        rows.append([sae, str(cfg.get("architecture", "–")), str(cfg.get("d_in", "–")),
+                     str(cfg.get("d_sae", "–")), str(cfg.get("k") or "–"),
+                     ", ".join(hooks) if isinstance(hooks, list) else str(hooks or "–"),
+                     str(cfg.get("dataset_path") or "–"), str(steps or "–")])
+    return rows
+
+
+def _document(results, config, timings, images, k, discovery_note,
+              sae_info=None) -> list[tuple]:
     title = "SAGE report"
     if config and config.get("task"):
         title += f": task {config['task']}" + (f" on {config['model']}"
@@ -516,6 +577,10 @@ def _document(results, config, timings, images, k, discovery_note) -> list[tuple
                         f"Files: `results.nc` (all results), "
                         + ", ".join(f"`{safe_name(s)}_eval_results.json`" for s in r.saes)
                         + " (SAEBench eval-output format)."))
+    sae_rows = _sae_rows(r.saes, sae_info)
+    if sae_rows:
+        blocks.append(("table", ["SAE", "architecture", "d_in", "d_sae", "k", "hooks",
+                                 "training corpus", "training steps"], sae_rows))
     blocks.append(("h2", "Calibration: SAE between floor and ceiling"))
     look = _Lookup(results)
     blocks.append(("p", "Share of the gap between floor (0) and ceiling (1) that each SAE "
@@ -655,7 +720,7 @@ def write_report(results: xr.Dataset, out_dir: str | Path, *,
 
     ``config``: the run's options (recorded in every JSON and the summary); ``timings``:
     seconds per stage; ``sae_info``: per SAE name, SAEBench identity fields
-    (``sae_lens_id``, ``sae_lens_release_id``, ``sae_cfg_dict``)."""
+    (``sae_lens_id``, ``sae_lens_release_id``, ``sae_cfg_dict``: see :func:`sae_cfg_dict`)."""
     results = _check(results)
     r = roles(results)
     if not r.saes:
@@ -698,7 +763,7 @@ def write_report(results: xr.Dataset, out_dir: str | Path, *,
         if not found:
             note = f"No discovery heatmaps (*.png) were found in `{discovery_dir}`."
 
-    blocks = _document(results, config, timings, images, k, note)
+    blocks = _document(results, config, timings, images, k, note, sae_info)
     (out / "summary.md").write_text(_render_markdown(blocks))
     (out / "summary.html").write_text(_render_html(blocks, out))
     return out / "summary.md"

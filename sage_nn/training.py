@@ -1,16 +1,21 @@
 """Train SAEs on a model's activations with sae_lens's trainer, streamed through nnsight.
 
-One trace per batch of text chunks reads every requested site at once, so SAEs for several
+One trace per batch of text reads every requested site at once, so SAEs for several
 layers (and sublayer sites, as references for the reconstruction) train from one pass over
 the data: sae_lens's ``MultiSAETrainer`` steps them in lockstep. Text comes from the
 built-in offline corpus (text SmolLM2 generated itself, ``scripts/make_corpus.py``), local
-text files, or a HuggingFace dataset (``hf:NAME``, needs the network). Output is the
-sae_lens on-disk format (``SAE.load_from_disk`` reads it), one directory per site.
+text files, a HuggingFace dataset (``hf:NAME``, needs the network), or the prompts of a
+task (:class:`Prompts`, :func:`task_prompts`; ``task:NAME``), and any mix of these
+(``"builtin+task:ioi"`` or a list). Corpus text is cut into ``context_size`` chunks; a
+task prompt is run on its own, as the evaluation runs it, and every position is kept.
+Output is the sae_lens on-disk format (``SAE.load_from_disk`` reads it), one directory per
+site.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import itertools
 import json
 import os
@@ -36,6 +41,9 @@ from .sites import HEAD_KINDS, adapter
 
 BUILTIN_CORPUS = Path(__file__).parent / "data" / "smollm2_corpus.jsonl.gz"
 TRAINABLE = ("standard", "topk")
+# Task prompts for SAE training are drawn with the run's seed plus this offset, so they
+# are other draws than the prompts the run fits and evaluates on (exact repeats are dropped).
+TASK_SEED_OFFSET = 104_729
 
 
 @dataclass
@@ -44,9 +52,12 @@ class TrainConfig:
 
     ``tokens``: training tokens per SAE. ``batch_size``: tokens per optimiser step.
     ``context_size``: tokens per text chunk fed to the model. ``skip_first``: drop each
-    chunk's first tokens (attention-sink outliers). ``buffer_chunks``: chunks mixed in the
+    chunk's (and task prompt's) first tokens (attention-sink outliers: SmolLM2's first
+    residual is ~60x the norm of the others). ``buffer_chunks``: chunks mixed in the
     shuffle buffer. ``eval_fraction``: share of chunks held out for FVU/L0/dead latents.
     ``cache_bytes``: a corpus whose activations fit is read once and kept in memory.
+    ``model_batch_size``: chunks per model trace (shorter task prompts: as many as fit in
+    the same number of tokens). ``task_prompts``: prompts drawn for a ``task:NAME`` source.
     """
 
     architecture: str = "topk"
@@ -62,6 +73,7 @@ class TrainConfig:
     buffer_chunks: int = 64
     eval_fraction: float = 0.1
     cache_bytes: int = 2 << 30
+    task_prompts: int = 2048
     seed: int = 0
 
     def __post_init__(self):
@@ -111,6 +123,78 @@ def _hf_texts(name: str, split: str = "train", column: str = "text", limit: int 
     return [row[column] for _, row in zip(range(limit), stream)]
 
 
+@dataclass(frozen=True)
+class Prompts:
+    """Short texts each run through the model on its own, every position kept (task
+    prompts), rather than joined and cut into chunks like corpus text."""
+
+    texts: tuple[str, ...]
+    name: str = "prompts"
+
+    def __post_init__(self):
+        if not self.texts:
+            raise ValueError(f"{self.name}: no prompts")
+
+    def __str__(self) -> str:
+        return f"{self.name}[{len(self.texts)}]"
+
+
+def task_prompts(model: Any, task: Any, n: int = 2048, seed: int = 0,
+                 exclude: Sequence[str] = (), split: str = "train") -> Prompts:
+    """``n`` prompts of ``task`` (name, YAML path or TaskSpec), for training SAEs on the
+    task distribution (Makelov, Lange & Nanda 2024). Drawn at ``seed + TASK_SEED_OFFSET``;
+    prompts in ``exclude`` (the prompts a run fits and evaluates on) and repeats are
+    dropped, so training never sees them. Counterfactuals are left out: they are draws of
+    the same distribution."""
+    from .tasks import TaskSpec, load_task
+
+    spec = task if isinstance(task, TaskSpec) else load_task(task)
+    ds = spec.build(model, n=n, seed=seed + TASK_SEED_OFFSET, split=split)
+    drop = set(exclude)
+    texts = dict.fromkeys(p for p in ds.prompts if p not in drop)  # ordered, no repeats
+    return Prompts(tuple(texts), name=f"task:{spec.name}")
+
+
+def _sources(source: Any) -> list:
+    """A source or a mix (``"builtin+task:ioi"``, or a list) as a list of single sources."""
+    if isinstance(source, (list, tuple)):
+        return [s for part in source for s in _sources(part)]
+    if isinstance(source, str) and "+" in source:
+        return [s for part in source.split("+") for s in _sources(part.strip())]
+    return [source]
+
+
+def corpus_units(model: Any, source: Any, cfg: "TrainConfig") -> list[torch.Tensor]:
+    """The token sequences the model is run on: ``context_size`` chunks of corpus text,
+    one sequence per prompt of a :class:`Prompts` (or ``task:NAME``) source."""
+    units: list[torch.Tensor] = []
+    for part in _sources(source):
+        if isinstance(part, str) and part.startswith("task:"):
+            part = task_prompts(model, part[5:], n=cfg.task_prompts, seed=cfg.seed)
+        if isinstance(part, Prompts):
+            units += [torch.tensor(ids) for ids in model.tokenizer(list(part.texts))["input_ids"]]
+        else:
+            units += list(chunk_tokens(model, load_texts(part), cfg.context_size))
+    return units
+
+
+def corpus_hash(source: Any) -> str:
+    """Identifies the training text by its content, so a changed corpus never reuses
+    cached SAEs (a single file or directory source hashes as it always did)."""
+    parts = _sources(source)
+    if len(parts) > 1:
+        return hashlib.sha256("+".join(corpus_hash(p) for p in parts).encode()).hexdigest()[:8]
+    part = parts[0]
+    if isinstance(part, Prompts):
+        return hashlib.sha256("\n".join(part.texts).encode()).hexdigest()[:8]
+    source = str(part)
+    path = BUILTIN_CORPUS if source == "builtin" else Path(source)
+    h = hashlib.sha256(source.encode())
+    for f in sorted(path.rglob("*.txt")) if path.is_dir() else [path] if path.is_file() else []:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:8]
+
+
 def chunk_tokens(model: Any, texts: Sequence[str], context_size: int) -> torch.Tensor:
     """All documents tokenized, joined with EOS, cut into ``[n_chunks, context_size]``."""
     tok = model.tokenizer
@@ -139,24 +223,52 @@ def _site_keys(model: Any, sites: Sequence[str]) -> list[tuple[str, int, str, li
     return keys
 
 
-def activation_batches(model: Any, chunks: torch.Tensor, sites, *, batch_size: int = 16,
-                       skip_first: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-    """Per batch of chunks, one trace reading every site: ``{label: [tokens, width]}``."""
+def _batch_ranges(lengths: Sequence[int], batch_size: int, batch_tokens: int | None):
+    """Consecutive ranges of at most ``batch_size`` sequences, or, with ``batch_tokens``,
+    as many as fit in that many (padded) tokens: short task prompts go many to a trace,
+    since each trace has a fixed cost."""
+    start = 0
+    while start < len(lengths):
+        end, longest = start + 1, lengths[start]
+        while end < len(lengths) and (
+                end - start < batch_size if batch_tokens is None
+                else (end - start + 1) * max(longest, lengths[end]) <= batch_tokens):
+            longest = max(longest, lengths[end])
+            end += 1
+        yield start, end
+        start = end
+
+
+def activation_batches(model: Any, units, sites, *, batch_size: int = 16,
+                       skip_first: int = 1, batch_tokens: int | None = None,
+                       ) -> Iterator[dict[str, torch.Tensor]]:
+    """Per batch of token sequences (rows of a chunk tensor, or a list of 1-D tensors of any
+    length), one trace reading every site: ``{label: [tokens, width]}``, the real tokens of
+    each sequence from ``skip_first`` on. A batch is ``batch_size`` sequences, or as many as
+    fit in ``batch_tokens``. Shorter sequences are right-padded: causal attention keeps
+    padding after a token from changing it."""
     ad, device = adapter(model), model_device(model)
     keys = sorted(_site_keys(model, sites), key=lambda k: (k[1], ad.kinds().index(k[2])))
-    for start in range(0, len(chunks), batch_size):
-        ids = chunks[start: start + batch_size].to(device)
+    pad = model.tokenizer.pad_token_id or 0
+    for start, end in _batch_ranges([len(u) for u in units], batch_size, batch_tokens):
+        part = list(units[start: end])
+        lengths = torch.tensor([len(u) for u in part])
+        ids = torch.nn.utils.rnn.pad_sequence(part, batch_first=True, padding_value=pad)
+        steps = torch.arange(ids.shape[1])
+        mask = steps[None] < lengths[:, None]
+        keep = mask & (steps[None] >= skip_first)
         saved = {}
-        with torch.no_grad(), model.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
+        with torch.no_grad(), model.trace({"input_ids": ids.to(device),
+                                           "attention_mask": mask.long().to(device)}):
             for label, layer, kind, heads in keys:
                 t = ad.tensor(model, layer, kind)
                 if kind in HEAD_KINDS:
                     t = t[..., ad.channels(kind, heads)]
-                saved[label] = t[:, skip_first:].save()
-        yield {k: v.reshape(-1, v.shape[-1]).float().cpu() for k, v in saved.items()}
+                saved[label] = t.save()
+        yield {k: v[keep.to(v.device)].float().cpu() for k, v in saved.items()}
 
 
-def _shuffled(model, chunks, sites, cfg: TrainConfig, rng: torch.Generator):
+def _shuffled(model, units, sites, cfg: TrainConfig, rng: torch.Generator):
     """Endless stream of shuffled training batches ``{label: [batch_size, width]}``.
 
     A corpus whose activations fit in ``cfg.cache_bytes`` (the built-in one does) is run
@@ -166,22 +278,31 @@ def _shuffled(model, chunks, sites, cfg: TrainConfig, rng: torch.Generator):
     ad = adapter(model)
     width = sum(ad.d_head * len(h) if kind in HEAD_KINDS else ad.d_model
                 for _, _, kind, h in _site_keys(model, sites))
-    cached = len(chunks) * (cfg.context_size - cfg.skip_first) * width * 4 <= cfg.cache_bytes
+    cached = _n_tokens(units, cfg.skip_first) * width * 4 <= cfg.cache_bytes
     buffers = None
     while True:
-        order = chunks[torch.randperm(len(chunks), generator=rng)]
+        order = [units[i] for i in torch.randperm(len(units), generator=rng)]
         if buffers is None or not cached:
             step = len(order) if cached else cfg.buffer_chunks
             buffers = []
             for start in range(0, len(order), step):
                 parts = list(activation_batches(model, order[start: start + step], sites,
-                                                batch_size=cfg.model_batch_size,
-                                                skip_first=cfg.skip_first))
+                                                skip_first=cfg.skip_first,
+                                                batch_tokens=_batch_tokens(cfg)))
                 buffers.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
                 if not cached:
                     yield from _batches_of(buffers.pop(), cfg.batch_size, rng)
         for buf in buffers:
             yield from _batches_of(buf, cfg.batch_size, rng)
+
+
+def _batch_tokens(cfg: TrainConfig) -> int:
+    """Tokens per trace: ``model_batch_size`` chunks' worth, whatever the sequences' length."""
+    return cfg.model_batch_size * cfg.context_size
+
+
+def _n_tokens(units, skip_first: int) -> int:
+    return sum(max(0, len(u) - skip_first) for u in units)
 
 
 def _batches_of(buf: dict, batch_size: int, rng: torch.Generator):
@@ -214,12 +335,14 @@ def _new_sae(cfg: TrainConfig, d_in: int, meta: SAEMetadata):
 
 
 def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = None, *,
-               source: str | Path = "builtin", out_dir: str | Path | None = None,
+               source: Any = "builtin", out_dir: str | Path | None = None,
                ) -> tuple[dict[str, SparseAutoencoder], pd.DataFrame]:
     """Train one SAE per site (``L5.resid_pre``, ``L5.mlp_out``, ``L5.z`` = all heads, TL
-    hook names...) from one stream of activations. Returns the trained SAEs (plain torch)
-    and a table of held-out FVU, L0 and dead latents; with ``out_dir``, each SAE is saved
-    in sae_lens format under ``out_dir/<site>``."""
+    hook names...) from one stream of activations. ``source``: see :func:`corpus_units`
+    (``"builtin"``, a text file/directory, ``hf:NAME``, ``task:NAME``, :class:`Prompts`,
+    or a mix). Returns the trained SAEs (plain torch) and a table of held-out FVU, L0 and
+    dead latents; with ``out_dir``, each SAE is saved in sae_lens format under
+    ``out_dir/<site>`` with ``train_config.json`` (its config, corpus and corpus hash)."""
     cfg = config or TrainConfig()
     ad = adapter(model)
     keys = _site_keys(model, sites)
@@ -228,23 +351,24 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
         raise ValueError(f"duplicate sites in {list(sites)}")
     torch.manual_seed(cfg.seed)
     rng = torch.Generator().manual_seed(cfg.seed)
-    chunks = chunk_tokens(model, load_texts(source), cfg.context_size)
-    chunks = chunks[torch.randperm(len(chunks), generator=rng)]
-    n_eval = max(1, int(len(chunks) * cfg.eval_fraction))
-    eval_chunks, train_chunks = chunks[:n_eval], chunks[n_eval:]
-    if len(train_chunks) == 0:
+    units = corpus_units(model, source, cfg)
+    units = [units[i] for i in torch.randperm(len(units), generator=rng)]
+    n_eval = max(1, int(len(units) * cfg.eval_fraction))
+    eval_units, train_units = units[:n_eval], units[n_eval:]
+    if len(train_units) == 0:
         raise ValueError("not enough text for a held-out split; add text or lower eval_fraction")
-    tokens_per_pass = len(train_chunks) * (cfg.context_size - cfg.skip_first)
+    tokens_per_pass = _n_tokens(train_units, cfg.skip_first)
     if tokens_per_pass < cfg.batch_size:
         raise ValueError(f"{tokens_per_pass} training tokens, fewer than batch_size "
                          f"{cfg.batch_size}: add text or lower batch_size")
     name = str(model.config._name_or_path)
+    corpus_name = "+".join(str(p) for p in _sources(source))
     saes, hooks = {}, {}
     for label, layer, kind, heads in keys:
         d_in = ad.d_head * len(heads) if kind in HEAD_KINDS else ad.d_model
         hook = _hook_name(layer, kind, heads, ad.n_heads_of(kind))
         meta = SAEMetadata(hook_name=hook, model_name=name, context_size=cfg.context_size,
-                           dataset_path=str(source), sage_nn_site=label)
+                           dataset_path=corpus_name, sage_nn_site=label)
         saes[label], hooks[label] = _new_sae(cfg, d_in, meta), label
     trainer_cfg = SAETrainerConfig(total_training_samples=cfg.tokens,
                                    train_batch_size_samples=cfg.batch_size, lr=cfg.lr,
@@ -253,7 +377,7 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
                                    feature_sampling_window=max(1, cfg.tokens // cfg.batch_size),
                                    device=str(model_device(model)))
     # sae_lens's own bar moves every 100 steps only: count steps here too
-    stream = iter(tqdm(_shuffled(model, train_chunks, labels, cfg, rng),
+    stream = iter(tqdm(_shuffled(model, train_units, labels, cfg, rng),
                        total=-(-cfg.tokens // cfg.batch_size), desc="train steps", leave=False))
     # b_dec starts at the data mean (sae_lens's runner does this too): residual streams
     # have large means, which a few hundred steps from zero would not learn
@@ -270,12 +394,14 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
         if out_dir is not None:
             sae.save_inference_model(Path(out_dir) / label)
         plain[label] = from_sae_lens(_as_inference(sae), site=label, model=model)
-    report = evaluate(model, plain, eval_chunks, cfg)
+    report = evaluate(model, plain, eval_units, cfg)
     report["dead_in_training"] = [trainer.trainers[l].dead_neurons.sum().item() for l in labels]
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         report.to_csv(Path(out_dir) / "report.csv")
-        (Path(out_dir) / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (Path(out_dir) / "train_config.json").write_text(json.dumps(
+            {**asdict(cfg), "corpus": corpus_name, "corpus_hash": corpus_hash(source),
+             "train_tokens_per_pass": tokens_per_pass}, indent=2))
     return plain, report
 
 
@@ -290,12 +416,12 @@ def _as_inference(training_sae):
         return SAE.load_from_disk(tmp)
 
 
-def evaluate(model: Any, saes: dict[str, SparseAutoencoder], chunks: torch.Tensor,
+def evaluate(model: Any, saes: dict[str, SparseAutoencoder], units,
              cfg: TrainConfig) -> pd.DataFrame:
     """Held-out FVU, mean L0 and dead latents (never active on the held-out tokens)."""
     rows = []
-    acts = list(activation_batches(model, chunks, list(saes), batch_size=cfg.model_batch_size,
-                                   skip_first=cfg.skip_first))
+    acts = list(activation_batches(model, units, list(saes), skip_first=cfg.skip_first,
+                                   batch_tokens=_batch_tokens(cfg)))
     for label, sae in saes.items():
         x = torch.cat([a[label] for a in acts])
         with torch.no_grad():
@@ -321,4 +447,5 @@ def load_trained(out_dir: str | Path, model: Any = None) -> dict[str, SparseAuto
 
 
 __all__ = ["TrainConfig", "train_saes", "load_texts", "chunk_tokens", "activation_batches",
-           "evaluate", "load_trained", "BUILTIN_CORPUS"]
+           "evaluate", "load_trained", "BUILTIN_CORPUS", "Prompts", "task_prompts",
+           "corpus_units", "corpus_hash"]

@@ -11,6 +11,7 @@ import re
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 
 from sage_nn.report import headline_table, sae_eval_output, write_report
@@ -226,3 +227,41 @@ def test_gap_closed_scores_sufficiency_by_distance_from_one(results):
     assert m["sufficiency"] == pytest.approx(1.3)          # reported as measured
     assert m["sufficiency_gap_closed"] == pytest.approx((0.7 - 0.1) / (0.9 - 0.1))
     assert m["edit_accuracy_k1_gap_closed"] is None
+
+
+def _sae(layer: int, kind: str, d_in: int = 8, d_sae: int = 16, k: int = 4):
+    from sage_nn.saes import SparseAutoencoder
+
+    return SparseAutoencoder(torch.zeros(d_in, d_sae), torch.zeros(d_sae),
+                             torch.zeros(d_sae, d_in), torch.zeros(d_in), architecture="topk",
+                             k=k, layer=layer, kind=kind,
+                             hook_name=f"blocks.{layer}.hook_{kind}")
+
+
+def test_sae_cfg_dict_of_one_sae_and_of_residual_sites(results, tmp_path):
+    from sage_nn.report import sae_cfg_dict
+
+    one = sae_cfg_dict(_sae(3, "resid_post"), model_name="m")
+    assert one["architecture"] == "topk" and (one["d_in"], one["d_sae"], one["k"]) == (8, 16, 4)
+    assert (one["hook_name"], one["hook_layer"], one["site"]) == \
+        ("blocks.3.hook_resid_post", 3, "L3.resid_post")
+    assert one["model_name"] == "m" and "training" not in one
+    training = {"corpus": "task:ioi[2040]", "tokens": 307200, "batch_size": 1024, "seed": 0}
+    two = sae_cfg_dict([_sae(22, "resid_post"), _sae(29, "resid_mid")], training=training)
+    assert two["hook_name"] == ["blocks.22.hook_resid_post", "blocks.29.hook_resid_mid"]
+    assert two["hook_layer"] == [22, 29] and [s["site"] for s in two["sites"]] == \
+        ["L22.resid_post", "L29.resid_mid"]
+    assert two["d_sae"] == 16 and two["dataset_path"] == "task:ioi[2040]"
+    assert two["training"]["tokens"] == 307200
+    # members of different widths: the width is per site only
+    mixed = sae_cfg_dict([_sae(1, "resid_pre"), _sae(2, "resid_pre", d_sae=32)])
+    assert "d_sae" not in mixed and [s["d_sae"] for s in mixed["sites"]] == [16, 32]
+    with pytest.raises(ValueError, match="at least one SAE"):
+        sae_cfg_dict([])
+    # the report writes it into the SAEBench JSON and lists the SAE in the summary
+    write_report(results, tmp_path, sae_info={"topk-2048": {"sae_cfg_dict": two}})
+    doc = json.loads((tmp_path / "topk-2048_eval_results.json").read_text())
+    assert doc["sae_cfg_dict"] == two
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| topk-2048 | topk | 8 | 16 | 4 | blocks.22.hook_resid_post, " \
+           "blocks.29.hook_resid_mid | task:ioi[2040] | 300 |" in summary

@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import json  # noqa: E402
 import random  # noqa: E402
 
 import pytest  # noqa: E402
@@ -110,3 +111,48 @@ def test_smollm2_short_training_on_builtin_corpus(tmp_path):
     assert (report.fvu < 1.0).all(), report  # beats the mean predictor on held-out text
     assert SAE.load_from_disk(tmp_path / "L3.resid_mid").cfg.metadata.hook_name == \
         "blocks.3.hook_resid_mid"
+
+
+def test_sequences_of_any_length_batch_like_one_at_a_time():
+    model = tiny_random_model("llama")
+    units = [torch.tensor([5, 6, 7, 8, 9]), torch.tensor([3, 4, 5, 6, 7, 8, 9, 10, 11]),
+             torch.tensor([12, 13, 14])]
+    together = list(activation_batches(model, units, ["L1.resid_post"], batch_tokens=64))
+    assert len(together) == 1  # 3 x 9 padded tokens fit in one trace
+    alone = [next(activation_batches(model, [u], ["L1.resid_post"]))["L1.resid_post"]
+             for u in units]
+    # right padding changes nothing; the first token of each is skipped
+    torch.testing.assert_close(together[0]["L1.resid_post"], torch.cat(alone))
+    assert len(torch.cat(alone)) == 4 + 8 + 2
+    split = list(activation_batches(model, units, ["L1.resid_post"], batch_tokens=18))
+    assert [len(b["L1.resid_post"]) for b in split] == [4 + 8, 2]
+
+
+def test_train_on_task_prompts_mixed_with_text(text_file, tmp_path):
+    from conftest import TINY_TASK
+    from sage_nn.training import Prompts, corpus_hash, task_prompts
+
+    model = tiny_random_model("llama")
+    (tmp_path / "tiny.yaml").write_text(TINY_TASK)
+    task = str(tmp_path / "tiny.yaml")
+    full = task_prompts(model, task, n=64, seed=0)
+    assert full.name == "task:tiny-ioi" and len(set(full.texts)) == len(full.texts)
+    held = full.texts[:5]
+    rest = task_prompts(model, task, n=64, seed=0, exclude=held)
+    assert not set(held) & set(rest.texts) and len(rest.texts) == len(full.texts) - 5
+    # content-keyed: other prompts, another hash; the same prompts, the same hash
+    assert corpus_hash(rest) != corpus_hash(full) == corpus_hash(Prompts(full.texts))
+    assert corpus_hash(f"{text_file}+builtin") == corpus_hash([str(text_file), "builtin"])
+    cfg = TrainConfig(**{**SMALL, "tokens": 2048})
+    saes, report = train_saes(model, ["L1.resid_pre"], cfg, source=[str(text_file), rest],
+                              out_dir=tmp_path / "saes")
+    record = json.loads((tmp_path / "saes" / "train_config.json").read_text())
+    assert record["corpus"] == f"{text_file}+task:tiny-ioi[{len(rest.texts)}]"
+    assert record["corpus_hash"] == corpus_hash([str(text_file), rest])
+    assert SAE.load_from_disk(tmp_path / "saes" / "L1.resid_pre").cfg.metadata.dataset_path \
+        == record["corpus"]
+    # a task source by name draws cfg.task_prompts prompts at another seed than the run's
+    _, by_name = train_saes(model, ["L1.resid_pre"], TrainConfig(**{**SMALL, "tokens": 1024,
+                                                                     "task_prompts": 200}),
+                            source=f"task:{task}")
+    assert report.fvu.iloc[0] < 1.0 and by_name.fvu.iloc[0] < 1.0, (report, by_name)
