@@ -188,7 +188,7 @@ class ResidualReconstruction:
         else:
             inputs = encode(model, prompts, model_device(model)).inputs
         saved, logits = _reconstruct(model, *self._double(inputs), self, sites, with_codes, None)
-        return ReconstructionResult(**saved, logits=logits)
+        return ReconstructionResult(**_by_site(saved), logits=logits)
 
     def run_at(self, prompts: Sequence[str], positions: Sequence[int], sites: Sequence[Site | str],
                *, with_codes: bool = False, batch_size: int = 16,
@@ -213,7 +213,7 @@ class ResidualReconstruction:
         parts = list(run_kernel(model, _reconstruct, chunks(), remote, stage="reconstruct"))
         cat = {key: {s: torch.cat([p[0][key][s] for p in parts]) for s in parts[0][0][key]}
                for key in parts[0][0]}
-        return ReconstructionResult(**cat, logits=torch.cat([p[1] for p in parts]))
+        return ReconstructionResult(**_by_site(cat), logits=torch.cat([p[1] for p in parts]))
 
     def _double(self, inputs: dict) -> tuple[dict, int]:
         """Input mode runs the prompts twice: clean rows, then scratch rows."""
@@ -489,16 +489,28 @@ def _reconstruct(model, inputs, n, recon, sites, with_codes, rows_cols):
     """One forward with ``sites`` reconstructed in rows ``[:n]`` (a remote kernel). With
     ``rows_cols``, only those tokens' values and the last token's logits are kept."""
     saved = {"clean": {}, "recon": {}, "codes": {}, "offsets": {}}  # filled in the trace
-    with torch.no_grad(), model.trace(inputs):
-        recon.splice(model, sites, n, with_codes=with_codes, out=saved)
-        logits = model.output.logits[:n]
-        if rows_cols is not None:
-            rows, cols = rows_cols
-            saved = {key: {s: v[rows, cols] for s, v in d.items()} for key, d in saved.items()}
-            logits = logits[:, -1]
-        result = [saved, logits]
-        result.save()
+    hf = model._module
+    impl = hf.config._attn_implementation
+    if (with_codes or recon.freeze_pattern) and impl != "eager":
+        hf.set_attn_implementation("eager")  # e.g. a server's sdpa model returns no pattern
+    try:
+        with torch.no_grad(), model.trace(inputs):
+            recon.splice(model, sites, n, with_codes=with_codes, out=saved)
+            logits = model.output.logits[:n]
+            pick = (lambda v: v[rows_cols]) if rows_cols is not None else (lambda v: v)
+            # keyed by site name: a server returns plain data, not sage_nn objects
+            saved = {key: {str(s): pick(v) for s, v in d.items()} for key, d in saved.items()}
+            logits = logits[:, -1].clone() if rows_cols is not None else logits  # not a view
+            result = [saved, logits]
+            result.save()
+    finally:
+        if hf.config._attn_implementation != impl:
+            hf.set_attn_implementation(impl)
     return result
+
+
+def _by_site(saved: dict) -> dict:
+    return {key: {Site.parse(s): v for s, v in d.items()} for key, d in saved.items()}
 
 
 def fvu(recon: torch.Tensor, clean: torch.Tensor) -> float:

@@ -50,7 +50,9 @@ class Remote:
 
     ``backend``: ``False`` (here, no session), ``True`` (NDIF), ``"local"`` (nnsight's
     offline simulation of NDIF), a host URL, or an nnsight ``Backend`` object.
-    ``max_prompts`` caps the prompts per request (``None``: the whole stage in one request).
+    ``max_prompts`` caps the rows per request (``None``: the whole stage in one request):
+    the stage's batches are grouped into requests, a batch over the cap going alone (so
+    choose ``batch_size`` at most the cap); a patched variant of a prompt counts as a row.
     A request that fails to reach the server is retried ``retries`` times, waiting
     ``backoff_s``, then twice that, and so on.
     """

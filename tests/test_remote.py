@@ -1,0 +1,130 @@
+"""Remote execution, offline: every stage through nnsight's ``remote="local"`` backend and
+through a fresh server-like process that cannot import sage_nn, with the local numbers back."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from nnsight.intervention.backends.local import LocalSimulationBackend
+
+from conftest import TINY_TASK
+from sage_nn import tiny_random_model
+from sage_nn.activations import collect
+from sage_nn.evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section
+from sage_nn.interventions import Patch, run_patched
+from sage_nn.remote import NOT_ON_SERVER, FreshProcessBackend, Remote, run_kernel
+from sage_nn.saes import SparseAutoencoder
+from sage_nn.sites import Site
+from sage_nn.tasks import load_task, logit_diffs
+
+SITES = ["L0.resid_post", "L1.z.h0", "L1.mlp_out"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("task") / "tiny.yaml"
+    path.write_text(TINY_TASK)
+    model = tiny_random_model("llama", seed=4)
+    full = load_task(path).build(model, n=24, seed=0, split="train")
+    server = FreshProcessBackend.for_model(model, tmp_path_factory.mktemp("server_model"))
+    return model, full.subset(np.arange(16)), full.subset(np.arange(16, 24)), server
+
+
+def random_sae(layer: int, kind: str, d: int, seed: int) -> SparseAutoencoder:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d, 64, generator=g) / d ** 0.5
+    return SparseAutoencoder(W, torch.zeros(64), W.T.clone(), torch.zeros(d),
+                             architecture="topk", k=8, layer=layer, kind=kind)
+
+
+def evaluate(model, fit, test, remote):
+    d = model.config.hidden_size
+    saes = {"res": ReconstructedSAE([random_sae(1, "resid_pre", d, 0),
+                                     random_sae(1, "resid_mid", d, 1)])}
+    cs = CrossSection("io", [(Site(1, "z", 0), "END"), (Site(1, "mlp_out"), "END")])
+    return evaluate_cross_section(model, fit, test, cs, saes, ks=[1, 2], n_boot=10,
+                                  remote=remote)
+
+
+def patched(model, data, remote):
+    variants = [[], [Patch("L1.z.h0", data.positions["END"], torch.ones(len(data), 8))]]
+    return run_patched(model, data, variants, batch_size=4, remote=remote)
+
+
+def test_stages_give_the_local_numbers_through_nnsight_local_backend(setup):
+    model, fit, test, _ = setup
+    remote = Remote("local", max_prompts=8)
+    xr.testing.assert_identical(collect(model, fit, SITES, batch_size=8, progress=False),
+                                collect(model, fit, SITES, batch_size=8, progress=False,
+                                        remote=remote))
+    xr.testing.assert_identical(patched(model, fit, None), patched(model, fit, remote))
+    xr.testing.assert_identical(logit_diffs(model, fit), logit_diffs(model, fit, remote=remote))
+    xr.testing.assert_identical(evaluate(model, fit, test, None),
+                                evaluate(model, fit, test, remote))
+    # 16 prompts at most 8 per request: the collect above took two requests
+    assert remote.requests[:2] == [("collect", 8), ("collect", 8)]
+
+
+def test_stages_round_trip_through_a_fresh_server_process(setup):
+    """Serialized requests run where sage_nn, sae_lens, xarray... cannot be imported."""
+    model, fit, test, server = setup
+    remote = Remote(server)
+    xr.testing.assert_allclose(collect(model, fit, SITES, progress=False),
+                               collect(model, fit, SITES, progress=False, remote=remote),
+                               rtol=1e-5, atol=1e-6)
+    xr.testing.assert_allclose(evaluate(model, fit, test, None),
+                               evaluate(model, fit, test, remote), rtol=1e-4, atol=1e-5)
+    assert len(server.result_bytes) == len(remote.requests) > 1
+    # what comes back is reduced: less than the request that asked for it, for evaluation
+    assert sum(server.result_bytes[1:]) < sum(server.request_bytes[1:])
+
+
+def _loaded_modules(model, inputs):
+    with model.trace(inputs):
+        pass
+    return sorted({m.split(".")[0] for m in sys.modules})
+
+
+def _imports_sae_lens(model, inputs):
+    import sae_lens  # noqa: F401  (a server has no sae_lens)
+
+    return [0]
+
+
+def test_the_server_process_has_no_sage_nn_and_refuses_what_a_server_lacks(setup):
+    model, fit, _, server = setup
+    inputs = {"input_ids": torch.tensor([[2, 3, 4]])}
+    (loaded,) = run_kernel(model, _loaded_modules, [(inputs,)], Remote(server))
+    assert "torch" in loaded and not set(loaded) & set(NOT_ON_SERVER)
+    with pytest.raises(RuntimeError, match="No module named 'sae_lens'"):
+        list(run_kernel(model, _imports_sae_lens, [(inputs,)], Remote(server)))
+
+
+class FlakyBackend(LocalSimulationBackend):
+    """The local simulation behind a connection that drops the first ``failures`` times."""
+
+    def __init__(self, model, failures, error=ConnectionError):
+        super().__init__(model)
+        self.failures, self.error, self.calls = failures, error, 0
+
+    def __call__(self, tracer):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error("connection reset by peer")
+        return super().__call__(tracer)
+
+
+def test_a_dropped_connection_is_retried_and_a_real_error_is_not(setup):
+    model, fit, _, _ = setup
+    flaky = FlakyBackend(model, failures=2)
+    out = patched(model, fit, Remote(flaky, retries=2, backoff_s=0))
+    xr.testing.assert_identical(out, patched(model, fit, None))
+    assert flaky.calls == 3
+    with pytest.raises(ConnectionError):
+        patched(model, fit, Remote(FlakyBackend(model, failures=3), retries=2, backoff_s=0))
+    broken = FlakyBackend(model, failures=1, error=ValueError)
+    with pytest.raises(ValueError):
+        patched(model, fit, Remote(broken, retries=2, backoff_s=0))
+    assert broken.calls == 1
