@@ -53,6 +53,7 @@ import xarray as xr
 
 from .activations import batches, encode, model_device
 from .interventions import counterfactual_patches, logit_diff, run_patched
+from .remote import run_kernel
 from .sites import HEAD_KINDS, KINDS, Site, _path, adapter
 
 SCORES_FORMAT = "sage_nn.discovery/1"
@@ -115,7 +116,9 @@ class AttributionPatching:
                              f"{dataset.name!r}; it has {sorted(dataset.counterfactuals)}")
         return kinds, layers, positions, attributes
 
-    def fit(self, model: Any, dataset: Any) -> "AttributionPatching":
+    def fit(self, model: Any, dataset: Any, remote: Any = None) -> "AttributionPatching":
+        """Score every grid site for every attribute of ``dataset``. ``remote`` runs the
+        forward and backward passes elsewhere (see :mod:`sage_nn.remote`)."""
         ad = adapter(model)
         kinds, layers, positions, attributes = self._grid(ad, dataset)
         if self.batch_size < 1:
@@ -129,9 +132,11 @@ class AttributionPatching:
         device = model_device(model)
         delta = np.zeros((len(attributes), len(layers), len(kinds), n_heads + 1, len(positions)))
         clean_sum, cf_sum = 0.0, np.zeros(len(attributes))
-        for idx in batches(n, self.batch_size, self.progress and "attribution"):
-            contrib, ld, cf_ld = _score_batch(model, ad, dataset, attributes, positions, grid,
-                                              idx, device, self.ig_steps)
+        chunks = (_prepare_batch(model, dataset, attributes, positions, grid, idx, device,
+                                 self.ig_steps)
+                  for idx in batches(n, self.batch_size, self.progress and "attribution"))
+        for contrib, ld, cf_ld in run_kernel(model, _attribute, chunks, remote,
+                                             stage="attribution"):
             for (layer, kind), c in contrib.items():
                 li, ki = layers.index(layer), kinds.index(kind)
                 c = c.double().cpu().numpy()  # [attribute, position, heads] or [attribute, position]
@@ -140,7 +145,7 @@ class AttributionPatching:
                 else:
                     delta[:, li, ki, 0, :] += c
             clean_sum += float(ld.sum())
-            cf_sum += cf_ld.double().cpu().numpy().reshape(len(attributes), len(idx)).sum(1)
+            cf_sum += cf_ld.double().cpu().numpy().reshape(len(attributes), -1).sum(1)
         delta /= n
         clean_ld, cf_ld = clean_sum / n, cf_sum / n
         total = cf_ld - clean_ld
@@ -191,39 +196,48 @@ def _rows_cols(batch, positions_per_row: Sequence[np.ndarray], device):
     return rows, cols
 
 
-def _score_batch(model, ad, dataset, attributes, positions, grid, idx, device, ig_steps):
-    """One batch of prompts: every grid site's summed contribution per attribute
-    (``{(layer, kind): [attribute, position(, head)]}``), the clean logit differences and
-    the counterfactual ones (``[attribute * batch]``)."""
+def _prepare_batch(model, dataset, attributes, positions, grid, idx, device, ig_steps):
+    """One batch of clean prompts and their counterfactuals, tokenized, with the rows and
+    columns of the named positions: the arguments of :func:`_attribute`."""
     cfs = [dataset.counterfactuals[a] for a in attributes]
-    n_attr, b = len(cfs), len(idx)
     clean = encode(model, [dataset.prompts[i] for i in idx], device)
     cf = encode(model, [c.prompts[i] for c in cfs for i in idx], device)
+    if ig_steps:
+        _check_aligned(clean, cf, attributes, idx)
     clean_at = _rows_cols(clean, [dataset.positions[p][idx] for p in positions], device)
     cf_at = _rows_cols(cf, [np.concatenate([c.positions[p][idx] for c in cfs])
                             for p in positions], device)
-    answer = torch.as_tensor(np.tile(dataset.answer_ids[idx], n_attr), device=device)
-    distractor = torch.as_tensor(np.tile(dataset.distractor_ids[idx], n_attr), device=device)
-    cf_values, cf_ld, cf_embed = _forward(model, ad, cf.inputs, grid, *cf_at, answer, distractor,
+    answer = torch.as_tensor(np.tile(dataset.answer_ids[idx], len(cfs)), device=device)
+    distractor = torch.as_tensor(np.tile(dataset.distractor_ids[idx], len(cfs)), device=device)
+    return clean.inputs, cf.inputs, grid, clean_at, cf_at, answer, distractor, len(cfs), ig_steps
+
+
+def _attribute(model, clean_inputs, cf_inputs, grid, clean_at, cf_at, answer, distractor,
+               n_attr, ig_steps):
+    """One batch (a remote kernel): every grid site's summed contribution per attribute
+    (``{(layer, kind): [attribute, position(, head)]}``), the clean logit differences and
+    the counterfactual ones (``[attribute * batch]``)."""
+    ad = adapter(model)
+    b = len(clean_inputs["input_ids"])
+    cf_values, cf_ld, cf_embed = _forward(model, ad, cf_inputs, grid, *cf_at, answer, distractor,
                                           embeddings=ig_steps > 0)
     if not ig_steps:
-        values, grads, ld = _forward_backward(model, ad, clean.inputs, grid, *clean_at,
+        values, grads, ld = _forward_backward(model, ad, clean_inputs, grid, *clean_at,
                                               answer[:b], distractor[:b])
         grads = {key: g.repeat(n_attr, 1, 1) for key, g in grads.items()}
     else:
-        _check_aligned(clean, cf, attributes, idx)
-        values, ld, embed = _forward(model, ad, clean.inputs, grid, *clean_at, answer[:b],
+        values, ld, embed = _forward(model, ad, clean_inputs, grid, *clean_at, answer[:b],
                                      distractor[:b], embeddings=True)
         # Integrated gradients: the mean gradient at k midpoints of the straight line from
         # the clean to the counterfactual embeddings; each step is one forward+backward of
         # every attribute's interpolated batch and scores all sites at once.
-        inputs = {k: t.repeat(n_attr, 1) for k, t in clean.inputs.items()}
+        inputs = {k: t.repeat(n_attr, 1) for k, t in clean_inputs.items()}
         cols = clean_at[1].repeat(n_attr, 1)  # the clean tokens: the batch is aligned
-        rows = torch.arange(len(cols), device=device)[:, None]
+        rows = torch.arange(len(cols), device=cols.device)[:, None]
         embed = embed.repeat(n_attr, 1, 1)
         grads = {}
-        for alpha in (np.arange(ig_steps) + 0.5) / ig_steps:
-            mix = embed + float(alpha) * (cf_embed - embed)
+        for alpha in [(step + 0.5) / ig_steps for step in range(ig_steps)]:
+            mix = embed + alpha * (cf_embed - embed)
             _, step, _ = _forward_backward(model, ad, inputs, grid, rows, cols, answer,
                                            distractor, embeddings=mix)
             for key, g in step.items():
@@ -391,7 +405,7 @@ def load_scores(path: str | Path) -> xr.Dataset:
 
 def exact_patching(model: Any, dataset: Any, attribute: str, pairs: Sequence[tuple], *,
                    joint: bool = True, batch_size: int = 32, max_rows: int = 256,
-                   progress: bool = False) -> tuple[pd.DataFrame, dict]:
+                   progress: bool = False, remote: Any = None) -> tuple[pd.DataFrame, dict]:
     """Exact change in logit difference from patching each (site, position) from ``x'``.
 
     All variants (one per pair, plus all pairs together when ``joint``) run stacked along
@@ -404,14 +418,16 @@ def exact_patching(model: Any, dataset: Any, attribute: str, pairs: Sequence[tup
                          f"{sorted(dataset.counterfactuals)}")
     cf = dataset.counterfactuals[attribute]
     pairs = [(Site.parse(s), str(p)) for s, p in pairs]
-    patches = counterfactual_patches(model, dataset, cf, pairs, batch_size=batch_size)
+    patches = counterfactual_patches(model, dataset, cf, pairs, batch_size=batch_size,
+                                     remote=remote)
     variants = [[]] + [[p] for p in patches] + ([patches] if joint and patches else [])
     out = run_patched(model, dataset, variants, names=list(range(len(variants))),
-                      batch_size=batch_size, max_rows=max_rows, progress=progress)
+                      batch_size=batch_size, max_rows=max_rows, progress=progress,
+                      remote=remote)
     ld = out.logit_diff.mean("prompt").values.astype(float)
     cf_ld = run_patched(model, cf, [[]], answer_ids=dataset.answer_ids,
                         distractor_ids=dataset.distractor_ids,
-                        batch_size=batch_size).logit_diff.mean().item()
+                        batch_size=batch_size, remote=remote).logit_diff.mean().item()
     table = pd.DataFrame({"site": [str(s) for s, _ in pairs], "position": [p for _, p in pairs],
                           "exact_delta": ld[1:1 + len(pairs)] - ld[0]})
     summary = {"clean_logit_diff": ld[0], "counterfactual_logit_diff": cf_ld,
@@ -422,8 +438,8 @@ def exact_patching(model: Any, dataset: Any, attribute: str, pairs: Sequence[tup
 
 
 def validate(model: Any, dataset: Any, result: xr.Dataset, attribute: str,
-             selection: pd.DataFrame, *, batch_size: int = 32, max_rows: int = 256
-             ) -> tuple[pd.DataFrame, dict]:
+             selection: pd.DataFrame, *, batch_size: int = 32, max_rows: int = 256,
+             remote: Any = None) -> tuple[pd.DataFrame, dict]:
     """Exact patching of the selected sites next to their estimates.
 
     Returns the selection with ``exact_delta`` (and ``exact_score`` = exact_delta / exact
@@ -435,7 +451,7 @@ def validate(model: Any, dataset: Any, result: xr.Dataset, attribute: str,
 
     pairs = list(zip(selection["site"], selection["position"]))
     table, summary = exact_patching(model, dataset, attribute, pairs, batch_size=batch_size,
-                                    max_rows=max_rows)
+                                    max_rows=max_rows, remote=remote)
     out = selection.reset_index(drop=True).copy()
     out["exact_delta"] = table["exact_delta"].to_numpy()
     total = summary["total_effect"]
@@ -556,10 +572,12 @@ class Discovery:
 
 
 def discover(model: Any, dataset: Any, config: DiscoveryConfig | None = None, *,
-             out_dir: str | Path | None = None, progress: bool = False) -> Discovery:
+             out_dir: str | Path | None = None, progress: bool = False,
+             remote: Any = None) -> Discovery:
     """Score the grid, select a cross-section per attribute, validate it, save and plot.
 
     With ``out_dir``: ``scores.nc``, ``cross_sections.csv``, ``summary.json`` and the PNGs.
+    ``remote`` runs the model's passes elsewhere (see :mod:`sage_nn.remote`).
     """
     config = config or DiscoveryConfig()
     if config.top_k is not None and config.coverage is not None:
@@ -567,14 +585,15 @@ def discover(model: Any, dataset: Any, config: DiscoveryConfig | None = None, *,
     coverage = 0.8 if config.top_k is None and config.coverage is None else config.coverage
     fit = AttributionPatching(config.kinds, config.layers, config.positions, config.attributes,
                               config.batch_size, config.min_effect, ig_steps=config.ig_steps,
-                              progress=progress).fit(model, dataset)
+                              progress=progress).fit(model, dataset, remote=remote)
     found = Discovery(fit.result_, {})
     for attribute in fit.result_.attribute.values:
         sel = select_cross_section(fit.result_, attribute, top_k=config.top_k,
                                    coverage=coverage)
         if config.validate:
             sel, summary = validate(model, dataset, fit.result_, attribute, sel,
-                                    batch_size=config.batch_size, max_rows=config.max_rows)
+                                    batch_size=config.batch_size, max_rows=config.max_rows,
+                                    remote=remote)
             found.validation[attribute] = summary
         found.cross_sections[attribute] = sel
     if out_dir is not None:

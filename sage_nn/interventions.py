@@ -226,7 +226,7 @@ def site_values(model: Any, data: Any, pairs: Sequence[tuple], *, batch_size: in
 
 
 def counterfactual_patches(model: Any, clean: Any, source: Any, pairs: Sequence[tuple], *,
-                           batch_size: int = 32) -> list[Patch]:
+                           batch_size: int = 32, remote: Any = None) -> list[Patch]:
     """One patch per (site, named position): ``source``'s activation written into ``clean``.
 
     The value is read at the position's token in the source prompt and written at the same
@@ -236,6 +236,6 @@ def counterfactual_patches(model: Any, clean: Any, source: Any, pairs: Sequence[
         raise ValueError(f"source has {len(source.prompts)} prompts, clean has "
                          f"{len(clean.prompts)}; they must be paired row by row")
     pairs = [(Site.parse(s), str(p)) for s, p in pairs]
-    values = site_values(model, source, pairs, batch_size=batch_size)
+    values = site_values(model, source, pairs, batch_size=batch_size, remote=remote)
     return [Patch(site, clean.positions[pos], values[(site, pos)], f"{site}@{pos}")
             for site, pos in pairs]

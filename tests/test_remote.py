@@ -12,6 +12,7 @@ from nnsight.intervention.backends.local import LocalSimulationBackend
 from conftest import TINY_TASK
 from sage_nn import tiny_random_model
 from sage_nn.activations import collect
+from sage_nn.discovery import AttributionPatching, DiscoveryConfig, discover
 from sage_nn.evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section
 from sage_nn.interventions import Patch, run_patched
 from sage_nn.remote import NOT_ON_SERVER, FreshProcessBackend, Remote, run_kernel
@@ -63,6 +64,10 @@ def test_stages_give_the_local_numbers_through_nnsight_local_backend(setup):
     xr.testing.assert_identical(logit_diffs(model, fit), logit_diffs(model, fit, remote=remote))
     xr.testing.assert_identical(evaluate(model, fit, test, None),
                                 evaluate(model, fit, test, remote))
+    config = DiscoveryConfig(kinds=["z", "resid_pre", "mlp_out"], top_k=3, batch_size=8)
+    here, there = discover(model, fit, config), discover(model, fit, config, remote=remote)
+    xr.testing.assert_identical(here.result, there.result)
+    assert here.validation == there.validation
     # 16 prompts at most 8 per request: the collect above took two requests
     assert remote.requests[:2] == [("collect", 8), ("collect", 8)]
 
@@ -76,6 +81,10 @@ def test_stages_round_trip_through_a_fresh_server_process(setup):
                                rtol=1e-5, atol=1e-6)
     xr.testing.assert_allclose(evaluate(model, fit, test, None),
                                evaluate(model, fit, test, remote), rtol=1e-4, atol=1e-5)
+    scores = AttributionPatching(kinds=["z", "resid_pre", "mlp_out"], ig_steps=1)
+    xr.testing.assert_allclose(scores.fit(model, fit).result_,
+                               scores.fit(model, fit, remote=remote).result_,
+                               rtol=1e-4, atol=1e-6)
     assert len(server.result_bytes) == len(remote.requests) > 1
     # what comes back is reduced: less than the request that asked for it, for evaluation
     assert sum(server.result_bytes[1:]) < sum(server.request_bytes[1:])
