@@ -27,7 +27,7 @@ from .dictionaries import MSEDictionary
 from .interventions import Patch, run_patched, site_values
 from .reconstruction import ResidualReconstruction
 from .saes import SparseAutoencoder
-from .sites import RESID_KINDS, Site
+from .sites import RESID_KINDS, Site, adapter
 
 SUPERVISED = "supervised"
 RANDOM = "random"
@@ -87,7 +87,7 @@ class DirectSAE:
         self.sae = sae
 
     def serves(self, model, site: Site) -> bool:
-        return (self.sae.layer, self.sae.kind) == (site.layer, site.kind)
+        return adapter(model).same_tensor(Site(self.sae.layer, self.sae.kind), site)
 
     def code(self, model, pair, test, cf, a, a_cf, remote=None) -> SiteCode:
         sae = self.sae
@@ -119,12 +119,13 @@ class ReconstructedSAE:
                 self.saes, mode="input", freeze_norm=True, freeze_pattern=True).fit(model)
         return self._fitted[id(model)]
 
-    def _direct(self, site: Site) -> SparseAutoencoder | None:
-        return next((s for s in self.saes if (s.layer, s.kind) == (site.layer, site.kind)), None)
+    def _direct(self, model, site: Site) -> SparseAutoencoder | None:
+        same = adapter(model).same_tensor
+        return next((s for s in self.saes if same(Site(s.layer, s.kind), site)), None)
 
     def serves(self, model, site: Site) -> bool:
         if site.kind in RESID_KINDS:
-            return self._direct(site) is not None
+            return self._direct(model, site) is not None
         try:
             self._reconstruction(model).source(site)  # the residual SAE feeding the site
         except ValueError:
@@ -134,7 +135,7 @@ class ReconstructedSAE:
     def code(self, model, pair, test, cf, a, a_cf, remote=None) -> SiteCode:
         site, position = pair
         if site.kind in RESID_KINDS:
-            return DirectSAE(self._direct(site)).code(model, pair, test, cf, a, a_cf)
+            return DirectSAE(self._direct(model, site)).code(model, pair, test, cf, a, a_cf)
         recon = self._reconstruction(model)
         linear = site.kind != "mlp_out"
         # test and counterfactual prompts in one pass (one request remotely)

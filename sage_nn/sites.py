@@ -166,6 +166,15 @@ class SiteAdapter:
                              f"heads 0..{self.n_heads_of(site.kind) - 1}")
         return site
 
+    def same_tensor(self, a: "Site | str", b: "Site | str") -> bool:
+        """Whether two sites name one tensor (``L.resid_post`` is ``L+1.resid_pre``)."""
+        def canonical(site: Site) -> Site:
+            if site.kind == "resid_post" and site.layer + 1 < self.n_layers:
+                return Site(site.layer + 1, "resid_pre")
+            return site
+
+        return canonical(self.check(a)) == canonical(self.check(b))
+
     # -- live access (inside a trace) ----------------------------------------
     def _channel_index(self, kind: str) -> torch.Tensor:
         """Indices into the last dim of the kind's tensor, shape [heads, d_head]."""

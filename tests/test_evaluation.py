@@ -77,10 +77,21 @@ def test_a_reconstruction_that_explains_nothing(setup):
     assert float(m.l0.squeeze()) == 0.0 and float(m.dead.squeeze()) == 1.0
 
 
+def test_a_resid_post_sae_serves_the_next_layers_resid_pre(setup):
+    """Public residual SAEs sit at resid_post; discovery names that tensor L+1.resid_pre."""
+    model, fit, held_out = setup
+    d = model.config.hidden_size
+    sae = perfect_sae(d)
+    sae.layer, sae.kind = SITE.layer - 1, "resid_post"
+    out = evaluate_cross_section(model, fit, held_out, CrossSection("io", [(SITE, "END")]),
+                                 {"post": sae}, ks=[1], n_boot=10).squeeze("attribute")
+    assert float(out.sel(dictionary="post").sufficiency) == pytest.approx(1.0, abs=1e-4)
+
+
 def test_an_sae_at_another_site_is_refused(setup):
     model, fit, held_out = setup
-    cs = CrossSection("io", [(Site(0, "resid_post"), "END")])
-    with pytest.raises(ValueError, match="cannot serve cross-section site L0.resid_post"):
+    cs = CrossSection("io", [(Site(0, "resid_pre"), "END")])
+    with pytest.raises(ValueError, match="cannot serve cross-section site L0.resid_pre"):
         evaluate_cross_section(model, fit, held_out, cs,
                                {"x": perfect_sae(model.config.hidden_size)}, ks=[1])
 
