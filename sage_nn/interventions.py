@@ -183,7 +183,7 @@ def _patched_forward(model, inputs, writes, answer, distractor):
         for layer, kind in sorted(writes, key=lambda k: (k[0], KINDS.index(k[1]))):
             rows, cols, chans, values = writes[(layer, kind)]
             t = ad.tensor(model, layer, kind)
-            t[rows, cols, chans] = values
+            t[rows, cols, chans] = values.to(t.dtype)  # a server's model may run in bf16
         logits = model.output.logits[:, -1].float()
         rows = torch.arange(len(answer), device=logits.device)
         out = [logit_diff(logits, answer, distractor),

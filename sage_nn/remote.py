@@ -62,7 +62,7 @@ class Remote:
     retries: int = 3
     backoff_s: float = 5.0
     verbose: bool = False
-    requests: list = field(default_factory=list, repr=False)  # (stage, n_prompts) per request
+    requests: list = field(default_factory=list, repr=False)  # (stage, rows, tokens) sent
 
     @property
     def is_remote(self) -> bool:
@@ -141,7 +141,8 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
                 print(f"sage_nn: request for {stage or kernel.__name__} failed ({error}); "
                       f"retrying in {wait:.0f} s", file=sys.stderr)
                 time.sleep(wait)
-        remote.requests.append((stage or kernel.__name__, sum(map(_size, group))))
+        remote.requests.append((stage or kernel.__name__, sum(map(_size, group)),
+                                sum(chunk[0]["input_ids"].numel() for chunk in group)))
         yield from out
 
 
