@@ -89,7 +89,13 @@ class DirectSAE:
     def serves(self, model, site: Site) -> bool:
         return adapter(model).same_tensor(Site(self.sae.layer, self.sae.kind), site)
 
-    def code(self, model, pair, test, cf, a, a_cf, remote=None) -> SiteCode:
+    def reads(self, model, pair) -> list[tuple]:
+        return []
+
+    def codes(self, model, pairs, test, cf, values, values_cf, remote=None) -> dict:
+        return {pair: self.code(values[pair], values_cf[pair]) for pair in pairs}
+
+    def code(self, a: torch.Tensor, a_cf: torch.Tensor) -> SiteCode:
         sae = self.sae
         with torch.no_grad():
             codes, codes_cf = sae.encode(a), sae.encode(a_cf)
@@ -132,30 +138,43 @@ class ReconstructedSAE:
             return False
         return True
 
-    def code(self, model, pair, test, cf, a, a_cf, remote=None) -> SiteCode:
+    def reads(self, model, pair) -> list[tuple]:
+        """mlp_out's codes are those of the residual SAE feeding the MLP: read its input."""
         site, position = pair
-        if site.kind in RESID_KINDS:
-            return DirectSAE(self._direct(model, site)).code(model, pair, test, cf, a, a_cf)
-        recon = self._reconstruction(model)
-        linear = site.kind != "mlp_out"
-        # test and counterfactual prompts in one pass (one request remotely)
-        out = recon.run_at(list(test.prompts) + list(cf.prompts),
-                           np.concatenate([test.positions[position], cf.positions[position]]),
-                           [site], with_codes=linear, batch_size=self.batch_size, remote=remote)
-        n = len(test)
-        a_hat = out.recon[site][:n].float()
-        if linear:
-            codes = out.codes[site].flatten(1).float()
-            directions = recon.directions(site).float()
-            directions = directions.reshape(-1, directions.shape[-1])  # attn_out: (head, latent)
-        else:  # no linear latent directions through the MLP: the feeding SAE's codes
-            source = recon.source(site)
-            feed = Site(site.layer, source.kind)
-            values = site_values(model, [test, cf], [(feed, position)],
-                                 batch_size=self.batch_size, remote=remote)
-            codes = torch.cat([source.encode(v[(feed, position)]).float() for v in values])
-            directions = None
-        return SiteCode(a, a_hat, a_cf, codes[:n], codes[n:], directions)
+        if site.kind != "mlp_out":
+            return []
+        return [(Site(site.layer, self._reconstruction(model).source(site).kind), position)]
+
+    def codes(self, model, pairs, test, cf, values, values_cf, remote=None) -> dict:
+        """Every pair's :class:`SiteCode`; the sublayer pairs' reconstructions (each pair its
+        own forwards, test and counterfactual prompts together) in one request remotely."""
+        out = {}
+        for pair in pairs:
+            if pair[0].kind in RESID_KINDS:
+                out[pair] = DirectSAE(self._direct(model, pair[0])).code(values[pair],
+                                                                         values_cf[pair])
+        sublayer = [pair for pair in pairs if pair not in out]
+        if not sublayer:
+            return out
+        recon, n = self._reconstruction(model), len(test)
+        prompts = list(test.prompts) + list(cf.prompts)
+        jobs = [(prompts, np.concatenate([test.positions[pos], cf.positions[pos]]), [site],
+                 site.kind != "mlp_out") for site, pos in sublayer]
+        results = recon.run_at_each(jobs, batch_size=self.batch_size, remote=remote)
+        for (site, pos), res in zip(sublayer, results):
+            a_hat = res.recon[site][:n].float()
+            if site.kind != "mlp_out":
+                codes = res.codes[site].flatten(1).float()
+                directions = recon.directions(site).float()
+                directions = directions.reshape(-1, directions.shape[-1])  # attn_out: (head, latent)
+            else:  # no linear latent directions through the MLP: the feeding SAE's codes
+                (feed,) = self.reads(model, (site, pos))
+                source = recon.source(site)
+                codes = torch.cat([source.encode(values[feed]), source.encode(values_cf[feed])])
+                codes, directions = codes.float(), None
+            out[(site, pos)] = SiteCode(values[(site, pos)], a_hat, values_cf[(site, pos)],
+                                        codes[:n], codes[n:], directions)
+        return out
 
     def floor(self, mean: torch.Tensor, seed: int) -> "ReconstructedSAE":
         """Random SAEs of the same shapes; their decoder bias is each site's own mean."""
@@ -165,7 +184,8 @@ class ReconstructedSAE:
 
 def as_coder(sae: Any) -> Any:
     """A :class:`SparseAutoencoder` is evaluated at its own site; anything with ``serves``,
-    ``code`` and ``floor`` (e.g. a residual SAE reaching sublayer sites) is used as is."""
+    ``reads``, ``codes`` and ``floor`` (e.g. residual SAEs reaching sublayer sites through
+    :class:`ReconstructedSAE`) is used as is."""
     return DirectSAE(sae) if isinstance(sae, SparseAutoencoder) else sae
 
 
@@ -225,8 +245,17 @@ def evaluate_cross_section(
     attribute, pairs = cross_section.attribute, cross_section.pairs
     test = _seen_values_only(train, test, attribute)
     cf = test.counterfactuals[attribute]
-    a_train, a_test, a_cf = site_values(model, [train, test, cf], pairs, batch_size=batch_size,
-                                        remote=remote)
+    coders = {name: as_coder(sae) for name, sae in (saes or {}).items()}
+    for name, coder in coders.items():
+        for site, _ in pairs:
+            if not coder.serves(model, site):
+                raise ValueError(f"SAE {name!r} cannot serve cross-section site {site}: "
+                                 "place it at that site, or reach sublayer sites through a "
+                                 "residual-to-sublayer reconstruction")
+    # every activation any method needs, for all three prompt sets: one read
+    extra = [p for c in coders.values() for pair in pairs for p in c.reads(model, pair)]
+    a_train, a_test, a_cf = site_values(model, [train, test, cf], list(dict.fromkeys(pairs + extra)),
+                                        batch_size=batch_size, remote=remote)
     attrs, attrs_cf = test.attributes[train.attribute_names], cf.attributes[train.attribute_names]
 
     dictionaries = dictionaries or {SUPERVISED: MSEDictionary()}
@@ -240,18 +269,14 @@ def evaluate_cross_section(
             features.setdefault(pair, dictionary.components_)
             codes_by_method[name][pair] = supervised_code(
                 dictionary, a_test[pair].numpy(), attrs, a_cf[pair].numpy(), attrs_cf)
-    for name, sae in (saes or {}).items():
-        coder = as_coder(sae)
-        codes_by_method[name], codes_by_method[f"{RANDOM}:{name}"] = {}, {}
-        for pair in pairs:
-            if not coder.serves(model, pair[0]):
-                raise ValueError(f"SAE {name!r} cannot serve cross-section site {pair[0]}: "
-                                 "place it at that site, or reach sublayer sites through a "
-                                 "residual-to-sublayer reconstruction")
-            args = (model, pair, test, cf, a_test[pair], a_cf[pair], remote)
-            codes_by_method[name][pair] = coder.code(*args)
-            codes_by_method[f"{RANDOM}:{name}"][pair] = coder.floor(
-                a_train[pair].mean(0), seed).code(*args)
+    # a direct SAE's floor has the data mean over the cross-section's tokens as decoder bias
+    # (its pairs are all one site); ReconstructedSAE floors use each SAE's own
+    one_width = len({a_train[pair].shape[1] for pair in pairs}) == 1
+    mean = torch.cat([a_train[pair] for pair in pairs]).mean(0) if one_width else None
+    for name, coder in coders.items():
+        codes_by_method[name] = coder.codes(model, pairs, test, cf, a_test, a_cf, remote)
+        codes_by_method[f"{RANDOM}:{name}"] = coder.floor(mean, seed).codes(
+            model, pairs, test, cf, a_test, a_cf, remote)
 
     out, magnitudes = _run_variants(model, test, pairs, codes_by_method, a_train, a_cf, ks,
                                     batch_size, remote)

@@ -197,23 +197,41 @@ class ResidualReconstruction:
         (``positions``: an index per prompt, negative from the end): each site's values are
         ``[n_prompts, ...]`` and ``logits`` those of the last token. ``remote`` runs the
         forwards elsewhere (see :mod:`sage_nn.remote`); only these rows come back."""
-        model, sites = self.model_, self._plan(sites)
-        if with_codes:
-            self._check_linear(sites)
-            for s in sites:
-                self._maps(s.layer, self.source(s))
-        positions = np.asarray(positions)
+        return self.run_at_each([(prompts, positions, sites, with_codes)],
+                                batch_size=batch_size, remote=remote)[0]
+
+    def run_at_each(self, jobs: Sequence[tuple], *, batch_size: int = 16,
+                    remote: Any = None) -> list[ReconstructionResult]:
+        """Several :meth:`run_at` jobs ``(prompts, positions, sites, with_codes)``: each has
+        its own forwards (their splices do not mix), all in one request remotely."""
+        model = self.model_
+        jobs = [(prompts, np.asarray(positions), self._plan(sites), with_codes)
+                for prompts, positions, sites, with_codes in jobs]
+        for _, _, sites, with_codes in jobs:
+            if with_codes:
+                self._check_linear(sites)
+                for s in sites:
+                    self._maps(s.layer, self.source(s))
+        owners = []
 
         def chunks():
-            for idx in batches(len(prompts), batch_size):
-                batch = encode(model, [prompts[i] for i in idx], model_device(model))
-                rows_cols = (torch.arange(len(idx)), batch.index(positions[idx]))
-                yield *self._double(batch.inputs), self, sites, with_codes, rows_cols
+            for j, (prompts, positions, sites, with_codes) in enumerate(jobs):
+                for idx in batches(len(prompts), batch_size):
+                    batch = encode(model, [prompts[i] for i in idx], model_device(model))
+                    rows_cols = (torch.arange(len(idx)), batch.index(positions[idx]))
+                    owners.append(j)
+                    yield *self._double(batch.inputs), self, sites, with_codes, rows_cols
 
-        parts = list(run_kernel(model, _reconstruct, chunks(), remote, stage="reconstruct"))
-        cat = {key: {s: torch.cat([p[0][key][s] for p in parts]) for s in parts[0][0][key]}
-               for key in parts[0][0]}
-        return ReconstructionResult(**_by_site(cat), logits=torch.cat([p[1] for p in parts]))
+        parts = [[] for _ in jobs]
+        for out in run_kernel(model, _reconstruct, chunks(), remote, stage="reconstruct"):
+            parts[owners.pop(0)].append(out)
+        results = []
+        for job in parts:
+            cat = {key: {s: torch.cat([p[0][key][s] for p in job]) for s in job[0][0][key]}
+                   for key in job[0][0]}
+            results.append(ReconstructionResult(**_by_site(cat),
+                                                logits=torch.cat([p[1] for p in job])))
+        return results
 
     def _double(self, inputs: dict) -> tuple[dict, int]:
         """Input mode runs the prompts twice: clean rows, then scratch rows."""
