@@ -22,7 +22,9 @@ each request in a new Python process that cannot import sage_nn or any non-serve
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import subprocess
 import sys
 import tempfile
@@ -50,6 +52,9 @@ class Remote:
 
     ``backend``: ``False`` (here, no session), ``True`` (NDIF), ``"local"`` (nnsight's
     offline simulation of NDIF), a host URL, or an nnsight ``Backend`` object.
+    With ``blocking=False`` each request is submitted and its job id kept in ``jobs`` (a
+    JSON file); the stage raises :class:`RemotePending` until every job has finished, and
+    calling it again with the same arguments collects the results instead of resubmitting.
     ``max_prompts`` caps the rows per request (``None``: the whole stage in one request):
     the stage's batches are grouped into requests, a batch over the cap going alone (so
     choose ``batch_size`` at most the cap); a patched variant of a prompt counts as a row.
@@ -61,6 +66,8 @@ class Remote:
     max_prompts: int | None = None
     retries: int = 3
     backoff_s: float = 5.0
+    blocking: bool = True
+    jobs: str | Path | None = None
     verbose: bool = False
     requests: list = field(default_factory=list, repr=False)  # (stage, rows, tokens) sent
 
@@ -71,7 +78,22 @@ class Remote:
     def session(self, model: Any) -> Any:
         if isinstance(self.backend, Backend):
             return model.session(backend=self.backend)
-        return model.session(remote=self.backend, verbose=self.verbose)
+        return model.session(remote=self.backend, blocking=self.blocking, verbose=self.verbose)
+
+    def __post_init__(self):
+        if not self.blocking and (self.jobs is None or not isinstance(self.backend, (bool, str))
+                                  or self.backend in (False, "local")):
+            raise ValueError("blocking=False submits jobs to an NDIF server (backend True or a "
+                             "host URL) and needs a jobs file to keep their ids in")
+
+
+class RemotePending(RuntimeError):
+    """Jobs were submitted (or are still running); run the same call again to collect."""
+
+    def __init__(self, stage: str, job_ids: list[str], jobs: Path):
+        self.stage, self.job_ids = stage, job_ids
+        super().__init__(f"{stage}: {len(job_ids)} remote job(s) not finished yet "
+                         f"({', '.join(job_ids)}; ids kept in {jobs}); run again to collect")
 
 
 LOCAL = Remote()
@@ -129,6 +151,9 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
             yield kernel(model, *chunk)
         return
     register()
+    if not remote.blocking:
+        yield from _submitted(model, kernel, chunks, remote, stage or kernel.__name__)
+        return
     for group in _requests(chunks, remote.max_prompts):
         for attempt in range(remote.retries + 1):
             try:
@@ -147,10 +172,49 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
 
 
 def _session(model: Any, kernel: Callable, group: list[tuple], remote: Remote) -> list:
-    with remote.session(model):
+    with remote.session(model) as session:
         out = [kernel(model, *chunk) for chunk in group]
         out.save()
-    return out
+    return session.backend.job_id if not remote.blocking else out
+
+
+def _digest(group: list[tuple]) -> str:
+    """Identifies a request by its prompts, so a changed call never collects a stale job."""
+    h = hashlib.sha256()
+    for chunk in group:
+        for key in sorted(chunk[0]):
+            h.update(chunk[0][key].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _submitted(model, kernel, chunks, remote: Remote, stage: str) -> Iterator[Any]:
+    """Submit each request once, keeping its job id; collect the finished ones."""
+    from nnsight.intervention.backends.remote import RemoteBackend
+
+    path = Path(remote.jobs)
+    jobs = json.loads(path.read_text()) if path.exists() else {}
+    results, pending = [], []
+    for i, group in enumerate(_requests(chunks, remote.max_prompts)):
+        key = f"{stage}/{i}/{_digest(group)}"
+        if key not in jobs:
+            jobs[key] = _session(model, kernel, group, remote)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(jobs, indent=2))  # the id outlives this process
+            remote.requests.append((stage, sum(map(_size, group)),
+                                    sum(chunk[0]["input_ids"].numel() for chunk in group)))
+            pending.append(jobs[key])
+            continue
+        host = remote.backend if isinstance(remote.backend, str) else None
+        poll = RemoteBackend(model.to_model_key(), host=host, blocking=False, job_id=jobs[key])
+        done = poll()
+        if done is None:
+            pending.append(jobs[key])
+        else:
+            results.append(done["out"])
+    if pending:
+        raise RemotePending(stage, pending, path)
+    for out in results:
+        yield from out
 
 
 class FreshProcessBackend(Backend):

@@ -2,7 +2,10 @@
 through a fresh server-like process that cannot import sage_nn, with the local numbers back."""
 
 import sys
+import time
 
+import nnsight
+import nnsight.modeling.huggingface
 import numpy as np
 import pytest
 import torch
@@ -10,12 +13,13 @@ import xarray as xr
 from nnsight.intervention.backends.local import LocalSimulationBackend
 
 from conftest import TINY_TASK
+from ndif_server import FakeNDIF
 from sage_nn import tiny_random_model
 from sage_nn.activations import collect
 from sage_nn.discovery import AttributionPatching, DiscoveryConfig, discover
 from sage_nn.evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section
 from sage_nn.interventions import Patch, run_patched
-from sage_nn.remote import NOT_ON_SERVER, FreshProcessBackend, Remote, run_kernel
+from sage_nn.remote import NOT_ON_SERVER, FreshProcessBackend, Remote, RemotePending, run_kernel
 from sage_nn.saes import SparseAutoencoder
 from sage_nn.sites import Site
 from sage_nn.tasks import load_task, logit_diffs
@@ -137,3 +141,37 @@ def test_a_dropped_connection_is_retried_and_a_real_error_is_not(setup):
     with pytest.raises(ValueError):
         patched(model, fit, Remote(broken, retries=2, backoff_s=0))
     assert broken.calls == 1
+
+
+def test_a_job_submitted_without_waiting_is_collected_later_by_its_id(setup, tmp_path,
+                                                                      monkeypatch):
+    """nnsight's own HTTP client against a stand-in for NDIF's API (tests/ndif_server.py)."""
+    model, fit, _, server = setup
+    key = "ndif-key-that-must-not-be-stored"
+    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", key)
+    # nnsight names the model by its Hub repo id (canonicalised online): give it one offline
+    monkeypatch.setattr(model, "repo_id", "sage-nn/tiny-llama", raising=False)
+    monkeypatch.setitem(nnsight.modeling.huggingface._ID_CACHE, "sage-nn/tiny-llama",
+                        "sage-nn/tiny-llama")
+    ndif = FakeNDIF(server.model_dir)
+    try:
+        ndif.hold.clear()  # the server queues the job
+        remote = Remote(ndif.url, blocking=False, jobs=tmp_path / "jobs.json")
+        with pytest.raises(RemotePending, match="run again to collect") as pending:
+            patched(model, fit, remote)
+        with pytest.raises(RemotePending):  # still queued: polled, not submitted again
+            patched(model, fit, remote)
+        assert len(ndif.jobs) == 1 and pending.value.job_ids == list(ndif.jobs)
+        ndif.hold.set()
+        for _ in range(120):
+            try:
+                out = patched(model, fit, remote)
+                break
+            except RemotePending:
+                time.sleep(1)
+        xr.testing.assert_allclose(out, patched(model, fit, None), rtol=1e-5, atol=1e-6)
+        assert len(ndif.jobs) == 1
+    finally:
+        ndif.close()
+    assert key in ndif.api_keys  # sent to the server, and written nowhere
+    assert key not in (tmp_path / "jobs.json").read_text()
