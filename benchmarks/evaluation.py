@@ -1,31 +1,37 @@
 """Evaluation throughput against plain forward throughput, on the same prompts.
 
 Reuses a finished run directory (default: the quickstart's, `sage quickstart` first): its
-cross-sections and cached SAEs. Times `evaluate_cross_section` for every attribute (all
-metrics, all cross-section sites, ceiling, SAE and floor) and a plain HuggingFace forward
-of the same held-out prompts, in one process; writes benchmarks/results/evaluation.json.
+config, cross-sections and cached SAEs (resolved as the run resolved them, so point
+``SAGE_NN_CACHE`` at the cache the run used). Times `evaluate_cross_section` for every
+attribute (all metrics, all cross-section sites, ceiling, SAE and floor) and a plain
+HuggingFace forward of the same held-out prompts, in one process; writes
+benchmarks/results/evaluation.json.
 """
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sage_nn import load_model
 from sage_nn.activations import batches, encode
 from sage_nn.evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section
-from sage_nn.pipeline import RunConfig, RunDirectory, resolve_saes, residual_sites_for
+from sage_nn.pipeline import (RunConfig, RunDirectory, resolve_saes, residual_sites_for,
+                              run_prompts)
 from sage_nn.sites import Site, adapter
-from sage_nn.tasks import load_task
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", default="runs/quickstart")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 is steadier on a shared CPU")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = RunConfig.from_file(Path(args.run_dir) / "config.yaml")
     if "discovery" not in RunDirectory(args.run_dir).manifest:
         raise SystemExit(f"{args.run_dir} has no finished discovery stage: run sage quickstart")
@@ -35,9 +41,7 @@ def main():
     pairs = {a: [(Site.parse(s), str(p)) for s, p in zip(t.site, t.position)]
              for a, t in table.groupby("attribute", sort=False)}
     model = load_model(config.model)
-    full = load_task(config.task).build(model, n=config.n_fit + config.n_eval, seed=config.seed,
-                                        split="train")
-    fit, held_out = full.subset(np.arange(config.n_fit)), full.subset(np.arange(config.n_fit, len(full)))
+    _, fit, held_out = run_prompts(model, config)  # the run's own fit and held-out prompts
     needed = residual_sites_for([p for ps in pairs.values() for p in ps], adapter(model).parallel)
     saes = {}
     for spec in config.saes:
@@ -62,6 +66,8 @@ def main():
     t_eval = time.perf_counter() - start
     n = len(held_out)
     result = {"benchmark": "evaluation", "run_dir": args.run_dir, "prompts": n,
+              "load_average_1m_at_end": os.getloadavg()[0], "threads": torch.get_num_threads(),
+              "sae_corpus": config.sae_corpus,
               "attributes": list(pairs), "cross_sections": {a: [f"{s}@{p}" for s, p in ps]
                                                             for a, ps in pairs.items()},
               "saes": list(saes), "ks": config.ks, "n_boot": config.n_boot,

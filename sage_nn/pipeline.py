@@ -48,8 +48,14 @@ class RunConfig:
     device: str | None = None
     dtype: str | None = None
     sae_width: int = 1024    # for SAEs trained by the run
-    sae_steps: int = 300     # x 1024 training tokens: ~14 passes over the built-in corpus
-    sae_corpus: str = "builtin"  # text SAEs are trained on: "builtin", a file/dir, "hf:NAME"
+    sae_steps: int = 300     # x 1024 training tokens
+    # What SAEs are trained on: "task@positions" (prompts of the run's task, other draws
+    # than the fit and eval prompts, at the task's named positions, where cross-sections
+    # lie), "task" (every token of those prompts), "builtin" (the story corpus), a text
+    # file/dir, "hf:NAME", or a mix ("builtin+task"). SAEs trained on the stories fall below
+    # the random floor on IOI (tests/test_calibration.py), so the task is the default.
+    sae_corpus: str = "task@positions"
+    sae_task_prompts: int = 2048  # prompts drawn for a task corpus
     reconstruction: str = "input"  # how residual SAEs reach sublayer sites
 
     @classmethod
@@ -189,43 +195,73 @@ def residual_sites_for(pairs: list[tuple], parallel: bool) -> list[str]:
     return sorted(needed, key=lambda s: (int(s[1:].split(".")[0]), s))
 
 
-def _corpus_hash(source: str) -> str:
-    """Identifies the training text, so a changed corpus never reuses cached SAEs."""
-    from .training import BUILTIN_CORPUS
+def run_prompts(model: Any, config: RunConfig) -> tuple[Any, Any, Any]:
+    """The run's task prompts: ``(all, fit, held_out)``, built from the train split.
 
-    path = BUILTIN_CORPUS if source == "builtin" else Path(source)
-    h = hashlib.sha256(source.encode())
-    for f in sorted(path.rglob("*.txt")) if path.is_dir() else [path] if path.is_file() else []:
-        h.update(f.read_bytes())
-    return h.hexdigest()[:8]
+    Held-out prompts share the fit prompts' vocabulary: a supervised feature exists per
+    attribute value, so the ceiling can only be measured on values it was fitted on."""
+    from .tasks import load_task
+
+    full = load_task(config.task).build(model, n=config.n_fit + config.n_eval,
+                                        seed=config.seed, split="train")
+    return (full, full.subset(np.arange(config.n_fit)),
+            full.subset(np.arange(config.n_fit, len(full))))
+
+
+TASK_CORPORA = ("task", "task@positions")  # every token / only the named positions
+
+
+def sae_corpus(model: Any, config: RunConfig) -> list:
+    """``config.sae_corpus`` as training sources: each ``task`` part becomes prompts of the
+    run's task drawn at another seed, minus every prompt (and counterfactual) the run fits
+    and evaluates on, so the SAEs never see the evaluation's prompts."""
+    from .training import _sources, task_prompts
+
+    parts = _sources(config.sae_corpus)
+    if not set(parts) & set(TASK_CORPORA):
+        return parts
+    full = run_prompts(model, config)[0]
+    used = [p for d in [full, *full.counterfactuals.values()] for p in d.prompts]
+    return [task_prompts(model, config.task, n=config.sae_task_prompts, seed=config.seed,
+                         exclude=used, named_positions=p == "task@positions")
+            if p in TASK_CORPORA else p for p in parts]
+
+
+def _trained_cache(arch: str, model: Any, config: RunConfig):
+    """``(name, TrainConfig, sources, cache directory)`` of the run's trained SAEs: the
+    directory is keyed by width, tokens, seed and the corpus's content."""
+    from .models import cache_dir
+    from .training import TrainConfig, corpus_hash
+
+    cfg = TrainConfig(architecture=arch, d_sae=config.sae_width, seed=config.seed,
+                      tokens=config.sae_steps * 1024)
+    name = f"{arch}-{config.sae_width}"
+    source = sae_corpus(model, config)
+    root = cache_dir() / "saes" / str(model.config._name_or_path).replace("/", "--") / \
+        f"{name}-{cfg.tokens}-seed{cfg.seed}-{corpus_hash(source)}"
+    return name, cfg, source, root
 
 
 def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> tuple[str, list]:
     """``(name, [SparseAutoencoder, ...])`` for one ``--sae`` value.
 
-    ``train:topk`` / ``train:standard``: residual SAEs at ``sites`` trained here on the
-    built-in corpus, cached under ``$SAGE_NN_CACHE/saes`` and reused. A directory with
+    ``train:topk`` / ``train:standard``: residual SAEs at ``sites`` trained here on
+    ``config.sae_corpus`` (:func:`sae_corpus`), cached under ``$SAGE_NN_CACHE/saes`` by
+    the corpus's content and reused. A directory with
     ``cfg.json``: one sae_lens SAE. A directory of such directories: all of them.
     ``RELEASE:SAE_ID``: a sae_lens pretrained SAE (needs the hub).
     """
-    from .models import cache_dir
     from .saes import load_sae
-    from .training import TrainConfig, load_trained, train_saes
+    from .training import load_trained, train_saes
 
     if spec.startswith("train:"):
         arch = spec.split(":", 1)[1]
-        cfg = TrainConfig(architecture=arch, d_sae=config.sae_width, seed=config.seed,
-                          tokens=config.sae_steps * 1024)
-        name = f"{arch}-{config.sae_width}"
-        corpus = _corpus_hash(config.sae_corpus)
-        root = cache_dir() / "saes" / str(model.config._name_or_path).replace("/", "--") / \
-            f"{name}-{cfg.tokens}-seed{cfg.seed}-{corpus}"
+        name, cfg, source, root = _trained_cache(arch, model, config)
         have = load_trained(root, model) if any(root.glob("*/cfg.json")) else {}
         missing = [s for s in sites if s not in have]
         if missing:
             log.info("training %s SAEs at %s", arch, ", ".join(missing))
-            trained, report = train_saes(model, missing, cfg, source=config.sae_corpus,
-                                         out_dir=root)
+            trained, report = train_saes(model, missing, cfg, source=source, out_dir=root)
             log.info("trained SAEs:\n%s", report.to_string())
             have.update(trained)
         return name, [have[s] for s in sites]
@@ -248,9 +284,10 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     from .discovery import DiscoveryConfig, discover, load_scores
     from .evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section
     from .models import load_model
-    from .report import write_report
+    from .report import sae_cfg_dict, write_report
     from .sites import Site, adapter
     from .tasks import load_task, logit_diffs
+    from .training import corpus_hash
 
     config = config or RunConfig()
     run_dir = RunDirectory(config.run_dir)
@@ -260,11 +297,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
 
     model = model or load_model(config.model, device=config.device, dtype=config.dtype)
     spec = load_task(config.task)
-    # Held-out prompts share the fit prompts' vocabulary: a supervised feature exists per
-    # attribute value, so the ceiling can only be measured on values it was fitted on.
-    full = spec.build(model, n=config.n_fit + config.n_eval, seed=config.seed, split="train")
-    fit = full.subset(np.arange(config.n_fit))
-    held_out = full.subset(np.arange(config.n_fit, len(full)))
+    full, fit, held_out = run_prompts(model, config)
     attributes = config.attributes or fit.attribute_names
 
     def task_stage():
@@ -313,7 +346,15 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         for spec_ in config.saes:
             name, members = resolve_saes(spec_, model, needed, config)
             saes[name] = ReconstructedSAE(members, batch_size=config.batch_size)
-            listing[name] = {"spec": spec_, "sites": [f"L{s.layer}.{s.kind}" for s in members]}
+            training = None
+            if spec_.startswith("train:"):  # what the trainer recorded next to the SAEs
+                record = _trained_cache(spec_.split(":", 1)[1], model, config)[3] / \
+                    "train_config.json"
+                training = json.loads(record.read_text()) if record.exists() else None
+            listing[name] = {"spec": spec_, "sites": [f"L{s.layer}.{s.kind}" for s in members],
+                             "sae_cfg_dict": sae_cfg_dict(
+                                 members, model_name=str(model.config._name_or_path),
+                                 training=training)}
         return listing
 
     def saes_stage():
@@ -323,9 +364,10 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         if not saes:  # the stage was cached: resolving only reads the SAEs it trained
             resolve_all()
 
-    sae_settings = config.hash("model", "saes", "sae_width", "sae_steps", "sae_corpus", "seed")
-    stage("saes", f"{sae_settings},{_corpus_hash(config.sae_corpus)},{','.join(needed)}",
-          ["saes.json"], saes_stage, saes_load)
+    sae_settings = config.hash("model", "saes", "sae_width", "sae_steps", "sae_corpus",
+                               "sae_task_prompts", "seed")
+    sae_settings = f"{sae_settings},{corpus_hash(sae_corpus(model, config))},{','.join(needed)}"
+    stage("saes", sae_settings, ["saes.json"], saes_stage, saes_load)
 
     def evaluation_stage():
         if any(p[0].kind in ("z", "attn_out") for p in all_pairs):
@@ -336,16 +378,19 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                  for a, pairs in pairs_by_attr.items()]
         write_netcdf(xr.concat(parts, "attribute", join="outer"), root / "evaluation.nc")
 
+    # other SAEs (another corpus, width, ...) are other results
     results = stage("evaluation", config.hash("model", "task", "seed", "n_fit", "n_eval",
                                               "n_discovery", "attributes", "discovery_kinds",
-                                              "top_k", "saes", "sae_width", "sae_steps", "ks",
-                                              "n_boot"),
+                                              "top_k", "ks", "n_boot") + "," + sae_settings,
                     ["evaluation.nc"], evaluation_stage, lambda: read_netcdf(root / "evaluation.nc"))
 
     report_dir = root / "report"
 
     def report_stage():
+        listing = json.loads((root / "saes.json").read_text())
         write_report(results, report_dir, discovery_dir=disc_dir,
+                     sae_info={n: {"sae_cfg_dict": v.get("sae_cfg_dict", {})}
+                               for n, v in listing.items()},
                      config={**dataclasses.asdict(config), "task_summary": {
                          k: v for k, v in task_summary.items() if k != "prompts"}},
                      timings=stage.timings)

@@ -130,29 +130,53 @@ class Prompts:
 
     texts: tuple[str, ...]
     name: str = "prompts"
+    # per prompt, the token indices to train on (e.g. the task's named positions); None: all
+    positions: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self):
         if not self.texts:
             raise ValueError(f"{self.name}: no prompts")
+        if self.positions is not None and len(self.positions) != len(self.texts):
+            raise ValueError(f"{self.name}: {len(self.positions)} position lists for "
+                             f"{len(self.texts)} prompts")
 
     def __str__(self) -> str:
         return f"{self.name}[{len(self.texts)}]"
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """One sequence to run, and the indices of the tokens whose activations to keep."""
+
+    ids: torch.Tensor
+    keep: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 def task_prompts(model: Any, task: Any, n: int = 2048, seed: int = 0,
-                 exclude: Sequence[str] = (), split: str = "train") -> Prompts:
+                 exclude: Sequence[str] = (), split: str = "train",
+                 named_positions: bool = False) -> Prompts:
     """``n`` prompts of ``task`` (name, YAML path or TaskSpec), for training SAEs on the
     task distribution (Makelov, Lange & Nanda 2024). Drawn at ``seed + TASK_SEED_OFFSET``;
     prompts in ``exclude`` (the prompts a run fits and evaluates on) and repeats are
     dropped, so training never sees them. Counterfactuals are left out: they are draws of
-    the same distribution."""
+    the same distribution. ``named_positions``: train only on the task's named positions
+    (IO, S2, END, ...: where cross-sections are), not every token."""
     from .tasks import TaskSpec, load_task
 
     spec = task if isinstance(task, TaskSpec) else load_task(task)
     ds = spec.build(model, n=n, seed=seed + TASK_SEED_OFFSET, split=split)
     drop = set(exclude)
-    texts = dict.fromkeys(p for p in ds.prompts if p not in drop)  # ordered, no repeats
-    return Prompts(tuple(texts), name=f"task:{spec.name}")
+    rows = {}  # ordered, no repeats
+    for i, p in enumerate(ds.prompts):
+        if p not in drop and p not in rows:
+            rows[p] = tuple(sorted({int(v[i]) for v in ds.positions.values()}))
+    if not named_positions:
+        return Prompts(tuple(rows), name=f"task:{spec.name}")
+    return Prompts(tuple(rows), name=f"task:{spec.name}@positions",
+                   positions=tuple(rows.values()))
 
 
 def _sources(source: Any) -> list:
@@ -170,9 +194,13 @@ def corpus_units(model: Any, source: Any, cfg: "TrainConfig") -> list[torch.Tens
     units: list[torch.Tensor] = []
     for part in _sources(source):
         if isinstance(part, str) and part.startswith("task:"):
-            part = task_prompts(model, part[5:], n=cfg.task_prompts, seed=cfg.seed)
+            name, at, where = part[5:].partition("@")
+            part = task_prompts(model, name, n=cfg.task_prompts, seed=cfg.seed,
+                                named_positions=bool(at))
         if isinstance(part, Prompts):
-            units += [torch.tensor(ids) for ids in model.tokenizer(list(part.texts))["input_ids"]]
+            ids = [torch.tensor(i) for i in model.tokenizer(list(part.texts))["input_ids"]]
+            units += ids if part.positions is None else [
+                Tokens(i, keep) for i, keep in zip(ids, part.positions)]
         else:
             units += list(chunk_tokens(model, load_texts(part), cfg.context_size))
     return units
@@ -186,7 +214,8 @@ def corpus_hash(source: Any) -> str:
         return hashlib.sha256("+".join(corpus_hash(p) for p in parts).encode()).hexdigest()[:8]
     part = parts[0]
     if isinstance(part, Prompts):
-        return hashlib.sha256("\n".join(part.texts).encode()).hexdigest()[:8]
+        return hashlib.sha256(("\n".join(part.texts) + (
+            "" if part.positions is None else repr(part.positions))).encode()).hexdigest()[:8]
     source = str(part)
     path = BUILTIN_CORPUS if source == "builtin" else Path(source)
     h = hashlib.sha256(source.encode())
@@ -253,10 +282,15 @@ def activation_batches(model: Any, units, sites, *, batch_size: int = 16,
     for start, end in _batch_ranges([len(u) for u in units], batch_size, batch_tokens):
         part = list(units[start: end])
         lengths = torch.tensor([len(u) for u in part])
-        ids = torch.nn.utils.rnn.pad_sequence(part, batch_first=True, padding_value=pad)
+        ids = torch.nn.utils.rnn.pad_sequence([getattr(u, "ids", u) for u in part],
+                                              batch_first=True, padding_value=pad)
         steps = torch.arange(ids.shape[1])
         mask = steps[None] < lengths[:, None]
         keep = mask & (steps[None] >= skip_first)
+        for row, u in enumerate(part):
+            if isinstance(u, Tokens):  # only the chosen tokens of this sequence
+                keep[row] = False
+                keep[row, list(u.keep)] = True
         saved = {}
         with torch.no_grad(), model.trace({"input_ids": ids.to(device),
                                            "attention_mask": mask.long().to(device)}):
@@ -302,7 +336,8 @@ def _batch_tokens(cfg: TrainConfig) -> int:
 
 
 def _n_tokens(units, skip_first: int) -> int:
-    return sum(max(0, len(u) - skip_first) for u in units)
+    return sum(len(u.keep) if isinstance(u, Tokens) else max(0, len(u) - skip_first)
+               for u in units)
 
 
 def _batches_of(buf: dict, batch_size: int, rng: torch.Generator):
@@ -447,5 +482,5 @@ def load_trained(out_dir: str | Path, model: Any = None) -> dict[str, SparseAuto
 
 
 __all__ = ["TrainConfig", "train_saes", "load_texts", "chunk_tokens", "activation_batches",
-           "evaluate", "load_trained", "BUILTIN_CORPUS", "Prompts", "task_prompts",
+           "evaluate", "load_trained", "BUILTIN_CORPUS", "Prompts", "Tokens", "task_prompts",
            "corpus_units", "corpus_hash"]

@@ -114,3 +114,21 @@ def test_unknown_sae_spec_is_explained():
 
     with pytest.raises(ValueError, match=r"--sae 'nonsense': not a directory with cfg.json"):
         resolve_saes("nonsense", None, [], RunConfig())
+
+
+def test_task_corpus_is_disjoint_from_the_run_prompts(setup):
+    from sage_nn.pipeline import run_prompts, sae_corpus
+    from sage_nn.training import Prompts
+
+    root, model = setup
+    cfg = dataclasses.replace(config(root, "t"), sae_corpus=f"{root / 'corpus.txt'}+task",
+                              sae_task_prompts=300)
+    text, prompts = sae_corpus(model, cfg)
+    assert text == str(root / "corpus.txt") and isinstance(prompts, Prompts)
+    full = run_prompts(model, cfg)[0]
+    used = {p for d in [full, *full.counterfactuals.values()] for p in d.prompts}
+    assert len(prompts.texts) > 10 and not used & set(prompts.texts)  # few combinations here
+    assert sae_corpus(model, cfg)[1] == prompts  # the same seed, the same prompts
+    assert sae_corpus(model, dataclasses.replace(cfg, sae_corpus="builtin")) == ["builtin"]
+    (named,) = sae_corpus(model, dataclasses.replace(cfg, sae_corpus="task@positions"))
+    assert named.texts == prompts.texts and len(named.positions) == len(prompts.texts)

@@ -114,6 +114,8 @@ def test_smollm2_short_training_on_builtin_corpus(tmp_path):
 
 
 def test_sequences_of_any_length_batch_like_one_at_a_time():
+    from sage_nn.training import Tokens
+
     model = tiny_random_model("llama")
     units = [torch.tensor([5, 6, 7, 8, 9]), torch.tensor([3, 4, 5, 6, 7, 8, 9, 10, 11]),
              torch.tensor([12, 13, 14])]
@@ -126,17 +128,31 @@ def test_sequences_of_any_length_batch_like_one_at_a_time():
     assert len(torch.cat(alone)) == 4 + 8 + 2
     split = list(activation_batches(model, units, ["L1.resid_post"], batch_tokens=18))
     assert [len(b["L1.resid_post"]) for b in split] == [4 + 8, 2]
+    # Tokens keeps only the chosen positions (position 0 too, if asked for)
+    chosen = [Tokens(units[0], (0, 4)), units[1], Tokens(units[2], (2,))]
+    got = next(activation_batches(model, chosen, ["L1.resid_post"], batch_tokens=64))
+    expected = [next(activation_batches(model, [u], ["L1.resid_post"], skip_first=0))
+                ["L1.resid_post"] for u in units]
+    torch.testing.assert_close(got["L1.resid_post"], torch.cat(
+        [expected[0][[0, 4]], expected[1][1:], expected[2][[2]]]))
 
 
 def test_train_on_task_prompts_mixed_with_text(text_file, tmp_path):
     from conftest import TINY_TASK
-    from sage_nn.training import Prompts, corpus_hash, task_prompts
+    from sage_nn.tasks import load_task
+    from sage_nn.training import TASK_SEED_OFFSET, Prompts, corpus_hash, task_prompts
 
     model = tiny_random_model("llama")
     (tmp_path / "tiny.yaml").write_text(TINY_TASK)
     task = str(tmp_path / "tiny.yaml")
     full = task_prompts(model, task, n=64, seed=0)
     assert full.name == "task:tiny-ioi" and len(set(full.texts)) == len(full.texts)
+    named = task_prompts(model, task, n=64, seed=0, named_positions=True)
+    assert named.texts == full.texts and named.name == "task:tiny-ioi@positions"
+    ds = load_task(task).build(model, n=64, seed=TASK_SEED_OFFSET, split="train")
+    i = ds.prompts.index(named.texts[0])  # IO, S2 and END (last) of that prompt
+    assert named.positions[0] == tuple(sorted({int(ds.positions[p][i]) for p in ds.positions}))
+    assert corpus_hash(named) != corpus_hash(full)
     held = full.texts[:5]
     rest = task_prompts(model, task, n=64, seed=0, exclude=held)
     assert not set(held) & set(rest.texts) and len(rest.texts) == len(full.texts) - 5
