@@ -419,6 +419,11 @@ class ResidualReconstruction:
         ad, arch = self.adapter_, self.adapter_.arch
         block = _path(self.model_._module, arch.layers)[layer]
         attn = getattr(block, arch.attn)
+        if next(attn.parameters()).device.type == "meta":
+            raise ValueError(f"layer {layer}'s attention weights are not here (a remote model "
+                             "is loaded without weights), and latent directions at sublayer "
+                             "sites are computed from them: evaluate residual cross-sections "
+                             "(discovery kinds ['resid_pre']), or load the model locally")
         norm_name, kind, _ = self.norms_[layer]["attn"]
         gamma, beta = _norm_weight(getattr(block, norm_name), ad.d_model)
         centre = (lambda x: x - x.mean(-1, keepdim=True)) if kind == "layer" else (lambda x: x)

@@ -175,3 +175,15 @@ def test_a_job_submitted_without_waiting_is_collected_later_by_its_id(setup, tmp
         ndif.close()
     assert key in ndif.api_keys  # sent to the server, and written nowhere
     assert key not in (tmp_path / "jobs.json").read_text()
+
+
+def test_sublayer_directions_of_a_weightless_model_ask_for_residual_sites():
+    """An NDIF model has no weights here; the frozen maps to sublayer sites need them."""
+    from sage_nn.reconstruction import ResidualReconstruction
+
+    model = tiny_random_model("llama")
+    model._module.to("meta")
+    recon = ResidualReconstruction([random_sae(1, "resid_pre", model.config.hidden_size, 0)],
+                                   freeze_norm=True, freeze_pattern=True).fit(model)
+    with pytest.raises(ValueError, match="evaluate residual cross-sections"):
+        recon.directions("L1.z.h0")
