@@ -12,7 +12,7 @@ the kernel returns comes back::
         nnsight.save(out)
 
 The kernel and what it calls ship by value (``sage_nn`` registers itself, so a pip or
-editable install works) and import only what an NDIF server has (:data:`SERVER_MODULES`).
+editable install works) and import only torch and nnsight, which an NDIF server has.
 The NDIF API key is nnsight's (``NDIF_API_KEY`` or nnsight's config); sage_nn never stores it.
 
 Backends for testing without a server: nnsight's own ``remote="local"`` (serialize, hide
@@ -37,8 +37,6 @@ from typing import Any
 import torch
 from nnsight.tracing.backend import Backend
 
-#: The top-level packages an NDIF server can import for traced code (besides the stdlib).
-SERVER_MODULES = ("torch", "numpy", "einops", "nnsight", "transformers")
 #: sage_nn's own dependencies that a server does not have; the fresh-process backend blocks them.
 NOT_ON_SERVER = ("sage_nn", "sae_lens", "xarray", "sklearn", "pandas", "zarr", "dask",
                  "h5netcdf", "h5py", "matplotlib")
@@ -71,6 +69,12 @@ class Remote:
     verbose: bool = False
     requests: list = field(default_factory=list, repr=False)  # (stage, rows, tokens) sent
 
+    def __post_init__(self):
+        if not self.blocking and (self.jobs is None or not isinstance(self.backend, (bool, str))
+                                  or self.backend in (False, "local")):
+            raise ValueError("blocking=False submits jobs to an NDIF server (backend True or a "
+                             "host URL) and needs a jobs file to keep their ids in")
+
     @property
     def is_remote(self) -> bool:
         return self.backend is not False and self.backend is not None
@@ -80,11 +84,9 @@ class Remote:
             return model.session(backend=self.backend)
         return model.session(remote=self.backend, blocking=self.blocking, verbose=self.verbose)
 
-    def __post_init__(self):
-        if not self.blocking and (self.jobs is None or not isinstance(self.backend, (bool, str))
-                                  or self.backend in (False, "local")):
-            raise ValueError("blocking=False submits jobs to an NDIF server (backend True or a "
-                             "host URL) and needs a jobs file to keep their ids in")
+    def record(self, stage: str, group: list[tuple]) -> None:
+        self.requests.append((stage, sum(map(_size, group)),
+                              sum(chunk[0]["input_ids"].numel() for chunk in group)))
 
 
 class RemotePending(RuntimeError):
@@ -130,11 +132,15 @@ def _requests(chunks: Iterable[tuple], max_prompts: int | None) -> Iterator[list
 
 
 def _is_transient(error: BaseException) -> bool:
-    """A failure to reach the server (worth retrying), not an error in the request."""
-    if isinstance(error, (ConnectionError, TimeoutError)):
+    """A failure to reach the server or a busy server (worth retrying), not an error in the
+    request. nnsight wraps HTTP failures in its RemoteError: look at the cause."""
+    cause = error.__cause__ if error.__cause__ is not None else error
+    status = getattr(getattr(cause, "response", None), "status_code", None)
+    if status is not None:
+        return status >= 500 or status == 429
+    if isinstance(cause, (ConnectionError, TimeoutError)):
         return True
-    name = type(error).__module__ + "." + type(error).__name__
-    return name.startswith(("httpx.", "websocket.", "httpcore."))
+    return type(cause).__module__.split(".")[0] in ("httpx", "httpcore", "websocket")
 
 
 def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: Any = None,
@@ -166,8 +172,7 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
                 print(f"sage_nn: request for {stage or kernel.__name__} failed ({error}); "
                       f"retrying in {wait:.0f} s", file=sys.stderr)
                 time.sleep(wait)
-        remote.requests.append((stage or kernel.__name__, sum(map(_size, group)),
-                                sum(chunk[0]["input_ids"].numel() for chunk in group)))
+        remote.record(stage or kernel.__name__, group)
         yield from out
 
 
@@ -200,8 +205,7 @@ def _submitted(model, kernel, chunks, remote: Remote, stage: str) -> Iterator[An
             jobs[key] = _session(model, kernel, group, remote)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(jobs, indent=2))  # the id outlives this process
-            remote.requests.append((stage, sum(map(_size, group)),
-                                    sum(chunk[0]["input_ids"].numel() for chunk in group)))
+            remote.record(stage, group)
             pending.append(jobs[key])
             continue
         host = remote.backend if isinstance(remote.backend, str) else None

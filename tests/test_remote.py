@@ -4,6 +4,7 @@ through a fresh server-like process that cannot import sage_nn, with the local n
 import sys
 import time
 
+import httpx
 import nnsight
 import nnsight.modeling.huggingface
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 import xarray as xr
 from nnsight.intervention.backends.local import LocalSimulationBackend
+from nnsight.intervention.backends.remote import RemoteError
 
 from conftest import TINY_TASK
 from ndif_server import FakeNDIF
@@ -118,15 +120,22 @@ def test_the_server_process_has_no_sage_nn_and_refuses_what_a_server_lacks(setup
 class FlakyBackend(LocalSimulationBackend):
     """The local simulation behind a connection that drops the first ``failures`` times."""
 
-    def __init__(self, model, failures, error=ConnectionError):
+    def __init__(self, model, failures, error=lambda: ConnectionError("reset by peer")):
         super().__init__(model)
         self.failures, self.error, self.calls = failures, error, 0
 
     def __call__(self, tracer):
         self.calls += 1
         if self.calls <= self.failures:
-            raise self.error("connection reset by peer")
+            raise self.error()
         return super().__call__(tracer)
+
+
+def _unreachable():  # how nnsight reports a failed POST
+    try:
+        raise httpx.ConnectError("connection refused")
+    except httpx.ConnectError as cause:
+        raise RemoteError("Failed to send request: connection refused") from cause
 
 
 def test_a_dropped_connection_is_retried_and_a_real_error_is_not(setup):
@@ -135,9 +144,12 @@ def test_a_dropped_connection_is_retried_and_a_real_error_is_not(setup):
     out = patched(model, fit, Remote(flaky, retries=2, backoff_s=0))
     xr.testing.assert_identical(out, patched(model, fit, None))
     assert flaky.calls == 3
+    refused = FlakyBackend(model, failures=1, error=_unreachable)
+    patched(model, fit, Remote(refused, retries=1, backoff_s=0))
+    assert refused.calls == 2
     with pytest.raises(ConnectionError):
         patched(model, fit, Remote(FlakyBackend(model, failures=3), retries=2, backoff_s=0))
-    broken = FlakyBackend(model, failures=1, error=ValueError)
+    broken = FlakyBackend(model, failures=1, error=lambda: ValueError("bad request"))
     with pytest.raises(ValueError):
         patched(model, fit, Remote(broken, retries=2, backoff_s=0))
     assert broken.calls == 1
