@@ -12,7 +12,10 @@ trained on every token of the task prompts at these small settings.
 
 Edit accuracy is compared at k = 2: changing IO takes exactly two supervised features
 (remove the old name's, add the new one's), so k = 2 is where the ceiling is defined,
-and the SAE gets the same budget.
+and the SAE gets the same budget. At these settings it separates the ceiling (0.76) from
+SAE and floor, which both stay at 0 for k <= 4; sufficiency is what separates SAE and
+floor (measured: ceiling 1.18, task@positions SAE 0.32, floor 0.12; every-token task SAE
+0.06 vs floor 0.12 and story-corpus SAE 0.02 vs floor 0.19, both violating the order).
 """
 
 import os
