@@ -6,10 +6,19 @@ One run, the same prompts throughout:
   2. attribution patching of the same 270 sites (io);
   3. attribution patching of the full grid (all kinds, heads, named positions), io alone and
      all attributes;
-  4. validation of the top-50 sites of the full grid and of a per-head z cross-section.
-Writes ``benchmarks/results/discovery.json``.
+  4. validation by exact patching, for io and s, of the top-50 sites of the full grid (all
+     kinds, and components only: no residual-stream sites) and of a per-head z
+     cross-section covering half the summed |score|: the union of their sites runs as one
+     batch of variants (one per site, plus one per whole selection);
+  5. (in the same batch) the integrated-gradients variant (``--ig-steps``, io and s): the
+     rank correlation of its own top-50, and of its estimates on plain attribution's top-50.
+The full grid names each residual tensor once (see sage_nn.discovery); its size is counted
+from the fitted ``is_site`` mask. Attribution times are the median of ``--repeat`` fits
+(each takes seconds, so one fit is at the mercy of the load on a shared machine); the exact
+patching of step 1 runs once (minutes). Writes ``benchmarks/results/discovery.json`` after
+every step, so an interrupted run keeps what it measured.
 
-    python benchmarks/discovery.py --n 8
+    python benchmarks/discovery.py --n 6
 """
 
 from __future__ import annotations
@@ -27,25 +36,61 @@ import torch
 from scipy.stats import spearmanr
 
 from sage_nn import load_model
-from sage_nn.discovery import AttributionPatching, ranked, select_cross_section, validate
+from sage_nn.discovery import AttributionPatching, ranked, select_cross_section
 from sage_nn.interventions import counterfactual_patches, run_patched
-from sage_nn.sites import adapter
+from sage_nn.sites import Site, adapter
 from sage_nn.tasks import load_task
 
+COMPONENTS = ["q", "k", "v", "z", "attn_out", "mlp_out"]
 
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+
+def timed(fn, repeat: int = 1):
+    """The last result of ``repeat`` calls and the median wall time of one call."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return out, float(np.median(times))
+
+
+def exact_effects(model, ds, attribute, pairs, joints, args):
+    """Exact change in the mean logit difference from patching each (site, position) alone,
+    and each list of ``joints`` all at once: one batch of variants for everything."""
+    patches = counterfactual_patches(model, ds, ds.counterfactuals[attribute], pairs,
+                                     batch_size=args.batch_size)
+    by_pair = dict(zip(pairs, patches))
+    variants = [[]] + [[p] for p in patches] + [[by_pair[q] for q in j] for j in joints]
+    ld = run_patched(model, ds, variants, batch_size=args.batch_size,
+                     max_rows=args.max_rows).logit_diff.mean("prompt").values.astype(float)
+    delta = ld - ld[0]
+    return dict(zip(pairs, delta[1:1 + len(pairs)])), delta[1 + len(pairs):]
+
+
+def _coords(site: str) -> dict:
+    s = Site.parse(site)
+    return {"layer": s.layer, "kind": s.kind, "head": -1 if s.head is None else s.head}
+
+
+def write(report: dict, path: str, t0: float) -> None:
+    report["total_seconds"] = time.perf_counter() - t0
+    report["load_average_end"] = os.getloadavg()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=8, help="IOI prompts")
+    parser.add_argument("--n", type=int, default=6, help="IOI prompts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-rows", type=int, default=256)
     parser.add_argument("--top", type=int, default=50)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="attribution fits to time (z sites, full grid for io)")
+    parser.add_argument("--ig-steps", type=int, default=2,
+                        help="integrated-gradients steps of the variant compared (0: skip)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "discovery.json"))
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -58,27 +103,23 @@ def main() -> None:
     report: dict = {"model": "smollm2-135m", "task": "ioi", "split": "train", "n_prompts": len(ds),
                     "seed": args.seed, "torch_threads": torch.get_num_threads(),
                     "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "load_average_start": os.getloadavg()}
+                    "load_average_start": os.getloadavg(), "attribution_repeats": args.repeat}
+    # warm-up, so that first-call costs (a grid's first trace is slower) land on no timed step
+    AttributionPatching(attributes=["io"]).fit(model, ds)
+    AttributionPatching(kinds=["z"], positions=["END"], attributes=["io"]).fit(model, ds)
+    exact_effects(model, ds, "io", [("L0.z.h0", "END")], [], args)
 
     # 1. exhaustive exact patching of z at END, attribute io --------------------------
     z_sites = ad.all_sites(kinds=["z"])
-    pairs = [(s, "END") for s in z_sites]
-
-    def exact_all():
-        patches = counterfactual_patches(model, ds, ds.counterfactuals["io"], pairs,
-                                         batch_size=args.batch_size)
-        out = run_patched(model, ds, [[]] + [[p] for p in patches],
-                          batch_size=args.batch_size, max_rows=args.max_rows)
-        ld = out.logit_diff.mean("prompt").values
-        return ld[1:] - ld[0]
-
-    exact, t_exact = timed(exact_all)
+    pairs = [(str(s), "END") for s in z_sites]
+    (exact, _), t_exact = timed(lambda: exact_effects(model, ds, "io", pairs, [], args))
+    exact = np.array([exact[p] for p in pairs])
     print(f"exact patching of {len(z_sites)} z sites: {t_exact:.1f} s", flush=True)
 
     # 2. attribution on the same 270 sites ------------------------------------------
     z_fit, t_attr_z = timed(lambda: AttributionPatching(
         kinds=["z"], positions=["END"], attributes=["io"], batch_size=args.batch_size
-    ).fit(model, ds))
+    ).fit(model, ds), args.repeat)
     est = np.array([float(z_fit.deltas_.sel(attribute="io", layer=s.layer, kind="z",
                                             head=s.head, position="END")) for s in z_sites])
     rho_z = spearmanr(est, exact).statistic
@@ -86,13 +127,12 @@ def main() -> None:
 
     # 3. attribution on the full grid -------------------------------------------------
     grid_io, t_attr_grid_io = timed(lambda: AttributionPatching(
-        attributes=["io"], batch_size=args.batch_size).fit(model, ds))
+        attributes=["io"], batch_size=args.batch_size).fit(model, ds), args.repeat)
     grid_all, t_attr_grid_all = timed(lambda: AttributionPatching(
         batch_size=args.batch_size).fit(model, ds))
     print(f"full grid: io {t_attr_grid_io:.1f} s, all attributes {t_attr_grid_all:.1f} s",
           flush=True)
-    n_grid = int(grid_io.scores_.is_site.sum()) * len(grid_io.scores_.layer) * \
-        len(grid_io.scores_.position)
+    n_grid = int(grid_io.scores_.is_site.sum()) * len(grid_io.scores_.position)
     per_site = t_exact / len(z_sites)
     n_attr = len(grid_all.scores_.attribute)
     report["z_at_end"] = {
@@ -105,7 +145,10 @@ def main() -> None:
     }
     report["full_grid"] = {
         "n_site_positions": n_grid,
+        "kinds": list(grid_io.scores_.kind.values),
         "positions": list(grid_io.scores_.position.values),
+        "residual_names": "resid_pre at every layer + the last layer's resid_post "
+                          "(L.resid_post is L+1.resid_pre, scored once)",
         "attribution_seconds_io": t_attr_grid_io,
         "attribution_seconds_all_attributes": t_attr_grid_all,
         "exact_seconds_per_site_measured": per_site,
@@ -118,41 +161,62 @@ def main() -> None:
                          for a, row in grid_all.effects_.to_dict("index").items()}
     report["top_sites"] = {
         a: [f"{r.site}@{r.position} {r.score:+.2f}"
-            for r in ranked(grid_all.result_, a, kinds=["z", "attn_out", "mlp_out"]).head(8)
-                .itertuples()]
+            for r in ranked(grid_all.result_, a, kinds=COMPONENTS).head(8).itertuples()]
         for a in grid_all.scores_.attribute.values}
+    print(json.dumps({k: report[k] for k in ("z_at_end", "full_grid", "effects")}, indent=2),
+          flush=True)
+    write(report, args.out, t0)
 
-    # 4. validation: top-50 of the full grid; a per-head z cross-section per attribute ----
+    # 5 (fit). the integrated-gradients variant, validated with step 4 --------------------
+    ig = None
+    if args.ig_steps:
+        ig, t_ig = timed(lambda: AttributionPatching(
+            attributes=["io", "s"], batch_size=args.batch_size, ig_steps=args.ig_steps
+        ).fit(model, ds))
+        report["integrated_gradients"] = {"ig_steps": args.ig_steps,
+                                          "attribution_seconds_io_s": t_ig}
+
+    # 4. validation by exact patching ---------------------------------------------------
     report["validation"] = {}
     for attribute in ("io", "s"):
-        entry = {}
-        for name, kinds in (("all_kinds", None), ("components", ["q", "k", "v", "z",
-                                                                "attn_out", "mlp_out"])):
-            sel = select_cross_section(grid_all.result_, attribute, top_k=args.top, kinds=kinds)
-            (table, summary), seconds = timed(lambda: validate(
-                model, ds, grid_all.result_, attribute, sel, batch_size=args.batch_size,
-                max_rows=args.max_rows))
-            entry[f"top{args.top}_{name}"] = {"spearman": summary["spearman"],
-                                              "recovered_by_all": summary["recovered"],
-                                              "seconds": seconds}
-        sel = select_cross_section(grid_all.result_, attribute, coverage=0.5, kinds=["z"])
-        table, summary = validate(model, ds, grid_all.result_, attribute, sel,
-                                  batch_size=args.batch_size, max_rows=args.max_rows)
-        entry["z_cross_section_coverage_0.5"] = {
-            "sites": [f"{s}@{p}" for s, p in zip(table.site, table.position)],
-            "estimated_share": float(table.score.sum()),
-            "exact_single_site_share": [round(float(x), 3) for x in table.exact_score],
-            "recovered": summary["recovered"], "spearman": summary["spearman"],
+        res = grid_all.result_
+        selections = {
+            f"top{args.top}_all_kinds": select_cross_section(res, attribute, top_k=args.top),
+            f"top{args.top}_components": select_cross_section(res, attribute, top_k=args.top,
+                                                              kinds=COMPONENTS),
+            "z_coverage_0.5": select_cross_section(res, attribute, coverage=0.5, kinds=["z"]),
         }
+        if ig is not None:
+            selections[f"ig{args.ig_steps}_top{args.top}_all_kinds"] = select_cross_section(
+                ig.result_, attribute, top_k=args.top)
+        chosen = {k: list(zip(t.site, t.position)) for k, t in selections.items()}
+        pairs = list(dict.fromkeys(q for c in chosen.values() for q in c))
+        (single, joint), seconds = timed(lambda: exact_effects(
+            model, ds, attribute, pairs, list(chosen.values()), args))
+        # the total effect of attribution's own clean and counterfactual forwards
+        total = float(res.total_effect.sel(attribute=attribute))
+        entry = {"exact_seconds": seconds, "n_sites_patched": len(pairs), "total_effect": total}
+        for (name, table), j in zip(selections.items(), joint):
+            ex = np.array([single[q] for q in chosen[name]])
+            entry[name] = {
+                "n_sites": len(table),
+                "spearman": float(spearmanr(table.delta, ex).statistic),
+                "pearson": float(np.corrcoef(table.delta, ex)[0, 1]),
+                "estimated_share": float(table.score.sum()),
+                "recovered_by_all": float(j / total),
+                "sites": [f"{s}@{p} est {sc:+.3f} exact {e / total:+.3f}" for s, p, sc, e
+                          in zip(table.site, table.position, table.score, ex)]}
+        if ig is not None:  # the variant's estimates of plain attribution's top sites
+            plain = selections[f"top{args.top}_all_kinds"]
+            ig_est = [float(ig.deltas_.sel(attribute=attribute, position=p, **_coords(q)))
+                      for q, p in zip(plain.site, plain.position)]
+            entry[f"ig{args.ig_steps}_on_top{args.top}_all_kinds"] = {"spearman": float(
+                spearmanr(ig_est, [single[q] for q in chosen[f"top{args.top}_all_kinds"]]
+                          ).statistic)}
         report["validation"][attribute] = entry
-        print(attribute, json.dumps(entry, indent=1), flush=True)
-
-    report["total_seconds"] = time.perf_counter() - t0
-    report["load_average_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: report[k] for k in ("z_at_end", "full_grid", "effects")}, indent=2))
+        print(attribute, {k: (v["spearman"], v.get("recovered_by_all"))
+                          if isinstance(v, dict) else v for k, v in entry.items()}, flush=True)
+        write(report, args.out, t0)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,14 @@ class AttributionPatching:
     straight line from the clean to the counterfactual embeddings (integrated gradients on
     the input, as EAP-IG); each point is one forward+backward of all attributes' prompts that
     still scores every site, so it costs about k x attributes clean passes. It needs each
-    counterfactual to have as many tokens as its clean prompt.
+    counterfactual to have as many tokens as its clean prompt. It is not the default: it did
+    not rank single-site patches better on SmolLM2 IOI (benchmarks/results/discovery.json;
+    Spearman vs exact patching over each method's top 50 of the full grid, k = 2): io -0.03
+    (plain 0.27), s -0.60 (plain 0.70) on 6 prompts; io 0.46 (0.65), s -0.01 (0.78) on 8.
+    It moves every changed token at once, so it credits sites along that joint path: it
+    sees that the IO token's residual stream carries the io effect (about 0.9 vs exact
+    0.93-1.0, where plain attribution says 0.10-0.13 for layers 9-23), but it gets the sign
+    of patching S1 alone wrong for s (+1.43 vs exact -1.22: S1 and S2 interact).
 
     Fitted: ``result_`` (Dataset: ``score``, ``delta`` and per-attribute effects),
     ``scores_`` and ``deltas_`` (its DataArrays), ``effects_`` (a table per attribute).
