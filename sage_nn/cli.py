@@ -79,6 +79,10 @@ def _run_config(args):
                                                      "n_fit", "n_eval", "top_k", "device",
                                                      "dtype", "n_boot")}
     overrides["saes"] = args.sae or None
+    if getattr(args, "remote", None):
+        overrides["remote"] = True if args.remote == "ndif" else args.remote
+        overrides["max_prompts_per_request"] = args.max_prompts_per_request
+        overrides["remote_blocking"] = False if args.no_wait else None
     if args.config:
         return RunConfig.from_file(args.config, **overrides)
     return RunConfig(**{k: v for k, v in overrides.items() if v is not None})
@@ -90,8 +94,14 @@ def _run(args) -> None:
     from .pipeline import run
     from .report import headline_table
 
+    from .remote import RemotePending
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = run(_run_config(args))
+    try:
+        result = run(_run_config(args))
+    except RemotePending as pending:  # --no-wait: the jobs run on; finished stages are kept
+        print(pending)
+        return
     print(headline_table(result.results).to_string(float_format=lambda x: f"{x:.3f}"))
     print("stage seconds:", {k: round(v, 1) for k, v in result.timings.items()})
     print(f"report: {result.report / 'summary.md'}")
@@ -111,6 +121,14 @@ def _add_run_options(p) -> None:
     p.add_argument("--n-boot", dest="n_boot", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--remote", default=None,
+                   help="run the model on NDIF ('ndif'), in nnsight's offline simulation of it "
+                        "('local'), or on another host (a URL); the API key is nnsight's "
+                        "(NDIF_API_KEY)")
+    p.add_argument("--max-prompts-per-request", dest="max_prompts_per_request", type=int,
+                   default=None, help="cap a request's prompt rows (default: one per stage)")
+    p.add_argument("--no-wait", dest="no_wait", action="store_true",
+                   help="submit remote jobs and exit; run again to collect them")
     p.set_defaults(func=_run)
 
 

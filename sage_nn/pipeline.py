@@ -57,6 +57,12 @@ class RunConfig:
     sae_corpus: str = "task@positions"
     sae_task_prompts: int = 2048  # prompts drawn for a task corpus
     reconstruction: str = "input"  # how residual SAEs reach sublayer sites
+    # Where the model runs: False (here), True (NDIF), "local" (nnsight's offline simulation
+    # of NDIF) or a host URL; one request per stage, or per max_prompts_per_request rows.
+    # remote_blocking=False submits and returns; rerun to collect (job ids in the run dir).
+    remote: bool | str = False
+    max_prompts_per_request: int | None = None
+    remote_blocking: bool = True
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "RunConfig":
@@ -277,13 +283,17 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> 
                      "directories, 'train:topk'/'train:standard', or 'RELEASE:SAE_ID'")
 
 
-def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = None) -> RunResult:
-    """Build the task, discover cross-sections, get SAEs, evaluate, report; resumable."""
+def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = None,
+        remote: Any = None) -> RunResult:
+    """Build the task, discover cross-sections, get SAEs, evaluate, report; resumable.
+
+    ``remote`` (a :class:`sage_nn.remote.Remote`) overrides the config's remote settings."""
     import pandas as pd
 
     from .discovery import DiscoveryConfig, discover, load_scores
     from .evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section
     from .models import load_model
+    from .remote import Remote
     from .report import sae_cfg_dict, write_report
     from .sites import Site, adapter
     from .tasks import load_task, logit_diffs
@@ -295,13 +305,19 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     root = run_dir.path
     (root / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
-    model = model or load_model(config.model, device=config.device, dtype=config.dtype)
+    if remote is None and config.remote:
+        remote = Remote(config.remote, max_prompts=config.max_prompts_per_request,
+                        blocking=config.remote_blocking,
+                        jobs=None if config.remote_blocking else root / "remote_jobs.json")
+    on_server = config.remote not in (False, "local")  # the model's weights are not here
+    model = model or load_model(config.model, device=config.device, dtype=config.dtype,
+                                remote=on_server)
     spec = load_task(config.task)
     full, fit, held_out = run_prompts(model, config)
     attributes = config.attributes or fit.attribute_names
 
     def task_stage():
-        ld = logit_diffs(model, held_out, config.batch_size).to_pandas()
+        ld = logit_diffs(model, held_out, config.batch_size, remote=remote).to_pandas()
         summary = {"task": spec.name, "n_fit": len(fit), "n_eval": len(held_out),
                    "accuracy": float((ld["clean"] > 0).mean()),
                    "mean_logit_diff": ld.mean().to_dict(), "prompts": full.prompts}
@@ -325,7 +341,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         prompts = fit.subset(np.arange(min(config.n_discovery, len(fit))))
         settings = DiscoveryConfig(kinds=config.discovery_kinds, attributes=attributes,
                                    top_k=config.top_k, batch_size=config.batch_size)
-        discover(model, prompts, settings, out_dir=disc_dir, progress=progress)
+        discover(model, prompts, settings, out_dir=disc_dir, progress=progress, remote=remote)
 
     def discovery_load():
         table = pd.read_csv(disc_dir / "cross_sections.csv")
@@ -344,6 +360,10 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     def resolve_all() -> dict:  # trains what the SAE cache lacks, loads the rest
         listing = {}
         for spec_ in config.saes:
+            if spec_.startswith("train:") and on_server:
+                raise ValueError(f"--sae {spec_}: SAEs are trained on activations read here, "
+                                 "and a remote run's model has no weights here; give trained "
+                                 "SAEs (a directory or RELEASE:SAE_ID)")
             name, members = resolve_saes(spec_, model, needed, config)
             saes[name] = ReconstructedSAE(members, batch_size=config.batch_size)
             training = None
@@ -374,7 +394,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
             model._module.set_attn_implementation("eager")  # the frozen pattern is read
         parts = [evaluate_cross_section(model, fit, held_out, CrossSection(a, pairs), saes,
                                         ks=config.ks, n_boot=config.n_boot, seed=config.seed,
-                                        batch_size=config.batch_size)
+                                        batch_size=config.batch_size, remote=remote)
                  for a, pairs in pairs_by_attr.items()]
         write_netcdf(xr.concat(parts, "attribute", join="outer"), root / "evaluation.nc")
 

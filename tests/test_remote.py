@@ -199,3 +199,24 @@ def test_sublayer_directions_of_a_weightless_model_ask_for_residual_sites():
                                    freeze_norm=True, freeze_pattern=True).fit(model)
     with pytest.raises(ValueError, match="evaluate residual cross-sections"):
         recon.directions("L1.z.h0")
+
+
+def test_a_remote_pipeline_run_matches_the_local_one_and_stores_no_api_key(
+        tmp_path, monkeypatch):
+    from sage_nn.pipeline import run
+    from test_pipeline import _setup, config
+
+    key = "ndif-key-that-must-not-be-stored"
+    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", key)
+    monkeypatch.setenv("NDIF_API_KEY", key)
+    monkeypatch.setenv("SAGE_NN_CACHE", str(tmp_path / "cache"))
+    root, model = _setup(tmp_path)
+    here = run(config(root, "here"), model=model, progress=False)
+    remote = Remote("local")
+    there = run(config(root, "there", remote="local"), model=model, progress=False,
+                remote=remote)
+    xr.testing.assert_identical(here.results, there.results)
+    assert {r[0] for r in remote.requests} >= {"patch", "attribution", "collect"}
+    for path in (root / "there").rglob("*"):
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path
