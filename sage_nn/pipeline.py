@@ -290,7 +290,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     ``remote`` (a :class:`sage_nn.remote.Remote`) overrides the config's remote settings."""
     import pandas as pd
 
-    from .discovery import DiscoveryConfig, discover, load_scores
+    from .discovery import DiscoveryConfig, discover
     from .evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section
     from .models import load_model
     from .remote import Remote

@@ -31,7 +31,7 @@ import torch
 from .activations import batches, encode, model_device
 from .remote import run_kernel
 from .saes import SparseAutoencoder, check_sae
-from .sites import HEAD_KINDS, Site, _path, adapter
+from .sites import Site, _path, adapter
 
 MODES = ("input", "difference")
 ATTN_KINDS = ("q", "k", "v", "z", "attn_out")
