@@ -6,7 +6,7 @@ import pytest
 import torch
 import xarray as xr
 
-from sage_nn import adapter, collect, open_store, tiny_random_model
+from sage_nn import collect, open_store, tiny_random_model
 from sage_nn.activations import NonFiniteActivationError, StoreError
 
 PROMPTS = ["when Mary and John went to the store", "John gave a ball to", "Alice said",

@@ -1,6 +1,5 @@
 """The quickstart notebook runs top to bottom on a real Jupyter kernel (small settings)."""
 
-import os
 from pathlib import Path
 
 import nbformat

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sage_nn import Site, adapter, tiny_random_model
+from sage_nn import Site, adapter
 from sage_nn.models import tiny_config, wrap, tiny_tokenizer
 from sage_nn.sites import UnsupportedArchitectureError
 
