@@ -494,6 +494,7 @@ def plot_heatmaps(result: xr.Dataset, attribute: str, out_dir: str | Path) -> li
     for name, data in panels:
         fig, axes = plt.subplots(1, len(positions), figsize=(2.2 * len(positions) + 1.5,
                                  0.18 * len(result.layer) + 1.5), squeeze=False, sharey=True)
+        fig.subplots_adjust(top=0.8)  # room for the title above the panel titles
         for ax, pos in zip(axes[0], positions):
             values = data.sel(position=pos).transpose("layer", ...).values
             im = ax.imshow(values, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto",
