@@ -153,25 +153,24 @@ def run_patched(
 
 
 def _writes(ad, batch, idx, variants, device, dtype) -> dict:
-    """Group a chunk's patches by (layer, kind) into one flat index_put per tensor."""
+    """A chunk's patches as ``{(layer, kind): [(rows [m], cols [m], channels [c],
+    values [m, c]), ...]}``, one entry per channel set (a head, or the whole width), so a
+    request carries the values and one index per row, not one per element."""
     groups: dict[tuple, list] = {}
     b = len(idx)
     for j, variant in enumerate(variants):
         rows = torch.arange(b) + j * b
         for p in variant:
             cols = batch.index(p.positions[idx])
-            if p.site.kind in HEAD_KINDS:
-                ch = ad.channels(p.site.kind, p.site.head)
-            else:
-                ch = torch.arange(ad.d_model)
-            r, c, h = torch.broadcast_tensors(rows[:, None], cols[:, None], ch[None, :])
-            groups.setdefault((p.site.layer, p.site.kind), []).append(
-                (r, c, h, p.values[torch.as_tensor(idx)]))
-    writes = {}
-    for key, parts in groups.items():
-        writes[key] = tuple(torch.cat([part[i].reshape(-1) for part in parts]).to(device)
-                            for i in range(3)) + (
-            torch.cat([part[3].reshape(-1) for part in parts]).to(device, dtype),)
+            groups.setdefault((p.site.layer, p.site.kind, p.site.head), []).append(
+                (rows, cols, p.values[torch.as_tensor(idx)]))
+    writes: dict[tuple, list] = {}
+    for (layer, kind, head), parts in groups.items():
+        chans = (ad.channels(kind, head) if kind in HEAD_KINDS else torch.arange(ad.d_model))
+        writes.setdefault((layer, kind), []).append((
+            torch.cat([r for r, _, _ in parts]).to(device),
+            torch.cat([c for _, c, _ in parts]).to(device), chans.to(device),
+            torch.cat([v for _, _, v in parts]).to(device, dtype)))
     return writes
 
 
@@ -179,11 +178,12 @@ def _patched_forward(model, inputs, writes, answer, distractor):
     """One forward with every write applied (a remote kernel): the logit difference, the
     answer's log-probability and the top token at the last position, per row."""
     ad = adapter(model)
-    with torch.no_grad(), model.trace(inputs):
+    with torch.no_grad(), model.trace(inputs, logits_to_keep=1):  # only the last token's
         for layer, kind in sorted(writes, key=lambda k: (k[0], KINDS.index(k[1]))):
-            rows, cols, chans, values = writes[(layer, kind)]
             t = ad.tensor(model, layer, kind)
-            t[rows, cols, chans] = values.to(t.dtype)  # a server's model may run in bf16
+            for rows, cols, chans, values in writes[(layer, kind)]:
+                # a server's model may run in bf16
+                t[rows[:, None], cols[:, None], chans[None, :]] = values.to(t.dtype)
         logits = model.output.logits[:, -1].float()
         rows = torch.arange(len(answer), device=logits.device)
         out = [logit_diff(logits, answer, distractor),
