@@ -67,15 +67,17 @@ def supervised_code(dictionary: MSEDictionary, a, attrs, a_cf, attrs_cf) -> Site
                     t(codes_cf), t(dictionary.components_))
 
 
-def random_sae_like(sae: SparseAutoencoder, mean: torch.Tensor, seed: int = 0) -> SparseAutoencoder:
-    """The floor: an SAE of the same shape and sparsity with random unit directions.
+def random_sae_like(sae: SparseAutoencoder, seed: int = 0) -> SparseAutoencoder:
+    """The floor: ``sae`` with its directions replaced by random unit ones.
 
-    Tied encoder, decoder bias at the data mean, and a TopK nonlinearity with ``k`` set to
-    the tested SAE's (or 32) so its L0 is comparable."""
+    Same shape and decoder bias (so SAE and floor differ only in what the SAE learned as
+    directions), tied encoder, and a TopK nonlinearity with ``k`` set to the tested SAE's
+    (or 32) so its L0 is comparable."""
     g = torch.Generator().manual_seed(seed)
     W_dec = torch.randn(sae.d_sae, sae.d_in, generator=g)
     W_dec /= W_dec.norm(dim=-1, keepdim=True)
-    return SparseAutoencoder(W_dec.T.clone(), torch.zeros(sae.d_sae), W_dec, mean.float(),
+    return SparseAutoencoder(W_dec.T.clone(), torch.zeros(sae.d_sae), W_dec,
+                             sae.b_dec.detach().float(),
                              architecture="topk", k=min(sae.k or 32, sae.d_sae), layer=sae.layer,
                              kind=sae.kind, heads=sae.heads)
 
@@ -103,8 +105,8 @@ class DirectSAE:
             return SiteCode(a, sae.decode(codes, a).float(), a_cf, codes.float(),
                             codes_cf.float(), sae.decoder().float(), scale.squeeze(-1).float())
 
-    def floor(self, mean: torch.Tensor, seed: int) -> "DirectSAE":
-        return DirectSAE(random_sae_like(self.sae, mean, seed))
+    def floor(self, seed: int) -> "DirectSAE":
+        return DirectSAE(random_sae_like(self.sae, seed))
 
 
 class ReconstructedSAE:
@@ -176,10 +178,8 @@ class ReconstructedSAE:
                                         codes[:n], codes[n:], directions)
         return out
 
-    def floor(self, mean: torch.Tensor, seed: int) -> "ReconstructedSAE":
-        """Random SAEs of the same shapes; their decoder bias is each site's own mean."""
-        return ReconstructedSAE([random_sae_like(s, s.b_dec.detach(), seed) for s in self.saes],
-                                self.batch_size)
+    def floor(self, seed: int) -> "ReconstructedSAE":
+        return ReconstructedSAE([random_sae_like(s, seed) for s in self.saes], self.batch_size)
 
 
 def as_coder(sae: Any) -> Any:
@@ -269,13 +269,9 @@ def evaluate_cross_section(
             features.setdefault(pair, dictionary.components_)
             codes_by_method[name][pair] = supervised_code(
                 dictionary, a_test[pair].numpy(), attrs, a_cf[pair].numpy(), attrs_cf)
-    # a direct SAE's floor has the data mean over the cross-section's tokens as decoder bias
-    # (its pairs are all one site); ReconstructedSAE floors use each SAE's own
-    one_width = len({a_train[pair].shape[1] for pair in pairs}) == 1
-    mean = torch.cat([a_train[pair] for pair in pairs]).mean(0) if one_width else None
     for name, coder in coders.items():
         codes_by_method[name] = coder.codes(model, pairs, test, cf, a_test, a_cf, remote)
-        codes_by_method[f"{RANDOM}:{name}"] = coder.floor(mean, seed).codes(
+        codes_by_method[f"{RANDOM}:{name}"] = coder.floor(seed).codes(
             model, pairs, test, cf, a_test, a_cf, remote)
 
     out, magnitudes = _run_variants(model, test, pairs, codes_by_method, a_train, a_cf, ks,
