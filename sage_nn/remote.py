@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,8 @@ from typing import Any
 
 import torch
 from nnsight.tracing.backend import Backend
+
+log = logging.getLogger(__name__)
 
 #: sage_nn's own dependencies that a server does not have; the fresh-process backend blocks them.
 NOT_ON_SERVER = ("sage_nn", "sae_lens", "xarray", "sklearn", "pandas", "zarr", "dask",
@@ -151,14 +154,14 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
     at most ``max_prompts`` prompts; each request is one nnsight session, retried on
     connection failures; a request's results are yielded once it returns.
     """
-    remote = as_remote(remote)
+    remote, stage = as_remote(remote), stage or kernel.__name__
     if not remote.is_remote:
         for chunk in chunks:
             yield kernel(model, *chunk)
         return
     register()
     if not remote.blocking:
-        yield from _submitted(model, kernel, chunks, remote, stage or kernel.__name__)
+        yield from _submitted(model, kernel, chunks, remote, stage)
         return
     for group in _requests(chunks, remote.max_prompts):
         for attempt in range(remote.retries + 1):
@@ -169,10 +172,9 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
                 if not _is_transient(error) or attempt == remote.retries:
                     raise
                 wait = remote.backoff_s * 2 ** attempt
-                print(f"sage_nn: request for {stage or kernel.__name__} failed ({error}); "
-                      f"retrying in {wait:.0f} s", file=sys.stderr)
+                log.warning("request for %s failed (%s); retrying in %.0f s", stage, error, wait)
                 time.sleep(wait)
-        remote.record(stage or kernel.__name__, group)
+        remote.record(stage, group)
         yield from out
 
 
