@@ -51,7 +51,8 @@ PER_PAIR = ("fvu", "l0", "dead", "best_f1", "share_interpretable", "alignment")
 LABELS = {"sufficiency": "sufficiency", "necessity": "necessity",
           "edit_accuracy": "edit accuracy", "edit_magnitude": "edit magnitude",
           "best_f1": "best F1", "share_interpretable": "share F1 ≥ 0.8",
-          "alignment": "alignment", "fvu": "FVU", "l0": "L0", "dead": "dead share"}
+          "alignment": "alignment", "fvu": "FVU", "l0": "L0", "dead": "dead share",
+          "loss_increase": "loss increase (nats)"}
 
 
 # -- reading the results -----------------------------------------------------------------
@@ -126,7 +127,8 @@ def headline_k(results: xr.Dataset, k: int = 2) -> int:
 def headline_table(results: xr.Dataset) -> pd.DataFrame:
     """Headline metrics, one row per (attribute, method): sufficiency, necessity, edit
     accuracy at k = 2 (or the smallest k ≥ 2 evaluated; the column is named after it), best
-    F1, FVU and L0 (both averaged over the cross-section's pairs)."""
+    F1, FVU and L0 (both averaged over the cross-section's pairs), and the next-token loss
+    increase when the results have it."""
     results = _check(results)
     order = roles(results).ordered
     k = headline_k(results)
@@ -135,6 +137,8 @@ def headline_table(results: xr.Dataset) -> pd.DataFrame:
     for name in ("best_f1", "fvu", "l0"):
         if name in results:
             columns[name] = _pair_mean(results[name])
+    if "loss_increase" in results:
+        columns["loss_increase"] = results["loss_increase"]
     rows = []
     for attribute in results["attribute"].values:
         for method in order:

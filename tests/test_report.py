@@ -80,6 +80,13 @@ def test_headline_table_values(results):
     assert table.attrs["edit_k"] == 2
 
 
+def test_headline_table_shows_the_loss_increase_when_evaluated(results):
+    loss = xr.zeros_like(results.sufficiency) + 0.25
+    table = headline_table(results.assign(loss_increase=loss))
+    assert table.columns[-1] == "loss_increase"
+    assert (table["loss_increase"] == 0.25).all()
+
+
 def test_headline_table_smallest_k_at_least_2(results):
     table = headline_table(results.sel(k=[1, 4, 8]))
     assert "edit_accuracy_k4" in table.columns
