@@ -300,6 +300,12 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     from .training import corpus_hash
 
     config = config or RunConfig()
+    on_server = config.remote not in (False, "local")  # the model's weights are not here
+    trained = [spec_ for spec_ in config.saes if spec_.startswith("train:")]
+    if on_server and trained:
+        raise ValueError(f"--sae {trained[0]}: SAEs are trained on activations read here, and "
+                         "a remote run's model has no weights here; give trained SAEs (a "
+                         "directory or RELEASE:SAE_ID)")
     run_dir = RunDirectory(config.run_dir)
     stage = Stage(run_dir, STAGES)
     root = run_dir.path
@@ -309,7 +315,6 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         remote = Remote(config.remote, max_prompts=config.max_prompts_per_request,
                         blocking=config.remote_blocking,
                         jobs=None if config.remote_blocking else root / "remote_jobs.json")
-    on_server = config.remote not in (False, "local")  # the model's weights are not here
     model = model or load_model(config.model, device=config.device, dtype=config.dtype,
                                 remote=on_server)
     spec = load_task(config.task)
@@ -360,10 +365,6 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     def resolve_all() -> dict:  # trains what the SAE cache lacks, loads the rest
         listing = {}
         for spec_ in config.saes:
-            if spec_.startswith("train:") and on_server:
-                raise ValueError(f"--sae {spec_}: SAEs are trained on activations read here, "
-                                 "and a remote run's model has no weights here; give trained "
-                                 "SAEs (a directory or RELEASE:SAE_ID)")
             name, members = resolve_saes(spec_, model, needed, config)
             saes[name] = ReconstructedSAE(members, batch_size=config.batch_size)
             training = None

@@ -220,3 +220,15 @@ def test_a_remote_pipeline_run_matches_the_local_one_and_stores_no_api_key(
     for path in (root / "there").rglob("*"):
         if path.is_file():
             assert key.encode() not in path.read_bytes(), path
+
+
+def test_settings_that_cannot_run_remotely_are_refused_before_anything_runs(tmp_path):
+    from sage_nn.pipeline import RunConfig, run
+
+    with pytest.raises(ValueError, match="needs a jobs file"):
+        Remote(True, blocking=False)
+    with pytest.raises(ValueError, match="backend True or a host URL"):
+        Remote("local", blocking=False, jobs=tmp_path / "jobs.json")
+    with pytest.raises(ValueError, match="give trained SAEs"):
+        run(RunConfig(remote=True, saes=["train:topk"], run_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
