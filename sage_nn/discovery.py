@@ -52,7 +52,7 @@ import torch
 import xarray as xr
 
 from .activations import batches, encode, model_device
-from .interventions import counterfactual_patches, logit_diff, run_patched
+from .interventions import Patch, logit_diff, run_patched, site_values
 from .remote import run_kernel
 from .sites import HEAD_KINDS, KINDS, Site, _path, adapter
 
@@ -420,28 +420,54 @@ def exact_patching(model: Any, dataset: Any, attribute: str, pairs: Sequence[tup
     ``exact_delta``) and a dict with the clean and counterfactual logit differences, the
     total effect and, when ``joint``, ``joint_delta`` (all pairs patched at once).
     """
-    if attribute not in dataset.counterfactuals:
-        raise ValueError(f"attribute {attribute!r} has no counterfactuals; available: "
+    return _exact_patching(model, dataset, {attribute: pairs}, joint=joint,
+                           batch_size=batch_size, max_rows=max_rows, progress=progress,
+                           remote=remote)[attribute]
+
+
+def _exact_patching(model, dataset, pairs_by_attr: dict, *, joint, batch_size, max_rows,
+                    progress, remote) -> dict[str, tuple[pd.DataFrame, dict]]:
+    """:func:`exact_patching` of several attributes, sharing its three model runs (so three
+    requests remotely): the counterfactual activations at every pair, every variant, and the
+    counterfactual prompts' logit differences."""
+    missing = sorted(set(pairs_by_attr) - set(dataset.counterfactuals))
+    if missing:
+        raise ValueError(f"attribute(s) {missing} have no counterfactuals; available: "
                          f"{sorted(dataset.counterfactuals)}")
-    cf = dataset.counterfactuals[attribute]
-    pairs = [(Site.parse(s), str(p)) for s, p in pairs]
-    patches = counterfactual_patches(model, dataset, cf, pairs, batch_size=batch_size,
-                                     remote=remote)
-    variants = [[]] + [[p] for p in patches] + ([patches] if joint and patches else [])
+    attributes = list(pairs_by_attr)
+    pairs_by_attr = {a: [(Site.parse(s), str(p)) for s, p in pairs]
+                     for a, pairs in pairs_by_attr.items()}
+    cfs = [dataset.counterfactuals[a] for a in attributes]
+    every_pair = list(dict.fromkeys(p for pairs in pairs_by_attr.values() for p in pairs))
+    values = site_values(model, cfs, every_pair, batch_size=batch_size, remote=remote)
+    variants, spans = [[]], {}
+    for a, cf_values in zip(attributes, values):
+        patches = [Patch(site, dataset.positions[pos], cf_values[(site, pos)], f"{site}@{pos}")
+                   for site, pos in pairs_by_attr[a]]
+        spans[a] = len(variants)
+        variants += [[p] for p in patches] + ([patches] if joint and patches else [])
     out = run_patched(model, dataset, variants, names=list(range(len(variants))),
                       batch_size=batch_size, max_rows=max_rows, progress=progress,
                       remote=remote)
     ld = out.logit_diff.mean("prompt").values.astype(float)
-    cf_ld = run_patched(model, cf, [[]], answer_ids=dataset.answer_ids,
-                        distractor_ids=dataset.distractor_ids,
-                        batch_size=batch_size, remote=remote).logit_diff.mean().item()
-    table = pd.DataFrame({"site": [str(s) for s, _ in pairs], "position": [p for _, p in pairs],
-                          "exact_delta": ld[1:1 + len(pairs)] - ld[0]})
-    summary = {"clean_logit_diff": ld[0], "counterfactual_logit_diff": cf_ld,
-               "total_effect": cf_ld - ld[0]}
-    if joint and patches:
-        summary["joint_delta"] = ld[-1] - ld[0]
-    return table, summary
+    n = len(dataset.prompts)
+    cf_ld = run_patched(model, [p for cf in cfs for p in cf.prompts], [[]],
+                        answer_ids=np.tile(dataset.answer_ids, len(cfs)),
+                        distractor_ids=np.tile(dataset.distractor_ids, len(cfs)),
+                        batch_size=batch_size, remote=remote).logit_diff.values[0]
+    found = {}
+    for i, a in enumerate(attributes):
+        pairs, first = pairs_by_attr[a], spans[a]
+        table = pd.DataFrame({"site": [str(s) for s, _ in pairs],
+                              "position": [p for _, p in pairs],
+                              "exact_delta": ld[first:first + len(pairs)] - ld[0]})
+        counterfactual = float(cf_ld[i * n:(i + 1) * n].mean())
+        summary = {"clean_logit_diff": ld[0], "counterfactual_logit_diff": counterfactual,
+                   "total_effect": counterfactual - ld[0]}
+        if joint and pairs:
+            summary["joint_delta"] = ld[first + len(pairs)] - ld[0]
+        found[a] = (table, summary)
+    return found
 
 
 def validate(model: Any, dataset: Any, result: xr.Dataset, attribute: str,
@@ -454,19 +480,35 @@ def validate(model: Any, dataset: Any, result: xr.Dataset, attribute: str,
     deltas, and ``recovered`` = exact effect of patching the whole selection at once over
     the total effect.
     """
+    return validate_all(model, dataset, result, {attribute: selection}, batch_size=batch_size,
+                        max_rows=max_rows, remote=remote)[attribute]
+
+
+def validate_all(model: Any, dataset: Any, result: xr.Dataset,
+                 selections: dict[str, pd.DataFrame], *, batch_size: int = 32,
+                 max_rows: int = 256, remote: Any = None) -> dict[str, tuple]:
+    """:func:`validate` for every attribute's selection, in the same three model runs."""
     from scipy.stats import spearmanr
 
-    pairs = list(zip(selection["site"], selection["position"]))
-    table, summary = exact_patching(model, dataset, attribute, pairs, batch_size=batch_size,
-                                    max_rows=max_rows, remote=remote)
-    out = selection.reset_index(drop=True).copy()
-    out["exact_delta"] = table["exact_delta"].to_numpy()
-    total = summary["total_effect"]
-    out["exact_score"] = out["exact_delta"] / total if total else 0.0
-    rho = spearmanr(out["delta"], out["exact_delta"]).statistic if len(out) > 2 else float("nan")
-    summary.update(attribute=attribute, n_sites=len(out), spearman=float(rho),
-                   recovered=float(summary["joint_delta"] / total) if total else float("nan"))
-    return out, summary
+    exact = _exact_patching(model, dataset,
+                            {a: list(zip(sel["site"], sel["position"]))
+                             for a, sel in selections.items()},
+                            joint=True, batch_size=batch_size, max_rows=max_rows,
+                            progress=False, remote=remote)
+    found = {}
+    for attribute, selection in selections.items():
+        table, summary = exact[attribute]
+        out = selection.reset_index(drop=True).copy()
+        out["exact_delta"] = table["exact_delta"].to_numpy()
+        total = summary["total_effect"]
+        out["exact_score"] = out["exact_delta"] / total if total else 0.0
+        rho = (spearmanr(out["delta"], out["exact_delta"]).statistic if len(out) > 2
+               else float("nan"))
+        summary.update(attribute=attribute, n_sites=len(out), spearman=float(rho),
+                       recovered=float(summary["joint_delta"] / total) if total
+                       else float("nan"))
+        found[attribute] = (out, summary)
+    return found
 
 
 # -- plots ----------------------------------------------------------------------------
@@ -595,15 +637,14 @@ def discover(model: Any, dataset: Any, config: DiscoveryConfig | None = None, *,
                               config.batch_size, config.min_effect, ig_steps=config.ig_steps,
                               progress=progress).fit(model, dataset, remote=remote)
     found = Discovery(fit.result_, {})
-    for attribute in fit.result_.attribute.values:
-        sel = select_cross_section(fit.result_, attribute, top_k=config.top_k,
-                                   coverage=coverage)
-        if config.validate:
-            sel, summary = validate(model, dataset, fit.result_, attribute, sel,
-                                    batch_size=config.batch_size, max_rows=config.max_rows,
-                                    remote=remote)
-            found.validation[attribute] = summary
-        found.cross_sections[attribute] = sel
+    found.cross_sections = {
+        str(a): select_cross_section(fit.result_, a, top_k=config.top_k, coverage=coverage)
+        for a in fit.result_.attribute.values}
+    if config.validate:  # every attribute's exact patching shares the same model runs
+        for a, (sel, summary) in validate_all(model, dataset, fit.result_, found.cross_sections,
+                                              batch_size=config.batch_size,
+                                              max_rows=config.max_rows, remote=remote).items():
+            found.cross_sections[a], found.validation[a] = sel, summary
     if out_dir is not None:
         out_dir = Path(out_dir)
         save_scores(fit.result_, out_dir / "scores.nc")
