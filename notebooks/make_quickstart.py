@@ -37,6 +37,7 @@ config = RunConfig(n_fit=24 if SMALL else 96, n_eval=16 if SMALL else 48,
                    top_k=1 if SMALL else 2, sae_width=256 if SMALL else 1024,
                    sae_steps=30 if SMALL else 300, n_boot=100 if SMALL else 1000,
                    ks=[1, 2, 4] if SMALL else [1, 2, 4, 8, 16, 32],
+                   sae_task_prompts=512 if SMALL else 2048,
                    run_dir=tempfile.mkdtemp() if SMALL else "runs/notebook")
 out = Path(config.run_dir)
 config"""),
