@@ -178,11 +178,7 @@ class ResidualReconstruction:
             sites: Sequence[Site | str], *, with_codes: bool = False) -> ReconstructionResult:
         """One forward pass over ``prompts`` (strings, or model inputs such as
         ``{"input_ids": ...}``) with ``sites`` reconstructed."""
-        model, sites = self.model_, self._plan(sites)
-        if with_codes:
-            self._check_linear(sites)
-            for s in sites:  # modules must not be called inside the trace
-                self._maps(s.layer, self.source(s))
+        model, sites = self.model_, self._prepare(sites, with_codes)
         if isinstance(prompts, Mapping):
             inputs = {k: v.to(model_device(model)) for k, v in prompts.items()}
         else:
@@ -205,13 +201,8 @@ class ResidualReconstruction:
         """Several :meth:`run_at` jobs ``(prompts, positions, sites, with_codes)``: each has
         its own forwards (their splices do not mix), all in one request remotely."""
         model = self.model_
-        jobs = [(prompts, np.asarray(positions), self._plan(sites), with_codes)
+        jobs = [(prompts, np.asarray(positions), self._prepare(sites, with_codes), with_codes)
                 for prompts, positions, sites, with_codes in jobs]
-        for _, _, sites, with_codes in jobs:
-            if with_codes:
-                self._check_linear(sites)
-                for s in sites:
-                    self._maps(s.layer, self.source(s))
         owners = []
 
         def chunks():
@@ -232,6 +223,16 @@ class ResidualReconstruction:
             results.append(ReconstructionResult(**_by_site(cat),
                                                 logits=torch.cat([p[1] for p in job])))
         return results
+
+    def _prepare(self, sites, with_codes: bool) -> list[Site]:
+        """The planned sites; with codes, their frozen maps are built here, since modules
+        must not be called inside the trace."""
+        sites = self._plan(sites)
+        if with_codes:
+            self._check_linear(sites)
+            for s in sites:
+                self._maps(s.layer, self.source(s))
+        return sites
 
     def _double(self, inputs: dict) -> tuple[dict, int]:
         """Input mode runs the prompts twice: clean rows, then scratch rows."""
