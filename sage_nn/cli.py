@@ -45,7 +45,9 @@ def _discover(args) -> None:
     config = DiscoveryConfig(kinds=args.kinds, layers=args.layers, positions=args.positions,
                              attributes=args.attributes, batch_size=args.batch_size,
                              min_effect=args.min_effect, top_k=args.top_k,
-                             coverage=args.coverage, validate=not args.no_validate)
+                             coverage=args.coverage, validate=not args.no_validate,
+                             exact_residuals=not args.no_exact_residuals,
+                             changed_tokens=args.changed_tokens)
     found = discover(model, ds, config, out_dir=args.out, progress=True)
     for attribute, info in found.summary().items():
         print(f"{attribute}: total effect {info['total_effect']:+.3f}"
@@ -186,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-effect", type=float, default=1.0,
                    help="flag attributes whose total effect is below this (logits)")
     p.add_argument("--no-validate", action="store_true", help="skip exact patching")
+    p.add_argument("--no-exact-residuals", action="store_true",
+                   help="estimate the residual stream at changed tokens by attribution too")
+    p.add_argument("--changed-tokens", action="store_true",
+                   help="let cross-sections hold the changed tokens' own residual stream")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)

@@ -26,7 +26,7 @@ import xarray as xr
 
 from .activations import batches, collect, encode, model_device
 from .remote import run_kernel
-from .sites import HEAD_KINDS, KINDS, Site, adapter
+from .sites import HEAD_KINDS, KINDS, Site, _path, adapter
 
 
 def logit_diff(logits: torch.Tensor, answer_ids: Any, distractor_ids: Any) -> torch.Tensor:
@@ -174,11 +174,17 @@ def _writes(ad, batch, idx, variants, device, dtype) -> dict:
     return writes
 
 
-def _patched_forward(model, inputs, writes, answer, distractor):
+def _patched_forward(model, inputs, writes, answer, distractor, skip=None):
     """One forward with every write applied (a remote kernel): the logit difference, the
-    answer's log-probability and the top token at the last position, per row."""
+    answer's log-probability and the top token at the last position, per row. ``skip`` =
+    ``(n, hidden)`` does not run the first ``n`` blocks and feeds ``hidden`` to block ``n``
+    (or to the final norm when ``n`` is the number of blocks)."""
     ad = adapter(model)
     with torch.no_grad(), model.trace(inputs, logits_to_keep=1):  # only the last token's
+        if skip is not None:
+            blocks = _path(model, ad.arch.layers)
+            for i in range(skip[0]):
+                blocks[i].skip(skip[1])
         for layer, kind in sorted(writes, key=lambda k: (k[0], KINDS.index(k[1]))):
             t = ad.tensor(model, layer, kind)
             for rows, cols, chans, values in writes[(layer, kind)]:

@@ -16,8 +16,9 @@ import xarray as xr
 
 from sage_nn import tiny_random_model
 from sage_nn.activations import encode
-from sage_nn.discovery import (AttributionPatching, DiscoveryConfig, discover, load_scores,
-                               ranked, save_scores, select_cross_section, validate)
+from sage_nn.discovery import (AttributionPatching, DiscoveryConfig, discover, exact_patching,
+                               load_scores, ranked, save_scores, select_cross_section,
+                               validate)
 from sage_nn.interventions import logit_diff
 from sage_nn.sites import Site
 from test_interventions import ARCHITECTURES, tiny_ioi
@@ -146,6 +147,45 @@ def test_grid_identities_on_every_architecture(arch):
     assert "L0.resid_post" not in set(table.site) and "L1.resid_pre" in set(table.site)
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_residual_stream_at_changed_tokens_is_patched_exactly(arch):
+    """At the tokens a counterfactual replaces, residual sites get the exact effect of
+    patching them (the sweep skips the blocks below the patch; exact_patching runs them
+    all, and patches resid_mid itself rather than the stream it resolves to); everything
+    else keeps its attribution estimate."""
+    model = tiny_random_model(arch, seed=3, n_layers=3)
+    ds = tiny_ioi(model, n=7)
+    fit = AttributionPatching(min_effect=0, batch_size=3).fit(model, ds)
+    plain = AttributionPatching(min_effect=0, batch_size=3, exact_residuals=False).fit(model, ds)
+    r = fit.result_
+    # IOI's io resamples the IO name, s the subject (both mentions); order keeps every
+    # named position's token (the names trade places)
+    changed = r.changed_token.to_pandas()
+    assert changed.loc["io"].tolist() == [True, False, False, False]  # IO, S1, S2, END
+    assert changed.loc["s"].tolist() == [False, True, True, False]
+    assert not changed.loc["order"].any()
+    residual = r.kind.isin(["resid_pre", "resid_mid", "resid_post"])
+    assert (r.exact == (r.is_site & residual & r.changed_token)).all()
+    np.testing.assert_allclose(fit.deltas_.where(~r.exact).values,
+                               plain.deltas_.where(~r.exact).values, rtol=1e-5, atol=1e-9)
+    differs = 0
+    for attribute in ("io", "s"):
+        table = ranked(r, attribute)
+        table = table[table.exact]
+        assert len(table) == int((r.is_site & residual).sum()) * int(changed.loc[attribute].sum())
+        exact, _ = exact_patching(model, ds, attribute, list(zip(table.site, table.position)),
+                                  joint=False)
+        np.testing.assert_allclose(table.delta, exact.exact_delta, rtol=1e-4, atol=1e-6)
+        estimate = plain.deltas_.sel(attribute=attribute).where(r.exact.sel(attribute=attribute))
+        differs += int((np.abs(estimate - fit.deltas_.sel(attribute=attribute)) > 1e-4).sum())
+    assert differs > 0  # the sweep replaced estimates, not copied them
+    # selection leaves the changed tokens' own stream out unless asked
+    io = select_cross_section(r, "io", top_k=1000)
+    assert not io.site.str.contains("resid").where(io.position == "IO", False).any()
+    assert len(select_cross_section(r, "io", top_k=1000, changed_tokens=True)) == \
+        len(io) + int(r.exact.sel(attribute="io").sum())
+
+
 def test_a_cross_section_never_names_one_tensor_twice(carrier, tmp_path):
     _, _, fit = carrier
     last = int(fit.result_.layer[-1])
@@ -171,7 +211,8 @@ def test_integrated_gradients_are_complete_at_the_embeddings():
     positions), which plain attribution patching misses on a random model."""
     model = tiny_random_model("llama", seed=5, n_layers=2)
     ds = tiny_ioi(model, n=6)
-    grid = dict(kinds=["resid_pre"], layers=[0], attributes=["io", "s"], min_effect=0)
+    grid = dict(kinds=["resid_pre"], layers=[0], attributes=["io", "s"], min_effect=0,
+                exact_residuals=False)  # estimates at the changed tokens, not exact patches
     plain = AttributionPatching(**grid).fit(model, ds).scores_.sum("position")
     ig = AttributionPatching(**grid, ig_steps=16).fit(model, ds)
     assert ig.result_.attrs["ig_steps"] == 16
@@ -242,6 +283,8 @@ def test_discover_saves_scores_tables_and_plots(carrier, tmp_path):
     back = load_scores(tmp_path / "scores.nc")
     np.testing.assert_allclose(back.score.values, found.result.score.values)
     assert back.is_site.dtype == bool and back.attrs["task"] == "tiny_ioi"
+    assert (back.exact == found.result.exact).all() and back.exact.any()
+    assert (back.changed_token == found.result.changed_token).all()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["io"]["cross_section"]) == 5 and "spearman" in summary["io"]
     with pytest.raises(ValueError, match="not a sage_nn discovery scores file"):
