@@ -4,12 +4,16 @@ One run, the same prompts throughout:
   1. exact patching of every head's z at END (30 layers x 9 heads = 270 sites), attribute io
      (all 270 variants stacked along the batch, ``--max-rows`` rows per forward);
   2. attribution patching of the same 270 sites (io);
-  3. attribution patching of the full grid (all kinds, heads, named positions), io alone and
-     all attributes;
+  3. discovery's scoring of the full grid (all kinds, heads, named positions), io alone and
+     all attributes: as sage_nn runs it (attribution patching, with the residual stream at
+     the tokens a counterfactual replaces patched exactly) and attribution patching alone
+     (``exact_residuals=False``);
   4. validation by exact patching, for io and s, of the top-50 sites of the full grid (all
-     kinds, and components only: no residual-stream sites) and of a per-head z
-     cross-section covering half the summed |score|: the union of their sites runs as one
-     batch of variants (one per site, plus one per whole selection);
+     kinds; the 50 best estimated ones, i.e. not exact; those a cross-section may hold,
+     i.e. not the changed tokens' own stream; components only: no residual-stream sites; and
+     attribution patching alone) and of a per-head z cross-section covering half the summed
+     |score|: the union of their sites runs as one batch of variants (one per site, plus one
+     per whole selection);
   5. (in the same batch) the integrated-gradients variant (``--ig-steps``, io and s): the
      rank correlation of its own top-50, and of its estimates on plain attribution's top-50.
 The full grid names each residual tensor once (see sage_nn.discovery); its size is counted
@@ -125,13 +129,17 @@ def main() -> None:
     rho_z = spearmanr(est, exact).statistic
     print(f"attribution of the z sites: {t_attr_z:.1f} s, spearman {rho_z:.3f}", flush=True)
 
-    # 3. attribution on the full grid -------------------------------------------------
-    grid_io, t_attr_grid_io = timed(lambda: AttributionPatching(
-        attributes=["io"], batch_size=args.batch_size).fit(model, ds), args.repeat)
-    grid_all, t_attr_grid_all = timed(lambda: AttributionPatching(
-        batch_size=args.batch_size).fit(model, ds))
-    print(f"full grid: io {t_attr_grid_io:.1f} s, all attributes {t_attr_grid_all:.1f} s",
-          flush=True)
+    # 3. the full grid: as discovery scores it, and attribution patching alone ------------
+    def grid_fit(attributes=None, exact_residuals=True):
+        return AttributionPatching(attributes=attributes, batch_size=args.batch_size,
+                                   exact_residuals=exact_residuals).fit(model, ds)
+
+    grid_io, t_attr_grid_io = timed(lambda: grid_fit(["io"]), args.repeat)
+    grid_all, t_attr_grid_all = timed(lambda: grid_fit(), args.repeat)
+    _, t_plain_io = timed(lambda: grid_fit(["io"], False), args.repeat)
+    plain_all, t_plain_all = timed(lambda: grid_fit(None, False), args.repeat)
+    print(f"full grid: io {t_attr_grid_io:.1f} s, all attributes {t_attr_grid_all:.1f} s; "
+          f"attribution alone {t_plain_io:.1f} s, {t_plain_all:.1f} s", flush=True)
     n_grid = int(grid_io.scores_.is_site.sum()) * len(grid_io.scores_.position)
     per_site = t_exact / len(z_sites)
     n_attr = len(grid_all.scores_.attribute)
@@ -149,12 +157,23 @@ def main() -> None:
         "positions": list(grid_io.scores_.position.values),
         "residual_names": "resid_pre at every layer + the last layer's resid_post "
                           "(L.resid_post is L+1.resid_pre, scored once)",
+        "exact_cells": {a: int(grid_all.result_.exact.sel(attribute=a).sum())
+                        for a in grid_all.scores_.attribute.values},
+        "changed_tokens": {a: [str(p) for p in grid_all.result_.position.values
+                               if bool(grid_all.result_.changed_token.sel(attribute=a,
+                                                                          position=p))]
+                           for a in grid_all.scores_.attribute.values},
         "attribution_seconds_io": t_attr_grid_io,
         "attribution_seconds_all_attributes": t_attr_grid_all,
+        "attribution_alone_seconds_io": t_plain_io,
+        "attribution_alone_seconds_all_attributes": t_plain_all,
         "exact_seconds_per_site_measured": per_site,
         "projected_exact_seconds_io": per_site * n_grid,
         "projected_ratio_io": per_site * n_grid / t_attr_grid_io,
         "projected_ratio_all_attributes": per_site * n_grid * n_attr / t_attr_grid_all,
+        "attribution_alone_projected_ratio_io": per_site * n_grid / t_plain_io,
+        "attribution_alone_projected_ratio_all_attributes":
+            per_site * n_grid * n_attr / t_plain_all,
     }
     report["effects"] = {a: {k: (bool(v) if k == "small_effect" else float(v))
                              for k, v in row.items()}
@@ -171,8 +190,8 @@ def main() -> None:
     ig = None
     if args.ig_steps:
         ig, t_ig = timed(lambda: AttributionPatching(
-            attributes=["io", "s"], batch_size=args.batch_size, ig_steps=args.ig_steps
-        ).fit(model, ds))
+            attributes=["io", "s"], batch_size=args.batch_size, ig_steps=args.ig_steps,
+            exact_residuals=False).fit(model, ds))
         report["integrated_gradients"] = {"ig_steps": args.ig_steps,
                                           "attribution_seconds_io_s": t_ig}
 
@@ -180,15 +199,22 @@ def main() -> None:
     report["validation"] = {}
     for attribute in ("io", "s"):
         res = grid_all.result_
+        top = args.top
+        estimated = ranked(res, attribute)
         selections = {
-            f"top{args.top}_all_kinds": select_cross_section(res, attribute, top_k=args.top),
-            f"top{args.top}_components": select_cross_section(res, attribute, top_k=args.top,
-                                                              kinds=COMPONENTS),
+            f"top{top}_all_kinds": select_cross_section(res, attribute, top_k=top,
+                                                        changed_tokens=True),
+            f"top{top}_estimated": estimated[~estimated.exact].head(top),
+            f"top{top}_selectable": select_cross_section(res, attribute, top_k=top),
+            f"top{top}_components": select_cross_section(res, attribute, top_k=top,
+                                                         kinds=COMPONENTS),
+            f"attribution_alone_top{top}_all_kinds": select_cross_section(
+                plain_all.result_, attribute, top_k=top, changed_tokens=True),
             "z_coverage_0.5": select_cross_section(res, attribute, coverage=0.5, kinds=["z"]),
         }
         if ig is not None:
             selections[f"ig{args.ig_steps}_top{args.top}_all_kinds"] = select_cross_section(
-                ig.result_, attribute, top_k=args.top)
+                ig.result_, attribute, top_k=args.top, changed_tokens=True)
         chosen = {k: list(zip(t.site, t.position)) for k, t in selections.items()}
         pairs = list(dict.fromkeys(q for c in chosen.values() for q in c))
         (single, joint), seconds = timed(lambda: exact_effects(
@@ -199,19 +225,20 @@ def main() -> None:
         for (name, table), j in zip(selections.items(), joint):
             ex = np.array([single[q] for q in chosen[name]])
             entry[name] = {
-                "n_sites": len(table),
+                "n_sites": len(table), "n_exact": int(table.exact.sum()),
                 "spearman": float(spearmanr(table.delta, ex).statistic),
                 "pearson": float(np.corrcoef(table.delta, ex)[0, 1]),
                 "estimated_share": float(table.score.sum()),
                 "recovered_by_all": float(j / total),
                 "sites": [f"{s}@{p} est {sc:+.3f} exact {e / total:+.3f}" for s, p, sc, e
                           in zip(table.site, table.position, table.score, ex)]}
-        if ig is not None:  # the variant's estimates of plain attribution's top sites
-            plain = selections[f"top{args.top}_all_kinds"]
+        if ig is not None:  # the variant's estimates of attribution's own top sites
+            plain = selections[f"attribution_alone_top{args.top}_all_kinds"]
             ig_est = [float(ig.deltas_.sel(attribute=attribute, position=p, **_coords(q)))
                       for q, p in zip(plain.site, plain.position)]
             entry[f"ig{args.ig_steps}_on_top{args.top}_all_kinds"] = {"spearman": float(
-                spearmanr(ig_est, [single[q] for q in chosen[f"top{args.top}_all_kinds"]]
+                spearmanr(ig_est, [single[q] for q in
+                                   chosen[f"attribution_alone_top{args.top}_all_kinds"]]
                           ).statistic)}
         report["validation"][attribute] = entry
         print(attribute, {k: (v["spearman"], v.get("recovered_by_all"))
