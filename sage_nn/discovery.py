@@ -17,15 +17,16 @@ Each batch costs one counterfactual forward (all attributes stacked along the ba
 clean forward+backward; every site of the grid is scored from them, never a pass per site.
 
 Where the linear estimate is known to fail, sites are patched exactly instead: the residual
-stream at a named position whose *token* the counterfactual replaces (IOI's IO name for
-``io``). There the change is a whole token, and the heads that later read it interact: on
-SmolLM2 IOI the stream at the IO token carries 0.93-0.97 of the io effect at layers 9-23
-when patched, while attribution says 0.10-0.13, and every one of the heads that read it
-carries 0.3 or less. Those sites are few (one residual tensor per layer and changed
-position) and each costs part of a forward: the patched run skips the blocks below the
-patch (nnsight's ``skip``, fed the clean stream), so a whole sweep costs about half a forward per
-layer. ``exact_residuals=False`` turns this off; the ``exact`` variable marks those cells.
-The optional integrated-gradients variant (``ig_steps``, see :class:`AttributionPatching`)
+stream at a named position whose *token* the counterfactual replaces (the
+``changed_token`` coordinate; IOI's IO name for ``io``). There the change is a whole token,
+and the heads that later read it interact: on SmolLM2 IOI the stream at the IO token
+carries 0.93-0.97 of the io effect at layers 9-22 when patched, while attribution says
+0.10-0.13, and no single head that reads it carries more than 0.3. Those sites are few (one
+residual tensor per layer and changed token) and cheap to patch: one forward per layer
+serves every changed token of every attribute, and skips the blocks below the patch
+(nnsight's ``skip``, fed the clean stream), so a sweep over L layers costs about L/2
+forwards. ``exact_residuals=False`` turns this off; the ``exact`` variable marks those
+cells. The optional integrated-gradients variant (``ig_steps``, see :class:`AttributionPatching`)
 replaces ``dm/da |_x`` by its mean over a few points between ``x`` and ``x'``, each one
 forward+backward that still scores every site.
 
@@ -80,15 +81,17 @@ class AttributionPatching:
     forward; ``min_effect`` (logits) is the smallest |total effect| worth normalising by.
     ``exact_residuals`` (default True) patches the residual-stream sites exactly at each
     named position whose token the attribute's counterfactual replaces (see the module
-    docstring); the ``exact`` variable of the result marks them. ``ig_steps`` = 0 (default) takes the gradient at the clean run (one clean
-    forward+backward per batch). ``ig_steps`` = k > 0 averages it over k points along the
+    docstring); the ``exact`` variable of the result marks them. ``ig_steps`` = 0
+    (default) takes the gradient at the clean run (one clean forward+backward per batch).
+    ``ig_steps`` = k > 0 averages it over k points along the
     straight line from the clean to the counterfactual embeddings (integrated gradients on
     the input, as EAP-IG); each point is one forward+backward of all attributes' prompts that
     still scores every site, so it costs about k x attributes clean passes. It needs each
     counterfactual to have as many tokens as its clean prompt. It is not the default: it did
     not rank single-site patches better on SmolLM2 IOI (benchmarks/results/discovery.json;
-    Spearman vs exact patching over each method's top 50 of the full grid, k = 2): io -0.03
-    (plain 0.27), s -0.60 (plain 0.70) on 6 prompts; io 0.46 (0.65), s -0.01 (0.78) on 8.
+    Spearman vs exact patching over each method's top 50 of the full grid, k = 2, both
+    without exact residuals): io -0.03 (plain 0.27), s -0.60 (plain 0.70) on 6 prompts;
+    io 0.46 (0.65), s -0.01 (0.78) on 8.
     It moves every changed token at once, so it credits sites along that joint path: it
     sees that the IO token's residual stream carries the io effect (about 0.9 vs exact
     0.93-1.0, where plain attribution says 0.10-0.13 for layers 9-23), but it gets the sign

@@ -17,12 +17,15 @@ import string
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 
 from .task_spec import Swap, TaskSpecError, TaskSpecModel, read_spec
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 __all__ = ["TaskBuildError", "TaskDataset", "TaskSpec", "TaskSpecError", "available_tasks",
            "check_task", "load_task", "logit_diffs"]

@@ -30,7 +30,6 @@ from sae_lens import (StandardTrainingSAE, StandardTrainingSAEConfig, TopKTraini
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
