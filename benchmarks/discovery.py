@@ -8,13 +8,13 @@ One run, the same prompts throughout:
      all attributes: as sage_nn runs it (attribution patching, with the residual stream at
      the tokens a counterfactual replaces patched exactly) and attribution patching alone
      (``exact_residuals=False``);
-  4. validation by exact patching, for io and s, of the top-50 sites of the full grid (all
+  4. validation by exact patching, for every attribute, of the top-50 sites of the full grid (all
      kinds; the 50 best estimated ones, i.e. not exact; those a cross-section may hold,
      i.e. not the changed tokens' own stream; components only: no residual-stream sites; and
      attribution patching alone) and of a per-head z cross-section covering half the summed
      |score|: the union of their sites runs as one batch of variants (one per site, plus one
      per whole selection);
-  5. (in the same batch) the integrated-gradients variant (``--ig-steps``, io and s): the
+  5. (in the same batch) the integrated-gradients variant (``--ig-steps``): the
      rank correlation of its own top-50, and of its estimates on plain attribution's top-50.
 The full grid names each residual tensor once (see sage_nn.discovery); its size is counted
 from the fitted ``is_site`` mask. Attribution times are the median of ``--repeat`` fits
@@ -190,14 +190,14 @@ def main() -> None:
     ig = None
     if args.ig_steps:
         ig, t_ig = timed(lambda: AttributionPatching(
-            attributes=["io", "s"], batch_size=args.batch_size, ig_steps=args.ig_steps,
+            batch_size=args.batch_size, ig_steps=args.ig_steps,
             exact_residuals=False).fit(model, ds))
         report["integrated_gradients"] = {"ig_steps": args.ig_steps,
-                                          "attribution_seconds_io_s": t_ig}
+                                          "attribution_seconds_all_attributes": t_ig}
 
     # 4. validation by exact patching ---------------------------------------------------
     report["validation"] = {}
-    for attribute in ("io", "s"):
+    for attribute in ("io", "s", "order"):
         res = grid_all.result_
         top = args.top
         estimated = ranked(res, attribute)

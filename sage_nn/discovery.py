@@ -17,8 +17,9 @@ Each batch costs one counterfactual forward (all attributes stacked along the ba
 clean forward+backward; every site of the grid is scored from them, never a pass per site.
 
 Where the linear estimate is known to fail, sites are patched exactly instead: the residual
-stream at a named position whose *token* the counterfactual replaces (the
-``changed_token`` coordinate; IOI's IO name for ``io``). There the change is a whole token,
+stream at a named position whose *token* the counterfactual replaces or moves (the
+``changed_token`` coordinate; IOI's IO name for ``io``, both names for the order swap).
+There the change is a whole token,
 and the heads that later read it interact: on SmolLM2 IOI the stream at the IO token
 carries 0.93-0.97 of the io effect at layers 9-22 when patched, while attribution says
 0.10-0.13, and no single head that reads it carries more than 0.3. Those sites are few (one
@@ -80,8 +81,8 @@ class AttributionPatching:
     grid (default: everything the model and dataset have); ``batch_size`` prompts per
     forward; ``min_effect`` (logits) is the smallest |total effect| worth normalising by.
     ``exact_residuals`` (default True) patches the residual-stream sites exactly at each
-    named position whose token the attribute's counterfactual replaces (see the module
-    docstring); the ``exact`` variable of the result marks them. ``ig_steps`` = 0
+    named position whose token the attribute's counterfactual replaces or moves (see the
+    module docstring); the ``exact`` variable of the result marks them. ``ig_steps`` = 0
     (default) takes the gradient at the clean run (one clean forward+backward per batch).
     ``ig_steps`` = k > 0 averages it over k points along the
     straight line from the clean to the counterfactual embeddings (integrated gradients on
@@ -246,15 +247,18 @@ def _stream(layer: int, kind: str) -> int:
 
 
 def _changed_positions(model, dataset, attribute, positions) -> list[int]:
-    """Indices of the named positions whose token the counterfactual replaces in any
-    prompt (tokenizer only, no model run)."""
+    """Indices of the named positions where, in any prompt, the counterfactual has another
+    token or has it at another place (IOI's order swap moves both names): the patched value
+    is then another token's stream, or the same token's from another position and context.
+    Tokenizer only, no model run."""
     cf = dataset.counterfactuals[attribute]
-    clean_ids, cf_ids = (encode(model, d.prompts) for d in (dataset, cf))
     found = []
+    batches = [encode(model, d.prompts) for d in (dataset, cf)]
     for i, pos in enumerate(positions):
-        a = clean_ids.inputs["input_ids"].gather(1, clean_ids.index(dataset.positions[pos])[:, None])
-        b = cf_ids.inputs["input_ids"].gather(1, cf_ids.index(cf.positions[pos])[:, None])
-        if bool((a != b).any()):
+        (a, a_at), (b, b_at) = [(t.inputs["input_ids"].gather(1, t.index(d.positions[pos])[:, None]),
+                                 t.index(d.positions[pos]) - t.offsets)
+                                for t, d in zip(batches, (dataset, cf))]
+        if bool((a != b).any() or (a_at != b_at).any()):
             found.append(i)
     return found
 
@@ -440,7 +444,8 @@ def _site_name(layer: int, kind: str, head: int) -> str:
 def ranked(result: xr.Dataset, attribute: str, *, kinds: Sequence[str] | None = None,
            positions: Sequence[str] | None = None, changed_tokens: bool = True) -> pd.DataFrame:
     """Every real (site, position) of ``attribute``, by decreasing |score|; without the
-    residual stream at tokens the counterfactual replaces when ``changed_tokens`` is False.
+    residual stream at tokens the counterfactual replaces or moves unless
+    ``changed_tokens``.
 
     Columns: ``site`` (e.g. ``L9.z.h3``), ``layer``, ``kind``, ``head`` (-1 for non-head
     kinds), ``position``, ``score``, ``delta``, ``exact`` (patched exactly, not estimated),
@@ -474,8 +479,8 @@ def select_cross_section(result: xr.Dataset, attribute: str, *, top_k: int | Non
     """The top-``k`` sites, or the fewest top sites covering ``coverage`` of summed |score|.
 
     Give exactly one of ``top_k`` / ``coverage`` (a share in (0, 1]). Returns the first rows
-    of :func:`ranked`, without the residual stream at tokens the counterfactual replaces
-    unless ``changed_tokens``: that stream is the changed input itself (on SmolLM2 IOI the
+    of :func:`ranked`, without the residual stream at tokens the counterfactual replaces or
+    moves unless ``changed_tokens``: that stream is the changed input itself (on SmolLM2 IOI the
     IO token's stream carries 0.97-1.0 of the io effect at every layer up to 22), so it
     would fill a cross-section with copies of the input instead of the places the model
     moves the attribute to. Their scores stay in ``result`` and its plots.
