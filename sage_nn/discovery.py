@@ -19,15 +19,16 @@ clean forward+backward; every site of the grid is scored from them, never a pass
 Where the linear estimate is known to fail, sites are patched exactly instead: the residual
 stream at a named position whose *token* the counterfactual replaces or moves (the
 ``changed_token`` coordinate; IOI's IO name for ``io``, both names for the order swap).
-There the change is a whole token,
-and the heads that later read it interact: on SmolLM2 IOI the stream at the IO token
-carries 0.93-0.97 of the io effect at layers 9-22 when patched, while attribution says
-0.10-0.13, and no single head that reads it carries more than 0.3. Those sites are few (one
-residual tensor per layer and changed token) and cheap to patch: one forward per layer
-serves every changed token of every attribute, and skips the blocks below the patch
-(nnsight's ``skip``, fed the clean stream), so a sweep over L layers costs about L/2
-forwards. ``exact_residuals=False`` turns this off; the ``exact`` variable marks those
-cells. The optional integrated-gradients variant (``ig_steps``, see :class:`AttributionPatching`)
+There the change is a whole token, and the heads that later read it interact: on SmolLM2
+IOI the stream at the IO token carries 0.93-0.97 of the io effect at layers 9-22 when
+patched, while attribution says 0.10-0.13, and no single head that reads it carries more
+than 0.3. Those sites are few (one residual tensor per layer and changed token) and cheap
+to patch: one forward per layer serves every changed token of every attribute, and skips
+the blocks below the patch (nnsight's ``skip``, fed the clean stream), so a sweep over L
+layers costs about L/2 forwards. ``exact_residuals=False`` turns this off; the ``exact``
+variable marks those cells.
+
+The optional integrated-gradients variant (``ig_steps``, see :class:`AttributionPatching`)
 replaces ``dm/da |_x`` by its mean over a few points between ``x`` and ``x'``, each one
 forward+backward that still scores every site.
 
@@ -252,12 +253,11 @@ def _changed_positions(model, dataset, attribute, positions) -> list[int]:
     is then another token's stream, or the same token's from another position and context.
     Tokenizer only, no model run."""
     cf = dataset.counterfactuals[attribute]
+    encoded = [(encode(model, d.prompts), d) for d in (dataset, cf)]
     found = []
-    batches = [encode(model, d.prompts) for d in (dataset, cf)]
     for i, pos in enumerate(positions):
         (a, a_at), (b, b_at) = [(t.inputs["input_ids"].gather(1, t.index(d.positions[pos])[:, None]),
-                                 t.index(d.positions[pos]) - t.offsets)
-                                for t, d in zip(batches, (dataset, cf))]
+                                 t.index(d.positions[pos]) - t.offsets) for t, d in encoded]
         if bool((a != b).any() or (a_at != b_at).any()):
             found.append(i)
     return found
@@ -527,8 +527,8 @@ def load_scores(path: str | Path) -> xr.Dataset:
                              dims=("layer", "kind"), coords={"layer": layers, "kind": kinds})
         is_site = (is_site & ~alias).transpose("layer", "kind", "head")
     if "changed_token" not in ds.coords:  # written before changed tokens were marked
-        ds = ds.assign_coords(changed_token=xr.zeros_like(ds.total_effect, dtype=bool)
-                              * xr.zeros_like(ds.position, dtype=bool))
+        ds = ds.assign_coords(changed_token=(("attribute", "position"), np.zeros(
+            (ds.sizes["attribute"], ds.sizes["position"]), bool)))
     ds = ds.assign_coords(is_site=is_site, changed_token=ds.changed_token.astype(bool))
     exact = ds.exact.astype(bool) if "exact" in ds else xr.zeros_like(ds.score, dtype=bool)
     return ds.assign(small_effect=ds.small_effect.astype(bool), exact=exact)

@@ -200,9 +200,15 @@ def test_a_cross_section_never_names_one_tensor_twice(carrier, tmp_path):
     # scores written before the aliases were dropped (is_site over (kind, head)) load without
     old = fit.result_.assign_coords(is_site=fit.result_.is_site.any("layer") |
                                     (fit.result_.kind == "resid_post") & (fit.result_["head"] < 0))
-    back = load_scores(save_scores(old, tmp_path / "old.nc"))
+    written = xr.load_dataset(save_scores(old, tmp_path / "new.nc"), engine="h5netcdf")
+    # ... and before changed tokens were marked
+    written.drop_vars(["exact", "changed_token"]).to_netcdf(tmp_path / "old.nc",
+                                                            engine="h5netcdf")
+    back = load_scores(tmp_path / "old.nc")
     assert back.is_site.dims == ("layer", "kind", "head")
     assert (back.is_site == fit.result_.is_site).all()
+    assert not back.exact.any() and not back.changed_token.any()
+    assert len(select_cross_section(back, "io", top_k=3)) == 3
 
 
 def test_integrated_gradients_are_complete_at_the_embeddings():
