@@ -22,7 +22,9 @@ from the fitted ``is_site`` mask. Attribution times are the median of ``--repeat
 patching of step 1 runs once (minutes). Writes ``benchmarks/results/discovery.json`` after
 every step, so an interrupted run keeps what it measured.
 
-    python benchmarks/discovery.py --n 6
+    python benchmarks/discovery.py --n 6                  # results/discovery.json
+    python benchmarks/discovery.py --n 16 --repeat 1 --ig-steps 0 \
+        --out benchmarks/results/discovery_n16.json
 """
 
 from __future__ import annotations
