@@ -34,6 +34,7 @@ from sage_nn.tasks import check_task, load_task
 
 SMALL = os.environ.get("SAGE_NB_SMALL") == "1"
 config = RunConfig(n_fit=24 if SMALL else 96, n_eval=16 if SMALL else 48,
+                   n_discovery=8 if SMALL else 32,
                    top_k=1 if SMALL else 2, sae_width=256 if SMALL else 1024,
                    sae_steps=30 if SMALL else 300, n_boot=100 if SMALL else 1000,
                    ks=[1, 2, 4] if SMALL else [1, 2, 4, 8, 16, 32],
@@ -50,9 +51,14 @@ held_out = full.subset(np.arange(config.n_fit, len(full)))
 print(fit.prompts[0], "->", fit.answers[0])
 fit.attributes.head()"""),
     nbf.v4.new_code_cell("""check_task(model, spec, n=32 if SMALL else 128, split="test")"""),
-    nbf.v4.new_markdown_cell("## 2. Where is each attribute computed?"),
-    nbf.v4.new_code_cell("""found = discover(model, fit, DiscoveryConfig(top_k=config.top_k, validate=not SMALL),
-                 out_dir=out / "discovery")
+    nbf.v4.new_markdown_cell("""## 2. Where is each attribute computed?
+
+Attribution patching scores every site at every named position; at the tokens a
+counterfactual replaces or moves (IO for `io`), the residual stream is patched exactly, since
+attribution misjudges it there, and it is left out of cross-sections: it is the changed input
+itself."""),
+    nbf.v4.new_code_cell("""found = discover(model, fit.subset(np.arange(min(config.n_discovery, len(fit)))),
+                 DiscoveryConfig(top_k=config.top_k, validate=not SMALL), out_dir=out / "discovery")
 pairs = {a: [(Site.parse(s), p) for s, p in zip(t.site, t.position)]
          for a, t in found.cross_sections.items()}
 {a: [f"{s}@{p}" for s, p in ps] for a, ps in pairs.items()}"""),
