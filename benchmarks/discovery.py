@@ -6,14 +6,14 @@ One run, the same prompts throughout:
   2. attribution patching of the same 270 sites (io);
   3. discovery's scoring of the full grid (all kinds, heads, named positions), io alone and
      all attributes: as sage_nn runs it (attribution patching, with the residual stream at
-     the tokens a counterfactual replaces patched exactly) and attribution patching alone
-     (``exact_residuals=False``);
-  4. validation by exact patching, for every attribute, of the top-50 sites of the full grid (all
-     kinds; the 50 best estimated ones, i.e. not exact; those a cross-section may hold,
-     i.e. not the changed tokens' own stream; components only: no residual-stream sites; and
-     attribution patching alone) and of a per-head z cross-section covering half the summed
-     |score|: the union of their sites runs as one batch of variants (one per site, plus one
-     per whole selection);
+     the tokens a counterfactual replaces or moves patched exactly) and attribution
+     patching alone (``exact_residuals=False``);
+  4. validation by exact patching, for every attribute, of the top-50 sites of the full
+     grid (all kinds; the 50 best estimated ones, i.e. not exact; those a cross-section may
+     hold, i.e. not the changed tokens' own stream; components only: no residual-stream
+     sites; and attribution patching alone) and of a per-head z cross-section covering half
+     the summed |score|: the union of their sites runs as one batch of variants (one per
+     site, plus one per whole selection);
   5. (in the same batch) the integrated-gradients variant (``--ig-steps``): the
      rank correlation of its own top-50, and of its estimates on plain attribution's top-50.
 The full grid names each residual tensor once (see sage_nn.discovery); its size is counted

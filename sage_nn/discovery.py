@@ -253,14 +253,15 @@ def _changed_positions(model, dataset, attribute, positions) -> list[int]:
     is then another token's stream, or the same token's from another position and context.
     Tokenizer only, no model run."""
     cf = dataset.counterfactuals[attribute]
-    encoded = [(encode(model, d.prompts), d) for d in (dataset, cf)]
-    found = []
-    for i, pos in enumerate(positions):
-        (a, a_at), (b, b_at) = [(t.inputs["input_ids"].gather(1, t.index(d.positions[pos])[:, None]),
-                                 t.index(d.positions[pos]) - t.offsets) for t, d in encoded]
-        if bool((a != b).any() or (a_at != b_at).any()):
-            found.append(i)
-    return found
+    clean, counter = encode(model, dataset.prompts), encode(model, cf.prompts)
+
+    def token_and_place(batch, data, pos):  # the token id, and its index in the prompt
+        col = batch.index(data.positions[pos])
+        return batch.inputs["input_ids"].gather(1, col[:, None])[:, 0], col - batch.offsets
+
+    return [i for i, pos in enumerate(positions)
+            if any(bool((x != y).any()) for x, y in zip(token_and_place(clean, dataset, pos),
+                                                         token_and_place(counter, cf, pos)))]
 
 
 def _rows_cols(batch, positions_per_row: Sequence[np.ndarray], device):
