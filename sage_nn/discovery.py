@@ -20,8 +20,8 @@ Where the linear estimate is known to fail, sites are patched exactly instead: t
 stream at a named position whose *token* the counterfactual replaces or moves (the
 ``changed_token`` coordinate; IOI's IO name for ``io``, both names for the order swap).
 There the change is a whole token, and the heads that later read it interact: on SmolLM2
-IOI the stream at the IO token carries 0.93-0.97 of the io effect at layers 9-22 when
-patched, while attribution says 0.10-0.13, and no single head that reads it carries more
+IOI the stream at the IO token carries 0.93-0.98 of the io effect at layers 9-22 when
+patched, while attribution says about 0.1, and no single head that reads it carries more
 than 0.3. Those sites are few (one residual tensor per layer and changed token) and cheap
 to patch: one forward per layer serves every changed token of every attribute, and skips
 the blocks below the patch (nnsight's ``skip``, fed the clean stream), so a sweep over L
@@ -483,7 +483,7 @@ def select_cross_section(result: xr.Dataset, attribute: str, *, top_k: int | Non
     Give exactly one of ``top_k`` / ``coverage`` (a share in (0, 1]). Returns the first rows
     of :func:`ranked`, without the residual stream at tokens the counterfactual replaces or
     moves unless ``changed_tokens``: that stream is the changed input itself (on SmolLM2 IOI the
-    IO token's stream carries 0.97-1.0 of the io effect at every layer up to 22), so it
+    IO token's stream carries 0.93-1.0 of the io effect at every layer up to 22), so it
     would fill a cross-section with copies of the input instead of the places the model
     moves the attribute to. Their scores stay in ``result`` and its plots.
     """
