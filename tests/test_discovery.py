@@ -149,7 +149,7 @@ def test_grid_identities_on_every_architecture(arch):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_residual_stream_at_changed_tokens_is_patched_exactly(arch):
-    """At the tokens a counterfactual replaces, residual sites get the exact effect of
+    """At the tokens a counterfactual replaces or moves, residual sites get the exact effect of
     patching them (the sweep skips the blocks below the patch; exact_patching runs them
     all, and patches resid_mid itself rather than the stream it resolves to); everything
     else keeps its attribution estimate."""
