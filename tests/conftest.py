@@ -34,6 +34,19 @@ split:
 """
 
 
+def tiny_task_dataset(directory, n: int):
+    """The tiny llama (seed 4) and ``n`` train prompts of :data:`TINY_TASK`, whose spec is
+    written to ``directory/tiny.yaml``."""
+    from sage_nn import tiny_random_model
+    from sage_nn.tasks import load_task
+
+    path = directory / "tiny.yaml"
+    path.write_text(TINY_TASK)
+    model = tiny_random_model("llama", seed=4)
+    return model, load_task(path).build(model, n=n, seed=0, split="train")
+
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real embedded default model (converted from its GGUF once per cache)."""

@@ -4,22 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_TASK
-from sage_nn import tiny_random_model
+from conftest import tiny_task_dataset
 from sage_nn.evaluation import CrossSection, SiteCode, evaluate_cross_section
 from sage_nn.saes import SparseAutoencoder
 from sage_nn.sites import Site
-from sage_nn.tasks import load_task
 
 SITE = Site(1, "resid_pre")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    path = tmp_path_factory.mktemp("task") / "tiny.yaml"
-    path.write_text(TINY_TASK)
-    model = tiny_random_model("llama", seed=4)
-    full = load_task(path).build(model, n=48, seed=0, split="train")
+    model, full = tiny_task_dataset(tmp_path_factory.mktemp("task"), n=48)
     return model, full.subset(np.arange(32)), full.subset(np.arange(32, 48))
 
 

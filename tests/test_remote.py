@@ -14,7 +14,7 @@ import xarray as xr
 from nnsight.intervention.backends.local import LocalSimulationBackend
 from nnsight.intervention.backends.remote import RemoteError
 
-from conftest import TINY_TASK
+from conftest import tiny_task_dataset
 from ndif_server import FakeNDIF
 from sage_nn import tiny_random_model
 from sage_nn.activations import collect
@@ -24,17 +24,14 @@ from sage_nn.interventions import Patch, run_patched
 from sage_nn.remote import NOT_ON_SERVER, FreshProcessBackend, Remote, RemotePending, run_kernel
 from sage_nn.saes import SparseAutoencoder
 from sage_nn.sites import Site
-from sage_nn.tasks import load_task, logit_diffs
+from sage_nn.tasks import logit_diffs
 
 SITES = ["L0.resid_post", "L1.z.h0", "L1.mlp_out"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    path = tmp_path_factory.mktemp("task") / "tiny.yaml"
-    path.write_text(TINY_TASK)
-    model = tiny_random_model("llama", seed=4)
-    full = load_task(path).build(model, n=24, seed=0, split="train")
+    model, full = tiny_task_dataset(tmp_path_factory.mktemp("task"), n=24)
     server = FreshProcessBackend.for_model(model, tmp_path_factory.mktemp("server_model"))
     return model, full.subset(np.arange(16)), full.subset(np.arange(16, 24)), server
 
