@@ -15,6 +15,12 @@ import xarray as xr
 
 EDIT_KS = (1, 2, 4, 8, 16, 32)
 INTERPRETABLE_F1 = 0.8
+# Below this many logits, a change of the mean logit difference is too small to divide by
+# (necessity's mean-ablation gap, edit success's counterfactual move): the ratio is NaN.
+# Task logit differences are a few logits (IOI ~3), so 0.1 is a few percent of the effect.
+MIN_LD_GAP = 0.1
+# Edit accuracy needs the counterfactual to change the top prediction on this many prompts.
+MIN_CHANGED = 10
 
 
 def sufficiency(ld_patched: np.ndarray, ld_clean: np.ndarray) -> float:
@@ -22,13 +28,28 @@ def sufficiency(ld_patched: np.ndarray, ld_clean: np.ndarray) -> float:
     return float(np.mean(ld_patched) / np.mean(ld_clean))
 
 
-def necessity(ld_x: np.ndarray, ld_mean: np.ndarray, ld_clean: np.ndarray) -> float:
+def necessity(ld_x: np.ndarray, ld_mean: np.ndarray, ld_clean: np.ndarray,
+              min_gap: float = MIN_LD_GAP) -> float:
     """``1 - |LD_mean - LD_x| / |LD_mean - LD_clean|`` for ``x = mean + (a - â)``.
 
     1: removing what the dictionary explains hurts as much as mean-ablating everything.
+    NaN when mean ablation moves the mean logit difference by less than ``min_gap`` logits
+    (the ratio would only amplify noise); :func:`necessity_reason` says why.
     """
     total = abs(np.mean(ld_mean) - np.mean(ld_clean))
+    if not total >= min_gap:  # also NaN for a NaN gap
+        return float("nan")
     return float(1 - abs(np.mean(ld_mean) - np.mean(ld_x)) / total)
+
+
+def necessity_reason(ld_mean: np.ndarray, ld_clean: np.ndarray,
+                     min_gap: float = MIN_LD_GAP) -> str | None:
+    """Why :func:`necessity` is NaN for these logit differences, or ``None`` if it is not."""
+    gap = abs(np.mean(ld_mean) - np.mean(ld_clean))
+    if gap >= min_gap:
+        return None
+    return (f"NaN: mean ablation moves the logit difference by only {gap:.3g} "
+            f"(below {min_gap:g} logits)")
 
 
 def loss_increase(logp_patched: np.ndarray, logp_clean: np.ndarray) -> float:
@@ -37,10 +58,69 @@ def loss_increase(logp_patched: np.ndarray, logp_clean: np.ndarray) -> float:
     return float(np.mean(np.asarray(logp_clean) - np.asarray(logp_patched)))
 
 
-def edit_accuracy(top1_edit: np.ndarray, top1_counterfactual: np.ndarray) -> float:
-    """Share of prompts whose top prediction after the edit equals that under the real
-    counterfactual activation."""
-    return float(np.mean(np.asarray(top1_edit) == np.asarray(top1_counterfactual)))
+def edit_accuracy(top1_edit: np.ndarray, top1_cf: np.ndarray,
+                  top1_clean: np.ndarray) -> float:
+    """Share of prompts whose top prediction after the edit equals that with the real
+    counterfactual activation patched in, counted only over the prompts where that
+    counterfactual prediction differs from the clean one; NaN when there are none
+    (:func:`edit_accuracy_reason`).
+
+    Its no-edit baseline is the same function with the reconstruction's top predictions (the
+    sufficiency variant) as ``top1_edit``: how often the counterfactual answer comes out
+    with no edit at all. The report shows both.
+    """
+    edit, cf, clean = (np.asarray(x) for x in (top1_edit, top1_cf, top1_clean))
+    changed = cf != clean
+    if not changed.any():
+        return float("nan")
+    return float(np.mean(edit[changed] == cf[changed]))
+
+
+def edit_accuracy_reason(top1_cf: np.ndarray, top1_clean: np.ndarray) -> str | None:
+    """Why :func:`edit_accuracy` is NaN, or ``None`` if it is not."""
+    if (np.asarray(top1_cf) != np.asarray(top1_clean)).any():
+        return None
+    return "NaN: the counterfactual never changes the top prediction"
+
+
+def edit_success(ld_edit: np.ndarray, ld_clean: np.ndarray, ld_cf: np.ndarray,
+                 min_gap: float = MIN_LD_GAP) -> float:
+    """``(mean LD_edit - mean LD_clean) / (mean LD_cf - mean LD_clean)``: the share of the
+    counterfactual's move of the logit difference that the edit achieves (1: all of it,
+    0: none, negative: the wrong way). For attributes whose counterfactual never changes the
+    top prediction (IOI ``s``, ``order``). NaN when ``|mean LD_cf - mean LD_clean|`` is below
+    ``min_gap`` logits (:func:`edit_success_reason`).
+
+    Its no-edit baseline is the same function with the reconstruction's logit differences
+    (the sufficiency variant) as ``ld_edit``; the report shows both.
+    """
+    move = np.mean(ld_cf) - np.mean(ld_clean)
+    if not abs(move) >= min_gap:
+        return float("nan")
+    return float((np.mean(ld_edit) - np.mean(ld_clean)) / move)
+
+
+def edit_success_reason(ld_clean: np.ndarray, ld_cf: np.ndarray,
+                        min_gap: float = MIN_LD_GAP) -> str | None:
+    """Why :func:`edit_success` is NaN, or ``None`` if it is not."""
+    move = abs(np.mean(ld_cf) - np.mean(ld_clean))
+    if move >= min_gap:
+        return None
+    return (f"NaN: the counterfactual moves the logit difference by only {move:.3g} "
+            f"(below {min_gap:g} logits)")
+
+
+def edit_metric(top1_clean: np.ndarray, top1_cf: np.ndarray,
+                min_changed: int = MIN_CHANGED) -> str:
+    """Which edit metric an attribute gets: ``"accuracy"`` when the counterfactual changes
+    the top prediction on at least ``min_changed`` prompts (and on at least one), else
+    ``"success"`` (e.g. IOI ``s``/``order``, where the answer stays IO).
+
+    Accuracy is a share over the changed prompts only, so it needs enough of them to mean
+    anything; lower ``min_changed`` for tiny test sets.
+    """
+    n_changed = int((np.asarray(top1_cf) != np.asarray(top1_clean)).sum())
+    return "accuracy" if n_changed >= max(min_changed, 1) else "success"
 
 
 def greedy_edit(
@@ -89,28 +169,45 @@ def greedy_edit(
     return edited, chosen, magnitude
 
 
-def interpretability(codes: np.ndarray, labels: pd.DataFrame,
-                     threshold: float = INTERPRETABLE_F1) -> xr.Dataset:
-    """Precision/recall/F1 of "latent active" against "attribute = value".
+def _f1_table(active: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per latent: (F1, precision, recall) of "latent active" against ``y``."""
+    tp = y.astype(np.float64) @ active  # [L]
+    n_active, n_pos = active.sum(0), y.sum()
+    f1 = 2 * tp / np.maximum(n_active + n_pos, 1)
+    return f1, tp / np.maximum(n_active, 1), tp / max(n_pos, 1)
 
-    Returns, per (attribute, value): the best F1 over latents, that latent, its precision
-    and recall; and per attribute the share of values whose best F1 ≥ ``threshold``.
+
+def interpretability(codes_fit: np.ndarray, labels_fit: pd.DataFrame, codes_test: np.ndarray,
+                     labels_test: pd.DataFrame, threshold: float = INTERPRETABLE_F1) -> xr.Dataset:
+    """Precision/recall/F1 of "latent active" against "attribute = value", out of sample.
+
+    For each (attribute, value) seen in ``labels_fit``, the latent with the best F1 on the
+    fit prompts is chosen (``latent``, its F1 there ``fit_f1``), and ``best_f1``,
+    ``precision`` and ``recall`` are that latent's on the held-out prompts (choosing and
+    scoring on the same prompts overstates: with many latents one fits any labels by
+    chance). ``best_f1`` is NaN for a value absent from the held-out prompts.
+    ``share_interpretable`` (per attribute): share of values whose held-out F1 is
+    ``≥ threshold``, over the values with a held-out F1.
     """
-    active = np.asarray(codes) > 0  # [n, L]
-    n_active = active.sum(0)
+    active_fit, active_test = np.asarray(codes_fit) > 0, np.asarray(codes_test) > 0
     rows = []
-    for attribute in labels.columns:
-        for value in sorted(labels[attribute].astype(str).unique()):
-            y = (labels[attribute].astype(str) == value).to_numpy()
-            tp = y.astype(np.float64) @ active  # [L]
-            f1 = 2 * tp / np.maximum(n_active + y.sum(), 1)
-            best = int(np.argmax(f1))
-            rows.append(dict(attribute=attribute, value=value, best_f1=f1[best], latent=best,
-                             precision=tp[best] / max(n_active[best], 1),
-                             recall=tp[best] / max(y.sum(), 1)))
+    for attribute in labels_fit.columns:
+        fit_values = labels_fit[attribute].astype(str)
+        test_values = labels_test[attribute].astype(str)
+        for value in sorted(fit_values.unique()):
+            f1_fit, _, _ = _f1_table(active_fit, (fit_values == value).to_numpy())
+            best = int(np.argmax(f1_fit))
+            y_test = (test_values == value).to_numpy()
+            f1, precision, recall = (float(m[0]) for m in _f1_table(active_test[:, [best]], y_test))
+            if not y_test.any():
+                f1 = recall = np.nan
+            rows.append(dict(attribute=attribute, value=value, best_f1=f1, latent=best,
+                             precision=precision, recall=recall, fit_f1=f1_fit[best]))
     table = pd.DataFrame(rows).set_index(["attribute", "value"])
     out = xr.Dataset.from_dataframe(table)
-    share = table.best_f1.ge(threshold).groupby(level="attribute").mean()
+    scored = table.best_f1.notna()
+    share = (table.best_f1 >= threshold).astype(float).where(scored).groupby(
+        level="attribute").mean()
     return out.assign(share_interpretable=("attribute", share.reindex(out.attribute.values).values))
 
 
@@ -139,12 +236,16 @@ def dead_share(codes: np.ndarray) -> float:
 def bootstrap(statistic: Callable[..., float], *arrays: np.ndarray, n_boot: int = 1000,
               seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile confidence interval of ``statistic(*arrays)``, resampling prompts (the
-    last axis of every array) with replacement."""
+    last axis of every array) with replacement. Resamples where the statistic is NaN (e.g.
+    necessity's gap falls below ``min_gap``) are left out; ``(nan, nan)`` if all are."""
     rng = np.random.default_rng(seed)
     n = np.asarray(arrays[0]).shape[-1]
     values = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
         values.append(statistic(*(np.asarray(x)[..., idx] for x in arrays)))
+    values = np.asarray(values, dtype=np.float64)
+    if np.isnan(values).all():
+        return float("nan"), float("nan")
     lo, hi = np.nanpercentile(values, [50 * (1 - level), 50 * (1 + level)])
     return float(lo), float(hi)

@@ -1,5 +1,7 @@
 """The metric formulas on constructed cases with known answers."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,17 +19,89 @@ def test_sufficiency_and_necessity():
     # removing it changes nothing: 0
     assert metrics.necessity(clean, mean_ablated, clean) == pytest.approx(0.0)
     assert metrics.necessity(np.array([3.0, 3.0]), mean_ablated, clean) == pytest.approx(0.5)
+    assert metrics.necessity_reason(mean_ablated, clean) is None
+
+
+def test_necessity_is_nan_with_a_reason_when_mean_ablation_barely_moves_ld():
+    clean = np.array([4.0, 6.0])
+    mean_ablated = np.array([4.98, 4.98])  # moves the mean LD by 0.02 < 0.1
+    # the bare ratio would be 1 - 4/0.02 = -199
+    assert np.isnan(metrics.necessity(np.array([1.0, 1.0]), mean_ablated, clean))
+    reason = metrics.necessity_reason(mean_ablated, clean)
+    assert reason.startswith("NaN: mean ablation moves the logit difference by only 0.02")
+    # min_gap is the threshold: a smaller one makes it defined again
+    assert metrics.necessity(np.array([1.0, 1.0]), mean_ablated, clean,
+                             min_gap=0.01) == pytest.approx(1 - 3.98 / 0.02)
+    assert metrics.necessity_reason(mean_ablated, clean, min_gap=0.01) is None
+    # exactly zero gap: NaN, not inf
+    assert np.isnan(metrics.necessity(clean, clean, clean))
+
+
+def test_bootstrap_of_necessity_drops_nan_resamples():
+    rng = np.random.default_rng(0)
+    clean = rng.normal(3.0, 0.5, 200)
+    mean_ablated = rng.normal(0.0, 0.5, 200)
+    lo, hi = metrics.bootstrap(metrics.necessity, 0.5 * clean, mean_ablated, clean,
+                               n_boot=200)
+    assert lo < 0.5 < hi and hi - lo < 0.2
+    # a gap of 0: every resample is NaN, and so is the interval (no warning, no inf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lo, hi = metrics.bootstrap(metrics.necessity, clean, clean, clean, n_boot=50)
+    assert np.isnan(lo) and np.isnan(hi)
 
 
 def test_loss_increase():
     clean = np.log(np.array([0.5, 0.25]))
     assert metrics.loss_increase(clean, clean) == 0.0
+    assert metrics.loss_increase(clean + np.log(2), clean) == pytest.approx(-np.log(2))
     # halving p(answer) costs log 2 nats
     assert metrics.loss_increase(clean - np.log(2), clean) == pytest.approx(np.log(2))
 
 
-def test_edit_accuracy():
-    assert metrics.edit_accuracy([1, 2, 3, 4], [1, 2, 0, 0]) == 0.5
+def test_edit_accuracy_counts_only_prompts_the_counterfactual_changes():
+    clean = np.array([0, 0, 0, 0, 5, 5])
+    cf = np.array([1, 2, 3, 4, 5, 5])  # the last two keep the clean prediction
+    edit = np.array([1, 2, 0, 0, 5, 5])
+    # 2 of the 4 changed prompts; over all 6 prompts it would be 4/6
+    assert metrics.edit_accuracy(edit, cf, clean) == 0.5
+    assert metrics.edit_accuracy_reason(cf, clean) is None
+    # the no-edit baseline is the same function of the reconstruction's predictions
+    reconstruction = np.array([0, 2, 0, 0, 5, 5])
+    assert metrics.edit_accuracy(reconstruction, cf, clean) == 0.25
+
+
+def test_edit_accuracy_is_nan_when_the_counterfactual_never_changes_the_prediction():
+    clean = np.array([3, 3, 7])
+    assert np.isnan(metrics.edit_accuracy(clean, clean, clean))
+    assert metrics.edit_accuracy_reason(clean, clean) == (
+        "NaN: the counterfactual never changes the top prediction")
+
+
+def test_edit_success_is_the_share_of_the_logit_difference_move():
+    clean = np.array([3.0, 5.0])  # mean 4
+    cf = np.array([0.0, 2.0])  # mean 1: moves by -3
+    assert metrics.edit_success(np.array([2.0, 4.0]), clean, cf) == pytest.approx(1 / 3)
+    assert metrics.edit_success(cf, clean, cf) == pytest.approx(1.0)
+    assert metrics.edit_success(clean + 1, clean, cf) == pytest.approx(-1 / 3)  # wrong way
+    assert metrics.edit_success_reason(clean, cf) is None
+    # tiny counterfactual move: NaN with a reason
+    near = clean + 0.05
+    assert np.isnan(metrics.edit_success(cf, clean, near))
+    assert metrics.edit_success_reason(clean, near).startswith(
+        "NaN: the counterfactual moves the logit difference by only 0.05")
+
+
+def test_edit_metric_rule():
+    clean = np.zeros(20, dtype=int)
+    assert metrics.edit_metric(clean, clean) == "success"  # IOI s/order: answer stays
+    cf = clean.copy()
+    cf[:10] = 1
+    assert metrics.edit_metric(clean, cf) == "accuracy"  # 10 changed >= MIN_CHANGED
+    cf[9] = 0
+    assert metrics.edit_metric(clean, cf) == "success"  # 9 < 10
+    assert metrics.edit_metric(clean, cf, min_changed=5) == "accuracy"
+    assert metrics.edit_metric(clean, clean, min_changed=0) == "success"  # never 0 changed
 
 
 def test_greedy_edit_picks_the_latents_that_close_the_gap():
@@ -57,14 +131,52 @@ def test_greedy_edit_with_a_frozen_scale():
     torch.testing.assert_close(edited, target)
 
 
-def test_interpretability_f1():
+def test_interpretability_f1_is_measured_on_held_out_prompts():
     labels = pd.DataFrame({"io": ["A", "A", "B", "B"]})
     codes = np.array([[1, 0, 1], [1, 0, 0], [0, 1, 1], [0, 0, 1]], dtype=float)
-    out = metrics.interpretability(codes, labels)
-    assert out.best_f1.sel(attribute="io", value="A") == pytest.approx(1.0)  # latent 0
+    # held out: latent 0 now fires on a B prompt, latent 2 only on B prompts
+    labels_test = pd.DataFrame({"io": ["A", "A", "B", "B"]})
+    codes_test = np.array([[1, 0, 0], [0, 0, 0], [1, 1, 1], [0, 1, 1]], dtype=float)
+    out = metrics.interpretability(codes, labels, codes_test, labels_test)
+    # A: latent 0 (F1 1 on fit); held out P=1/2, R=1/2
     assert int(out.latent.sel(attribute="io", value="A")) == 0
-    # B: latent 1 has P=1, R=.5 (F1 2/3); latent 2 has P=2/3, R=1 (F1 .8)
-    assert out.best_f1.sel(attribute="io", value="B") == pytest.approx(0.8)
+    assert out.fit_f1.sel(attribute="io", value="A") == pytest.approx(1.0)
+    assert out.best_f1.sel(attribute="io", value="A") == pytest.approx(0.5)
+    assert out.precision.sel(attribute="io", value="A") == pytest.approx(0.5)
+    assert out.recall.sel(attribute="io", value="A") == pytest.approx(0.5)
+    # B: on fit latent 1 has F1 2/3, latent 2 F1 .8 -> latent 2; held out P=1, R=1
+    assert int(out.latent.sel(attribute="io", value="B")) == 2
+    assert out.fit_f1.sel(attribute="io", value="B") == pytest.approx(0.8)
+    assert out.best_f1.sel(attribute="io", value="B") == pytest.approx(1.0)
+    assert out.share_interpretable.sel(attribute="io") == pytest.approx(0.5)
+
+
+def test_interpretability_in_sample_choice_overstates_random_codes():
+    rng = np.random.default_rng(0)
+    n_fit, n_test, n_latents = 20, 200, 4000
+    labels = pd.DataFrame({"io": np.tile(list("ABCD"), (n_fit + n_test) // 4)})
+    codes = (rng.random((n_fit + n_test, n_latents)) < 0.25) * rng.random((n_fit + n_test,
+                                                                            n_latents))
+    fit, test = codes[:n_fit], codes[n_fit:]
+    labels_fit, labels_test = labels[:n_fit], labels[n_fit:].reset_index(drop=True)
+    in_sample = metrics.interpretability(fit, labels_fit, fit, labels_fit)
+    held_out = metrics.interpretability(fit, labels_fit, test, labels_test)
+    # chosen and scored on the same prompts, some of 4000 random latents fit every value
+    assert float(in_sample.best_f1.min()) > 0.85
+    assert float(in_sample.share_interpretable.sel(attribute="io")) == 1.0
+    assert float(held_out.fit_f1.min()) > 0.85
+    # on held-out prompts they are the chance level of a latent firing on 1/4 of prompts
+    assert float(held_out.best_f1.max()) < 0.35
+    assert float(held_out.share_interpretable.sel(attribute="io")) == 0.0
+
+
+def test_interpretability_value_missing_from_held_out_prompts_is_nan():
+    labels = pd.DataFrame({"io": ["A", "B", "C"]})
+    codes = np.eye(3)
+    out = metrics.interpretability(codes, labels, codes[:2], labels[:2])
+    assert np.isnan(float(out.best_f1.sel(attribute="io", value="C")))
+    assert out.best_f1.sel(attribute="io", value="A") == pytest.approx(1.0)
+    # share over the values that can be scored: A and B
     assert out.share_interpretable.sel(attribute="io") == pytest.approx(1.0)
 
 
