@@ -16,6 +16,7 @@ Everything inside the traces is plain torch, so it can run remotely.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,13 @@ def run_patched(
     ``logit_diff``, ``answer_logprob`` and ``top1`` (the argmax token id), all at the last
     position and ``(variant, prompt)``; ``variant`` is labelled by ``names`` (default: the joined patch
     labels, ``"clean"`` for an empty variant).
+
+    A patch at layer ``l`` and token ``t`` can change only layers ``>= l`` at tokens
+    ``>= t``; the rest is the clean run. So each batch runs clean once (keeping its keys and
+    values, and the residual streams), and a variant recomputes only its block: from its
+    first patched layer (fed the clean residual stream) and its first patched token (against
+    the clean keys and values of the tokens before). Variants with the same block share
+    forwards. The numbers equal full patched forwards to float tolerance.
     """
     prompts, answer_ids, distractor_ids = _prompt_set(data, answer_ids, distractor_ids)
     n, ad, device = len(prompts), adapter(model), model_device(model)
@@ -127,24 +135,33 @@ def run_patched(
     shape = (len(variants), n)
     ld, logp = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     top1 = np.zeros(shape, np.int64)
+    clean = [v for v, patches in enumerate(variants) if not patches]
     prepared = []
 
     def chunks():
         for idx in batches(n, batch_size, progress and "patch"):
             batch = encode(model, [prompts[i] for i in idx], device)
+            blocks = plan_blocks(batch, idx, variants, _suffix_ok(model, batch))
             per_forward = max(1, max_rows // len(idx))
-            for start in range(0, len(variants), per_forward):
-                chunk = range(start, min(start + per_forward, len(variants)))
-                writes = _writes(ad, batch, idx, [variants[v] for v in chunk], device, dtype)
-                inputs = {k: t.repeat(len(chunk), 1) for k, t in batch.inputs.items()}
-                tile = lambda ids: torch.as_tensor(np.tile(ids[idx], len(chunk)), device=device)  # noqa: E731
-                prepared.append((idx, chunk))
-                yield inputs, writes, tile(answer_ids), tile(distractor_ids)
+            groups = []
+            for (layer, col), members in blocks.items():
+                for start in range(0, len(members), per_forward):
+                    chunk = members[start:start + per_forward]
+                    writes = _writes(ad, batch, idx, [variants[v] for v in chunk], device,
+                                     dtype, offset=col)
+                    groups.append((layer, col, len(chunk), writes))
+                    prepared.append((idx, chunk))
+            prepared.append((idx, clean))
+            tile = lambda ids: torch.as_tensor(ids[idx], device=device)  # noqa: E731
+            yield batch.inputs, groups, tile(answer_ids), tile(distractor_ids)
 
-    for out in run_kernel(model, _patched_forward, chunks(), remote, stage="patch"):
-        idx, chunk = prepared.pop(0)
-        for array, values in zip((ld, logp, top1), out):
-            array[chunk.start:chunk.stop, idx] = values.cpu().numpy().reshape(len(chunk), len(idx))
+    for outs in run_kernel(model, _patched_blocks, chunks(), remote, stage="patch"):
+        for out in [*outs[1:], outs[0]]:  # the groups', then the clean run's
+            idx, chunk = prepared.pop(0)
+            for array, values in zip((ld, logp, top1), out):
+                values = values.cpu().numpy().reshape(len(idx), -1).T  # [variant, prompt]
+                array[np.ix_(chunk, idx)] = values if len(values) == len(chunk) else \
+                    np.broadcast_to(values, (len(chunk), len(idx)))
     return xr.Dataset(
         {"logit_diff": (("variant", "prompt"), ld), "answer_logprob": (("variant", "prompt"), logp),
          "top1": (("variant", "prompt"), top1)},
@@ -152,16 +169,45 @@ def run_patched(
     )
 
 
-def _writes(ad, batch, idx, variants, device, dtype) -> dict:
+def _suffix_ok(model, batch) -> bool:
+    """Whether every layer's cache keeps all tokens of the batch: a sliding-window layer
+    keeps only its window, so past it the tokens before a patch cannot be reused."""
+    window = getattr(model.config, "sliding_window", None)
+    return not window or batch.inputs["input_ids"].shape[1] < window - 1
+
+
+def plan_blocks(batch, idx, variants, suffix: bool = True) -> dict[tuple[int, int], list[int]]:
+    """Variants by the block they can change in this batch: ``(first patched layer, first
+    patched padded token)`` -> variant indices (empty variants are the clean run). Without
+    ``suffix``, every block starts at the first token."""
+    blocks: dict[tuple[int, int], list[int]] = {}
+    for v, patches in enumerate(variants):
+        if patches:
+            layer = min(p.site.layer for p in patches)
+            col = suffix and min(int(batch.index(p.positions[idx]).min()) for p in patches)
+            blocks.setdefault((layer, col), []).append(v)
+    return dict(sorted(blocks.items()))
+
+
+def block_cost(batch, idx, variants, n_layers: int) -> float:
+    """The share of a full forward of this batch that the variants' blocks need, summed over
+    variants: the lower bound of patched runs (``sum (L - l) * (T - t) / (L * T)``)."""
+    width = batch.inputs["input_ids"].shape[1]
+    return sum(len(vs) * (n_layers - layer) * (width - col) / (n_layers * width)
+               for (layer, col), vs in plan_blocks(batch, idx, variants).items())
+
+
+def _writes(ad, batch, idx, variants, device, dtype, offset: int = 0) -> dict:
     """A chunk's patches as ``{(layer, kind): [(rows [m], cols [m], channels [c],
     values [m, c]), ...]}``, one entry per channel set (a head, or the whole width), so a
-    request carries the values and one index per row, not one per element."""
+    request carries the values and one index per row, not one per element. Rows are
+    prompt-major (``i * len(variants) + j``); columns count from ``offset``."""
     groups: dict[tuple, list] = {}
-    b = len(idx)
+    b, m = len(idx), len(variants)
     for j, variant in enumerate(variants):
-        rows = torch.arange(b) + j * b
+        rows = torch.arange(b) * m + j
         for p in variant:
-            cols = batch.index(p.positions[idx])
+            cols = batch.index(p.positions[idx]) - offset
             groups.setdefault((p.site.layer, p.site.kind, p.site.head), []).append(
                 (rows, cols, p.values[torch.as_tensor(idx)]))
     writes: dict[tuple, list] = {}
@@ -172,6 +218,58 @@ def _writes(ad, batch, idx, variants, device, dtype) -> dict:
             torch.cat([c for _, c, _ in parts]).to(device), chans.to(device),
             torch.cat([v for _, _, v in parts]).to(device, dtype)))
     return writes
+
+
+def _apply(model, ad, writes):
+    """Write every patch into the running trace, in execution order."""
+    for layer, kind in sorted(writes, key=lambda k: (k[0], KINDS.index(k[1]))):
+        t = ad.tensor(model, layer, kind)
+        for rows, cols, chans, values in writes[(layer, kind)]:
+            # a server's model may run in bf16
+            t[rows[:, None], cols[:, None], chans[None, :]] = values.to(t.dtype)
+
+
+def _readout(logits, answer, distractor) -> list:
+    logits = logits.float()
+    rows = torch.arange(len(answer), device=logits.device)
+    return [logit_diff(logits, answer, distractor), logits.log_softmax(-1)[rows, answer],
+            logits.argmax(-1)]
+
+
+def _patched_blocks(model, inputs, groups, answer, distractor):
+    """One batch (a remote kernel): the clean run, then each group of variants recomputing
+    only its block. A group ``(layer, col, m, writes)`` runs tokens ``col..`` of ``m`` copies
+    of the batch (prompt-major) against the clean keys and values of tokens ``..col-1``,
+    skipping blocks ``< layer`` (fed the clean residual stream). Returns the clean readout
+    and one per group (each ``[b * m]``)."""
+    ad = adapter(model)
+    blocks = _path(model, ad.arch.layers)
+    layers = sorted({g[0] for g in groups} - {0})
+    with torch.no_grad(), model.trace(inputs, use_cache=True, logits_to_keep=1):
+        streams = {layer: blocks[layer].input for layer in layers}
+        cache = model.output.past_key_values
+        out = [_readout(model.output.logits[:, -1], answer, distractor)]
+        streams.save()
+        cache.save()
+        out.save()
+    for layer, col, m, writes in groups:
+        prefix = copy.deepcopy(cache)  # the clean keys and values before col, per variant
+        prefix.crop(col - inputs["input_ids"].shape[1])  # drops that many tokens
+        prefix.batch_repeat_interleave(m)
+        suffix = {"input_ids": inputs["input_ids"][:, col:].repeat_interleave(m, 0),
+                  "position_ids": inputs["position_ids"][:, col:].repeat_interleave(m, 0),
+                  "attention_mask": inputs["attention_mask"].repeat_interleave(m, 0)}
+        with torch.no_grad(), model.trace(suffix, past_key_values=prefix, logits_to_keep=1):
+            if layer > 0:
+                hidden = streams[layer][:, col:].repeat_interleave(m, 0)
+                for i in range(layer):
+                    blocks[i].skip(hidden)
+            _apply(model, ad, writes)
+            result = _readout(model.output.logits[:, -1], answer.repeat_interleave(m),
+                              distractor.repeat_interleave(m))
+            result.save()
+        out.append(result)
+    return out
 
 
 def _patched_forward(model, inputs, writes, answer, distractor, skip=None):
@@ -185,15 +283,8 @@ def _patched_forward(model, inputs, writes, answer, distractor, skip=None):
             blocks = _path(model, ad.arch.layers)
             for i in range(skip[0]):
                 blocks[i].skip(skip[1])
-        for layer, kind in sorted(writes, key=lambda k: (k[0], KINDS.index(k[1]))):
-            t = ad.tensor(model, layer, kind)
-            for rows, cols, chans, values in writes[(layer, kind)]:
-                # a server's model may run in bf16
-                t[rows[:, None], cols[:, None], chans[None, :]] = values.to(t.dtype)
-        logits = model.output.logits[:, -1].float()
-        rows = torch.arange(len(answer), device=logits.device)
-        out = [logit_diff(logits, answer, distractor),
-               logits.log_softmax(-1)[rows, answer], logits.argmax(-1)]
+        _apply(model, ad, writes)
+        out = _readout(model.output.logits[:, -1], answer, distractor)
         out.save()
     return out
 

@@ -168,3 +168,40 @@ def test_bad_patches_get_clear_errors(llama):
         site_values(llama, ds, [("L1.z.h0", "XX")])
     with pytest.raises(ValueError, match="values must be \\[n_prompts, width\\]"):
         Patch("L1.z.h0", [0, 1], torch.zeros(3, 8))
+
+
+def _full_forward_patched(model, ds, variant):
+    """Reference: one full forward per variant, every block and token recomputed."""
+    from sage_nn.interventions import _patched_forward, _writes
+
+    ad, batch = adapter(model), encode(model, ds.prompts)
+    idx = np.arange(len(ds.prompts))
+    writes = _writes(ad, batch, idx, [variant], "cpu", torch.float32)
+    return _patched_forward(model, batch.inputs, writes, torch.as_tensor(ds.answer_ids),
+                            torch.as_tensor(ds.distractor_ids))[0].numpy()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_patched_blocks_equal_full_forwards(arch):
+    """Variants recompute only the layers and tokens their patches can change (from the
+    clean keys/values and residual stream); that must equal a full forward per variant, for
+    patches at the first layer, at several layers and positions at once, and at END only."""
+    model = tiny_random_model(arch, seed=5)
+    ds = tiny_ioi(model, n=7)
+    cf = ds.counterfactuals["io"]
+    last = adapter(model).n_layers - 1
+    kinds = adapter(model).kinds()
+    mid = "resid_mid" if "resid_mid" in kinds else "attn_out"
+    pairs = [("L0.resid_pre", "IO"), ("L1.z.h1", "S2"), (f"L{last}.z.h0", "END"),
+             ("L1.mlp_out", "END"), (f"L{last}.{mid}", "END"), ("L0.v.h0", "S1")]
+    g = torch.Generator().manual_seed(0)
+    p = [Patch(q.site, q.positions, q.values + 3 * torch.randn(q.values.shape, generator=g),
+               q.label) for q in counterfactual_patches(model, ds, cf, pairs)]
+    variants = [[], [p[0]], [p[1], p[2]], [p[2]], [p[3], p[4]], [p[5], p[2]], [p[4]]]
+    out = run_patched(model, ds, variants, batch_size=4, max_rows=8)
+    for v, variant in enumerate(variants):
+        np.testing.assert_allclose(out.logit_diff.values[v],
+                                   _full_forward_patched(model, ds, variant),
+                                   rtol=1e-4, atol=1e-4, err_msg=f"variant {v}")
+    # the patches matter (else equal values would prove nothing)
+    assert np.abs(out.logit_diff.values[1:] - out.logit_diff.values[0]).max() > 0.05
