@@ -639,6 +639,317 @@ def validate_all(model: Any, dataset: Any, result: xr.Dataset,
     return found
 
 
+# -- cross-sections grown by their joint exact patch ----------------------------------
+
+def grow_cross_sections(model: Any, dataset: Any, result: xr.Dataset,
+                        attributes: Sequence[str] | None = None, *, target: float = 0.6,
+                        max_sites: int = 16, kinds: Sequence[str] | None = ("z",),
+                        positions: Sequence[str] | None = None, candidates: int | None = None,
+                        batch_size: int = 16, max_rows: int = 256, progress: bool = False,
+                        remote: Any = None) -> dict[str, tuple[pd.DataFrame, dict]]:
+    """Per attribute, a small set of components whose *joint* exact patch recovers
+    ``target`` of the total effect; attribution proposes, exact joint patching decides.
+
+    Candidates are the attribute's sites in ``result`` of ``kinds`` (default per-head ``z``;
+    ``None``: every component kind of the grid, never the residual stream, which is a
+    candidate only where a residual kind is listed, and then not at the tokens the
+    counterfactual replaces or moves) at ``positions`` (default all), ordered by their
+    estimated delta *signed in the direction of the total effect*: the sites that should
+    carry most of the effect first, the ones estimated to push against it (negative
+    name-mover-like heads) last. Components cancel, so patching the top |score| can recover
+    little, even a negative share. The first ``candidates`` (default ``max_sites``) form the
+    pool. Then, in four batched model runs shared by all attributes:
+
+    1. one counterfactual forward reads every pool site's value (and the counterfactual
+       logit differences, so the total effect is measured on ``dataset`` itself);
+    2. the joint patch of every prefix of the pool (1, 2, ... sites); ``S`` is the shortest
+       prefix reaching ``target``, else the best one;
+    3. every member of ``S`` alone (its ``exact_delta``) and ``S`` without it (leave-one-out);
+    4. backward pruning: ``S`` without its 1, 2, ... most dispensable members (highest
+       leave-one-out recovery first), each set patched jointly.
+
+    The result is the smallest measured set (a prefix from run 2 or a pruned set from run 4)
+    of at most ``max_sites`` sites that reaches ``target`` (ties: recovery closest to 1);
+    when none does, the measured set of at most ``max_sites`` with the highest recovery.
+    Its ``recovered`` is therefore always a measured joint patch, never an estimate. Run 4
+    is skipped when every ``S`` has one site, so at most four runs (four requests
+    remotely) whatever the number of attributes; the rows grow with them. Each patched
+    forward skips the blocks below its lowest patched layer (nnsight's ``skip``, fed the
+    clean stream read in the same kernel), so late-layer sets are cheap.
+
+    Returns ``{attribute: (table, summary)}``. The table has :func:`ranked`'s columns for
+    the chosen sites plus each site's single-site ``exact_delta`` and ``exact_score``
+    (over the measured total effect). The summary: ``recovered`` (the set's joint exact
+    delta over the total effect), ``reached``, ``target``, ``max_sites``, ``cap_hit`` (the
+    target was not reached within ``max_sites`` sites although more candidates existed),
+    ``n_sites``, ``total_effect``, clean and counterfactual logit differences,
+    ``joint_delta``, ``small_effect`` (from ``result``: the share divides by a near-zero
+    effect), ``same_as`` (other attributes that ended with the same set of (site,
+    position)), ``prefix_recovered`` (run 2's curve), ``spearman`` (estimated vs exact
+    single-site deltas of the set) and a plain-words ``note`` when the target was missed.
+    """
+    from scipy.stats import spearmanr
+
+    if not 0 < target:
+        raise ValueError(f"target must be a positive share of the total effect, got {target}")
+    if max_sites < 1:
+        raise ValueError(f"max_sites must be >= 1, got {max_sites}")
+    pool_size = max_sites if candidates is None else int(candidates)
+    if pool_size < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    attributes = [str(a) for a in (result.attribute.values if attributes is None else attributes)]
+    missing = [a for a in attributes if a not in result.attribute.values
+               or a not in dataset.counterfactuals]
+    if missing or not attributes:
+        raise ValueError(f"attributes {missing} are not both scored in result "
+                         f"({list(result.attribute.values)}) and counterfactuals of the dataset "
+                         f"({sorted(dataset.counterfactuals)})")
+    if int(result.attrs.get("n_prompts", len(dataset.prompts))) != len(dataset.prompts):
+        warnings.warn(f"result was scored on {result.attrs['n_prompts']} prompts, the dataset "
+                      f"has {len(dataset.prompts)}: candidates come from the former, every "
+                      "exact number from the latter", stacklevel=2)
+    grid_kinds = list(result.kind.values)
+    kinds = [k for k in grid_kinds if k not in RESIDUAL_KINDS] if kinds is None else list(kinds)
+    absent = [k for k in kinds if k not in grid_kinds]
+    if absent or not kinds:
+        raise ValueError(f"kinds {absent or kinds} are not in the attribution grid "
+                         f"({grid_kinds}); score them first or choose others")
+    pools = {}
+    for a in attributes:
+        df = ranked(result, a, kinds=kinds, positions=positions, changed_tokens=False)
+        sign = 1.0 if float(result.total_effect.sel(attribute=a)) >= 0 else -1.0
+        order = np.argsort(-sign * df["delta"].to_numpy(), kind="stable")
+        pools[a] = df.iloc[order[:pool_size]].reset_index(drop=True)
+        if pools[a].empty:
+            raise ValueError(f"attribute {a!r} has no candidate sites of kinds {kinds}")
+    pairs = {a: [(Site.parse(s), str(p)) for s, p in zip(df["site"], df["position"])]
+             for a, df in pools.items()}
+
+    # 1. counterfactual values of every pool site, and the counterfactual logit differences
+    patches, cf_ld = _counterfactual_patches(model, dataset, pairs, batch_size, progress, remote)
+    layer_of = {a: np.array([s.layer for s, _ in pairs[a]]) for a in attributes}
+
+    def measure(sets: dict[str, list[list[int]]]):
+        return _joint_logit_diffs(model, dataset, sets, patches, layer_of, batch_size=batch_size,
+                                  max_rows=max_rows, progress=progress, remote=remote)
+
+    # 2. every prefix of the pool
+    clean_ld, prefix_ld = measure({a: [list(range(k + 1)) for k in range(len(pairs[a]))]
+                                   for a in attributes})
+    total = {a: cf_ld[a] - clean_ld for a in attributes}
+
+    def share(a, ld):
+        return (np.asarray(ld) - clean_ld) / total[a] if total[a] else np.full(len(ld), np.nan)
+
+    measured = {a: [] for a in attributes}  # (members, joint logit difference)
+    chosen = {}
+    for a in attributes:
+        measured[a] += [(list(range(k + 1)), ld) for k, ld in enumerate(prefix_ld[a])]
+        rec = share(a, prefix_ld[a])
+        hit = np.flatnonzero(rec >= target)
+        chosen[a] = list(range((hit[0] if len(hit) else int(np.nanargmax(rec))) + 1))
+    # 3. each member alone, and the set without it
+    _, loo = measure({a: [[i] for i in s] + ([[j for j in s if j != i] for i in s]
+                                             if len(s) > 1 else []) for a, s in chosen.items()})
+    single = {a: dict(zip(s, loo[a][:len(s)])) for a, s in chosen.items()}
+    # 4. backward pruning, most dispensable member first
+    pruned = {}
+    for a, s in chosen.items():
+        if len(s) > 1:
+            dispensable = [s[i] for i in np.argsort(-share(a, loo[a][len(s):]), kind="stable")]
+            pruned[a] = [[j for j in s if j not in dispensable[:m]] for m in range(1, len(s))]
+    if pruned:
+        _, pruned_ld = measure(pruned)
+        for a, sets in pruned.items():
+            measured[a] += list(zip(sets, pruned_ld[a]))
+
+    found = {}
+    for a in attributes:
+        eligible = [(members, ld) for members, ld in measured[a] if len(members) <= max_sites]
+        rec = share(a, [ld for _, ld in eligible])
+        hit = [i for i in range(len(eligible)) if rec[i] >= target]
+        if hit:
+            best = min(hit, key=lambda i: (len(eligible[i][0]), abs(1 - rec[i])))
+        else:
+            best = min(range(len(eligible)), key=lambda i: (
+                -rec[i] if np.isfinite(rec[i]) else np.inf, len(eligible[i][0])))
+        members, joint = eligible[best]
+        members = sorted(members)
+        table = pools[a].iloc[members].reset_index(drop=True)
+        table["exact_delta"] = [single[a][i] - clean_ld for i in members]
+        table["exact_score"] = table["exact_delta"] / total[a] if total[a] else np.nan
+        recovered = float(rec[best])
+        reached = bool(recovered >= target)
+        n_candidates = len(ranked(result, a, kinds=kinds, positions=positions,
+                                  changed_tokens=False))
+        cap_hit = not reached and n_candidates > max_sites
+        summary = {
+            "attribute": a, "method": "joint coverage", "recovered": recovered,
+            "reached": reached, "target": float(target), "max_sites": int(max_sites),
+            "cap_hit": bool(cap_hit), "n_sites": len(members),
+            "total_effect": float(total[a]), "clean_logit_diff": float(clean_ld),
+            "counterfactual_logit_diff": float(cf_ld[a]),
+            "joint_delta": float(joint - clean_ld),
+            "small_effect": bool(result.small_effect.sel(attribute=a)),
+            "n_candidates": n_candidates, "pool": len(pairs[a]),
+            "prefix_recovered": [float(x) for x in share(a, prefix_ld[a])],
+            "spearman": float(spearmanr(table["delta"], table["exact_delta"]).statistic)
+            if len(table) > 2 else float("nan")}
+        if cap_hit:
+            summary["note"] = (f"cap hit: max_sites={max_sites} reached before the target "
+                               f"{target:g}; the best set of at most {max_sites} sites "
+                               f"recovers {recovered:.2f} of the total effect")
+        elif not reached:
+            summary["note"] = (f"target {target:g} not reached: the best of the "
+                               f"{len(pairs[a])} candidates' sets recovers {recovered:.2f}")
+        found[a] = (table, summary)
+    keys = {a: frozenset(zip(t["site"], t["position"])) for a, (t, _) in found.items()}
+    for a, (_, summary) in found.items():
+        summary["same_as"] = [b for b in attributes if b != a and keys[b] == keys[a]]
+    return found
+
+
+def _counterfactual_patches(model, dataset, pairs: dict, batch_size, progress, remote):
+    """One forward of every attribute's counterfactual prompts (stacked along the batch)
+    reads each attribute's pool sites: ``{attribute: [Patch]}`` and the mean counterfactual
+    logit difference (with the clean prompt's answer and distractor) per attribute."""
+    ad, device = adapter(model), model_device(model)
+    attributes = list(pairs)
+    cfs = [dataset.counterfactuals[a] for a in attributes]
+    grid = sorted({(s.layer, s.kind) for ps in pairs.values() for s, _ in ps},
+                  key=lambda k: (k[0], KINDS.index(k[1])))
+    names = sorted({p for ps in pairs.values() for _, p in ps})
+    n = len(dataset.prompts)
+    prepared = []
+
+    def chunks():
+        for idx in batches(n, batch_size, progress and "counterfactuals"):
+            cf = encode(model, [c.prompts[i] for c in cfs for i in idx], device)
+            rows, cols = _rows_cols(cf, [np.concatenate([c.positions[p][idx] for c in cfs])
+                                         for p in names], device)
+            tile = lambda ids: torch.as_tensor(np.tile(ids[idx], len(cfs)), device=device)  # noqa: E731
+            prepared.append(len(idx))
+            yield (cf.inputs, grid, rows, cols, tile(dataset.answer_ids),
+                   tile(dataset.distractor_ids))
+
+    parts, ld_sum = [], np.zeros(len(attributes))
+    for values, ld in run_kernel(model, _counterfactual_forward, chunks(), remote,
+                                 stage="counterfactuals"):
+        b = prepared.pop(0)
+        parts.append({key: v.cpu().unflatten(0, (len(attributes), b)) for key, v in values.items()})
+        ld_sum += ld.double().cpu().numpy().reshape(len(attributes), b).sum(1)
+    values = {key: torch.cat([p[key] for p in parts], 1) for key in grid}  # [attr, n, pos, ch]
+    patches = {}
+    for a_i, a in enumerate(attributes):
+        patches[a] = []
+        for site, pos in pairs[a]:
+            v = values[(site.layer, site.kind)][a_i, :, names.index(pos)]
+            if site.kind in HEAD_KINDS:
+                w = ad.width(site.kind)
+                v = v[:, site.head * w:(site.head + 1) * w]
+            patches[a].append(Patch(site, dataset.positions[pos], v, f"{site}@{pos}"))
+    return patches, dict(zip(attributes, ld_sum / n))
+
+
+def _counterfactual_forward(model, inputs, grid, rows, cols, answer, distractor):
+    """Kernel: every grid tensor at (rows, cols) and the logit differences."""
+    values, ld, _ = _forward(model, adapter(model), inputs, grid, rows, cols, answer, distractor)
+    return values, ld
+
+
+def _joint_logit_diffs(model, dataset, sets: dict[str, list[list[int]]], patches: dict,
+                       layer_of: dict, *, batch_size, max_rows, progress, remote):
+    """Mean logit difference of ``dataset`` under each variant: ``sets[a]`` lists, per
+    variant, indices into ``patches[a]`` patched together. Returns the clean mean and
+    ``{attribute: array per variant}``. One run: per batch of prompts one kernel reads the
+    clean stream and runs the variants grouped by their lowest patched layer, each group
+    skipping the blocks below it."""
+    ad, device = adapter(model), model_device(model)
+    dtype = next(model._module.parameters()).dtype
+    n = len(dataset.prompts)
+    flat = [(a, v, min(layer_of[a][i] for i in members), [patches[a][i] for i in members])
+            for a, variants in sets.items() for v, members in enumerate(variants)]
+    flat.sort(key=lambda item: -item[2])  # deepest patches first: most blocks skipped
+    prepared = []
+
+    def chunks():
+        for idx in batches(n, batch_size, progress and "joint patching"):
+            batch = encode(model, [dataset.prompts[i] for i in idx], device)
+            per_forward = max(1, max_rows // len(idx))
+            groups, order = [], []
+            for layer in sorted({item[2] for item in flat}, reverse=True):
+                members = [item for item in flat if item[2] == layer]
+                for start in range(0, len(members), per_forward):
+                    chunk = members[start:start + per_forward]
+                    groups.append((int(layer), len(chunk), _variant_writes(
+                        ad, batch, idx, [item[3] for item in chunk], device, dtype)))
+                    order += [(item[0], item[1]) for item in chunk]
+            prepared.append(order)
+            yield (batch.inputs, groups, torch.as_tensor(dataset.answer_ids[idx], device=device),
+                   torch.as_tensor(dataset.distractor_ids[idx], device=device))
+
+    sums = {a: np.zeros(len(variants)) for a, variants in sets.items()}
+    clean = 0.0
+    for clean_sum, lds in run_kernel(model, _joint_patched, chunks(), remote,
+                                     stage="joint patching"):
+        clean += float(clean_sum)
+        for (a, v), ld in zip(prepared.pop(0), torch.cat(lds).double().cpu().numpy()):
+            sums[a][v] += ld
+    return clean / n, {a: s / n for a, s in sums.items()}
+
+
+def _variant_writes(ad, batch, idx, variants, device, dtype) -> dict:
+    """Variants' patches as ``{(layer, kind): [(rows, cols, channels, values)]}``, one entry
+    per (site, head) and variant; variant ``j`` of the chunk is rows ``j*b .. j*b+b-1``."""
+    writes: dict[tuple, list] = {}
+    b = len(idx)
+    for j, variant in enumerate(variants):
+        rows = torch.arange(b, device=device) + j * b
+        for p in variant:
+            kind = p.site.kind
+            chans = (ad.channels(kind, p.site.head) if kind in HEAD_KINDS
+                     else torch.arange(ad.d_model))
+            writes.setdefault((p.site.layer, kind), []).append((
+                rows, batch.index(p.positions[idx]).to(device), chans.to(device),
+                p.values[torch.as_tensor(idx)].to(device, dtype)))
+    return writes
+
+
+def _joint_patched(model, inputs, groups, answer, distractor):
+    """Kernel: one batch of prompts under every group of variants. A clean forward gives
+    the clean logit differences and the stream entering each group's lowest patched block;
+    each group ``(layer, n_variants, writes)`` then runs its variants stacked along the
+    batch (variant-major) from that block on, nnsight's ``skip`` feeding the clean stream
+    past the blocks below. Returns the summed clean logit difference and, per group, the
+    summed logit difference of each variant."""
+    ad = adapter(model)
+    blocks = _path(model, ad.arch.layers)
+    b = len(inputs["input_ids"])
+    layers = sorted({layer for layer, _, _ in groups if layer > 0})
+    with torch.no_grad(), model.trace(inputs, logits_to_keep=1):
+        clean = {}
+        for layer in layers:
+            clean[layer] = blocks[layer].input
+        clean.save()
+        ld = logit_diff(model.output.logits[:, -1].float(), answer, distractor).save()
+    out = []
+    for layer, n_var, writes in groups:
+        tiled = {k: t.repeat(n_var, 1) for k, t in inputs.items()}
+        with torch.no_grad(), model.trace(tiled, logits_to_keep=1):
+            if layer > 0:
+                hidden = clean[layer].repeat(n_var, 1, 1)
+                for i in range(layer):
+                    blocks[i].skip(hidden)
+            for key in sorted(writes, key=lambda k: (k[0], KINDS.index(k[1]))):
+                t = ad.tensor(model, *key)
+                for rows, cols, chans, values in writes[key]:
+                    t[rows[:, None], cols[:, None], chans[None, :]] = values.to(t.dtype)
+            patched = logit_diff(model.output.logits[:, -1].float(), answer.repeat(n_var),
+                                 distractor.repeat(n_var)).save()
+        out.append(patched.unflatten(0, (n_var, b)).sum(1))
+    return ld.sum(), out
+
+
 # -- plots ----------------------------------------------------------------------------
 
 def plot_heatmaps(result: xr.Dataset, attribute: str, out_dir: str | Path) -> list[Path]:
@@ -717,7 +1028,21 @@ def plot_cross_section(table: pd.DataFrame, path: str | Path, title: str = "") -
 
 @dataclass
 class DiscoveryConfig:
-    """Settings of :func:`discover` (the attribution grid, selection and validation)."""
+    """Settings of :func:`discover` (the attribution grid, selection and validation).
+
+    ``kinds`` / ``layers`` / ``positions`` / ``attributes`` restrict the attribution grid
+    (scores and heatmaps). ``select_kinds`` restricts what a cross-section may hold; the
+    default (``None``) is per-head ``z``, or, when ``kinds`` lists the grid without ``z``,
+    the kinds listed there. The residual stream is selectable only where a residual kind is
+    named in ``select_kinds`` or ``kinds``.
+
+    Selection: by default a cross-section is grown by its joint exact patch
+    (:func:`grow_cross_sections`) until it recovers ``target`` of the total effect, with
+    at most ``max_sites`` sites from a pool of the ``candidates`` best estimates (default
+    ``max_sites``). Setting ``top_k`` or ``coverage`` selects the old way instead (the top
+    sites by |attribution|, or those covering a share of the summed |score|), validated by
+    exact patching when ``validate``; the joint growth is exact patching itself.
+    """
 
     kinds: Sequence[str] | None = None
     layers: Sequence[int] | None = None
@@ -727,11 +1052,29 @@ class DiscoveryConfig:
     min_effect: float = 1.0
     exact_residuals: bool = True  # residual stream at changed tokens patched exactly
     ig_steps: int = 0  # > 0: integrated gradients (see AttributionPatching)
-    top_k: int | None = None  # set one of top_k / coverage; neither means coverage 0.8
+    target: float = 0.6  # share of the total effect the joint patch must recover
+    max_sites: int = 16
+    candidates: int | None = None
+    select_kinds: Sequence[str] | None = None
+    top_k: int | None = None  # set one of top_k / coverage to select by attribution alone
     coverage: float | None = None
     changed_tokens: bool = False  # may a cross-section hold the changed tokens' own stream?
     validate: bool = True
     max_rows: int = 256
+
+    def selectable_kinds(self, grid_kinds: Sequence[str]) -> list[str]:
+        """The kinds a cross-section may hold, given the kinds the grid scored."""
+        if self.select_kinds is not None:
+            wanted = list(self.select_kinds)
+        elif self.kinds is not None and "z" not in self.kinds:
+            wanted = list(self.kinds)  # the caller named the grid: its kinds are asked for
+        else:
+            wanted = ["z"]
+        kinds = [k for k in wanted if k in grid_kinds]
+        if not kinds:
+            raise ValueError(f"select_kinds {wanted} are not in the attribution grid "
+                             f"({list(grid_kinds)}); set DiscoveryConfig.select_kinds")
+        return kinds
 
 
 @dataclass
@@ -743,12 +1086,30 @@ class Discovery:
     validation: dict[str, dict] = field(default_factory=dict)
 
     def summary(self) -> dict:
+        """Per attribute: effects, the cross-section and its validation (JSON-ready): for a
+        grown cross-section ``recovered``, ``reached``, ``target``, ``max_sites``,
+        ``cap_hit``, ``n_sites``, ``same_as``, ``small_effect`` and a ``note`` when the
+        target was missed."""
         effects = effects_table(self.result)
         return {a: {**{k: (bool(v) if isinstance(v, (bool, np.bool_)) else float(v))
                        for k, v in effects.loc[a].items()},
                     "cross_section": [f"{s}@{p}" for s, p in zip(t["site"], t["position"])],
-                    **{k: v for k, v in self.validation.get(a, {}).items() if k != "attribute"}}
+                    **{k: _plain(v) for k, v in self.validation.get(a, {}).items()
+                       if k != "attribute"}}
                 for a, t in self.cross_sections.items()}
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and lists of them as Python ones, for JSON."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
 
 
 def discover(model: Any, dataset: Any, config: DiscoveryConfig | None = None, *,
@@ -756,27 +1117,44 @@ def discover(model: Any, dataset: Any, config: DiscoveryConfig | None = None, *,
              remote: Any = None) -> Discovery:
     """Score the grid, select a cross-section per attribute, validate it, save and plot.
 
+    By default each cross-section is grown by its joint exact patch (see
+    :class:`DiscoveryConfig` and :func:`grow_cross_sections`); its summary says the share it
+    recovers (``recovered``), whether ``max_sites`` stopped it short of the target
+    (``cap_hit``) and which attributes ended with the same set (``same_as``).
+
     With ``out_dir``: ``scores.nc``, ``cross_sections.csv``, ``summary.json`` and the PNGs.
     ``remote`` runs the model's passes elsewhere (see :mod:`sage_nn.remote`).
     """
     config = config or DiscoveryConfig()
     if config.top_k is not None and config.coverage is not None:
         raise ValueError("set only one of DiscoveryConfig.top_k or DiscoveryConfig.coverage")
-    coverage = 0.8 if config.top_k is None and config.coverage is None else config.coverage
     fit = AttributionPatching(config.kinds, config.layers, config.positions, config.attributes,
                               config.batch_size, config.min_effect,
                               exact_residuals=config.exact_residuals, ig_steps=config.ig_steps,
                               progress=progress).fit(model, dataset, remote=remote)
     found = Discovery(fit.result_, {})
-    found.cross_sections = {
-        str(a): select_cross_section(fit.result_, a, top_k=config.top_k, coverage=coverage,
-                                     changed_tokens=config.changed_tokens)
-        for a in fit.result_.attribute.values}
-    if config.validate:  # every attribute's exact patching shares the same model runs
-        for a, (sel, summary) in validate_all(model, dataset, fit.result_, found.cross_sections,
-                                              batch_size=config.batch_size,
-                                              max_rows=config.max_rows, remote=remote).items():
-            found.cross_sections[a], found.validation[a] = sel, summary
+    kinds = config.selectable_kinds(list(fit.result_.kind.values))
+    if config.top_k is None and config.coverage is None:  # grown by the joint exact patch
+        grown = grow_cross_sections(model, dataset, fit.result_, target=config.target,
+                                    max_sites=config.max_sites, kinds=kinds,
+                                    candidates=config.candidates,
+                                    batch_size=config.batch_size, max_rows=config.max_rows,
+                                    progress=progress, remote=remote)
+        for a, (table, summary) in grown.items():
+            found.cross_sections[a], found.validation[a] = table, summary
+    else:
+        found.cross_sections = {
+            str(a): select_cross_section(fit.result_, a, top_k=config.top_k,
+                                         coverage=config.coverage, kinds=kinds,
+                                         changed_tokens=config.changed_tokens)
+            for a in fit.result_.attribute.values}
+        if config.validate:  # every attribute's exact patching shares the same model runs
+            for a, (sel, summary) in validate_all(model, dataset, fit.result_,
+                                                  found.cross_sections,
+                                                  batch_size=config.batch_size,
+                                                  max_rows=config.max_rows,
+                                                  remote=remote).items():
+                found.cross_sections[a], found.validation[a] = sel, summary
     if out_dir is not None:
         out_dir = Path(out_dir)
         save_scores(fit.result_, out_dir / "scores.nc")
