@@ -79,7 +79,8 @@ def _run_config(args):
 
     overrides = {k: getattr(args, k, None) for k in ("model", "task", "run_dir", "seed",
                                                      "n_fit", "n_eval", "top_k", "device",
-                                                     "dtype", "n_boot")}
+                                                     "dtype", "n_boot", "discovery_kinds",
+                                                     "select_kinds", "target", "max_sites")}
     overrides["saes"] = args.sae or None
     if getattr(args, "remote", None):
         overrides["remote"] = True if args.remote == "ndif" else args.remote
@@ -119,7 +120,18 @@ def _add_run_options(p) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--n-fit", dest="n_fit", type=int, default=None)
     p.add_argument("--n-eval", dest="n_eval", type=int, default=None)
-    p.add_argument("--top-k", dest="top_k", type=int, default=None)
+    p.add_argument("--discovery-kinds", dest="discovery_kinds", nargs="+", default=None,
+                   help="kinds the attribution grid scores (default: all)")
+    p.add_argument("--select-kinds", dest="select_kinds", nargs="+", default=None,
+                   help="kinds a cross-section may hold (default: z; name resid_pre etc. to "
+                   "allow the residual stream)")
+    p.add_argument("--target", type=float, default=None,
+                   help="share of the effect the cross-section's joint patch must recover "
+                   "(default 0.6)")
+    p.add_argument("--max-sites", dest="max_sites", type=int, default=None,
+                   help="cap on sites per cross-section (default 16)")
+    p.add_argument("--top-k", dest="top_k", type=int, default=None,
+                   help="instead: the top-k sites by attribution")
     p.add_argument("--n-boot", dest="n_boot", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)

@@ -33,15 +33,23 @@ class RunConfig:
 
     model: str = "smollm2-135m"
     task: str = "ioi"
-    saes: list[str] = field(default_factory=lambda: ["train:topk"])
+    # residual SAEs reaching the cross-sections through the reconstruction, and SAEs trained
+    # at the cross-section sites themselves (same corpus and width), for comparison
+    saes: list[str] = field(default_factory=lambda: ["train:topk", "train:topk@sites"])
     run_dir: str = "runs/quickstart"
     seed: int = 0
     n_fit: int = 96          # prompts to fit dictionaries (and discover) on
     n_eval: int = 48         # held-out prompts every metric is measured on
     n_discovery: int = 32    # of the fit prompts, used for attribution patching
     attributes: list[str] | None = None
-    discovery_kinds: list[str] | None = None  # default: every kind
-    top_k: int = 2           # sites per cross-section (the top ones by |attribution|)
+    discovery_kinds: list[str] | None = None  # the attribution grid; default: every kind
+    # A cross-section is grown by its joint exact patch until it recovers `target` of the
+    # attribute's effect, with at most `max_sites` sites of `select_kinds` (default: per-head
+    # z; the residual stream only when named). `top_k` selects the top sites by attribution.
+    select_kinds: list[str] | None = None
+    target: float = 0.6
+    max_sites: int = 16
+    top_k: int | None = None
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     n_boot: int = 1000
     batch_size: int = 32
@@ -248,12 +256,28 @@ def _trained_cache(arch: str, model: Any, config: RunConfig):
     return name, cfg, source, root
 
 
+def trained_sites(spec: str, residual: list[str], pairs: list[tuple]) -> list[str]:
+    """The sites a ``train:ARCH`` spec trains at: residual SAEs where the cross-sections
+    need them (``train:topk``), or one SAE at each cross-section site itself
+    (``train:topk@sites``: the sublayer-native comparison)."""
+    if spec.endswith("@sites"):
+        return list(dict.fromkeys(str(site) for site, _ in pairs))
+    return residual
+
+
+def _train_spec(spec: str) -> tuple[str, bool]:
+    """``train:ARCH[@sites]`` -> (architecture, at the cross-section sites)."""
+    arch = spec.split(":", 1)[1]
+    return arch.removesuffix("@sites"), arch.endswith("@sites")
+
+
 def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> tuple[str, list]:
     """``(name, [SparseAutoencoder, ...])`` for one ``--sae`` value.
 
-    ``train:topk`` / ``train:standard``: residual SAEs at ``sites`` trained here on
+    ``train:topk`` / ``train:standard``: SAEs at ``sites`` trained here on
     ``config.sae_corpus`` (:func:`sae_corpus`), cached under ``$SAGE_NN_CACHE/saes`` by
-    the corpus's content and reused. A directory with
+    the corpus's content and reused (``train:topk@sites`` names the SAEs trained at the
+    cross-section's own sites; they share the cache). A directory with
     ``cfg.json``: one sae_lens SAE. A directory of such directories: all of them.
     ``RELEASE:SAE_ID``: a sae_lens pretrained SAE (needs the hub).
     """
@@ -261,7 +285,7 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> 
     from .training import load_trained, train_saes
 
     if spec.startswith("train:"):
-        arch = spec.split(":", 1)[1]
+        arch, at_sites = _train_spec(spec)
         name, cfg, source, root = _trained_cache(arch, model, config)
         have = load_trained(root, model) if any(root.glob("*/cfg.json")) else {}
         missing = [s for s in sites if s not in have]
@@ -270,7 +294,7 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> 
             trained, report = train_saes(model, missing, cfg, source=source, out_dir=root)
             log.info("trained SAEs:\n%s", report.to_string())
             have.update(trained)
-        return name, [have[s] for s in sites]
+        return name + ("@sites" if at_sites else ""), [have[s] for s in sites]
     path = Path(spec)
     if (path / "cfg.json").exists():
         return path.name, [load_sae(path, model=model)]
@@ -280,7 +304,35 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> 
         release, sae_id = spec.split(":", 1)
         return sae_id, [load_sae(release, sae_id, model=model)]
     raise ValueError(f"--sae {spec!r}: not a directory with cfg.json, a directory of SAE "
-                     "directories, 'train:topk'/'train:standard', or 'RELEASE:SAE_ID'")
+                     "directories, 'train:topk'/'train:standard' (optionally '@sites'), or "
+                     "'RELEASE:SAE_ID'")
+
+
+def _sae_site(sae) -> str:
+    heads = sae.heads or []
+    return f"L{sae.layer}.{sae.kind}" + (f".h{heads[0]}" if len(heads) == 1 else "")
+
+
+def saes_for_all_layers(model: Any, members: list) -> int:
+    """How many SAEs of this kind an evaluation at every layer would need: one per layer
+    for each residual or sublayer kind among ``members``, times the heads for q/k/v/z."""
+    from .sites import HEAD_KINDS, adapter
+
+    ad = adapter(model)
+    return sum(ad.n_layers * (ad.n_heads_of(kind) if kind in HEAD_KINDS else 1)
+               for kind in {s.kind for s in members})
+
+
+def with_discovery(results: xr.Dataset, summary_path: Path) -> xr.Dataset:
+    """The cross-sections' discovery facts as attribute variables: ``recovered`` (joint
+    exact share of the effect), ``cap_hit`` and ``small_effect``."""
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    attributes = [str(a) for a in results.attribute.values]
+    get = lambda a, key, default: summary.get(a, {}).get(key, default)  # noqa: E731
+    return results.assign(
+        recovered=("attribute", [float(get(a, "recovered", np.nan)) for a in attributes]),
+        cap_hit=("attribute", [bool(get(a, "cap_hit", False)) for a in attributes]),
+        small_effect=("attribute", [bool(get(a, "small_effect", False)) for a in attributes]))
 
 
 def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = None,
@@ -291,7 +343,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     import pandas as pd
 
     from .discovery import DiscoveryConfig, discover
-    from .evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section
+    from .evaluation import CrossSection, DirectSAE, ReconstructedSAE, evaluate_cross_section
     from .models import load_model
     from .remote import Remote
     from .report import sae_cfg_dict, write_report
@@ -345,7 +397,9 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         disc_dir.mkdir(exist_ok=True)
         prompts = fit.subset(np.arange(min(config.n_discovery, len(fit))))
         settings = DiscoveryConfig(kinds=config.discovery_kinds, attributes=attributes,
-                                   top_k=config.top_k, batch_size=config.batch_size)
+                                   select_kinds=config.select_kinds, target=config.target,
+                                   max_sites=config.max_sites, top_k=config.top_k,
+                                   batch_size=config.batch_size)
         discover(model, prompts, settings, out_dir=disc_dir, progress=progress, remote=remote)
 
     def discovery_load():
@@ -355,7 +409,8 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
 
     pairs_by_attr = stage("discovery", config.hash("model", "task", "seed", "n_fit", "n_eval",
                                                    "n_discovery", "attributes",
-                                                   "discovery_kinds", "top_k"),
+                                                   "discovery_kinds", "select_kinds",
+                                                   "target", "max_sites", "top_k"),
                           disc_files, discovery_stage, discovery_load)
     all_pairs = [p for pairs in pairs_by_attr.values() for p in pairs]
     needed = residual_sites_for(all_pairs, adapter(model).parallel)
@@ -363,16 +418,30 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     saes: dict[str, Any] = {}
 
     def resolve_all() -> dict:  # trains what the SAE cache lacks, loads the rest
+        union: dict[str, list[str]] = {}  # one activation stream trains every SAE an arch needs
+        for spec_ in config.saes:
+            if spec_.startswith("train:"):
+                union.setdefault(_train_spec(spec_)[0], []).extend(
+                    trained_sites(spec_, needed, all_pairs))
+        for arch, sites in union.items():
+            resolve_saes(f"train:{arch}", model, list(dict.fromkeys(sites)), config)
         listing = {}
         for spec_ in config.saes:
-            name, members = resolve_saes(spec_, model, needed, config)
-            saes[name] = ReconstructedSAE(members, batch_size=config.batch_size)
+            at_sites = spec_.startswith("train:") and spec_.endswith("@sites")
+            name, members = resolve_saes(spec_, model, trained_sites(spec_, needed, all_pairs)
+                                         if spec_.startswith("train:") else needed, config)
+            saes[name] = (DirectSAE(members) if at_sites
+                          else ReconstructedSAE(members, batch_size=config.batch_size))
             training = None
             if spec_.startswith("train:"):  # what the trainer recorded next to the SAEs
-                record = _trained_cache(spec_.split(":", 1)[1], model, config)[3] / \
+                record = _trained_cache(_train_spec(spec_)[0], model, config)[3] / \
                     "train_config.json"
                 training = json.loads(record.read_text()) if record.exists() else None
-            listing[name] = {"spec": spec_, "sites": [f"L{s.layer}.{s.kind}" for s in members],
+            listing[name] = {"spec": spec_, "sites": [str(_sae_site(s)) for s in members],
+                             "approach": "at the cross-section sites" if at_sites else
+                             "residual, through the reconstruction",
+                             "n_saes": len(members),
+                             "n_saes_all_layers": saes_for_all_layers(model, members),
                              "sae_cfg_dict": sae_cfg_dict(
                                  members, model_name=str(model.config._name_or_path),
                                  training=training)}
@@ -397,12 +466,14 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                                         ks=config.ks, n_boot=config.n_boot, seed=config.seed,
                                         batch_size=config.batch_size, remote=remote)
                  for a, pairs in pairs_by_attr.items()]
-        write_netcdf(xr.concat(parts, "attribute", join="outer"), root / "evaluation.nc")
+        results = xr.concat(parts, "attribute", join="outer")
+        write_netcdf(with_discovery(results, disc_dir / "summary.json"), root / "evaluation.nc")
 
     # other SAEs (another corpus, width, ...) are other results
     results = stage("evaluation", config.hash("model", "task", "seed", "n_fit", "n_eval",
                                               "n_discovery", "attributes", "discovery_kinds",
-                                              "top_k", "ks", "n_boot") + "," + sae_settings,
+                                              "select_kinds", "target", "max_sites", "top_k",
+                                              "ks", "n_boot") + "," + sae_settings,
                     ["evaluation.nc"], evaluation_stage, lambda: read_netcdf(root / "evaluation.nc"))
 
     report_dir = root / "report"

@@ -44,12 +44,12 @@ from .evaluation import RANDOM, SUPERVISED
 CEILING = SUPERVISED
 FLOOR_PREFIX = f"{RANDOM}:"
 EVAL_TYPE_ID = "sage"
-REQUIRED = ("sufficiency", "necessity", "edit_accuracy")
+REQUIRED = ("sufficiency", "necessity", "edit")
 # Metrics where higher is better and ceiling/floor calibrate the scale (gap closed).
-CALIBRATED = ("sufficiency", "necessity", "edit_accuracy", "best_f1")
+CALIBRATED = ("sufficiency", "necessity", "edit", "best_f1")
 PER_PAIR = ("fvu", "l0", "dead", "best_f1", "share_interpretable", "alignment")
 LABELS = {"sufficiency": "sufficiency", "necessity": "necessity",
-          "edit_accuracy": "edit accuracy", "edit_magnitude": "edit magnitude",
+          "edit": "edit", "edit_magnitude": "edit magnitude",
           "best_f1": "best F1", "share_interpretable": "share F1 ≥ 0.8",
           "alignment": "alignment", "fvu": "FVU", "l0": "L0", "dead": "dead share",
           "loss_increase": "loss increase (nats)"}
@@ -133,7 +133,7 @@ def headline_table(results: xr.Dataset) -> pd.DataFrame:
     order = roles(results).ordered
     k = headline_k(results)
     columns = {"sufficiency": results["sufficiency"], "necessity": results["necessity"],
-               f"edit_accuracy_k{k}": results["edit_accuracy"].sel(k=k, drop=True)}
+               f"edit_k{k}": results["edit"].sel(k=k, drop=True)}
     for name in ("best_f1", "fvu", "l0"):
         if name in results:
             columns[name] = _pair_mean(results[name])
@@ -305,7 +305,7 @@ def sae_metrics(results: "xr.Dataset | _Lookup", sae: str,
     for name in ("sufficiency", "necessity"):
         put(name, name, True)
     for k in results["k"].values:
-        put(f"edit_accuracy_k{int(k)}", "edit_accuracy", True, k=int(k))
+        put(f"edit_k{int(k)}", "edit", True, k=int(k))
         if "edit_magnitude" in results:
             put(f"edit_magnitude_k{int(k)}", "edit_magnitude", False, k=int(k))
     for name in [n for n in PER_PAIR if n in results] + _extra_scalars(results):
@@ -430,7 +430,7 @@ def plot_comparison(results: xr.Dataset, metric: str, path: Path, *, k: int | No
     title = LABELS.get(metric, metric) + (f" at k = {k}" if k is not None else "")
     ax.set_title(title + (" (95% bootstrap CI)" if ci is not None else ""))
     ax.axhline(0, color="black", linewidth=0.6)
-    if metric in ("sufficiency", "necessity", "edit_accuracy"):
+    if metric in ("sufficiency", "necessity", "edit"):
         ax.axhline(1, color="black", linewidth=0.6, linestyle=":")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.grid(axis="y", alpha=0.3)
@@ -447,7 +447,7 @@ def plot_controllability(results: xr.Dataset, path: Path, *, dpi: int = 110) -> 
     r = roles(results)
     styles = _styles(r)
     attributes = [str(a) for a in results["attribute"].values]
-    rows = ["edit_accuracy"] + (["edit_magnitude"] if "edit_magnitude" in results else [])
+    rows = ["edit"] + (["edit_magnitude"] if "edit_magnitude" in results else [])
     ks = results["k"].values.astype(int)
     fig, axes = plt.subplots(len(rows), len(attributes), squeeze=False, sharex=True,
                              sharey="row",
@@ -503,7 +503,7 @@ def _with_ci(value, low, high) -> str:
 def _attribute_table(look: _Lookup, attribute: str, k: int) -> tuple[list, list]:
     results = look.results
     r = roles(results)
-    header = ["dictionary", "role", "sufficiency", "necessity", f"edit acc. k={k}"]
+    header = ["dictionary", "role", "sufficiency", "necessity", f"edit k={k}"]
     per_pair = [n for n in PER_PAIR if n in results]
     extra = _extra_scalars(results)
     header += [LABELS.get(n, n) for n in per_pair + extra]
@@ -512,7 +512,7 @@ def _attribute_table(look: _Lookup, attribute: str, k: int) -> tuple[list, list]
         role = ("ceiling" if method == r.ceiling else "SAE" if method in r.saes
                 else "floor" if method in r.floors.values() else "reference")
         row = [method, role]
-        for name, sel in (("sufficiency", {}), ("necessity", {}), ("edit_accuracy", {"k": k})):
+        for name, sel in (("sufficiency", {}), ("necessity", {}), ("edit", {"k": k})):
             row.append(_with_ci(look(name, attribute, method, **sel),
                                 *look.ci(name, attribute, method, **sel)))
         row += [_fmt(look(n, attribute, method)) for n in per_pair + extra]
@@ -520,11 +520,23 @@ def _attribute_table(look: _Lookup, attribute: str, k: int) -> tuple[list, list]
     return header, rows
 
 
+def excluded(results: xr.Dataset, attribute: str) -> str | None:
+    """Why an attribute is kept out of calibration claims (its ceiling is not ground truth
+    at the cross-section, or its effect is small), or None."""
+    row = results.sel(attribute=attribute)
+    reasons = []
+    if "ground_truth" in results and not bool(row.ground_truth):
+        reasons.append(f"not ground truth here ({row.ground_truth_note.item()})")
+    if "small_effect" in results and bool(row.small_effect):
+        reasons.append("small effect")
+    return "; ".join(reasons) or None
+
+
 def _calibration_table(look: _Lookup, k: int) -> tuple[list, list]:
     """Per SAE and attribute: the share of the floor→ceiling gap it closes, and whether
-    ceiling ≥ SAE ≥ floor holds."""
+    ceiling ≥ SAE ≥ floor holds; attributes kept out of claims say why."""
     metrics = (("sufficiency", "sufficiency"), ("necessity", "necessity"),
-               (f"edit_accuracy_k{k}", f"edit acc. k={k}"))
+               (f"edit_k{k}", f"edit k={k}"))
     rows = []
     for sae in roles(look.results).saes:
         for a in (str(x) for x in look.results["attribute"].values):
@@ -539,10 +551,39 @@ def _calibration_table(look: _Lookup, k: int) -> tuple[list, list]:
                 elif m[f"{key}_gap_closed"] is None:
                     row.append("– (ceiling = floor)")
                 else:
-                    ok = "✓" if ceiling >= value >= floor else "✗ violated"
+                    ok = "✓" if ceiling > value > floor else "✗ violated"
                     row.append(f"{_fmt(m[f'{key}_gap_closed'], 2)} {ok}")
+            row.append(excluded(look.results, a) or "claimed")
             rows.append(row)
-    return ["SAE", "attribute"] + [label for _, label in metrics], rows
+    return ["SAE", "attribute"] + [label for _, label in metrics] + ["in claims"], rows
+
+
+def _attribute_notes(results: xr.Dataset, attribute: str, k: int) -> list[str]:
+    """What a reader needs to read an attribute's table: the cross-section's recovered share,
+    the edit metric and its no-edit baseline, the ceiling's checks, undefined metrics."""
+    row = results.sel(attribute=attribute)
+    notes = []
+    if "recovered" in results and not np.isnan(float(row.recovered)):
+        text = (f"The cross-section's joint exact patch recovers "
+                f"{float(row.recovered):.2f} of the attribute's effect")
+        if "cap_hit" in results and bool(row.cap_hit):
+            text += " (the site cap was reached before the target share)"
+        notes.append(text + ".")
+    if "edit_metric" in results.coords:
+        metric = str(row.edit_metric.values)
+        what = ("accuracy: the share of prompts whose counterfactual changes the prediction "
+                "where the edit gives the counterfactual's prediction" if metric == "accuracy"
+                else "success: the share of the counterfactual's move of the logit difference "
+                "that the edit achieves (the counterfactual never changes the prediction "
+                "here)")
+        notes.append(f"Edit = {what}; no-edit baseline {_fmt(float(row.edit_baseline))}.")
+    for name in ("necessity_note", "edit_note"):
+        if name in results and str(row[name].values):
+            notes.append(f"{name.split('_')[0]}: {row[name].values}")
+    reason = excluded(results, attribute)
+    if reason:
+        notes.append(f"Kept out of calibration claims: {reason}.")
+    return notes
 
 
 def _sae_rows(saes: list[str], sae_info: Mapping | None) -> list[list[str]]:
@@ -588,8 +629,10 @@ def _document(results, config, timings, images, k, discovery_note,
     blocks.append(("h2", "Calibration: SAE between floor and ceiling"))
     look = _Lookup(results)
     blocks.append(("p", "Share of the gap between floor (0) and ceiling (1) that each SAE "
-                        "closes; ✓ marks that ceiling ≥ SAE ≥ floor holds, ✗ that it does "
-                        "not. Sufficiency is compared by its distance from 1 (1 - |1 - s|)."))
+                        "closes; ✓ marks that ceiling > SAE > floor holds, ✗ that it does "
+                        "not. Sufficiency is compared by its distance from 1 (1 - |1 - s|). "
+                        "An attribute whose ceiling fails its own checks, or whose effect is "
+                        "small, is listed but kept out of claims."))
     blocks.append(("table",) + _calibration_table(look, k))
     blocks.append(("h2", "Headline metrics per attribute"))
     for a in (str(x) for x in results["attribute"].values):
@@ -602,6 +645,8 @@ def _document(results, config, timings, images, k, discovery_note,
         blocks.append(("h3", f"Attribute `{a}`"))
         if pairs:
             blocks.append(("p", "Cross-section: " + ", ".join(f"`{p}`" for p in pairs)))
+        for note in _attribute_notes(results, a, k):
+            blocks.append(("p", note))
         blocks.append(("table",) + _attribute_table(look, a, k))
     blocks.append(("h2", "Plots"))
     for caption, path in images:
@@ -751,7 +796,7 @@ def write_report(results: xr.Dataset, out_dir: str | Path, *,
 
     k = headline_k(results)
     images = []
-    for metric, sel in (("sufficiency", {}), ("necessity", {}), ("edit_accuracy", {"k": k}),
+    for metric, sel in (("sufficiency", {}), ("necessity", {}), ("edit", {"k": k}),
                         ("best_f1", {}), ("alignment", {}), ("fvu", {})):
         if metric in results:
             file = f"compare_{metric}" + (f"_k{k}" if sel else "") + ".png"

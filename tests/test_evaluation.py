@@ -103,3 +103,39 @@ def test_site_code_without_directions_has_no_edit():
     code = SiteCode(a, a, a, torch.ones(3, 4), torch.ones(3, 4), None)
     edited, magnitude = code.edit(2)
     assert torch.equal(edited, a) and torch.isnan(magnitude).all()
+
+
+def test_sublayer_sites_directly_and_through_the_reconstruction(setup):
+    """A z-head SAE serves its own head; a residual SAE reaches the same head through the
+    reconstruction, and its L0 there counts its latents at the site's token (the residual
+    SAE's own L0 on that stream), not the pattern-weighted sum over earlier tokens."""
+    from sage_nn.evaluation import ReconstructedSAE
+    from sage_nn.interventions import site_values
+
+    model, fit, held_out = setup
+    d, dh = model.config.hidden_size, model.config.hidden_size // model.config.num_attention_heads
+    z = Site(1, "z", 0)
+    eye = torch.eye(dh)
+    head_sae = SparseAutoencoder(torch.cat([eye, -eye], 1), torch.zeros(2 * dh),
+                                 torch.cat([eye, -eye], 0), torch.zeros(dh), layer=1, kind="z",
+                                 heads=[0])
+    other_head = SparseAutoencoder(head_sae.W_enc, head_sae.b_enc, head_sae.W_dec,
+                                   head_sae.b_dec, layer=1, kind="z", heads=[1])
+    cs = CrossSection("io", [(z, "END")])
+    out = evaluate_cross_section(
+        model, fit, held_out, cs,
+        {"head": [other_head, head_sae], "resid": ReconstructedSAE([perfect_sae(d)])},
+        ks=[1], n_boot=10).squeeze("attribute")
+    for name in ("head", "resid"):
+        assert float(out.sufficiency.sel(dictionary=name)) == pytest.approx(1.0, abs=1e-3), name
+    resid = site_values(model, held_out, [(SITE, "END")])[(SITE, "END")]
+    expected_l0 = float((perfect_sae(d).encode(resid) > 0).sum(-1).float().mean())
+    assert float(out.l0.sel(dictionary="resid").squeeze()) == pytest.approx(expected_l0)
+    # the floor keeps the SAE's L0 (matched on the fit prompts), not a TopK stand-in's
+    for name in ("head", "resid"):
+        sae_l0 = float(out.l0.sel(dictionary=name).squeeze())
+        floor_l0 = float(out.l0.sel(dictionary=f"random:{name}").squeeze())
+        assert abs(floor_l0 - sae_l0) <= 0.15 * sae_l0, (name, sae_l0, floor_l0)
+    with pytest.raises(ValueError, match="cannot serve cross-section site L1.z.h2"):
+        evaluate_cross_section(model, fit, held_out, CrossSection("io", [(Site(1, "z", 2), "END")]),
+                               {"head": [head_sae]}, ks=[1])

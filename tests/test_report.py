@@ -36,8 +36,8 @@ def cross_section(attribute: str, offset: float, pairs: list[str],
             "sufficiency_ci": (("dictionary", "bound"), np.stack([base - 0.05, base + 0.05], -1)),
             "necessity": ("dictionary", base - 0.1),
             "necessity_ci": (("dictionary", "bound"), np.stack([base - 0.2, base], -1)),
-            "edit_accuracy": (("dictionary", "k"), edit),
-            "edit_accuracy_ci": (("dictionary", "k", "bound"),
+            "edit": (("dictionary", "k"), edit),
+            "edit_ci": (("dictionary", "k", "bound"),
                                  np.stack([edit - 0.1, edit + 0.1], -1)),
             "edit_magnitude": (("dictionary", "k"), np.tile(np.linspace(0.1, 0.9, n_k), (n_m, 1))),
             "fvu": (("dictionary", "pair"), 1 - per_pair),
@@ -62,7 +62,7 @@ def results() -> xr.Dataset:
 
 def test_headline_table_values(results):
     table = headline_table(results)
-    assert list(table.columns) == ["sufficiency", "necessity", "edit_accuracy_k2",
+    assert list(table.columns) == ["sufficiency", "necessity", "edit_k2",
                                    "best_f1", "fvu", "l0"]
     # rows: attribute x method, ceiling first, each SAE followed by its floor
     assert list(table.loc["io"].index) == ["supervised", "topk-2048", "random:topk-2048",
@@ -70,7 +70,7 @@ def test_headline_table_values(results):
     row = table.loc[("io", "topk-2048")]
     assert row.sufficiency == pytest.approx(0.6)
     assert row.necessity == pytest.approx(0.5)
-    assert row.edit_accuracy_k2 == pytest.approx(0.6 * 0.75)
+    assert row.edit_k2 == pytest.approx(0.6 * 0.75)
     # mean over io's two pairs only (base + 0, base + 0.01), not the NaN-padded s pair
     assert row.best_f1 == pytest.approx(0.605)
     assert row.fvu == pytest.approx(0.395)
@@ -89,8 +89,8 @@ def test_headline_table_shows_the_loss_increase_when_evaluated(results):
 
 def test_headline_table_smallest_k_at_least_2(results):
     table = headline_table(results.sel(k=[1, 4, 8]))
-    assert "edit_accuracy_k4" in table.columns
-    assert table.loc[("io", "supervised")].edit_accuracy_k4 == pytest.approx(0.9 * (1 - 0.5 / 3))
+    assert "edit_k4" in table.columns
+    assert table.loc[("io", "supervised")].edit_k4 == pytest.approx(0.9 * (1 - 0.5 / 3))
 
 
 def test_write_report_files(results, tmp_path):
@@ -127,7 +127,7 @@ def test_write_report_files(results, tmp_path):
         assert m["sufficiency_ci_low"] == pytest.approx(BASE[sae] - 0.05)
         assert m["sufficiency_gap_closed"] == pytest.approx(
             (BASE[sae] - BASE["random:" + sae]) / (0.9 - BASE["random:" + sae]))
-        assert m["edit_accuracy_k32_ceiling"] == pytest.approx(0.9 * (1 - 0.5 / 6))
+        assert m["edit_k32_ceiling"] == pytest.approx(0.9 * (1 - 0.5 / 6))
         assert m["best_f1"] == pytest.approx(BASE[sae] + 0.005)
         # SAEBench's metric categories are flat: no nested dicts
         assert all(not isinstance(v, (dict, list)) for v in m.values())
@@ -143,7 +143,7 @@ def test_write_report_files(results, tmp_path):
     # 3. plots are valid images; the discovery heatmap was copied in
     pngs = sorted(p.name for p in out.rglob("*.png"))
     for name in ("compare_sufficiency.png", "compare_necessity.png",
-                 "compare_edit_accuracy_k2.png", "compare_best_f1.png",
+                 "compare_edit_k2.png", "compare_best_f1.png",
                  "controllability.png", "heatmap_io_resid.png"):
         assert name in pngs
     for p in out.rglob("*.png"):
@@ -229,11 +229,11 @@ def test_gap_closed_scores_sufficiency_by_distance_from_one(results):
     r = results.copy(deep=True)
     r["sufficiency"].loc[{"attribute": "io", "dictionary": "topk-2048"}] = 1.3
     # edit accuracy identical for all methods at k=1: no gap to close
-    r["edit_accuracy"].loc[{"attribute": "io", "k": 1}] = 0.5
+    r["edit"].loc[{"attribute": "io", "k": 1}] = 0.5
     m = sae_eval_output(r, "topk-2048")["eval_result_metrics"]["io"]
     assert m["sufficiency"] == pytest.approx(1.3)          # reported as measured
     assert m["sufficiency_gap_closed"] == pytest.approx((0.7 - 0.1) / (0.9 - 0.1))
-    assert m["edit_accuracy_k1_gap_closed"] is None
+    assert m["edit_k1_gap_closed"] is None
 
 
 def _sae(layer: int, kind: str, d_in: int = 8, d_sae: int = 16, k: int = 4):
