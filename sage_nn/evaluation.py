@@ -346,7 +346,7 @@ def evaluate_cross_section(
          for key in per_method[0]},
         coords={"dictionary": list(codes_by_method), "k": list(ks), "pair": cross_section.labels,
                 "bound": ["low", "high"]},
-        attrs={"n_prompts": len(test),
+        attrs={"n_prompts": len(test), "patched_forwards": out.attrs["forwards"],
                "clean_logit_diff": float(clean.mean()),
                "mean_ablated_logit_diff": float(mean.mean()),
                "counterfactual_logit_diff": float(counter.mean()),

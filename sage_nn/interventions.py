@@ -136,12 +136,13 @@ def run_patched(
     ld, logp = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     top1 = np.zeros(shape, np.int64)
     clean = [v for v, patches in enumerate(variants) if not patches]
-    prepared = []
+    prepared, blocks_run = [], [0.0]
 
     def chunks():
         for idx in batches(n, batch_size, progress and "patch"):
             batch = encode(model, [prompts[i] for i in idx], device)
             blocks = plan_blocks(batch, idx, variants, _suffix_ok(model, batch))
+            blocks_run[0] += len(idx) * (1 + block_cost(batch, blocks, ad.n_layers))
             per_forward = max(1, max_rows // len(idx))
             groups = []
             for (layer, col), members in blocks.items():
@@ -166,6 +167,9 @@ def run_patched(
         {"logit_diff": (("variant", "prompt"), ld), "answer_logprob": (("variant", "prompt"), logp),
          "top1": (("variant", "prompt"), top1)},
         coords={"variant": list(names), "prompt": np.arange(n)},
+        # the layers x tokens computed, in full forwards of the prompts: the clean run and
+        # each variant's block (the lower bound of any patched run)
+        attrs={"forwards": blocks_run[0] / n},
     )
 
 
@@ -189,12 +193,12 @@ def plan_blocks(batch, idx, variants, suffix: bool = True) -> dict[tuple[int, in
     return dict(sorted(blocks.items()))
 
 
-def block_cost(batch, idx, variants, n_layers: int) -> float:
-    """The share of a full forward of this batch that the variants' blocks need, summed over
-    variants: the lower bound of patched runs (``sum (L - l) * (T - t) / (L * T)``)."""
+def block_cost(batch, blocks: dict, n_layers: int) -> float:
+    """The variants' blocks (:func:`plan_blocks`) in full forwards of this batch:
+    ``sum (L - l) * (T - t) / (L * T)`` over variants."""
     width = batch.inputs["input_ids"].shape[1]
     return sum(len(vs) * (n_layers - layer) * (width - col) / (n_layers * width)
-               for (layer, col), vs in plan_blocks(batch, idx, variants).items())
+               for (layer, col), vs in blocks.items())
 
 
 def _writes(ad, batch, idx, variants, device, dtype, offset: int = 0) -> dict:
