@@ -42,6 +42,15 @@ that feeds a layer's attention sites; :mod:`sage_nn.reconstruction` serves ``L.r
 from ``L+1.resid_pre``), so a residual site of a cross-section and the residual that feeds a
 sublayer site of the same layer resolve to one SAE.
 
+A cross-section is a set of components (by default per-head ``z``) whose *joint* exact patch
+recovers a share of the attribute's total effect: :func:`grow_cross_sections` (the default of
+:func:`discover`) takes its candidates from attribution and decides by exact joint patching,
+in at most four model runs shared by every attribute. On SmolLM2 IOI (16 prompts) it finds
+io: 6 heads at END (L29.h1, L23.h7/h0/h2/h1/h4) recovering 0.63; s: 3 heads (L24.h5,
+L23.h0/h7) 0.66; order: L20.h0 alone, 2.6 (it overshoots the small total effect), in 18 s
+on 2 idle CPU cores. The top-|score| pick (:func:`select_cross_section`) stays available
+as ``top_k`` / ``coverage``.
+
 Scores are an ``xarray.DataArray`` with dims ``(attribute, layer, kind, head, position)``.
 Head convention (no NaN): ``head`` runs over ``-1, 0 .. n_heads-1``; per-head kinds
 (q/k/v/z) use heads ``0..``, the other kinds use ``head = -1``; cells that are not a site
