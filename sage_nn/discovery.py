@@ -682,9 +682,9 @@ def grow_cross_sections(model: Any, dataset: Any, result: xr.Dataset,
     when none does, the measured set of at most ``max_sites`` with the highest recovery.
     Its ``recovered`` is therefore always a measured joint patch, never an estimate. Run 4
     is skipped when every ``S`` has one site, so at most four runs (four requests
-    remotely) whatever the number of attributes; the rows grow with them. Each patched
-    forward skips the blocks below its lowest patched layer (nnsight's ``skip``, fed the
-    clean stream read in the same kernel), so late-layer sets are cheap.
+    remotely) whatever the number of attributes; the rows grow with them. Each variant
+    recomputes only the layers and tokens its patches can change (:func:`run_patched`), so
+    late-layer sets at the last token are cheap.
 
     Returns ``{attribute: (table, summary)}``. The table has :func:`ranked`'s columns for
     the chosen sites plus each site's single-site ``exact_delta`` and ``exact_score``
@@ -736,10 +736,9 @@ def grow_cross_sections(model: Any, dataset: Any, result: xr.Dataset,
 
     # 1. counterfactual values of every pool site, and the counterfactual logit differences
     patches, cf_ld = _counterfactual_patches(model, dataset, pairs, batch_size, progress, remote)
-    layer_of = {a: np.array([s.layer for s, _ in pairs[a]]) for a in attributes}
 
     def measure(sets: dict[str, list[list[int]]]):
-        return _joint_logit_diffs(model, dataset, sets, patches, layer_of, batch_size=batch_size,
+        return _joint_logit_diffs(model, dataset, sets, patches, batch_size=batch_size,
                                   max_rows=max_rows, progress=progress, remote=remote)
 
     # 2. every prefix of the pool
@@ -866,97 +865,21 @@ def _counterfactual_forward(model, inputs, grid, rows, cols, answer, distractor)
     return values, ld
 
 
-def _joint_logit_diffs(model, dataset, sets: dict[str, list[list[int]]], patches: dict,
-                       layer_of: dict, *, batch_size, max_rows, progress, remote):
+def _joint_logit_diffs(model, dataset, sets: dict[str, list[list[int]]], patches: dict, *,
+                       batch_size, max_rows, progress, remote):
     """Mean logit difference of ``dataset`` under each variant: ``sets[a]`` lists, per
     variant, indices into ``patches[a]`` patched together. Returns the clean mean and
-    ``{attribute: array per variant}``. One run: per batch of prompts one kernel reads the
-    clean stream and runs the variants grouped by their lowest patched layer, each group
-    skipping the blocks below it."""
-    ad, device = adapter(model), model_device(model)
-    dtype = next(model._module.parameters()).dtype
-    n = len(dataset.prompts)
-    flat = [(a, v, min(layer_of[a][i] for i in members), [patches[a][i] for i in members])
-            for a, variants in sets.items() for v, members in enumerate(variants)]
-    flat.sort(key=lambda item: -item[2])  # deepest patches first: most blocks skipped
-    prepared = []
-
-    def chunks():
-        for idx in batches(n, batch_size, progress and "joint patching"):
-            batch = encode(model, [dataset.prompts[i] for i in idx], device)
-            per_forward = max(1, max_rows // len(idx))
-            groups, order = [], []
-            for layer in sorted({item[2] for item in flat}, reverse=True):
-                members = [item for item in flat if item[2] == layer]
-                for start in range(0, len(members), per_forward):
-                    chunk = members[start:start + per_forward]
-                    groups.append((int(layer), len(chunk), _variant_writes(
-                        ad, batch, idx, [item[3] for item in chunk], device, dtype)))
-                    order += [(item[0], item[1]) for item in chunk]
-            prepared.append(order)
-            yield (batch.inputs, groups, torch.as_tensor(dataset.answer_ids[idx], device=device),
-                   torch.as_tensor(dataset.distractor_ids[idx], device=device))
-
-    sums = {a: np.zeros(len(variants)) for a, variants in sets.items()}
-    clean = 0.0
-    for clean_sum, lds in run_kernel(model, _joint_patched, chunks(), remote,
-                                     stage="joint patching"):
-        clean += float(clean_sum)
-        for (a, v), ld in zip(prepared.pop(0), torch.cat(lds).double().cpu().numpy()):
-            sums[a][v] += ld
-    return clean / n, {a: s / n for a, s in sums.items()}
-
-
-def _variant_writes(ad, batch, idx, variants, device, dtype) -> dict:
-    """Variants' patches as ``{(layer, kind): [(rows, cols, channels, values)]}``, one entry
-    per (site, head) and variant; variant ``j`` of the chunk is rows ``j*b .. j*b+b-1``."""
-    writes: dict[tuple, list] = {}
-    b = len(idx)
-    for j, variant in enumerate(variants):
-        rows = torch.arange(b, device=device) + j * b
-        for p in variant:
-            kind = p.site.kind
-            chans = (ad.channels(kind, p.site.head) if kind in HEAD_KINDS
-                     else torch.arange(ad.d_model))
-            writes.setdefault((p.site.layer, kind), []).append((
-                rows, batch.index(p.positions[idx]).to(device), chans.to(device),
-                p.values[torch.as_tensor(idx)].to(device, dtype)))
-    return writes
-
-
-def _joint_patched(model, inputs, groups, answer, distractor):
-    """Kernel: one batch of prompts under every group of variants. A clean forward gives
-    the clean logit differences and the stream entering each group's lowest patched block;
-    each group ``(layer, n_variants, writes)`` then runs its variants stacked along the
-    batch (variant-major) from that block on, nnsight's ``skip`` feeding the clean stream
-    past the blocks below. Returns the summed clean logit difference and, per group, the
-    summed logit difference of each variant."""
-    ad = adapter(model)
-    blocks = _path(model, ad.arch.layers)
-    b = len(inputs["input_ids"])
-    layers = sorted({layer for layer, _, _ in groups if layer > 0})
-    with torch.no_grad(), model.trace(inputs, logits_to_keep=1):
-        clean = {}
-        for layer in layers:
-            clean[layer] = blocks[layer].input
-        clean.save()
-        ld = logit_diff(model.output.logits[:, -1].float(), answer, distractor).save()
-    out = []
-    for layer, n_var, writes in groups:
-        tiled = {k: t.repeat(n_var, 1) for k, t in inputs.items()}
-        with torch.no_grad(), model.trace(tiled, logits_to_keep=1):
-            if layer > 0:
-                hidden = clean[layer].repeat(n_var, 1, 1)
-                for i in range(layer):
-                    blocks[i].skip(hidden)
-            for key in sorted(writes, key=lambda k: (k[0], KINDS.index(k[1]))):
-                t = ad.tensor(model, *key)
-                for rows, cols, chans, values in writes[key]:
-                    t[rows[:, None], cols[:, None], chans[None, :]] = values.to(t.dtype)
-            patched = logit_diff(model.output.logits[:, -1].float(), answer.repeat(n_var),
-                                 distractor.repeat(n_var)).save()
-        out.append(patched.unflatten(0, (n_var, b)).sum(1))
-    return ld.sum(), out
+    ``{attribute: array per variant}``: one :func:`run_patched` run, in which each variant
+    recomputes only the layers and tokens its patches can change."""
+    keys = [(a, v) for a, variants in sets.items() for v in range(len(variants))]
+    variants = [[]] + [[patches[a][i] for i in sets[a][v]] for a, v in keys]
+    ld = run_patched(model, dataset, variants, names=list(range(len(variants))),
+                     batch_size=batch_size, max_rows=max_rows, progress=progress,
+                     remote=remote).logit_diff.mean("prompt").values.astype(float)
+    out = {a: np.zeros(len(variants)) for a, variants in sets.items()}
+    for (a, v), x in zip(keys, ld[1:]):
+        out[a][v] = x
+    return float(ld[0]), out
 
 
 # -- plots ----------------------------------------------------------------------------

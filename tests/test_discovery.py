@@ -430,7 +430,7 @@ def test_model_runs_do_not_grow_with_attributes(tiny_task):
         for a in attributes:
             assert there[a][1]["recovered"] == pytest.approx(here[a][1]["recovered"], rel=1e-5)
             assert there[a][0].site.tolist() == here[a][0].site.tolist()
-    assert requests[1][:2] == ["counterfactuals", "joint patching"]
+    assert requests[1][:2] == ["counterfactuals", "patch"]
     assert 3 <= len(requests[1]) <= len(requests[2]) <= 4
 
 
