@@ -45,15 +45,18 @@ def _discover(args) -> None:
     config = DiscoveryConfig(kinds=args.kinds, layers=args.layers, positions=args.positions,
                              attributes=args.attributes, batch_size=args.batch_size,
                              min_effect=args.min_effect, top_k=args.top_k,
-                             coverage=args.coverage, validate=not args.no_validate,
+                             coverage=args.coverage, target=args.target,
+                             max_sites=args.max_sites, select_kinds=args.select_kinds,
+                             validate=not args.no_validate,
                              exact_residuals=not args.no_exact_residuals,
                              changed_tokens=args.changed_tokens)
     found = discover(model, ds, config, out_dir=args.out, progress=True)
     for attribute, info in found.summary().items():
         print(f"{attribute}: total effect {info['total_effect']:+.3f}"
               + (" (small: read raw deltas)" if info["small_effect"] else "")
-              + (f", spearman {info['spearman']:.2f}, recovered {info['recovered']:.2f}"
-                 if "spearman" in info else ""))
+              + (f", recovered {info['recovered']:.2f} by the joint patch"
+                 if "recovered" in info else "")
+              + (f" ({info['note']})" if info.get("note") else ""))
         print("  " + " ".join(info["cross_section"][:12])
               + (" ..." if len(info["cross_section"]) > 12 else ""))
     print(f"wrote {args.out}")
@@ -192,11 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", nargs="+", type=int, default=None)
     p.add_argument("--positions", nargs="+", default=None, help="named positions (default: all)")
     p.add_argument("--attributes", nargs="+", default=None)
+    p.add_argument("--select-kinds", nargs="+", default=None,
+                   help="kinds a cross-section may hold (default: z)")
+    p.add_argument("--target", type=float, default=0.6,
+                   help="share of the effect the cross-section's joint patch must recover")
+    p.add_argument("--max-sites", type=int, default=16, help="cap on sites per cross-section")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--top-k", type=int, default=None, help="cross-section = top-k sites")
+    group.add_argument("--top-k", type=int, default=None,
+                       help="instead: cross-section = top-k sites by attribution")
     group.add_argument("--coverage", type=float, default=None,
-                       help="cross-section = fewest sites covering this share of |score| "
-                       "(default 0.8)")
+                       help="instead: fewest top sites covering this share of |score|")
     p.add_argument("--min-effect", type=float, default=1.0,
                    help="flag attributes whose total effect is below this (logits)")
     p.add_argument("--no-validate", action="store_true", help="skip exact patching")

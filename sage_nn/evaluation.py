@@ -354,7 +354,7 @@ def evaluate_cross_section(
                "mean_ablated_answer_logprob":
                    float(out.answer_logprob.sel(variant="mean").mean())},
     )
-    ds["edit_baseline"] = edit_score(out, "clean", edit_metric)
+    ds["edit_baseline"] = edit_scorer(out, edit_metric)("clean")
     ds["n_changed_prediction"] = int((top_clean != top_cf).sum())
     for name, note in notes.items():
         ds[f"{name}_note"] = note or ""
@@ -392,17 +392,18 @@ def trust_ceiling(ds: xr.Dataset, ceiling: str = SUPERVISED) -> xr.Dataset:
     return ds.assign(ground_truth=("attribute", ok), ground_truth_note=("attribute", notes))
 
 
-def edit_score(out: xr.Dataset, variant: str, edit_metric: str, rows=slice(None)) -> float:
-    """The attribute's edit metric of one variant of :func:`run_patched`'s output, against
-    the clean and counterfactual runs of the same prompts (``rows`` picks prompts)."""
-    def pick(da, v):
-        return da.sel(variant=v).values[rows]
-
+def edit_scorer(out: xr.Dataset, edit_metric: str):
+    """``score(variant, rows=all)``: the attribute's edit metric of one variant of
+    :func:`run_patched`'s output, against the clean and counterfactual runs of the same
+    prompts. Each variant's rows are read out of the Dataset once (the bootstrap calls it a
+    thousand times)."""
+    table = out.top1 if edit_metric == "accuracy" else out.logit_diff
+    values = dict(zip(out.variant.values.tolist(), table.values))
     if edit_metric == "accuracy":
-        return metrics.edit_accuracy(pick(out.top1, variant), pick(out.top1, "cf"),
-                                     pick(out.top1, "clean"))
-    return metrics.edit_success(pick(out.logit_diff, variant), pick(out.logit_diff, "clean"),
-                                pick(out.logit_diff, "cf"))
+        return lambda variant, rows=slice(None): metrics.edit_accuracy(
+            values[variant][rows], values["cf"][rows], values["clean"][rows])
+    return lambda variant, rows=slice(None): metrics.edit_success(
+        values[variant][rows], values["clean"][rows], values["cf"][rows])
 
 
 def _run_variants(model, test, pairs, codes_by_method, a_train, a_cf, ks, batch_size, remote):
@@ -448,7 +449,7 @@ def _intervention_metrics(out: xr.Dataset, method: str, ks, magnitudes, edit_met
            "edit": [], "edit_ci": [], "edit_magnitude": []}
     # an edit is scored against the clean and counterfactual runs of the same prompts: the
     # bootstrap resamples prompt indices, shared by the three
-    prompts = np.arange(ld.sizes["prompt"])
+    prompts, score = np.arange(ld.sizes["prompt"]), edit_scorer(out, edit_metric)
     for k in ks:
         if (method, k) not in magnitudes:
             row["edit"].append(np.nan)
@@ -456,9 +457,9 @@ def _intervention_metrics(out: xr.Dataset, method: str, ks, magnitudes, edit_met
             row["edit_magnitude"].append(np.nan)
             continue
         variant = f"{method}|edit{k}"
-        row["edit"].append(edit_score(out, variant, edit_metric))
-        row["edit_ci"].append(metrics.bootstrap(
-            lambda rows: edit_score(out, variant, edit_metric, rows), prompts, **boot))
+        row["edit"].append(score(variant))
+        row["edit_ci"].append(metrics.bootstrap(lambda rows: score(variant, rows), prompts,
+                                                **boot))
         row["edit_magnitude"].append(magnitudes[method, k])
     return row
 

@@ -569,6 +569,8 @@ def _attribute_notes(results: xr.Dataset, attribute: str, k: int) -> list[str]:
         if "cap_hit" in results and bool(row.cap_hit):
             text += " (the site cap was reached before the target share)"
         notes.append(text + ".")
+    if "same_as" in results and str(row.same_as.values):
+        notes.append(f"Same cross-section as: {row.same_as.values}.")
     if "edit_metric" in results.coords:
         metric = str(row.edit_metric.values)
         what = ("accuracy: the share of prompts whose counterfactual changes the prediction "
@@ -584,6 +586,29 @@ def _attribute_notes(results: xr.Dataset, attribute: str, k: int) -> list[str]:
     if reason:
         notes.append(f"Kept out of calibration claims: {reason}.")
     return notes
+
+
+def _approach_rows(look: _Lookup, saes: list[str], sae_info: Mapping | None,
+                   k: int) -> list[list[str]]:
+    """Per SAE whose info names its approach (see :func:`sage_nn.pipeline.run`): the SAEs
+    it uses, the SAEs all layers would need, and its mean quality over claimed attributes."""
+    results = look.results
+    claimed = [str(a) for a in results["attribute"].values if not excluded(results, str(a))]
+    rows = []
+    for sae in saes:
+        info = (sae_info or {}).get(sae) or {}
+        if "approach" not in info:
+            continue
+
+        def mean(name, **sel):
+            values = [look(name, a, sae, **sel) for a in claimed]
+            values = [v for v in values if v is not None]
+            return float(np.mean(values)) if values else None
+
+        rows.append([sae, str(info["approach"]), str(info.get("n_saes", "–")),
+                     str(info.get("n_saes_all_layers", "–")), _fmt(mean("sufficiency")),
+                     _fmt(mean("edit", k=k)), _fmt(mean("fvu"))])
+    return rows
 
 
 def _sae_rows(saes: list[str], sae_info: Mapping | None) -> list[list[str]]:
@@ -626,8 +651,17 @@ def _document(results, config, timings, images, k, discovery_note,
     if sae_rows:
         blocks.append(("table", ["SAE", "architecture", "d_in", "d_sae", "k", "hooks",
                                  "training corpus", "training steps"], sae_rows))
-    blocks.append(("h2", "Calibration: SAE between floor and ceiling"))
     look = _Lookup(results)
+    approaches = _approach_rows(look, r.saes, sae_info, k)
+    if approaches:
+        blocks.append(("h2", "Approaches: residual SAEs through the reconstruction vs SAEs at "
+                             "the sites"))
+        blocks.append(("p", "Quality at the cross-sections (means over the attributes in "
+                            "claims) and how many SAEs an evaluation at every layer of the "
+                            "model would need with each approach."))
+        blocks.append(("table", ["SAE", "approach", "SAEs here", "SAEs for all layers",
+                                 "sufficiency", f"edit k={k}", "FVU"], approaches))
+    blocks.append(("h2", "Calibration: SAE between floor and ceiling"))
     blocks.append(("p", "Share of the gap between floor (0) and ceiling (1) that each SAE "
                         "closes; ✓ marks that ceiling > SAE > floor holds, ✗ that it does "
                         "not. Sufficiency is compared by its distance from 1 (1 - |1 - s|). "
