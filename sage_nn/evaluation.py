@@ -134,20 +134,24 @@ class DirectSAE:
 
 class ReconstructedSAE:
     """Residual SAEs evaluated anywhere: directly at residual sites, and at sublayer sites
-    through the residual-to-sublayer reconstruction (input mode, frozen norm and pattern),
-    where each latent has a site-level direction. mlp_out has none (the MLP is nonlinear):
-    there edits are not defined (NaN)."""
+    through the residual-to-sublayer reconstruction. ``mode="input"`` (default) recomputes
+    the site from the SAE's reconstruction of the residual feeding it, norm scale and
+    attention pattern frozen, so each latent has a site-level direction; mlp_out has none
+    (the MLP is nonlinear). ``mode="difference"`` takes attn_out/mlp_out as the difference of
+    the two residual SAEs' reconstructions around the sublayer. Where there are no latent
+    directions, edits are not defined (NaN)."""
 
     def __init__(self, saes: Mapping[str, SparseAutoencoder] | Sequence[SparseAutoencoder],
-                 batch_size: int = 16):
+                 batch_size: int = 16, mode: str = "input"):
         self.saes = list(saes.values()) if isinstance(saes, Mapping) else list(saes)
-        self.batch_size = batch_size
+        self.batch_size, self.mode = batch_size, mode
         self._fitted = {}
 
     def _reconstruction(self, model) -> ResidualReconstruction:
         if id(model) not in self._fitted:
+            frozen = self.mode == "input"
             self._fitted[id(model)] = ResidualReconstruction(
-                self.saes, mode="input", freeze_norm=True, freeze_pattern=True).fit(model)
+                self.saes, mode=self.mode, freeze_norm=frozen, freeze_pattern=frozen).fit(model)
         return self._fitted[id(model)]
 
     def _direct(self, model, site: Site) -> SparseAutoencoder | None:
@@ -157,7 +161,7 @@ class ReconstructedSAE:
         if site.kind in RESID_KINDS:
             return self._direct(model, site) is not None
         try:
-            self._reconstruction(model).source(site)  # the residual SAE feeding the site
+            self._reconstruction(model)._plan([site])  # the residual SAEs the site needs
         except ValueError:
             return False
         return True
@@ -167,8 +171,11 @@ class ReconstructedSAE:
         site, position = pair
         if site.kind in RESID_KINDS:
             return pair
-        source = self._reconstruction(model).source(site)
-        return Site(source.layer, source.kind), position
+        recon = self._reconstruction(model)
+        if self.mode == "input":
+            source = recon.source(site)
+            return Site(source.layer, source.kind), position
+        return Site(site.layer, "resid_pre" if site.kind == "attn_out" else "resid_mid"), position
 
     def reads(self, model, pair) -> list[tuple]:
         """A sublayer site's codes for L0/F1 are its feeding residual's: read it."""
@@ -186,7 +193,8 @@ class ReconstructedSAE:
         jobs: dict[tuple, list[Site]] = {}
         for site, pos in pairs:
             if (site, pos) not in out:
-                jobs.setdefault((pos, site.kind != "mlp_out"), []).append(site)
+                linear = self.mode == "input" and site.kind != "mlp_out"
+                jobs.setdefault((pos, linear), []).append(site)
         if not jobs:
             return out
         recon, n = self._reconstruction(model), len(test)
@@ -196,13 +204,14 @@ class ReconstructedSAE:
              for (pos, linear), sites in jobs.items()], batch_size=self.batch_size, remote=remote)
         for ((pos, linear), sites), res in zip(jobs.items(), results):
             for site in sites:
-                feed, source = self._feed(model, (site, pos)), recon.source(site)
+                feed = self._feed(model, (site, pos))
+                source = self._direct(model, feed[0])
                 active = torch.cat([source.encode(values[feed]), source.encode(values_cf[feed])])
                 if linear:
                     codes = res.codes[site].flatten(1).float()
                     directions = recon.directions(site).float()
                     directions = directions.reshape(-1, directions.shape[-1])  # attn_out: (head, latent)
-                else:  # no linear latent directions through the MLP: the feeding SAE's codes
+                else:  # no linear latent directions (the MLP, or difference mode)
                     codes, directions = active.float(), None
                 out[(site, pos)] = SiteCode(
                     values[(site, pos)], res.recon[site][:n].float(), values_cf[(site, pos)],
@@ -216,7 +225,8 @@ class ReconstructedSAE:
             feed = self._feed(model, pair)
             i = next(i for i, s in enumerate(self.saes) if _at_site(model, s, feed[0]))
             calibration.setdefault(i, []).append(values_fit[feed])
-        return ReconstructedSAE(_floors(self.saes, calibration, seed), self.batch_size)
+        return ReconstructedSAE(_floors(self.saes, calibration, seed), self.batch_size,
+                                self.mode)
 
 
 def as_coder(sae: Any) -> Any:

@@ -188,7 +188,7 @@ def plan_blocks(batch, idx, variants, suffix: bool = True) -> dict[tuple[int, in
     for v, patches in enumerate(variants):
         if patches:
             layer = min(p.site.layer for p in patches)
-            col = suffix and min(int(batch.index(p.positions[idx]).min()) for p in patches)
+            col = min(int(batch.index(p.positions[idx]).min()) for p in patches) if suffix else 0
             blocks.setdefault((layer, col), []).append(v)
     return dict(sorted(blocks.items()))
 

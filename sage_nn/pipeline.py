@@ -65,7 +65,10 @@ class RunConfig:
     # the random floor on IOI (tests/test_calibration.py), so the task is the default.
     sae_corpus: str = "task@positions"
     sae_task_prompts: int = 2048  # prompts drawn for a task corpus
-    reconstruction: str = "input"  # how residual SAEs reach sublayer sites
+    # How residual SAEs reach sublayer sites: "input" (recompute the site from the SAE's
+    # reconstruction of the residual feeding it) or "difference" (attn_out/mlp_out as the
+    # difference of the SAEs around the sublayer; select those kinds for it)
+    reconstruction: str = "input"
     # Where the model runs: False (here), True (NDIF), "local" (nnsight's offline simulation
     # of NDIF) or a host URL; one request per stage, or per max_prompts_per_request rows.
     # remote_blocking=False submits and returns; rerun to collect (job ids in the run dir).
@@ -193,20 +196,25 @@ class RunResult:
     report: Path
 
 
-def residual_sites_for(pairs: list[tuple], parallel: bool) -> list[str]:
-    """Residual SAE sites that serve every cross-section site (directly or as the residual
-    that feeds a sublayer site in the reconstruction)."""
+def residual_sites_for(pairs: list[tuple], parallel: bool, mode: str = "input") -> list[str]:
+    """Residual SAE sites that serve every cross-section site: directly, as the residual
+    that feeds a sublayer site (input mode), or as the two residuals around attn_out/mlp_out
+    (difference mode)."""
     from .reconstruction import ATTN_KINDS
     from .sites import RESID_KINDS
 
     needed = set()
     for site, _ in pairs:
+        layer = site.layer
         if site.kind in RESID_KINDS:
-            needed.add(f"L{site.layer}.{site.kind}")
+            needed.add(f"L{layer}.{site.kind}")
+        elif mode == "difference":
+            needed |= ({f"L{layer}.resid_pre", f"L{layer}.resid_mid"} if site.kind == "attn_out"
+                       else {f"L{layer}.resid_mid", f"L{layer}.resid_post"})
         elif site.kind in ATTN_KINDS or parallel:
-            needed.add(f"L{site.layer}.resid_pre")
+            needed.add(f"L{layer}.resid_pre")
         else:
-            needed.add(f"L{site.layer}.resid_mid")
+            needed.add(f"L{layer}.resid_mid")
     return sorted(needed, key=lambda s: (int(s[1:].split(".")[0]), s))
 
 
@@ -416,7 +424,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                                                    "target", "max_sites", "top_k"),
                           disc_files, discovery_stage, discovery_load)
     all_pairs = [p for pairs in pairs_by_attr.values() for p in pairs]
-    needed = residual_sites_for(all_pairs, adapter(model).parallel)
+    needed = residual_sites_for(all_pairs, adapter(model).parallel, config.reconstruction)
 
     saes: dict[str, Any] = {}
 
@@ -434,7 +442,8 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
             name, members = resolve_saes(spec_, model, trained_sites(spec_, needed, all_pairs)
                                          if spec_.startswith("train:") else needed, config)
             saes[name] = (DirectSAE(members) if at_sites
-                          else ReconstructedSAE(members, batch_size=config.batch_size))
+                          else ReconstructedSAE(members, batch_size=config.batch_size,
+                                                mode=config.reconstruction))
             training = None
             if spec_.startswith("train:"):  # what the trainer recorded next to the SAEs
                 record = _trained_cache(_train_spec(spec_)[0], model, config)[3] / \
@@ -458,7 +467,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
             resolve_all()
 
     sae_settings = config.hash("model", "saes", "sae_width", "sae_steps", "sae_corpus",
-                               "sae_task_prompts", "seed")
+                               "sae_task_prompts", "seed", "reconstruction")
     sae_settings = f"{sae_settings},{corpus_hash(sae_corpus(model, config))},{','.join(needed)}"
     stage("saes", sae_settings, ["saes.json"], saes_stage, saes_load)
 

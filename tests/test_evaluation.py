@@ -139,3 +139,26 @@ def test_sublayer_sites_directly_and_through_the_reconstruction(setup):
     with pytest.raises(ValueError, match="cannot serve cross-section site L1.z.h2"):
         evaluate_cross_section(model, fit, held_out, CrossSection("io", [(Site(1, "z", 2), "END")]),
                                {"head": [head_sae]}, ks=[1])
+
+
+def test_difference_mode_reaches_attn_out_and_input_mode_is_the_default(setup):
+    """attn_out as SAE(resid_mid) - SAE(resid_pre): exact with perfect SAEs; no latent
+    directions there, so no edit (NaN), while input mode edits the same site."""
+    from sage_nn.evaluation import ReconstructedSAE
+
+    model, fit, held_out = setup
+    d = model.config.hidden_size
+    pre, mid = perfect_sae(d), perfect_sae(d)
+    mid.kind = "resid_mid"
+    cs = CrossSection("io", [(Site(1, "attn_out"), "END")])
+    out = evaluate_cross_section(
+        model, fit, held_out, cs,
+        {"diff": ReconstructedSAE([pre, mid], mode="difference"),
+         "input": ReconstructedSAE([pre, mid])}, ks=[1], n_boot=10).squeeze("attribute")
+    for name in ("diff", "input"):
+        assert float(out.sufficiency.sel(dictionary=name)) == pytest.approx(1.0, abs=1e-3), name
+    assert np.isnan(float(out.edit.sel(dictionary="diff", k=1)))
+    assert not np.isnan(float(out.edit.sel(dictionary="input", k=1)))
+    with pytest.raises(ValueError, match="cannot serve cross-section site L1.attn_out"):
+        evaluate_cross_section(model, fit, held_out, cs,
+                               {"x": ReconstructedSAE([pre], mode="difference")}, ks=[1])
