@@ -124,7 +124,8 @@ def _add_run_options(p) -> None:
     p.add_argument("--n-fit", dest="n_fit", type=int, default=None)
     p.add_argument("--n-eval", dest="n_eval", type=int, default=None)
     p.add_argument("--discovery-kinds", dest="discovery_kinds", nargs="+", default=None,
-                   help="kinds the attribution grid scores (default: all)")
+                   help="kinds the attribution grid scores, for the heatmaps (default: the "
+                   "selectable kinds, z)")
     p.add_argument("--select-kinds", dest="select_kinds", nargs="+", default=None,
                    help="kinds a cross-section may hold (default: z; name resid_pre etc. to "
                    "allow the residual stream)")

@@ -43,7 +43,7 @@ class RunConfig:
                              # and floor edit intervals overlapping at k <= 8 on SmolLM2 IOI)
     n_discovery: int = 32    # of the fit prompts, used for attribution patching
     attributes: list[str] | None = None
-    discovery_kinds: list[str] | None = None  # the attribution grid; default: every kind
+    discovery_kinds: list[str] | None = None  # the attribution grid; default: select_kinds
     # A cross-section is grown by its joint exact patch until it recovers `target` of the
     # attribute's effect, with at most `max_sites` sites of `select_kinds` (default: per-head
     # z; the residual stream only when named). `top_k` selects the top sites by attribution.
@@ -407,7 +407,10 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     def discovery_stage():
         disc_dir.mkdir(exist_ok=True)
         prompts = fit.subset(np.arange(min(config.n_discovery, len(fit))))
-        settings = DiscoveryConfig(kinds=config.discovery_kinds, attributes=attributes,
+        # the grid scores what a cross-section may hold unless asked for more (heatmaps of
+        # every kind cost the residual stream's exact sweep, which selection does not use)
+        grid = config.discovery_kinds or config.select_kinds or ["z"]
+        settings = DiscoveryConfig(kinds=grid, attributes=attributes,
                                    select_kinds=config.select_kinds, target=config.target,
                                    max_sites=config.max_sites, top_k=config.top_k,
                                    batch_size=config.batch_size)
