@@ -132,3 +132,27 @@ def test_task_corpus_is_disjoint_from_the_run_prompts(setup):
     assert sae_corpus(model, dataclasses.replace(cfg, sae_corpus="builtin")) == ["builtin"]
     (named,) = sae_corpus(model, dataclasses.replace(cfg, sae_corpus="task@positions"))
     assert named.texts == prompts.texts and len(named.positions) == len(prompts.texts)
+
+
+def test_default_run_grows_head_cross_sections_and_compares_both_approaches(setup):
+    """The defaults: cross-sections of heads grown by their joint patch, residual SAEs
+    through the reconstruction next to SAEs trained at the heads, one training stream."""
+    root, model = setup
+    cfg = dataclasses.replace(config(root, "d"), top_k=None, max_sites=3,
+                              saes=["train:topk", "train:topk@sites"])
+    result = run(cfg, model=model, progress=False)
+    res = result.results
+    assert {"topk-64", "topk-64@sites", "random:topk-64", "random:topk-64@sites"} <= set(
+        res.dictionary.values)
+    for attribute, sites in result.cross_sections.items():
+        assert sites and all(".z.h" in s for s in sites), sites
+        assert 1 <= len(sites) <= 3
+    assert np.isfinite(res.recovered.values).all()
+    assert {str(m) for m in res.edit_metric.values} <= {"accuracy", "success"}
+    listing = json.loads((result.run_dir / "saes.json").read_text())
+    heads = {s.split("@")[0] for sites in result.cross_sections.values() for s in sites}
+    assert set(listing["topk-64@sites"]["sites"]) == heads
+    assert listing["topk-64@sites"]["n_saes_all_layers"] == 2 * 4  # every head of every layer
+    assert all(s.endswith("resid_pre") for s in listing["topk-64"]["sites"])
+    summary = (result.report / "summary.md").read_text()
+    assert "Approaches" in summary and "joint exact patch recovers" in summary
