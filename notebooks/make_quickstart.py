@@ -57,14 +57,14 @@ fit.attributes.head()"""),
     nbf.v4.new_code_cell("""check_task(model, spec, n=32 if SMALL else 128, split="test")"""),
     nbf.v4.new_markdown_cell("""## 2. Where is each attribute computed?
 
-Attribution patching scores every site at every named position (at the tokens a
-counterfactual replaces or moves, IO for `io`, the residual stream is patched exactly, since
-attribution misjudges it there). A cross-section is made of components, heads' `z` by
+Attribution patching scores every head at every named position (`kinds=None` scores every
+site kind, for heatmaps of the whole model). A cross-section is made of components, heads' `z` by
 default: candidates come from attribution, and the set grows by what patching all of it at
 once (exactly) recovers of the attribute's effect, up to 60% or `max_sites` sites. The
 residual stream is not a cross-section: late in the model it carries every effect."""),
     nbf.v4.new_code_cell("""found = discover(model, fit.subset(np.arange(min(config.n_discovery, len(fit)))),
-                 DiscoveryConfig(max_sites=config.max_sites), out_dir=out / "discovery")
+                 DiscoveryConfig(kinds=["z"], max_sites=config.max_sites),  # the heads
+                 out_dir=out / "discovery")
 pairs = {a: [(Site.parse(s), p) for s, p in zip(t.site, t.position)]
          for a, t in found.cross_sections.items()}
 {a: (info["recovered"], info["cross_section"]) for a, info in found.summary().items()}"""),

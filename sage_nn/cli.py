@@ -56,6 +56,8 @@ def _discover(args) -> None:
               + (" (small: read raw deltas)" if info["small_effect"] else "")
               + (f", recovered {info['recovered']:.2f} by the joint patch"
                  if "recovered" in info else "")
+              + (f", spearman {info['spearman']:.2f} (estimated vs exact)"
+                 if "spearman" in info else "")
               + (f" ({info['note']})" if info.get("note") else ""))
         print("  " + " ".join(info["cross_section"][:12])
               + (" ..." if len(info["cross_section"]) > 12 else ""))

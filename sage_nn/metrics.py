@@ -237,7 +237,11 @@ def bootstrap(statistic: Callable[..., float], *arrays: np.ndarray, n_boot: int 
               seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile confidence interval of ``statistic(*arrays)``, resampling prompts (the
     last axis of every array) with replacement. Resamples where the statistic is NaN (e.g.
-    necessity's gap falls below ``min_gap``) are left out; ``(nan, nan)`` if all are."""
+    necessity's gap falls below ``min_gap``) are left out; ``(nan, nan)`` if all are, or if
+    the statistic itself is NaN on the data (an interval around an undefined value would
+    read as a measurement)."""
+    if np.isnan(statistic(*arrays)):
+        return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     n = np.asarray(arrays[0]).shape[-1]
     values = []

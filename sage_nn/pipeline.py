@@ -475,12 +475,18 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     stage("saes", sae_settings, ["saes.json"], saes_stage, saes_load)
 
     def evaluation_stage():
+        impl = model._module.config._attn_implementation
         if any(p[0].kind in ("z", "attn_out") for p in all_pairs):
             model._module.set_attn_implementation("eager")  # the frozen pattern is read
-        parts = [evaluate_cross_section(model, fit, held_out, CrossSection(a, pairs), saes,
-                                        ks=config.ks, n_boot=config.n_boot, seed=config.seed,
-                                        batch_size=config.batch_size, remote=remote)
-                 for a, pairs in pairs_by_attr.items()]
+        try:
+            parts = [evaluate_cross_section(model, fit, held_out, CrossSection(a, pairs), saes,
+                                            ks=config.ks, n_boot=config.n_boot,
+                                            seed=config.seed, batch_size=config.batch_size,
+                                            remote=remote)
+                     for a, pairs in pairs_by_attr.items()]
+        finally:  # the caller's model comes back as it was given
+            if model._module.config._attn_implementation != impl:
+                model._module.set_attn_implementation(impl)
         results = xr.concat(parts, "attribute", join="outer")
         write_netcdf(with_discovery(results, disc_dir / "summary.json"), root / "evaluation.nc")
 

@@ -197,3 +197,13 @@ def test_bootstrap_interval_covers_and_is_seeded():
     lo, hi = metrics.bootstrap(np.mean, x, n_boot=500, seed=1)
     assert lo < 1.0 < hi and hi - lo < 0.4
     assert (lo, hi) == metrics.bootstrap(np.mean, x, n_boot=500, seed=1)
+
+
+def test_bootstrap_of_an_undefined_statistic_is_undefined():
+    """Edit success on a counterfactual that barely moves LD is NaN; some resamples move
+    it more, but an interval around NaN would read as a measurement."""
+    clean = np.array([1.0, 1.0, 1.0, 1.0])
+    cf = np.array([1.3, 0.8, 1.0, 0.95])  # mean move 0.0125 < 0.1
+    edit = np.array([1.2, 0.9, 1.1, 1.0])
+    assert np.isnan(metrics.edit_success(edit, clean, cf))
+    assert all(np.isnan(metrics.bootstrap(metrics.edit_success, edit, clean, cf, n_boot=200)))
