@@ -392,11 +392,12 @@ def trust_ceiling(ds: xr.Dataset, ceiling: str = SUPERVISED) -> xr.Dataset:
         row = ds.sel(attribute=a, dictionary=ceiling)
         values = {"sufficiency": float(row.sufficiency), "necessity": float(row.necessity),
                   "edit": float(row.edit.sel(k=k))}
-        failed = [f"{name} {values[name]:.2f} outside [{lo}, {hi if hi is not None else '∞'}]"
-                  if hi is not None else f"{name}{' (k=%d)' % k if name == 'edit' else ''} "
-                  f"{values[name]:.2f} < {lo}"
-                  for name, (lo, hi) in GROUND_TRUTH_CHECKS.items()
-                  if not (values[name] >= lo and (hi is None or values[name] <= hi))]
+        failed = []
+        for name, (lo, hi) in GROUND_TRUTH_CHECKS.items():
+            value, label = values[name], f"edit (k={k})" if name == "edit" else name
+            if not (value >= lo and (hi is None or value <= hi)):  # NaN fails too
+                failed.append(f"{label} {value:.2f} " + (f"outside [{lo}, {hi}]"
+                                                         if hi is not None else f"< {lo}"))
         ok.append(not failed)
         notes.append("; ".join(failed))
     return ds.assign(ground_truth=("attribute", ok), ground_truth_note=("attribute", notes))

@@ -45,11 +45,15 @@ def necessity(ld_x: np.ndarray, ld_mean: np.ndarray, ld_clean: np.ndarray,
 def necessity_reason(ld_mean: np.ndarray, ld_clean: np.ndarray,
                      min_gap: float = MIN_LD_GAP) -> str | None:
     """Why :func:`necessity` is NaN for these logit differences, or ``None`` if it is not."""
-    gap = abs(np.mean(ld_mean) - np.mean(ld_clean))
-    if gap >= min_gap:
+    return _small_move("mean ablation", ld_mean, ld_clean, min_gap)
+
+
+def _small_move(what: str, ld: np.ndarray, ld_clean: np.ndarray, min_gap: float) -> str | None:
+    """The reason a ratio over ``mean(ld) - mean(ld_clean)`` is NaN, or ``None``."""
+    move = abs(np.mean(ld) - np.mean(ld_clean))
+    if move >= min_gap:
         return None
-    return (f"NaN: mean ablation moves the logit difference by only {gap:.3g} "
-            f"(below {min_gap:g} logits)")
+    return f"NaN: {what} moves the logit difference by only {move:.3g} (below {min_gap:g} logits)"
 
 
 def loss_increase(logp_patched: np.ndarray, logp_clean: np.ndarray) -> float:
@@ -103,11 +107,7 @@ def edit_success(ld_edit: np.ndarray, ld_clean: np.ndarray, ld_cf: np.ndarray,
 def edit_success_reason(ld_clean: np.ndarray, ld_cf: np.ndarray,
                         min_gap: float = MIN_LD_GAP) -> str | None:
     """Why :func:`edit_success` is NaN, or ``None`` if it is not."""
-    move = abs(np.mean(ld_cf) - np.mean(ld_clean))
-    if move >= min_gap:
-        return None
-    return (f"NaN: the counterfactual moves the logit difference by only {move:.3g} "
-            f"(below {min_gap:g} logits)")
+    return _small_move("the counterfactual", ld_cf, ld_clean, min_gap)
 
 
 def edit_metric(top1_clean: np.ndarray, top1_cf: np.ndarray,

@@ -162,3 +162,23 @@ def test_difference_mode_reaches_attn_out_and_input_mode_is_the_default(setup):
     with pytest.raises(ValueError, match="cannot serve cross-section site L1.attn_out"):
         evaluate_cross_section(model, fit, held_out, cs,
                                {"x": ReconstructedSAE([pre], mode="difference")}, ks=[1])
+
+
+def test_a_ceiling_that_fails_its_checks_is_not_ground_truth():
+    import xarray as xr
+
+    from sage_nn.evaluation import trust_ceiling
+
+    def results(sufficiency, necessity, edit):
+        return xr.Dataset(
+            {"sufficiency": (("attribute", "dictionary"), [[sufficiency]]),
+             "necessity": (("attribute", "dictionary"), [[necessity]]),
+             "edit": (("attribute", "dictionary", "k"), [[[0.0, edit]]])},
+            coords={"attribute": ["io"], "dictionary": ["supervised"], "k": [1, 2]})
+
+    good = trust_ceiling(results(1.02, 0.8, 0.9))
+    assert bool(good.ground_truth.item()) and good.ground_truth_note.item() == ""
+    bad = trust_ceiling(results(1.6, 0.3, np.nan))
+    assert not bool(bad.ground_truth.item())
+    assert bad.ground_truth_note.item() == ("sufficiency 1.60 outside [0.8, 1.25]; "
+                                            "necessity 0.30 < 0.5; edit (k=2) nan < 0.5")
