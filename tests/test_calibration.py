@@ -14,8 +14,8 @@ ceiling must pass its own ground-truth checks. With 48 held-out prompts the SAE'
 floor's edit intervals overlapped at every k <= 8 (k = 8: 0.11 [0.04, 0.21] vs 0.02
 [0, 0.07]); with 144 they are apart from k = 4 on, hence the quickstart's 96.
 
-What does not hold is tested as such (strict xfail): a near-lossless SAE is as sufficient
-as the ceiling, so sufficiency cannot rank it below.
+What does not hold is tested as measured: a near-lossless SAE is as sufficient as the
+ceiling (inside its interval), so sufficiency cannot rank it below.
 """
 
 import os
@@ -89,12 +89,12 @@ def test_trained_residual_sae_between_floor_and_ceiling(calibration):
     assert f1["supervised"] > f1[sae] > f1[floor], f1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "measured at the quickstart's settings: the residual SAEs reconstruct the heads almost "
-    "losslessly (FVU 0.05), so their sufficiency (0.999) is as close to 1 as the ceiling's "
-    "(1.014, interval [0.95, 1.10]): sufficiency does not rank a good SAE below the ceiling. "
-    "Strict: this fails loudly if it starts to hold."))
-def test_ceiling_above_trained_sae_on_sufficiency(calibration):
+def test_sufficiency_cannot_rank_a_near_lossless_sae_below_the_ceiling(calibration):
+    """What the issue asked, ceiling > SAE on sufficiency, does not hold, and this says why:
+    the residual SAEs reconstruct the heads almost losslessly, so their sufficiency falls
+    inside the ceiling's own 95% interval (quickstart: 0.991 vs 1.012 [0.97, 1.07]), as does
+    1. Sufficiency rewards fidelity; edits and F1 are what rank the SAE below the ceiling."""
     _, io, sae, _ = calibration
-    assert goodness(float(io.sufficiency.sel(dictionary="supervised"))) > goodness(
-        float(io.sufficiency.sel(dictionary=sae)))
+    low, high = io.sufficiency_ci.sel(dictionary="supervised").values
+    assert low <= float(io.sufficiency.sel(dictionary=sae)) <= high
+    assert low <= 1.0 <= high
