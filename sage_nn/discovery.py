@@ -723,9 +723,10 @@ def grow_cross_sections(model: Any, dataset: Any, result: xr.Dataset,
     if absent or not kinds:
         raise ValueError(f"kinds {absent or kinds} are not in the attribution grid "
                          f"({grid_kinds}); score them first or choose others")
-    pools = {}
+    pools, n_candidates = {}, {}
     for a in attributes:
         df = ranked(result, a, kinds=kinds, positions=positions, changed_tokens=False)
+        n_candidates[a] = len(df)
         sign = 1.0 if float(result.total_effect.sel(attribute=a)) >= 0 else -1.0
         order = np.argsort(-sign * df["delta"].to_numpy(), kind="stable")
         pools[a] = df.iloc[order[:pool_size]].reset_index(drop=True)
@@ -788,9 +789,7 @@ def grow_cross_sections(model: Any, dataset: Any, result: xr.Dataset,
         table["exact_score"] = table["exact_delta"] / total[a] if total[a] else np.nan
         recovered = float(rec[best])
         reached = bool(recovered >= target)
-        n_candidates = len(ranked(result, a, kinds=kinds, positions=positions,
-                                  changed_tokens=False))
-        cap_hit = not reached and n_candidates > max_sites
+        cap_hit = not reached and n_candidates[a] > max_sites
         summary = {
             "attribute": a, "method": "joint coverage", "recovered": recovered,
             "reached": reached, "target": float(target), "max_sites": int(max_sites),
@@ -799,7 +798,7 @@ def grow_cross_sections(model: Any, dataset: Any, result: xr.Dataset,
             "counterfactual_logit_diff": float(cf_ld[a]),
             "joint_delta": float(joint - clean_ld),
             "small_effect": bool(result.small_effect.sel(attribute=a)),
-            "n_candidates": n_candidates, "pool": len(pairs[a]),
+            "n_candidates": n_candidates[a], "pool": len(pairs[a]),
             "prefix_recovered": [float(x) for x in share(a, prefix_ld[a])],
             "spearman": float(spearmanr(table["delta"], table["exact_delta"]).statistic)
             if len(table) > 2 else float("nan")}

@@ -69,9 +69,8 @@ def edit_accuracy(top1_edit: np.ndarray, top1_cf: np.ndarray,
     counterfactual prediction differs from the clean one; NaN when there are none
     (:func:`edit_accuracy_reason`).
 
-    Its no-edit baseline is the same function with the reconstruction's top predictions (the
-    sufficiency variant) as ``top1_edit``: how often the counterfactual answer comes out
-    with no edit at all. The report shows both.
+    Its no-edit baseline is the same function with the clean run (what the edit starts
+    from) as ``top1_edit``; the evaluation reports it next to every edit.
     """
     edit, cf, clean = (np.asarray(x) for x in (top1_edit, top1_cf, top1_clean))
     changed = cf != clean
@@ -95,8 +94,8 @@ def edit_success(ld_edit: np.ndarray, ld_clean: np.ndarray, ld_cf: np.ndarray,
     top prediction (IOI ``s``, ``order``). NaN when ``|mean LD_cf - mean LD_clean|`` is below
     ``min_gap`` logits (:func:`edit_success_reason`).
 
-    Its no-edit baseline is the same function with the reconstruction's logit differences
-    (the sufficiency variant) as ``ld_edit``; the report shows both.
+    Its no-edit baseline is the same function with the clean run (what the edit starts
+    from) as ``ld_edit``; the evaluation reports it next to every edit.
     """
     move = np.mean(ld_cf) - np.mean(ld_clean)
     if not abs(move) >= min_gap:

@@ -265,11 +265,16 @@ def _trained_cache(arch: str, model: Any, config: RunConfig):
     return name, cfg, source, root
 
 
+def _at_sites(spec: str) -> bool:
+    """``train:ARCH@sites``: SAEs trained at the cross-section sites themselves."""
+    return spec.startswith("train:") and spec.endswith("@sites")
+
+
 def trained_sites(spec: str, residual: list[str], pairs: list[tuple]) -> list[str]:
-    """The sites a ``train:ARCH`` spec trains at: residual SAEs where the cross-sections
-    need them (``train:topk``), or one SAE at each cross-section site itself
-    (``train:topk@sites``: the sublayer-native comparison)."""
-    if spec.endswith("@sites"):
+    """The sites an ``--sae`` spec needs SAEs at: one at each cross-section site itself
+    (``train:topk@sites``: the sublayer-native comparison), else the residual sites the
+    cross-sections need."""
+    if _at_sites(spec):
         return list(dict.fromkeys(str(site) for site, _ in pairs))
     return residual
 
@@ -441,9 +446,9 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
             resolve_saes(f"train:{arch}", model, list(dict.fromkeys(sites)), config)
         listing = {}
         for spec_ in config.saes:
-            at_sites = spec_.startswith("train:") and spec_.endswith("@sites")
-            name, members = resolve_saes(spec_, model, trained_sites(spec_, needed, all_pairs)
-                                         if spec_.startswith("train:") else needed, config)
+            at_sites = _at_sites(spec_)
+            name, members = resolve_saes(spec_, model, trained_sites(spec_, needed, all_pairs),
+                                         config)
             saes[name] = (DirectSAE(members) if at_sites
                           else ReconstructedSAE(members, batch_size=config.batch_size,
                                                 mode=config.reconstruction))
@@ -452,7 +457,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                 record = _trained_cache(_train_spec(spec_)[0], model, config)[3] / \
                     "train_config.json"
                 training = json.loads(record.read_text()) if record.exists() else None
-            listing[name] = {"spec": spec_, "sites": [str(_sae_site(s)) for s in members],
+            listing[name] = {"spec": spec_, "sites": [_sae_site(s) for s in members],
                              "approach": "at the cross-section sites" if at_sites else
                              "residual, through the reconstruction",
                              "n_saes": len(members),

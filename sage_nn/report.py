@@ -534,7 +534,7 @@ def excluded(results: xr.Dataset, attribute: str) -> str | None:
 
 def _calibration_table(look: _Lookup, k: int) -> tuple[list, list]:
     """Per SAE and attribute: the share of the floor→ceiling gap it closes, and whether
-    ceiling ≥ SAE ≥ floor holds; attributes kept out of claims say why."""
+    ceiling > SAE > floor holds; attributes kept out of claims say why."""
     metrics = (("sufficiency", "sufficiency"), ("necessity", "necessity"),
                (f"edit_k{k}", f"edit k={k}"))
     rows = []
@@ -558,7 +558,7 @@ def _calibration_table(look: _Lookup, k: int) -> tuple[list, list]:
     return ["SAE", "attribute"] + [label for _, label in metrics] + ["in claims"], rows
 
 
-def _attribute_notes(results: xr.Dataset, attribute: str, k: int) -> list[str]:
+def _attribute_notes(results: xr.Dataset, attribute: str) -> list[str]:
     """What a reader needs to read an attribute's table: the cross-section's recovered share,
     the edit metric and its no-edit baseline, the ceiling's checks, undefined metrics."""
     row = results.sel(attribute=attribute)
@@ -679,7 +679,7 @@ def _document(results, config, timings, images, k, discovery_note,
         blocks.append(("h3", f"Attribute `{a}`"))
         if pairs:
             blocks.append(("p", "Cross-section: " + ", ".join(f"`{p}`" for p in pairs)))
-        for note in _attribute_notes(results, a, k):
+        for note in _attribute_notes(results, a):
             blocks.append(("p", note))
         blocks.append(("table",) + _attribute_table(look, a, k))
     blocks.append(("h2", "Plots"))
