@@ -369,6 +369,14 @@ def test_cap_hit_when_the_target_is_out_of_reach(tiny_task):
     assert not few["reached"] and not few["cap_hit"] and "not reached" in few["note"]
     with pytest.raises(ValueError, match="max_sites must be >= 1"):
         grow_cross_sections(model, ds, result, max_sites=0)
+    with pytest.raises(ValueError, match="target must be a positive share"):
+        grow_cross_sections(model, ds, result, target=0)
+    with pytest.raises(ValueError, match="candidates must be >= 1"):
+        grow_cross_sections(model, ds, result, candidates=0)
+    with pytest.raises(ValueError, match=r"kinds \['nope'\] are not in the attribution grid"):
+        grow_cross_sections(model, ds, result, kinds=["nope"])
+    with pytest.raises(ValueError, match="set DiscoveryConfig.select_kinds"):
+        DiscoveryConfig(select_kinds=["q"]).selectable_kinds(["z", "resid_pre"])
 
 
 def test_residual_stream_is_a_candidate_only_when_asked(tiny_task):
