@@ -22,6 +22,13 @@ HEAD_KINDS = frozenset({"q", "k", "v", "z"})
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
 
 _SITE_RE = re.compile(r"^L(\d+)\.([a-z_]+)(?:\.h(\d+))?$")
+# sae_lens/TransformerLens hook names: ``blocks.8.hook_resid_post`` is ``L8.resid_post``;
+# q/k/v/z hooks hold every head of a layer, so as sites they need a head (``L8.z.h3``)
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.((?:attn\.)?hook_[a-z_]+)$")
+_HOOK_KINDS = {"hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid",
+               "hook_resid_post": "resid_post", "hook_attn_out": "attn_out",
+               "hook_mlp_out": "mlp_out", "attn.hook_q": "q", "attn.hook_k": "k",
+               "attn.hook_v": "v", "attn.hook_z": "z"}
 
 
 @dataclass(frozen=True)
@@ -44,13 +51,40 @@ class Site:
 
     @classmethod
     def parse(cls, text: "str | Site") -> "Site":
+        """A site from ``L9.resid_pre`` / ``L9.z.h3`` or a sae_lens/TransformerLens hook name
+        (``blocks.8.hook_resid_post`` is ``L8.resid_post``)."""
         if isinstance(text, Site):
             return text
-        match = _SITE_RE.match(text.strip())
+        text = text.strip()
+        hook = _HOOK_RE.match(text)
+        if hook:
+            return cls._from_hook(text, int(hook.group(1)), hook.group(2))
+        match = _SITE_RE.match(text)
         if not match:
-            raise ValueError(f"cannot parse site {text!r}; expected e.g. 'L9.resid_pre' or 'L9.z.h3'")
+            raise ValueError(f"cannot parse site {text!r}; expected e.g. 'L9.resid_pre', "
+                             "'L9.z.h3' or a hook name such as 'blocks.9.hook_resid_pre'")
         layer, kind, head = match.groups()
         return cls(int(layer), kind, None if head is None else int(head))
+
+    @classmethod
+    def _from_hook(cls, text: str, layer: int, hook: str) -> "Site":
+        kind = _HOOK_KINDS.get(hook)
+        if kind is None:
+            raise ValueError(f"cannot parse site {text!r}: unknown hook {hook!r}; known: "
+                             f"{', '.join(_HOOK_KINDS)}")
+        if kind in HEAD_KINDS:  # one hook, every head: a site is one head
+            raise ValueError(f"{text!r} holds every head of layer {layer}; a site is one "
+                             f"head: name it L{layer}.{kind}.hN (e.g. L{layer}.{kind}.h0)")
+        return cls(layer, kind)
+
+    @property
+    def hook_name(self) -> str:
+        """The sae_lens/TransformerLens hook holding this site (``blocks.8.hook_resid_post``);
+        for q/k/v/z the layer's all-heads hook (``blocks.8.attn.hook_z``), whose head
+        dimension ``head`` indexes."""
+        if self.kind in HEAD_KINDS:
+            return f"blocks.{self.layer}.attn.hook_{self.kind}"
+        return f"blocks.{self.layer}.hook_{self.kind}"
 
     @property
     def order(self) -> tuple:
