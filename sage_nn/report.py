@@ -5,11 +5,15 @@
 writes into ``out_dir``::
 
     results.nc                      the Dataset itself (h5netcdf)
-    <sae>_eval_results.json         one per SAE, in SAEBench's eval-output shape
+    <release>_<sae_id>_eval_results.json   one per SAE, in SAEBench's eval-output shape and
+                                    file naming (release "sage_nn" for SAEs trained here)
     compare_<metric>.png            SAEs vs ceiling vs floor, bars per attribute, 95% CIs
     controllability.png             edit accuracy and magnitude over k
     discovery/*.png                 copies of the discovery heatmaps (if given)
     summary.md, summary.html        the same summary; the HTML embeds its images
+
+The plot functions return matplotlib Figures (shown inline in a notebook); they save them
+only when given a path.
 
 Roles of the ``method`` coordinate: ``"supervised"`` is the ceiling, an SAE under test is
 any method ``NAME`` that has a floor ``"random:NAME"``; other methods (e.g. another
@@ -40,6 +44,7 @@ import pandas as pd
 import xarray as xr
 
 from .evaluation import RANDOM, SUPERVISED
+from .sites import HEAD_KINDS, Site
 
 CEILING = SUPERVISED
 FLOOR_PREFIX = f"{RANDOM}:"
@@ -224,18 +229,19 @@ def sae_cfg_dict(saes: Any, *, model_name: str | None = None,
     for m in members:
         heads = "" if m.heads is None else ".h" + "_".join(map(str, m.heads))
         sites.append({"site": f"L{m.layer}.{m.kind}{heads}" if m.kind else None,
-                      "hook_name": m.hook_name, "hook_layer": m.layer,
+                      "hook_name": tl_hook_name(m), "hook_layer": m.layer,
                       "architecture": m.architecture, "d_in": m.d_in, "d_sae": m.d_sae,
                       "k": m.k, "apply_b_dec_to_input": m.apply_b_dec_to_input,
                       "normalize_activations": m.normalize,
                       "rescale_acts_by_decoder_norm": m.rescale_acts_by_decoder_norm,
                       "center_writing_weights": m.center})
+        if m.kind in HEAD_KINDS and m.heads is not None and len(m.heads) == 1:
+            sites[-1]["hook_head_index"] = m.heads[0]  # sae_lens's name for a one-head SAE
+    per_member = ("site", "hook_name", "hook_layer", "hook_head_index")
     out = {key: value for key, value in sites[0].items()
-           if key not in ("site", "hook_name", "hook_layer")
-           and all(s[key] == value for s in sites)}
+           if key not in per_member and all(s.get(key) == value for s in sites)}
     if len(sites) == 1:
-        out.update(hook_name=sites[0]["hook_name"], hook_layer=sites[0]["hook_layer"],
-                   site=sites[0]["site"])
+        out.update({key: sites[0][key] for key in per_member if key in sites[0]})
     else:
         out.update(hook_name=[s["hook_name"] for s in sites],
                    hook_layer=[s["hook_layer"] for s in sites], sites=sites)
@@ -246,6 +252,18 @@ def sae_cfg_dict(saes: Any, *, model_name: str | None = None,
         out["dataset_path"] = training.get("corpus")
         out["training"] = training
     return _jsonable(out)
+
+
+def tl_hook_name(sae: Any) -> str | None:
+    """The sae_lens/TransformerLens hook an SAE reads (``blocks.8.hook_resid_post``): its
+    own hook name when it has one of that form, else its site's
+    (:attr:`sage_nn.sites.Site.hook_name`; q/k/v/z SAEs read the all-heads hook)."""
+    if sae.hook_name and str(sae.hook_name).startswith("blocks."):
+        return sae.hook_name
+    if sae.kind is None:
+        return sae.hook_name
+    head = (sae.heads or [0])[0] if sae.kind in HEAD_KINDS else None
+    return Site(sae.layer, sae.kind, head).hook_name
 
 
 def _jsonable(value: Any) -> Any:
@@ -266,14 +284,51 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _commit_hash() -> str:
-    """The sage_nn git commit that produced the report (SAEBench records its own here)."""
+def _commit_hash() -> str | None:
+    """The sage_nn git commit that produced the report (None outside a git checkout).
+
+    Recorded as ``eval_result_unstructured.sage_nn_commit_hash``: SAEBench's
+    ``sae_bench_commit_hash`` means SAEBench's own commit, and SAEBench did not run here."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                              capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
+        return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+
+
+TRAINED_RELEASE = "sage_nn"  # the release name of SAEs trained by a run, in file names
+
+
+def sae_identity(sae: str, info: Mapping | None = None) -> dict[str, str | None]:
+    """Where an SAE comes from, as SAEBench names it: ``release`` and ``sae_id`` (its file
+    is ``{release}_{sae_id}_eval_results.json``), and ``sae_lens_release_id`` /
+    ``sae_lens_id``, which are sae_lens's identifiers or None for SAEs sae_lens does not know.
+
+    ``info`` (a run's ``saes.json`` entry) gives them explicitly or through its ``spec``:
+    ``RELEASE:SAE_ID`` is a sae_lens release; ``train:...`` was trained here (release
+    ``"sage_nn"``); a directory's release is the name of the directory holding it."""
+    info = dict(info or {})
+    spec = str(info.get("spec") or "")
+    lens_release, lens_id = info.get("sae_lens_release_id"), info.get("sae_lens_id")
+    release = lens_release
+    if spec.startswith("train:") or not spec:
+        release = release or TRAINED_RELEASE
+    elif ":" in spec and not Path(spec).exists():  # a sae_lens pretrained release
+        spec_release, spec_id = spec.split(":", 1)
+        lens_release, lens_id = lens_release or spec_release, lens_id or spec_id
+        release = lens_release
+    else:  # a directory
+        release = release or Path(spec).resolve().parent.name
+    return {"release": release or "local", "sae_id": lens_id or sae,
+            "sae_lens_release_id": lens_release, "sae_lens_id": lens_id}
+
+
+def eval_results_file(sae: str, info: Mapping | None = None) -> str:
+    """SAEBench's file name of an SAE's results: ``{release}_{sae_id}_eval_results.json``
+    (characters unsafe in a file name, such as ``/``, become ``_``)."""
+    ident = sae_identity(sae, info)
+    return f"{safe_name(ident['release'])}_{safe_name(ident['sae_id'])}_eval_results.json"
 
 
 def _version(package: str) -> str | None:
@@ -318,13 +373,16 @@ def sae_eval_output(results: xr.Dataset, sae: str, *, config: Mapping | None = N
     """One SAE's results in the shape of SAEBench's ``BaseEvalOutput`` (``eval_type_id``
     ``"sage"``). Metric categories are the attributes (plus ``"mean"`` over them), each a
     flat dict; ``eval_result_details`` holds one entry per (attribute, cross-section pair).
-    ``info`` may give ``sae_lens_id``, ``sae_lens_release_id`` and ``sae_cfg_dict``."""
+    ``info`` may give ``spec``, ``sae_lens_id``, ``sae_lens_release_id`` (see
+    :func:`sae_identity`) and ``sae_cfg_dict``. ``sae_bench_commit_hash`` is null: SAEBench
+    did not run; sage_nn's own commit is ``eval_result_unstructured.sage_nn_commit_hash``."""
     results = _check(results)
     r = roles(results)
     if sae not in r.saes:
         raise ValueError(f"{sae!r} is not an SAE of these results (an SAE needs a floor "
                          f"'{FLOOR_PREFIX}{sae}'); SAEs: {r.saes}")
     info = dict(info or {})
+    ident = sae_identity(sae, info)
     attributes = [str(a) for a in results["attribute"].values]
     look = _Lookup(results)
     categories = {a: sae_metrics(look, sae, a) for a in attributes}
@@ -357,13 +415,15 @@ def sae_eval_output(results: xr.Dataset, sae: str, *, config: Mapping | None = N
         "datetime_epoch_millis": int(time.time() * 1000),
         "eval_result_metrics": categories,
         "eval_result_details": details,
-        "sae_bench_commit_hash": info.get("sae_bench_commit_hash", _commit_hash()),
-        "sae_lens_id": info.get("sae_lens_id", sae),
-        "sae_lens_release_id": info.get("sae_lens_release_id"),
+        "sae_bench_commit_hash": None,
+        "sae_lens_id": ident["sae_lens_id"],
+        "sae_lens_release_id": ident["sae_lens_release_id"],
         "sae_lens_version": _version("sae_lens"),
         "sae_cfg_dict": info.get("sae_cfg_dict", {}),
-        "eval_result_unstructured": {"sage_nn_version": _version("sage_nn"), "sae": sae,
-                                     "attributes": attributes},
+        "eval_result_unstructured": {"sage_nn_version": _version("sage_nn"),
+                                     "sage_nn_commit_hash": _commit_hash(), "sae": sae,
+                                     "release": ident["release"], "sae_id": ident["sae_id"],
+                                     "spec": info.get("spec"), "attributes": attributes},
     })
 
 
@@ -378,11 +438,17 @@ def safe_name(name: str) -> str:
 
 # -- plots -------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(**kwargs):
+    """A Figure outside pyplot: no backend or window is touched and nothing stays open,
+    and a notebook shows the returned Figure inline."""
+    from matplotlib.figure import Figure
+    return Figure(**kwargs)
+
+
+def _finish(fig, path: str | Path | None, dpi: int):
+    if path is not None:
+        fig.savefig(path, dpi=dpi)
+    return fig
 
 
 def _styles(r: Roles) -> dict[str, dict]:
@@ -400,11 +466,12 @@ def _styles(r: Roles) -> dict[str, dict]:
     return styles
 
 
-def plot_comparison(results: xr.Dataset, metric: str, path: Path, *, k: int | None = None,
-                    dpi: int = 110) -> Path:
+def plot_comparison(results: xr.Dataset, metric: str, path: str | Path | None = None, *,
+                    k: int | None = None, dpi: int = 110):
     """Grouped bars, one group per attribute and one bar per method, with the bootstrap
-    95% interval as error bars where the results have one."""
-    plt = _pyplot()
+    95% interval as error bars where the results have one. Returns the matplotlib
+    Figure, saved to ``path`` when one is given. ``k``: the edit budget of ``edit``."""
+    results = _check(results)
     r, styles = roles(results), _styles(roles(results))
     methods = r.ordered
     sel = {} if k is None else {"k": k}
@@ -412,8 +479,8 @@ def plot_comparison(results: xr.Dataset, metric: str, path: Path, *, k: int | No
     ci = results[f"{metric}_ci"].sel(**sel) if f"{metric}_ci" in results else None
     attributes = [str(a) for a in results["attribute"].values]
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 + len(attributes) * len(methods) * 0.45),
-                                    3.6))
+    fig = _figure(figsize=(max(4.5, 1.1 + len(attributes) * len(methods) * 0.45), 3.6))
+    ax = fig.subplots()
     x = np.arange(len(attributes))
     for i, method in enumerate(methods):
         v = values.sel({"dictionary": method, "attribute": attributes}).values.astype(float)
@@ -435,23 +502,22 @@ def plot_comparison(results: xr.Dataset, metric: str, path: Path, *, k: int | No
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, dpi)
 
 
-def plot_controllability(results: xr.Dataset, path: Path, *, dpi: int = 110) -> Path:
+def plot_controllability(results: xr.Dataset, path: str | Path | None = None, *,
+                         dpi: int = 110):
     """Edit accuracy (with its 95% band) and edit magnitude over k: one column per
-    attribute, one line per method."""
-    plt = _pyplot()
+    attribute, one line per method. Returns the matplotlib Figure, saved to ``path`` when
+    one is given."""
+    results = _check(results)
     r = roles(results)
     styles = _styles(r)
     attributes = [str(a) for a in results["attribute"].values]
     rows = ["edit"] + (["edit_magnitude"] if "edit_magnitude" in results else [])
     ks = results["k"].values.astype(int)
-    fig, axes = plt.subplots(len(rows), len(attributes), squeeze=False, sharex=True,
-                             sharey="row",
-                             figsize=(1.5 + 3.2 * len(attributes), 1.2 + 2.6 * len(rows)))
+    fig = _figure(figsize=(1.5 + 3.2 * len(attributes), 1.2 + 2.6 * len(rows)))
+    axes = fig.subplots(len(rows), len(attributes), squeeze=False, sharex=True, sharey="row")
     for j, attribute in enumerate(attributes):
         for i, metric in enumerate(rows):
             ax = axes[i, j]
@@ -478,9 +544,7 @@ def plot_controllability(results: xr.Dataset, path: Path, *, dpi: int = 110) -> 
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=ncol, frameon=False)
     legend_rows = -(-len(labels) // ncol)
     fig.tight_layout(rect=(0, (0.035 + 0.03 * legend_rows) * 2 / len(rows), 1, 1))
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, dpi)
 
 
 # -- the summary document ----------------------------------------------------------------
@@ -630,7 +694,7 @@ def _sae_rows(saes: list[str], sae_info: Mapping | None) -> list[list[str]]:
 
 
 def _document(results, config, timings, images, k, discovery_note,
-              sae_info=None) -> list[tuple]:
+              sae_info=None, files=None) -> list[tuple]:
     title = "SAGE report"
     if config and config.get("task"):
         title += f": task {config['task']}" + (f" on {config['model']}"
@@ -645,7 +709,8 @@ def _document(results, config, timings, images, k, discovery_note,
         "sites."))]
     blocks.append(("p", f"SAEs under test: {', '.join(f'`{s}`' for s in r.saes) or 'none'}. "
                         f"Files: `results.nc` (all results), "
-                        + ", ".join(f"`{safe_name(s)}_eval_results.json`" for s in r.saes)
+                        + ", ".join(f"`{(files or {}).get(s) or eval_results_file(s)}`"
+                                    for s in r.saes)
                         + " (SAEBench eval-output format)."))
     sae_rows = _sae_rows(r.saes, sae_info)
     if sae_rows:
@@ -811,7 +876,7 @@ def write_report(results: xr.Dataset, out_dir: str | Path, *,
                          f"'{FLOOR_PREFIX}NAME'); methods: "
                          f"{[str(m) for m in results['dictionary'].values]}. Pass SAEs to "
                          "evaluate_cross_section")
-    files = {s: f"{safe_name(s)}_eval_results.json" for s in r.saes}
+    files = {s: eval_results_file(s, (sae_info or {}).get(s)) for s in r.saes}
     if len(set(files.values())) < len(files):
         raise ValueError(f"SAE names {r.saes} give clashing file names {files}: rename them")
     if discovery_dir is not None and not Path(discovery_dir).is_dir():
@@ -846,7 +911,7 @@ def write_report(results: xr.Dataset, out_dir: str | Path, *,
         if not found:
             note = f"No discovery heatmaps (*.png) were found in `{discovery_dir}`."
 
-    blocks = _document(results, config, timings, images, k, note, sae_info)
+    blocks = _document(results, config, timings, images, k, note, sae_info, files)
     (out / "summary.md").write_text(_render_markdown(blocks))
     (out / "summary.html").write_text(_render_html(blocks, out))
     return out / "summary.md"

@@ -111,9 +111,10 @@ def test_write_report_files(results, tmp_path):
         xr.testing.assert_allclose(back.load().drop_attrs(), results.drop_attrs())
         assert json.loads(back.attrs["sage_config"])["task"] == "ioi"
 
-    # 2. one SAEBench-shaped JSON per SAE, carrying the SAE's, ceiling's and floor's numbers
-    for sae in ("topk-2048", "relu-1024"):
-        doc = json.loads((out / f"{sae}_eval_results.json").read_text())
+    # 2. one SAEBench-shaped JSON per SAE, carrying the SAE's, ceiling's and floor's numbers,
+    # named {release}_{sae_id}_eval_results.json (SAEs without a release are sage_nn's)
+    for sae, file in (("topk-2048", "local_topk-2048"), ("relu-1024", "sage_nn_relu-1024")):
+        doc = json.loads((out / f"{file}_eval_results.json").read_text())
         assert {"eval_type_id", "eval_config", "eval_id", "datetime_epoch_millis",
                 "eval_result_metrics", "eval_result_details", "sae_bench_commit_hash",
                 "sae_lens_id", "sae_lens_release_id", "sae_lens_version", "sae_cfg_dict",
@@ -137,7 +138,7 @@ def test_write_report_files(results, tmp_path):
         assert [(d["attribute"], d["pair"]) for d in details] == [
             ("io", "L12.resid_post@END"), ("io", "L9.z.h3@END"), ("s", "L3.resid_post@S2")]
         assert details[1]["alignment_floor"] == pytest.approx(BASE["random:" + sae] + 0.01)
-    doc = json.loads((out / "topk-2048_eval_results.json").read_text())
+    doc = json.loads((out / "local_topk-2048_eval_results.json").read_text())
     assert doc["sae_lens_release_id"] == "local" and doc["sae_cfg_dict"] == {"d_sae": 2048}
 
     # 3. plots are valid images; the discovery heatmap was copied in
@@ -194,7 +195,7 @@ def test_single_cross_section_and_nan_json(tmp_path):
     one = cross_section("io", 0.0, ["L12.resid_post@END"])
     one["fvu"][:] = np.nan  # NaN must become JSON null, not the invalid token NaN
     write_report(one.isel(attribute=0, drop=True).assign_attrs(attribute="io"), tmp_path)
-    text = (tmp_path / "topk-2048_eval_results.json").read_text()
+    text = (tmp_path / "sage_nn_topk-2048_eval_results.json").read_text()
     assert "NaN" not in text
     assert json.loads(text)["eval_result_metrics"]["io"]["fvu"] is None
 
@@ -267,8 +268,66 @@ def test_sae_cfg_dict_of_one_sae_and_of_residual_sites(results, tmp_path):
         sae_cfg_dict([])
     # the report writes it into the SAEBench JSON and lists the SAE in the summary
     write_report(results, tmp_path, sae_info={"topk-2048": {"sae_cfg_dict": two}})
-    doc = json.loads((tmp_path / "topk-2048_eval_results.json").read_text())
+    doc = json.loads((tmp_path / "sage_nn_topk-2048_eval_results.json").read_text())
     assert doc["sae_cfg_dict"] == two
     summary = (tmp_path / "summary.md").read_text()
     assert "| topk-2048 | topk | 8 | 16 | 4 | blocks.22.hook_resid_post, " \
            "blocks.29.hook_resid_mid | task:ioi[2040] | 300 |" in summary
+
+
+def test_saebench_identity_file_names_and_fields(results, tmp_path):
+    """SAEBench's meanings: sae_lens ids are sae_lens's (or null), the file is
+    {release}_{sae_id}_eval_results.json, sae_bench_commit_hash is not this repo's."""
+    release = "gemma-scope-2b-pt-res"
+    sae_id = "layer_8/width_16k/average_l0_71"
+    write_report(results, tmp_path, sae_info={
+        "topk-2048": {"spec": f"{release}:{sae_id}"},
+        "relu-1024": {"spec": "train:standard"}})
+    pretrained = json.loads((tmp_path / f"{release}_layer_8_width_16k_average_l0_71"
+                                         "_eval_results.json").read_text())
+    assert (pretrained["sae_lens_release_id"], pretrained["sae_lens_id"]) == (release, sae_id)
+    assert pretrained["sae_bench_commit_hash"] is None
+    unstructured = pretrained["eval_result_unstructured"]
+    assert unstructured["sage_nn_commit_hash"] and unstructured["release"] == release
+    trained = json.loads((tmp_path / "sage_nn_relu-1024_eval_results.json").read_text())
+    assert trained["sae_lens_id"] is None and trained["sae_lens_release_id"] is None
+    assert trained["eval_result_unstructured"]["sae_id"] == "relu-1024"
+    assert f"`{release}_layer_8_width_16k_average_l0_71_eval_results.json`" in \
+        (tmp_path / "summary.md").read_text()
+
+
+def test_sae_identity_of_a_directory(tmp_path):
+    from sage_nn.report import eval_results_file, sae_identity
+
+    (tmp_path / "my_saes" / "L5.resid_pre").mkdir(parents=True)
+    ident = sae_identity("L5.resid_pre", {"spec": str(tmp_path / "my_saes" / "L5.resid_pre")})
+    assert ident == {"release": "my_saes", "sae_id": "L5.resid_pre",
+                     "sae_lens_release_id": None, "sae_lens_id": None}
+    assert eval_results_file("topk-1024@sites", {"spec": "train:topk@sites"}) == \
+        "sage_nn_topk-1024_sites_eval_results.json"
+
+
+def test_hook_name_per_sae_is_the_transformerlens_name():
+    from sage_nn.report import sae_cfg_dict
+
+    sae = _sae(8, "resid_post")
+    sae.hook_name = None  # an SAE without a hook name gets its site's
+    assert sae_cfg_dict(sae)["hook_name"] == "blocks.8.hook_resid_post"
+    head = _sae(5, "z")
+    head.heads, head.hook_name = [3], "L5.z.h3"  # trained here at one head
+    cfg = sae_cfg_dict(head)
+    assert (cfg["hook_name"], cfg["hook_head_index"], cfg["site"]) == \
+        ("blocks.5.attn.hook_z", 3, "L5.z.h3")
+
+
+def test_plots_return_figures_and_save_only_when_asked(results, tmp_path):
+    from matplotlib.figure import Figure
+
+    from sage_nn.report import plot_comparison, plot_controllability
+
+    fig = plot_comparison(results, "edit", k=2)
+    assert isinstance(fig, Figure) and len(fig.axes[0].patches) >= 2 * 5
+    assert isinstance(plot_controllability(results), Figure)
+    assert list(tmp_path.iterdir()) == []
+    saved = plot_comparison(results, "sufficiency", tmp_path / "s.png")
+    assert isinstance(saved, Figure) and mpimg.imread(tmp_path / "s.png").ndim == 3
