@@ -5,11 +5,12 @@ from .dictionaries import MeanDictionary, MSEDictionary
 from .discovery import AttributionPatching, discover
 from .models import DEFAULT_MODEL, load_model, tiny_random_model
 from .reconstruction import ResidualReconstruction
+from .runs import Run, open_run
 from .saes import SparseAutoencoder, load_sae  # imports sae_lens early, before any trace
 from .sites import Site, adapter
 from .tasks import check_task, load_task
 
-__all__ = ["DEFAULT_MODEL", "AttributionPatching", "MSEDictionary", "MeanDictionary", "Site",
-           "adapter", "check_task", "collect", "discover", "load_model", "load_task",
-           "open_store", "tiny_random_model", "ResidualReconstruction", "SparseAutoencoder",
-           "load_sae"]
+__all__ = ["DEFAULT_MODEL", "AttributionPatching", "MSEDictionary", "MeanDictionary", "Run",
+           "Site", "adapter", "check_task", "collect", "discover", "load_model", "load_task",
+           "open_run", "open_store", "tiny_random_model", "ResidualReconstruction",
+           "SparseAutoencoder", "load_sae"]
