@@ -3,30 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shutil
 import sys
+import textwrap
+import types
+import typing
+from pathlib import Path
+
+
+def _model_and_remote(args):
+    """The model, and the :class:`~sage_nn.remote.Remote` its passes run through
+    (``--remote``; None runs them here). On NDIF or another host the weights stay there."""
+    from .models import load_model
+    from .remote import Remote
+
+    backend = args.remote if args.remote is not None else False
+    model = load_model(args.model, device=args.device, dtype=args.dtype,
+                       remote=backend not in (False, "local"))
+    return model, (Remote(backend) if backend is not False else None)
 
 
 def _collect(args) -> None:
     from .activations import collect
-    from .models import load_model
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
     prompts = [line.rstrip("\n") for line in open(args.prompts) if line.strip()]
+    model, remote = _model_and_remote(args)
     ds = collect(model, prompts, args.sites, batch_size=args.batch_size, store=args.out,
-                 positions=[-1] if args.last_token else None)
+                 positions=[-1] if args.last_token else None, remote=remote)
     print(ds)
 
 
 def _task_check(args) -> None:
     import pandas as pd
 
-    from .models import load_model
-    from .tasks import check_task, load_task
+    from .tasks import check_task, load_task, logit_diffs
 
     spec = load_task(args.task)  # a bad spec fails before the model loads
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, remote = _model_and_remote(args)
     ds = spec.build(model, n=args.n, seed=args.seed, split=args.split)
-    table = check_task(model, ds, batch_size=args.batch_size)
+    if remote is None:
+        table = check_task(model, ds, batch_size=args.batch_size)
+    else:  # check_task's table, from logit differences computed remotely
+        ld = logit_diffs(model, ds, args.batch_size, remote=remote).to_pandas()
+        table = pd.DataFrame({"n": len(ds), "accuracy": (ld > 0).mean(), "mean_ld": ld.mean(),
+                              "std_ld": ld.std(), "effect": ld["clean"].mean() - ld.mean()})
+        table.index.name = "condition"
     print(f"task {ds.name} on {args.model}, {args.split} split, {len(ds)} prompts"
           + (f" ({len(ds.dropped)} multi-token values dropped: "
              f"{', '.join(ds.dropped.value[:10])})" if len(ds.dropped) else ""))
@@ -36,11 +58,10 @@ def _task_check(args) -> None:
 
 def _discover(args) -> None:
     from .discovery import DiscoveryConfig, discover
-    from .models import load_model
     from .tasks import load_task
 
     spec = load_task(args.task)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, remote = _model_and_remote(args)
     ds = spec.build(model, n=args.n, seed=args.seed, split=args.split)
     config = DiscoveryConfig(kinds=args.kinds, layers=args.layers, positions=args.positions,
                              attributes=args.attributes, batch_size=args.batch_size,
@@ -50,7 +71,7 @@ def _discover(args) -> None:
                              validate=not args.no_validate,
                              exact_residuals=not args.no_exact_residuals,
                              changed_tokens=args.changed_tokens)
-    found = discover(model, ds, config, out_dir=args.out, progress=True)
+    found = discover(model, ds, config, out_dir=args.out, progress=True, remote=remote)
     for attribute, info in found.summary().items():
         print(f"{attribute}: total effect {info['total_effect']:+.3f}"
               + (" (small: read raw deltas)" if info["small_effect"] else "")
@@ -80,17 +101,11 @@ def _train_sae(args) -> None:
 
 
 def _run_config(args):
+    """The RunConfig of ``sage run``: the ``--config`` file (or the defaults), with every
+    flag given on the command line overriding it (flags not given are None)."""
     from .pipeline import RunConfig
 
-    overrides = {k: getattr(args, k, None) for k in ("model", "task", "run_dir", "seed",
-                                                     "n_fit", "n_eval", "top_k", "device",
-                                                     "dtype", "n_boot", "discovery_kinds",
-                                                     "select_kinds", "target", "max_sites")}
-    overrides["saes"] = args.sae or None
-    if getattr(args, "remote", None):
-        overrides["remote"] = True if args.remote == "ndif" else args.remote
-        overrides["max_prompts_per_request"] = args.max_prompts_per_request
-        overrides["remote_blocking"] = False if args.no_wait else None
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(RunConfig)}
     if args.config:
         return RunConfig.from_file(args.config, **overrides)
     return RunConfig(**{k: v for k, v in overrides.items() if v is not None})
@@ -115,41 +130,189 @@ def _run(args) -> None:
     print(f"report: {result.report / 'summary.md'}")
 
 
+# -- run options: one flag per RunConfig field, generated from the dataclass -------------
+
+#: Flags whose name is not the field's (``--sae`` names one SAE spec; it repeats).
+FLAG_NAMES = {"saes": "--sae"}
+#: What a field means, for --help; a field without an entry still gets its flag.
+FIELD_HELP = {
+    "model": "the model: smollm2-135m, a local HuggingFace dir, a .gguf file or a hub id",
+    "task": "a name in tasks/ (sage tasks lists them) or a YAML path",
+    "saes": "train:topk | train:standard | train:topk@sites | SAE directory | "
+            "RELEASE:SAE_ID (repeatable, or several after one --sae)",
+    "run_dir": "the run directory: stage files, manifest, report (a rerun resumes it)",
+    "seed": "seed of the prompts, bootstrap and trained SAEs",
+    "n_fit": "prompts to fit dictionaries (and discover) on",
+    "n_eval": "held-out prompts every metric is measured on",
+    "n_discovery": "of the fit prompts, those used for attribution patching",
+    "attributes": "the task attributes to evaluate (default: all)",
+    "discovery_kinds": "kinds the attribution grid scores, for the heatmaps (default: the "
+                       "selectable kinds)",
+    "select_kinds": "kinds a cross-section may hold (default: z; name resid_pre etc. to "
+                    "allow the residual stream)",
+    "target": "share of the effect the cross-section's joint patch must recover",
+    "max_sites": "cap on sites per cross-section",
+    "top_k": "instead: the top-k sites by attribution",
+    "ks": "edit budgets (latents edited)",
+    "n_boot": "bootstrap resamples for the 95%% intervals",
+    "batch_size": "prompts per forward pass",
+    "device": "cpu, cuda, ... (default: cuda when available)",
+    "dtype": "float32 | float16 | bfloat16 (default: float32 on CPU)",
+    "sae_width": "latents of the SAEs the run trains",
+    "sae_steps": "training steps (x 1024 tokens) of the SAEs the run trains",
+    "sae_corpus": "what trained SAEs read: task@positions | task | builtin | a text "
+                  "file/dir | hf:NAME | a mix builtin+task",
+    "sae_task_prompts": "prompts drawn for a task corpus",
+    "reconstruction": "how residual SAEs reach sublayer sites: input | difference",
+    "remote": "run the model on NDIF (--remote or --remote ndif), in nnsight's offline "
+              "simulation of it (local), or on another host (a URL); the API key is "
+              "nnsight's (NDIF_API_KEY)",
+    "max_prompts_per_request": "cap a remote request's prompt rows (default: one per stage)",
+    "remote_blocking": "wait for remote jobs (--no-remote-blocking, or --no-wait: submit "
+                       "and exit; run again to collect them)",
+}
+
+
+def _remote_value(text: str):
+    """``--remote`` as RunConfig.remote: ndif -> True (NDIF), off -> False, else as given
+    (``local`` or a host URL)."""
+    low = text.strip().lower()
+    if low in ("ndif", "true", "on"):
+        return True
+    if low in ("off", "false", "no", "none"):
+        return False
+    return text.strip()
+
+
+def _add_remote(p, help: str | None = None) -> None:
+    p.add_argument("--remote", nargs="?", const="ndif", default=None, type=_remote_value,
+                   metavar="ndif|local|URL", help=help or FIELD_HELP["remote"])
+
+
+def _yaml_value(text: str):
+    import yaml
+    return yaml.safe_load(text)
+
+
+def _flag_kwargs(hint) -> dict:
+    """argparse keywords for a field of type ``hint``: lists take several values, a bool
+    gets --x/--no-x, a Literal its choices, anything else a YAML value."""
+    members = [hint]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(members) == 1:
+        (one,) = members
+        if typing.get_origin(one) is list:
+            (item,) = typing.get_args(one) or (str,)
+            return {"nargs": "+", "type": item if item in (int, float, str) else _yaml_value}
+        if one is bool:
+            return {"action": argparse.BooleanOptionalAction}
+        if one in (int, float, str):
+            return {"type": one}
+        if typing.get_origin(one) is typing.Literal:
+            return {"choices": list(typing.get_args(one))}
+    return {"type": _yaml_value}
+
+
+def _field_help(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    else:
+        default = field.default_factory()
+    text = FIELD_HELP.get(field.name, f"RunConfig.{field.name}")
+    return text if default is None else f"{text} (default: {str(default).replace('%', '%%')})"
+
+
 def _add_run_options(p) -> None:
+    from .pipeline import RunConfig
+
     p.add_argument("--config", help="YAML file with any RunConfig fields (flags override it)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--task", default=None)
-    p.add_argument("--sae", action="append", help="train:topk | train:standard | SAE directory "
-                   "| RELEASE:SAE_ID (repeatable)")
-    p.add_argument("--run-dir", dest="run_dir", default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--n-fit", dest="n_fit", type=int, default=None)
-    p.add_argument("--n-eval", dest="n_eval", type=int, default=None)
-    p.add_argument("--discovery-kinds", dest="discovery_kinds", nargs="+", default=None,
-                   help="kinds the attribution grid scores, for the heatmaps (default: the "
-                   "selectable kinds, z)")
-    p.add_argument("--select-kinds", dest="select_kinds", nargs="+", default=None,
-                   help="kinds a cross-section may hold (default: z; name resid_pre etc. to "
-                   "allow the residual stream)")
-    p.add_argument("--target", type=float, default=None,
-                   help="share of the effect the cross-section's joint patch must recover "
-                   "(default 0.6)")
-    p.add_argument("--max-sites", dest="max_sites", type=int, default=None,
-                   help="cap on sites per cross-section (default 16)")
-    p.add_argument("--top-k", dest="top_k", type=int, default=None,
-                   help="instead: the top-k sites by attribution")
-    p.add_argument("--n-boot", dest="n_boot", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--remote", default=None,
-                   help="run the model on NDIF ('ndif'), in nnsight's offline simulation of it "
-                        "('local'), or on another host (a URL); the API key is nnsight's "
-                        "(NDIF_API_KEY)")
-    p.add_argument("--max-prompts-per-request", dest="max_prompts_per_request", type=int,
-                   default=None, help="cap a request's prompt rows (default: one per stage)")
-    p.add_argument("--no-wait", dest="no_wait", action="store_true",
+    hints = typing.get_type_hints(RunConfig)
+    for field in dataclasses.fields(RunConfig):
+        flag = FLAG_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
+        help = _field_help(field)
+        if field.name == "remote":
+            _add_remote(p, help)
+        elif field.name == "saes":
+            p.add_argument(flag, dest="saes", action="extend", nargs="+", default=None,
+                           metavar="SPEC", help=help)
+        else:
+            p.add_argument(flag, dest=field.name, default=None, help=help,
+                           **_flag_kwargs(hints[field.name]))
+    p.add_argument("--no-wait", dest="remote_blocking", action="store_const", const=False,
                    help="submit remote jobs and exit; run again to collect them")
     p.set_defaults(func=_run)
+
+
+# -- tasks and cache ---------------------------------------------------------------------
+
+def _tasks(args) -> None:
+    from .tasks import TASKS_DIR, available_tasks, load_task
+
+    rows = [["task", "attributes", "positions", "templates"]]
+    descriptions = {}
+    for name in available_tasks():
+        spec = load_task(name)
+        rows.append([name, ", ".join(spec.attribute_names), ", ".join(spec.model.positions),
+                     str(len(spec.model.templates))])
+        descriptions[name] = " ".join(spec.model.description.split())
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if args.long and row[0] in descriptions:
+            print(textwrap.fill(descriptions[row[0]], 88, initial_indent="    ",
+                                subsequent_indent="    "))
+    print(f"\n{len(rows) - 1} tasks in {TASKS_DIR} (format: docs/tasks.md); use one with "
+          "--task NAME, or give a YAML path")
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+CACHE_PARTS = ("models", "saes")  # what sage_nn writes under the cache directory
+
+
+def cache_entries(root: Path) -> list[tuple[str, int]]:
+    """``(entry, bytes)`` per cached item: each converted model (``models/NAME``) and each
+    set of trained SAEs (``saes/MODEL/NAME-TOKENS-SEED-CORPUS``)."""
+    entries = []
+    for part, depth in (("models", 1), ("saes", 2)):
+        found = [root / part] if (root / part).exists() else []
+        for _ in range(depth):
+            found = sorted(c for d in found if d.is_dir() for c in d.iterdir())
+        entries += [(p.relative_to(root).as_posix(), _size(p)) for p in found]
+    return entries
+
+
+def _cache(args) -> None:
+    from .models import cache_dir
+
+    root = cache_dir()
+    if args.clear:
+        parts = CACHE_PARTS if args.clear == "all" else (args.clear,)
+        for part in parts:
+            path = root / part
+            freed = _size(path) if path.exists() else 0
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"cleared {path} ({_human(freed)})")
+        return
+    print(f"cache: {root} (set $SAGE_NN_CACHE to move it)")
+    entries = cache_entries(root)
+    for name, size in entries:
+        print(f"  {name:<70} {_human(size):>10}")
+    print(f"  {'total':<70} {_human(sum(s for _, s in entries)):>10}")
+    print("clear with: sage cache --clear [models|saes|all]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "IOI, residual TopK SAEs trained on first use")
     _add_run_options(p)
 
+    p = sub.add_parser("tasks", help="the tasks in tasks/ with their attributes and positions")
+    p.add_argument("--long", action="store_true", help="with each task's description")
+    p.set_defaults(func=_tasks)
+
+    p = sub.add_parser("cache", help="show the cache (converted models, trained SAEs) and "
+                       "its size per entry; --clear clears it")
+    p.add_argument("--clear", nargs="?", const="all", choices=[*CACHE_PARTS, "all"],
+                   default=None, help="clear models, saes, or all (the default)")
+    p.set_defaults(func=_cache)
+
     p = sub.add_parser("collect", help="collect activations at sites into a zarr/netCDF store")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
@@ -172,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last-token", action="store_true", help="keep only each prompt's last token")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    _add_remote(p)
     p.set_defaults(func=_collect)
 
     p = sub.add_parser("task-check", help="does the model perform a task? accuracy and "
@@ -184,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    _add_remote(p)
     p.set_defaults(func=_task_check)
 
     p = sub.add_parser("discover", help="attribution patching per attribute: scores, "
@@ -218,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    _add_remote(p)
     p.set_defaults(func=_discover)
 
     p = sub.add_parser("train-sae", help="train SAEs (residual, or sublayer references) on the "
