@@ -1,8 +1,8 @@
 """Supervised feature dictionaries: the ground truth at one cross-section.
 
 Activations ``a(p)`` at one site and position, and the task attributes ``c_i(p)`` of each
-prompt, give one feature vector ``u_{i,v}`` per (attribute, value) (DESIGN.md, "Supervised
-dictionaries")::
+prompt, give one feature vector ``u_{i,v}`` per (attribute, value) (docs/metrics.md, "The
+dictionaries compared")::
 
     MeanDictionary   u_{i,v} = mean(a | c_i = v) - mean(a)
     MSEDictionary    U = argmin ||a - mean(a) - C U||^2, C the one-hot design of all attributes

@@ -1,18 +1,18 @@
 """The random floor: an SAE with its learned directions replaced by random ones.
 
 :func:`random_like` keeps everything the SAE is except what it learned as directions, so
-the SAE and its floor differ only there (DESIGN.md, "Metrics"): the nonlinearity (standard
-ReLU, TopK with the same ``k``, JumpReLU with the same thresholds, gated with the same
-``r_mag``/``b_mag``/``b_gate``), the input normalisation, centring, ``apply_b_dec_to_input``,
-``rescale_acts_by_decoder_norm``, the decoder bias ``b_dec``, the encoder biases and the
-site (``layer``, ``kind``, ``heads``, ``hook_name``).
+the SAE and its floor differ only there (docs/metrics.md, "The dictionaries compared"): the
+nonlinearity (standard ReLU, TopK with the same ``k``, JumpReLU with the same thresholds,
+gated with the same ``r_mag``/``b_mag``/``b_gate``), the input normalisation, centring,
+``apply_b_dec_to_input``, ``rescale_acts_by_decoder_norm``, the decoder bias ``b_dec``, the
+encoder biases and the site (``layer``, ``kind``, ``heads``, ``hook_name``).
 
 Directions: the decoder rows are random **unit** vectors (uniform on the sphere, from a
 seeded ``torch.Generator``), and the encoder is tied (its columns are the same vectors).
 Unit rather than the SAE's own row norms because a row norm is a scale learned *for* that
 row's direction (sae_lens SAEs mostly normalise it to 1 anyway, and with
 ``rescale_acts_by_decoder_norm`` only the unit direction enters the reconstruction): on a
-random direction it is an arbitrary per-latent gain, and DESIGN.md specifies unit vectors.
+random direction it is an arbitrary per-latent gain, so the floor uses unit vectors.
 
 L0 matched on the data: given ``activations [..., d_in]``, one scalar shift of the encoder's
 pre-activation is solved so that the floor's mean L0 on them equals the SAE's (to within

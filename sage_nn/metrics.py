@@ -1,4 +1,4 @@
-"""The SAGE metrics as plain functions of arrays (formulas: DESIGN.md, "Metrics").
+"""The SAGE metrics as plain functions of arrays (formulas: docs/metrics.md, "The metrics").
 
 Everything here is model-free: the evaluation stage runs the interventions and hands the
 resulting logit differences, codes and activations to these functions.
