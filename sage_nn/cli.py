@@ -419,12 +419,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_model(args) -> None:
+    """A subcommand's --model, checked before anything loads (``sage run`` checks its whole
+    config in :func:`sage_nn.pipeline.run`)."""
+    from .validate import InvalidRunError, model_problems
+
+    if args.command not in ("run", "quickstart") and getattr(args, "model", None):
+        on_server = getattr(args, "remote", None) not in (None, False, "local")
+        problems = model_problems(args.model, on_server=on_server)
+        if problems:
+            raise InvalidRunError(problems)
+
+
 def main(argv: list[str] | None = None) -> None:
+    import errno
+
+    from .validate import InvalidRunError
+
     args = build_parser().parse_args(argv)
     try:
+        _check_model(args)
         args.func(args)
+    except InvalidRunError as err:  # one line per problem, each with its fix
+        for problem in err.problems:
+            print(f"sage {args.command}: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     except (ValueError, FileNotFoundError) as err:
         print(f"sage {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        print(f"sage {args.command}: error: no space left on device ({err}); fix: free space "
+              "and run the same command again: finished stages are kept", file=sys.stderr)
         sys.exit(2)
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,20 +129,53 @@ class RunDirectory:
     def record(self, stage: str, settings: str, files: list[str], seconds: float) -> None:
         self.manifest[stage] = {"settings": settings, "seconds": round(seconds, 2),
                                 "files": {f: _sha256(self.path / f) for f in files}}
-        tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.manifest, indent=2))
-        os.replace(tmp, self.manifest_path)  # atomic: a crash never leaves half a manifest
+        write_atomic(self.manifest_path, json.dumps(self.manifest, indent=2))
 
     def forget_after(self, stage: str, order: list[str]) -> None:
         for later in order[order.index(stage) + 1:]:
             self.manifest.pop(later, None)
 
 
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write to a temporary name in the same directory, flush it to disk, then rename:
+    a crash or a full disk leaves the old file or none, never half a file."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_netcdf(ds: xr.Dataset, path: Path) -> None:
     """Write atomically, so an interrupted write never looks like a finished stage."""
-    tmp = path.with_suffix(".partial")
-    ds.to_netcdf(tmp, engine="h5netcdf")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        ds.to_netcdf(tmp, engine="h5netcdf")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_dir(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(directory)`` into a side directory that replaces ``path`` once complete."""
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+        write(partial)
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(partial, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def read_netcdf(path: Path) -> xr.Dataset:
@@ -222,11 +256,12 @@ def run_prompts(model: Any, config: RunConfig) -> tuple[Any, Any, Any]:
     """The run's task prompts: ``(all, fit, held_out)``, built from the train split.
 
     Held-out prompts share the fit prompts' vocabulary: a supervised feature exists per
-    attribute value, so the ceiling can only be measured on values it was fitted on."""
+    attribute value, so the ceiling can only be measured on values it was fitted on. No
+    prompt repeats, so no held-out prompt is also a fit prompt."""
     from .tasks import load_task
 
     full = load_task(config.task).build(model, n=config.n_fit + config.n_eval,
-                                        seed=config.seed, split="train")
+                                        seed=config.seed, split="train", unique=True)
     return (full, full.subset(np.arange(config.n_fit)),
             full.subset(np.arange(config.n_fit, len(full))))
 
@@ -295,19 +330,18 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> 
     ``cfg.json``: one sae_lens SAE. A directory of such directories: all of them.
     ``RELEASE:SAE_ID``: a sae_lens pretrained SAE (needs the hub).
     """
-    from .saes import load_sae
-    from .training import load_trained, train_saes
+    from .saes import cache_lock, load_sae
+    from .training import load_trained
 
     if spec.startswith("train:"):
         arch, at_sites = _train_spec(spec)
         name, cfg, source, root = _trained_cache(arch, model, config)
-        have = load_trained(root, model) if any(root.glob("*/cfg.json")) else {}
-        missing = [s for s in sites if s not in have]
-        if missing:
-            log.info("training %s SAEs at %s", arch, ", ".join(missing))
-            trained, report = train_saes(model, missing, cfg, source=source, out_dir=root)
-            log.info("trained SAEs:\n%s", report.to_string())
-            have.update(trained)
+        with cache_lock(root):  # a second process needing these SAEs waits, then reads them
+            have = cached_saes(root, model)
+            missing = [s for s in sites if s not in have]
+            if missing:
+                log.info("training %s SAEs at %s", arch, ", ".join(missing))
+                have.update(_train_into_cache(root, model, missing, cfg, source))
         return name + ("@sites" if at_sites else ""), [have[s] for s in sites]
     path = Path(spec)
     if (path / "cfg.json").exists():
@@ -320,6 +354,50 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> 
     raise ValueError(f"--sae {spec!r}: not a directory with cfg.json, a directory of SAE "
                      "directories, 'train:topk'/'train:standard' (optionally '@sites'), or "
                      "'RELEASE:SAE_ID'")
+
+
+def cached_saes(root: Path, model: Any) -> dict:
+    """The intact SAEs of a cache directory, by site; an entry that is truncated, corrupt
+    or unreadable is removed (and so trained again)."""
+    from .saes import load_sae, sealed_problem
+
+    have = {}
+    for directory in sorted(p.parent for p in root.glob("*/cfg.json")):
+        problem = sealed_problem(directory)
+        if problem is None:
+            try:
+                have[directory.name] = load_sae(directory, model=model, site=directory.name)
+                continue
+            except Exception as err:  # noqa: BLE001 (an unreadable entry is retrained)
+                problem = f"{type(err).__name__}: {err}"
+        log.warning("SAE cache entry %s is unusable (%s): training it again", directory, problem)
+        shutil.rmtree(directory, ignore_errors=True)
+    return have
+
+
+def _train_into_cache(root: Path, model: Any, sites: list[str], cfg, source) -> dict:
+    """Train in a side directory, seal each SAE (SHA-256 of its files) and move it into
+    the cache by rename: a killed or failed training leaves nothing a reader takes for an
+    SAE. Called with the cache's lock held, so side directories left by killed runs go."""
+    from .saes import seal
+    from .training import train_saes
+
+    for stale in root.parent.glob(f".{root.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = root.parent / f".{root.name}.partial-{os.getpid()}"
+    try:
+        trained, report = train_saes(model, sites, cfg, source=source, out_dir=partial)
+        log.info("trained SAEs:\n%s", report.to_string())
+        root.mkdir(parents=True, exist_ok=True)
+        entries = sorted(partial.iterdir(), key=lambda p: not p.is_dir())  # SAEs, then records
+        for entry in entries:
+            if entry.is_dir():
+                seal(entry)
+                shutil.rmtree(root / entry.name, ignore_errors=True)
+            os.replace(entry, root / entry.name)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return trained
 
 
 def _sae_site(sae) -> str:
@@ -366,18 +444,15 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     from .sites import Site, adapter
     from .tasks import load_task, logit_diffs
     from .training import corpus_hash
+    from .validate import check
 
     config = config or RunConfig()
+    check(config, model=model)  # every input, before anything loads or runs (seconds)
     on_server = config.remote not in (False, "local")  # the model's weights are not here
-    trained = [spec_ for spec_ in config.saes if spec_.startswith("train:")]
-    if on_server and trained:
-        raise ValueError(f"--sae {trained[0]}: SAEs are trained on activations read here, and "
-                         "a remote run's model has no weights here; give trained SAEs (a "
-                         "directory or RELEASE:SAE_ID)")
     run_dir = RunDirectory(config.run_dir)
     stage = Stage(run_dir, STAGES)
     root = run_dir.path
-    (root / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    write_atomic(root / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
     if remote is None and config.remote:
         remote = Remote(config.remote, max_prompts=config.max_prompts_per_request,
@@ -394,7 +469,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         summary = {"task": spec.name, "n_fit": len(fit), "n_eval": len(held_out),
                    "accuracy": float((ld["clean"] > 0).mean()),
                    "mean_logit_diff": ld.mean().to_dict(), "prompts": full.prompts}
-        (root / "task.json").write_text(json.dumps(summary, indent=2, default=json_default))
+        write_atomic(root / "task.json", json.dumps(summary, indent=2, default=json_default))
 
     def task_load():
         stored = json.loads((root / "task.json").read_text())
@@ -410,7 +485,6 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     disc_files = ["discovery/scores.nc", "discovery/cross_sections.csv", "discovery/summary.json"]
 
     def discovery_stage():
-        disc_dir.mkdir(exist_ok=True)
         prompts = fit.subset(np.arange(min(config.n_discovery, len(fit))))
         # the grid scores what a cross-section may hold unless asked for more (heatmaps of
         # every kind cost the residual stream's exact sweep, which selection does not use)
@@ -419,7 +493,8 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                                    select_kinds=config.select_kinds, target=config.target,
                                    max_sites=config.max_sites, top_k=config.top_k,
                                    batch_size=config.batch_size)
-        discover(model, prompts, settings, out_dir=disc_dir, progress=progress, remote=remote)
+        write_dir(disc_dir, lambda out: discover(model, prompts, settings, out_dir=out,
+                                                 progress=progress, remote=remote))
 
     def discovery_load():
         table = pd.read_csv(disc_dir / "cross_sections.csv")
@@ -468,7 +543,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         return listing
 
     def saes_stage():
-        (root / "saes.json").write_text(json.dumps(resolve_all(), indent=2))
+        write_atomic(root / "saes.json", json.dumps(resolve_all(), indent=2))
 
     def saes_load():
         if not saes:  # the stage was cached: resolving only reads the SAEs it trained
@@ -506,11 +581,11 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
 
     def report_stage():
         listing = json.loads((root / "saes.json").read_text())
-        write_report(results, report_dir, discovery_dir=disc_dir,
-                     sae_info=listing,
-                     config={**dataclasses.asdict(config), "task_summary": {
-                         k: v for k, v in task_summary.items() if k != "prompts"}},
-                     timings=stage.timings)
+        write_dir(report_dir, lambda out: write_report(
+            results, out, discovery_dir=disc_dir, sae_info=listing,
+            config={**dataclasses.asdict(config), "task_summary": {
+                k: v for k, v in task_summary.items() if k != "prompts"}},
+            timings=stage.timings))
 
     stage("report", run_dir.manifest["evaluation"]["files"]["evaluation.nc"],
           ["report/summary.md"], report_stage, lambda: None)

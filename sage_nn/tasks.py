@@ -13,6 +13,7 @@ prompt, leading space included) are dropped and reported in ``ds.dropped``.
 
 from __future__ import annotations
 
+import itertools
 import string
 import warnings
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from .task_spec import Swap, TaskSpecError, TaskSpecModel, read_spec
+from .task_spec import Swap, TaskSpecError, TaskSpecModel, _fields, read_spec
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -204,10 +205,13 @@ class TaskSpec:
             values[slot] = cands[rng.integers(len(cands))]
         return values
 
-    def _draw(self, rng, vocab: dict[str, list[dict]], split: str) -> _Row:
+    def _families(self, split: str) -> list:
         test = set(self.model.split.test_templates)
-        families = [t for t in self.model.templates if (t.id in test) == (split == "test")] \
+        return [t for t in self.model.templates if (t.id in test) == (split == "test")] \
             or list(self.model.templates)  # only vocabulary halves split the task
+
+    def _draw(self, rng, vocab: dict[str, list[dict]], split: str) -> _Row:
+        families = self._families(split)
         tpl = families[rng.integers(len(families))]
         variant = sorted(tpl.variants)[rng.integers(len(tpl.variants))] if tpl.variants else None
         return _Row(tpl.id, variant, self._sample(rng, vocab, split), split)
@@ -235,13 +239,51 @@ class TaskSpec:
         values = self._sample(rng, vocab, row.split, exclude, fixed, [spec.slot])
         return _Row(row.template, row.variant, {s: values[s] for s in row.values}, row.split)
 
+    # -- counting
+
+    def count_prompts(self, model: Any, split: Literal["train", "test"] = "train",
+                      cap: int | None = None) -> int:
+        """How many distinct prompts :meth:`build` can make for ``split`` with ``model``'s
+        tokenizer (or a tokenizer): every template (and variant) of the split, filled with
+        every combination of single-token values its slots allow. Counting stops at
+        ``cap``, so asking "are there at least n?" stays cheap for large vocabularies."""
+        tokenizer = getattr(model, "tokenizer", model)
+        kept, _ = self.usable_vocab(tokenizer)
+        return self._count(self._halves(kept)[split], split, cap)
+
+    def _count(self, vocab: dict[str, list[dict]], split: str, cap: int | None) -> int:
+        seen: set[str] = set()
+        for tpl in self._families(split):
+            for text in (tpl.variants or {"": tpl.text}).values():
+                # only the slots the text shows tell prompts apart
+                slots = list(dict.fromkeys(slot for slot, _ in _fields(text)))
+                for records in itertools.product(*(vocab[self.model.slots[s]] for s in slots)):
+                    values = dict(zip(slots, records))
+                    if self._distinct(values):
+                        seen.add(self._fill(text, _Row(tpl.id, None, values, split)))
+                        if cap is not None and len(seen) >= cap:
+                            return cap
+        return len(seen)
+
+    def _distinct(self, values: dict[str, dict]) -> bool:
+        """Whether the slots of every ``distinct`` group hold different values."""
+        for group in self.model.distinct:
+            texts = [values[s]["text"] for s in group if s in values]
+            if len(set(texts)) < len(texts):
+                return False
+        return True
+
     # -- building
 
     def build(self, model: Any, n: int = 64, seed: int = 0,
-              split: Literal["train", "test"] | None = "train") -> TaskDataset:
+              split: Literal["train", "test"] | None = "train",
+              unique: bool = False) -> TaskDataset:
         """``n`` prompts (and a counterfactual per attribute) for ``model``'s tokenizer.
 
         ``split=None`` gives both: the first ``ceil(n/2)`` rows train, the rest test.
+        ``unique``: no prompt twice (a repeat is drawn again), so prompts split into fit
+        and held-out sets never overlap; a split that cannot make ``n`` distinct prompts
+        raises :class:`TaskBuildError` with the count (:meth:`count_prompts`).
         """
         if split not in (*SPLITS, None):
             raise ValueError(f"split={split!r}: use 'train', 'test' or None (both)")
@@ -257,7 +299,22 @@ class TaskSpec:
                           stacklevel=2)
         rng = np.random.default_rng(seed)
         splits = [split] * n if split else ["train"] * ((n + 1) // 2) + ["test"] * (n // 2)
-        rows = [self._draw(rng, vocab[s], s) for s in splits]
+        if unique:
+            for s in sorted(set(splits)):
+                have = self._count(vocab[s], s, cap=splits.count(s))
+                if have < splits.count(s):
+                    raise TaskBuildError(
+                        f"task {self.name}: the {s} split makes {have} distinct prompts, "
+                        f"fewer than the {splits.count(s)} asked for: ask for at most {have}, "
+                        "or add vocabulary values or templates")
+        rows, seen = [], set()
+        for s in splits:
+            row = self._draw(rng, vocab[s], s)
+            while unique and self._render(row)[0] in seen:  # redraw a repeat
+                row = self._draw(rng, vocab[s], s)
+            if unique:
+                seen.add(self._render(row)[0])
+            rows.append(row)
         cf_rows = {a: [self._counterfactual(rng, vocab[r.split], r, a) for r in rows]
                    for a in self.attribute_names}
         ds = self._dataset(rows, tokenizer, dropped)
