@@ -291,7 +291,8 @@ def cache_entries(root: Path) -> list[tuple[str, int]]:
         found = [root / part] if (root / part).exists() else []
         for _ in range(depth):
             found = sorted(c for d in found if d.is_dir() for c in d.iterdir())
-        entries += [(p.relative_to(root).as_posix(), _size(p)) for p in found]
+        entries += [(p.relative_to(root).as_posix(), _size(p)) for p in found
+                    if p.suffix != ".lock"]  # a training's lock file is not an entry
     return entries
 
 

@@ -100,8 +100,10 @@ def test_sage_cache_shows_sizes_and_clears(tmp_path, monkeypatch, capsys):
     sae_dir = tmp_path / "saes" / "m1" / "topk-64-4096-seed0-abc" / "L0.resid_pre"
     sae_dir.mkdir(parents=True)
     (sae_dir / "sae_weights.safetensors").write_bytes(b"\0" * 2048)
+    (tmp_path / "saes" / "m1" / "topk-64-4096-seed0-abc.lock").touch()
     main(["cache"])
     out = capsys.readouterr().out
+    assert ".lock" not in out
     assert str(tmp_path) in out
     assert "models/m1" in out and "3.0 MB" in out
     assert "saes/m1/topk-64-4096-seed0-abc" in out and "2.0 KB" in out
