@@ -337,8 +337,10 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> 
         arch, at_sites = _train_spec(spec)
         name, cfg, source, root = _trained_cache(arch, model, config)
         with cache_lock(root):  # a second process needing these SAEs waits, then reads them
-            have = cached_saes(root, model)
+            have, broken = cached_saes(root, model)
             missing = [s for s in sites if s not in have]
+            if set(broken) & set(sites):  # retrained with its first companions: same draws
+                missing = list(sites)
             if missing:
                 log.info("training %s SAEs at %s", arch, ", ".join(missing))
                 have.update(_train_into_cache(root, model, missing, cfg, source))
@@ -356,12 +358,12 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> 
                      "'RELEASE:SAE_ID'")
 
 
-def cached_saes(root: Path, model: Any) -> dict:
-    """The intact SAEs of a cache directory, by site; an entry that is truncated, corrupt
-    or unreadable is removed (and so trained again)."""
+def cached_saes(root: Path, model: Any) -> tuple[dict, list[str]]:
+    """The intact SAEs of a cache directory by site, and the sites of entries that were
+    truncated, corrupt or unreadable: those are removed (and so trained again)."""
     from .saes import load_sae, sealed_problem
 
-    have = {}
+    have, broken = {}, []
     for directory in sorted(p.parent for p in root.glob("*/cfg.json")):
         problem = sealed_problem(directory)
         if problem is None:
@@ -372,7 +374,8 @@ def cached_saes(root: Path, model: Any) -> dict:
                 problem = f"{type(err).__name__}: {err}"
         log.warning("SAE cache entry %s is unusable (%s): training it again", directory, problem)
         shutil.rmtree(directory, ignore_errors=True)
-    return have
+        broken.append(directory.name)
+    return have, broken
 
 
 def _train_into_cache(root: Path, model: Any, sites: list[str], cfg, source) -> dict:

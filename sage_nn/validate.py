@@ -14,6 +14,7 @@ Each problem is one line that names what is wrong and how to fix it. :func:`run`
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -385,6 +386,7 @@ def _release_problems(spec: str) -> list[str]:
     return []
 
 
+@functools.lru_cache(maxsize=1)
 def _sae_registry() -> dict:
     """sae_lens's pretrained_saes.yaml, read as YAML (importing sae_lens takes longer)."""
     import importlib.util
