@@ -413,7 +413,7 @@ def _forward_backward(model, ad, inputs, grid, rows, cols, answer, distractor,
     """One forward and one backward: every grid tensor and its gradient of the summed logit
     difference, at (rows, cols). ``embeddings`` replace layer 0's input when given."""
     with torch.enable_grad(), model.trace(inputs):
-        block0 = _path(model, ad.arch.layers)[0]
+        block0 = ad.blocks(model)[0]
         if embeddings is not None:
             first = embeddings.detach().requires_grad_(True)
             block0.input = first

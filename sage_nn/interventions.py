@@ -247,10 +247,9 @@ def _patched_blocks(model, inputs, groups, answer, distractor):
     skipping blocks ``< layer`` (fed the clean residual stream). Returns the clean readout
     and one per group (each ``[b * m]``)."""
     ad = adapter(model)
-    blocks = _path(model, ad.arch.layers)
     layers = sorted({g[0] for g in groups} - {0})
     with torch.no_grad(), model.trace(inputs, use_cache=True, logits_to_keep=1):
-        streams = {layer: blocks[layer].input for layer in layers}
+        streams = {layer: ad.tensor(model, layer, "resid_pre") for layer in layers}
         cache = model.output.past_key_values
         out = [_readout(model.output.logits[:, -1], answer, distractor)]
         streams.save()
@@ -265,9 +264,7 @@ def _patched_blocks(model, inputs, groups, answer, distractor):
                   "attention_mask": inputs["attention_mask"].repeat_interleave(m, 0)}
         with torch.no_grad(), model.trace(suffix, past_key_values=prefix, logits_to_keep=1):
             if layer > 0:
-                hidden = streams[layer][:, col:].repeat_interleave(m, 0)
-                for i in range(layer):
-                    blocks[i].skip(hidden)
+                ad.skip(model, layer, streams[layer][:, col:].repeat_interleave(m, 0))
             _apply(model, ad, writes)
             result = _readout(model.output.logits[:, -1], answer.repeat_interleave(m),
                               distractor.repeat_interleave(m))
@@ -284,9 +281,7 @@ def _patched_forward(model, inputs, writes, answer, distractor, skip=None):
     ad = adapter(model)
     with torch.no_grad(), model.trace(inputs, logits_to_keep=1):  # only the last token's
         if skip is not None:
-            blocks = _path(model, ad.arch.layers)
-            for i in range(skip[0]):
-                blocks[i].skip(skip[1])
+            ad.skip(model, *skip)
         _apply(model, ad, writes)
         out = _readout(model.output.logits[:, -1], answer, distractor)
         out.save()

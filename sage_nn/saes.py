@@ -15,6 +15,7 @@ GPT-2 ``res-jb`` release) saw a residual stream with its mean over ``d_model`` r
 from __future__ import annotations
 
 import contextlib
+import functools
 import fcntl
 import hashlib
 import json
@@ -28,7 +29,7 @@ import sae_lens  # noqa: F401
 import torch
 from sae_lens import SAE
 
-from .sites import HEAD_KINDS, KINDS, ARCHITECTURES, Site, SiteAdapter, adapter
+from .sites import HEAD_KINDS, KINDS, Site, SiteAdapter, adapter
 
 ARCHITECTURES_SUPPORTED = ("standard", "topk", "jumprelu", "gated")
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
@@ -315,6 +316,15 @@ def _hf_kinds(arch) -> dict[str, str]:
     return table
 
 
+@functools.lru_cache(maxsize=1)
+def _common_architectures() -> list:
+    """Module layouts to read a HuggingFace path by when no model is given: those of the
+    families whose module paths cover most checkpoints (Llama-like, GPT-2, GPT-NeoX)."""
+    from .architectures import derive, tiny_twin
+
+    return [derive(tiny_twin(family)) for family in ("llama", "gpt2", "gpt_neox")]
+
+
 def parse_site(name: "str | Site", model: Any = None) -> tuple[int, str, list[int] | None]:
     """``(layer, kind, heads)`` of a sage site (``L5.z.h3``; ``L5.z`` = all heads), a TransformerLens hook name
     (``blocks.5.hook_resid_pre``, ``blocks.5.attn.hook_z``) or a HuggingFace module path
@@ -339,7 +349,7 @@ def parse_site(name: "str | Site", model: Any = None) -> tuple[int, str, list[in
         if kind in HEAD_KINDS and model is not None:
             heads = list(range(adapter(model).n_heads_of(kind)))
         return int(match.group(1)), kind, heads
-    archs = [adapter(model).arch] if model is not None else list(ARCHITECTURES.values())
+    archs = [adapter(model).arch] if model is not None else _common_architectures()
     for arch in archs:
         m = re.match(rf"^(?:model\.)?{re.escape(arch.layers)}\.(\d+)(.*)$", text) or \
             re.match(rf"^{re.escape(arch.layers.split('.', 1)[-1])}\.(\d+)(.*)$", text)

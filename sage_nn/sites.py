@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .architectures import UnsupportedArchitectureError, architecture_of, channel_index  # noqa: F401
+
 #: Kinds in the order the forward pass produces them inside one block.
 KINDS = ("resid_pre", "q", "k", "v", "z", "attn_out", "resid_mid", "mlp_out", "resid_post")
 HEAD_KINDS = frozenset({"q", "k", "v", "z"})
@@ -94,74 +96,25 @@ class Site:
 
 def _path(envoy: Any, dotted: str) -> Any:
     for part in dotted.split("."):
-        envoy = getattr(envoy, part)
+        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
     return envoy
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """Where a decoder architecture keeps each canonical site (module paths per block).
+class SiteAdapter:
+    """Canonical sites of one model: shapes, validation and live tensor access in a trace.
 
-    ``qkv`` is ``"separate"`` (q_proj/k_proj/v_proj), ``"gpt2"`` (one fused projection,
-    [q | k | v]) or ``"neox"`` (one fused projection, per head [q_h | k_h | v_h]).
+    Where each site lives is derived from the model's own structure
+    (:func:`sage_nn.architectures.architecture_of`), once per model.
     """
 
-    name: str
-    layers: str
-    attn: str
-    qkv: str
-    q_proj: str
-    k_proj: str
-    v_proj: str
-    o_proj: str
-    mlp: str
-    mid_norm: str | None  # norm whose input is resid_mid; None for parallel blocks
-    attn_post_norm: str | None = None  # Gemma 2 style: attn_out is this norm's output
-    mlp_post_norm: str | None = None
-
-
-ARCHITECTURES = {
-    "gpt2": Architecture("gpt2", "transformer.h", "attn", "gpt2", "c_attn", "c_attn", "c_attn",
-                         "c_proj", "mlp", "ln_2"),
-    "gpt_neox": Architecture("gpt_neox", "gpt_neox.layers", "attention", "neox", "query_key_value",
-                             "query_key_value", "query_key_value", "dense", "mlp", None),
-    "llama": Architecture("llama", "model.layers", "self_attn", "separate", "q_proj", "k_proj",
-                          "v_proj", "o_proj", "mlp", "post_attention_layernorm"),
-    "gemma2": Architecture("gemma2", "model.layers", "self_attn", "separate", "q_proj", "k_proj",
-                           "v_proj", "o_proj", "mlp", "pre_feedforward_layernorm",
-                           attn_post_norm="post_attention_layernorm",
-                           mlp_post_norm="post_feedforward_layernorm"),
-}
-for _name in ("qwen2", "mistral"):
-    ARCHITECTURES[_name] = Architecture(**{**ARCHITECTURES["llama"].__dict__, "name": _name})
-
-
-class UnsupportedArchitectureError(ValueError):
-    pass
-
-
-class SiteAdapter:
-    """Canonical sites of one model: shapes, validation and live tensor access in a trace."""
-
-    def __init__(self, config: Any):
-        model_type = getattr(config, "model_type", None)
-        if model_type not in ARCHITECTURES:
-            raise UnsupportedArchitectureError(
-                f"architecture {model_type!r} is not supported; supported: "
-                f"{', '.join(sorted(ARCHITECTURES))}. Add an Architecture entry in sage_nn/sites.py "
-                "mapping its module paths to canonical sites."
-            )
-        self.arch = arch = ARCHITECTURES[model_type]
-        self.config = config
-        self.n_layers = config.num_hidden_layers
-        self.d_model = config.hidden_size
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
-        self.d_head = getattr(config, "head_dim", None) or self.d_model // self.n_heads
-        neox_sequential = model_type == "gpt_neox" and not config.use_parallel_residual
-        self.parallel = arch.mid_norm is None and not neox_sequential
-        self._mid_norm = "post_attention_layernorm" if neox_sequential else arch.mid_norm
-        self._channels = {kind: self._channel_index(kind) for kind in HEAD_KINDS}
+    def __init__(self, model: Any):
+        hf = getattr(model, "_module", model)
+        self.arch = arch = architecture_of(hf)
+        self.config = hf.config
+        self.n_layers, self.d_model = arch.n_layers, arch.d_model
+        self.n_heads, self.n_kv_heads, self.d_head = arch.n_heads, arch.n_kv_heads, arch.d_head
+        self.parallel = arch.parallel
+        self._channels = {kind: channel_index(arch, kind) for kind in HEAD_KINDS}
 
     # -- shapes --------------------------------------------------------------
     def n_heads_of(self, kind: str) -> int:
@@ -210,24 +163,16 @@ class SiteAdapter:
         return canonical(self.check(a)) == canonical(self.check(b))
 
     # -- live access (inside a trace) ----------------------------------------
-    def _channel_index(self, kind: str) -> torch.Tensor:
-        """Indices into the last dim of the kind's tensor, shape [heads, d_head]."""
-        heads, dh = self.n_heads_of(kind), self.d_head
-        per_head = torch.arange(heads)[:, None] * dh + torch.arange(dh)
-        if kind == "z" or self.arch.qkv == "separate":
-            return per_head
-        offset = "qkv".index(kind)
-        if self.arch.qkv == "gpt2":
-            return per_head + offset * self.d_model
-        # neox: per head [q_h | k_h | v_h]
-        return torch.arange(heads)[:, None] * 3 * dh + offset * dh + torch.arange(dh)
-
     def channels(self, kind: str, heads: int | Sequence[int] | None = None) -> torch.Tensor | slice:
         """Last-dim indices of ``heads`` (one, several or all) of ``kind``, head-major."""
         if kind not in HEAD_KINDS:
             return slice(None)
         index = self._channels[kind]
         return index.flatten() if heads is None else index[heads].flatten()
+
+    def blocks(self, model: Any) -> Any:
+        """The decoder layers (a module list) of ``model``."""
+        return _path(model, self.arch.layers)
 
     def tensor(self, model: Any, layer: int, kind: str) -> torch.Tensor:
         """The live tensor holding ``kind`` at ``layer`` ([batch, seq, channels]).
@@ -236,26 +181,27 @@ class SiteAdapter:
         q/k/v/z, :meth:`channels` picks a head's slice of the last dim.
         """
         arch = self.arch
-        block = _path(model, arch.layers)[layer]
+        block = self.blocks(model)[layer]
         attn = getattr(block, arch.attn)
+        first = lambda out, is_tuple: out[0] if is_tuple else out  # noqa: E731
         if kind == "resid_pre":
             return block.input
         if kind in ("q", "k", "v"):
-            return getattr(attn, getattr(arch, f"{kind}_proj")).output
+            return _path(attn, getattr(arch, f"{kind}_proj")).output
         if kind == "z":
-            return getattr(attn, arch.o_proj).input
+            return _path(attn, arch.o_proj).input
         if kind == "attn_out":
             if arch.attn_post_norm:
                 return getattr(block, arch.attn_post_norm).output
-            return attn.output[0]
+            return first(attn.output, arch.attn_tuple)
         if kind == "resid_mid":
-            return getattr(block, self._mid_norm).input
+            return getattr(block, arch.mid_norm).input
         if kind == "mlp_out":
             if arch.mlp_post_norm:
                 return getattr(block, arch.mlp_post_norm).output
-            return getattr(block, arch.mlp).output
+            return first(getattr(block, arch.mlp).output, arch.mlp_tuple)
         if kind == "resid_post":
-            return block.output
+            return first(block.output, arch.block_tuple)
         raise ValueError(f"unknown site kind {kind!r}")
 
     def read(self, model: Any, layer: int, kind: str) -> torch.Tensor:
@@ -265,15 +211,13 @@ class SiteAdapter:
             t = t[..., self.channels(kind)].unflatten(-1, (self.n_heads_of(kind), self.d_head))
         return t
 
-    def final_norm_and_unembed(self, model: Any):
-        """The modules after the last block: (final norm, unembedding)."""
-        inner = _path(model, self.arch.layers.rsplit(".", 1)[0])
-        norm = getattr(inner, "ln_f", None) or getattr(inner, "final_layer_norm", None) \
-            or getattr(inner, "norm")
-        unembed = getattr(model, "lm_head", None) or getattr(model, "embed_out")
-        return norm, unembed
+    def skip(self, model: Any, layers: int, hidden: torch.Tensor) -> None:
+        """Inside a trace: do not run blocks ``< layers``; block ``layers`` reads ``hidden``."""
+        blocks = self.blocks(model)
+        for i in range(layers):
+            blocks[i].skip((hidden,) if self.arch.block_tuple else hidden)
 
 
 def adapter(model: Any) -> SiteAdapter:
     """The :class:`SiteAdapter` for an nnsight (or HuggingFace) model."""
-    return SiteAdapter(model.config)
+    return SiteAdapter(model)

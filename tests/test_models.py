@@ -35,12 +35,19 @@ def test_dtype_is_the_users_choice(tiny_dir):
         load_model(str(tiny_dir[0]), dtype="fp8")
 
 
-def test_unsupported_architecture_fails_before_loading_weights(tmp_path):
+@pytest.mark.parametrize("family, settings, reason", [
+    ("mamba", {}, "state-space layers"),
+    ("jamba", {}, "hybrid"),
+    ("bart", {}, "encoder-decoder"),
+    ("granite", {"residual_multiplier": 0.22}, "not its input plus its attention and MLP"),
+    ("openai-gpt", {}, "post-norm"),
+])
+def test_unsupported_architecture_fails_before_loading_weights(tmp_path, family, settings, reason):
+    """The directory holds a config and no weights: the refusal must come first."""
     from transformers import AutoConfig
 
-    AutoConfig.for_model("gpt_bigcode", n_embd=16, n_head=2, n_layer=1).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedArchitectureError,
-                       match="architecture 'gpt_bigcode'.*supported: gemma2, gpt2, gpt_neox, llama"):
+    AutoConfig.for_model(family, **settings).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitectureError, match=f"architecture '{family}'.*{reason}"):
         load_model(str(tmp_path))
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sage_nn import Site, adapter
-from sage_nn.models import tiny_config, wrap, tiny_tokenizer
+from sage_nn.models import tiny_config, tiny_random_model, wrap, tiny_tokenizer
 from sage_nn.sites import UnsupportedArchitectureError
 
 from conftest import ARCHITECTURES
@@ -163,16 +163,20 @@ def test_sites_checked_against_model(tiny_models):
     assert len(ad.all_sites(kinds=["z", "k"])) == 2 * (4 + 2)
 
 
-def test_unsupported_architecture_lists_supported():
+def test_state_space_model_is_refused_with_its_reason():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("gpt_bigcode", n_embd=16, n_head=2, n_layer=1, vocab_size=80)
+    config = AutoConfig.for_model("mamba", hidden_size=16, num_hidden_layers=1, vocab_size=80)
     hf = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(UnsupportedArchitectureError, match="gpt_bigcode.*supported: gemma2, gpt2"):
+    with pytest.raises(UnsupportedArchitectureError, match="'mamba'.*state-space layers"):
         wrap(hf, tiny_tokenizer())
 
 
 def test_neox_sequential_has_resid_mid():
+    from transformers import AutoModelForCausalLM
+
     config = tiny_config("gpt_neox")
     config.use_parallel_residual = False
-    assert not adapter(type("M", (), {"config": config})()).parallel
+    ad = adapter(AutoModelForCausalLM.from_config(config, attn_implementation="eager"))
+    assert not ad.parallel and ad.arch.mid_norm == "post_attention_layernorm"
+    assert adapter(tiny_random_model("gpt_neox")).parallel
