@@ -172,3 +172,65 @@ def test_train_on_task_prompts_mixed_with_text(text_file, tmp_path):
                                                                      "task_prompts": 200}),
                             source=f"task:{task}")
     assert report.fvu.iloc[0] < 1.0 and by_name.fvu.iloc[0] < 1.0, (report, by_name)
+
+
+def test_batched_trainer_matches_sae_lens_trainer(text_file):
+    """The batched trainer (all SAEs of one shape as stacked tensors, one Adam step) does
+    sae_lens's TopK training math: same init, same stream, the same weights to float
+    tolerance, auxiliary loss on dead latents included (dead window: 8 of 32 steps)."""
+    model = tiny_random_model("llama")
+    sites = ["L0.resid_pre", "L1.resid_mid", "L1.z.h2", "L1.z.h3"]
+    out = {}
+    for trainer in ("sae_lens", "batched"):
+        out[trainer] = train_saes(model, sites, TrainConfig(**SMALL, trainer=trainer),
+                                  source=text_file)
+    (old, old_rep), (new, new_rep) = out["sae_lens"], out["batched"]
+    assert (old_rep.dead_in_training > 0).any()  # the auxiliary loss was exercised
+    for site in sites:
+        torch.testing.assert_close(new[site].W_dec, old[site].W_dec, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(new[site].b_enc, old[site].b_enc, atol=1e-4, rtol=1e-3)
+    assert (abs(new_rep.fvu - old_rep.fvu) < 1e-3).all(), (old_rep, new_rep)
+    assert (new_rep.steps == old_rep.steps).all() and (new_rep.steps == 4096 // 128).all()
+
+
+def test_stop_at_convergence_records_steps(text_file, tmp_path):
+    model = tiny_random_model("llama")
+    sites = ["L0.resid_pre", "L1.z.h1"]
+    cap = TrainConfig(**{**SMALL, "tokens": 128 * 200, "check_every": 10,
+                         "converge_window": 40, "min_steps": 40})
+    full = TrainConfig(**{**vars(cap), "converge_tol": None})
+    loose = TrainConfig(**{**vars(cap), "converge_tol": 0.5})
+    _, rep_full = train_saes(model, sites, full, source=text_file)
+    saes, rep = train_saes(model, sites, loose, source=text_file, out_dir=tmp_path)
+    assert (rep_full.steps == 200).all()
+    # a loose tolerance stops each SAE early, at a check, after min_steps
+    assert ((rep.steps >= 40) & (rep.steps < 200) & (rep.steps % 10 == 0)).all(), rep
+    record = json.loads((tmp_path / "train_config.json").read_text())
+    for site in sites:
+        assert record["steps_used"][site] == rep.steps[site]
+        assert record["held_out_fvu_curves"][site][-1][0] == rep.steps[site]
+        cfg = json.loads((tmp_path / site / "cfg.json").read_text())
+        assert cfg["metadata"]["sage_nn_train_steps"] == rep.steps[site]
+        assert SAE.load_from_disk(tmp_path / site).cfg.d_sae == 64
+    # stopping early still trains (a loose tolerance costs FVU: 0.5 is for the test only)
+    assert (rep.fvu < 0.6).all(), rep
+    # tolerance 0 stops only when the held-out FVU stopped improving at all: here never,
+    # and the checks themselves change nothing
+    _, rep_zero = train_saes(model, sites, TrainConfig(**{**vars(cap), "converge_tol": 0.0}),
+                             source=text_file)
+    assert (rep_zero.steps == 200).all() and (rep_zero.fvu == rep_full.fvu).all()
+    with pytest.raises(ValueError, match="trainer 'fast'"):
+        TrainConfig(trainer="fast")
+
+
+def test_activations_stop_after_the_last_site_unchanged():
+    """activation_batches stops the forward after its last site (no logits): the values
+    are those of a full forward."""
+    model = tiny_random_model("llama")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    got = next(activation_batches(model, ids, ["L0.resid_post", "L1.resid_pre"],
+                                  skip_first=0))
+    with torch.no_grad():
+        hidden = model._module(ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(got["L0.resid_post"], hidden[1][0])
+    torch.testing.assert_close(got["L1.resid_pre"], hidden[1][0])
