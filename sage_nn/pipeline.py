@@ -252,6 +252,105 @@ def residual_sites_for(pairs: list[tuple], parallel: bool, mode: str = "input") 
     return sorted(needed, key=lambda s: (int(s[1:].split(".")[0]), s))
 
 
+def _residual_key(layer: int, kind: str, n_layers: int) -> tuple[int, str]:
+    """One name per residual tensor: ``L.resid_post`` is ``L+1.resid_pre`` below the top."""
+    if kind == "resid_post" and layer + 1 < n_layers:
+        return layer + 1, "resid_pre"
+    return layer, kind
+
+
+def served_sites(sites: list[str], n_layers: int, parallel: bool | None,
+                 mode: str = "input") -> set[tuple[int, str]]:
+    """The ``(layer, kind)`` cross-section sites residual SAEs at ``sites`` (hook names or
+    sage names) serve: their own residual tensor (under both its names), and in input mode
+    the components it feeds (q/k/v/z/attn_out from ``L.resid_pre``; mlp_out from
+    ``L.resid_mid``, or ``L.resid_pre`` in parallel blocks; ``parallel=None``: either);
+    in difference mode attn_out/mlp_out where both residuals around them have an SAE. The
+    inverse of :func:`residual_sites_for`. SAEs at other kinds serve nothing here."""
+    from .reconstruction import ATTN_KINDS
+    from .saes import parse_site
+    from .sites import RESID_KINDS
+
+    keys = set()
+    for name in sites:
+        layer, kind, _ = parse_site(name)
+        if kind in RESID_KINDS:
+            keys.add(_residual_key(layer, kind, n_layers))
+    served = set()
+    for layer, kind in keys:
+        served.add((layer, kind))
+        if kind == "resid_pre" and layer > 0:
+            served.add((layer - 1, "resid_post"))
+        if mode != "input" or layer >= n_layers:
+            continue
+        if kind == "resid_pre":
+            served |= {(layer, k) for k in ATTN_KINDS}
+            if parallel or parallel is None:
+                served.add((layer, "mlp_out"))
+        elif kind == "resid_mid" and not parallel:
+            served.add((layer, "mlp_out"))
+    if mode == "difference":
+        top = (n_layers - 1, "resid_post")
+        for layer in range(n_layers):
+            if {(layer, "resid_pre"), (layer, "resid_mid")} <= keys:
+                served.add((layer, "attn_out"))
+            after = (layer + 1, "resid_pre") if layer + 1 < n_layers else top
+            if {(layer, "resid_mid"), after} <= keys:
+                served.add((layer, "mlp_out"))
+    return served
+
+
+def select_kinds_of(config: "RunConfig") -> list[str]:
+    """The kinds a cross-section may hold (as :meth:`DiscoveryConfig.selectable_kinds`)."""
+    if config.select_kinds:
+        return list(config.select_kinds)
+    if config.discovery_kinds and "z" not in config.discovery_kinds:
+        return list(config.discovery_kinds)
+    return ["z"]
+
+
+class UnservableRunError(ValueError):
+    """The run's SAEs serve no site a cross-section may hold."""
+
+
+def discovery_restriction(config: "RunConfig", n_layers: int, parallel: bool | None,
+                          spec_sites: dict[str, list[str]] | None = None
+                          ) -> tuple[list[int], list[str]] | None:
+    """``(layers, select_kinds)`` discovery is limited to when every ``--sae`` names SAEs
+    already made (a release, a directory): the sites every one of them serves (each SAE is
+    evaluated at every cross-section site). ``None`` when one is trained here (``train:``,
+    placed wherever discovery finds the cross-sections) or its SAEs' sites are unknown.
+    Raises :class:`UnservableRunError` (one line, with the fix) when nothing is served.
+
+    ``spec_sites``: the sites of each spec when already read (else read from configs)."""
+    from .releases import spec_sites as read_sites
+
+    if any(str(s).startswith("train:") for s in config.saes):
+        return None
+    sites = {s: (spec_sites or {}).get(s) or read_sites(s) for s in config.saes}
+    if any(v is None for v in sites.values()):
+        return None
+    wanted = select_kinds_of(config)
+    served = None
+    for found in sites.values():
+        mine = served_sites(found, n_layers, parallel, config.reconstruction)
+        served = mine if served is None else served & mine
+    usable = sorted((layer, kind) for layer, kind in served or () if kind in wanted)
+    if not usable:
+        have = sorted({str(s) for found in sites.values() for s in found})
+        hint = ("--select-kinds resid_pre resid_post (cross-sections in the residual stream "
+                "itself)" if any("resid" in h for h in have) else
+                "SAEs at residual sites (hook_resid_pre/post)")
+        raise UnservableRunError(
+            f"--sae {' '.join(config.saes)}: these SAEs (at {', '.join(have[:6])}"
+            f"{', ...' if len(have) > 6 else ''}) serve no cross-section site of kinds "
+            f"{wanted} in {config.reconstruction} mode; fix: add SAEs at the residual stream "
+            f"feeding those sites (L.resid_pre = blocks.L-1.hook_resid_post), use {hint}, "
+            "or add --sae train:topk")
+    kinds = [k for k in wanted if any(k == kind for _, kind in usable)]
+    return sorted({layer for layer, kind in usable}), kinds
+
+
 def run_prompts(model: Any, config: RunConfig) -> tuple[Any, Any, Any]:
     """The run's task prompts: ``(all, fit, held_out)``, built from the train split.
 
@@ -351,11 +450,39 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> 
     if path.is_dir():
         return path.name, list(load_trained(path, model).values())
     if ":" in spec:
-        release, sae_id = spec.split(":", 1)
-        return sae_id, [load_sae(release, sae_id, model=model)]
+        return release_saes(spec, model, sites)
     raise ValueError(f"--sae {spec!r}: not a directory with cfg.json, a directory of SAE "
                      "directories, 'train:topk'/'train:standard' (optionally '@sites'), or "
                      "'RELEASE:SAE_ID'")
+
+
+def release_saes(spec: str, model: Any, sites: list[str]) -> tuple[str, list]:
+    """``RELEASE:SAE_ID`` or ``RELEASE:ID_GLOB`` (:mod:`sage_nn.releases`): the release's
+    SAEs loaded through sae_lens's ``SAE.from_pretrained`` (from the HF cache when the hub
+    is offline). A glob loads only the SAEs whose residual tensor is one of ``sites`` (the
+    residuals the cross-sections need), one per tensor; its name is the glob."""
+    from .releases import expand, hook_names, is_glob, register, split_spec
+    from .saes import load_sae, parse_site
+    from .sites import adapter
+
+    register()  # $SAGE_NN_SAE_REGISTRY's releases, for SAE.from_pretrained
+    release, pattern = split_spec(spec)
+    _, ids = expand(spec)
+    if not is_glob(pattern):
+        return pattern, [load_sae(release, ids[0], model=model)]
+    n_layers = adapter(model).n_layers
+    key = lambda name: _residual_key(*parse_site(name)[:2], n_layers)  # noqa: E731
+    wanted, chosen = {key(s) for s in sites}, {}
+    for sae_id, hook in hook_names(spec).items():
+        try:
+            site = key(hook)
+        except (TypeError, ValueError):
+            continue  # not a residual site of this model's grammar: serves no cross-section
+        if site in wanted and site not in chosen:
+            chosen[site] = sae_id
+    log.info("%s: %d of %d SAEs serve the cross-sections: %s", spec, len(chosen), len(ids),
+             ", ".join(chosen.values()))
+    return pattern, [load_sae(release, chosen[s], model=model) for s in sorted(chosen)]
 
 
 def cached_saes(root: Path, model: Any) -> tuple[dict, list[str]]:
@@ -432,6 +559,22 @@ def with_discovery(results: xr.Dataset, summary_path: Path) -> xr.Dataset:
         same_as=("attribute", [", ".join(get(a, "same_as", [])) for a in attributes]))
 
 
+def _restriction(config: RunConfig, model: Any) -> tuple[list[int], list[str]] | None:
+    """:func:`discovery_restriction` for a loaded model (its layers, parallel blocks);
+    nothing served is an :class:`~sage_nn.validate.InvalidRunError`, before any forward."""
+    from .sites import adapter
+    from .validate import InvalidRunError
+
+    ad = adapter(model)
+    try:
+        found = discovery_restriction(config, ad.n_layers, ad.parallel)
+    except UnservableRunError as err:
+        raise InvalidRunError([str(err)]) from None
+    if found:
+        log.info("discovery restricted to what the SAEs serve: layers %s, kinds %s", *found)
+    return found
+
+
 def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = None,
         remote: Any = None) -> RunResult:
     """Build the task, discover cross-sections, get SAEs, evaluate, report; resumable.
@@ -463,6 +606,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                         jobs=None if config.remote_blocking else root / "remote_jobs.json")
     model = model or load_model(config.model, device=config.device, dtype=config.dtype,
                                 remote=on_server)
+    restriction = _restriction(config, model)  # what the named SAEs serve, before any forward
     spec = load_task(config.task)
     full, fit, held_out = run_prompts(model, config)
     attributes = config.attributes or fit.attribute_names
@@ -491,9 +635,10 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         prompts = fit.subset(np.arange(min(config.n_discovery, len(fit))))
         # the grid scores what a cross-section may hold unless asked for more (heatmaps of
         # every kind cost the residual stream's exact sweep, which selection does not use)
-        grid = config.discovery_kinds or config.select_kinds or ["z"]
-        settings = DiscoveryConfig(kinds=grid, attributes=attributes,
-                                   select_kinds=config.select_kinds, target=config.target,
+        layers, select = restriction or (None, config.select_kinds)
+        grid = config.discovery_kinds or select or ["z"]
+        settings = DiscoveryConfig(kinds=grid, attributes=attributes, layers=layers,
+                                   select_kinds=select, target=config.target,
                                    max_sites=config.max_sites, top_k=config.top_k,
                                    batch_size=config.batch_size)
         write_dir(disc_dir, lambda out: discover(model, prompts, settings, out_dir=out,
@@ -507,7 +652,8 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     pairs_by_attr = stage("discovery", config.hash("model", "task", "seed", "n_fit", "n_eval",
                                                    "n_discovery", "attributes",
                                                    "discovery_kinds", "select_kinds",
-                                                   "target", "max_sites", "top_k"),
+                                                   "target", "max_sites", "top_k")
+                          + (f",{restriction}" if restriction else ""),
                           disc_files, discovery_stage, discovery_load)
     all_pairs = [p for pairs in pairs_by_attr.values() for p in pairs]
     needed = residual_sites_for(all_pairs, adapter(model).parallel, config.reconstruction)

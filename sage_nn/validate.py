@@ -14,7 +14,6 @@ Each problem is one line that names what is wrong and how to fix it. :func:`run`
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -58,6 +57,8 @@ def validate(config: Any, model: Any = None) -> list[str]:
         config_of_model = model.config
     for spec in config.saes if isinstance(config.saes, list) else []:
         problems += sae_problems(spec, config, config_of_model)
+    if not any(p.startswith(("--sae", "saes")) for p in problems):
+        problems += served_problems(config, config_of_model)
     problems += corpus_problems(config)
     problems += run_dir_problems(config.run_dir)
     tokenizer = None  # the task is counted only with valid sizes and a tokenizer at hand
@@ -366,43 +367,41 @@ def _sae_dir_problems(spec: str, path: Path, model_config: Any) -> list[str]:
 
 
 def _release_problems(spec: str) -> list[str]:
-    release, sae_id = spec.split(":", 1)
-    registry = _sae_registry()
-    if release not in registry:
-        close = [r for r in registry if release.lower() in r.lower()][:3]
-        return [f"--sae {spec!r}: unknown sae_lens release {release!r}; fix: use a release of "
-                "sae_lens's pretrained_saes.yaml" + (f" (e.g. {', '.join(close)})" if close
-                                                     else "") + ", or an SAE directory"]
-    entry = registry[release]
-    ids = {str(s["id"]): s.get("path", s["id"]) for s in entry.get("saes", [])}
-    if sae_id not in ids:
-        return [f"--sae {spec!r}: release {release!r} has no SAE {sae_id!r}; fix: use one of "
-                f"{', '.join(list(ids)[:4])}{', ...' if len(ids) > 4 else ''}"]
-    if _offline() and not _in_hf_cache(entry["repo_id"], str(ids[sae_id])):
+    """A ``RELEASE:SAE_ID`` or ``RELEASE:ID_GLOB`` of sae_lens's registry (or of
+    ``$SAGE_NN_SAE_REGISTRY``): the ids exist, and each is in the HF cache when offline."""
+    from .releases import _folder, cached_folder, expand
+
+    try:
+        release, ids = expand(spec)
+    except ValueError as err:
+        return [str(err)]
+    if not _offline():
+        return []
+    missing = [f"{repo}/{folder}" for repo, folder, _ in (_folder(release, i) for i in ids)
+               if cached_folder(repo, folder) is None]
+    if missing:
         return [f"--sae {spec!r}: the hub is disabled (HF_HUB_OFFLINE=1) and the HF cache does "
-                f"not hold {entry['repo_id']}/{ids[sae_id]}; fix: download it where the hub "
-                "is reachable, or give its local directory"]
+                f"not hold {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; fix: "
+                "download it where the hub is reachable, or give its local directory"]
     return []
 
 
-@functools.lru_cache(maxsize=1)
-def _sae_registry() -> dict:
-    """sae_lens's pretrained_saes.yaml, read as YAML (importing sae_lens takes longer)."""
-    import importlib.util
+def served_problems(config: Any, model_config: Any = None) -> list[str]:
+    """When every ``--sae`` names SAEs already made (no ``train:``), they must serve some
+    site a cross-section may hold (:func:`sage_nn.pipeline.discovery_restriction`), read
+    from the SAEs' configs: else discovery would search for sites no SAE can be scored at."""
+    from .pipeline import UnservableRunError, discovery_restriction
 
-    import yaml
-
-    spec = importlib.util.find_spec("sae_lens")
-    path = Path(spec.submodule_search_locations[0]) / "pretrained_saes.yaml"
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    return yaml.load(path.read_text(), Loader=loader) or {}
-
-
-def _in_hf_cache(repo_id: str, folder: str) -> bool:
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    snapshots = Path(HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
-    return any((snap / folder).exists() for snap in snapshots.glob("*"))
+    n_layers = None
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        n_layers = n_layers or getattr(model_config, name, None)
+    try:  # parallel blocks are known once the model loads; the run checks again then
+        discovery_restriction(config, n_layers or 10 ** 6, None)
+    except UnservableRunError as err:
+        return [str(err)]
+    except Exception:  # noqa: BLE001 (an unreadable SAE is reported by sae_problems)
+        return []
+    return []
 
 
 # -- the SAE corpus, the run directory -------------------------------------------------
