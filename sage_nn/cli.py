@@ -139,7 +139,10 @@ FIELD_HELP = {
     "model": "the model: smollm2-135m, a local HuggingFace dir, a .gguf file or a hub id",
     "task": "a name in tasks/ (sage tasks lists them) or a YAML path",
     "saes": "train:topk | train:standard | train:topk@sites | SAE directory | "
-            "RELEASE:SAE_ID (repeatable, or several after one --sae)",
+            "RELEASE:SAE_ID | RELEASE:ID_GLOB (a sae_lens release, or one of "
+            "$SAGE_NN_SAE_REGISTRY's YAML files; e.g. 'gpt2-small-res-jb:blocks.*' — "
+            "discovery is then limited to what those SAEs serve) (repeatable, or several "
+            "after one --sae)",
     "run_dir": "the run directory: stage files, manifest, report (a rerun resumes it)",
     "seed": "seed of the prompts, bootstrap and trained SAEs",
     "n_fit": "prompts to fit dictionaries (and discover) on",

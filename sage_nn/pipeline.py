@@ -427,7 +427,8 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> 
     the corpus's content and reused (``train:topk@sites`` names the SAEs trained at the
     cross-section's own sites; they share the cache). A directory with
     ``cfg.json``: one sae_lens SAE. A directory of such directories: all of them.
-    ``RELEASE:SAE_ID``: a sae_lens pretrained SAE (needs the hub).
+    ``RELEASE:SAE_ID`` / ``RELEASE:ID_GLOB``: sae_lens pretrained SAEs (:func:`release_saes`;
+    from the HF cache when offline).
     """
     from .saes import cache_lock, load_sae
     from .training import load_trained
@@ -530,9 +531,21 @@ def _train_into_cache(root: Path, model: Any, sites: list[str], cfg, source) -> 
     return trained
 
 
-def _sae_site(sae) -> str:
+def _sae_site(sae, spec: str = "train:") -> str:
+    """An SAE's site as saes.json lists it: the hook name of an SAE the user named (a
+    release or a directory: ``blocks.8.hook_resid_post`` stays so), else ``L8.resid_post``."""
     heads = sae.heads or []
-    return f"L{sae.layer}.{sae.kind}" + (f".h{heads[0]}" if len(heads) == 1 else "")
+    site = f"L{sae.layer}.{sae.kind}" + (f".h{heads[0]}" if len(heads) == 1 else "")
+    hook = str(sae.hook_name or "")
+    if not spec.startswith("train:") and hook.startswith("blocks.") and len(heads) != 1:
+        from .saes import parse_site
+
+        try:
+            if parse_site(hook)[:2] == (sae.layer, sae.kind):
+                return hook
+        except ValueError:
+            pass
+    return site
 
 
 def saes_for_all_layers(model: Any, members: list) -> int:
@@ -681,7 +694,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                 record = _trained_cache(_train_spec(spec_)[0], model, config)[3] / \
                     "train_config.json"
                 training = json.loads(record.read_text()) if record.exists() else None
-            listing[name] = {"spec": spec_, "sites": [_sae_site(s) for s in members],
+            listing[name] = {"spec": spec_, "sites": [_sae_site(s, spec_) for s in members],
                              "approach": "at the cross-section sites" if at_sites else
                              "residual, through the reconstruction",
                              "n_saes": len(members),

@@ -165,7 +165,7 @@ def test_sage_run_on_a_release_glob_offline_through_sae_lens(release):
     saes = json.loads((run_dir / "saes.json").read_text())
     glob = saes["blocks.*.hook_resid_post"]
     # of the glob's two SAEs only blocks.0.hook_resid_post (= L1.resid_pre) is needed
-    assert glob["n_saes"] == 1 and glob["sites"] == ["L0.resid_post"], glob
+    assert glob["n_saes"] == 1 and glob["sites"] == ["blocks.0.hook_resid_post"], glob
     assert glob["sae_cfg_dict"]["hook_name"] == "blocks.0.hook_resid_post", glob
     assert saes["blocks.1.hook_resid_pre"]["sae_cfg_dict"]["hook_name"] == \
         "blocks.1.hook_resid_pre"
