@@ -100,7 +100,14 @@ def _sae_code(sae: SparseAutoencoder, a, a_cf, a_fit) -> SiteCode:
 
 def _floors(saes, calibration: dict, seed: int) -> list[SparseAutoencoder]:
     """Each SAE's floor (:func:`sage_nn.floor.random_like`), its L0 matched on the fit
-    prompts' activations it reads (``calibration[i]``, a list of ``[n, d_in]``)."""
+    prompts' activations it reads (``calibration[i]``, a list of ``[n, d_in]``).
+
+    Floors are not shared between SAEs, even of one architecture and shape: a floor keeps
+    everything its SAE is but the directions (encoder biases, ``b_dec``, thresholds, ``k``,
+    normalisation) and matches its SAE's measured L0, so two SAEs' floors coincide only when
+    the SAEs agree in all of these, i.e. are the same SAE (the random directions themselves
+    are already shared: same seed and shape, same directions). A floor costs its own
+    patched variants, batched into the same forwards as every other method's."""
     return [random_like(sae, torch.cat(calibration[i]) if calibration.get(i) else None,
                         seed=seed + i) for i, sae in enumerate(saes)]
 
@@ -280,6 +287,7 @@ def evaluate_cross_section(
     seed: int = 0,
     batch_size: int = 32,
     remote: Any = None,
+    ceiling: bool = True,
 ) -> xr.Dataset:
     """All SAGE metrics of the supervised dictionary, each SAE and the random floor.
 
@@ -297,8 +305,17 @@ def evaluate_cross_section(
     counterfactual changes the model's prediction (on those prompts only), else
     ``"success"`` (the share of the logit-difference move); ``edit_baseline`` is the same
     metric with no edit (the clean run the edit starts from).
+
+    ``ceiling=False`` scores only the SAEs and their floors: the supervised dictionaries are
+    still fitted (alignment is measured against their features) but not run, and there is
+    no ``ground_truth``. Every number of an SAE is the same as in a run with the ceiling and
+    other SAEs (each method's bootstrap and floor have their own seeds; patched forwards
+    agree to float tolerance), so SAEs can be evaluated apart and merged (the pipeline
+    caches each SAE's results this way).
     """
     attribute, pairs = cross_section.attribute, cross_section.pairs
+    if not ceiling and not saes:
+        raise ValueError("ceiling=False with no SAEs: nothing to score")
     test = _seen_values_only(train, test, attribute)
     cf = test.counterfactuals[attribute]
     coders = {name: as_coder(sae) for name, sae in (saes or {}).items()}
@@ -318,15 +335,20 @@ def evaluate_cross_section(
     dictionaries = dictionaries or {SUPERVISED: MSEDictionary()}
     codes_by_method: dict[str, dict[tuple, SiteCode]] = {}
     features = {}
-    for name, estimator in dictionaries.items():
+    for name, estimator in (dictionaries if ceiling else
+                            dict(list(dictionaries.items())[:1])).items():
         codes_by_method[name] = {}
         for pair in pairs:
             dictionary = clone(estimator).set_params(attributes=names).fit(
                 a_train[pair].numpy(), train.attributes[names])
             features.setdefault(pair, dictionary.components_)
+            if not ceiling:  # only the reference features, for the SAEs' alignment
+                continue
             codes_by_method[name][pair] = supervised_code(
                 dictionary, a_test[pair].numpy(), attrs, a_cf[pair].numpy(), attrs_cf,
                 a_train[pair].numpy(), train.attributes[names])
+    if not ceiling:
+        codes_by_method.clear()
     for name, coder in coders.items():
         codes_by_method[name] = coder.codes(model, pairs, test, cf, a_test, a_cf, a_train, remote)
         codes_by_method[f"{RANDOM}:{name}"] = coder.floor(model, pairs, a_train, seed).codes(
@@ -370,7 +392,7 @@ def evaluate_cross_section(
         ds[f"{name}_note"] = note or ""
     ds = ds.expand_dims(attribute=[attribute]).assign_coords(
         edit_metric=("attribute", [edit_metric]))
-    return trust_ceiling(ds, next(iter(dictionaries)))
+    return trust_ceiling(ds, next(iter(dictionaries))) if ceiling else ds
 
 
 #: A supervised dictionary is ground truth at a cross-section only if it passes these on the

@@ -384,19 +384,93 @@ def sae_corpus(model: Any, config: RunConfig) -> list:
             if p in TASK_CORPORA else p for p in parts]
 
 
-def _trained_cache(arch: str, model: Any, config: RunConfig):
+def _trained_cache(arch: str, model: Any, config: RunConfig, options: dict | None = None):
     """``(name, TrainConfig, sources, cache directory)`` of the run's trained SAEs: the
-    directory is keyed by width, tokens, seed and the corpus's content."""
+    directory is keyed by width, k, tokens, seed and the corpus's content. ``options``
+    (``{"width": 512, "k": 8}``, from ``train:topk:width=512:k=8``) override the run's
+    ``sae_width`` and TrainConfig's ``k``; a k named in the spec is part of the name
+    (``topk-1024-k8``), so each SAE of a sweep has its own name and cache entry."""
     from .models import cache_dir
     from .training import TrainConfig, corpus_hash
 
-    cfg = TrainConfig(architecture=arch, d_sae=config.sae_width, seed=config.seed,
-                      tokens=config.sae_steps * 1024)
-    name = f"{arch}-{config.sae_width}"
+    options = options or {}
+    width = int(options.get("width", config.sae_width))
+    extra = {"k": int(options["k"])} if "k" in options else {}
+    cfg = TrainConfig(architecture=arch, d_sae=width, seed=config.seed,
+                      tokens=config.sae_steps * 1024, **extra)
+    name = f"{arch}-{width}" + (f"-k{extra['k']}" if extra else "")
     source = sae_corpus(model, config)
     root = cache_dir() / "saes" / str(model.config._name_or_path).replace("/", "--") / \
         f"{name}-{cfg.tokens}-seed{cfg.seed}-{corpus_hash(source)}"
     return name, cfg, source, root
+
+
+#: what ``train:ARCH:KEY=V1,V2`` may sweep
+SWEEP_OPTIONS = ("width", "k")
+
+
+def parse_train_spec(spec: str) -> tuple[str, bool, dict[str, list[int]]]:
+    """``train:ARCH[:KEY=V1,V2,...]...[@sites]`` -> (architecture, at the cross-section
+    sites, {key: [values]}); keys are :data:`SWEEP_OPTIONS`. Raises ValueError."""
+    body = spec.split(":", 1)[1]
+    at_sites = body.endswith("@sites")
+    arch, *parts = body.removesuffix("@sites").split(":")
+    options: dict[str, list[int]] = {}
+    for part in parts:
+        key, _, values = part.partition("=")
+        if key not in SWEEP_OPTIONS or not values:
+            raise ValueError(f"--sae {spec!r}: {part!r} is not KEY=V1,V2,... with KEY one of "
+                             f"{', '.join(SWEEP_OPTIONS)} (e.g. train:topk:k=8,16,32)")
+        try:
+            options[key] = [int(v) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"--sae {spec!r}: {key} values must be integers") from None
+        if any(v <= 0 for v in options[key]):
+            raise ValueError(f"--sae {spec!r}: {key} values must be positive")
+    return arch, at_sites, options
+
+
+def _sae_dir_site(path: Path) -> str | None:
+    try:
+        cfg = json.loads((path / "cfg.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return f"{cfg.get('hook_name')}|{cfg.get('hook_head_index')}"
+
+
+def expand_sae_specs(specs: list[str]) -> list[str]:
+    """Each ``--sae`` value as the SAEs it names, in order, without repeats.
+
+    ``train:topk:k=8,16`` -> ``train:topk:k=8``, ``train:topk:k=16`` (several keys: every
+    combination). A directory whose subdirectories are SAE sets (directories of SAE
+    directories) -> each subdirectory. A directory of SAE directories at distinct sites
+    stays one SAE set (one per site, as ``sage train-sae`` writes them); if two read the
+    same site, each is its own SAE. Anything else is kept as it is."""
+    import itertools
+
+    out: list[str] = []
+    for spec in specs:
+        if spec.startswith("train:"):
+            arch, at_sites, options = parse_train_spec(spec)
+            keys = [k for k in SWEEP_OPTIONS if k in options]
+            for values in itertools.product(*(options[k] for k in keys)):
+                opts = "".join(f":{k}={v}" for k, v in zip(keys, values))
+                out.append(f"train:{arch}{opts}" + ("@sites" if at_sites else ""))
+            continue
+        path = Path(spec).expanduser()
+        if path.is_dir() and not (path / "cfg.json").exists():
+            members = sorted(p.parent for p in path.glob("*/cfg.json"))
+            sets = sorted(p for p in path.iterdir() if p.is_dir() and
+                          not (p / "cfg.json").exists() and any(p.glob("*/cfg.json")))
+            sites = [_sae_dir_site(m) for m in members]
+            if sets and not members:
+                out.extend(str(p) for p in sets)
+                continue
+            if len(set(sites)) < len(sites):
+                out.extend(str(m) for m in members)
+                continue
+        out.append(spec)
+    return list(dict.fromkeys(out))
 
 
 def _at_sites(spec: str) -> bool:
@@ -414,9 +488,22 @@ def trained_sites(spec: str, residual: list[str], pairs: list[tuple]) -> list[st
 
 
 def _train_spec(spec: str) -> tuple[str, bool]:
-    """``train:ARCH[@sites]`` -> (architecture, at the cross-section sites)."""
-    arch = spec.split(":", 1)[1]
-    return arch.removesuffix("@sites"), arch.endswith("@sites")
+    """``train:ARCH[:KEY=V...][@sites]`` -> (architecture, at the cross-section sites)."""
+    arch, at_sites, _ = parse_train_spec(spec)
+    return arch, at_sites
+
+
+def _train_options(spec: str) -> dict:
+    """The one value of each option of an expanded ``train:`` spec (``{"k": 8}``)."""
+    options = parse_train_spec(spec)[2]
+    if any(len(v) != 1 for v in options.values()):
+        raise ValueError(f"--sae {spec!r} names a sweep: expand it (expand_sae_specs) first")
+    return {k: v[0] for k, v in options.items()}
+
+
+def _train_group(spec: str) -> tuple:
+    """Trained SAEs of one architecture and options share one training (and cache)."""
+    return (_train_spec(spec)[0], tuple(sorted(_train_options(spec).items())))
 
 
 def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> tuple[str, list]:
@@ -435,7 +522,7 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> 
 
     if spec.startswith("train:"):
         arch, at_sites = _train_spec(spec)
-        name, cfg, source, root = _trained_cache(arch, model, config)
+        name, cfg, source, root = _trained_cache(arch, model, config, _train_options(spec))
         with cache_lock(root):  # a second process needing these SAEs waits, then reads them
             have, broken = cached_saes(root, model)
             missing = [s for s in sites if s not in have]
@@ -558,6 +645,62 @@ def saes_for_all_layers(model: Any, members: list) -> int:
                for kind in {s.kind for s in members})
 
 
+SHARED_EVALUATION = "shared"
+
+
+def evaluation_file(name: str) -> str:
+    """An SAE's cached results in the run directory: ``evaluation/<safe name>-<hash>.nc``
+    (the hash keeps two names that read the same as file names apart)."""
+    from .report import safe_name
+
+    return f"evaluation/{safe_name(name)}-{hashlib.sha256(name.encode()).hexdigest()[:8]}.nc"
+
+
+def sae_fingerprint(coder: Any) -> str:
+    """A hash of what an SAE's evaluation depends on: its weights and settings (every
+    member SAE), and how it is evaluated (at its own sites or through the reconstruction,
+    and the reconstruction mode)."""
+    import torch
+
+    h = hashlib.sha256(f"{type(coder).__name__}|{getattr(coder, 'mode', '')}".encode())
+    for sae in getattr(coder, "saes", [coder]):
+        h.update(repr([getattr(sae, a, None) for a in (
+            "architecture", "k", "layer", "kind", "heads", "hook_name", "normalize", "center",
+            "apply_b_dec_to_input", "rescale_acts_by_decoder_norm")]).encode())
+        for key, value in sorted(sae.state_dict().items()):
+            h.update(key.encode())
+            h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def evaluation_part(results: xr.Dataset, sae: str | None) -> xr.Dataset:
+    """What one cache file holds of an evaluation: an SAE and its floor (variables over
+    ``dictionary``), or (``sae=None``) every other dictionary and every shared variable."""
+    from .evaluation import RANDOM
+
+    names = [str(d) for d in results.dictionary.values]
+    if sae is not None:
+        part = results.sel(dictionary=[sae, f"{RANDOM}:{sae}"])
+        return part[[v for v in part.data_vars if "dictionary" in part[v].dims]]
+    own = lambda d: d.startswith(f"{RANDOM}:") or f"{RANDOM}:{d}" in names  # noqa: E731
+    return results.sel(dictionary=[d for d in names if not own(d)])
+
+
+def merge_evaluation(shared: xr.Dataset, parts: list[xr.Dataset]) -> xr.Dataset:
+    """The shared part (ceiling, shared variables, attributes) and each SAE's, in order."""
+    per_dictionary = [v for v in shared.data_vars if "dictionary" in shared[v].dims]
+    names = lambda ds: ds.assign_coords(dictionary=np.array(  # noqa: E731 (no fixed width:
+        [str(d) for d in ds.dictionary.values], dtype=object))  # a longer name is not cut)
+    merged = xr.concat([names(shared[per_dictionary]), *map(names, parts)], "dictionary",
+                       join="outer",
+                       data_vars="all", coords="minimal", compat="override")
+    for v in shared.data_vars:
+        if v not in per_dictionary:
+            merged[v] = shared[v]
+    merged.attrs = dict(shared.attrs)
+    return merged
+
+
 def with_discovery(results: xr.Dataset, summary_path: Path) -> xr.Dataset:
     """The cross-sections' discovery facts as attribute variables: ``recovered`` (joint
     exact share of the effect), ``cap_hit``, ``small_effect`` and ``same_as`` (the other
@@ -672,27 +815,33 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     needed = residual_sites_for(all_pairs, adapter(model).parallel, config.reconstruction)
 
     saes: dict[str, Any] = {}
+    sae_specs = expand_sae_specs(config.saes)  # a sweep or a folder: each of its SAEs
 
     def resolve_all() -> dict:  # trains what the SAE cache lacks, loads the rest
-        union: dict[str, list[str]] = {}  # one activation stream trains every SAE an arch needs
-        for spec_ in config.saes:
+        # one activation stream trains every SAE an architecture (and width, k) needs
+        union: dict[tuple, list[str]] = {}
+        for spec_ in sae_specs:
             if spec_.startswith("train:"):
-                union.setdefault(_train_spec(spec_)[0], []).extend(
+                union.setdefault(_train_group(spec_), []).extend(
                     trained_sites(spec_, needed, all_pairs))
-        for arch, sites in union.items():
-            resolve_saes(f"train:{arch}", model, list(dict.fromkeys(sites)), config)
+        for (arch, options), sites in union.items():
+            resolve_saes(f"train:{arch}" + "".join(f":{k}={v}" for k, v in options), model,
+                         list(dict.fromkeys(sites)), config)
         listing = {}
-        for spec_ in config.saes:
+        for spec_ in sae_specs:
             at_sites = _at_sites(spec_)
             name, members = resolve_saes(spec_, model, trained_sites(spec_, needed, all_pairs),
                                          config)
+            if name in saes:
+                raise ValueError(f"two --sae values are both named {name!r} (the second is "
+                                 f"{spec_!r}); rename one SAE directory")
             saes[name] = (DirectSAE(members) if at_sites
                           else ReconstructedSAE(members, batch_size=config.batch_size,
                                                 mode=config.reconstruction))
             training = None
             if spec_.startswith("train:"):  # what the trainer recorded next to the SAEs
-                record = _trained_cache(_train_spec(spec_)[0], model, config)[3] / \
-                    "train_config.json"
+                record = _trained_cache(_train_spec(spec_)[0], model, config,
+                                        _train_options(spec_))[3] / "train_config.json"
                 training = json.loads(record.read_text()) if record.exists() else None
             listing[name] = {"spec": spec_, "sites": [_sae_site(s, spec_) for s in members],
                              "approach": "at the cross-section sites" if at_sites else
@@ -716,28 +865,69 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     sae_settings = f"{sae_settings},{corpus_hash(sae_corpus(model, config))},{','.join(needed)}"
     stage("saes", sae_settings, ["saes.json"], saes_stage, saes_load)
 
+    # The evaluation is cached per SAE: evaluation/shared.nc holds the supervised ceiling
+    # and what every SAE shares (clean, mean, counterfactual runs: edit baseline, ground
+    # truth); evaluation/<SAE>.nc each SAE and its floor, keyed by the SAE's weights and the
+    # settings it was scored under (evaluation/index.json). A rerun with another list of
+    # SAEs scores only the SAEs it has no file for (all of them in one batched evaluation),
+    # and evaluation.nc merges the run's SAEs in their order: a removed SAE is left out.
+    eval_settings = config.hash("model", "task", "seed", "n_fit", "n_eval", "n_discovery",
+                                "attributes", "discovery_kinds", "select_kinds", "target",
+                                "max_sites", "top_k", "ks", "n_boot")
+    eval_settings += "," + hashlib.sha256(json.dumps(
+        {a: [f"{s}@{p}" for s, p in pairs] for a, pairs in pairs_by_attr.items()},
+        sort_keys=True).encode()).hexdigest()[:16]
+    sae_keys = {name: f"{eval_settings},{sae_fingerprint(coder)}" for name, coder in saes.items()}
+    eval_files = {SHARED_EVALUATION: f"evaluation/{SHARED_EVALUATION}.nc",
+                  **{name: evaluation_file(name) for name in saes}}
+
     def evaluation_stage():
-        impl = model._module.config._attn_implementation
-        if any(p[0].kind in ("z", "attn_out") for p in all_pairs):
-            model._module.set_attn_implementation("eager")  # the frozen pattern is read
+        (root / "evaluation").mkdir(exist_ok=True)
+        index_path = root / "evaluation" / "index.json"
         try:
-            parts = [evaluate_cross_section(model, fit, held_out, CrossSection(a, pairs), saes,
-                                            ks=config.ks, n_boot=config.n_boot,
-                                            seed=config.seed, batch_size=config.batch_size,
-                                            remote=remote)
-                     for a, pairs in pairs_by_attr.items()]
-        finally:  # the caller's model comes back as it was given
-            if model._module.config._attn_implementation != impl:
-                model._module.set_attn_implementation(impl)
-        results = xr.concat(parts, "attribute", join="outer")
-        write_netcdf(with_discovery(results, disc_dir / "summary.json"), root / "evaluation.nc")
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError):
+            index = {}
+
+        def fresh(name: str, key: str) -> bool:
+            record, path = index.get(eval_files[name]), root / eval_files[name]
+            return bool(record) and record["key"] == key and path.exists() and \
+                _sha256(path) == record["sha256"]
+
+        shared_missing = not fresh(SHARED_EVALUATION, eval_settings)
+        missing = [name for name in saes if not fresh(name, sae_keys[name])]
+        log.info("evaluation: %s%d of %d SAEs to score", "ceiling and " if shared_missing
+                 else "", len(missing), len(saes))
+        if shared_missing or missing:
+            impl = model._module.config._attn_implementation
+            if any(p[0].kind in ("z", "attn_out") for p in all_pairs):
+                model._module.set_attn_implementation("eager")  # the frozen pattern is read
+            try:
+                parts = [evaluate_cross_section(model, fit, held_out, CrossSection(a, pairs),
+                                                {name: saes[name] for name in missing},
+                                                ks=config.ks, n_boot=config.n_boot,
+                                                seed=config.seed, batch_size=config.batch_size,
+                                                remote=remote, ceiling=shared_missing)
+                         for a, pairs in pairs_by_attr.items()]
+            finally:  # the caller's model comes back as it was given
+                if model._module.config._attn_implementation != impl:
+                    model._module.set_attn_implementation(impl)
+            results = xr.concat(parts, "attribute", join="outer")
+            scored = {SHARED_EVALUATION: (eval_settings, None)} if shared_missing else {}
+            scored.update({name: (sae_keys[name], name) for name in missing})
+            for name, (key, sae) in scored.items():
+                write_netcdf(evaluation_part(results, sae), root / eval_files[name])
+                index[eval_files[name]] = {"sae": sae, "key": key,
+                                           "sha256": _sha256(root / eval_files[name])}
+                write_atomic(index_path, json.dumps(index, indent=2))
+        merged = merge_evaluation(read_netcdf(root / eval_files[SHARED_EVALUATION]),
+                                  [read_netcdf(root / eval_files[name]) for name in saes])
+        write_netcdf(with_discovery(merged, disc_dir / "summary.json"), root / "evaluation.nc")
 
     # other SAEs (another corpus, width, ...) are other results
-    results = stage("evaluation", config.hash("model", "task", "seed", "n_fit", "n_eval",
-                                              "n_discovery", "attributes", "discovery_kinds",
-                                              "select_kinds", "target", "max_sites", "top_k",
-                                              "ks", "n_boot") + "," + sae_settings,
-                    ["evaluation.nc"], evaluation_stage, lambda: read_netcdf(root / "evaluation.nc"))
+    results = stage("evaluation", eval_settings + "," + sae_settings,
+                    ["evaluation.nc", *eval_files.values()], evaluation_stage,
+                    lambda: read_netcdf(root / "evaluation.nc"))
 
     report_dir = root / "report"
 

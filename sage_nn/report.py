@@ -8,7 +8,10 @@ writes into ``out_dir``::
     <release>_<sae_id>_eval_results.json   one per SAE, in SAEBench's eval-output shape and
                                     file naming (release "sage_nn" for SAEs trained here)
     compare_<metric>.png            SAEs vs ceiling vs floor, bars per attribute, 95% CIs
-    controllability.png             edit accuracy and magnitude over k
+    controllability.png             edit accuracy and magnitude over k, every SAE
+    comparison.csv                  SAE x attribute x metric, with intervals, floors, ceiling
+    sweep_<metric>_vs_l0.png        with several SAEs: each headline metric against L0 (and
+    sweep_<metric>_vs_width.png     width, if the SAEs differ in it), ceiling/floor bands
     discovery/*.png                 copies of the discovery heatmaps (if given)
     summary.md, summary.html        the same summary; the HTML embeds its images
 
@@ -547,6 +550,151 @@ def plot_controllability(results: xr.Dataset, path: str | Path | None = None, *,
     return _finish(fig, path, dpi)
 
 
+# -- many SAEs: one table and plots across them ------------------------------------------
+
+#: the headline metrics compared across SAEs (``edit`` at the headline k)
+SWEEP_METRICS = ("sufficiency", "necessity", "edit", "best_f1")
+
+
+def sae_widths(results: xr.Dataset, sae_info: Mapping | None = None) -> dict[str, int | None]:
+    """Each SAE's width (latents, ``d_sae``) from its info's ``sae_cfg_dict``, else None."""
+    out = {}
+    for sae in roles(results).saes:
+        cfg = ((sae_info or {}).get(sae) or {}).get("sae_cfg_dict") or {}
+        try:
+            out[sae] = int(cfg["d_sae"])
+        except (KeyError, TypeError, ValueError):
+            out[sae] = None
+    return out
+
+
+def comparison_table(results: xr.Dataset, sae_info: Mapping | None = None, *,
+                     k: int | None = None) -> pd.DataFrame:
+    """One row per (SAE, attribute), one column per metric: width, L0, FVU, sufficiency,
+    necessity, edit at ``k`` (default: the headline k), best F1, each calibrated metric's
+    95% interval (``*_low``/``*_high``) and its gap closed between floor and ceiling
+    (``*_gap``); also the floor's and ceiling's value of each (``*_floor``, ``*_ceiling``)."""
+    results = _check(results)
+    r, look = roles(results), _Lookup(results)
+    k = headline_k(results) if k is None else k
+    widths = sae_widths(results, sae_info)
+    rows = []
+    for sae in r.saes:
+        for a in (str(x) for x in results["attribute"].values):
+            row = {"sae": sae, "attribute": a, "width": widths[sae],
+                   "l0": look("l0", a, sae), "fvu": look("fvu", a, sae)}
+            for metric in SWEEP_METRICS:
+                sel = {"k": k} if metric == "edit" else {}
+                name = f"edit_k{k}" if metric == "edit" else metric
+                value = look(metric, a, sae, **sel)
+                row[name] = value
+                row[f"{name}_low"], row[f"{name}_high"] = look.ci(metric, a, sae, **sel)
+                ceiling, floor = look(metric, a, r.ceiling, **sel), look(metric, a, r.floors[sae], **sel)
+                row[f"{name}_ceiling"], row[f"{name}_floor"] = ceiling, floor
+                row[f"{name}_gap"] = gap_closed(_goodness(metric, value),
+                                                _goodness(metric, ceiling),
+                                                _goodness(metric, floor))
+            rows.append(row)
+    table = pd.DataFrame(rows).set_index(["sae", "attribute"])
+    table.attrs["edit_k"] = k
+    return table
+
+
+def sae_orderings(results: xr.Dataset, *, k: int | None = None) -> dict[str, list[str]]:
+    """Per headline metric, the SAEs from best to worst by their mean over the attributes
+    kept in claims (sufficiency by its distance from 1)."""
+    results = _check(results)
+    r, look = roles(results), _Lookup(results)
+    k = headline_k(results) if k is None else k
+    claimed = [str(a) for a in results["attribute"].values if not excluded(results, str(a))]
+    claimed = claimed or [str(a) for a in results["attribute"].values]
+    out = {}
+    for metric in SWEEP_METRICS:
+        sel = {"k": k} if metric == "edit" else {}
+        scores = {}
+        for sae in r.saes:
+            values = [_goodness(metric, look(metric, a, sae, **sel)) for a in claimed]
+            values = [v for v in values if v is not None]
+            if values:
+                scores[sae] = float(np.mean(values))
+        if scores:
+            out[f"edit_k{k}" if metric == "edit" else metric] = sorted(
+                scores, key=lambda s: -scores[s])
+    return out
+
+
+def plot_sweep(results: xr.Dataset, metric: str, path: str | Path | None = None, *,
+               x: str = "l0", k: int | None = None, sae_info: Mapping | None = None,
+               dpi: int = 110):
+    """``metric`` of every SAE against its L0 (``x="l0"``, the mean over the
+    cross-section's sites) or its width (``x="width"``, from ``sae_info``): one panel per
+    attribute, each SAE a point with its 95% bootstrap interval, the ceiling as a band (its
+    interval around its line) and the floors as a band over the SAEs' x (each SAE's floor
+    at that SAE's x). ``k``: the edit budget (default: the headline k). Returns the
+    Figure, saved to ``path`` when one is given."""
+    results = _check(results)
+    if x not in ("l0", "width"):
+        raise ValueError(f"x={x!r}: plot against 'l0' or 'width'")
+    r, look = roles(results), _Lookup(results)
+    k = headline_k(results) if (k is None and metric == "edit") else k
+    sel = {"k": k} if metric == "edit" else {}
+    widths = sae_widths(results, sae_info)
+    attributes = [str(a) for a in results["attribute"].values]
+    styles = _styles(r)
+    fig = _figure(figsize=(1.4 + 3.4 * len(attributes), 3.4))
+    axes = fig.subplots(1, len(attributes), squeeze=False)[0]
+    for ax, a in zip(axes, attributes):
+        xs = {sae: (look("l0", a, sae) if x == "l0" else widths[sae]) for sae in r.saes}
+        saes = sorted((s for s in r.saes if xs[s] is not None), key=lambda s: xs[s])
+        if not saes:
+            ax.set_title(f"attribute {a}: no {x}")
+            continue
+        xv = np.array([xs[s] for s in saes], dtype=float)
+        lo_x, hi_x = xv.min(), xv.max()
+        pad = (hi_x - lo_x) * 0.05 or max(abs(hi_x) * 0.05, 0.5)
+        ceiling = look(metric, a, r.ceiling, **sel)
+        if ceiling is not None:
+            c_lo, c_hi = look.ci(metric, a, r.ceiling, **sel)
+            ax.axhline(ceiling, color="#2ca02c", linewidth=1, label=f"{r.ceiling} (ceiling)")
+            if c_lo is not None and c_hi is not None:
+                ax.axhspan(c_lo, c_hi, color="#2ca02c", alpha=0.15, linewidth=0)
+        floors = [look(metric, a, r.floors[s], **sel) for s in saes]
+        f_ci = [look.ci(metric, a, r.floors[s], **sel) for s in saes]
+        fv = np.array([np.nan if v is None else v for v in floors], dtype=float)
+        f_lo = np.array([np.nan if c[0] is None else c[0] for c in f_ci], dtype=float)
+        f_hi = np.array([np.nan if c[1] is None else c[1] for c in f_ci], dtype=float)
+        if np.isfinite(fv).any():
+            ax.plot(xv, fv, color="#7f7f7f", linestyle="--", marker="x", markersize=4,
+                    label="floors (random:<sae>)")
+            band_lo = np.where(np.isfinite(f_lo), f_lo, fv)
+            band_hi = np.where(np.isfinite(f_hi), f_hi, fv)
+            ax.fill_between(xv, band_lo, band_hi, color="#7f7f7f", alpha=0.15, linewidth=0)
+        for sae, xi in zip(saes, xv):
+            v = look(metric, a, sae, **sel)
+            if v is None:
+                continue
+            lo, hi = look.ci(metric, a, sae, **sel)
+            err = None if lo is None or hi is None else np.clip([[v - lo], [hi - v]], 0, None)
+            ax.errorbar([xi], [v], yerr=err, fmt="o", capsize=3, color=styles[sae]["color"],
+                        label=sae)
+        if len(saes) > 1 and x == "width" and lo_x > 0 and hi_x / lo_x > 3:
+            ax.set_xscale("log", base=2)
+        ax.set_xlim(lo_x - pad, hi_x + pad) if ax.get_xscale() == "linear" else None
+        ax.set_xlabel("L0 (active latents, mean over the sites)" if x == "l0"
+                      else "width (latents)")
+        ax.set_title(f"attribute {a}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(LABELS.get(metric, metric) + (f" at k = {k}" if sel else ""))
+    handles, labels = axes[0].get_legend_handles_labels()
+    ncol = min(4, max(1, len(labels)))
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=ncol, frameon=False)
+    fig.suptitle(f"{LABELS.get(metric, metric)}" + (f" at k = {k}" if sel else "")
+                 + f" against {'L0' if x == 'l0' else 'width'} (95% bootstrap intervals)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 + 0.05 * -(-len(labels) // ncol), 1, 1))
+    return _finish(fig, path, dpi)
+
+
 # -- the summary document ----------------------------------------------------------------
 # One list of blocks rendered twice: Markdown (images linked) and HTML (images embedded).
 
@@ -693,6 +841,36 @@ def _sae_rows(saes: list[str], sae_info: Mapping | None) -> list[list[str]]:
     return rows
 
 
+def _comparison_blocks(results, sae_info, k) -> list[tuple]:
+    """The SAE x attribute x metric table and whether the metrics order the SAEs alike."""
+    table = comparison_table(results, sae_info, k=k)
+    cols = ["sufficiency", "necessity", f"edit_k{k}", "best_f1"]
+    rows = []
+    for (sae, a), row in table.iterrows():
+        cells = [sae, a, "–" if pd.isna(row["width"]) else str(int(row["width"])),
+                 _fmt(row["l0"], 1), _fmt(row["fvu"])]
+        for c in cols:
+            value = None if pd.isna(row[c]) else float(row[c])
+            lo, hi = (None if pd.isna(row[f"{c}_{b}"]) else float(row[f"{c}_{b}"])
+                      for b in ("low", "high"))
+            gap = None if pd.isna(row[f"{c}_gap"]) else float(row[f"{c}_gap"])
+            cells.append(_with_ci(value, lo, hi) + (f" ({_fmt(gap, 2)})" if gap is not None
+                                                    else ""))
+        rows.append(cells)
+    orderings = sae_orderings(results, k=k)
+    distinct = {tuple(v) for v in orderings.values()}
+    verdict = ("All headline metrics order the SAEs the same way." if len(distinct) <= 1 else
+               "The headline metrics order the SAEs differently: " + "; ".join(
+                   f"{m}: {' > '.join(v)}" for m, v in orderings.items()) + ".")
+    return [("h2", "Comparison across SAEs"),
+            ("p", "Every SAE at every attribute: value [95% interval] (share of the gap "
+                  "from its floor to the ceiling it closes). Also in `comparison.csv`, with "
+                  "each floor's and the ceiling's values. Orderings are by the mean over "
+                  "the attributes kept in claims. " + verdict),
+            ("table", ["SAE", "attribute", "width", "L0", "FVU", "sufficiency", "necessity",
+                       f"edit k={k}", "best F1"], rows)]
+
+
 def _document(results, config, timings, images, k, discovery_note,
               sae_info=None, files=None) -> list[tuple]:
     title = "SAGE report"
@@ -733,6 +911,8 @@ def _document(results, config, timings, images, k, discovery_note,
                         "An attribute whose ceiling fails its own checks, or whose effect is "
                         "small, is listed but kept out of claims."))
     blocks.append(("table",) + _calibration_table(look, k))
+    if len(r.saes) > 1:
+        blocks += _comparison_blocks(results, sae_info, k)
     blocks.append(("h2", "Headline metrics per attribute"))
     for a in (str(x) for x in results["attribute"].values):
         pairs = []
@@ -904,6 +1084,19 @@ def write_report(results: xr.Dataset, out_dir: str | Path, *,
                            + ": SAEs vs ceiling and floor", file))
     plot_controllability(results, out / "controllability.png")
     images.append(("Controllability over k", "controllability.png"))
+    comparison_table(results, sae_info, k=k).to_csv(out / "comparison.csv")
+    if len(r.saes) > 1:  # a sweep: each headline metric against L0 and width
+        known = {w for w in sae_widths(results, sae_info).values() if w is not None}
+        for metric in SWEEP_METRICS:
+            if metric not in results:
+                continue
+            for x in ("l0", "width") if len(known) > 1 else ("l0",):
+                file = f"sweep_{metric}_vs_{x}.png"
+                plot_sweep(results, metric, out / file, x=x, k=k, sae_info=sae_info)
+                images.append((f"{LABELS[metric]}" + (f" at k = {k}" if metric == "edit"
+                                                      else "")
+                               + f" against {'L0' if x == 'l0' else 'width'}: every SAE, "
+                               "ceiling and floors as bands", file))
     note = None
     if discovery_dir is not None:
         found = _discovery_images(discovery_dir, out)

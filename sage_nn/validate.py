@@ -55,7 +55,13 @@ def validate(config: Any, model: Any = None) -> list[str]:
         problems += found
     else:
         config_of_model = model.config
-    for spec in config.saes if isinstance(config.saes, list) else []:
+    specs = config.saes if isinstance(config.saes, list) else []
+    try:
+        from .pipeline import expand_sae_specs
+        specs = expand_sae_specs(specs)  # a sweep or a folder: each of its SAEs
+    except (ValueError, TypeError, AttributeError):
+        pass  # sae_problems names what is wrong with the spec
+    for spec in specs:
         problems += sae_problems(spec, config, config_of_model)
     if not any(p.startswith(("--sae", "saes")) for p in problems):
         problems += served_problems(config, config_of_model)
@@ -308,7 +314,11 @@ def sae_problems(spec: str, config: Any = None, model_config: Any = None) -> lis
     from .training import TRAINABLE
 
     if spec.startswith("train:"):
-        arch = spec[len("train:"):].removesuffix("@sites")
+        from .pipeline import parse_train_spec
+        try:
+            arch = parse_train_spec(spec)[0]
+        except ValueError as err:
+            return [f"{err}; fix: e.g. train:topk:k=8,16,32 or train:topk:width=512,1024"]
         if arch not in TRAINABLE:
             return [f"--sae {spec!r}: cannot train architecture {arch!r}; fix: "
                     f"{' or '.join(f'train:{a}' for a in TRAINABLE)} (optionally '@sites')"]

@@ -32,8 +32,9 @@ def _setup(root):
 
 
 def config(root, name, **kw):
+    kw = {"saes": ["train:topk"], **kw}
     return RunConfig(model="tiny-llama", task=str(root / "tiny.yaml"), run_dir=str(root / name),
-                     saes=["train:topk"], n_fit=24, n_eval=16, top_k=2, n_boot=50,
+                     n_fit=24, n_eval=16, top_k=2, n_boot=50,
                      sae_width=64, sae_steps=4, ks=[1, 2, 4], batch_size=16,
                      sae_corpus=str(root / "corpus.txt"), **kw)
 
@@ -156,3 +157,65 @@ def test_default_run_grows_head_cross_sections_and_compares_both_approaches(setu
     assert all(s.endswith("resid_pre") for s in listing["topk-64"]["sites"])
     summary = (result.report / "summary.md").read_text()
     assert "Approaches" in summary and "joint exact patch recovers" in summary
+
+
+def test_sweep_specs_expand_to_named_saes(tmp_path):
+    from sage_nn.pipeline import expand_sae_specs
+
+    assert expand_sae_specs(["train:topk:k=8,16", "train:topk:width=32,64@sites"]) == [
+        "train:topk:k=8", "train:topk:k=16", "train:topk:width=32@sites",
+        "train:topk:width=64@sites"]
+    with pytest.raises(ValueError, match="KEY=V1"):
+        expand_sae_specs(["train:topk:lr=1"])
+    # a folder of SAE sets: each set is one SAE
+    for name in ("a", "b"):
+        (tmp_path / "sweep" / name / "L0.resid_pre").mkdir(parents=True)
+        (tmp_path / "sweep" / name / "L0.resid_pre" / "cfg.json").write_text("{}")
+    assert expand_sae_specs([str(tmp_path / "sweep")]) == [
+        str(tmp_path / "sweep" / "a"), str(tmp_path / "sweep" / "b")]
+
+
+def test_saes_are_cached_one_by_one(setup, monkeypatch):
+    """A sweep spec names several SAEs; adding one to a finished run scores only it,
+    removing one drops it from the results and the report."""
+    import sage_nn.evaluation as evaluation
+
+    root, model = setup
+    scored = []
+    real = evaluation.evaluate_cross_section
+
+    def counting(*args, **kwargs):
+        scored.append(sorted(args[4]) if len(args) > 4 else sorted(kwargs.get("saes") or {}))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_cross_section", counting)
+    one = run(config(root, "sweep", saes=["train:topk:k=2"]), model=model, progress=False)
+    assert set(one.results.dictionary.values) == {"supervised", "topk-64-k2",
+                                                  "random:topk-64-k2"}
+    first = sorted((one.run_dir / "evaluation").glob("topk-64-k2-*.nc"))
+    assert len(first) == 1
+    mtime = first[0].stat().st_mtime_ns
+    assert scored and all(s == ["topk-64-k2"] for s in scored)
+
+    scored.clear()
+    two = run(config(root, "sweep", saes=["train:topk:k=2,4"]), model=model, progress=False)
+    assert all(s == ["topk-64-k4"] for s in scored) and scored  # only the new SAE
+    assert first[0].stat().st_mtime_ns == mtime
+    assert list(two.results.dictionary.values) == [
+        "supervised", "topk-64-k2", "random:topk-64-k2", "topk-64-k4", "random:topk-64-k4"]
+    xr.testing.assert_identical(two.results.sel(dictionary=["supervised", "topk-64-k2"]),
+                                one.results.sel(dictionary=["supervised", "topk-64-k2"]))
+    # the same numbers as scoring both together in a fresh run
+    both = run(config(root, "sweep-both", saes=["train:topk:k=2,4"]), model=model,
+               progress=False)
+    xr.testing.assert_allclose(both.results[["sufficiency", "necessity", "edit", "l0"]],
+                               two.results[["sufficiency", "necessity", "edit", "l0"]],
+                               rtol=1e-4, atol=1e-5)
+
+    scored.clear()
+    last = run(config(root, "sweep", saes=["train:topk:k=4"]), model=model, progress=False)
+    assert not scored  # everything was cached
+    assert list(last.results.dictionary.values) == ["supervised", "topk-64-k4",
+                                                    "random:topk-64-k4"]
+    summary = (last.report / "summary.md").read_text()
+    assert "topk-64-k4" in summary and "topk-64-k2" not in summary

@@ -331,3 +331,42 @@ def test_plots_return_figures_and_save_only_when_asked(results, tmp_path):
     assert list(tmp_path.iterdir()) == []
     saved = plot_comparison(results, "sufficiency", tmp_path / "s.png")
     assert isinstance(saved, Figure) and mpimg.imread(tmp_path / "s.png").ndim == 3
+
+
+def test_many_saes_comparison_table_sweep_plots_and_orderings(results, tmp_path):
+    from matplotlib.figure import Figure
+
+    from sage_nn.report import comparison_table, plot_sweep, sae_orderings
+
+    info = {"topk-2048": {"sae_cfg_dict": {"d_sae": 2048}},
+            "relu-1024": {"sae_cfg_dict": {"d_sae": 1024}}}
+    table = comparison_table(results, info)
+    assert list(table.index) == [("topk-2048", "io"), ("topk-2048", "s"),
+                                 ("relu-1024", "io"), ("relu-1024", "s")]
+    row = table.loc[("topk-2048", "io")]
+    assert row["width"] == 2048 and row["sufficiency"] == pytest.approx(0.6)
+    assert row["sufficiency_low"] == pytest.approx(0.55)
+    assert row["sufficiency_ceiling"] == pytest.approx(0.9)
+    assert row["sufficiency_floor"] == pytest.approx(0.1)
+    assert row["edit_k2_gap"] == pytest.approx((0.6 - 0.1) / (0.9 - 0.1))
+    assert row["l0"] == pytest.approx(10 * (0.6 + 0.005))  # mean over the io pairs
+    assert all(v == ["topk-2048", "relu-1024"] for v in sae_orderings(results).values())
+
+    for x in ("l0", "width"):
+        fig = plot_sweep(results, "edit", x=x, sae_info=info)
+        assert isinstance(fig, Figure) and not list(tmp_path.iterdir())
+    plot_sweep(results, "sufficiency", tmp_path / "s.png")
+    assert (tmp_path / "s.png").exists()
+    with pytest.raises(ValueError, match="'l0' or 'width'"):
+        plot_sweep(results, "edit", x="k")
+
+    out = tmp_path / "report"
+    write_report(results, out, sae_info=info)
+    for metric in ("sufficiency", "necessity", "edit", "best_f1"):
+        for x in ("l0", "width"):
+            assert (out / f"sweep_{metric}_vs_{x}.png").exists()
+    summary = (out / "summary.md").read_text()
+    assert "## Comparison across SAEs" in summary and "sweep_edit_vs_l0.png" in summary
+    assert "order the SAEs the same way" in summary
+    back = __import__("pandas").read_csv(out / "comparison.csv")
+    assert len(back) == 4 and {"sae", "attribute", "width", "l0", "edit_k2"} <= set(back)
