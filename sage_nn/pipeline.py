@@ -338,14 +338,18 @@ def discovery_restriction(config: "RunConfig", n_layers: int, parallel: bool | N
     usable = sorted((layer, kind) for layer, kind in served or () if kind in wanted)
     if not usable:
         have = sorted({str(s) for found in sites.values() for s in found})
-        hint = ("--select-kinds resid_pre resid_post (cross-sections in the residual stream "
-                "itself)" if any("resid" in h for h in have) else
-                "SAEs at residual sites (hook_resid_pre/post)")
+        feeds = {"mlp_out": "blocks.L.hook_resid_mid (hook_resid_pre in parallel blocks)"}
+        need = "; ".join(dict.fromkeys(
+            f"{k} at layer L needs " + (feeds.get(k) or "blocks.L.hook_resid_pre (= "
+                                       "blocks.L-1.hook_resid_post)")
+            for k in wanted if k not in ("resid_pre", "resid_mid", "resid_post")))
+        hint = (" or --select-kinds resid_pre resid_post (cross-sections in the residual "
+                "stream itself)," if any("resid" in h for h in have) else "")
         raise UnservableRunError(
             f"--sae {' '.join(config.saes)}: these SAEs (at {', '.join(have[:6])}"
             f"{', ...' if len(have) > 6 else ''}) serve no cross-section site of kinds "
-            f"{wanted} in {config.reconstruction} mode; fix: add SAEs at the residual stream "
-            f"feeding those sites (L.resid_pre = blocks.L-1.hook_resid_post), use {hint}, "
+            f"{wanted} in {config.reconstruction} mode (every --sae must serve every site)"
+            f"{': ' + need if need else ''}; fix: add SAEs at those residual sites,{hint} "
             "or add --sae train:topk")
     kinds = [k for k in wanted if any(k == kind for _, kind in usable)]
     return sorted({layer for layer, kind in usable}), kinds

@@ -130,7 +130,7 @@ def expand(spec: str) -> tuple[str, list[str]]:
     matched = [i for i in ids if fnmatch.fnmatchcase(i, pattern)] if is_glob(pattern) else \
         [i for i in ids if i == pattern]
     if not matched:
-        what = "no SAE id matches" if is_glob(pattern) else "has no SAE"
+        what = "has no SAE id matching" if is_glob(pattern) else "has no SAE"
         raise ValueError(f"--sae {spec!r}: release {release!r} {what} {pattern!r}; fix: use "
                          f"one of {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''} "
                          "(globs such as '*resid_post*' match several)")

@@ -130,7 +130,7 @@ def test_release_globs_and_unservable_runs_fail_before_the_model_loads(offline_r
                                         f"{RELEASE}:blocks.1.hook_resid_pre"], **base))
     assert any("serve no cross-section site" in p for p in problems), problems
     problems = validate(RunConfig(saes=[f"{RELEASE}:blocks.9.*"], **base))
-    assert any("no SAE id matches" in p for p in problems), problems
+    assert any("has no SAE id matching" in p for p in problems), problems
     problems = validate(RunConfig(saes=["no-such-release:x"], **base))
     assert any("unknown sae_lens release" in p for p in problems), problems
     # not in the HF cache while offline: said before anything loads
