@@ -138,7 +138,9 @@ FLAG_NAMES = {"saes": "--sae"}
 FIELD_HELP = {
     "model": "the model: smollm2-135m, a local HuggingFace dir, a .gguf file or a hub id",
     "task": "a name in tasks/ (sage tasks lists them) or a YAML path",
-    "saes": "train:topk | train:standard | train:topk@sites | SAE directory | "
+    "saes": "train:topk | train:standard | train:topk@sites | train:topk:k=8,16,32 or "
+            "train:topk:width=512,1024 (a sweep: one SAE each) | SAE directory (a folder of "
+            "SAE sets: one SAE each) | "
             "RELEASE:SAE_ID | RELEASE:ID_GLOB (a sae_lens release, or one of "
             "$SAGE_NN_SAE_REGISTRY's YAML files; e.g. 'gpt2-small-res-jb:blocks.*' — "
             "discovery is then limited to what those SAEs serve) (repeatable, or several "
