@@ -577,6 +577,16 @@ def release_saes(spec: str, model: Any, sites: list[str]) -> tuple[str, list]:
     return pattern, [load_sae(release, chosen[s], model=model) for s in sorted(chosen)]
 
 
+def release_ids(spec: str, members: list) -> list[str | None]:
+    """The release ids of the SAEs :func:`release_saes` loaded for ``spec`` (by hook name)."""
+    from .releases import hook_names
+
+    by_hook: dict = {}
+    for sae_id, hook in hook_names(spec).items():
+        by_hook.setdefault(hook, sae_id)
+    return [by_hook.get(m.hook_name) for m in members]
+
+
 def cached_saes(root: Path, model: Any) -> tuple[dict, list[str]]:
     """The intact SAEs of a cache directory by site, and the sites of entries that were
     truncated, corrupt or unreadable: those are removed (and so trained again)."""
@@ -855,6 +865,8 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                              "sae_cfg_dict": sae_cfg_dict(
                                  members, model_name=str(model.config._name_or_path),
                                  training=training)}
+            if ":" in spec_ and not spec_.startswith("train:") and not Path(spec_).exists():
+                listing[name]["sae_lens_ids"] = release_ids(spec_, members)
         return listing
 
     def saes_stage():
