@@ -25,6 +25,7 @@ import fnmatch
 import functools
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 __all__ = ["REGISTRY_ENV", "registry", "register", "is_release_spec", "split_spec",
            "expand", "hook_names", "cached_folder"]
 
+log = logging.getLogger("sage_nn")
 REGISTRY_ENV = "SAGE_NN_SAE_REGISTRY"
 GLOB_CHARS = "*?["
 
@@ -181,7 +183,17 @@ def hook_name(release: str, sae_id: str) -> str | None:
 def hook_names(spec: str) -> dict[str, str | None]:
     """``{sae_id: hook name}`` of every SAE a ``RELEASE:ID[_GLOB]`` spec names."""
     release, ids = expand(spec)
-    return {i: hook_name(release, i) for i in ids}
+    out = {}
+    for i in ids:
+        try:
+            out[i] = hook_name(release, i)
+        except Exception as err:
+            hint = ("the hub is disabled (HF_HUB_OFFLINE=1) and the HF cache lacks its config"
+                    if _offline() else "check that huggingface.co is reachable")
+            raise RuntimeError(f"--sae {spec!r}: cannot read the config of SAE {i!r} of "
+                               f"release {release!r} ({type(err).__name__}: {err}); {hint}, "
+                               "or give the SAEs' local directory") from err
+    return out
 
 
 def _dir_hook(directory: Path) -> str | None:
@@ -205,7 +217,12 @@ def spec_sites(spec: str) -> list[str] | None:
     elif path.is_dir():  # SAEs trained by sage train-sae are loaded at their folder's name
         found = [d.name for d in sorted(p.parent for p in path.glob("*/cfg.json"))]
     elif is_release_spec(spec):
-        found = list(hook_names(spec).values())
+        try:
+            found = list(hook_names(spec).values())
+        except Exception as err:  # noqa: BLE001 (unknown sites: nothing is restricted)
+            log.warning("--sae %s: cannot read its SAEs' hook names (%s: %s); discovery is "
+                        "not limited to what they serve", spec, type(err).__name__, err)
+            return None
     else:
         return None
     return None if not found or any(h is None for h in found) else found
