@@ -171,8 +171,10 @@ def _is_norm(module: torch.nn.Module) -> bool:
         "norm" in type(module).__name__.lower()
 
 
-def _probe(hf: torch.nn.Module, layers: str, attn: str, parts: dict, mlp: str) -> dict:
-    """Inputs and outputs of every part of layer 0 in one forward over a few tokens."""
+def _probe(hf: torch.nn.Module, layers: str, attn: str, parts: dict, mlp: str) -> tuple:
+    """``(seen, modules)``: ``seen[part] = (first input, output, kwargs)`` of every part of
+    layer 0 (the layer, its attention and projections, MLP and norms) in one forward over
+    a few tokens."""
     block = _get(hf, layers)[0]
     seen, handles = {}, []
 
@@ -215,8 +217,8 @@ def _get(module, dotted: str):
     return module
 
 
-def _qkv_layout(seen, parts, n_heads, d_head, d_model) -> tuple[str, int]:
-    """The fused layout and number of KV heads for which ``z = pattern @ v`` per head."""
+def _qkv_layout(seen, parts, n_heads, d_head) -> tuple[str | None, int]:
+    """``("separate" or None if fused, number of KV heads)`` from the projections' widths."""
     widths = {k: _first(seen[k][1]).shape[-1] for k in "qkv"}
     if not parts["fused"]:
         if widths["q"] != n_heads * d_head:
@@ -291,7 +293,7 @@ def derive(hf: torch.nn.Module) -> Architecture:
     n_heads = config.num_attention_heads
     z = seen["o"][0]
     d_head = z.shape[-1] // n_heads
-    layout, n_kv = _qkv_layout(seen, parts, n_heads, d_head, x.shape[-1])
+    layout, n_kv = _qkv_layout(seen, parts, n_heads, d_head)
     arch = dict(name=name, layers=layers, attn=attn, mlp=mlp, qkv=layout or "blocks",
                 q_proj=parts["q_proj"], k_proj=parts["k_proj"], v_proj=parts["v_proj"],
                 o_proj=parts["o_proj"], attn_norm=attn_norm, mlp_norm=mlp_norm,

@@ -1,6 +1,6 @@
 """Residual-to-sublayer reconstruction: sublayer sites rebuilt from residual-stream SAEs.
 
-Two modes (DESIGN.md, "Residual-to-sublayer reconstruction"), applied inside the traced
+Two modes (docs/metrics.md, "residual-to-sublayer reconstruction"), applied inside the traced
 forward to the chosen sites only; everything else runs clean:
 
 - ``input``: recompute the sublayer from the SAE's reconstruction of the residual that feeds

@@ -24,7 +24,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-# sae_lens must be imported before any trace runs (see DESIGN.md, "Known facts").
+# sae_lens must be imported before any trace runs: nnsight patches a ``.save`` method onto
+# objects, and pydantic models imported after that fail ("Attribute 'save' is missing its
+# type annotation").
 import sae_lens  # noqa: F401
 import torch
 from sae_lens import SAE
