@@ -596,6 +596,7 @@ def comparison_table(results: xr.Dataset, sae_info: Mapping | None = None, *,
                                                 _goodness(metric, floor))
             rows.append(row)
     table = pd.DataFrame(rows).set_index(["sae", "attribute"])
+    table = table.apply(lambda c: pd.to_numeric(c.astype(float)))  # missing: NaN, not None
     table.attrs["edit_k"] = k
     return table
 

@@ -1,0 +1,67 @@
+"""Writes notebooks/sweep.ipynb (kept as code so the notebook's source is reviewable)."""
+
+from pathlib import Path
+
+import nbformat as nbf
+
+cells = [
+    nbf.v4.new_markdown_cell("""# Many SAEs in one run: an L0 sweep on SmolLM2 IOI
+
+Trains a sweep of TopK SAEs that differ only in `k` (`train:topk:k=8,16,32,64`: one SAE
+each, named `topk-<width>-k<k>`), evaluates all of them in one run (the task, discovery,
+ceiling, clean, mean and counterfactual runs happen once; each SAE is cached on its own, so
+adding one later scores only it) and compares them: one table SAE x attribute x metric, and
+each headline metric against L0 with the ceiling and the floors as bands.
+
+Set `SAGE_NB_SMALL=1` for a fast, small run (the test suite does)."""),
+    nbf.v4.new_code_cell("""%matplotlib inline
+import os
+import tempfile
+
+from IPython.display import Markdown, display
+
+from sage_nn.pipeline import RunConfig, run
+from sage_nn.report import comparison_table, plot_controllability, plot_sweep, sae_orderings
+
+SMALL = os.environ.get("SAGE_NB_SMALL") == "1"
+ks = [4, 8, 16, 32] if SMALL else [8, 16, 32, 64]
+config = RunConfig(saes=["train:topk:k=" + ",".join(map(str, ks))],
+                   n_fit=24 if SMALL else 96, n_eval=16 if SMALL else 96,
+                   n_discovery=8 if SMALL else 32, max_sites=4 if SMALL else 16,
+                   sae_width=256 if SMALL else 1024, sae_steps=30 if SMALL else 300,
+                   n_boot=100 if SMALL else 1000,
+                   ks=[1, 2, 4] if SMALL else [1, 2, 4, 8, 16, 32],
+                   sae_task_prompts=512 if SMALL else 2048,
+                   run_dir=tempfile.mkdtemp() if SMALL else "runs/sweep")
+config.saes"""),
+    nbf.v4.new_markdown_cell("## 1. One run: train the sweep, discover, evaluate every SAE"),
+    nbf.v4.new_code_cell("""result = run(config, progress=False)
+sorted(str(d) for d in result.results.dictionary.values)"""),
+    nbf.v4.new_markdown_cell("""## 2. SAE x attribute x metric
+
+Each value has its 95% bootstrap interval (`*_low`, `*_high`), the floor's and ceiling's
+values, and the share of the gap from floor to ceiling the SAE closes (`*_gap`)."""),
+    nbf.v4.new_code_cell("""import json
+
+info = json.loads((result.run_dir / "saes.json").read_text())
+table = comparison_table(result.results, info)
+k = table.attrs["edit_k"]
+table[["width", "l0", "fvu", "sufficiency", "necessity", f"edit_k{k}", "best_f1"]].round(3)"""),
+    nbf.v4.new_markdown_cell("""Do the metrics order the SAEs the same way? (Mean over the
+attributes kept in claims; sufficiency by its distance from 1.)"""),
+    nbf.v4.new_code_cell("""orderings = sae_orderings(result.results)
+display(Markdown("\\n".join(f"- **{m}**: {' > '.join(v)}" for m, v in orderings.items())))
+print("agree" if len({tuple(v) for v in orderings.values()}) == 1 else "differ")"""),
+    nbf.v4.new_markdown_cell("## 3. Each headline metric against L0"),
+    nbf.v4.new_code_cell("""for metric in ("sufficiency", "necessity", "edit", "best_f1"):
+    display(plot_sweep(result.results, metric, x="l0", sae_info=info))"""),
+    nbf.v4.new_markdown_cell("## 4. Controllability over k, every SAE in one figure"),
+    nbf.v4.new_code_cell("""plot_controllability(result.results)"""),
+    nbf.v4.new_markdown_cell("""The full report (the same table and plots, one
+SAEBench-shaped JSON per SAE) is in `report/` of the run directory."""),
+    nbf.v4.new_code_cell("""sorted(p.name for p in result.report.iterdir())"""),
+]
+
+nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {
+    "name": "python3", "display_name": "Python 3", "language": "python"}})
+nbf.write(nb, Path(__file__).parent / "sweep.ipynb")
