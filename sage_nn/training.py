@@ -1,8 +1,11 @@
 """Train SAEs on a model's activations with sae_lens's trainer, streamed through nnsight.
 
-One trace per batch of text reads every requested site at once, so SAEs for several
-layers (and sublayer sites, as references for the reconstruction) train from one pass over
-the data: sae_lens's ``MultiSAETrainer`` steps them in lockstep. Text comes from the
+One trace per batch of text reads every requested site at once (and stops after the last
+of them: no logits), so SAEs for several layers (and sublayer sites, as references for the
+reconstruction) train from one pass over the data. TopK SAEs of one shape train as one
+stack of tensors with one batched optimiser step (sae_lens's TopK training math, here in
+plain torch; ``trainer="sae_lens"`` steps sae_lens's ``MultiSAETrainer`` instead, as
+standard SAEs always do), optionally stopping at held-out convergence (``converge_tol``). Text comes from the
 built-in offline corpus (text SmolLM2 generated itself, ``scripts/make_corpus.py``), local
 text files, a HuggingFace dataset (``hf:NAME``, needs the network), or the prompts of a
 task (:class:`Prompts`, :func:`task_prompts`; ``task:NAME``), and any mix of these
