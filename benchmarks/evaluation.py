@@ -66,12 +66,11 @@ def main():
     plain()
     t_plain = time.perf_counter() - start
     start = time.perf_counter()
-    forwards = 0.0
-    for attribute, ps in pairs.items():
-        out = evaluate_cross_section(model, fit, held_out, CrossSection(attribute, ps), saes,
-                                     ks=config.ks, n_boot=config.n_boot, seed=config.seed,
-                                     batch_size=config.batch_size)
-        forwards += out.attrs["patched_forwards"] * out.attrs["n_prompts"] / len(held_out)
+    out = evaluate_cross_section(model, fit, held_out,
+                                 [CrossSection(a, ps) for a, ps in pairs.items()], saes,
+                                 ks=config.ks, n_boot=config.n_boot, seed=config.seed,
+                                 batch_size=config.batch_size)
+    forwards = out.attrs["patched_forwards"]
     t_eval = time.perf_counter() - start
     n = len(held_out)
     lower_bound = forwards * t_plain

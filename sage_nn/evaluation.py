@@ -24,7 +24,7 @@ from sklearn.base import clone
 
 from . import metrics
 from .dictionaries import MSEDictionary
-from .interventions import Patch, run_patched, site_values
+from .interventions import Patch, run_patched
 from .floor import random_like
 from .reconstruction import ResidualReconstruction
 from .saes import SparseAutoencoder
@@ -128,7 +128,11 @@ class DirectSAE:
     def reads(self, model, pair) -> list[tuple]:
         return []
 
-    def codes(self, model, pairs, test, cf, values, values_cf, values_fit, remote=None) -> dict:
+    def jobs(self, model, pairs) -> list[tuple]:
+        return []
+
+    def codes(self, model, pairs, test, cf, values, values_cf, values_fit, computed=None,
+              remote=None) -> dict:
         return {pair: _sae_code(self.saes[self._sae(model, pair[0])], values[pair],
                                 values_cf[pair], values_fit[pair]) for pair in pairs}
 
@@ -188,43 +192,75 @@ class ReconstructedSAE:
         """A sublayer site's codes for L0/F1 are its feeding residual's: read it."""
         return [] if pair[0].kind in RESID_KINDS else [self._feed(model, pair)]
 
-    def codes(self, model, pairs, test, cf, values, values_cf, values_fit, remote=None) -> dict:
-        """Every pair's :class:`SiteCode`. Sublayer pairs are reconstructed from the test and
-        counterfactual prompts together, one job per named position (its sites share the
-        forwards), all in one request remotely."""
-        out = {}
+    def _linear(self, site: Site) -> bool:
+        """Whether ``site``'s codes follow from the clean run (:mod:`sage_nn.reads`)."""
+        return self.mode == "input" and site.kind not in RESID_KINDS and site.kind != "mlp_out"
+
+    def jobs(self, model, pairs) -> list[tuple]:
+        """What :func:`sage_nn.reads.read_sites` computes for this coder: per layer, the
+        feeding SAE's frozen maps and the linear sublayer sites it reaches there."""
+        recon, by_layer = self._reconstruction(model), {}
+        for site, _ in pairs:
+            if self._linear(site):
+                by_layer.setdefault(site.layer, []).append(site)
+        if by_layer:
+            recon._check_linear([s for sites in by_layer.values() for s in sites])
+        return [(recon.linear_spec(layer), list(dict.fromkeys(sites)))
+                for layer, sites in sorted(by_layer.items())]
+
+    def codes(self, model, pairs, test, cf, values, values_cf, values_fit, computed=None,
+              remote=None) -> dict:
+        """Every pair's :class:`SiteCode`. Linear sublayer pairs take their codes and
+        offsets from ``computed`` (``{pair: (codes, offset, codes_cf, offset_cf)}``, from
+        :func:`sage_nn.reads.read_sites` with :meth:`jobs`; read here when absent). The
+        MLP and difference mode rebuild the site in a second forward per named position."""
+        out, recon = {}, None
+        nonlinear: dict[str, list[Site]] = {}
         for pair in pairs:
-            if pair[0].kind in RESID_KINDS:
-                out[pair] = _sae_code(self._direct(model, pair[0]), values[pair],
+            site, pos = pair
+            if site.kind in RESID_KINDS:
+                out[pair] = _sae_code(self._direct(model, site), values[pair],
                                       values_cf[pair], values_fit[pair])
-        jobs: dict[tuple, list[Site]] = {}
-        for site, pos in pairs:
-            if (site, pos) not in out:
-                linear = self.mode == "input" and site.kind != "mlp_out"
-                jobs.setdefault((pos, linear), []).append(site)
-        if not jobs:
-            return out
-        recon, n = self._reconstruction(model), len(test)
-        prompts = list(test.prompts) + list(cf.prompts)
-        results = recon.run_at_each(
-            [(prompts, np.concatenate([test.positions[pos], cf.positions[pos]]), sites, linear)
-             for (pos, linear), sites in jobs.items()], batch_size=self.batch_size, remote=remote)
-        for ((pos, linear), sites), res in zip(jobs.items(), results):
-            for site in sites:
-                feed = self._feed(model, (site, pos))
-                source = self._direct(model, feed[0])
-                active = torch.cat([source.encode(values[feed]), source.encode(values_cf[feed])])
-                if linear:
-                    codes = res.codes[site].flatten(1).float()
-                    directions = recon.directions(site).float()
-                    directions = directions.reshape(-1, directions.shape[-1])  # attn_out: (head, latent)
-                else:  # no linear latent directions (the MLP, or difference mode)
-                    codes, directions = active.float(), None
-                out[(site, pos)] = SiteCode(
-                    values[(site, pos)], res.recon[site][:n].float(), values_cf[(site, pos)],
-                    codes[:n], codes[n:], directions, active=active[:n].float(),
-                    active_fit=source.encode(values_fit[feed]).float())
+                continue
+            recon = self._reconstruction(model)
+            feed = self._feed(model, pair)
+            source = self._direct(model, feed[0])
+            active = source.encode(values[feed]).float()
+            active_cf = source.encode(values_cf[feed]).float()
+            common = dict(active=active, active_fit=source.encode(values_fit[feed]).float())
+            if not self._linear(site):
+                nonlinear.setdefault(pos, []).append(site)
+                out[pair] = (active, active_cf, common)
+                continue
+            if computed is None:
+                computed = self._read(model, pairs, test, cf, remote)
+            codes, offset, codes_cf, _ = computed[pair]
+            directions = recon.directions(site).float()
+            a_hat = (codes.flatten(1) @ directions.reshape(-1, directions.shape[-1])) + offset
+            out[pair] = SiteCode(values[pair], a_hat, values_cf[pair], codes.flatten(1),
+                                 codes_cf.flatten(1),
+                                 directions.reshape(-1, directions.shape[-1]), **common)
+        if nonlinear:  # no latent directions here: the site is rebuilt by a second forward
+            n, prompts = len(test), list(test.prompts) + list(cf.prompts)
+            results = recon.run_at_each(
+                [(prompts, np.concatenate([test.positions[pos], cf.positions[pos]]), sites, False)
+                 for pos, sites in nonlinear.items()], batch_size=self.batch_size, remote=remote)
+            for (pos, sites), res in zip(nonlinear.items(), results):
+                for site in sites:
+                    active, active_cf, common = out[(site, pos)]
+                    out[(site, pos)] = SiteCode(values[(site, pos)], res.recon[site][:n].float(),
+                                                values_cf[(site, pos)], active, active_cf, None,
+                                                **common)
         return out
+
+    def _read(self, model, pairs, test, cf, remote) -> dict:
+        from .reads import read_sites
+
+        jobs = self.jobs(model, pairs)
+        _, codes = read_sites(model, [test, cf], pairs, jobs, batch_size=self.batch_size,
+                              remote=remote)
+        return {(s, p): (*codes[0][(j, s, p)], *codes[1][(j, s, p)])
+                for j, (_, sites) in enumerate(jobs) for s in sites for _, p in pairs}
 
     def floor(self, model, pairs, values_fit, seed: int) -> "ReconstructedSAE":
         calibration: dict[int, list] = {}
@@ -246,9 +282,9 @@ def as_coder(sae: Any) -> Any:
     return sae
 
 
-def _seen_values_only(train: Any, test: Any, attribute: str) -> Any:
-    """Drop test rows whose (or whose counterfactual's) attribute values the supervised
-    dictionary never saw: it has no feature for them."""
+def _seen_rows(train: Any, test: Any, attribute: str) -> np.ndarray:
+    """Test rows whose (and whose counterfactual's) attribute values the supervised
+    dictionary saw: it has no feature for the others."""
     names = train.attribute_names
     seen = {a: set(train.attributes[a]) for a in names}
     keep = np.ones(len(test), dtype=bool)
@@ -259,7 +295,7 @@ def _seen_values_only(train: Any, test: Any, attribute: str) -> Any:
         raise ValueError(f"no test prompt of {test.name!r} has attribute values seen in the "
                          "training prompts: build both from the same vocabulary (e.g. the "
                          "train split, held-out prompts)")
-    return test if keep.all() else test.subset(np.nonzero(keep)[0])
+    return np.nonzero(keep)[0]
 
 
 @dataclass
@@ -278,7 +314,7 @@ def evaluate_cross_section(
     model: Any,
     train: Any,
     test: Any,
-    cross_section: CrossSection,
+    cross_section: CrossSection | Sequence[CrossSection],
     saes: Mapping[str, Any] | None = None,
     *,
     dictionaries: Mapping[str, Any] | None = None,
@@ -293,13 +329,21 @@ def evaluate_cross_section(
 
     ``train``/``test`` are task datasets (the dictionary is fitted on ``train``, which also
     chooses each attribute value's latent for F1; all metrics are measured on ``test`` and its
-    counterfactual for the attribute). ``saes`` maps a name to a :class:`SparseAutoencoder`
-    (or a list of them, each evaluated at its own site) or to a coder (see :func:`as_coder`);
-    each must serve every site of the cross-section. Returns a Dataset over ``dictionary``
-    (and ``k``, ``pair``); ``random:NAME`` is NAME's floor (:func:`sage_nn.floor.random_like`,
-    its L0 matched on the fit prompts). ``dictionaries`` maps names to unfitted supervised
-    estimators (default ``{"supervised": MSEDictionary()}``), each fitted per pair; the first
-    one is the reference for feature alignment and for :data:`GROUND_TRUTH_CHECKS`.
+    counterfactual for the attribute). ``cross_section`` is one :class:`CrossSection` or a
+    list (one per attribute), all scored together. ``saes`` maps a name to a
+    :class:`SparseAutoencoder` (or a list of them, each evaluated at its own site) or to a
+    coder (see :func:`as_coder`); each must serve every site of the cross-sections. Returns
+    a Dataset over ``attribute``, ``dictionary`` (and ``k``, ``pair``); ``random:NAME`` is
+    NAME's floor (:func:`sage_nn.floor.random_like`, its L0 matched on the fit prompts).
+    ``dictionaries`` maps names to unfitted supervised estimators (default
+    ``{"supervised": MSEDictionary()}``), each fitted per pair; the first one is the
+    reference for feature alignment and for :data:`GROUND_TRUTH_CHECKS`.
+
+    The forwards follow the data dependencies, whatever the number of attributes, SAEs and
+    ``k``: one read of the fit prompts (the dictionaries and the floors' L0 calibration need
+    it), one read of the held-out and counterfactual prompts that also computes every
+    SAE's and floor's codes (:mod:`sage_nn.reads`), and one batched run of every patched
+    variant (:func:`sage_nn.interventions.run_patched`). Remotely each is one request.
 
     The edit metric is ``edit_metric`` (an attribute coordinate): ``"accuracy"`` where the
     counterfactual changes the model's prediction (on those prompts only), else
@@ -313,49 +357,98 @@ def evaluate_cross_section(
     agree to float tolerance), so SAEs can be evaluated apart and merged (the pipeline
     caches each SAE's results this way).
     """
-    attribute, pairs = cross_section.attribute, cross_section.pairs
+    from .reads import read_sites
+
+    sections = [cross_section] if isinstance(cross_section, CrossSection) else list(cross_section)
     if not ceiling and not saes:
         raise ValueError("ceiling=False with no SAEs: nothing to score")
-    test = _seen_values_only(train, test, attribute)
-    cf = test.counterfactuals[attribute]
     coders = {name: as_coder(sae) for name, sae in (saes or {}).items()}
-    for name, coder in coders.items():
-        for site, _ in pairs:
-            if not coder.serves(model, site):
-                raise ValueError(f"SAE {name!r} cannot serve cross-section site {site}: "
-                                 "place it at that site, or reach sublayer sites through a "
-                                 "residual-to-sublayer reconstruction")
-    # every activation any method needs, for all three prompt sets: one read
-    extra = [p for c in coders.values() for pair in pairs for p in c.reads(model, pair)]
-    a_train, a_test, a_cf = site_values(model, [train, test, cf], list(dict.fromkeys(pairs + extra)),
-                                        batch_size=batch_size, remote=remote)
+    for cs in sections:
+        for name, coder in coders.items():
+            for site, _ in cs.pairs:
+                if not coder.serves(model, site):
+                    raise ValueError(f"SAE {name!r} cannot serve cross-section site {site}: "
+                                     "place it at that site, or reach sublayer sites through a "
+                                     "residual-to-sublayer reconstruction")
+    every = list(dict.fromkeys(p for cs in sections for p in cs.pairs))
+    extra = [p for c in coders.values() for pair in every for p in c.reads(model, pair)]
+    reads = list(dict.fromkeys(every + extra))
+    # 1. the fit prompts: the dictionaries are fitted and the floors calibrated on them
+    (a_train,), _ = read_sites(model, [train], reads, batch_size=batch_size, remote=remote)
+    methods = {cs.attribute: {**coders, **{f"{RANDOM}:{name}": c.floor(model, cs.pairs,
+                                                                        a_train, seed)
+                                           for name, c in coders.items()}}
+               for cs in sections}
+    # 2. held-out and counterfactual prompts: activations and every coder's codes
+    jobs, job_of, pairs_of = [], {}, {}
+    for cs in sections:
+        for coder in methods[cs.attribute].values():
+            pairs_of.setdefault(id(coder), (coder, []))[1].extend(cs.pairs)
+    for key, (coder, pairs) in pairs_of.items():
+        for spec, sites in coder.jobs(model, list(dict.fromkeys(pairs))):
+            job_of.update({(key, s): len(jobs) for s in sites})
+            jobs.append((spec, sites))
+    sets = [test] + [test.counterfactuals[cs.attribute] for cs in sections]
+    values, codes = read_sites(model, sets, reads, jobs, batch_size=batch_size, remote=remote)
+
     names = train.attribute_names
-    attrs, attrs_cf = test.attributes[names], cf.attributes[names]
-
     dictionaries = dictionaries or {SUPERVISED: MSEDictionary()}
-    codes_by_method: dict[str, dict[tuple, SiteCode]] = {}
-    features = {}
-    for name, estimator in (dictionaries if ceiling else
-                            dict(list(dictionaries.items())[:1])).items():
-        codes_by_method[name] = {}
-        for pair in pairs:
-            dictionary = clone(estimator).set_params(attributes=names).fit(
-                a_train[pair].numpy(), train.attributes[names])
-            features.setdefault(pair, dictionary.components_)
-            if not ceiling:  # only the reference features, for the SAEs' alignment
-                continue
-            codes_by_method[name][pair] = supervised_code(
-                dictionary, a_test[pair].numpy(), attrs, a_cf[pair].numpy(), attrs_cf,
-                a_train[pair].numpy(), train.attributes[names])
-    if not ceiling:
-        codes_by_method.clear()
-    for name, coder in coders.items():
-        codes_by_method[name] = coder.codes(model, pairs, test, cf, a_test, a_cf, a_train, remote)
-        codes_by_method[f"{RANDOM}:{name}"] = coder.floor(model, pairs, a_train, seed).codes(
-            model, pairs, test, cf, a_test, a_cf, a_train, remote)
+    reference = next(iter(dictionaries))
+    codes_by, keep_by = {}, {}
+    for i, cs in enumerate(sections):
+        attribute, pairs = cs.attribute, cs.pairs
+        keep = keep_by[attribute] = _seen_rows(train, test, attribute)
+        part, cf = test.subset(keep), test.counterfactuals[attribute].subset(keep)
+        take = lambda d: {k: v[keep] for k, v in d.items()}  # noqa: E731
+        a_test, a_cf = take(values[0]), take(values[1 + i])
+        attrs, attrs_cf = part.attributes[names], cf.attributes[names]
+        by_method: dict[str, dict[tuple, SiteCode]] = {}
+        features = {}
+        for name, estimator in (dictionaries if ceiling else {reference: None}).items():
+            by_method[name] = {}
+            for pair in pairs:
+                dictionary = clone(estimator or dictionaries[reference]).set_params(
+                    attributes=names).fit(a_train[pair].numpy(), train.attributes[names])
+                features.setdefault(pair, dictionary.components_)
+                by_method[name][pair] = None if not ceiling else supervised_code(
+                    dictionary, a_test[pair].numpy(), attrs, a_cf[pair].numpy(), attrs_cf,
+                    a_train[pair].numpy(), train.attributes[names])
+        if not ceiling:
+            by_method.clear()
+        for method, coder in methods[attribute].items():
+            computed = {(s, p): tuple(t[keep] for t in (*codes[0][(job_of[(id(coder), s)], s, p)],
+                                                       *codes[1 + i][(job_of[(id(coder), s)], s, p)]))
+                        for s, p in pairs if (id(coder), s) in job_of}
+            by_method[method] = coder.codes(model, pairs, part, cf, a_test, a_cf, a_train,
+                                            computed, remote)
+        codes_by[attribute] = (by_method, features)
+    # 3. every patched variant of every attribute and method, in shared forwards
+    variants, names_by, magnitudes = [[]], {}, {}
+    for i, cs in enumerate(sections):
+        found = _variants(test, cs, codes_by[cs.attribute][0], a_train, values[0],
+                          values[1 + i], keep_by[cs.attribute], ks)
+        names_by[cs.attribute] = [name for name, _ in found[0]]
+        variants += [v for _, v in found[0]]
+        magnitudes[cs.attribute] = found[1]
+    labels = ["clean"] + [f"{a}|{n}" for a, ns in names_by.items() for n in ns]
+    out = run_patched(model, test, variants, names=labels, batch_size=batch_size, remote=remote)
+    parts = []
+    for cs in sections:
+        a = cs.attribute
+        sub = out.isel(prompt=keep_by[a]).sel(variant=["clean"] + [f"{a}|{n}" for n in names_by[a]])
+        sub = sub.assign_coords(variant=["clean"] + names_by[a])
+        by_method, features = codes_by[a]
+        ds = _scores(sub, cs, by_method, features, magnitudes[a], train,
+                     test.subset(keep_by[a]), ks, n_boot, seed)
+        parts.append(trust_ceiling(ds, reference) if ceiling else ds)
+    result = xr.concat(parts, "attribute", join="outer", combine_attrs="override")
+    return result.assign_attrs(patched_forwards=out.attrs["forwards"], n_prompts=len(test))
 
-    out, magnitudes = _run_variants(model, test, pairs, codes_by_method, a_train, a_cf, ks,
-                                    batch_size, remote)
+
+def _scores(out, cs, codes_by_method, features, magnitudes, train, test, ks, n_boot, seed):
+    """One attribute's Dataset from its variants' runs (``out``: clean, mean, cf and per
+    method its sufficiency, necessity and edits, on the attribute's kept test rows)."""
+    attribute = cs.attribute
     ld, top1 = out.logit_diff, out.top1
     clean, mean, counter = (ld.sel(variant=v).values for v in ("clean", "mean", "cf"))
     top_clean, top_cf = top1.sel(variant="clean").values, top1.sel(variant="cf").values
@@ -363,7 +456,7 @@ def evaluate_cross_section(
     labels_fit = train.attributes[[attribute]]
     per_method = [_intervention_metrics(out, method, ks, magnitudes, edit_metric, n_boot, seed)
                   | _code_metrics(codes_by_method[method], features, labels_fit,
-                                  attrs[[attribute]])
+                                  test.attributes[[attribute]])
                   for method in codes_by_method]
     dims = {"sufficiency": ("dictionary",), "sufficiency_ci": ("dictionary", "bound"),
             "loss_increase": ("dictionary",), "loss_increase_ci": ("dictionary", "bound"),
@@ -376,9 +469,9 @@ def evaluate_cross_section(
     ds = xr.Dataset(
         {key: (dims.get(key, ("dictionary", "pair")), [m[key] for m in per_method])
          for key in per_method[0]},
-        coords={"dictionary": list(codes_by_method), "k": list(ks), "pair": cross_section.labels,
+        coords={"dictionary": list(codes_by_method), "k": list(ks), "pair": cs.labels,
                 "bound": ["low", "high"]},
-        attrs={"n_prompts": len(test), "patched_forwards": out.attrs["forwards"],
+        attrs={"n_prompts": len(test),
                "clean_logit_diff": float(clean.mean()),
                "mean_ablated_logit_diff": float(mean.mean()),
                "counterfactual_logit_diff": float(counter.mean()),
@@ -390,9 +483,8 @@ def evaluate_cross_section(
     ds["n_changed_prediction"] = int((top_clean != top_cf).sum())
     for name, note in notes.items():
         ds[f"{name}_note"] = note or ""
-    ds = ds.expand_dims(attribute=[attribute]).assign_coords(
+    return ds.expand_dims(attribute=[attribute]).assign_coords(
         edit_metric=("attribute", [edit_metric]))
-    return trust_ceiling(ds, next(iter(dictionaries))) if ceiling else ds
 
 
 #: A supervised dictionary is ground truth at a cross-section only if it passes these on the
@@ -439,30 +531,37 @@ def edit_scorer(out: xr.Dataset, edit_metric: str):
         values[variant][rows], values["clean"][rows], values["cf"][rows])
 
 
-def _run_variants(model, test, pairs, codes_by_method, a_train, a_cf, ks, batch_size, remote):
-    """One batched run: clean, mean-ablated, counterfactual-patched, and per method its
-    reconstruction (sufficiency), mean + error (necessity) and sparse edits."""
-    positions = {pair: test.positions[pair[1]] for pair in pairs}
+def _variants(test, cs, codes_by_method, a_train, clean, a_cf, keep, ks):
+    """One attribute's patched variants over all ``test`` prompts, as ``([(name, patches)],
+    edit magnitudes)``: mean-ablated, counterfactual-patched, and per method its
+    reconstruction (sufficiency), mean + error (necessity) and sparse edits. Rows outside
+    ``keep`` (the attribute's scored prompts) are written their clean values: unchanged."""
+    positions = {pos: test.positions[pos] for _, pos in cs.pairs}
 
     def variant(values: Mapping[tuple, torch.Tensor]) -> list[Patch]:
-        return [Patch(site, positions[(site, pos)], values[(site, pos)], f"{site}@{pos}")
-                for site, pos in pairs]
+        patches = []
+        for pair in cs.pairs:
+            full = values[pair]
+            if len(keep) < len(test):
+                full = clean[pair].clone()
+                full[keep] = values[pair]
+            patches.append(Patch(pair[0], positions[pair[1]], full, f"{pair[0]}@{pair[1]}"))
+        return patches
 
-    means = {p: a_train[p].mean(0).expand_as(a_cf[p]) for p in pairs}
-    variants, names, magnitudes = [[], variant(means), variant(a_cf)], ["clean", "mean", "cf"], {}
+    means = {p: a_train[p].mean(0).expand(len(keep), -1) for p in cs.pairs}
+    found = [("mean", variant(means)), ("cf", variant({p: a_cf[p][keep] for p in cs.pairs}))]
+    magnitudes = {}
     for method, codes in codes_by_method.items():
-        variants.append(variant({p: c.a_hat for p, c in codes.items()}))
-        variants.append(variant({p: means[p] + c.a - c.a_hat for p, c in codes.items()}))
-        names += [f"{method}|sufficiency", f"{method}|necessity"]
+        found.append((f"{method}|sufficiency", variant({p: c.a_hat for p, c in codes.items()})))
+        found.append((f"{method}|necessity",
+                      variant({p: means[p] + c.a - c.a_hat for p, c in codes.items()})))
         if any(c.directions is None for c in codes.values()):
             continue  # no sparse edit without latent directions at every pair
         for k in ks:
             edits = {p: c.edit(k) for p, c in codes.items()}
-            variants.append(variant({p: e[0] for p, e in edits.items()}))
-            names.append(f"{method}|edit{k}")
+            found.append((f"{method}|edit{k}", variant({p: e[0] for p, e in edits.items()})))
             magnitudes[method, k] = float(torch.stack([e[1] for e in edits.values()]).mean())
-    return run_patched(model, test, variants, names=names, batch_size=batch_size,
-                       remote=remote), magnitudes
+    return found, magnitudes
 
 
 def _intervention_metrics(out: xr.Dataset, method: str, ks, magnitudes, edit_metric, n_boot,

@@ -916,16 +916,15 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
             if any(p[0].kind in ("z", "attn_out") for p in all_pairs):
                 model._module.set_attn_implementation("eager")  # the frozen pattern is read
             try:
-                parts = [evaluate_cross_section(model, fit, held_out, CrossSection(a, pairs),
-                                                {name: saes[name] for name in missing},
-                                                ks=config.ks, n_boot=config.n_boot,
-                                                seed=config.seed, batch_size=config.batch_size,
-                                                remote=remote, ceiling=shared_missing)
-                         for a, pairs in pairs_by_attr.items()]
+                results = evaluate_cross_section(
+                    model, fit, held_out, [CrossSection(a, pairs)
+                                           for a, pairs in pairs_by_attr.items()],
+                    {name: saes[name] for name in missing}, ks=config.ks, n_boot=config.n_boot,
+                    seed=config.seed, batch_size=config.batch_size, remote=remote,
+                    ceiling=shared_missing)
             finally:  # the caller's model comes back as it was given
                 if model._module.config._attn_implementation != impl:
                     model._module.set_attn_implementation(impl)
-            results = xr.concat(parts, "attribute", join="outer")
             scored = {SHARED_EVALUATION: (eval_settings, None)} if shared_missing else {}
             scored.update({name: (sae_keys[name], name) for name in missing})
             for name, (key, sae) in scored.items():

@@ -304,21 +304,12 @@ class ResidualReconstruction:
             sae = self.by_site_[(layer, "resid_pre")]
             clean_r = r[:n].clone()
             r[n:] = sae(clean_r).to(r.dtype)
-            if with_codes:
-                cache["codes"], cache["scale"], cache["shift"] = (sae.encode(clean_r),
-                                                                  *sae.decode_affine(clean_r))
-                cache["sae"] = sae
-            if "attn" not in self.norms_[layer]:  # no norm before attention: nothing to freeze
-                if with_codes:
-                    cache["s"] = torch.ones_like(clean_r[..., :1], dtype=torch.float32)
-            elif self.freeze_norm or with_codes:
-                norm_name, kind, eps = self.norms_[layer]["attn"]
-                if with_codes:
-                    cache["s"] = _inv_scale(clean_r, kind, eps)
-                if self.freeze_norm:
-                    scratch_r = r[n:].clone()
-                    norm_out = getattr(block, norm_name).output
-                    self._rescale(model, layer, "attn", clean_r, scratch_r, norm_out, n)
+            cache["r"] = clean_r
+            if self.freeze_norm and "attn" in self.norms_[layer]:  # else nothing to freeze
+                norm_name = self.norms_[layer]["attn"][0]
+                scratch_r = r[n:].clone()
+                norm_out = getattr(block, norm_name).output
+                self._rescale(model, layer, "attn", clean_r, scratch_r, norm_out, n)
         if attn_sites:
             proj = {"q": arch.q_proj, "k": arch.k_proj, "v": arch.v_proj}
             attn = getattr(block, arch.attn)
@@ -436,7 +427,6 @@ class ResidualReconstruction:
             gamma, beta = _norm_weight(getattr(block, norm_name), ad.d_model, kind)
         else:  # attention reads the residual itself
             kind, gamma, beta = "none", torch.ones(ad.d_model), torch.zeros(ad.d_model)
-        centre = (lambda x: x - x.mean(-1, keepdim=True)) if kind == "layer" else (lambda x: x)
         W_dec, b_dec = sae.decoder().float(), sae.b_dec.float()
         proj = {}
         for k in "qkv":
@@ -447,7 +437,7 @@ class ResidualReconstruction:
         if arch.attn_post_norm:
             post = _norm_weight(getattr(block, arch.attn_post_norm), ad.d_model,
                                 self.norms_[layer]["attn_post"][1])
-        maps = dict(centre=centre, gamma=gamma, beta=beta, W_dec=W_dec, b_dec=b_dec, proj=proj,
+        maps = dict(layer_norm=kind == "layer", gamma=gamma, beta=beta, W_dec=W_dec, b_dec=b_dec, proj=proj,
                     W_O=W_O, b_O=b_O, post=post)
         self._maps_cache[key] = maps
         return maps
@@ -464,7 +454,8 @@ class ResidualReconstruction:
         self._check_linear([site], need_pattern=False)
         ad, sae = self.adapter_, self.source(site)
         m = self._maps(site.layer, sae)
-        base = m["centre"](m["W_dec"]) * m["gamma"]  # [d_sae, d_model] after the frozen norm
+        W_dec = m["W_dec"] - m["W_dec"].mean(-1, keepdim=True) if m["layer_norm"] else m["W_dec"]
+        base = W_dec * m["gamma"]  # [d_sae, d_model] after the frozen norm
 
         def head_dir(kind, head):
             W = m["proj"][kind][0][:, ad.channels(kind, head)]
@@ -483,40 +474,74 @@ class ResidualReconstruction:
         return torch.stack(dirs)
 
     def _codes(self, layer, sites, cache, out):
-        """Site-level codes and offsets (plain torch, in the trace), for :meth:`directions`."""
-        ad, sae = self.adapter_, cache["sae"]
-        m = self._maps(layer, sae)
-        eff = cache["scale"].float() * cache["s"]  # [n, T, 1] per-token factor on the codes
-        codes = cache["codes"].float() * eff
-        bias_r = cache["scale"].float() * m["b_dec"] + cache["shift"].float()  # r_hat offset
-        pre = cache["s"] * m["centre"](bias_r) * m["gamma"] + m["beta"]  # frozen-norm offset
+        """Site-level codes and offsets at every token (in the trace), for :meth:`directions`."""
+        n, T = cache["r"].shape[:2]
+        rows, cols = torch.arange(n)[:, None], torch.arange(T)[None, :]
+        spec = self.linear_spec(layer)
+        for s, (codes, offset) in linear_codes(self.adapter_, spec, cache["r"], cache.get("pattern"),
+                                               cache.get("o_out"), rows, cols, sites).items():
+            out["codes"][s], out["offsets"][s] = codes.save(), offset.save()
 
-        def head_offset(kind, head):
-            W, b = m["proj"][kind]
-            ch = ad.channels(kind, head)
-            return pre @ W[:, ch] + b[ch]
+    def linear_spec(self, layer: int, kind: str = "resid_pre") -> dict:
+        """What :func:`linear_codes` needs at ``layer`` (plain tensors, so it ships to a
+        server): the feeding SAE, the frozen maps and the norms' kinds."""
+        sae = self.by_site_[(layer, kind)]
+        norms = self.norms_[layer]
+        return {"sae": sae, "maps": self._maps(layer, sae),
+                "norm": norms["attn"][1:] if "attn" in norms else None,
+                "post_norm": norms["attn_post"][1:] if "attn_post" in norms else None}
 
-        group = ad.n_heads // ad.n_kv_heads
-        for s in sites:
-            if s.kind in ("q", "k", "v"):
-                out["codes"][s], out["offsets"][s] = codes.save(), head_offset(s.kind, s.head).save()
-            elif s.kind == "z":
-                P = cache["pattern"][:, s.head]  # [n, T, T]
-                out["codes"][s] = (P @ codes).save()
-                out["offsets"][s] = (P @ head_offset("v", s.head // group)).save()
-            else:
-                P = cache["pattern"]  # [n, H, T, T]
-                per_head = torch.einsum("nhtu,nud->nthd", P, codes)
-                off = m["b_O"].clone()
-                for h in range(ad.n_heads):
-                    off = off + (P[:, h] @ head_offset("v", h // group)) @ m["W_O"][ad.channels("z", h)]
-                if m["post"] is not None:
-                    o_out = cache["o_out"].float()
-                    _, kind, eps = self.norms_[layer]["attn_post"]
-                    sp = _inv_scale(o_out, kind, eps)
-                    per_head = per_head * sp[..., None]
-                    off = off * sp * m["post"][0] + m["post"][1]
-                out["codes"][s], out["offsets"][s] = per_head.save(), off.save()
+
+def linear_codes(ad, spec: dict, r, pattern, o_out, rows, cols, sites) -> dict:
+    """Site codes and offsets of q/k/v/z/attn_out ``sites`` at tokens ``(rows, cols)``
+    (``rows = arange(b)[:, None]``, ``cols [b or 1, m]``), from the clean run alone: the clean
+    residual ``r [b, T, d]`` feeding the layer, its attention ``pattern [b, H, T, T]``
+    (z/attn_out) and o_proj output ``o_out`` (attn_out under a post-norm). With the norm
+    scale and pattern frozen to the clean run's, ``codes @ directions + offset`` (summed
+    over heads for attn_out) is the site recomputed from the SAE's reconstruction of ``r``:
+    no second forward is needed. Plain torch, so it runs inside a trace and on a server.
+    Returns ``{site: (codes [..., L] (attn_out: [..., H, L]), offset [..., width])}``."""
+    sae, m = spec["sae"], spec["maps"]
+    scale, shift = sae.decode_affine(r)
+    r = r.float()
+    if spec["norm"] is None:  # attention reads the residual itself
+        s = torch.ones_like(r[..., :1])
+    else:
+        s = _inv_scale(r, *spec["norm"])
+    eff = scale.float() * s  # [b, T, 1] per-token factor on the codes
+    codes = sae.encode(r).float() * eff
+    bias_r = scale.float() * m["b_dec"] + shift.float()  # the reconstruction's offset
+    if m["layer_norm"]:
+        bias_r = bias_r - bias_r.mean(-1, keepdim=True)
+    pre = s * bias_r * m["gamma"] + m["beta"]  # ... after the frozen norm
+
+    def head_offset(kind, head):
+        W, b = m["proj"][kind]
+        ch = ad.channels(kind, head)
+        return pre @ W[:, ch] + b[ch]  # [b, T, d_head]
+
+    group = ad.n_heads // ad.n_kv_heads
+    out = {}
+    for site in sites:
+        if site.kind in ("q", "k", "v"):
+            out[site] = (codes[rows, cols], head_offset(site.kind, site.head)[rows, cols])
+            continue
+        P = pattern[rows, :, cols].float()  # [b, m, H, T]: the query tokens' pattern rows
+        if site.kind == "z":
+            v_off = head_offset("v", site.head // group)
+            P = P[..., site.head, :]  # [..., T]
+            out[site] = (P @ codes, P @ v_off)
+            continue
+        per_head = torch.stack([P[..., h, :] @ codes for h in range(ad.n_heads)], -2)
+        off = m["b_O"].clone()
+        for h in range(ad.n_heads):
+            off = off + (P[..., h, :] @ head_offset("v", h // group)) @ m["W_O"][ad.channels("z", h)]
+        if m["post"] is not None:
+            sp = _inv_scale(o_out.float(), *spec["post_norm"])[rows, cols]  # [..., 1]
+            per_head = per_head * sp[..., None]
+            off = off * sp * m["post"][0] + m["post"][1]
+        out[site] = (per_head, off)
+    return out
 
 
 def _reconstruct(model, inputs, n, recon, sites, with_codes, rows_cols):

@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -128,6 +129,41 @@ def test_directions_sum_to_the_frozen_reconstruction(arch, sae_arch):
             linear = codes @ D
         torch.testing.assert_close(linear + out.offsets[s], out.recon[s], rtol=1e-3, atol=1e-4)
         assert fvu(out.recon[s], out.clean[s]) > 1e-3  # a random SAE changes the site
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_codes_read_from_the_clean_run_equal_the_reconstruction(arch):
+    """sage_nn.reads computes each site's codes and offset from one clean forward (no
+    scratch rows): the same numbers as the two-row reconstruction, at the prompts' last
+    token, for several SAEs in one read."""
+    from types import SimpleNamespace
+
+    from sage_nn.reads import read_sites
+
+    model = tiny_random_model(arch)
+    ad = adapter(model)
+    model._module.set_attn_implementation("eager")
+    sites = [Site(1, "q", 1), Site(1, "v", 0), Site(1, "z", 3), Site(1, "attn_out")]
+    data = SimpleNamespace(prompts=PROMPTS, positions={"END": np.full(len(PROMPTS), -1)})
+    recs = [ResidualReconstruction([random_sae(ad.d_model, 1, "resid_pre", seed=seed)], "input",
+                                   freeze_norm=True, freeze_pattern=True).fit(model)
+            for seed in (2, 3)]
+    values, codes = read_sites(model, [data], [(s, "END") for s in sites],
+                               [(rec.linear_spec(1), sites) for rec in recs])
+    for j, rec in enumerate(recs):
+        for s in sites:  # one site per run: the others' splices would change its layer
+            out = rec.run(PROMPTS, [s], with_codes=True)
+            c, off = codes[0][(j, s, "END")]
+            torch.testing.assert_close(c, out.codes[s][:, -1], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(off, out.offsets[s][:, -1], rtol=1e-4, atol=1e-5)
+    clean = {}  # made outside the trace: nnsight hands back what was saved into it
+    with torch.no_grad(), model.trace(encode(model, PROMPTS).inputs):
+        for s in sites:
+            t = ad.tensor(model, 1, s.kind)
+            clean[s] = (t[:, -1, ad.channels(s.kind, s.head)] if s.head is not None
+                        else t[:, -1]).save()
+    for s in sites:
+        torch.testing.assert_close(values[0][(s, "END")], clean[s], rtol=1e-4, atol=1e-5)
 
 
 def test_errors_name_the_fix():

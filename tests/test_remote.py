@@ -93,6 +93,26 @@ def test_stages_round_trip_through_a_fresh_server_process(setup):
     assert sum(server.result_bytes[1:]) < sum(server.request_bytes[1:])
 
 
+def test_evaluation_requests_follow_the_data_not_the_number_of_attributes_or_saes(setup):
+    """Fit prompts read, held-out and counterfactual prompts read (every SAE's and floor's
+    codes computed in that forward), every variant patched: three requests, for one SAE
+    or three and for two attributes, and the same numbers as here."""
+    model, fit, test, _ = setup
+    d = model.config.hidden_size
+    sections = [CrossSection("io", [(Site(1, "z", 0), "END")]),
+                CrossSection("s", [(Site(1, "z", 1), "END"), (Site(0, "resid_post"), "END")])]
+    for n_saes in (1, 3):
+        saes = {f"sae{i}": ReconstructedSAE([random_sae(1, "resid_pre", d, i)])
+                for i in range(n_saes)}
+        remote = Remote("local")
+        there = evaluate_cross_section(model, fit, test, sections, saes, ks=[1, 2, 4],
+                                       n_boot=10, remote=remote)
+        assert [r[0] for r in remote.requests] == ["read", "read", "patch"], n_saes
+        assert set(there.dictionary.values) >= {"sae0", "random:sae0"}
+    here = evaluate_cross_section(model, fit, test, sections, saes, ks=[1, 2, 4], n_boot=10)
+    xr.testing.assert_identical(here, there)
+
+
 def _loaded_modules(model, inputs):
     with model.trace(inputs):
         pass

@@ -1,0 +1,123 @@
+"""Reading a cross-section: activations at (site, named position) pairs, and residual SAEs'
+codes at the sublayer sites they reach, from one clean forward per batch.
+
+A residual SAE reaches q/k/v/z/attn_out through the residual-to-sublayer reconstruction
+(:mod:`sage_nn.reconstruction`, input mode). With the norm scale and the attention pattern
+frozen to the clean run's, that map is linear, so each SAE's site codes and offsets follow
+from the clean run alone (:func:`sage_nn.reconstruction.linear_codes`): any number of SAEs
+and floors are read in the same forward as the activations, and remotely in one request::
+
+    values, codes = read_sites(model, [test, cf], pairs, jobs)
+    values[0][(Site.parse("L9.z.h3"), "END")]          # [n, d_head], test prompts
+    codes[1][(0, Site.parse("L9.z.h3"), "END")]        # (codes, offset) of job 0, cf prompts
+
+A *job* is ``(spec, sites)``: a :meth:`ResidualReconstruction.linear_spec` (the SAE feeding
+one layer, its frozen maps) and the sites it reaches at that layer. Inside the trace
+everything is plain torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .activations import batches, encode, model_device
+from .reconstruction import linear_codes
+from .remote import run_kernel
+from .sites import HEAD_KINDS, KINDS, Site, _path, adapter
+
+
+def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Sequence[tuple] = (),
+               *, batch_size: int = 32, remote: Any = None) -> tuple[list[dict], list[dict]]:
+    """Activations at ``pairs`` and every job's codes, for each task dataset of ``sets``.
+
+    Returns ``(values, codes)``, one dict per set: ``values[(site, position)]`` is
+    ``[n, width]``; ``codes[(job index, site, position)]`` is ``(codes, offset)``, codes
+    ``[n, L]`` (attn_out ``[n, H, L]``) and offset ``[n, width]`` (see
+    :func:`sage_nn.reconstruction.linear_codes`). Each job's sites are read at every named
+    position of ``pairs``. All sets go through one :func:`sage_nn.remote.run_kernel` (one
+    request remotely).
+    """
+    ad = adapter(model)
+    pairs = [(ad.check(s), str(p)) for s, p in pairs]
+    names = sorted({p for _, p in pairs})
+    missing = sorted(set(names) - set.intersection(*(set(d.positions) for d in sets)))
+    if missing:
+        raise ValueError(f"unknown named positions {missing}; the dataset has "
+                         f"{sorted(sets[0].positions)}")
+    reads = sorted({s for s, _ in pairs}, key=lambda s: s.order)
+    by_layer: dict[int, list] = {}
+    for j, (spec, sites) in enumerate(jobs):
+        by_layer.setdefault(min(s.layer for s in sites), []).append((j, spec, list(sites)))
+    device, owners = model_device(model), []
+
+    def chunks():
+        for k, data in enumerate(sets):
+            for idx in batches(len(data.prompts), batch_size):
+                batch = encode(model, [data.prompts[i] for i in idx], device)
+                cols = torch.stack([batch.index(data.positions[p][idx]) for p in names], 1)
+                owners.append(k)
+                yield batch.inputs, cols.to(device), reads, by_layer
+
+    parts: list[list] = [[] for _ in sets]
+    for out in run_kernel(model, _read_batch, chunks(), remote, stage="read"):
+        parts[owners.pop(0)].append(out)
+    values, codes = [], []
+    for part in parts:
+        cat = lambda key: torch.cat([p[key] for p in part]).float().cpu()  # noqa: E731
+        values.append({(s, p): cat(str(s))[:, names.index(p)] for s, p in pairs})
+        codes.append({(j, s, p): (cat(f"{j}|{s}|codes")[:, names.index(p)],
+                                  cat(f"{j}|{s}|offset")[:, names.index(p)])
+                      for j, (_, sites) in enumerate(jobs) for s in sites for p in names})
+    return values, codes
+
+
+def _read_batch(model, inputs, cols, reads, jobs):
+    """One clean trace (a remote kernel): every read site at tokens ``cols [b, P]``, and
+    each job's codes there, layer by layer in execution order. Keyed by strings: a server
+    returns plain data."""
+    hf = model._module
+    impl = hf.config._attn_implementation
+    needs_pattern = any(s.kind in ("z", "attn_out") for js in jobs.values() for _, _, ss in js
+                        for s in ss)
+    if needs_pattern and impl != "eager":
+        hf.set_attn_implementation("eager")  # e.g. a server's sdpa model returns no pattern
+    try:
+        out = _trace_reads(model, inputs, cols, reads, jobs)
+    finally:
+        if hf.config._attn_implementation != impl:
+            hf.set_attn_implementation(impl)
+    return out
+
+
+def _trace_reads(model, inputs, cols, reads, jobs):
+    ad = adapter(model)
+    arch = ad.arch
+    rows = torch.arange(len(cols), device=cols.device)[:, None]
+    layers = sorted({s.layer for s in reads} | set(jobs))
+    with torch.no_grad(), model.trace(inputs):
+        out = {}
+        for layer in layers:
+            here = jobs.get(layer, [])
+            kinds_here = {s.kind for _, _, sites in here for s in sites}
+            attn = getattr(ad.blocks(model)[layer], arch.attn)
+            r = ad.tensor(model, layer, "resid_pre").clone() if here else None
+            for kind in KINDS:
+                if kind == "attn_out" and here:  # the clean pattern is known from here on
+                    o_out = (_path(attn, arch.o_proj).output.clone()
+                             if "attn_out" in kinds_here and arch.attn_post_norm else None)
+                    pattern = attn.output[1] if kinds_here & {"z", "attn_out"} else None
+                    for j, spec, sites in here:
+                        for s, (c, off) in linear_codes(ad, spec, r, pattern, o_out, rows,
+                                                        cols, sites).items():
+                            out[f"{j}|{s}|codes"], out[f"{j}|{s}|offset"] = c, off
+                for s in (s for s in reads if s.layer == layer and s.kind == kind):
+                    t = ad.tensor(model, layer, kind)
+                    if kind in HEAD_KINDS:
+                        t = t[..., ad.channels(kind, s.head)]
+                    out[str(s)] = t[rows, cols]  # [b, P, width]
+        out.save()
+    return out
