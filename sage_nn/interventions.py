@@ -26,7 +26,7 @@ import torch
 import xarray as xr
 
 from .activations import batches, collect, encode, model_device
-from .remote import run_kernel
+from .remote import as_remote, run_kernel
 from .sites import HEAD_KINDS, KINDS, Site, _path, adapter
 
 
@@ -131,7 +131,8 @@ def run_patched(
         names = ["+".join(p.label for p in v) or "clean" for v in variants]
     if len(names) != len(variants):
         raise ValueError(f"{len(names)} names for {len(variants)} variants")
-    dtype = next(model._module.parameters()).dtype
+    # values travel in the transport dtype, and are written in the server model's
+    dtype = as_remote(remote).transport_dtype or next(model._module.parameters()).dtype
     shape = (len(variants), n)
     ld, logp = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     top1 = np.zeros(shape, np.int64)

@@ -76,6 +76,7 @@ class RunConfig:
     remote: bool | str = False
     max_prompts_per_request: int | None = None
     remote_blocking: bool = True
+    remote_transport: str = "float32"
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "RunConfig":
@@ -769,7 +770,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
 
     if remote is None and config.remote:
         remote = Remote(config.remote, max_prompts=config.max_prompts_per_request,
-                        blocking=config.remote_blocking,
+                        blocking=config.remote_blocking, transport=config.remote_transport,
                         jobs=None if config.remote_blocking else root / "remote_jobs.json")
     model = model or load_model(config.model, device=config.device, dtype=config.dtype,
                                 remote=on_server)
@@ -886,7 +887,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     # and evaluation.nc merges the run's SAEs in their order: a removed SAE is left out.
     eval_settings = config.hash("model", "task", "seed", "n_fit", "n_eval", "n_discovery",
                                 "attributes", "discovery_kinds", "select_kinds", "target",
-                                "max_sites", "top_k", "ks", "n_boot")
+                                "max_sites", "top_k", "ks", "n_boot", "remote_transport")
     eval_settings += "," + hashlib.sha256(json.dumps(
         {a: [f"{s}@{p}" for s, p in pairs] for a, pairs in pairs_by_attr.items()},
         sort_keys=True).encode()).hexdigest()[:16]

@@ -26,7 +26,7 @@ import torch
 
 from .activations import batches, encode, model_device
 from .reconstruction import linear_codes
-from .remote import run_kernel
+from .remote import as_remote, run_kernel
 from .sites import HEAD_KINDS, KINDS, Site, _path, adapter
 
 
@@ -53,6 +53,7 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
     for j, (spec, sites) in enumerate(jobs):
         by_layer.setdefault(min(s.layer for s in sites), []).append((j, spec, list(sites)))
     device, owners = model_device(model), []
+    dtype = as_remote(remote).transport_dtype  # what the results travel in
 
     def chunks():
         for k, data in enumerate(sets):
@@ -60,7 +61,7 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
                 batch = encode(model, [data.prompts[i] for i in idx], device)
                 cols = torch.stack([batch.index(data.positions[p][idx]) for p in names], 1)
                 owners.append(k)
-                yield batch.inputs, cols.to(device), reads, by_layer
+                yield batch.inputs, cols.to(device), reads, by_layer, dtype
 
     parts: list[list] = [[] for _ in sets]
     for out in run_kernel(model, _read_batch, chunks(), remote, stage="read"):
@@ -75,7 +76,7 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
     return values, codes
 
 
-def _read_batch(model, inputs, cols, reads, jobs):
+def _read_batch(model, inputs, cols, reads, jobs, dtype=None):
     """One clean trace (a remote kernel): every read site at tokens ``cols [b, P]``, and
     each job's codes there, layer by layer in execution order. Keyed by strings: a server
     returns plain data."""
@@ -87,6 +88,8 @@ def _read_batch(model, inputs, cols, reads, jobs):
         hf.set_attn_implementation("eager")  # e.g. a server's sdpa model returns no pattern
     try:
         out = _trace_reads(model, inputs, cols, reads, jobs)
+        if dtype is not None:
+            out = {key: value.to(dtype) for key, value in out.items()}
     finally:
         if hf.config._attn_implementation != impl:
             hf.set_attn_implementation(impl)

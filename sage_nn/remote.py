@@ -60,7 +60,9 @@ class Remote:
     the stage's batches are grouped into requests, a batch over the cap going alone (so
     choose ``batch_size`` at most the cap); a patched variant of a prompt counts as a row.
     A request that fails to reach the server is retried ``retries`` times, waiting
-    ``backoff_s``, then twice that, and so on.
+    ``backoff_s``, then twice that, and so on. ``transport="bfloat16"`` sends patch values
+    and returns read activations and codes in bfloat16: half the bytes, numbers to bf16
+    precision (the server computes in its own dtype either way).
     """
 
     backend: Any = False
@@ -70,9 +72,12 @@ class Remote:
     blocking: bool = True
     jobs: str | Path | None = None
     verbose: bool = False
+    transport: str = "float32"
     requests: list = field(default_factory=list, repr=False)  # (stage, rows, tokens) sent
 
     def __post_init__(self):
+        if self.transport not in ("float32", "bfloat16"):
+            raise ValueError(f"transport {self.transport!r}: use 'float32' or 'bfloat16'")
         if not self.blocking and (self.jobs is None or not isinstance(self.backend, (bool, str))
                                   or self.backend in (False, "local")):
             raise ValueError("blocking=False submits jobs to an NDIF server (backend True or a "
@@ -81,6 +86,11 @@ class Remote:
     @property
     def is_remote(self) -> bool:
         return self.backend is not False and self.backend is not None
+
+    @property
+    def transport_dtype(self) -> torch.dtype | None:
+        """The dtype activations travel in (``None`` here: nothing travels)."""
+        return getattr(torch, self.transport) if self.is_remote else None
 
     def session(self, model: Any) -> Any:
         if isinstance(self.backend, Backend):

@@ -127,6 +127,9 @@ def field_problems(config: Any) -> list[str]:
     if config.reconstruction not in ("input", "difference"):
         problems.append(f"reconstruction={config.reconstruction!r}: unknown mode; fix: "
                         "'input' or 'difference'")
+    if config.remote_transport not in ("float32", "bfloat16"):
+        problems.append(f"remote_transport={config.remote_transport!r}: unknown dtype; fix: "
+                        "'float32' or 'bfloat16'")
     for name in ("discovery_kinds", "select_kinds"):
         kinds = getattr(config, name)
         bad = [k for k in kinds or [] if k not in KINDS]

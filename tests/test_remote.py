@@ -93,7 +93,8 @@ def test_stages_round_trip_through_a_fresh_server_process(setup):
     assert sum(server.result_bytes[1:]) < sum(server.request_bytes[1:])
 
 
-def test_evaluation_requests_follow_the_data_not_the_number_of_attributes_or_saes(setup):
+def test_evaluation_requests_follow_the_data_not_the_number_of_attributes_or_saes(setup,
+                                                                                 tmp_path):
     """Fit prompts read, held-out and counterfactual prompts read (every SAE's and floor's
     codes computed in that forward), every variant patched: three requests, for one SAE
     or three and for two attributes, and the same numbers as here."""
@@ -111,6 +112,20 @@ def test_evaluation_requests_follow_the_data_not_the_number_of_attributes_or_sae
         assert set(there.dictionary.values) >= {"sae0", "random:sae0"}
     here = evaluate_cross_section(model, fit, test, sections, saes, ks=[1, 2, 4], n_boot=10)
     xr.testing.assert_identical(here, there)
+    # bfloat16 transport: about half the bytes each way, the numbers to bf16 precision
+    server = FreshProcessBackend.for_model(model, tmp_path / "server")
+    sizes = {}
+    for transport in ("float32", "bfloat16"):
+        server.request_bytes.clear(), server.result_bytes.clear()
+        half = evaluate_cross_section(model, fit, test, sections, saes, ks=[1, 2, 4], n_boot=10,
+                                      remote=Remote(server, transport=transport))
+        sizes[transport] = sum(server.result_bytes), sum(server.request_bytes)
+    assert sizes["bfloat16"][0] < 0.7 * sizes["float32"][0]
+    assert sizes["bfloat16"][1] < sizes["float32"][1]
+    # (this random model's logit differences are thousandths of a logit: compare what the
+    # reads carry, not ratios of those)
+    np.testing.assert_allclose(half.fvu.values, here.fvu.values, rtol=0.02, atol=1e-3)
+    np.testing.assert_allclose(half.l0.values, here.l0.values, rtol=0.1)
 
 
 def _loaded_modules(model, inputs):
