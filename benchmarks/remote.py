@@ -8,9 +8,15 @@ sizes are those a server would receive and send back. Next to the result bytes: 
 full-activation download would take instead, i.e. every site of the model (all layers; the
 residual stream, sublayer outputs and per-head q/k/v/z) at every token of every row the
 stage runs, in float32. The SAEs are random (their weights do not change the sizes).
+
+Then, by simulation, how the evaluation's bytes scale with the model's width and the number
+of SAEs: random llama models of d_model 576, 2048, 4096 and 8192 (2 layers, 64-wide heads),
+the tiny IOI task of the tests (16 fit and 16 held-out prompts), one head's ``z`` reached by
+random residual TopK SAEs of width ``2 * d_model``, 1 and 4 SAEs, in float32 and bfloat16
+transport; and, from those slopes, what a 70B-class model (d_model 8192) would need.
 Writes ``benchmarks/results/remote.json``.
 
-    python benchmarks/remote.py
+    python benchmarks/remote.py [--skip-smollm2] [--widths 576,2048,4096,8192]
 """
 
 from __future__ import annotations
@@ -49,8 +55,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "remote.json"))
     parser.add_argument("--n-boot", type=int, default=100)
+    parser.add_argument("--skip-smollm2", action="store_true",
+                        help="keep the stored SmolLM2 stages, only rerun the width scaling")
+    parser.add_argument("--widths", default="576,2048,4096,8192")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    out = Path(args.out)
+    report = json.loads(out.read_text()) if args.skip_smollm2 and out.exists() else smollm2(args)
+    report["width_scaling"] = width_scaling([int(w) for w in args.widths.split(",")])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["width_scaling"], indent=2))
+    print(f"wrote {out}")
+
+
+def smollm2(args) -> dict:
 
     config = RunConfig()  # the quickstart's settings
     model = load_model(config.model)
@@ -79,10 +98,9 @@ def main() -> None:
     saes = {"topk-1024": ReconstructedSAE(
         [random_topk_sae(s, ad.d_model, config.sae_width, i) for i, s in enumerate(needed)])}
     model._module.set_attn_implementation("eager")
-    stage("evaluation", lambda: [
-        evaluate_cross_section(model, fit, held_out, CrossSection(a, ps), saes, ks=config.ks,
-                               n_boot=args.n_boot, remote=remote)
-        for a, ps in pairs.items()])
+    stage("evaluation", lambda: evaluate_cross_section(
+        model, fit, held_out, [CrossSection(a, ps) for a, ps in pairs.items()], saes,
+        ks=config.ks, n_boot=args.n_boot, remote=remote))
 
     rows = []
     for name, (first, last, seconds) in spans.items():
@@ -107,15 +125,89 @@ def main() -> None:
               "backend": "FreshProcessBackend (fresh process per request, sage_nn unimportable)",
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
               "stages": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"{'stage':12} {'requests':>8} {'upload MB':>10} {'download MB':>12} "
           f"{'full MB':>10} {'full/down':>10}")
     for r in rows:
         print(f"{r['stage']:12} {r['requests']:8d} {r['upload_bytes'] / 1e6:10.2f} "
               f"{r['download_bytes'] / 1e6:12.3f} {r['full_activation_bytes'] / 1e6:10.1f} "
               f"{r['full_over_download']:10.0f}")
-    print(f"wrote {args.out}")
+    return report
+
+
+def width_scaling(widths: list[int], n_saes=(1, 4), sae_ratio: int = 2) -> dict:
+    """Evaluation requests' bytes against d_model and the number of SAEs (see the module
+    docstring), and the 70B-class estimate from the fitted slopes."""
+    import sys
+    import tempfile
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sage_nn.models import tiny_tokenizer, wrap
+    from sage_nn.tasks import load_task
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from conftest import TINY_TASK  # the tests' tiny IOI, in the tiny tokenizer's words
+
+    tok = tiny_tokenizer()
+    spec = Path(tempfile.mkdtemp()) / "tiny.yaml"
+    spec.write_text(TINY_TASK)
+    rows = []
+    for d in widths:
+        heads = d // 64
+        config = LlamaConfig(hidden_size=d, num_attention_heads=heads,
+                             num_key_value_heads=3 if heads % 3 == 0 else max(1, heads // 4),
+                             intermediate_size=d, num_hidden_layers=2, vocab_size=len(tok))
+        torch.manual_seed(0)
+        hf = LlamaForCausalLM(config).eval()
+        hf.config._name_or_path = f"random-llama-d{d}"
+        hf.set_attn_implementation("eager")
+        model = wrap(hf, tok)
+        full = load_task(spec).build(model, n=32, seed=0, split="train")
+        fit, test = full.subset(np.arange(16)), full.subset(np.arange(16, 32))
+        section = CrossSection("io", [(Site(1, "z", 0), "END")])
+        with tempfile.TemporaryDirectory() as tmp:
+            server = FreshProcessBackend.for_model(model, tmp)
+            for n in n_saes:
+                saes = {f"sae{i}": ReconstructedSAE([random_topk_sae("L1.resid_pre", d,
+                                                                     sae_ratio * d, i)])
+                        for i in range(n)}
+                for transport in ("float32", "bfloat16"):
+                    server.request_bytes.clear(), server.result_bytes.clear()
+                    remote = Remote(server, transport=transport)
+                    evaluate_cross_section(model, fit, test, section, saes, ks=[1, 2, 4, 8],
+                                           n_boot=10, remote=remote)
+                    rows.append({"d_model": d, "n_saes": n, "sae_width": sae_ratio * d,
+                                 "transport": transport,
+                                 "requests": [r[0] for r in remote.requests],
+                                 "upload_bytes": list(server.request_bytes),
+                                 "download_bytes": list(server.result_bytes)})
+                    print(rows[-1], flush=True)
+        del model, hf
+    return {"setup": f"random llama, 2 layers, intermediate = d_model; tiny IOI, 16 fit + 16 "
+                     f"held-out prompts; cross-section L1.z.h0@END; random TopK SAEs (k=32) "
+                     f"of width {sae_ratio} x d_model at L1.resid_pre; ks 1,2,4,8",
+            "rows": rows, "estimate_70b": estimate_70b(rows)}
+
+
+def estimate_70b(rows: list[dict]) -> dict:
+    """Least-squares slopes of upload and download (bfloat16) in d_model and SAE
+    parameters, applied to a 70B-class model: d_model 8192, a 16-site cross-section of
+    heads fed by 8 residual SAEs of width 65536 (8x)."""
+    bf = [r for r in rows if r["transport"] == "bfloat16"]
+    X = np.array([[1.0, r["d_model"], r["n_saes"] * r["d_model"] * r["sae_width"]] for r in bf])
+    out = {}
+    for key in ("upload_bytes", "download_bytes"):
+        y = np.array([sum(r[key]) for r in bf], dtype=float)
+        coef = np.linalg.lstsq(X, y, rcond=None)[0]
+        out[f"{key}_fit"] = {"constant": coef[0], "per_d_model": coef[1],
+                             "per_sae_parameter": coef[2]}
+        out[key.replace("_bytes", "_bytes_70b_one_site")] = float(
+            coef @ [1.0, 8192, 8 * 8192 * 65536])
+    out["note"] = ("one cross-section site's variants on 16 held-out prompts, 8 feeding SAEs "
+                   "(2 x d x width parameters each, bf16); upload is dominated by the SAE "
+                   "weights the read request carries, download by the reads; more prompts "
+                   "scale the activation terms, not the SAE term")
+    return out
 
 
 if __name__ == "__main__":

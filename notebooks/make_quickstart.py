@@ -1,5 +1,13 @@
-"""Writes notebooks/quickstart.ipynb (kept as code so the notebook's source is reviewable)."""
+"""Writes notebooks/quickstart.ipynb (kept as code so the notebook's source is reviewable).
 
+The committed notebook is executed with outputs: ``python notebooks/make_quickstart.py
+--execute`` from the repository root, after ``sage quickstart`` (every stage is then read
+from the run directory, so it executes in seconds; without it, the cells run the whole
+quickstart).
+"""
+
+import argparse
+import time
 from pathlib import Path
 
 import nbformat as nbf
@@ -7,7 +15,8 @@ import nbformat as nbf
 cells = [
     nbf.v4.new_markdown_cell("""# sage_nn quickstart, step by step
 
-Ground-truth evaluation of a sparse autoencoder on SmolLM2-135M and the IOI task:
+Ground-truth evaluation of sparse autoencoders on SmolLM2-135M and the IOI task, through the
+public API only:
 
 1. build the task's prompts and counterfactuals,
 2. find where each attribute is computed: attribution patching proposes components (attention
@@ -19,86 +28,90 @@ Ground-truth evaluation of a sparse autoencoder on SmolLM2-135M and the IOI task
 4. score the SAEs against the supervised dictionary (ceiling) and random SAEs (floor),
 5. write the report.
 
-`sage quickstart` does all of this in one call. Set `SAGE_NB_SMALL=1` for a fast, small run
-(the test suite does)."""),
-    nbf.v4.new_code_cell("""import os
+**Runtime.** After `sage quickstart` (same run directory and cache), every stage is read back
+and the notebook runs in seconds; from an empty cache the `run` cell is the whole quickstart
+(about 6 minutes on 2 CPU cores). Set `SAGE_NB_SMALL=1` for a small run with a few-step
+training (the test suite does), whose numbers say little. What every number means:
+`docs/metrics.md`."""),
+    nbf.v4.new_code_cell("""%matplotlib inline
+import os
 import tempfile
-from pathlib import Path
+import time
 
-import numpy as np
-from IPython.display import Image, Markdown, display
+from IPython.display import Image, display
 
 import sage_nn
-from sage_nn.discovery import DiscoveryConfig, discover
-from sage_nn.evaluation import CrossSection, DirectSAE, ReconstructedSAE, evaluate_cross_section
-from sage_nn.pipeline import RunConfig, resolve_saes, residual_sites_for, trained_sites
-from sage_nn.report import headline_table, write_report
-from sage_nn.sites import Site
-from sage_nn.tasks import check_task, load_task
+from sage_nn.pipeline import RunConfig, run
+from sage_nn.report import plot_comparison, plot_controllability
 
 SMALL = os.environ.get("SAGE_NB_SMALL") == "1"
-config = RunConfig(n_fit=24 if SMALL else 96, n_eval=16 if SMALL else 48,
-                   n_discovery=8 if SMALL else 32,
-                   max_sites=4 if SMALL else 16, sae_width=256 if SMALL else 1024,
-                   sae_steps=30 if SMALL else 300, n_boot=100 if SMALL else 1000,
-                   ks=[1, 2, 4] if SMALL else [1, 2, 4, 8, 16, 32],
-                   sae_task_prompts=512 if SMALL else 2048,
-                   run_dir=tempfile.mkdtemp() if SMALL else "runs/notebook")
-out = Path(config.run_dir)
+if SMALL:
+    config = RunConfig(n_fit=24, n_eval=16, n_discovery=8, max_sites=4, sae_width=256,
+                       sae_steps=30, n_boot=100, ks=[1, 2, 4], sae_task_prompts=512,
+                       run_dir=tempfile.mkdtemp())
+else:  # the quickstart's settings and run directory
+    config = RunConfig(run_dir=os.environ.get("SAGE_NB_RUN_DIR", "runs/quickstart"))
 config"""),
-    nbf.v4.new_markdown_cell("## 1. The model and the task"),
-    nbf.v4.new_code_cell("""model = sage_nn.load_model(config.model)
-spec = load_task(config.task)
-full = spec.build(model, n=config.n_fit + config.n_eval, seed=config.seed, split="train")
-fit = full.subset(np.arange(config.n_fit))
-held_out = full.subset(np.arange(config.n_fit, len(full)))
-print(fit.prompts[0], "->", fit.answers[0])
-fit.attributes.head()"""),
-    nbf.v4.new_code_cell("""check_task(model, spec, n=32 if SMALL else 128, split="test")"""),
-    nbf.v4.new_markdown_cell("""## 2. Where is each attribute computed?
+    nbf.v4.new_markdown_cell("""## 1. One call: task, discovery, SAEs, evaluation, report
 
-Attribution patching scores every head at every named position (`kinds=None` scores every
-site kind, for heatmaps of the whole model). A cross-section is made of components, heads' `z` by
-default: candidates come from attribution, and the set grows by what patching all of it at
-once (exactly) recovers of the attribute's effect, up to 60% or `max_sites` sites. The
-residual stream is not a cross-section: late in the model it carries every effect."""),
-    nbf.v4.new_code_cell("""found = discover(model, fit.subset(np.arange(min(config.n_discovery, len(fit)))),
-                 DiscoveryConfig(kinds=["z"], max_sites=config.max_sites),  # the heads
-                 out_dir=out / "discovery")
-pairs = {a: [(Site.parse(s), p) for s, p in zip(t.site, t.position)]
-         for a, t in found.cross_sections.items()}
-{a: (info["recovered"], info["cross_section"]) for a, info in found.summary().items()}"""),
-    nbf.v4.new_code_cell("""found.result.score.sel(attribute="io").max("position")  # labeled: select by meaning"""),
-    nbf.v4.new_code_cell("""for png in sorted((out / "discovery").glob("*io*.png"))[:2]:
+Each stage is checkpointed in the run directory with a hash of its settings: a rerun reads
+back what is done."""),
+    nbf.v4.new_code_cell("""start = time.perf_counter()
+result = run(config, progress=False)
+print(f"run: {time.perf_counter() - start:.0f} s; stage seconds when computed: "
+      f"{ {k: round(v) for k, v in sage_nn.open_run(config.run_dir).timings.items()} }")"""),
+    nbf.v4.new_markdown_cell("""## 2. The task and where each attribute is computed
+
+`open_run` reads a finished run back without the model."""),
+    nbf.v4.new_code_cell("""r = sage_nn.open_run(config.run_dir)
+{"accuracy": r.task["accuracy"], "n_fit": r.task["n_fit"], "n_eval": r.task["n_eval"],
+ "first prompt": r.task["prompts"][0]}"""),
+    nbf.v4.new_code_cell("""{a: (round(info["recovered"], 2), info["cross_section"])
+ for a, info in r.discovery.summary().items()}  # joint exact patch: share of the effect"""),
+    nbf.v4.new_code_cell("""# attribution scores, labeled: the best head per layer for io, at any position
+r.discovery.result.score.sel(attribute="io", kind="z").max(["position", "head"]).to_pandas().tail(8)"""),
+    nbf.v4.new_code_cell("""for png in sorted((r.path / "discovery").glob("*io*.png"))[:2]:
     display(Image(filename=str(png)))"""),
-    nbf.v4.new_markdown_cell("""## 3. SAEs where the task is computed
+    nbf.v4.new_markdown_cell("""## 3. The SAEs
 
-Residual SAEs at the layers feeding the cross-sections' heads, and SAEs trained at the heads
-themselves, on the same corpus and at the same width (`train:topk@sites`)."""),
-    nbf.v4.new_code_cell("""every = [p for ps in pairs.values() for p in ps]
-needed = residual_sites_for(every, sage_nn.adapter(model).parallel)
-resolve_saes("train:topk", model, needed + trained_sites("train:topk@sites", needed, every),
-             config)  # one activation stream trains both kinds
-name, members = resolve_saes("train:topk", model, needed, config)
-site_name, site_members = resolve_saes("train:topk@sites", model,
-                                       trained_sites("train:topk@sites", needed, every), config)
-saes = {name: ReconstructedSAE(members), site_name: DirectSAE(site_members)}
-{n: len(m) for n, m in ((name, members), (site_name, site_members))}"""),
-    nbf.v4.new_markdown_cell("## 4. Score the SAE against the ceiling and the floor"),
-    nbf.v4.new_code_cell("""import xarray as xr
+`train:topk`: residual TopK SAEs at the layers feeding the cross-sections' heads, reaching
+them through the reconstruction; `train:topk@sites`: SAEs at the heads themselves, same
+corpus and width. Each has a floor (`random:<name>`): the same SAE with random unit
+directions, its L0 matched."""),
+    nbf.v4.new_code_cell("""{name: (info["approach"], info["sites"]) for name, info in r.saes.items()}"""),
+    nbf.v4.new_markdown_cell("""## 4. Scores against the ceiling and the floor
 
-model._module.set_attn_implementation("eager")  # the reconstruction reads attention patterns
-results = xr.concat([evaluate_cross_section(model, fit, held_out, CrossSection(a, ps), saes,
-                                            ks=config.ks, n_boot=config.n_boot)
-                     for a, ps in pairs.items()], "attribute", join="outer")
-headline_table(results)"""),
-    nbf.v4.new_code_cell("""results.edit.sel(attribute="io").to_pandas()  # edit success or accuracy (edit_metric), by k"""),
+One labeled Dataset: `attribute, dictionary, k, pair`; `site` and `position` select pairs by
+meaning."""),
+    nbf.v4.new_code_cell("""r.headline()"""),
+    nbf.v4.new_code_cell("""io = r.results.sel(attribute="io")
+io.edit.to_pandas()  # edit accuracy (io's counterfactual changes the prediction), by k"""),
+    nbf.v4.new_code_cell("""site = r.cross_sections["io"][0].split("@")[0]
+r.results.fvu.sel(attribute="io", site=site).to_pandas()  # one head of the cross-section"""),
+    nbf.v4.new_code_cell("""plot_comparison(r.results, "sufficiency")"""),
+    nbf.v4.new_code_cell("""plot_controllability(r.results)"""),
     nbf.v4.new_markdown_cell("## 5. The report"),
-    nbf.v4.new_code_cell("""report = write_report(results, out / "report", discovery_dir=out / "discovery")
-for png in sorted((out / "report").glob("*.png")):
-    display(Image(filename=str(png)))
-display(Markdown(f"Report: `{out / 'report' / 'summary.md'}`"))"""),
+    nbf.v4.new_code_cell("""print((r.report_dir / "summary.md").read_text()[:1500])"""),
 ]
-nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {
-    "name": "python3", "display_name": "Python 3", "language": "python"}})
-nbf.write(nb, Path(__file__).with_name("quickstart.ipynb"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--execute", action="store_true",
+                        help="execute it (from the repository root) and keep the outputs")
+    args = parser.parse_args()
+    nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {
+        "name": "python3", "display_name": "Python 3", "language": "python"}})
+    path = Path(__file__).with_name("quickstart.ipynb")
+    if args.execute:
+        from nbclient import NotebookClient
+
+        start = time.perf_counter()
+        NotebookClient(nb, timeout=3600, kernel_name="python3",
+                       resources={"metadata": {"path": str(Path.cwd())}}).execute()
+        print(f"executed in {time.perf_counter() - start:.0f} s")
+    nbf.write(nb, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,7 @@
 """Writes notebooks/sweep.ipynb (kept as code so the notebook's source is reviewable)."""
 
+import argparse
+import time
 from pathlib import Path
 
 import nbformat as nbf
@@ -35,7 +37,12 @@ config = RunConfig(saes=["train:topk:k=" + ",".join(map(str, ks))],
                    run_dir=tempfile.mkdtemp() if SMALL else "runs/sweep")
 config.saes"""),
     nbf.v4.new_markdown_cell("## 1. One run: train the sweep, discover, evaluate every SAE"),
-    nbf.v4.new_code_cell("""result = run(config, progress=False)
+    nbf.v4.new_code_cell("""import time
+
+start = time.perf_counter()
+result = run(config, progress=False)
+print(f"run: {time.perf_counter() - start:.0f} s; stage seconds: "
+      f"{ {k: round(v) for k, v in result.timings.items()} }")
 sorted(str(d) for d in result.results.dictionary.values)"""),
     nbf.v4.new_markdown_cell("""## 2. SAE x attribute x metric
 
@@ -62,6 +69,24 @@ SAEBench-shaped JSON per SAE) is in `report/` of the run directory."""),
     nbf.v4.new_code_cell("""sorted(p.name for p in result.report.iterdir())"""),
 ]
 
-nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {
-    "name": "python3", "display_name": "Python 3", "language": "python"}})
-nbf.write(nb, Path(__file__).parent / "sweep.ipynb")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--execute", action="store_true",
+                        help="execute it (from the repository root) and keep the outputs")
+    args = parser.parse_args()
+    nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {
+        "name": "python3", "display_name": "Python 3", "language": "python"}})
+    if args.execute:
+        from nbclient import NotebookClient
+
+        start = time.perf_counter()
+        NotebookClient(nb, timeout=7200, kernel_name="python3",
+                       resources={"metadata": {"path": str(Path.cwd())}}).execute()
+        print(f"executed in {time.perf_counter() - start:.0f} s")
+    nbf.write(nb, Path(__file__).parent / "sweep.ipynb")
+
+
+if __name__ == "__main__":
+    main()

@@ -391,37 +391,28 @@ def evaluate_cross_section(
     sets = [test] + [test.counterfactuals[cs.attribute] for cs in sections]
     values, codes = read_sites(model, sets, reads, jobs, batch_size=batch_size, remote=remote)
 
-    names = train.attribute_names
     dictionaries = dictionaries or {SUPERVISED: MSEDictionary()}
     reference = next(iter(dictionaries))
     codes_by, keep_by = {}, {}
     for i, cs in enumerate(sections):
-        attribute, pairs = cs.attribute, cs.pairs
-        keep = keep_by[attribute] = _seen_rows(train, test, attribute)
-        part, cf = test.subset(keep), test.counterfactuals[attribute].subset(keep)
+        keep = keep_by[cs.attribute] = _seen_rows(train, test, cs.attribute)
+        part = test.subset(keep)
         take = lambda d: {k: v[keep] for k, v in d.items()}  # noqa: E731
         a_test, a_cf = take(values[0]), take(values[1 + i])
-        attrs, attrs_cf = part.attributes[names], cf.attributes[names]
-        by_method: dict[str, dict[tuple, SiteCode]] = {}
-        features = {}
-        for name, estimator in (dictionaries if ceiling else {reference: None}).items():
-            by_method[name] = {}
-            for pair in pairs:
-                dictionary = clone(estimator or dictionaries[reference]).set_params(
-                    attributes=names).fit(a_train[pair].numpy(), train.attributes[names])
-                features.setdefault(pair, dictionary.components_)
-                by_method[name][pair] = None if not ceiling else supervised_code(
-                    dictionary, a_test[pair].numpy(), attrs, a_cf[pair].numpy(), attrs_cf,
-                    a_train[pair].numpy(), train.attributes[names])
+        # the supervised dictionaries (only the reference, for alignment, without a ceiling)
+        by_method, features = _supervised(dictionaries if ceiling else dict([next(iter(
+            dictionaries.items()))]), cs, train, part, a_train, a_test, a_cf)
         if not ceiling:
             by_method.clear()
-        for method, coder in methods[attribute].items():
-            computed = {(s, p): tuple(t[keep] for t in (*codes[0][(job_of[(id(coder), s)], s, p)],
-                                                       *codes[1 + i][(job_of[(id(coder), s)], s, p)]))
-                        for s, p in pairs if (id(coder), s) in job_of}
-            by_method[method] = coder.codes(model, pairs, part, cf, a_test, a_cf, a_train,
-                                            computed, remote)
-        codes_by[attribute] = (by_method, features)
+        for method, coder in methods[cs.attribute].items():
+            job = lambda s: job_of[(id(coder), s)]  # noqa: E731
+            computed = {(s, p): tuple(t[keep] for t in (*codes[0][(job(s), s, p)],
+                                                       *codes[1 + i][(job(s), s, p)]))
+                        for s, p in cs.pairs if (id(coder), s) in job_of}
+            by_method[method] = coder.codes(model, cs.pairs, part,
+                                            part.counterfactuals[cs.attribute], a_test, a_cf,
+                                            a_train, computed, remote)
+        codes_by[cs.attribute] = (by_method, features)
     # 3. every patched variant of every attribute and method, in shared forwards
     variants, names_by, magnitudes = [[]], {}, {}
     for i, cs in enumerate(sections):
@@ -442,7 +433,39 @@ def evaluate_cross_section(
                      test.subset(keep_by[a]), ks, n_boot, seed)
         parts.append(trust_ceiling(ds, reference) if ceiling else ds)
     result = xr.concat(parts, "attribute", join="outer", combine_attrs="override")
-    return result.assign_attrs(patched_forwards=out.attrs["forwards"], n_prompts=len(test))
+    return pair_coords(result.assign_attrs(patched_forwards=out.attrs["forwards"],
+                                           n_prompts=len(test)))
+
+
+def pair_coords(ds: xr.Dataset) -> xr.Dataset:
+    """``site`` and ``position`` coordinates along ``pair`` (from its ``SITE@POSITION``
+    labels), each indexed, so results select by meaning: ``ds.sel(site="L9.z.h3")``,
+    ``ds.sel(position="END")``. (A netCDF file keeps the coordinates, not the indexes:
+    :func:`sage_nn.open_run` restores them.)"""
+    if "pair" not in ds.dims:
+        return ds
+    site, position = zip(*(str(p).split("@") for p in ds.pair.values))
+    ds = ds.drop_indexes([c for c in ("site", "position") if c in ds.xindexes], errors="ignore")
+    return ds.assign_coords(site=("pair", list(site)), position=("pair", list(position))) \
+        .set_xindex("site").set_xindex("position")
+
+
+def _supervised(dictionaries, cs, train, test, a_train, a_test, a_cf):
+    """Each supervised estimator fitted per pair on the fit prompts, as ``({name: {pair:
+    SiteCode}}, {pair: the first one's features})``."""
+    names = train.attribute_names
+    cf = test.counterfactuals[cs.attribute]
+    by_method, features = {}, {}
+    for name, estimator in dictionaries.items():
+        by_method[name] = {}
+        for pair in cs.pairs:
+            dictionary = clone(estimator).set_params(attributes=names).fit(
+                a_train[pair].numpy(), train.attributes[names])
+            features.setdefault(pair, dictionary.components_)
+            by_method[name][pair] = supervised_code(
+                dictionary, a_test[pair].numpy(), test.attributes[names], a_cf[pair].numpy(),
+                cf.attributes[names], a_train[pair].numpy(), train.attributes[names])
+    return by_method, features
 
 
 def _scores(out, cs, codes_by_method, features, magnitudes, train, test, ks, n_boot, seed):

@@ -751,7 +751,8 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     import pandas as pd
 
     from .discovery import DiscoveryConfig, discover
-    from .evaluation import CrossSection, DirectSAE, ReconstructedSAE, evaluate_cross_section
+    from .evaluation import (CrossSection, DirectSAE, ReconstructedSAE, evaluate_cross_section,
+                             pair_coords)
     from .models import load_model
     from .remote import Remote
     from .report import sae_cfg_dict, write_report
@@ -940,7 +941,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     # other SAEs (another corpus, width, ...) are other results
     results = stage("evaluation", eval_settings + "," + sae_settings,
                     ["evaluation.nc", *eval_files.values()], evaluation_stage,
-                    lambda: read_netcdf(root / "evaluation.nc"))
+                    lambda: pair_coords(read_netcdf(root / "evaluation.nc")))
 
     report_dir = root / "report"
 

@@ -38,8 +38,11 @@ class Run:
 
     @cached_property
     def results(self) -> xr.Dataset:
-        """The evaluation (``evaluation.nc``): dims ``attribute, dictionary, k, pair``."""
-        return read_netcdf(self.path / "evaluation.nc")
+        """The evaluation (``evaluation.nc``): dims ``attribute, dictionary, k, pair``;
+        ``pair`` also selects by ``site`` and ``position`` (``.sel(site="L9.z.h3")``)."""
+        from .evaluation import pair_coords
+
+        return pair_coords(read_netcdf(self.path / "evaluation.nc"))
 
     @cached_property
     def config(self) -> RunConfig:
