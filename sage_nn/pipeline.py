@@ -508,7 +508,8 @@ def _train_group(spec: str) -> tuple:
     return (_train_spec(spec)[0], tuple(sorted(_train_options(spec).items())))
 
 
-def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> tuple[str, list]:
+def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig,
+                 progress: bool = True) -> tuple[str, list]:
     """``(name, [SparseAutoencoder, ...])`` for one ``--sae`` value.
 
     ``train:topk`` / ``train:standard``: SAEs at ``sites`` trained here on
@@ -532,7 +533,7 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig) -> 
                 missing = list(sites)
             if missing:
                 log.info("training %s SAEs at %s", arch, ", ".join(missing))
-                have.update(_train_into_cache(root, model, missing, cfg, source))
+                have.update(_train_into_cache(root, model, missing, cfg, source, progress))
         return name + ("@sites" if at_sites else ""), [have[s] for s in sites]
     path = Path(spec)
     if (path / "cfg.json").exists():
@@ -605,7 +606,8 @@ def cached_saes(root: Path, model: Any) -> tuple[dict, list[str]]:
     return have, broken
 
 
-def _train_into_cache(root: Path, model: Any, sites: list[str], cfg, source) -> dict:
+def _train_into_cache(root: Path, model: Any, sites: list[str], cfg, source,
+                      progress: bool = True) -> dict:
     """Train in a side directory, seal each SAE (SHA-256 of its files) and move it into
     the cache by rename: a killed or failed training leaves nothing a reader takes for an
     SAE. Called with the cache's lock held, so side directories left by killed runs go."""
@@ -616,7 +618,8 @@ def _train_into_cache(root: Path, model: Any, sites: list[str], cfg, source) -> 
         shutil.rmtree(stale, ignore_errors=True)
     partial = root.parent / f".{root.name}.partial-{os.getpid()}"
     try:
-        trained, report = train_saes(model, sites, cfg, source=source, out_dir=partial)
+        trained, report = train_saes(model, sites, cfg, source=source, out_dir=partial,
+                                     progress=progress)
         log.info("trained SAEs:\n%s", report.to_string())
         root.mkdir(parents=True, exist_ok=True)
         entries = sorted(partial.iterdir(), key=lambda p: not p.is_dir())  # SAEs, then records
@@ -839,12 +842,12 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                     trained_sites(spec_, needed, all_pairs))
         for (arch, options), sites in union.items():
             resolve_saes(f"train:{arch}" + "".join(f":{k}={v}" for k, v in options), model,
-                         list(dict.fromkeys(sites)), config)
+                         list(dict.fromkeys(sites)), config, progress)
         listing = {}
         for spec_ in sae_specs:
             at_sites = _at_sites(spec_)
             name, members = resolve_saes(spec_, model, trained_sites(spec_, needed, all_pairs),
-                                         config)
+                                         config, progress)
             if name in saes:
                 raise ValueError(f"two --sae values are both named {name!r} (the second is "
                                  f"{spec_!r}); rename one SAE directory")

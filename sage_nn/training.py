@@ -400,13 +400,14 @@ def _new_sae(cfg: TrainConfig, d_in: int, meta: SAEMetadata):
 
 def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = None, *,
                source: Any = "builtin", out_dir: str | Path | None = None,
-               ) -> tuple[dict[str, SparseAutoencoder], pd.DataFrame]:
+               progress: bool = True) -> tuple[dict[str, SparseAutoencoder], pd.DataFrame]:
     """Train one SAE per site (``L5.resid_pre``, ``L5.mlp_out``, ``L5.z`` = all heads, TL
     hook names...) from one stream of activations. ``source``: see :func:`corpus_units`
     (``"builtin"``, a text file/directory, ``hf:NAME``, ``task:NAME``, :class:`Prompts`,
     or a mix). Returns the trained SAEs (plain torch) and a table of held-out FVU, L0 and
     dead latents; with ``out_dir``, each SAE is saved in sae_lens format under
-    ``out_dir/<site>`` with ``train_config.json`` (its config, corpus and corpus hash)."""
+    ``out_dir/<site>`` with ``train_config.json`` (its config, corpus and corpus hash).
+    ``progress=False`` hides the step counter."""
     cfg = config or TrainConfig()
     ad = adapter(model)
     keys = _site_keys(model, sites)
@@ -439,7 +440,7 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
     held_out = _activations(model, eval_units, labels, cfg)
     # sae_lens's own bar moves every 100 steps only: count steps here too
     stream = iter(tqdm(_shuffled(model, train_units, labels, cfg, rng),
-                       total=n_steps, desc="train steps", leave=False))
+                       total=n_steps, desc="train steps", leave=False, disable=not progress))
     # b_dec starts at the data mean (sae_lens's runner does this too): residual streams
     # have large means, which a few hundred steps from zero would not learn
     first = next(stream)
