@@ -36,7 +36,7 @@ import subprocess
 import time
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -372,13 +372,15 @@ def sae_metrics(results: "xr.Dataset | _Lookup", sae: str,
 
 
 def sae_eval_output(results: xr.Dataset, sae: str, *, config: Mapping | None = None,
-                    info: Mapping | None = None) -> dict:
+                    info: Mapping | None = None, pairs: Sequence[str] | None = None) -> dict:
     """One SAE's results in the shape of SAEBench's ``BaseEvalOutput`` (``eval_type_id``
     ``"sage"``). Metric categories are the attributes (plus ``"mean"`` over them), each a
     flat dict; ``eval_result_details`` holds one entry per (attribute, cross-section pair).
     ``info`` may give ``spec``, ``sae_lens_id``, ``sae_lens_release_id`` (see
     :func:`sae_identity`) and ``sae_cfg_dict``. ``sae_bench_commit_hash`` is null: SAEBench
-    did not run; sage_nn's own commit is ``eval_result_unstructured.sage_nn_commit_hash``."""
+    did not run; sage_nn's own commit is ``eval_result_unstructured.sage_nn_commit_hash``.
+    ``pairs`` keeps only those pairs' details (one member SAE of a set: the pairs it feeds).
+    """
     results = _check(results)
     r = roles(results)
     if sae not in r.saes:
@@ -399,6 +401,8 @@ def sae_eval_output(results: xr.Dataset, sae: str, *, config: Mapping | None = N
     details = []
     for a in attributes:
         for pair in (results["pair"].values if "pair" in results.dims else []):
+            if pairs is not None and str(pair) not in pairs:
+                continue
             entry = {"attribute": a, "pair": str(pair)}
             for name in (n for n in PER_PAIR if n in results):
                 for role, method in (("", sae), ("_ceiling", CEILING),
@@ -426,8 +430,42 @@ def sae_eval_output(results: xr.Dataset, sae: str, *, config: Mapping | None = N
         "eval_result_unstructured": {"sage_nn_version": _version("sage_nn"),
                                      "sage_nn_commit_hash": _commit_hash(), "sae": sae,
                                      "release": ident["release"], "sae_id": ident["sae_id"],
-                                     "spec": info.get("spec"), "attributes": attributes},
+                                     "spec": info.get("spec"), "attributes": attributes,
+                                     **({"set": info["set"]} if info.get("set") else {})},
     })
+
+
+def _members(results: xr.Dataset, info: Mapping) -> list[tuple[dict, list[str] | None]]:
+    """SAEBench files for one SAE: itself, or, for a set of a release's SAEs (a glob:
+    ``info["sae_lens_ids"]`` lists several), one per member, each with its own id, config
+    and ``hook_name`` and the details of the pairs it feeds; the metrics are the set's
+    (its members are patched jointly), which ``eval_result_unstructured.set`` records."""
+    ids = info.get("sae_lens_ids") or []
+    members = (info.get("sae_cfg_dict") or {}).get("sites") or []
+    if len(ids) < 2 or len(members) != len(ids):
+        return [(dict(info), None)]
+    labels = [str(p) for p in results["pair"].values] if "pair" in results.dims else []
+    out = []
+    for sae_id, cfg in zip(ids, members):
+        fed = [p for p in labels if _feeds(cfg["hook_name"], p.split("@")[0])]
+        out.append(({**info, "sae_lens_id": sae_id, "sae_cfg_dict": cfg,
+                     "set": list(ids)}, fed))
+    return out
+
+
+def _feeds(hook: str, site: str) -> bool:
+    """Whether the residual SAE at ``hook`` serves ``site`` (its own stream, or the
+    sublayer the reconstruction builds from it)."""
+    from .sites import RESID_KINDS, Site
+
+    def stream(s: Site) -> tuple[int, str]:  # L.resid_post is L+1.resid_pre
+        return (s.layer + 1, "resid_pre") if s.kind == "resid_post" else (s.layer, s.kind)
+
+    sae, target = Site.parse(hook), Site.parse(site)
+    if target.kind in RESID_KINDS:
+        return stream(sae) == stream(target)
+    feed = "resid_mid" if target.kind == "mlp_out" else "resid_pre"
+    return stream(sae) == (target.layer, feed)
 
 
 def _none_nan(x: float) -> float | None:
@@ -888,8 +926,8 @@ def _document(results, config, timings, images, k, discovery_note,
         "sites."))]
     blocks.append(("p", f"SAEs under test: {', '.join(f'`{s}`' for s in r.saes) or 'none'}. "
                         f"Files: `results.nc` (all results), "
-                        + ", ".join(f"`{(files or {}).get(s) or eval_results_file(s)}`"
-                                    for s in r.saes)
+                        + ", ".join(f"`{f}`" for s in r.saes
+                                    for f in (files or {}).get(s) or [eval_results_file(s)])
                         + " (SAEBench eval-output format)."))
     sae_rows = _sae_rows(r.saes, sae_info)
     if sae_rows:
@@ -1069,10 +1107,14 @@ def write_report(results: xr.Dataset, out_dir: str | Path, *,
     config = dict(config or {})
 
     _write_netcdf(results, out / "results.nc", config)
-    for sae, name in files.items():
-        doc = sae_eval_output(results, sae, config=config,
-                              info=(sae_info or {}).get(sae))
-        (out / name).write_text(json.dumps(doc, indent=2))
+    for sae, name in list(files.items()):
+        info = (sae_info or {}).get(sae) or {}
+        written = []
+        for member_info, pairs in _members(results, info):
+            doc = sae_eval_output(results, sae, config=config, info=member_info, pairs=pairs)
+            written.append(eval_results_file(sae, member_info) if pairs is not None else name)
+            (out / written[-1]).write_text(json.dumps(doc, indent=2))
+        files[sae] = written
 
     k = headline_k(results)
     images = []

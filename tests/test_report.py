@@ -296,6 +296,27 @@ def test_saebench_identity_file_names_and_fields(results, tmp_path):
         (tmp_path / "summary.md").read_text()
 
 
+def test_a_release_glob_gets_one_saebench_file_per_member_sae(results, tmp_path):
+    """RELEASE:ID_GLOB loads several SAEs evaluated as one set: each member gets its own
+    {release}_{sae_id} file, with its hook_name and the details of the pairs it feeds;
+    the metrics are the set's, and the file says which set."""
+    ids = ["blocks.12.hook_resid_post", "blocks.9.hook_resid_pre"]  # L12 and L9
+    info = {"spec": "res-jb:blocks.*", "sae_lens_ids": ids,
+            "sae_cfg_dict": {"sites": [{"hook_name": h, "d_sae": 2048} for h in ids]}}
+    write_report(results, tmp_path, sae_info={"topk-2048": info})
+    docs = {h: json.loads((tmp_path / f"res-jb_{h}_eval_results.json").read_text())
+            for h in ids}
+    assert not (tmp_path / "res-jb_blocks._eval_results.json").exists()
+    for h, doc in docs.items():
+        assert doc["sae_lens_id"] == h and doc["sae_lens_release_id"] == "res-jb"
+        assert doc["sae_cfg_dict"]["hook_name"] == h
+        assert doc["eval_result_unstructured"]["set"] == ids
+    assert {e["pair"] for e in docs[ids[0]]["eval_result_details"]} == {"L12.resid_post@END"}
+    assert {e["pair"] for e in docs[ids[1]]["eval_result_details"]} == {"L9.z.h3@END"}
+    assert docs[ids[0]]["eval_result_metrics"] == docs[ids[1]]["eval_result_metrics"]
+    assert f"`res-jb_{ids[1]}_eval_results.json`" in (tmp_path / "summary.md").read_text()
+
+
 def test_sae_identity_of_a_directory(tmp_path):
     from sage_nn.report import eval_results_file, sae_identity
 
