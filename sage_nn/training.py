@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-# sae_lens before any trace runs (DESIGN.md, "Known facts").
+# sae_lens before any trace runs (why: sage_nn/saes.py, top).
 from sae_lens import (StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE,
                       TopKTrainingSAEConfig)
 from sae_lens.config import SAETrainerConfig
