@@ -205,8 +205,8 @@ class ReconstructedSAE:
                 by_layer.setdefault(site.layer, []).append(site)
         if by_layer:
             recon._check_linear([s for sites in by_layer.values() for s in sites])
-        return [(recon.linear_spec(layer), list(dict.fromkeys(sites)))
-                for layer, sites in sorted(by_layer.items())]
+        jobs = [(layer, list(dict.fromkeys(sites))) for layer, sites in sorted(by_layer.items())]
+        return [(recon.linear_spec(layer, sites), sites) for layer, sites in jobs]
 
     def codes(self, model, pairs, test, cf, values, values_cf, values_fit, computed=None,
               remote=None) -> dict:
@@ -334,7 +334,8 @@ def evaluate_cross_section(
     :class:`SparseAutoencoder` (or a list of them, each evaluated at its own site) or to a
     coder (see :func:`as_coder`); each must serve every site of the cross-sections. Returns
     a Dataset over ``attribute``, ``dictionary`` (and ``k``, ``pair``); ``random:NAME`` is
-    NAME's floor (:func:`sage_nn.floor.random_like`, its L0 matched on the fit prompts).
+    NAME's floor (:func:`sage_nn.floor.random_like`, its L0 matched on the fit prompts at
+    every pair of the cross-sections).
     ``dictionaries`` maps names to unfitted supervised estimators (default
     ``{"supervised": MSEDictionary()}``), each fitted per pair; the first one is the
     reference for feature alignment and for :data:`GROUND_TRUTH_CHECKS`.
@@ -375,19 +376,21 @@ def evaluate_cross_section(
     reads = list(dict.fromkeys(every + extra))
     # 1. the fit prompts: the dictionaries are fitted and the floors calibrated on them
     (a_train,), _ = read_sites(model, [train], reads, batch_size=batch_size, remote=remote)
-    methods = {cs.attribute: {**coders, **{f"{RANDOM}:{name}": c.floor(model, cs.pairs,
-                                                                        a_train, seed)
-                                           for name, c in coders.items()}}
-               for cs in sections}
+    # each SAE's floor, its L0 matched at every pair of every cross-section
+    floors = {f"{RANDOM}:{name}": c.floor(model, every, a_train, seed)
+              for name, c in coders.items()}
+    methods = {cs.attribute: {**coders, **floors} for cs in sections}
     # 2. held-out and counterfactual prompts: activations and every coder's codes
-    jobs, job_of, pairs_of = [], {}, {}
-    for cs in sections:
+    jobs, job_of, pairs_of = [], {}, {}  # a coder's codes on the held-out prompts and the
+    for i, cs in enumerate(sections):     # counterfactuals of the attributes it serves
         for coder in methods[cs.attribute].values():
-            pairs_of.setdefault(id(coder), (coder, []))[1].extend(cs.pairs)
-    for key, (coder, pairs) in pairs_of.items():
+            pairs, sets = pairs_of.setdefault(id(coder), (coder, [], {0}))[1:]
+            pairs.extend(cs.pairs)
+            sets.add(1 + i)
+    for key, (coder, pairs, sets) in pairs_of.items():
         for spec, sites in coder.jobs(model, list(dict.fromkeys(pairs))):
             job_of.update({(key, s): len(jobs) for s in sites})
-            jobs.append((spec, sites))
+            jobs.append((spec, sites, sorted(sets)))
     sets = [test] + [test.counterfactuals[cs.attribute] for cs in sections]
     values, codes = read_sites(model, sets, reads, jobs, batch_size=batch_size, remote=remote)
 

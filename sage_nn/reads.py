@@ -38,8 +38,9 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
     ``[n, width]``; ``codes[(job index, site, position)]`` is ``(codes, offset)``, codes
     ``[n, L]`` (attn_out ``[n, H, L]``) and offset ``[n, width]`` (see
     :func:`sage_nn.reconstruction.linear_codes`). Each job's sites are read at every named
-    position of ``pairs``. All sets go through one :func:`sage_nn.remote.run_kernel` (one
-    request remotely).
+    position of ``pairs``, in every set or in the sets a third element lists (``(spec,
+    sites, [set indices])``). All sets go through one :func:`sage_nn.remote.run_kernel`
+    (one request remotely).
     """
     ad = adapter(model)
     pairs = [(ad.check(s), str(p)) for s, p in pairs]
@@ -49,9 +50,10 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
         raise ValueError(f"unknown named positions {missing}; the dataset has "
                          f"{sorted(sets[0].positions)}")
     reads = sorted({s for s, _ in pairs}, key=lambda s: s.order)
-    by_layer: dict[int, list] = {}
-    for j, (spec, sites) in enumerate(jobs):
-        by_layer.setdefault(min(s.layer for s in sites), []).append((j, spec, list(sites)))
+    by_layer: list[dict[int, list]] = [{} for _ in sets]  # per set: the jobs it runs
+    for j, (spec, sites, *only) in enumerate(jobs):
+        for k in (only[0] if only else range(len(sets))):
+            by_layer[k].setdefault(min(s.layer for s in sites), []).append((j, spec, list(sites)))
     device, owners = model_device(model), []
     dtype = as_remote(remote).transport_dtype  # what the results travel in
 
@@ -61,7 +63,7 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
                 batch = encode(model, [data.prompts[i] for i in idx], device)
                 cols = torch.stack([batch.index(data.positions[p][idx]) for p in names], 1)
                 owners.append(k)
-                yield batch.inputs, cols.to(device), reads, by_layer, dtype
+                yield batch.inputs, cols.to(device), reads, by_layer[k], dtype
 
     parts: list[list] = [[] for _ in sets]
     for out in run_kernel(model, _read_batch, chunks(), remote, stage="read"):
@@ -72,7 +74,8 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
         values.append({(s, p): cat(str(s))[:, names.index(p)] for s, p in pairs})
         codes.append({(j, s, p): (cat(f"{j}|{s}|codes")[:, names.index(p)],
                                   cat(f"{j}|{s}|offset")[:, names.index(p)])
-                      for j, (_, sites) in enumerate(jobs) for s in sites for p in names})
+                      for j, (_, sites, *_) in enumerate(jobs) for s in sites for p in names
+                      if f"{j}|{s}|codes" in part[0]})
     return values, codes
 
 

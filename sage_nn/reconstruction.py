@@ -409,13 +409,20 @@ class ResidualReconstruction:
                         "model._module.set_attn_implementation('eager') first")
 
     def _maps(self, layer: int, sae: SparseAutoencoder):
-        """Frozen linear pieces of the attention sublayer (cached per layer and SAE)."""
-        key = (layer, id(sae))
-        self.__dict__.setdefault("_maps_cache", {})
-        if key in self._maps_cache:
-            return self._maps_cache[key]
+        """Frozen linear pieces of the attention sublayer, with the SAE's decoder."""
+        return {**self._frozen(layer), "W_dec": sae.decoder().float(),
+                "b_dec": sae.b_dec.float()}
+
+    def _frozen(self, layer: int) -> dict:
+        """The model's frozen linear pieces at ``layer`` (norm weights, q/k/v/o as affine
+        maps, per-head column slices), cached per model: every SAE and floor shares the
+        same tensors, so a request that ships several carries them once."""
+        hf = self.model_._module  # the cache lives with the weights it was read from
+        cache = hf.__dict__.setdefault("_sage_nn_frozen", {})
+        if layer in cache:
+            return cache[layer]
         ad, arch = self.adapter_, self.adapter_.arch
-        block = ad.blocks(self.model_._module)[layer]
+        block = ad.blocks(hf)[layer]
         attn = getattr(block, arch.attn)
         if next(attn.parameters()).device.type == "meta":
             raise ValueError(f"layer {layer}'s attention weights are not here (a remote model "
@@ -427,20 +434,18 @@ class ResidualReconstruction:
             gamma, beta = _norm_weight(getattr(block, norm_name), ad.d_model, kind)
         else:  # attention reads the residual itself
             kind, gamma, beta = "none", torch.ones(ad.d_model), torch.zeros(ad.d_model)
-        W_dec, b_dec = sae.decoder().float(), sae.b_dec.float()
-        proj = {}
-        for k in "qkv":
-            W, b = _affine_of(_path(attn, getattr(arch, f"{k}_proj")), ad.d_model)
-            proj[k] = (W, b)
+        proj = {k: _affine_of(_path(attn, getattr(arch, f"{k}_proj")), ad.d_model)
+                for k in "qkv"}
         W_O, b_O = _affine_of(_path(attn, arch.o_proj), ad.n_heads * ad.d_head)
         post = None
         if arch.attn_post_norm:
             post = _norm_weight(getattr(block, arch.attn_post_norm), ad.d_model,
                                 self.norms_[layer]["attn_post"][1])
-        maps = dict(layer_norm=kind == "layer", gamma=gamma, beta=beta, W_dec=W_dec, b_dec=b_dec, proj=proj,
-                    W_O=W_O, b_O=b_O, post=post)
-        self._maps_cache[key] = maps
-        return maps
+        heads = {(k, h): (W[:, ad.channels(k, h)].contiguous(), b[ad.channels(k, h)].contiguous())
+                 for k, (W, b) in proj.items() for h in range(ad.n_heads_of(k))}
+        cache[layer] = dict(layer_norm=kind == "layer", gamma=gamma, beta=beta, proj=proj,
+                            heads=heads, W_O=W_O, b_O=b_O, post=post)
+        return cache[layer]
 
     def directions(self, site: Site | str) -> torch.Tensor:
         """Each latent's decoder vector pushed through the frozen map to ``site``.
@@ -477,17 +482,32 @@ class ResidualReconstruction:
         """Site-level codes and offsets at every token (in the trace), for :meth:`directions`."""
         n, T = cache["r"].shape[:2]
         rows, cols = torch.arange(n)[:, None], torch.arange(T)[None, :]
-        spec = self.linear_spec(layer)
+        spec = self.linear_spec(layer, sites)
         for s, (codes, offset) in linear_codes(self.adapter_, spec, cache["r"], cache.get("pattern"),
                                                cache.get("o_out"), rows, cols, sites).items():
             out["codes"][s], out["offsets"][s] = codes.save(), offset.save()
 
-    def linear_spec(self, layer: int, kind: str = "resid_pre") -> dict:
-        """What :func:`linear_codes` needs at ``layer`` (plain tensors, so it ships to a
-        server): the feeding SAE, the frozen maps and the norms' kinds."""
-        sae = self.by_site_[(layer, kind)]
-        norms = self.norms_[layer]
-        return {"sae": sae, "maps": self._maps(layer, sae),
+    def linear_spec(self, layer: int, sites: Sequence[Site]) -> dict:
+        """What :func:`linear_codes` needs for ``sites`` of ``layer``, as plain tensors, so
+        it ships to a server: the feeding SAE, the frozen norm's weights, and only the
+        projection columns those sites read."""
+        sae = self.by_site_[(layer, "resid_pre")]
+        ad, m, norms = self.adapter_, self._maps(layer, sae), self.norms_[layer]
+        group = ad.n_heads // ad.n_kv_heads
+        heads = set()
+        for s in sites:
+            if s.kind in ("q", "k", "v"):
+                heads.add((s.kind, s.head))
+            elif s.kind == "z":
+                heads.add(("v", s.head // group))
+            else:  # attn_out: every head's v, then W_O
+                heads |= {("v", h // group) for h in range(ad.n_heads)}
+        proj = {key: m["heads"][key] for key in sorted(heads)}
+        attn_out = any(s.kind == "attn_out" for s in sites)
+        maps = {"layer_norm": m["layer_norm"], "gamma": m["gamma"], "beta": m["beta"],
+                "b_dec": m["b_dec"], "proj": proj, "W_O": m["W_O"] if attn_out else None,
+                "b_O": m["b_O"], "post": m["post"] if attn_out else None}
+        return {"sae": sae, "maps": maps,
                 "norm": norms["attn"][1:] if "attn" in norms else None,
                 "post_norm": norms["attn_post"][1:] if "attn_post" in norms else None}
 
@@ -516,9 +536,8 @@ def linear_codes(ad, spec: dict, r, pattern, o_out, rows, cols, sites) -> dict:
     pre = s * bias_r * m["gamma"] + m["beta"]  # ... after the frozen norm
 
     def head_offset(kind, head):
-        W, b = m["proj"][kind]
-        ch = ad.channels(kind, head)
-        return pre @ W[:, ch] + b[ch]  # [b, T, d_head]
+        W, b = m["proj"][(kind, head)]
+        return pre @ W + b  # [b, T, d_head]
 
     group = ad.n_heads // ad.n_kv_heads
     out = {}

@@ -149,7 +149,7 @@ def test_codes_read_from_the_clean_run_equal_the_reconstruction(arch):
                                    freeze_norm=True, freeze_pattern=True).fit(model)
             for seed in (2, 3)]
     values, codes = read_sites(model, [data], [(s, "END") for s in sites],
-                               [(rec.linear_spec(1), sites) for rec in recs])
+                               [(rec.linear_spec(1, sites), sites) for rec in recs])
     for j, rec in enumerate(recs):
         for s in sites:  # one site per run: the others' splices would change its layer
             out = rec.run(PROMPTS, [s], with_codes=True)
