@@ -37,7 +37,7 @@ import torch
 
 from .saes import SparseAutoencoder
 
-__all__ = ["random_like", "floor_margins", "mean_l0"]
+__all__ = ["random_like", "floor_margins", "mean_l0", "RandomSAE"]
 
 
 def random_like(sae: SparseAutoencoder, activations: torch.Tensor | None = None, *,
@@ -47,20 +47,47 @@ def random_like(sae: SparseAutoencoder, activations: torch.Tensor | None = None,
 
     Deterministic for a given ``seed`` (same seed, same SAE shape → identical weights).
     """
-    dtype, device = sae.W_dec.dtype, sae.W_dec.device
-    g = torch.Generator().manual_seed(seed)
-    directions = torch.randn(sae.d_sae, sae.d_in, generator=g, dtype=torch.float64)
-    directions = (directions / directions.norm(dim=-1, keepdim=True)).to(dtype).to(device)
-    floor = _with_directions(sae, directions)
+    floor = _with_directions(sae, _directions(sae.d_sae, sae.d_in, seed, sae.W_dec.dtype,
+                                              sae.W_dec.device))
+    floor.__class__, floor.seed = RandomSAE, seed
     if activations is None:
         return floor
-    x = torch.as_tensor(activations).reshape(-1, sae.d_in).to(device)
+    x = torch.as_tensor(activations).reshape(-1, sae.d_in).to(sae.W_dec.device)
     with torch.no_grad():
         target = mean_l0(sae, x)
         shift = _l0_shift(floor_margins(floor, x), round(target * len(x)))
     if shift != 0.0:
         _shift_pre_activation(floor, shift)
     return floor
+
+
+def _directions(d_sae: int, d_in: int, seed: int, dtype, device) -> torch.Tensor:
+    """``[d_sae, d_in]`` random unit vectors, the same for the same seed on any machine
+    (drawn in float64 on the CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(d_sae, d_in, generator=g, dtype=torch.float64)
+    return (directions / directions.norm(dim=-1, keepdim=True)).to(dtype).to(device)
+
+
+class RandomSAE(SparseAutoencoder):
+    """A floor: pickled without its directions, which are drawn again from ``seed`` when
+    it is unpickled, so a request that ships floors to a server carries their biases only."""
+
+    seed: int
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        params = dict(state["_parameters"])
+        shape = (tuple(params["W_dec"].shape), params["W_dec"].dtype)
+        params["W_enc"] = params["W_dec"] = None
+        return {**state, "_parameters": params, "_directions_shape": shape}
+
+    def __setstate__(self, state):
+        (d_sae, d_in), dtype = state.pop("_directions_shape")
+        torch.nn.Module.__setstate__(self, state)  # (no super(): classes ship by value)
+        directions = _directions(d_sae, d_in, self.seed, dtype, self.b_dec.device)
+        self.W_dec = torch.nn.Parameter(directions, requires_grad=False)
+        self.W_enc = torch.nn.Parameter(directions.T.clone(), requires_grad=False)
 
 
 def mean_l0(sae: SparseAutoencoder, activations: torch.Tensor) -> float:

@@ -154,3 +154,20 @@ def test_float64_and_head_sites_are_kept():
     floor = random_like(sae, data_like().double(), seed=3)
     assert floor.W_dec.dtype == torch.float64 and floor.heads == [0, 2]
     assert floor.heads is not sae.heads
+
+
+@pytest.mark.parametrize("case", ["jumprelu", "topk"])
+def test_a_floor_ships_without_its_directions(case):
+    """Pickled (as a request to a server carries it), a floor holds its biases and seed,
+    not its random directions: they are drawn again, identical, when it is unpickled."""
+    import pickle
+
+    sae = make_sae(case)
+    floor = random_like(sae, torch.randn(200, sae.d_in), seed=5)
+    blob = pickle.dumps(floor)
+    assert len(blob) < 0.2 * len(pickle.dumps(sae))
+    back = pickle.loads(blob)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.equal(getattr(back, name), getattr(floor, name)), name
+    x = torch.randn(20, sae.d_in)
+    assert torch.equal(back.encode(x), floor.encode(x))
