@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .activations import batches, collect, encode, model_device
+from .activations import batches, encode, model_device
 from .remote import as_remote, run_kernel
 from .sites import HEAD_KINDS, KINDS, Site, _path, adapter
 
@@ -295,31 +295,13 @@ def site_values(model: Any, data: Any, pairs: Sequence[tuple], *, batch_size: in
 
     ``data`` is a task dataset (its named positions are used), or a list of them (then a
     list of dicts comes back). One trace per batch reads every pair, for all datasets
-    together (through :func:`sage_nn.activations.collect`; one request remotely).
+    together (through :func:`sage_nn.reads.read_sites`; one request remotely).
     """
+    from .reads import read_sites
+
     sets = list(data) if isinstance(data, (list, tuple)) else [data]
-    pairs = [(Site.parse(s), str(p)) for s, p in pairs]
-    missing = sorted({p for _, p in pairs} - set.intersection(*(set(d.positions) for d in sets)))
-    if missing:
-        raise ValueError(f"unknown named positions {missing}; the dataset has "
-                         f"{sorted(sets[0].positions)}")
-    ad = adapter(model)
-    names = sorted({p for _, p in pairs})
-    positions = {p: np.concatenate([d.positions[p] for d in sets]) for p in names}
-    ds = collect(model, [p for d in sets for p in d.prompts], [s for s, _ in pairs],
-                 positions=positions, batch_size=batch_size, progress=False, remote=remote)
-    out, start = [], 0
-    for d in sets:
-        part = ds.isel(prompt=slice(start, start + len(d.prompts)))
-        start += len(d.prompts)
-        values = {}
-        for site, pos in pairs:
-            var = part[site.kind].sel(layer=site.layer, position=pos)
-            if site.head is not None:
-                var = var.sel({ad.head_dim(site.kind): site.head})
-            values[(site, pos)] = torch.as_tensor(var.values)
-        out.append(values)
-    return out if isinstance(data, (list, tuple)) else out[0]
+    values, _ = read_sites(model, sets, pairs, batch_size=batch_size, remote=remote)
+    return values if isinstance(data, (list, tuple)) else values[0]
 
 
 def counterfactual_patches(model: Any, clean: Any, source: Any, pairs: Sequence[tuple], *,

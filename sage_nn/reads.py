@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .activations import batches, encode, model_device
+from .activations import NonFiniteActivationError, batches, encode, model_device
 from .reconstruction import linear_codes
 from .remote import as_remote, run_kernel
 from .sites import HEAD_KINDS, KINDS, Site, _path, adapter
@@ -72,6 +72,11 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
     for part in parts:
         cat = lambda key: torch.cat([p[key] for p in part]).float().cpu()  # noqa: E731
         values.append({(s, p): cat(str(s))[:, names.index(p)] for s, p in pairs})
+        bad = sorted({str(s) for (s, _), v in values[-1].items() if not torch.isfinite(v).all()})
+        if bad:
+            raise NonFiniteActivationError(
+                f"NaN or inf in the activations at {bad}: check the model's dtype (float16 "
+                "overflows on some models: use float32 or bfloat16) and its weights and inputs")
         codes.append({(j, s, p): (cat(f"{j}|{s}|codes")[:, names.index(p)],
                                   cat(f"{j}|{s}|offset")[:, names.index(p)])
                       for j, (_, sites, *_) in enumerate(jobs) for s in sites for p in names
