@@ -25,6 +25,7 @@ from sklearn.base import clone
 from . import metrics
 from .dictionaries import MSEDictionary
 from .interventions import Patch, run_patched
+from .reads import read_sites
 from .floor import random_like
 from .reconstruction import ResidualReconstruction
 from .saes import SparseAutoencoder
@@ -254,8 +255,6 @@ class ReconstructedSAE:
         return out
 
     def _read(self, model, pairs, test, cf, remote) -> dict:
-        from .reads import read_sites
-
         jobs = self.jobs(model, pairs)
         _, codes = read_sites(model, [test, cf], pairs, jobs, batch_size=self.batch_size,
                               remote=remote)
@@ -358,8 +357,6 @@ def evaluate_cross_section(
     agree to float tolerance), so SAEs can be evaluated apart and merged (the pipeline
     caches each SAE's results this way).
     """
-    from .reads import read_sites
-
     sections = [cross_section] if isinstance(cross_section, CrossSection) else list(cross_section)
     if not ceiling and not saes:
         raise ValueError("ceiling=False with no SAEs: nothing to score")
@@ -381,18 +378,8 @@ def evaluate_cross_section(
               for name, c in coders.items()}
     methods = {cs.attribute: {**coders, **floors} for cs in sections}
     # 2. held-out and counterfactual prompts: activations and every coder's codes
-    jobs, job_of, pairs_of = [], {}, {}  # a coder's codes on the held-out prompts and the
-    for i, cs in enumerate(sections):     # counterfactuals of the attributes it serves
-        for coder in methods[cs.attribute].values():
-            pairs, sets = pairs_of.setdefault(id(coder), (coder, [], {0}))[1:]
-            pairs.extend(cs.pairs)
-            sets.add(1 + i)
-    for key, (coder, pairs, sets) in pairs_of.items():
-        for spec, sites in coder.jobs(model, list(dict.fromkeys(pairs))):
-            job_of.update({(key, s): len(jobs) for s in sites})
-            jobs.append((spec, sites, sorted(sets)))
-    sets = [test] + [test.counterfactuals[cs.attribute] for cs in sections]
-    values, codes = read_sites(model, sets, reads, jobs, batch_size=batch_size, remote=remote)
+    values, codes = _read_held_out(model, test, sections, [*coders.values(), *floors.values()],
+                                   reads, batch_size, remote)
 
     dictionaries = dictionaries or {SUPERVISED: MSEDictionary()}
     reference = next(iter(dictionaries))
@@ -408,10 +395,8 @@ def evaluate_cross_section(
         if not ceiling:
             by_method.clear()
         for method, coder in methods[cs.attribute].items():
-            job = lambda s: job_of[(id(coder), s)]  # noqa: E731
-            computed = {(s, p): tuple(t[keep] for t in (*codes[0][(job(s), s, p)],
-                                                       *codes[1 + i][(job(s), s, p)]))
-                        for s, p in cs.pairs if (id(coder), s) in job_of}
+            computed = {pair: tuple(t[keep] for t in (*codes[0][key], *codes[1 + i][key]))
+                        for pair in cs.pairs if (key := (id(coder), *pair)) in codes[1 + i]}
             by_method[method] = coder.codes(model, cs.pairs, part,
                                             part.counterfactuals[cs.attribute], a_test, a_cf,
                                             a_train, computed, remote)
@@ -438,6 +423,26 @@ def evaluate_cross_section(
     result = xr.concat(parts, "attribute", join="outer", combine_attrs="override")
     return pair_coords(result.assign_attrs(patched_forwards=out.attrs["forwards"],
                                            n_prompts=len(test)))
+
+
+def _read_held_out(model, test, sections, coders, reads, batch_size, remote):
+    """The held-out prompts and each attribute's counterfactuals (sets ``0, 1..``): the
+    activations at ``reads``, and each coder's codes at each site on the held-out prompts
+    and the counterfactuals of the attributes whose cross-sections hold the site, in one
+    read. Codes are keyed ``(id(coder), site, position)``."""
+    by_sets: dict[tuple, list] = {}  # pairs by the counterfactual sets they are needed on
+    for pair in dict.fromkeys(p for cs in sections for p in cs.pairs):
+        needed = tuple(1 + i for i, cs in enumerate(sections) if pair in cs.pairs)
+        by_sets.setdefault(needed, []).append(pair)
+    jobs, owners = [], []
+    for coder in coders:
+        for needed, pairs in by_sets.items():
+            for spec, sites in coder.jobs(model, pairs):
+                jobs.append((spec, sites, [0, *needed]))
+                owners.append(id(coder))
+    sets = [test] + [test.counterfactuals[cs.attribute] for cs in sections]
+    values, codes = read_sites(model, sets, reads, jobs, batch_size=batch_size, remote=remote)
+    return values, [{(owners[j], s, p): c for (j, s, p), c in part.items()} for part in codes]
 
 
 def pair_coords(ds: xr.Dataset) -> xr.Dataset:

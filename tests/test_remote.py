@@ -248,7 +248,7 @@ def test_a_remote_pipeline_run_matches_the_local_one_and_stores_no_api_key(
     there = run(config(root, "there", remote="local"), model=model, progress=False,
                 remote=remote)
     xr.testing.assert_identical(here.results, there.results)
-    assert {r[0] for r in remote.requests} >= {"patch", "attribution", "collect"}
+    assert {r[0] for r in remote.requests} >= {"patch", "attribution", "read"}
     for path in (root / "there").rglob("*"):
         if path.is_file():
             assert key.encode() not in path.read_bytes(), path
