@@ -21,6 +21,7 @@ Inside the trace everything is plain torch.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -487,6 +488,23 @@ class ResidualReconstruction:
                                                cache.get("o_out"), rows, cols, sites).items():
             out["codes"][s], out["offsets"][s] = codes.save(), offset.save()
 
+    def _encoder(self, sae: SparseAutoencoder) -> SparseAutoencoder:
+        """What a trace needs of ``sae`` to encode: the same SAE with its decoder replaced
+        by the decoder's row norms (all ``rescale_acts_by_decoder_norm`` reads), so a
+        request carries half the weights. Floors ship as their seed already."""
+        from .floor import RandomSAE
+
+        if isinstance(sae, RandomSAE):
+            return sae
+        cache = self.__dict__.setdefault("_encoders", {})
+        if id(sae) not in cache:
+            enc = copy.copy(sae)  # shares every tensor but the decoder
+            enc._parameters = dict(sae._parameters)
+            enc.W_dec = torch.nn.Parameter(sae.W_dec.norm(dim=-1, keepdim=True),
+                                           requires_grad=False)
+            cache[id(sae)] = enc
+        return cache[id(sae)]
+
     def linear_spec(self, layer: int, sites: Sequence[Site]) -> dict:
         """What :func:`linear_codes` needs for ``sites`` of ``layer``, as plain tensors, so
         it ships to a server: the feeding SAE, the frozen norm's weights, and only the
@@ -507,7 +525,7 @@ class ResidualReconstruction:
         maps = {"layer_norm": m["layer_norm"], "gamma": m["gamma"], "beta": m["beta"],
                 "b_dec": m["b_dec"], "proj": proj, "W_O": m["W_O"] if attn_out else None,
                 "b_O": m["b_O"], "post": m["post"] if attn_out else None}
-        return {"sae": sae, "maps": maps,
+        return {"sae": self._encoder(sae), "maps": maps,
                 "norm": norms["attn"][1:] if "attn" in norms else None,
                 "post_norm": norms["attn_post"][1:] if "attn_post" in norms else None}
 
