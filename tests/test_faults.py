@@ -19,6 +19,7 @@ import pytest
 import torch
 import xarray as xr
 
+from sage_nn import open_run
 from sage_nn.pipeline import STAGES, RunDirectory, cached_saes, run
 from sage_nn.remote import Remote
 from sage_nn.saes import load_sae, sealed_problem
@@ -187,8 +188,7 @@ def test_two_processes_share_one_sae_cache(setup, tmp_path):
         assert p.returncode == 0, err[-3000:]
     assert sum(out.count("trained") for out, _ in outs) == 1, [o for o, _ in outs]
     for i in range(2):
-        with xr.open_dataset(root / f"together-{i}" / "evaluation.nc", engine="h5netcdf") as ds:
-            xr.testing.assert_identical(ds.load(), reference.results)
+        xr.testing.assert_identical(open_run(root / f"together-{i}").results, reference.results)
 
 
 # -- a full disk ---------------------------------------------------------------------------
