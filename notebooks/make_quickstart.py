@@ -6,11 +6,9 @@ from the run directory, so it executes in seconds; without it, the cells run the
 quickstart).
 """
 
-import argparse
-import time
-from pathlib import Path
-
 import nbformat as nbf
+
+from _build import write
 
 cells = [
     nbf.v4.new_markdown_cell("""# sage_nn quickstart, step by step
@@ -95,23 +93,5 @@ r.results.fvu.sel(attribute="io", site=site).to_pandas()  # one head of the cros
 ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--execute", action="store_true",
-                        help="execute it (from the repository root) and keep the outputs")
-    args = parser.parse_args()
-    nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {
-        "name": "python3", "display_name": "Python 3", "language": "python"}})
-    path = Path(__file__).with_name("quickstart.ipynb")
-    if args.execute:
-        from nbclient import NotebookClient
-
-        start = time.perf_counter()
-        NotebookClient(nb, timeout=3600, kernel_name="python3",
-                       resources={"metadata": {"path": str(Path.cwd())}}).execute()
-        print(f"executed in {time.perf_counter() - start:.0f} s")
-    nbf.write(nb, path)
-
-
 if __name__ == "__main__":
-    main()
+    write(cells, "quickstart.ipynb", timeout=3600, description=__doc__.splitlines()[0])

@@ -5,9 +5,9 @@ same code paths run offline in tests/test_remote.py through nnsight's local back
 fresh server-like process.
 """
 
-from pathlib import Path
-
 import nbformat as nbf
+
+from _build import write
 
 cells = [
     nbf.v4.new_markdown_cell("""# SAE evaluation on NDIF: Llama 3.1 8B with Llama Scope
@@ -97,8 +97,6 @@ headline_table(results)"""),
 print(summary.read_text())"""),
 ]
 
-nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3",
-                                                               "display_name": "Python 3"}})
-out = Path(__file__).with_name("remote_ndif.ipynb")
-nbf.write(nb, out)
-print(f"wrote {out}")
+
+if __name__ == "__main__":  # --execute needs an NDIF API key
+    write(cells, "remote_ndif.ipynb", description=__doc__.splitlines()[0])

@@ -1,10 +1,9 @@
 """Writes notebooks/sweep.ipynb (kept as code so the notebook's source is reviewable)."""
 
-import argparse
-import time
-from pathlib import Path
 
 import nbformat as nbf
+
+from _build import write
 
 cells = [
     nbf.v4.new_markdown_cell("""# Many SAEs in one run: an L0 sweep on SmolLM2 IOI
@@ -75,23 +74,5 @@ SAEBench-shaped JSON per SAE) is in `report/` of the run directory."""),
 ]
 
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--execute", action="store_true",
-                        help="execute it (from the repository root) and keep the outputs")
-    args = parser.parse_args()
-    nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {
-        "name": "python3", "display_name": "Python 3", "language": "python"}})
-    if args.execute:
-        from nbclient import NotebookClient
-
-        start = time.perf_counter()
-        NotebookClient(nb, timeout=7200, kernel_name="python3",
-                       resources={"metadata": {"path": str(Path.cwd())}}).execute()
-        print(f"executed in {time.perf_counter() - start:.0f} s")
-    nbf.write(nb, Path(__file__).parent / "sweep.ipynb")
-
-
 if __name__ == "__main__":
-    main()
+    write(cells, "sweep.ipynb", timeout=7200, description=__doc__.splitlines()[0])

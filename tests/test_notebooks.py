@@ -1,4 +1,4 @@
-"""The quickstart notebook runs top to bottom on a real Jupyter kernel (small settings)."""
+"""The notebooks run top to bottom on a real Jupyter kernel (small settings)."""
 
 from pathlib import Path
 
@@ -11,27 +11,25 @@ pytestmark = pytest.mark.slow
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
 
-def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+def execute(name: str, tmp_path, monkeypatch, timeout: int) -> tuple[str, int]:
+    """Run a notebook with small settings; its text/plain output and its image count."""
     monkeypatch.setenv("SAGE_NB_SMALL", "1")
-    nb = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
-    NotebookClient(nb, timeout=900, kernel_name="python3",
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    NotebookClient(nb, timeout=timeout, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    return text, len([o for o in outputs if "image/png" in o.get("data", {})])
+
+
+def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+    text, images = execute("quickstart.ipynb", tmp_path, monkeypatch, timeout=900)
     assert "sufficiency" in text and "supervised" in text  # the headline table was shown
-    images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 2  # discovery heatmaps and report plots were displayed
+    assert images >= 2  # discovery heatmaps and report plots were displayed
 
 
 def test_sweep_notebook_executes(tmp_path, monkeypatch):
-    monkeypatch.setenv("SAGE_NB_SMALL", "1")
-    nb = nbformat.read(NOTEBOOKS / "sweep.ipynb", as_version=4)
-    NotebookClient(nb, timeout=1800, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    text = "".join(str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    text, images = execute("sweep.ipynb", tmp_path, monkeypatch, timeout=1800)
     assert "topk-256-k4" in text and "topk-256-k32" in text and "sufficiency" in text
-    images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 5  # four metrics against L0 and the controllability figure
+    assert images >= 5  # four metrics against L0 and the controllability figure
