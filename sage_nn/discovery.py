@@ -76,7 +76,7 @@ import xarray as xr
 from .activations import batches, encode, model_device
 from .interventions import Patch, _patched_forward, logit_diff, run_patched, site_values
 from .remote import run_kernel
-from .sites import HEAD_KINDS, KINDS, Site, _path, adapter
+from .sites import HEAD_KINDS, KINDS, Site, adapter
 
 SCORES_FORMAT = "sage_nn.discovery/1"
 RESIDUAL_KINDS = ("resid_pre", "resid_mid", "resid_post")

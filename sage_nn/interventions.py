@@ -26,8 +26,9 @@ import torch
 import xarray as xr
 
 from .activations import batches, encode, model_device
+from .reads import read_sites
 from .remote import as_remote, run_kernel
-from .sites import HEAD_KINDS, KINDS, Site, _path, adapter
+from .sites import HEAD_KINDS, KINDS, Site, adapter
 
 
 def logit_diff(logits: torch.Tensor, answer_ids: Any, distractor_ids: Any) -> torch.Tensor:
@@ -297,8 +298,6 @@ def site_values(model: Any, data: Any, pairs: Sequence[tuple], *, batch_size: in
     list of dicts comes back). One trace per batch reads every pair, for all datasets
     together (through :func:`sage_nn.reads.read_sites`; one request remotely).
     """
-    from .reads import read_sites
-
     sets = list(data) if isinstance(data, (list, tuple)) else [data]
     values, _ = read_sites(model, sets, pairs, batch_size=batch_size, remote=remote)
     return values if isinstance(data, (list, tuple)) else values[0]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .architectures import (UnsupportedArchitectureError, architecture_of, check_config, derive,
-                            tiny_config, tiny_twin)
+                            tiny_twin)
 
 DEFAULT_MODEL = "smollm2-135m"
 

@@ -757,6 +757,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     from .evaluation import (CrossSection, DirectSAE, ReconstructedSAE, evaluate_cross_section,
                              pair_coords)
     from .models import load_model
+    from .reconstruction import EagerAttention
     from .remote import Remote
     from .report import sae_cfg_dict, write_report
     from .sites import Site, adapter
@@ -917,19 +918,14 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         log.info("evaluation: %s%d of %d SAEs to score", "ceiling and " if shared_missing
                  else "", len(missing), len(saes))
         if shared_missing or missing:
-            impl = model._module.config._attn_implementation
-            if any(p[0].kind in ("z", "attn_out") for p in all_pairs):
-                model._module.set_attn_implementation("eager")  # the frozen pattern is read
-            try:
+            # the frozen pattern is read; the caller's model comes back as it was given
+            with EagerAttention(model, any(p[0].kind in ("z", "attn_out") for p in all_pairs)):
                 results = evaluate_cross_section(
                     model, fit, held_out, [CrossSection(a, pairs)
                                            for a, pairs in pairs_by_attr.items()],
                     {name: saes[name] for name in missing}, ks=config.ks, n_boot=config.n_boot,
                     seed=config.seed, batch_size=config.batch_size, remote=remote,
                     ceiling=shared_missing)
-            finally:  # the caller's model comes back as it was given
-                if model._module.config._attn_implementation != impl:
-                    model._module.set_attn_implementation(impl)
             scored = {SHARED_EVALUATION: (eval_settings, None)} if shared_missing else {}
             scored.update({name: (sae_keys[name], name) for name in missing})
             for name, (key, sae) in scored.items():

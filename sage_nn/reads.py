@@ -21,13 +21,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from .activations import NonFiniteActivationError, batches, encode, model_device
-from .reconstruction import linear_codes
+from .reconstruction import EagerAttention, linear_codes
 from .remote import as_remote, run_kernel
-from .sites import HEAD_KINDS, KINDS, Site, _path, adapter
+from .sites import HEAD_KINDS, KINDS, _path, adapter
 
 
 def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Sequence[tuple] = (),
@@ -88,19 +87,12 @@ def _read_batch(model, inputs, cols, reads, jobs, dtype=None):
     """One clean trace (a remote kernel): every read site at tokens ``cols [b, P]``, and
     each job's codes there, layer by layer in execution order. Keyed by strings: a server
     returns plain data."""
-    hf = model._module
-    impl = hf.config._attn_implementation
     needs_pattern = any(s.kind in ("z", "attn_out") for js in jobs.values() for _, _, ss in js
                         for s in ss)
-    if needs_pattern and impl != "eager":
-        hf.set_attn_implementation("eager")  # e.g. a server's sdpa model returns no pattern
-    try:
+    with EagerAttention(model, needs_pattern):
         out = _trace_reads(model, inputs, cols, reads, jobs)
-        if dtype is not None:
-            out = {key: value.to(dtype) for key, value in out.items()}
-    finally:
-        if hf.config._attn_implementation != impl:
-            hf.set_attn_implementation(impl)
+    if dtype is not None:
+        out = {key: value.to(dtype) for key, value in out.items()}
     return out
 
 

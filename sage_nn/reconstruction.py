@@ -444,8 +444,8 @@ class ResidualReconstruction:
                                 self.norms_[layer]["attn_post"][1])
         heads = {(k, h): (W[:, ad.channels(k, h)].contiguous(), b[ad.channels(k, h)].contiguous())
                  for k, (W, b) in proj.items() for h in range(ad.n_heads_of(k))}
-        cache[layer] = dict(layer_norm=kind == "layer", gamma=gamma, beta=beta, proj=proj,
-                            heads=heads, W_O=W_O, b_O=b_O, post=post)
+        cache[layer] = dict(layer_norm=kind == "layer", gamma=gamma, beta=beta, heads=heads,
+                            W_O=W_O, b_O=b_O, post=post)
         return cache[layer]
 
     def directions(self, site: Site | str) -> torch.Tensor:
@@ -464,8 +464,7 @@ class ResidualReconstruction:
         base = W_dec * m["gamma"]  # [d_sae, d_model] after the frozen norm
 
         def head_dir(kind, head):
-            W = m["proj"][kind][0][:, ad.channels(kind, head)]
-            return base @ W
+            return base @ m["heads"][(kind, head)][0]
 
         if site.kind in ("q", "k", "v"):
             return head_dir(site.kind, site.head)
@@ -510,7 +509,7 @@ class ResidualReconstruction:
         it ships to a server: the feeding SAE, the frozen norm's weights, and only the
         projection columns those sites read."""
         sae = self.by_site_[(layer, "resid_pre")]
-        ad, m, norms = self.adapter_, self._maps(layer, sae), self.norms_[layer]
+        ad, m, norms = self.adapter_, self._frozen(layer), self.norms_[layer]
         group = ad.n_heads // ad.n_kv_heads
         heads = set()
         for s in sites:
@@ -523,7 +522,7 @@ class ResidualReconstruction:
         proj = {key: m["heads"][key] for key in sorted(heads)}
         attn_out = any(s.kind == "attn_out" for s in sites)
         maps = {"layer_norm": m["layer_norm"], "gamma": m["gamma"], "beta": m["beta"],
-                "b_dec": m["b_dec"], "proj": proj, "W_O": m["W_O"] if attn_out else None,
+                "b_dec": sae.b_dec.float(), "proj": proj, "W_O": m["W_O"] if attn_out else None,
                 "b_O": m["b_O"], "post": m["post"] if attn_out else None}
         return {"sae": self._encoder(sae), "maps": maps,
                 "norm": norms["attn"][1:] if "attn" in norms else None,
@@ -585,24 +584,36 @@ def _reconstruct(model, inputs, n, recon, sites, with_codes, rows_cols):
     """One forward with ``sites`` reconstructed in rows ``[:n]`` (a remote kernel). With
     ``rows_cols``, only those tokens' values and the last token's logits are kept."""
     saved = {"clean": {}, "recon": {}, "codes": {}, "offsets": {}}  # filled in the trace
-    hf = model._module
-    impl = hf.config._attn_implementation
-    if (with_codes or recon.freeze_pattern) and impl != "eager":
-        hf.set_attn_implementation("eager")  # e.g. a server's sdpa model returns no pattern
-    try:
-        with torch.no_grad(), model.trace(inputs):
-            recon.splice(model, sites, n, with_codes=with_codes, out=saved)
-            logits = model.output.logits[:n]
-            pick = (lambda v: v[rows_cols]) if rows_cols is not None else (lambda v: v)
-            # keyed by site name: a server returns plain data, not sage_nn objects
-            saved = {key: {str(s): pick(v) for s, v in d.items()} for key, d in saved.items()}
-            logits = logits[:, -1].clone() if rows_cols is not None else logits  # not a view
-            result = [saved, logits]
-            result.save()
-    finally:
-        if hf.config._attn_implementation != impl:
-            hf.set_attn_implementation(impl)
+    with EagerAttention(model, with_codes or recon.freeze_pattern), torch.no_grad(), \
+            model.trace(inputs):
+        recon.splice(model, sites, n, with_codes=with_codes, out=saved)
+        logits = model.output.logits[:n]
+        pick = (lambda v: v[rows_cols]) if rows_cols is not None else (lambda v: v)
+        # keyed by site name: a server returns plain data, not sage_nn objects
+        saved = {key: {str(s): pick(v) for s, v in d.items()} for key, d in saved.items()}
+        logits = logits[:, -1].clone() if rows_cols is not None else logits  # not a view
+        result = [saved, logits]
+        result.save()
     return result
+
+
+class EagerAttention:
+    """``with EagerAttention(model, needed):`` the model runs eager attention, which returns
+    the pattern (a server's sdpa model does not), and gets its own back on exit. Plain
+    Python, so kernels that use it ship to a server."""
+
+    def __init__(self, model, needed: bool = True):
+        self.hf, self.needed = model._module, needed
+
+    def __enter__(self):
+        self.impl = self.hf.config._attn_implementation
+        if self.needed and self.impl != "eager":
+            self.hf.set_attn_implementation("eager")
+        return self
+
+    def __exit__(self, *exc):
+        if self.hf.config._attn_implementation != self.impl:
+            self.hf.set_attn_implementation(self.impl)
 
 
 def _by_site(saved: dict) -> dict:

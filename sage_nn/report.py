@@ -444,28 +444,19 @@ def _members(results: xr.Dataset, info: Mapping) -> list[tuple[dict, list[str] |
     members = (info.get("sae_cfg_dict") or {}).get("sites") or []
     if len(ids) < 2 or len(members) != len(ids):
         return [(dict(info), None)]
+    from .pipeline import served_sites
+    from .sites import Site
+
     labels = [str(p) for p in results["pair"].values] if "pair" in results.dims else []
     out = []
     for sae_id, cfg in zip(ids, members):
-        fed = [p for p in labels if _feeds(cfg["hook_name"], p.split("@")[0])]
+        # no model here: no top layer whose resid_post stays its own, no parallel blocks
+        served = served_sites([cfg["hook_name"]], n_layers=1 << 30, parallel=False)
+        sites = {p: Site.parse(p.split("@")[0]) for p in labels}
+        fed = [p for p, s in sites.items() if (s.layer, s.kind) in served]
         out.append(({**info, "sae_lens_id": sae_id, "sae_cfg_dict": cfg,
                      "set": list(ids)}, fed))
     return out
-
-
-def _feeds(hook: str, site: str) -> bool:
-    """Whether the residual SAE at ``hook`` serves ``site`` (its own stream, or the
-    sublayer the reconstruction builds from it)."""
-    from .sites import RESID_KINDS, Site
-
-    def stream(s: Site) -> tuple[int, str]:  # L.resid_post is L+1.resid_pre
-        return (s.layer + 1, "resid_pre") if s.kind == "resid_post" else (s.layer, s.kind)
-
-    sae, target = Site.parse(hook), Site.parse(site)
-    if target.kind in RESID_KINDS:
-        return stream(sae) == stream(target)
-    feed = "resid_mid" if target.kind == "mlp_out" else "resid_pre"
-    return stream(sae) == (target.layer, feed)
 
 
 def _none_nan(x: float) -> float | None:
