@@ -132,3 +132,13 @@ def test_nan_activations_are_reported():
     message = r"NaN or inf in resid_pre activations at layers \[1\] for prompts \[0, 1, 2, 3\]"
     with pytest.raises(NonFiniteActivationError, match=message):
         collect(broken, PROMPTS, ["L0.resid_pre", "L1.resid_post"], progress=False)
+    # the evaluation's reads (sage_nn.reads) say the same, naming the sites
+    from types import SimpleNamespace
+
+    from sage_nn.reads import read_sites
+
+    data = SimpleNamespace(prompts=PROMPTS, positions={"END": np.full(len(PROMPTS), -1)})
+    with pytest.raises(NonFiniteActivationError,
+                       match=r"NaN or inf in the activations at \['L1.resid_pre'\]: check the "
+                             "model's dtype"):
+        read_sites(broken, [data], [("L0.resid_pre", "END"), ("L1.resid_pre", "END")])

@@ -126,6 +126,8 @@ def test_evaluation_requests_follow_the_data_not_the_number_of_attributes_or_sae
     # reads carry, not ratios of those)
     np.testing.assert_allclose(half.fvu.values, here.fvu.values, rtol=0.02, atol=1e-3)
     np.testing.assert_allclose(half.l0.values, here.l0.values, rtol=0.1)
+    with pytest.raises(ValueError, match="transport 'float16': use 'float32' or 'bfloat16'"):
+        Remote("local", transport="float16")
 
 
 def _loaded_modules(model, inputs):

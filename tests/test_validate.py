@@ -145,6 +145,8 @@ def bad_inputs(tmp_path):
         "select_kinds": (["zz"], "select_kinds=['zz']: unknown kind(s) ['zz']"),
         "sae_corpus": ("/no/corpus.txt", "sae_corpus part '/no/corpus.txt': no such file"),
         "remote": ("ndfi", "remote='ndfi': unknown"),
+        "remote_transport": ("float16", "remote_transport='float16': unknown dtype; fix: "
+                                        "'float32' or 'bfloat16'"),
         "dtype": ("float8", "dtype='float8': unknown"),
         "model": ("/no/model", "model '/no/model': no such file or directory, and not a hub id"),
         "model_dir": (str(no_model_dir), f"model '{no_model_dir}': not a HuggingFace model "
