@@ -16,8 +16,8 @@ One run, the same prompts throughout:
      site, plus one per whole selection);
   5. (in the same batch) the integrated-gradients variant (``--ig-steps``): the
      rank correlation of its own top-50, and of its estimates on plain attribution's top-50.
-The full grid names each residual tensor once (see sage_nn.discovery); its size is counted
-from the fitted ``is_site`` mask. Attribution times are the median of ``--repeat`` fits
+The full grid names each residual tensor once (see sage_nn.discovery); its size is the
+fitted ``site`` dimension's. Attribution times are the median of ``--repeat`` fits
 (each takes seconds, so one fit is at the mercy of the load on a shared machine); the exact
 patching of step 1 runs once (minutes). Writes ``benchmarks/results/discovery.json`` after
 every step, so an interrupted run keeps what it measured.
@@ -44,7 +44,7 @@ from scipy.stats import spearmanr
 from sage_nn import load_model
 from sage_nn.discovery import AttributionPatching, ranked, select_cross_section
 from sage_nn.interventions import counterfactual_patches, run_patched
-from sage_nn.sites import Site, adapter
+from sage_nn.sites import adapter
 from sage_nn.tasks import load_task
 
 COMPONENTS = ["q", "k", "v", "z", "attn_out", "mlp_out"]
@@ -71,11 +71,6 @@ def exact_effects(model, ds, attribute, pairs, joints, args):
                      max_rows=args.max_rows).logit_diff.mean("prompt").values.astype(float)
     delta = ld - ld[0]
     return dict(zip(pairs, delta[1:1 + len(pairs)])), delta[1 + len(pairs):]
-
-
-def _coords(site: str) -> dict:
-    s = Site.parse(site)
-    return {"layer": s.layer, "kind": s.kind, "head": -1 if s.head is None else s.head}
 
 
 def write(report: dict, path: str, t0: float) -> None:
@@ -126,8 +121,8 @@ def main() -> None:
     z_fit, t_attr_z = timed(lambda: AttributionPatching(
         kinds=["z"], positions=["END"], attributes=["io"], batch_size=args.batch_size
     ).fit(model, ds), args.repeat)
-    est = np.array([float(z_fit.deltas_.sel(attribute="io", layer=s.layer, kind="z",
-                                            head=s.head, position="END")) for s in z_sites])
+    est = z_fit.scores_.delta.sel(attribute="io", site=[str(s) for s in z_sites],
+                                  position="END").values
     rho_z = spearmanr(est, exact).statistic
     print(f"attribution of the z sites: {t_attr_z:.1f} s, spearman {rho_z:.3f}", flush=True)
 
@@ -142,7 +137,7 @@ def main() -> None:
     plain_all, t_plain_all = timed(lambda: grid_fit(None, False), args.repeat)
     print(f"full grid: io {t_attr_grid_io:.1f} s, all attributes {t_attr_grid_all:.1f} s; "
           f"attribution alone {t_plain_io:.1f} s, {t_plain_all:.1f} s", flush=True)
-    n_grid = int(grid_io.scores_.is_site.sum()) * len(grid_io.scores_.position)
+    n_grid = grid_io.scores_.sizes["site"] * grid_io.scores_.sizes["position"]
     per_site = t_exact / len(z_sites)
     n_attr = len(grid_all.scores_.attribute)
     report["z_at_end"] = {
@@ -155,14 +150,14 @@ def main() -> None:
     }
     report["full_grid"] = {
         "n_site_positions": n_grid,
-        "kinds": list(grid_io.scores_.kind.values),
+        "kinds": list(dict.fromkeys(grid_io.scores_.kind.values.tolist())),
         "positions": list(grid_io.scores_.position.values),
         "residual_names": "resid_pre at every layer + the last layer's resid_post "
                           "(L.resid_post is L+1.resid_pre, scored once)",
-        "exact_cells": {a: int(grid_all.result_.exact.sel(attribute=a).sum())
+        "exact_cells": {a: int(grid_all.scores_.exact.sel(attribute=a).sum())
                         for a in grid_all.scores_.attribute.values},
-        "changed_tokens": {a: [str(p) for p in grid_all.result_.position.values
-                               if bool(grid_all.result_.changed_token.sel(attribute=a,
+        "changed_tokens": {a: [str(p) for p in grid_all.scores_.position.values
+                               if bool(grid_all.scores_.changed_token.sel(attribute=a,
                                                                           position=p))]
                            for a in grid_all.scores_.attribute.values},
         "attribution_seconds_io": t_attr_grid_io,
@@ -182,7 +177,7 @@ def main() -> None:
                          for a, row in grid_all.effects_.to_dict("index").items()}
     report["top_sites"] = {
         a: [f"{r.site}@{r.position} {r.score:+.2f}"
-            for r in ranked(grid_all.result_, a, kinds=COMPONENTS).head(8).itertuples()]
+            for r in ranked(grid_all.scores_, a, kinds=COMPONENTS).head(8).itertuples()]
         for a in grid_all.scores_.attribute.values}
     print(json.dumps({k: report[k] for k in ("z_at_end", "full_grid", "effects")}, indent=2),
           flush=True)
@@ -200,7 +195,7 @@ def main() -> None:
     # 4. validation by exact patching ---------------------------------------------------
     report["validation"] = {}
     for attribute in ("io", "s", "order"):
-        res = grid_all.result_
+        res = grid_all.scores_
         top = args.top
         estimated = ranked(res, attribute)
         selections = {
@@ -211,12 +206,12 @@ def main() -> None:
             f"top{top}_components": select_cross_section(res, attribute, top_k=top,
                                                          kinds=COMPONENTS),
             f"attribution_alone_top{top}_all_kinds": select_cross_section(
-                plain_all.result_, attribute, top_k=top, changed_tokens=True),
+                plain_all.scores_, attribute, top_k=top, changed_tokens=True),
             "z_coverage_0.5": select_cross_section(res, attribute, coverage=0.5, kinds=["z"]),
         }
         if ig is not None:
             selections[f"ig{args.ig_steps}_top{args.top}_all_kinds"] = select_cross_section(
-                ig.result_, attribute, top_k=args.top, changed_tokens=True)
+                ig.scores_, attribute, top_k=args.top, changed_tokens=True)
         chosen = {k: list(zip(t.site, t.position)) for k, t in selections.items()}
         pairs = list(dict.fromkeys(q for c in chosen.values() for q in c))
         (single, joint), seconds = timed(lambda: exact_effects(
@@ -236,7 +231,7 @@ def main() -> None:
                           in zip(table.site, table.position, table.score, ex)]}
         if ig is not None:  # the variant's estimates of attribution's own top sites
             plain = selections[f"attribution_alone_top{args.top}_all_kinds"]
-            ig_est = [float(ig.deltas_.sel(attribute=attribute, position=p, **_coords(q)))
+            ig_est = [float(ig.scores_.delta.sel(attribute=attribute, site=q, position=p))
                       for q, p in zip(plain.site, plain.position)]
             entry[f"ig{args.ig_steps}_on_top{args.top}_all_kinds"] = {"spearman": float(
                 spearmanr(ig_est, [single[q] for q in

@@ -66,8 +66,11 @@ print(f"run: {time.perf_counter() - start:.0f} s; stage seconds when computed: "
  "first prompt": r.task["prompts"][0]}"""),
     nbf.v4.new_code_cell("""{a: (round(info["recovered"], 2), info["cross_section"])
  for a, info in r.discovery.summary().items()}  # joint exact patch: share of the effect"""),
-    nbf.v4.new_code_cell("""# attribution scores, labeled: the best head per layer for io, at any position
-r.discovery.result.score.sel(attribute="io", kind="z").max(["position", "head"]).to_pandas().tail(8)"""),
+    nbf.v4.new_code_cell("""# attribution scores, labeled by site and position; the heads' z as a (layer, head) grid:
+# the best head per layer for io, at any position
+from sage_nn.discovery import head_grid
+z = head_grid(r.discovery.scores.score.sel(attribute="io"), "z")
+z.max(["position", "head"]).to_pandas().tail(8)"""),
     nbf.v4.new_code_cell("""for png in sorted((r.path / "discovery").glob("*io*.png"))[:2]:
     display(Image(filename=str(png)))"""),
     nbf.v4.new_markdown_cell("""## 3. The SAEs

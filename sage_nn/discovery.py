@@ -51,12 +51,13 @@ L23.h0/h7) 0.66; order: L20.h0 alone, 2.6 (it overshoots the small total effect)
 on 2 idle CPU cores. The top-|score| pick (:func:`select_cross_section`) stays available
 as ``top_k`` / ``coverage``.
 
-Scores are an ``xarray.DataArray`` with dims ``(attribute, layer, kind, head, position)``.
-Head convention (no NaN): ``head`` runs over ``-1, 0 .. n_heads-1``; per-head kinds
-(q/k/v/z) use heads ``0..``, the other kinds use ``head = -1``; cells that are not a site
-(e.g. ``resid_pre`` at head 3, ``k`` beyond the KV heads, or a ``resid_post`` that is the
-next layer's ``resid_pre``) hold 0 and are marked False in the ``is_site`` coordinate
-``(layer, kind, head)``. :func:`ranked` lists only real sites.
+Scores are an ``xarray.Dataset`` with dims ``(attribute, site, position)``. ``site`` holds
+the names of the grid's real sites only (``L9.z.h3``, ``L9.attn_out``, ``L0.resid_pre``;
+the grammar of :class:`sage_nn.Site`), so ``scores.score.sel(site="L9.z.h3")`` reads as it
+says, with ``layer``, ``kind`` and ``head`` coordinates along it (``head`` is NaN for the
+kinds that are not per head) for ``scores.where(scores.kind == "z", drop=True)`` or
+``groupby("layer")``. :func:`head_grid` lays one per-head kind out as a ``(layer, head)``
+grid; :func:`ranked` lists the sites as a table.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ from .interventions import Patch, _patched_forward, logit_diff, run_patched, sit
 from .remote import run_kernel
 from .sites import HEAD_KINDS, KINDS, Site, adapter
 
-SCORES_FORMAT = "sage_nn.discovery/1"
+SCORES_FORMAT = "sage_nn.discovery/2"  # /1: a (layer, kind, head) grid, head -1 off heads
 RESIDUAL_KINDS = ("resid_pre", "resid_mid", "resid_post")
 
 
@@ -108,8 +109,9 @@ class AttributionPatching:
     0.93-1.0, where plain attribution says 0.10-0.13 for layers 9-23), but it gets the sign
     of patching S1 alone wrong for s (+1.43 vs exact -1.22: S1 and S2 interact).
 
-    Fitted: ``result_`` (Dataset: ``score``, ``delta``, ``exact`` and per-attribute effects),
-    ``scores_`` and ``deltas_`` (its DataArrays), ``effects_`` (a table per attribute).
+    Fitted: ``scores_`` (Dataset over ``(attribute, site, position)``: ``score``,
+    ``delta``, ``exact`` and the per-attribute effects), ``effects_`` (a table per
+    attribute).
     """
 
     def __init__(self, kinds: Sequence[str] | None = None, layers: Sequence[int] | None = None,
@@ -164,7 +166,9 @@ class AttributionPatching:
                              f"{self.ig_steps}")
         grid = [(layer, kind) for layer in layers for kind in kinds
                 if not _aliased(layer, kind, layers, kinds)]
-        n, n_heads = len(dataset.prompts), ad.n_heads
+        n = len(dataset.prompts)
+        sites = _grid_sites(ad, grid)
+        where = _site_slices(sites)
         device = model_device(model)
         # The exact sweep: (attribute, position) pairs whose token changes, and the residual
         # tensors (streams) their grid's residual sites resolve to.
@@ -175,7 +179,7 @@ class AttributionPatching:
         residual = [key for key in grid if key[1] in RESIDUAL_KINDS]
         streams = sorted({_stream(*key) for key in residual}) if (
             self.exact_residuals and changed) else []
-        delta = np.zeros((len(attributes), len(layers), len(kinds), n_heads + 1, len(positions)))
+        delta = np.zeros((len(attributes), len(sites), len(positions)))
         clean_sum, cf_sum = 0.0, np.zeros(len(attributes))
         swept = np.zeros((len(streams), len(changed)))
         chunks = (_prepare_batch(model, dataset, attributes, positions, grid, idx, device,
@@ -183,13 +187,9 @@ class AttributionPatching:
                   for idx in batches(n, self.batch_size, self.progress and "attribution"))
         for contrib, ld, cf_ld, sweep in run_kernel(model, _attribute, chunks, remote,
                                                     stage="attribution"):
-            for (layer, kind), c in contrib.items():
-                li, ki = layers.index(layer), kinds.index(kind)
-                c = c.double().cpu().numpy()  # [attribute, position, heads] or [attribute, position]
-                if kind in HEAD_KINDS:
-                    delta[:, li, ki, 1:1 + c.shape[2], :] += c.transpose(0, 2, 1)
-                else:
-                    delta[:, li, ki, 0, :] += c
+            for key, c in contrib.items():
+                c = c.double().cpu().numpy()  # [attribute, position(, heads)]
+                delta[:, where[key], :] += c.transpose(0, 2, 1) if c.ndim == 3 else c[:, None]
             clean_sum += float(ld.sum())
             cf_sum += cf_ld.double().cpu().numpy().reshape(len(attributes), -1).sum(1)
             if streams:
@@ -197,32 +197,27 @@ class AttributionPatching:
         delta /= n
         clean_ld, cf_ld = clean_sum / n, cf_sum / n
         exact = np.zeros(delta.shape, bool)
-        for layer, kind in residual if streams else []:
-            li, ki, j = layers.index(layer), kinds.index(kind), streams.index(_stream(layer, kind))
+        for key in residual if streams else []:
+            i, j = where[key].start, streams.index(_stream(*key))
             for c, (a, p) in enumerate(changed):
-                delta[a, li, ki, 0, p] = swept[j, c] / n - clean_ld
-                exact[a, li, ki, 0, p] = True
+                delta[a, i, p] = swept[j, c] / n - clean_ld
+                exact[a, i, p] = True
         total = cf_ld - clean_ld
         small = np.abs(total) < self.min_effect
         safe = np.where(total == 0, np.inf, total)
-        score = delta / safe[:, None, None, None, None]
+        score = delta / safe[:, None, None]
         for a, s in zip(attributes, small):
             if s:
                 warnings.warn(f"attribute {a!r}: total counterfactual effect "
                               f"{total[attributes.index(a)]:+.3f} is below min_effect="
                               f"{self.min_effect}; its normalised scores are unreliable, use "
                               "the raw deltas", stacklevel=2)
-        heads = np.arange(-1, n_heads)
-        is_site = np.array([[[(0 <= h < ad.n_heads_of(k)) if k in HEAD_KINDS else
-                              h < 0 and (layer, k) in grid for h in heads] for k in kinds]
-                            for layer in layers])
-        dims = ("attribute", "layer", "kind", "head", "position")
-        self.result_ = xr.Dataset(
+        dims = ("attribute", "site", "position")
+        self.scores_ = xr.Dataset(
             {"score": (dims, score), "delta": (dims, delta), "exact": (dims, exact),
              "counterfactual_logit_diff": ("attribute", cf_ld),
              "total_effect": ("attribute", total), "small_effect": ("attribute", small)},
-            coords={"attribute": attributes, "layer": layers, "kind": kinds, "head": heads,
-                    "position": positions, "is_site": (("layer", "kind", "head"), is_site),
+            coords={"attribute": attributes, **_site_coords(sites), "position": positions,
                     "changed_token": (("attribute", "position"), changed_token)},
             attrs={"format": SCORES_FORMAT, "model": str(model.config._name_or_path),
                    "task": str(getattr(dataset, "name", "")), "n_prompts": n,
@@ -233,13 +228,32 @@ class AttributionPatching:
                               "steps on the embeddings)")
                    + ("; residual stream at changed tokens patched exactly" if streams else "")
                    + "; score = delta / total_effect"})
-        self.scores_ = self.result_.score
-        self.deltas_ = self.result_.delta
-        self.effects_ = effects_table(self.result_)
+        self.effects_ = effects_table(self.scores_)
         return self
 
     def save(self, path: str | Path) -> Path:
-        return save_scores(self.result_, path)
+        return save_scores(self.scores_, path)
+
+
+def _grid_sites(ad, grid: Sequence[tuple[int, str]]) -> list[Site]:
+    """The real sites of the ``(layer, kind)`` grid, in grid order, heads ascending."""
+    return [Site(layer, kind, h) for layer, kind in grid
+            for h in (range(ad.n_heads_of(kind)) if kind in HEAD_KINDS else [None])]
+
+
+def _site_slices(sites: Sequence[Site]) -> dict[tuple[int, str], slice]:
+    """Where each ``(layer, kind)`` sits along the ``site`` dimension (heads contiguous)."""
+    where = {}
+    for i, s in enumerate(sites):
+        key = (s.layer, s.kind)
+        where[key] = slice(where[key].start if key in where else i, i + 1)
+    return where
+
+
+def _site_coords(sites: Sequence[Site]) -> dict:
+    return {"site": [str(s) for s in sites], "layer": ("site", [s.layer for s in sites]),
+            "kind": ("site", [s.kind for s in sites]),
+            "head": ("site", [np.nan if s.head is None else float(s.head) for s in sites])}
 
 
 def _aliased(layer: int, kind: str, layers: Sequence[int], kinds: Sequence[str]) -> bool:
@@ -438,44 +452,41 @@ def _forward_backward(model, ad, inputs, grid, rows, cols, answer, distractor,
 
 # -- tables, selection, persistence ---------------------------------------------------
 
-def effects_table(result: xr.Dataset) -> pd.DataFrame:
+def effects_table(scores: xr.Dataset) -> pd.DataFrame:
     """Per attribute: clean and counterfactual logit difference, total effect, flag."""
     return pd.DataFrame({
-        "clean_logit_diff": result.attrs["clean_logit_diff"],
-        "counterfactual_logit_diff": result.counterfactual_logit_diff.values,
-        "total_effect": result.total_effect.values,
-        "small_effect": result.small_effect.values.astype(bool),
-    }, index=pd.Index(result.attribute.values, name="attribute"))
+        "clean_logit_diff": scores.attrs["clean_logit_diff"],
+        "counterfactual_logit_diff": scores.counterfactual_logit_diff.values,
+        "total_effect": scores.total_effect.values,
+        "small_effect": scores.small_effect.values.astype(bool),
+    }, index=pd.Index(scores.attribute.values, name="attribute"))
 
 
-def _site_name(layer: int, kind: str, head: int) -> str:
-    return str(Site(int(layer), kind, None if kind not in HEAD_KINDS else int(head)))
-
-
-def ranked(result: xr.Dataset, attribute: str, *, kinds: Sequence[str] | None = None,
+def ranked(scores: xr.Dataset, attribute: str, *, kinds: Sequence[str] | None = None,
            positions: Sequence[str] | None = None, changed_tokens: bool = True) -> pd.DataFrame:
-    """Every real (site, position) of ``attribute``, by decreasing |score|; without the
+    """Every (site, position) of ``attribute``, by decreasing |score|; without the
     residual stream at tokens the counterfactual replaces or moves unless
     ``changed_tokens``.
 
-    Columns: ``site`` (e.g. ``L9.z.h3``), ``layer``, ``kind``, ``head`` (-1 for non-head
-    kinds), ``position``, ``score``, ``delta``, ``exact`` (patched exactly, not estimated),
-    ``share`` (of the summed |score|) and ``cum_share``.
+    Columns: ``site`` (e.g. ``L9.z.h3``), ``layer``, ``kind``, ``head`` (empty for kinds
+    that are not per head), ``position``, ``score``, ``delta``, ``exact`` (patched
+    exactly, not estimated), ``share`` (of the summed |score|) and ``cum_share``.
     """
-    if attribute not in result.attribute.values:
+    if attribute not in scores.attribute.values:
         raise ValueError(f"attribute {attribute!r} was not scored; scored: "
-                         f"{list(result.attribute.values)}")
-    sub = result[["score", "delta", "exact"]].sel(attribute=attribute)
+                         f"{list(scores.attribute.values)}")
+    sub = scores[["score", "delta", "exact"]].sel(attribute=attribute)
     if kinds is not None:
-        sub = sub.sel(kind=list(kinds))
+        sub = sub.isel(site=np.isin(sub.kind.values, list(kinds)))
     if positions is not None:
         sub = sub.sel(position=list(positions))
+    sub = sub.reset_coords(["layer", "kind", "head"])
     df = sub.to_dataframe().reset_index()
-    keep = df["is_site"].astype(bool)
     if not changed_tokens:
-        keep &= ~(df["kind"].isin(RESIDUAL_KINDS) & df["changed_token"].astype(bool))
-    df = df[keep].drop(columns=["is_site", "changed_token", "attribute"], errors="ignore")
-    df.insert(0, "site", [_site_name(l, k, h) for l, k, h in zip(df["layer"], df["kind"], df["head"])])
+        df = df[~(df["kind"].isin(RESIDUAL_KINDS) & df["changed_token"].astype(bool))]
+    df = df.drop(columns=["changed_token", "attribute"], errors="ignore")
+    df["head"] = df["head"].astype("Int64")
+    df = df[["site", "layer", "kind", "head", "position", "score", "delta", "exact"]]
     df = df.iloc[np.argsort(-np.abs(df["delta"].to_numpy()), kind="stable")]
     total = np.abs(df["score"]).sum()
     df["share"] = np.abs(df["score"]) / total if total > 0 else 0.0
@@ -483,7 +494,22 @@ def ranked(result: xr.Dataset, attribute: str, *, kinds: Sequence[str] | None = 
     return df.reset_index(drop=True)
 
 
-def select_cross_section(result: xr.Dataset, attribute: str, *, top_k: int | None = None,
+def head_grid(scores: xr.DataArray, kind: str = "z") -> xr.DataArray:
+    """One per-head ``kind`` of a scores variable as a ``(layer, head)`` grid (the other
+    dims kept), for heatmaps and ``.sel(layer=9, head=3)``: e.g.
+    ``head_grid(run.discovery.scores.score.sel(attribute="io"))``."""
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"kind {kind!r} is not per head; per-head kinds: {sorted(HEAD_KINDS)}")
+    sub = scores.isel(site=np.flatnonzero(scores.kind.values == kind))
+    if not sub.sizes["site"]:
+        raise ValueError(f"no {kind!r} sites were scored; scored kinds: "
+                         f"{sorted(set(scores.kind.values))}")
+    sub = sub.drop_vars(["kind", "site"])
+    sub = sub.assign_coords(head=sub["head"].astype(int))
+    return sub.set_index(site=["layer", "head"]).unstack("site")
+
+
+def select_cross_section(scores: xr.Dataset, attribute: str, *, top_k: int | None = None,
                          coverage: float | None = None, kinds: Sequence[str] | None = None,
                          positions: Sequence[str] | None = None,
                          changed_tokens: bool = False) -> pd.DataFrame:
@@ -494,12 +520,12 @@ def select_cross_section(result: xr.Dataset, attribute: str, *, top_k: int | Non
     moves unless ``changed_tokens``: that stream is the changed input itself (on SmolLM2 IOI the
     IO token's stream carries 0.93-1.0 of the io effect at every layer up to 22), so it
     would fill a cross-section with copies of the input instead of the places the model
-    moves the attribute to. Their scores stay in ``result`` and its plots.
+    moves the attribute to. Their scores stay in ``scores`` and its plots.
     """
     if (top_k is None) == (coverage is None):
         raise ValueError("give exactly one of top_k (a number of sites) or coverage (a share "
                          "of the summed |score| in (0, 1])")
-    df = ranked(result, attribute, kinds=kinds, positions=positions,
+    df = ranked(scores, attribute, kinds=kinds, positions=positions,
                 changed_tokens=changed_tokens)
     if top_k is not None:
         if top_k < 1:
@@ -511,38 +537,55 @@ def select_cross_section(result: xr.Dataset, attribute: str, *, top_k: int | Non
     return df.iloc[:min(k, len(df))].copy()
 
 
-def save_scores(result: xr.Dataset, path: str | Path) -> Path:
-    """Write attribution results to netCDF (``.nc``)."""
+def save_scores(scores: xr.Dataset, path: str | Path) -> Path:
+    """Write attribution scores to netCDF (``.nc``)."""
     path = Path(path)
     if path.suffix != ".nc":
         raise ValueError(f"scores path {path}: use a .nc file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    out = result.assign_coords(is_site=result.is_site.astype("int8"),
-                               changed_token=result.changed_token.astype("int8"))
+    out = scores.assign_coords(changed_token=scores.changed_token.astype("int8"))
     out = out.assign(small_effect=out.small_effect.astype("int8"), exact=out.exact.astype("int8"))
     out.to_netcdf(path, engine="h5netcdf")
     return path
 
 
 def load_scores(path: str | Path) -> xr.Dataset:
+    """Read :func:`save_scores`'s file (also the older ``(layer, kind, head)`` grid)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"scores file {path} does not exist")
     ds = xr.load_dataset(path, engine="h5netcdf")
-    if ds.attrs.get("format") != SCORES_FORMAT:
+    if ds.attrs.get("format") == "sage_nn.discovery/1":
+        ds = _from_grid(ds)
+    elif ds.attrs.get("format") != SCORES_FORMAT:
         raise ValueError(f"{path} is not a sage_nn discovery scores file")
+    ds = ds.assign_coords(changed_token=ds.changed_token.astype(bool))
+    return ds.assign(small_effect=ds.small_effect.astype(bool), exact=ds.exact.astype(bool))
+
+
+def _from_grid(ds: xr.Dataset) -> xr.Dataset:
+    """A format-1 file (a ``(layer, kind, head)`` grid with ``head = -1`` off heads and an
+    ``is_site`` mask) as the ``site`` layout."""
+    layers, kinds = [int(l) for l in ds.layer.values], [str(k) for k in ds.kind.values]
     is_site = ds.is_site.astype(bool)
     if "layer" not in is_site.dims:  # written before residual aliases were dropped
-        layers, kinds = list(ds.layer.values), list(ds.kind.values)
         alias = xr.DataArray([[_aliased(l, k, layers, kinds) for k in kinds] for l in layers],
                              dims=("layer", "kind"), coords={"layer": layers, "kind": kinds})
         is_site = (is_site & ~alias).transpose("layer", "kind", "head")
     if "changed_token" not in ds.coords:  # written before changed tokens were marked
         ds = ds.assign_coords(changed_token=(("attribute", "position"), np.zeros(
             (ds.sizes["attribute"], ds.sizes["position"]), bool)))
-    ds = ds.assign_coords(is_site=is_site, changed_token=ds.changed_token.astype(bool))
-    exact = ds.exact.astype(bool) if "exact" in ds else xr.zeros_like(ds.score, dtype=bool)
-    return ds.assign(small_effect=ds.small_effect.astype(bool), exact=exact)
+    if "exact" not in ds:  # written before residuals were patched exactly
+        ds = ds.assign(exact=xr.zeros_like(ds.score, dtype="int8"))
+    cells = [(l, k, int(h)) for l in layers for k in kinds for h in ds["head"].values
+             if is_site.sel(layer=l, kind=k, head=h)]
+    sites = [Site(l, k, h if k in HEAD_KINDS else None) for l, k, h in cells]
+    out = {name: (("attribute", "site", "position"), np.stack(
+              [ds[name].sel(layer=l, kind=k, head=h).values for l, k, h in cells], axis=1))
+           for name in ("score", "delta", "exact")}
+    rest = ds.drop_vars(["score", "delta", "exact", "is_site", "layer", "kind", "head"])
+    return rest.assign_coords(_site_coords(sites)).assign(out).assign_attrs(
+        format=SCORES_FORMAT)
 
 
 # -- validation by exact activation patching ------------------------------------------
@@ -607,7 +650,7 @@ def _exact_patching(model, dataset, pairs_by_attr: dict, *, joint, batch_size, m
     return found
 
 
-def validate(model: Any, dataset: Any, result: xr.Dataset, attribute: str,
+def validate(model: Any, dataset: Any, scores: xr.Dataset, attribute: str,
              selection: pd.DataFrame, *, batch_size: int = 32, max_rows: int = 256,
              remote: Any = None) -> tuple[pd.DataFrame, dict]:
     """Exact patching of the selected sites next to their estimates.
@@ -617,11 +660,11 @@ def validate(model: Any, dataset: Any, result: xr.Dataset, attribute: str,
     deltas, and ``recovered`` = exact effect of patching the whole selection at once over
     the total effect.
     """
-    return validate_all(model, dataset, result, {attribute: selection}, batch_size=batch_size,
+    return validate_all(model, dataset, scores, {attribute: selection}, batch_size=batch_size,
                         max_rows=max_rows, remote=remote)[attribute]
 
 
-def validate_all(model: Any, dataset: Any, result: xr.Dataset,
+def validate_all(model: Any, dataset: Any, scores: xr.Dataset,
                  selections: dict[str, pd.DataFrame], *, batch_size: int = 32,
                  max_rows: int = 256, remote: Any = None) -> dict[str, tuple]:
     """:func:`validate` for every attribute's selection, in the same three model runs."""
@@ -650,7 +693,7 @@ def validate_all(model: Any, dataset: Any, result: xr.Dataset,
 
 # -- cross-sections grown by their joint exact patch ----------------------------------
 
-def grow_cross_sections(model: Any, dataset: Any, result: xr.Dataset,
+def grow_cross_sections(model: Any, dataset: Any, scores: xr.Dataset,
                         attributes: Sequence[str] | None = None, *, target: float = 0.6,
                         max_sites: int = 16, kinds: Sequence[str] | None = ("z",),
                         positions: Sequence[str] | None = None, candidates: int | None = None,
@@ -659,7 +702,7 @@ def grow_cross_sections(model: Any, dataset: Any, result: xr.Dataset,
     """Per attribute, a small set of components whose *joint* exact patch recovers
     ``target`` of the total effect; attribution proposes, exact joint patching decides.
 
-    Candidates are the attribute's sites in ``result`` of ``kinds`` (default per-head ``z``;
+    Candidates are the attribute's sites in ``scores`` of ``kinds`` (default per-head ``z``;
     ``None``: every component kind of the grid, never the residual stream, which is a
     candidate only where a residual kind is listed, and then not at the tokens the
     counterfactual replaces or moves) at ``positions`` (default all), ordered by their
@@ -692,7 +735,7 @@ def grow_cross_sections(model: Any, dataset: Any, result: xr.Dataset,
     delta over the total effect), ``reached``, ``target``, ``max_sites``, ``cap_hit`` (the
     target was not reached within ``max_sites`` sites although more candidates existed),
     ``n_sites``, ``total_effect``, clean and counterfactual logit differences,
-    ``joint_delta``, ``small_effect`` (from ``result``: the share divides by a near-zero
+    ``joint_delta``, ``small_effect`` (from ``scores``: the share divides by a near-zero
     effect), ``same_as`` (other attributes that ended with the same set of (site,
     position)), ``prefix_recovered`` (run 2's curve), ``spearman`` (estimated vs exact
     single-site deltas of the set) and a plain-words ``note`` when the target was missed.
@@ -706,18 +749,18 @@ def grow_cross_sections(model: Any, dataset: Any, result: xr.Dataset,
     pool_size = max_sites if candidates is None else int(candidates)
     if pool_size < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
-    attributes = [str(a) for a in (result.attribute.values if attributes is None else attributes)]
-    missing = [a for a in attributes if a not in result.attribute.values
+    attributes = [str(a) for a in (scores.attribute.values if attributes is None else attributes)]
+    missing = [a for a in attributes if a not in scores.attribute.values
                or a not in dataset.counterfactuals]
     if missing or not attributes:
-        raise ValueError(f"attributes {missing} are not both scored in result "
-                         f"({list(result.attribute.values)}) and counterfactuals of the dataset "
+        raise ValueError(f"attributes {missing} are not both scored in scores "
+                         f"({list(scores.attribute.values)}) and counterfactuals of the dataset "
                          f"({sorted(dataset.counterfactuals)})")
-    if int(result.attrs.get("n_prompts", len(dataset.prompts))) != len(dataset.prompts):
-        warnings.warn(f"result was scored on {result.attrs['n_prompts']} prompts, the dataset "
+    if int(scores.attrs.get("n_prompts", len(dataset.prompts))) != len(dataset.prompts):
+        warnings.warn(f"scores were scored on {scores.attrs['n_prompts']} prompts, the dataset "
                       f"has {len(dataset.prompts)}: candidates come from the former, every "
                       "exact number from the latter", stacklevel=2)
-    grid_kinds = list(result.kind.values)
+    grid_kinds = list(scores.kind.values)
     kinds = [k for k in grid_kinds if k not in RESIDUAL_KINDS] if kinds is None else list(kinds)
     absent = [k for k in kinds if k not in grid_kinds]
     if absent or not kinds:
@@ -725,9 +768,9 @@ def grow_cross_sections(model: Any, dataset: Any, result: xr.Dataset,
                          f"({grid_kinds}); score them first or choose others")
     pools, n_candidates = {}, {}
     for a in attributes:
-        df = ranked(result, a, kinds=kinds, positions=positions, changed_tokens=False)
+        df = ranked(scores, a, kinds=kinds, positions=positions, changed_tokens=False)
         n_candidates[a] = len(df)
-        sign = 1.0 if float(result.total_effect.sel(attribute=a)) >= 0 else -1.0
+        sign = 1.0 if float(scores.total_effect.sel(attribute=a)) >= 0 else -1.0
         order = np.argsort(-sign * df["delta"].to_numpy(), kind="stable")
         pools[a] = df.iloc[order[:pool_size]].reset_index(drop=True)
         if pools[a].empty:
@@ -797,7 +840,7 @@ def grow_cross_sections(model: Any, dataset: Any, result: xr.Dataset,
             "total_effect": float(total[a]), "clean_logit_diff": float(clean_ld),
             "counterfactual_logit_diff": float(cf_ld[a]),
             "joint_delta": float(joint - clean_ld),
-            "small_effect": bool(result.small_effect.sel(attribute=a)),
+            "small_effect": bool(scores.small_effect.sel(attribute=a)),
             "n_candidates": n_candidates[a], "pool": len(pairs[a]),
             "prefix_recovered": [float(x) for x in share(a, prefix_ld[a])],
             "spearman": float(spearmanr(table["delta"], table["exact_delta"]).statistic)
@@ -883,7 +926,7 @@ def _joint_logit_diffs(model, dataset, sets: dict[str, list[list[int]]], patches
 
 # -- plots ----------------------------------------------------------------------------
 
-def plot_heatmaps(result: xr.Dataset, attribute: str, out_dir: str | Path) -> list[Path]:
+def plot_heatmaps(scores: xr.Dataset, attribute: str, out_dir: str | Path) -> list[Path]:
     """PNG heatmaps of ``attribute``'s scores: layer x head per head kind, and layer x kind
     for the other kinds; one column per named position."""
     import matplotlib
@@ -893,19 +936,22 @@ def plot_heatmaps(result: xr.Dataset, attribute: str, out_dir: str | Path) -> li
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sub = result.score.sel(attribute=attribute).where(result.is_site)  # non-sites blank
+    sub = scores.score.sel(attribute=attribute)
     vmax = float(np.abs(sub).max()) or 1.0
-    positions = list(result.position.values)
+    positions = list(scores.position.values)
+    layers = sorted(set(int(l) for l in scores.layer.values))
+    kinds = list(dict.fromkeys(str(k) for k in scores.kind.values))
+    panels = [(k, head_grid(sub, k)) for k in kinds if k in HEAD_KINDS]
+    other = np.flatnonzero(~np.isin(scores.kind.values, sorted(HEAD_KINDS)))
+    if len(other):
+        rest = sub.isel(site=other).drop_vars(["head", "site"])
+        rest = rest.set_index(site=["layer", "kind"]).unstack("site")
+        panels.append(("residual", rest.sel(kind=[k for k in kinds if k not in HEAD_KINDS])))
+    panels = [(name, data.reindex(layer=layers)) for name, data in panels]  # absent: blank
     paths = []
-    panels = [(k, sub.sel(kind=k, head=result["head"].values[
-                  result.is_site.sel(kind=k).any("layer").values]))
-              for k in result.kind.values if k in HEAD_KINDS]
-    other = [k for k in result.kind.values if k not in HEAD_KINDS]
-    if other:
-        panels.append(("residual", sub.sel(kind=other, head=-1)))
     for name, data in panels:
         fig, axes = plt.subplots(1, len(positions), figsize=(2.2 * len(positions) + 1.5,
-                                 0.18 * len(result.layer) + 1.5), squeeze=False, sharey=True)
+                                 0.18 * len(layers) + 1.5), squeeze=False, sharey=True)
         fig.subplots_adjust(top=0.8)  # room for the title above the panel titles
         for ax, pos in zip(axes[0], positions):
             values = data.sel(position=pos).transpose("layer", ...).values
@@ -918,7 +964,7 @@ def plot_heatmaps(result: xr.Dataset, attribute: str, out_dir: str | Path) -> li
             ax.set_xlabel("head" if name != "residual" else "")
         axes[0][0].set_ylabel("layer")
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="score (fraction of effect)")
-        fig.suptitle(f"{result.attrs.get('task', '')} / {attribute}: {name}")
+        fig.suptitle(f"{scores.attrs.get('task', '')} / {attribute}: {name}")
         path = out_dir / f"heatmap_{attribute}_{name}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
@@ -1012,7 +1058,7 @@ class DiscoveryConfig:
 class Discovery:
     """What :func:`discover` found: scores, cross-sections, validation summaries."""
 
-    result: xr.Dataset
+    scores: xr.Dataset  # attribution scores (saved as scores.nc)
     cross_sections: dict[str, pd.DataFrame]
     validation: dict[str, dict] = field(default_factory=dict)
 
@@ -1021,7 +1067,7 @@ class Discovery:
         grown cross-section ``recovered``, ``reached``, ``target``, ``max_sites``,
         ``cap_hit``, ``n_sites``, ``same_as``, ``small_effect`` and a ``note`` when the
         target was missed."""
-        effects = effects_table(self.result)
+        effects = effects_table(self.scores)
         return {a: {**{k: (bool(v) if isinstance(v, (bool, np.bool_)) else float(v))
                        for k, v in effects.loc[a].items()},
                     "cross_section": [f"{s}@{p}" for s, p in zip(t["site"], t["position"])],
@@ -1063,10 +1109,10 @@ def discover(model: Any, dataset: Any, config: DiscoveryConfig | None = None, *,
                               config.batch_size, config.min_effect,
                               exact_residuals=config.exact_residuals, ig_steps=config.ig_steps,
                               progress=progress).fit(model, dataset, remote=remote)
-    found = Discovery(fit.result_, {})
-    kinds = config.selectable_kinds(list(fit.result_.kind.values))
+    found = Discovery(fit.scores_, {})
+    kinds = config.selectable_kinds(list(fit.scores_.kind.values))
     if config.top_k is None and config.coverage is None:  # grown by the joint exact patch
-        grown = grow_cross_sections(model, dataset, fit.result_, target=config.target,
+        grown = grow_cross_sections(model, dataset, fit.scores_, target=config.target,
                                     max_sites=config.max_sites, kinds=kinds,
                                     candidates=config.candidates,
                                     batch_size=config.batch_size, max_rows=config.max_rows,
@@ -1075,12 +1121,12 @@ def discover(model: Any, dataset: Any, config: DiscoveryConfig | None = None, *,
             found.cross_sections[a], found.validation[a] = table, summary
     else:
         found.cross_sections = {
-            str(a): select_cross_section(fit.result_, a, top_k=config.top_k,
+            str(a): select_cross_section(fit.scores_, a, top_k=config.top_k,
                                          coverage=config.coverage, kinds=kinds,
                                          changed_tokens=config.changed_tokens)
-            for a in fit.result_.attribute.values}
+            for a in fit.scores_.attribute.values}
         if config.validate:  # every attribute's exact patching shares the same model runs
-            for a, (sel, summary) in validate_all(model, dataset, fit.result_,
+            for a, (sel, summary) in validate_all(model, dataset, fit.scores_,
                                                   found.cross_sections,
                                                   batch_size=config.batch_size,
                                                   max_rows=config.max_rows,
@@ -1088,12 +1134,12 @@ def discover(model: Any, dataset: Any, config: DiscoveryConfig | None = None, *,
                 found.cross_sections[a], found.validation[a] = sel, summary
     if out_dir is not None:
         out_dir = Path(out_dir)
-        save_scores(fit.result_, out_dir / "scores.nc")
+        save_scores(fit.scores_, out_dir / "scores.nc")
         pd.concat([t.assign(attribute=a) for a, t in found.cross_sections.items()]).to_csv(
             out_dir / "cross_sections.csv", index=False)
         (out_dir / "summary.json").write_text(json.dumps(found.summary(), indent=2))
         for attribute, table in found.cross_sections.items():
-            plot_heatmaps(fit.result_, attribute, out_dir)
+            plot_heatmaps(fit.scores_, attribute, out_dir)
             plot_cross_section(table, out_dir / f"cross_section_{attribute}.png",
-                               title=f"{fit.result_.attrs['task']} / {attribute}")
+                               title=f"{fit.scores_.attrs['task']} / {attribute}")
     return found

@@ -59,7 +59,7 @@ class Run:
     @cached_property
     def discovery(self):
         """What discovery found, as :class:`sage_nn.discovery.Discovery`: the attribution
-        scores (``.result``), the cross-section tables and their validation summaries."""
+        scores (``.scores``), the cross-section tables and their validation summaries."""
         from .discovery import Discovery, load_scores
 
         root = self.path / "discovery"

@@ -146,7 +146,7 @@ def _blocks_and_discovery(model, ad):
         np.testing.assert_allclose(out.logit_diff.values[v], _full_forward_patched(model, ds, variant),
                                    rtol=1e-4, atol=1e-4, err_msg=f"variant {v}")
     fit = AttributionPatching(min_effect=0, batch_size=3).fit(model, ds)
-    found = grow_cross_sections(model, ds, fit.result_, ["io"], target=0.5, max_sites=3,
+    found = grow_cross_sections(model, ds, fit.scores_, ["io"], target=0.5, max_sites=3,
                                 batch_size=3)
     table, summary = found["io"]
     assert len(table) >= 1 and np.isfinite(summary["recovered"])

@@ -19,8 +19,9 @@ from sage_nn import tiny_random_model
 from sage_nn.activations import encode
 from conftest import tiny_task_dataset
 from sage_nn.discovery import (RESIDUAL_KINDS, AttributionPatching, DiscoveryConfig, discover,
-                               exact_patching, grow_cross_sections, load_scores, ranked,
-                               save_scores, select_cross_section, validate)
+                               exact_patching, grow_cross_sections, head_grid, load_scores,
+                               ranked,
+                               select_cross_section, validate)
 from sage_nn.remote import Remote
 from sage_nn.interventions import logit_diff
 from sage_nn.sites import Site
@@ -57,8 +58,11 @@ def carrier():
 def test_finds_the_one_head_that_carries_the_attribute(carrier):
     model, ds, fit = carrier
     for attribute in ("io", "s"):
-        s = fit.scores_.sel(attribute=attribute)
-        z_end = s.sel(kind="z", position="END", head=[0, 1, 2, 3])
+        s = fit.scores_.score.sel(attribute=attribute)
+        z_end = head_grid(s, "z").sel(position="END")
+        assert list(z_end["head"].values) == [0, 1, 2, 3]
+        assert float(s.sel(site=f"L1.z.h{CARRIER}", position="END")) == float(
+            z_end.sel(layer=1, head=CARRIER))
         # the carrier's z at END carries the whole effect (up to the linear approximation)
         assert 0.9 < float(z_end.sel(layer=1, head=CARRIER)) < 1.15
         # heads whose output projection is zero get exactly nothing
@@ -66,26 +70,27 @@ def test_finds_the_one_head_that_carries_the_attribute(carrier):
         others[1, CARRIER] = 0
         assert np.abs(others).max() < 1e-6
         # the name is read through KV head 1 (shared by heads 2 and 3), never KV head 0
-        v = s.sel(kind="v", layer=1, head=[0, 1])
+        v = head_grid(s, "v").sel(layer=1)
+        assert list(v["head"].values) == [0, 1]  # KV heads
         assert float(np.abs(v.sel(head=0)).max()) < 1e-6
         assert float(np.abs(v.sel(head=1)).max()) > 0.3
-        top = select_cross_section(fit.result_, attribute, top_k=1, kinds=["z"])
+        top = select_cross_section(fit.scores_, attribute, top_k=1, kinds=["z"])
         assert top[["site", "position"]].values.tolist() == [[f"L1.z.h{CARRIER}", "END"]]
     # io is read at the IO token only: v at S1/S2 contributes nothing for io
-    v_io = fit.scores_.sel(attribute="io", kind="v", layer=1, head=1)
+    v_io = fit.scores_.score.sel(attribute="io", site="L1.v.h1")
     assert float(v_io.sel(position="IO")) > 0.8 and abs(float(v_io.sel(position="S1"))) < 1e-3
 
 
 def test_exact_patching_of_the_carrier_recovers_everything(carrier):
     model, ds, fit = carrier
-    sel = select_cross_section(fit.result_, "io", top_k=12)
-    table, summary = validate(model, ds, fit.result_, "io", sel)
+    sel = select_cross_section(fit.scores_, "io", top_k=12)
+    table, summary = validate(model, ds, fit.scores_, "io", sel)
     row = table[(table.site == f"L1.z.h{CARRIER}") & (table.position == "END")].iloc[0]
     assert row.exact_score == pytest.approx(1.0, abs=1e-4)
     assert abs(row.score - row.exact_score) < 0.1
     assert summary["recovered"] == pytest.approx(1.0, abs=1e-4)
     # the clean and counterfactual logit differences agree with attribution's own forwards
-    assert summary["total_effect"] == pytest.approx(float(fit.result_.total_effect.sel(
+    assert summary["total_effect"] == pytest.approx(float(fit.scores_.total_effect.sel(
         attribute="io")), rel=1e-3, abs=1e-7)
     assert summary["spearman"] > 0.6
 
@@ -108,14 +113,14 @@ def test_deltas_match_a_hand_computed_gradient():
             ld = logit_diff(hf(**b.inputs).logits, ds.answer_ids, ds.distractor_ids)
             (grad,) = torch.autograd.grad(ld.sum(), cache["h"])
             expected = ((h_cf - cache["h"][:, -1].detach()) * grad[:, -1]).sum(-1).mean()
-            got = fit.deltas_.sel(attribute=attribute, layer=1, kind="resid_post", head=-1,
-                                  position="END")
+            got = fit.scores_.delta.sel(attribute=attribute, site="L1.resid_post",
+                                        position="END")
             assert float(got) == pytest.approx(float(expected), rel=1e-4, abs=1e-8)
             total = float((ld_cf - ld.detach()).mean())
-            assert float(fit.result_.total_effect.sel(attribute=attribute)) == pytest.approx(
+            assert float(fit.scores_.total_effect.sel(attribute=attribute)) == pytest.approx(
                 total, rel=1e-4, abs=1e-8)
-            assert float(fit.scores_.sel(attribute=attribute, layer=1, kind="resid_post",
-                                         head=-1, position="END")) == pytest.approx(
+            assert float(fit.scores_.score.sel(attribute=attribute, site="L1.resid_post",
+                                               position="END")) == pytest.approx(
                 float(expected) / total, rel=1e-3)
     finally:
         handle.remove()
@@ -126,27 +131,33 @@ def test_grid_identities_on_every_architecture(arch):
     model = tiny_random_model(arch, seed=2)
     ds = tiny_ioi(model, n=5)
     fit = AttributionPatching(min_effect=0, batch_size=3).fit(model, ds)
-    d = fit.deltas_
+    scores = fit.scores_
+    d = scores.delta
     # the block output is the next block's input: the same tensor, the same scores; alone
     # in a grid, resid_post is scored at every layer
-    post = AttributionPatching(min_effect=0, kinds=["resid_post"]).fit(model, ds).deltas_
-    np.testing.assert_allclose(post.sel(kind="resid_post", layer=0).values,
-                               d.sel(kind="resid_pre", layer=1).values, rtol=1e-5, atol=1e-7)
+    post = AttributionPatching(min_effect=0, kinds=["resid_post"]).fit(model, ds).scores_.delta
+    assert list(post.site.values) == ["L0.resid_post", "L1.resid_post"]
+    np.testing.assert_allclose(post.sel(site="L0.resid_post").values,
+                               d.sel(site="L1.resid_pre").values, rtol=1e-5, atol=1e-7)
     if arch != "gemma2":  # attn_out is linear in z (Gemma 2 adds a post-norm)
-        np.testing.assert_allclose(d.sel(kind="z").sum("head").values,
-                                   d.sel(kind="attn_out", head=-1).values, rtol=1e-3, atol=1e-7)
-    mask = fit.scores_.is_site
-    assert ("resid_mid" in fit.scores_.kind.values) == (arch != "gpt_neox")
+        for layer in (0, 1):
+            np.testing.assert_allclose(head_grid(d, "z").sel(layer=layer).sum("head").values,
+                                       d.sel(site=f"L{layer}.attn_out").values, rtol=1e-3,
+                                       atol=1e-7)
+    kinds = list(scores.kind.values)
+    assert ("resid_mid" in kinds) == (arch != "gpt_neox")
     n_kv = 2 if arch in ("llama", "qwen2", "gemma2") else 4
-    assert int(mask.sel(kind="k").sum()) == 2 * n_kv and int(mask.sel(kind="z").sum()) == 2 * 4
-    assert bool(mask.sel(kind="resid_pre", head=-1).all())
-    assert not bool(mask.sel(kind="z", head=-1).any())
+    assert kinds.count("k") == 2 * n_kv and kinds.count("z") == 2 * 4
+    assert [str(Site.parse(s)) for s in scores.site.values] == list(scores.site.values)
     # one name per residual tensor: only the last block's output keeps its resid_post name
-    assert mask.sel(kind="resid_post", head=-1).values.tolist() == [False, True]
-    assert float(np.abs(d.where(~mask, 0)).max()) == 0  # non-sites hold 0, no NaN
-    assert np.isfinite(fit.scores_.values).all()
-    table = ranked(fit.result_, "io")
-    assert len(table) == int(mask.sum()) * 4  # x positions
+    mid = ["resid_mid"] if arch != "gpt_neox" else []  # parallel blocks have no resid_mid
+    assert [s for s in scores.site.values if "resid" in s] == [
+        f"L{layer}.{kind}" for layer in (0, 1) for kind in ["resid_pre", *mid]] + ["L1.resid_post"]
+    per_head = np.isin(kinds, ["q", "k", "v", "z"])
+    assert np.isnan(scores["head"].values).tolist() == (~per_head).tolist()  # no sentinel
+    assert np.isfinite(scores.score.values).all()
+    table = ranked(scores, "io")
+    assert len(table) == scores.sizes["site"] * 4  # x positions
     assert "L0.resid_post" not in set(table.site) and "L1.resid_pre" in set(table.site)
 
 
@@ -160,7 +171,7 @@ def test_residual_stream_at_changed_tokens_is_patched_exactly(arch):
     ds = tiny_ioi(model, n=7)
     fit = AttributionPatching(min_effect=0, batch_size=3).fit(model, ds)
     plain = AttributionPatching(min_effect=0, batch_size=3, exact_residuals=False).fit(model, ds)
-    r = fit.result_
+    r = fit.scores_
     # IOI's io resamples the IO name, s the subject (both mentions), order swaps the first
     # two names (IO and S1 keep their tokens at other places)
     changed = r.changed_token.to_pandas()
@@ -168,19 +179,20 @@ def test_residual_stream_at_changed_tokens_is_patched_exactly(arch):
     assert changed.loc["s"].tolist() == [False, True, True, False]
     assert changed.loc["order"].tolist() == [True, True, False, False]
     residual = r.kind.isin(["resid_pre", "resid_mid", "resid_post"])
-    assert (r.exact == (r.is_site & residual & r.changed_token)).all()
-    np.testing.assert_allclose(fit.deltas_.where(~r.exact).values,
-                               plain.deltas_.where(~r.exact).values, rtol=1e-5, atol=1e-9)
+    assert (r.exact == (residual & r.changed_token)).all()
+    np.testing.assert_allclose(r.delta.where(~r.exact).values,
+                               plain.scores_.delta.where(~r.exact).values, rtol=1e-5, atol=1e-9)
     differs = 0
     for attribute in ("io", "s", "order"):
         table = ranked(r, attribute)
         table = table[table.exact]
-        assert len(table) == int((r.is_site & residual).sum()) * int(changed.loc[attribute].sum())
+        assert len(table) == int(residual.sum()) * int(changed.loc[attribute].sum())
         exact, _ = exact_patching(model, ds, attribute, list(zip(table.site, table.position)),
                                   joint=False)
         np.testing.assert_allclose(table.delta, exact.exact_delta, rtol=1e-4, atol=1e-6)
-        estimate = plain.deltas_.sel(attribute=attribute).where(r.exact.sel(attribute=attribute))
-        differs += int((np.abs(estimate - fit.deltas_.sel(attribute=attribute)) > 1e-4).sum())
+        estimate = plain.scores_.delta.sel(attribute=attribute).where(
+            r.exact.sel(attribute=attribute))
+        differs += int((np.abs(estimate - r.delta.sel(attribute=attribute)) > 1e-4).sum())
     assert differs > 0  # the sweep replaced estimates, not copied them
     # selection leaves the changed tokens' own stream out unless asked
     io = select_cross_section(r, "io", top_k=1000)
@@ -191,25 +203,57 @@ def test_residual_stream_at_changed_tokens_is_patched_exactly(arch):
 
 def test_a_cross_section_never_names_one_tensor_twice(carrier, tmp_path):
     _, _, fit = carrier
-    last = int(fit.result_.layer[-1])
+    last = int(fit.scores_.layer[-1])
     for attribute in ("io", "s"):
-        sel = ranked(fit.result_, attribute)  # every site, the candidates of any selection
-        assert len(sel) == int(fit.result_.is_site.sum()) * len(fit.result_.position)
+        sel = ranked(fit.scores_, attribute)  # every site, the candidates of any selection
+        assert len(sel) == fit.scores_.sizes["site"] * fit.scores_.sizes["position"]
         post = {(Site.parse(s).layer, p) for s, p in zip(sel.site, sel.position)
                 if s.endswith("resid_post")}
         pre = {(Site.parse(s).layer - 1, p) for s, p in zip(sel.site, sel.position)
                if s.endswith("resid_pre")}
         assert post and {layer for layer, _ in post} == {last} and not post & pre
-    # scores written before the aliases were dropped (is_site over (kind, head)) load without
-    old = fit.result_.assign_coords(is_site=fit.result_.is_site.any("layer") |
-                                    (fit.result_.kind == "resid_post") & (fit.result_["head"] < 0))
-    written = xr.load_dataset(save_scores(old, tmp_path / "new.nc"), engine="h5netcdf")
-    # ... and before changed tokens were marked
-    written.drop_vars(["exact", "changed_token"]).to_netcdf(tmp_path / "old.nc",
-                                                            engine="h5netcdf")
-    back = load_scores(tmp_path / "old.nc")
-    assert back.is_site.dims == ("layer", "kind", "head")
-    assert (back.is_site == fit.result_.is_site).all()
+
+
+
+def as_format_1(scores: xr.Dataset) -> xr.Dataset:
+    """``scores`` as format 1 wrote them: a (layer, kind, head) grid, ``head = -1`` off
+    heads, 0 at cells that are no site, an ``is_site`` mask."""
+    sites = [Site.parse(s) for s in scores.site.values]
+    layers = sorted({s.layer for s in sites})
+    kinds = list(dict.fromkeys(s.kind for s in sites))
+    heads = list(range(-1, 1 + max(s.head or 0 for s in sites)))
+    cell = {s: (layers.index(s.layer), kinds.index(s.kind), heads.index(
+        -1 if s.head is None else s.head)) for s in sites}
+    is_site = np.zeros((len(layers), len(kinds), len(heads)), bool)
+    grid = {v: np.zeros((scores.sizes["attribute"], *is_site.shape, scores.sizes["position"]))
+            for v in ("score", "delta", "exact")}
+    for i, s in enumerate(sites):
+        is_site[cell[s]] = True
+        for v in grid:
+            grid[v][(slice(None), *cell[s])] = scores[v].isel(site=i).values
+    dims = ("attribute", "layer", "kind", "head", "position")
+    return scores.drop_vars(["score", "delta", "exact", "site", "layer", "kind", "head"]).assign(
+        {v: (dims, x) for v, x in grid.items()}).assign_coords(
+        layer=layers, kind=kinds, head=heads, is_site=(("layer", "kind", "head"), is_site),
+        changed_token=scores.changed_token.astype("int8")).assign_attrs(
+        format="sage_nn.discovery/1")
+
+
+def test_scores_written_as_a_grid_load_as_sites(carrier, tmp_path):
+    """Format 1 (a (layer, kind, head) grid with head -1 off heads) loads as the site
+    layout, also as written before the aliases were dropped and changed tokens marked."""
+    _, _, fit = carrier
+    old = as_format_1(fit.scores_)
+    old.assign(exact=old.exact.astype("int8"), small_effect=old.small_effect.astype("int8")) \
+        .to_netcdf(tmp_path / "v1.nc", engine="h5netcdf")
+    xr.testing.assert_identical(load_scores(tmp_path / "v1.nc"), fit.scores_)
+    # is_site over (kind, head) only, no exact cells, no changed tokens
+    older = old.assign_coords(is_site=old.is_site.any("layer")).drop_vars(
+        ["exact", "changed_token"]).assign(small_effect=old.small_effect.astype("int8"))
+    older.to_netcdf(tmp_path / "v0.nc", engine="h5netcdf")
+    back = load_scores(tmp_path / "v0.nc")
+    assert list(back.site.values) == list(fit.scores_.site.values)
+    np.testing.assert_array_equal(back.score.values, fit.scores_.score.values)
     assert not back.exact.any() and not back.changed_token.any()
     assert len(select_cross_section(back, "io", top_k=3)) == 3
 
@@ -222,11 +266,12 @@ def test_integrated_gradients_are_complete_at_the_embeddings():
     ds = tiny_ioi(model, n=6)
     grid = dict(kinds=["resid_pre"], layers=[0], attributes=["io", "s"], min_effect=0,
                 exact_residuals=False)  # estimates at the changed tokens, not exact patches
-    plain = AttributionPatching(**grid).fit(model, ds).scores_.sum("position")
+    plain = AttributionPatching(**grid).fit(model, ds).scores_.score.sum("position")
     ig = AttributionPatching(**grid, ig_steps=16).fit(model, ds)
-    assert ig.result_.attrs["ig_steps"] == 16
+    assert ig.scores_.attrs["ig_steps"] == 16
     for attribute in ("io", "s"):
-        assert float(ig.scores_.sel(attribute=attribute).sum()) == pytest.approx(1, abs=0.01)
+        assert float(ig.scores_.score.sel(attribute=attribute).sum()) == pytest.approx(
+            1, abs=0.01)
         assert abs(float(plain.sel(attribute=attribute).sum()) - 1) > 0.1
     # the interpolation is token by token: a counterfactual of another length is refused
     ds.counterfactuals["io"].prompts[2] = "Well, " + ds.counterfactuals["io"].prompts[2]
@@ -237,7 +282,8 @@ def test_integrated_gradients_are_complete_at_the_embeddings():
 def test_batching_does_not_change_scores(carrier):
     model, ds, fit = carrier
     other = AttributionPatching(min_effect=0, batch_size=5).fit(model, ds)
-    np.testing.assert_allclose(other.deltas_.values, fit.deltas_.values, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(other.scores_.delta.values, fit.scores_.delta.values, rtol=1e-4,
+                               atol=1e-9)
 
 
 def test_small_effects_are_flagged_with_a_warning(carrier):
@@ -250,20 +296,20 @@ def test_small_effects_are_flagged_with_a_warning(carrier):
 
 def test_selection_top_k_and_coverage(carrier):
     _, _, fit = carrier
-    df = ranked(fit.result_, "io")
+    df = ranked(fit.scores_, "io")
     assert (np.diff(np.abs(df.delta.to_numpy())) <= 1e-12).all()
     assert df.cum_share.iloc[-1] == pytest.approx(1.0)
     for share in (0.3, 0.5, 0.9):
-        sel = select_cross_section(fit.result_, "io", coverage=share)
+        sel = select_cross_section(fit.scores_, "io", coverage=share)
         assert sel.cum_share.iloc[-1] >= share - 1e-9
         assert len(sel) == 1 or sel.cum_share.iloc[-2] < share
-    assert len(select_cross_section(fit.result_, "io", top_k=7)) == 7
+    assert len(select_cross_section(fit.scores_, "io", top_k=7)) == 7
     with pytest.raises(ValueError, match="exactly one of top_k"):
-        select_cross_section(fit.result_, "io", top_k=3, coverage=0.5)
+        select_cross_section(fit.scores_, "io", top_k=3, coverage=0.5)
     with pytest.raises(ValueError, match="coverage must be in \\(0, 1\\]"):
-        select_cross_section(fit.result_, "io", coverage=1.5)
+        select_cross_section(fit.scores_, "io", coverage=1.5)
     with pytest.raises(ValueError, match="attribute 'xx' was not scored"):
-        ranked(fit.result_, "xx")
+        ranked(fit.scores_, "xx")
 
 
 def test_bad_grid_gets_clear_errors(carrier):
@@ -290,10 +336,8 @@ def test_discover_saves_scores_tables_and_plots(carrier, tmp_path):
         if name.endswith(".png"):
             assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     back = load_scores(tmp_path / "scores.nc")
-    np.testing.assert_allclose(back.score.values, found.result.score.values)
-    assert back.is_site.dtype == bool and back.attrs["task"] == "tiny_ioi"
-    assert (back.exact == found.result.exact).all() and back.exact.any()
-    assert (back.changed_token == found.result.changed_token).all()
+    xr.testing.assert_identical(back, found.scores)
+    assert back.exact.dtype == bool and back.exact.any() and back.attrs["task"] == "tiny_ioi"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["io"]["cross_section"]) == 5 and "spearman" in summary["io"]
     with pytest.raises(ValueError, match="not a sage_nn discovery scores file"):
@@ -308,7 +352,7 @@ def test_discover_saves_scores_tables_and_plots(carrier, tmp_path):
 def tiny_task(tmp_path_factory):
     model, ds = tiny_task_dataset(tmp_path_factory.mktemp("task"), n=10)
     fit = AttributionPatching(min_effect=0, batch_size=4).fit(model, ds)
-    return model, ds, fit.result_
+    return model, ds, fit.scores_
 
 
 def _joint_share(model, ds, attribute, table):
@@ -411,8 +455,8 @@ def test_same_sets_and_small_effects_are_named(carrier):
     that one head, and says so; order (a tiny effect) still gets its set, flagged."""
     model, ds, _ = carrier
     with pytest.warns(UserWarning, match="attribute 'order'"):
-        result = AttributionPatching(min_effect=1e-4, kinds=["z"]).fit(model, ds).result_
-    found = grow_cross_sections(model, ds, result, positions=["END"], max_sites=3)
+        scores = AttributionPatching(min_effect=1e-4, kinds=["z"]).fit(model, ds).scores_
+    found = grow_cross_sections(model, ds, scores, positions=["END"], max_sites=3)
     for attribute in ("io", "s"):
         table, summary = found[attribute]
         assert table[["site", "position"]].values.tolist() == [[f"L1.z.h{CARRIER}", "END"]]
@@ -488,11 +532,11 @@ def test_smollm2_ioi_effects_and_z_ranking(smollm2, smollm2_ioi):
         assert row.small_effect == (abs(row.total_effect) < 1.0)
         assert row.small_effect == any(f"attribute '{attribute}'" in w for w in caught)
     # the last residual stream at END carries (nearly) the whole effect
-    last = fit.scores_.sel(attribute="io", layer=29, kind="resid_post", head=-1, position="END")
+    last = fit.scores_.score.sel(attribute="io", site="L29.resid_post", position="END")
     assert 0.8 < float(last) < 1.2
     # attribution ranks heads' z at END like exact patching does
-    sel = select_cross_section(fit.result_, "io", top_k=20, kinds=["z"], positions=["END"])
-    table, summary = validate(smollm2, ds, fit.result_, "io", sel, batch_size=8)
+    sel = select_cross_section(fit.scores_, "io", top_k=20, kinds=["z"], positions=["END"])
+    table, summary = validate(smollm2, ds, fit.scores_, "io", sel, batch_size=8)
     assert summary["spearman"] > 0.7, table
     assert np.sign(table.exact_delta.iloc[0]) == np.sign(table.delta.iloc[0])
 
@@ -508,13 +552,13 @@ def test_smollm2_io_token_stream_is_patched_exactly(smollm2):
     grid = dict(kinds=["resid_pre"], positions=["IO", "END"], attributes=["io"], batch_size=8)
     fit = AttributionPatching(**grid).fit(smollm2, ds)
     alone = AttributionPatching(**grid, exact_residuals=False).fit(smollm2, ds)
-    io = fit.scores_.sel(attribute="io", kind="resid_pre", head=-1, position="IO")
-    assert (io.sel(layer=range(9, 21)) > 0.8).all(), io.values
-    assert (alone.scores_.sel(attribute="io", kind="resid_pre", head=-1, position="IO",
-                              layer=range(9, 21)) < 0.5).all()
-    assert not fit.result_.exact.sel(position="END").any()  # END's token never changes
-    sel = ranked(fit.result_, "io", positions=["IO"]).iloc[[0, 10, 20]]
-    table, _ = validate(smollm2, ds, fit.result_, "io", sel, batch_size=8)
+    layers = [f"L{layer}.resid_pre" for layer in range(9, 21)]
+    io = fit.scores_.score.sel(attribute="io", site=layers, position="IO")
+    assert (io > 0.8).all(), io.values
+    assert (alone.scores_.score.sel(attribute="io", site=layers, position="IO") < 0.5).all()
+    assert not fit.scores_.exact.sel(position="END").any()  # END's token never changes
+    sel = ranked(fit.scores_, "io", positions=["IO"]).iloc[[0, 10, 20]]
+    table, _ = validate(smollm2, ds, fit.scores_, "io", sel, batch_size=8)
     np.testing.assert_allclose(table.delta, table.exact_delta, rtol=1e-3, atol=1e-3)
 
 
@@ -527,8 +571,8 @@ def test_smollm2_ioi_cross_sections_of_heads_recover_the_effect(smollm2):
     from sage_nn.tasks import load_task
 
     ds = load_task("ioi").build(smollm2, n=16, seed=0, split="train")
-    result = AttributionPatching(kinds=["z"], batch_size=16).fit(smollm2, ds).result_
-    found = grow_cross_sections(smollm2, ds, result)
+    scores = AttributionPatching(kinds=["z"], batch_size=16).fit(smollm2, ds).scores_
+    found = grow_cross_sections(smollm2, ds, scores)
     for attribute, (table, summary) in found.items():
         assert summary["reached"] and summary["recovered"] >= 0.6, (attribute, summary)
         assert not summary["cap_hit"] and summary["n_sites"] <= 16
@@ -540,8 +584,8 @@ def test_smollm2_ioi_cross_sections_of_heads_recover_the_effect(smollm2):
     assert summary["recovered"] == pytest.approx(exact["joint_delta"] / exact["total_effect"],
                                                  abs=1e-3)
     # the heads' top-|score| pick of the same size recovers less
-    top = select_cross_section(result, "io", top_k=summary["n_sites"], kinds=["z"])
-    _, plain = validate(smollm2, ds, result, "io", top, batch_size=16)
+    top = select_cross_section(scores, "io", top_k=summary["n_sites"], kinds=["z"])
+    _, plain = validate(smollm2, ds, scores, "io", top, batch_size=16)
     assert plain["recovered"] < summary["recovered"]
 
 

@@ -69,7 +69,7 @@ def test_stages_give_the_local_numbers_through_nnsight_local_backend(setup):
                                 evaluate(model, fit, test, remote))
     config = DiscoveryConfig(kinds=["z", "resid_pre", "mlp_out"], top_k=3, batch_size=8)
     here, there = discover(model, fit, config), discover(model, fit, config, remote=remote)
-    xr.testing.assert_identical(here.result, there.result)
+    xr.testing.assert_identical(here.scores, there.scores)
     assert here.validation == there.validation
     # 16 prompts at most 8 per request: the collect above took two requests
     assert [r[:2] for r in remote.requests[:2]] == [("collect", 8), ("collect", 8)]
@@ -85,8 +85,8 @@ def test_stages_round_trip_through_a_fresh_server_process(setup):
     xr.testing.assert_allclose(evaluate(model, fit, test, None),
                                evaluate(model, fit, test, remote), rtol=1e-4, atol=1e-5)
     scores = AttributionPatching(kinds=["z", "resid_pre", "mlp_out"], ig_steps=1)
-    there = scores.fit(model, fit, remote=remote).result_
-    xr.testing.assert_allclose(scores.fit(model, fit).result_, there, rtol=1e-4, atol=1e-6)
+    there = scores.fit(model, fit, remote=remote).scores_
+    xr.testing.assert_allclose(scores.fit(model, fit).scores_, there, rtol=1e-4, atol=1e-6)
     assert there.exact.any()  # the exact sweep (blocks skipped by nnsight) ran there too
     assert len(server.result_bytes) == len(remote.requests) > 1
     # what comes back is reduced: less than the request that asked for it, for evaluation

@@ -40,7 +40,7 @@ def test_open_run_reads_back_what_the_run_returned(finished):
     assert opened.config == config
     assert opened.report_dir == result.report and (opened.report_dir / "summary.md").exists()
     assert set(opened.discovery.cross_sections) == set(result.cross_sections)
-    assert "score" in opened.discovery.result
+    assert "score" in opened.discovery.scores
     assert opened.saes["topk-64"]["spec"] == "train:topk"
     assert opened.task["n_eval"] == 16 and set(opened.timings) >= {"task", "evaluation"}
     assert ("io", "topk-64") in opened.headline().index
