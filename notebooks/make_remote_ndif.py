@@ -21,7 +21,7 @@ activations at a few (site, token) pairs). The SAEs are Llama Scope's public res
 and shipped to NDIF as plain torch.
 
 **API key.** nnsight reads it from the `NDIF_API_KEY` environment variable or from its own
-config (`python -m nnsight.ndif login`). Do not paste it into the notebook; sage_nn never
+config (`nnsight login` in a shell, or `nnsight.login()` in Python). Do not paste it into the notebook; sage_nn never
 writes it anywhere. Llama 3.1 is gated: your HuggingFace token needs access to
 `meta-llama/Llama-3.1-8B` for its config and tokenizer."""),
     nbf.v4.new_code_cell("""import os
@@ -38,7 +38,7 @@ from sage_nn.saes import load_sae
 from sage_nn.sites import Site
 from sage_nn.tasks import load_task, logit_diffs
 
-assert nnsight.CONFIG.API.APIKEY, "set NDIF_API_KEY (or run: python -m nnsight.ndif login)"
+assert nnsight.CONFIG.API.APIKEY, "set NDIF_API_KEY (or run: nnsight login)"
 MODEL = "meta-llama/Llama-3.1-8B"
 print(nnsight.ndif.status())  # is the model deployed right now?"""),
     nbf.v4.new_markdown_cell("""## The model and the task
@@ -79,17 +79,15 @@ coder = {"llama-scope-8x": ReconstructedSAE(saes)}
 [(s.layer, s.kind, s.d_sae) for s in saes]"""),
     nbf.v4.new_markdown_cell("""## Scores against the supervised ceiling and the random floor
 
-Per attribute: activations at the cross-section for fit, held-out and counterfactual prompts
-(one request), then every patched variant — clean, mean-ablated, counterfactual, and per
+All attributes at once: one read of the fit, held-out and counterfactual prompts at the
+cross-sections (the floors' L0 is matched on the fit prompts there; with `max_prompts`, a
+few requests), then every patched variant — clean, mean-ablated, counterfactual, and per
 dictionary sufficiency, necessity and sparse edits for each k (one request)."""),
-    nbf.v4.new_code_cell("""import xarray as xr
-
-parts = []
-for attribute, table in found.cross_sections.items():
-    pairs = [(Site.parse(s), p) for s, p in zip(table["site"], table["position"])]
-    parts.append(evaluate_cross_section(model, fit, held_out, CrossSection(attribute, pairs),
-                                        coder, ks=[1, 2, 4, 8, 16, 32], remote=remote))
-results = xr.concat(parts, "attribute", join="outer")
+    nbf.v4.new_code_cell("""sections = [CrossSection(attribute, [(Site.parse(s), p)
+                                     for s, p in zip(table["site"], table["position"])])
+            for attribute, table in found.cross_sections.items()]
+results = evaluate_cross_section(model, fit, held_out, sections, coder,
+                                 ks=[1, 2, 4, 8, 16, 32], remote=remote)
 print(remote.requests)  # (stage, prompt rows) of every request sent
 headline_table(results)"""),
     nbf.v4.new_code_cell("""summary = write_report(results, "runs/ndif/report", discovery_dir="runs/ndif/discovery",

@@ -26,9 +26,9 @@ from . import metrics
 from .dictionaries import MSEDictionary
 from .interventions import Patch, run_patched
 from .reads import read_sites
-from .floor import random_like
+from .floor import calibration, random_like
 from .reconstruction import ResidualReconstruction
-from .saes import SparseAutoencoder
+from .saes import SparseAutoencoder, encoder_only
 from .sites import HEAD_KINDS, RESID_KINDS, Site, adapter
 
 SUPERVISED = "supervised"
@@ -99,9 +99,10 @@ def _sae_code(sae: SparseAutoencoder, a, a_cf, a_fit) -> SiteCode:
                         active_fit=sae.encode(a_fit).float())
 
 
-def _floors(saes, calibration: dict, seed: int) -> list[SparseAutoencoder]:
-    """Each SAE's floor (:func:`sage_nn.floor.random_like`), its L0 matched on the fit
-    prompts' activations it reads (``calibration[i]``, a list of ``[n, d_in]``).
+def _floors(saes, feeds: dict, seed: int, encoder=encoder_only) -> tuple[list, list[dict]]:
+    """Each SAE's floor (:func:`sage_nn.floor.random_like`) and the plans that match its
+    L0 to its SAE's on the fit prompts at ``feeds[i]`` (the pairs SAE ``i`` is read at, one
+    per cross-section pair it serves), solved inside the read (:mod:`sage_nn.reads`).
 
     Floors are not shared between SAEs, even of one architecture and shape: a floor keeps
     everything its SAE is but the directions (encoder biases, ``b_dec``, thresholds, ``k``,
@@ -109,8 +110,8 @@ def _floors(saes, calibration: dict, seed: int) -> list[SparseAutoencoder]:
     the SAEs agree in all of these, i.e. are the same SAE (the random directions themselves
     are already shared: same seed and shape, same directions). A floor costs its own
     patched variants, batched into the same forwards as every other method's."""
-    return [random_like(sae, torch.cat(calibration[i]) if calibration.get(i) else None,
-                        seed=seed + i) for i, sae in enumerate(saes)]
+    floors = [random_like(sae, seed=seed + i) for i, sae in enumerate(saes)]
+    return floors, [calibration(encoder(saes[i]), floors[i], f) for i, f in feeds.items()]
 
 
 class DirectSAE:
@@ -137,11 +138,13 @@ class DirectSAE:
         return {pair: _sae_code(self.saes[self._sae(model, pair[0])], values[pair],
                                 values_cf[pair], values_fit[pair]) for pair in pairs}
 
-    def floor(self, model, pairs, values_fit, seed: int) -> "DirectSAE":
-        calibration: dict[int, list] = {}
+    def floor(self, model, pairs, seed: int) -> tuple["DirectSAE", list[dict]]:
+        """The floor, and its L0 plans for :func:`sage_nn.reads.read_sites`."""
+        feeds: dict[int, list] = {}
         for pair in pairs:
-            calibration.setdefault(self._sae(model, pair[0]), []).append(values_fit[pair])
-        return DirectSAE(_floors(self.saes, calibration, seed))
+            feeds.setdefault(self._sae(model, pair[0]), []).append(pair)
+        floors, plans = _floors(self.saes, feeds, seed)
+        return DirectSAE(floors), plans
 
 
 class ReconstructedSAE:
@@ -261,14 +264,16 @@ class ReconstructedSAE:
         return {(s, p): (*codes[0][(j, s, p)], *codes[1][(j, s, p)])
                 for j, (_, sites) in enumerate(jobs) for s in sites for _, p in pairs}
 
-    def floor(self, model, pairs, values_fit, seed: int) -> "ReconstructedSAE":
-        calibration: dict[int, list] = {}
+    def floor(self, model, pairs, seed: int) -> tuple["ReconstructedSAE", list[dict]]:
+        """The floor, and its L0 plans (on the residual feeding each pair) for
+        :func:`sage_nn.reads.read_sites`."""
+        feeds: dict[int, list] = {}
         for pair in pairs:
             feed = self._feed(model, pair)
-            i = next(i for i, s in enumerate(self.saes) if _at_site(model, s, feed[0]))
-            calibration.setdefault(i, []).append(values_fit[feed])
-        return ReconstructedSAE(_floors(self.saes, calibration, seed), self.batch_size,
-                                self.mode)
+            feeds.setdefault(next(i for i, s in enumerate(self.saes)
+                                  if _at_site(model, s, feed[0])), []).append(feed)
+        floors, plans = _floors(self.saes, feeds, seed, self._reconstruction(model)._encoder)
+        return ReconstructedSAE(floors, self.batch_size, self.mode), plans
 
 
 def as_coder(sae: Any) -> Any:
@@ -340,10 +345,12 @@ def evaluate_cross_section(
     reference for feature alignment and for :data:`GROUND_TRUTH_CHECKS`.
 
     The forwards follow the data dependencies, whatever the number of attributes, SAEs and
-    ``k``: one read of the fit prompts (the dictionaries and the floors' L0 calibration need
-    it), one read of the held-out and counterfactual prompts that also computes every
-    SAE's and floor's codes (:mod:`sage_nn.reads`), and one batched run of every patched
-    variant (:func:`sage_nn.interventions.run_patched`). Remotely each is one request.
+    ``k``: one read of the fit prompts (the dictionaries are fitted on them and the floors'
+    L0 matched there) followed by the held-out and counterfactual prompts, whose forwards
+    also compute every SAE's and floor's codes (:mod:`sage_nn.reads`), then one batched run
+    of every patched variant (:func:`sage_nn.interventions.run_patched`). Remotely each is
+    one request (the read is several when ``Remote.max_prompts`` caps the rows). MLP sites
+    reached through a reconstruction add that reconstruction's forwards.
 
     The edit metric is ``edit_metric`` (an attribute coordinate): ``"accuracy"`` where the
     counterfactual changes the model's prediction (on those prompts only), else
@@ -371,15 +378,18 @@ def evaluate_cross_section(
     every = list(dict.fromkeys(p for cs in sections for p in cs.pairs))
     extra = [p for c in coders.values() for pair in every for p in c.reads(model, pair)]
     reads = list(dict.fromkeys(every + extra))
-    # 1. the fit prompts: the dictionaries are fitted and the floors calibrated on them
-    (a_train,), _ = read_sites(model, [train], reads, batch_size=batch_size, remote=remote)
-    # each SAE's floor, its L0 matched at every pair of every cross-section
-    floors = {f"{RANDOM}:{name}": c.floor(model, every, a_train, seed)
-              for name, c in coders.items()}
+    # each SAE's floor, its L0 matched at every pair of every cross-section on the fit
+    # prompts, by plans the read solves
+    floors, plans = {}, []
+    for name, c in coders.items():
+        floors[f"{RANDOM}:{name}"], plan = c.floor(model, every, seed)
+        plans += plan
     methods = {cs.attribute: {**coders, **floors} for cs in sections}
-    # 2. held-out and counterfactual prompts: activations and every coder's codes
-    values, codes = _read_held_out(model, test, sections, [*coders.values(), *floors.values()],
-                                   reads, batch_size, remote)
+    # 1. one read: the fit prompts (the dictionaries are fitted and the floors calibrated
+    # on them), then the held-out and counterfactual prompts with every coder's codes
+    values, codes = _read(model, train, test, sections, [*coders.values(), *floors.values()],
+                          reads, plans, batch_size, remote)
+    a_train = values[0]
 
     dictionaries = dictionaries or {SUPERVISED: MSEDictionary()}
     reference = next(iter(dictionaries))
@@ -388,24 +398,24 @@ def evaluate_cross_section(
         keep = keep_by[cs.attribute] = _seen_rows(train, test, cs.attribute)
         part = test.subset(keep)
         take = lambda d: {k: v[keep] for k, v in d.items()}  # noqa: E731
-        a_test, a_cf = take(values[0]), take(values[1 + i])
+        a_test, a_cf = take(values[1]), take(values[2 + i])
         # the supervised dictionaries (only the reference, for alignment, without a ceiling)
         by_method, features = _supervised(dictionaries if ceiling else dict([next(iter(
             dictionaries.items()))]), cs, train, part, a_train, a_test, a_cf)
         if not ceiling:
             by_method.clear()
         for method, coder in methods[cs.attribute].items():
-            computed = {pair: tuple(t[keep] for t in (*codes[0][key], *codes[1 + i][key]))
-                        for pair in cs.pairs if (key := (id(coder), *pair)) in codes[1 + i]}
+            computed = {pair: tuple(t[keep] for t in (*codes[1][key], *codes[2 + i][key]))
+                        for pair in cs.pairs if (key := (id(coder), *pair)) in codes[2 + i]}
             by_method[method] = coder.codes(model, cs.pairs, part,
                                             part.counterfactuals[cs.attribute], a_test, a_cf,
                                             a_train, computed, remote)
         codes_by[cs.attribute] = (by_method, features)
-    # 3. every patched variant of every attribute and method, in shared forwards
+    # 2. every patched variant of every attribute and method, in shared forwards
     variants, names_by, magnitudes = [[]], {}, {}
     for i, cs in enumerate(sections):
-        found = _variants(test, cs, codes_by[cs.attribute][0], a_train, values[0],
-                          values[1 + i], keep_by[cs.attribute], ks)
+        found = _variants(test, cs, codes_by[cs.attribute][0], a_train, values[1],
+                          values[2 + i], keep_by[cs.attribute], ks)
         names_by[cs.attribute] = [name for name, _ in found[0]]
         variants += [v for _, v in found[0]]
         magnitudes[cs.attribute] = found[1]
@@ -425,23 +435,25 @@ def evaluate_cross_section(
                                            n_prompts=len(test)))
 
 
-def _read_held_out(model, test, sections, coders, reads, batch_size, remote):
-    """The held-out prompts and each attribute's counterfactuals (sets ``0, 1..``): the
-    activations at ``reads``, and each coder's codes at each site on the held-out prompts
-    and the counterfactuals of the attributes whose cross-sections hold the site, in one
-    read. Codes are keyed ``(id(coder), site, position)``."""
+def _read(model, train, test, sections, coders, reads, plans, batch_size, remote):
+    """The fit prompts, the held-out prompts and each attribute's counterfactuals (sets
+    ``0``, ``1``, ``2..``), in one read: the activations at ``reads``, the floors' L0
+    ``plans`` solved on the fit prompts, and each coder's codes at each site on the
+    held-out prompts and the counterfactuals of the attributes whose cross-sections hold
+    the site. Codes are keyed ``(id(coder), site, position)``."""
     by_sets: dict[tuple, list] = {}  # pairs by the counterfactual sets they are needed on
     for pair in dict.fromkeys(p for cs in sections for p in cs.pairs):
-        needed = tuple(1 + i for i, cs in enumerate(sections) if pair in cs.pairs)
+        needed = tuple(2 + i for i, cs in enumerate(sections) if pair in cs.pairs)
         by_sets.setdefault(needed, []).append(pair)
     jobs, owners = [], []
     for coder in coders:
         for needed, pairs in by_sets.items():
             for spec, sites in coder.jobs(model, pairs):
-                jobs.append((spec, sites, [0, *needed]))
+                jobs.append((spec, sites, [1, *needed]))
                 owners.append(id(coder))
-    sets = [test] + [test.counterfactuals[cs.attribute] for cs in sections]
-    values, codes = read_sites(model, sets, reads, jobs, batch_size=batch_size, remote=remote)
+    sets = [train, test] + [test.counterfactuals[cs.attribute] for cs in sections]
+    values, codes = read_sites(model, sets, reads, jobs, calibrations=plans,
+                               batch_size=batch_size, remote=remote)
     return values, [{(owners[j], s, p): c for (j, s, p), c in part.items()} for part in codes]
 
 

@@ -37,7 +37,8 @@ import torch
 
 from .saes import SparseAutoencoder
 
-__all__ = ["random_like", "floor_margins", "mean_l0", "RandomSAE"]
+__all__ = ["random_like", "floor_margins", "mean_l0", "RandomSAE", "calibration", "accumulate",
+           "solve", "apply_shift"]
 
 
 def random_like(sae: SparseAutoencoder, activations: torch.Tensor | None = None, *,
@@ -50,15 +51,44 @@ def random_like(sae: SparseAutoencoder, activations: torch.Tensor | None = None,
     floor = _with_directions(sae, _directions(sae.d_sae, sae.d_in, seed, sae.W_dec.dtype,
                                               sae.W_dec.device))
     floor.__class__, floor.seed = RandomSAE, seed
-    if activations is None:
-        return floor
-    x = torch.as_tensor(activations).reshape(-1, sae.d_in).to(sae.W_dec.device)
-    with torch.no_grad():
-        target = mean_l0(sae, x)
-        shift = _l0_shift(floor_margins(floor, x), round(target * len(x)))
-    if shift != 0.0:
-        _shift_pre_activation(floor, shift)
+    if activations is not None:
+        plan = calibration(sae, floor)
+        accumulate(plan, torch.as_tensor(activations).reshape(-1, sae.d_in).to(sae.W_dec.device))
+        solve(plan)
     return floor
+
+
+def calibration(sae: SparseAutoencoder, floor: SparseAutoencoder, feeds=()) -> dict:
+    """The plan that matches ``floor``'s L0 to ``sae``'s: rows are :func:`accumulate`\ d
+    (a read kernel does it on the fit prompts at ``feeds``, the ``(site, position)`` pairs
+    the SAE is read at, repeats kept), then :func:`solve` shifts the floor in place, once.
+    Plain data and torch, so the whole plan runs inside one remote request."""
+    return {"sae": sae, "floor": floor, "feeds": list(feeds), "margins": [], "active": 0}
+
+
+def accumulate(plan: dict, x: torch.Tensor) -> None:
+    """Add rows ``x [n, d_in]``: the floor's margins and the SAE's active latents on them."""
+    with torch.no_grad():
+        plan["margins"].append(floor_margins(plan["floor"], x))
+        plan["active"] += int((plan["sae"].encode(x) > 0).sum())
+
+
+def solve(plan: dict) -> float:
+    """Shift the floor's pre-activation (in place) so its mean L0 on the accumulated rows
+    equals the SAE's, to within one active latent in all; the shift is kept in the plan."""
+    if "shift" not in plan:
+        if not plan["margins"]:
+            raise RuntimeError("an L0 calibration was solved before any row was accumulated")
+        shift = _l0_shift(torch.cat(plan.pop("margins")), plan.pop("active"))
+        apply_shift(plan, shift)
+    return plan["shift"]
+
+
+def apply_shift(plan: dict, shift: float) -> None:
+    """Shift the plan's floor by a solved ``shift`` (solved elsewhere, e.g. on a server)."""
+    if shift != 0.0:
+        _shift_pre_activation(plan["floor"], shift)
+    plan["shift"] = shift
 
 
 def _directions(d_sae: int, d_in: int, seed: int, dtype, device) -> torch.Tensor:

@@ -21,7 +21,6 @@ Inside the trace everything is plain torch.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 
 from .activations import batches, encode, model_device
 from .remote import run_kernel
-from .saes import SparseAutoencoder, check_sae
+from .saes import SparseAutoencoder, check_sae, encoder_only
 from .sites import Site, _path, adapter
 
 MODES = ("input", "difference")
@@ -488,20 +487,10 @@ class ResidualReconstruction:
             out["codes"][s], out["offsets"][s] = codes.save(), offset.save()
 
     def _encoder(self, sae: SparseAutoencoder) -> SparseAutoencoder:
-        """What a trace needs of ``sae`` to encode: the same SAE with its decoder replaced
-        by the decoder's row norms (all ``rescale_acts_by_decoder_norm`` reads), so a
-        request carries half the weights. Floors ship as their seed already."""
-        from .floor import RandomSAE
-
-        if isinstance(sae, RandomSAE):
-            return sae
+        """:func:`sage_nn.saes.encoder_only`, one copy per SAE (a request ships it once)."""
         cache = self.__dict__.setdefault("_encoders", {})
         if id(sae) not in cache:
-            enc = copy.copy(sae)  # shares every tensor but the decoder
-            enc._parameters = dict(sae._parameters)
-            enc.W_dec = torch.nn.Parameter(sae.W_dec.norm(dim=-1, keepdim=True),
-                                           requires_grad=False)
-            cache[id(sae)] = enc
+            cache[id(sae)] = encoder_only(sae)
         return cache[id(sae)]
 
     def linear_spec(self, layer: int, sites: Sequence[Site]) -> dict:

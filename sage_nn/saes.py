@@ -15,6 +15,7 @@ GPT-2 ``res-jb`` release) saw a residual stream with its mean over ``d_model`` r
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import fcntl
 import hashlib
@@ -160,6 +161,20 @@ class SparseAutoencoder(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), x).to(x.dtype)
+
+
+def encoder_only(sae: SparseAutoencoder) -> SparseAutoencoder:
+    """What a trace needs of ``sae`` to encode: the same SAE with its decoder replaced by
+    the decoder's row norms (all ``rescale_acts_by_decoder_norm`` reads), so a request
+    carries half the weights. Floors ship as their seed already (:class:`RandomSAE`)."""
+    from .floor import RandomSAE
+
+    if isinstance(sae, RandomSAE):
+        return sae
+    enc = copy.copy(sae)  # shares every tensor but the decoder
+    enc._parameters = dict(sae._parameters)
+    enc.W_dec = torch.nn.Parameter(sae.W_dec.norm(dim=-1, keepdim=True), requires_grad=False)
+    return enc
 
 
 # -- sae_lens conversion ----------------------------------------------------------------

@@ -171,3 +171,38 @@ def test_a_floor_ships_without_its_directions(case):
         assert torch.equal(getattr(back, name), getattr(floor, name)), name
     x = torch.randn(20, sae.d_in)
     assert torch.equal(back.encode(x), floor.encode(x))
+
+
+@pytest.mark.parametrize("remote", [None, "server"])
+def test_a_read_matches_the_floors_l0_on_the_fit_rows_before_the_other_sets(remote, tmp_path):
+    """The plan accumulates the first set's rows (each feed, repeats kept) inside the read
+    and shifts the floor before any other set's forward, here or through a serialized
+    request: the floor random_like calibrates on the same rows."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sage_nn import Site, tiny_random_model
+    from sage_nn.floor import calibration
+    from sage_nn.reads import read_sites
+    from sage_nn.remote import FreshProcessBackend, Remote
+
+    model = tiny_random_model("llama", seed=1)
+    prompts = ["when Mary and John went to the store", "John gave a ball to", "Alice said",
+               "then Bob went to the park and Tom said", "Tom and Sue", "a b c d e f"]
+    fit, rest = (SimpleNamespace(prompts=p, positions={"END": np.full(len(p), -1),
+                                                       "FIRST": np.zeros(len(p), int)})
+                 for p in (prompts[:4], prompts[4:]))
+    end, first = (Site(1, "resid_pre"), "END"), (Site(1, "resid_pre"), "FIRST")
+    (values,), _ = read_sites(model, [fit], [end, first])
+    rows = torch.cat([values[end], values[end], values[first]])
+    sae = make_sae("standard", rows)
+    expected = random_like(sae, rows, seed=3)
+    floor = random_like(sae, seed=3)
+    plan = calibration(sae, floor, [end, end, first])
+    read_sites(model, [fit, rest], [end, first], calibrations=[plan], batch_size=3,
+               remote=remote and Remote(FreshProcessBackend.for_model(model, tmp_path)))
+    assert plan["shift"] != 0.0
+    assert ("margins" in plan) == (remote is not None)  # the server solved a copy of the plan
+    torch.testing.assert_close(floor.b_enc, expected.b_enc)
+    assert mean_l0(floor, rows) == pytest.approx(mean_l0(sae, rows), abs=1 / len(rows))

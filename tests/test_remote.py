@@ -95,9 +95,11 @@ def test_stages_round_trip_through_a_fresh_server_process(setup):
 
 def test_evaluation_requests_follow_the_data_not_the_number_of_attributes_or_saes(setup,
                                                                                  tmp_path):
-    """Fit prompts read, held-out and counterfactual prompts read (every SAE's and floor's
-    codes computed in that forward), every variant patched: three requests, for one SAE
-    or three and for two attributes, and the same numbers as here."""
+    """One read (fit prompts, where the floors' L0 is matched, then held-out and
+    counterfactual prompts with every SAE's and floor's codes), then every variant
+    patched: two requests, for one SAE or three and for two attributes, and the same
+    numbers as here; with requests capped at fewer rows, the floors are calibrated here
+    between the fit read and the rest, to the same numbers."""
     model, fit, test, _ = setup
     d = model.config.hidden_size
     sections = [CrossSection("io", [(Site(1, "z", 0), "END")]),
@@ -108,10 +110,16 @@ def test_evaluation_requests_follow_the_data_not_the_number_of_attributes_or_sae
         remote = Remote("local")
         there = evaluate_cross_section(model, fit, test, sections, saes, ks=[1, 2, 4],
                                        n_boot=10, remote=remote)
-        assert [r[0] for r in remote.requests] == ["read", "read", "patch"], n_saes
+        assert [r[0] for r in remote.requests] == ["read", "patch"], n_saes
         assert set(there.dictionary.values) >= {"sae0", "random:sae0"}
     here = evaluate_cross_section(model, fit, test, sections, saes, ks=[1, 2, 4], n_boot=10)
     xr.testing.assert_identical(here, there)
+    capped = Remote("local", max_prompts=8)
+    split = evaluate_cross_section(model, fit, test, sections, saes, ks=[1, 2, 4], n_boot=10,
+                                   batch_size=8, remote=capped)
+    assert [r[:2] for r in capped.requests[:2]] == [("read", 8), ("read", 8)]  # the 16 fit
+    assert len(capped.requests) > 3 and all(rows <= 8 for _, rows, _ in capped.requests)
+    xr.testing.assert_allclose(here, split, rtol=1e-5, atol=1e-7)
     # bfloat16 transport: about half the bytes each way, the numbers to bf16 precision
     server = FreshProcessBackend.for_model(model, tmp_path / "server")
     sizes = {}
