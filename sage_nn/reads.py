@@ -58,6 +58,9 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
         raise ValueError(f"unknown named positions {missing}; the dataset has "
                          f"{sorted(sets[0].positions)}")
     plans = [c for c in calibrations if "shift" not in c]
+    if plans and any(only and 0 in only[0] for _, _, *only in jobs):
+        raise ValueError("with floor calibrations, sets[0] holds the fit prompts the floors "
+                         "are calibrated on: no job may code it (list sets 1.. only)")
     if plans and as_remote(remote).max_prompts is not None:
         return _calibrated_between(model, sets, pairs, jobs, plans, batch_size, remote)
     feeds = [[(str(s), names.index(p)) for s, p in c["feeds"]] for c in plans]
