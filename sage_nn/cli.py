@@ -173,8 +173,8 @@ FIELD_HELP = {
               "simulation of it (local), or on another host (a URL); the API key is "
               "nnsight's (NDIF_API_KEY)",
     "max_prompts_per_request": "cap a remote request's prompt rows (default: one per stage)",
-    "remote_transport": "dtype activations travel in to and from the server: float32 or "
-                        "bfloat16 (half the bytes)",
+    "remote_transport": "dtype activations and SAE weights travel in to and from the server: "
+                        "float32 or bfloat16 (half the bytes)",
     "remote_blocking": "wait for remote jobs (--no-remote-blocking, or --no-wait: submit "
                        "and exit; run again to collect them)",
 }

@@ -24,15 +24,17 @@ several requests, the fit prompts are read first and the plans solved here in be
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from .activations import NonFiniteActivationError, batches, encode, model_device
-from .floor import accumulate, apply_shift, solve
+from .floor import RandomSAE, accumulate, apply_shift, solve
 from .reconstruction import EagerAttention, linear_codes
 from .remote import as_remote, run_kernel
+from .saes import SparseAutoencoder
 from .sites import HEAD_KINDS, KINDS, _path, adapter
 
 
@@ -71,7 +73,12 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
         for k in (only[0] if only else coded):
             by_layer[k].setdefault(min(s.layer for s in sites), []).append((j, spec, list(sites)))
     device, owners = model_device(model), []
-    dtype = as_remote(remote).transport_dtype  # what the results travel in
+    dtype = as_remote(remote).transport_dtype  # what the results (and SAE weights) travel in
+    sent = plans
+    if dtype is not None and dtype != torch.float32:  # weights too: half the upload
+        memo = {}
+        by_layer = [_cast(jobs_k, dtype, memo) for jobs_k in by_layer]
+        sent = _cast(plans, dtype, memo)
 
     def chunks():
         for k, data in enumerate(sets):
@@ -80,7 +87,7 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
                 cols = torch.stack([batch.index(data.positions[p][idx]) for p in names], 1)
                 owners.append(k)
                 yield (batch.inputs, cols.to(device), reads, by_layer[k], dtype,
-                       [(c, f) for c, f in zip(plans, feeds)] if k == 0 else [], plans if k else [])
+                       [(c, f) for c, f in zip(sent, feeds)] if k == 0 else [], sent if k else [])
 
     parts: list[list] = [[] for _ in sets]
     for out in run_kernel(model, _read_batch, chunks(), remote, stage="read"):
@@ -126,6 +133,8 @@ def _read_batch(model, inputs, cols, reads, jobs, dtype=None, calibrate=(), solv
     rows; before any other batch, the plans are ``solved`` (once) and their shifts returned.
     Keyed by strings: a server returns plain data."""
     shifts = {f"shift|{c}": torch.tensor(solve(plan)) for c, plan in enumerate(solved)}
+    jobs = {layer: [(j, {k: v if k == "sae" else _cast(v, torch.float32) for k, v in spec.items()},
+                     sites) for j, spec, sites in js] for layer, js in jobs.items()}
     needs_pattern = any(s.kind in ("z", "attn_out") for js in jobs.values() for _, _, ss in js
                         for s in ss)
     with EagerAttention(model, needs_pattern):
@@ -164,4 +173,29 @@ def _trace_reads(model, inputs, cols, reads, jobs):
                         t = t[..., ad.channels(kind, s.head)]
                     out[str(s)] = t[rows, cols]  # [b, P, width]
         out.save()
+    return out
+
+
+def _cast(obj, dtype, memo=None):
+    """``obj`` (nested dicts, lists and tuples of tensors and SAEs) with its floating tensors
+    and SAE weights in ``dtype``; floors stay as they are (they travel as their seed). Each
+    object is converted once, so what is shared stays shared in a request."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, RandomSAE):
+        out = obj
+    elif isinstance(obj, SparseAutoencoder):
+        out = copy.copy(obj)
+        out._parameters = {k: None if v is None else torch.nn.Parameter(
+            v.detach().to(dtype), requires_grad=False) for k, v in obj._parameters.items()}
+    elif isinstance(obj, torch.Tensor):
+        out = obj.to(dtype) if obj.is_floating_point() else obj
+    elif isinstance(obj, dict):
+        out = {k: _cast(v, dtype, memo) for k, v in obj.items()}
+    elif isinstance(obj, (list, tuple)):
+        out = type(obj)(_cast(v, dtype, memo) for v in obj)
+    else:
+        out = obj
+    memo[id(obj)] = out
     return out

@@ -61,7 +61,8 @@ class Remote:
     choose ``batch_size`` at most the cap); a patched variant of a prompt counts as a row.
     A request that fails to reach the server is retried ``retries`` times, waiting
     ``backoff_s``, then twice that, and so on. ``transport="bfloat16"`` sends patch values
-    and returns read activations and codes in bfloat16: half the bytes, numbers to bf16
+    and SAE weights (the read's encoders and frozen maps; floors are a seed anyway) and
+    returns read activations and codes in bfloat16: half the bytes each way, numbers to bf16
     precision (the server computes in its own dtype either way).
     """
 
