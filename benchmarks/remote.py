@@ -16,7 +16,7 @@ random residual TopK SAEs of width ``2 * d_model``, 1 and 4 SAEs, in float32 and
 transport; and, from those slopes, what a 70B-class model (d_model 8192) would need.
 Writes ``benchmarks/results/remote.json``.
 
-    python benchmarks/remote.py [--skip-smollm2] [--widths 576,2048,4096,8192]
+    python benchmarks/remote.py [--skip-smollm2] [--widths 576,2048,4096,8192 | ""]
 """
 
 from __future__ import annotations
@@ -57,20 +57,20 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=100)
     parser.add_argument("--skip-smollm2", action="store_true",
                         help="keep the stored SmolLM2 stages, only rerun the width scaling")
-    parser.add_argument("--widths", default="576,2048,4096,8192")
+    parser.add_argument("--widths", default="576,2048,4096,8192",
+                        help='d_model values of the width scaling ("": keep the stored one)')
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.skip_smollm2 and out.exists():
-        report = json.loads(out.read_text())
-    else:
-        report = smollm2(args)
-        out.write_text(json.dumps(report, indent=2))  # kept if the scaling below fails
-    report["width_scaling"] = width_scaling([int(w) for w in args.widths.split(",")])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report["width_scaling"], indent=2))
+    stored = json.loads(out.read_text()) if out.exists() else {}
+    report = stored if args.skip_smollm2 and stored else smollm2(args)
+    report["width_scaling"] = stored.get("width_scaling")
+    out.write_text(json.dumps(report, indent=2))  # kept if the scaling below fails
+    if args.widths:
+        report["width_scaling"] = width_scaling([int(w) for w in args.widths.split(",")])
+        out.write_text(json.dumps(report, indent=2))
+        print(json.dumps(report["width_scaling"], indent=2))
     print(f"wrote {out}")
 
 
@@ -103,9 +103,12 @@ def smollm2(args) -> dict:
     saes = {"topk-1024": ReconstructedSAE(
         [random_topk_sae(s, ad.d_model, config.sae_width, i) for i, s in enumerate(needed)])}
     model._module.set_attn_implementation("eager")
-    stage("evaluation", lambda: evaluate_cross_section(
+    evaluation = lambda: evaluate_cross_section(  # noqa: E731
         model, fit, held_out, [CrossSection(a, ps) for a, ps in pairs.items()], saes,
-        ks=config.ks, n_boot=args.n_boot, remote=remote))
+        ks=config.ks, n_boot=args.n_boot, remote=remote)
+    stage("evaluation", evaluation)
+    remote.transport = "bfloat16"  # the same evaluation, half-precision transport
+    stage("evaluation, bfloat16", evaluation)
 
     rows = []
     for name, (first, last, seconds) in spans.items():
@@ -130,10 +133,10 @@ def smollm2(args) -> dict:
               "backend": "FreshProcessBackend (fresh process per request, sage_nn unimportable)",
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
               "stages": rows}
-    print(f"{'stage':12} {'requests':>8} {'upload MB':>10} {'download MB':>12} "
+    print(f"{'stage':20} {'requests':>8} {'upload MB':>10} {'download MB':>12} "
           f"{'full MB':>10} {'full/down':>10}")
     for r in rows:
-        print(f"{r['stage']:12} {r['requests']:8d} {r['upload_bytes'] / 1e6:10.2f} "
+        print(f"{r['stage']:20} {r['requests']:8d} {r['upload_bytes'] / 1e6:10.2f} "
               f"{r['download_bytes'] / 1e6:12.3f} {r['full_activation_bytes'] / 1e6:10.1f} "
               f"{r['full_over_download']:10.0f}")
     return report
