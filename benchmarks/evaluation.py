@@ -90,12 +90,13 @@ def main():
               "ratio_evaluation_over_lower_bound": t_eval / lower_bound,
               "read_forwards": reads, "lower_bound_with_reads_s": with_reads,
               "ratio_evaluation_over_lower_bound_with_reads": t_eval / with_reads,
-              "note": "evaluation (all attributes and SAEs in one call) includes two reads "
-                      "(fit prompts; held-out and counterfactual prompts, with every SAE's "
-                      "and floor's codes computed in the same forwards), fitting the "
-                      "dictionaries, all patched variants and the bootstrap intervals; the "
-                      "lower bound counts the patched runs' layers x tokens only; the lower "
-                      "bound with reads adds the full forwards the two reads need"}
+              "note": "evaluation (all attributes and SAEs in one call) includes one read "
+                      "(fit prompts, where the floors' L0 is matched; held-out and "
+                      "counterfactual prompts, with every SAE's and floor's codes computed "
+                      "in the same forwards), fitting the dictionaries, all patched variants "
+                      "and the bootstrap intervals; the lower bound counts the patched runs' "
+                      "layers x tokens only; the lower bound with reads adds the full "
+                      "forwards the read needs"}
     out = Path(__file__).parent / "results" / "evaluation.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
