@@ -926,16 +926,17 @@ def _joint_logit_diffs(model, dataset, sets: dict[str, list[list[int]]], patches
 
 # -- plots ----------------------------------------------------------------------------
 
-def plot_heatmaps(scores: xr.Dataset, attribute: str, out_dir: str | Path) -> list[Path]:
-    """PNG heatmaps of ``attribute``'s scores: layer x head per head kind, and layer x kind
-    for the other kinds; one column per named position."""
-    import matplotlib
+def plot_heatmaps(scores: xr.Dataset, attribute: str, out_dir: str | Path | None = None, *,
+                  dpi: int = 90) -> dict:
+    """Heatmaps of ``attribute``'s scores: layer x head per head kind, and layer x kind for
+    the other kinds (panel ``residual``); one column per named position. Returns ``{panel:
+    matplotlib Figure}`` (shown inline in a notebook), each saved as
+    ``heatmap_{attribute}_{panel}.png`` in ``out_dir`` when one is given."""
+    from .report import _figure, _finish
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
     sub = scores.score.sel(attribute=attribute)
     vmax = float(np.abs(sub).max()) or 1.0
     positions = list(scores.position.values)
@@ -947,11 +948,11 @@ def plot_heatmaps(scores: xr.Dataset, attribute: str, out_dir: str | Path) -> li
         rest = sub.isel(site=other).drop_vars(["head", "site"])
         rest = rest.set_index(site=["layer", "kind"]).unstack("site")
         panels.append(("residual", rest.sel(kind=[k for k in kinds if k not in HEAD_KINDS])))
-    panels = [(name, data.reindex(layer=layers)) for name, data in panels]  # absent: blank
-    paths = []
+    figures = {}
     for name, data in panels:
-        fig, axes = plt.subplots(1, len(positions), figsize=(2.2 * len(positions) + 1.5,
-                                 0.18 * len(layers) + 1.5), squeeze=False, sharey=True)
+        data = data.reindex(layer=layers)  # layers without this kind stay blank
+        fig = _figure(figsize=(2.2 * len(positions) + 1.5, 0.18 * len(layers) + 1.5))
+        axes = fig.subplots(1, len(positions), squeeze=False, sharey=True)
         fig.subplots_adjust(top=0.8)  # room for the title above the panel titles
         for ax, pos in zip(axes[0], positions):
             values = data.sel(position=pos).transpose("layer", ...).values
@@ -965,25 +966,21 @@ def plot_heatmaps(scores: xr.Dataset, attribute: str, out_dir: str | Path) -> li
         axes[0][0].set_ylabel("layer")
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="score (fraction of effect)")
         fig.suptitle(f"{scores.attrs.get('task', '')} / {attribute}: {name}")
-        path = out_dir / f"heatmap_{attribute}_{name}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+        figures[name] = _finish(fig, out_dir and out_dir / f"heatmap_{attribute}_{name}.png",
+                                dpi)
+    return figures
 
 
-def plot_cross_section(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """Bar chart of a selected cross-section: estimated score, and exact when validated."""
-    import matplotlib
+def plot_cross_section(table: pd.DataFrame, path: str | Path | None = None, title: str = "",
+                       *, dpi: int = 90):
+    """Bar chart of a selected cross-section: estimated score, and exact when validated.
+    Returns the matplotlib Figure, saved to ``path`` when one is given."""
+    from .report import _figure, _finish
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     labels = [f"{s}@{p}" for s, p in zip(table["site"], table["position"])]
     y = np.arange(len(labels))
-    fig, ax = plt.subplots(figsize=(6, 0.28 * len(labels) + 1.2))
+    fig = _figure(figsize=(6, 0.28 * len(labels) + 1.2))
+    ax = fig.subplots()
     has_exact = "exact_score" in table
     h = 0.4 if has_exact else 0.8
     ax.barh(y - (h / 2 if has_exact else 0), table["score"], height=h, label="attribution")
@@ -996,9 +993,9 @@ def plot_cross_section(table: pd.DataFrame, path: str | Path, title: str = "") -
     ax.set_xlabel("fraction of the counterfactual effect")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return _finish(fig, path, dpi)
 
 
 # -- the whole stage ------------------------------------------------------------------

@@ -20,7 +20,7 @@ from sage_nn.activations import encode
 from conftest import tiny_task_dataset
 from sage_nn.discovery import (RESIDUAL_KINDS, AttributionPatching, DiscoveryConfig, discover,
                                exact_patching, grow_cross_sections, head_grid, load_scores,
-                               ranked,
+                               plot_cross_section, plot_heatmaps, ranked,
                                select_cross_section, validate)
 from sage_nn.remote import Remote
 from sage_nn.interventions import logit_diff
@@ -335,6 +335,10 @@ def test_discover_saves_scores_tables_and_plots(carrier, tmp_path):
     for name in names:
         if name.endswith(".png"):
             assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    # the plots are Figures for a notebook; saving them is optional
+    figures = plot_heatmaps(found.scores, "io")
+    assert set(figures) >= {"z", "residual"} and figures["z"].axes
+    assert plot_cross_section(found.cross_sections["io"]).axes
     back = load_scores(tmp_path / "scores.nc")
     xr.testing.assert_identical(back, found.scores)
     assert back.exact.dtype == bool and back.exact.any() and back.attrs["task"] == "tiny_ioi"
