@@ -92,10 +92,14 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
     parts: list[list] = [[] for _ in sets]
     for out in run_kernel(model, _read_batch, chunks(), remote, stage="read"):
         parts[owners.pop(0)].append(out)
-    for c, plan in enumerate(plans):  # solved on a server: shift the floor here too
+    for c, plan in enumerate(plans):
+        if "shift" in plan:  # solved here, by the kernel
+            continue
         shifts = [float(out[f"shift|{c}"]) for part in parts[1:] for out in part]
-        if "shift" not in plan:
-            apply_shift(plan, shifts[0]) if shifts else solve(plan)
+        if shifts:  # solved on a server: shift the floor here too
+            apply_shift(plan, shifts[0])
+        else:  # no other set was read
+            solve(plan)
     values, codes = [], []
     for part in parts:
         cat = lambda key: torch.cat([p[key] for p in part]).float().cpu()  # noqa: E731
