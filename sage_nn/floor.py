@@ -59,9 +59,9 @@ def random_like(sae: SparseAutoencoder, activations: torch.Tensor | None = None,
 
 
 def calibration(sae: SparseAutoencoder, floor: SparseAutoencoder, feeds=()) -> dict:
-    """The plan that matches ``floor``'s L0 to ``sae``'s: rows are :func:`accumulate`\ d
-    (a read kernel does it on the fit prompts at ``feeds``, the ``(site, position)`` pairs
-    the SAE is read at, repeats kept), then :func:`solve` shifts the floor in place, once.
+    """The plan that matches ``floor``'s L0 to ``sae``'s: :func:`accumulate` adds rows (a
+    read kernel does it on the fit prompts at ``feeds``, the ``(site, position)`` pairs the
+    SAE is read at, repeats kept), then :func:`solve` shifts the floor in place, once.
     Plain data and torch, so the whole plan runs inside one remote request."""
     return {"sae": sae, "floor": floor, "feeds": list(feeds), "margins": [], "active": 0}
 

@@ -95,9 +95,9 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
     for c, plan in enumerate(plans):
         if "shift" in plan:  # solved here, by the kernel
             continue
-        shifts = [float(out[f"shift|{c}"]) for part in parts[1:] for out in part]
-        if shifts:  # solved on a server: shift the floor here too
-            apply_shift(plan, shifts[0])
+        shift = next((float(out[f"shift|{c}"]) for part in parts[1:] for out in part), None)
+        if shift is not None:  # solved on a server: shift the floor here too
+            apply_shift(plan, shift)
         else:  # no other set was read
             solve(plan)
     values, codes = [], []
@@ -137,8 +137,10 @@ def _read_batch(model, inputs, cols, reads, jobs, dtype=None, calibrate=(), solv
     rows; before any other batch, the plans are ``solved`` (once) and their shifts returned.
     Keyed by strings: a server returns plain data."""
     shifts = {f"shift|{c}": torch.tensor(solve(plan)) for c, plan in enumerate(solved)}
-    jobs = {layer: [(j, {k: v if k == "sae" else _cast(v, torch.float32) for k, v in spec.items()},
-                     sites) for j, spec, sites in js] for layer, js in jobs.items()}
+    if dtype not in (None, torch.float32):  # the maps travelled in half precision
+        jobs = {layer: [(j, {k: v if k == "sae" else _cast(v, torch.float32)
+                             for k, v in spec.items()}, sites) for j, spec, sites in js]
+                for layer, js in jobs.items()}
     needs_pattern = any(s.kind in ("z", "attn_out") for js in jobs.values() for _, _, ss in js
                         for s in ss)
     with EagerAttention(model, needs_pattern):

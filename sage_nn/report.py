@@ -448,11 +448,11 @@ def _members(results: xr.Dataset, info: Mapping) -> list[tuple[dict, list[str] |
     from .sites import Site
 
     labels = [str(p) for p in results["pair"].values] if "pair" in results.dims else []
+    sites = {p: Site.parse(p.split("@")[0]) for p in labels}
     out = []
     for sae_id, cfg in zip(ids, members):
         # no model here: no top layer whose resid_post stays its own, no parallel blocks
         served = served_sites([cfg["hook_name"]], n_layers=1 << 30, parallel=False)
-        sites = {p: Site.parse(p.split("@")[0]) for p in labels}
         fed = [p for p, s in sites.items() if (s.layer, s.kind) in served]
         out.append(({**info, "sae_lens_id": sae_id, "sae_cfg_dict": cfg,
                      "set": list(ids)}, fed))

@@ -206,3 +206,28 @@ def test_a_read_matches_the_floors_l0_on_the_fit_rows_before_the_other_sets(remo
     assert ("margins" in plan) == (remote is not None)  # the server solved a copy of the plan
     torch.testing.assert_close(floor.b_enc, expected.b_enc)
     assert mean_l0(floor, rows) == pytest.approx(mean_l0(sae, rows), abs=1 / len(rows))
+
+
+def test_a_plan_cannot_be_solved_without_rows_nor_its_fit_set_coded():
+    """What a user sees: a plan solved before any row, and a read asked to code the fit
+    set its floors are calibrated on."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sage_nn import Site, tiny_random_model
+    from sage_nn.floor import calibration, solve
+    from sage_nn.reads import read_sites
+
+    sae = make_sae("standard")
+    with pytest.raises(RuntimeError, match="solved before any row was accumulated"):
+        solve(calibration(sae, random_like(sae)))
+    model = tiny_random_model("llama", seed=1)
+    data = SimpleNamespace(prompts=["Alice said", "Tom and Sue"],
+                           positions={"END": np.full(2, -1)})
+    end = (Site(1, "resid_pre"), "END")
+    plan = calibration(sae, random_like(sae), [end])
+    with pytest.raises(ValueError, match=r"sets\[0\] holds the fit prompts the floors are "
+                                         r"calibrated on: no job may code it"):
+        read_sites(model, [data, data], [end], [({}, [Site(1, "z", 0)], [0, 1])],
+                   calibrations=[plan])
