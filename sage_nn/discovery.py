@@ -45,7 +45,7 @@ sublayer site of the same layer resolve to one SAE.
 A cross-section is a set of components (by default per-head ``z``) whose *joint* exact patch
 recovers a share of the attribute's total effect: :func:`grow_cross_sections` (the default of
 :func:`discover`) takes its candidates from attribution and decides by exact joint patching,
-in at most four model runs shared by every attribute. On SmolLM2 IOI (16 prompts) it finds
+in four model runs shared by every attribute and one request remotely. On SmolLM2 IOI (16 prompts) it finds
 io: 6 heads at END (L29.h1, L23.h7/h0/h2/h1/h4) recovering 0.63; s: 3 heads (L24.h5,
 L23.h0/h7) 0.66; order: L20.h0 alone, 2.6 (it overshoots the small total effect), in 18 s
 on 2 idle CPU cores. The top-|score| pick (:func:`select_cross_section`) stays available
@@ -75,6 +75,7 @@ import torch
 import xarray as xr
 
 from .activations import batches, encode, model_device
+from .growth import measure_growth
 from .interventions import Patch, _patched_forward, logit_diff, run_patched, site_values
 from .remote import run_kernel
 from .sites import HEAD_KINDS, KINDS, Site, adapter
@@ -710,7 +711,7 @@ def grow_cross_sections(model: Any, dataset: Any, scores: xr.Dataset,
     carry most of the effect first, the ones estimated to push against it (negative
     name-mover-like heads) last. Components cancel, so patching the top |score| can recover
     little, even a negative share. The first ``candidates`` (default ``max_sites``) form the
-    pool. Then, in four batched model runs shared by all attributes:
+    pool. Then, with every attribute's variants stacked in the same forwards:
 
     1. one counterfactual forward reads every pool site's value (and the counterfactual
        logit differences, so the total effect is measured on ``dataset`` itself);
@@ -723,11 +724,12 @@ def grow_cross_sections(model: Any, dataset: Any, scores: xr.Dataset,
     The result is the smallest measured set (a prefix from run 2 or a pruned set from run 4)
     of at most ``max_sites`` sites that reaches ``target`` (ties: recovery closest to 1);
     when none does, the measured set of at most ``max_sites`` with the highest recovery.
-    Its ``recovered`` is therefore always a measured joint patch, never an estimate. Run 4
-    is skipped when every ``S`` has one site, so at most four runs (four requests
-    remotely) whatever the number of attributes; the rows grow with them. Each variant
-    recomputes only the layers and tokens its patches can change (:func:`run_patched`), so
-    late-layer sets at the last token are cheap.
+    Its ``recovered`` is therefore always a measured joint patch, never an estimate. The
+    whole search is one kernel (:mod:`sage_nn.growth`): one request remotely, whatever the
+    number of attributes, and the counterfactual values never travel (with
+    ``Remote.max_prompts``, each run is its own request instead). Each variant recomputes
+    only the layers and tokens its patches can change (:func:`run_patched`), so late-layer
+    sets at the last token are cheap.
 
     Returns ``{attribute: (table, summary)}``. The table has :func:`ranked`'s columns for
     the chosen sites plus each site's single-site ``exact_delta`` and ``exact_score``
@@ -778,43 +780,20 @@ def grow_cross_sections(model: Any, dataset: Any, scores: xr.Dataset,
     pairs = {a: [(Site.parse(s), str(p)) for s, p in zip(df["site"], df["position"])]
              for a, df in pools.items()}
 
-    # 1. counterfactual values of every pool site, and the counterfactual logit differences
-    patches, cf_ld = _counterfactual_patches(model, dataset, pairs, batch_size, progress, remote)
-
-    def measure(sets: dict[str, list[list[int]]]):
-        return _joint_logit_diffs(model, dataset, sets, patches, batch_size=batch_size,
-                                  max_rows=max_rows, progress=progress, remote=remote)
-
-    # 2. every prefix of the pool
-    clean_ld, prefix_ld = measure({a: [list(range(k + 1)) for k in range(len(pairs[a]))]
-                                   for a in attributes})
+    m = measure_growth(model, dataset, pairs, target, batch_size=batch_size,
+                       max_rows=max_rows, progress=progress, remote=remote)
+    clean_ld, cf_ld = m["clean"], m["cf"]
     total = {a: cf_ld[a] - clean_ld for a in attributes}
 
     def share(a, ld):
         return (np.asarray(ld) - clean_ld) / total[a] if total[a] else np.full(len(ld), np.nan)
 
-    measured = {a: [] for a in attributes}  # (members, joint logit difference)
-    chosen = {}
+    measured, single = {}, {}  # (members, joint logit difference); each member alone
     for a in attributes:
-        measured[a] += [(list(range(k + 1)), ld) for k, ld in enumerate(prefix_ld[a])]
-        rec = share(a, prefix_ld[a])
-        hit = np.flatnonzero(rec >= target)
-        chosen[a] = list(range((hit[0] if len(hit) else int(np.nanargmax(rec))) + 1))
-    # 3. each member alone, and the set without it
-    _, loo = measure({a: [[i] for i in s] + ([[j for j in s if j != i] for i in s]
-                                             if len(s) > 1 else []) for a, s in chosen.items()})
-    single = {a: dict(zip(s, loo[a][:len(s)])) for a, s in chosen.items()}
-    # 4. backward pruning, most dispensable member first
-    pruned = {}
-    for a, s in chosen.items():
-        if len(s) > 1:
-            dispensable = [s[i] for i in np.argsort(-share(a, loo[a][len(s):]), kind="stable")]
-            pruned[a] = [[j for j in s if j not in dispensable[:m]] for m in range(1, len(s))]
-    if pruned:
-        _, pruned_ld = measure(pruned)
-        for a, sets in pruned.items():
-            measured[a] += list(zip(sets, pruned_ld[a]))
-
+        s = m["chosen"][a]
+        measured[a] = ([(list(range(k + 1)), ld) for k, ld in enumerate(m["prefix"][a])]
+                       + list(zip(m["pruned"].get(a, []), m["pruned_ld"].get(a, []))))
+        single[a] = dict(zip(s, m["loo"][a][:len(s)]))
     found = {}
     for a in attributes:
         eligible = [(members, ld) for members, ld in measured[a] if len(members) <= max_sites]
@@ -842,7 +821,7 @@ def grow_cross_sections(model: Any, dataset: Any, scores: xr.Dataset,
             "joint_delta": float(joint - clean_ld),
             "small_effect": bool(scores.small_effect.sel(attribute=a)),
             "n_candidates": n_candidates[a], "pool": len(pairs[a]),
-            "prefix_recovered": [float(x) for x in share(a, prefix_ld[a])],
+            "prefix_recovered": [float(x) for x in share(a, m["prefix"][a])],
             "spearman": float(spearmanr(table["delta"], table["exact_delta"]).statistic)
             if len(table) > 2 else float("nan")}
         if cap_hit:
@@ -857,71 +836,6 @@ def grow_cross_sections(model: Any, dataset: Any, scores: xr.Dataset,
     for a, (_, summary) in found.items():
         summary["same_as"] = [b for b in attributes if b != a and keys[b] == keys[a]]
     return found
-
-
-def _counterfactual_patches(model, dataset, pairs: dict, batch_size, progress, remote):
-    """One forward of every attribute's counterfactual prompts (stacked along the batch)
-    reads each attribute's pool sites: ``{attribute: [Patch]}`` and the mean counterfactual
-    logit difference (with the clean prompt's answer and distractor) per attribute."""
-    ad, device = adapter(model), model_device(model)
-    attributes = list(pairs)
-    cfs = [dataset.counterfactuals[a] for a in attributes]
-    grid = sorted({(s.layer, s.kind) for ps in pairs.values() for s, _ in ps},
-                  key=lambda k: (k[0], KINDS.index(k[1])))
-    names = sorted({p for ps in pairs.values() for _, p in ps})
-    n = len(dataset.prompts)
-    prepared = []
-
-    def chunks():
-        for idx in batches(n, batch_size, progress and "counterfactuals"):
-            cf = encode(model, [c.prompts[i] for c in cfs for i in idx], device)
-            rows, cols = _rows_cols(cf, [np.concatenate([c.positions[p][idx] for c in cfs])
-                                         for p in names], device)
-            tile = lambda ids: torch.as_tensor(np.tile(ids[idx], len(cfs)), device=device)  # noqa: E731
-            prepared.append(len(idx))
-            yield (cf.inputs, grid, rows, cols, tile(dataset.answer_ids),
-                   tile(dataset.distractor_ids))
-
-    parts, ld_sum = [], np.zeros(len(attributes))
-    for values, ld in run_kernel(model, _counterfactual_forward, chunks(), remote,
-                                 stage="counterfactuals"):
-        b = prepared.pop(0)
-        parts.append({key: v.cpu().unflatten(0, (len(attributes), b)) for key, v in values.items()})
-        ld_sum += ld.double().cpu().numpy().reshape(len(attributes), b).sum(1)
-    values = {key: torch.cat([p[key] for p in parts], 1) for key in grid}  # [attr, n, pos, ch]
-    patches = {}
-    for a_i, a in enumerate(attributes):
-        patches[a] = []
-        for site, pos in pairs[a]:
-            v = values[(site.layer, site.kind)][a_i, :, names.index(pos)]
-            if site.kind in HEAD_KINDS:
-                w = ad.width(site.kind)
-                v = v[:, site.head * w:(site.head + 1) * w]
-            patches[a].append(Patch(site, dataset.positions[pos], v, f"{site}@{pos}"))
-    return patches, dict(zip(attributes, ld_sum / n))
-
-
-def _counterfactual_forward(model, inputs, grid, rows, cols, answer, distractor):
-    """Kernel: every grid tensor at (rows, cols) and the logit differences."""
-    values, ld, _ = _forward(model, adapter(model), inputs, grid, rows, cols, answer, distractor)
-    return values, ld
-
-
-def _joint_logit_diffs(model, dataset, sets: dict[str, list[list[int]]], patches: dict, *,
-                       batch_size, max_rows, progress, remote):
-    """Mean logit difference of ``dataset`` under each variant: ``sets[a]`` lists, per
-    variant, indices into ``patches[a]`` patched together. Returns the clean mean and
-    ``{attribute: array per variant}``: one :func:`run_patched` run, in which each variant
-    recomputes only the layers and tokens its patches can change."""
-    keys = [(a, v) for a, variants in sets.items() for v in range(len(variants))]
-    variants = [[]] + [[patches[a][i] for i in sets[a][v]] for a, v in keys]
-    ld = run_patched(model, dataset, variants, names=list(range(len(variants))),
-                     batch_size=batch_size, max_rows=max_rows, progress=progress,
-                     remote=remote).logit_diff.mean("prompt").values.astype(float)
-    out = {a: np.zeros(len(variants)) for a, variants in sets.items()}
-    for (a, v), x in zip(keys, ld[1:]):
-        out[a][v] = x
-    return float(ld[0]), out
 
 
 # -- plots ----------------------------------------------------------------------------

@@ -143,18 +143,10 @@ def run_patched(
     def chunks():
         for idx in batches(n, batch_size, progress and "patch"):
             batch = encode(model, [prompts[i] for i in idx], device)
-            blocks = plan_blocks(batch, idx, variants, _suffix_ok(model, batch))
-            blocks_run[0] += len(idx) * (1 + block_cost(batch, blocks, ad.n_layers))
-            per_forward = max(1, max_rows // len(idx))
-            groups = []
-            for (layer, col), members in blocks.items():
-                for start in range(0, len(members), per_forward):
-                    chunk = members[start:start + per_forward]
-                    writes = _writes(ad, batch, idx, [variants[v] for v in chunk], device,
-                                     dtype, offset=col)
-                    groups.append((layer, col, len(chunk), writes))
-                    prepared.append((idx, chunk))
-            prepared.append((idx, clean))
+            groups, members, cost = plan_batch(ad, batch, idx, variants, max_rows, device,
+                                               dtype, _suffix_ok(model, batch))
+            blocks_run[0] += len(idx) * (1 + cost)
+            prepared.extend([(idx, chunk) for chunk in members] + [(idx, clean)])
             tile = lambda ids: torch.as_tensor(ids[idx], device=device)  # noqa: E731
             yield batch.inputs, groups, tile(answer_ids), tile(distractor_ids)
 
@@ -180,6 +172,23 @@ def _suffix_ok(model, batch) -> bool:
     keeps only its window, so past it the tokens before a patch cannot be reused."""
     window = getattr(model.config, "sliding_window", None)
     return not window or batch.inputs["input_ids"].shape[1] < window - 1
+
+
+def plan_batch(ad, batch, idx, variants, max_rows: int, device, dtype, suffix: bool = True):
+    """One batch's arguments for :func:`_patched_blocks`: the groups of variants that share
+    a block (at most ``max_rows`` rows a forward), the variant indices each group runs, and
+    the blocks' cost in full forwards (:func:`block_cost`)."""
+    blocks = plan_blocks(batch, idx, variants, suffix)
+    per_forward = max(1, max_rows // len(idx))
+    groups, members = [], []
+    for (layer, col), vs in blocks.items():
+        for start in range(0, len(vs), per_forward):
+            chunk = vs[start:start + per_forward]
+            writes = _writes(ad, batch, idx, [variants[v] for v in chunk], device, dtype,
+                             offset=col)
+            groups.append((layer, col, len(chunk), writes))
+            members.append(chunk)
+    return groups, members, block_cost(batch, blocks, ad.n_layers)
 
 
 def plan_blocks(batch, idx, variants, suffix: bool = True) -> dict[tuple[int, int], list[int]]:

@@ -100,7 +100,7 @@ class Remote:
 
     def record(self, stage: str, group: list[tuple]) -> None:
         self.requests.append((stage, sum(map(_size, group)),
-                              sum(chunk[0]["input_ids"].numel() for chunk in group)))
+                              sum(x["input_ids"].numel() for chunk in group for x in _inputs(chunk))))
 
 
 class RemotePending(RuntimeError):
@@ -129,8 +129,14 @@ def register() -> None:
     nnsight.register("sage_nn")
 
 
+def _inputs(chunk: tuple) -> list[dict]:
+    """A kernel's first argument: the model inputs, or a list of them (a kernel that runs
+    all batches of a stage itself, in one request)."""
+    return chunk[0] if isinstance(chunk[0], list) else [chunk[0]]
+
+
 def _size(chunk: tuple) -> int:
-    return len(chunk[0]["input_ids"])  # a kernel's first argument is the model inputs
+    return sum(len(x["input_ids"]) for x in _inputs(chunk))
 
 
 def _requests(chunks: Iterable[tuple], max_prompts: int | None) -> Iterator[list[tuple]]:
@@ -199,9 +205,9 @@ def _session(model: Any, kernel: Callable, group: list[tuple], remote: Remote) -
 def _digest(group: list[tuple]) -> str:
     """Identifies a request by its prompts, so a changed call never collects a stale job."""
     h = hashlib.sha256()
-    for chunk in group:
-        for key in sorted(chunk[0]):
-            h.update(chunk[0][key].cpu().numpy().tobytes())
+    for x in (x for chunk in group for x in _inputs(chunk)):
+        for key in sorted(x):
+            h.update(x[key].cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -472,22 +472,27 @@ def test_same_sets_and_small_effects_are_named(carrier):
         "io": ["s", "order"], "s": ["io", "order"], "order": ["io", "s"]}
 
 
-def test_model_runs_do_not_grow_with_attributes(tiny_task):
-    """All attributes share each run: through nnsight's offline NDIF simulation, one
-    attribute or all take the same few requests (the rows grow), with the local numbers."""
+def test_the_search_is_one_request_whatever_the_attributes(tiny_task):
+    """Through nnsight's offline NDIF simulation, the whole adaptive search is one request
+    for one attribute or all, with the local numbers; with requests capped at fewer
+    prompts than the dataset has, each of its runs is its own requests, same numbers."""
     model, ds, result = tiny_task
     here = grow_cross_sections(model, ds, result, max_sites=3, batch_size=5)
     requests = {}
-    for attributes in (["io"], ["io", "s"]):
-        remote = Remote("local")
+    for attributes, cap in ((["io"], None), (["io", "s"], None), (["io", "s"], 5)):
+        remote = Remote("local", max_prompts=cap)
         there = grow_cross_sections(model, ds, result, attributes, max_sites=3, batch_size=5,
                                     remote=remote)
-        requests[len(attributes)] = [stage for stage, _, _ in remote.requests]
+        requests[len(attributes), cap] = [stage for stage, _, _ in remote.requests]
         for a in attributes:
             assert there[a][1]["recovered"] == pytest.approx(here[a][1]["recovered"], rel=1e-5)
+            assert there[a][1]["prefix_recovered"] == pytest.approx(
+                here[a][1]["prefix_recovered"], rel=1e-5)
             assert there[a][0].site.tolist() == here[a][0].site.tolist()
-    assert requests[1][:2] == ["counterfactuals", "patch"]
-    assert 3 <= len(requests[1]) <= len(requests[2]) <= 4
+    assert requests[1, None] == requests[2, None] == ["grow"]
+    capped = requests[2, 5]  # 10 prompts, 5 a request: each run takes two
+    assert capped[:2] == ["counterfactuals"] * 2 and set(capped[2:]) == {"patch"}
+    assert len(capped) >= 6
 
 
 def test_discover_grows_cross_sections_by_default(tiny_task, tmp_path):

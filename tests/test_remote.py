@@ -18,7 +18,8 @@ from conftest import tiny_task_dataset
 from ndif_server import FakeNDIF
 from sage_nn import tiny_random_model
 from sage_nn.activations import collect
-from sage_nn.discovery import AttributionPatching, DiscoveryConfig, discover
+from sage_nn.discovery import (AttributionPatching, DiscoveryConfig, discover,
+                               grow_cross_sections)
 from sage_nn.evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section
 from sage_nn.interventions import Patch, run_patched
 from sage_nn.remote import NOT_ON_SERVER, FreshProcessBackend, Remote, RemotePending, run_kernel
@@ -88,6 +89,12 @@ def test_stages_round_trip_through_a_fresh_server_process(setup):
     there = scores.fit(model, fit, remote=remote).scores_
     xr.testing.assert_allclose(scores.fit(model, fit).scores_, there, rtol=1e-4, atol=1e-6)
     assert there.exact.any()  # the exact sweep (blocks skipped by nnsight) ran there too
+    # the adaptive search, decided on the server in one request
+    grown = grow_cross_sections(model, fit, there, max_sites=3, remote=remote)
+    for a, (table, summary) in grow_cross_sections(model, fit, there, max_sites=3).items():
+        assert grown[a][0].site.tolist() == table.site.tolist()
+        assert grown[a][1]["recovered"] == pytest.approx(summary["recovered"], rel=1e-4)
+    assert remote.requests[-1][0] == "grow"
     assert len(server.result_bytes) == len(remote.requests) > 1
     # what comes back is reduced: less than the request that asked for it, for evaluation
     assert sum(server.result_bytes[1:]) < sum(server.request_bytes[1:])
