@@ -14,9 +14,13 @@ of SAEs: random llama models of d_model 576, 2048, 4096 and 8192 (2 layers, 64-w
 the tiny IOI task of the tests (16 fit and 16 held-out prompts), one head's ``z`` reached by
 random residual TopK SAEs of width ``2 * d_model``, 1 and 4 SAEs, in float32 and bfloat16
 transport; and, from those slopes, what a 70B-class model (d_model 8192) would need.
-Writes ``benchmarks/results/remote.json``.
+And, on the quickstart run with its trained SAEs, the patch request of a residual
+cross-section: sparse edits (the latent directions the edits use once, k coefficients a
+row, as evaluation sends them) against every edit sent as a dense value. Writes
+``benchmarks/results/remote.json``.
 
     python benchmarks/remote.py [--skip-smollm2] [--widths 576,2048,4096,8192 | ""]
+                                [--edit-run runs/quickstart | ""]
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ def main() -> None:
                         help="keep the stored SmolLM2 stages, only rerun the width scaling")
     parser.add_argument("--widths", default="576,2048,4096,8192",
                         help='d_model values of the width scaling ("": keep the stored one)')
+    parser.add_argument("--edit-run", default="runs/quickstart",
+                        help='a finished quickstart run for the edit transport ("": keep the '
+                             'stored one)')
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     out = Path(args.out)
@@ -71,6 +78,10 @@ def main() -> None:
         report["width_scaling"] = width_scaling([int(w) for w in args.widths.split(",")])
         out.write_text(json.dumps(report, indent=2))
         print(json.dumps(report["width_scaling"], indent=2))
+    report["edit_transport"] = stored.get("edit_transport")
+    if args.edit_run:
+        report["edit_transport"] = edit_transport(args.edit_run)
+        out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
 
 
@@ -145,36 +156,90 @@ def smollm2(args) -> dict:
 MAX_SAE_BYTES = 2.5e9  # SAE weights per request the 24 GiB benchmark machine can pickle
 
 
-def width_scaling(widths: list[int], n_saes=(1, 4), sae_ratio: int = 2) -> dict:
-    """Evaluation requests' bytes against d_model and the number of SAEs (see the module
-    docstring), and the 70B-class estimate from the fitted slopes."""
+def _random_llama(d: int, tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sage_nn.models import wrap
+
+    heads = d // 64
+    config = LlamaConfig(hidden_size=d, num_attention_heads=heads,
+                         num_key_value_heads=3 if heads % 3 == 0 else max(1, heads // 4),
+                         intermediate_size=d, num_hidden_layers=2, vocab_size=len(tok))
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).eval()
+    hf.config._name_or_path = f"random-llama-d{d}"
+    hf.set_attn_implementation("eager")
+    return wrap(hf, tok)
+
+
+def _tiny_ioi(model):
     import sys
     import tempfile
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sage_nn.models import tiny_tokenizer, wrap
     from sage_nn.tasks import load_task
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from conftest import TINY_TASK  # the tests' tiny IOI, in the tiny tokenizer's words
 
-    tok = tiny_tokenizer()
     spec = Path(tempfile.mkdtemp()) / "tiny.yaml"
     spec.write_text(TINY_TASK)
-    rows = []
+    full = load_task(spec).build(model, n=32, seed=0, split="train")
+    return full.subset(np.arange(16)), full.subset(np.arange(16, 32))
+
+
+def edit_transport(run_dir: str, pair: str = "L24.resid_pre@END") -> dict:
+    """The patch request of a residual cross-section (``pair`` for every attribute) on the
+    quickstart run's prompts with its trained residual SAEs: sparse edits (as evaluation
+    sends them) against every edit sent dense (one ``[prompt, d_model]`` value per k and
+    method), bfloat16 transport."""
+    import sage_nn.evaluation as evaluation
+    from sage_nn.interventions import LatentEdit
+    from sage_nn.pipeline import resolve_saes
+
+    sparse_edits = evaluation._edits
+
+    def dense_edits(*args):
+        return {k: e.dense() if isinstance(e, LatentEdit) else e
+                for k, e in sparse_edits(*args).items()}
+
+    config = RunConfig.from_file(Path(run_dir) / "config.yaml")
+    model = load_model(config.model)
+    _, fit, held_out = run_prompts(model, config)
+    site, position = pair.split("@")
+    sections = [CrossSection(a, [(Site.parse(site), position)])
+                for a in config.attributes or fit.attribute_names]
+    spec = next(s for s in config.saes if not s.endswith("@sites"))
+    name, members = resolve_saes(spec, model, [site], config)
+    saes = {name: ReconstructedSAE(members, batch_size=config.batch_size)}
+    server, row = FreshProcessBackend(smollm2_dir()), {"pair": pair, "sae": name}
+    for kind, edits in (("sparse", sparse_edits), ("dense", dense_edits)):
+        evaluation._edits = edits
+        remote = Remote(server, transport="bfloat16")
+        first = len(server.request_bytes)
+        evaluate_cross_section(model, fit, held_out, sections, saes, ks=config.ks,
+                               n_boot=10, remote=remote)
+        assert [r[0] for r in remote.requests] == ["read", "patch"]
+        row[f"patch_upload_bytes_{kind}"] = server.request_bytes[first + 1]
+    evaluation._edits = sparse_edits
+    row["dense_over_sparse"] = row["patch_upload_bytes_dense"] / row["patch_upload_bytes_sparse"]
+    print(row, flush=True)
+    return {"setup": f"SmolLM2 (d_model 576), the quickstart's fit and held-out prompts, "
+                     f"every attribute at {pair}, its trained residual SAE, the supervised "
+                     f"ceiling and the floor; ks {config.ks}; bfloat16 transport; dense = "
+                     f"every edit sent as [prompt, d_model] values", **row}
+
+
+def width_scaling(widths: list[int], n_saes=(1, 4), sae_ratio: int = 2) -> dict:
+    """Evaluation requests' bytes against d_model and the number of SAEs (see the module
+    docstring), and the 70B-class estimate from the fitted slopes."""
+    import tempfile
+
+    from sage_nn.models import tiny_tokenizer
+
+    tok, rows = tiny_tokenizer(), []
     for d in widths:
-        heads = d // 64
-        config = LlamaConfig(hidden_size=d, num_attention_heads=heads,
-                             num_key_value_heads=3 if heads % 3 == 0 else max(1, heads // 4),
-                             intermediate_size=d, num_hidden_layers=2, vocab_size=len(tok))
-        torch.manual_seed(0)
-        hf = LlamaForCausalLM(config).eval()
-        hf.config._name_or_path = f"random-llama-d{d}"
-        hf.set_attn_implementation("eager")
-        model = wrap(hf, tok)
-        full = load_task(spec).build(model, n=32, seed=0, split="train")
-        fit, test = full.subset(np.arange(16)), full.subset(np.arange(16, 32))
+        model = _random_llama(d, tok)
+        fit, test = _tiny_ioi(model)
         section = CrossSection("io", [(Site(1, "z", 0), "END")])
         with tempfile.TemporaryDirectory() as tmp:
             server = FreshProcessBackend.for_model(model, tmp)
@@ -195,7 +260,7 @@ def width_scaling(widths: list[int], n_saes=(1, 4), sae_ratio: int = 2) -> dict:
                                  "upload_bytes": list(server.request_bytes),
                                  "download_bytes": list(server.result_bytes)})
                     print(rows[-1], flush=True)
-        del model, hf
+        del model
     return {"setup": f"random llama, 2 layers, intermediate = d_model; tiny IOI, 16 fit + 16 "
                      f"held-out prompts; cross-section L1.z.h0@END; random TopK SAEs (k=32) "
                      f"of width {sae_ratio} x d_model at L1.resid_pre; ks 1,2,4,8",

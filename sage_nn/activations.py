@@ -143,7 +143,7 @@ def _run_batch(model, inputs: dict, grid: _Grid, rows_positions) -> dict:
     """One trace reads every (layer, kind) of the grid, in execution order (a remote kernel)."""
     ad = adapter(model)
     saved = {}
-    with torch.no_grad(), model.trace(inputs):
+    with torch.no_grad(), model.trace(inputs) as tracer:
         for layer in grid.layers:
             for kind in grid.kinds:
                 t = ad.tensor(model, layer, kind)
@@ -153,6 +153,7 @@ def _run_batch(model, inputs: dict, grid: _Grid, rows_positions) -> dict:
                     rows, cols = rows_positions
                     t = t[rows, cols]  # [batch, n_positions, channels]
                 saved[(layer, kind)] = t.save()
+        tracer.stop()  # the layers above the last read and the logits are not needed
     return saved
 
 

@@ -411,7 +411,7 @@ def _check_aligned(clean, cf, attributes, idx):
 def _forward(model, ad, inputs, grid, rows, cols, answer, distractor, embeddings=False):
     """Every grid tensor at (rows, cols) (``[row, position, channels]``), the logit
     differences and, with ``embeddings``, layer 0's whole input."""
-    with torch.no_grad(), model.trace(inputs):
+    with torch.no_grad(), model.trace(inputs, logits_to_keep=1):  # the last token's
         values = {}
         if embeddings:
             values["embeddings"] = ad.tensor(model, 0, "resid_pre")
@@ -427,7 +427,7 @@ def _forward_backward(model, ad, inputs, grid, rows, cols, answer, distractor,
                       embeddings=None):
     """One forward and one backward: every grid tensor and its gradient of the summed logit
     difference, at (rows, cols). ``embeddings`` replace layer 0's input when given."""
-    with torch.enable_grad(), model.trace(inputs):
+    with torch.enable_grad(), model.trace(inputs, logits_to_keep=1):
         block0 = ad.blocks(model)[0]
         if embeddings is not None:
             first = embeddings.detach().requires_grad_(True)

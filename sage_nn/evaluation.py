@@ -24,7 +24,7 @@ from sklearn.base import clone
 
 from . import metrics
 from .dictionaries import MSEDictionary
-from .interventions import Patch, run_patched
+from .interventions import LatentEdit, Patch, run_patched
 from .reads import read_sites
 from .floor import calibration, random_like
 from .reconstruction import ResidualReconstruction
@@ -63,11 +63,18 @@ class SiteCode:
             self.active = self.codes
 
     def edit(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The greedy sparse edit with at most ``k`` latents, and its magnitude."""
         if self.directions is None:  # no linear latent directions here: no sparse edit
             return self.a, torch.full((len(self.a),), torch.nan)
         edited, _, magnitude = metrics.greedy_edit(self.a, self.codes, self.codes_cf,
                                                    self.directions, self.a_cf, k, self.scale)
         return edited, magnitude
+
+    def path(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The greedy edit's path up to ``k`` latents (:func:`sage_nn.metrics.greedy_path`):
+        its first ``k'`` steps are the edit at every ``k' <= k``."""
+        return metrics.greedy_path(self.a, self.codes, self.codes_cf, self.directions,
+                                   self.a_cf, k, self.scale)
 
 
 def supervised_code(dictionary: MSEDictionary, a, attrs, a_cf, attrs_cf, a_fit,
@@ -432,6 +439,7 @@ def evaluate_cross_section(
         parts.append(trust_ceiling(ds, reference) if ceiling else ds)
     result = xr.concat(parts, "attribute", join="outer", combine_attrs="override")
     return pair_coords(result.assign_attrs(patched_forwards=out.attrs["forwards"],
+                                           patched_rows=len(variants) * len(test),
                                            n_prompts=len(test)))
 
 
@@ -581,11 +589,11 @@ def _variants(test, cs, codes_by_method, a_train, clean, a_cf, keep, ks):
     ``keep`` (the attribute's scored prompts) are written their clean values: unchanged."""
     positions = {pos: test.positions[pos] for _, pos in cs.pairs}
 
-    def variant(values: Mapping[tuple, torch.Tensor]) -> list[Patch]:
+    def variant(values: Mapping[tuple, Any]) -> list[Patch]:
         patches = []
         for pair in cs.pairs:
             full = values[pair]
-            if len(keep) < len(test):
+            if len(keep) < len(test) and not isinstance(full, LatentEdit):
                 full = clean[pair].clone()
                 full[keep] = values[pair]
             patches.append(Patch(pair[0], positions[pair[1]], full, f"{pair[0]}@{pair[1]}"))
@@ -600,11 +608,34 @@ def _variants(test, cs, codes_by_method, a_train, clean, a_cf, keep, ks):
                       variant({p: means[p] + c.a - c.a_hat for p, c in codes.items()})))
         if any(c.directions is None for c in codes.values()):
             continue  # no sparse edit without latent directions at every pair
+        edits, magnitude = {}, {k: [] for k in ks}
+        for pair, c in codes.items():  # one greedy path per pair serves every k
+            chosen, coefs = c.path(max(ks))
+            edits[pair] = _edits(clean[pair], keep, c, chosen, coefs, ks)
+            for k in ks:
+                magnitude[k].append(metrics.edit_magnitude(c.codes, c.codes_cf, c.directions,
+                                                           chosen[:, :k]))
         for k in ks:
-            edits = {p: c.edit(k) for p, c in codes.items()}
-            found.append((f"{method}|edit{k}", variant({p: e[0] for p, e in edits.items()})))
-            magnitudes[method, k] = float(torch.stack([e[1] for e in edits.values()]).mean())
+            found.append((f"{method}|edit{k}", variant({p: e[k] for p, e in edits.items()})))
+            magnitudes[method, k] = float(torch.stack(magnitude[k]).mean())
     return found, magnitudes
+
+
+def _edits(clean, keep, code: SiteCode, chosen, coefs, ks) -> dict[int, Any]:
+    """One pair's edits at every k over all test prompts (the rows outside ``keep`` moved
+    by nothing). Sparse (:class:`~sage_nn.interventions.LatentEdit`: the clean values once,
+    the directions the path uses once, k coefficients a row) where that is fewer numbers
+    than dense values, as for residual sites of wide models; dense otherwise."""
+    n, width = clean.shape
+    full_chosen = torch.full((n, chosen.shape[1]), -1, dtype=torch.long)
+    full_coefs = torch.zeros((n, chosen.shape[1]), dtype=coefs.dtype)
+    full_chosen[keep], full_coefs[keep] = chosen, coefs
+    sparse = LatentEdit.prefixes(clean, full_chosen, full_coefs, code.directions.to(clean.dtype),
+                                 ks)
+    used = len(next(iter(sparse.values())).directions)
+    if n * sum(ks) * 3 + used * width < n * len(ks) * width:  # a coefficient and an int64 id
+        return sparse
+    return {k: e.dense() for k, e in sparse.items()}
 
 
 def _intervention_metrics(out: xr.Dataset, method: str, ks, magnitudes, edit_metric, n_boot,

@@ -159,7 +159,7 @@ def _counterfactual_forward(model, inputs, grid, cols, answer, distractor):
     (``{(layer, kind): [b, P, channels]}``) and the logit differences."""
     ad = adapter(model)
     rows = torch.arange(len(cols), device=cols.device)[:, None]
-    with torch.no_grad(), model.trace(inputs):
+    with torch.no_grad(), model.trace(inputs, logits_to_keep=1):
         values = {}
         for layer, kind in grid:
             values[(layer, kind)] = ad.tensor(model, layer, kind)[..., ad.channels(kind)][rows, cols]

@@ -48,6 +48,65 @@ def logit_diff(logits: torch.Tensor, answer_ids: Any, distractor_ids: Any) -> to
 
 
 @dataclass
+class LatentEdit:
+    """Patch values as the rows of a base moved along a few latent directions: row ``i`` is
+    ``base[rows[i]] + Σ_j coefs[i, j] * directions[ids[i, j]]``. A sparse edit travels
+    like this (its k coefficients and ids, the directions it uses once, and the clean
+    values it starts from once per request) instead of one dense value per k."""
+
+    base: torch.Tensor        # [N, w], shared by every edit that starts from it
+    rows: torch.Tensor        # [n] rows of base
+    ids: torch.Tensor         # [n, k] into directions
+    coefs: torch.Tensor       # [n, k]
+    directions: torch.Tensor  # [U, w], only the latents some row uses
+
+    ndim = 2
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.rows), self.base.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx) -> "LatentEdit":
+        return LatentEdit(self.base, self.rows[idx], self.ids[idx], self.coefs[idx],
+                          self.directions)
+
+    def to(self, device=None, dtype=None) -> "LatentEdit":
+        return LatentEdit(self.base.to(device, dtype), self.rows.to(device),
+                          self.ids.to(device), self.coefs.to(device, dtype),
+                          self.directions.to(device, dtype))
+
+    def dense(self) -> torch.Tensor:
+        """``[n, w]`` (plain torch: runs on a server)."""
+        out = self.base[self.rows].clone()
+        for j in range(self.ids.shape[1]):  # one latent at a time: no [n, k, w] tensor
+            out += (self.coefs[:, j, None] * self.directions[self.ids[:, j]]).to(out.dtype)
+        return out
+
+    @staticmethod
+    def cat(parts: Sequence["LatentEdit"]) -> "LatentEdit":
+        """Rows of edits that share a base and directions, the shorter ones padded with
+        zero moves."""
+        k = max(p.ids.shape[1] for p in parts)
+        pad = lambda t: torch.nn.functional.pad(t, (0, k - t.shape[1]))  # noqa: E731
+        return LatentEdit(parts[0].base, torch.cat([p.rows for p in parts]),
+                          torch.cat([pad(p.ids) for p in parts]),
+                          torch.cat([pad(p.coefs) for p in parts]), parts[0].directions)
+
+    @classmethod
+    def prefixes(cls, base, chosen, coefs, directions, ks) -> dict[int, "LatentEdit"]:
+        """The edit at each k of one greedy path (:func:`sage_nn.metrics.greedy_path`'s
+        ``chosen [n, K]`` ids, -1 for none, and ``coefs``; row ``i`` starts from
+        ``base[i]``), sharing the base and the directions the path uses."""
+        used, ids = torch.unique(chosen.clamp(min=0), return_inverse=True)
+        directions, coefs = directions[used], coefs * (chosen >= 0)
+        rows = torch.arange(len(chosen))
+        return {k: cls(base, rows, ids[:, :k], coefs[:, :k], directions) for k in ks}
+
+
+@dataclass
 class Patch:
     """Write ``values[i]`` into ``site`` at token ``positions[i]`` of prompt ``i``.
 
@@ -64,7 +123,8 @@ class Patch:
     def __post_init__(self):
         self.site = Site.parse(self.site)
         self.positions = np.asarray(self.positions, dtype=np.int64).reshape(-1)
-        self.values = torch.as_tensor(self.values)
+        if not isinstance(self.values, LatentEdit):
+            self.values = torch.as_tensor(self.values)
         if self.values.ndim != 2 or len(self.values) != len(self.positions):
             raise ValueError(f"patch {self.label or self.site}: values must be [n_prompts, width] "
                              f"with one row per position; got values {tuple(self.values.shape)} "
@@ -134,6 +194,7 @@ def run_patched(
         raise ValueError(f"{len(names)} names for {len(variants)} variants")
     # values travel in the transport dtype, and are written in the server model's
     dtype = as_remote(remote).transport_dtype or next(model._module.parameters()).dtype
+    variants = _shared_cast(variants, dtype)
     shape = (len(variants), n)
     ld, logp = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     top1 = np.zeros(shape, np.int64)
@@ -165,6 +226,22 @@ def run_patched(
         # each variant's block (the lower bound of any patched run)
         attrs={"forwards": blocks_run[0] / n},
     )
+
+
+def _shared_cast(variants, dtype):
+    """Sparse edits' bases and directions in ``dtype``, each cast once: what several edits
+    share stays shared, so it travels once."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def cast(t):
+        if id(t) not in memo:
+            memo[id(t)] = t.to(dtype)
+        return memo[id(t)]
+
+    return [[Patch(p.site, p.positions, LatentEdit(cast(p.values.base), p.values.rows,
+                                                   p.values.ids, p.values.coefs,
+                                                   cast(p.values.directions)), p.label)
+             if isinstance(p.values, LatentEdit) else p for p in v] for v in variants]
 
 
 def _suffix_ok(model, batch) -> bool:
@@ -228,10 +305,18 @@ def _writes(ad, batch, idx, variants, device, dtype, offset: int = 0) -> dict:
     writes: dict[tuple, list] = {}
     for (layer, kind, head), parts in groups.items():
         chans = (ad.channels(kind, head) if kind in HEAD_KINDS else torch.arange(ad.d_model))
-        writes.setdefault((layer, kind), []).append((
-            torch.cat([r for r, _, _ in parts]).to(device),
-            torch.cat([c for _, c, _ in parts]).to(device), chans.to(device),
-            torch.cat([v for _, _, v in parts]).to(device, dtype)))
+        # edits from one base along one set of directions stay sparse; the rest is dense
+        by_source: dict[Any, list] = {}
+        for part in parts:
+            v = part[2]
+            key = (id(v.base), id(v.directions)) if isinstance(v, LatentEdit) else None
+            by_source.setdefault(key, []).append(part)
+        for key, same in by_source.items():
+            values = [v for _, _, v in same]
+            writes.setdefault((layer, kind), []).append((
+                torch.cat([r for r, _, _ in same]).to(device),
+                torch.cat([c for _, c, _ in same]).to(device), chans.to(device),
+                (torch.cat(values) if key is None else LatentEdit.cat(values)).to(device, dtype)))
     return writes
 
 
@@ -240,8 +325,10 @@ def _apply(model, ad, writes):
     for layer, kind in sorted(writes, key=lambda k: (k[0], KINDS.index(k[1]))):
         t = ad.tensor(model, layer, kind)
         for rows, cols, chans, values in writes[(layer, kind)]:
+            if isinstance(values, LatentEdit):
+                values = values.dense()
             # a server's model may run in bf16
-            t[rows[:, None], cols[:, None], chans[None, :]] = values.to(t.dtype)
+            t[rows[:, None], cols[:, None], chans[None, :]] = values.to(t.device, t.dtype)
 
 
 def _readout(logits, answer, distractor) -> list:

@@ -23,9 +23,21 @@ MIN_LD_GAP = 0.1
 MIN_CHANGED = 10
 
 
+# The five intervention metrics take prompts along the last axis; with more axes (the
+# bootstrap's resamples) they return one value per row instead of a float.
+
+def _value(x):
+    x = np.asarray(x, dtype=np.float64)
+    return float(x) if x.ndim == 0 else x
+
+
+def _mean(x) -> np.ndarray:
+    return np.mean(np.asarray(x, dtype=np.float64), -1)
+
+
 def sufficiency(ld_patched: np.ndarray, ld_clean: np.ndarray) -> float:
     """``LD_â / LD_clean``: the task survives replacing activations by their reconstruction."""
-    return float(np.mean(ld_patched) / np.mean(ld_clean))
+    return _value(_mean(ld_patched) / _mean(ld_clean))
 
 
 def necessity(ld_x: np.ndarray, ld_mean: np.ndarray, ld_clean: np.ndarray,
@@ -36,10 +48,10 @@ def necessity(ld_x: np.ndarray, ld_mean: np.ndarray, ld_clean: np.ndarray,
     NaN when mean ablation moves the mean logit difference by less than ``min_gap`` logits
     (the ratio would only amplify noise); :func:`necessity_reason` says why.
     """
-    total = abs(np.mean(ld_mean) - np.mean(ld_clean))
-    if not total >= min_gap:  # also NaN for a NaN gap
-        return float("nan")
-    return float(1 - abs(np.mean(ld_mean) - np.mean(ld_x)) / total)
+    total = np.abs(_mean(ld_mean) - _mean(ld_clean))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = 1 - np.abs(_mean(ld_mean) - _mean(ld_x)) / total
+    return _value(np.where(total >= min_gap, value, np.nan))  # also NaN for a NaN gap
 
 
 def necessity_reason(ld_mean: np.ndarray, ld_clean: np.ndarray,
@@ -59,7 +71,7 @@ def _small_move(what: str, ld: np.ndarray, ld_clean: np.ndarray, min_gap: float)
 def loss_increase(logp_patched: np.ndarray, logp_clean: np.ndarray) -> float:
     """Next-token loss increase (nats): mean ``-log p(answer)`` with the reconstruction
     spliced in, minus the clean one. 0: the splice costs the model nothing."""
-    return float(np.mean(np.asarray(logp_clean) - np.asarray(logp_patched)))
+    return _value(_mean(np.asarray(logp_clean) - np.asarray(logp_patched)))
 
 
 def edit_accuracy(top1_edit: np.ndarray, top1_cf: np.ndarray,
@@ -74,9 +86,10 @@ def edit_accuracy(top1_edit: np.ndarray, top1_cf: np.ndarray,
     """
     edit, cf, clean = (np.asarray(x) for x in (top1_edit, top1_cf, top1_clean))
     changed = cf != clean
-    if not changed.any():
-        return float("nan")
-    return float(np.mean(edit[changed] == cf[changed]))
+    n_changed = changed.sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _value(np.where(n_changed > 0, ((edit == cf) & changed).sum(-1) / n_changed,
+                               np.nan))
 
 
 def edit_accuracy_reason(top1_cf: np.ndarray, top1_clean: np.ndarray) -> str | None:
@@ -97,10 +110,10 @@ def edit_success(ld_edit: np.ndarray, ld_clean: np.ndarray, ld_cf: np.ndarray,
     Its no-edit baseline is the same function with the clean run (what the edit starts
     from) as ``ld_edit``; the evaluation reports it next to every edit.
     """
-    move = np.mean(ld_cf) - np.mean(ld_clean)
-    if not abs(move) >= min_gap:
-        return float("nan")
-    return float((np.mean(ld_edit) - np.mean(ld_clean)) / move)
+    move = _mean(ld_cf) - _mean(ld_clean)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = (_mean(ld_edit) - _mean(ld_clean)) / move
+    return _value(np.where(np.abs(move) >= min_gap, value, np.nan))
 
 
 def edit_success_reason(ld_clean: np.ndarray, ld_cf: np.ndarray,
@@ -142,13 +155,23 @@ def greedy_edit(
     Returns ``(edited [n, w], chosen [n, k] latent ids or -1, magnitude [n])``, the
     magnitude being the share of the clean code's weight (``Σ c_j ||d_j||``) removed.
     """
+    chosen, coefs = greedy_path(a, codes, codes_cf, directions, target, k, scale)
+    return (a + path_delta(chosen, coefs, directions),
+            chosen, edit_magnitude(codes, codes_cf, directions, chosen))
+
+
+def greedy_path(a, codes, codes_cf, directions, target, k: int, scale=None):
+    """:func:`greedy_edit`'s choices: ``chosen [n, k]`` latent ids (-1: none, the edit
+    stopped) and ``coefs [n, k]``, each the chosen latent's move times the row's scale
+    (0 for none). The first ``k' < k`` columns are the greedy edit at ``k'``: one path
+    serves every k."""
     scale = torch.ones(len(a), dtype=a.dtype) if scale is None else scale.to(a.dtype)
     norms = directions.norm(dim=-1)  # [L]
     step = (codes_cf - codes).to(a.dtype)  # [n, L]
     residual = (target - a).clone()
-    edited = a.clone()
     taken = torch.zeros_like(step, dtype=torch.bool)
     chosen = torch.full((len(a), k), -1, dtype=torch.long)
+    coefs = torch.zeros((len(a), k), dtype=a.dtype)
     rows = torch.arange(len(a))
     for i in range(k):
         # gain of candidate j: ||R||² - ||R - δ_j||² = 2 R·δ_j - ||δ_j||²
@@ -157,15 +180,32 @@ def greedy_edit(
         gain = gain.masked_fill(taken | (step == 0), -torch.inf)
         best = gain.argmax(-1)
         ok = torch.isfinite(gain[rows, best]) & (gain[rows, best] > 0)
-        delta = (step[rows, best] * scale)[:, None] * directions[best] * ok[:, None]
-        edited += delta
-        residual -= delta
+        coef = step[rows, best] * scale * ok
+        residual -= coef[:, None] * directions[best]
         taken[rows[ok], best[ok]] = True
         chosen[ok, i] = best[ok]
+        coefs[:, i] = coef
+    return chosen, coefs
+
+
+def path_delta(chosen: torch.Tensor, coefs: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """``Σ_i coefs[:, i] * directions[chosen[:, i]]`` (``[n, w]``), in the path's order."""
+    delta = torch.zeros(len(chosen), directions.shape[-1], dtype=directions.dtype)
+    for i in range(chosen.shape[1]):
+        delta += coefs[:, i, None] * directions[chosen[:, i].clamp(min=0)]
+    return delta
+
+
+def edit_magnitude(codes, codes_cf, directions, chosen) -> torch.Tensor:
+    """The share of the clean code's weight (``Σ c_j ||d_j||``) that the edit ``chosen``
+    removes, per row."""
+    norms = directions.norm(dim=-1)
+    taken = torch.zeros_like(codes, dtype=torch.bool)
+    rows = torch.arange(len(codes))[:, None].expand_as(chosen)
+    taken[rows[chosen >= 0], chosen[chosen >= 0]] = True
     weight = (codes.clamp(min=0) * norms).sum(-1)
     removed = ((codes - codes_cf).clamp(min=0) * norms * taken).sum(-1)
-    magnitude = torch.where(weight > 0, removed / weight, torch.zeros_like(weight))
-    return edited, chosen, magnitude
+    return torch.where(weight > 0, removed / weight, torch.zeros_like(weight))
 
 
 def _f1_table(active: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -238,16 +278,22 @@ def bootstrap(statistic: Callable[..., float], *arrays: np.ndarray, n_boot: int 
     last axis of every array) with replacement. Resamples where the statistic is NaN (e.g.
     necessity's gap falls below ``min_gap``) are left out; ``(nan, nan)`` if all are, or if
     the statistic itself is NaN on the data (an interval around an undefined value would
-    read as a measurement)."""
+    read as a measurement). All resamples go through ``statistic`` at once when it takes
+    a resample axis (as this module's metrics do), else one by one."""
     if np.isnan(statistic(*arrays)):
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    n = np.asarray(arrays[0]).shape[-1]
-    values = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        values.append(statistic(*(np.asarray(x)[..., idx] for x in arrays)))
-    values = np.asarray(values, dtype=np.float64)
+    arrays = [np.asarray(x) for x in arrays]
+    n = arrays[0].shape[-1]
+    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    values = None
+    if all(x.ndim == 1 for x in arrays):
+        try:
+            values = np.asarray(statistic(*(x[idx] for x in arrays)), dtype=np.float64)
+        except (TypeError, ValueError, IndexError):  # a statistic of one resample only
+            pass
+    if values is None or values.shape != (n_boot,):
+        values = np.array([statistic(*(x[..., i] for x in arrays)) for i in idx],
+                          dtype=np.float64)
     if np.isnan(values).all():
         return float("nan"), float("nan")
     lo, hi = np.nanpercentile(values, [50 * (1 - level), 50 * (1 + level)])

@@ -157,7 +157,7 @@ def _trace_reads(model, inputs, cols, reads, jobs):
     arch = ad.arch
     rows = torch.arange(len(cols), device=cols.device)[:, None]
     layers = sorted({s.layer for s in reads} | set(jobs))
-    with torch.no_grad(), model.trace(inputs):
+    with torch.no_grad(), model.trace(inputs) as tracer:
         out = {}
         for layer in layers:
             here = jobs.get(layer, [])
@@ -179,6 +179,7 @@ def _trace_reads(model, inputs, cols, reads, jobs):
                         t = t[..., ad.channels(kind, s.head)]
                     out[str(s)] = t[rows, cols]  # [b, P, width]
         out.save()
+        tracer.stop()  # the layers above the last read and the logits are not needed
     return out
 
 

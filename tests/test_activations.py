@@ -57,8 +57,9 @@ def test_named_positions_gather_per_prompt(model):
 
 
 def test_one_forward_per_batch_whatever_the_sites(model):
-    calls = []
-    handle = model._module.register_forward_hook(lambda *a: calls.append(1))
+    calls = []  # the embedding runs once a forward (the forward stops after the last site)
+    handle = model._module.get_input_embeddings().register_forward_hook(
+        lambda *a: calls.append(1))
     try:
         ds = collect(model, PROMPTS, ["L0.z.h1", "L0.z.h1", "L0.resid_pre", "L1.z.h3",
                                       "L0.resid_pre", "L1.mlp_out"], batch_size=8, progress=False)

@@ -11,7 +11,7 @@ import torch
 
 from sage_nn import tiny_random_model
 from sage_nn.activations import encode
-from sage_nn.interventions import (Patch, counterfactual_patches, logit_diff, run_patched,
+from sage_nn.interventions import (LatentEdit, Patch, counterfactual_patches, logit_diff, run_patched,
                                    site_values)
 from sage_nn.sites import Site, adapter
 
@@ -152,6 +152,33 @@ def test_head_patch_writes_only_that_head(llama):
     assert np.abs(ld[2] - ld[0]).max() > 1e-3 and np.abs(ld[3] - ld[0]).max() > 1e-3
     alone = run_patched(llama, ds, [[swapped]], batch_size=1).logit_diff.values[0]
     np.testing.assert_allclose(alone, ld[2], rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_edits_patch_as_their_dense_values(llama):
+    """A LatentEdit (clean values moved along a few latent directions) patches exactly as
+    its dense values, in the forwards it shares with dense patches, here and through
+    nnsight's NDIF simulation; the edit at k is the first k steps of the path."""
+    ds = tiny_ioi(llama, n=6)
+    site = Site(1, "resid_pre")
+    base = site_values(llama, ds, [(site, "END")])[(site, "END")]
+    g = torch.Generator().manual_seed(0)
+    directions = torch.randn(5, base.shape[1], generator=g)
+    chosen = torch.randint(0, 5, (6, 4), generator=g)
+    chosen[0, 1:] = -1  # the greedy path of prompt 0 stopped after one latent
+    coefs = torch.randn(6, 4, generator=g)
+    edits = LatentEdit.prefixes(base, chosen, coefs, directions, [1, 2, 4])
+    step = coefs[:, :, None] * directions[chosen.clamp(min=0)] * (chosen >= 0)[:, :, None]
+    for k, edit in edits.items():
+        torch.testing.assert_close(edit.dense(), base + step[:, :k].sum(1))
+    head = Patch("L1.z.h3", ds.positions["END"], torch.full((6, 8), 3.0), "head")
+    sparse = [[Patch(site, ds.positions["END"], e, f"sparse{k}"), head] for k, e in edits.items()]
+    dense = [[Patch(site, ds.positions["END"], e.dense(), f"dense{k}"), head]
+             for k, e in edits.items()]
+    ld = run_patched(llama, ds, [[]] + sparse + dense, batch_size=4).logit_diff.values
+    np.testing.assert_allclose(ld[1:4], ld[4:7], rtol=1e-5, atol=1e-5)
+    assert np.abs(ld[1:4] - ld[0]).min(1).max() > 1e-3  # the edits change the output
+    there = run_patched(llama, ds, [[]] + sparse, batch_size=4, remote="local")
+    np.testing.assert_allclose(there.logit_diff.values, ld[:4], rtol=1e-5, atol=1e-5)
 
 
 def test_bad_patches_get_clear_errors(llama):

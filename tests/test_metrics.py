@@ -207,3 +207,22 @@ def test_bootstrap_of_an_undefined_statistic_is_undefined():
     edit = np.array([1.2, 0.9, 1.1, 1.0])
     assert np.isnan(metrics.edit_success(edit, clean, cf))
     assert all(np.isnan(metrics.bootstrap(metrics.edit_success, edit, clean, cf, n_boot=200)))
+
+
+@pytest.mark.parametrize("name", ["sufficiency", "necessity", "loss_increase", "edit_success",
+                                  "edit_accuracy"])
+def test_bootstrap_of_all_resamples_at_once_equals_one_by_one(name):
+    """The metrics take a resample axis, so the bootstrap computes every resample in one
+    call; a statistic that cannot (here: the same metric behind float()) goes one by one
+    over the same resamples, to the same interval."""
+    rng = np.random.default_rng(1)
+    if name == "edit_accuracy":
+        arrays = [rng.integers(0, 3, 60) for _ in range(3)]
+    else:
+        arrays = [rng.normal(m, 1.0, 60) for m in (2.0, 0.5, 3.0)][:3 if name in (
+            "necessity", "edit_success") else 2]
+    metric = getattr(metrics, name)
+    at_once = metrics.bootstrap(metric, *arrays, n_boot=300, seed=3)
+    one_by_one = metrics.bootstrap(lambda *a: float(metric(*a)), *arrays, n_boot=300, seed=3)
+    assert np.isfinite(at_once).all()
+    np.testing.assert_allclose(at_once, one_by_one, rtol=1e-12)
