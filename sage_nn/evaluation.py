@@ -624,16 +624,20 @@ def _variants(test, cs, codes_by_method, a_train, clean, a_cf, keep, ks):
 def _edits(clean, keep, code: SiteCode, chosen, coefs, ks) -> dict[int, Any]:
     """One pair's edits at every k over all test prompts (the rows outside ``keep`` moved
     by nothing). Sparse (:class:`~sage_nn.interventions.LatentEdit`: the clean values once,
-    the directions the path uses once, k coefficients a row) where that is fewer numbers
-    than dense values, as for residual sites of wide models; dense otherwise."""
+    the directions the path uses once, at most k moves a row) where that is fewer bytes
+    than dense values (wide sites whose edits share latents across prompts); dense
+    otherwise."""
     n, width = clean.shape
     full_chosen = torch.full((n, chosen.shape[1]), -1, dtype=torch.long)
     full_coefs = torch.zeros((n, chosen.shape[1]), dtype=coefs.dtype)
     full_chosen[keep], full_coefs[keep] = chosen, coefs
     sparse = LatentEdit.prefixes(clean, full_chosen, full_coefs, code.directions.to(clean.dtype),
                                  ks)
-    used = len(next(iter(sparse.values())).directions)
-    if n * sum(ks) * 3 + used * width < n * len(ks) * width:  # a coefficient and an int64 id
+    # in 2-byte values (bf16 transport, where the 4-byte ids weigh most): a move is an id
+    # and a coefficient; each used direction and the clean values are sent once
+    moves = sum(len(e.ids) for e in sparse.values())
+    directions = len(next(iter(sparse.values())).directions)
+    if moves * 3 + (directions + n) * width < n * len(ks) * width:
         return sparse
     return {k: e.dense() for k, e in sparse.items()}
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -50,15 +50,17 @@ def logit_diff(logits: torch.Tensor, answer_ids: Any, distractor_ids: Any) -> to
 @dataclass
 class LatentEdit:
     """Patch values as the rows of a base moved along a few latent directions: row ``i`` is
-    ``base[rows[i]] + Σ_j coefs[i, j] * directions[ids[i, j]]``. A sparse edit travels
-    like this (its k coefficients and ids, the directions it uses once, and the clean
-    values it starts from once per request) instead of one dense value per k."""
+    ``base[rows[i]]`` plus its ``counts[i]`` moves ``coefs[e] * directions[ids[e]]`` (the
+    entries of row ``i`` follow those of row ``i - 1``). A sparse edit travels like this:
+    per row only the latents it moves, and the directions and the clean values it starts
+    from once per request, instead of one dense value per k."""
 
     base: torch.Tensor        # [N, w], shared by every edit that starts from it
     rows: torch.Tensor        # [n] rows of base
-    ids: torch.Tensor         # [n, k] into directions
-    coefs: torch.Tensor       # [n, k]
-    directions: torch.Tensor  # [U, w], only the latents some row uses
+    counts: torch.Tensor      # [n] moves per row
+    ids: torch.Tensor         # [moves] into directions
+    coefs: torch.Tensor       # [moves]
+    directions: torch.Tensor  # [U, w], only the latents some row moves
 
     ndim = 2
 
@@ -70,40 +72,51 @@ class LatentEdit:
         return len(self.rows)
 
     def __getitem__(self, idx) -> "LatentEdit":
-        return LatentEdit(self.base, self.rows[idx], self.ids[idx], self.coefs[idx],
-                          self.directions)
+        idx = torch.as_tensor(idx)
+        counts = self.counts[idx]
+        starts = (torch.cumsum(self.counts, 0) - self.counts)[idx]
+        # each selected row's entries: its start, then the next counts - 1
+        first = torch.cumsum(counts, 0) - counts
+        entries = (torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
+                   + torch.repeat_interleave(starts, counts))
+        return LatentEdit(self.base, self.rows[idx], counts, self.ids[entries],
+                          self.coefs[entries], self.directions)
 
     def to(self, device=None, dtype=None) -> "LatentEdit":
         return LatentEdit(self.base.to(device, dtype), self.rows.to(device),
-                          self.ids.to(device), self.coefs.to(device, dtype),
-                          self.directions.to(device, dtype))
+                          self.counts.to(device), self.ids.to(device),
+                          self.coefs.to(device, dtype), self.directions.to(device, dtype))
 
     def dense(self) -> torch.Tensor:
         """``[n, w]`` (plain torch: runs on a server)."""
-        out = self.base[self.rows].clone()
-        for j in range(self.ids.shape[1]):  # one latent at a time: no [n, k, w] tensor
-            out += (self.coefs[:, j, None] * self.directions[self.ids[:, j]]).to(out.dtype)
-        return out
+        owner = torch.repeat_interleave(torch.arange(len(self.rows), device=self.rows.device),
+                                        self.counts.long())
+        moves = self.coefs[:, None] * self.directions[self.ids.long()]
+        return self.base[self.rows].index_add(0, owner, moves.to(self.base.dtype))
 
     @staticmethod
     def cat(parts: Sequence["LatentEdit"]) -> "LatentEdit":
-        """Rows of edits that share a base and directions, the shorter ones padded with
-        zero moves."""
-        k = max(p.ids.shape[1] for p in parts)
-        pad = lambda t: torch.nn.functional.pad(t, (0, k - t.shape[1]))  # noqa: E731
-        return LatentEdit(parts[0].base, torch.cat([p.rows for p in parts]),
-                          torch.cat([pad(p.ids) for p in parts]),
-                          torch.cat([pad(p.coefs) for p in parts]), parts[0].directions)
+        """The rows of edits that share a base and directions, in order."""
+        joined = [torch.cat([getattr(p, f) for p in parts])
+                  for f in ("rows", "counts", "ids", "coefs")]
+        return LatentEdit(parts[0].base, *joined, parts[0].directions)
 
     @classmethod
     def prefixes(cls, base, chosen, coefs, directions, ks) -> dict[int, "LatentEdit"]:
         """The edit at each k of one greedy path (:func:`sage_nn.metrics.greedy_path`'s
         ``chosen [n, K]`` ids, -1 for none, and ``coefs``; row ``i`` starts from
         ``base[i]``), sharing the base and the directions the path uses."""
-        used, ids = torch.unique(chosen.clamp(min=0), return_inverse=True)
-        directions, coefs = directions[used], coefs * (chosen >= 0)
+        moved = chosen >= 0
+        used, ids = torch.unique(chosen[moved], return_inverse=True)
+        at = torch.full_like(chosen, -1)
+        at[moved] = ids
         rows = torch.arange(len(chosen))
-        return {k: cls(base, rows, ids[:, :k], coefs[:, :k], directions) for k in ks}
+        directions, out = directions[used], {}
+        for k in ks:
+            m = moved[:, :k]
+            out[k] = cls(base, rows, m.sum(1).int(), at[:, :k][m].int(), coefs[:, :k][m],
+                         directions)
+        return out
 
 
 @dataclass
@@ -238,9 +251,8 @@ def _shared_cast(variants, dtype):
             memo[id(t)] = t.to(dtype)
         return memo[id(t)]
 
-    return [[Patch(p.site, p.positions, LatentEdit(cast(p.values.base), p.values.rows,
-                                                   p.values.ids, p.values.coefs,
-                                                   cast(p.values.directions)), p.label)
+    return [[Patch(p.site, p.positions, replace(p.values, base=cast(p.values.base),
+                                                directions=cast(p.values.directions)), p.label)
              if isinstance(p.values, LatentEdit) else p for p in v] for v in variants]
 
 
