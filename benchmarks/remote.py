@@ -212,15 +212,18 @@ def edit_transport(run_dir: str, pair: str = "L24.resid_pre@END") -> dict:
     name, members = resolve_saes(spec, model, [site], config)
     saes = {name: ReconstructedSAE(members, batch_size=config.batch_size)}
     server, row = FreshProcessBackend(smollm2_dir()), {"pair": pair, "sae": name}
+    results = {}
     for kind, edits in (("sparse", sparse_edits), ("dense", dense_edits)):
         evaluation._edits = edits
         remote = Remote(server, transport="bfloat16")
         first = len(server.request_bytes)
-        evaluate_cross_section(model, fit, held_out, sections, saes, ks=config.ks,
-                               n_boot=10, remote=remote)
+        results[kind] = evaluate_cross_section(model, fit, held_out, sections, saes,
+                                               ks=config.ks, n_boot=10, remote=remote)
         assert [r[0] for r in remote.requests] == ["read", "patch"]
         row[f"patch_upload_bytes_{kind}"] = server.request_bytes[first + 1]
     evaluation._edits = sparse_edits
+    edit = [results[kind].edit.values for kind in ("sparse", "dense")]
+    row["edit_max_abs_difference"] = float(np.nanmax(np.abs(edit[0] - edit[1])))
     row["dense_over_sparse"] = row["patch_upload_bytes_dense"] / row["patch_upload_bytes_sparse"]
     print(row, flush=True)
     return {"setup": f"SmolLM2 (d_model 576), the quickstart's fit and held-out prompts, "

@@ -1,8 +1,9 @@
 """sage_nn: ground-truth evaluation of sparse autoencoders on real language models."""
 
 from .activations import collect, open_store
+from .attribution import AttributionPatching
 from .dictionaries import MeanDictionary, MSEDictionary
-from .discovery import AttributionPatching, discover
+from .discovery import discover
 from .models import DEFAULT_MODEL, load_model, tiny_random_model
 from .reconstruction import ResidualReconstruction
 from .runs import Run, open_run
