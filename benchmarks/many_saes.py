@@ -5,7 +5,8 @@ Times :func:`sage_nn.evaluation.evaluate_cross_section` on SmolLM2-135M IOI (att
 reconstruction, as the pipeline's default ``train:topk`` SAEs reach them) with the first
 ``n`` of 8 TopK SAEs (widths 256/512 x k 4/8/16/32) in one call: the ceiling, every SAE and
 its floor. ``lower_bound_s`` is the evaluation benchmark's (benchmarks/evaluation.py): the
-plain HuggingFace forward of the held-out prompts, timed in the same process, times the
+plain HuggingFace forward of the held-out prompts (last-token logits), timed in the same
+process, times the
 ``patched_forwards`` the evaluation reports (the clean run plus, per variant, the block of
 layers x tokens its patches can change). Also times adding one SAE to a finished run (the
 per-SAE cache: ``evaluate_cross_section(..., ceiling=False)`` with that SAE alone).
@@ -78,7 +79,8 @@ def main():
     def plain():
         with torch.no_grad():
             for idx in batches(len(held_out), config.batch_size):
-                model._module(**encode(model, [held_out.prompts[i] for i in idx]).inputs)
+                model._module(**encode(model, [held_out.prompts[i] for i in idx]).inputs,
+                              logits_to_keep=1)  # what the task reads: the last token
 
     def evaluate(names, ceiling=True):
         start = time.perf_counter()
