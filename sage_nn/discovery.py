@@ -9,9 +9,9 @@ A cross-section is a set of components (by default per-head ``z``) whose *joint*
 recovers a share of the attribute's total effect: :func:`grow_cross_sections` (the default of
 :func:`discover`) takes its candidates from attribution and decides by exact joint patching,
 in four model runs shared by every attribute, one request remotely (:mod:`sage_nn.growth`).
-On SmolLM2 IOI (16 prompts) it finds io: 6 heads at END (L29.h1, L23.h7/h0/h2/h1/h4) recovering 0.63; s: 3 heads (L24.h5,
-L23.h0/h7) 0.66; order: L20.h0 alone, 2.6 (it overshoots the small total effect), in 18 s
-on 2 idle CPU cores. The top-|score| pick (:func:`select_cross_section`) stays available
+On SmolLM2 IOI (16 prompts) it finds io: 6 heads at END (L29.h1, L23.h7/h0/h2/h1/h4)
+recovering 0.63; s: 3 heads (L24.h5, L23.h0/h7) 0.66; order: L20.h0 alone, 2.6 (it
+overshoots the small total effect), in 18 s on 2 idle CPU cores. The top-|score| pick (:func:`select_cross_section`) stays available
 as ``top_k`` / ``coverage``.
 """
 

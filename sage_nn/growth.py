@@ -162,7 +162,8 @@ def _counterfactual_forward(model, inputs, grid, cols, answer, distractor):
     with torch.no_grad(), model.trace(inputs, logits_to_keep=1):
         values = {}
         for layer, kind in grid:
-            values[(layer, kind)] = ad.tensor(model, layer, kind)[..., ad.channels(kind)][rows, cols]
+            t = ad.tensor(model, layer, kind)[..., ad.channels(kind)]
+            values[(layer, kind)] = t[rows, cols]
         values.save()
         ld = logit_diff(model.output.logits[:, -1], answer, distractor).save()
     return values, ld

@@ -99,8 +99,8 @@ class Remote:
         return model.session(remote=self.backend, blocking=self.blocking, verbose=self.verbose)
 
     def record(self, stage: str, group: list[tuple]) -> None:
-        self.requests.append((stage, sum(map(_size, group)),
-                              sum(x["input_ids"].numel() for chunk in group for x in _inputs(chunk))))
+        tokens = sum(x["input_ids"].numel() for chunk in group for x in _inputs(chunk))
+        self.requests.append((stage, sum(map(_size, group)), tokens))
 
 
 class RemotePending(RuntimeError):

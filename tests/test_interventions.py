@@ -11,8 +11,8 @@ import torch
 
 from sage_nn import tiny_random_model
 from sage_nn.activations import encode
-from sage_nn.interventions import (LatentEdit, Patch, counterfactual_patches, logit_diff, run_patched,
-                                   site_values)
+from sage_nn.interventions import (LatentEdit, Patch, counterfactual_patches, logit_diff,
+                                   run_patched, site_values)
 from sage_nn.sites import Site, adapter
 
 ARCHITECTURES = ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2"]
