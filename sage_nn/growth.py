@@ -43,9 +43,8 @@ def measure_growth(model: Any, dataset: Any, pairs: dict[str, list[tuple]], targ
     prepared = [_prepare(model, dataset, pairs, idx)
                 for idx in batches(len(dataset.prompts), batch_size)]
     inputs = [p.pop("inputs") for p in prepared]
-    positions = {a: [dataset.positions[p] for _, p in ps] for a, ps in pairs.items()}
-    (out,) = run_kernel(model, _grow, [(inputs, prepared, pairs, positions, target, max_rows)],
-                        remote, stage="grow")
+    (out,) = run_kernel(model, _grow, [(inputs, prepared, pairs, _positions(dataset, pairs),
+                                        target, max_rows)], remote, stage="grow")
     return out
 
 
@@ -67,6 +66,11 @@ def _prepare(model, dataset, pairs, idx) -> dict:
             "cf_distractor": as_ids(dataset.distractor_ids, len(cfs))}
 
 
+def _positions(dataset, pairs: dict) -> dict[str, list]:
+    """Each pool pair's per-prompt token positions, where its patch is written."""
+    return {a: [dataset.positions[p] for _, p in ps] for a, ps in pairs.items()}
+
+
 def _names(pairs: dict) -> list[str]:
     return sorted({p for ps in pairs.values() for _, p in ps})
 
@@ -79,22 +83,14 @@ def _grid(pairs: dict) -> list[tuple[int, str]]:
 def _grow(model, inputs, prepared, pairs, positions, target, max_rows):
     """The whole search (a remote kernel): counterfactual values and logit differences of
     every batch, then :func:`_search` with every round's patched runs done here."""
-    ad, grid, names = adapter(model), _grid(pairs), _names(pairs)
-    attributes, n = list(pairs), sum(len(p["idx"]) for p in prepared)
-    parts, cf_sum = [], torch.zeros(len(attributes))
-    for p in prepared:
-        values, ld = _counterfactual_forward(model, p["cf_inputs"], grid, p["cf_cols"],
-                                             p["cf_answer"], p["cf_distractor"])
-        b = len(p["idx"])
-        parts.append({key: v.unflatten(0, (len(attributes), b)) for key, v in values.items()})
-        cf_sum += ld.float().cpu().reshape(len(attributes), b).sum(1)
-    values = {key: torch.cat([part[key] for part in parts], 1) for key in grid}
-    patches = _pool_patches(ad, pairs, positions, values, names)
+    ad, grid, n = adapter(model), _grid(pairs), sum(len(p["idx"]) for p in prepared)
+    patches, cf_ld = _pool(ad, pairs, positions, (
+        (*_counterfactual_forward(model, p["cf_inputs"], grid, p["cf_cols"], p["cf_answer"],
+                                  p["cf_distractor"]), len(p["idx"])) for p in prepared))
     batch_list = [Batch(x, p["offsets"], p["lengths"]) for x, p in zip(inputs, prepared)]
 
     def measure(sets: dict[str, list[list[int]]]):
-        keys = [(a, v) for a, variants in sets.items() for v in range(len(variants))]
-        variants = [[]] + [[patches[a][i] for i in sets[a][v]] for a, v in keys]
+        keys, variants = _variants(sets, patches)
         sums = torch.zeros(len(variants))
         for batch, p in zip(batch_list, prepared):
             device = batch.inputs["input_ids"].device
@@ -105,13 +101,38 @@ def _grow(model, inputs, prepared, pairs, positions, target, max_rows):
             for (ld, _, _), chunk in zip(outs[1:], members):
                 sums[chunk] += ld.float().cpu().reshape(len(p["idx"]), -1).sum(0)
         means = (sums / n).tolist()
-        out = {a: np.zeros(len(variants)) for a, variants in sets.items()}
-        for (a, v), x in zip(keys, means[1:]):
-            out[a][v] = x
-        return means[0], out
+        return means[0], _by_attribute(sets, keys, means[1:])
 
-    return _search(measure, dict(zip(attributes, (cf_sum / n).tolist())),
-                   {a: len(ps) for a, ps in pairs.items()}, target)
+    return _search(measure, cf_ld, {a: len(ps) for a, ps in pairs.items()}, target)
+
+
+def _variants(sets: dict[str, list[list[int]]], patches: dict) -> tuple[list, list]:
+    """A round's sets as :func:`run_patched` variants (the clean run first), and the
+    ``(attribute, set index)`` of each after it."""
+    keys = [(a, v) for a, variants in sets.items() for v in range(len(variants))]
+    return keys, [[]] + [[patches[a][i] for i in sets[a][v]] for a, v in keys]
+
+
+def _by_attribute(sets, keys, means) -> dict[str, np.ndarray]:
+    """The patched variants' means back per attribute, one per set."""
+    out = {a: np.zeros(len(variants)) for a, variants in sets.items()}
+    for (a, v), x in zip(keys, means):
+        out[a][v] = x
+    return out
+
+
+def _pool(ad, pairs, positions, outs) -> tuple[dict[str, list[Patch]], dict[str, float]]:
+    """Each attribute's pool as patches, and its mean counterfactual logit difference, from
+    the counterfactual forwards' ``(values, logit differences, batch size)`` (every
+    attribute stacked along the batch)."""
+    attributes, parts, ld_sum, n = list(pairs), [], np.zeros(len(pairs)), 0
+    for values, ld, b in outs:
+        parts.append({key: v.unflatten(0, (len(attributes), b)) for key, v in values.items()})
+        ld_sum += ld.double().cpu().numpy().reshape(len(attributes), b).sum(1)
+        n += b
+    values = {key: torch.cat([p[key] for p in parts], 1) for key in parts[0]}
+    patches = _pool_patches(ad, pairs, positions, values, _names(pairs))
+    return patches, {a: float(x) for a, x in zip(attributes, ld_sum / n)}
 
 
 def _search(measure: Callable, cf_ld: dict[str, float], sizes: dict[str, int],
@@ -187,8 +208,7 @@ def _pool_patches(ad, pairs, positions, values, names) -> dict[str, list[Patch]]
 def _counterfactual_patches(model, dataset, pairs: dict, batch_size, progress, remote):
     """The search's first read, as its own requests: ``{attribute: [Patch]}`` and the mean
     counterfactual logit difference per attribute."""
-    grid, names, attributes = _grid(pairs), _names(pairs), list(pairs)
-    sizes = []
+    grid, sizes = _grid(pairs), []
 
     def chunks():
         for idx in batches(len(dataset.prompts), batch_size, progress and "counterfactuals"):
@@ -196,28 +216,17 @@ def _counterfactual_patches(model, dataset, pairs: dict, batch_size, progress, r
             sizes.append(len(idx))
             yield p["cf_inputs"], grid, p["cf_cols"], p["cf_answer"], p["cf_distractor"]
 
-    parts, ld_sum = [], np.zeros(len(attributes))
-    for values, ld in run_kernel(model, _counterfactual_forward, chunks(), remote,
-                                 stage="counterfactuals"):
-        b = sizes.pop(0)
-        parts.append({key: v.cpu().unflatten(0, (len(attributes), b)) for key, v in values.items()})
-        ld_sum += ld.double().cpu().numpy().reshape(len(attributes), b).sum(1)
-    values = {key: torch.cat([p[key] for p in parts], 1) for key in grid}
-    positions = {a: [dataset.positions[p] for _, p in ps] for a, ps in pairs.items()}
-    patches = _pool_patches(adapter(model), pairs, positions, values, names)
-    return patches, dict(zip(attributes, ld_sum / len(dataset.prompts)))
+    outs = run_kernel(model, _counterfactual_forward, chunks(), remote, stage="counterfactuals")
+    return _pool(adapter(model), pairs, _positions(dataset, pairs),
+                 ((values, ld, sizes.pop(0)) for values, ld in outs))
 
 
 def _joint_logit_diffs(model, dataset, sets: dict[str, list[list[int]]], patches: dict, *,
                        batch_size, max_rows, progress, remote):
     """One round of the search as its own requests (:func:`run_patched`): the clean mean
     logit difference and ``{attribute: a mean per set}``."""
-    keys = [(a, v) for a, variants in sets.items() for v in range(len(variants))]
-    variants = [[]] + [[patches[a][i] for i in sets[a][v]] for a, v in keys]
+    keys, variants = _variants(sets, patches)
     ld = run_patched(model, dataset, variants, names=list(range(len(variants))),
                      batch_size=batch_size, max_rows=max_rows, progress=progress,
                      remote=remote).logit_diff.mean("prompt").values.astype(float)
-    out = {a: np.zeros(len(variants)) for a, variants in sets.items()}
-    for (a, v), x in zip(keys, ld[1:]):
-        out[a][v] = x
-    return float(ld[0]), out
+    return float(ld[0]), _by_attribute(sets, keys, ld[1:])
