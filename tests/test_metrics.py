@@ -221,8 +221,14 @@ def test_bootstrap_of_all_resamples_at_once_equals_one_by_one(name):
     else:
         arrays = [rng.normal(m, 1.0, 60) for m in (2.0, 0.5, 3.0)][:3 if name in (
             "necessity", "edit_success") else 2]
-    metric = getattr(metrics, name)
-    at_once = metrics.bootstrap(metric, *arrays, n_boot=300, seed=3)
+    metric, calls = getattr(metrics, name), []
+
+    def counted(*a):
+        calls.append(1)
+        return metric(*a)
+
+    at_once = metrics.bootstrap(counted, *arrays, n_boot=300, seed=3)
+    assert len(calls) == 2  # the point estimate, then all 300 resamples in one call
     one_by_one = metrics.bootstrap(lambda *a: float(metric(*a)), *arrays, n_boot=300, seed=3)
     assert np.isfinite(at_once).all()
     np.testing.assert_allclose(at_once, one_by_one, rtol=1e-12)
