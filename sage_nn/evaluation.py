@@ -13,6 +13,7 @@ cross-section (Makelov et al.'s protocol), so all variants share one set of forw
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,27 +26,29 @@ from sklearn.base import clone
 from . import metrics
 from .dictionaries import MSEDictionary
 from .interventions import LatentEdit, Patch, run_patched
+from .floor import RandomDictionary
 from .reads import read_sites
-from .floor import calibration, random_like
 from .reconstruction import ResidualReconstruction
-from .saes import SparseAutoencoder, encoder_only
+from .saes import SparseAutoencoder
 from .sites import HEAD_KINDS, RESID_KINDS, Site, adapter
 
 SUPERVISED = "supervised"
 RANDOM = "random"
+#: bumped when the metrics' definitions change, so a run's cached evaluation is recomputed
+EVALUATION_VERSION = 2
 
 
 @dataclass
 class SiteCode:
-    """One method at one (site, position) pair, on n clean prompts and their counterfactuals.
+    """One dictionary at one (site, position) pair, on n held-out prompts, their
+    counterfactuals and the fit prompts.
 
-    ``a, a_hat, a_cf [n, w]``; ``codes, codes_cf [n, L]``; ``directions [L, w]`` with an
-    optional per-prompt ``scale [n]`` (a frozen norm) so latent ``j`` moves the site by
-    ``scale * code_j * directions[j]``. ``active`` / ``active_fit`` ``[n, L]`` are the codes
-    that L0, dead latents and F1 count, on the held-out and the fit prompts: the codes
-    themselves at a residual site; at a sublayer site reached through the reconstruction,
-    the feeding residual SAE's codes at the site's token (what a residual SAE's L0 counts),
-    not the pattern-weighted sum over earlier tokens that the edit uses.
+    ``a, a_hat, a_cf [n, w]``; ``codes, codes_cf [n, L]`` and ``codes_fit [n_fit, L]``;
+    ``directions [L, w]`` with an optional per-prompt ``scale [n]`` (a frozen norm) so latent
+    ``j`` moves the site by ``scale * code_j * directions[j]``. The codes are the latents'
+    codes *at the site*, the ones the edit moves, and every per-latent metric (L0, dead
+    latents, F1) counts them: at a sublayer site reached through the reconstruction, the
+    pattern-weighted sum of the residual SAE's codes over the source tokens.
     """
 
     a: torch.Tensor
@@ -55,20 +58,7 @@ class SiteCode:
     codes_cf: torch.Tensor
     directions: torch.Tensor | None
     scale: torch.Tensor | None = None
-    active: torch.Tensor | None = None
-    active_fit: torch.Tensor | None = None
-
-    def __post_init__(self):
-        if self.active is None:
-            self.active = self.codes
-
-    def edit(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The greedy sparse edit with at most ``k`` latents, and its magnitude."""
-        if self.directions is None:  # no linear latent directions here: no sparse edit
-            return self.a, torch.full((len(self.a),), torch.nan)
-        edited, _, magnitude = metrics.greedy_edit(self.a, self.codes, self.codes_cf,
-                                                   self.directions, self.a_cf, k, self.scale)
-        return edited, magnitude
+    codes_fit: torch.Tensor | None = None
 
     def path(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The greedy edit's path up to ``k`` latents (:func:`sage_nn.metrics.greedy_path`):
@@ -85,7 +75,21 @@ def supervised_code(dictionary: MSEDictionary, a, attrs, a_cf, attrs_cf, a_fit,
     t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)  # noqa: E731
     return SiteCode(t(a), t(dictionary.inverse_transform(codes)), t(a_cf), t(codes),
                     t(codes_cf), t(dictionary.components_),
-                    active_fit=t(dictionary.transform(a_fit, attrs_fit)))
+                    codes_fit=t(dictionary.transform(a_fit, attrs_fit)))
+
+
+def floor_code(code: SiteCode, a_fit: torch.Tensor, seed: int) -> SiteCode:
+    """The floor of a dictionary at one pair (:class:`sage_nn.floor.RandomDictionary`): as
+    many latents as ``code`` has, random unit directions at the site, and ``code``'s mean
+    L0 on the fit prompts, the best sparse codes over those directions around the fit mean."""
+    n_latents = code.codes.shape[1]
+    floor = RandomDictionary(n_latents, round(metrics.l0(code.codes_fit.numpy())),
+                             seed=seed).fit(a_fit)
+    f = lambda x: x.float()  # noqa: E731
+    codes = floor.transform(code.a)
+    return SiteCode(code.a, f(floor.inverse_transform(codes)), code.a_cf, f(codes),
+                    f(floor.transform(code.a_cf)), f(floor.components_),
+                    codes_fit=f(floor.transform(a_fit)))
 
 
 def _at_site(model, sae: SparseAutoencoder, site: Site) -> bool:
@@ -103,22 +107,7 @@ def _sae_code(sae: SparseAutoencoder, a, a_cf, a_fit) -> SiteCode:
         scale, _ = sae.decode_affine(a)
         return SiteCode(a, sae.decode(codes, a).float(), a_cf, codes.float(), codes_cf.float(),
                         sae.decoder().float(), scale.squeeze(-1).float(),
-                        active_fit=sae.encode(a_fit).float())
-
-
-def _floors(saes, feeds: dict, seed: int, encoder=encoder_only) -> tuple[list, list[dict]]:
-    """Each SAE's floor (:func:`sage_nn.floor.random_like`) and the plans that match its
-    L0 to its SAE's on the fit prompts at ``feeds[i]`` (the pairs SAE ``i`` is read at, one
-    per cross-section pair it serves), solved inside the read (:mod:`sage_nn.reads`).
-
-    Floors are not shared between SAEs, even of one architecture and shape: a floor keeps
-    everything its SAE is but the directions (encoder biases, ``b_dec``, thresholds, ``k``,
-    normalisation) and matches its SAE's measured L0, so two SAEs' floors coincide only when
-    the SAEs agree in all of these, i.e. are the same SAE (the random directions themselves
-    are already shared: same seed and shape, same directions). A floor costs its own
-    patched variants, batched into the same forwards as every other method's."""
-    floors = [random_like(sae, seed=seed + i) for i, sae in enumerate(saes)]
-    return floors, [calibration(encoder(saes[i]), floors[i], f) for i, f in feeds.items()]
+                        codes_fit=sae.encode(a_fit).float())
 
 
 class DirectSAE:
@@ -144,14 +133,6 @@ class DirectSAE:
               remote=None) -> dict:
         return {pair: _sae_code(self.saes[self._sae(model, pair[0])], values[pair],
                                 values_cf[pair], values_fit[pair]) for pair in pairs}
-
-    def floor(self, model, pairs, seed: int) -> tuple["DirectSAE", list[dict]]:
-        """The floor, and its L0 plans for :func:`sage_nn.reads.read_sites`."""
-        feeds: dict[int, list] = {}
-        for pair in pairs:
-            feeds.setdefault(self._sae(model, pair[0]), []).append(pair)
-        floors, plans = _floors(self.saes, feeds, seed)
-        return DirectSAE(floors), plans
 
 
 class ReconstructedSAE:
@@ -189,19 +170,18 @@ class ReconstructedSAE:
         return True
 
     def _feed(self, model, pair) -> tuple[Site, str]:
-        """The residual that feeds a site, at the site's token (direct sites: themselves)."""
+        """The residual that feeds a site, at the site's token."""
         site, position = pair
-        if site.kind in RESID_KINDS:
-            return pair
-        recon = self._reconstruction(model)
         if self.mode == "input":
-            source = recon.source(site)
+            source = self._reconstruction(model).source(site)
             return Site(source.layer, source.kind), position
         return Site(site.layer, "resid_pre" if site.kind == "attn_out" else "resid_mid"), position
 
     def reads(self, model, pair) -> list[tuple]:
-        """A sublayer site's codes for L0/F1 are its feeding residual's: read it."""
-        return [] if pair[0].kind in RESID_KINDS else [self._feed(model, pair)]
+        """Sites without latent directions take their codes from the residual feeding them
+        at their token (mlp_out: the MLP reads that token only): read it."""
+        site = pair[0]
+        return [] if site.kind in RESID_KINDS or self._linear(site) else [self._feed(model, pair)]
 
     def _linear(self, site: Site) -> bool:
         """Whether ``site``'s codes follow from the clean run (:mod:`sage_nn.reads`)."""
@@ -222,9 +202,10 @@ class ReconstructedSAE:
     def codes(self, model, pairs, test, cf, values, values_cf, values_fit, computed=None,
               remote=None) -> dict:
         """Every pair's :class:`SiteCode`. Linear sublayer pairs take their codes and
-        offsets from ``computed`` (``{pair: (codes, offset, codes_cf, offset_cf)}``, from
-        :func:`sage_nn.reads.read_sites` with :meth:`jobs`; read here when absent). The
-        MLP and difference mode rebuild the site in a second forward per named position."""
+        offsets from ``computed`` (``{pair: (codes, offset, codes_cf, offset_cf,
+        codes_fit)}``, from :func:`sage_nn.reads.read_sites` with :meth:`jobs`). mlp_out and
+        difference mode rebuild the site in a second forward per named position; their
+        codes are the feeding residual SAE's at the site's token."""
         out, recon = {}, None
         nonlinear: dict[str, list[Site]] = {}
         for pair in pairs:
@@ -234,23 +215,19 @@ class ReconstructedSAE:
                                       values_cf[pair], values_fit[pair])
                 continue
             recon = self._reconstruction(model)
-            feed = self._feed(model, pair)
-            source = self._direct(model, feed[0])
-            active = source.encode(values[feed]).float()
-            active_cf = source.encode(values_cf[feed]).float()
-            common = dict(active=active, active_fit=source.encode(values_fit[feed]).float())
             if not self._linear(site):
+                feed = self._feed(model, pair)
+                source = self._direct(model, feed[0])
                 nonlinear.setdefault(pos, []).append(site)
-                out[pair] = (active, active_cf, common)
+                out[pair] = [source.encode(v[feed]).float()
+                             for v in (values, values_cf, values_fit)]
                 continue
-            if computed is None:
-                computed = self._read(model, pairs, test, cf, remote)
-            codes, offset, codes_cf, _ = computed[pair]
+            codes, offset, codes_cf, _, codes_fit = computed[pair]
             directions = recon.directions(site).float()
-            a_hat = (codes.flatten(1) @ directions.reshape(-1, directions.shape[-1])) + offset
+            directions = directions.reshape(-1, directions.shape[-1])
+            a_hat = codes.flatten(1) @ directions + offset
             out[pair] = SiteCode(values[pair], a_hat, values_cf[pair], codes.flatten(1),
-                                 codes_cf.flatten(1),
-                                 directions.reshape(-1, directions.shape[-1]), **common)
+                                 codes_cf.flatten(1), directions, codes_fit=codes_fit.flatten(1))
         if nonlinear:  # no latent directions here: the site is rebuilt by a second forward
             n, prompts = len(test), list(test.prompts) + list(cf.prompts)
             results = recon.run_at_each(
@@ -258,29 +235,11 @@ class ReconstructedSAE:
                  for pos, sites in nonlinear.items()], batch_size=self.batch_size, remote=remote)
             for (pos, sites), res in zip(nonlinear.items(), results):
                 for site in sites:
-                    active, active_cf, common = out[(site, pos)]
+                    codes, codes_cf, codes_fit = out[(site, pos)]
                     out[(site, pos)] = SiteCode(values[(site, pos)], res.recon[site][:n].float(),
-                                                values_cf[(site, pos)], active, active_cf, None,
-                                                **common)
+                                                values_cf[(site, pos)], codes, codes_cf, None,
+                                                codes_fit=codes_fit)
         return out
-
-    def _read(self, model, pairs, test, cf, remote) -> dict:
-        jobs = self.jobs(model, pairs)
-        _, codes = read_sites(model, [test, cf], pairs, jobs, batch_size=self.batch_size,
-                              remote=remote)
-        return {(s, p): (*codes[0][(j, s, p)], *codes[1][(j, s, p)])
-                for j, (_, sites) in enumerate(jobs) for s in sites for _, p in pairs}
-
-    def floor(self, model, pairs, seed: int) -> tuple["ReconstructedSAE", list[dict]]:
-        """The floor, and its L0 plans (on the residual feeding each pair) for
-        :func:`sage_nn.reads.read_sites`."""
-        feeds: dict[int, list] = {}
-        for pair in pairs:
-            feed = self._feed(model, pair)
-            feeds.setdefault(next(i for i, s in enumerate(self.saes)
-                                  if _at_site(model, s, feed[0])), []).append(feed)
-        floors, plans = _floors(self.saes, feeds, seed, self._reconstruction(model)._encoder)
-        return ReconstructedSAE(floors, self.batch_size, self.mode), plans
 
 
 def as_coder(sae: Any) -> Any:
@@ -345,22 +304,26 @@ def evaluate_cross_section(
     :class:`SparseAutoencoder` (or a list of them, each evaluated at its own site) or to a
     coder (see :func:`as_coder`); each must serve every site of the cross-sections. Returns
     a Dataset over ``attribute``, ``dictionary`` (and ``k``, ``pair``); ``random:NAME`` is
-    NAME's floor (:func:`sage_nn.floor.random_like`, its L0 matched on the fit prompts at
-    every pair of the cross-sections).
+    NAME's floor (:func:`floor_code`: at every pair, random directions with NAME's number of
+    latents and its L0 on the fit prompts, the best sparse codes over them).
     ``dictionaries`` maps names to unfitted supervised estimators (default
     ``{"supervised": MSEDictionary()}``), each fitted per pair; the first one is the
     reference for feature alignment and for :data:`GROUND_TRUTH_CHECKS`.
 
     The forwards follow the data dependencies, whatever the number of attributes, SAEs and
-    ``k``: one read of the fit prompts (the dictionaries are fitted on them and the floors'
-    L0 matched there) followed by the held-out and counterfactual prompts, whose forwards
-    also compute every SAE's and floor's codes (:mod:`sage_nn.reads`), then one batched run
+    ``k``: one read of the fit prompts (the dictionaries are fitted on them), the held-out
+    and the counterfactual prompts, whose forwards also compute every SAE's codes at the
+    sites (:mod:`sage_nn.reads`), then one batched run
     of every patched variant (:func:`sage_nn.interventions.run_patched`). Remotely each is
     one request (the read is several when ``Remote.max_prompts`` caps the rows). MLP sites
     reached through a reconstruction add that reconstruction's forwards.
 
-    The edit metric is ``edit_metric`` (an attribute coordinate): ``"accuracy"`` where the
-    counterfactual changes the model's prediction (on those prompts only), else
+    Two edits change the attribute with ``k`` latents: ``edit`` moves the latents that
+    greedily close the gap to the counterfactual activation; ``edit_f1`` removes the clean
+    value's ``k`` best-F1 latents and adds the counterfactual value's (chosen on the fit
+    prompts; Makelov et al.'s interpretation-aware edit). Their metric is ``edit_metric``
+    (an attribute coordinate): ``"accuracy"`` where the counterfactual patch changes the
+    model's prediction on enough held-out prompts in this run (on those prompts only), else
     ``"success"`` (the share of the logit-difference move); ``edit_baseline`` is the same
     metric with no edit (the clean run the edit starts from).
 
@@ -385,17 +348,10 @@ def evaluate_cross_section(
     every = list(dict.fromkeys(p for cs in sections for p in cs.pairs))
     extra = [p for c in coders.values() for pair in every for p in c.reads(model, pair)]
     reads = list(dict.fromkeys(every + extra))
-    # each SAE's floor, its L0 matched at every pair of every cross-section on the fit
-    # prompts, by plans the read solves
-    floors, plans = {}, []
-    for name, c in coders.items():
-        floors[f"{RANDOM}:{name}"], plan = c.floor(model, every, seed)
-        plans += plan
-    methods = {cs.attribute: {**coders, **floors} for cs in sections}
-    # 1. one read: the fit prompts (the dictionaries are fitted and the floors calibrated
-    # on them), then the held-out and counterfactual prompts with every coder's codes
-    values, codes = _read(model, train, test, sections, [*coders.values(), *floors.values()],
-                          reads, plans, batch_size, remote)
+    # 1. one read: the fit prompts (the dictionaries are fitted on them), the held-out and
+    # the counterfactual prompts, with every coder's codes at the sites
+    values, codes = _read(model, train, test, sections, list(coders.values()), reads,
+                          batch_size, remote)
     a_train = values[0]
 
     dictionaries = dictionaries or {SUPERVISED: MSEDictionary()}
@@ -411,18 +367,28 @@ def evaluate_cross_section(
             dictionaries.items()))]), cs, train, part, a_train, a_test, a_cf)
         if not ceiling:
             by_method.clear()
-        for method, coder in methods[cs.attribute].items():
-            computed = {pair: tuple(t[keep] for t in (*codes[1][key], *codes[2 + i][key]))
+        for name, coder in coders.items():
+            computed = {pair: (*(t[keep] for t in (*codes[1][key], *codes[2 + i][key])),
+                               codes[0][key][0])
                         for pair in cs.pairs if (key := (id(coder), *pair)) in codes[2 + i]}
-            by_method[method] = coder.codes(model, cs.pairs, part,
-                                            part.counterfactuals[cs.attribute], a_test, a_cf,
-                                            a_train, computed, remote)
-        codes_by[cs.attribute] = (by_method, features)
+            by_method[name] = coder.codes(model, cs.pairs, part,
+                                          part.counterfactuals[cs.attribute], a_test, a_cf,
+                                          a_train, computed, remote)
+        for name in coders:  # each SAE's floor, from its codes at every pair
+            by_method[f"{RANDOM}:{name}"] = {
+                pair: floor_code(code, a_train[pair], _floor_seed(seed, pair))
+                for pair, code in by_method[name].items()}
+        labels_fit = train.attributes[[cs.attribute]]
+        fitted = {method: {pair: metrics.latent_f1(code.codes_fit.numpy(), labels_fit)
+                           for pair, code in by_pair.items()}
+                  for method, by_pair in by_method.items()}
+        codes_by[cs.attribute] = (by_method, features, fitted)
     # 2. every patched variant of every attribute and method, in shared forwards
     variants, names_by, magnitudes = [[]], {}, {}
     for i, cs in enumerate(sections):
-        found = _variants(test, cs, codes_by[cs.attribute][0], a_train, values[1],
-                          values[2 + i], keep_by[cs.attribute], ks)
+        by_method, _, fitted = codes_by[cs.attribute]
+        found = _variants(test, cs, by_method, fitted, a_train, values[1], values[2 + i],
+                          keep_by[cs.attribute], ks)
         names_by[cs.attribute] = [name for name, _ in found[0]]
         variants += [v for _, v in found[0]]
         magnitudes[cs.attribute] = found[1]
@@ -433,9 +399,8 @@ def evaluate_cross_section(
         a = cs.attribute
         sub = out.isel(prompt=keep_by[a]).sel(variant=["clean"] + [f"{a}|{n}" for n in names_by[a]])
         sub = sub.assign_coords(variant=["clean"] + names_by[a])
-        by_method, features = codes_by[a]
-        ds = _scores(sub, cs, by_method, features, magnitudes[a], train,
-                     test.subset(keep_by[a]), ks, n_boot, seed)
+        ds = _scores(sub, cs, *codes_by[a], magnitudes[a], train, test.subset(keep_by[a]), ks,
+                     n_boot, seed)
         parts.append(trust_ceiling(ds, reference) if ceiling else ds)
     result = xr.concat(parts, "attribute", join="outer", combine_attrs="override")
     return pair_coords(result.assign_attrs(patched_forwards=out.attrs["forwards"],
@@ -443,12 +408,18 @@ def evaluate_cross_section(
                                            n_prompts=len(test)))
 
 
-def _read(model, train, test, sections, coders, reads, plans, batch_size, remote):
+def _floor_seed(seed: int, pair: tuple) -> int:
+    """A floor's seed at one pair: the run's seed and the pair's name, so a floor does not
+    depend on which other SAEs or pairs are evaluated with it."""
+    return seed + zlib.crc32(f"{pair[0]}@{pair[1]}".encode()) % (1 << 30)
+
+
+def _read(model, train, test, sections, coders, reads, batch_size, remote):
     """The fit prompts, the held-out prompts and each attribute's counterfactuals (sets
-    ``0``, ``1``, ``2..``), in one read: the activations at ``reads``, the floors' L0
-    ``plans`` solved on the fit prompts, and each coder's codes at each site on the
-    held-out prompts and the counterfactuals of the attributes whose cross-sections hold
-    the site. Codes are keyed ``(id(coder), site, position)``."""
+    ``0``, ``1``, ``2..``), in one read: the activations at ``reads``, and each coder's
+    codes at each site on the fit and held-out prompts and the counterfactuals of the
+    attributes whose cross-sections hold the site. Codes are keyed ``(id(coder), site,
+    position)``."""
     by_sets: dict[tuple, list] = {}  # pairs by the counterfactual sets they are needed on
     for pair in dict.fromkeys(p for cs in sections for p in cs.pairs):
         needed = tuple(2 + i for i, cs in enumerate(sections) if pair in cs.pairs)
@@ -457,11 +428,10 @@ def _read(model, train, test, sections, coders, reads, plans, batch_size, remote
     for coder in coders:
         for needed, pairs in by_sets.items():
             for spec, sites in coder.jobs(model, pairs):
-                jobs.append((spec, sites, [1, *needed]))
+                jobs.append((spec, sites, [0, 1, *needed]))
                 owners.append(id(coder))
     sets = [train, test] + [test.counterfactuals[cs.attribute] for cs in sections]
-    values, codes = read_sites(model, sets, reads, jobs, calibrations=plans,
-                               batch_size=batch_size, remote=remote)
+    values, codes = read_sites(model, sets, reads, jobs, batch_size=batch_size, remote=remote)
     return values, [{(owners[j], s, p): c for (j, s, p), c in part.items()} for part in codes]
 
 
@@ -496,7 +466,8 @@ def _supervised(dictionaries, cs, train, test, a_train, a_test, a_cf):
     return by_method, features
 
 
-def _scores(out, cs, codes_by_method, features, magnitudes, train, test, ks, n_boot, seed):
+def _scores(out, cs, codes_by_method, features, fitted, magnitudes, train, test, ks, n_boot,
+            seed):
     """One attribute's Dataset from its variants' runs (``out``: clean, mean, cf and per
     method its sufficiency, necessity and edits, on the attribute's kept test rows)."""
     attribute = cs.attribute
@@ -504,32 +475,33 @@ def _scores(out, cs, codes_by_method, features, magnitudes, train, test, ks, n_b
     clean, mean, counter = (ld.sel(variant=v).values for v in ("clean", "mean", "cf"))
     top_clean, top_cf = top1.sel(variant="clean").values, top1.sel(variant="cf").values
     edit_metric = metrics.edit_metric(top_clean, top_cf)
-    labels_fit = train.attributes[[attribute]]
+    labels = test.attributes[[attribute]]
     per_method = [_intervention_metrics(out, method, ks, magnitudes, edit_metric, n_boot, seed)
-                  | _code_metrics(codes_by_method[method], features, labels_fit,
-                                  test.attributes[[attribute]])
+                  | _code_metrics(codes_by_method[method], fitted[method], features, labels)
                   for method in codes_by_method]
-    dims = {"sufficiency": ("dictionary",), "sufficiency_ci": ("dictionary", "bound"),
-            "loss_increase": ("dictionary",), "loss_increase_ci": ("dictionary", "bound"),
-            "necessity": ("dictionary",), "necessity_ci": ("dictionary", "bound"),
-            "edit": ("dictionary", "k"), "edit_ci": ("dictionary", "k", "bound"),
-            "edit_magnitude": ("dictionary", "k")}
-    notes = {"necessity": metrics.necessity_reason(mean, clean),
+    by_k = ("dictionary", "k")
+    dims = {name: ("dictionary",) for name in ("sufficiency", "sufficiency_ratio",
+                                               "loss_increase", "necessity")}
+    dims |= {f"{name}_ci": ("dictionary", "bound") for name in dims}
+    dims |= {"edit": by_k, "edit_ci": by_k + ("bound",), "edit_magnitude": by_k,
+             "edit_f1": by_k, "edit_f1_ci": by_k + ("bound",), "edit_f1_magnitude": by_k}
+    notes = {"mean_ablation": metrics.mean_ablation_reason(mean, clean),
              "edit": (metrics.edit_accuracy_reason(top_cf, top_clean) if edit_metric == "accuracy"
                       else metrics.edit_success_reason(clean, counter))}
+    logp = out.answer_logprob
     ds = xr.Dataset(
         {key: (dims.get(key, ("dictionary", "pair")), [m[key] for m in per_method])
          for key in per_method[0]},
         coords={"dictionary": list(codes_by_method), "k": list(ks), "pair": cs.labels,
                 "bound": ["low", "high"]},
-        attrs={"n_prompts": len(test),
-               "clean_logit_diff": float(clean.mean()),
-               "mean_ablated_logit_diff": float(mean.mean()),
-               "counterfactual_logit_diff": float(counter.mean()),
-               "clean_answer_logprob": float(out.answer_logprob.sel(variant="clean").mean()),
-               "mean_ablated_answer_logprob":
-                   float(out.answer_logprob.sel(variant="mean").mean())},
     )
+    # what every ratio is built from, per attribute
+    ds["clean_logit_diff"] = float(clean.mean())
+    ds["mean_ablated_logit_diff"] = float(mean.mean())
+    ds["counterfactual_logit_diff"] = float(counter.mean())
+    ds["clean_answer_logprob"] = float(logp.sel(variant="clean").mean())
+    ds["mean_ablated_answer_logprob"] = float(logp.sel(variant="mean").mean())
+    ds["n_scored_prompts"] = len(test)
     ds["edit_baseline"] = edit_scorer(out, edit_metric)("clean")
     ds["n_changed_prediction"] = int((top_clean != top_cf).sum())
     for name, note in notes.items():
@@ -582,20 +554,24 @@ def edit_scorer(out: xr.Dataset, edit_metric: str):
         values[variant][rows], values["clean"][rows], values["cf"][rows])
 
 
-def _variants(test, cs, codes_by_method, a_train, clean, a_cf, keep, ks):
+def _variants(test, cs, codes_by_method, fitted, a_train, clean, a_cf, keep, ks):
     """One attribute's patched variants over all ``test`` prompts, as ``([(name, patches)],
     edit magnitudes)``: mean-ablated, counterfactual-patched, and per method its
-    reconstruction (sufficiency), mean + error (necessity) and sparse edits. Rows outside
+    reconstruction (sufficiency), mean + error (necessity), greedy edits and F1 edits
+    (``fitted``: each method's :func:`sage_nn.metrics.latent_f1` per pair). Rows outside
     ``keep`` (the attribute's scored prompts) are written their clean values: unchanged."""
     positions = {pos: test.positions[pos] for _, pos in cs.pairs}
+    attribute = cs.attribute
+    values = test.attributes[attribute].to_numpy()[keep]
+    values_cf = test.counterfactuals[attribute].attributes[attribute].to_numpy()[keep]
 
-    def variant(values: Mapping[tuple, Any]) -> list[Patch]:
+    def variant(by_pair: Mapping[tuple, Any]) -> list[Patch]:
         patches = []
         for pair in cs.pairs:
-            full = values[pair]
-            if len(keep) < len(test) and not isinstance(full, LatentEdit):
+            full = by_pair[pair]
+            if len(full) < len(test):  # the kept rows only: the others stay clean
                 full = clean[pair].clone()
-                full[keep] = values[pair]
+                full[keep] = by_pair[pair]
             patches.append(Patch(pair[0], positions[pair[1]], full, f"{pair[0]}@{pair[1]}"))
         return patches
 
@@ -608,16 +584,22 @@ def _variants(test, cs, codes_by_method, a_train, clean, a_cf, keep, ks):
                       variant({p: means[p] + c.a - c.a_hat for p, c in codes.items()})))
         if any(c.directions is None for c in codes.values()):
             continue  # no sparse edit without latent directions at every pair
-        edits, magnitude = {}, {k: [] for k in ks}
-        for pair, c in codes.items():  # one greedy path per pair serves every k
-            chosen, coefs = c.path(max(ks))
-            edits[pair] = _edits(clean[pair], keep, c, chosen, coefs, ks)
+        paths = {"edit": {p: c.path(max(ks)) for p, c in codes.items()},  # one path: every k
+                 "edit_f1": {p: metrics.f1_path(
+                     c.codes, c.codes_cf, values, values_cf,
+                     metrics.ranked_latents(fitted[method][p], attribute), max(ks), c.scale)
+                     for p, c in codes.items()}}
+        for kind, by_pair in paths.items():
+            steps = 2 if kind == "edit_f1" else 1  # an F1 edit of k: k removed, k added
+            edits = {p: _edits(clean[p], keep, codes[p], *path, [steps * k for k in ks])
+                     for p, path in by_pair.items()}
             for k in ks:
-                magnitude[k].append(metrics.edit_magnitude(c.codes, c.codes_cf, c.directions,
-                                                           chosen[:, :k]))
-        for k in ks:
-            found.append((f"{method}|edit{k}", variant({p: e[k] for p, e in edits.items()})))
-            magnitudes[method, k] = float(torch.stack(magnitude[k]).mean())
+                found.append((f"{method}|{kind}{k}",
+                              variant({p: e[steps * k] for p, e in edits.items()})))
+                magnitudes[method, kind, k] = float(torch.stack([
+                    metrics.edit_magnitude(c.codes, by_pair[p][0][:, :steps * k],
+                                           by_pair[p][1][:, :steps * k], c.directions, c.scale)
+                    for p, c in codes.items()]).mean())
     return found, magnitudes
 
 
@@ -650,40 +632,46 @@ def _intervention_metrics(out: xr.Dataset, method: str, ks, magnitudes, edit_met
     nec = ld.sel(variant=f"{method}|necessity").values
     logp = [out.answer_logprob.sel(variant=v).values for v in (f"{method}|sufficiency", "clean")]
     boot = dict(n_boot=n_boot, seed=seed)
-    row = {"sufficiency": metrics.sufficiency(suff, clean),
-           "sufficiency_ci": metrics.bootstrap(metrics.sufficiency, suff, clean, **boot),
+    row = {"sufficiency": metrics.sufficiency(suff, mean, clean),
+           "sufficiency_ci": metrics.bootstrap(metrics.sufficiency, suff, mean, clean, **boot),
+           "sufficiency_ratio": metrics.sufficiency_ratio(suff, clean),
+           "sufficiency_ratio_ci": metrics.bootstrap(metrics.sufficiency_ratio, suff, clean,
+                                                     **boot),
            "loss_increase": metrics.loss_increase(*logp),
            "loss_increase_ci": metrics.bootstrap(metrics.loss_increase, *logp, **boot),
            "necessity": metrics.necessity(nec, mean, clean),
-           "necessity_ci": metrics.bootstrap(metrics.necessity, nec, mean, clean, **boot),
-           "edit": [], "edit_ci": [], "edit_magnitude": []}
+           "necessity_ci": metrics.bootstrap(metrics.necessity, nec, mean, clean, **boot)}
     # an edit is scored against the clean and counterfactual runs of the same prompts: the
     # bootstrap resamples prompt indices, shared by the three
     prompts, score = np.arange(ld.sizes["prompt"]), edit_scorer(out, edit_metric)
-    for k in ks:
-        if (method, k) not in magnitudes:
-            row["edit"].append(np.nan)
-            row["edit_ci"].append((np.nan, np.nan))
-            row["edit_magnitude"].append(np.nan)
-            continue
-        variant = f"{method}|edit{k}"
-        row["edit"].append(score(variant))
-        row["edit_ci"].append(metrics.bootstrap(lambda rows: score(variant, rows), prompts,
-                                                **boot))
-        row["edit_magnitude"].append(magnitudes[method, k])
+    for kind in ("edit", "edit_f1"):
+        row |= {kind: [], f"{kind}_ci": [], f"{kind}_magnitude": []}
+        for k in ks:
+            if (method, kind, k) not in magnitudes:
+                row[kind].append(np.nan)
+                row[f"{kind}_ci"].append((np.nan, np.nan))
+                row[f"{kind}_magnitude"].append(np.nan)
+                continue
+            variant = f"{method}|{kind}{k}"
+            row[kind].append(score(variant))
+            row[f"{kind}_ci"].append(metrics.bootstrap(lambda rows: score(variant, rows),
+                                                       prompts, **boot))
+            row[f"{kind}_magnitude"].append(magnitudes[method, kind, k])
     return row
 
 
-def _code_metrics(codes: Mapping[tuple, SiteCode], features, labels_fit, labels) -> dict:
-    """Per pair: FVU, L0, dead latents, interpretability (each value's latent chosen on the
-    fit prompts, scored on the held-out ones), alignment with supervised features."""
+def _code_metrics(codes: Mapping[tuple, SiteCode], fitted: Mapping[tuple, dict], features,
+                  labels) -> dict:
+    """Per pair: FVU, L0, dead latents, interpretability (each value's latent and activity
+    threshold chosen on the fit prompts, ``fitted``, scored on the held-out ones), alignment
+    with supervised features. Every count is of the codes at the site."""
     row = {k: [] for k in ("fvu", "l0", "dead", "best_f1", "share_interpretable", "alignment")}
     for pair, code in codes.items():
-        active = code.active.numpy()
-        interp = metrics.interpretability(code.active_fit.numpy(), labels_fit, active, labels)
+        held_out = code.codes.numpy()
+        interp = metrics.interpretability(None, None, held_out, labels, fitted=fitted[pair])
         row["fvu"].append(metrics.fvu(code.a.numpy(), code.a_hat.numpy()))
-        row["l0"].append(metrics.l0(active))
-        row["dead"].append(metrics.dead_share(active))
+        row["l0"].append(metrics.l0(held_out))
+        row["dead"].append(metrics.dead_share(held_out))
         row["best_f1"].append(float(interp.best_f1.mean()))
         row["share_interpretable"].append(float(interp.share_interpretable.mean()))
         row["alignment"].append(np.nan if code.directions is None else float(

@@ -754,8 +754,8 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     import pandas as pd
 
     from .discovery import DiscoveryConfig, discover
-    from .evaluation import (CrossSection, DirectSAE, ReconstructedSAE, evaluate_cross_section,
-                             pair_coords)
+    from .evaluation import (EVALUATION_VERSION, CrossSection, DirectSAE, ReconstructedSAE,
+                             evaluate_cross_section, pair_coords)
     from .models import load_model
     from .reconstruction import EagerAttention
     from .remote import Remote
@@ -893,7 +893,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     eval_settings = config.hash("model", "task", "seed", "n_fit", "n_eval", "n_discovery",
                                 "attributes", "discovery_kinds", "select_kinds", "target",
                                 "max_sites", "top_k", "ks", "n_boot", "remote_transport")
-    eval_settings += "," + hashlib.sha256(json.dumps(
+    eval_settings += f",v{EVALUATION_VERSION}," + hashlib.sha256(json.dumps(
         {a: [f"{s}@{p}" for s, p in pairs] for a, pairs in pairs_by_attr.items()},
         sort_keys=True).encode()).hexdigest()[:16]
     sae_keys = {name: f"{eval_settings},{sae_fingerprint(coder)}" for name, coder in saes.items()}

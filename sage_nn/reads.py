@@ -15,11 +15,6 @@ A *job* is ``(spec, sites)``: a :meth:`ResidualReconstruction.linear_spec` (the 
 one layer, its frozen maps) and the sites it reaches at that layer. Inside the trace
 everything is plain torch.
 
-Floors are calibrated in the same read: each :func:`sage_nn.floor.calibration` plan
-accumulates the first set's rows (the fit prompts) and is solved before the first forward
-of another set, so a floor's codes there already have its matched L0, and the fit, held-out
-and counterfactual prompts are one request. (When ``Remote.max_prompts`` may split them into
-several requests, the fit prompts are read first and the plans solved here in between.)
 """
 
 from __future__ import annotations
@@ -31,7 +26,6 @@ from typing import Any
 import torch
 
 from .activations import NonFiniteActivationError, batches, encode, model_device
-from .floor import RandomSAE, accumulate, apply_shift, solve
 from .reconstruction import EagerAttention, linear_codes
 from .remote import as_remote, run_kernel
 from .saes import SparseAutoencoder
@@ -39,8 +33,7 @@ from .sites import HEAD_KINDS, KINDS, _path, adapter
 
 
 def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Sequence[tuple] = (),
-               *, calibrations: Sequence[dict] = (), batch_size: int = 32,
-               remote: Any = None) -> tuple[list[dict], list[dict]]:
+               *, batch_size: int = 32, remote: Any = None) -> tuple[list[dict], list[dict]]:
     """Activations at ``pairs`` and every job's codes, for each task dataset of ``sets``.
 
     Returns ``(values, codes)``, one dict per set: ``values[(site, position)]`` is
@@ -48,9 +41,8 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
     ``[n, L]`` (attn_out ``[n, H, L]``) and offset ``[n, width]`` (see
     :func:`sage_nn.reconstruction.linear_codes`). Each job's sites are read at every named
     position of ``pairs``, in every set or in the sets a third element lists (``(spec,
-    sites, [set indices])``). ``calibrations`` (floor L0 plans, their feeds among ``pairs``)
-    are solved on ``sets[0]``, which then gets no codes; each floor is shifted in place.
-    All sets go through one :func:`sage_nn.remote.run_kernel` (one request remotely).
+    sites, [set indices])``). All sets go through one :func:`sage_nn.remote.run_kernel`
+    (one request remotely).
     """
     ad = adapter(model)
     pairs = [(ad.check(s), str(p)) for s, p in pairs]
@@ -59,26 +51,16 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
     if missing:
         raise ValueError(f"unknown named positions {missing}; the dataset has "
                          f"{sorted(sets[0].positions)}")
-    plans = [c for c in calibrations if "shift" not in c]
-    if plans and any(only and 0 in only[0] for _, _, *only in jobs):
-        raise ValueError("with floor calibrations, sets[0] holds the fit prompts the floors "
-                         "are calibrated on: no job may code it (list sets 1.. only)")
-    if plans and as_remote(remote).max_prompts is not None:
-        return _calibrated_between(model, sets, pairs, jobs, plans, batch_size, remote)
-    feeds = [[(str(s), names.index(p)) for s, p in c["feeds"]] for c in plans]
     reads = sorted({s for s, _ in pairs}, key=lambda s: s.order)
     by_layer: list[dict[int, list]] = [{} for _ in sets]  # per set: the jobs it runs
-    coded = range(1 if plans else 0, len(sets))  # a calibrating fit set is read, not coded
     for j, (spec, sites, *only) in enumerate(jobs):
-        for k in (only[0] if only else coded):
+        for k in (only[0] if only else range(len(sets))):
             by_layer[k].setdefault(min(s.layer for s in sites), []).append((j, spec, list(sites)))
     device, owners = model_device(model), []
     dtype = as_remote(remote).transport_dtype  # what the results (and SAE weights) travel in
-    sent = plans
     if dtype is not None and dtype != torch.float32:  # weights too: half the upload
         memo = {}
         by_layer = [_cast(jobs_k, dtype, memo) for jobs_k in by_layer]
-        sent = _cast(plans, dtype, memo)
 
     def chunks():
         for k, data in enumerate(sets):
@@ -86,20 +68,11 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
                 batch = encode(model, [data.prompts[i] for i in idx], device)
                 cols = torch.stack([batch.index(data.positions[p][idx]) for p in names], 1)
                 owners.append(k)
-                yield (batch.inputs, cols.to(device), reads, by_layer[k], dtype,
-                       [(c, f) for c, f in zip(sent, feeds)] if k == 0 else [], sent if k else [])
+                yield batch.inputs, cols.to(device), reads, by_layer[k], dtype
 
     parts: list[list] = [[] for _ in sets]
     for out in run_kernel(model, _read_batch, chunks(), remote, stage="read"):
         parts[owners.pop(0)].append(out)
-    for c, plan in enumerate(plans):
-        if "shift" in plan:  # solved here, by the kernel
-            continue
-        shift = next((float(out[f"shift|{c}"]) for part in parts[1:] for out in part), None)
-        if shift is not None:  # solved on a server: shift the floor here too
-            apply_shift(plan, shift)
-        else:  # no other set was read
-            solve(plan)
     values, codes = [], []
     for part in parts:
         cat = lambda key: torch.cat([p[key] for p in part]).float().cpu()  # noqa: E731
@@ -116,27 +89,10 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
     return values, codes
 
 
-def _calibrated_between(model, sets, pairs, jobs, plans, batch_size, remote):
-    """Requests capped at ``max_prompts`` may part the fit rows from the rest: read the fit
-    set, solve the calibrations here, then read the other sets."""
-    (fit,), _ = read_sites(model, sets[:1], pairs, batch_size=batch_size, remote=remote)
-    for plan in plans:
-        accumulate(plan, torch.cat([fit[feed] for feed in plan["feeds"]]))
-        solve(plan)
-    jobs = [(spec, sites, [k - 1 for k in only[0]]) if only else (spec, sites)
-            for spec, sites, *only in jobs]
-    values, codes = read_sites(model, sets[1:], pairs, jobs, batch_size=batch_size,
-                               remote=remote)
-    return [fit, *values], [{}, *codes]
-
-
-def _read_batch(model, inputs, cols, reads, jobs, dtype=None, calibrate=(), solved=()):
+def _read_batch(model, inputs, cols, reads, jobs, dtype=None):
     """One clean trace (a remote kernel): every read site at tokens ``cols [b, P]``, and
-    each job's codes there, layer by layer in execution order. On a fit batch, each floor
-    calibration of ``calibrate`` (``(plan, [(site, position index)])``) accumulates its
-    rows; before any other batch, the plans are ``solved`` (once) and their shifts returned.
-    Keyed by strings: a server returns plain data."""
-    shifts = {f"shift|{c}": torch.tensor(solve(plan)) for c, plan in enumerate(solved)}
+    each job's codes there, layer by layer in execution order. Keyed by strings: a server
+    returns plain data."""
     if dtype not in (None, torch.float32):  # the maps travelled in half precision
         jobs = {layer: [(j, {k: v if k == "sae" else _cast(v, torch.float32)
                              for k, v in spec.items()}, sites) for j, spec, sites in js]
@@ -145,11 +101,9 @@ def _read_batch(model, inputs, cols, reads, jobs, dtype=None, calibrate=(), solv
                         for s in ss)
     with EagerAttention(model, needs_pattern):
         out = _trace_reads(model, inputs, cols, reads, jobs)
-    for plan, feeds in calibrate:
-        accumulate(plan, torch.cat([out[site][:, p] for site, p in feeds]))
     if dtype is not None:
         out = {key: value.to(dtype) for key, value in out.items()}
-    return {**out, **shifts}
+    return out
 
 
 def _trace_reads(model, inputs, cols, reads, jobs):
@@ -185,14 +139,12 @@ def _trace_reads(model, inputs, cols, reads, jobs):
 
 def _cast(obj, dtype, memo=None):
     """``obj`` (nested dicts, lists and tuples of tensors and SAEs) with its floating tensors
-    and SAE weights in ``dtype``; floors stay as they are (they travel as their seed). Each
-    object is converted once, so what is shared stays shared in a request."""
+    and SAE weights in ``dtype``. Each object is converted once, so what is shared stays
+    shared in a request."""
     memo = {} if memo is None else memo
     if id(obj) in memo:
         return memo[id(obj)]
-    if isinstance(obj, RandomSAE):
-        out = obj
-    elif isinstance(obj, SparseAutoencoder):
+    if isinstance(obj, SparseAutoencoder):
         out = copy.copy(obj)
         out._parameters = {k: None if v is None else torch.nn.Parameter(
             v.detach().to(dtype), requires_grad=False) for k, v in obj._parameters.items()}

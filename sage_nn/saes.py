@@ -166,11 +166,7 @@ class SparseAutoencoder(torch.nn.Module):
 def encoder_only(sae: SparseAutoencoder) -> SparseAutoencoder:
     """What a trace needs of ``sae`` to encode: the same SAE with its decoder replaced by
     the decoder's row norms (all ``rescale_acts_by_decoder_norm`` reads), so a request
-    carries half the weights. Floors ship as their seed already (:class:`RandomSAE`)."""
-    from .floor import RandomSAE
-
-    if isinstance(sae, RandomSAE):
-        return sae
+    carries half the weights."""
     enc = copy.copy(sae)  # shares every tensor but the decoder
     enc._parameters = dict(sae._parameters)
     enc.W_dec = torch.nn.Parameter(sae.W_dec.norm(dim=-1, keepdim=True), requires_grad=False)

@@ -11,15 +11,23 @@ from sage_nn import metrics
 
 
 def test_sufficiency_and_necessity():
-    clean = np.array([4.0, 6.0])
-    assert metrics.sufficiency(np.array([2.0, 3.0]), clean) == pytest.approx(0.5)
-    mean_ablated = np.array([1.0, 1.0])
+    clean = np.array([4.0, 6.0])  # mean 5
+    mean_ablated = np.array([1.0, 1.0])  # mean ablation takes 4 of the 5 logits
+    # the share of what mean ablation takes away that the reconstruction keeps
+    assert metrics.sufficiency(np.array([2.0, 3.0]), mean_ablated, clean) == pytest.approx(0.375)
+    assert metrics.sufficiency(clean, mean_ablated, clean) == pytest.approx(1.0)
+    assert metrics.sufficiency(mean_ablated, mean_ablated, clean) == pytest.approx(0.0)
+    # reversing the effect is not good: the sign is kept (the reference takes |.|)
+    assert metrics.sufficiency(np.array([-3.0, -3.0]), mean_ablated, clean) == pytest.approx(-1.0)
+    # the plain ratio credits whatever mean ablation leaves standing (here 1 of 5)
+    assert metrics.sufficiency_ratio(mean_ablated, clean) == pytest.approx(0.2)
+    assert np.isnan(metrics.sufficiency(clean, clean + 0.05, clean))  # too small to divide by
     # removing what the dictionary explains drops LD all the way to the mean ablation: 1
     assert metrics.necessity(mean_ablated, mean_ablated, clean) == pytest.approx(1.0)
     # removing it changes nothing: 0
     assert metrics.necessity(clean, mean_ablated, clean) == pytest.approx(0.0)
     assert metrics.necessity(np.array([3.0, 3.0]), mean_ablated, clean) == pytest.approx(0.5)
-    assert metrics.necessity_reason(mean_ablated, clean) is None
+    assert metrics.mean_ablation_reason(mean_ablated, clean) is None
 
 
 def test_necessity_is_nan_with_a_reason_when_mean_ablation_barely_moves_ld():
@@ -27,12 +35,12 @@ def test_necessity_is_nan_with_a_reason_when_mean_ablation_barely_moves_ld():
     mean_ablated = np.array([4.98, 4.98])  # moves the mean LD by 0.02 < 0.1
     # the bare ratio would be 1 - 4/0.02 = -199
     assert np.isnan(metrics.necessity(np.array([1.0, 1.0]), mean_ablated, clean))
-    reason = metrics.necessity_reason(mean_ablated, clean)
+    reason = metrics.mean_ablation_reason(mean_ablated, clean)
     assert reason.startswith("NaN: mean ablation moves the logit difference by only 0.02")
     # min_gap is the threshold: a smaller one makes it defined again
     assert metrics.necessity(np.array([1.0, 1.0]), mean_ablated, clean,
                              min_gap=0.01) == pytest.approx(1 - 3.98 / 0.02)
-    assert metrics.necessity_reason(mean_ablated, clean, min_gap=0.01) is None
+    assert metrics.mean_ablation_reason(mean_ablated, clean, min_gap=0.01) is None
     # exactly zero gap: NaN, not inf
     assert np.isnan(metrics.necessity(clean, clean, clean))
 
@@ -151,6 +159,60 @@ def test_interpretability_f1_is_measured_on_held_out_prompts():
     assert out.share_interpretable.sel(attribute="io") == pytest.approx(0.5)
 
 
+def test_f1_activity_threshold_is_chosen_on_fit_prompts():
+    """Codes that are not exactly sparse (a pattern-weighted sum over source tokens) are
+    non-zero on every prompt: 'active at all' says nothing, a threshold chosen on the fit
+    prompts does. Exactly sparse codes keep the reference's threshold 0."""
+    labels = pd.DataFrame({"io": ["A", "B"] * 4})
+    strong = np.where(labels.io == "A", 1.0, 0.05)  # fires on every prompt, strongly on A
+    codes = np.stack([strong, np.full(8, 0.3)], 1)
+    fitted = metrics.latent_f1(codes, labels)
+    f1, threshold = fitted["io", "A"]
+    assert f1[0] == pytest.approx(1.0) and threshold[0] == pytest.approx(0.05)
+    assert f1[1] == pytest.approx(2 * 4 / (8 + 4))  # a constant latent: 'always active'
+    held_out = metrics.interpretability(codes, labels, codes * 0.9, labels)
+    assert held_out.best_f1.sel(attribute="io", value="A") == pytest.approx(1.0)
+    sparse = np.where(labels.io.to_numpy()[:, None] == "A", 1.0, 0.0) * np.array([[2.0, 0.5]])
+    assert metrics.latent_f1(sparse, labels)["io", "A"][1].tolist() == [0.0, 0.0]
+    out = metrics.interpretability(sparse, labels, sparse, labels)
+    assert float(out.activity_threshold.sel(attribute="io", value="A")) == 0.0
+    # a value no latent fires on has no detector: F1 0, never active
+    f1, threshold = metrics.latent_f1(sparse, labels)["io", "B"]
+    assert f1.max() == 0.0 and np.isinf(threshold).all()
+
+
+def test_f1_path_removes_the_clean_values_best_latents_and_adds_the_counterfactuals():
+    """Makelov et al.'s interpretation-aware edit: per prompt, the k best-F1 latents of its
+    value that are active are removed, the counterfactual value's active ones added."""
+    ranked = {"A": np.array([0, 1, 2, 3]), "B": np.array([3, 2, 1, 0])}
+    codes = torch.tensor([[0.0, 2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 5.0]])
+    codes_cf = torch.tensor([[0.0, 0.0, 4.0, 3.0], [1.0, 0.0, 0.0, 0.0]])
+    chosen, coefs = metrics.f1_path(codes, codes_cf, ["A", "B"], ["B", "A"], ranked, k=1,
+                                    scale=torch.tensor([1.0, 2.0]))
+    # row 0 (A -> B): latent 0 is A's best but inactive, so latent 1 goes (-2); B's best
+    # active in the counterfactual code is latent 3 (+3)
+    assert chosen.tolist() == [[1, 3], [3, 0]]
+    torch.testing.assert_close(coefs, torch.tensor([[-2.0, 3.0], [-10.0, 2.0]]))
+    # k = 2 interleaves removals and additions: the first 2 columns are the edit at k = 1
+    chosen2, _ = metrics.f1_path(codes, codes_cf, ["A", "B"], ["B", "A"], ranked, k=2)
+    assert chosen2[:, :2].tolist() == chosen.tolist()
+    assert chosen2[0].tolist() == [1, 3, 2, 2] and chosen2[1].tolist() == [3, 0, -1, -1]
+    # a value without a ranking (never seen on the fit prompts) moves nothing
+    none, _ = metrics.f1_path(codes, codes_cf, ["C", "C"], ["C", "C"], ranked, k=1)
+    assert (none == -1).all()
+
+
+def test_edit_magnitude_counts_signed_codes_by_their_size():
+    directions = torch.eye(3)
+    codes = torch.tensor([[2.0, -1.0, 1.0]])  # weight 4
+    # latent 1 moved from -1 to 0 (removes 1), latent 0 from 2 to -1 (its sign flips: all 2)
+    chosen, coefs = torch.tensor([[1, 0]]), torch.tensor([[1.0, -3.0]])
+    assert metrics.edit_magnitude(codes, chosen, coefs, directions).item() == pytest.approx(0.75)
+    # with a frozen scale the coefficients are code changes times the scale
+    half = metrics.edit_magnitude(codes, chosen, 2 * coefs, directions, torch.tensor([2.0]))
+    assert half.item() == pytest.approx(0.75)
+
+
 def test_interpretability_in_sample_choice_overstates_random_codes():
     rng = np.random.default_rng(0)
     n_fit, n_test, n_latents = 20, 200, 4000
@@ -220,7 +282,7 @@ def test_bootstrap_of_all_resamples_at_once_equals_one_by_one(name):
         arrays = [rng.integers(0, 3, 60) for _ in range(3)]
     else:
         arrays = [rng.normal(m, 1.0, 60) for m in (2.0, 0.5, 3.0)][:3 if name in (
-            "necessity", "edit_success") else 2]
+            "sufficiency", "necessity", "edit_success") else 2]
     metric, calls = getattr(metrics, name), []
 
     def counted(*a):

@@ -169,7 +169,7 @@ def test_sage_run_on_a_release_glob_offline_through_sae_lens(release):
     assert glob["sae_cfg_dict"]["hook_name"] == "blocks.0.hook_resid_post", glob
     assert glob["sae_lens_ids"] == ["blocks.0.hook_resid_post"], glob
     assert glob["sae_cfg_dict"]["architecture"] == "jumprelu"
-    # the JumpReLU SAE's floor keeps its L0 (sage_nn.floor.random_like matches it)
+    # the JumpReLU SAE's floor keeps its L0 (matched on the fit prompts)
     l0 = run.results.l0.sel(attribute="io")
     sae_l0 = float(l0.sel(dictionary="blocks.*.hook_resid_post").mean())
     assert sae_l0 > 0 and abs(float(l0.sel(dictionary="random:blocks.*.hook_resid_post")
