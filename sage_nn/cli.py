@@ -115,7 +115,7 @@ def _run(args) -> None:
     import logging
 
     from .pipeline import run
-    from .report import headline_table
+    from .report import excluded, headline_table
 
     from .remote import RemotePending
 
@@ -126,6 +126,10 @@ def _run(args) -> None:
         print(pending)
         return
     print(headline_table(result.results).to_string(float_format=lambda x: f"{x:.3f}"))
+    for attribute in result.results.attribute.values:  # numbers that are not claims
+        reason = excluded(result.results, str(attribute))
+        if reason:
+            print(f"{attribute}: kept out of claims: {reason}")
     print("stage seconds:", {k: round(v, 1) for k, v in result.timings.items()})
     print(f"report: {result.report / 'summary.md'}")
 

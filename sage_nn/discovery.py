@@ -37,10 +37,11 @@ from .sites import HEAD_KINDS, Site
 # -- tables and selection ------------------------------------------------------------
 
 def ranked(scores: xr.Dataset, attribute: str, *, kinds: Sequence[str] | None = None,
-           positions: Sequence[str] | None = None, changed_tokens: bool = True) -> pd.DataFrame:
-    """Every (site, position) of ``attribute``, by decreasing |score|; without the
-    residual stream at tokens the counterfactual replaces or moves unless
-    ``changed_tokens``.
+           positions: Sequence[str] | None = None, changed_tokens: bool = True,
+           layers: Sequence[int] | None = None) -> pd.DataFrame:
+    """Every (site, position) of ``attribute`` (of ``kinds``, at ``positions``, in
+    ``layers``: default all), by decreasing |score|; without the residual stream at tokens
+    the counterfactual replaces or moves unless ``changed_tokens``.
 
     Columns: ``site`` (e.g. ``L9.z.h3``), ``layer``, ``kind``, ``head`` (empty for kinds
     that are not per head), ``position``, ``score``, ``delta``, ``exact`` (patched
@@ -52,6 +53,8 @@ def ranked(scores: xr.Dataset, attribute: str, *, kinds: Sequence[str] | None = 
     sub = scores[["score", "delta", "exact"]].sel(attribute=attribute)
     if kinds is not None:
         sub = sub.isel(site=np.isin(sub.kind.values, list(kinds)))
+    if layers is not None:
+        sub = sub.isel(site=np.isin(sub.layer.values, list(layers)))
     if positions is not None:
         sub = sub.sel(position=list(positions))
     sub = sub.reset_coords(["layer", "kind", "head"])
@@ -66,6 +69,20 @@ def ranked(scores: xr.Dataset, attribute: str, *, kinds: Sequence[str] | None = 
     df["share"] = np.abs(df["score"]) / total if total > 0 else 0.0
     df["cum_share"] = df["share"].cumsum()
     return df.reset_index(drop=True)
+
+
+def effect_layers(scores: xr.Dataset, attribute: str, n: int = 3) -> list[int]:
+    """The ``n`` layers where attribution puts most of ``attribute``'s effect: the largest
+    summed scores (signed with the total effect) over each layer's estimated component
+    sites, so a reader whose cross-section missed can see where to look."""
+    sub = scores.score.sel(attribute=attribute)
+    keep = ~np.isin(sub.kind.values, list(RESIDUAL_KINDS))
+    if not keep.any():  # a residual-only grid: where else could it be
+        keep = np.ones_like(keep)
+    per_layer = sub.isel(site=keep).sum("position").groupby("layer").sum()
+    sign = 1.0 if float(scores.total_effect.sel(attribute=attribute)) >= 0 else -1.0
+    order = np.argsort(-sign * per_layer.values, kind="stable")[:n]
+    return [int(per_layer.layer.values[i]) for i in order]
 
 
 def head_grid(scores: xr.DataArray, kind: str = "z") -> xr.DataArray:
@@ -86,7 +103,8 @@ def head_grid(scores: xr.DataArray, kind: str = "z") -> xr.DataArray:
 def select_cross_section(scores: xr.Dataset, attribute: str, *, top_k: int | None = None,
                          coverage: float | None = None, kinds: Sequence[str] | None = None,
                          positions: Sequence[str] | None = None,
-                         changed_tokens: bool = False) -> pd.DataFrame:
+                         changed_tokens: bool = False,
+                         layers: Sequence[int] | None = None) -> pd.DataFrame:
     """The top-``k`` sites, or the fewest top sites covering ``coverage`` of summed |score|.
 
     Give exactly one of ``top_k`` / ``coverage`` (a share in (0, 1]). Returns the first rows
@@ -100,7 +118,7 @@ def select_cross_section(scores: xr.Dataset, attribute: str, *, top_k: int | Non
         raise ValueError("give exactly one of top_k (a number of sites) or coverage (a share "
                          "of the summed |score| in (0, 1])")
     df = ranked(scores, attribute, kinds=kinds, positions=positions,
-                changed_tokens=changed_tokens)
+                changed_tokens=changed_tokens, layers=layers)
     if top_k is not None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -220,7 +238,8 @@ def grow_cross_sections(model: Any, dataset: Any, scores: xr.Dataset,
                         attributes: Sequence[str] | None = None, *, target: float = 0.6,
                         max_sites: int = 16, kinds: Sequence[str] | None = ("z",),
                         positions: Sequence[str] | None = None, candidates: int | None = None,
-                        batch_size: int = 16, max_rows: int = 256, progress: bool = False,
+                        layers: Sequence[int] | None = None, batch_size: int = 16,
+                        max_rows: int = 256, progress: bool = False,
                         remote: Any = None) -> dict[str, tuple[pd.DataFrame, dict]]:
     """Per attribute, a small set of components whose *joint* exact patch recovers
     ``target`` of the total effect; attribution proposes, exact joint patching decides.
@@ -228,7 +247,8 @@ def grow_cross_sections(model: Any, dataset: Any, scores: xr.Dataset,
     Candidates are the attribute's sites in ``scores`` of ``kinds`` (default per-head ``z``;
     ``None``: every component kind of the grid, never the residual stream, which is a
     candidate only where a residual kind is listed, and then not at the tokens the
-    counterfactual replaces or moves) at ``positions`` (default all), ordered by their
+    counterfactual replaces or moves) at ``positions`` (default all) in ``layers`` (default
+    all), ordered by their
     estimated delta *signed in the direction of the total effect*: the sites that should
     carry most of the effect first, the ones estimated to push against it (negative
     name-mover-like heads) last. Components cancel, so patching the top |score| can recover
@@ -292,13 +312,15 @@ def grow_cross_sections(model: Any, dataset: Any, scores: xr.Dataset,
                          f"({grid_kinds}); score them first or choose others")
     pools, n_candidates = {}, {}
     for a in attributes:
-        df = ranked(scores, a, kinds=kinds, positions=positions, changed_tokens=False)
+        df = ranked(scores, a, kinds=kinds, positions=positions, changed_tokens=False,
+                    layers=layers)
         n_candidates[a] = len(df)
         sign = 1.0 if float(scores.total_effect.sel(attribute=a)) >= 0 else -1.0
         order = np.argsort(-sign * df["delta"].to_numpy(), kind="stable")
         pools[a] = df.iloc[order[:pool_size]].reset_index(drop=True)
         if pools[a].empty:
-            raise ValueError(f"attribute {a!r} has no candidate sites of kinds {kinds}")
+            raise ValueError(f"attribute {a!r} has no candidate sites of kinds {kinds}"
+                             + (f" in layers {list(layers)}" if layers is not None else ""))
     pairs = {a: [(Site.parse(s), str(p)) for s, p in zip(df["site"], df["position"])]
              for a, df in pools.items()}
 
@@ -441,7 +463,8 @@ class DiscoveryConfig:
     """Settings of :func:`discover` (the attribution grid, selection and validation).
 
     ``kinds`` / ``layers`` / ``positions`` / ``attributes`` restrict the attribution grid
-    (scores and heatmaps). ``select_kinds`` restricts what a cross-section may hold; the
+    (scores and heatmaps). ``select_kinds`` and ``select_layers`` restrict what a
+    cross-section may hold (the grid still shows where else the effect is); the
     default (``None``) is per-head ``z``, or, when ``kinds`` lists the grid without ``z``,
     the kinds listed there. The residual stream is selectable only where a residual kind is
     named in ``select_kinds`` or ``kinds``.
@@ -466,6 +489,7 @@ class DiscoveryConfig:
     max_sites: int = 16
     candidates: int | None = None
     select_kinds: Sequence[str] | None = None
+    select_layers: Sequence[int] | None = None
     top_k: int | None = None  # set one of top_k / coverage to select by attribution alone
     coverage: float | None = None
     changed_tokens: bool = False  # may a cross-section hold the changed tokens' own stream?
@@ -498,12 +522,13 @@ class Discovery:
     def summary(self) -> dict:
         """Per attribute: effects, the cross-section and its validation (JSON-ready): for a
         grown cross-section ``recovered``, ``reached``, ``target``, ``max_sites``,
-        ``cap_hit``, ``n_sites``, ``same_as``, ``small_effect`` and a ``note`` when the
-        target was missed."""
+        ``cap_hit``, ``n_sites``, ``same_as``, ``small_effect``, a ``note`` when the
+        target was missed, and ``effect_layers`` (:func:`effect_layers`)."""
         effects = effects_table(self.scores)
         return {a: {**{k: (bool(v) if isinstance(v, (bool, np.bool_)) else float(v))
                        for k, v in effects.loc[a].items()},
                     "cross_section": [f"{s}@{p}" for s, p in zip(t["site"], t["position"])],
+                    "effect_layers": effect_layers(self.scores, a),
                     **{k: _plain(v) for k, v in self.validation.get(a, {}).items()
                        if k != "attribute"}}
                 for a, t in self.cross_sections.items()}
@@ -547,7 +572,7 @@ def discover(model: Any, dataset: Any, config: DiscoveryConfig | None = None, *,
     if config.top_k is None and config.coverage is None:  # grown by the joint exact patch
         grown = grow_cross_sections(model, dataset, fit.scores_, target=config.target,
                                     max_sites=config.max_sites, kinds=kinds,
-                                    candidates=config.candidates,
+                                    candidates=config.candidates, layers=config.select_layers,
                                     batch_size=config.batch_size, max_rows=config.max_rows,
                                     progress=progress, remote=remote)
         for a, (table, summary) in grown.items():
@@ -556,7 +581,8 @@ def discover(model: Any, dataset: Any, config: DiscoveryConfig | None = None, *,
         found.cross_sections = {
             str(a): select_cross_section(fit.scores_, a, top_k=config.top_k,
                                          coverage=config.coverage, kinds=kinds,
-                                         changed_tokens=config.changed_tokens)
+                                         changed_tokens=config.changed_tokens,
+                                         layers=config.select_layers)
             for a in fit.scores_.attribute.values}
         if config.validate:  # every attribute's exact patching shares the same model runs
             for a, (sel, summary) in validate_all(model, dataset, fit.scores_,

@@ -477,12 +477,13 @@ def _scores(out, cs, codes_by_method, features, fitted, magnitudes, train, test,
     edit_metric = metrics.edit_metric(top_clean, top_cf)
     labels = test.attributes[[attribute]]
     per_method = [_intervention_metrics(out, method, ks, magnitudes, edit_metric, n_boot, seed)
-                  | _code_metrics(codes_by_method[method], fitted[method], features, labels)
+                  | _code_metrics(codes_by_method[method], fitted[method], features, labels,
+                                  n_boot, seed)
                   for method in codes_by_method]
     by_k = ("dictionary", "k")
     dims = {name: ("dictionary",) for name in ("sufficiency", "sufficiency_ratio",
                                                "loss_increase", "necessity")}
-    dims |= {f"{name}_ci": ("dictionary", "bound") for name in dims}
+    dims |= {f"{name}_ci": ("dictionary", "bound") for name in (*dims, "best_f1")}
     dims |= {"edit": by_k, "edit_ci": by_k + ("bound",), "edit_magnitude": by_k,
              "edit_f1": by_k, "edit_f1_ci": by_k + ("bound",), "edit_f1_magnitude": by_k}
     notes = {"mean_ablation": metrics.mean_ablation_reason(mean, clean),
@@ -661,14 +662,17 @@ def _intervention_metrics(out: xr.Dataset, method: str, ks, magnitudes, edit_met
 
 
 def _code_metrics(codes: Mapping[tuple, SiteCode], fitted: Mapping[tuple, dict], features,
-                  labels) -> dict:
+                  labels, n_boot: int, seed: int) -> dict:
     """Per pair: FVU, L0, dead latents, interpretability (each value's latent and activity
     threshold chosen on the fit prompts, ``fitted``, scored on the held-out ones), alignment
-    with supervised features. Every count is of the codes at the site."""
+    with supervised features; and the bootstrap interval of best F1's mean over the pairs.
+    Every count is of the codes at the site."""
     row = {k: [] for k in ("fvu", "l0", "dead", "best_f1", "share_interpretable", "alignment")}
+    active = []
     for pair, code in codes.items():
         held_out = code.codes.numpy()
         interp = metrics.interpretability(None, None, held_out, labels, fitted=fitted[pair])
+        active.append(metrics.detectors(fitted[pair], held_out, labels)[3])
         row["fvu"].append(metrics.fvu(code.a.numpy(), code.a_hat.numpy()))
         row["l0"].append(metrics.l0(held_out))
         row["dead"].append(metrics.dead_share(held_out))
@@ -676,4 +680,7 @@ def _code_metrics(codes: Mapping[tuple, SiteCode], fitted: Mapping[tuple, dict],
         row["share_interpretable"].append(float(interp.share_interpretable.mean()))
         row["alignment"].append(np.nan if code.directions is None else float(
             metrics.feature_alignment(features[pair], code.directions.numpy()).mean()))
+    positive = metrics.detectors(next(iter(fitted.values())), held_out, labels)[4]
+    row["best_f1_ci"] = metrics.bootstrap(metrics.mean_detector_f1, np.stack(active), positive,
+                                          n_boot=n_boot, seed=seed)
     return row

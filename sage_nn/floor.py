@@ -11,9 +11,8 @@ the gap between the fit prompts' mean and the held-out prompts'), and it is a fl
 a blow-up: a random SAE encoding with its own nonlinearity (a TopK of 32 random directions
 in a 64-wide head) reconstructs a vector several times larger than the signal.
 
-Where the matched L0 reaches the site's width, any ``width`` independent directions
-reconstruct exactly: the floor takes its first ``width`` directions as that basis (OMP
-would get there in ``width`` slower steps).
+Where the matched L0 reaches the site's width the floor reconstructs exactly (OMP chooses
+``width`` directions a row).
 """
 
 from __future__ import annotations
@@ -35,35 +34,36 @@ def random_directions(n_latents: int, width: int, seed: int) -> torch.Tensor:
 
 def omp(x: torch.Tensor, dictionary: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
     """Orthogonal matching pursuit: codes ``[n, L]`` of ``x [n, w]`` over the unit rows of
-    ``dictionary [L, w]``, at most ``k`` non-zero a row. Each step adds the row's latent most
-    correlated with its residual and refits the row's chosen latents by least squares.
+    ``dictionary [L, w]``, at most ``k`` non-zero a row (at most ``w``: then exact). Each step
+    adds the row's latent most correlated with its residual, which is kept orthogonal to the
+    chosen latents (Gram-Schmidt); the codes are the least-squares fit on the chosen latents.
     Batched over rows in torch (scikit-learn's ``SparseCoder`` solves the same problem, but
     builds the ``[L, L]`` Gram matrix: 2 GB for a 16k-latent dictionary)."""
     x, dictionary = x.double(), dictionary.double()
     n, width = x.shape
     codes = torch.zeros(n, len(dictionary), dtype=torch.float64)
     k = min(k, width, len(dictionary))
-    if k <= 0:
-        return codes
-    if k == width:  # exact: any basis; the first `width` random directions are one
-        basis = dictionary[:width]
-        codes[:, :width] = torch.linalg.solve(basis @ basis.T, basis @ x.T).T
-        return codes
-    for start in range(0, n, chunk):
-        rows = slice(start, start + chunk)
-        target = x[rows]
+    for start in range(0, n if k > 0 else 0, chunk):
+        target = x[start:start + chunk]
+        m, rows = len(target), torch.arange(len(target))
         residual = target.clone()
-        taken = torch.zeros(len(target), len(dictionary), dtype=torch.bool)
-        chosen = torch.zeros(len(target), 0, dtype=torch.long)
-        for _ in range(k):
-            corr = (residual @ dictionary.T).abs().masked_fill(taken, -1.0)
-            best = corr.argmax(1)
-            taken[torch.arange(len(target)), best] = True
-            chosen = torch.cat([chosen, best[:, None]], 1)
-            atoms = dictionary[chosen]  # [m, i, w]
-            coef = torch.linalg.lstsq(atoms.transpose(1, 2), target[..., None]).solution[..., 0]
-            residual = target - (coef[:, None, :] @ atoms)[:, 0]
-        codes[rows].scatter_(1, chosen, coef)
+        basis = torch.zeros(m, k, width, dtype=torch.float64)  # orthonormal, per row
+        chosen = torch.zeros(m, k, dtype=torch.long)
+        taken = torch.zeros(m, len(dictionary), dtype=torch.bool)
+        for i in range(k):
+            best = (residual @ dictionary.T).abs().masked_fill(taken, -1.0).argmax(1)
+            taken[rows, best] = True
+            chosen[:, i] = best
+            atom = dictionary[best]
+            atom = atom - torch.einsum("mi,miw->mw", torch.einsum("miw,mw->mi", basis[:, :i],
+                                                                  atom), basis[:, :i])
+            basis[:, i] = atom / atom.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            residual = residual - (residual * basis[:, i]).sum(-1, keepdim=True) * basis[:, i]
+        # the chosen atoms are basis^T R with R upper triangular: least squares is R c = Q x
+        R = torch.einsum("miw,mjw->mij", basis, dictionary[chosen]).triu()
+        coef = torch.linalg.solve_triangular(R, torch.einsum("miw,mw->mi", basis, target)[..., None],
+                                             upper=True)[..., 0]
+        codes[start:start + chunk].scatter_(1, chosen, coef)
     return codes
 
 

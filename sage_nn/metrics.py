@@ -6,6 +6,7 @@ resulting logit differences, codes and activations to these functions.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -305,6 +306,38 @@ def ranked_latents(fitted: dict, attribute: str) -> dict[str, np.ndarray]:
             if a == attribute}
 
 
+def detectors(fitted: dict, codes: np.ndarray, labels: pd.DataFrame):
+    """Each value's detector (its best fit-prompt latent and threshold, :func:`latent_f1`)
+    applied to ``codes``: ``(keys, latents, thresholds, active [V, n], positive [V, n])``,
+    one row per ``(attribute, value)`` key of ``fitted``."""
+    keys = list(fitted)
+    latents = [int(np.argmax(f1)) for f1, _ in fitted.values()]
+    thresholds = [float(cut[j]) for (_, cut), j in zip(fitted.values(), latents)]
+    score = _activity(codes)
+    active = np.stack([score[:, j] > t for j, t in zip(latents, thresholds)])
+    positive = np.stack([(labels[a].astype(str) == v).to_numpy() for a, v in keys])
+    return keys, latents, thresholds, active, positive
+
+
+def detector_f1(active: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """F1 of detectors ``active [..., V, n]`` against ``positive [V, n]`` (prompts last),
+    per detector; NaN for a value with no positive prompt."""
+    tp = (active & positive).sum(-1)
+    n_pos = positive.sum(-1)
+    with np.errstate(invalid="ignore"):
+        f1 = 2 * tp / np.maximum(active.sum(-1) + n_pos, 1)
+    return np.where(n_pos > 0, f1, np.nan)
+
+
+def mean_detector_f1(active: np.ndarray, positive: np.ndarray) -> float:
+    """The mean over pairs of the mean over values of :func:`detector_f1`, for detectors
+    ``active [P, V, n]`` at ``P`` pairs: what ``best_f1`` averages to over a cross-section
+    (a statistic of the prompts, for :func:`bootstrap`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample without some value
+        return float(np.nanmean(np.nanmean(detector_f1(active, positive), -1)))
+
+
 def interpretability(codes_fit: np.ndarray, labels_fit: pd.DataFrame, codes_test: np.ndarray,
                      labels_test: pd.DataFrame, threshold: float = INTERPRETABLE_F1,
                      fitted: dict | None = None) -> xr.Dataset:
@@ -321,21 +354,16 @@ def interpretability(codes_fit: np.ndarray, labels_fit: pd.DataFrame, codes_test
     these fit codes, when already computed.
     """
     fitted = latent_f1(codes_fit, labels_fit) if fitted is None else fitted
-    score_test = _activity(codes_test)
-    rows = []
-    for (attribute, value), (f1_fit, cut) in fitted.items():
-        best = int(np.argmax(f1_fit))
-        y_test = (labels_test[attribute].astype(str) == value).to_numpy()
-        active = score_test[:, best] > cut[best]
-        tp, n_active, n_pos = float((active & y_test).sum()), active.sum(), y_test.sum()
-        f1 = 2 * tp / max(n_active + n_pos, 1)
-        precision, recall = tp / max(n_active, 1), tp / max(n_pos, 1)
-        if not y_test.any():
-            f1 = recall = np.nan
-        rows.append(dict(attribute=attribute, value=value, best_f1=f1, latent=best,
-                         activity_threshold=float(cut[best]), precision=precision,
-                         recall=recall, fit_f1=float(f1_fit[best])))
-    table = pd.DataFrame(rows).set_index(["attribute", "value"])
+    keys, latents, thresholds, active, positive = detectors(fitted, codes_test, labels_test)
+    tp = (active & positive).sum(-1)
+    table = pd.DataFrame({
+        "attribute": [a for a, _ in keys], "value": [v for _, v in keys],
+        "best_f1": detector_f1(active, positive), "latent": latents,
+        "activity_threshold": thresholds,
+        "precision": tp / np.maximum(active.sum(-1), 1),
+        "recall": np.where(positive.any(-1), tp / np.maximum(positive.sum(-1), 1), np.nan),
+        "fit_f1": [float(f1[j]) for (f1, _), j in zip(fitted.values(), latents)],
+    }).set_index(["attribute", "value"])
     out = xr.Dataset.from_dataframe(table)
     scored = table.best_f1.notna()
     share = (table.best_f1 >= threshold).astype(float).where(scored).groupby(

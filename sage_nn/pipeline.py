@@ -633,6 +633,30 @@ def _train_into_cache(root: Path, model: Any, sites: list[str], cfg, source,
     return trained
 
 
+def trained_record(root: Path, sites: list[str]) -> dict | None:
+    """What the trainer recorded of the SAEs at ``sites`` of a cache directory: its config
+    (``train_config.json``) with, per site, the steps each SAE trained and its FVU on the
+    held-out part of its corpus (from each SAE's ``cfg.json``, where the trainer writes
+    them; else ``report.csv``)."""
+    record = root / "train_config.json"
+    if not record.exists():
+        return None
+    training = json.loads(record.read_text())
+    training.pop("held_out_fvu_curves", None)  # per step; too long for a report table
+    report = root / "report.csv"
+    table = {}
+    if report.exists():
+        import pandas as pd
+
+        table = pd.read_csv(report, index_col="site").to_dict("index")
+    steps, fvu = {}, {}
+    for site in sites:
+        meta = json.loads((root / site / "cfg.json").read_text()).get("metadata") or {}
+        steps[site] = meta.get("sage_nn_train_steps", table.get(site, {}).get("steps"))
+        fvu[site] = meta.get("sage_nn_held_out_fvu", table.get(site, {}).get("fvu"))
+    return {**training, "steps_used": steps, "held_out_fvu": fvu}
+
+
 def _sae_site(sae, spec: str = "train:") -> str:
     """An SAE's site as saes.json lists it: the hook name of an SAE the user named (a
     release or a directory: ``blocks.8.hook_resid_post`` stays so), else ``L8.resid_post``."""
@@ -716,17 +740,30 @@ def merge_evaluation(shared: xr.Dataset, parts: list[xr.Dataset]) -> xr.Dataset:
     return merged
 
 
+#: A cross-section whose joint patch recovers less than this share of its target was not
+#: found: its attribute is still scored, but kept out of claims.
+WEAK_SHARE = 0.5
+
+
 def with_discovery(results: xr.Dataset, summary_path: Path) -> xr.Dataset:
     """The cross-sections' discovery facts as attribute variables: ``recovered`` (joint
-    exact share of the effect), ``cap_hit``, ``small_effect`` and ``same_as`` (the other
-    attributes with the same cross-section, comma-separated)."""
+    exact share of the effect) and its ``target``, ``cap_hit``, ``small_effect``,
+    ``weak_cross_section`` (``recovered`` below :data:`WEAK_SHARE` of the target),
+    ``effect_layers`` (where attribution puts the effect, comma-separated) and ``same_as``
+    (the other attributes with the same cross-section, comma-separated)."""
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     attributes = [str(a) for a in results.attribute.values]
     get = lambda a, key, default: summary.get(a, {}).get(key, default)  # noqa: E731
+    recovered = [float(get(a, "recovered", np.nan)) for a in attributes]
+    target = [float(get(a, "target", np.nan)) for a in attributes]
     return results.assign(
-        recovered=("attribute", [float(get(a, "recovered", np.nan)) for a in attributes]),
+        recovered=("attribute", recovered), target=("attribute", target),
         cap_hit=("attribute", [bool(get(a, "cap_hit", False)) for a in attributes]),
         small_effect=("attribute", [bool(get(a, "small_effect", False)) for a in attributes]),
+        weak_cross_section=("attribute", [bool(r < WEAK_SHARE * t)  # NaN: not known weak
+                                          for r, t in zip(recovered, target)]),
+        effect_layers=("attribute", [", ".join(map(str, get(a, "effect_layers", [])))
+                                     for a in attributes]),
         same_as=("attribute", [", ".join(get(a, "same_as", [])) for a in attributes]))
 
 
@@ -808,9 +845,11 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         prompts = fit.subset(np.arange(min(config.n_discovery, len(fit))))
         # the grid scores what a cross-section may hold unless asked for more (heatmaps of
         # every kind cost the residual stream's exact sweep, which selection does not use)
+        # the grid scores every layer, so a report can say where an effect lies when the
+        # layers the SAEs serve miss it; the cross-sections stay in the served layers
         layers, select = restriction or (None, config.select_kinds)
         grid = config.discovery_kinds or select or ["z"]
-        settings = DiscoveryConfig(kinds=grid, attributes=attributes, layers=layers,
+        settings = DiscoveryConfig(kinds=grid, attributes=attributes, select_layers=layers,
                                    select_kinds=select, target=config.target,
                                    max_sites=config.max_sites, top_k=config.top_k,
                                    batch_size=config.batch_size)
@@ -857,9 +896,9 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                                                 mode=config.reconstruction))
             training = None
             if spec_.startswith("train:"):  # what the trainer recorded next to the SAEs
-                record = _trained_cache(_train_spec(spec_)[0], model, config,
-                                        _train_options(spec_))[3] / "train_config.json"
-                training = json.loads(record.read_text()) if record.exists() else None
+                root_ = _trained_cache(_train_spec(spec_)[0], model, config,
+                                       _train_options(spec_))[3]
+                training = trained_record(root_, trained_sites(spec_, needed, all_pairs))
             listing[name] = {"spec": spec_, "sites": [_sae_site(s, spec_) for s in members],
                              "approach": "at the cross-section sites" if at_sites else
                              "residual, through the reconstruction",

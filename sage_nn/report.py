@@ -54,10 +54,15 @@ FLOOR_PREFIX = f"{RANDOM}:"
 EVAL_TYPE_ID = "sage"
 REQUIRED = ("sufficiency", "necessity", "edit")
 # Metrics where higher is better and ceiling/floor calibrate the scale (gap closed).
-CALIBRATED = ("sufficiency", "necessity", "edit", "best_f1")
+CALIBRATED = ("sufficiency", "necessity", "edit", "edit_f1", "best_f1")
+#: the metrics every SAE is judged by, against its floor and the ceiling (edits at the
+#: headline k)
+HEADLINE = ("sufficiency", "necessity", "edit", "edit_f1", "best_f1")
+BY_K = ("edit", "edit_f1")
 PER_PAIR = ("fvu", "l0", "dead", "best_f1", "share_interpretable", "alignment")
 LABELS = {"sufficiency": "sufficiency", "necessity": "necessity",
-          "edit": "edit", "edit_magnitude": "edit magnitude",
+          "edit": "edit (greedy)", "edit_magnitude": "edit magnitude",
+          "edit_f1": "edit (top-F1 latents)", "edit_f1_magnitude": "F1 edit magnitude",
           "best_f1": "best F1", "share_interpretable": "share F1 ≥ 0.8",
           "alignment": "alignment", "fvu": "FVU", "l0": "L0", "dead": "dead share",
           "loss_increase": "loss increase (nats)"}
@@ -133,15 +138,16 @@ def headline_k(results: xr.Dataset, k: int = 2) -> int:
 
 
 def headline_table(results: xr.Dataset) -> pd.DataFrame:
-    """Headline metrics, one row per (attribute, method): sufficiency, necessity, edit
-    accuracy at k = 2 (or the smallest k ≥ 2 evaluated; the column is named after it), best
-    F1, FVU and L0 (both averaged over the cross-section's pairs), and the next-token loss
-    increase when the results have it."""
+    """Headline metrics, one row per (attribute, method): sufficiency, necessity, the
+    greedy and the top-F1 edit at k = 2 (or the smallest k ≥ 2 evaluated; the columns are
+    named after it), best F1, FVU and L0 (both averaged over the cross-section's pairs), and
+    the next-token loss increase when the results have it."""
     results = _check(results)
     order = roles(results).ordered
     k = headline_k(results)
     columns = {"sufficiency": results["sufficiency"], "necessity": results["necessity"],
-               f"edit_k{k}": results["edit"].sel(k=k, drop=True)}
+               **{f"{name}_k{k}": results[name].sel(k=k, drop=True)
+                  for name in BY_K if name in results}}
     for name in ("best_f1", "fvu", "l0"):
         if name in results:
             columns[name] = _pair_mean(results[name])
@@ -191,17 +197,39 @@ def _lookup(results: "xr.Dataset | _Lookup") -> _Lookup:
 
 def _extra_scalars(results: xr.Dataset) -> list[str]:
     """Further (attribute, method) metrics a newer evaluation adds (e.g. a loss increase)."""
-    known = set(REQUIRED) | set(PER_PAIR) | {"edit_magnitude"}
+    known = set(REQUIRED) | set(PER_PAIR) | set(BY_K) | {"edit_magnitude", "edit_f1_magnitude"}
     return [str(v) for v, da in results.data_vars.items()
             if v not in known and not str(v).endswith("_ci")
             and set(da.dims) <= {"attribute", "dictionary", "pair"} and "dictionary" in da.dims]
 
 
 def gap_closed(sae: float | None, ceiling: float | None, floor: float | None) -> float | None:
-    """Where the SAE sits between floor (0) and ceiling (1); None when they coincide."""
-    if None in (sae, ceiling, floor) or abs(ceiling - floor) < 1e-12:
+    """Where the SAE sits between floor (0) and ceiling (1); None where the ceiling is not
+    above the floor (there is no gap to close: the metric cannot rank here)."""
+    if None in (sae, ceiling, floor) or ceiling - floor < 1e-12:
         return None
     return (sae - floor) / (ceiling - floor)
+
+
+def goodness_interval(name: str, low: float | None,
+                      high: float | None) -> tuple[float | None, float | None]:
+    """A 95% interval in :func:`_goodness`'s units (sufficiency: ``1 - |1 - s|``, so an
+    interval around 1 reaches 1)."""
+    if low is None or high is None or name != "sufficiency":
+        return low, high
+    ends = (_goodness(name, low), _goodness(name, high))
+    return min(ends), (1.0 if low <= 1 <= high else max(ends))
+
+
+def against_floor(look: "_Lookup", sae: str, attribute: str, metric: str,
+                  **sel) -> str | None:
+    """``"above"`` when the SAE's 95% interval lies above its floor's (in goodness),
+    ``"below"`` when it lies below, ``"overlap"`` when they overlap; None without intervals."""
+    mine = goodness_interval(metric, *look.ci(metric, attribute, sae, **sel))
+    floor = goodness_interval(metric, *look.ci(metric, attribute, FLOOR_PREFIX + sae, **sel))
+    if None in mine + floor:
+        return None
+    return "above" if mine[0] > floor[1] else "below" if mine[1] < floor[0] else "overlap"
 
 
 def _goodness(name: str, value: float | None) -> float | None:
@@ -348,6 +376,7 @@ def sae_metrics(results: "xr.Dataset | _Lookup", sae: str,
     look = _lookup(results)
     results = look.results
     floor = FLOOR_PREFIX + sae
+    claimed = excluded(results, attribute) is None  # no gap closed against a failed ceiling
     out: dict[str, float | None] = {}
 
     def put(key: str, name: str, with_gap: bool, **sel) -> None:
@@ -358,14 +387,16 @@ def sae_metrics(results: "xr.Dataset | _Lookup", sae: str,
         out[f"{key}_floor"] = look(name, attribute, floor, **sel)
         if with_gap:
             out[f"{key}_gap_closed"] = gap_closed(*(_goodness(name, out[key + role]) for role
-                                                    in ("", "_ceiling", "_floor")))
+                                                    in ("", "_ceiling", "_floor"))) \
+                if claimed else None
 
     for name in ("sufficiency", "necessity"):
         put(name, name, True)
-    for k in results["k"].values:
-        put(f"edit_k{int(k)}", "edit", True, k=int(k))
-        if "edit_magnitude" in results:
-            put(f"edit_magnitude_k{int(k)}", "edit_magnitude", False, k=int(k))
+    for name in (n for n in BY_K if n in results):
+        for k in results["k"].values:
+            put(f"{name}_k{int(k)}", name, True, k=int(k))
+            if f"{name}_magnitude" in results:
+                put(f"{name}_magnitude_k{int(k)}", f"{name}_magnitude", False, k=int(k))
     for name in [n for n in PER_PAIR if n in results] + _extra_scalars(results):
         put(name, name, name in CALIBRATED)
     return out
@@ -529,7 +560,7 @@ def plot_comparison(results: xr.Dataset, metric: str, path: str | Path | None = 
     title = LABELS.get(metric, metric) + (f" at k = {k}" if k is not None else "")
     ax.set_title(title + (" (95% bootstrap CI)" if ci is not None else ""))
     ax.axhline(0, color="black", linewidth=0.6)
-    if metric in ("sufficiency", "necessity", "edit"):
+    if metric in ("sufficiency", "necessity", *BY_K):
         ax.axhline(1, color="black", linewidth=0.6, linestyle=":")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.grid(axis="y", alpha=0.3)
@@ -546,7 +577,7 @@ def plot_controllability(results: xr.Dataset, path: str | Path | None = None, *,
     r = roles(results)
     styles = _styles(r)
     attributes = [str(a) for a in results["attribute"].values]
-    rows = ["edit"] + (["edit_magnitude"] if "edit_magnitude" in results else [])
+    rows = [name for name in (*BY_K, "edit_magnitude") if name in results]
     ks = results["k"].values.astype(int)
     fig = _figure(figsize=(1.5 + 3.2 * len(attributes), 1.2 + 2.6 * len(rows)))
     axes = fig.subplots(len(rows), len(attributes), squeeze=False, sharex=True, sharey="row")
@@ -582,7 +613,12 @@ def plot_controllability(results: xr.Dataset, path: str | Path | None = None, *,
 # -- many SAEs: one table and plots across them ------------------------------------------
 
 #: the headline metrics compared across SAEs (``edit`` at the headline k)
-SWEEP_METRICS = ("sufficiency", "necessity", "edit", "best_f1")
+SWEEP_METRICS = HEADLINE
+
+
+def _metric_key(metric: str, k: int) -> tuple[str, dict]:
+    """A headline metric's column name and selection: an edit at ``k`` is ``edit_k2``."""
+    return (f"{metric}_k{k}", {"k": k}) if metric in BY_K else (metric, {})
 
 
 def sae_widths(results: xr.Dataset, sae_info: Mapping | None = None) -> dict[str, int | None]:
@@ -600,9 +636,11 @@ def sae_widths(results: xr.Dataset, sae_info: Mapping | None = None) -> dict[str
 def comparison_table(results: xr.Dataset, sae_info: Mapping | None = None, *,
                      k: int | None = None) -> pd.DataFrame:
     """One row per (SAE, attribute), one column per metric: width, L0, FVU, sufficiency,
-    necessity, edit at ``k`` (default: the headline k), best F1, each calibrated metric's
-    95% interval (``*_low``/``*_high``) and its gap closed between floor and ceiling
-    (``*_gap``); also the floor's and ceiling's value of each (``*_floor``, ``*_ceiling``)."""
+    necessity, both edits at ``k`` (default: the headline k), best F1, each metric's 95%
+    interval (``*_low``/``*_high``), its gap closed between floor and ceiling (``*_gap``;
+    empty for an attribute kept out of claims), the floor's and ceiling's value
+    (``*_floor``, ``*_ceiling``) and whether the SAE's interval lies above its floor's
+    (``*_above_floor``: 1 above, -1 below, 0 overlapping; :func:`against_floor`)."""
     results = _check(results)
     r, look = roles(results), _Lookup(results)
     k = headline_k(results) if k is None else k
@@ -612,9 +650,9 @@ def comparison_table(results: xr.Dataset, sae_info: Mapping | None = None, *,
         for a in (str(x) for x in results["attribute"].values):
             row = {"sae": sae, "attribute": a, "width": widths[sae],
                    "l0": look("l0", a, sae), "fvu": look("fvu", a, sae)}
+            claimed = excluded(results, a) is None
             for metric in SWEEP_METRICS:
-                sel = {"k": k} if metric == "edit" else {}
-                name = f"edit_k{k}" if metric == "edit" else metric
+                name, sel = _metric_key(metric, k)
                 value = look(metric, a, sae, **sel)
                 row[name] = value
                 row[f"{name}_low"], row[f"{name}_high"] = look.ci(metric, a, sae, **sel)
@@ -622,7 +660,9 @@ def comparison_table(results: xr.Dataset, sae_info: Mapping | None = None, *,
                 row[f"{name}_ceiling"], row[f"{name}_floor"] = ceiling, floor
                 row[f"{name}_gap"] = gap_closed(_goodness(metric, value),
                                                 _goodness(metric, ceiling),
-                                                _goodness(metric, floor))
+                                                _goodness(metric, floor)) if claimed else None
+                verdict = against_floor(look, sae, a, metric, **sel)
+                row[f"{name}_above_floor"] = {"above": 1, "below": -1, "overlap": 0}.get(verdict)
             rows.append(row)
     table = pd.DataFrame(rows).set_index(["sae", "attribute"])
     table = table.apply(lambda c: pd.to_numeric(c.astype(float)))  # missing: NaN, not None
@@ -640,7 +680,7 @@ def sae_orderings(results: xr.Dataset, *, k: int | None = None) -> dict[str, lis
     claimed = claimed or [str(a) for a in results["attribute"].values]
     out = {}
     for metric in SWEEP_METRICS:
-        sel = {"k": k} if metric == "edit" else {}
+        key, sel = _metric_key(metric, k)
         scores = {}
         for sae in r.saes:
             values = [_goodness(metric, look(metric, a, sae, **sel)) for a in claimed]
@@ -648,7 +688,7 @@ def sae_orderings(results: xr.Dataset, *, k: int | None = None) -> dict[str, lis
             if values:
                 scores[sae] = float(np.mean(values))
         if scores:
-            out[f"edit_k{k}" if metric == "edit" else metric] = sorted(
+            out[key] = sorted(
                 scores, key=lambda s: -scores[s])
     return out
 
@@ -666,8 +706,8 @@ def plot_sweep(results: xr.Dataset, metric: str, path: str | Path | None = None,
     if x not in ("l0", "width"):
         raise ValueError(f"x={x!r}: plot against 'l0' or 'width'")
     r, look = roles(results), _Lookup(results)
-    k = headline_k(results) if (k is None and metric == "edit") else k
-    sel = {"k": k} if metric == "edit" else {}
+    k = headline_k(results) if (k is None and metric in BY_K) else k
+    sel = {"k": k} if metric in BY_K else {}
     widths = sae_widths(results, sae_info)
     attributes = [str(a) for a in results["attribute"].values]
     styles = _styles(r)
@@ -745,8 +785,9 @@ def _with_ci(value, low, high) -> str:
 def _attribute_table(look: _Lookup, attribute: str, k: int) -> tuple[list, list]:
     results = look.results
     r = roles(results)
-    header = ["dictionary", "role", "sufficiency", "necessity", f"edit k={k}"]
-    per_pair = [n for n in PER_PAIR if n in results]
+    header = ["dictionary", "role", "sufficiency", "necessity", f"edit k={k}",
+              f"F1 edit k={k}", "best F1"]
+    per_pair = [n for n in PER_PAIR if n in results and n != "best_f1"]
     extra = _extra_scalars(results)
     header += [LABELS.get(n, n) for n in per_pair + extra]
     rows = []
@@ -754,7 +795,8 @@ def _attribute_table(look: _Lookup, attribute: str, k: int) -> tuple[list, list]
         role = ("ceiling" if method == r.ceiling else "SAE" if method in r.saes
                 else "floor" if method in r.floors.values() else "reference")
         row = [method, role]
-        for name, sel in (("sufficiency", {}), ("necessity", {}), ("edit", {"k": k})):
+        for name, sel in (("sufficiency", {}), ("necessity", {}), ("edit", {"k": k}),
+                          ("edit_f1", {"k": k}), ("best_f1", {})):
             row.append(_with_ci(look(name, attribute, method, **sel),
                                 *look.ci(name, attribute, method, **sel)))
         row += [_fmt(look(n, attribute, method)) for n in per_pair + extra]
@@ -763,10 +805,17 @@ def _attribute_table(look: _Lookup, attribute: str, k: int) -> tuple[list, list]
 
 
 def excluded(results: xr.Dataset, attribute: str) -> str | None:
-    """Why an attribute is kept out of calibration claims (its ceiling is not ground truth
-    at the cross-section, or its effect is small), or None."""
+    """Why an attribute is kept out of claims (its cross-section recovers far less than its
+    target, its ceiling is not ground truth at the cross-section, or its effect is small),
+    or None."""
     row = results.sel(attribute=attribute)
     reasons = []
+    if "weak_cross_section" in results and bool(row.weak_cross_section):
+        where = str(row.effect_layers.values) if "effect_layers" in results else ""
+        reasons.append(f"no cross-section found (its joint patch recovers "
+                       f"{float(row.recovered):.2f} of the effect, target "
+                       f"{float(row.target):g})" + (f"; attribution puts the effect at "
+                                                    f"layers {where}" if where else ""))
     if "ground_truth" in results and not bool(row.ground_truth):
         reasons.append(f"not ground truth here ({row.ground_truth_note.item()})")
     if "small_effect" in results and bool(row.small_effect):
@@ -774,30 +823,50 @@ def excluded(results: xr.Dataset, attribute: str) -> str | None:
     return "; ".join(reasons) or None
 
 
+def _headline_columns(k: int) -> list[tuple[str, str, dict]]:
+    """(metric, column label, selection) of the headline metrics, edits at ``k``."""
+    return [(m, LABELS[m] + (f" k={k}" if m in BY_K else ""), {"k": k} if m in BY_K else {})
+            for m in HEADLINE]
+
+
 def _calibration_table(look: _Lookup, k: int) -> tuple[list, list]:
     """Per SAE and attribute: the share of the floor→ceiling gap it closes, and whether
-    ceiling > SAE > floor holds; attributes kept out of claims say why."""
-    metrics = (("sufficiency", "sufficiency"), ("necessity", "necessity"),
-               (f"edit_k{k}", f"edit k={k}"))
+    ceiling > SAE > floor holds; attributes kept out of claims say why (and get no gap)."""
     rows = []
     for sae in roles(look.results).saes:
         for a in (str(x) for x in look.results["attribute"].values):
             m = sae_metrics(look, sae, a)
+            reason = excluded(look.results, a)
             row = [sae, a]
-            for key, _ in metrics:
-                name = key.split("_k")[0]
-                ceiling, value, floor = (_goodness(name, m[key + role])
+            for metric, _, sel in _headline_columns(k):
+                key = _metric_key(metric, k)[0]
+                ceiling, value, floor = (_goodness(metric, m.get(key + role))
                                          for role in ("_ceiling", "", "_floor"))
-                if None in (ceiling, value, floor):
+                if None in (ceiling, value, floor) or reason:
                     row.append("–")
                 elif m[f"{key}_gap_closed"] is None:
-                    row.append("– (ceiling = floor)")
+                    row.append("– (ceiling ≤ floor)")
                 else:
                     ok = "✓" if ceiling > value > floor else "✗ violated"
                     row.append(f"{_fmt(m[f'{key}_gap_closed'], 2)} {ok}")
-            row.append(excluded(look.results, a) or "claimed")
+            row.append(reason or "claimed")
             rows.append(row)
-    return ["SAE", "attribute"] + [label for _, label in metrics] + ["in claims"], rows
+    return (["SAE", "attribute"] + [label for _, label, _ in _headline_columns(k)]
+            + ["in claims"], rows)
+
+
+def _floor_table(look: _Lookup, k: int) -> tuple[list, list]:
+    """Per SAE and attribute: whether the SAE's 95% interval lies above its floor's, per
+    headline metric (:func:`against_floor`)."""
+    words = {"above": "above ✓", "below": "below ✗", "overlap": "overlap", None: "–"}
+    rows = []
+    for sae in roles(look.results).saes:
+        for a in (str(x) for x in look.results["attribute"].values):
+            rows.append([sae, a] + [words[against_floor(look, sae, a, metric, **sel)]
+                                    for metric, _, sel in _headline_columns(k)]
+                        + ["yes" if excluded(look.results, a) is None else "no"])
+    return (["SAE", "attribute"] + [label for _, label, _ in _headline_columns(k)]
+            + ["in claims"], rows)
 
 
 def _attribute_notes(results: xr.Dataset, attribute: str) -> list[str]:
@@ -815,18 +884,23 @@ def _attribute_notes(results: xr.Dataset, attribute: str) -> list[str]:
         notes.append(f"Same cross-section as: {row.same_as.values}.")
     if "edit_metric" in results.coords:
         metric = str(row.edit_metric.values)
-        what = ("accuracy: the share of prompts whose counterfactual changes the prediction "
-                "where the edit gives the counterfactual's prediction" if metric == "accuracy"
+        changed = (f"{int(row.n_changed_prediction)} of {int(row.n_scored_prompts)}"
+                   if "n_scored_prompts" in results else str(int(row.n_changed_prediction)))
+        what = ("accuracy: the share of those prompts where the edit gives the "
+                "counterfactual's prediction" if metric == "accuracy"
                 else "success: the share of the counterfactual's move of the logit difference "
-                "that the edit achieves (the counterfactual never changes the prediction "
-                "here)")
-        notes.append(f"Edit = {what}; no-edit baseline {_fmt(float(row.edit_baseline))}.")
-    for name in ("necessity_note", "edit_note"):
+                "that the edit achieves")
+        notes.append(f"In this run the cross-section's counterfactual patch changes the "
+                     f"model's prediction on {changed} held-out prompts, so both edits are "
+                     f"scored as {what} (accuracy needs at least 10 changed prompts); no-edit "
+                     f"baseline {_fmt(float(row.edit_baseline))}.")
+    for name, label in (("mean_ablation_note", "sufficiency and necessity"),
+                        ("necessity_note", "necessity"), ("edit_note", "edit")):
         if name in results and str(row[name].values):
-            notes.append(f"{name.split('_')[0]}: {row[name].values}")
+            notes.append(f"{label}: {row[name].values}")
     reason = excluded(results, attribute)
     if reason:
-        notes.append(f"Kept out of calibration claims: {reason}.")
+        notes.append(f"Kept out of claims: {reason}.")
     return notes
 
 
@@ -853,8 +927,19 @@ def _approach_rows(look: _Lookup, saes: list[str], sae_info: Mapping | None,
     return rows
 
 
+def _span(values) -> str:
+    """``min–max`` of the known numbers among ``values`` (one number if they agree)."""
+    known = sorted(float(v) for v in values if v is not None)
+    if not known:
+        return "–"
+    lo, hi = known[0], known[-1]
+    digits = 0 if all(v == int(v) for v in known) else 3
+    return f"{lo:.{digits}f}" if lo == hi else f"{lo:.{digits}f}–{hi:.{digits}f}"
+
+
 def _sae_rows(saes: list[str], sae_info: Mapping | None) -> list[list[str]]:
-    """One row per SAE with a known config: what it is and what it was trained on."""
+    """One row per SAE with a known config: what it is, what it was trained on, how many
+    steps its members trained and their FVU on the held-out part of their corpus."""
     rows = []
     for sae in saes:
         cfg = ((sae_info or {}).get(sae) or {}).get("sae_cfg_dict") or {}
@@ -862,19 +947,21 @@ def _sae_rows(saes: list[str], sae_info: Mapping | None) -> list[list[str]]:
             continue
         hooks = cfg.get("hook_name")
         training = cfg.get("training") or {}
-        steps = (training["tokens"] // training["batch_size"]
-                 if training.get("tokens") and training.get("batch_size") else None)
+        steps = (training.get("steps_used") or {}).values() or [
+            training["tokens"] // training["batch_size"]
+            if training.get("tokens") and training.get("batch_size") else None]
         rows.append([sae, str(cfg.get("architecture", "–")), str(cfg.get("d_in", "–")),
                      str(cfg.get("d_sae", "–")), str(cfg.get("k") or "–"),
                      ", ".join(hooks) if isinstance(hooks, list) else str(hooks or "–"),
-                     str(cfg.get("dataset_path") or "–"), str(steps or "–")])
+                     str(cfg.get("dataset_path") or "–"), _span(steps),
+                     _span((training.get("held_out_fvu") or {}).values())])
     return rows
 
 
 def _comparison_blocks(results, sae_info, k) -> list[tuple]:
     """The SAE x attribute x metric table and whether the metrics order the SAEs alike."""
     table = comparison_table(results, sae_info, k=k)
-    cols = ["sufficiency", "necessity", f"edit_k{k}", "best_f1"]
+    cols = [_metric_key(m, k)[0] for m in HEADLINE]
     rows = []
     for (sae, a), row in table.iterrows():
         cells = [sae, a, "–" if pd.isna(row["width"]) else str(int(row["width"])),
@@ -897,8 +984,8 @@ def _comparison_blocks(results, sae_info, k) -> list[tuple]:
                   "from its floor to the ceiling it closes). Also in `comparison.csv`, with "
                   "each floor's and the ceiling's values. Orderings are by the mean over "
                   "the attributes kept in claims. " + verdict),
-            ("table", ["SAE", "attribute", "width", "L0", "FVU", "sufficiency", "necessity",
-                       f"edit k={k}", "best F1"], rows)]
+            ("table", ["SAE", "attribute", "width", "L0", "FVU"]
+             + [label for _, label, _ in _headline_columns(k)], rows)]
 
 
 def _document(results, config, timings, images, k, discovery_note,
@@ -922,8 +1009,13 @@ def _document(results, config, timings, images, k, discovery_note,
                         + " (SAEBench eval-output format)."))
     sae_rows = _sae_rows(r.saes, sae_info)
     if sae_rows:
+        blocks.append(("p", "Training steps and held-out FVU (on the part of the training "
+                            "corpus held out from training) are per member SAE, as a range. "
+                            "Convergence is not checked yet: a low score may mean an "
+                            "undertrained SAE."))
         blocks.append(("table", ["SAE", "architecture", "d_in", "d_sae", "k", "hooks",
-                                 "training corpus", "training steps"], sae_rows))
+                                 "training corpus", "training steps", "held-out FVU"],
+                       sae_rows))
     look = _Lookup(results)
     approaches = _approach_rows(look, r.saes, sae_info, k)
     if approaches:
@@ -934,12 +1026,20 @@ def _document(results, config, timings, images, k, discovery_note,
                             "model would need with each approach."))
         blocks.append(("table", ["SAE", "approach", "SAEs here", "SAEs for all layers",
                                  "sufficiency", f"edit k={k}", "FVU"], approaches))
+    blocks.append(("h2", "Against the floor: is the SAE better than random directions?"))
+    blocks.append(("p", "Per headline metric, whether the SAE's 95% interval lies above its "
+                        "floor's (random unit directions with the SAE's number of latents and "
+                        "L0 at the site, the best sparse codes over them: never worse than "
+                        "the mean), below it, or overlaps it. Sufficiency is compared by its "
+                        "distance from 1 (1 - |1 - s|)."))
+    blocks.append(("table",) + _floor_table(look, k))
     blocks.append(("h2", "Calibration: SAE between floor and ceiling"))
     blocks.append(("p", "Share of the gap between floor (0) and ceiling (1) that each SAE "
                         "closes; ✓ marks that ceiling > SAE > floor holds, ✗ that it does "
-                        "not. Sufficiency is compared by its distance from 1 (1 - |1 - s|). "
-                        "An attribute whose ceiling fails its own checks, or whose effect is "
-                        "small, is listed but kept out of claims."))
+                        "not; no gap where the ceiling is not above the floor. An attribute "
+                        "whose cross-section was not found, whose ceiling fails its own "
+                        "checks, or whose effect is small, is listed but kept out of claims, "
+                        "and gets no gap closed."))
     blocks.append(("table",) + _calibration_table(look, k))
     if len(r.saes) > 1:
         blocks += _comparison_blocks(results, sae_info, k)
@@ -1110,7 +1210,8 @@ def write_report(results: xr.Dataset, out_dir: str | Path, *,
     k = headline_k(results)
     images = []
     for metric, sel in (("sufficiency", {}), ("necessity", {}), ("edit", {"k": k}),
-                        ("best_f1", {}), ("alignment", {}), ("fvu", {})):
+                        ("edit_f1", {"k": k}), ("best_f1", {}), ("alignment", {}),
+                        ("fvu", {})):
         if metric in results:
             file = f"compare_{metric}" + (f"_k{k}" if sel else "") + ".png"
             plot_comparison(results, metric, out / file, **sel)
@@ -1127,7 +1228,7 @@ def write_report(results: xr.Dataset, out_dir: str | Path, *,
             for x in ("l0", "width") if len(known) > 1 else ("l0",):
                 file = f"sweep_{metric}_vs_{x}.png"
                 plot_sweep(results, metric, out / file, x=x, k=k, sae_info=sae_info)
-                images.append((f"{LABELS[metric]}" + (f" at k = {k}" if metric == "edit"
+                images.append((f"{LABELS[metric]}" + (f" at k = {k}" if metric in BY_K
                                                       else "")
                                + f" against {'L0' if x == 'l0' else 'width'}: every SAE, "
                                "ceiling and floors as bands", file))

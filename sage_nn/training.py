@@ -461,18 +461,19 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
         steps = {label: trainer.n_training_steps for label in labels}
         dead_in_training = {l: trainer.trainers[l].dead_neurons.sum().item() for l in labels}
         curves = {}
-    plain = {}
-    for label in labels:
-        sae = saes[label]
-        sae.cfg.metadata.sage_nn_train_steps = steps[label]
-        sae.cfg.metadata.sage_nn_trainer = (cfg.trainer if cfg.architecture == "topk"
-                                            else "sae_lens")
-        if out_dir is not None:
-            sae.save_inference_model(Path(out_dir) / label)
-        plain[label] = from_sae_lens(_as_inference(sae), site=label, model=model)
+    plain = {label: from_sae_lens(_as_inference(saes[label]), site=label, model=model)
+             for label in labels}
     report = evaluate(model, plain, eval_units, cfg, acts=held_out)
     report["dead_in_training"] = [dead_in_training[l] for l in labels]
     report["steps"] = [steps[l] for l in labels]
+    for label in labels:  # what the SAE was trained with, and how well, travels with it
+        meta = saes[label].cfg.metadata
+        meta.sage_nn_train_steps = steps[label]
+        meta.sage_nn_trainer = cfg.trainer if cfg.architecture == "topk" else "sae_lens"
+        meta.sage_nn_held_out_fvu = float(report.loc[label, "fvu"])
+        meta.sage_nn_held_out_l0 = float(report.loc[label, "l0"])
+        if out_dir is not None:
+            saes[label].save_inference_model(Path(out_dir) / label)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         report.to_csv(Path(out_dir) / "report.csv")

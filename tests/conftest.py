@@ -47,6 +47,35 @@ def tiny_task_dataset(directory, n: int):
 
 
 
+def trained_tiny_model(directory, steps: int = 200, seed: int = 4):
+    """The tiny llama trained for a few seconds to do :data:`TINY_TASK` (it learns to
+    predict IO: accuracy 1, io's counterfactual moves LD by about 8 logits), so interventions
+    on it move its predictions as on a real model; and its spec's path."""
+    import numpy as np
+    import torch
+
+    from sage_nn.tasks import load_task
+
+    model, _ = tiny_task_dataset(directory, n=8)
+    train = load_task(directory / "tiny.yaml").build(model, n=512, seed=1, split="train")
+    hf, tokenizer = model._module, model.tokenizer
+    enc = tokenizer(list(train.prompts), return_tensors="pt", padding=True)
+    answers = torch.as_tensor(np.asarray(train.answer_ids))
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(hf.parameters(), lr=3e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, len(answers), (64,))
+        logits = hf(input_ids=enc["input_ids"][idx],
+                    attention_mask=enc["attention_mask"][idx]).logits[:, -1]
+        loss = torch.nn.functional.cross_entropy(logits, answers[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    hf.eval()
+    hf.requires_grad_(False)
+    return model, directory / "tiny.yaml"
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real embedded default model (converted from its GGUF once per cache)."""

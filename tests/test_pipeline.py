@@ -219,3 +219,50 @@ def test_saes_are_cached_one_by_one(setup, monkeypatch):
                                                     "random:topk-64-k4"]
     summary = (last.report / "summary.md").read_text()
     assert "topk-64-k4" in summary and "topk-64-k2" not in summary
+
+
+def documented_names() -> str:
+    from pathlib import Path
+
+    return (Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
+
+
+def undocumented(names, doc: str) -> list[str]:
+    """Names not written in backticks in ``doc``; an edit at a budget is documented as
+    ``edit_k<k>``, a column of a metric as ``<metric>_low`` and so on."""
+    import re
+
+    suffixes = ("_low", "_high", "_ceiling", "_floor", "_gap", "_above_floor", "_ci")
+    missing = []
+    for name in names:
+        generic = re.sub(r"_k\d+", "_k<k>", str(name))
+        if f"`{name}`" in doc or f"`{generic}`" in doc:
+            continue
+        base, suffix = next(((generic[:-len(s)], s) for s in suffixes if generic.endswith(s)),
+                            (generic, None))
+        if suffix and f"`<metric>{suffix}`" in doc and f"`{base}`" in doc:
+            continue
+        missing.append(str(name))
+    return missing
+
+
+def test_every_variable_and_column_a_run_writes_is_documented(setup):
+    """docs/metrics.md defines every variable, coordinate and attribute of evaluation.nc and
+    every column of the run's CSVs; a new one fails here until it is documented."""
+    import pandas as pd
+
+    import sage_nn
+
+    root, model = setup
+    result = run(config(root, "a"), model=model, progress=False)
+    doc = documented_names()
+    ds = sage_nn.open_run(result.run_dir).results
+    names = [*ds.data_vars, *ds.coords, *ds.attrs]
+    for path in (result.run_dir / "discovery" / "cross_sections.csv",
+                 result.report / "comparison.csv"):
+        names += list(pd.read_csv(path).columns)
+    assert len(names) > 60
+    assert undocumented(names, doc) == []
+    # the check can fail: a name the docs do not have is caught
+    assert undocumented(["edit_k2_low", "sufficiency_gap", "made_up_metric"], doc) == [
+        "made_up_metric"]

@@ -1,0 +1,100 @@
+"""Every headline metric ranks dictionaries of known quality in order (sage_nn.validity).
+
+On a tiny model trained to do the tiny IOI task (so io's counterfactual changes its
+predictions): a ladder of planted dictionaries (a share f of io's values has a latent that
+is its supervised feature, firing exactly on it) for the edits, F1 and alignment, and a
+ladder of reconstructions keeping a share f of what a perfect SAE explains for sufficiency
+and necessity, at direct sites and through the residual-to-sublayer reconstruction. A
+metric that stops ranking its ladder fails here.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import trained_tiny_model
+from sage_nn.evaluation import CrossSection, ReconstructedSAE
+from sage_nn.saes import SparseAutoencoder
+from sage_nn.sites import Site
+from sage_nn.tasks import load_task
+from sage_nn.validity import (SHARES, PlantedDictionary, Shrunk, ladder, ladder_summary,
+                              planted_sae, planted_values)
+
+PLANTED = ["edit", "edit_f1", "best_f1", "alignment"]
+SHRUNK = ["sufficiency", "necessity"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model, spec = trained_tiny_model(tmp_path_factory.mktemp("task"))
+    full = load_task(spec).build(model, n=400, seed=0, split="train")
+    heads = [(Site(1, "z", h), "END") for h in range(model.config.num_attention_heads)]
+    return model, full.subset(np.arange(240)), full.subset(np.arange(240, 400)), heads
+
+
+def perfect_sae(d: int) -> SparseAutoencoder:
+    eye = torch.eye(d)
+    return SparseAutoencoder(torch.cat([eye, -eye], 1), torch.zeros(2 * d),
+                             torch.cat([eye, -eye], 0), torch.zeros(d), layer=1,
+                             kind="resid_pre")
+
+
+def test_planted_rungs_are_nested():
+    values = list("ABCDEFGH")
+    rungs = [set(planted_values(values, f, seed=3)) for f in SHARES]
+    assert [len(r) for r in rungs] == [0, 2, 4, 6, 8]
+    assert all(a <= b for a, b in zip(rungs, rungs[1:]))
+
+
+def ranked(summary, metrics, apart):
+    """Spearman 1 over the levels; f = 0 and f = 1 intervals apart for ``apart``."""
+    for name in metrics:
+        assert summary.loc[name, "spearman"] == pytest.approx(1.0), (name, summary.T)
+    for name in apart:
+        assert summary.loc[name, "apart"], (name, summary.T)
+
+
+def test_planted_ladder_at_the_heads(setup):
+    model, fit, held_out, heads = setup
+    rungs = {f"planted-{f:g}": (f, PlantedDictionary(fit, "io", f)) for f in SHARES}
+    results = ladder(model, fit, held_out, CrossSection("io", heads), rungs, ks=[2],
+                     n_boot=200)
+    assert str(results.edit_metric.values[0]) == "accuracy"  # the model does the task
+    summary = ladder_summary(results, PLANTED)
+    ranked(summary, PLANTED, apart=["edit", "edit_f1", "best_f1"])
+    # f = 1 knows io as the ceiling does; f = 0 cannot edit it at all
+    for name in ("edit", "best_f1"):
+        assert summary.loc[name, "in_ceiling_interval"], summary.T
+    assert summary.loc["edit", "f=0"] == 0.0 and summary.loc["best_f1", "f=1"] == 1.0
+    # the floor edits below the dictionary that knows the attribute
+    assert summary.loc["edit", "floor"] < summary.loc["edit", "f=1"]
+
+
+def test_planted_ladder_through_the_reconstruction(setup):
+    """Residual SAEs at L1.resid_pre whose planted latents fire at the IO token, where io's
+    value lives, reaching layer 1's heads at END through the attention pattern."""
+    model, fit, held_out, heads = setup
+    rungs = {f"planted-{f:g}": (f, ReconstructedSAE([planted_sae(model, fit, "io", 1, "IO", f)]))
+             for f in SHARES}
+    summary = ladder_summary(ladder(model, fit, held_out, CrossSection("io", heads), rungs,
+                                    ks=[2], n_boot=200), PLANTED)
+    ranked(summary, PLANTED, apart=["edit", "edit_f1", "best_f1"])
+
+
+@pytest.mark.parametrize("where", ["direct", "reconstruction"])
+def test_shrunk_ladder(setup, where):
+    """Keeping a share f of a perfect SAE's reconstruction: f = 0 is the mean (sufficiency
+    and necessity 0), f = 1 exact (1)."""
+    model, fit, held_out, heads = setup
+    d = model.config.hidden_size
+    if where == "direct":
+        cs, coder = CrossSection("io", [(Site(1, "resid_pre"), "IO")]), perfect_sae(d)
+    else:
+        cs, coder = CrossSection("io", heads), ReconstructedSAE([perfect_sae(d)])
+    rungs = {f"shrunk-{f:g}": (f, Shrunk(coder, f)) for f in SHARES}
+    summary = ladder_summary(ladder(model, fit, held_out, cs, rungs, ks=[1], n_boot=200),
+                             SHRUNK)
+    ranked(summary, SHRUNK, apart=SHRUNK)
+    for name in SHRUNK:
+        assert summary.loc[name, "f=0"] == pytest.approx(0.0, abs=1e-6)
+        assert summary.loc[name, "f=1"] == pytest.approx(1.0, abs=1e-3)
