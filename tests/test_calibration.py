@@ -6,16 +6,17 @@ meaningful here: ``io`` (the indirect object, which the model predicts). Its cro
 is grown from attention heads' outputs until their joint patch recovers 60% of the effect,
 and the residual SAEs reach those heads through the residual-to-sublayer reconstruction.
 
-Every comparison is strict and can fail: the random floor is the SAE itself with random
-directions (same architecture, its L0 matched on the data), and the SAE must beat it with
-non-overlapping 95% bootstrap intervals, on sufficiency and on edit over the no-edit
-baseline at some k <= 8 (where the ceiling must beat the SAE too), and on held-out F1. The
-ceiling must pass its own ground-truth checks. With 48 held-out prompts the SAE's and the
-floor's edit intervals overlapped at every k <= 8 (k = 8: 0.11 [0.04, 0.21] vs 0.02
-[0, 0.07]); with 144 they are apart from k = 4 on, hence the quickstart's 96.
+Every comparison is strict and can fail: the floor is the best a dictionary without learned
+directions can do (random unit directions with the SAE's number of latents and L0 at the
+site, the best sparse codes over them), and the SAE must beat it with non-overlapping 95%
+bootstrap intervals on the greedy edit and the top-F1 edit at some k <= 8 (where the
+ceiling must beat the SAE too) and on held-out F1. The ceiling must pass its own
+ground-truth checks.
 
-What does not hold is tested as measured: a near-lossless SAE is as sufficient as the
-ceiling (inside its interval), so sufficiency cannot rank it below.
+What does not hold is tested as measured: at a 64-wide head the residual SAE's latents
+reach the site with an L0 of about 220 (non-zero wherever they fire in the prompt), and
+random directions with that L0 and optimal codes reconstruct the head exactly, so
+sufficiency and necessity rank the floor above the SAE.
 """
 
 import os
@@ -66,35 +67,48 @@ def test_io_cross_section_is_heads_and_its_ceiling_is_ground_truth(calibration):
     assert bool(io.ground_truth), (str(io.ground_truth_note.values), where)
 
 
+def apart(io, above, below, metric, k=None):
+    sel = {} if k is None else {"k": k}
+    return float(io[f"{metric}_ci"].sel(dictionary=above, bound="low", **sel)) > float(
+        io[f"{metric}_ci"].sel(dictionary=below, bound="high", **sel))
+
+
 def test_trained_residual_sae_between_floor_and_ceiling(calibration):
     result, io, sae, floor = calibration
-    # sufficiency: the SAE keeps the task far better than its floor, intervals apart
-    suff = {m: float(io.sufficiency.sel(dictionary=m)) for m in ("supervised", sae, floor)}
-    assert goodness(suff[sae]) > goodness(suff[floor]), suff
-    assert disjoint(io.sufficiency_ci.sel(dictionary=sae).values,
-                    io.sufficiency_ci.sel(dictionary=floor).values), suff
     # edits over the no-edit baseline: ceiling > SAE > floor, SAE and floor intervals apart
     baseline = float(io.edit_baseline)
-    edit = io.edit - baseline
-    separated = [k for k in EDIT_KS
-                 if float(edit.sel(dictionary="supervised", k=k)) > float(edit.sel(dictionary=sae, k=k))
-                 > float(edit.sel(dictionary=floor, k=k))
-                 and float(io.edit_ci.sel(dictionary=sae, k=k, bound="low"))
-                 > float(io.edit_ci.sel(dictionary=floor, k=k, bound="high"))]
-    assert separated, (str(io.edit_metric.values), baseline,
-                       io.edit.sel(k=list(EDIT_KS)).to_pandas(),
-                       io.edit_ci.sel(k=list(EDIT_KS)).to_dataframe())
-    # interpretability: each name's best latent (chosen on fit prompts, held-out F1)
+    for metric in ("edit", "edit_f1"):
+        edit = io[metric] - baseline
+        separated = [k for k in EDIT_KS
+                     if float(edit.sel(dictionary="supervised", k=k))
+                     > float(edit.sel(dictionary=sae, k=k))
+                     > float(edit.sel(dictionary=floor, k=k))
+                     and apart(io, sae, floor, metric, k)]
+        assert separated, (metric, str(io.edit_metric.values), baseline,
+                           io[metric].sel(k=list(EDIT_KS)).to_pandas(),
+                           io[f"{metric}_ci"].sel(k=list(EDIT_KS)).to_dataframe())
+    # interpretability: each name's detector (chosen on fit prompts, held-out F1)
     f1 = {m: float(io.best_f1.sel(dictionary=m).mean()) for m in ("supervised", sae, floor)}
     assert f1["supervised"] > f1[sae] > f1[floor], f1
+    assert apart(io, sae, floor, "best_f1"), io.best_f1_ci.to_pandas()
 
 
-def test_sufficiency_cannot_rank_a_near_lossless_sae_below_the_ceiling(calibration):
-    """What the issue asked, ceiling > SAE on sufficiency, does not hold, and this says why:
-    the residual SAEs reconstruct the heads almost losslessly, so their sufficiency falls
-    inside the ceiling's own 95% interval (quickstart: 0.991 vs 1.012 [0.97, 1.07]), as does
-    1. Sufficiency rewards fidelity; edits and F1 are what rank the SAE below the ceiling."""
-    _, io, sae, _ = calibration
-    low, high = io.sufficiency_ci.sel(dictionary="supervised").values
-    assert low <= float(io.sufficiency.sel(dictionary=sae)) <= high
-    assert low <= 1.0 <= high
+def test_every_floor_is_a_floor_not_a_blow_up(calibration):
+    """No floor is worse than the mean at any pair of the cross-section: FVU <= 1."""
+    _, io, _, _ = calibration
+    fvu = io.fvu.sel(dictionary=[d for d in io.dictionary.values
+                                 if str(d).startswith("random:")])
+    assert float(fvu.max()) <= 1.0, fvu.to_pandas()
+
+
+def test_at_the_heads_random_directions_reconstruct_as_well_as_the_sae(calibration):
+    """The finding: the residual SAE reaches a 64-wide head with far more active latents
+    than the head has dimensions, and random directions with that L0 and optimal codes
+    reconstruct it exactly, so sufficiency and necessity put the floor at or above the SAE:
+    they reward fidelity, which is free at this L0, not learned directions."""
+    _, io, sae, floor = calibration
+    assert float(io.l0.sel(dictionary=sae).mean()) > 64
+    assert float(io.fvu.sel(dictionary=floor).max()) < 0.01
+    for metric in ("sufficiency", "necessity"):
+        assert goodness(io[metric].sel(dictionary=floor)) >= goodness(
+            io[metric].sel(dictionary=sae)), metric

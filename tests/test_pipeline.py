@@ -232,7 +232,7 @@ def undocumented(names, doc: str) -> list[str]:
     ``edit_k<k>``, a column of a metric as ``<metric>_low`` and so on."""
     import re
 
-    suffixes = ("_low", "_high", "_ceiling", "_floor", "_gap", "_above_floor", "_ci")
+    suffixes = ("_above_floor", "_low", "_high", "_ceiling", "_floor", "_gap", "_ci")
     missing = []
     for name in names:
         generic = re.sub(r"_k\d+", "_k<k>", str(name))

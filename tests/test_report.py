@@ -168,9 +168,13 @@ def test_write_report_files(results, tmp_path):
 
 def test_report_flags_a_violated_ordering(results, tmp_path):
     bad = results.copy(deep=True)
-    bad["sufficiency"].loc[dict(attribute="io", dictionary="random:topk-2048")] = 0.99
+    bad["sufficiency"].loc[dict(attribute="io", dictionary="topk-2048")] = 0.95  # > ceiling
+    # a floor above the ceiling leaves no gap to close: the metric cannot rank there
+    bad["sufficiency"].loc[dict(attribute="s", dictionary="random:relu-1024")] = 0.99
     write_report(bad, tmp_path)
-    assert "| topk-2048 | io | 4.33 ✗ violated |" in (tmp_path / "summary.md").read_text()
+    text = (tmp_path / "summary.md").read_text()
+    assert "| topk-2048 | io | 1.06 ✗ violated |" in text
+    assert "| relu-1024 | s | – (ceiling ≤ floor) |" in text
 
 
 def _heatmap(path):
@@ -391,3 +395,46 @@ def test_many_saes_comparison_table_sweep_plots_and_orderings(results, tmp_path)
     assert "order the SAEs the same way" in summary
     back = __import__("pandas").read_csv(out / "comparison.csv")
     assert len(back) == 4 and {"sae", "attribute", "width", "l0", "edit_k2"} <= set(back)
+
+
+def test_an_attribute_without_a_cross_section_is_kept_out_of_claims(results, tmp_path):
+    """A cross-section recovering far less than its target was not found: the attribute is
+    reported with the layers attribution names, kept out of claims, and gets no gap closed."""
+    from sage_nn.report import comparison_table, excluded, sae_metrics
+
+    weak = results.assign(recovered=("attribute", [-0.01, 0.7]),
+                          target=("attribute", [0.6, 0.6]),
+                          weak_cross_section=("attribute", [True, False]),
+                          effect_layers=("attribute", ["23, 29, 28", "23, 24"]))
+    assert excluded(weak, "io") == ("no cross-section found (its joint patch recovers -0.01 of "
+                                    "the effect, target 0.6); attribution puts the effect at "
+                                    "layers 23, 29, 28")
+    assert excluded(weak, "s") is None
+    assert sae_metrics(weak, "topk-2048", "io")["sufficiency_gap_closed"] is None
+    assert sae_metrics(weak, "topk-2048", "s")["sufficiency_gap_closed"] == pytest.approx(
+        (0.65 - 0.15) / (0.95 - 0.15))
+    table = comparison_table(weak)
+    assert np.isnan(table.loc[("topk-2048", "io"), "sufficiency_gap"])
+    write_report(weak, tmp_path)
+    assert "Kept out of claims: no cross-section found" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_sae_against_its_floor(results):
+    """Above when the SAE's 95% interval lies above its floor's, below when under it,
+    overlap otherwise; sufficiency in its distance from 1."""
+    from sage_nn.report import _Lookup, against_floor, comparison_table, goodness_interval
+
+    look = _Lookup(results)
+    assert against_floor(look, "topk-2048", "io", "sufficiency") == "above"  # .6±.05 vs .1±.05
+    close = results.copy(deep=True)
+    close["necessity_ci"].loc[dict(attribute="io", dictionary="random:topk-2048")] = [0.4, 0.6]
+    close["edit_ci"].loc[dict(attribute="io", dictionary="random:topk-2048", k=2)] = [0.6, 0.9]
+    look = _Lookup(close)
+    assert against_floor(look, "topk-2048", "io", "necessity") == "overlap"
+    assert against_floor(look, "topk-2048", "io", "edit", k=2) == "below"
+    table = comparison_table(close)
+    assert table.loc[("topk-2048", "io"), "edit_k2_above_floor"] == -1
+    assert table.loc[("topk-2048", "io"), "sufficiency_above_floor"] == 1
+    # an interval around 1 reaches the best sufficiency
+    assert goodness_interval("sufficiency", 0.9, 1.2) == (pytest.approx(0.8), 1.0)
+    assert goodness_interval("sufficiency", 1.1, 1.3) == (pytest.approx(0.7), pytest.approx(0.9))
