@@ -161,7 +161,9 @@ def test_sage_run_on_a_release_glob_offline_through_sae_lens(release):
     assert "blocks.*.hook_resid_post" in names and "blocks.1.hook_resid_pre" in names
     assert "random:blocks.*.hook_resid_post" in names
     assert all(s.startswith("L1.") for s in run.cross_sections["io"]), run.cross_sections
-    assert set(run.discovery.scores.layer.values) == {1}
+    # attribution scores every layer (so a report can say where an effect lies); only the
+    # cross-sections are restricted to what the SAEs serve
+    assert set(run.discovery.scores.layer.values) == {0, 1}
     saes = json.loads((run_dir / "saes.json").read_text())
     glob = saes["blocks.*.hook_resid_post"]
     # of the glob's two SAEs only blocks.0.hook_resid_post (= L1.resid_pre) is needed
