@@ -452,8 +452,9 @@ def main(argv: list[str] | None = None) -> None:
         for problem in err.problems:
             print(f"sage {args.command}: error: {problem}", file=sys.stderr)
         sys.exit(2)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"sage {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as err:  # a RegistryError has several lines
+        for problem in getattr(err, "problems", None) or [err]:
+            print(f"sage {args.command}: error: {problem}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:
         if err.errno != errno.ENOSPC:
