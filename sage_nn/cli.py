@@ -115,16 +115,18 @@ def _run(args) -> None:
     import logging
 
     from .pipeline import run
-    from .report import headline_table
-
-    from .remote import RemotePending
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         result = run(_run_config(args))
-    except RemotePending as pending:  # --no-wait: the jobs run on; finished stages are kept
-        print(pending)
+    except Exception as err:  # sage_nn.remote (torch, nnsight) is imported once a run starts
+        remote = sys.modules.get("sage_nn.remote")
+        if remote is None or not isinstance(err, remote.RemotePending):
+            raise
+        print(err)  # --no-wait: the jobs run on; finished stages are kept
         return
+    from .report import headline_table
+
     print(headline_table(result.results).to_string(float_format=lambda x: f"{x:.3f}"))
     print("stage seconds:", {k: round(v, 1) for k, v in result.timings.items()})
     print(f"report: {result.report / 'summary.md'}")

@@ -389,7 +389,7 @@ def _sae_dir_problems(spec: str, path: Path, model_config: Any) -> list[str]:
 
 
 def _sae_cfg_problems(where: str, cfg: dict, model_config: Any) -> list[str]:
-    from .saes import parse_site
+    from .sites import parse_site
 
     arch = cfg.get("architecture", "standard")
     if arch not in SAE_ARCHITECTURES:

@@ -168,3 +168,49 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sage_nn.cli", "run", "--config",
                            str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert done.returncode == 2 and "sage run: error:" in done.stderr
+
+
+HEAVY = ("torch", "transformers", "sae_lens", "nnsight", "xarray")
+
+
+def _imported_by(code: str) -> list[str]:
+    """The heavy libraries a fresh ``python -c code`` imported (it prints them)."""
+    script = (f"import sys\n{code}\n"
+              f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return eval(done.stdout.strip().splitlines()[-1])
+
+
+def test_help_tasks_and_refused_runs_import_no_heavy_library(tmp_path):
+    """``sage --help``, ``sage tasks`` and a run refused by validation answer without
+    importing torch, transformers, sae_lens or nnsight (seconds on two cores, not 11)."""
+    assert _imported_by("import sage_nn, sage_nn.cli") == []
+    assert _imported_by("from sage_nn.cli import build_parser\n"
+                        "build_parser().format_help()\n"
+                        "build_parser()._subparsers._group_actions[0].choices['run']"
+                        ".format_help()") == []
+    assert _imported_by("from sage_nn.cli import main\nmain(['tasks'])") == []
+    refused = (f"from sage_nn.cli import main\ntry:\n    main(['run', '--model', '/no/model', "
+               f"'--sae', '/no/sae', '--run-dir', {str(tmp_path / 'run')!r}])\n"
+               "except SystemExit as e:\n    assert e.code == 2\n")
+    assert _imported_by(refused) == []
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_package_names_load_on_first_use_and_sae_lens_comes_before_any_model():
+    import sage_nn
+
+    for name in sage_nn.__all__:
+        assert getattr(sage_nn, name) is not None, name
+    assert set(sage_nn.__all__) <= set(dir(sage_nn))
+    assert sage_nn.pipeline.RunConfig is RunConfig  # submodules as attributes, as before
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        sage_nn.nope
+    # a name that can run the model imports sae_lens first (nnsight's .save patch breaks
+    # pydantic models imported after a trace: sage_nn/saes.py)
+    assert _imported_by("import sage_nn\nsage_nn.load_task") == []
+    assert "sae_lens" in _imported_by("import sage_nn\nsage_nn.collect")
+    assert "sae_lens" in _imported_by("from sage_nn.models import tiny_random_model\n"
+                                      "tiny_random_model()")
