@@ -214,3 +214,37 @@ def test_the_package_names_load_on_first_use_and_sae_lens_comes_before_any_model
     assert "sae_lens" in _imported_by("import sage_nn\nsage_nn.collect")
     assert "sae_lens" in _imported_by("from sage_nn.models import tiny_random_model\n"
                                       "tiny_random_model()")
+
+
+def test_a_cold_run_prints_no_python_warning_and_each_sage_warning_once(tiny, tmp_path):
+    """A cold ``sage run`` (no SAE cache, no matplotlib font cache) prints its own lines:
+    no Python warning with its source line (transformers' FutureWarnings, matplotlib's
+    notices), and each of sage_nn's warnings once, in the command line's words. The task
+    ties two attributes (``io_again`` is ``io``): the ground truth warns at every site."""
+    import os
+    import re
+
+    tied = TINY_TASK.replace("  s: {slot: S}\n", "  s: {slot: S}\n  io_again: {slot: IO}\n")
+    (tmp_path / "tied.yaml").write_text(tied.replace("name: tiny-ioi", "name: tiny-tied"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAGE_NN_CACHE": str(tmp_path / "cache"),
+           "MPLCONFIGDIR": str(tmp_path / "matplotlib")}
+    env.pop("PYTHONWARNINGS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "sage_nn.cli", "run", "--model", str(tiny / "model"),
+         "--task", str(tmp_path / "tied.yaml"), "--sae", "train:topk", "--run-dir",
+         str(tmp_path / "run"), "--n-fit", "24", "--n-eval", "16", "--n-discovery", "16",
+         "--top-k", "2", "--n-boot", "50", "--sae-width", "64", "--sae-steps", "4", "--ks",
+         "1", "2", "--batch-size", "16", "--sae-corpus", str(tiny / "corpus.txt")],
+        capture_output=True, text=True, env=env, timeout=900)
+    lines = [line for line in (done.stdout + done.stderr).replace("\r", "\n").splitlines()
+             if line.strip()]
+    print("\n".join(line[:200] for line in lines if "it/s]" not in line))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not [line for line in lines if re.search(r"\w+Warning: |\.py:\d+", line)]
+    assert not [line for line in lines if "fontManager" in line or "deprecated" in line]
+    said = [line for line in lines if line.startswith("sage run: warning: ")]
+    assert len(said) == len(set(said)), said
+    tied_up = [line for line in said if "attributes io, io_again change together" in line]
+    assert len(tied_up) == 1 and "fix: more fit prompts (raise --n-fit)" in tied_up[0], said
+    for attribute in ("io", "s", "io_again"):  # a random model: every effect is small
+        assert sum(f"attribute {attribute!r}: changing it" in line for line in said) == 1
