@@ -570,12 +570,12 @@ def _corpus_size_problems(spec: Any, config: Any, tokenizer: Any) -> list[str]:
     import warnings
 
     from .pipeline import TASK_CORPORA, sae_corpus
-    from .training import TrainConfig, _n_tokens, corpus_units
 
     parts = [p.strip() for p in str(config.sae_corpus).split("+")]
     task_parts = [p for p in parts if p in TASK_CORPORA]
     if not task_parts or not any(str(s).startswith("train:") for s in config.saes):
         return []
+    from .training import TrainConfig, _n_tokens, corpus_units  # sae_lens: only when needed
     with warnings.catch_warnings():  # the run warns about dropped values itself
         warnings.simplefilter("ignore")
         holder = _TokenizerOnly(tokenizer)
