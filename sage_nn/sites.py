@@ -15,20 +15,13 @@ from collections.abc import Sequence
 import functools
 from typing import TYPE_CHECKING, Any
 
+# architectures imports torch where it is used: Site, KINDS and parse_site serve the CLI's
+# input checks without it. (No relative import inside a function here: a SiteAdapter is
+# also built on a server from shipped source, where sage_nn cannot be imported.)
+from .architectures import UnsupportedArchitectureError, architecture_of, channel_index  # noqa: F401
+
 if TYPE_CHECKING:
     import torch
-
-# torch and the architecture probes load with the first SiteAdapter: Site, KINDS and
-# parse_site serve the CLI's input checks without them.
-_FROM_ARCHITECTURES = ("UnsupportedArchitectureError", "architecture_of", "channel_index")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _FROM_ARCHITECTURES:  # re-exported, imported on first use
-        from . import architectures
-
-        return getattr(architectures, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: Kinds in the order the forward pass produces them inside one block.
 KINDS = ("resid_pre", "q", "k", "v", "z", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -122,8 +115,6 @@ class SiteAdapter:
     """
 
     def __init__(self, model: Any):
-        from .architectures import architecture_of, channel_index
-
         hf = getattr(model, "_module", model)
         self.arch = arch = architecture_of(hf)
         self.config = hf.config
