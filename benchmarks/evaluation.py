@@ -22,28 +22,44 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
-from sage_nn import load_model
-from sage_nn.activations import batches, encode
-from sage_nn.evaluation import (CrossSection, DirectSAE, ReconstructedSAE,
-                                evaluate_cross_section)
-from sage_nn.pipeline import (RunConfig, RunDirectory, resolve_saes, residual_sites_for,
-                              run_prompts, trained_sites)
-from sage_nn.sites import Site, adapter
+from sage_nn.runs import NotARunError, finished_stages
 
 
-def main():
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, and the run directory checked (read only, nothing created) before the
+    heavy imports below and the run's SAEs are resolved (trained, if the cache lacks them)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", default="runs/quickstart")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); 1 is steadier on a shared CPU")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        finished_stages(args.run_dir, ("task", "discovery", "saes"))
+    except NotARunError as err:
+        parser.exit(2, f"benchmarks/evaluation.py: error: --run-dir {args.run_dir}: {err}; fix: "
+                       "run `sage quickstart` first (it writes runs/quickstart), or give "
+                       "another run's --run-dir\n")
+    return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()
+
+import torch  # noqa: E402 (after the input check)
+
+from sage_nn import load_model  # noqa: E402
+from sage_nn.activations import batches, encode  # noqa: E402
+from sage_nn.evaluation import (CrossSection, DirectSAE, ReconstructedSAE,  # noqa: E402
+                                evaluate_cross_section)
+from sage_nn.pipeline import (RunConfig, resolve_saes, residual_sites_for,  # noqa: E402
+                              run_prompts, trained_sites)
+from sage_nn.sites import Site, adapter  # noqa: E402
+
+
+def main(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     config = RunConfig.from_file(Path(args.run_dir) / "config.yaml")
-    if "discovery" not in RunDirectory(args.run_dir).manifest:
-        raise SystemExit(f"{args.run_dir} has no finished discovery stage: run sage quickstart")
     import pandas as pd
 
     table = pd.read_csv(Path(args.run_dir) / "discovery" / "cross_sections.csv")
@@ -130,4 +146,4 @@ def readout_time(model, rows: int, chunk: int = 256) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -33,29 +33,12 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from sage_nn import load_model
-from sage_nn.discovery import DiscoveryConfig, discover
-from sage_nn.evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section
-from sage_nn.models import smollm2_dir
-from sage_nn.pipeline import RunConfig, residual_sites_for, run_prompts
-from sage_nn.remote import FreshProcessBackend, Remote
-from sage_nn.saes import SparseAutoencoder
-from sage_nn.sites import Site, adapter
-from sage_nn.tasks import logit_diffs
+from sage_nn.runs import NotARunError, finished_stages
 
 
-def random_topk_sae(site: str, d: int, width: int, seed: int) -> SparseAutoencoder:
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(d, width, generator=g) / d ** 0.5
-    s = Site.parse(site)
-    return SparseAutoencoder(W, torch.zeros(width), W.T.clone(), torch.zeros(d),
-                             architecture="topk", k=32, layer=s.layer, kind=s.kind)
-
-
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, and the inputs they name checked: run before the heavy imports below
+    and the ~15 minutes of measurements, so a missing quickstart run is said at once."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "remote.json"))
     parser.add_argument("--n-boot", type=int, default=100)
@@ -66,7 +49,44 @@ def main() -> None:
     parser.add_argument("--edit-run", default="runs/quickstart",
                         help='a finished quickstart run for the edit transport ("": keep the '
                              'stored one)')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.edit_run:  # the edit transport reads the run's config, prompts and SAEs
+        try:
+            finished_stages(args.edit_run, ("task", "discovery", "saes"))
+        except NotARunError as err:
+            parser.exit(2, f"benchmarks/remote.py: error: --edit-run {args.edit_run}: {err}; "
+                           "fix: run `sage quickstart` first (it writes runs/quickstart), or "
+                           "pass --edit-run '' to skip the edit transport (the stored result "
+                           "is kept)\n")
+    return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()
+
+import numpy as np  # noqa: E402 (after the input check)
+import torch  # noqa: E402
+
+from sage_nn import load_model  # noqa: E402
+from sage_nn.discovery import DiscoveryConfig, discover  # noqa: E402
+from sage_nn.evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section  # noqa: E402
+from sage_nn.models import smollm2_dir  # noqa: E402
+from sage_nn.pipeline import RunConfig, residual_sites_for, run_prompts  # noqa: E402
+from sage_nn.remote import FreshProcessBackend, Remote  # noqa: E402
+from sage_nn.saes import SparseAutoencoder  # noqa: E402
+from sage_nn.sites import Site, adapter  # noqa: E402
+from sage_nn.tasks import logit_diffs  # noqa: E402
+
+
+def random_topk_sae(site: str, d: int, width: int, seed: int) -> SparseAutoencoder:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d, width, generator=g) / d ** 0.5
+    s = Site.parse(site)
+    return SparseAutoencoder(W, torch.zeros(width), W.T.clone(), torch.zeros(d),
+                             architecture="topk", k=32, layer=s.layer, kind=s.kind)
+
+
+def main(args: argparse.Namespace) -> None:
     warnings.simplefilter("ignore")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -292,4 +312,4 @@ def estimate_70b(rows: list[dict]) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -20,6 +20,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+# sae_lens before any trace runs (why: sage_nn/saes.py, top): collect may trace a model
+# that sage_nn did not build
+import sae_lens  # noqa: F401
 import torch
 import xarray as xr
 from tqdm.auto import tqdm

@@ -20,9 +20,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported in each function that uses it, not at the top: importing this module
+# (sites.py does) stays light, so the CLI's help, task list and input
+# checks do not wait for torch. A relative import would not do: these functions also run
+# on a server as shipped source, where sage_nn cannot be imported.
 
 #: Families refused by name, with the reason (checked before weights load). Anything else
 #: is derived from its structure and refused with the reason derivation finds.
@@ -116,6 +122,8 @@ def check_config(config: Any, name: str = "") -> None:
 # -- from the module tree -------------------------------------------------------------------
 
 def _child(module: torch.nn.Module, names) -> str | None:
+    import torch
+
     for name in names:
         if isinstance(getattr(module, name, None), torch.nn.Module):
             return name
@@ -123,6 +131,8 @@ def _child(module: torch.nn.Module, names) -> str | None:
 
 
 def _layers(hf: torch.nn.Module, n_layers: int) -> str:
+    import torch
+
     lists = [name for name, m in hf.named_modules()
              if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers and name]
     if not lists:
@@ -154,6 +164,8 @@ def _first(x):
 
 
 def _same(a, b, tol=1e-4) -> bool:
+    import torch
+
     a, b = _first(a), _first(b)
     if not (torch.is_tensor(a) and torch.is_tensor(b)) or a.shape != b.shape:
         return False
@@ -162,11 +174,15 @@ def _same(a, b, tol=1e-4) -> bool:
 
 def _norm_kind(module: torch.nn.Module, x: torch.Tensor) -> str:
     """``layer`` if the norm ignores a shift of its input (it centres), else ``rms``."""
+    import torch
+
     with torch.no_grad():
         return "layer" if _same(module(x + 3.0), module(x), 1e-3) else "rms"
 
 
 def _is_norm(module: torch.nn.Module) -> bool:
+    import torch
+
     return isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or \
         "norm" in type(module).__name__.lower()
 
@@ -175,6 +191,8 @@ def _probe(hf: torch.nn.Module, layers: str, attn: str, parts: dict, mlp: str) -
     """``(seen, modules)``: ``seen[part] = (first input, output, kwargs)`` of every part of
     layer 0 (the layer, its attention and projections, MLP and norms) in one forward over
     a few tokens."""
+    import torch
+
     block = _get(hf, layers)[0]
     seen, handles = {}, []
 
@@ -232,6 +250,8 @@ def _qkv_layout(seen, parts, n_heads, d_head) -> tuple[str | None, int]:
 
 def derive(hf: torch.nn.Module) -> Architecture:
     """The :class:`Architecture` of a HuggingFace causal LM with real (not meta) weights."""
+    import torch
+
     config = text_config(hf.config)
     name = getattr(config, "model_type", type(hf).__name__)
     check_config(hf.config, name)
@@ -314,6 +334,8 @@ def derive(hf: torch.nn.Module) -> Architecture:
 
 def channel_index(arch: Architecture | dict, kind: str) -> torch.Tensor:
     """Indices of ``kind``'s heads in the last dim of its tensor, shape [heads, d_head]."""
+    import torch
+
     get = arch.get if isinstance(arch, dict) else lambda k: getattr(arch, k)
     heads = get("n_kv_heads") if kind in "kv" else get("n_heads")
     dh, H, KV = get("d_head"), get("n_heads"), get("n_kv_heads")
@@ -332,6 +354,8 @@ def channel_index(arch: Architecture | dict, kind: str) -> torch.Tensor:
 def _check_heads(seen, arch: dict, pattern, candidates) -> str:
     """The q/k/v layout for which each head's z is its attention pattern applied to its v
     (checked when the attention returns its pattern; else the first candidate)."""
+    import torch
+
     if not torch.is_tensor(pattern):
         return candidates[0]
     v_all, z = _first(seen["v"][1]).float(), seen["o"][0].float()
@@ -451,6 +475,8 @@ def tiny_config(model_type: str | Any, vocab_size: int = 128, n_layers: int = 2,
 def tiny_twin(config: Any, seed: int = 0, **sizes) -> torch.nn.Module:
     """A randomly initialised tiny model of the same family as ``config`` (a config or a
     family name; ``sizes`` go to :func:`tiny_config`)."""
+    import torch
+
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(config, **sizes)

@@ -70,6 +70,7 @@ import xarray as xr
 from .activations import batches, encode, model_device
 from .interventions import _patched_forward, logit_diff
 from .remote import run_kernel
+from .notes import SageWarning
 from .sites import HEAD_KINDS, KINDS, Site, adapter
 
 SCORES_FORMAT = "sage_nn.discovery/2"  # /1: a (layer, kind, head) grid, head -1 off heads
@@ -77,6 +78,11 @@ RESIDUAL_KINDS = ("resid_pre", "resid_mid", "resid_post")
 
 
 # -- attribution patching -------------------------------------------------------------
+
+class SmallEffectWarning(SageWarning):
+    """An attribute whose total effect is below ``min_effect``: its scores (deltas over a
+    small total) are unreliable."""
+
 
 class AttributionPatching:
     """Attribution-patching scores of every (site, named position) for each attribute.
@@ -201,10 +207,17 @@ class AttributionPatching:
         score = delta / safe[:, None, None]
         for a, s in zip(attributes, small):
             if s:
-                warnings.warn(f"attribute {a!r}: total counterfactual effect "
-                              f"{total[attributes.index(a)]:+.3f} is below min_effect="
-                              f"{self.min_effect}; its normalised scores are unreliable, use "
-                              "the raw deltas", stacklevel=2)
+                effect, others = total[attributes.index(a)], [o for o in attributes if o != a]
+                warnings.warn(SmallEffectWarning(
+                    f"attribute {a!r}: total counterfactual effect {effect:+.3f} is below "
+                    f"min_effect={self.min_effect}; its normalised scores are unreliable, use "
+                    "the raw deltas",
+                    cli=f"attribute {a!r}: changing it moves the logit difference by only "
+                        f"{effect:+.3f} (below {self.min_effect}), so its attribution scores "
+                        "are unreliable and its cross-section may be poor; fix: read its "
+                        "results with care" + (f", or leave it out (--attributes "
+                                               f"{' '.join(others)})" if others else ""),
+                    key=a), stacklevel=2)
         dims = ("attribute", "site", "position")
         self.scores_ = xr.Dataset(
             {"score": (dims, score), "delta": (dims, delta), "exact": (dims, exact),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import shutil
 import sys
 import textwrap
@@ -112,19 +113,18 @@ def _run_config(args):
 
 
 def _run(args) -> None:
-    import logging
-
     from .pipeline import run
-    from .report import excluded, headline_table
 
-    from .remote import RemotePending
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         result = run(_run_config(args))
-    except RemotePending as pending:  # --no-wait: the jobs run on; finished stages are kept
-        print(pending)
+    except Exception as err:  # sage_nn.remote (torch, nnsight) is imported once a run starts
+        remote = sys.modules.get("sage_nn.remote")
+        if remote is None or not isinstance(err, remote.RemotePending):
+            raise
+        print(err)  # --no-wait: the jobs run on; finished stages are kept
         return
+    from .report import excluded, headline_table
+
     print(headline_table(result.results).to_string(float_format=lambda x: f"{x:.3f}"))
     for attribute in result.results.attribute.values:  # numbers that are not claims
         reason = excluded(result.results, str(attribute))
@@ -443,21 +443,59 @@ def _check_model(args) -> None:
             raise InvalidRunError(problems)
 
 
+class _Lines(logging.Handler):
+    """The command's log lines on stderr: on the ``sage_nn`` logger, sage_nn's (INFO and
+    up, warnings marked); on the root logger, another library's errors only."""
+
+    def __init__(self, prefix: str, ours: bool):
+        super().__init__(logging.INFO if ours else logging.ERROR)
+        self.prefix, self.ours = prefix, ours
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if (record.name.split(".")[0] == "sage_nn") != self.ours:
+            return  # sage_nn's records propagate to the root too: said once, above
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            kind = "warning" if record.levelno < logging.ERROR else "error"
+            text = f"{self.prefix}: {kind}: " + (text if self.ours else f"{record.name}: {text}")
+        print(text, file=sys.stderr, flush=True)
+
+
+def _quiet_output(prefix: str) -> None:
+    """The command's output is its own lines: sage_nn's log lines, and another library's
+    log records only when they are errors (matplotlib's "generated new fontManager" and
+    transformers' notices are not the run's). Warnings: :func:`sage_nn.notes.cli_warnings`."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when it is imported
+    for name, ours in (("sage_nn", True), ("", False)):
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if isinstance(h, _Lines)]:
+            logger.removeHandler(old)  # main() called again in one process
+        logger.addHandler(_Lines(prefix, ours))
+        if ours:
+            logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> None:
     import errno
 
+    from .notes import cli_warnings
     from .validate import InvalidRunError
 
     args = build_parser().parse_args(argv)
+    _quiet_output(f"sage {args.command}")
     try:
-        _check_model(args)
-        args.func(args)
+        with cli_warnings(f"sage {args.command}"):  # each of sage_nn's once, plain words
+            _check_model(args)
+            args.func(args)
     except InvalidRunError as err:  # one line per problem, each with its fix
         for problem in err.problems:
             print(f"sage {args.command}: error: {problem}", file=sys.stderr)
         sys.exit(2)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"sage {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as err:  # a RegistryError has several lines
+        for problem in getattr(err, "problems", None) or [err]:
+            print(f"sage {args.command}: error: {problem}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:
         if err.errno != errno.ENOSPC:

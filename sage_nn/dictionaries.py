@@ -48,15 +48,17 @@ from sklearn.linear_model import LinearRegression
 from sklearn.preprocessing import OneHotEncoder
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .notes import SageWarning
+
 #: Prompt coordinates written by ``collect``/tasks that are bookkeeping, not attributes.
 NON_ATTRIBUTES = ("text", "n_tokens", "template", "split")
 
 
-class RareValueWarning(UserWarning):
+class RareValueWarning(SageWarning):
     """An attribute value has fewer than ``min_count`` examples in the fitting data."""
 
 
-class ConfoundedAttributesWarning(UserWarning):
+class ConfoundedAttributesWarning(SageWarning):
     """Attributes whose values co-vary in the fitting data: their features are not separable."""
 
 
@@ -262,9 +264,13 @@ class _SupervisedDictionary(TransformerMixin, BaseEstimator):
         rare = self.value_counts_[self.value_counts_ < self.min_count]
         if len(rare):
             shown = ", ".join(f"{a}={v} ({n}x)" for (a, v), n in list(rare.items())[:10])
-            warnings.warn(f"{len(rare)} attribute value(s) seen fewer than min_count="
-                          f"{self.min_count} times: {shown}; their features are fitted from "
-                          "those examples alone (noisy)", RareValueWarning, stacklevel=3)
+            warnings.warn(RareValueWarning(
+                f"{len(rare)} attribute value(s) seen fewer than min_count={self.min_count} "
+                f"times: {shown}; their features are fitted from those examples alone (noisy)",
+                cli=f"{len(rare)} attribute value(s) occur fewer than {self.min_count} times "
+                    f"among the {len(C)} prompts the ground truth is fitted on ({shown}), so "
+                    "their supervised features are noisy; fix: more fit prompts (raise "
+                    "--n-fit)", key="rare"), stacklevel=3)
         # One-hot with the first value of each attribute dropped, plus an intercept, is full
         # rank unless attributes co-vary; its null space names the confounded attributes.
         blocks = np.cumsum([0] + [len(c) for c in self.categories_])
@@ -277,11 +283,17 @@ class _SupervisedDictionary(TransformerMixin, BaseEstimator):
             null = np.abs(vt[rank:]).max(0)[1:]  # per kept column
             owner = np.searchsorted(blocks, np.asarray(keep), side="right") - 1
             involved = sorted({self.attributes_[o] for o, z in zip(owner, null) if z > 1e-8})
-            warnings.warn(
+            warnings.warn(ConfoundedAttributesWarning(
                 f"the attribute design is rank deficient (rank {rank} < {D.shape[1]}): "
                 f"attributes {involved} are confounded in the fitting data, so their features "
                 "are not separable (the MSE dictionary returns the minimum-norm solution); "
-                "sample their values independently", ConfoundedAttributesWarning, stacklevel=3)
+                "sample their values independently",
+                cli=f"attributes {', '.join(involved)} change together among the {len(C)} "
+                    "prompts the ground truth is fitted on, so their supervised features "
+                    "cannot be told apart (the effect they share is split between them); "
+                    "fix: more fit prompts (raise --n-fit); if they stay tied, the task ties "
+                    "them and their results should be read together",
+                key=",".join(involved)), stacklevel=3)
 
     # coding -----------------------------------------------------------------------------
 

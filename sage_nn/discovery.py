@@ -411,7 +411,6 @@ def plot_heatmaps(scores: xr.Dataset, attribute: str, out_dir: str | Path | None
         data = data.reindex(layer=layers)  # layers without this kind stay blank
         fig = _figure(figsize=(2.2 * len(positions) + 1.5, 0.18 * len(layers) + 1.5))
         axes = fig.subplots(1, len(positions), squeeze=False, sharey=True)
-        fig.subplots_adjust(top=0.8)  # room for the title above the panel titles
         for ax, pos in zip(axes[0], positions):
             values = data.sel(position=pos).transpose("layer", ...).values
             im = ax.imshow(values, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto",
@@ -450,7 +449,6 @@ def plot_cross_section(table: pd.DataFrame, path: str | Path | None = None, titl
     ax.axvline(0, color="k", lw=0.5)
     ax.set_xlabel("fraction of the counterfactual effect")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     return _finish(fig, path, dpi)

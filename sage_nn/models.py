@@ -12,16 +12,27 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from .architectures import (UnsupportedArchitectureError, architecture_of, check_config, derive,
-                            tiny_twin)
+# torch, transformers and the architecture probes are imported where a model is built:
+# the CLI's input checks read only EMBEDDED and cache_dir from here.
 
 DEFAULT_MODEL = "smollm2-135m"
+DTYPES = ("float32", "float16", "bfloat16")
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _before_tracing() -> None:
+    """sae_lens before any model that may run a trace is built (why: sage_nn/saes.py)."""
+    import sae_lens  # noqa: F401
 
 
 def cache_dir() -> Path:
@@ -33,6 +44,8 @@ def cache_dir() -> Path:
 def _check_supported(config: Any, name: str) -> None:
     """Refuse an unsupported model before its weights load: by family (state-space,
     encoder-decoder, ...), then by the structure of a tiny random twin of it."""
+    from .architectures import UnsupportedArchitectureError, check_config, derive, tiny_twin
+
     check_config(config, name)
     try:
         twin = tiny_twin(config)
@@ -128,19 +141,21 @@ def load_model(
     ``remote=True``). ``dtype`` defaults to float32 on CPU and to the checkpoint's dtype
     on CUDA.
     """
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        dtype = _dtype(dtype)
     if dtype is None and device == "cpu":
         dtype = torch.float32
 
     if remote:
         from nnsight.modeling.transformers import TransformersModel
 
+        _before_tracing()
         _check_supported(AutoConfig.from_pretrained(name), name)
         model = TransformersModel(name, task="text-generation")
         _configure(model.tokenizer)
@@ -172,6 +187,9 @@ def wrap(hf_model: torch.nn.Module, tokenizer: Any) -> Any:
     """Wrap an already-built HuggingFace model and tokenizer for nnsight."""
     from nnsight.modeling.transformers import TransformersModel
 
+    from .architectures import UnsupportedArchitectureError, architecture_of, check_config
+
+    _before_tracing()
     name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
     check_config(hf_model.config, name)
     try:
@@ -223,6 +241,8 @@ def tiny_tokenizer():
 
 def tiny_random_model(architecture: str = "llama", seed: int = 0, n_layers: int = 2) -> Any:
     """A randomly initialised tiny model of ``architecture``, wrapped for nnsight."""
+    from .architectures import tiny_twin
+
     tokenizer = tiny_tokenizer()
     hf = tiny_twin(architecture, seed, vocab_size=len(tokenizer), n_layers=n_layers)
     hf.config._name_or_path = f"tiny-{architecture}"

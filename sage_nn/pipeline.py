@@ -18,11 +18,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
 import yaml
+
+if TYPE_CHECKING:  # xarray loads where a stage reads or writes a Dataset (not for --help)
+    import xarray as xr
 
 log = logging.getLogger("sage_nn")
 MANIFEST = "manifest.json"
@@ -177,6 +179,8 @@ def write_dir(path: Path, write: Callable[[Path], Any]) -> None:
 
 
 def read_netcdf(path: Path) -> xr.Dataset:
+    import xarray as xr
+
     with xr.open_dataset(path, engine="h5netcdf") as ds:
         return ds.load()
 
@@ -232,8 +236,7 @@ def residual_sites_for(pairs: list[tuple], parallel: bool, mode: str = "input") 
     """Residual SAE sites that serve every cross-section site: directly, as the residual
     that feeds a sublayer site (input mode), or as the two residuals around attn_out/mlp_out
     (difference mode)."""
-    from .reconstruction import ATTN_KINDS
-    from .sites import RESID_KINDS
+    from .sites import ATTN_KINDS, RESID_KINDS
 
     needed = set()
     for site, _ in pairs:
@@ -265,9 +268,7 @@ def served_sites(sites: list[str], n_layers: int, parallel: bool | None,
     ``L.resid_mid``, or ``L.resid_pre`` in parallel blocks; ``parallel=None``: either);
     in difference mode attn_out/mlp_out where both residuals around them have an SAE. The
     inverse of :func:`residual_sites_for`. SAEs at other kinds serve nothing here."""
-    from .reconstruction import ATTN_KINDS
-    from .saes import parse_site
-    from .sites import RESID_KINDS
+    from .sites import ATTN_KINDS, RESID_KINDS, parse_site
 
     keys = set()
     for name in sites:
@@ -664,7 +665,7 @@ def _sae_site(sae, spec: str = "train:") -> str:
     site = f"L{sae.layer}.{sae.kind}" + (f".h{heads[0]}" if len(heads) == 1 else "")
     hook = str(sae.hook_name or "")
     if not spec.startswith("train:") and hook.startswith("blocks.") and len(heads) != 1:
-        from .saes import parse_site
+        from .sites import parse_site
 
         try:
             if parse_site(hook)[:2] == (sae.layer, sae.kind):
@@ -727,6 +728,8 @@ def evaluation_part(results: xr.Dataset, sae: str | None) -> xr.Dataset:
 
 def merge_evaluation(shared: xr.Dataset, parts: list[xr.Dataset]) -> xr.Dataset:
     """The shared part (ceiling, shared variables, attributes) and each SAE's, in order."""
+    import xarray as xr
+
     per_dictionary = [v for v in shared.data_vars if "dictionary" in shared[v].dims]
     names = lambda ds: ds.assign_coords(dictionary=np.array(  # noqa: E731 (no fixed width:
         [str(d) for d in ds.dictionary.values], dtype=object))  # a longer name is not cut)
@@ -769,7 +772,8 @@ def with_discovery(results: xr.Dataset, summary_path: Path) -> xr.Dataset:
 
 def _restriction(config: RunConfig, model: Any) -> tuple[list[int], list[str]] | None:
     """:func:`discovery_restriction` for a loaded model (its layers, parallel blocks);
-    nothing served is an :class:`~sage_nn.validate.InvalidRunError`, before any forward."""
+    nothing served is an :class:`~sage_nn.validate.InvalidRunError`, before any forward.
+    Kinds asked for that no SAE serves are dropped with a warning saying what would."""
     from .sites import adapter
     from .validate import InvalidRunError
 
@@ -780,7 +784,51 @@ def _restriction(config: RunConfig, model: Any) -> tuple[list[int], list[str]] |
         raise InvalidRunError([str(err)]) from None
     if found:
         log.info("discovery restricted to what the SAEs serve: layers %s, kinds %s", *found)
+        note = dropped_kinds_note(config, found, ad.parallel)
+        if note:
+            log.warning("%s", note)
     return found
+
+
+def serving_sae(kind: str, mode: str = "input", parallel: bool | None = False) -> str | None:
+    """The residual SAE(s) that serve cross-section sites of ``kind`` at layer L, as hook
+    names (:func:`served_sites` read backwards); None where no residual SAE does."""
+    from .sites import ATTN_KINDS, RESID_KINDS
+
+    if kind in RESID_KINDS:
+        return f"blocks.L.hook_{kind}"
+    if mode == "difference":
+        return {"attn_out": "blocks.L.hook_resid_pre and blocks.L.hook_resid_mid",
+                "mlp_out": "blocks.L.hook_resid_mid and blocks.L.hook_resid_post"}.get(kind)
+    if kind in ATTN_KINDS or parallel:
+        return "blocks.L.hook_resid_pre"
+    return "blocks.L.hook_resid_mid" + (" (hook_resid_pre in parallel blocks)"
+                                        if parallel is None else "")
+
+
+def dropped_kinds_note(config: RunConfig, found: tuple[list[int], list[str]],
+                       parallel: bool | None = False) -> str | None:
+    """One line naming the kinds a cross-section was allowed to hold that no ``--sae``
+    serves (so discovery leaves them out), and the SAEs that would serve them; None when
+    every kind asked for is served."""
+    layers, kinds = found
+    wanted = select_kinds_of(config)
+    dropped = [k for k in wanted if k not in kinds]
+    if not dropped:
+        return None
+    flag = "--select-kinds" if config.select_kinds else "--discovery-kinds"
+    layer = str(layers[0] if layers else 0)
+    needs = []
+    for kind in dropped:
+        hooks = serving_sae(kind, config.reconstruction, parallel)
+        needs.append(f"{kind} needs an SAE at {hooks} for each layer L it should cover (e.g. "
+                     f"{hooks.replace('.L.', f'.{layer}.')})" if hooks else
+                     f"{kind} is served by no residual SAE in {config.reconstruction} mode "
+                     "(--reconstruction input serves it from blocks.L.hook_resid_pre)")
+    return (f"{flag} {' '.join(wanted)}: no --sae serves {' or '.join(dropped)}, so "
+            f"cross-sections hold only {' and '.join(kinds)} (layers {layers}); "
+            f"{'; '.join(needs)}; fix: add --sae with such SAEs, or leave "
+            f"{' '.join(dropped)} out of {flag}")
 
 
 def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = None,
@@ -788,6 +836,13 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     """Build the task, discover cross-sections, get SAEs, evaluate, report; resumable.
 
     ``remote`` (a :class:`sage_nn.remote.Remote`) overrides the config's remote settings."""
+    from .validate import check
+
+    config = config or RunConfig()
+    check(config, model=model)  # every input, before anything loads or runs (seconds)
+
+    # the heavy imports after the check, so a refused run does not wait for them; they
+    # import sae_lens (sage_nn.saes), as it must be, before the model is built or traced
     import pandas as pd
 
     from .discovery import DiscoveryConfig, discover
@@ -800,10 +855,6 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     from .sites import Site, adapter
     from .tasks import load_task, logit_diffs
     from .training import corpus_hash
-    from .validate import check
-
-    config = config or RunConfig()
-    check(config, model=model)  # every input, before anything loads or runs (seconds)
     on_server = config.remote not in (False, "local")  # the model's weights are not here
     run_dir = RunDirectory(config.run_dir)
     stage = Stage(run_dir, STAGES)

@@ -31,10 +31,9 @@ import torch
 from .activations import batches, encode, model_device
 from .remote import run_kernel
 from .saes import SparseAutoencoder, check_sae, encoder_only
-from .sites import Site, _path, adapter
+from .sites import ATTN_KINDS, Site, _path, adapter  # noqa: F401 (ATTN_KINDS: re-exported)
 
 MODES = ("input", "difference")
-ATTN_KINDS = ("q", "k", "v", "z", "attn_out")
 
 
 @dataclass

@@ -30,8 +30,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REGISTRY_ENV", "registry", "register", "is_release_spec", "split_spec",
-           "expand", "hook_names", "cached_folder"]
+__all__ = ["REGISTRY_ENV", "RegistryError", "registry", "registry_problems", "register",
+           "is_release_spec", "split_spec", "expand", "hook_names", "cached_folder"]
 
 log = logging.getLogger("sage_nn")
 REGISTRY_ENV = "SAGE_NN_SAE_REGISTRY"
@@ -50,6 +50,75 @@ def _read_yaml(path: Path) -> dict:
     return yaml.load(path.read_text(), Loader=loader) or {}
 
 
+class RegistryError(ValueError):
+    """A ``$SAGE_NN_SAE_REGISTRY`` file that is missing, not YAML, or not a registry;
+    ``problems`` holds one line per problem (file, line, what is wrong, the fix)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+_FORMAT = "format: a mapping of releases, as in sage_nn/releases.py or sae_lens's " \
+          "pretrained_saes.yaml"
+
+
+def registry_problems() -> list[str]:
+    """Every problem of the ``$SAGE_NN_SAE_REGISTRY`` files, one line each naming the file
+    and line ([] if none): read before any SAE, so a typo is not a traceback."""
+    return [p for path in _extra_files() for p in _file_problems(path)]
+
+
+def _file_problems(path: Path) -> list[str]:
+    import yaml
+
+    where = f"${REGISTRY_ENV} file {path}"
+    try:
+        text = path.read_text()
+    except OSError as err:
+        return [f"{where}: cannot be read ({err.strerror or err}); fix: correct the path in "
+                f"${REGISTRY_ENV} (several files are separated by '{os.pathsep}')"]
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        what = " ".join(str(getattr(err, "problem", None) or err).split())
+        context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and start is not None:  # where the unclosed bracket or quote began
+            what = f"{context} at line {start.line + 1}: {what}"
+        return [f"{where}{line}: not valid YAML ({what}); fix: correct that line ({_FORMAT})"]
+    if root is None:
+        return []
+    if not isinstance(root, yaml.MappingNode):
+        return [f"{where}, line {root.start_mark.line + 1}: not a mapping of releases; fix: "
+                f"write 'RELEASE: {{repo_id: ..., saes: [...]}}' entries ({_FORMAT})"]
+    problems = []
+    for key, value in root.value:
+        at = f"{where}, line {value.start_mark.line + 1}: release {key.value!r}"
+        fields = dict((k.value, v) for k, v in value.value) \
+            if isinstance(value, yaml.MappingNode) else None
+        if fields is None:
+            problems.append(f"{at} is not a mapping; fix: give it repo_id and saes ({_FORMAT})")
+            continue
+        if not isinstance(fields.get("repo_id"), yaml.ScalarNode) or \
+                not fields["repo_id"].value:
+            problems.append(f"{at} has no repo_id; fix: add 'repo_id: ORG/REPO' (the "
+                            "HuggingFace repo holding its SAEs)")
+        saes = fields.get("saes")
+        if not isinstance(saes, yaml.SequenceNode):
+            problems.append(f"{at} has no list of saes; fix: add 'saes: [{{id: ..., path: "
+                            "...}}]'")
+            continue
+        for item in saes.value:
+            ids = [k.value for k, _ in item.value] if isinstance(item, yaml.MappingNode) else []
+            if "id" not in ids:
+                problems.append(f"{where}, line {item.start_mark.line + 1}: an SAE of release "
+                                f"{key.value!r} has no id; fix: write it as "
+                                "'{id: SAE_ID, path: FOLDER}'")
+    return problems
+
+
 @functools.lru_cache(maxsize=1)
 def _sae_lens_yaml() -> dict:
     """sae_lens's pretrained_saes.yaml, read as YAML (importing sae_lens takes longer)."""
@@ -58,12 +127,12 @@ def _sae_lens_yaml() -> dict:
 
 
 def _extras() -> dict:
+    problems = registry_problems()
+    if problems:
+        raise RegistryError(problems)
     out = {}
     for path in _extra_files():
-        data = _read_yaml(path)
-        if not isinstance(data, dict):
-            raise ValueError(f"{REGISTRY_ENV} file {path}: not a mapping of releases")
-        out.update(data)
+        out.update(_read_yaml(path))
     return out
 
 

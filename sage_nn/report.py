@@ -503,12 +503,32 @@ def safe_name(name: str) -> str:
 
 def _figure(**kwargs):
     """A Figure outside pyplot: no backend or window is touched and nothing stays open,
-    and a notebook shows the returned Figure inline."""
+    and a notebook shows the returned Figure inline. Laid out by matplotlib's constrained
+    layout, which keeps room for titles, labels and legends placed "outside"."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    return Figure(**kwargs)
+
+    fig = Figure(layout="constrained", **kwargs)
+    FigureCanvasAgg(fig)  # a renderer to measure text with (_finish), no GUI
+    return fig
 
 
 def _finish(fig, path: str | Path | None, dpi: int):
+    """Fit the figure to what it holds, then save it (when ``path``) and return it.
+
+    The layout engine shrinks the axes to make room, but cannot make a figure wider than
+    it is: a title or legend wider than the figure (one attribute, long SAE names) widens
+    the figure, until every artist lies on the canvas."""
+    renderer = fig.canvas.get_renderer()
+    for _ in range(5):
+        fig.draw_without_rendering()
+        box = fig.get_tightbbox(renderer)  # inches, every artist drawn
+        width, height = fig.get_size_inches()
+        dx = max(0.0, -box.x0, box.x1 - width)
+        dy = max(0.0, -box.y0, box.y1 - height)
+        if dx < 0.01 and dy < 0.01:
+            break
+        fig.set_size_inches(width + 2 * dx + 0.05, height + 2 * dy + 0.05)
     if path is not None:
         fig.savefig(path, dpi=dpi)
     return fig
@@ -564,7 +584,6 @@ def plot_comparison(results: xr.Dataset, metric: str, path: str | Path | None = 
         ax.axhline(1, color="black", linewidth=0.6, linestyle=":")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
     return _finish(fig, path, dpi)
 
 
@@ -603,10 +622,12 @@ def plot_controllability(results: xr.Dataset, path: str | Path | None = None, *,
             if j == 0:
                 ax.set_ylabel(LABELS[metric])
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    ncol = min(5, len(labels))
-    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=ncol, frameon=False)
-    legend_rows = -(-len(labels) // ncol)
-    fig.tight_layout(rect=(0, (0.035 + 0.03 * legend_rows) * 2 / len(rows), 1, 1))
+    # as many columns as the figure is wide (about 0.55 em a character, 4.8 em of handle
+    # and spacing); "outside": the layout keeps room for the rows below the axes
+    column = (0.55 * max(map(len, labels)) + 4.8) * 8 / 72
+    ncol = max(1, min(5, len(labels), int(fig.get_figwidth() / column)))
+    fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncol=ncol,
+               frameon=False)
     return _finish(fig, path, dpi)
 
 
@@ -756,12 +777,13 @@ def plot_sweep(results: xr.Dataset, metric: str, path: str | Path | None = None,
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(LABELS.get(metric, metric) + (f" at k = {k}" if sel else ""))
     handles, labels = axes[0].get_legend_handles_labels()
-    ncol = min(4, max(1, len(labels)))
-    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=ncol, frameon=False)
+    column = (0.55 * max(map(len, labels), default=1) + 4.8) * 7 / 72  # as above, 7 pt
+    ncol = max(1, min(4, len(labels), int(fig.get_figwidth() / column)))
+    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncol=ncol,
+               frameon=False)
     fig.suptitle(f"{LABELS.get(metric, metric)}" + (f" at k = {k}" if sel else "")
                  + f" against {'L0' if x == 'l0' else 'width'} (95% bootstrap intervals)",
                  fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 + 0.05 * -(-len(labels) // ncol), 1, 1))
     return _finish(fig, path, dpi)
 
 

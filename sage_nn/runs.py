@@ -96,8 +96,15 @@ class Run:
         return headline_table(self.results)
 
 
-def _finished_manifest(path: Path) -> dict:
-    """The manifest of a run whose every stage finished with its files in place."""
+def finished_stages(run_dir: str | Path, stages: tuple[str, ...] = STAGES) -> dict:
+    """The manifest of a run directory whose ``stages`` finished with their files and
+    ``config.yaml`` in place; else :class:`NotARunError` saying what is missing. Reads only:
+    a script checks the run it needs with this before minutes of work."""
+    return _finished_manifest(Path(run_dir), stages)
+
+
+def _finished_manifest(path: Path, stages: tuple[str, ...] = STAGES) -> dict:
+    """The manifest of a run whose ``stages`` finished with their files in place."""
     if not path.is_dir():
         raise NotARunError(f"{path} is not a directory: give the run_dir of a finished run "
                            "(sage run --run-dir DIR)")
@@ -109,12 +116,12 @@ def _finished_manifest(path: Path) -> dict:
     except json.JSONDecodeError:
         raise NotARunError(f"{path / MANIFEST} is corrupt: rerun `sage run --run-dir {path}` "
                            "to recompute the run") from None
-    missing = [s for s in STAGES if s not in manifest]
+    missing = [s for s in stages if s not in manifest]
     if missing:
         raise NotARunError(f"{path} is not a finished run: stage(s) {', '.join(missing)} did "
                            f"not finish (done: {', '.join(manifest) or 'none'}); rerun "
                            f"`sage run --config {path / 'config.yaml'}` to finish it")
-    lost = [name for record in manifest.values() for name in record["files"]
+    lost = [name for stage in stages for name in manifest[stage]["files"]
             if not (path / name).exists()]
     if lost or not (path / "config.yaml").exists():
         raise NotARunError(f"{path}: file(s) {', '.join(lost or ['config.yaml'])} of a "

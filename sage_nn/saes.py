@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import fcntl
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +30,10 @@ import sae_lens  # noqa: F401
 import torch
 from sae_lens import SAE
 
-from .sites import HEAD_KINDS, KINDS, Site, SiteAdapter, adapter
+from .formats import SAE_ARCHITECTURES as ARCHITECTURES_SUPPORTED
+from .sites import (HEAD_KINDS, KINDS, Site, SiteAdapter, adapter,  # noqa: F401
+                    parse_site)
 
-ARCHITECTURES_SUPPORTED = ("standard", "topk", "jumprelu", "gated")
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
 # Folded into the weights by sae_lens at load time, so identity at inference (as in sae_lens).
 _FOLDED_NORMALIZATIONS = ("expected_average_only_in", "covariance_whitening")
@@ -294,86 +293,6 @@ def cache_lock(path: str | Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-# -- hook names and module paths -> canonical sites --------------------------------------
-
-_TL_HOOKS = {
-    "hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid", "hook_resid_post": "resid_post",
-    "hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out", "attn.hook_z": "z",
-    "attn.hook_q": "q", "attn.hook_k": "k", "attn.hook_v": "v",
-}
-_TL_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-
-def _hf_kinds(arch) -> dict[str, str]:
-    """Module path inside a block (and .input/.output) -> kind."""
-    table = {"": "resid_post", ".output": "resid_post", ".input": "resid_pre",
-             f".{arch.attn}.{arch.o_proj}.input": "z",
-             f".{arch.attn}": "attn_out", f".{arch.attn}.output": "attn_out",
-             f".{arch.mlp}": "mlp_out", f".{arch.mlp}.output": "mlp_out"}
-    if arch.qkv == "separate":
-        for kind in "qkv":
-            proj = getattr(arch, f"{kind}_proj")
-            table[f".{arch.attn}.{proj}"] = table[f".{arch.attn}.{proj}.output"] = kind
-    if arch.mid_norm:
-        table[f".{arch.mid_norm}.input"] = "resid_mid"
-    for norm, kind in ((arch.attn_post_norm, "attn_out"), (arch.mlp_post_norm, "mlp_out")):
-        if norm:  # post-norm architectures: the sublayer's contribution is the norm's output
-            table[f".{norm}"] = table[f".{norm}.output"] = kind
-            table.pop(f".{arch.attn if kind == 'attn_out' else arch.mlp}", None)
-            table.pop(f".{arch.attn if kind == 'attn_out' else arch.mlp}.output", None)
-    return table
-
-
-@functools.lru_cache(maxsize=1)
-def _common_architectures() -> list:
-    """Module layouts to read a HuggingFace path by when no model is given: those of the
-    families whose module paths cover most checkpoints (Llama-like, GPT-2, GPT-NeoX)."""
-    from .architectures import derive, tiny_twin
-
-    return [derive(tiny_twin(family)) for family in ("llama", "gpt2", "gpt_neox")]
-
-
-def parse_site(name: "str | Site", model: Any = None) -> tuple[int, str, list[int] | None]:
-    """``(layer, kind, heads)`` of a sage site (``L5.z.h3``; ``L5.z`` = all heads), a TransformerLens hook name
-    (``blocks.5.hook_resid_pre``, ``blocks.5.attn.hook_z``) or a HuggingFace module path
-    (``model.layers.5``, ``model.layers.5.mlp``, ``transformer.h.5.attn.c_proj.input``).
-
-    ``heads`` is ``None`` for d_model-wide kinds and for all-head q/k/v/z hooks (filled with
-    every head once a model is known).
-    """
-    whole = re.match(r"^L(\d+)\.([qkvz])$", str(name).strip())  # all heads, e.g. L5.z
-    if whole:
-        kind = whole.group(2)
-        heads = list(range(adapter(model).n_heads_of(kind))) if model is not None else None
-        return int(whole.group(1)), kind, heads
-    if isinstance(name, Site) or re.match(r"^L\d+\.", str(name)):
-        site = Site.parse(name)
-        return site.layer, site.kind, None if site.head is None else [site.head]
-    text = str(name).strip()
-    match = _TL_RE.match(text)
-    if match and match.group(2) in _TL_HOOKS:
-        kind = _TL_HOOKS[match.group(2)]
-        heads = None
-        if kind in HEAD_KINDS and model is not None:
-            heads = list(range(adapter(model).n_heads_of(kind)))
-        return int(match.group(1)), kind, heads
-    archs = [adapter(model).arch] if model is not None else _common_architectures()
-    for arch in archs:
-        m = re.match(rf"^(?:model\.)?{re.escape(arch.layers)}\.(\d+)(.*)$", text) or \
-            re.match(rf"^{re.escape(arch.layers.split('.', 1)[-1])}\.(\d+)(.*)$", text)
-        if m and m.group(2) in _hf_kinds(arch):
-            kind = _hf_kinds(arch)[m.group(2)]
-            heads = None
-            if kind in HEAD_KINDS and model is not None:
-                heads = list(range(adapter(model).n_heads_of(kind)))
-            return int(m.group(1)), kind, heads
-    raise ValueError(
-        f"cannot map {name!r} to a canonical site; use a sage site (L5.resid_pre), a "
-        "TransformerLens hook name (blocks.5.hook_resid_pre, blocks.5.attn.hook_z, "
-        "hook_resid_mid/post, hook_attn_out, hook_mlp_out) or a HuggingFace module path "
-        "(model.layers.5, model.layers.5.mlp), or pass site= explicitly")
 
 
 def check_sae(sae: SparseAutoencoder, model: Any) -> SparseAutoencoder:

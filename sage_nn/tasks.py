@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from .notes import SageWarning
 from .task_spec import Swap, TaskSpecError, TaskSpecModel, _fields, read_spec
 
 if TYPE_CHECKING:
@@ -33,6 +34,10 @@ __all__ = ["TaskBuildError", "TaskDataset", "TaskSpec", "TaskSpecError", "availa
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 SPLITS = ("train", "test")
+
+
+class DroppedValuesWarning(SageWarning):
+    """Vocabulary values that are not one token for the model's tokenizer, left out."""
 
 
 class TaskBuildError(ValueError):
@@ -294,9 +299,14 @@ class TaskSpec:
         vocab = self._halves(kept)
         self._check_sizes(vocab, dropped, tokenizer)
         if len(dropped):
-            warnings.warn(f"task {self.name}: dropped {len(dropped)} values that are not a "
-                          f"single token: {dropped.value.tolist()[:10]} (see dataset.dropped)",
-                          stacklevel=2)
+            values = dropped.value.tolist()[:10]
+            warnings.warn(DroppedValuesWarning(
+                f"task {self.name}: dropped {len(dropped)} values that are not a single "
+                f"token: {values} (see dataset.dropped)",
+                cli=f"task {self.name}: {len(dropped)} vocabulary value(s) are more than one "
+                    f"token for this model and are left out ({', '.join(map(str, values))}); "
+                    "fix: none needed, unless you want them: give the task single-token "
+                    "values (docs/tasks.md)", key=self.name), stacklevel=2)
         rng = np.random.default_rng(seed)
         splits = [split] * n if split else ["train"] * ((n + 1) // 2) + ["test"] * (n // 2)
         if unique:

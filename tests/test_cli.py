@@ -168,3 +168,83 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sage_nn.cli", "run", "--config",
                            str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert done.returncode == 2 and "sage run: error:" in done.stderr
+
+
+HEAVY = ("torch", "transformers", "sae_lens", "nnsight", "xarray")
+
+
+def _imported_by(code: str) -> list[str]:
+    """The heavy libraries a fresh ``python -c code`` imported (it prints them)."""
+    script = (f"import sys\n{code}\n"
+              f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return eval(done.stdout.strip().splitlines()[-1])
+
+
+def test_help_tasks_and_refused_runs_import_no_heavy_library(tmp_path):
+    """``sage --help``, ``sage tasks`` and a run refused by validation answer without
+    importing torch, transformers, sae_lens or nnsight (seconds on two cores, not 11)."""
+    assert _imported_by("import sage_nn, sage_nn.cli") == []
+    assert _imported_by("from sage_nn.cli import build_parser\n"
+                        "build_parser().format_help()\n"
+                        "build_parser()._subparsers._group_actions[0].choices['run']"
+                        ".format_help()") == []
+    assert _imported_by("from sage_nn.cli import main\nmain(['tasks'])") == []
+    refused = (f"from sage_nn.cli import main\ntry:\n    main(['run', '--model', '/no/model', "
+               f"'--sae', '/no/sae', '--run-dir', {str(tmp_path / 'run')!r}])\n"
+               "except SystemExit as e:\n    assert e.code == 2\n")
+    assert _imported_by(refused) == []
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_package_names_load_on_first_use_and_sae_lens_comes_before_any_model():
+    import sage_nn
+
+    for name in sage_nn.__all__:
+        assert getattr(sage_nn, name) is not None, name
+    assert set(sage_nn.__all__) <= set(dir(sage_nn))
+    assert sage_nn.pipeline.RunConfig is RunConfig  # submodules as attributes, as before
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        sage_nn.nope
+    # a name that can run the model imports sae_lens first (nnsight's .save patch breaks
+    # pydantic models imported after a trace: sage_nn/saes.py)
+    assert _imported_by("import sage_nn\nsage_nn.load_task") == []
+    assert "sae_lens" in _imported_by("import sage_nn\nsage_nn.collect")
+    assert "sae_lens" in _imported_by("from sage_nn.models import tiny_random_model\n"
+                                      "tiny_random_model()")
+
+
+def test_a_cold_run_prints_no_python_warning_and_each_sage_warning_once(tiny, tmp_path):
+    """A cold ``sage run`` (no SAE cache, no matplotlib font cache) prints its own lines:
+    no Python warning with its source line (transformers' FutureWarnings, matplotlib's
+    notices), and each of sage_nn's warnings once, in the command line's words. The task
+    ties two attributes (``io_again`` is ``io``): the ground truth warns at every site."""
+    import os
+    import re
+
+    tied = TINY_TASK.replace("  s: {slot: S}\n", "  s: {slot: S}\n  io_again: {slot: IO}\n")
+    (tmp_path / "tied.yaml").write_text(tied.replace("name: tiny-ioi", "name: tiny-tied"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAGE_NN_CACHE": str(tmp_path / "cache"),
+           "MPLCONFIGDIR": str(tmp_path / "matplotlib")}
+    env.pop("PYTHONWARNINGS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "sage_nn.cli", "run", "--model", str(tiny / "model"),
+         "--task", str(tmp_path / "tied.yaml"), "--sae", "train:topk", "--run-dir",
+         str(tmp_path / "run"), "--n-fit", "24", "--n-eval", "16", "--n-discovery", "16",
+         "--top-k", "2", "--n-boot", "50", "--sae-width", "64", "--sae-steps", "4", "--ks",
+         "1", "2", "--batch-size", "16", "--sae-corpus", str(tiny / "corpus.txt")],
+        capture_output=True, text=True, env=env, timeout=900)
+    lines = [line for line in (done.stdout + done.stderr).replace("\r", "\n").splitlines()
+             if line.strip()]
+    print("\n".join(line[:200] for line in lines if "it/s]" not in line))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not [line for line in lines if re.search(r"\w+Warning: |\.py:\d+", line)]
+    assert not [line for line in lines if "fontManager" in line or "deprecated" in line]
+    said = [line for line in lines if line.startswith("sage run: warning: ")]
+    assert len(said) == len(set(said)), said
+    tied_up = [line for line in said if "attributes io, io_again change together" in line]
+    assert len(tied_up) == 1 and "fix: more fit prompts (raise --n-fit)" in tied_up[0], said
+    for attribute in ("io", "s", "io_again"):  # a random model: every effect is small
+        assert sum(f"attribute {attribute!r}: changing it" in line for line in said) == 1

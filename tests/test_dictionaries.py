@@ -206,6 +206,36 @@ def test_confounded_attributes_warn_and_mse_gives_minimum_norm(Est):
                                    d.features_.sel(attribute="a_copy").values, atol=1e-9)
 
 
+def test_the_command_line_says_each_warning_once_in_its_own_words():
+    """Fitted at every site of a run, a rare value and confounded attributes warn each
+    time; ``sage`` (sage_nn.notes.cli_warnings) says each once, with what to do from the
+    command line, while a Python caller still gets the warnings themselves."""
+    import io
+
+    from sage_nn.notes import cli_warnings
+
+    X, table, _, _, _ = synth(noise=0.1)
+    table = table.copy()
+    table.loc[7, "c"] = "c_rare"
+    table = table.assign(a_copy=table["a"].str.replace("a", "x"))
+    stream = io.StringIO()
+    with cli_warnings("sage run", stream=stream):
+        for _ in range(14):  # one fit per site
+            MSEDictionary().fit(X, table)
+    lines = stream.getvalue().splitlines()
+    assert lines == [
+        f"sage run: warning: 1 attribute value(s) occur fewer than 2 times among the "
+        f"{len(X)} prompts the ground truth is fitted on (c=c_rare (1x)), so their supervised "
+        "features are noisy; fix: more fit prompts (raise --n-fit)",
+        f"sage run: warning: attributes a, a_copy change together among the {len(X)} prompts "
+        "the ground truth is fitted on, so their supervised features cannot be told apart "
+        "(the effect they share is split between them); fix: more fit prompts (raise "
+        "--n-fit); if they stay tied, the task ties them and their results should be read "
+        "together"]
+    with pytest.warns(RareValueWarning, match="min_count=2"):  # Python callers: as before
+        MSEDictionary().fit(X, table)
+
+
 def test_independent_attributes_do_not_warn():
     X, table, _, _, _ = synth(factorial=False, n=200)
     with warnings.catch_warnings():

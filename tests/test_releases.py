@@ -106,6 +106,42 @@ def test_sites_served_by_residual_saes():
     assert discovery_restriction(RunConfig(saes=["train:topk", "x"]), 8, False) is None
 
 
+def test_kinds_no_sae_serves_are_named_with_the_sae_that_would_serve_them(tmp_path, caplog):
+    """``--select-kinds z mlp_out`` with an SAE at one layer's resid_pre: mlp_out is dropped,
+    and the run says so, naming the SAE that would serve it (resid_mid of that layer)."""
+    from sage_nn.pipeline import _restriction
+
+    def sae_dir(hook):
+        path = tmp_path / hook
+        path.mkdir()
+        (path / "cfg.json").write_text(json.dumps({"d_in": 32, "d_sae": 48,
+                                                   "metadata": {"hook_name": hook}}))
+        return str(path)
+
+    model = tiny_random_model("llama", seed=0)
+    pre = sae_dir("blocks.1.hook_resid_pre")
+    with caplog.at_level("INFO", logger="sage_nn"):
+        found = _restriction(RunConfig(saes=[pre], select_kinds=["z", "mlp_out"]), model)
+    assert found == ([1], ["z"])
+    assert caplog.messages == [
+        "discovery restricted to what the SAEs serve: layers [1], kinds ['z']",
+        "--select-kinds z mlp_out: no --sae serves mlp_out, so cross-sections hold only z "
+        "(layers [1]); mlp_out needs an SAE at blocks.L.hook_resid_mid for each layer L it "
+        "should cover (e.g. blocks.1.hook_resid_mid); fix: add --sae with such SAEs, or leave "
+        "mlp_out out of --select-kinds"]
+    assert caplog.records[-1].levelname == "WARNING"
+    caplog.clear()  # with that SAE added (in the same --sae folder of SAEs), nothing drops
+    both = tmp_path / "both"
+    both.mkdir()
+    for hook in ("blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid"):
+        (both / hook).mkdir()
+        (both / hook / "cfg.json").write_text((tmp_path / "blocks.1.hook_resid_pre" /
+                                               "cfg.json").read_text())
+    with caplog.at_level("INFO", logger="sage_nn"):
+        found = _restriction(RunConfig(saes=[str(both)], select_kinds=["z", "mlp_out"]), model)
+    assert found == ([1], ["z", "mlp_out"]) and len(caplog.messages) == 1, caplog.messages
+
+
 def test_release_globs_and_unservable_runs_fail_before_the_model_loads(offline_release):
     from sage_nn.releases import expand, hook_names
     from sage_nn.validate import validate

@@ -438,3 +438,53 @@ def test_the_sae_against_its_floor(results):
     # an interval around 1 reaches the best sufficiency
     assert goodness_interval("sufficiency", 0.9, 1.2) == (pytest.approx(0.8), 1.0)
     assert goodness_interval("sufficiency", 1.1, 1.3) == (pytest.approx(0.7), pytest.approx(0.9))
+
+
+def _cut_artists(fig) -> list[str]:
+    """The titles, legends and axis labels of a drawn figure that do not lie wholly on
+    its canvas (in the renderer's window extents, to within a pixel)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = fig.canvas if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig)
+    renderer = canvas.get_renderer()
+    fig.draw_without_rendering()
+    named = [(f"title {ax.get_title()!r}", ax.title) for ax in fig.axes if ax.get_title()]
+    named += [(f"label {t.get_text()!r}", t) for ax in fig.axes
+              for t in (ax.xaxis.label, ax.yaxis.label) if t.get_text()]
+    if fig._suptitle is not None:
+        named.append((f"suptitle {fig._suptitle.get_text()!r}", fig._suptitle))
+    named += [("figure legend", leg) for leg in fig.legends]
+    named += [("axes legend", ax.get_legend()) for ax in fig.axes if ax.get_legend()]
+    canvas_box, cut = fig.bbox, []
+    for name, artist in named:
+        box = artist.get_window_extent(renderer)
+        if box.x0 < canvas_box.x0 - 1 or box.y0 < canvas_box.y0 - 1 or \
+                box.x1 > canvas_box.x1 + 1 or box.y1 > canvas_box.y1 + 1:
+            cut.append(f"{name}: {box.bounds} outside {canvas_box.bounds}")
+    return cut
+
+
+@pytest.mark.parametrize("n_attributes, sae", [(1, "topk-1024"), (2, "topk-1024"),
+                                               (3, "topk-1024"), (1, "task-topk-1024-k32")])
+def test_saved_plots_hold_their_titles_and_legends_inside_the_canvas(tmp_path, n_attributes,
+                                                                     sae):
+    """One attribute and long SAE names: the title of compare_edit_k2.png and the legend
+    of controllability.png were cut; every plot must keep them on the canvas."""
+    from sage_nn.report import plot_comparison, plot_controllability, plot_sweep
+
+    methods = ["supervised", sae, f"random:{sae}", f"{sae}@sites", f"random:{sae}@sites"]
+    results = xr.concat([cross_section(a, 0.05 * i, ["L3.resid_post@S2"], methods)
+                         for i, a in enumerate(["io", "s", "order"][:n_attributes])],
+                        "attribute")
+    info = {m: {"sae_cfg_dict": {"d_sae": 1024}} for m in methods}
+    figures = {"compare_edit_k2": lambda p: plot_comparison(results, "edit", p, k=2),
+               "controllability": lambda p: plot_controllability(results, p),
+               "sweep_edit_vs_l0": lambda p: plot_sweep(results, "edit", p),
+               "sweep_sufficiency_vs_width": lambda p: plot_sweep(results, "sufficiency", p,
+                                                                  x="width", sae_info=info)}
+    for name, plot in figures.items():
+        path = tmp_path / f"{name}.png"
+        fig = plot(path)
+        height, width = mpimg.imread(path).shape[:2]  # what is saved is this canvas
+        assert (width, height) == pytest.approx(tuple(fig.get_size_inches() * 110), abs=1)
+        assert _cut_artists(fig) == [], name
