@@ -372,7 +372,8 @@ def _patched_blocks(model, inputs, groups, answer, distractor):
         suffix = {"input_ids": inputs["input_ids"][:, col:].repeat_interleave(m, 0),
                   "position_ids": inputs["position_ids"][:, col:].repeat_interleave(m, 0),
                   "attention_mask": inputs["attention_mask"].repeat_interleave(m, 0)}
-        with torch.no_grad(), model.trace(suffix, past_key_values=prefix, logits_to_keep=1):
+        with torch.no_grad(), model.trace(suffix, **{_cache_argument(model): prefix},
+                                          logits_to_keep=1):
             if layer > 0:
                 ad.skip(model, layer, streams[layer][:, col:].repeat_interleave(m, 0))
             _apply(model, ad, writes)
@@ -381,6 +382,15 @@ def _patched_blocks(model, inputs, groups, answer, distractor):
             result.save()
         out.append(result)
     return out
+
+
+def _cache_argument(model) -> str:
+    """The name the model's forward takes its key/value cache by: ``cache`` in recent
+    transformers (``past_key_values`` is deprecated there), else ``past_key_values``."""
+    import inspect
+
+    forward = inspect.signature(model._module.forward).parameters
+    return "cache" if "cache" in forward else "past_key_values"
 
 
 def _patched_forward(model, inputs, writes, answer, distractor, skip=None):
