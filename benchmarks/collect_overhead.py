@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from sage_nn import collect, load_model
-from sage_nn.activations import encode
+from sage_nn.model.activations import encode
 
 NAMES = ["Mary", "John", "Alice", "Bob", "Tom", "Anna", "James", "Sarah"]
 PLACES = ["store", "park", "school", "beach"]

@@ -42,10 +42,12 @@ import torch
 from scipy.stats import spearmanr
 
 from sage_nn import load_model
-from sage_nn.discovery import AttributionPatching, ranked, select_cross_section
-from sage_nn.interventions import counterfactual_patches, run_patched
-from sage_nn.sites import adapter
-from sage_nn.tasks import load_task
+from sage_nn.discovery.attribution import AttributionPatching
+from sage_nn.discovery.selection import ranked, select_cross_section
+from sage_nn.model.reads import counterfactual_patches
+from sage_nn.model.patching import run_patched
+from sage_nn.model.sites import adapter
+from sage_nn.tasks.datasets import load_task
 
 COMPONENTS = ["q", "k", "v", "z", "attn_out", "mlp_out"]
 

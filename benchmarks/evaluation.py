@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from sage_nn.runs import NotARunError, finished_stages
+from sage_nn.pipeline.runs import NotARunError, finished_stages
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,12 +48,14 @@ if __name__ == "__main__":
 import torch  # noqa: E402 (after the input check)
 
 from sage_nn import load_model  # noqa: E402
-from sage_nn.activations import batches, encode  # noqa: E402
-from sage_nn.evaluation import (CrossSection, DirectSAE, ReconstructedSAE,  # noqa: E402
-                                evaluate_cross_section)
-from sage_nn.pipeline import (RunConfig, resolve_saes, residual_sites_for,  # noqa: E402
-                              run_prompts, trained_sites)
-from sage_nn.sites import Site, adapter  # noqa: E402
+from sage_nn.model.activations import batches, encode
+from sage_nn.evaluation.coders import CrossSection, DirectSAE, ReconstructedSAE
+from sage_nn.evaluation.scoring import evaluate_cross_section
+from sage_nn.pipeline.config import RunConfig, run_prompts
+from sage_nn.pipeline.resolve import resolve_saes
+from sage_nn.dictionaries.serving import residual_sites_for
+from sage_nn.pipeline.specs import trained_sites
+from sage_nn.model.sites import Site, adapter
 
 
 def main(args: argparse.Namespace):

@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 
 from sage_nn import load_model
-from sage_nn.dictionaries import MeanDictionary, MSEDictionary
-from sage_nn.discovery import DiscoveryConfig, discover
-from sage_nn.evaluation import CrossSection, evaluate_cross_section
-from sage_nn.sites import Site
-from sage_nn.tasks import load_task
+from sage_nn.dictionaries.supervised import MeanDictionary, MSEDictionary
+from sage_nn.discovery.stage import DiscoveryConfig, discover
+from sage_nn.evaluation.coders import CrossSection
+from sage_nn.evaluation.scoring import evaluate_cross_section
+from sage_nn.model.sites import Site
+from sage_nn.tasks.datasets import load_task
 
 DICTIONARIES = {
     "mse/unit": MSEDictionary(weights="unit"),

@@ -25,11 +25,13 @@ from pathlib import Path
 import torch
 
 from sage_nn import load_model
-from sage_nn.activations import batches, encode
-from sage_nn.evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section
-from sage_nn.pipeline import RunConfig, residual_sites_for, run_prompts
-from sage_nn.saes import SparseAutoencoder
-from sage_nn.sites import Site, adapter
+from sage_nn.model.activations import batches, encode
+from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
+from sage_nn.evaluation.scoring import evaluate_cross_section
+from sage_nn.pipeline.config import RunConfig, run_prompts
+from sage_nn.dictionaries.serving import residual_sites_for
+from sage_nn.dictionaries.saes import SparseAutoencoder
+from sage_nn.model.sites import Site, adapter
 
 SHAPES = [(256, 4), (512, 4), (256, 8), (512, 8), (256, 16), (512, 16), (256, 32), (512, 32)]
 

@@ -21,13 +21,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sage_nn.training import (TrainConfig, activation_batches, chunk_tokens,  # noqa: E402
-                              load_texts, train_saes)
+from sage_nn.dictionaries.training import TrainConfig, activation_batches, train_saes
+from sage_nn.dictionaries.corpus import chunk_tokens, load_texts
 import torch  # noqa: E402
 
-from sage_nn.models import load_model  # noqa: E402
-from sage_nn.reconstruction import ResidualReconstruction, fvu  # noqa: E402
-from sage_nn.sites import Site, adapter  # noqa: E402
+from sage_nn.model.loading import load_model
+from sage_nn.dictionaries.reconstruction import ResidualReconstruction
+from sage_nn.evaluation import metrics
+from sage_nn.model.sites import Site, adapter
+
+
+def token_fvu(recon, clean) -> float:
+    """FVU over every token of ``[..., width]`` tensors."""
+    width = clean.shape[-1]
+    return metrics.fvu(clean.reshape(-1, width).float().numpy(),
+                       recon.reshape(-1, width).float().numpy())
 
 
 def sae_counts(ad) -> dict:
@@ -101,7 +109,7 @@ def main() -> None:
                 recon = torch.cat([out.recon[s] for s in group], -1)
                 keep = out.logits.new_ones(clean.shape[:2], dtype=torch.bool)
                 keep[:, :cfg.skip_first] = False
-                row.setdefault(kind, {})[name] = fvu(recon[keep], clean[keep])
+                row.setdefault(kind, {})[name] = token_fvu(recon[keep], clean[keep])
         # direct sublayer SAEs on the clean activations of the same held-out tokens
         labels = [f"L{L}.z", f"L{L}.attn_out", f"L{L}.mlp_out"]
         parts = list(activation_batches(model, eval_chunks, labels, skip_first=cfg.skip_first))
@@ -109,7 +117,7 @@ def main() -> None:
             clean = torch.cat([p[f"L{L}.{kind}"] for p in parts])
             with torch.no_grad():
                 recon = saes[f"L{L}.{kind}"](clean)
-            row[kind]["direct_sublayer_sae"] = fvu(recon, clean)
+            row[kind]["direct_sublayer_sae"] = token_fvu(recon, clean)
         row["resid_sae_fvu"] = {k: float(report.loc[k, "fvu"]) for k in
                                 (f"L{L}.resid_pre", f"L{L}.resid_mid", f"L{L + 1}.resid_pre")}
         results[f"L{L}"] = row

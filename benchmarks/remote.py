@@ -33,7 +33,7 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from sage_nn.runs import NotARunError, finished_stages
+from sage_nn.pipeline.runs import NotARunError, finished_stages
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,14 +68,16 @@ import numpy as np  # noqa: E402 (after the input check)
 import torch  # noqa: E402
 
 from sage_nn import load_model  # noqa: E402
-from sage_nn.discovery import DiscoveryConfig, discover  # noqa: E402
-from sage_nn.evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section  # noqa: E402
-from sage_nn.models import smollm2_dir  # noqa: E402
-from sage_nn.pipeline import RunConfig, residual_sites_for, run_prompts  # noqa: E402
-from sage_nn.remote import FreshProcessBackend, Remote  # noqa: E402
-from sage_nn.saes import SparseAutoencoder  # noqa: E402
-from sage_nn.sites import Site, adapter  # noqa: E402
-from sage_nn.tasks import logit_diffs  # noqa: E402
+from sage_nn.discovery.stage import DiscoveryConfig, discover
+from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
+from sage_nn.evaluation.scoring import evaluate_cross_section
+from sage_nn.model.loading import smollm2_dir
+from sage_nn.pipeline.config import RunConfig, run_prompts
+from sage_nn.dictionaries.serving import residual_sites_for
+from sage_nn.model.remote import FreshProcessBackend, Remote
+from sage_nn.dictionaries.saes import SparseAutoencoder
+from sage_nn.model.sites import Site, adapter
+from sage_nn.tasks.datasets import logit_diffs
 
 
 def random_topk_sae(site: str, d: int, width: int, seed: int) -> SparseAutoencoder:
@@ -179,7 +181,7 @@ MAX_SAE_BYTES = 2.5e9  # SAE weights per request the 24 GiB benchmark machine ca
 def _random_llama(d: int, tok):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sage_nn.models import wrap
+    from sage_nn.model.loading import wrap
 
     heads = d // 64
     config = LlamaConfig(hidden_size=d, num_attention_heads=heads,
@@ -196,7 +198,7 @@ def _tiny_ioi(model):
     import sys
     import tempfile
 
-    from sage_nn.tasks import load_task
+    from sage_nn.tasks.datasets import load_task
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from conftest import TINY_TASK  # the tests' tiny IOI, in the tiny tokenizer's words
@@ -213,8 +215,8 @@ def edit_transport(run_dir: str, pair: str = "L24.resid_pre@END") -> dict:
     sends them) against every edit sent dense (one ``[prompt, d_model]`` value per k and
     method), bfloat16 transport."""
     import sage_nn.evaluation as evaluation
-    from sage_nn.interventions import LatentEdit
-    from sage_nn.pipeline import resolve_saes
+    from sage_nn.model.patching import LatentEdit
+    from sage_nn.pipeline.resolve import resolve_saes
 
     sparse_edits = evaluation._edits
 
@@ -257,7 +259,7 @@ def width_scaling(widths: list[int], n_saes=(1, 4), sae_ratio: int = 2) -> dict:
     docstring), and the 70B-class estimate from the fitted slopes."""
     import tempfile
 
-    from sage_nn.models import tiny_tokenizer
+    from sage_nn.model.loading import tiny_tokenizer
 
     tok, rows = tiny_tokenizer(), []
     for d in widths:

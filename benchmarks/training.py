@@ -38,12 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sage_nn import training  # noqa: E402  (sae_lens before any trace)
+from sage_nn.dictionaries import training  # noqa: E402  (sae_lens before any trace)
 import torch  # noqa: E402
 
-from sage_nn.models import load_model  # noqa: E402
-from sage_nn.pipeline import RunConfig, sae_corpus  # noqa: E402
-from sage_nn.sites import HEAD_KINDS, adapter  # noqa: E402
+from sage_nn.model.loading import load_model
+from sage_nn.pipeline.config import RunConfig
+from sage_nn.pipeline.resolve import sae_corpus
+from sage_nn.model.sites import HEAD_KINDS, adapter
 
 SITES = ["L23.resid_pre", "L29.resid_pre", "L23.z.h4", "L24.z.h5", "L29.z.h1"]
 TOLERANCES = [0.002, 0.005, 0.01, 0.02]
@@ -128,7 +129,7 @@ def main(argv=None):
     cfg = training.TrainConfig(architecture="topk", d_sae=args.width, seed=run_cfg.seed,
                                tokens=args.steps * 1024)
     units = training.corpus_units(model, source, cfg)
-    print(f"{len(units)} prompts, {training._n_tokens(units, cfg.skip_first)} tokens "
+    print(f"{len(units)} prompts, {training.count_tokens(units, cfg.skip_first)} tokens "
           f"({time.perf_counter() - t0:.0f} s to load)", flush=True)
 
     forwards = timed_forwards(model, units[:args.forward_units], args.sites, cfg)

@@ -29,14 +29,16 @@ from pathlib import Path
 import numpy as np
 
 import sage_nn
-from sage_nn.evaluation import CrossSection, DirectSAE, ReconstructedSAE, evaluate_cross_section
-from sage_nn.pipeline import (RunConfig, _trained_cache, cached_saes, residual_sites_for,
-                              run_prompts)
-from sage_nn.reconstruction import EagerAttention
-from sage_nn.report import HEADLINE, _goodness
-from sage_nn.sites import Site
-from sage_nn.training import TrainConfig, train_saes
-from sage_nn.validity import SHARES, PlantedDictionary, Shrunk, ladder, ladder_summary, planted_sae
+from sage_nn.evaluation.coders import CrossSection, DirectSAE, ReconstructedSAE
+from sage_nn.evaluation.scoring import evaluate_cross_section
+from sage_nn.pipeline.config import RunConfig, run_prompts
+from sage_nn.pipeline.resolve import trained_cache, cached_saes
+from sage_nn.dictionaries.serving import residual_sites_for
+from sage_nn.model.linear import EagerAttention
+from sage_nn.report import HEADLINE, goodness
+from sage_nn.model.sites import Site
+from sage_nn.dictionaries.training import TrainConfig, train_saes
+from sage_nn.evaluation.validity import SHARES, PlantedDictionary, Shrunk, ladder, ladder_summary, planted_sae
 
 PLANTED = ["edit", "edit_f1", "best_f1", "alignment"]
 SHRUNK = ["sufficiency", "necessity"]
@@ -46,7 +48,7 @@ def trained(model, config: RunConfig, sites, k: int, seed: int, log: dict) -> li
     """The run's residual TopK SAEs at ``sites`` with ``k`` and SAE seed ``seed`` (the
     prompts stay the run's), from the pipeline's cache or trained into it."""
     # the default k is the pipeline's `train:topk`, whose cache the quickstart filled
-    name, cfg, source, root = _trained_cache("topk", model, config,
+    name, cfg, source, root = trained_cache("topk", model, config,
                                              {} if k == TrainConfig.k else {"k": k})
     if seed != config.seed:
         cfg.seed = seed
@@ -172,7 +174,7 @@ def seed_table(results, seed: int) -> dict:
             da = results[metric].sel(attribute=a)
             da = da.sel(k=2) if "k" in da.dims else da
             da = da.mean("pair") if "pair" in da.dims else da
-            value = {d: _goodness(metric, float(da.sel(dictionary=d))) for d in seeds + sweep}
+            value = {d: goodness(metric, float(da.sel(dictionary=d))) for d in seeds + sweep}
             finite = [value[d] for d in seeds if value[d] is not None and np.isfinite(value[d])]
             spread = float(max(finite) - min(finite)) if len(finite) > 1 else None
             steps = {}

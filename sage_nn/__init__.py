@@ -10,14 +10,19 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
+from . import _compat  # noqa: F401  (the old module paths, sage_nn.training etc.)
+
 #: Each public name and the module that defines it.
 _HOME = {
-    "DEFAULT_MODEL": "models", "load_model": "models", "tiny_random_model": "models",
-    "AttributionPatching": "attribution", "MSEDictionary": "dictionaries",
-    "MeanDictionary": "dictionaries", "ResidualReconstruction": "reconstruction",
-    "Run": "runs", "open_run": "runs", "SparseAutoencoder": "saes", "load_sae": "saes",
-    "Site": "sites", "adapter": "sites", "check_task": "tasks", "load_task": "tasks",
-    "collect": "activations", "open_store": "activations", "discover": "discovery",
+    "DEFAULT_MODEL": "model.loading", "load_model": "model.loading",
+    "tiny_random_model": "model.loading", "AttributionPatching": "discovery.attribution",
+    "MSEDictionary": "dictionaries.supervised", "MeanDictionary": "dictionaries.supervised",
+    "ResidualReconstruction": "dictionaries.reconstruction", "Run": "pipeline.runs",
+    "open_run": "pipeline.runs", "SparseAutoencoder": "dictionaries.saes",
+    "load_sae": "dictionaries.saes", "Site": "model.sites", "adapter": "model.sites",
+    "check_task": "tasks.datasets", "load_task": "tasks.datasets",
+    "collect": "model.activations", "open_store": "model.activations",
+    "discover": "discovery.stage",
 }
 #: Names that never run the model; every other one imports sae_lens first, as
 #: ``import sage_nn`` used to: nnsight's ``.save`` patch breaks pydantic models imported
@@ -30,16 +35,16 @@ __all__ = ["DEFAULT_MODEL", "AttributionPatching", "MSEDictionary", "MeanDiction
            "SparseAutoencoder", "load_sae"]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; nothing is imported at run time
-    from .activations import collect, open_store
-    from .attribution import AttributionPatching
-    from .dictionaries import MeanDictionary, MSEDictionary
-    from .discovery import discover
-    from .models import DEFAULT_MODEL, load_model, tiny_random_model
-    from .reconstruction import ResidualReconstruction
-    from .runs import Run, open_run
-    from .saes import SparseAutoencoder, load_sae
-    from .sites import Site, adapter
-    from .tasks import check_task, load_task
+    from .dictionaries.reconstruction import ResidualReconstruction
+    from .dictionaries.saes import SparseAutoencoder, load_sae
+    from .dictionaries.supervised import MeanDictionary, MSEDictionary
+    from .discovery.attribution import AttributionPatching
+    from .discovery.stage import discover
+    from .model.activations import collect, open_store
+    from .model.loading import DEFAULT_MODEL, load_model, tiny_random_model
+    from .model.sites import Site, adapter
+    from .pipeline.runs import Run, open_run
+    from .tasks.datasets import check_task, load_task
 
 
 def __getattr__(name: str) -> Any:
@@ -49,7 +54,7 @@ def __getattr__(name: str) -> Any:
             return importlib.import_module(f".{name}", __name__)  # sage_nn.pipeline etc.
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if name not in _NO_TRACE:
-        importlib.import_module(".saes", __name__)
+        importlib.import_module(".dictionaries.saes", __name__)
     value = getattr(importlib.import_module(f".{home}", __name__), name)
     globals()[name] = value  # found directly from now on
     return value

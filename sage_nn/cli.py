@@ -1,4 +1,8 @@
-"""The ``sage`` command. Each subcommand is a thin layer over one Python function."""
+"""The ``sage`` command. Each subcommand is a thin layer over one Python function.
+
+One module because the command is one argument parser: its subcommands share flags (one
+per RunConfig field, generated) and one error and warning handling.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +20,8 @@ from pathlib import Path
 def _model_and_remote(args):
     """The model, and the :class:`~sage_nn.remote.Remote` its passes run through
     (``--remote``; None runs them here). On NDIF or another host the weights stay there."""
-    from .models import load_model
-    from .remote import Remote
+    from .model.loading import load_model
+    from .model.remote import Remote
 
     backend = args.remote if args.remote is not None else False
     model = load_model(args.model, device=args.device, dtype=args.dtype,
@@ -26,7 +30,7 @@ def _model_and_remote(args):
 
 
 def _collect(args) -> None:
-    from .activations import collect
+    from .model.activations import collect
 
     prompts = [line.rstrip("\n") for line in open(args.prompts) if line.strip()]
     model, remote = _model_and_remote(args)
@@ -38,7 +42,7 @@ def _collect(args) -> None:
 def _task_check(args) -> None:
     import pandas as pd
 
-    from .tasks import check_task, load_task, logit_diffs
+    from .tasks.datasets import check_task, load_task, logit_diffs
 
     spec = load_task(args.task)  # a bad spec fails before the model loads
     model, remote = _model_and_remote(args)
@@ -58,8 +62,8 @@ def _task_check(args) -> None:
 
 
 def _discover(args) -> None:
-    from .discovery import DiscoveryConfig, discover
-    from .tasks import load_task
+    from .discovery.stage import DiscoveryConfig, discover
+    from .tasks.datasets import load_task
 
     spec = load_task(args.task)
     model, remote = _model_and_remote(args)
@@ -87,13 +91,13 @@ def _discover(args) -> None:
 
 
 def _train_sae(args) -> None:
-    from .training import TrainConfig, train_saes  # imports sae_lens before any trace
+    from .dictionaries.training import TrainConfig, train_saes
 
     config = TrainConfig(architecture=args.architecture, d_sae=args.d_sae, k=args.k,
                          l1_coefficient=args.l1, lr=args.lr, tokens=args.tokens,
                          batch_size=args.batch_size, context_size=args.context_size,
                          seed=args.seed)
-    from .models import load_model
+    from .model.loading import load_model
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     _, report = train_saes(model, args.sites, config, source=args.source, out_dir=args.out)
@@ -104,7 +108,7 @@ def _train_sae(args) -> None:
 def _run_config(args):
     """The RunConfig of ``sage run``: the ``--config`` file (or the defaults), with every
     flag given on the command line overriding it (flags not given are None)."""
-    from .pipeline import RunConfig
+    from .pipeline.config import RunConfig
 
     overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(RunConfig)}
     if args.config:
@@ -113,17 +117,17 @@ def _run_config(args):
 
 
 def _run(args) -> None:
-    from .pipeline import run
+    from .pipeline.stages import run
 
     try:
         result = run(_run_config(args))
     except Exception as err:  # sage_nn.remote (torch, nnsight) is imported once a run starts
-        remote = sys.modules.get("sage_nn.remote")
+        remote = sys.modules.get("sage_nn.model.remote")
         if remote is None or not isinstance(err, remote.RemotePending):
             raise
         print(err)  # --no-wait: the jobs run on; finished stages are kept
         return
-    from .report import excluded, headline_table
+    from .report.tables import excluded, headline_table
 
     print(headline_table(result.results).to_string(float_format=lambda x: f"{x:.3f}"))
     for attribute in result.results.attribute.values:  # numbers that are not claims
@@ -235,7 +239,7 @@ def _field_help(field: dataclasses.Field) -> str:
 
 
 def _add_run_options(p) -> None:
-    from .pipeline import RunConfig
+    from .pipeline.config import RunConfig
 
     p.add_argument("--config", help="YAML file with any RunConfig fields (flags override it)")
     hints = typing.get_type_hints(RunConfig)
@@ -258,7 +262,7 @@ def _add_run_options(p) -> None:
 # -- tasks and cache ---------------------------------------------------------------------
 
 def _tasks(args) -> None:
-    from .tasks import TASKS_DIR, available_tasks, load_task
+    from .tasks.datasets import TASKS_DIR, available_tasks, load_task
 
     rows = [["task", "attributes", "positions", "templates"]]
     descriptions = {}
@@ -308,7 +312,7 @@ def cache_entries(root: Path) -> list[tuple[str, int]]:
 
 
 def _cache(args) -> None:
-    from .models import cache_dir
+    from .model.loading import cache_dir
 
     root = cache_dir()
     if args.clear:
@@ -434,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_model(args) -> None:
     """A subcommand's --model, checked before anything loads (``sage run`` checks its whole
     config in :func:`sage_nn.pipeline.run`)."""
-    from .validate import InvalidRunError, model_problems
+    from .pipeline.checks import model_problems
+    from .pipeline.validate import InvalidRunError
 
     if args.command not in ("run", "quickstart") and getattr(args, "model", None):
         on_server = getattr(args, "remote", None) not in (None, False, "local")
@@ -480,8 +485,8 @@ def _quiet_output(prefix: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     import errno
 
-    from .notes import cli_warnings
-    from .validate import InvalidRunError
+    from .common.notes import cli_warnings
+    from .pipeline.validate import InvalidRunError
 
     args = build_parser().parse_args(argv)
     _quiet_output(f"sage {args.command}")

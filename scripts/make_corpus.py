@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sage_nn.models import load_model  # noqa: E402
+from sage_nn.model.loading import load_model
 
 OUT = Path(__file__).resolve().parents[1] / "sage_nn" / "data" / "smollm2_corpus.jsonl.gz"
 

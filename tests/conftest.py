@@ -38,7 +38,7 @@ def tiny_task_dataset(directory, n: int):
     """The tiny llama (seed 4) and ``n`` train prompts of :data:`TINY_TASK`, whose spec is
     written to ``directory/tiny.yaml``."""
     from sage_nn import tiny_random_model
-    from sage_nn.tasks import load_task
+    from sage_nn.tasks.datasets import load_task
 
     path = directory / "tiny.yaml"
     path.write_text(TINY_TASK)
@@ -54,7 +54,7 @@ def trained_tiny_model(directory, steps: int = 200, seed: int = 4):
     import numpy as np
     import torch
 
-    from sage_nn.tasks import load_task
+    from sage_nn.tasks.datasets import load_task
 
     model, _ = tiny_task_dataset(directory, n=8)
     train = load_task(directory / "tiny.yaml").build(model, n=512, seed=1, split="train")

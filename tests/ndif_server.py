@@ -22,7 +22,7 @@ from pathlib import Path
 
 import zstandard
 
-from sage_nn.remote import _SERVER_SCRIPT, NOT_ON_SERVER
+from sage_nn.model.remote import _SERVER_SCRIPT, NOT_ON_SERVER
 
 
 class FakeNDIF:

@@ -7,7 +7,7 @@ import torch
 import xarray as xr
 
 from sage_nn import collect, open_store, tiny_random_model
-from sage_nn.activations import NonFiniteActivationError, StoreError
+from sage_nn.model.activations import NonFiniteActivationError, StoreError
 
 PROMPTS = ["when Mary and John went to the store", "John gave a ball to", "Alice said",
            "then Bob went to the park and Tom said"]
@@ -136,7 +136,7 @@ def test_nan_activations_are_reported():
     # the evaluation's reads (sage_nn.reads) say the same, naming the sites
     from types import SimpleNamespace
 
-    from sage_nn.reads import read_sites
+    from sage_nn.model.reads import read_sites
 
     data = SimpleNamespace(prompts=PROMPTS, positions={"END": np.full(len(PROMPTS), -1)})
     with pytest.raises(NonFiniteActivationError,

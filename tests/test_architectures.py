@@ -25,12 +25,14 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from sage_nn import tiny_random_model
-from sage_nn.architectures import (UnsupportedArchitectureError, check_config, text_config,
-                                   tiny_config)
-from sage_nn.discovery import AttributionPatching, grow_cross_sections
-from sage_nn.interventions import counterfactual_patches, run_patched
-from sage_nn.reconstruction import ResidualReconstruction, _affine_of
-from sage_nn.sites import adapter
+from sage_nn.model.architectures import UnsupportedArchitectureError, check_config, text_config, tiny_config
+from sage_nn.discovery.attribution import AttributionPatching
+from sage_nn.discovery.growth import grow_cross_sections
+from sage_nn.model.reads import counterfactual_patches
+from sage_nn.model.patching import run_patched
+from sage_nn.dictionaries.reconstruction import ResidualReconstruction
+from sage_nn.model.linear import affine_of
+from sage_nn.model.sites import adapter
 from test_interventions import _full_forward_patched, tiny_ioi
 from test_reconstruction import identity_sae, residual_saes
 
@@ -104,7 +106,7 @@ def _z_through_output_projection(model, ad, got):
     o_proj = attn
     for part in ad.arch.o_proj.split("."):
         o_proj = getattr(o_proj, part)
-    W_O, b_O = _affine_of(o_proj, ad.n_heads * ad.d_head)
+    W_O, b_O = affine_of(o_proj, ad.n_heads * ad.d_head)
     z = got[1, "z"]
     out = sum(z[..., h, :] @ W_O[ad.channels("z", h)] for h in range(ad.n_heads)) + b_O
     if ad.arch.attn_post_norm:
@@ -242,7 +244,7 @@ def test_model_without_weights_is_derived_through_its_twin(family, sizes):
     model with weights derives."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sage_nn.architectures import architecture_of, derive
+    from sage_nn.model.architectures import architecture_of, derive
 
     config = AutoConfig.for_model(family, num_hidden_layers=3, vocab_size=64, **sizes)
     with torch.device("meta"):

@@ -26,7 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from sage_nn.pipeline import RunConfig, run  # noqa: E402
+from sage_nn.pipeline.config import RunConfig
+from sage_nn.pipeline.stages import run
 
 pytestmark = pytest.mark.slow
 EDIT_KS = (1, 2, 4, 8)

@@ -13,9 +13,9 @@ import pytest
 from conftest import TINY_TASK
 from sage_nn import open_run, tiny_random_model
 from sage_nn.cli import _run_config, build_parser, main
-from sage_nn.models import TINY_WORDS
-from sage_nn.pipeline import RunConfig
-from sage_nn.tasks import available_tasks, load_task
+from sage_nn.model.loading import TINY_WORDS
+from sage_nn.pipeline.config import RunConfig
+from sage_nn.tasks.datasets import available_tasks, load_task
 
 
 def parse_run(*argv):

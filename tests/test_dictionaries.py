@@ -14,15 +14,7 @@ from sklearn.linear_model import Ridge
 from sklearn.neighbors import KNeighborsRegressor
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from sage_nn.dictionaries import (
-    ConfoundedAttributesWarning,
-    MeanDictionary,
-    MSEDictionary,
-    RareValueWarning,
-    edit_torch,
-    fit_weights_torch,
-    reconstruct_torch,
-)
+from sage_nn.dictionaries.supervised import ConfoundedAttributesWarning, MeanDictionary, MSEDictionary, RareValueWarning, edit_torch, fit_weights_torch, reconstruct_torch
 
 VALUES = {"a": ["a0", "a1", "a2", "a3"], "b": ["b0", "b1", "b2"], "c": ["c0", "c1"]}
 D = 16
@@ -212,7 +204,7 @@ def test_the_command_line_says_each_warning_once_in_its_own_words():
     command line, while a Python caller still gets the warnings themselves."""
     import io
 
-    from sage_nn.notes import cli_warnings
+    from sage_nn.common.notes import cli_warnings
 
     X, table, _, _, _ = synth(noise=0.1)
     table = table.copy()
@@ -370,8 +362,8 @@ def test_torch_helpers_match_the_estimator(Est):
 
 def test_reconstruction_inside_a_trace(tiny_models):
     """The torch helpers run on the live activation inside an nnsight trace."""
-    from sage_nn.activations import collect, encode
-    from sage_nn.sites import adapter
+    from sage_nn.model.activations import collect, encode
+    from sage_nn.model.sites import adapter
 
     model = tiny_models["llama"]
     names = ["Mary", "John", "Alice", "Bob"]
@@ -424,7 +416,7 @@ def test_real_smollm2_ioi_dictionaries(smollm2):
     (1) an io-only dictionary explains far more variance with the true labels than with
     shuffled ones, (2) editing io moves the activation most of the way to the real
     counterfactual activation (same s and place, the new io)."""
-    from sage_nn.activations import collect
+    from sage_nn.model.activations import collect
 
     prompts, table = ioi(smollm2)
     assert len(prompts) == 112

@@ -16,15 +16,16 @@ import torch
 import xarray as xr
 
 from sage_nn import tiny_random_model
-from sage_nn.activations import encode
+from sage_nn.model.activations import encode
 from conftest import tiny_task_dataset
-from sage_nn.discovery import (RESIDUAL_KINDS, AttributionPatching, DiscoveryConfig, discover,
-                               exact_patching, grow_cross_sections, head_grid, load_scores,
-                               plot_cross_section, plot_heatmaps, ranked,
-                               select_cross_section, validate)
-from sage_nn.remote import Remote
-from sage_nn.interventions import logit_diff
-from sage_nn.sites import Site
+from sage_nn.discovery.attribution import RESIDUAL_KINDS, AttributionPatching, load_scores
+from sage_nn.discovery.stage import DiscoveryConfig, discover
+from sage_nn.discovery.selection import exact_patching, head_grid, ranked, select_cross_section, validate
+from sage_nn.discovery.growth import grow_cross_sections
+from sage_nn.discovery.plots import plot_cross_section, plot_heatmaps
+from sage_nn.model.remote import Remote
+from sage_nn.model.patching import logit_diff
+from sage_nn.model.sites import Site
 from test_interventions import ARCHITECTURES, tiny_ioi
 
 CARRIER = 2  # the one head (layer 1) that carries every earlier token to the output
@@ -518,7 +519,7 @@ def test_discover_grows_cross_sections_by_default(tiny_task, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_ioi(smollm2):
-    from sage_nn.tasks import load_task
+    from sage_nn.tasks.datasets import load_task
 
     ds = load_task("ioi").build(smollm2, n=8, seed=0, split="train")
     with warnings.catch_warnings(record=True) as caught:
@@ -555,7 +556,7 @@ def test_smollm2_io_token_stream_is_patched_exactly(smollm2):
     """IOI's IO token carries the io effect in its own residual stream until the heads of
     layers 23-24 read it (exact patching: about 0.97 of the effect); attribution alone
     says about 0.1 there. Discovery's exact cells are exact patching's numbers."""
-    from sage_nn.tasks import load_task
+    from sage_nn.tasks.datasets import load_task
 
     ds = load_task("ioi").build(smollm2, n=8, seed=0, split="train")
     grid = dict(kinds=["resid_pre"], positions=["IO", "END"], attributes=["io"], batch_size=8)
@@ -577,7 +578,7 @@ def test_smollm2_ioi_cross_sections_of_heads_recover_the_effect(smollm2):
     effect when patched together (measured: io 6 heads at END, 0.63; s 3 heads, 0.66;
     order one head that overshoots, 2.6), well within 16 sites; the share is an
     independent joint exact patch's."""
-    from sage_nn.tasks import load_task
+    from sage_nn.tasks.datasets import load_task
 
     ds = load_task("ioi").build(smollm2, n=16, seed=0, split="train")
     scores = AttributionPatching(kinds=["z"], batch_size=16).fit(smollm2, ds).scores_

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from conftest import tiny_task_dataset
-from sage_nn.evaluation import CrossSection, evaluate_cross_section
-from sage_nn.saes import SparseAutoencoder
-from sage_nn.sites import Site
+from sage_nn.evaluation.coders import CrossSection
+from sage_nn.evaluation.scoring import evaluate_cross_section
+from sage_nn.dictionaries.saes import SparseAutoencoder
+from sage_nn.model.sites import Site
 
 SITE = Site(1, "resid_pre")
 
@@ -63,7 +64,7 @@ def test_a_reconstruction_that_explains_nothing(setup):
     model, fit, held_out = setup
     cs = CrossSection("s", [(SITE, "END")])
     d = model.config.hidden_size
-    from sage_nn.interventions import site_values
+    from sage_nn.model.reads import site_values
 
     mean = site_values(model, fit, [(SITE, "END")])[(SITE, "END")].mean(0)
     out = evaluate_cross_section(model, fit, held_out, cs, {"mean": mean_sae(d, mean)},
@@ -105,8 +106,9 @@ def test_sublayer_sites_directly_and_through_the_reconstruction(setup):
     reconstruction, and its L0 there counts its latents' codes at the site (the
     pattern-weighted sum over the source tokens the edit moves), as the reconstruction's own
     forward computes them; each floor has its SAE's L0 (matched on the fit prompts)."""
-    from sage_nn.evaluation import ReconstructedSAE, _seen_rows
-    from sage_nn.reconstruction import ResidualReconstruction
+    from sage_nn.evaluation.coders import ReconstructedSAE
+    from sage_nn.evaluation.scoring import _seen_rows
+    from sage_nn.dictionaries.reconstruction import ResidualReconstruction
 
     model, fit, held_out = setup
     d, dh = model.config.hidden_size, model.config.hidden_size // model.config.num_attention_heads
@@ -148,7 +150,7 @@ def test_sublayer_sites_directly_and_through_the_reconstruction(setup):
 def test_difference_mode_reaches_attn_out_and_input_mode_is_the_default(setup):
     """attn_out as SAE(resid_mid) - SAE(resid_pre): exact with perfect SAEs; no latent
     directions there, so no edit (NaN), while input mode edits the same site."""
-    from sage_nn.evaluation import ReconstructedSAE
+    from sage_nn.evaluation.coders import ReconstructedSAE
 
     model, fit, held_out = setup
     d = model.config.hidden_size
@@ -172,7 +174,7 @@ def test_difference_mode_reaches_attn_out_and_input_mode_is_the_default(setup):
 def test_a_ceiling_that_fails_its_checks_is_not_ground_truth():
     import xarray as xr
 
-    from sage_nn.evaluation import trust_ceiling
+    from sage_nn.evaluation.scoring import trust_ceiling
 
     def results(sufficiency, necessity, edit):
         return xr.Dataset(

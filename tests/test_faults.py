@@ -20,9 +20,11 @@ import torch
 import xarray as xr
 
 from sage_nn import open_run
-from sage_nn.pipeline import STAGES, RunDirectory, cached_saes, run
-from sage_nn.remote import Remote
-from sage_nn.saes import load_sae, sealed_problem
+from sage_nn.pipeline.rundir import STAGES, RunDirectory
+from sage_nn.pipeline.resolve import cached_saes
+from sage_nn.pipeline.stages import run
+from sage_nn.model.remote import Remote
+from sage_nn.dictionaries.saes import load_sae, sealed_problem
 from test_pipeline import _setup
 from test_pipeline import config as pipeline_config
 
@@ -122,7 +124,7 @@ def paused(*args, **kwargs):  # the stage has begun (and, in training, written i
 
 if name != "-":
     setattr(importlib.import_module(module), name, paused)
-trained = importlib.import_module("sage_nn.training")
+trained = importlib.import_module("sage_nn.dictionaries.training")
 train = trained.train_saes
 def counted(*args, **kwargs):
     out = train(*args, **kwargs)
@@ -153,8 +155,8 @@ def wait_for(path: Path, proc, timeout=120):
 
 
 @pytest.mark.parametrize("sig,stage,module,function", [
-    (signal.SIGKILL, "saes", "sage_nn.training", "evaluate"),
-    (signal.SIGINT, "evaluation", "sage_nn.evaluation", "evaluate_cross_section")])
+    (signal.SIGKILL, "saes", "sage_nn.dictionaries.training", "evaluate"),
+    (signal.SIGINT, "evaluation", "sage_nn.evaluation.scoring", "evaluate_cross_section")])
 def test_a_killed_process_resumes_from_its_last_finished_stage(setup, sig, stage, module,
                                                                function, tmp_path, monkeypatch):
     root, model, reference = setup
@@ -306,7 +308,7 @@ class Payload:
 
 
 def test_loading_an_sae_or_a_run_directory_never_unpickles(setup, tmp_path, monkeypatch):
-    from sage_nn.validate import sae_problems
+    from sage_nn.pipeline.checks import sae_problems
 
     root, model, reference = setup
     marker = tmp_path / "unpickled"

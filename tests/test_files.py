@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from conftest import TINY_TASK
-from sage_nn.formats import gguf_problem, safetensors_header
-from sage_nn.pipeline import RunConfig
-from sage_nn.validate import model_problems, validate
+from sage_nn.common.formats import gguf_problem, safetensors_header
+from sage_nn.pipeline.config import RunConfig
+from sage_nn.pipeline.checks import model_problems
+from sage_nn.pipeline.validate import validate
 
 HOOK = "blocks.0.hook_resid_pre"
 
@@ -150,7 +151,7 @@ other: [1, 2]
 
 
 def test_a_malformed_registry_is_refused_naming_file_and_line(files, tmp_path, monkeypatch):
-    from sage_nn.releases import RegistryError, expand
+    from sage_nn.dictionaries.releases import RegistryError, expand
 
     bad, odd = tmp_path / "bad.yaml", tmp_path / "odd.yaml"
     bad.write_text(BAD_YAML)
@@ -183,7 +184,7 @@ def test_a_malformed_registry_is_refused_naming_file_and_line(files, tmp_path, m
 # -- model files ------------------------------------------------------------------------------
 
 def smollm2_gguf(tmp_path):
-    from sage_nn.models import EMBEDDED
+    from sage_nn.model.loading import EMBEDDED
 
     return EMBEDDED["smollm2-135m"].gguf_path(tmp_path)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from sklearn.linear_model import orthogonal_mp
 
-from sage_nn.evaluation import SiteCode, floor_code
-from sage_nn.floor import RandomDictionary, omp, random_directions
+from sage_nn.evaluation.coders import SiteCode, floor_code
+from sage_nn.dictionaries.floor import RandomDictionary, omp, random_directions
 
 
 def data_like(n: int = 300, width: int = 64, seed: int = 1) -> torch.Tensor:

@@ -3,7 +3,7 @@
 
 import pytest
 
-from sage_nn.sites import KINDS, Site
+from sage_nn.model.sites import KINDS, Site
 
 
 @pytest.mark.parametrize("hook, site", [

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from sage_nn import tiny_random_model
-from sage_nn.activations import encode
-from sage_nn.interventions import (LatentEdit, Patch, counterfactual_patches, logit_diff,
-                                   run_patched, site_values)
-from sage_nn.sites import Site, adapter
+from sage_nn.model.activations import encode
+from sage_nn.model.patching import LatentEdit, Patch, logit_diff, run_patched
+from sage_nn.model.reads import counterfactual_patches, site_values
+from sage_nn.model.sites import Site, adapter
 
 ARCHITECTURES = ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2"]
 NAMES = ["Mary", "John", "Alice", "Bob", "Tom", "Anna"]
@@ -199,12 +199,12 @@ def test_bad_patches_get_clear_errors(llama):
 
 def _full_forward_patched(model, ds, variant):
     """Reference: one full forward per variant, every block and token recomputed."""
-    from sage_nn.interventions import _patched_forward, _writes
+    from sage_nn.model.patching import patched_forward, writes_of
 
     ad, batch = adapter(model), encode(model, ds.prompts)
     idx = np.arange(len(ds.prompts))
-    writes = _writes(ad, batch, idx, [variant], "cpu", torch.float32)
-    return _patched_forward(model, batch.inputs, writes, torch.as_tensor(ds.answer_ids),
+    writes = writes_of(ad, batch, idx, [variant], "cpu", torch.float32)
+    return patched_forward(model, batch.inputs, writes, torch.as_tensor(ds.answer_ids),
                             torch.as_tensor(ds.distractor_ids))[0].numpy()
 
 

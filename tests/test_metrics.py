@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sage_nn import metrics
+from sage_nn.evaluation import metrics
 
 
 def test_sufficiency_and_necessity():

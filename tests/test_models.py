@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from sage_nn import adapter, load_model, tiny_random_model
-from sage_nn.models import smollm2_dir, wrap
-from sage_nn.sites import UnsupportedArchitectureError
+from sage_nn.model.loading import smollm2_dir, wrap
+from sage_nn.model.architectures import UnsupportedArchitectureError
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_embedded_default_is_cached_in_hf_format(smollm2, monkeypatch, tmp_path)
     assert (cached / "model.safetensors").exists() and (cached / "config.json").exists()
     # the cache directory follows $SAGE_NN_CACHE
     monkeypatch.setenv("SAGE_NN_CACHE", str(tmp_path))
-    from sage_nn.models import cache_dir
+    from sage_nn.model.loading import cache_dir
     assert cache_dir() == tmp_path
 
 

@@ -9,8 +9,10 @@ import xarray as xr
 
 from conftest import TINY_TASK
 from sage_nn import tiny_random_model
-from sage_nn.models import TINY_WORDS
-from sage_nn.pipeline import RunConfig, RunDirectory, run
+from sage_nn.model.loading import TINY_WORDS
+from sage_nn.pipeline.config import RunConfig
+from sage_nn.pipeline.rundir import RunDirectory
+from sage_nn.pipeline.stages import run
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +113,16 @@ def test_config_file_round_trip_and_unknown_options(tmp_path):
 
 
 def test_unknown_sae_spec_is_explained():
-    from sage_nn.pipeline import resolve_saes
+    from sage_nn.pipeline.resolve import resolve_saes
 
     with pytest.raises(ValueError, match=r"--sae 'nonsense': not a directory with cfg.json"):
         resolve_saes("nonsense", None, [], RunConfig())
 
 
 def test_task_corpus_is_disjoint_from_the_run_prompts(setup):
-    from sage_nn.pipeline import run_prompts, sae_corpus
-    from sage_nn.training import Prompts
+    from sage_nn.pipeline.config import run_prompts
+    from sage_nn.pipeline.resolve import sae_corpus
+    from sage_nn.dictionaries.corpus import Prompts
 
     root, model = setup
     cfg = dataclasses.replace(config(root, "t"), sae_corpus=f"{root / 'corpus.txt'}+task",
@@ -160,7 +163,7 @@ def test_default_run_grows_head_cross_sections_and_compares_both_approaches(setu
 
 
 def test_sweep_specs_expand_to_named_saes(tmp_path):
-    from sage_nn.pipeline import expand_sae_specs
+    from sage_nn.pipeline.specs import expand_sae_specs
 
     assert expand_sae_specs(["train:topk:k=8,16", "train:topk:width=32,64@sites"]) == [
         "train:topk:k=8", "train:topk:k=16", "train:topk:width=32@sites",

@@ -6,15 +6,23 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sage_nn.activations import encode  # noqa: E402
-from sage_nn.models import tiny_random_model  # noqa: E402
-from sage_nn.reconstruction import ResidualReconstruction, fvu  # noqa: E402
-from sage_nn.saes import SparseAutoencoder  # noqa: E402
-from sage_nn.sites import Site, adapter  # noqa: E402
+from sage_nn.model.activations import encode
+from sage_nn.model.loading import tiny_random_model
+from sage_nn.dictionaries.reconstruction import ResidualReconstruction
+from sage_nn.evaluation import metrics
+from sage_nn.dictionaries.saes import SparseAutoencoder
+from sage_nn.model.sites import Site, adapter
 
 ARCHS = ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2"]
 PROMPTS = ["when Mary and John went to the store , John gave a drink to",
            "the ball", "Alice said she was in the park ."]
+
+
+def token_fvu(recon, clean) -> float:
+    """FVU over every token of ``[..., width]`` tensors."""
+    width = clean.shape[-1]
+    return metrics.fvu(clean.reshape(-1, width).float().numpy(),
+                       recon.reshape(-1, width).float().numpy())
 
 
 def identity_sae(d, layer, kind):
@@ -83,7 +91,7 @@ def test_difference_mode_perfect_and_random(arch):
         r_mid = ad.tensor(model, 0, "resid_mid").clone().save()
     expected = rec.by_site_[(0, "resid_mid")](r_mid) - rec.by_site_[(0, "resid_pre")](r_pre)
     torch.testing.assert_close(out.recon[site], expected, rtol=1e-4, atol=1e-5)
-    assert fvu(out.recon[site], out.clean[site]) > 0.01  # the SAE is not perfect
+    assert token_fvu(out.recon[site], out.clean[site]) > 0.01  # the SAE is not perfect
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -128,7 +136,7 @@ def test_directions_sum_to_the_frozen_reconstruction(arch, sae_arch):
             assert D.shape == (sae.d_sae, ad.d_head)
             linear = codes @ D
         torch.testing.assert_close(linear + out.offsets[s], out.recon[s], rtol=1e-3, atol=1e-4)
-        assert fvu(out.recon[s], out.clean[s]) > 1e-3  # a random SAE changes the site
+        assert token_fvu(out.recon[s], out.clean[s]) > 1e-3  # a random SAE changes the site
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -138,7 +146,7 @@ def test_codes_read_from_the_clean_run_equal_the_reconstruction(arch):
     token, for several SAEs in one read."""
     from types import SimpleNamespace
 
-    from sage_nn.reads import read_sites
+    from sage_nn.model.reads import read_sites
 
     model = tiny_random_model(arch)
     ad = adapter(model)
@@ -189,7 +197,7 @@ def test_errors_name_the_fix():
 
 @pytest.mark.slow
 def test_smollm2_perfect_sae_and_sdpa_message():
-    from sage_nn.models import load_model
+    from sage_nn.model.loading import load_model
 
     model = load_model()
     ad = adapter(model)

@@ -16,7 +16,9 @@ import torch
 
 from conftest import TINY_TASK
 from sage_nn import open_run, tiny_random_model
-from sage_nn.pipeline import RunConfig, discovery_restriction, served_sites
+from sage_nn.pipeline.config import RunConfig
+from sage_nn.pipeline.specs import discovery_restriction
+from sage_nn.dictionaries.serving import served_sites
 
 REPO = "sage-test/tiny-res"
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -109,7 +111,7 @@ def test_sites_served_by_residual_saes():
 def test_kinds_no_sae_serves_are_named_with_the_sae_that_would_serve_them(tmp_path, caplog):
     """``--select-kinds z mlp_out`` with an SAE at one layer's resid_pre: mlp_out is dropped,
     and the run says so, naming the SAE that would serve it (resid_mid of that layer)."""
-    from sage_nn.pipeline import _restriction
+    from sage_nn.pipeline.stages import _restriction
 
     def sae_dir(hook):
         path = tmp_path / hook
@@ -143,8 +145,8 @@ def test_kinds_no_sae_serves_are_named_with_the_sae_that_would_serve_them(tmp_pa
 
 
 def test_release_globs_and_unservable_runs_fail_before_the_model_loads(offline_release):
-    from sage_nn.releases import expand, hook_names
-    from sage_nn.validate import validate
+    from sage_nn.dictionaries.releases import expand, hook_names
+    from sage_nn.pipeline.validate import validate
 
     root = offline_release
     assert expand(f"{RELEASE}:blocks.*.hook_resid_post") == (

@@ -17,15 +17,17 @@ from nnsight.intervention.backends.remote import RemoteError
 from conftest import tiny_task_dataset
 from ndif_server import FakeNDIF
 from sage_nn import tiny_random_model
-from sage_nn.activations import collect
-from sage_nn.discovery import (AttributionPatching, DiscoveryConfig, discover,
-                               grow_cross_sections)
-from sage_nn.evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section
-from sage_nn.interventions import Patch, run_patched
-from sage_nn.remote import NOT_ON_SERVER, FreshProcessBackend, Remote, RemotePending, run_kernel
-from sage_nn.saes import SparseAutoencoder
-from sage_nn.sites import Site
-from sage_nn.tasks import logit_diffs
+from sage_nn.model.activations import collect
+from sage_nn.discovery.attribution import AttributionPatching
+from sage_nn.discovery.stage import DiscoveryConfig, discover
+from sage_nn.discovery.growth import grow_cross_sections
+from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
+from sage_nn.evaluation.scoring import evaluate_cross_section
+from sage_nn.model.patching import Patch, run_patched
+from sage_nn.model.remote import NOT_ON_SERVER, FreshProcessBackend, Remote, RemotePending, run_kernel
+from sage_nn.dictionaries.saes import SparseAutoencoder
+from sage_nn.model.sites import Site
+from sage_nn.tasks.datasets import logit_diffs
 
 SITES = ["L0.resid_post", "L1.z.h0", "L1.mlp_out"]
 
@@ -240,7 +242,7 @@ def test_a_job_submitted_without_waiting_is_collected_later_by_its_id(setup, tmp
 
 def test_sublayer_directions_of_a_weightless_model_ask_for_residual_sites():
     """An NDIF model has no weights here; the frozen maps to sublayer sites need them."""
-    from sage_nn.reconstruction import ResidualReconstruction
+    from sage_nn.dictionaries.reconstruction import ResidualReconstruction
 
     model = tiny_random_model("llama")
     model._module.to("meta")
@@ -252,7 +254,7 @@ def test_sublayer_directions_of_a_weightless_model_ask_for_residual_sites():
 
 def test_a_remote_pipeline_run_matches_the_local_one_and_stores_no_api_key(
         tmp_path, monkeypatch):
-    from sage_nn.pipeline import run
+    from sage_nn.pipeline.stages import run
     from test_pipeline import _setup, config
 
     key = "ndif-key-that-must-not-be-stored"
@@ -272,7 +274,8 @@ def test_a_remote_pipeline_run_matches_the_local_one_and_stores_no_api_key(
 
 
 def test_settings_that_cannot_run_remotely_are_refused_before_anything_runs(tmp_path):
-    from sage_nn.pipeline import RunConfig, run
+    from sage_nn.pipeline.config import RunConfig
+    from sage_nn.pipeline.stages import run
 
     with pytest.raises(ValueError, match="needs a jobs file"):
         Remote(True, blocking=False)
@@ -289,7 +292,7 @@ def test_bfloat16_transport_sends_sae_weights_in_half_precision_shared_once():
     changed."""
     import pickle
 
-    from sage_nn.reads import _cast
+    from sage_nn.model.reads import _cast
 
     sae = random_sae(1, "resid_pre", 256, 0)
     spec = {"sae": sae, "maps": {"proj": {("v", 0): (torch.ones(256, 8), torch.zeros(8))},

@@ -242,7 +242,7 @@ def test_gap_closed_scores_sufficiency_by_distance_from_one(results):
 
 
 def _sae(layer: int, kind: str, d_in: int = 8, d_sae: int = 16, k: int = 4):
-    from sage_nn.saes import SparseAutoencoder
+    from sage_nn.dictionaries.saes import SparseAutoencoder
 
     return SparseAutoencoder(torch.zeros(d_in, d_sae), torch.zeros(d_sae),
                              torch.zeros(d_sae, d_in), torch.zeros(d_in), architecture="topk",
@@ -422,14 +422,14 @@ def test_an_attribute_without_a_cross_section_is_kept_out_of_claims(results, tmp
 def test_the_sae_against_its_floor(results):
     """Above when the SAE's 95% interval lies above its floor's, below when under it,
     overlap otherwise; sufficiency in its distance from 1."""
-    from sage_nn.report import _Lookup, against_floor, comparison_table, goodness_interval
+    from sage_nn.report import Lookup, against_floor, comparison_table, goodness_interval
 
-    look = _Lookup(results)
+    look = Lookup(results)
     assert against_floor(look, "topk-2048", "io", "sufficiency") == "above"  # .6±.05 vs .1±.05
     close = results.copy(deep=True)
     close["necessity_ci"].loc[dict(attribute="io", dictionary="random:topk-2048")] = [0.4, 0.6]
     close["edit_ci"].loc[dict(attribute="io", dictionary="random:topk-2048", k=2)] = [0.6, 0.9]
-    look = _Lookup(close)
+    look = Lookup(close)
     assert against_floor(look, "topk-2048", "io", "necessity") == "overlap"
     assert against_floor(look, "topk-2048", "io", "edit", k=2) == "below"
     table = comparison_table(close)

@@ -9,9 +9,10 @@ import xarray as xr
 
 from conftest import TINY_TASK
 from sage_nn import open_run, tiny_random_model
-from sage_nn.models import TINY_WORDS
-from sage_nn.pipeline import RunConfig, run
-from sage_nn.runs import NotARunError
+from sage_nn.model.loading import TINY_WORDS
+from sage_nn.pipeline.config import RunConfig
+from sage_nn.pipeline.stages import run
+from sage_nn.pipeline.runs import NotARunError
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from sae_lens import (SAE, GatedSAE, GatedSAEConfig, JumpReLUSAE, JumpReLUSAECon
                       StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig)
 from sae_lens.saes.sae import SAEMetadata  # noqa: E402
 
-from sage_nn.models import tiny_random_model  # noqa: E402
-from sage_nn.saes import (SAEMismatchError, SparseAutoencoder, check_sae,  # noqa: E402
-                          from_sae_lens, load_sae, parse_site)
+from sage_nn.model.loading import tiny_random_model
+from sage_nn.dictionaries.saes import SAEMismatchError, SparseAutoencoder, check_sae, from_sae_lens, load_sae
+from sage_nn.model.sites import parse_site
 
 D_IN, D_SAE = 32, 96
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from sage_nn import Site, adapter
-from sage_nn.architectures import tiny_config
-from sage_nn.models import tiny_random_model, wrap, tiny_tokenizer
-from sage_nn.sites import UnsupportedArchitectureError
+from sage_nn.model.architectures import tiny_config
+from sage_nn.model.loading import tiny_random_model, wrap, tiny_tokenizer
+from sage_nn.model.architectures import UnsupportedArchitectureError
 
 from conftest import ARCHITECTURES
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import yaml
 
-from sage_nn.tasks import (TaskBuildError, TaskDataset, TaskSpecError, available_tasks,
-                           check_task, load_task, logit_diffs)
+from sage_nn.tasks.datasets import TaskBuildError, TaskDataset, available_tasks, check_task, load_task, logit_diffs
+from sage_nn.tasks.spec import TaskSpecError
 
 SHIPPED = ["agreement", "antonyms", "capitals", "greater_than", "ioi", "pronouns"]
 
@@ -65,10 +65,10 @@ def tiny():
 def smol_tokenizer():
     from transformers import AutoTokenizer
 
-    from sage_nn.models import _configure, smollm2_dir
+    from sage_nn.model.loading import configure_tokenizer, smollm2_dir
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir())
-    _configure(tok)
+    configure_tokenizer(tok)
     return tok
 
 

@@ -9,10 +9,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from sae_lens import SAE  # noqa: E402
 
-from sage_nn.cli import main  # noqa: E402
-from sage_nn.models import TINY_WORDS, tiny_random_model  # noqa: E402
-from sage_nn.training import (BUILTIN_CORPUS, TrainConfig, activation_batches,  # noqa: E402
-                              chunk_tokens, load_texts, load_trained, train_saes)
+from sage_nn.cli import main
+from sage_nn.model.loading import TINY_WORDS, tiny_random_model
+from sage_nn.dictionaries.corpus import BUILTIN_CORPUS, chunk_tokens, load_texts
+from sage_nn.dictionaries.training import TrainConfig, activation_batches, load_trained, train_saes
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_builtin_corpus_is_small_and_readable():
 
 @pytest.mark.slow
 def test_smollm2_short_training_on_builtin_corpus(tmp_path):
-    from sage_nn.models import load_model
+    from sage_nn.model.loading import load_model
 
     model = load_model()
     cfg = TrainConfig(d_sae=512, k=16, tokens=4096, batch_size=512, context_size=64,
@@ -114,7 +114,7 @@ def test_smollm2_short_training_on_builtin_corpus(tmp_path):
 
 
 def test_sequences_of_any_length_batch_like_one_at_a_time():
-    from sage_nn.training import Tokens
+    from sage_nn.dictionaries.corpus import Tokens
 
     model = tiny_random_model("llama")
     units = [torch.tensor([5, 6, 7, 8, 9]), torch.tensor([3, 4, 5, 6, 7, 8, 9, 10, 11]),
@@ -139,8 +139,8 @@ def test_sequences_of_any_length_batch_like_one_at_a_time():
 
 def test_train_on_task_prompts_mixed_with_text(text_file, tmp_path):
     from conftest import TINY_TASK
-    from sage_nn.tasks import load_task
-    from sage_nn.training import TASK_SEED_OFFSET, Prompts, corpus_hash, task_prompts
+    from sage_nn.tasks.datasets import load_task
+    from sage_nn.dictionaries.corpus import TASK_SEED_OFFSET, Prompts, corpus_hash, task_prompts
 
     model = tiny_random_model("llama")
     (tmp_path / "tiny.yaml").write_text(TINY_TASK)

@@ -11,9 +11,11 @@ import pytest
 
 from conftest import TINY_TASK
 from sage_nn import tiny_random_model
-from sage_nn.pipeline import RunConfig, run
-from sage_nn.tasks import load_task
-from sage_nn.validate import InvalidRunError, check, model_problems, validate
+from sage_nn.pipeline.config import RunConfig
+from sage_nn.pipeline.stages import run
+from sage_nn.tasks.datasets import load_task
+from sage_nn.pipeline.validate import InvalidRunError, check, validate
+from sage_nn.pipeline.checks import model_problems
 
 # A valid task too small for the default sizes: 7 names, IO != S, 2 train templates (one
 # more held out) make 7 * 6 * 2 = 84 distinct train prompts, fewer than 96 + 96.
@@ -83,7 +85,7 @@ def test_the_small_task_counts_its_prompts_and_never_repeats_them(small, model):
 
 
 def test_fit_and_eval_prompts_never_overlap(tmp_path, model):
-    from sage_nn.pipeline import run_prompts
+    from sage_nn.pipeline.config import run_prompts
 
     (tmp_path / "tiny.yaml").write_text(TINY_TASK)  # 90 train prompts: repeats were likely
     cfg = RunConfig(task=str(tmp_path / "tiny.yaml"), n_fit=50, n_eval=40)

@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from conftest import trained_tiny_model
-from sage_nn.evaluation import CrossSection, ReconstructedSAE
-from sage_nn.saes import SparseAutoencoder
-from sage_nn.sites import Site
-from sage_nn.tasks import load_task
-from sage_nn.validity import (SHARES, PlantedDictionary, Shrunk, ladder, ladder_summary,
-                              planted_sae, planted_values)
+from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
+from sage_nn.dictionaries.saes import SparseAutoencoder
+from sage_nn.model.sites import Site
+from sage_nn.tasks.datasets import load_task
+from sage_nn.evaluation.validity import SHARES, PlantedDictionary, Shrunk, ladder, ladder_summary, planted_sae, planted_values
 
 PLANTED = ["edit", "edit_f1", "best_f1", "alignment"]
 SHRUNK = ["sufficiency", "necessity"]

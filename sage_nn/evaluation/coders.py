@@ -1,0 +1,252 @@
+"""Every dictionary seen the same way at a (site, position) pair: a :class:`SiteCode` (its
+directions at the site and its codes there on the held-out, counterfactual and fit prompts),
+made by a *coder*: :class:`DirectSAE` (SAEs at their own sites), :class:`ReconstructedSAE`
+(residual SAEs reaching sublayer sites through the residual-to-sublayer reconstruction),
+:func:`supervised_code` (the ceiling) and :func:`floor_code` (the floor)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..dictionaries.floor import RandomDictionary
+from ..dictionaries.reconstruction import ResidualReconstruction
+from ..dictionaries.saes import SparseAutoencoder
+from ..dictionaries.supervised import MSEDictionary
+from ..model.sites import HEAD_KINDS, RESID_KINDS, Site, adapter
+from . import metrics
+
+SUPERVISED = "supervised"
+
+
+RANDOM = "random"
+
+
+@dataclass
+class SiteCode:
+    """One dictionary at one (site, position) pair, on n held-out prompts, their
+    counterfactuals and the fit prompts.
+
+    ``a, a_hat, a_cf [n, w]``; ``codes, codes_cf [n, L]`` and ``codes_fit [n_fit, L]``;
+    ``directions [L, w]`` with an optional per-prompt ``scale [n]`` (a frozen norm) so latent
+    ``j`` moves the site by ``scale * code_j * directions[j]``. The codes are the latents'
+    codes *at the site*, the ones the edit moves, and every per-latent metric (L0, dead
+    latents, F1) counts them: at a sublayer site reached through the reconstruction, the
+    pattern-weighted sum of the residual SAE's codes over the source tokens.
+    """
+
+    a: torch.Tensor
+    a_hat: torch.Tensor
+    a_cf: torch.Tensor
+    codes: torch.Tensor
+    codes_cf: torch.Tensor
+    directions: torch.Tensor | None
+    scale: torch.Tensor | None = None
+    codes_fit: torch.Tensor | None = None
+
+    def path(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The greedy edit's path up to ``k`` latents (:func:`sage_nn.metrics.greedy_path`):
+        its first ``k'`` steps are the edit at every ``k' <= k``."""
+        return metrics.greedy_path(self.a, self.codes, self.codes_cf, self.directions,
+                                   self.a_cf, k, self.scale)
+
+
+def supervised_code(dictionary: MSEDictionary, a, attrs, a_cf, attrs_cf, a_fit,
+                    attrs_fit) -> SiteCode:
+    """The fitted supervised dictionary as a :class:`SiteCode` (unit or fitted weights)."""
+    codes = np.asarray(dictionary.transform(a, attrs))
+    codes_cf = np.asarray(dictionary.transform(a_cf, attrs_cf))
+    t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)  # noqa: E731
+    return SiteCode(t(a), t(dictionary.inverse_transform(codes)), t(a_cf), t(codes),
+                    t(codes_cf), t(dictionary.components_),
+                    codes_fit=t(dictionary.transform(a_fit, attrs_fit)))
+
+
+def floor_code(code: SiteCode, a_fit: torch.Tensor, seed: int) -> SiteCode:
+    """The floor of a dictionary at one pair (:class:`sage_nn.floor.RandomDictionary`): as
+    many latents as ``code`` has, random unit directions at the site, and ``code``'s mean
+    L0 on the fit prompts, the best sparse codes over those directions around the fit mean."""
+    n_latents = code.codes.shape[1]
+    floor = RandomDictionary(n_latents, round(metrics.l0(code.codes_fit.numpy())),
+                             seed=seed).fit(a_fit)
+    f = lambda x: x.float()  # noqa: E731
+    codes = floor.transform(code.a)
+    return SiteCode(code.a, f(floor.inverse_transform(codes)), code.a_cf, f(codes),
+                    f(floor.transform(code.a_cf)), f(floor.components_),
+                    codes_fit=f(floor.transform(a_fit)))
+
+
+def _at_site(model, sae: SparseAutoencoder, site: Site) -> bool:
+    """Whether ``sae`` reads exactly ``site`` (one head of a q/k/v/z SAE)."""
+    if site.kind in HEAD_KINDS:
+        return (sae.layer, sae.kind, list(sae.heads or [])) == (site.layer, site.kind,
+                                                                [site.head])
+    return sae.kind not in HEAD_KINDS and adapter(model).same_tensor(
+        Site(sae.layer, sae.kind), site)
+
+
+def _sae_code(sae: SparseAutoencoder, a, a_cf, a_fit) -> SiteCode:
+    with torch.no_grad():
+        codes, codes_cf = sae.encode(a), sae.encode(a_cf)
+        scale, _ = sae.decode_affine(a)
+        return SiteCode(a, sae.decode(codes, a).float(), a_cf, codes.float(), codes_cf.float(),
+                        sae.decoder().float(), scale.squeeze(-1).float(),
+                        codes_fit=sae.encode(a_fit).float())
+
+
+class DirectSAE:
+    """SAEs evaluated at their own sites: a residual SAE at a residual site, or SAEs
+    trained at sublayer sites (one per head for q/k/v/z), each serving its own site."""
+
+    def __init__(self, saes: SparseAutoencoder | Sequence[SparseAutoencoder]):
+        self.saes = [saes] if isinstance(saes, SparseAutoencoder) else list(saes)
+
+    def _sae(self, model, site: Site) -> int | None:
+        return next((i for i, s in enumerate(self.saes) if _at_site(model, s, site)), None)
+
+    def serves(self, model, site: Site) -> bool:
+        return self._sae(model, site) is not None
+
+    def reads(self, model, pair) -> list[tuple]:
+        return []
+
+    def jobs(self, model, pairs) -> list[tuple]:
+        return []
+
+    def codes(self, model, pairs, test, cf, values, values_cf, values_fit, computed=None,
+              remote=None) -> dict:
+        return {pair: _sae_code(self.saes[self._sae(model, pair[0])], values[pair],
+                                values_cf[pair], values_fit[pair]) for pair in pairs}
+
+
+class ReconstructedSAE:
+    """Residual SAEs evaluated anywhere: directly at residual sites, and at sublayer sites
+    through the residual-to-sublayer reconstruction. ``mode="input"`` (default) recomputes
+    the site from the SAE's reconstruction of the residual feeding it, norm scale and
+    attention pattern frozen, so each latent has a site-level direction; mlp_out has none
+    (the MLP is nonlinear). ``mode="difference"`` takes attn_out/mlp_out as the difference of
+    the two residual SAEs' reconstructions around the sublayer. Where there are no latent
+    directions, edits are not defined (NaN)."""
+
+    def __init__(self, saes: Mapping[str, SparseAutoencoder] | Sequence[SparseAutoencoder],
+                 batch_size: int = 16, mode: str = "input"):
+        self.saes = list(saes.values()) if isinstance(saes, Mapping) else list(saes)
+        self.batch_size, self.mode = batch_size, mode
+        self._fitted = {}
+
+    def _reconstruction(self, model) -> ResidualReconstruction:
+        if id(model) not in self._fitted:
+            frozen = self.mode == "input"
+            self._fitted[id(model)] = ResidualReconstruction(
+                self.saes, mode=self.mode, freeze_norm=frozen, freeze_pattern=frozen).fit(model)
+        return self._fitted[id(model)]
+
+    def _direct(self, model, site: Site) -> SparseAutoencoder | None:
+        return next((s for s in self.saes if _at_site(model, s, site)), None)
+
+    def serves(self, model, site: Site) -> bool:
+        if site.kind in RESID_KINDS:
+            return self._direct(model, site) is not None
+        try:
+            self._reconstruction(model)._plan([site])  # the residual SAEs the site needs
+        except ValueError:
+            return False
+        return True
+
+    def _feed(self, model, pair) -> tuple[Site, str]:
+        """The residual that feeds a site, at the site's token."""
+        site, position = pair
+        if self.mode == "input":
+            source = self._reconstruction(model).source(site)
+            return Site(source.layer, source.kind), position
+        return Site(site.layer, "resid_pre" if site.kind == "attn_out" else "resid_mid"), position
+
+    def reads(self, model, pair) -> list[tuple]:
+        """Sites without latent directions take their codes from the residual feeding them
+        at their token (mlp_out: the MLP reads that token only): read it."""
+        site = pair[0]
+        return [] if site.kind in RESID_KINDS or self._linear(site) else [self._feed(model, pair)]
+
+    def _linear(self, site: Site) -> bool:
+        """Whether ``site``'s codes follow from the clean run (:mod:`sage_nn.reads`)."""
+        return self.mode == "input" and site.kind not in RESID_KINDS and site.kind != "mlp_out"
+
+    def jobs(self, model, pairs) -> list[tuple]:
+        """What :func:`sage_nn.reads.read_sites` computes for this coder: per layer, the
+        feeding SAE's frozen maps and the linear sublayer sites it reaches there."""
+        recon, by_layer = self._reconstruction(model), {}
+        for site, _ in pairs:
+            if self._linear(site):
+                by_layer.setdefault(site.layer, []).append(site)
+        if by_layer:
+            recon._check_linear([s for sites in by_layer.values() for s in sites])
+        jobs = [(layer, list(dict.fromkeys(sites))) for layer, sites in sorted(by_layer.items())]
+        return [(recon.linear_spec(layer, sites), sites) for layer, sites in jobs]
+
+    def codes(self, model, pairs, test, cf, values, values_cf, values_fit, computed=None,
+              remote=None) -> dict:
+        """Every pair's :class:`SiteCode`. Linear sublayer pairs take their codes and
+        offsets from ``computed`` (``{pair: (codes, offset, codes_cf, offset_cf,
+        codes_fit)}``, from :func:`sage_nn.reads.read_sites` with :meth:`jobs`). mlp_out and
+        difference mode rebuild the site in a second forward per named position; their
+        codes are the feeding residual SAE's at the site's token."""
+        out, recon = {}, None
+        nonlinear: dict[str, list[Site]] = {}
+        for pair in pairs:
+            site, pos = pair
+            if site.kind in RESID_KINDS:
+                out[pair] = _sae_code(self._direct(model, site), values[pair],
+                                      values_cf[pair], values_fit[pair])
+                continue
+            recon = self._reconstruction(model)
+            if not self._linear(site):
+                feed = self._feed(model, pair)
+                source = self._direct(model, feed[0])
+                nonlinear.setdefault(pos, []).append(site)
+                out[pair] = [source.encode(v[feed]).float()
+                             for v in (values, values_cf, values_fit)]
+                continue
+            codes, offset, codes_cf, _, codes_fit = computed[pair]
+            directions = recon.directions(site).float()
+            directions = directions.reshape(-1, directions.shape[-1])
+            a_hat = codes.flatten(1) @ directions + offset
+            out[pair] = SiteCode(values[pair], a_hat, values_cf[pair], codes.flatten(1),
+                                 codes_cf.flatten(1), directions, codes_fit=codes_fit.flatten(1))
+        if nonlinear:  # no latent directions here: the site is rebuilt by a second forward
+            n, prompts = len(test), list(test.prompts) + list(cf.prompts)
+            results = recon.run_at_each(
+                [(prompts, np.concatenate([test.positions[pos], cf.positions[pos]]), sites, False)
+                 for pos, sites in nonlinear.items()], batch_size=self.batch_size, remote=remote)
+            for (pos, sites), res in zip(nonlinear.items(), results):
+                for site in sites:
+                    codes, codes_cf, codes_fit = out[(site, pos)]
+                    out[(site, pos)] = SiteCode(values[(site, pos)], res.recon[site][:n].float(),
+                                                values_cf[(site, pos)], codes, codes_cf, None,
+                                                codes_fit=codes_fit)
+        return out
+
+
+def as_coder(sae: Any) -> Any:
+    """A :class:`SparseAutoencoder` (or a list of them) is evaluated at its own site(s);
+    anything with ``serves``, ``reads``, ``codes`` and ``floor`` (e.g. residual SAEs
+    reaching sublayer sites through :class:`ReconstructedSAE`) is used as is."""
+    if isinstance(sae, SparseAutoencoder) or (
+            isinstance(sae, (list, tuple)) and all(isinstance(s, SparseAutoencoder) for s in sae)):
+        return DirectSAE(sae)
+    return sae
+
+
+@dataclass
+class CrossSection:
+    """The (site, named position) pairs where one attribute is computed."""
+
+    attribute: str
+    pairs: list[tuple[Site, str]]
+
+    @property
+    def labels(self) -> list[str]:
+        return [f"{s}@{p}" for s, p in self.pairs]

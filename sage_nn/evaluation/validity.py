@@ -1,0 +1,193 @@
+"""Dictionaries of known quality, to check that the metrics rank them in order.
+
+A metric that cannot fail proves nothing, so each headline metric is checked against a
+*ladder*: dictionaries whose quality is built in, one rung per share ``f`` in
+:data:`SHARES` (docs/metrics.md, "Metrics validated by construction"):
+
+- :class:`PlantedDictionary` (edits, F1, alignment): at every pair, the supervised
+  features of the other attributes, and a latent for a share ``f`` of the attribute's values
+  whose direction is that value's supervised feature and whose code is exactly the value's
+  indicator. ``f = 1`` knows the attribute as the ceiling does; ``f = 0`` not at all.
+- :func:`planted_sae` (the same through the residual-to-sublayer reconstruction): a residual
+  SAE whose latents are the attribute's residual features at the token where the value lives,
+  each firing where its value is, reaching a head through the frozen maps.
+- :class:`Shrunk` (sufficiency, necessity): a coder's reconstruction keeping a share ``f`` of
+  what it explains, the rest moved to the mean: ``â_f = mean + f (â - mean)``.
+
+:func:`ladder` evaluates a ladder and :func:`ladder_summary` says, per metric, whether it
+ranks the rungs in order (Spearman over the levels), whether the ``f = 0`` and ``f = 1``
+intervals are apart, and where the floor sits. Both work on any model and task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from scipy.stats import spearmanr
+
+from ..dictionaries.saes import SparseAutoencoder
+from ..dictionaries.supervised import MSEDictionary
+from ..model.reads import read_sites
+from .coders import RANDOM, SUPERVISED, CrossSection, SiteCode, as_coder
+from .scoring import evaluate_cross_section, pair_mean
+
+SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def planted_values(values: Sequence[str], share: float, seed: int = 0) -> list[str]:
+    """The values a rung of share ``share`` plants: the first ``round(share * n)`` of one
+    seeded order, so the rungs are nested (each holds the latents of the one below)."""
+    order = [str(v) for v in np.random.default_rng(seed).permutation(sorted(map(str, values)))]
+    return order[:round(share * len(order))]
+
+
+class PlantedDictionary:
+    """A coder (see :func:`sage_nn.evaluation.as_coder`) whose latents at each pair are the
+    supervised features (:class:`~sage_nn.dictionaries.MSEDictionary`, fitted on ``train``)
+    of every attribute but ``attribute``, and of ``attribute``'s planted values only
+    (:func:`planted_values`); codes are the labels' indicators."""
+
+    def __init__(self, train: Any, attribute: str, share: float, seed: int = 0):
+        self.train, self.attribute, self.share, self.seed = train, attribute, share, seed
+
+    def serves(self, model, site) -> bool:
+        return True
+
+    def reads(self, model, pair) -> list:
+        return []
+
+    def jobs(self, model, pairs) -> list:
+        return []
+
+    def codes(self, model, pairs, test, cf, values, values_cf, values_fit, computed=None,
+              remote=None) -> dict:
+        names = self.train.attribute_names
+        labels_fit = self.train.attributes[names]
+        planted = set(planted_values(labels_fit[self.attribute].unique(), self.share,
+                                     self.seed))
+        out = {}
+        for pair in pairs:
+            d = MSEDictionary(attributes=names).fit(values_fit[pair].numpy(), labels_fit)
+            keep = np.array([a != self.attribute or str(v) in planted
+                             for a, v in d.features_.feature.values])
+            t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)  # noqa: E731
+            directions = t(d.components_[keep])
+            code = lambda data: t(d.transform(np.zeros((len(data), d.components_.shape[1])),  # noqa
+                                              data.attributes[names])[:, keep])
+            codes, codes_cf = code(test), code(cf)
+            a_hat = t(d.mean_) + codes @ directions
+            out[pair] = SiteCode(values[pair], a_hat, values_cf[pair], codes, codes_cf,
+                                 directions, codes_fit=code(self.train))
+        return out
+
+
+class Shrunk:
+    """A coder whose every reconstruction keeps a share ``share`` of what ``coder``'s
+    explains, the rest moved to the fit prompts' mean; its codes and directions (so its
+    edits and F1) are ``coder``'s."""
+
+    def __init__(self, coder: Any, share: float):
+        self.coder, self.share = as_coder(coder), share
+
+    def serves(self, model, site) -> bool:
+        return self.coder.serves(model, site)
+
+    def reads(self, model, pair) -> list:
+        return self.coder.reads(model, pair)
+
+    def jobs(self, model, pairs) -> list:
+        return self.coder.jobs(model, pairs)
+
+    def codes(self, model, pairs, test, cf, values, values_cf, values_fit, computed=None,
+              remote=None) -> dict:
+        out = self.coder.codes(model, pairs, test, cf, values, values_cf, values_fit,
+                               computed, remote)
+        for pair, code in out.items():
+            mean = values_fit[pair].mean(0)
+            code.a_hat = mean + self.share * (code.a_hat - mean)
+        return out
+
+
+def planted_sae(model: Any, train: Any, attribute: str, layer: int, position: str,
+                share: float, seed: int = 0, batch_size: int = 32) -> SparseAutoencoder:
+    """A residual SAE at ``L{layer}.resid_pre`` with a latent for each planted value of
+    ``attribute`` (:func:`planted_values`): its decoder row is the value's supervised feature
+    of the residual at ``position`` (the token where the value lives), its encoder the same
+    direction scaled to read 1 there, with a JumpReLU threshold of 0.5, so it fires where its
+    value is. Through the reconstruction its latents reach a head with their codes weighted
+    by the attention to that token. (A rung without latents gets one that never fires.)"""
+    from ..model.sites import Site
+
+    site = Site(layer, "resid_pre")
+    (values,), _ = read_sites(model, [train], [(site, position)], batch_size=batch_size)
+    acts = values[(site, position)].numpy()
+    labels = train.attributes[[attribute]]
+    d = MSEDictionary(attributes=[attribute]).fit(acts, labels)
+    planted = set(planted_values(labels[attribute].unique(), share, seed))
+    keep = np.array([str(v) in planted for _, v in d.features_.feature.values])
+    features = torch.as_tensor(d.components_[keep], dtype=torch.float32)
+    if not len(features):
+        features = torch.zeros(1, acts.shape[1])
+    norms = (features ** 2).sum(-1, keepdim=True).clamp(min=1e-12)
+    return SparseAutoencoder((features / norms).T, torch.zeros(len(features)), features,
+                             torch.as_tensor(d.mean_, dtype=torch.float32),
+                             architecture="jumprelu", threshold=torch.full((len(features),), 0.5),
+                             layer=layer, kind="resid_pre")
+
+
+def ladder(model: Any, train: Any, test: Any, cross_section: CrossSection,
+           rungs: Mapping[str, tuple[float, Any]], **kwargs) -> xr.Dataset:
+    """Evaluate ``rungs`` (name -> ``(share, coder)``) at one cross-section, with the ceiling
+    and each rung's floor (:func:`~sage_nn.evaluation.evaluate_cross_section`, ``kwargs``
+    passed on). The result has a ``share`` coordinate along ``dictionary`` (NaN off rungs)."""
+    results = evaluate_cross_section(model, train, test, cross_section,
+                                     {name: coder for name, (_, coder) in rungs.items()},
+                                     **kwargs)
+    share = [rungs[str(d)][0] if str(d) in rungs else np.nan for d in results.dictionary.values]
+    return results.assign_coords(share=("dictionary", share))
+
+
+def ladder_summary(results: xr.Dataset, metrics: Sequence[str], k: int = 2) -> pd.DataFrame:
+    """Per metric (edits at ``k``), over the rungs of :func:`ladder`: the value at each
+    share, ``spearman`` of value against share, ``apart`` (the ``f = 0`` and ``f = 1``
+    95% intervals do not overlap; metrics without intervals: None), the floor of the ``f = 0``
+    rung (``floor``) and whether it sits at or below that rung (``floor_not_above``: below
+    its interval's top), the ceiling, and ``in_ceiling_interval`` (the ``f = 1`` rung's value
+    inside the ceiling's interval)."""
+    rungs = results.dictionary.values[np.isfinite(results.share.values)]
+    order = sorted(rungs, key=lambda d: float(results.share.sel(dictionary=d)))
+    rows = {}
+    for name in metrics:
+        da = results[name].sel(k=k) if "k" in results[name].dims else results[name]
+        ci = results.get(f"{name}_ci")
+        ci = None if ci is None else (ci.sel(k=k) if "k" in ci.dims else ci)
+        value = lambda d: float(pair_mean(da.sel(dictionary=d)).squeeze())  # noqa: E731
+        shares = [float(results.share.sel(dictionary=d)) for d in order]
+        values = [value(d) for d in order]
+        row = {f"f={s:g}": v for s, v in zip(shares, values)}
+        row["spearman"] = float(spearmanr(shares, values).statistic) \
+            if np.isfinite(values).all() and np.ptp(values) > 0 else float("nan")
+        low_top = high_bottom = None
+        if ci is not None:
+            low_top = float(ci.sel(dictionary=order[0], bound="high").squeeze())
+            high_bottom = float(ci.sel(dictionary=order[-1], bound="low").squeeze())
+            row["apart"] = bool(high_bottom > low_top)
+        else:
+            row["apart"] = None
+        floor = value(f"{RANDOM}:{order[0]}")
+        row["floor"] = floor
+        row["floor_not_above"] = bool(floor <= (low_top if low_top is not None
+                                                else values[0]) + 1e-9)
+        if SUPERVISED in results.dictionary.values:
+            row["ceiling"] = value(SUPERVISED)
+            if ci is not None:
+                lo, hi = (float(ci.sel(dictionary=SUPERVISED, bound=b).squeeze())
+                          for b in ("low", "high"))
+                row["in_ceiling_interval"] = bool(lo - 1e-9 <= values[-1] <= hi + 1e-9)
+        rows[name] = row
+    return pd.DataFrame(rows).T

@@ -1,0 +1,102 @@
+"""The evaluation cached per SAE: ``evaluation/shared.nc`` holds the ceiling and what every
+SAE shares, ``evaluation/<SAE>-<hash>.nc`` each SAE and its floor, keyed by the SAE's weights
+and the settings; they merge into ``evaluation.nc`` with discovery's facts per attribute."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # xarray loads where a stage reads or writes a Dataset (not for --help)
+    import xarray as xr
+log = logging.getLogger("sage_nn")
+
+
+SHARED_EVALUATION = "shared"
+
+
+def evaluation_file(name: str) -> str:
+    """An SAE's cached results in the run directory: ``evaluation/<safe name>-<hash>.nc``
+    (the hash keeps two names that read the same as file names apart)."""
+    from ..report.saebench import safe_name
+
+    return f"evaluation/{safe_name(name)}-{hashlib.sha256(name.encode()).hexdigest()[:8]}.nc"
+
+
+def sae_fingerprint(coder: Any) -> str:
+    """A hash of what an SAE's evaluation depends on: its weights and settings (every
+    member SAE), and how it is evaluated (at its own sites or through the reconstruction,
+    and the reconstruction mode)."""
+    import torch
+
+    h = hashlib.sha256(f"{type(coder).__name__}|{getattr(coder, 'mode', '')}".encode())
+    for sae in getattr(coder, "saes", [coder]):
+        h.update(repr([getattr(sae, a, None) for a in (
+            "architecture", "k", "layer", "kind", "heads", "hook_name", "normalize", "center",
+            "apply_b_dec_to_input", "rescale_acts_by_decoder_norm")]).encode())
+        for key, value in sorted(sae.state_dict().items()):
+            h.update(key.encode())
+            h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def evaluation_part(results: xr.Dataset, sae: str | None) -> xr.Dataset:
+    """What one cache file holds of an evaluation: an SAE and its floor (variables over
+    ``dictionary``), or (``sae=None``) every other dictionary and every shared variable."""
+    from ..evaluation.coders import RANDOM
+
+    names = [str(d) for d in results.dictionary.values]
+    if sae is not None:
+        part = results.sel(dictionary=[sae, f"{RANDOM}:{sae}"])
+        return part[[v for v in part.data_vars if "dictionary" in part[v].dims]]
+    own = lambda d: d.startswith(f"{RANDOM}:") or f"{RANDOM}:{d}" in names  # noqa: E731
+    return results.sel(dictionary=[d for d in names if not own(d)])
+
+
+def merge_evaluation(shared: xr.Dataset, parts: list[xr.Dataset]) -> xr.Dataset:
+    """The shared part (ceiling, shared variables, attributes) and each SAE's, in order."""
+    import xarray as xr
+
+    per_dictionary = [v for v in shared.data_vars if "dictionary" in shared[v].dims]
+    names = lambda ds: ds.assign_coords(dictionary=np.array(  # noqa: E731 (no fixed width:
+        [str(d) for d in ds.dictionary.values], dtype=object))  # a longer name is not cut)
+    merged = xr.concat([names(shared[per_dictionary]), *map(names, parts)], "dictionary",
+                       join="outer",
+                       data_vars="all", coords="minimal", compat="override")
+    for v in shared.data_vars:
+        if v not in per_dictionary:
+            merged[v] = shared[v]
+    merged.attrs = dict(shared.attrs)
+    return merged
+
+
+#: A cross-section whose joint patch recovers less than this share of its target was not
+#: found: its attribute is still scored, but kept out of claims.
+WEAK_SHARE = 0.5
+
+
+def with_discovery(results: xr.Dataset, summary_path: Path) -> xr.Dataset:
+    """The cross-sections' discovery facts as attribute variables: ``recovered`` (joint
+    exact share of the effect) and its ``target``, ``cap_hit``, ``small_effect``,
+    ``weak_cross_section`` (``recovered`` below :data:`WEAK_SHARE` of the target),
+    ``effect_layers`` (where attribution puts the effect, comma-separated) and ``same_as``
+    (the other attributes with the same cross-section, comma-separated)."""
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    attributes = [str(a) for a in results.attribute.values]
+    get = lambda a, key, default: summary.get(a, {}).get(key, default)  # noqa: E731
+    recovered = [float(get(a, "recovered", np.nan)) for a in attributes]
+    target = [float(get(a, "target", np.nan)) for a in attributes]
+    return results.assign(
+        recovered=("attribute", recovered), target=("attribute", target),
+        cap_hit=("attribute", [bool(get(a, "cap_hit", False)) for a in attributes]),
+        small_effect=("attribute", [bool(get(a, "small_effect", False)) for a in attributes]),
+        weak_cross_section=("attribute", [bool(r < WEAK_SHARE * t)  # NaN: not known weak
+                                          for r, t in zip(recovered, target)]),
+        effect_layers=("attribute", [", ".join(map(str, get(a, "effect_layers", [])))
+                                     for a in attributes]),
+        same_as=("attribute", [", ".join(get(a, "same_as", [])) for a in attributes]))

@@ -1,0 +1,101 @@
+"""A run directory: its stages, the manifest that records them, and resuming.
+
+Each stage writes its output into the run directory and records it in ``manifest.json``
+with a SHA-256 of every file and a hash of the settings it depended on. A rerun skips a
+stage whose record matches; a stage whose file is missing, corrupt or computed with other
+settings is recomputed (and so is everything after it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..common.io import sha256, write_atomic
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+log = logging.getLogger("sage_nn")
+
+
+MANIFEST = "manifest.json"
+
+
+class RunDirectory:
+    """A run directory with its manifest of finished stages."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.path / MANIFEST
+        try:
+            self.manifest = json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            self.manifest = {}
+        except json.JSONDecodeError:
+            log.warning("%s is corrupt: recomputing every stage", self.manifest_path)
+            self.manifest = {}
+
+    def done(self, stage: str, settings: str) -> bool:
+        """Whether ``stage`` finished with these settings and its files are intact."""
+        record = self.manifest.get(stage)
+        if record is None or record["settings"] != settings:
+            return False
+        for name, digest in record["files"].items():
+            path = self.path / name
+            if not path.exists() or sha256(path) != digest:
+                log.warning("stage %s: %s is missing or corrupt; recomputing", stage, name)
+                return False
+        return True
+
+    def record(self, stage: str, settings: str, files: list[str], seconds: float) -> None:
+        self.manifest[stage] = {"settings": settings, "seconds": round(seconds, 2),
+                                "files": {f: sha256(self.path / f) for f in files}}
+        write_atomic(self.manifest_path, json.dumps(self.manifest, indent=2))
+
+    def forget_after(self, stage: str, order: list[str]) -> None:
+        for later in order[order.index(stage) + 1:]:
+            self.manifest.pop(later, None)
+
+
+class Stage:
+    """Run ``compute`` unless the run directory already holds its result."""
+
+    def __init__(self, run: RunDirectory, order: list[str]):
+        self.run, self.order = run, order
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, name: str, settings: str, files: list[str],
+                 compute: Callable[[], None], load: Callable[[], Any]) -> Any:
+        if self.run.done(name, settings):
+            log.info("stage %s: cached", name)
+            self.timings[name] = 0.0
+            return load()
+        self.run.forget_after(name, self.order)
+        start = time.perf_counter()
+        compute()
+        seconds = time.perf_counter() - start
+        self.run.record(name, settings, files, seconds)
+        self.timings[name] = seconds
+        log.info("stage %s: %.1f s", name, seconds)
+        return load()
+
+
+STAGES = ["task", "discovery", "saes", "evaluation", "report"]
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` produced; every piece is also on disk under ``run_dir``."""
+
+    run_dir: Path
+    results: xr.Dataset
+    cross_sections: dict[str, list[str]]
+    timings: dict[str, float]
+    report: Path

@@ -1,0 +1,379 @@
+"""The summary document: one list of blocks (headings, paragraphs, tables, images)
+rendered twice, as Markdown (images linked) and as self-contained HTML (images embedded)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from ..common.io import jsonable
+from .saebench import eval_results_file
+from .tables import (
+    CEILING,
+    FLOOR_PREFIX,
+    HEADLINE,
+    LABELS,
+    PER_PAIR,
+    Lookup,
+    against_floor,
+    comparison_table,
+    excluded,
+    extra_scalars,
+    goodness,
+    headline_columns,
+    metric_key,
+    roles,
+    sae_metrics,
+    sae_orderings,
+)
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{digits}f}"
+
+
+def _with_ci(value, low, high) -> str:
+    if value is None:
+        return "–"
+    return _fmt(value) + ("" if low is None else f" [{_fmt(low, 2)}, {_fmt(high, 2)}]")
+
+
+def _attribute_table(look: Lookup, attribute: str, k: int) -> tuple[list, list]:
+    results = look.results
+    r = roles(results)
+    header = ["dictionary", "role", "sufficiency", "necessity", f"edit k={k}",
+              f"F1 edit k={k}", "best F1"]
+    per_pair = [n for n in PER_PAIR if n in results and n != "best_f1"]
+    extra = extra_scalars(results)
+    header += [LABELS.get(n, n) for n in per_pair + extra]
+    rows = []
+    for method in r.ordered:
+        role = ("ceiling" if method == r.ceiling else "SAE" if method in r.saes
+                else "floor" if method in r.floors.values() else "reference")
+        row = [method, role]
+        for name, sel in (("sufficiency", {}), ("necessity", {}), ("edit", {"k": k}),
+                          ("edit_f1", {"k": k}), ("best_f1", {})):
+            row.append(_with_ci(look(name, attribute, method, **sel),
+                                *look.ci(name, attribute, method, **sel)))
+        row += [_fmt(look(n, attribute, method)) for n in per_pair + extra]
+        rows.append(row)
+    return header, rows
+
+
+def _calibration_table(look: Lookup, k: int) -> tuple[list, list]:
+    """Per SAE and attribute: the share of the floor→ceiling gap it closes, and whether
+    ceiling > SAE > floor holds; attributes kept out of claims say why (and get no gap)."""
+    rows = []
+    for sae in roles(look.results).saes:
+        for a in (str(x) for x in look.results["attribute"].values):
+            m = sae_metrics(look, sae, a)
+            reason = excluded(look.results, a)
+            row = [sae, a]
+            for metric, _, sel in headline_columns(k):
+                key = metric_key(metric, k)[0]
+                ceiling, value, floor = (goodness(metric, m.get(key + role))
+                                         for role in ("_ceiling", "", "_floor"))
+                if None in (ceiling, value, floor) or reason:
+                    row.append("–")
+                elif m[f"{key}_gap_closed"] is None:
+                    row.append("– (ceiling ≤ floor)")
+                else:
+                    ok = "✓" if ceiling > value > floor else "✗ violated"
+                    row.append(f"{_fmt(m[f'{key}_gap_closed'], 2)} {ok}")
+            row.append(reason or "claimed")
+            rows.append(row)
+    return (["SAE", "attribute"] + [label for _, label, _ in headline_columns(k)]
+            + ["in claims"], rows)
+
+
+def _floor_table(look: Lookup, k: int) -> tuple[list, list]:
+    """Per SAE and attribute: whether the SAE's 95% interval lies above its floor's, per
+    headline metric (:func:`against_floor`)."""
+    words = {"above": "above ✓", "below": "below ✗", "overlap": "overlap", None: "–"}
+    rows = []
+    for sae in roles(look.results).saes:
+        for a in (str(x) for x in look.results["attribute"].values):
+            rows.append([sae, a] + [words[against_floor(look, sae, a, metric, **sel)]
+                                    for metric, _, sel in headline_columns(k)]
+                        + ["yes" if excluded(look.results, a) is None else "no"])
+    return (["SAE", "attribute"] + [label for _, label, _ in headline_columns(k)]
+            + ["in claims"], rows)
+
+
+def _attribute_notes(results: xr.Dataset, attribute: str) -> list[str]:
+    """What a reader needs to read an attribute's table: the cross-section's recovered share,
+    the edit metric and its no-edit baseline, the ceiling's checks, undefined metrics."""
+    row = results.sel(attribute=attribute)
+    notes = []
+    if "recovered" in results and not np.isnan(float(row.recovered)):
+        text = (f"The cross-section's joint exact patch recovers "
+                f"{float(row.recovered):.2f} of the attribute's effect")
+        if "cap_hit" in results and bool(row.cap_hit):
+            text += " (the site cap was reached before the target share)"
+        notes.append(text + ".")
+    if "same_as" in results and str(row.same_as.values):
+        notes.append(f"Same cross-section as: {row.same_as.values}.")
+    if "edit_metric" in results.coords:
+        metric = str(row.edit_metric.values)
+        changed = (f"{int(row.n_changed_prediction)} of {int(row.n_scored_prompts)}"
+                   if "n_scored_prompts" in results else str(int(row.n_changed_prediction)))
+        what = ("accuracy: the share of those prompts where the edit gives the "
+                "counterfactual's prediction" if metric == "accuracy"
+                else "success: the share of the counterfactual's move of the logit difference "
+                "that the edit achieves")
+        notes.append(f"In this run the cross-section's counterfactual patch changes the "
+                     f"model's prediction on {changed} held-out prompts, so both edits are "
+                     f"scored as {what} (accuracy needs at least 10 changed prompts); no-edit "
+                     f"baseline {_fmt(float(row.edit_baseline))}.")
+    for name, label in (("mean_ablation_note", "sufficiency and necessity"),
+                        ("necessity_note", "necessity"), ("edit_note", "edit")):
+        if name in results and str(row[name].values):
+            notes.append(f"{label}: {row[name].values}")
+    reason = excluded(results, attribute)
+    if reason:
+        notes.append(f"Kept out of claims: {reason}.")
+    return notes
+
+
+def _approach_rows(look: Lookup, saes: list[str], sae_info: Mapping | None,
+                   k: int) -> list[list[str]]:
+    """Per SAE whose info names its approach (see :func:`sage_nn.pipeline.run`): the SAEs
+    it uses, the SAEs all layers would need, and its mean quality over claimed attributes."""
+    results = look.results
+    claimed = [str(a) for a in results["attribute"].values if not excluded(results, str(a))]
+    rows = []
+    for sae in saes:
+        info = (sae_info or {}).get(sae) or {}
+        if "approach" not in info:
+            continue
+
+        def mean(name, **sel):
+            values = [look(name, a, sae, **sel) for a in claimed]
+            values = [v for v in values if v is not None]
+            return float(np.mean(values)) if values else None
+
+        rows.append([sae, str(info["approach"]), str(info.get("n_saes", "–")),
+                     str(info.get("n_saes_all_layers", "–")), _fmt(mean("sufficiency")),
+                     _fmt(mean("edit", k=k)), _fmt(mean("fvu"))])
+    return rows
+
+
+def _span(values) -> str:
+    """``min–max`` of the known numbers among ``values`` (one number if they agree)."""
+    known = sorted(float(v) for v in values if v is not None)
+    if not known:
+        return "–"
+    lo, hi = known[0], known[-1]
+    digits = 0 if all(v == int(v) for v in known) else 3
+    return f"{lo:.{digits}f}" if lo == hi else f"{lo:.{digits}f}–{hi:.{digits}f}"
+
+
+def _sae_rows(saes: list[str], sae_info: Mapping | None) -> list[list[str]]:
+    """One row per SAE with a known config: what it is, what it was trained on, how many
+    steps its members trained and their FVU on the held-out part of their corpus."""
+    rows = []
+    for sae in saes:
+        cfg = ((sae_info or {}).get(sae) or {}).get("sae_cfg_dict") or {}
+        if not cfg:
+            continue
+        hooks = cfg.get("hook_name")
+        training = cfg.get("training") or {}
+        steps = (training.get("steps_used") or {}).values() or [
+            training["tokens"] // training["batch_size"]
+            if training.get("tokens") and training.get("batch_size") else None]
+        rows.append([sae, str(cfg.get("architecture", "–")), str(cfg.get("d_in", "–")),
+                     str(cfg.get("d_sae", "–")), str(cfg.get("k") or "–"),
+                     ", ".join(hooks) if isinstance(hooks, list) else str(hooks or "–"),
+                     str(cfg.get("dataset_path") or "–"), _span(steps),
+                     _span((training.get("held_out_fvu") or {}).values())])
+    return rows
+
+
+def _comparison_blocks(results, sae_info, k) -> list[tuple]:
+    """The SAE x attribute x metric table and whether the metrics order the SAEs alike."""
+    table = comparison_table(results, sae_info, k=k)
+    cols = [metric_key(m, k)[0] for m in HEADLINE]
+    rows = []
+    for (sae, a), row in table.iterrows():
+        cells = [sae, a, "–" if pd.isna(row["width"]) else str(int(row["width"])),
+                 _fmt(row["l0"], 1), _fmt(row["fvu"])]
+        for c in cols:
+            value = None if pd.isna(row[c]) else float(row[c])
+            lo, hi = (None if pd.isna(row[f"{c}_{b}"]) else float(row[f"{c}_{b}"])
+                      for b in ("low", "high"))
+            gap = None if pd.isna(row[f"{c}_gap"]) else float(row[f"{c}_gap"])
+            cells.append(_with_ci(value, lo, hi) + (f" ({_fmt(gap, 2)})" if gap is not None
+                                                    else ""))
+        rows.append(cells)
+    orderings = sae_orderings(results, k=k)
+    distinct = {tuple(v) for v in orderings.values()}
+    verdict = ("All headline metrics order the SAEs the same way." if len(distinct) <= 1 else
+               "The headline metrics order the SAEs differently: " + "; ".join(
+                   f"{m}: {' > '.join(v)}" for m, v in orderings.items()) + ".")
+    return [("h2", "Comparison across SAEs"),
+            ("p", "Every SAE at every attribute: value [95% interval] (share of the gap "
+                  "from its floor to the ceiling it closes). Also in `comparison.csv`, with "
+                  "each floor's and the ceiling's values. Orderings are by the mean over "
+                  "the attributes kept in claims. " + verdict),
+            ("table", ["SAE", "attribute", "width", "L0", "FVU"]
+             + [label for _, label, _ in headline_columns(k)], rows)]
+
+
+def document(results, config, timings, images, k, discovery_note,
+              sae_info=None, files=None) -> list[tuple]:
+    title = "SAGE report"
+    if config and config.get("task"):
+        title += f": task {config['task']}" + (f" on {config['model']}"
+                                               if config.get("model") else "")
+    r = roles(results)
+    blocks: list[tuple] = [("h1", title), ("p", (
+        "Ground-truth evaluation of sparse autoencoders. For every attribute of the task, "
+        "each SAE is measured at the attribute's cross-section next to the supervised "
+        f"dictionary (`{CEILING}`, the ceiling) and a random SAE of the same shape "
+        f"(`{FLOOR_PREFIX}<sae>`, the floor). Intervals are 95% bootstrap intervals over "
+        "prompts; per-site metrics (F1, FVU, L0, ...) are means over the cross-section's "
+        "sites."))]
+    blocks.append(("p", f"SAEs under test: {', '.join(f'`{s}`' for s in r.saes) or 'none'}. "
+                        f"Files: `results.nc` (all results), "
+                        + ", ".join(f"`{f}`" for s in r.saes
+                                    for f in (files or {}).get(s) or [eval_results_file(s)])
+                        + " (SAEBench eval-output format)."))
+    sae_rows = _sae_rows(r.saes, sae_info)
+    if sae_rows:
+        blocks.append(("p", "Training steps and held-out FVU (on the part of the training "
+                            "corpus held out from training) are per member SAE, as a range. "
+                            "Convergence is not checked yet: a low score may mean an "
+                            "undertrained SAE."))
+        blocks.append(("table", ["SAE", "architecture", "d_in", "d_sae", "k", "hooks",
+                                 "training corpus", "training steps", "held-out FVU"],
+                       sae_rows))
+    look = Lookup(results)
+    approaches = _approach_rows(look, r.saes, sae_info, k)
+    if approaches:
+        blocks.append(("h2", "Approaches: residual SAEs through the reconstruction vs SAEs at "
+                             "the sites"))
+        blocks.append(("p", "Quality at the cross-sections (means over the attributes in "
+                            "claims) and how many SAEs an evaluation at every layer of the "
+                            "model would need with each approach."))
+        blocks.append(("table", ["SAE", "approach", "SAEs here", "SAEs for all layers",
+                                 "sufficiency", f"edit k={k}", "FVU"], approaches))
+    blocks.append(("h2", "Against the floor: is the SAE better than random directions?"))
+    blocks.append(("p", "Per headline metric, whether the SAE's 95% interval lies above its "
+                        "floor's (random unit directions with the SAE's number of latents and "
+                        "L0 at the site, the best sparse codes over them: never worse than "
+                        "the mean), below it, or overlaps it. Sufficiency is compared by its "
+                        "distance from 1 (1 - |1 - s|)."))
+    blocks.append(("table",) + _floor_table(look, k))
+    blocks.append(("h2", "Calibration: SAE between floor and ceiling"))
+    blocks.append(("p", "Share of the gap between floor (0) and ceiling (1) that each SAE "
+                        "closes; ✓ marks that ceiling > SAE > floor holds, ✗ that it does "
+                        "not; no gap where the ceiling is not above the floor. An attribute "
+                        "whose cross-section was not found, whose ceiling fails its own "
+                        "checks, or whose effect is small, is listed but kept out of claims, "
+                        "and gets no gap closed."))
+    blocks.append(("table",) + _calibration_table(look, k))
+    if len(r.saes) > 1:
+        blocks += _comparison_blocks(results, sae_info, k)
+    blocks.append(("h2", "Headline metrics per attribute"))
+    for a in (str(x) for x in results["attribute"].values):
+        pairs = []
+        if "pair" in results.dims:
+            probe = next((results[n] for n in PER_PAIR if n in results), None)
+            if probe is not None:
+                pairs = [str(p) for p in results["pair"].values
+                         if not np.all(np.isnan(probe.sel(attribute=a, pair=p).values))]
+        blocks.append(("h3", f"Attribute `{a}`"))
+        if pairs:
+            blocks.append(("p", "Cross-section: " + ", ".join(f"`{p}`" for p in pairs)))
+        for note in _attribute_notes(results, a):
+            blocks.append(("p", note))
+        blocks.append(("table",) + _attribute_table(look, a, k))
+    blocks.append(("h2", "Plots"))
+    for caption, path in images:
+        blocks.append(("img", caption, path))
+    if discovery_note:
+        blocks.append(("p", discovery_note))
+    if timings:
+        blocks.append(("h2", "Stage timings"))
+        rows = [[str(s), f"{float(t):.1f}"] for s, t in timings.items()]
+        rows.append(["total", f"{sum(float(t) for t in timings.values()):.1f}"])
+        blocks.append(("table", ["stage", "seconds"], rows))
+    if config:
+        blocks.append(("h2", "Configuration"))
+        blocks.append(("code", json.dumps(jsonable(config), indent=2)))
+    return blocks
+
+
+def render_markdown(blocks: list[tuple]) -> str:
+    out = []
+    for kind, *body in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + body[0])
+        elif kind == "p":
+            out.append(body[0])
+        elif kind == "table":
+            header, rows = body
+            esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+            out.append("\n".join(["| " + " | ".join(map(esc, header)) + " |",
+                                  "|" + "---|" * len(header)]
+                                 + ["| " + " | ".join(map(esc, row)) + " |" for row in rows]))
+        elif kind == "img":
+            caption, path = body
+            out.append(f"**{caption}**\n\n![{caption}]({path})")
+        elif kind == "code":
+            out.append("```json\n" + body[0] + "\n```")
+    return "\n\n".join(out) + "\n"
+
+
+def _inline_html(text: str) -> str:
+    """Escape, then the two Markdown inlines the summary uses: `code` and **bold**."""
+    text = html.escape(text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+
+
+def render_html(blocks: list[tuple], root: Path) -> str:
+    body = []
+    for kind, *content in blocks:
+        if kind in ("h1", "h2", "h3"):
+            body.append(f"<{kind}>{_inline_html(content[0])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{_inline_html(content[0])}</p>")
+        elif kind == "table":
+            header, rows = content
+            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+            trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row)
+                          + "</tr>" for row in rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
+        elif kind == "img":
+            caption, path = content
+            data = base64.b64encode((root / path).read_bytes()).decode("ascii")
+            body.append(f"<figure><img alt=\"{html.escape(caption)}\" "
+                        f"src=\"data:image/png;base64,{data}\"><figcaption>"
+                        f"{html.escape(caption)}</figcaption></figure>")
+        elif kind == "code":
+            body.append(f"<pre><code>{html.escape(content[0])}</code></pre>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+             "line-height:1.4}table{border-collapse:collapse;margin:.5em 0 1.5em;"
+             "font-size:.85em}th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right}"
+             "td:first-child,td:nth-child(2){text-align:left}"
+             "th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}"
+             "figcaption{font-size:.85em;color:#555}pre{background:#f6f6f6;padding:.8em;"
+             "overflow-x:auto}code{background:#f3f3f3;padding:0 .2em}")
+    title = html.escape(blocks[0][1]) if blocks and blocks[0][0] == "h1" else "SAGE report"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{title}</title><style>{style}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
