@@ -1,5 +1,9 @@
 """Attribution patching: every site of a grid scored per task attribute, in one request.
 
+One module because attribution is one method: its estimator, the traced kernels it sends
+(plain torch, shipped to a server as they are) and the persistence of its scores change
+together.
+
 For attribute ``A``, clean prompt ``x``, counterfactual ``x'`` and the clean logit
 difference ``m`` (always with the clean prompt's answer/distractor)::
 
@@ -53,10 +57,6 @@ grid; :func:`ranked` lists the sites as a table.
 
 Scores are saved as netCDF (:func:`save_scores`, :func:`load_scores`); :mod:`sage_nn.discovery`
 turns them into cross-sections.
-
-One module because attribution is one method: its estimator, the traced kernels it sends
-(plain torch, shipped to a server as they are) and the persistence of its scores change
-together.
 """
 
 from __future__ import annotations
