@@ -114,7 +114,7 @@ def test_input_mode_matches_running_the_layer_on_the_reconstruction(arch):
     torch.testing.assert_close(out.recon[Site(1, "attn_out")], a, rtol=1e-4, atol=1e-5)
     if ad.parallel:
         torch.testing.assert_close(out.recon[Site(1, "mlp_out")], m, rtol=1e-4, atol=1e-5)
-    assert fvu(out.recon[Site(1, "attn_out")], out.clean[Site(1, "attn_out")]) > 0.01
+    assert token_fvu(out.recon[Site(1, "attn_out")], out.clean[Site(1, "attn_out")]) > 0.01
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -32,10 +32,10 @@ def affine_of(module: torch.nn.Module, d_in: int) -> tuple[torch.Tensor, torch.T
 
 
 def norm_weight(module: torch.nn.Module, d: int,
-                 norm_settings: str = "rms") -> tuple[torch.Tensor, torch.Tensor]:
+                default: str = "rms") -> tuple[torch.Tensor, torch.Tensor]:
     """``(gamma, beta)`` with ``norm(x) = inv_scale(x) * centre(x) * gamma + beta``, read off
     the module itself (so Gemma's ``1 + w`` convention needs no special case)."""
-    kind, eps = norm_settings(module, norm_settings)
+    kind, eps = norm_settings(module, default)
     p = next(module.parameters(), torch.zeros(0))
     with torch.no_grad():
         v = torch.ones(d, dtype=p.dtype, device=p.device)
