@@ -292,12 +292,12 @@ def test_bfloat16_transport_sends_sae_weights_in_half_precision_shared_once():
     changed."""
     import pickle
 
-    from sage_nn.model.reads import _cast
+    from sage_nn.model.remote import cast_shared
 
     sae = random_sae(1, "resid_pre", 256, 0)
     spec = {"sae": sae, "maps": {"proj": {("v", 0): (torch.ones(256, 8), torch.zeros(8))},
                                  "layer_norm": False}}
-    sent_spec, sent_again = _cast([spec, {"sae": sae}], torch.bfloat16)
+    sent_spec, sent_again = cast_shared([spec, {"sae": sae}], torch.bfloat16)
     assert sent_spec["sae"] is sent_again["sae"] and sent_spec["sae"].W_enc.dtype == torch.bfloat16
     assert sent_spec["maps"]["proj"][("v", 0)][0].dtype == torch.bfloat16
     assert sae.W_enc.dtype == torch.float32
