@@ -157,7 +157,7 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple],
     parts: list[list] = [[] for _ in sets]
     maps: dict[int, dict] = {}
     for out, (k, _, _, at) in zip(run_kernel(model, _read_batch, chunks(), remote,
-                                             stage="read"), prepared):
+                                             stage="read", shapes=read_bytes), prepared):
         for layer in list(maps_of):
             if f"L{layer}|maps" in out:  # once per request
                 maps[layer] = _on(out.pop(f"L{layer}|maps"), "cpu")
@@ -293,6 +293,31 @@ def _on(obj, device):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_on(v, device) for v in obj)
     return obj
+
+
+def read_bytes(model, inputs, cols, reads, layers, dtype, memo, seen: set) -> int:
+    """The bytes :func:`_read_batch` returns for one chunk, from shapes alone (a plan: the
+    model may have no weights here); each layer's maps once per request (``seen``)."""
+    ad = adapter(model)
+    size = (dtype or torch.float32).itemsize
+    b, P = cols.shape
+    T = inputs["input_ids"].shape[1]
+    floats = sum(b * P * ad.width(s.kind) for s in reads)
+    for layer, plan in layers.items():
+        m = plan["cols"].shape[1]
+        if layer not in seen:
+            seen.add(layer)
+            heads, attn_out = plan["maps"]
+            floats += 2 * ad.d_model + len(heads) * (ad.d_model + 1) * ad.d_head
+            if attn_out:
+                floats += (ad.n_heads * ad.d_head + 1) * ad.d_model + (
+                    2 * ad.d_model if ad.arch.attn_post_norm else 0)
+        for _, sae, sites in plan["jobs"]:
+            floats += b * m * sum(_code_width(ad, s, sae) for s in sites)
+        if plan["send"]:
+            floats += int(plan["mask"].sum()) * ad.d_model + b * m * (
+                len(plan["heads"]) * T + (plan["post_norm"] is not None))
+    return floats * size
 
 
 def _read_batch(model, inputs, cols, reads, layers, dtype=None, memo=None):

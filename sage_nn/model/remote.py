@@ -98,7 +98,9 @@ class Remote:
     precision (the server computes in its own dtype either way). ``placement`` says where a
     read encodes residual SAEs (:mod:`sage_nn.model.reads`): ``"auto"`` (default: by the
     bytes each way needs), ``"server"`` or ``"here"``. ``stage`` labels the requests sent
-    (the pipeline sets it per stage).
+    (the pipeline sets it per stage). ``dry_run=True`` sends nothing: each stage prepares
+    its requests, logs them with the bytes they would carry (:class:`Request`; the results'
+    from the kernel's shapes), and stops with :class:`Planned`.
     """
 
     backend: Any = False
@@ -111,6 +113,7 @@ class Remote:
     transport: str = "float32"
     placement: str = "auto"
     stage: str = ""
+    dry_run: bool = False
     requests: list = field(default_factory=list, repr=False)  # Request per request sent
     placements: list = field(default_factory=list, repr=False)  # per read job: where, bytes
 
@@ -144,6 +147,14 @@ class Remote:
         self.requests.append(Request(kernel, sum(map(_size, group)), tokens,
                                      payload_bytes(group), payload_bytes(out), seconds,
                                      self.stage, *wire))
+
+
+class Planned(Exception):
+    """A dry run stopped where a stage would send its first request (now logged)."""
+
+    def __init__(self, kernel: str):
+        self.kernel = kernel
+        super().__init__(f"{kernel}: planned, not sent (dry run)")
 
 
 class RemotePending(RuntimeError):
@@ -209,18 +220,30 @@ def _is_transient(error: BaseException) -> bool:
 
 
 def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: Any = None,
-               *, stage: str = "") -> Iterator[Any]:
+               *, stage: str = "", shapes: Callable | None = None) -> Iterator[Any]:
     """Yield ``kernel(model, *chunk)`` for each chunk, in order.
 
     Locally each chunk runs as it is consumed. Remotely, chunks are grouped into requests of
     at most ``max_prompts`` prompts; each request is one nnsight session, retried on
-    connection failures; a request's results are yielded once it returns.
+    connection failures; a request's results are yielded once it returns. A dry run
+    (``Remote.dry_run``) logs each request with ``shapes(model, *chunk, seen)``, the bytes
+    the kernel would return for a chunk (``seen``: a set per request), and raises
+    :class:`Planned`.
     """
     remote, stage = as_remote(remote), stage or kernel.__name__
     if not remote.is_remote:
         for chunk in chunks:
             yield kernel(model, *chunk)
         return
+    if remote.dry_run:
+        for group in request_groups(chunks, remote.max_prompts):
+            seen: set = set()
+            down = sum(shapes(model, *chunk, seen) for chunk in group) if shapes else 0
+            remote.requests.append(Request(
+                stage, sum(map(_size, group)),
+                sum(x["input_ids"].numel() for chunk in group for x in _inputs(chunk)),
+                payload_bytes(group), down, 0.0, remote.stage))
+        raise Planned(stage)
     register()
     if not remote.blocking:
         yield from _submitted(model, kernel, chunks, remote, stage)
