@@ -185,6 +185,9 @@ FIELD_HELP = {
                         "float32 or bfloat16 (half the bytes)",
     "remote_blocking": "wait for remote jobs (--no-remote-blocking, or --no-wait: submit "
                        "and exit; run again to collect them)",
+    "remote_placement": "where residual SAEs are encoded in a remote evaluation: auto (by the "
+                        "bytes each way needs), server (their encoders uploaded) or here "
+                        "(the residual rows they read downloaded)",
 }
 
 

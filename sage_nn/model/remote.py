@@ -121,7 +121,8 @@ class Remote:
         if self.transport not in ("float32", "bfloat16"):
             raise ValueError(f"transport {self.transport!r}: use 'float32' or 'bfloat16'")
         if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement {self.placement!r}: use {', '.join(map(repr, PLACEMENTS))}")
+            raise ValueError(f"placement {self.placement!r}: use "
+                             f"{', '.join(map(repr, PLACEMENTS))}")
         if not self.blocking and (self.jobs is None or not isinstance(self.backend, (bool, str))
                                   or self.backend in (False, "local")):
             raise ValueError("blocking=False submits jobs to an NDIF server (backend True or a "
