@@ -69,7 +69,7 @@ def test_run_writes_every_stage_and_resumes(setup):
 
 def test_interrupted_run_resumes_from_last_finished_stage(setup, monkeypatch):
     root, model = setup
-    import sage_nn.evaluation as evaluation
+    import sage_nn.evaluation.scoring as evaluation
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("interrupted")
@@ -181,7 +181,7 @@ def test_sweep_specs_expand_to_named_saes(tmp_path):
 def test_saes_are_cached_one_by_one(setup, monkeypatch):
     """A sweep spec names several SAEs; adding one to a finished run scores only it,
     removing one drops it from the results and the report."""
-    import sage_nn.evaluation as evaluation
+    import sage_nn.evaluation.scoring as evaluation
 
     root, model = setup
     scored = []
