@@ -1,6 +1,8 @@
 """Remote execution, offline: every stage through nnsight's ``remote="local"`` backend and
 through a fresh server-like process that cannot import sage_nn, with the local numbers back."""
 
+import json
+import logging
 import sys
 import time
 
@@ -75,7 +77,7 @@ def test_stages_give_the_local_numbers_through_nnsight_local_backend(setup):
     xr.testing.assert_identical(here.scores, there.scores)
     assert here.validation == there.validation
     # 16 prompts at most 8 per request: the collect above took two requests
-    assert [r[:2] for r in remote.requests[:2]] == [("collect", 8), ("collect", 8)]
+    assert [(r.kernel, r.rows) for r in remote.requests[:2]] == [("collect", 8), ("collect", 8)]
 
 
 def test_stages_round_trip_through_a_fresh_server_process(setup):
@@ -91,12 +93,14 @@ def test_stages_round_trip_through_a_fresh_server_process(setup):
     there = scores.fit(model, fit, remote=remote).scores_
     xr.testing.assert_allclose(scores.fit(model, fit).scores_, there, rtol=1e-4, atol=1e-6)
     assert there.exact.any()  # the exact sweep (blocks skipped by nnsight) ran there too
+    # the server's parameters are frozen, as NDIF's: the kernel asked for its gradients
+    assert float(abs(there.delta.where(~there.exact)).max()) > 1e-6
     # the adaptive search, decided on the server in one request
     grown = grow_cross_sections(model, fit, there, max_sites=3, remote=remote)
     for a, (table, summary) in grow_cross_sections(model, fit, there, max_sites=3).items():
         assert grown[a][0].site.tolist() == table.site.tolist()
         assert grown[a][1]["recovered"] == pytest.approx(summary["recovered"], rel=1e-4)
-    assert remote.requests[-1][0] == "grow"
+    assert remote.requests[-1].kernel == "grow"
     assert len(server.result_bytes) == len(remote.requests) > 1
     # what comes back is reduced: less than the request that asked for it, for evaluation
     assert sum(server.result_bytes[1:]) < sum(server.request_bytes[1:])
@@ -119,15 +123,15 @@ def test_evaluation_requests_follow_the_data_not_the_number_of_attributes_or_sae
         remote = Remote("local")
         there = evaluate_cross_section(model, fit, test, sections, saes, ks=[1, 2, 4],
                                        n_boot=10, remote=remote)
-        assert [r[0] for r in remote.requests] == ["read", "patch"], n_saes
+        assert [r.kernel for r in remote.requests] == ["read", "patch"], n_saes
         assert set(there.dictionary.values) >= {"sae0", "random:sae0"}
     here = evaluate_cross_section(model, fit, test, sections, saes, ks=[1, 2, 4], n_boot=10)
     xr.testing.assert_identical(here, there)
     capped = Remote("local", max_prompts=8)
     split = evaluate_cross_section(model, fit, test, sections, saes, ks=[1, 2, 4], n_boot=10,
                                    batch_size=8, remote=capped)
-    assert [r[:2] for r in capped.requests[:2]] == [("read", 8), ("read", 8)]  # the 16 fit
-    assert len(capped.requests) > 3 and all(rows <= 8 for _, rows, _ in capped.requests)
+    assert [(r.kernel, r.rows) for r in capped.requests[:2]] == [("read", 8), ("read", 8)]
+    assert len(capped.requests) > 3 and all(r.rows <= 8 for r in capped.requests)
     xr.testing.assert_allclose(here, split, rtol=1e-5, atol=1e-7)
     # bfloat16 transport: about half the bytes each way, the numbers to bf16 precision
     server = FreshProcessBackend.for_model(model, tmp_path / "server")
@@ -240,20 +244,22 @@ def test_a_job_submitted_without_waiting_is_collected_later_by_its_id(setup, tmp
     assert key not in (tmp_path / "jobs.json").read_text()
 
 
-def test_sublayer_directions_of_a_weightless_model_ask_for_residual_sites():
-    """An NDIF model has no weights here; the frozen maps to sublayer sites need them."""
+def test_directions_of_a_weightless_model_ask_for_the_maps_read_on_the_server():
+    """An NDIF model has no weights here: directions come from the frozen maps a read
+    brings back (evaluate_cross_section passes them itself)."""
     from sage_nn.dictionaries.reconstruction import ResidualReconstruction
 
     model = tiny_random_model("llama")
     model._module.to("meta")
     recon = ResidualReconstruction([random_sae(1, "resid_pre", model.config.hidden_size, 0)],
                                    freeze_norm=True, freeze_pattern=True).fit(model)
-    with pytest.raises(ValueError, match="evaluate residual cross-sections"):
+    with pytest.raises(ValueError, match="layer 1's weights are not here .* pass the layer's "
+                                         "frozen maps read on the server"):
         recon.directions("L1.z.h0")
 
 
 def test_a_remote_pipeline_run_matches_the_local_one_and_stores_no_api_key(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, caplog):
     from sage_nn.pipeline.stages import run
     from test_pipeline import _setup, config
 
@@ -262,12 +268,24 @@ def test_a_remote_pipeline_run_matches_the_local_one_and_stores_no_api_key(
     monkeypatch.setenv("NDIF_API_KEY", key)
     monkeypatch.setenv("SAGE_NN_CACHE", str(tmp_path / "cache"))
     root, model = _setup(tmp_path)
+    caplog.set_level(logging.INFO, logger="sage_nn")
     here = run(config(root, "here"), model=model, progress=False)
     remote = Remote("local")
     there = run(config(root, "there", remote="local"), model=model, progress=False,
                 remote=remote)
     xr.testing.assert_identical(here.results, there.results)
-    assert {r[0] for r in remote.requests} >= {"patch", "attribution", "read"}
+    assert {r.kernel for r in remote.requests} >= {"patch", "attribution", "read"}
+    # the run says what it sent: every request in its directory, one line a stage
+    logged = [json.loads(line) for line in (root / "there" / "requests.jsonl").open()]
+    requests = [r for r in logged if r["type"] == "request"]
+    assert [(r["stage"], r["kernel"]) for r in requests] == [
+        (r.stage, r.kernel) for r in remote.requests]
+    assert {r["stage"] for r in requests} == {"task", "discovery", "evaluation"}
+    assert all(r["up"] > 0 and r["down"] > 0 and r["seconds"] > 0 for r in requests)
+    assert not (root / "here" / "requests.jsonl").exists()
+    said = [m for m in caplog.messages if m.startswith("remote ")]
+    assert said[0].startswith("remote task: 1 request (patch), ") and len(said) == 3
+    assert said[-1].startswith("remote evaluation: 2 requests (read, patch)")
     for path in (root / "there").rglob("*"):
         if path.is_file():
             assert key.encode() not in path.read_bytes(), path
@@ -286,19 +304,26 @@ def test_settings_that_cannot_run_remotely_are_refused_before_anything_runs(tmp_
     assert not (tmp_path / "run").exists()
 
 
-def test_bfloat16_transport_sends_sae_weights_in_half_precision_shared_once():
-    """Under ``transport="bfloat16"`` a read request carries the SAEs' encoders in bf16 (the
-    bulk of its upload); an SAE named by two jobs stays one object, and nothing here is
-    changed."""
-    import pickle
+def test_bfloat16_transport_sends_sae_encoders_in_half_precision_once(setup):
+    """Encoded on the server, a read request carries each SAE's encoder (the bulk of its
+    upload): once for two jobs that share it, half the bytes in bfloat16, nothing here
+    changed; its bytes are logged as the planner counts them."""
+    from sage_nn.model.reads import LinearJob, read_sites
 
-    from sage_nn.model.reads import _cast
-
-    sae = random_sae(1, "resid_pre", 256, 0)
-    spec = {"sae": sae, "maps": {"proj": {("v", 0): (torch.ones(256, 8), torch.zeros(8))},
-                                 "layer_norm": False}}
-    sent_spec, sent_again = _cast([spec, {"sae": sae}], torch.bfloat16)
-    assert sent_spec["sae"] is sent_again["sae"] and sent_spec["sae"].W_enc.dtype == torch.bfloat16
-    assert sent_spec["maps"]["proj"][("v", 0)][0].dtype == torch.bfloat16
-    assert sae.W_enc.dtype == torch.float32
-    assert len(pickle.dumps(sent_spec["sae"])) < 0.55 * len(pickle.dumps(sae))
+    model, fit, _, _ = setup
+    sae = random_sae(1, "resid_pre", model.config.hidden_size, 0)
+    wide = SparseAutoencoder(torch.cat([sae.W_enc] * 32, 1), torch.zeros(2048),
+                             torch.cat([sae.W_dec] * 32), sae.b_dec, architecture="topk", k=8,
+                             layer=1, kind="resid_pre")
+    sent = {}
+    for transport in ("float32", "bfloat16"):
+        for jobs in (1, 2):
+            remote = Remote("local", transport=transport, placement="server")
+            read_sites(model, [fit], [], [LinearJob(wide, [Site(1, "z", h)], ["END"])
+                                          for h in range(jobs)], remote=remote)
+            sent[transport, jobs] = remote.requests[0].up
+    encoder = 32 * 2048 * 4  # W_enc in float32
+    assert encoder < sent["float32", 1] < 1.2 * encoder
+    assert sent["float32", 2] == sent["float32", 1]  # one encoder for both jobs
+    assert sent["bfloat16", 1] < 0.55 * sent["float32", 1]
+    assert wide.W_enc.dtype == torch.float32

@@ -138,7 +138,7 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple],
     here, placements = _place(ad, remote, layers, jobs, prepared)
     maps_of = {layer: (heads_read(ad, plan.sites), plan.attn_out)
                for layer, plan in layers.items()}
-    memo, cast = {}, {}  # per request on a server (maps read once); encoders cast once
+    cast: dict = {}  # encoders cast once
 
     def chunks():
         for k, inputs, cols, at in prepared:
@@ -152,12 +152,13 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple],
                                plan.attn_out else None, "heads": plan.pattern_heads(ad),
                                "maps": maps_of[layer], "jobs": encoders,
                                "send": layer in here}
-            yield inputs, cols.to(device), reads, args, dtype, memo
+            yield inputs, cols.to(device), reads, args, dtype
 
     parts: list[list] = [[] for _ in sets]
     maps: dict[int, dict] = {}
     for out, (k, _, _, at) in zip(run_kernel(model, _read_batch, chunks(), remote,
-                                             stage="read", shapes=read_bytes), prepared):
+                                             stage="read", shapes=read_bytes, shared=True),
+                                  prepared):
         for layer in list(maps_of):
             if f"L{layer}|maps" in out:  # once per request
                 maps[layer] = _on(out.pop(f"L{layer}|maps"), "cpu")
@@ -295,7 +296,7 @@ def _on(obj, device):
     return obj
 
 
-def read_bytes(model, inputs, cols, reads, layers, dtype, memo, seen: set) -> int:
+def read_bytes(model, inputs, cols, reads, layers, dtype, seen: set) -> int:
     """The bytes :func:`_read_batch` returns for one chunk, from shapes alone (a plan: the
     model may have no weights here); each layer's maps once per request (``seen``)."""
     ad = adapter(model)
@@ -320,13 +321,13 @@ def read_bytes(model, inputs, cols, reads, layers, dtype, memo, seen: set) -> in
     return floats * size
 
 
-def _read_batch(model, inputs, cols, reads, layers, dtype=None, memo=None):
+def _read_batch(model, inputs, cols, reads, layers, dtype=None, shared=None):
     """One clean trace (a remote kernel): every read site at tokens ``cols [b, P]``, and per
     layer of ``layers`` what its linear view reads, then each server-placed job's codes
     there (``"j|site|codes"``, ``"j|site|offset"``) or, placed here, the reconstruction's
-    inputs (``"L9|taken"``); each layer's frozen maps once per request (``"L9|maps"``,
-    ``memo`` being the request's own). Keyed by strings: a server returns plain data."""
-    memo = {} if memo is None else memo
+    inputs (``"L9|taken"``); each layer's frozen maps once per request (``"L9|maps"``;
+    ``shared``: the request's own dict). Keyed by strings: a server returns plain data."""
+    memo = {} if shared is None else shared
     with EagerAttention(model, any(plan["heads"] for plan in layers.values())):
         out, taken = _trace_reads(model, inputs, cols, reads, layers)
     ad = adapter(model)

@@ -142,12 +142,11 @@ class Remote:
             return model.session(backend=self.backend)
         return model.session(remote=self.backend, blocking=self.blocking, verbose=self.verbose)
 
-    def record(self, kernel: str, group: list[tuple], out: Any = None, seconds: float = 0.0,
-               wire: tuple = (None, None)) -> None:
+    def record(self, kernel: str, group: list[tuple], up: int, out: Any = None,
+               seconds: float = 0.0, wire: tuple = (None, None)) -> None:
         tokens = sum(x["input_ids"].numel() for chunk in group for x in _inputs(chunk))
-        self.requests.append(Request(kernel, sum(map(_size, group)), tokens,
-                                     payload_bytes(group), payload_bytes(out), seconds,
-                                     self.stage, *wire))
+        self.requests.append(Request(kernel, sum(map(_size, group)), tokens, up,
+                                     payload_bytes(out), seconds, self.stage, *wire))
 
 
 class Planned(Exception):
@@ -221,20 +220,24 @@ def _is_transient(error: BaseException) -> bool:
 
 
 def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: Any = None,
-               *, stage: str = "", shapes: Callable | None = None) -> Iterator[Any]:
+               *, stage: str = "", shapes: Callable | None = None,
+               shared: bool = False) -> Iterator[Any]:
     """Yield ``kernel(model, *chunk)`` for each chunk, in order.
 
     Locally each chunk runs as it is consumed. Remotely, chunks are grouped into requests of
     at most ``max_prompts`` prompts; each request is one nnsight session, retried on
-    connection failures; a request's results are yielded once it returns. A dry run
+    connection failures; a request's results are yielded once it returns. With
+    ``shared``, the kernel also gets ``shared=``, a dict of the request's own (made on
+    the server; one for the whole stage here): what its chunks compute once. A dry run
     (``Remote.dry_run``) logs each request with ``shapes(model, *chunk, seen)``, the bytes
     the kernel would return for a chunk (``seen``: a set per request), and raises
     :class:`Planned`.
     """
     remote, stage = as_remote(remote), stage or kernel.__name__
     if not remote.is_remote:
+        state = {"shared": {}} if shared else {}
         for chunk in chunks:
-            yield kernel(model, *chunk)
+            yield kernel(model, *chunk, **state)
         return
     if remote.dry_run:
         for group in request_groups(chunks, remote.max_prompts):
@@ -247,13 +250,14 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
         raise Planned(stage)
     register()
     if not remote.blocking:
-        yield from _submitted(model, kernel, chunks, remote, stage)
+        yield from _submitted(model, kernel, chunks, remote, stage, shared)
         return
     for group in request_groups(chunks, remote.max_prompts):
+        up = payload_bytes(group)  # before it is sent: a server works on its own copy
         for attempt in range(remote.retries + 1):
             try:
                 start = time.perf_counter()
-                out = _session(model, kernel, group, remote)
+                out = _session(model, kernel, group, remote, shared)
                 break
             except Exception as error:  # noqa: BLE001 (re-raised unless transient)
                 if not _is_transient(error) or attempt == remote.retries:
@@ -261,7 +265,7 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
                 wait = remote.backoff_s * 2 ** attempt
                 log.warning("request for %s failed (%s); retrying in %.0f s", stage, error, wait)
                 time.sleep(wait)
-        remote.record(stage, group, out, time.perf_counter() - start, _wire(remote.backend))
+        remote.record(stage, group, up, out, time.perf_counter() - start, _wire(remote.backend))
         yield from out
 
 
@@ -304,9 +308,11 @@ def payload_bytes(obj: Any, itemsize: int | None = None, seen: set | None = None
     return 0
 
 
-def _session(model: Any, kernel: Callable, group: list[tuple], remote: Remote) -> list:
+def _session(model: Any, kernel: Callable, group: list[tuple], remote: Remote,
+             shared: bool = False) -> list:
     with remote.session(model) as session:
-        out = [kernel(model, *chunk) for chunk in group]
+        state = {"shared": {}} if shared else {}  # made where the request runs
+        out = [kernel(model, *chunk, **state) for chunk in group]
         out.save()
     return session.backend.job_id if not remote.blocking else out
 
@@ -320,7 +326,8 @@ def _digest(group: list[tuple]) -> str:
     return h.hexdigest()[:16]
 
 
-def _submitted(model, kernel, chunks, remote: Remote, stage: str) -> Iterator[Any]:
+def _submitted(model, kernel, chunks, remote: Remote, stage: str,
+               shared: bool = False) -> Iterator[Any]:
     """Submit each request once, keeping its job id; collect the finished ones."""
     from nnsight.intervention.backends.remote import RemoteBackend
 
@@ -330,10 +337,11 @@ def _submitted(model, kernel, chunks, remote: Remote, stage: str) -> Iterator[An
     for i, group in enumerate(request_groups(chunks, remote.max_prompts)):
         key = f"{stage}/{i}/{_digest(group)}"
         if key not in jobs:
-            jobs[key] = _session(model, kernel, group, remote)
+            up = payload_bytes(group)
+            jobs[key] = _session(model, kernel, group, remote, shared)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(jobs, indent=2))  # the id outlives this process
-            remote.record(stage, group)
+            remote.record(stage, group, up)
             pending.append(jobs[key])
             continue
         host = remote.backend if isinstance(remote.backend, str) else None

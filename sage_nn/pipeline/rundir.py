@@ -111,16 +111,18 @@ def log_requests(root: Path, stage: str, requests: list, placements: list) -> No
     for r in requests:
         kernels[r.kernel] = kernels.get(r.kernel, 0) + 1
     mb = lambda n: f"{n / 1e6:.2f} MB"  # noqa: E731
-    where = {}
+    where: dict[str, dict[str, list]] = {}  # placement -> SAE -> its layers
     for p in placements:
-        where.setdefault(p["placement"], []).append(f"{p['sae']} L{p['layer']}")
+        layers = where.setdefault(p["placement"], {}).setdefault(p["sae"], [])
+        layers += [] if f"L{p['layer']}" in layers else [f"L{p['layer']}"]
     log.info("remote %s: %d request%s (%s), %s up, %s down, %.1f s%s", stage, len(requests),
              "" if len(requests) == 1 else "s",
              ", ".join(f"{k} x{n}" if n > 1 else k for k, n in kernels.items()),
              mb(sum(r.up for r in requests)), mb(sum(r.down for r in requests)),
              sum(r.seconds for r in requests),
-             "".join(f"; encoded {w}: {', '.join(sorted(set(names)))}"
-                     for w, names in sorted(where.items())))
+             "".join(f"; SAEs encoded {w}: " + ", ".join(
+                 f"{sae} ({' '.join(layers)})" for sae, layers in saes.items())
+                     for w, saes in sorted(where.items())))
 
 
 @dataclass
