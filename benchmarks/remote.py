@@ -2,7 +2,7 @@
 
 Every model-running stage of the quickstart (SmolLM2, IOI; task check, discovery with
 validation, evaluation of residual TopK SAEs of width 1024 at both attributes' cross-sections)
-runs through :class:`sage_nn.remote.FreshProcessBackend`: each request is serialized as for
+runs through :class:`sage_nn.model.remote.FreshProcessBackend`: each request is serialized as for
 NDIF and executed in a fresh process that cannot import sage_nn, so the request and result
 sizes are those a server would receive and send back. Next to the result bytes: what a
 full-activation download would take instead, i.e. every site of the model (all layers; the

@@ -1,6 +1,6 @@
 """The metrics validated by construction on SmolLM2 IOI, and the seed noise of trained SAEs.
 
-1. Ladders (sage_nn.validity) at the quickstart's cross-sections of ``io`` and ``s`` (heads'
+1. Ladders (sage_nn.evaluation.validity) at the quickstart's cross-sections of ``io`` and ``s`` (heads'
    ``z`` at END): planted dictionaries (a share f of the attribute's values has a latent that
    is its supervised feature, firing exactly on it) for the edits, F1 and alignment, at the
    heads themselves and through the residual-to-sublayer reconstruction (residual SAEs whose

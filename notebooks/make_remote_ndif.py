@@ -32,10 +32,10 @@ import numpy as np
 from sage_nn import load_model
 from sage_nn.discovery import DiscoveryConfig, discover
 from sage_nn.evaluation import CrossSection, ReconstructedSAE, evaluate_cross_section
-from sage_nn.remote import Remote
+from sage_nn.model.remote import Remote
 from sage_nn.report import headline_table, write_report
-from sage_nn.saes import load_sae
-from sage_nn.sites import Site
+from sage_nn.dictionaries.saes import load_sae
+from sage_nn.model.sites import Site
 from sage_nn.tasks import load_task, logit_diffs
 
 assert nnsight.CONFIG.API.APIKEY, "set NDIF_API_KEY (or run: nnsight login)"
