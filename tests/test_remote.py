@@ -26,7 +26,14 @@ from sage_nn.discovery.growth import grow_cross_sections
 from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
 from sage_nn.evaluation.scoring import evaluate_cross_section
 from sage_nn.model.patching import Patch, run_patched
-from sage_nn.model.remote import NOT_ON_SERVER, FreshProcessBackend, Remote, RemotePending, run_kernel
+from sage_nn.model.remote import (
+    NOT_ON_SERVER,
+    FreshProcessBackend,
+    Remote,
+    RemotePending,
+    SimulatedServer,
+    run_kernel,
+)
 from sage_nn.dictionaries.saes import SparseAutoencoder
 from sage_nn.model.sites import Site
 from sage_nn.tasks.datasets import logit_diffs
@@ -41,10 +48,10 @@ def setup(tmp_path_factory):
     return model, full.subset(np.arange(16)), full.subset(np.arange(16, 24)), server
 
 
-def random_sae(layer: int, kind: str, d: int, seed: int) -> SparseAutoencoder:
+def random_sae(layer: int, kind: str, d: int, seed: int, width: int = 64) -> SparseAutoencoder:
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(d, 64, generator=g) / d ** 0.5
-    return SparseAutoencoder(W, torch.zeros(64), W.T.clone(), torch.zeros(d),
+    W = torch.randn(d, width, generator=g) / d ** 0.5
+    return SparseAutoencoder(W, torch.zeros(width), W.T.clone(), torch.zeros(d),
                              architecture="topk", k=8, layer=layer, kind=kind)
 
 
@@ -289,6 +296,100 @@ def test_a_remote_pipeline_run_matches_the_local_one_and_stores_no_api_key(
     for path in (root / "there").rglob("*"):
         if path.is_file():
             assert key.encode() not in path.read_bytes(), path
+
+
+def weightless(model):
+    """``model``'s twin as a remote model is held here: on the meta device, no weights."""
+    client = tiny_random_model(model.config.model_type, seed=0,
+                               n_layers=model.config.num_hidden_layers)
+    client._module.to("meta")
+    return client
+
+
+def test_a_client_without_weights_runs_the_reconstruction_on_the_servers_model(
+        tmp_path, monkeypatch):
+    """The SAGE method on a model that is not here: a full run with head cross-sections and
+    residual TopK SAEs reaching them through the reconstruction, on a client holding the
+    model on the meta device, gives the local run's numbers; the run records where each
+    SAE was encoded, with the bytes each placement needed."""
+    from sage_nn.pipeline.stages import run
+    from test_pipeline import _setup, config
+
+    monkeypatch.setenv("SAGE_NN_CACHE", str(tmp_path / "cache"))
+    root, model = _setup(tmp_path)
+    here = run(config(root, "here"), model=model, progress=False).results
+    assert {str(s).split(".")[1] for s in here.site.values} == {"z"}  # heads, the default
+    client = weightless(model)
+    remote = Remote(SimulatedServer(tiny_random_model("llama", seed=0)))
+    there = run(config(root, "there", remote="local"), model=client, progress=False,
+                remote=remote).results
+    xr.testing.assert_allclose(here, there, rtol=1e-4, atol=1e-6)
+    assert all(p.device.type == "meta" for p in client._module.parameters())
+    kernels = [(r.stage, r.kernel) for r in remote.requests]
+    assert [k for k in kernels if k[0] != "discovery"] == [
+        ("task", "patch"), ("evaluation", "read"), ("evaluation", "patch")]
+    logged = [json.loads(line) for line in (root / "there" / "requests.jsonl").open()]
+    placed = [r for r in logged if r["type"] == "placement"]
+    assert {p["layer"] for p in placed} == {int(str(s)[1]) for s in here.site.values}
+    for p in placed:  # tiny SAEs: their encoders cost less than the residual rows
+        assert p["placement"] == "server" and 0 < p["server_bytes"] < p["here_bytes"], p
+
+
+def mixed_widths(model, fit, test, remote):
+    """Heads of two layers read through residual SAEs of two widths: at 64 latents the
+    encoder costs fewer bytes than the residual rows, at 4096 more (``auto`` splits)."""
+    d = model.config.hidden_size
+    saes = {"res": ReconstructedSAE([random_sae(0, "resid_pre", d, 0),
+                                     random_sae(1, "resid_pre", d, 1, width=4096)])}
+    cs = CrossSection("io", [(Site(0, "z", 0), "END"), (Site(1, "z", 1), "END")])
+    return evaluate_cross_section(model, fit, test, cs, saes, ks=[1, 2], n_boot=10,
+                                  remote=remote)
+
+
+def test_a_client_without_weights_gets_the_same_numbers_wherever_the_saes_are_encoded(setup):
+    """Encoded on the server or here, forced or chosen by bytes, in float32 or bfloat16:
+    the numbers are the local run's (bf16: to its rounding); the choice is the cheaper."""
+    model, fit, test, _ = setup
+    here = mixed_widths(model, fit, test, None)
+    client, server = weightless(model), SimulatedServer(model)
+    reads = {}
+    for transport in ("float32", "bfloat16"):
+        for placement in ("server", "here", "auto"):
+            remote = Remote(server, placement=placement, transport=transport)
+            there = mixed_widths(client, fit, test, remote)
+            assert [r.kernel for r in remote.requests] == ["read", "patch"]
+            reads[placement, transport] = remote.requests[0]
+            chosen = [p["placement"] for p in remote.placements]
+            assert chosen == (["server", "here"] if placement == "auto" else [placement] * 2)
+            for p in remote.placements:
+                assert min(p["server_bytes"], p["here_bytes"]) > 0
+                if placement == "auto":
+                    cheaper = "here" if p["here_bytes"] < p["server_bytes"] else "server"
+                    assert p["placement"] == cheaper, p
+            if transport == "float32":
+                xr.testing.assert_allclose(here, there, rtol=1e-4, atol=1e-6)
+            else:  # what the reads carry, to bf16 rounding (a random SAE's TopK flips at
+                # it; this random model's logit differences are too small for their ratios)
+                np.testing.assert_allclose(there.fvu, here.fvu, rtol=0.05, atol=1e-3)
+                np.testing.assert_allclose(there.l0, here.l0, rtol=0.1)
+    # encoded here, the read uploads no encoder (the wide one's is most of the upload) and
+    # brings residual rows back rather than 4096 codes a token; each SAE where it is cheaper
+    server_read, here_read = reads["server", "float32"], reads["here", "float32"]
+    assert here_read.up < 0.05 * server_read.up and here_read.down < 0.5 * server_read.down
+    auto = reads["auto", "float32"]
+    assert auto.up + auto.down < min(r.up + r.down for r in (server_read, here_read))
+    assert reads["auto", "bfloat16"].down < 0.6 * auto.down  # the rows and codes in bf16
+
+
+def test_a_client_without_weights_reads_through_a_fresh_server_process(setup):
+    """The same through a server process that cannot import sage_nn: the frozen maps and
+    the pattern come from the server's model; one SAE is encoded there, one here."""
+    model, fit, test, server = setup
+    remote = Remote(server)
+    there = mixed_widths(weightless(model), fit, test, remote)
+    assert [p["placement"] for p in remote.placements] == ["server", "here"]
+    xr.testing.assert_allclose(mixed_widths(model, fit, test, None), there, rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_settings_that_cannot_run_remotely_are_refused_before_anything_runs(tmp_path):
