@@ -162,7 +162,9 @@ def load_model(
 
         _before_tracing()
         check_supported(AutoConfig.from_pretrained(name), name)
-        model = TransformersModel(name, task="text-generation")
+        # the tokenizer given: nnsight's meta load cannot infer it for text generation
+        model = TransformersModel(name, task="text-generation",
+                                  tokenizer=AutoTokenizer.from_pretrained(name))
         configure_tokenizer(model.tokenizer)
         return model
 

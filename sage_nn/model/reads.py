@@ -245,9 +245,12 @@ def _place(ad, remote, layers: dict[int, _Layer], jobs, prepared) -> tuple[set, 
                 requests_of[j].add(g)
                 server_bytes[j] += size * b * m * sum(
                     _code_width(ad, s, jobs[j].sae) for s in jobs[j].sites)
+    sent: set = set()  # (SAE, request): an SAE named by several jobs travels once a request
     for j, job in enumerate(jobs):
         encoder = payload_bytes(encoder_only(job.sae), itemsize=size)
-        server_bytes[j] += encoder * len(requests_of[j])
+        new = {(id(job.sae), g) for g in requests_of[j]} - sent
+        server_bytes[j] += encoder * len(new)
+        sent |= new
     here = set()
     for layer, plan in layers.items():
         server = sum(server_bytes[j] for j in plan.jobs)
@@ -257,7 +260,7 @@ def _place(ad, remote, layers: dict[int, _Layer], jobs, prepared) -> tuple[set, 
     records = [{"sae": job.label, "layer": job.layer, "width": int(job.sae.W_enc.shape[1]),
                 "placement": "here" if job.layer in here else "server",
                 "server_bytes": server_bytes[j], "here_bytes": here_bytes[job.layer],
-                "saes_sharing_here": len(layers[job.layer].jobs)}
+                "saes_sharing_here": len({id(jobs[i].sae) for i in layers[job.layer].jobs})}
                for j, job in enumerate(jobs)]
     if remote.is_remote:
         remote.placements.extend(records)

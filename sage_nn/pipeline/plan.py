@@ -97,13 +97,21 @@ class Plan:
                    f"{CODE_BYTES[0] / 1e6:.2f} + {CODE_BYTES[1] / 1e6:.2f} MB of code and "
                    "framing a request)")
         if self.placements:
-            out.append("where the evaluation's read encodes each SAE (auto: the fewer bytes):")
+            out.append("where the evaluation's read encodes each SAE (the bytes of encoding "
+                       "on the server, or here, where the residual rows a layer's SAEs read "
+                       "are downloaded once for all of them):")
+            by_layer: dict[tuple, dict] = {}  # an SAE's jobs at one layer, together
             for p in self.placements:
-                out.append(f"  {p['sae']} L{p['layer']}.resid_pre (width {p['width']}): "
-                           f"{p['placement']}; on the server {p['server_bytes'] / 1e6:.2f} MB, "
+                key = (p["sae"], p["layer"])
+                if key in by_layer:
+                    by_layer[key]["server_bytes"] += p["server_bytes"]
+                else:
+                    by_layer[key] = dict(p)
+            for p in by_layer.values():
+                out.append(f"  {p['sae']} L{p['layer']} (width {p['width']}): "
+                           f"{p['placement']}; server {p['server_bytes'] / 1e6:.2f} MB, "
                            f"here {p['here_bytes'] / 1e6:.2f} MB (shared by "
-                           f"{p['saes_sharing_here']} SAE{'s' * (p['saes_sharing_here'] > 1)}"
-                           " of the layer)")
+                           f"{p['saes_sharing_here']} SAE{'s' * (p['saes_sharing_here'] > 1)})")
         if any(r.estimated for r in self.requests):
             out.append("* estimated from sizes (it depends on an earlier request's results): "
                        "an upper bound")
@@ -128,11 +136,16 @@ def plan_run(config: RunConfig, *, model: Any = None, cross_sections: dict | Non
     from ..model.sites import Site
     from ..tasks.datasets import logit_diffs
     from .stages import discovery_settings, served_restriction
-    from .validate import InvalidRunError
+    from .validate import InvalidRunError, validate
 
     if not config.remote:
-        raise InvalidRunError(["--dry-run plans the requests of a remote run; fix: add "
-                               "--remote (ndif, local or a host URL)"])
+        raise InvalidRunError([("--dry-run plans the requests of a remote run; fix: add "
+                                "--remote (ndif, local or a host URL)")])
+    # what a run would refuse, refused before planning it (SAEs given: not the run's own)
+    problems = [p for p in validate(config, model=model)
+                if saes is None or not p.startswith(("--sae", "saes"))]
+    if problems:
+        raise InvalidRunError(problems)
     model = model if model is not None else meta_model(config.model)
     notes: list[str] = []
     remote = Remote(config.remote, dry_run=True, max_prompts=config.max_prompts_per_request,
@@ -242,7 +255,13 @@ def planned_saes(config: RunConfig, model: Any, pairs: dict, notes: list[str]) -
     from ..dictionaries.serving import residual_sites_for
     from ..evaluation.coders import DirectSAE, ReconstructedSAE
     from ..model.sites import HEAD_KINDS, Site, adapter
-    from .specs import at_sites, expand_sae_specs, train_options, train_spec, trained_sites
+    from .specs import (
+        at_sites,
+        expand_sae_specs,
+        train_options,
+        train_spec,
+        trained_sites,
+    )
 
     ad = adapter(model)
     every = [p for ps in pairs.values() for p in ps]
@@ -311,8 +330,9 @@ def _later_evaluation_requests(model, data, sections, coders, config) -> list:
 
     ad = adapter(model)
     size, n = getattr(torch, config.remote_transport).itemsize, len(data)
-    inputs = 0  # tokens, mask and positions (int64) and the answer and distractor ids
+    inputs, n_batches = 0, 0  # tokens, mask, positions (int64), answer and distractor ids
     for idx in batches(n, config.batch_size):
+        n_batches += 1
         batch = encode(model, [data.prompts[i] for i in idx])
         inputs += 3 * batch.inputs["input_ids"].numel() * 8 + 2 * len(idx) * 8
     edits, variants, values, nonlinear = 2 * len(config.ks), 0, 0, []
@@ -322,8 +342,10 @@ def _later_evaluation_requests(model, data, sections, coders, config) -> list:
             missing = [(s, p) for s, p in cs.pairs if _without_directions(coder, s)]
             count += 2 * (2 + (0 if missing else edits))  # the SAE and its floor
             nonlinear += missing
-        variants += count  # each patches every pair: a value and a row and column index
-        values += count * sum(n * (ad.width(s.kind) * size + 16) for s, _ in cs.pairs)
+        variants += count  # each patches every pair: a value and a row and column index,
+        # and in each batch at most one channel index (int64) a channel
+        values += count * sum(n * (ad.width(s.kind) * size + 16) + n_batches * ad.width(
+            s.kind) * 8 for s, _ in cs.pairs)
     out = [PlannedRequest("evaluation", "patch", n, inputs + values, n * (1 + variants) * 16,
                           estimated=True)]
     if nonlinear:  # held-out and counterfactual prompts, clean and scratch rows
