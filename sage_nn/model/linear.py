@@ -157,7 +157,8 @@ def take_inputs(r, pattern, o_out, mask, cols, heads, post_norm=None) -> dict:
     out = {"r": r[mask]}
     if heads:
         P = pattern[rows, :, cols]  # [b, m, H, T]
-        out["pattern"] = {h: P[..., h, :] for h in heads}
+        # each its own copy: a view would carry every head's rows back from a server
+        out["pattern"] = {h: P[..., h, :].clone() for h in heads}
     if post_norm is not None:
         out["post"] = inv_scale(o_out[rows, cols], *post_norm)
     return out

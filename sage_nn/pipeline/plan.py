@@ -141,9 +141,10 @@ def plan_run(config: RunConfig, *, model: Any = None, cross_sections: dict | Non
     if not config.remote:
         raise InvalidRunError([("--dry-run plans the requests of a remote run; fix: add "
                                 "--remote (ndif, local or a host URL)")])
-    # what a run would refuse, refused before planning it (SAEs given: not the run's own)
+    # what a run would refuse, refused before planning it (SAEs given: not the run's own,
+    # nor its training corpus)
     problems = [p for p in validate(config, model=model)
-                if saes is None or not p.startswith(("--sae", "saes"))]
+                if saes is None or not p.startswith(("--sae", "saes", "sae_corpus"))]
     if problems:
         raise InvalidRunError(problems)
     model = model if model is not None else meta_model(config.model)
