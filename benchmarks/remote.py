@@ -233,7 +233,7 @@ def edit_transport(run_dir: str, pair: str = "L24.resid_pre@END") -> dict:
     quickstart run's prompts with its trained residual SAEs: sparse edits (as evaluation
     sends them) against every edit sent dense (one ``[prompt, d_model]`` value per k and
     method), bfloat16 transport."""
-    import sage_nn.evaluation as evaluation
+    from sage_nn.evaluation import scoring as evaluation  # where the edits are made
     from sage_nn.model.patching import LatentEdit
     from sage_nn.pipeline.resolve import resolve_saes
 
@@ -284,7 +284,6 @@ def placement_scaling(d_models: list[int], widths: list[int], n_saes=(1, 8)) -> 
     import tempfile
 
     from sage_nn.model.loading import tiny_tokenizer
-    from sage_nn.model.remote import SimulatedServer
     from sage_nn.pipeline.plan import meta_model, meta_sae, plan_run
 
     tok, rows, checks = tiny_tokenizer(), [], []
@@ -357,7 +356,7 @@ def _measured(client, server_model, config, section, d, width, n, planned) -> li
                                n_boot=config.n_boot, seed=config.seed,
                                batch_size=config.batch_size, remote=remote)
         read, patch = remote.requests
-        plan, (p_read, p_patch) = planned[placement]
+        _, (p_read, p_patch) = planned[placement]
         out.append({"d_model": d, "sae_width": width, "n_saes": n, "placement": placement,
                     "chosen": sorted({p["placement"] for p in remote.placements}),
                     "read": [read.up, read.down], "read_planned": [p_read.up, p_read.down],

@@ -161,6 +161,7 @@ def load_model(
         from nnsight.modeling.transformers import TransformersModel
 
         _before_tracing()
+        name = str(embedded_dir(name)) if name in EMBEDDED else name  # its converted config
         check_supported(AutoConfig.from_pretrained(name), name)
         # the tokenizer given: nnsight's meta load cannot infer it for text generation
         model = TransformersModel(name, task="text-generation",
