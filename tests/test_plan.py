@@ -42,20 +42,23 @@ def config(root, name, **kw):
                         "sae_corpus": str(root / "corpus.txt"), "remote": "local", **kw})
 
 
-def test_a_plan_counts_the_bytes_the_run_then_sends(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("top_k", [None, 2])  # cross-sections grown, or top-k validated
+def test_a_plan_counts_the_bytes_the_run_then_sends(tiny, tmp_path, monkeypatch, top_k):
     """Planned before the run (cross-sections assumed) and after its discovery (its own),
     on the model held without weights: the task, attribution and read requests carry the
     bytes the run's did, each SAE placed as the run placed it; the requests that depend on
     an earlier one's results are upper bounds."""
     monkeypatch.setenv("SAGE_NN_CACHE", str(tmp_path / "cache"))
     root, model = tiny
-    before = plan_run(config(root, "run"))
-    assert before.requests_per_stage() == {"task": 1, "discovery": 2, "evaluation": 2}
+    name = f"run{top_k}"
+    before = plan_run(config(root, name, top_k=top_k))
+    assert before.requests_per_stage() == {"task": 1, "discovery": 2 if top_k is None else 4,
+                                           "evaluation": 2}
     assert any("cross-sections assumed" in n for n in before.notes)
     remote = Remote("local")
-    run(config(root, "run"), model=model, progress=False, remote=remote)
+    run(config(root, name, top_k=top_k), model=model, progress=False, remote=remote)
     sent = [r for r in remote.requests if r.stage != "saes"]
-    after = plan_run(config(root, "run"))
+    after = plan_run(config(root, name, top_k=top_k))
     assert [(r.stage, r.kernel) for r in sent] == [(r.stage, r.kernel) for r in after.requests]
     for planned, actual in zip(after.requests, sent):
         if planned.estimated:

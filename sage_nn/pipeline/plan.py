@@ -170,9 +170,12 @@ def plan_run(config: RunConfig, *, model: Any = None, cross_sections: dict | Non
     prompts = fit.subset(np.arange(min(config.n_discovery, len(fit))))
     stage("discovery", lambda: discover(model, prompts, settings, remote=remote))
     scored = planned[-1]  # the search patches the same prompts and their counterfactuals
-    planned.append(PlannedRequest("discovery", "grow" if config.top_k is None else "validate",
-                                  scored.rows, scored.up, 4 * 8 * len(attributes) * (
-                                      config.max_sites + 1), estimated=True))
+    if config.top_k is None:
+        planned.append(PlannedRequest("discovery", "grow", scored.rows, scored.up,
+                                      4 * 8 * len(attributes) * (config.max_sites + 1),
+                                      estimated=True))
+    else:
+        planned += _validation_requests(model, prompts, attributes, restriction, config)
     pairs = cross_sections or stored_cross_sections(config)
     if pairs is None:
         pairs = assumed_cross_sections(config, model, held_out, attributes, restriction)
@@ -356,6 +359,35 @@ def _later_evaluation_requests(model, data, sections, coders, config) -> list:
         out.append(PlannedRequest("evaluation", "reconstruct", rows, 2 * inputs + saes,
                                   4 * down, estimated=True))
     return out
+
+
+def _validation_requests(model, data, attributes, restriction, config) -> list:
+    """The top-k selections' exact patching, from sizes (:func:`~sage_nn.discovery.
+    selection.validate_all`, three requests): the counterfactual values at every selected
+    site, every site and all of them patched, the counterfactual prompts' logit
+    differences; each site as wide as the widest selectable kind."""
+    import torch
+
+    from ..model.activations import batches, encode
+    from ..model.sites import adapter
+
+    ad = adapter(model)
+    size, n, A, K = getattr(torch, config.remote_transport).itemsize, len(data), \
+        len(attributes), config.top_k
+    width = max(ad.width(k) for k in (restriction[1] if restriction else
+                                      select_kinds_of(config)))
+    inputs, n_batches = 0, 0  # tokens, mask, positions (int64), answer and distractor ids
+    for idx in batches(n, config.batch_size):
+        n_batches += 1
+        batch = encode(model, [data.prompts[i] for i in idx])
+        inputs += 3 * batch.inputs["input_ids"].numel() * 8 + 2 * len(idx) * 8
+    cf_inputs = 2 * A * inputs  # counterfactuals may tokenize longer: twice, to be safe
+    pair = n * (width * size + 16) + n_batches * width * 8  # one patch of one site
+    return [PlannedRequest("discovery", "read", A * n, cf_inputs,  # all sites, every set
+                           A * n * A * K * width * size, estimated=True),
+            PlannedRequest("discovery", "patch", n, inputs + A * 2 * K * pair,
+                           n * (1 + A * (K + 1)) * 16, estimated=True),
+            PlannedRequest("discovery", "patch", A * n, cf_inputs, A * n * 16, estimated=True)]
 
 
 def _without_directions(coder: Any, site: Any) -> bool:
