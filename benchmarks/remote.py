@@ -118,7 +118,7 @@ def main(args: argparse.Namespace) -> None:
     report["edit_transport"] = stored.get("edit_transport")
     if args.edit_run:
         report["edit_transport"] = edit_transport(args.edit_run)
-        out.write_text(json.dumps(report, indent=2))
+    out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
 
 
