@@ -78,16 +78,18 @@ def _raising_after(module, name):
 @pytest.mark.parametrize("stage", STAGES)
 def test_an_interrupt_in_each_stage_keeps_the_stages_before_it(setup, stage, monkeypatch,
                                                                tmp_path):
-    import sage_nn.discovery
-    import sage_nn.evaluation
+    import sage_nn.dictionaries.training
+    import sage_nn.discovery.stage
+    import sage_nn.evaluation.scoring
     import sage_nn.report
-    import sage_nn.tasks
-    import sage_nn.training
+    import sage_nn.tasks.datasets
 
     root, model, reference = setup
-    where = {"task": (sage_nn.tasks, "logit_diffs"), "discovery": (sage_nn.discovery, "discover"),
-             "saes": (sage_nn.training, "evaluate"),  # the SAEs are written, not yet moved
-             "evaluation": (sage_nn.evaluation, "evaluate_cross_section"),
+    # the modules the stages take these names from, when the stage runs
+    where = {"task": (sage_nn.tasks.datasets, "logit_diffs"),
+             "discovery": (sage_nn.discovery.stage, "discover"),
+             "saes": (sage_nn.dictionaries.training, "evaluate"),  # written, not yet moved
+             "evaluation": (sage_nn.evaluation.scoring, "evaluate_cross_section"),
              "report": (sage_nn.report, "write_report")}[stage]
     if stage == "saes":  # a cache of its own, so the SAEs are trained here
         monkeypatch.setenv("SAGE_NN_CACHE", str(tmp_path / "cache"))

@@ -38,7 +38,7 @@ from .coders import (
 )
 
 #: bumped when the metrics' definitions change, so a run's cached evaluation is recomputed
-EVALUATION_VERSION = 2
+EVALUATION_VERSION = 3
 
 
 def _seen_rows(train: Any, test: Any, attribute: str) -> np.ndarray:
