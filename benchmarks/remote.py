@@ -9,17 +9,20 @@ full-activation download would take instead, i.e. every site of the model (all l
 residual stream, sublayer outputs and per-head q/k/v/z) at every token of every row the
 stage runs, in float32. The SAEs are random (their weights do not change the sizes).
 
-Then, by simulation, how the evaluation's bytes scale with the model's width and the number
-of SAEs: random llama models of d_model 576, 2048, 4096 and 8192 (2 layers, 64-wide heads),
-the tiny IOI task of the tests (16 fit and 16 held-out prompts), one head's ``z`` reached by
-random residual TopK SAEs of width ``2 * d_model``, 1 and 4 SAEs, in float32 and bfloat16
-transport; and, from those slopes, what a 70B-class model (d_model 8192) would need.
+Then where the SAEs run (:func:`placement_scaling`): one evaluation's bytes for d_model
+576, 2048, 4096 and 8192 x SAE width 4096 to 262144 x 1 and 8 SAEs, with the SAEs
+encoded on the server (their encoders uploaded), here (the residual rows they read
+downloaded) and where the planner chooses, from :func:`sage_nn.pipeline.plan.plan_run` on
+shapes alone (meta device); wherever the SAEs fit this machine, the same evaluation sent to
+a weightless client's :class:`~sage_nn.model.remote.SimulatedServer`, the plan checked
+against the measured bytes. And the 70B-class plan (:func:`plan_70b`).
 And, on the quickstart run with its trained SAEs, the patch request of a residual
 cross-section: sparse edits (the latent directions the edits use once, k coefficients a
 row, as evaluation sends them) against every edit sent as a dense value. Writes
 ``benchmarks/results/remote.json``.
 
     python benchmarks/remote.py [--skip-smollm2] [--widths 576,2048,4096,8192 | ""]
+                                [--sae-widths 4096,16384,65536,262144] [--skip-plan]
                                 [--edit-run runs/quickstart | ""]
 """
 
@@ -45,7 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-smollm2", action="store_true",
                         help="keep the stored SmolLM2 stages, only rerun the width scaling")
     parser.add_argument("--widths", default="576,2048,4096,8192",
-                        help='d_model values of the width scaling ("": keep the stored one)')
+                        help='d_model values of the placement scaling ("": keep the stored '
+                             'one)')
+    parser.add_argument("--sae-widths", default="4096,16384,65536,262144",
+                        help="SAE widths of the placement scaling")
+    parser.add_argument("--skip-plan", action="store_true",
+                        help="keep the stored 70B-class plan")
     parser.add_argument("--edit-run", default="runs/quickstart",
                         help='a finished quickstart run for the edit transport ("": keep the '
                              'stored one)')
@@ -94,16 +102,23 @@ def main(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     stored = json.loads(out.read_text()) if out.exists() else {}
     report = stored if args.skip_smollm2 and stored else smollm2(args)
-    report["width_scaling"] = stored.get("width_scaling")
+    report.pop("width_scaling", None)  # the server-only scaling this replaced
+    report["placement_scaling"] = stored.get("placement_scaling")
     out.write_text(json.dumps(report, indent=2))  # kept if the scaling below fails
     if args.widths:
-        report["width_scaling"] = width_scaling([int(w) for w in args.widths.split(",")])
+        report["placement_scaling"] = placement_scaling(
+            [int(w) for w in args.widths.split(",")],
+            [int(w) for w in args.sae_widths.split(",")])
         out.write_text(json.dumps(report, indent=2))
-        print(json.dumps(report["width_scaling"], indent=2))
+    report["plan_70b"] = stored.get("plan_70b")
+    if not args.skip_plan:
+        report["plan_70b"] = plan_70b()
+        out.write_text(json.dumps(report, indent=2))
+        print("\n".join(report["plan_70b"]["plan_lines"]))
     report["edit_transport"] = stored.get("edit_transport")
     if args.edit_run:
         report["edit_transport"] = edit_transport(args.edit_run)
-        out.write_text(json.dumps(report, indent=2))
+    out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
 
 
@@ -147,12 +162,12 @@ def smollm2(args) -> dict:
     for name, (first, last, seconds) in spans.items():
         sent = remote.requests[first:last]
         by_kernel = defaultdict(int)
-        for kernel, _, _ in sent:
-            by_kernel[kernel] += 1
+        for r in sent:
+            by_kernel[r.kernel] += 1
         result = sum(server.result_bytes[first:last])
-        full = per_token * sum(tokens for _, _, tokens in sent)
+        full = per_token * sum(r.tokens for r in sent)
         rows.append({"stage": name, "requests": len(sent), "requests_by_kernel": dict(by_kernel),
-                     "rows": sum(r for _, r, _ in sent),
+                     "rows": sum(r.rows for r in sent),
                      "upload_bytes": sum(server.request_bytes[first:last]),
                      "download_bytes": result, "full_activation_bytes": full,
                      "full_over_download": full / result, "seconds": seconds})
@@ -175,38 +190,42 @@ def smollm2(args) -> dict:
     return report
 
 
-MAX_SAE_BYTES = 2.5e9  # SAE weights per request the 24 GiB benchmark machine can pickle
+MAX_MEASURED_SAE_BYTES = 1.0e9  # SAE weights (float32) a measured evaluation may hold here
+MAX_MEASURED_D_MODEL = 2048  # larger random models take minutes a patched run on 2 cores
+
+
+def _llama_config(d: int, vocab: int, n_layers: int = 2):
+    from transformers import LlamaConfig
+
+    heads = d // 64
+    return LlamaConfig(hidden_size=d, num_attention_heads=heads,
+                       num_key_value_heads=3 if heads % 3 == 0 else max(1, heads // 4),
+                       intermediate_size=d, num_hidden_layers=n_layers, vocab_size=vocab)
 
 
 def _random_llama(d: int, tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from sage_nn.model.loading import wrap
 
-    heads = d // 64
-    config = LlamaConfig(hidden_size=d, num_attention_heads=heads,
-                         num_key_value_heads=3 if heads % 3 == 0 else max(1, heads // 4),
-                         intermediate_size=d, num_hidden_layers=2, vocab_size=len(tok))
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(config).eval()
+    hf = LlamaForCausalLM(_llama_config(d, len(tok))).eval()
     hf.config._name_or_path = f"random-llama-d{d}"
     hf.set_attn_implementation("eager")
     return wrap(hf, tok)
 
 
-def _tiny_ioi(model):
+def _tiny_spec() -> Path:
+    """The tests' tiny IOI task (in the tiny tokenizer's words), written to a temp file."""
     import sys
     import tempfile
 
-    from sage_nn.tasks.datasets import load_task
-
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from conftest import TINY_TASK  # the tests' tiny IOI, in the tiny tokenizer's words
+    from conftest import TINY_TASK
 
     spec = Path(tempfile.mkdtemp()) / "tiny.yaml"
     spec.write_text(TINY_TASK)
-    full = load_task(spec).build(model, n=32, seed=0, split="train")
-    return full.subset(np.arange(16)), full.subset(np.arange(16, 32))
+    return spec
 
 
 def edit_transport(run_dir: str, pair: str = "L24.resid_pre@END") -> dict:
@@ -214,7 +233,7 @@ def edit_transport(run_dir: str, pair: str = "L24.resid_pre@END") -> dict:
     quickstart run's prompts with its trained residual SAEs: sparse edits (as evaluation
     sends them) against every edit sent dense (one ``[prompt, d_model]`` value per k and
     method), bfloat16 transport."""
-    import sage_nn.evaluation as evaluation
+    from sage_nn.evaluation import scoring as evaluation  # where the edits are made
     from sage_nn.model.patching import LatentEdit
     from sage_nn.pipeline.resolve import resolve_saes
 
@@ -241,7 +260,7 @@ def edit_transport(run_dir: str, pair: str = "L24.resid_pre@END") -> dict:
         first = len(server.request_bytes)
         results[kind] = evaluate_cross_section(model, fit, held_out, sections, saes,
                                                ks=config.ks, n_boot=10, remote=remote)
-        assert [r[0] for r in remote.requests] == ["read", "patch"]
+        assert [r.kernel for r in remote.requests] == ["read", "patch"]
         row[f"patch_upload_bytes_{kind}"] = server.request_bytes[first + 1]
     evaluation._edits = sparse_edits
     edit = [results[kind].edit.values for kind in ("sparse", "dense")]
@@ -254,62 +273,148 @@ def edit_transport(run_dir: str, pair: str = "L24.resid_pre@END") -> dict:
                      f"every edit sent as [prompt, d_model] values", **row}
 
 
-def width_scaling(widths: list[int], n_saes=(1, 4), sae_ratio: int = 2) -> dict:
-    """Evaluation requests' bytes against d_model and the number of SAEs (see the module
-    docstring), and the 70B-class estimate from the fitted slopes."""
+def placement_scaling(d_models: list[int], widths: list[int], n_saes=(1, 8)) -> dict:
+    """Bytes of one evaluation (its read and patch requests) against d_model, SAE width and
+    the number of SAEs, with the SAEs encoded on the server, here, and where the planner
+    chooses (``auto``): planned on shapes alone (the model from its config on the meta
+    device, SAEs on the meta device), and, where the SAEs fit this machine, measured on a
+    random model with weights served by :class:`SimulatedServer` to a weightless client,
+    the read's planned bytes checked equal to the measured ones and the patch's estimate
+    at least the measured."""
     import tempfile
 
     from sage_nn.model.loading import tiny_tokenizer
+    from sage_nn.pipeline.plan import meta_model, meta_sae, plan_run
 
-    tok, rows = tiny_tokenizer(), []
-    for d in widths:
-        model = _random_llama(d, tok)
-        fit, test = _tiny_ioi(model)
-        section = CrossSection("io", [(Site(1, "z", 0), "END")])
+    tok, rows, checks = tiny_tokenizer(), [], []
+    spec = _tiny_spec()
+    section = {"io": [("L1.z.h0", "END")]}
+    for d in d_models:
         with tempfile.TemporaryDirectory() as tmp:
-            server = FreshProcessBackend.for_model(model, tmp)
-            for n in n_saes:
-                if n * 2 * d * sae_ratio * d * 4 > MAX_SAE_BYTES:
-                    continue  # more than this machine holds twice (here and the server)
-                saes = {f"sae{i}": ReconstructedSAE([random_topk_sae("L1.resid_pre", d,
-                                                                     sae_ratio * d, i)])
-                        for i in range(n)}
-                for transport in ("float32", "bfloat16"):
-                    server.request_bytes.clear(), server.result_bytes.clear()
-                    remote = Remote(server, transport=transport)
-                    evaluate_cross_section(model, fit, test, section, saes, ks=[1, 2, 4, 8],
-                                           n_boot=10, remote=remote)
-                    rows.append({"d_model": d, "n_saes": n, "sae_width": sae_ratio * d,
-                                 "transport": transport,
-                                 "requests": [r[0] for r in remote.requests],
-                                 "upload_bytes": list(server.request_bytes),
-                                 "download_bytes": list(server.result_bytes)})
-                    print(rows[-1], flush=True)
-        del model
-    return {"setup": f"random llama, 2 layers, intermediate = d_model; tiny IOI, 16 fit + 16 "
-                     f"held-out prompts; cross-section L1.z.h0@END; random TopK SAEs (k=32) "
-                     f"of width {sae_ratio} x d_model at L1.resid_pre; ks 1,2,4,8",
-            "rows": rows, "estimate_70b": estimate_70b(rows)}
+            _llama_config(d, len(tok)).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            client = meta_model(tmp)
+            server = _random_llama(d, tok) if d <= MAX_MEASURED_D_MODEL else None
+            for width in widths:
+                for n in n_saes:
+                    planned = {}
+                    for placement in ("server", "here", "auto"):
+                        config = RunConfig(model=tmp, task=str(spec), remote=True, n_fit=16,
+                                           n_eval=16, n_discovery=16, ks=[1, 2, 4, 8],
+                                           n_boot=10, batch_size=16, run_dir=f"{tmp}/run",
+                                           remote_placement=placement)
+                        saes = {f"sae{i}": ReconstructedSAE([meta_sae(
+                            d, width, Site(1, "resid_pre"), "topk", 32)]) for i in range(n)}
+                        plan = plan_run(config, model=client, cross_sections=section,
+                                        saes=saes)
+                        reqs = [r for r in plan.requests if r.stage == "evaluation"]
+                        planned[placement] = (plan, reqs)
+                        up, down = plan.totals("evaluation", code=False)
+                        rows.append({"d_model": d, "sae_width": width, "n_saes": n,
+                                     "placement": placement,
+                                     "chosen": sorted({p["placement"] for p in plan.placements}),
+                                     "upload_bytes": up, "download_bytes": down,
+                                     "bytes": up + down, "read": [reqs[0].up, reqs[0].down],
+                                     "patch_estimate": [reqs[1].up, reqs[1].down]})
+                        print({k: v for k, v in rows[-1].items()}, flush=True)
+                    if server is not None and n * d * width * 8 <= MAX_MEASURED_SAE_BYTES:
+                        checks += _measured(client, server, config, section, d, width, n,
+                                            planned)
+            del server
+    chosen = [r for r in rows if r["placement"] == "auto"]
+    growth = {}
+    for d in d_models:
+        for n in n_saes:
+            at = {r["sae_width"]: r["bytes"] for r in chosen
+                  if r["d_model"] == d and r["n_saes"] == n}
+            if 16384 in at and max(at) > 16384:
+                growth[f"d{d}_n{n}"] = at[max(at)] / at[16384]
+    return {"setup": "random llama (2 layers, heads of 64, intermediate = d_model), the tests' "
+                     "tiny IOI (16 fit + 16 held-out prompts), cross-section L1.z.h0@END, "
+                     "TopK SAEs (k=32) at L1.resid_pre, ks 1,2,4,8, float32 transport; "
+                     "bytes are tensor bytes of the evaluation's read and patch requests "
+                     "(the patch an upper-bound estimate), without the code each request "
+                     "carries",
+            "rows": rows, "measured": checks,
+            "chosen_bytes_at_largest_width_over_16384": growth}
 
 
-def estimate_70b(rows: list[dict]) -> dict:
-    """Least-squares slopes of upload and download (bfloat16) in d_model and SAE
-    parameters, applied to a 70B-class model: d_model 8192, a 16-site cross-section of
-    heads fed by 8 residual SAEs of width 65536 (8x)."""
-    bf = [r for r in rows if r["transport"] == "bfloat16"]
-    X = np.array([[1.0, r["d_model"], r["n_saes"] * r["d_model"] * r["sae_width"]] for r in bf])
-    out = {}
-    for key in ("upload_bytes", "download_bytes"):
-        y = np.array([sum(r[key]) for r in bf], dtype=float)
-        coef = np.linalg.lstsq(X, y, rcond=None)[0]
-        out[f"{key}_fit"] = {"constant": coef[0], "per_d_model": coef[1],
-                             "per_sae_parameter": coef[2]}
-        out[key.replace("_bytes", "_bytes_70b_one_site")] = float(
-            coef @ [1.0, 8192, 8 * 8192 * 65536])
-    out["note"] = ("one cross-section site's variants on 16 held-out prompts, 8 feeding SAEs "
-                   "(2 x d x width parameters each, bf16); upload is dominated by the SAE "
-                   "weights the read request carries, download by the reads; more prompts "
-                   "scale the activation terms, not the SAE term")
+def _measured(client, server_model, config, section, d, width, n, planned) -> list[dict]:
+    """The planned evaluation sent: random SAEs of the planned shapes, each placement."""
+    from sage_nn.model.remote import SimulatedServer
+
+    _, fit, held_out = run_prompts(client, config)
+    saes = {f"sae{i}": ReconstructedSAE([random_topk_sae("L1.resid_pre", d, width, i)])
+            for i in range(n)}
+    sections = [CrossSection(a, [(Site.parse(s), p) for s, p in ps])
+                for a, ps in section.items()]
+    server, out = SimulatedServer(server_model), []
+    for placement in ("server", "here", "auto"):
+        remote = Remote(server, placement=placement)
+        start = time.perf_counter()
+        evaluate_cross_section(client, fit, held_out, sections, saes, ks=config.ks,
+                               n_boot=config.n_boot, seed=config.seed,
+                               batch_size=config.batch_size, remote=remote)
+        read, patch = remote.requests
+        _, (p_read, p_patch) = planned[placement]
+        out.append({"d_model": d, "sae_width": width, "n_saes": n, "placement": placement,
+                    "chosen": sorted({p["placement"] for p in remote.placements}),
+                    "read": [read.up, read.down], "read_planned": [p_read.up, p_read.down],
+                    "read_exact": (read.up, read.down) == (p_read.up, p_read.down),
+                    "patch": [patch.up, patch.down],
+                    "patch_estimate": [p_patch.up, p_patch.down],
+                    "patch_bounded": patch.up <= p_patch.up and patch.down <= p_patch.down,
+                    "code_and_framing_bytes": [max(r.wire_up - r.up for r in remote.requests),
+                                               max(r.wire_down - r.down
+                                                   for r in remote.requests)],
+                    "seconds": time.perf_counter() - start})
+        print(out[-1], flush=True)
+    return out
+
+
+def plan_70b() -> dict:
+    """The 70B-class plan: d_model 8192, 80 layers, 64 heads (8 KV heads), built from its
+    config on the meta device; the quickstart's settings and prompts (SmolLM2's tokenizer)
+    and cross-sections (five layers of heads, from this file's SmolLM2 run); 8 residual
+    TopK SAEs of width 65536 at each of those layers' resid_pre; float32 and bfloat16."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from sage_nn.pipeline.plan import meta_model, meta_sae, plan_run
+
+    stored = json.loads((Path(__file__).parent / "results" / "remote.json").read_text())
+    pairs = {a: [tuple(x.split("@")) for x in v] for a, v in stored["cross_sections"].items()}
+    layers = sorted({Site.parse(s).layer for ps in pairs.values() for s, _ in ps})
+    out = {"setup": plan_70b.__doc__.split("\n\n")[0].replace("\n    ", " "),
+           "layers": layers}
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = AutoTokenizer.from_pretrained(smollm2_dir())
+        config = _llama_config(8192, len(tok), 80)
+        config.num_attention_heads, config.num_key_value_heads = 64, 8
+        config.intermediate_size = 28672
+        config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        model = meta_model(tmp)
+        for transport in ("float32", "bfloat16"):
+            for width in (16384, 65536, 262144):
+                start = time.perf_counter()
+                saes = {f"sae{i}": ReconstructedSAE([meta_sae(8192, width,
+                                                              Site(layer, "resid_pre"))
+                                                     for layer in layers]) for i in range(8)}
+                plan = plan_run(RunConfig(model=tmp, remote=True, run_dir=f"{tmp}/run",
+                                          remote_transport=transport), model=model,
+                                cross_sections=pairs, saes=saes)
+                up, down = plan.totals()
+                row = {"sae_width": width, "total_bytes": up + down, "upload_bytes": up,
+                       "download_bytes": down,
+                       "requests_per_stage": plan.requests_per_stage(),
+                       "placements": sorted({p["placement"] for p in plan.placements}),
+                       "plan_seconds": time.perf_counter() - start}
+                out[f"{transport}_width_{width}"] = row
+                print(transport, row, flush=True)
+                if (transport, width) == ("float32", 65536):
+                    out["plan_lines"] = plan.lines()
     return out
 
 

@@ -119,6 +119,11 @@ def _run_config(args):
 def _run(args) -> None:
     from .pipeline.stages import run
 
+    if args.dry_run:  # the requests a remote run would send: nothing sent, no weights here
+        from .pipeline.plan import plan_run
+
+        print("\n".join(plan_run(_run_config(args)).lines()))
+        return
     try:
         result = run(_run_config(args))
     except Exception as err:  # sage_nn.remote (torch, nnsight) is imported once a run starts
@@ -185,6 +190,9 @@ FIELD_HELP = {
                         "float32 or bfloat16 (half the bytes)",
     "remote_blocking": "wait for remote jobs (--no-remote-blocking, or --no-wait: submit "
                        "and exit; run again to collect them)",
+    "remote_placement": "where residual SAEs are encoded in a remote evaluation: auto (by the "
+                        "bytes each way needs), server (their encoders uploaded) or here "
+                        "(the residual rows they read downloaded)",
 }
 
 
@@ -256,6 +264,10 @@ def _add_run_options(p) -> None:
                            **_flag_kwargs(hints[field.name]))
     p.add_argument("--no-wait", dest="remote_blocking", action="store_const", const=False,
                    help="submit remote jobs and exit; run again to collect them")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --remote: print the requests each stage would send, with bytes "
+                        "up and down and where each SAE is encoded; send nothing, load no "
+                        "weights")
     p.set_defaults(func=_run)
 
 

@@ -140,30 +140,36 @@ def test_directions_sum_to_the_frozen_reconstruction(arch, sae_arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_codes_read_from_the_clean_run_equal_the_reconstruction(arch):
+@pytest.mark.parametrize("placement", ["server", "here"])
+def test_codes_read_from_the_clean_run_equal_the_reconstruction(arch, placement):
     """sage_nn.reads computes each site's codes and offset from one clean forward (no
-    scratch rows): the same numbers as the two-row reconstruction, at the prompts' last
-    token, for several SAEs in one read."""
+    scratch rows), in the kernel (placement "server") or here from the residual and pattern
+    rows the kernel returns ("here"): the same numbers as the two-row reconstruction, at
+    the prompts' last token, for several SAEs in one read; and the frozen maps the read
+    returns give the directions read off the weights here."""
     from types import SimpleNamespace
 
     from sage_nn.model.reads import read_sites
+    from sage_nn.model.remote import Remote
 
     model = tiny_random_model(arch)
     ad = adapter(model)
-    model._module.set_attn_implementation("eager")
     sites = [Site(1, "q", 1), Site(1, "v", 0), Site(1, "z", 3), Site(1, "attn_out")]
     data = SimpleNamespace(prompts=PROMPTS, positions={"END": np.full(len(PROMPTS), -1)})
     recs = [ResidualReconstruction([random_sae(ad.d_model, 1, "resid_pre", seed=seed)], "input",
                                    freeze_norm=True, freeze_pattern=True).fit(model)
             for seed in (2, 3)]
-    values, codes = read_sites(model, [data], [(s, "END") for s in sites],
-                               [(rec.linear_spec(1, sites), sites) for rec in recs])
+    read = read_sites(model, [data], [(s, "END") for s in sites],
+                      [rec.linear_job(sites, ["END"]) for rec in recs],
+                      remote=Remote(placement=placement))
+    values, codes = read.values, read.codes
     for j, rec in enumerate(recs):
         for s in sites:  # one site per run: the others' splices would change its layer
             out = rec.run(PROMPTS, [s], with_codes=True)
             c, off = codes[0][(j, s, "END")]
             torch.testing.assert_close(c, out.codes[s][:, -1], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(off, out.offsets[s][:, -1], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(rec.directions(s, read.maps[1]), rec.directions(s))
     clean = {}  # made outside the trace: nnsight hands back what was saved into it
     with torch.no_grad(), model.trace(encode(model, PROMPTS).inputs):
         for s in sites:
@@ -207,6 +213,11 @@ def test_smollm2_perfect_sae_and_sdpa_message():
     out = rec.run(["When Mary and John went to the store, John gave a drink to"], sites)
     for s in sites:
         torch.testing.assert_close(out.recon[s], out.clean[s], rtol=1e-4, atol=1e-4)
-    if model._module.config._attn_implementation != "eager":
-        with pytest.raises(ValueError, match="set_attn_implementation\\('eager'\\)"):
-            rec.run(["a b"], [Site(3, "z", 0)], with_codes=True)
+    # site codes need the pattern, which only eager attention returns: the kernel switches
+    # to it (as it must on a server) and gives the model its own back
+    impl = model._module.config._attn_implementation
+    out = rec.run(["a b c"], [Site(3, "z", 0)], with_codes=True)
+    assert model._module.config._attn_implementation == impl
+    D = rec.directions(Site(3, "z", 0))
+    torch.testing.assert_close(out.codes[Site(3, "z", 0)] @ D + out.offsets[Site(3, "z", 0)],
+                               out.recon[Site(3, "z", 0)], rtol=1e-3, atol=1e-4)

@@ -1,6 +1,8 @@
 """Remote execution, offline: every stage through nnsight's ``remote="local"`` backend and
 through a fresh server-like process that cannot import sage_nn, with the local numbers back."""
 
+import json
+import logging
 import sys
 import time
 
@@ -24,7 +26,14 @@ from sage_nn.discovery.growth import grow_cross_sections
 from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
 from sage_nn.evaluation.scoring import evaluate_cross_section
 from sage_nn.model.patching import Patch, run_patched
-from sage_nn.model.remote import NOT_ON_SERVER, FreshProcessBackend, Remote, RemotePending, run_kernel
+from sage_nn.model.remote import (
+    NOT_ON_SERVER,
+    FreshProcessBackend,
+    Remote,
+    RemotePending,
+    SimulatedServer,
+    run_kernel,
+)
 from sage_nn.dictionaries.saes import SparseAutoencoder
 from sage_nn.model.sites import Site
 from sage_nn.tasks.datasets import logit_diffs
@@ -39,10 +48,10 @@ def setup(tmp_path_factory):
     return model, full.subset(np.arange(16)), full.subset(np.arange(16, 24)), server
 
 
-def random_sae(layer: int, kind: str, d: int, seed: int) -> SparseAutoencoder:
+def random_sae(layer: int, kind: str, d: int, seed: int, width: int = 64) -> SparseAutoencoder:
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(d, 64, generator=g) / d ** 0.5
-    return SparseAutoencoder(W, torch.zeros(64), W.T.clone(), torch.zeros(d),
+    W = torch.randn(d, width, generator=g) / d ** 0.5
+    return SparseAutoencoder(W, torch.zeros(width), W.T.clone(), torch.zeros(d),
                              architecture="topk", k=8, layer=layer, kind=kind)
 
 
@@ -75,7 +84,7 @@ def test_stages_give_the_local_numbers_through_nnsight_local_backend(setup):
     xr.testing.assert_identical(here.scores, there.scores)
     assert here.validation == there.validation
     # 16 prompts at most 8 per request: the collect above took two requests
-    assert [r[:2] for r in remote.requests[:2]] == [("collect", 8), ("collect", 8)]
+    assert [(r.kernel, r.rows) for r in remote.requests[:2]] == [("collect", 8), ("collect", 8)]
 
 
 def test_stages_round_trip_through_a_fresh_server_process(setup):
@@ -91,12 +100,14 @@ def test_stages_round_trip_through_a_fresh_server_process(setup):
     there = scores.fit(model, fit, remote=remote).scores_
     xr.testing.assert_allclose(scores.fit(model, fit).scores_, there, rtol=1e-4, atol=1e-6)
     assert there.exact.any()  # the exact sweep (blocks skipped by nnsight) ran there too
+    # the server's parameters are frozen, as NDIF's: the kernel asked for its gradients
+    assert float(abs(there.delta.where(~there.exact)).max()) > 1e-6
     # the adaptive search, decided on the server in one request
     grown = grow_cross_sections(model, fit, there, max_sites=3, remote=remote)
     for a, (table, summary) in grow_cross_sections(model, fit, there, max_sites=3).items():
         assert grown[a][0].site.tolist() == table.site.tolist()
         assert grown[a][1]["recovered"] == pytest.approx(summary["recovered"], rel=1e-4)
-    assert remote.requests[-1][0] == "grow"
+    assert remote.requests[-1].kernel == "grow"
     assert len(server.result_bytes) == len(remote.requests) > 1
     # what comes back is reduced: less than the request that asked for it, for evaluation
     assert sum(server.result_bytes[1:]) < sum(server.request_bytes[1:])
@@ -119,15 +130,15 @@ def test_evaluation_requests_follow_the_data_not_the_number_of_attributes_or_sae
         remote = Remote("local")
         there = evaluate_cross_section(model, fit, test, sections, saes, ks=[1, 2, 4],
                                        n_boot=10, remote=remote)
-        assert [r[0] for r in remote.requests] == ["read", "patch"], n_saes
+        assert [r.kernel for r in remote.requests] == ["read", "patch"], n_saes
         assert set(there.dictionary.values) >= {"sae0", "random:sae0"}
     here = evaluate_cross_section(model, fit, test, sections, saes, ks=[1, 2, 4], n_boot=10)
     xr.testing.assert_identical(here, there)
     capped = Remote("local", max_prompts=8)
     split = evaluate_cross_section(model, fit, test, sections, saes, ks=[1, 2, 4], n_boot=10,
                                    batch_size=8, remote=capped)
-    assert [r[:2] for r in capped.requests[:2]] == [("read", 8), ("read", 8)]  # the 16 fit
-    assert len(capped.requests) > 3 and all(rows <= 8 for _, rows, _ in capped.requests)
+    assert [(r.kernel, r.rows) for r in capped.requests[:2]] == [("read", 8), ("read", 8)]
+    assert len(capped.requests) > 3 and all(r.rows <= 8 for r in capped.requests)
     xr.testing.assert_allclose(here, split, rtol=1e-5, atol=1e-7)
     # bfloat16 transport: about half the bytes each way, the numbers to bf16 precision
     server = FreshProcessBackend.for_model(model, tmp_path / "server")
@@ -240,20 +251,22 @@ def test_a_job_submitted_without_waiting_is_collected_later_by_its_id(setup, tmp
     assert key not in (tmp_path / "jobs.json").read_text()
 
 
-def test_sublayer_directions_of_a_weightless_model_ask_for_residual_sites():
-    """An NDIF model has no weights here; the frozen maps to sublayer sites need them."""
+def test_directions_of_a_weightless_model_ask_for_the_maps_read_on_the_server():
+    """An NDIF model has no weights here: directions come from the frozen maps a read
+    brings back (evaluate_cross_section passes them itself)."""
     from sage_nn.dictionaries.reconstruction import ResidualReconstruction
 
     model = tiny_random_model("llama")
     model._module.to("meta")
     recon = ResidualReconstruction([random_sae(1, "resid_pre", model.config.hidden_size, 0)],
                                    freeze_norm=True, freeze_pattern=True).fit(model)
-    with pytest.raises(ValueError, match="evaluate residual cross-sections"):
+    with pytest.raises(ValueError, match="layer 1's weights are not here .* pass the layer's "
+                                         "frozen maps read on the server"):
         recon.directions("L1.z.h0")
 
 
 def test_a_remote_pipeline_run_matches_the_local_one_and_stores_no_api_key(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, caplog):
     from sage_nn.pipeline.stages import run
     from test_pipeline import _setup, config
 
@@ -262,15 +275,121 @@ def test_a_remote_pipeline_run_matches_the_local_one_and_stores_no_api_key(
     monkeypatch.setenv("NDIF_API_KEY", key)
     monkeypatch.setenv("SAGE_NN_CACHE", str(tmp_path / "cache"))
     root, model = _setup(tmp_path)
+    caplog.set_level(logging.INFO, logger="sage_nn")
     here = run(config(root, "here"), model=model, progress=False)
     remote = Remote("local")
     there = run(config(root, "there", remote="local"), model=model, progress=False,
                 remote=remote)
     xr.testing.assert_identical(here.results, there.results)
-    assert {r[0] for r in remote.requests} >= {"patch", "attribution", "read"}
+    assert {r.kernel for r in remote.requests} >= {"patch", "attribution", "read"}
+    # the run says what it sent: every request in its directory, one line a stage
+    logged = [json.loads(line) for line in (root / "there" / "requests.jsonl").open()]
+    requests = [r for r in logged if r["type"] == "request"]
+    assert [(r["stage"], r["kernel"]) for r in requests] == [
+        (r.stage, r.kernel) for r in remote.requests]
+    assert {r["stage"] for r in requests} == {"task", "discovery", "evaluation"}
+    assert all(r["up"] > 0 and r["down"] > 0 and r["seconds"] > 0 for r in requests)
+    assert not (root / "here" / "requests.jsonl").exists()
+    said = [m for m in caplog.messages if m.startswith("remote ")]
+    assert said[0].startswith("remote task: 1 request (patch), ") and len(said) == 3
+    assert said[-1].startswith("remote evaluation: 2 requests (read, patch)")
     for path in (root / "there").rglob("*"):
         if path.is_file():
             assert key.encode() not in path.read_bytes(), path
+
+
+def weightless(model):
+    """``model``'s twin as a remote model is held here: on the meta device, no weights."""
+    client = tiny_random_model(model.config.model_type, seed=0,
+                               n_layers=model.config.num_hidden_layers)
+    client._module.to("meta")
+    return client
+
+
+def test_a_client_without_weights_runs_the_reconstruction_on_the_servers_model(
+        tmp_path, monkeypatch):
+    """The SAGE method on a model that is not here: a full run with head cross-sections and
+    residual TopK SAEs reaching them through the reconstruction, on a client holding the
+    model on the meta device, gives the local run's numbers; the run records where each
+    SAE was encoded, with the bytes each placement needed."""
+    from sage_nn.pipeline.stages import run
+    from test_pipeline import _setup, config
+
+    monkeypatch.setenv("SAGE_NN_CACHE", str(tmp_path / "cache"))
+    root, model = _setup(tmp_path)
+    here = run(config(root, "here"), model=model, progress=False).results
+    assert {str(s).split(".")[1] for s in here.site.values} == {"z"}  # heads, the default
+    client = weightless(model)
+    remote = Remote(SimulatedServer(tiny_random_model("llama", seed=0)))
+    there = run(config(root, "there", remote="local"), model=client, progress=False,
+                remote=remote).results
+    xr.testing.assert_allclose(here, there, rtol=1e-4, atol=1e-6)
+    assert all(p.device.type == "meta" for p in client._module.parameters())
+    kernels = [(r.stage, r.kernel) for r in remote.requests]
+    assert [k for k in kernels if k[0] != "discovery"] == [
+        ("task", "patch"), ("evaluation", "read"), ("evaluation", "patch")]
+    logged = [json.loads(line) for line in (root / "there" / "requests.jsonl").open()]
+    placed = [r for r in logged if r["type"] == "placement"]
+    assert {p["layer"] for p in placed} == {int(str(s)[1]) for s in here.site.values}
+    for p in placed:  # tiny SAEs: their encoders cost less than the residual rows
+        assert p["placement"] == "server" and 0 < p["server_bytes"] < p["here_bytes"], p
+
+
+def mixed_widths(model, fit, test, remote):
+    """Heads of two layers read through residual SAEs of two widths: at 64 latents the
+    encoder costs fewer bytes than the residual rows, at 4096 more (``auto`` splits)."""
+    d = model.config.hidden_size
+    saes = {"res": ReconstructedSAE([random_sae(0, "resid_pre", d, 0),
+                                     random_sae(1, "resid_pre", d, 1, width=4096)])}
+    cs = CrossSection("io", [(Site(0, "z", 0), "END"), (Site(1, "z", 1), "END")])
+    return evaluate_cross_section(model, fit, test, cs, saes, ks=[1, 2], n_boot=10,
+                                  remote=remote)
+
+
+def test_a_client_without_weights_gets_the_same_numbers_wherever_the_saes_are_encoded(setup):
+    """Encoded on the server or here, forced or chosen by bytes, in float32 or bfloat16:
+    the numbers are the local run's (bf16: to its rounding); the choice is the cheaper."""
+    model, fit, test, _ = setup
+    here = mixed_widths(model, fit, test, None)
+    client, server = weightless(model), SimulatedServer(model)
+    reads = {}
+    for transport in ("float32", "bfloat16"):
+        for placement in ("server", "here", "auto"):
+            remote = Remote(server, placement=placement, transport=transport)
+            there = mixed_widths(client, fit, test, remote)
+            assert [r.kernel for r in remote.requests] == ["read", "patch"]
+            reads[placement, transport] = remote.requests[0]
+            chosen = [p["placement"] for p in remote.placements]
+            assert chosen == (["server", "here"] if placement == "auto" else [placement] * 2)
+            for p in remote.placements:
+                assert min(p["server_bytes"], p["here_bytes"]) > 0
+                if placement == "auto":
+                    cheaper = "here" if p["here_bytes"] < p["server_bytes"] else "server"
+                    assert p["placement"] == cheaper, p
+            if transport == "float32":
+                xr.testing.assert_allclose(here, there, rtol=1e-4, atol=1e-6)
+            else:  # what the reads carry, to bf16 rounding (a random SAE's TopK flips at
+                # it; this random model's logit differences are too small for their ratios)
+                np.testing.assert_allclose(there.fvu, here.fvu, rtol=0.05, atol=1e-3)
+                np.testing.assert_allclose(there.l0, here.l0, rtol=0.1)
+    # encoded here, the read uploads no encoder (the wide one's is most of the upload) and
+    # brings residual rows back rather than 4096 codes a token; each SAE where it is cheaper
+    server_read, here_read = reads["server", "float32"], reads["here", "float32"]
+    assert here_read.up < 0.05 * server_read.up and here_read.down < 0.5 * server_read.down
+    auto = reads["auto", "float32"]
+    assert auto.up + auto.down < min(r.up + r.down for r in (server_read, here_read))
+    assert reads["auto", "bfloat16"].down < 0.6 * auto.down  # the rows and codes in bf16
+
+
+def test_a_client_without_weights_reads_through_a_fresh_server_process(setup):
+    """The same through a server process that cannot import sage_nn: the frozen maps and
+    the pattern come from the server's model; one SAE is encoded there, one here."""
+    model, fit, test, server = setup
+    remote = Remote(server)
+    there = mixed_widths(weightless(model), fit, test, remote)
+    assert [p["placement"] for p in remote.placements] == ["server", "here"]
+    xr.testing.assert_allclose(mixed_widths(model, fit, test, None), there, rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_settings_that_cannot_run_remotely_are_refused_before_anything_runs(tmp_path):
@@ -286,19 +405,26 @@ def test_settings_that_cannot_run_remotely_are_refused_before_anything_runs(tmp_
     assert not (tmp_path / "run").exists()
 
 
-def test_bfloat16_transport_sends_sae_weights_in_half_precision_shared_once():
-    """Under ``transport="bfloat16"`` a read request carries the SAEs' encoders in bf16 (the
-    bulk of its upload); an SAE named by two jobs stays one object, and nothing here is
-    changed."""
-    import pickle
+def test_bfloat16_transport_sends_sae_encoders_in_half_precision_once(setup):
+    """Encoded on the server, a read request carries each SAE's encoder (the bulk of its
+    upload): once for two jobs that share it, half the bytes in bfloat16, nothing here
+    changed; its bytes are logged as the planner counts them."""
+    from sage_nn.model.reads import LinearJob, read_sites
 
-    from sage_nn.model.remote import cast_shared
-
-    sae = random_sae(1, "resid_pre", 256, 0)
-    spec = {"sae": sae, "maps": {"proj": {("v", 0): (torch.ones(256, 8), torch.zeros(8))},
-                                 "layer_norm": False}}
-    sent_spec, sent_again = cast_shared([spec, {"sae": sae}], torch.bfloat16)
-    assert sent_spec["sae"] is sent_again["sae"] and sent_spec["sae"].W_enc.dtype == torch.bfloat16
-    assert sent_spec["maps"]["proj"][("v", 0)][0].dtype == torch.bfloat16
-    assert sae.W_enc.dtype == torch.float32
-    assert len(pickle.dumps(sent_spec["sae"])) < 0.55 * len(pickle.dumps(sae))
+    model, fit, _, _ = setup
+    sae = random_sae(1, "resid_pre", model.config.hidden_size, 0)
+    wide = SparseAutoencoder(torch.cat([sae.W_enc] * 32, 1), torch.zeros(2048),
+                             torch.cat([sae.W_dec] * 32), sae.b_dec, architecture="topk", k=8,
+                             layer=1, kind="resid_pre")
+    sent = {}
+    for transport in ("float32", "bfloat16"):
+        for jobs in (1, 2):
+            remote = Remote("local", transport=transport, placement="server")
+            read_sites(model, [fit], [], [LinearJob(wide, [Site(1, "z", h)], ["END"])
+                                          for h in range(jobs)], remote=remote)
+            sent[transport, jobs] = remote.requests[0].up
+    encoder = 32 * 2048 * 4  # W_enc in float32
+    assert encoder < sent["float32", 1] < 1.2 * encoder
+    assert sent["float32", 2] == sent["float32", 1]  # one encoder for both jobs
+    assert sent["bfloat16", 1] < 0.55 * sent["float32", 1]
+    assert wide.W_enc.dtype == torch.float32

@@ -34,15 +34,18 @@ import torch
 from ..model.activations import batches, encode, model_device
 from ..model.linear import (
     EagerAttention,
-    affine_of,
+    frozen_maps,
+    heads_read,
     inv_scale,
     linear_codes,
     norm_settings,
-    norm_weight,
+    site_directions,
+    take_inputs,
 )
+from ..model.reads import LinearJob
 from ..model.remote import run_kernel
 from ..model.sites import ATTN_KINDS, Site, adapter, at_path
-from .saes import SparseAutoencoder, check_sae, encoder_only
+from .saes import SparseAutoencoder, check_sae
 
 MODES = ("input", "difference")
 
@@ -194,13 +197,10 @@ class ResidualReconstruction:
         return results
 
     def _prepare(self, sites, with_codes: bool) -> list[Site]:
-        """The planned sites; with codes, their frozen maps are built here, since modules
-        must not be called inside the trace."""
+        """The planned sites (with codes: checked to have a linear view)."""
         sites = self._plan(sites)
         if with_codes:
             self._check_linear(sites)
-            for s in sites:
-                self._maps(s.layer, self.source(s))
         return sites
 
     def _double(self, inputs: dict) -> tuple[dict, int]:
@@ -211,11 +211,12 @@ class ResidualReconstruction:
         return inputs, n
 
     def splice(self, model: Any, sites: Sequence[Site], n: int, *, with_codes: bool = False,
-               out: dict | None = None) -> dict:
+               out: dict | None = None, maps: dict | None = None) -> dict:
         """Inside a trace: reconstruct ``sites`` in rows ``[:n]``. In input mode the trace's
         batch must be the prompts twice (rows ``[n:]`` are scratch). Fills and returns ``out``
         (create it before the trace: nnsight hands back only objects made outside it or saved):
-        ``{"clean"|"recon"|"codes"|"offsets": {site: tensor}}``."""
+        ``{"clean"|"recon"|"codes"|"offsets": {site: tensor}}``. ``with_codes`` needs each
+        layer's frozen ``maps`` (:func:`kernel_maps`, read before the trace)."""
         sites = self._plan(sites)
         ad = self.adapter_
         if out is None:
@@ -227,7 +228,8 @@ class ResidualReconstruction:
             by_layer.setdefault(s.layer, []).append(s)
         for layer in sorted(by_layer):
             if self.mode == "input":
-                self._input_layer(model, ad, layer, by_layer[layer], n, out, with_codes)
+                self._input_layer(model, ad, layer, by_layer[layer], n, out,
+                                  maps if with_codes else None)
             else:
                 self._difference_layer(model, ad, layer, by_layer[layer], out)
         return out
@@ -263,7 +265,8 @@ class ResidualReconstruction:
         ratio = inv_scale(inp_clean, kind, eps) / inv_scale(inp_scratch, kind, eps)
         out_t[n:] = ((out_t[n:] - beta) * ratio.to(out_t.dtype) + beta)
 
-    def _input_layer(self, model, ad, layer, sites, n, out, with_codes):
+    def _input_layer(self, model, ad, layer, sites, n, out, maps):
+        with_codes = maps is not None
         arch = ad.arch
         block = ad.blocks(model)[layer]
         attn_sites = [s for s in sites if s.kind in ATTN_KINDS]
@@ -329,7 +332,7 @@ class ResidualReconstruction:
                 t[:n] = recon
                 self._record(out, attn_out_site, clean, recon)
             if with_codes:
-                self._codes(layer, attn_sites, cache, out)
+                self._codes(layer, attn_sites, cache, out, maps)
         if mlp:
             if not ad.parallel:
                 sae = self.by_site_[(layer, "resid_mid")]
@@ -360,7 +363,7 @@ class ResidualReconstruction:
             self._record(out, Site(layer, "mlp_out"), clean, recon)
 
     # -- linear view: per-latent directions at a site ---------------------------------
-    def _check_linear(self, sites, need_pattern: bool = True):
+    def _check_linear(self, sites):
         if self.mode != "input" or not self.freeze_norm:
             raise ValueError("per-latent site directions need input mode with freeze_norm=True "
                              "(and freeze_pattern=True for z/attn_out): otherwise the map from "
@@ -369,133 +372,72 @@ class ResidualReconstruction:
             if s.kind == "mlp_out":
                 raise ValueError(f"{s}: the MLP is nonlinear, so mlp_out has no per-latent "
                                  "directions; they exist for q/k/v/z/attn_out")
-            if s.kind in ("z", "attn_out"):
-                if not self.freeze_pattern:
-                    raise ValueError(f"{s}: directions at z/attn_out need freeze_pattern=True")
-                impl = getattr(self.model_._module.config, "_attn_implementation", None)
-                if need_pattern and impl != "eager":
-                    raise ValueError(
-                        f"{s}: site codes at z/attn_out need the attention pattern, which only "
-                        f"eager attention returns (this model uses {impl!r}); call "
-                        "model._module.set_attn_implementation('eager') first")
+            if s.kind in ("z", "attn_out") and not self.freeze_pattern:
+                raise ValueError(f"{s}: directions at z/attn_out need freeze_pattern=True")
 
-    def _maps(self, layer: int, sae: SparseAutoencoder):
-        """Frozen linear pieces of the attention sublayer, with the SAE's decoder."""
-        return {**self._frozen(layer), "W_dec": sae.decoder().float(),
-                "b_dec": sae.b_dec.float()}
-
-    def _frozen(self, layer: int) -> dict:
-        """The model's frozen linear pieces at ``layer`` (norm weights, q/k/v/o as affine
-        maps, per-head column slices), cached per model: every SAE and floor shares the
-        same tensors, so a request that ships several carries them once."""
-        hf = self.model_._module  # the cache lives with the weights it was read from
-        cache = hf.__dict__.setdefault("_sage_nn_frozen", {})
-        if layer in cache:
-            return cache[layer]
-        ad, arch = self.adapter_, self.adapter_.arch
-        block = ad.blocks(hf)[layer]
-        attn = getattr(block, arch.attn)
-        if next(attn.parameters()).device.type == "meta":
-            raise ValueError(f"layer {layer}'s attention weights are not here (a remote model "
-                             "is loaded without weights), and latent directions at sublayer "
-                             "sites are computed from them: evaluate residual cross-sections "
-                             "(discovery kinds ['resid_pre']), or load the model locally")
-        if "attn" in self.norms_[layer]:
-            norm_name, kind, _ = self.norms_[layer]["attn"]
-            gamma, beta = norm_weight(getattr(block, norm_name), ad.d_model, kind)
-        else:  # attention reads the residual itself
-            kind, gamma, beta = "none", torch.ones(ad.d_model), torch.zeros(ad.d_model)
-        proj = {k: affine_of(at_path(attn, getattr(arch, f"{k}_proj")), ad.d_model)
-                for k in "qkv"}
-        W_O, b_O = affine_of(at_path(attn, arch.o_proj), ad.n_heads * ad.d_head)
-        post = None
-        if arch.attn_post_norm:
-            post = norm_weight(getattr(block, arch.attn_post_norm), ad.d_model,
-                                self.norms_[layer]["attn_post"][1])
-        heads = {(k, h): (W[:, ad.channels(k, h)].contiguous(), b[ad.channels(k, h)].contiguous())
-                 for k, (W, b) in proj.items() for h in range(ad.n_heads_of(k))}
-        cache[layer] = dict(layer_norm=kind == "layer", gamma=gamma, beta=beta, heads=heads,
-                            W_O=W_O, b_O=b_O, post=post)
-        return cache[layer]
-
-    def directions(self, site: Site | str) -> torch.Tensor:
+    def directions(self, site: Site | str, maps: dict | None = None) -> torch.Tensor:
         """Each latent's decoder vector pushed through the frozen map to ``site``.
 
         q/k/v/z: ``[d_sae, d_head]``; attn_out: ``[head, d_sae, d_model]`` (latents reach
         attn_out through each head's own pattern). With :meth:`run` ``(with_codes=True)``,
         ``codes @ directions + offset`` (summed over heads for attn_out) equals the
-        reconstructed site exactly.
+        reconstructed site exactly. ``maps``: the layer's frozen maps read where the
+        weights are (:attr:`sage_nn.model.reads.Reads.maps`), needed when they are not
+        here; by default they are read off the model here.
         """
         site = self.adapter_.check(site)
-        self._check_linear([site], need_pattern=False)
-        ad, sae = self.adapter_, self.source(site)
-        m = self._maps(site.layer, sae)
-        W_dec = m["W_dec"] - m["W_dec"].mean(-1, keepdim=True) if m["layer_norm"] else m["W_dec"]
-        base = W_dec * m["gamma"]  # [d_sae, d_model] after the frozen norm
+        self._check_linear([site])
+        if maps is None:
+            maps = self.frozen(site.layer, [site])
+        return site_directions(self.adapter_, maps, self.source(site).decoder(), site)
 
-        def head_dir(kind, head):
-            return base @ m["heads"][(kind, head)][0]
+    def frozen(self, layer: int, sites: Sequence[Site]) -> dict:
+        """The frozen maps ``sites`` of ``layer`` read (:func:`~sage_nn.model.linear.
+        frozen_maps`), off the model's weights here."""
+        ad = self.adapter_
+        attn = getattr(ad.blocks(self.model_._module)[layer], ad.arch.attn)
+        if next(attn.parameters()).device.type == "meta":
+            raise ValueError(
+                f"layer {layer}'s weights are not here (a remote model is held without them): "
+                "pass the layer's frozen maps read on the server, directions(site, "
+                "maps=read_sites(...).maps[layer]); evaluate_cross_section reads them itself")
+        return frozen_maps(self.model_, layer, heads_read(ad, sites),
+                           any(s.kind == "attn_out" for s in sites))
 
-        if site.kind in ("q", "k", "v"):
-            return head_dir(site.kind, site.head)
-        group = ad.n_heads // ad.n_kv_heads
-        if site.kind == "z":
-            return head_dir("v", site.head // group)
-        dirs = []
-        for h in range(ad.n_heads):
-            W_Oh = m["W_O"][ad.channels("z", h)]
-            d = head_dir("v", h // group) @ W_Oh
-            dirs.append(d * m["post"][0] if m["post"] is not None else d)
-        return torch.stack(dirs)
+    def linear_job(self, sites: Sequence[Site], positions: Sequence[str],
+                   sets: Sequence[int] | None = None, label: str = "") -> LinearJob:
+        """The :class:`~sage_nn.model.reads.LinearJob` that reads the codes of ``sites``
+        (q/k/v/z/attn_out of one layer) at ``positions``: the SAE feeding that layer."""
+        sites = self._plan(sites)
+        self._check_linear(sites)
+        return LinearJob(self.source(sites[0]), sites, list(positions),
+                         None if sets is None else list(sets), label)
 
-    def _codes(self, layer, sites, cache, out):
+    def _codes(self, layer, sites, cache, out, maps):
         """Site-level codes and offsets at every token (in the trace), for :meth:`directions`."""
         n, T = cache["r"].shape[:2]
-        rows, cols = torch.arange(n)[:, None], torch.arange(T)[None, :]
-        spec = self.linear_spec(layer, sites)
-        for s, (codes, offset) in linear_codes(self.adapter_, spec, cache["r"], cache.get("pattern"),
-                                               cache.get("o_out"), rows, cols, sites).items():
+        cols = torch.arange(T, device=cache["r"].device)[None, :].expand(n, T)
+        mask = torch.ones(n, T, dtype=torch.bool, device=cols.device)
+        heads = [h for h in range(self.adapter_.n_heads)
+                 if any(s.kind == "attn_out" or (s.kind == "z" and s.head == h) for s in sites)]
+        norm, post_norm = self.norms_[layer].get("attn"), self.norms_[layer].get("attn_post")
+        post = post_norm[1:] if post_norm and any(s.kind == "attn_out" for s in sites) else None
+        taken = take_inputs(cache["r"], cache.get("pattern"), cache.get("o_out"), mask, cols,
+                            heads, post)
+        for s, (codes, offset) in linear_codes(self.adapter_, self.source(sites[0]),
+                                               norm[1:] if norm else None, taken, mask, cols,
+                                               maps[layer], sites).items():
             out["codes"][s], out["offsets"][s] = codes.save(), offset.save()
-
-    def _encoder(self, sae: SparseAutoencoder) -> SparseAutoencoder:
-        """:func:`sage_nn.saes.encoder_only`, one copy per SAE (a request ships it once)."""
-        cache = self.__dict__.setdefault("_encoders", {})
-        if id(sae) not in cache:
-            cache[id(sae)] = encoder_only(sae)
-        return cache[id(sae)]
-
-    def linear_spec(self, layer: int, sites: Sequence[Site]) -> dict:
-        """What :func:`linear_codes` needs for ``sites`` of ``layer``, as plain tensors, so
-        it ships to a server: the feeding SAE, the frozen norm's weights, and only the
-        projection columns those sites read."""
-        sae = self.by_site_[(layer, "resid_pre")]
-        ad, m, norms = self.adapter_, self._frozen(layer), self.norms_[layer]
-        group = ad.n_heads // ad.n_kv_heads
-        heads = set()
-        for s in sites:
-            if s.kind in ("q", "k", "v"):
-                heads.add((s.kind, s.head))
-            elif s.kind == "z":
-                heads.add(("v", s.head // group))
-            else:  # attn_out: every head's v, then W_O
-                heads |= {("v", h // group) for h in range(ad.n_heads)}
-        proj = {key: m["heads"][key] for key in sorted(heads)}
-        attn_out = any(s.kind == "attn_out" for s in sites)
-        maps = {"layer_norm": m["layer_norm"], "gamma": m["gamma"], "beta": m["beta"],
-                "b_dec": sae.b_dec.float(), "proj": proj, "W_O": m["W_O"] if attn_out else None,
-                "b_O": m["b_O"], "post": m["post"] if attn_out else None}
-        return {"sae": self._encoder(sae), "maps": maps,
-                "norm": norms["attn"][1:] if "attn" in norms else None,
-                "post_norm": norms["attn_post"][1:] if "attn_post" in norms else None}
 
 
 def _reconstruct(model, inputs, n, recon, sites, with_codes, rows_cols):
     """One forward with ``sites`` reconstructed in rows ``[:n]`` (a remote kernel). With
     ``rows_cols``, only those tokens' values and the last token's logits are kept."""
     saved = {"clean": {}, "recon": {}, "codes": {}, "offsets": {}}  # filled in the trace
+    maps = kernel_maps(model, sites) if with_codes else None  # where the weights are
     with EagerAttention(model, with_codes or recon.freeze_pattern), torch.no_grad(), \
             model.trace(inputs):
-        recon.splice(model, sites, n, with_codes=with_codes, out=saved)
+        recon.splice(model, sites, n, with_codes=with_codes, out=saved, maps=maps)
         logits = model.output.logits[:n]
         pick = (lambda v: v[rows_cols]) if rows_cols is not None else (lambda v: v)
         # keyed by site name: a server returns plain data, not sage_nn objects
@@ -504,6 +446,18 @@ def _reconstruct(model, inputs, n, recon, sites, with_codes, rows_cols):
         result = [saved, logits]
         result.save()
     return result
+
+
+def kernel_maps(model, sites) -> dict:
+    """Each layer's frozen maps for the linear view of ``sites``, read off ``model`` where
+    it runs (in a kernel: on the server), before its trace."""
+    ad, by_layer = adapter(model), {}
+    for s in sites:
+        if s.kind in ATTN_KINDS:
+            by_layer.setdefault(s.layer, []).append(s)
+    return {layer: frozen_maps(model, layer, heads_read(ad, ss),
+                               any(s.kind == "attn_out" for s in ss))
+            for layer, ss in by_layer.items()}
 
 
 def _by_site(saved: dict) -> dict:

@@ -15,7 +15,6 @@ GPT-2 ``res-jb`` release) saw a residual stream with its mean over ``d_model`` r
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import hashlib
 import json
@@ -31,6 +30,7 @@ import torch
 from sae_lens import SAE
 
 from ..common.formats import SAE_ARCHITECTURES as ARCHITECTURES_SUPPORTED
+from ..model.reads import encoder_only  # noqa: F401  (what a server needs of an SAE)
 from ..model.sites import HEAD_KINDS, KINDS, Site, SiteAdapter, adapter, parse_site
 
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
@@ -159,16 +159,6 @@ class SparseAutoencoder(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), x).to(x.dtype)
-
-
-def encoder_only(sae: SparseAutoencoder) -> SparseAutoencoder:
-    """What a trace needs of ``sae`` to encode: the same SAE with its decoder replaced by
-    the decoder's row norms (all ``rescale_acts_by_decoder_norm`` reads), so a request
-    carries half the weights."""
-    enc = copy.copy(sae)  # shares every tensor but the decoder
-    enc._parameters = dict(sae._parameters)
-    enc.W_dec = torch.nn.Parameter(sae.W_dec.norm(dim=-1, keepdim=True), requires_grad=False)
-    return enc
 
 
 # -- sae_lens conversion ----------------------------------------------------------------

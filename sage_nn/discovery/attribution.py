@@ -189,7 +189,8 @@ class AttributionPatching:
                                  self.ig_steps, streams, changed)
                   for idx in batches(n, self.batch_size, self.progress and "attribution"))
         for contrib, ld, cf_ld, sweep in run_kernel(model, _attribute, chunks, remote,
-                                                    stage="attribution"):
+                                                    stage="attribution",
+                                                    shapes=attribution_bytes):
             for key, c in contrib.items():
                 c = c.double().cpu().numpy()  # [attribute, position(, heads)]
                 delta[:, where[key], :] += c.transpose(0, 2, 1) if c.ndim == 3 else c[:, None]
@@ -319,6 +320,19 @@ def _prepare_batch(model, dataset, attributes, positions, grid, idx, device, ig_
     distractor = torch.as_tensor(np.tile(dataset.distractor_ids[idx], len(cfs)), device=device)
     return (clean.inputs, cf.inputs, grid, clean_at, cf_at, answer, distractor, len(cfs),
             ig_steps, streams, changed)
+
+
+def attribution_bytes(model, clean_inputs, cf_inputs, grid, clean_at, cf_at, answer,
+                      distractor, n_attr, ig_steps, streams, changed, seen=None) -> int:
+    """The bytes :func:`_attribute` returns for one batch, from shapes (in the model's
+    dtype): every grid site's contribution per attribute and position, the logit
+    differences, the exact sweep."""
+    ad = adapter(model)
+    b, positions = len(clean_inputs["input_ids"]), clean_at[1].shape[1]
+    floats = sum(n_attr * positions * (ad.n_heads_of(kind) if kind in HEAD_KINDS else 1)
+                 for _, kind in grid)
+    floats += b + n_attr * b + len(streams) * len(changed)
+    return floats * next(model._module.parameters()).element_size()
 
 
 def _attribute(model, clean_inputs, cf_inputs, grid, clean_at, cf_at, answer, distractor,

@@ -175,25 +175,26 @@ class ReconstructedSAE:
         """Whether ``site``'s codes follow from the clean run (:mod:`sage_nn.reads`)."""
         return self.mode == "input" and site.kind not in RESID_KINDS and site.kind != "mlp_out"
 
-    def jobs(self, model, pairs) -> list[tuple]:
-        """What :func:`sage_nn.reads.read_sites` computes for this coder: per layer, the
-        feeding SAE's frozen maps and the linear sublayer sites it reaches there."""
+    def jobs(self, model, pairs) -> list:
+        """What :func:`sage_nn.model.reads.read_sites` computes for this coder: per layer,
+        the SAE feeding it and the linear sublayer sites it reaches there, at the pairs'
+        positions (:class:`~sage_nn.model.reads.LinearJob`)."""
         recon, by_layer = self._reconstruction(model), {}
-        for site, _ in pairs:
+        for site, position in pairs:
             if self._linear(site):
-                by_layer.setdefault(site.layer, []).append(site)
-        if by_layer:
-            recon._check_linear([s for sites in by_layer.values() for s in sites])
-        jobs = [(layer, list(dict.fromkeys(sites))) for layer, sites in sorted(by_layer.items())]
-        return [(recon.linear_spec(layer, sites), sites) for layer, sites in jobs]
+                sites, positions = by_layer.setdefault(site.layer, ({}, {}))
+                sites[site], positions[position] = None, None
+        return [recon.linear_job(list(sites), list(positions))
+                for _, (sites, positions) in sorted(by_layer.items())]
 
     def codes(self, model, pairs, test, cf, values, values_cf, values_fit, computed=None,
               remote=None) -> dict:
         """Every pair's :class:`SiteCode`. Linear sublayer pairs take their codes and
         offsets from ``computed`` (``{pair: (codes, offset, codes_cf, offset_cf,
-        codes_fit)}``, from :func:`sage_nn.reads.read_sites` with :meth:`jobs`). mlp_out and
-        difference mode rebuild the site in a second forward per named position; their
-        codes are the feeding residual SAE's at the site's token."""
+        codes_fit, maps)}``, from :func:`sage_nn.model.reads.read_sites` with
+        :meth:`jobs`; ``maps``: the layer's frozen maps, read where the weights are).
+        mlp_out and difference mode rebuild the site in a second forward per named
+        position; their codes are the feeding residual SAE's at the site's token."""
         out, recon = {}, None
         nonlinear: dict[str, list[Site]] = {}
         for pair in pairs:
@@ -210,8 +211,8 @@ class ReconstructedSAE:
                 out[pair] = [source.encode(v[feed]).float()
                              for v in (values, values_cf, values_fit)]
                 continue
-            codes, offset, codes_cf, _, codes_fit = computed[pair]
-            directions = recon.directions(site).float()
+            codes, offset, codes_cf, _, codes_fit, maps = computed[pair]
+            directions = recon.directions(site, maps).float()
             directions = directions.reshape(-1, directions.shape[-1])
             a_hat = codes.flatten(1) @ directions + offset
             out[pair] = SiteCode(values[pair], a_hat, values_cf[pair], codes.flatten(1),

@@ -127,8 +127,8 @@ def evaluate_cross_section(
     reads = list(dict.fromkeys(every + extra))
     # 1. one read: the fit prompts (the dictionaries are fitted on them), the held-out and
     # the counterfactual prompts, with every coder's codes at the sites
-    values, codes = _read(model, train, test, sections, list(coders.values()), reads,
-                          batch_size, remote)
+    values, codes, maps = _read(model, train, test, sections, coders, reads, batch_size,
+                                remote)
     a_train = values[0]
 
     dictionaries = dictionaries or {SUPERVISED: MSEDictionary()}
@@ -146,7 +146,7 @@ def evaluate_cross_section(
             by_method.clear()
         for name, coder in coders.items():
             computed = {pair: (*(t[keep] for t in (*codes[1][key], *codes[2 + i][key])),
-                               codes[0][key][0])
+                               codes[0][key][0], maps[pair[0].layer])
                         for pair in cs.pairs if (key := (id(coder), *pair)) in codes[2 + i]}
             by_method[name] = coder.codes(model, cs.pairs, part,
                                           part.counterfactuals[cs.attribute], a_test, a_cf,
@@ -195,21 +195,23 @@ def _read(model, train, test, sections, coders, reads, batch_size, remote):
     """The fit prompts, the held-out prompts and each attribute's counterfactuals (sets
     ``0``, ``1``, ``2..``), in one read: the activations at ``reads``, and each coder's
     codes at each site on the fit and held-out prompts and the counterfactuals of the
-    attributes whose cross-sections hold the site. Codes are keyed ``(id(coder), site,
-    position)``."""
+    attributes whose cross-sections hold the site (keyed ``(id(coder), site, position)``),
+    and the frozen maps of their layers."""
     by_sets: dict[tuple, list] = {}  # pairs by the counterfactual sets they are needed on
     for pair in dict.fromkeys(p for cs in sections for p in cs.pairs):
         needed = tuple(2 + i for i, cs in enumerate(sections) if pair in cs.pairs)
         by_sets.setdefault(needed, []).append(pair)
     jobs, owners = [], []
-    for coder in coders:
+    for name, coder in coders.items():
         for needed, pairs in by_sets.items():
-            for spec, sites in coder.jobs(model, pairs):
-                jobs.append((spec, sites, [0, 1, *needed]))
+            for job in coder.jobs(model, pairs):
+                job.sets, job.label = [0, 1, *needed], job.label or name
+                jobs.append(job)
                 owners.append(id(coder))
     sets = [train, test] + [test.counterfactuals[cs.attribute] for cs in sections]
-    values, codes = read_sites(model, sets, reads, jobs, batch_size=batch_size, remote=remote)
-    return values, [{(owners[j], s, p): c for (j, s, p), c in part.items()} for part in codes]
+    read = read_sites(model, sets, reads, jobs, batch_size=batch_size, remote=remote)
+    return read.values, [{(owners[j], s, p): c for (j, s, p), c in part.items()}
+                         for part in read.codes], read.maps
 
 
 def pair_mean(da: xr.DataArray) -> xr.DataArray:

@@ -124,7 +124,7 @@ def planted_sae(model: Any, train: Any, attribute: str, layer: int, position: st
     from ..model.sites import Site
 
     site = Site(layer, "resid_pre")
-    (values,), _ = read_sites(model, [train], [(site, position)], batch_size=batch_size)
+    (values,) = read_sites(model, [train], [(site, position)], batch_size=batch_size).values
     acts = values[(site, position)].numpy()
     labels = train.attributes[[attribute]]
     d = MSEDictionary(attributes=[attribute]).fit(acts, labels)

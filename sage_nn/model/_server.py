@@ -32,6 +32,7 @@ class NotOnServer(importlib.abc.MetaPathFinder):
 
 
 hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+hf.requires_grad_(False)  # as on NDIF: a kernel that needs gradients asks for them
 tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
 model = TransformersModel(hf, tokenizer=tokenizer, task="text-generation")
 preloaded = {m.split(".")[0] for m in sys.modules}  # what the server itself needs

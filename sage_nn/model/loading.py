@@ -161,8 +161,11 @@ def load_model(
         from nnsight.modeling.transformers import TransformersModel
 
         _before_tracing()
+        name = str(embedded_dir(name)) if name in EMBEDDED else name  # its converted config
         check_supported(AutoConfig.from_pretrained(name), name)
-        model = TransformersModel(name, task="text-generation")
+        # the tokenizer given: nnsight's meta load cannot infer it for text generation
+        model = TransformersModel(name, task="text-generation",
+                                  tokenizer=AutoTokenizer.from_pretrained(name))
         configure_tokenizer(model.tokenizer)
         return model
 

@@ -225,7 +225,8 @@ def run_patched(
             tile = lambda ids: torch.as_tensor(ids[idx], device=device)  # noqa: E731
             yield batch.inputs, groups, tile(answer_ids), tile(distractor_ids)
 
-    for outs in run_kernel(model, patched_blocks, chunks(), remote, stage="patch"):
+    for outs in run_kernel(model, patched_blocks, chunks(), remote, stage="patch",
+                           shapes=patched_bytes):
         for out in [*outs[1:], outs[0]]:  # the groups', then the clean run's
             idx, chunk = prepared.pop(0)
             for array, values in zip((ld, logp, top1), out):
@@ -334,6 +335,13 @@ def readout(logits, answer, distractor) -> list:
     rows = torch.arange(len(answer), device=logits.device)
     return [logit_diff(logits, answer, distractor), logits.log_softmax(-1)[rows, answer],
             logits.argmax(-1)]
+
+
+def patched_bytes(model, inputs, groups, answer, distractor, seen=None) -> int:
+    """The bytes :func:`patched_blocks` returns for one batch: a float32 logit difference
+    and log-probability and an int64 top token per row, for the clean run and each group."""
+    rows = len(answer) * (1 + sum(m for _, _, m, _ in groups))
+    return rows * (4 + 4 + 8)
 
 
 def patched_blocks(model, inputs, groups, answer, distractor):

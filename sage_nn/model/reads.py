@@ -1,79 +1,174 @@
 """Reading a cross-section: activations at (site, named position) pairs, and residual SAEs'
 codes at the sublayer sites they reach, from one clean forward per batch.
 
-A residual SAE reaches q/k/v/z/attn_out through the residual-to-sublayer reconstruction
-(:mod:`sage_nn.reconstruction`, input mode). With the norm scale and the attention pattern
-frozen to the clean run's, that map is linear, so each SAE's site codes and offsets follow
-from the clean run alone (:func:`sage_nn.reconstruction.linear_codes`): any number of SAEs
-and floors are read in the same forward as the activations, and remotely in one request::
+A residual SAE reaches q/k/v/z/attn_out through the residual-to-sublayer reconstruction.
+With the norm scale and the attention pattern frozen to the clean run's, that map is
+linear (:mod:`sage_nn.model.linear`), so each SAE's site codes follow from the clean run
+alone: any number of SAEs are read in the same forwards as the activations, and remotely
+in one request::
 
-    values, codes = read_sites(model, [test, cf], pairs, jobs)
-    values[0][(Site.parse("L9.z.h3"), "END")]          # [n, d_head], test prompts
-    codes[1][(0, Site.parse("L9.z.h3"), "END")]        # (codes, offset) of job 0, cf prompts
+    read = read_sites(model, [test, cf], pairs, [LinearJob(sae, [Site.parse("L9.z.h3")],
+                                                           ["END"])])
+    read.values[0][(Site.parse("L9.z.h3"), "END")]     # [n, d_head], test prompts
+    read.codes[1][(0, Site.parse("L9.z.h3"), "END")]   # (codes, offset) of job 0, cf prompts
+    read.maps[9]                                       # layer 9's frozen maps (directions)
 
-A *job* is ``(spec, sites)``: a :meth:`ResidualReconstruction.linear_spec` (the SAE feeding
-one layer, its frozen maps) and the sites it reaches at that layer. Inside the trace
-everything is plain torch.
-
+Where an SAE is encoded is chosen per layer by the bytes each way needs (``Remote.placement``,
+default ``"auto"``): on the server (its encoder uploaded, its codes downloaded: grows with
+its width) or here (the residual rows the reconstruction reads and the pattern rows at the
+query tokens downloaded, once for every SAE of the layer: grows with prompts x tokens x
+d_model, not with the SAE). Both run :func:`~sage_nn.model.linear.linear_codes` on the same
+inputs, so they agree up to transport rounding. The frozen maps are read from the model where
+its weights are and come back with the request, so a model without weights here needs none.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .activations import NonFiniteActivationError, batches, encode, model_device
-from .linear import EagerAttention, linear_codes
+from .linear import (
+    EagerAttention,
+    attention_norms,
+    frozen_maps,
+    heads_read,
+    linear_codes,
+    needed_tokens,
+    take_inputs,
+)
 from .patching import Patch
-from .remote import as_remote, cast_shared, run_kernel
+from .remote import as_remote, cast_shared, payload_bytes, request_groups, run_kernel
 from .sites import HEAD_KINDS, KINDS, Site, adapter, at_path
 
 
-def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Sequence[tuple] = (),
-               *, batch_size: int = 32, remote: Any = None) -> tuple[list[dict], list[dict]]:
-    """Activations at ``pairs`` and every job's codes, for each task dataset of ``sets``.
+@dataclass
+class LinearJob:
+    """A residual SAE's codes at q/k/v/z/attn_out ``sites`` of one layer (the one its input
+    feeds), at the named ``positions``, on the read's sets ``sets`` (``None``: all).
+    ``sae`` is the whole SAE (here); only its encoder travels, if it is encoded there.
+    ``label`` names it in the placement record."""
 
-    Returns ``(values, codes)``, one dict per set: ``values[(site, position)]`` is
-    ``[n, width]``; ``codes[(job index, site, position)]`` is ``(codes, offset)``, codes
-    ``[n, L]`` (attn_out ``[n, H, L]``) and offset ``[n, width]`` (see
-    :func:`sage_nn.reconstruction.linear_codes`). Each job's sites are read at every named
-    position of ``pairs``, in every set or in the sets a third element lists (``(spec,
-    sites, [set indices])``). All sets go through one :func:`sage_nn.remote.run_kernel`
-    (one request remotely).
-    """
+    sae: Any
+    sites: list
+    positions: list[str]
+    sets: list[int] | None = None
+    label: str = ""
+
+    @property
+    def layer(self) -> int:
+        return self.sites[0].layer
+
+
+@dataclass
+class Reads:
+    """What :func:`read_sites` returns, per set: ``values[(site, position)] [n, width]`` and
+    ``codes[(job, site, position)] = (codes [n, L] (attn_out [n, H, L]), offset [n,
+    width])``; per layer of a job, its frozen ``maps`` (for
+    :func:`~sage_nn.model.linear.site_directions`); per job, where it was encoded and what
+    each placement would cost (``placements``)."""
+
+    values: list[dict]
+    codes: list[dict]
+    maps: dict = field(default_factory=dict)
+    placements: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Layer:
+    """One layer's linear view: what the jobs there read (see :func:`read_sites`)."""
+
+    jobs: list[int]
+    sites: list
+    positions: list[str]
+    norm: Any
+    post_norm: Any
+
+    @property
+    def mixing(self) -> bool:  # z/attn_out mix tokens through the pattern
+        return any(s.kind in ("z", "attn_out") for s in self.sites)
+
+    @property
+    def attn_out(self) -> bool:
+        return any(s.kind == "attn_out" for s in self.sites)
+
+    def pattern_heads(self, ad) -> list[int]:
+        if self.attn_out:
+            return list(range(ad.n_heads))
+        return sorted({s.head for s in self.sites if s.kind == "z"})
+
+
+def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple],
+               jobs: Sequence[LinearJob] = (), *, batch_size: int = 32,
+               remote: Any = None) -> Reads:
+    """Activations at ``pairs`` and every job's codes, for each task dataset of ``sets``
+    (see :class:`Reads`). All sets go through one :func:`~sage_nn.model.remote.run_kernel`
+    (one request remotely)."""
+    remote = as_remote(remote)
     ad = adapter(model)
     pairs = [(ad.check(s), str(p)) for s, p in pairs]
+    jobs = list(jobs)
     names = sorted({p for _, p in pairs})
-    missing = sorted(set(names) - set.intersection(*(set(d.positions) for d in sets)))
+    wanted = set(names) | {p for job in jobs for p in job.positions}
+    missing = sorted(wanted - set.intersection(*(set(d.positions) for d in sets)))
     if missing:
         raise ValueError(f"unknown named positions {missing}; the dataset has "
                          f"{sorted(sets[0].positions)}")
     reads = sorted({s for s, _ in pairs}, key=lambda s: s.order)
-    by_layer: list[dict[int, list]] = [{} for _ in sets]  # per set: the jobs it runs
-    for j, (spec, sites, *only) in enumerate(jobs):
-        for k in (only[0] if only else range(len(sets))):
-            by_layer[k].setdefault(min(s.layer for s in sites), []).append((j, spec, list(sites)))
-    device, owners = model_device(model), []
-    dtype = as_remote(remote).transport_dtype  # what the results (and SAE weights) travel in
-    if dtype is not None and dtype != torch.float32:  # weights too: half the upload
-        memo = {}
-        by_layer = [cast_shared(jobs_k, dtype, memo) for jobs_k in by_layer]
+    layers = _layers(ad, model, jobs)
+    device, dtype = model_device(model), remote.transport_dtype
+    prepared = []  # per batch: set, inputs, the reads' columns, per layer (cols, mask, jobs)
+    for k, data in enumerate(sets):
+        for idx in batches(len(data.prompts), batch_size):
+            batch = encode(model, [data.prompts[i] for i in idx], device)
+            cols = torch.stack([batch.index(data.positions[p][idx]) for p in names], 1) \
+                if names else torch.zeros(len(idx), 0, dtype=torch.long)
+            at = {}
+            for layer, plan in layers.items():
+                js = [j for j in plan.jobs if jobs[j].sets is None or k in jobs[j].sets]
+                if js:
+                    lc = torch.stack([batch.index(data.positions[p][idx])
+                                      for p in plan.positions], 1)
+                    at[layer] = (lc, needed_tokens(batch.inputs["attention_mask"], lc,
+                                                   plan.mixing), js)
+            prepared.append((k, batch.inputs, cols, at))
+    here, placements = _place(ad, remote, layers, jobs, prepared)
+    maps_of = {layer: (heads_read(ad, plan.sites), plan.attn_out)
+               for layer, plan in layers.items()}
+    cast: dict = {}  # encoders cast once
 
     def chunks():
-        for k, data in enumerate(sets):
-            for idx in batches(len(data.prompts), batch_size):
-                batch = encode(model, [data.prompts[i] for i in idx], device)
-                cols = torch.stack([batch.index(data.positions[p][idx]) for p in names], 1)
-                owners.append(k)
-                yield batch.inputs, cols.to(device), reads, by_layer[k], dtype
+        for k, inputs, cols, at in prepared:
+            args = {}
+            for layer, (lc, mask, js) in at.items():
+                plan = layers[layer]
+                encoders = [] if layer in here else [
+                    (j, _encoder(jobs[j].sae, dtype, cast), jobs[j].sites) for j in js]
+                args[layer] = {"cols": lc.to(device), "mask": mask.to(device),
+                               "norm": plan.norm, "post_norm": plan.post_norm if
+                               plan.attn_out else None, "heads": plan.pattern_heads(ad),
+                               "maps": maps_of[layer], "jobs": encoders,
+                               "send": layer in here}
+            yield inputs, cols.to(device), reads, args, dtype
 
     parts: list[list] = [[] for _ in sets]
-    for out in run_kernel(model, _read_batch, chunks(), remote, stage="read"):
-        parts[owners.pop(0)].append(out)
+    maps: dict[int, dict] = {}
+    for out, (k, _, _, at) in zip(run_kernel(model, _read_batch, chunks(), remote,
+                                             stage="read", shapes=read_bytes, shared=True),
+                                  prepared):
+        for layer in list(maps_of):
+            if f"L{layer}|maps" in out:  # once per request
+                maps[layer] = _on(out.pop(f"L{layer}|maps"), "cpu")
+        for layer in here & set(at):
+            lc, mask, js = at[layer]
+            out.update(_codes_here(ad, layers[layer], out.pop(f"L{layer}|taken"), lc, mask,
+                                   maps[layer], {j: jobs[j] for j in js}))
+        parts[k].append(out)
     values, codes = [], []
-    for part in parts:
+    for k, part in enumerate(parts):
         cat = lambda key: torch.cat([p[key] for p in part]).float().cpu()  # noqa: E731
         values.append({(s, p): cat(str(s))[:, names.index(p)] for s, p in pairs})
         bad = sorted({str(s) for (s, _), v in values[-1].items() if not torch.isfinite(v).all()})
@@ -81,59 +176,208 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple], jobs: Se
             raise NonFiniteActivationError(
                 f"NaN or inf in the activations at {bad}: check the model's dtype (float16 "
                 "overflows on some models: use float32 or bfloat16) and its weights and inputs")
-        codes.append({(j, s, p): (cat(f"{j}|{s}|codes")[:, names.index(p)],
-                                  cat(f"{j}|{s}|offset")[:, names.index(p)])
-                      for j, (_, sites, *_) in enumerate(jobs) for s in sites for p in names
+        codes.append({(j, s, p): (cat(f"{j}|{s}|codes")[:, layers[job.layer].positions.index(p)],
+                                  cat(f"{j}|{s}|offset")[:, layers[job.layer].positions.index(p)])
+                      for j, job in enumerate(jobs) for s in job.sites for p in job.positions
                       if f"{j}|{s}|codes" in part[0]})
-    return values, codes
+    return Reads(values, codes, maps, placements)
 
 
-def _read_batch(model, inputs, cols, reads, jobs, dtype=None):
-    """One clean trace (a remote kernel): every read site at tokens ``cols [b, P]``, and
-    each job's codes there, layer by layer in execution order. Keyed by strings: a server
-    returns plain data."""
-    if dtype not in (None, torch.float32):  # the maps travelled in half precision
-        jobs = {layer: [(j, {k: v if k == "sae" else cast_shared(v, torch.float32)
-                             for k, v in spec.items()}, sites) for j, spec, sites in js]
-                for layer, js in jobs.items()}
-    needs_pattern = any(s.kind in ("z", "attn_out") for js in jobs.values() for _, _, ss in js
-                        for s in ss)
-    with EagerAttention(model, needs_pattern):
-        out = _trace_reads(model, inputs, cols, reads, jobs)
-    if dtype is not None:
-        out = {key: value.to(dtype) for key, value in out.items()}
+def _layers(ad, model, jobs: list[LinearJob]) -> dict[int, _Layer]:
+    layers: dict[int, _Layer] = {}
+    for j, job in enumerate(jobs):
+        sites = [ad.check(s) for s in job.sites]
+        if {s.layer for s in sites} != {job.layer} or any(
+                s.kind not in ("q", "k", "v", "z", "attn_out") for s in sites):
+            raise ValueError(f"a linear job reads q/k/v/z/attn_out sites of one layer; got "
+                             f"{', '.join(map(str, sites))}")
+        if job.layer not in layers:
+            layers[job.layer] = _Layer([], [], [], *attention_norms(ad, model, job.layer))
+        plan = layers[job.layer]
+        plan.jobs.append(j)
+        plan.sites = sorted(set(plan.sites) | set(sites), key=lambda s: s.order)
+        plan.positions = sorted(set(plan.positions) | set(job.positions))
+    return dict(sorted(layers.items()))
+
+
+def _encoder(sae, dtype, cast: dict):
+    """:func:`encoder_only` in the transport dtype, one copy per SAE (a request that names
+    it twice carries it once)."""
+    if id(sae) not in cast:
+        enc = encoder_only(sae)
+        cast[id(sae)] = enc if dtype in (None, torch.float32) else cast_shared(enc, dtype)
+    return cast[id(sae)]
+
+
+def encoder_only(sae):
+    """What a trace needs of an SAE to encode: the same SAE with its decoder replaced by
+    the decoder's row norms (all ``rescale_acts_by_decoder_norm`` reads), so a request
+    carries half the weights."""
+    import copy
+
+    enc = copy.copy(sae)  # shares every tensor but the decoder
+    enc._parameters = dict(sae._parameters)
+    enc.W_dec = torch.nn.Parameter(sae.W_dec.norm(dim=-1, keepdim=True), requires_grad=False)
+    return enc
+
+
+def _place(ad, remote, layers: dict[int, _Layer], jobs, prepared) -> tuple[set, list[dict]]:
+    """The layers whose SAEs are encoded here (the rest on the server), and a record per
+    job of where and what each placement would send and receive (in the transport dtype):
+    on the server, its encoder each request plus its codes and offsets; here, the layer's
+    residual rows, pattern rows and post-norm scales, shared by every SAE of the layer."""
+    size = (remote.transport_dtype or torch.float32).itemsize
+    groups = list(request_groups([(x[1],) for x in prepared], remote.max_prompts))
+    in_request = []  # per batch: its request
+    for g, group in enumerate(groups):
+        in_request += [g] * len(group)
+    here_bytes = {layer: 0 for layer in layers}
+    server_bytes = {j: 0 for j in range(len(jobs))}
+    requests_of = {j: set() for j in range(len(jobs))}
+    for (k, inputs, _, at), g in zip(prepared, in_request):
+        T = inputs["input_ids"].shape[1]
+        for layer, (lc, mask, js) in at.items():
+            plan, (b, m) = layers[layer], lc.shape
+            here_bytes[layer] += size * (int(mask.sum()) * ad.d_model + b * m * (
+                len(plan.pattern_heads(ad)) * T + (plan.post_norm is not None
+                                                   and plan.attn_out)))
+            for j in js:
+                requests_of[j].add(g)
+                server_bytes[j] += size * b * m * sum(
+                    _code_width(ad, s, jobs[j].sae) for s in jobs[j].sites)
+    sent: set = set()  # (SAE, request): an SAE named by several jobs travels once a request
+    for j, job in enumerate(jobs):
+        encoder = payload_bytes(encoder_only(job.sae), itemsize=size)
+        new = {(id(job.sae), g) for g in requests_of[j]} - sent
+        server_bytes[j] += encoder * len(new)
+        sent |= new
+    here = set()
+    for layer, plan in layers.items():
+        server = sum(server_bytes[j] for j in plan.jobs)
+        if remote.placement == "here" or (remote.placement == "auto" and remote.is_remote
+                                          and here_bytes[layer] < server):
+            here.add(layer)
+    records = [{"sae": job.label, "layer": job.layer, "width": int(job.sae.W_enc.shape[1]),
+                "placement": "here" if job.layer in here else "server",
+                "server_bytes": server_bytes[j], "here_bytes": here_bytes[job.layer],
+                "saes_sharing_here": len({id(jobs[i].sae) for i in layers[job.layer].jobs})}
+               for j, job in enumerate(jobs)]
+    if remote.is_remote:
+        remote.placements.extend(records)
+    return here, records
+
+
+def _code_width(ad, site, sae) -> int:
+    """Floats a server sends back per (prompt, position) for one job's site: the codes and
+    the offset."""
+    L = int(sae.W_enc.shape[1])
+    return ad.n_heads * L + ad.d_model if site.kind == "attn_out" else L + ad.d_head
+
+
+def _codes_here(ad, plan: _Layer, taken: dict, cols, mask, maps: dict, jobs: dict) -> dict:
+    """The jobs' codes at ``plan``'s sites from the rows the server sent (here placement),
+    on each SAE's device, keyed as the kernel keys them."""
+    out = {}
+    for j, job in jobs.items():
+        device = job.sae.W_enc.device
+        with torch.no_grad():
+            found = linear_codes(ad, job.sae, plan.norm, _on(taken, device), mask.to(device),
+                                 cols.to(device), _on(maps, device), job.sites)
+        for s, (c, off) in found.items():
+            out[f"{j}|{s}|codes"], out[f"{j}|{s}|offset"] = c, off
     return out
 
 
-def _trace_reads(model, inputs, cols, reads, jobs):
+def _on(obj, device):
+    """Nested tensors as float32 (floating ones) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return (obj.float() if obj.is_floating_point() else obj).to(device)
+    if isinstance(obj, dict):
+        return {k: _on(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on(v, device) for v in obj)
+    return obj
+
+
+def read_bytes(model, inputs, cols, reads, layers, dtype, seen: set) -> int:
+    """The bytes :func:`_read_batch` returns for one chunk, from shapes alone (a plan: the
+    model may have no weights here); each layer's maps once per request (``seen``)."""
+    ad = adapter(model)
+    size = (dtype or torch.float32).itemsize
+    b, P = cols.shape
+    T = inputs["input_ids"].shape[1]
+    floats = sum(b * P * ad.width(s.kind) for s in reads)
+    for layer, plan in layers.items():
+        m = plan["cols"].shape[1]
+        if layer not in seen:
+            seen.add(layer)
+            heads, attn_out = plan["maps"]
+            floats += 2 * ad.d_model + len(heads) * (ad.d_model + 1) * ad.d_head
+            if attn_out:
+                floats += (ad.n_heads * ad.d_head + 1) * ad.d_model + (
+                    2 * ad.d_model if ad.arch.attn_post_norm else 0)
+        for _, sae, sites in plan["jobs"]:
+            floats += b * m * sum(_code_width(ad, s, sae) for s in sites)
+        if plan["send"]:
+            floats += int(plan["mask"].sum()) * ad.d_model + b * m * (
+                len(plan["heads"]) * T + (plan["post_norm"] is not None))
+    return floats * size
+
+
+def _read_batch(model, inputs, cols, reads, layers, dtype=None, shared=None):
+    """One clean trace (a remote kernel): every read site at tokens ``cols [b, P]``, and per
+    layer of ``layers`` what its linear view reads, then each server-placed job's codes
+    there (``"j|site|codes"``, ``"j|site|offset"``) or, placed here, the reconstruction's
+    inputs (``"L9|taken"``); each layer's frozen maps once per request (``"L9|maps"``;
+    ``shared``: the request's own dict). Keyed by strings: a server returns plain data."""
+    memo = {} if shared is None else shared
+    with EagerAttention(model, any(plan["heads"] for plan in layers.values())):
+        out, taken = _trace_reads(model, inputs, cols, reads, layers)
+    ad = adapter(model)
+    for layer, plan in layers.items():
+        if layer not in memo:  # read where the weights are, sent once
+            memo[layer] = frozen_maps(model, layer, *plan["maps"])
+            out[f"L{layer}|maps"] = memo[layer]
+        for j, sae, sites in plan["jobs"]:
+            if dtype not in (None, torch.float32):  # the encoder travelled in half precision
+                if ("float32", id(sae)) not in memo:
+                    memo["float32", id(sae)] = cast_shared(sae, torch.float32)
+                sae = memo["float32", id(sae)]
+            with torch.no_grad():
+                found = linear_codes(ad, sae, plan["norm"], taken[layer], plan["mask"],
+                                     plan["cols"], memo[layer], sites)
+            for s, (c, off) in found.items():
+                out[f"{j}|{s}|codes"], out[f"{j}|{s}|offset"] = c, off
+        if plan["send"]:
+            out[f"L{layer}|taken"] = taken[layer]
+    return out if dtype is None else cast_shared(out, dtype)
+
+
+def _trace_reads(model, inputs, cols, reads, layers):
     ad = adapter(model)
     arch = ad.arch
     rows = torch.arange(len(cols), device=cols.device)[:, None]
-    layers = sorted({s.layer for s in reads} | set(jobs))
     with torch.no_grad(), model.trace(inputs) as tracer:
-        out = {}
-        for layer in layers:
-            here = jobs.get(layer, [])
-            kinds_here = {s.kind for _, _, sites in here for s in sites}
+        out, taken = {}, {}
+        for layer in sorted({s.layer for s in reads} | set(layers)):
+            plan = layers.get(layer)
             attn = getattr(ad.blocks(model)[layer], arch.attn)
-            r = ad.tensor(model, layer, "resid_pre").clone() if here else None
+            r = ad.tensor(model, layer, "resid_pre").clone() if plan else None
             for kind in KINDS:
-                if kind == "attn_out" and here:  # the clean pattern is known from here on
-                    o_out = (at_path(attn, arch.o_proj).output.clone()
-                             if "attn_out" in kinds_here and arch.attn_post_norm else None)
-                    pattern = attn.output[1] if kinds_here & {"z", "attn_out"} else None
-                    for j, spec, sites in here:
-                        for s, (c, off) in linear_codes(ad, spec, r, pattern, o_out, rows,
-                                                        cols, sites).items():
-                            out[f"{j}|{s}|codes"], out[f"{j}|{s}|offset"] = c, off
+                if kind == "attn_out" and plan:  # the clean pattern is known from here on
+                    o_out = at_path(attn, arch.o_proj).output if plan["post_norm"] else None
+                    pattern = attn.output[1] if plan["heads"] else None
+                    taken[layer] = take_inputs(r, pattern, o_out, plan["mask"], plan["cols"],
+                                               plan["heads"], plan["post_norm"])
                 for s in (s for s in reads if s.layer == layer and s.kind == kind):
                     t = ad.tensor(model, layer, kind)
                     if kind in HEAD_KINDS:
                         t = t[..., ad.channels(kind, s.head)]
                     out[str(s)] = t[rows, cols]  # [b, P, width]
         out.save()
+        taken.save()
         tracer.stop()  # the layers above the last read and the logits are not needed
-    return out
+    return out, taken
 
 
 def site_values(model: Any, data: Any, pairs: Sequence[tuple], *, batch_size: int = 32,
@@ -142,12 +386,11 @@ def site_values(model: Any, data: Any, pairs: Sequence[tuple], *, batch_size: in
 
     ``data`` is a task dataset (its named positions are used), or a list of them (then a
     list of dicts comes back). One trace per batch reads every pair, for all datasets
-    together (through :func:`sage_nn.reads.read_sites`; one request remotely).
+    together (through :func:`read_sites`; one request remotely).
     """
     sets = list(data) if isinstance(data, (list, tuple)) else [data]
-    values, _ = read_sites(model, sets, pairs, batch_size=batch_size, remote=remote)
+    values = read_sites(model, sets, pairs, batch_size=batch_size, remote=remote).values
     return values if isinstance(data, (list, tuple)) else values[0]
-
 
 
 def counterfactual_patches(model: Any, clean: Any, source: Any, pairs: Sequence[tuple], *,

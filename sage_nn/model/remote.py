@@ -15,9 +15,16 @@ The kernel and what it calls ship by value (``sage_nn`` registers itself, so a p
 editable install works) and import only torch and nnsight, which an NDIF server has.
 The NDIF API key is nnsight's (``NDIF_API_KEY`` or nnsight's config); sage_nn never stores it.
 
+Every request is logged in ``Remote.requests`` (:class:`Request`: the kernel, rows, tokens,
+the tensor bytes sent and received, seconds, and the serialized sizes where the backend
+knows them), and where the read placed each SAE in ``Remote.placements``.
+
 Backends for testing without a server: nnsight's own ``remote="local"`` (serialize, hide
-local modules, deserialize, run in-process) and :class:`FreshProcessBackend`, which runs
-each request in a new Python process that cannot import sage_nn or any non-server package.
+local modules, deserialize, run in-process), :class:`SimulatedServer` (the same against a
+separate server-side model, so the client may hold its model without weights) and
+:class:`FreshProcessBackend`, which runs each request in a new Python process that cannot
+import sage_nn or any non-server package. Both keep the server model's parameters frozen,
+as NDIF's are, so a kernel that needs gradients must ask for them.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import linecache
 import logging
 import subprocess
 import sys
@@ -49,6 +57,28 @@ NOT_ON_SERVER = ("sage_nn", "sae_lens", "xarray", "sklearn", "pandas", "zarr", "
 _SERVER_SCRIPT = Path(__file__).with_name("_server.py")
 
 
+#: Where a read encodes residual SAEs (:mod:`sage_nn.model.reads`): chosen by bytes, or forced.
+PLACEMENTS = ("auto", "server", "here")
+
+
+@dataclass
+class Request:
+    """One request sent: its kernel, the pipeline ``stage`` it served (when one was set),
+    prompt rows and tokens, the tensor bytes up and down (what :func:`payload_bytes`
+    counts: the planner's unit), seconds, and the serialized sizes where the backend
+    reports them (``wire_up``/``wire_down``; the code shipped by value is in them)."""
+
+    kernel: str
+    rows: int
+    tokens: int
+    up: int = 0
+    down: int = 0
+    seconds: float = 0.0
+    stage: str = ""
+    wire_up: int | None = None
+    wire_down: int | None = None
+
+
 @dataclass
 class Remote:
     """How a stage runs its traces.
@@ -65,7 +95,12 @@ class Remote:
     ``backoff_s``, then twice that, and so on. ``transport="bfloat16"`` sends patch values
     and SAE weights (the read's encoders and frozen maps; floors are a seed anyway) and
     returns read activations and codes in bfloat16: half the bytes each way, numbers to bf16
-    precision (the server computes in its own dtype either way).
+    precision (the server computes in its own dtype either way). ``placement`` says where a
+    read encodes residual SAEs (:mod:`sage_nn.model.reads`): ``"auto"`` (default: by the
+    bytes each way needs), ``"server"`` or ``"here"``. ``stage`` labels the requests sent
+    (the pipeline sets it per stage). ``dry_run=True`` sends nothing: each stage prepares
+    its requests, logs them with the bytes they would carry (:class:`Request`; the results'
+    from the kernel's shapes), and stops with :class:`Planned`.
     """
 
     backend: Any = False
@@ -76,11 +111,18 @@ class Remote:
     jobs: str | Path | None = None
     verbose: bool = False
     transport: str = "float32"
-    requests: list = field(default_factory=list, repr=False)  # (stage, rows, tokens) sent
+    placement: str = "auto"
+    stage: str = ""
+    dry_run: bool = False
+    requests: list = field(default_factory=list, repr=False)  # Request per request sent
+    placements: list = field(default_factory=list, repr=False)  # per read job: where, bytes
 
     def __post_init__(self):
         if self.transport not in ("float32", "bfloat16"):
             raise ValueError(f"transport {self.transport!r}: use 'float32' or 'bfloat16'")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement {self.placement!r}: use "
+                             f"{', '.join(map(repr, PLACEMENTS))}")
         if not self.blocking and (self.jobs is None or not isinstance(self.backend, (bool, str))
                                   or self.backend in (False, "local")):
             raise ValueError("blocking=False submits jobs to an NDIF server (backend True or a "
@@ -100,9 +142,19 @@ class Remote:
             return model.session(backend=self.backend)
         return model.session(remote=self.backend, blocking=self.blocking, verbose=self.verbose)
 
-    def record(self, stage: str, group: list[tuple]) -> None:
+    def record(self, kernel: str, group: list[tuple], up: int, out: Any = None,
+               seconds: float = 0.0, wire: tuple = (None, None)) -> None:
         tokens = sum(x["input_ids"].numel() for chunk in group for x in _inputs(chunk))
-        self.requests.append((stage, sum(map(_size, group)), tokens))
+        self.requests.append(Request(kernel, sum(map(_size, group)), tokens, up,
+                                     payload_bytes(out), seconds, self.stage, *wire))
+
+
+class Planned(Exception):
+    """A dry run stopped where a stage would send its first request (now logged)."""
+
+    def __init__(self, kernel: str):
+        self.kernel = kernel
+        super().__init__(f"{kernel}: planned, not sent (dry run)")
 
 
 class RemotePending(RuntimeError):
@@ -141,7 +193,9 @@ def _size(chunk: tuple) -> int:
     return sum(len(x["input_ids"]) for x in _inputs(chunk))
 
 
-def _requests(chunks: Iterable[tuple], max_prompts: int | None) -> Iterator[list[tuple]]:
+def request_groups(chunks: Iterable[tuple],
+                   max_prompts: int | None) -> Iterator[list[tuple]]:
+    """The chunks a stage sends, grouped into requests of at most ``max_prompts`` rows."""
     group, n = [], 0
     for chunk in chunks:
         if group and max_prompts is not None and n + _size(chunk) > max_prompts:
@@ -166,26 +220,44 @@ def _is_transient(error: BaseException) -> bool:
 
 
 def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: Any = None,
-               *, stage: str = "") -> Iterator[Any]:
+               *, stage: str = "", shapes: Callable | None = None,
+               shared: bool = False) -> Iterator[Any]:
     """Yield ``kernel(model, *chunk)`` for each chunk, in order.
 
     Locally each chunk runs as it is consumed. Remotely, chunks are grouped into requests of
     at most ``max_prompts`` prompts; each request is one nnsight session, retried on
-    connection failures; a request's results are yielded once it returns.
+    connection failures; a request's results are yielded once it returns. With
+    ``shared``, the kernel also gets ``shared=``, a dict of the request's own (made on
+    the server; one for the whole stage here): what its chunks compute once. A dry run
+    (``Remote.dry_run``) logs each request with ``shapes(model, *chunk, seen)``, the bytes
+    the kernel would return for a chunk (``seen``: a set per request), and raises
+    :class:`Planned`.
     """
     remote, stage = as_remote(remote), stage or kernel.__name__
     if not remote.is_remote:
+        state = {"shared": {}} if shared else {}
         for chunk in chunks:
-            yield kernel(model, *chunk)
+            yield kernel(model, *chunk, **state)
         return
+    if remote.dry_run:
+        for group in request_groups(chunks, remote.max_prompts):
+            seen: set = set()
+            down = sum(shapes(model, *chunk, seen) for chunk in group) if shapes else 0
+            remote.requests.append(Request(
+                stage, sum(map(_size, group)),
+                sum(x["input_ids"].numel() for chunk in group for x in _inputs(chunk)),
+                payload_bytes(group), down, 0.0, remote.stage))
+        raise Planned(stage)
     register()
     if not remote.blocking:
-        yield from _submitted(model, kernel, chunks, remote, stage)
+        yield from _submitted(model, kernel, chunks, remote, stage, shared)
         return
-    for group in _requests(chunks, remote.max_prompts):
+    for group in request_groups(chunks, remote.max_prompts):
+        up = payload_bytes(group)  # before it is sent: a server works on its own copy
         for attempt in range(remote.retries + 1):
             try:
-                out = _session(model, kernel, group, remote)
+                start = time.perf_counter()
+                out = _session(model, kernel, group, remote, shared)
                 break
             except Exception as error:  # noqa: BLE001 (re-raised unless transient)
                 if not _is_transient(error) or attempt == remote.retries:
@@ -193,13 +265,54 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
                 wait = remote.backoff_s * 2 ** attempt
                 log.warning("request for %s failed (%s); retrying in %.0f s", stage, error, wait)
                 time.sleep(wait)
-        remote.record(stage, group)
+        remote.record(stage, group, up, out, time.perf_counter() - start, _wire(remote.backend))
         yield from out
 
 
-def _session(model: Any, kernel: Callable, group: list[tuple], remote: Remote) -> list:
+def _wire(backend: Any) -> tuple:
+    """The last request's serialized sizes, where the backend records them."""
+    sizes = getattr(backend, "request_bytes", None), getattr(backend, "result_bytes", None)
+    return tuple(s[-1] if s else None for s in sizes)
+
+
+def payload_bytes(obj: Any, itemsize: int | None = None, seen: set | None = None) -> int:
+    """The tensor bytes of ``obj`` (nested dicts, lists, tuples, dataclasses, modules'
+    parameters): what a request or result carries besides code and framing. A tensor
+    counts its whole storage (pickling a view sends it), each storage once; a tensor on
+    the meta device counts its shape, so a plan can use weights that are not here.
+    ``itemsize`` counts floating tensors at that size (a transport dtype)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        size = itemsize if itemsize and obj.is_floating_point() else obj.element_size()
+        if obj.device.type == "meta":
+            return obj.numel() * size
+        storage = obj.untyped_storage()
+        key = ("storage", storage.data_ptr(), obj.device)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes() // obj.element_size() * size
+    if isinstance(obj, torch.nn.Module):
+        return sum(payload_bytes(v, itemsize, seen)
+                   for v in (*obj._parameters.values(), *obj._buffers.values()))
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v, itemsize, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v, itemsize, seen) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(payload_bytes(getattr(obj, f.name), itemsize, seen)
+                   for f in dataclasses.fields(obj))
+    return 0
+
+
+def _session(model: Any, kernel: Callable, group: list[tuple], remote: Remote,
+             shared: bool = False) -> list:
     with remote.session(model) as session:
-        out = [kernel(model, *chunk) for chunk in group]
+        state = {"shared": {}} if shared else {}  # made where the request runs
+        out = [kernel(model, *chunk, **state) for chunk in group]
         out.save()
     return session.backend.job_id if not remote.blocking else out
 
@@ -213,20 +326,22 @@ def _digest(group: list[tuple]) -> str:
     return h.hexdigest()[:16]
 
 
-def _submitted(model, kernel, chunks, remote: Remote, stage: str) -> Iterator[Any]:
+def _submitted(model, kernel, chunks, remote: Remote, stage: str,
+               shared: bool = False) -> Iterator[Any]:
     """Submit each request once, keeping its job id; collect the finished ones."""
     from nnsight.intervention.backends.remote import RemoteBackend
 
     path = Path(remote.jobs)
     jobs = json.loads(path.read_text()) if path.exists() else {}
     results, pending = [], []
-    for i, group in enumerate(_requests(chunks, remote.max_prompts)):
+    for i, group in enumerate(request_groups(chunks, remote.max_prompts)):
         key = f"{stage}/{i}/{_digest(group)}"
         if key not in jobs:
-            jobs[key] = _session(model, kernel, group, remote)
+            up = payload_bytes(group)
+            jobs[key] = _session(model, kernel, group, remote, shared)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(jobs, indent=2))  # the id outlives this process
-            remote.record(stage, group)
+            remote.record(stage, group, up)
             pending.append(jobs[key])
             continue
         host = remote.backend if isinstance(remote.backend, str) else None
@@ -269,8 +384,6 @@ class FreshProcessBackend(Backend):
     def __call__(self, tracer: Any) -> None:
         from nnsight.ndif import pull_env
         from nnsight.schema.request import RequestModel
-        from nnsight.tracing.tracer import save
-        from nnsight.tracing.util import push
 
         pull_env()
         blob = RequestModel.serialize(tracer)
@@ -286,10 +399,64 @@ class FreshProcessBackend(Backend):
                 raise RuntimeError(f"the request failed in the server process:\n{proc.stderr[-4000:]}")
             content = result.read_bytes()
         self.result_bytes.append(len(content))
-        values = torch.load(io.BytesIO(content), map_location="cpu", weights_only=False)
-        for value in values.values():  # as nnsight's RemoteBackend: saved, back in the frame
-            save(value)
-        push(tracer.info.frame, values)
+        _deliver(tracer, content)
+
+
+class SimulatedServer(Backend):
+    """nnsight's local simulation of NDIF, served by another model: each request is
+    serialized as for NDIF, deserialized with the user's modules hidden (nnsight's
+    ``LocalSimulationBackend`` does both) against ``model``, the server's own (its
+    parameters frozen, as NDIF's are), and run in this process; only the saved values come
+    back. So the client's model may be held on the meta device, as a remote model is.
+    ``request_bytes`` and ``result_bytes`` record each request's sizes."""
+
+    def __init__(self, model: Any):
+        from nnsight.intervention.backends.local import LocalSimulationBackend
+
+        model._module.requires_grad_(False)
+        self.model, self.local = model, LocalSimulationBackend(model)
+        self.request_bytes: list[int] = []
+        self.result_bytes: list[int] = []
+
+    def __call__(self, tracer: Any) -> None:
+        from nnsight.ndif import pull_env
+        from nnsight.schema.request import RequestModel
+        from nnsight.tracing import tracer as tracing
+
+        pull_env()
+        blob = RequestModel.serialize(tracer)
+        self.request_bytes.append(len(blob))
+        # deserializing registers the shipped sources in linecache under their files' names;
+        # a server is another process, so here they must not outlive the request
+        sources = dict(linecache.cache)
+        hidden = self.local._hide_local_modules()  # as on a server without sage_nn
+        try:
+            restored = RequestModel.deserialize(blob, self.model._remoteable_persistent_objects())
+        finally:
+            self.local._restore(hidden)
+        pushed, push = [], tracing.push
+        tracing.push = lambda frame, values: (pushed.append(dict(values)), push(frame, values))
+        try:  # in the caller's own trace scope: its outermost block pushes only saved values
+            restored.execute(restored.info.code)
+        finally:
+            tracing.push = push
+            linecache.cache.clear()
+            linecache.cache.update(sources)
+        buffer = io.BytesIO()  # through bytes, as on the wire: nothing shared with the server
+        torch.save(pushed[-1] if pushed else {}, buffer)
+        self.result_bytes.append(buffer.tell())
+        _deliver(tracer, buffer.getvalue())
+
+
+def _deliver(tracer: Any, content: bytes) -> None:
+    """A server's saved values into the caller's frame, as nnsight's RemoteBackend does."""
+    from nnsight.tracing.tracer import save
+    from nnsight.tracing.util import push
+
+    values = torch.load(io.BytesIO(content), map_location="cpu", weights_only=False)
+    for value in values.values():
+        save(value)
+    push(tracer.info.frame, values)
 
 
 def cast_shared(obj: Any, dtype: torch.dtype, memo: dict | None = None) -> Any:

@@ -63,10 +63,12 @@ class RunConfig:
     # Where the model runs: False (here), True (NDIF), "local" (nnsight's offline simulation
     # of NDIF) or a host URL; one request per stage, or per max_prompts_per_request rows.
     # remote_blocking=False submits and returns; rerun to collect (job ids in the run dir).
+    # remote_placement: where residual SAEs are encoded ("auto": by bytes, "server", "here")
     remote: bool | str = False
     max_prompts_per_request: int | None = None
     remote_blocking: bool = True
     remote_transport: str = "float32"
+    remote_placement: str = "auto"
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "RunConfig":

@@ -8,6 +8,7 @@ settings is recomputed (and so is everything after it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -88,6 +89,40 @@ class Stage:
 
 
 STAGES = ["task", "discovery", "saes", "evaluation", "report"]
+
+#: A remote run's log of every request it sent (one JSON object a line, appended).
+REQUESTS = "requests.jsonl"
+
+
+def log_requests(root: Path, stage: str, requests: list, placements: list) -> None:
+    """Append a stage's remote requests (:class:`~sage_nn.model.remote.Request`) and where
+    its reads encoded each SAE to the run directory's request log, and say them in one
+    line."""
+    if not requests:
+        return
+    when = time.strftime("%Y-%m-%dT%H:%M:%S")
+    lines = [json.dumps({"type": "request", "time": when, **dataclasses.asdict(r),
+                         "stage": stage}) for r in requests]
+    lines += [json.dumps({"type": "placement", "time": when, "stage": stage, **p})
+              for p in placements]
+    with open(root / REQUESTS, "a") as f:
+        f.write("".join(line + "\n" for line in lines))
+    kernels: dict[str, int] = {}
+    for r in requests:
+        kernels[r.kernel] = kernels.get(r.kernel, 0) + 1
+    mb = lambda n: f"{n / 1e6:.2f} MB"  # noqa: E731
+    where: dict[str, dict[str, list]] = {}  # placement -> SAE -> its layers
+    for p in placements:
+        layers = where.setdefault(p["placement"], {}).setdefault(p["sae"], [])
+        layers += [] if f"L{p['layer']}" in layers else [f"L{p['layer']}"]
+    log.info("remote %s: %d request%s (%s), %s up, %s down, %.1f s%s", stage, len(requests),
+             "" if len(requests) == 1 else "s",
+             ", ".join(f"{k} x{n}" if n > 1 else k for k, n in kernels.items()),
+             mb(sum(r.up for r in requests)), mb(sum(r.down for r in requests)),
+             sum(r.seconds for r in requests),
+             "".join(f"; SAEs encoded {w}: " + ", ".join(
+                 f"{sae} ({' '.join(layers)})" for sae, layers in saes.items())
+                     for w, saes in sorted(where.items())))
 
 
 @dataclass

@@ -92,7 +92,8 @@ def _sae_dir_site(path: Path) -> str | None:
         cfg = json.loads((path / "cfg.json").read_text())
     except (OSError, ValueError):
         return None
-    return f"{cfg.get('hook_name')}|{cfg.get('hook_head_index')}"
+    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")  # sae_lens 6
+    return f"{hook}|{cfg.get('hook_head_index')}"
 
 
 def expand_sae_specs(specs: list[str]) -> list[str]:

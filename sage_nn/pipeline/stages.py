@@ -45,7 +45,7 @@ from .resolve import (
     trained_cache,
     trained_record,
 )
-from .rundir import STAGES, RunDirectory, RunResult, Stage
+from .rundir import STAGES, RunDirectory, RunResult, Stage, log_requests
 from .specs import (
     UnservableRunError,
     at_sites,
@@ -67,7 +67,7 @@ log = logging.getLogger("sage_nn")
 # -- the run ----------------------------------------------------------------------------
 
 
-def _restriction(config: RunConfig, model: Any) -> tuple[list[int], list[str]] | None:
+def served_restriction(config: RunConfig, model: Any) -> tuple[list[int], list[str]] | None:
     """:func:`discovery_restriction` for a loaded model (its layers, parallel blocks);
     nothing served is an :class:`~sage_nn.validate.InvalidRunError`, before any forward.
     Kinds asked for that no SAE serves are dropped with a warning saying what would."""
@@ -87,6 +87,21 @@ def _restriction(config: RunConfig, model: Any) -> tuple[list[int], list[str]] |
     return found
 
 
+def discovery_settings(config: RunConfig, attributes: list[str], restriction) -> Any:
+    """The run's :class:`~sage_nn.discovery.DiscoveryConfig`. The grid scores what a
+    cross-section may hold unless asked for more (heatmaps of every kind cost the residual
+    stream's exact sweep, which selection does not use), at every layer, so a report can
+    say where an effect lies when the layers the SAEs serve miss it; the cross-sections
+    stay in the served layers."""
+    from ..discovery.stage import DiscoveryConfig
+
+    layers, select = restriction or (None, config.select_kinds)
+    return DiscoveryConfig(kinds=config.discovery_kinds or select or ["z"],
+                           attributes=attributes, select_layers=layers, select_kinds=select,
+                           target=config.target, max_sites=config.max_sites,
+                           top_k=config.top_k, batch_size=config.batch_size)
+
+
 def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = None,
         remote: Any = None) -> RunResult:
     """Build the task, discover cross-sections, get SAEs, evaluate, report; resumable.
@@ -102,7 +117,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     import pandas as pd
 
     from ..dictionaries.corpus import corpus_hash
-    from ..discovery.stage import DiscoveryConfig, discover
+    from ..discovery.stage import discover
     from ..evaluation.coders import CrossSection, DirectSAE, ReconstructedSAE
     from ..evaluation.scoring import (
         EVALUATION_VERSION,
@@ -111,7 +126,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     )
     from ..model.linear import EagerAttention
     from ..model.loading import load_model
-    from ..model.remote import Remote
+    from ..model.remote import Remote, as_remote
     from ..model.sites import Site, adapter
     from ..report import write_report
     from ..report.saebench import sae_cfg_dict
@@ -125,10 +140,29 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     if remote is None and config.remote:
         remote = Remote(config.remote, max_prompts=config.max_prompts_per_request,
                         blocking=config.remote_blocking, transport=config.remote_transport,
+                        placement=config.remote_placement,
                         jobs=None if config.remote_blocking else root / "remote_jobs.json")
+    remote = as_remote(remote) if remote is not None else None
+    remote = remote if remote is not None and remote.is_remote else None
+
+    def sent(name: str, compute):
+        """``compute`` with its remote requests labelled ``name`` and logged in the run
+        directory (:data:`~sage_nn.pipeline.rundir.REQUESTS`), one line said."""
+        if remote is None:
+            return compute
+
+        def logged():
+            remote.stage, first, placed = name, len(remote.requests), len(remote.placements)
+            try:
+                compute()
+            finally:
+                log_requests(root, name, remote.requests[first:],
+                             remote.placements[placed:])
+        return logged
+
     model = model or load_model(config.model, device=config.device, dtype=config.dtype,
                                 remote=on_server)
-    restriction = _restriction(config, model)  # what the named SAEs serve, before any forward
+    restriction = served_restriction(config, model)  # what the named SAEs serve, first
     spec = load_task(config.task)
     full, fit, held_out = run_prompts(model, config)
     attributes = config.attributes or fit.attribute_names
@@ -148,23 +182,14 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         return stored
 
     task_summary = stage("task", config.hash("model", "task", "seed", "n_fit", "n_eval"),
-                         ["task.json"], task_stage, task_load)
+                         ["task.json"], sent("task", task_stage), task_load)
 
     disc_dir = root / "discovery"
     disc_files = ["discovery/scores.nc", "discovery/cross_sections.csv", "discovery/summary.json"]
 
     def discovery_stage():
         prompts = fit.subset(np.arange(min(config.n_discovery, len(fit))))
-        # the grid scores what a cross-section may hold unless asked for more (heatmaps of
-        # every kind cost the residual stream's exact sweep, which selection does not use)
-        # the grid scores every layer, so a report can say where an effect lies when the
-        # layers the SAEs serve miss it; the cross-sections stay in the served layers
-        layers, select = restriction or (None, config.select_kinds)
-        grid = config.discovery_kinds or select or ["z"]
-        settings = DiscoveryConfig(kinds=grid, attributes=attributes, select_layers=layers,
-                                   select_kinds=select, target=config.target,
-                                   max_sites=config.max_sites, top_k=config.top_k,
-                                   batch_size=config.batch_size)
+        settings = discovery_settings(config, attributes, restriction)
         write_dir(disc_dir, lambda out: discover(model, prompts, settings, out_dir=out,
                                                  progress=progress, remote=remote))
 
@@ -178,7 +203,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                                                    "discovery_kinds", "select_kinds",
                                                    "target", "max_sites", "top_k")
                           + (f",{restriction}" if restriction else ""),
-                          disc_files, discovery_stage, discovery_load)
+                          disc_files, sent("discovery", discovery_stage), discovery_load)
     all_pairs = [p for pairs in pairs_by_attr.values() for p in pairs]
     needed = residual_sites_for(all_pairs, adapter(model).parallel, config.reconstruction)
 
@@ -290,7 +315,8 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
 
     # other SAEs (another corpus, width, ...) are other results
     results = stage("evaluation", eval_settings + "," + sae_settings,
-                    ["evaluation.nc", *eval_files.values()], evaluation_stage,
+                    ["evaluation.nc", *eval_files.values()],
+                    sent("evaluation", evaluation_stage),
                     lambda: pair_coords(read_netcdf(root / "evaluation.nc")))
 
     report_dir = root / "report"

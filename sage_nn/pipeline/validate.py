@@ -137,6 +137,9 @@ def field_problems(config: Any) -> list[str]:
     if config.remote_transport not in ("float32", "bfloat16"):
         problems.append(f"remote_transport={config.remote_transport!r}: unknown dtype; fix: "
                         "'float32' or 'bfloat16'")
+    if config.remote_placement not in ("auto", "server", "here"):
+        problems.append(f"remote_placement={config.remote_placement!r}: unknown; fix: 'auto' "
+                        "(by bytes), 'server' or 'here'")
     for name in ("discovery_kinds", "select_kinds"):
         kinds = getattr(config, name)
         bad = [k for k in kinds or [] if k not in KINDS]

@@ -1,0 +1,125 @@
+"""A remote run's plan (``sage run --remote --dry-run``, :func:`plan_run`): the requests and
+their bytes before any is sent, with no weights here, checked against a run that sent them."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_TASK
+
+from sage_nn import tiny_random_model
+from sage_nn.cli import main
+from sage_nn.evaluation.coders import ReconstructedSAE
+from sage_nn.model.loading import TINY_WORDS, smollm2_dir
+from sage_nn.model.remote import Remote
+from sage_nn.model.sites import Site
+from sage_nn.pipeline.config import RunConfig
+from sage_nn.pipeline.plan import meta_model, meta_sae, plan_run
+from sage_nn.pipeline.stages import run
+from sage_nn.pipeline.validate import InvalidRunError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny llama saved as a HuggingFace directory, the tiny IOI task and a corpus."""
+    root = tmp_path_factory.mktemp("plan")
+    model = tiny_random_model("llama", seed=0)
+    model._module.save_pretrained(root / "model")
+    model.tokenizer.save_pretrained(root / "model")
+    (root / "tiny.yaml").write_text(TINY_TASK)
+    rng = np.random.default_rng(0)
+    (root / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(TINY_WORDS, 80))
+                                                  for _ in range(60)))
+    return root, model
+
+
+def config(root, name, **kw):
+    return RunConfig(**{"model": str(root / "model"), "task": str(root / "tiny.yaml"),
+                        "run_dir": str(root / name), "saes": ["train:topk"], "n_fit": 24,
+                        "n_eval": 16, "n_discovery": 16, "max_sites": 3, "n_boot": 20,
+                        "sae_width": 64, "sae_steps": 4, "ks": [1, 2], "batch_size": 16,
+                        "sae_corpus": str(root / "corpus.txt"), "remote": "local", **kw})
+
+
+@pytest.mark.parametrize("top_k", [None, 2])  # cross-sections grown, or top-k validated
+def test_a_plan_counts_the_bytes_the_run_then_sends(tiny, tmp_path, monkeypatch, top_k):
+    """Planned before the run (cross-sections assumed) and after its discovery (its own),
+    on the model held without weights: the task, attribution and read requests carry the
+    bytes the run's did, each SAE placed as the run placed it; the requests that depend on
+    an earlier one's results are upper bounds."""
+    monkeypatch.setenv("SAGE_NN_CACHE", str(tmp_path / "cache"))
+    root, model = tiny
+    name = f"run{top_k}"
+    before = plan_run(config(root, name, top_k=top_k))
+    assert before.requests_per_stage() == {"task": 1, "discovery": 2 if top_k is None else 4,
+                                           "evaluation": 2}
+    assert any("cross-sections assumed" in n for n in before.notes)
+    remote = Remote("local")
+    run(config(root, name, top_k=top_k), model=model, progress=False, remote=remote)
+    sent = [r for r in remote.requests if r.stage != "saes"]
+    after = plan_run(config(root, name, top_k=top_k))
+    assert [(r.stage, r.kernel) for r in sent] == [(r.stage, r.kernel) for r in after.requests]
+    for planned, actual in zip(after.requests, sent):
+        if planned.estimated:
+            assert planned.up >= actual.up and planned.down >= actual.down, (planned, actual)
+        else:
+            assert (planned.up, planned.down) == (actual.up, actual.down), (planned, actual)
+    strip = lambda ps: [{k: v for k, v in p.items() if k != "width"} for p in ps]  # noqa: E731
+    assert strip(after.placements) == strip(remote.placements) != []
+    # the plan said what it was going to send before anything was sent
+    assert before.totals(code=False)[0] >= after.totals(code=False)[0] > 0
+
+
+def test_a_70b_class_configuration_plans_without_weights_under_a_gigabyte(tmp_path):
+    """d_model 8192, 80 layers, 64 heads (8 KV heads), built from its config on the meta
+    device: 8 residual SAEs of width 65536 feeding five layers' heads, the quickstart's
+    prompt counts. Their encoders would be 2.1 GB each; encoded here, the evaluation's
+    bytes do not grow with the SAEs' width."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())  # the quickstart's IOI prompts
+    LlamaConfig(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, intermediate_size=28672,
+                vocab_size=len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    model = meta_model(str(tmp_path / "model"))
+    assert {p.device.type for p in model._module.parameters()} == {"meta"}
+    layers = [20, 23, 24, 28, 29]
+    pairs = {"io": [(f"L{layer}.z.h{h}", "END") for layer in layers[1:] for h in (0, 7)],
+             "s": [(f"L{layer}.z.h1", "END") for layer in layers[:3]]}
+    totals = {}
+    for width in (16384, 65536, 262144):
+        saes = {f"sae{i}": ReconstructedSAE([meta_sae(8192, width, Site(layer, "resid_pre"))
+                                             for layer in layers]) for i in range(8)}
+        plan = plan_run(RunConfig(model=str(tmp_path / "model"), remote=True,
+                                  run_dir=str(tmp_path / "run")),
+                        model=model, cross_sections=pairs, saes=saes)
+        assert plan.requests_per_stage() == {"task": 1, "discovery": 2, "evaluation": 2}
+        assert {p["placement"] for p in plan.placements} == {"here"}
+        assert {p["saes_sharing_here"] for p in plan.placements} == {8}
+        totals[width] = sum(plan.totals())
+    assert totals[65536] < 1e9
+    assert totals[262144] == totals[16384]  # the SAEs' width is not in the bytes
+    assert not (tmp_path / "run").exists()  # planned, not run
+    lines = plan.lines()
+    assert lines[0].startswith("dry run: ") and "nothing was sent" in lines[0]
+    assert any(line.startswith("  sae7 L29 (width 262144): here; server ") for line in lines)
+
+
+def test_sage_run_dry_run_prints_the_plan_and_sends_nothing(tiny, tmp_path, capsys):
+    root, _ = tiny
+    args = ["run", "--model", str(root / "model"), "--task", str(root / "tiny.yaml"),
+            "--sae", "train:topk", "--run-dir", str(tmp_path / "run"), "--n-fit", "24",
+            "--n-eval", "16", "--sae-width", "64", "--sae-corpus", str(root / "corpus.txt"),
+            "--dry-run"]
+    main(args + ["--remote", "local", "--remote-transport", "bfloat16"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("transport bfloat16; nothing was sent")
+    assert [line.split(":")[0] for line in out if line.endswith("MB down")][:3] == [
+        "task", "discovery", "evaluation"]
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(InvalidRunError, match="--dry-run plans the requests of a remote run"):
+        plan_run(config(root, "x", remote=False))
+    assert torch.is_grad_enabled()
+    json.dumps(plan_run(config(root, "x")).to_dict())  # what --dry-run would write is JSON
