@@ -200,7 +200,7 @@ def trained_record(root: Path, sites: list[str]) -> dict | None:
     if not record.exists():
         return None
     training = json.loads(record.read_text())
-    training.pop("held_out_fvu_curves", None)  # per step; too long for a report table
+    training.pop("held_out_curves", None)  # per step; too long for a report table
     report = root / "report.csv"
     table = {}
     if report.exists():
