@@ -193,26 +193,63 @@ def _train_into_cache(root: Path, model: Any, sites: list[str], cfg, source,
 
 def trained_record(root: Path, sites: list[str]) -> dict | None:
     """What the trainer recorded of the SAEs at ``sites`` of a cache directory: its config
-    (``train_config.json``) with, per site, the steps each SAE trained and its FVU on the
-    held-out part of its corpus (from each SAE's ``cfg.json``, where the trainer writes
-    them; else ``report.csv``)."""
+    (``train_config.json``) with, per site, what each SAE's ``cfg.json`` says of its
+    training (:func:`per_site_training`; else ``report.csv``)."""
     record = root / "train_config.json"
     if not record.exists():
         return None
     training = json.loads(record.read_text())
-    training.pop("held_out_curves", None)  # per step; too long for a report table
+    for key in ("held_out_curves", "held_out_fvu_curves", "steps_used", "converged",
+                "converged_at_step"):
+        training.pop(key, None)  # per site, below: only the sites asked for
     report = root / "report.csv"
     table = {}
     if report.exists():
         import pandas as pd
 
         table = pd.read_csv(report, index_col="site").to_dict("index")
-    steps, fvu = {}, {}
-    for site in sites:
-        meta = json.loads((root / site / "cfg.json").read_text()).get("metadata") or {}
-        steps[site] = meta.get("sage_nn_train_steps", table.get(site, {}).get("steps"))
-        fvu[site] = meta.get("sage_nn_held_out_fvu", table.get(site, {}).get("fvu"))
-    return {**training, "steps_used": steps, "held_out_fvu": fvu}
+    per_site = per_site_training({site: root / site for site in sites})
+    for site in sites:  # SAEs trained before cfg.json carried the record
+        per_site["steps_used"].setdefault(site, table.get(site, {}).get("steps"))
+        per_site["held_out_fvu"].setdefault(site, table.get(site, {}).get("fvu"))
+    return {**training, **per_site}
+
+
+#: per-site fields of a training record: the key in it, the key in training_record
+PER_SITE = {"steps_used": "steps", "held_out_fvu": "held_out_fvu",
+            "held_out_dead": "held_out_dead", "converged": "converged",
+            "converged_at_step": "converged_at_step", "corpus_passes": "corpus_passes",
+            "held_out_curves": "curve", "continued_from": "continued_from"}
+
+
+def per_site_training(directories: dict[str, Path]) -> dict:
+    """``{field: {site: value}}`` of what each SAE directory's ``cfg.json`` records of its
+    training (:func:`~sage_nn.dictionaries.training.training_record`), plus the shared
+    ``corpus`` and ``criterion`` (joined with " | " where members differ)."""
+    from ..dictionaries.training import training_record
+
+    records = {site: training_record(d) for site, d in directories.items()}
+    out: dict = {field: {site: r[key] for site, r in records.items() if r.get(key) is not None}
+                 for field, key in PER_SITE.items()}
+    for key in ("corpus", "criterion", "tokens_per_pass"):
+        values = list(dict.fromkeys(str(r[key]) for r in records.values() if r.get(key)))
+        if values:
+            out[key] = " | ".join(values)
+    return out
+
+
+def saved_record(path: Path, members: list) -> dict | None:
+    """The training record of SAEs given as a directory (``--sae DIR``) that
+    :func:`~sage_nn.dictionaries.training.train_saes` wrote: read from each one's
+    ``cfg.json`` (None if none of them says how it was trained)."""
+    if (path / "cfg.json").exists():
+        directories = {sae_site(members[0]): path}
+    else:
+        directories = {d.name: d for d in sorted(p.parent for p in path.glob("*/cfg.json"))}
+    record = per_site_training(directories)
+    if not record["steps_used"]:
+        return None
+    return {"source": str(path), **record}
 
 
 def sae_site(sae, spec: str = "train:") -> str:
