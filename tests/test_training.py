@@ -98,6 +98,12 @@ def test_cli_train_sae(text_file, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "L1.resid_pre" in out and "fvu" in out
     assert SAE.load_from_disk(tmp_path / "saes" / "L1.resid_pre").cfg.d_in == 32
+    # --init continues them: 8 more steps of 256 tokens
+    main(["train-sae", "--model", str(tmp_path / "model"), "--sites", "L1.resid_pre",
+          "--out", str(tmp_path / "more"), "--source", str(text_file), "--d-sae", "64",
+          "--k", "4", "--tokens", "2048", "--batch-size", "256", "--context-size", "32",
+          "--init", str(tmp_path / "saes")])
+    assert training_record(tmp_path / "more" / "L1.resid_pre")["steps"] == 16
 
 
 def test_builtin_corpus_is_small_and_readable():

@@ -57,6 +57,9 @@ TRAINERS = ("batched", "sae_lens")
 #: sae_lens's names: "expected_average_only_in" scales every site to an average norm of
 #: sqrt(d_in) for training (the factor is folded into the saved weights); "none" does not
 NORMALIZATIONS = ("expected_average_only_in", "none")
+#: part of the name of the run's SAE cache entries: SAEs another trainer made (before the
+#: held-out convergence checks and activation normalisation) are not taken for these
+TRAINER_VERSION = "t2"
 #: beside each SAE the batched trainer saves: its Adam moments and step, so that ``init``
 #: continues training where it stopped (a fresh Adam's first steps move every weight by
 #: about ``lr``, undoing much of a trained SAE)

@@ -40,12 +40,12 @@ def sae_corpus(model: Any, config: RunConfig) -> list:
 
 def trained_cache(arch: str, model: Any, config: RunConfig, options: dict | None = None):
     """``(name, TrainConfig, sources, cache directory)`` of the run's trained SAEs: the
-    directory is keyed by width, k, tokens, seed and the corpus's content. ``options``
-    (``{"width": 512, "k": 8}``, from ``train:topk:width=512:k=8``) override the run's
+    directory is keyed by width, k, tokens, seed, trainer version and the corpus's content.
+    ``options`` (``{"width": 512, "k": 8}``, from ``train:topk:width=512:k=8``) override the run's
     ``sae_width`` and TrainConfig's ``k``; a k named in the spec is part of the name
     (``topk-1024-k8``), so each SAE of a sweep has its own name and cache entry."""
     from ..dictionaries.corpus import corpus_hash
-    from ..dictionaries.training import TrainConfig
+    from ..dictionaries.training import TRAINER_VERSION, TrainConfig
     from ..model.loading import cache_dir
 
     options = options or {}
@@ -56,7 +56,7 @@ def trained_cache(arch: str, model: Any, config: RunConfig, options: dict | None
     name = f"{arch}-{width}" + (f"-k{extra['k']}" if extra else "")
     source = sae_corpus(model, config)
     root = cache_dir() / "saes" / str(model.config._name_or_path).replace("/", "--") / \
-        f"{name}-{cfg.tokens}-seed{cfg.seed}-{corpus_hash(source)}"
+        f"{name}-{cfg.tokens}-seed{cfg.seed}-{TRAINER_VERSION}-{corpus_hash(source)}"
     return name, cfg, source, root
 
 
