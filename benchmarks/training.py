@@ -44,19 +44,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: E402
+import torch
+from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig  # before any trace (saes.py)
 
-from sage_nn.dictionaries import (
-    stream,  # noqa: E402
-    training,  # noqa: E402  (sae_lens before any trace)
-)
-from sage_nn.dictionaries.corpus import corpus_units  # noqa: E402
-from sage_nn.dictionaries.stream import count_tokens, read_activations, site_keys  # noqa: E402
-from sage_nn.dictionaries.topk import TopKStack  # noqa: E402
-from sage_nn.model.loading import load_model  # noqa: E402
-from sage_nn.pipeline.config import RunConfig  # noqa: E402
-from sage_nn.pipeline.resolve import sae_corpus  # noqa: E402
+from sage_nn.dictionaries import stream, training
+from sage_nn.dictionaries.corpus import corpus_units
+from sage_nn.dictionaries.stream import count_tokens, read_activations, site_keys
+from sage_nn.dictionaries.topk import TopKStack
+from sage_nn.model.loading import load_model
+from sage_nn.pipeline.config import RunConfig
+from sage_nn.pipeline.resolve import sae_corpus
 
 SITES = ["L23.resid_pre", "L29.resid_pre", "L23.z.h4", "L24.z.h5", "L29.z.h1"]
 #: main before issue 27: its trainer is the "old" one

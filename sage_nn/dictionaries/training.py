@@ -269,7 +269,8 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
                            model_name=name, context_size=cfg.context_size,
                            dataset_path=corpus_name, sage_nn_site=label)
         saes[label] = _new_sae(cfg, site_width(model, kind, heads), cfg.k_at(kind), meta)
-    read = dict(skip_first=cfg.skip_first, batch_tokens=cfg.model_batch_size * cfg.context_size)
+    read = {"skip_first": cfg.skip_first,
+            "batch_tokens": cfg.model_batch_size * cfg.context_size}
     # the corpus is read once: the held-out part here, the rest by the stream's first batch
     held_out = read_activations(model, eval_units, labels, **read)
     # sae_lens's own bar moves every 100 steps only: count steps here too
@@ -435,5 +436,12 @@ def load_trained(out_dir: str | Path, model: Any = None) -> dict[str, SparseAuto
     return {d.name: load_sae(d, model=model, site=d.name) for d in dirs}
 
 
-__all__ = ["TrainConfig", "train_saes", "evaluate", "load_trained", "training_record",
-           "converged", "fit_batched"]
+__all__ = [
+    "TrainConfig",
+    "converged",
+    "evaluate",
+    "fit_batched",
+    "load_trained",
+    "train_saes",
+    "training_record",
+]
