@@ -227,15 +227,17 @@ class TopKStack:
         return {**state, "step": self.t.clone()}
 
     def load_optimizer_state(self, states: dict[int, dict[str, torch.Tensor]]) -> None:
-        """Restore saved Adam moments of the SAEs ``states`` names (by row). The stack has
-        one step count, for the bias correction: the least of the saved ones (the most
-        cautious step size), 0 if some SAE starts afresh."""
+        """Restore saved Adam moments, ``{row: state}``. The stack has one step count, for
+        the bias correction: the least of the saved ones (the most cautious step size).
+        Unless every SAE of the stack has a saved state, all start afresh: one step count
+        cannot suit moments of both kinds."""
+        if len(states) != len(self.labels):
+            return
         for i, state in states.items():
             for n in NAMES:
                 self.m[n][i] = state[f"{n}.exp_avg"]
                 self.v[n][i] = state[f"{n}.exp_avg_sq"]
-        if len(states) == len(self.labels):
-            self.t = min(state["step"].reshape(()) for state in states.values()).clone()
+        self.t = min(state["step"].reshape(()) for state in states.values()).clone()
 
     def keep(self, rows: list[int]) -> None:
         """Drop the SAEs not in ``rows`` (finished) from every stacked state."""
