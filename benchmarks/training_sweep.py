@@ -2,12 +2,12 @@
 part): SmolLM2 IOI, the quickstart's corpus and width, the benchmark's five sites, trained
 past the quickstart's 300-step cap without stopping, their held-out curves recorded; for
 several tolerances, the step where each SAE meets the convergence criterion and its
-held-out FVU there. Variants: k at heads (``--k-heads``). One read of the corpus serves
-every variant (benchmarks/training.py's Replay).
+held-out FVU there. Variants: k at heads (``--k-heads``), learning rate (``--lr``). One
+read of the corpus serves every variant (benchmarks/training.py's Replay).
 
 Writes benchmarks/results/training_sweep.json.
 
-    python benchmarks/training_sweep.py [--steps 800] [--k-heads 32 16 8]
+    python benchmarks/training_sweep.py [--steps 800] [--k-heads 32 16 8] [--lr 4e-4 1e-3]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def main(argv=None):
     ap.add_argument("--sites", nargs="+", default=SITES)
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--k-heads", type=int, nargs="+", default=[32, 16])
+    ap.add_argument("--lr", type=float, nargs="+", default=[TrainConfig.lr])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
                                          "training_sweep.json"))
@@ -70,10 +71,11 @@ def main(argv=None):
     read_s = time.perf_counter() - t
     stream.activation_batches = Replay(stream.activation_batches, units, acts, base.skip_first)
     variants = {}
-    for k_heads in args.k_heads:
-        # the residual SAEs do not depend on k_heads: trained with the first variant only
-        sites = args.sites if not variants else [s for s in args.sites if ".z." in s]
-        cfg = TrainConfig(**{**vars(base), "k_heads": k_heads})
+    for lr, k_heads in [(lr, k) for lr in args.lr for k in args.k_heads]:
+        # the residual SAEs do not depend on k_heads: trained with the first one only
+        sites = (args.sites if k_heads == args.k_heads[0]
+                 else [s for s in args.sites if ".z." in s])
+        cfg = TrainConfig(**{**vars(base), "k_heads": k_heads, "lr": lr})
         out = Path(tempfile.mkdtemp())
         t = time.perf_counter()
         _, report = train_saes(model, sites, cfg, source=source, out_dir=out, progress=False)
@@ -90,7 +92,8 @@ def main(argv=None):
                              "fvu_at_cap": float(report.loc[site, "fvu"]),
                              "held_out_dead_at_cap": int(report.loc[site, "dead"]),
                              "stop_by_tolerance": stops, "curve": curve}
-        variants[f"k_heads={k_heads}"] = {"seconds": round(seconds, 1), "per_sae": per_sae}
+        name = f"k_heads={k_heads}" + (f",lr={lr:g}" if len(args.lr) > 1 else "")
+        variants[name] = {"seconds": round(seconds, 1), "per_sae": per_sae}
         print(k_heads, {s: (v["fvu_at_cap"], v["stop_by_tolerance"]) for s, v in
                         per_sae.items()}, flush=True)
     result = {"model": str(model.config._name_or_path),

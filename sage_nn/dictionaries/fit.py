@@ -58,7 +58,7 @@ def fit_batched(saes: dict, stream, cfg, held_out: dict, *, dead_window: int,
                 and first.normalize_activations == "none"):
             raise ValueError("the batched trainer implements sae_lens's default TopK SAE only")
     new_curves: dict[str, list] = {label: [] for label in saes}
-    result = {"steps": {}, "dead": {}, "converged_at": {}, "optimizer": {}, "stacks": stacks}
+    result = {"steps": {}, "dead": {}, "converged_at": {}, "optimizer": {}}
 
     def check(stack: TopKStack, step: int) -> list[int]:
         """Record each SAE's held-out point; return the rows still training."""
