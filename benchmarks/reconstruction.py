@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sage_nn.dictionaries.training import TrainConfig, activation_batches, train_saes
+from sage_nn.dictionaries.stream import activation_batches
+from sage_nn.dictionaries.training import TrainConfig, train_saes
 from sage_nn.dictionaries.corpus import chunk_tokens, load_texts
 import torch  # noqa: E402
 

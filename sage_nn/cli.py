@@ -94,13 +94,15 @@ def _train_sae(args) -> None:
     from .dictionaries.training import TrainConfig, train_saes
 
     config = TrainConfig(architecture=args.architecture, d_sae=args.d_sae, k=args.k,
-                         l1_coefficient=args.l1, lr=args.lr, tokens=args.tokens,
-                         batch_size=args.batch_size, context_size=args.context_size,
-                         seed=args.seed)
+                         k_heads=args.k_heads, l1_coefficient=args.l1, lr=args.lr,
+                         tokens=args.tokens, batch_size=args.batch_size,
+                         context_size=args.context_size, seed=args.seed,
+                         stop_at_convergence=not args.no_stop)
     from .model.loading import load_model
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    _, report = train_saes(model, args.sites, config, source=args.source, out_dir=args.out)
+    _, report = train_saes(model, args.sites, config, source=args.source, out_dir=args.out,
+                           init=args.init)
     print(report.to_string(float_format=lambda x: f"{x:.3f}"))
     print(f"wrote {len(report)} SAE(s) to {args.out} (sae_lens format: SAE.load_from_disk)")
 
@@ -437,7 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--l1", type=float, default=5.0, help="L1 coefficient (standard SAEs)")
     p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--tokens", type=int, default=200_000, help="training tokens per SAE")
+    p.add_argument("--k-heads", type=int, default=None,
+                   help="k of TopK SAEs at a head's site (q/k/v/z; default: --k)")
+    p.add_argument("--tokens", type=int, default=200_000,
+                   help="training tokens per SAE at most (each stops at held-out convergence)")
+    p.add_argument("--no-stop", action="store_true",
+                   help="train every SAE on all of --tokens (convergence is still recorded)")
+    p.add_argument("--init", default=None,
+                   help="continue training the SAEs this directory holds (as train-sae wrote)")
     p.add_argument("--batch-size", type=int, default=1024, help="tokens per optimiser step")
     p.add_argument("--context-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)

@@ -67,6 +67,27 @@ def test_run_writes_every_stage_and_resumes(setup):
     xr.testing.assert_allclose(third.results, first.results)
 
 
+def test_sae_dir_trained_here_carries_its_training_record(setup):
+    """SAEs train_saes wrote, given as a directory (--sae DIR), show the corpus, steps,
+    curves and convergence their cfg.json records, as trained ones do."""
+    root, model = setup
+    first = run(config(root, "a"), model=model, progress=False)  # trained (or cached) SAEs
+    trained = json.loads((first.run_dir / "saes.json").read_text())["topk-64"]
+    cache = next((root / "cache" / "saes").rglob("train_config.json")).parent
+    given = run(config(root, "dir", saes=[str(cache)]), model=model, progress=False)
+    listing = json.loads((given.run_dir / "saes.json").read_text())[cache.name]
+    record, was = listing["sae_cfg_dict"]["training"], trained["sae_cfg_dict"]["training"]
+    assert record["source"] == str(cache)
+    assert record["corpus"] == was["corpus"] == str(root / "corpus.txt")
+    for site, steps in was["steps_used"].items():
+        assert record["steps_used"][site] == steps == 4
+        assert record["held_out_curves"][site] == was["held_out_curves"][site]
+        assert record["converged"][site] is False  # 4 steps: short of min_steps
+    summary = (given.run_dir / "report" / "summary.md").read_text()
+    assert f"| {cache.name} (not converged) | topk |" in summary
+    assert str(root / "corpus.txt") in summary
+
+
 def test_interrupted_run_resumes_from_last_finished_stage(setup, monkeypatch):
     root, model = setup
     import sage_nn.evaluation.scoring as evaluation

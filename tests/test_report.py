@@ -276,7 +276,47 @@ def test_sae_cfg_dict_of_one_sae_and_of_residual_sites(results, tmp_path):
     assert doc["sae_cfg_dict"] == two
     summary = (tmp_path / "summary.md").read_text()
     assert "| topk-2048 | topk | 8 | 16 | 4 | blocks.22.hook_resid_post, " \
-           "blocks.29.hook_resid_mid | task:ioi[2040] | 300 |" in summary
+           "blocks.29.hook_resid_mid | task:ioi[2040] | – | 300 |" in summary
+
+
+def test_report_shows_training_curves_and_labels_unconverged_saes(results, tmp_path):
+    """Each trained SAE's held-out curve is plotted and its convergence stated; one that
+    did not converge is named so in every table its numbers appear in."""
+    criterion = "held-out FVU improved by less than 0.002 over the last 60 steps"
+    curve = [[0, 1.0, 0.0], [100, 0.3, 0.1], [200, 0.2, 0.05]]
+
+    def info(converged):
+        training = {"corpus": "task:ioi[512]", "criterion": criterion,
+                    "steps_used": {"L3.resid_post": 200, "L5.resid_post": 200},
+                    "held_out_fvu": {"L3.resid_post": 0.2, "L5.resid_post": 0.25},
+                    "held_out_dead": {"L3.resid_post": 0.05, "L5.resid_post": 0.1},
+                    "corpus_passes": {"L3.resid_post": 5.1, "L5.resid_post": 5.1},
+                    "converged": {"L3.resid_post": True, "L5.resid_post": converged},
+                    "converged_at_step": {"L3.resid_post": 200},
+                    "held_out_curves": {"L3.resid_post": curve, "L5.resid_post": curve}}
+        return {"sae_cfg_dict": sae_cfg_dict([_sae(3, "resid_post"), _sae(5, "resid_post")],
+                                             training=training)}
+
+    from sage_nn.report import sae_cfg_dict
+
+    write_report(results, tmp_path, sae_info={"topk-2048": info(False), "relu-1024": info(True)})
+    summary = (tmp_path / "summary.md").read_text()
+    assert criterion in summary and "| 5.1× |" in summary
+    assert "`topk-2048` did not converge" in summary
+    rows = [line for line in summary.splitlines() if line.startswith("| topk-2048")]
+    labelled = [line for line in rows if line.startswith("| topk-2048 (not converged) |")]
+    assert labelled and len(labelled) == len(rows)  # wherever its numbers appear
+    assert sum(line.startswith("| relu-1024 |") for line in summary.splitlines()) > 3
+    assert "| no (1 of 2) |" in summary and "| yes |" in summary
+    assert "training.png" in summary
+    img = mpimg.imread(tmp_path / "training.png")
+    assert img.shape[0] > 100 and img.std() > 0.01
+    # no record of convergence: not claimed either way
+    write_report(results, tmp_path / "plain", sae_info={"topk-2048": {"sae_cfg_dict": {
+        "d_sae": 16, "training": {"steps_used": {"L3.resid_post": 300}}}}})
+    plain = (tmp_path / "plain" / "summary.md").read_text()
+    assert "not converged" not in plain and "| not checked |" in plain
+    assert not (tmp_path / "plain" / "training.png").exists()
 
 
 def test_saebench_identity_file_names_and_fields(results, tmp_path):

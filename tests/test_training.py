@@ -12,7 +12,13 @@ from sae_lens import SAE  # noqa: E402
 from sage_nn.cli import main
 from sage_nn.model.loading import TINY_WORDS, tiny_random_model
 from sage_nn.dictionaries.corpus import BUILTIN_CORPUS, chunk_tokens, load_texts
-from sage_nn.dictionaries.training import TrainConfig, activation_batches, load_trained, train_saes
+from sage_nn.dictionaries.stream import activation_batches
+from sage_nn.dictionaries.training import (
+    TrainConfig,
+    load_trained,
+    train_saes,
+    training_record,
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +98,12 @@ def test_cli_train_sae(text_file, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "L1.resid_pre" in out and "fvu" in out
     assert SAE.load_from_disk(tmp_path / "saes" / "L1.resid_pre").cfg.d_in == 32
+    # --init continues them: 8 more steps of 256 tokens
+    main(["train-sae", "--model", str(tmp_path / "model"), "--sites", "L1.resid_pre",
+          "--out", str(tmp_path / "more"), "--source", str(text_file), "--d-sae", "64",
+          "--k", "4", "--tokens", "2048", "--batch-size", "256", "--context-size", "32",
+          "--init", str(tmp_path / "saes")])
+    assert training_record(tmp_path / "more" / "L1.resid_pre")["steps"] == 16
 
 
 def test_builtin_corpus_is_small_and_readable():
@@ -193,34 +205,71 @@ def test_batched_trainer_matches_sae_lens_trainer(text_file):
     assert (new_rep.steps == old_rep.steps).all() and (new_rep.steps == 4096 // 128).all()
 
 
-def test_stop_at_convergence_records_steps(text_file, tmp_path):
+def test_stop_at_convergence_records_steps_curves_and_verdict(text_file, tmp_path):
     model = tiny_random_model("llama")
     sites = ["L0.resid_pre", "L1.z.h1"]
     cap = TrainConfig(**{**SMALL, "tokens": 128 * 200, "check_every": 10,
                          "converge_window": 40, "min_steps": 40})
-    full = TrainConfig(**{**vars(cap), "converge_tol": None})
-    loose = TrainConfig(**{**vars(cap), "converge_tol": 0.5})
+    full = TrainConfig(**{**vars(cap), "stop_at_convergence": False, "converge_tol": 0.05})
+    loose = TrainConfig(**{**vars(cap), "converge_tol": 0.05})
     _, rep_full = train_saes(model, sites, full, source=text_file)
     saes, rep = train_saes(model, sites, loose, source=text_file, out_dir=tmp_path)
-    assert (rep_full.steps == 200).all()
+    assert (rep_full.steps == 200).all() and rep_full.converged.all()
     # a loose tolerance stops each SAE early, at a check, after min_steps
     assert ((rep.steps >= 40) & (rep.steps < 200) & (rep.steps % 10 == 0)).all(), rep
+    assert rep.converged.all()
     record = json.loads((tmp_path / "train_config.json").read_text())
     for site in sites:
         assert record["steps_used"][site] == rep.steps[site]
-        assert record["held_out_fvu_curves"][site][-1][0] == rep.steps[site]
+        curve = record["held_out_curves"][site]
+        # [step, held-out FVU, dead share] from step 0 (the untrained SAE) every 10 steps
+        assert [c[0] for c in curve] == list(range(0, rep.steps[site] + 1, 10))
+        assert curve[-1][1] < curve[0][1] and all(0 <= c[2] <= 1 for c in curve)
         cfg = json.loads((tmp_path / site / "cfg.json").read_text())
         assert cfg["metadata"]["sage_nn_train_steps"] == rep.steps[site]
+        assert cfg["metadata"]["sage_nn_converged_at_step"] == rep.steps[site]
+        trained = training_record(tmp_path / site)
+        assert trained["converged"] is True and trained["curve"] == curve
+        assert "held-out FVU improved by less than 0.05 over the last 40 steps" in \
+            trained["criterion"]
         assert SAE.load_from_disk(tmp_path / site).cfg.d_sae == 64
-    # stopping early still trains (a loose tolerance costs FVU: 0.5 is for the test only)
+    # stopping early still trains (a loose tolerance costs FVU: it is for the test only)
     assert (rep.fvu < 0.6).all(), rep
     # tolerance 0 stops only when the held-out FVU stopped improving at all: here never,
     # and the checks themselves change nothing
     _, rep_zero = train_saes(model, sites, TrainConfig(**{**vars(cap), "converge_tol": 0.0}),
                              source=text_file)
     assert (rep_zero.steps == 200).all() and (rep_zero.fvu == rep_full.fvu).all()
+    assert not rep_zero.converged.any()
     with pytest.raises(ValueError, match="trainer 'fast'"):
         TrainConfig(trainer="fast")
+
+
+def test_batched_trainer_is_deterministic_and_continues_saved_saes(text_file, tmp_path):
+    """Same seed, same weights; a saved SAE given as ``init`` trains on from where it
+    was: its steps and curve go on, and it is not retrained from scratch."""
+    model = tiny_random_model("llama")
+    sites = ["L0.resid_pre", "L1.z.h1"]
+    cfg = TrainConfig(**{**SMALL, "tokens": 128 * 40, "converge_tol": 0.0, "min_steps": 10,
+                         "converge_window": 10})
+    a, rep_a = train_saes(model, sites, cfg, source=text_file, out_dir=tmp_path / "a")
+    b, rep_b = train_saes(model, sites, cfg, source=text_file)
+    for site in sites:
+        torch.testing.assert_close(a[site].W_dec, b[site].W_dec, rtol=0, atol=0)
+    assert (rep_a.fvu == rep_b.fvu).all()
+    more, rep_more = train_saes(model, sites, cfg, source=text_file, init=tmp_path / "a",
+                                out_dir=tmp_path / "more")
+    assert (rep_more.steps == 80).all()
+    for site in sites:
+        record = training_record(tmp_path / "more" / site)
+        steps = [c[0] for c in record["curve"]]
+        assert steps == sorted(set(steps)) and steps[-1] == 80 and 40 in steps
+        assert record["continued_from"] == str(tmp_path / "a" / site)
+        assert not torch.equal(more[site].W_dec, a[site].W_dec)
+    assert (rep_more.fvu < rep_a.fvu).all(), (rep_a, rep_more)
+    with pytest.raises(ValueError, match="continue with the config it was trained with"):
+        train_saes(model, sites, TrainConfig(**{**vars(cfg), "d_sae": 32}),
+                   source=text_file, init=tmp_path / "a")
 
 
 def test_activations_stop_after_the_last_site_unchanged():

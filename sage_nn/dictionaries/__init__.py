@@ -31,7 +31,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "TRAINERS": "training",
     "Tokens": "corpus",
     "TrainConfig": "training",
-    "activation_batches": "training",
+    "activation_batches": "stream",
     "cache_lock": "saes",
     "cached_folder": "releases",
     "channels": "saes",
@@ -71,4 +71,5 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "task_prompts": "corpus",
     "text_sources": "corpus",
     "train_saes": "training",
+    "training_record": "training",
 })

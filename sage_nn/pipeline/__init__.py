@@ -58,6 +58,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "train_options": "specs",
     "train_spec": "specs",
     "trained_cache": "resolve",
+    "saved_record": "resolve",
     "trained_record": "resolve",
     "trained_sites": "specs",
     "validate": "validate",

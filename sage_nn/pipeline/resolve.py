@@ -40,12 +40,12 @@ def sae_corpus(model: Any, config: RunConfig) -> list:
 
 def trained_cache(arch: str, model: Any, config: RunConfig, options: dict | None = None):
     """``(name, TrainConfig, sources, cache directory)`` of the run's trained SAEs: the
-    directory is keyed by width, k, tokens, seed and the corpus's content. ``options``
-    (``{"width": 512, "k": 8}``, from ``train:topk:width=512:k=8``) override the run's
+    directory is keyed by width, k, tokens, seed, trainer version and the corpus's content.
+    ``options`` (``{"width": 512, "k": 8}``, from ``train:topk:width=512:k=8``) override the run's
     ``sae_width`` and TrainConfig's ``k``; a k named in the spec is part of the name
     (``topk-1024-k8``), so each SAE of a sweep has its own name and cache entry."""
     from ..dictionaries.corpus import corpus_hash
-    from ..dictionaries.training import TrainConfig
+    from ..dictionaries.training import TRAINER_VERSION, TrainConfig
     from ..model.loading import cache_dir
 
     options = options or {}
@@ -56,7 +56,7 @@ def trained_cache(arch: str, model: Any, config: RunConfig, options: dict | None
     name = f"{arch}-{width}" + (f"-k{extra['k']}" if extra else "")
     source = sae_corpus(model, config)
     root = cache_dir() / "saes" / str(model.config._name_or_path).replace("/", "--") / \
-        f"{name}-{cfg.tokens}-seed{cfg.seed}-{corpus_hash(source)}"
+        f"{name}-{cfg.tokens}-seed{cfg.seed}-{TRAINER_VERSION}-{corpus_hash(source)}"
     return name, cfg, source, root
 
 
@@ -193,26 +193,63 @@ def _train_into_cache(root: Path, model: Any, sites: list[str], cfg, source,
 
 def trained_record(root: Path, sites: list[str]) -> dict | None:
     """What the trainer recorded of the SAEs at ``sites`` of a cache directory: its config
-    (``train_config.json``) with, per site, the steps each SAE trained and its FVU on the
-    held-out part of its corpus (from each SAE's ``cfg.json``, where the trainer writes
-    them; else ``report.csv``)."""
+    (``train_config.json``) with, per site, what each SAE's ``cfg.json`` says of its
+    training (:func:`per_site_training`; else ``report.csv``)."""
     record = root / "train_config.json"
     if not record.exists():
         return None
     training = json.loads(record.read_text())
-    training.pop("held_out_fvu_curves", None)  # per step; too long for a report table
+    for key in ("held_out_curves", "held_out_fvu_curves", "steps_used", "converged",
+                "converged_at_step"):
+        training.pop(key, None)  # per site, below: only the sites asked for
     report = root / "report.csv"
     table = {}
     if report.exists():
         import pandas as pd
 
         table = pd.read_csv(report, index_col="site").to_dict("index")
-    steps, fvu = {}, {}
-    for site in sites:
-        meta = json.loads((root / site / "cfg.json").read_text()).get("metadata") or {}
-        steps[site] = meta.get("sage_nn_train_steps", table.get(site, {}).get("steps"))
-        fvu[site] = meta.get("sage_nn_held_out_fvu", table.get(site, {}).get("fvu"))
-    return {**training, "steps_used": steps, "held_out_fvu": fvu}
+    per_site = per_site_training({site: root / site for site in sites})
+    for site in sites:  # SAEs trained before cfg.json carried the record
+        per_site["steps_used"].setdefault(site, table.get(site, {}).get("steps"))
+        per_site["held_out_fvu"].setdefault(site, table.get(site, {}).get("fvu"))
+    return {**training, **per_site}
+
+
+#: per-site fields of a training record: the key in it, the key in training_record
+PER_SITE = {"steps_used": "steps", "held_out_fvu": "held_out_fvu",
+            "held_out_dead": "held_out_dead", "converged": "converged",
+            "converged_at_step": "converged_at_step", "corpus_passes": "corpus_passes",
+            "held_out_curves": "curve", "continued_from": "continued_from"}
+
+
+def per_site_training(directories: dict[str, Path]) -> dict:
+    """``{field: {site: value}}`` of what each SAE directory's ``cfg.json`` records of its
+    training (:func:`~sage_nn.dictionaries.training.training_record`), plus the shared
+    ``corpus`` and ``criterion`` (joined with " | " where members differ)."""
+    from ..dictionaries.training import training_record
+
+    records = {site: training_record(d) for site, d in directories.items()}
+    out: dict = {field: {site: r[key] for site, r in records.items() if r.get(key) is not None}
+                 for field, key in PER_SITE.items()}
+    for key in ("corpus", "criterion", "tokens_per_pass"):
+        values = list(dict.fromkeys(str(r[key]) for r in records.values() if r.get(key)))
+        if values:
+            out[key] = " | ".join(values)
+    return out
+
+
+def saved_record(path: Path, members: list) -> dict | None:
+    """The training record of SAEs given as a directory (``--sae DIR``) that
+    :func:`~sage_nn.dictionaries.training.train_saes` wrote: read from each one's
+    ``cfg.json`` (None if none of them says how it was trained)."""
+    if (path / "cfg.json").exists():
+        directories = {sae_site(members[0]): path}
+    else:
+        directories = {d.name: d for d in sorted(p.parent for p in path.glob("*/cfg.json"))}
+    record = per_site_training(directories)
+    if not record["steps_used"]:
+        return None
+    return {"source": str(path), **record}
 
 
 def sae_site(sae, spec: str = "train:") -> str:

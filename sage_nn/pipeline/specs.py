@@ -92,8 +92,11 @@ def _sae_dir_site(path: Path) -> str | None:
         cfg = json.loads((path / "cfg.json").read_text())
     except (OSError, ValueError):
         return None
-    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")  # sae_lens 6
-    return f"{hook}|{cfg.get('hook_head_index')}"
+    meta = cfg.get("metadata") or {}  # sae_lens 6 keeps the hook there
+    if meta.get("sage_nn_site"):  # one head of a layer's z: the site names the head
+        return str(meta["sage_nn_site"])
+    hook = cfg.get("hook_name") or meta.get("hook_name")
+    return f"{hook}|{cfg.get('hook_head_index', meta.get('hook_head_index'))}"
 
 
 def expand_sae_specs(specs: list[str]) -> list[str]:

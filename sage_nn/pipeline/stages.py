@@ -42,6 +42,7 @@ from .resolve import (
     sae_corpus,
     sae_site,
     saes_for_all_layers,
+    saved_record,
     trained_cache,
     trained_record,
 )
@@ -236,6 +237,8 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                 root_ = trained_cache(train_spec(spec_)[0], model, config,
                                        train_options(spec_))[3]
                 training = trained_record(root_, trained_sites(spec_, needed, all_pairs))
+            elif Path(spec_).is_dir():  # SAEs train_saes wrote carry their record along
+                training = saved_record(Path(spec_), members)
             listing[name] = {"spec": spec_, "sites": [sae_site(s, spec_) for s in members],
                              "approach": "at the cross-section sites" if here else
                              "residual, through the reconstruction",

@@ -325,7 +325,8 @@ def _corpus_size_problems(spec: Any, config: Any, tokenizer: Any) -> list[str]:
     if not task_parts or not any(str(s).startswith("train:") for s in config.saes):
         return []
     from ..dictionaries.corpus import corpus_units
-    from ..dictionaries.training import TrainConfig, count_tokens
+    from ..dictionaries.stream import count_tokens
+    from ..dictionaries.training import TrainConfig
     with warnings.catch_warnings():  # the run warns about dropped values itself
         warnings.simplefilter("ignore")
         holder = TokenizerOnly(tokenizer)

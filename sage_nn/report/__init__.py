@@ -9,6 +9,7 @@ writes into ``out_dir``::
                                     file naming (release "sage_nn" for SAEs trained here)
     compare_<metric>.png            SAEs vs ceiling vs floor, bars per attribute, 95% CIs
     controllability.png             edit accuracy and magnitude over k, every SAE
+    training.png                    each trained SAE's held-out FVU and dead share over steps
     comparison.csv                  SAE x attribute x metric, with intervals, floors, ceiling
     sweep_<metric>_vs_l0.png        with several SAEs: each headline metric against L0 (and
     sweep_<metric>_vs_width.png     width, if the SAEs differ in it), ceiling/floor bands
@@ -37,7 +38,7 @@ import xarray as xr
 from ..common.io import jsonable
 from ..common.lazy import lazy_exports
 from .document import document, render_html, render_markdown
-from .plots import plot_comparison, plot_controllability, plot_sweep
+from .plots import plot_comparison, plot_controllability, plot_sweep, plot_training
 from .saebench import eval_results_file, member_files, sae_eval_output
 from .tables import (
     BY_K,
@@ -134,6 +135,9 @@ def write_report(results: xr.Dataset, out_dir: str | Path, *,
                            + ": SAEs vs ceiling and floor", file))
     plot_controllability(results, out / "controllability.png")
     images.append(("Controllability over k", "controllability.png"))
+    if plot_training(sae_info or {}, out / "training.png") is not None:
+        images.append(("Training: each trained SAE's held-out FVU and dead share over its "
+                       "steps", "training.png"))
     comparison_table(results, sae_info, k=k).to_csv(out / "comparison.csv")
     if len(r.saes) > 1:  # a sweep: each headline metric against L0 and width
         known = {w for w in sae_widths(results, sae_info).values() if w is not None}
@@ -191,6 +195,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "plot_comparison": "plots",
     "plot_controllability": "plots",
     "plot_sweep": "plots",
+    "plot_training": "plots",
     "render_html": "document",
     "render_markdown": "document",
     "roles": "tables",

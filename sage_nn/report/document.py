@@ -171,19 +171,41 @@ def _approach_rows(look: Lookup, saes: list[str], sae_info: Mapping | None,
     return rows
 
 
-def _span(values) -> str:
+def _span(values, digits: int = 3) -> str:
     """``min–max`` of the known numbers among ``values`` (one number if they agree)."""
     known = sorted(float(v) for v in values if v is not None)
     if not known:
         return "–"
     lo, hi = known[0], known[-1]
-    digits = 0 if all(v == int(v) for v in known) else 3
+    digits = 0 if all(v == int(v) for v in known) else digits
     return f"{lo:.{digits}f}" if lo == hi else f"{lo:.{digits}f}–{hi:.{digits}f}"
 
 
+def _training(sae_info: Mapping | None, sae: str) -> dict:
+    cfg = ((sae_info or {}).get(sae) or {}).get("sae_cfg_dict") or {}
+    return cfg.get("training") or {}
+
+
+def convergence(sae_info: Mapping | None, sae: str) -> tuple[str, bool | None]:
+    """Whether an SAE's members converged by the trainer's held-out criterion, in words,
+    and as True (all did), False (some did not: its numbers are labelled so) or None (no
+    record, or its trainer did not check)."""
+    training = _training(sae_info, sae)
+    verdicts = list((training.get("converged") or {}).values())
+    if not verdicts:
+        return ("not checked" if training.get("steps_used") else "–"), None
+    if all(verdicts):
+        return "yes", True
+    return f"no ({len(verdicts) - sum(map(bool, verdicts))} of {len(verdicts)})", False
+
+
+NOT_CONVERGED = " (not converged)"
+
+
 def _sae_rows(saes: list[str], sae_info: Mapping | None) -> list[list[str]]:
-    """One row per SAE with a known config: what it is, what it was trained on, how many
-    steps its members trained and their FVU on the held-out part of their corpus."""
+    """One row per SAE with a known config: what it is, what it was trained on (and how
+    often its corpus was repeated), how many steps its members trained, their FVU and
+    dead share on the held-out part of their corpus, and whether they converged."""
     rows = []
     for sae in saes:
         cfg = ((sae_info or {}).get(sae) or {}).get("sae_cfg_dict") or {}
@@ -194,12 +216,38 @@ def _sae_rows(saes: list[str], sae_info: Mapping | None) -> list[list[str]]:
         steps = (training.get("steps_used") or {}).values() or [
             training["tokens"] // training["batch_size"]
             if training.get("tokens") and training.get("batch_size") else None]
+        k = cfg.get("k") or _span(m.get("k") for m in cfg.get("sites") or [])
+        passes = _span((training.get("corpus_passes") or {}).values(), digits=1)
         rows.append([sae, str(cfg.get("architecture", "–")), str(cfg.get("d_in", "–")),
-                     str(cfg.get("d_sae", "–")), str(cfg.get("k") or "–"),
+                     str(cfg.get("d_sae", "–")), str(k or "–"),
                      ", ".join(hooks) if isinstance(hooks, list) else str(hooks or "–"),
-                     str(cfg.get("dataset_path") or "–"), _span(steps),
-                     _span((training.get("held_out_fvu") or {}).values())])
+                     str(cfg.get("dataset_path") or "–"),
+                     passes + ("×" if passes != "–" else ""), _span(steps),
+                     _span((training.get("held_out_fvu") or {}).values()),
+                     _span((training.get("held_out_dead") or {}).values()),
+                     convergence(sae_info, sae)[0]])
     return rows
+
+
+def _training_note(saes: list[str], sae_info: Mapping | None) -> str:
+    """How to read the SAE table: what was held out, the convergence criterion, and
+    which SAEs did not meet it."""
+    criteria = sorted({str(_training(sae_info, s)["criterion"]) for s in saes
+                       if _training(sae_info, s).get("criterion")})
+    text = ("Training steps, held-out FVU and held-out dead share (latents never active on "
+            "the part of the training corpus held out from training) are per member SAE, "
+            "as a range; corpus passes say how often the training corpus was repeated. ")
+    if criteria:
+        text += ("Converged: every member's " + "; or ".join(criteria)
+                 + ", by its curve in the training plot. ")
+    late = [s for s in saes if convergence(sae_info, s)[1] is False]
+    if late:
+        text += (", ".join(f"`{s}`" for s in late) + " did not converge: marked"
+                 f" \"{NOT_CONVERGED.strip()}\" in every table, its scores may be those of "
+                 "an undertrained SAE.")
+    elif not criteria:
+        text += "Convergence was not checked: a low score may mean an undertrained SAE."
+    return text
 
 
 def _comparison_blocks(results, sae_info, k) -> list[tuple]:
@@ -253,13 +301,10 @@ def document(results, config, timings, images, k, discovery_note,
                         + " (SAEBench eval-output format)."))
     sae_rows = _sae_rows(r.saes, sae_info)
     if sae_rows:
-        blocks.append(("p", "Training steps and held-out FVU (on the part of the training "
-                            "corpus held out from training) are per member SAE, as a range. "
-                            "Convergence is not checked yet: a low score may mean an "
-                            "undertrained SAE."))
+        blocks.append(("p", _training_note(r.saes, sae_info)))
         blocks.append(("table", ["SAE", "architecture", "d_in", "d_sae", "k", "hooks",
-                                 "training corpus", "training steps", "held-out FVU"],
-                       sae_rows))
+                                 "training corpus", "corpus passes", "training steps",
+                                 "held-out FVU", "held-out dead", "converged"], sae_rows))
     look = Lookup(results)
     approaches = _approach_rows(look, r.saes, sae_info, k)
     if approaches:
@@ -314,7 +359,23 @@ def document(results, config, timings, images, k, discovery_note,
     if config:
         blocks.append(("h2", "Configuration"))
         blocks.append(("code", json.dumps(jsonable(config), indent=2)))
-    return blocks
+    return _label_unconverged(blocks, r.saes, sae_info)
+
+
+def _label_unconverged(blocks: list[tuple], saes: list[str], sae_info) -> list[tuple]:
+    """Every table row of an SAE that did not converge names it so, wherever its
+    numbers appear."""
+    late = {s for s in saes if convergence(sae_info, s)[1] is False}
+    if not late:
+        return blocks
+    out = []
+    for block in blocks:
+        if block[0] == "table":
+            block = ("table", block[1], [[row[0] + NOT_CONVERGED, *row[1:]]
+                                         if row and row[0] in late else row
+                                         for row in block[2]])
+        out.append(block)
+    return out
 
 
 def render_markdown(blocks: list[tuple]) -> str:

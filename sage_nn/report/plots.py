@@ -192,3 +192,45 @@ def plot_sweep(results: xr.Dataset, metric: str, path: str | Path | None = None,
                  + f" against {'L0' if x == 'l0' else 'width'} (95% bootstrap intervals)",
                  fontsize=10)
     return finish(fig, path, dpi)
+
+
+def plot_training(sae_info: Mapping, path: str | Path | None = None, *, dpi: int = 110):
+    """Each trained SAE's held-out FVU and dead share over its training steps, one line per
+    member (the trainer's checks, ``training.held_out_curves`` of ``sae_info``), a dot
+    where a member met the convergence criterion. Returns the Figure (None if no SAE has
+    a curve), saved to ``path`` when one is given."""
+    palette = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+    curves = {}
+    for sae, info in sae_info.items():
+        training = ((info or {}).get("sae_cfg_dict") or {}).get("training") or {}
+        if any(training.get("held_out_curves") or {}):
+            curves[sae] = training
+    if not curves:
+        return None
+    fig = figure(figsize=(8.5, 3.4))
+    axes = fig.subplots(1, 2)
+    for i, (sae, training) in enumerate(curves.items()):
+        color = palette[i % len(palette)]
+        at = training.get("converged_at_step") or {}
+        for j, (site, curve) in enumerate(training["held_out_curves"].items()):
+            if not curve:
+                continue
+            steps = np.array([c[0] for c in curve], dtype=float)
+            for ax, column in zip(axes, (1, 2)):
+                values = np.array([c[column] for c in curve], dtype=float)
+                ax.plot(steps, values, color=color, linewidth=0.9, alpha=0.7,
+                        label=sae if j == 0 and column == 1 else None)
+                if site in at and at[site] in steps:
+                    ax.plot([at[site]], [values[list(steps).index(at[site])]], "o",
+                            color=color, markersize=3)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("held-out FVU")
+    axes[1].set_ylabel("held-out dead share")
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    fig.legend(fontsize=7, loc="outside lower center", ncol=min(4, len(curves)),
+               frameon=False)
+    fig.suptitle("Training: held-out FVU and dead latents per member SAE (dot: converged)",
+                 fontsize=10)
+    return finish(fig, path, dpi)
