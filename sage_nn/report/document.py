@@ -290,8 +290,9 @@ def document(results, config, timings, images, k, discovery_note,
     blocks: list[tuple] = [("h1", title), ("p", (
         "Ground-truth evaluation of sparse autoencoders. For every attribute of the task, "
         "each SAE is measured at the attribute's cross-section next to the supervised "
-        f"dictionary (`{CEILING}`, the ceiling) and a random SAE of the same shape "
-        f"(`{FLOOR_PREFIX}<sae>`, the floor). Intervals are 95% bootstrap intervals over "
+        f"dictionary (`{CEILING}`, the ceiling) and the SAE's floor "
+        f"(`{FLOOR_PREFIX}<sae>`: random directions, as many as the SAE's latents, with "
+        "its L0 and the best sparse codes over them). Intervals are 95% bootstrap intervals over "
         "prompts; per-site metrics (F1, FVU, L0, ...) are means over the cross-section's "
         "sites."))]
     blocks.append(("p", f"SAEs under test: {', '.join(f'`{s}`' for s in r.saes) or 'none'}. "
