@@ -484,7 +484,7 @@ def test_the_search_is_one_request_whatever_the_attributes(tiny_task):
         remote = Remote("local", max_prompts=cap)
         there = grow_cross_sections(model, ds, result, attributes, max_sites=3, batch_size=5,
                                     remote=remote)
-        requests[len(attributes), cap] = [stage for stage, _, _ in remote.requests]
+        requests[len(attributes), cap] = [r.kernel for r in remote.requests]
         for a in attributes:
             assert there[a][1]["recovered"] == pytest.approx(here[a][1]["recovered"], rel=1e-5)
             assert there[a][1]["prefix_recovered"] == pytest.approx(
