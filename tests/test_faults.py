@@ -328,7 +328,7 @@ def test_loading_an_sae_or_a_run_directory_never_unpickles(setup, tmp_path, monk
     (evil / "sae_weights.safetensors").unlink()
     (evil / "sae_weights.pt").write_bytes(bomb)
     (problem,) = sae_problems(str(evil))
-    assert "no .safetensors weights" in problem
+    assert "no sae_weights.safetensors" in problem
     with pytest.raises(Exception):
         load_sae(evil, model=model, site=entry.name)
 

@@ -129,8 +129,9 @@ def test_a_damaged_sae_in_a_folder_of_saes_is_named(files, tmp_path):
     cfg["metadata"]["hook_name"] = "blocks.0.hook_resid_mid"
     (bad / "cfg.json").write_text(json.dumps(cfg))
     problems = validate(config(files, saes=[str(folder)]))
+    # the folder is one SAE set (two hooks): the problem names it and the damaged member
     assert len(problems) == 1 and problems[0].startswith(
-        f"--sae '{bad}': sae_weights.safetensors is "), problems
+        f"--sae '{folder}' (L0.resid_mid): sae_weights.safetensors is "), problems
     assert good.exists()
 
 
