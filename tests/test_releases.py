@@ -111,7 +111,7 @@ def test_sites_served_by_residual_saes():
 def test_kinds_no_sae_serves_are_named_with_the_sae_that_would_serve_them(tmp_path, caplog):
     """``--select-kinds z mlp_out`` with an SAE at one layer's resid_pre: mlp_out is dropped,
     and the run says so, naming the SAE that would serve it (resid_mid of that layer)."""
-    from sage_nn.pipeline.stages import _restriction
+    from sage_nn.pipeline.stages import served_restriction
 
     def sae_dir(hook):
         path = tmp_path / hook
@@ -123,7 +123,7 @@ def test_kinds_no_sae_serves_are_named_with_the_sae_that_would_serve_them(tmp_pa
     model = tiny_random_model("llama", seed=0)
     pre = sae_dir("blocks.1.hook_resid_pre")
     with caplog.at_level("INFO", logger="sage_nn"):
-        found = _restriction(RunConfig(saes=[pre], select_kinds=["z", "mlp_out"]), model)
+        found = served_restriction(RunConfig(saes=[pre], select_kinds=["z", "mlp_out"]), model)
     assert found == ([1], ["z"])
     assert caplog.messages == [
         "discovery restricted to what the SAEs serve: layers [1], kinds ['z']",
@@ -140,7 +140,7 @@ def test_kinds_no_sae_serves_are_named_with_the_sae_that_would_serve_them(tmp_pa
         (both / hook / "cfg.json").write_text((tmp_path / "blocks.1.hook_resid_pre" /
                                                "cfg.json").read_text())
     with caplog.at_level("INFO", logger="sage_nn"):
-        found = _restriction(RunConfig(saes=[str(both)], select_kinds=["z", "mlp_out"]), model)
+        found = served_restriction(RunConfig(saes=[str(both)], select_kinds=["z", "mlp_out"]), model)
     assert found == ([1], ["z", "mlp_out"]) and len(caplog.messages) == 1, caplog.messages
 
 
