@@ -34,6 +34,22 @@ split:
 """
 
 
+def write_tiny_run_files(root, model) -> None:
+    """``model`` saved as a HuggingFace directory (``root/model``), :data:`TINY_TASK` as
+    ``root/tiny.yaml`` and a text corpus of the tiny tokenizer's words (``root/corpus.txt``):
+    what a ``sage`` command on a tiny model reads from disk."""
+    import numpy as np
+
+    from sage_nn.model.loading import TINY_WORDS
+
+    model._module.save_pretrained(root / "model")
+    model.tokenizer.save_pretrained(root / "model")
+    (root / "tiny.yaml").write_text(TINY_TASK)
+    rng = np.random.default_rng(0)
+    (root / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(TINY_WORDS, 80))
+                                                  for _ in range(60)))
+
+
 def tiny_task_dataset(directory, n: int):
     """The tiny llama (seed 4) and ``n`` train prompts of :data:`TINY_TASK`, whose spec is
     written to ``directory/tiny.yaml``."""

@@ -7,13 +7,11 @@ import sys
 import types
 import typing
 
-import numpy as np
 import pytest
 
-from conftest import TINY_TASK
+from conftest import TINY_TASK, write_tiny_run_files
 from sage_nn import open_run, tiny_random_model
 from sage_nn.cli import _run_config, build_parser, main
-from sage_nn.model.loading import TINY_WORDS
 from sage_nn.pipeline.config import RunConfig
 from sage_nn.tasks.datasets import available_tasks, load_task
 
@@ -121,12 +119,7 @@ def tiny(tmp_path_factory):
     """A tiny llama saved as a HuggingFace directory, the tiny IOI task and a corpus."""
     root = tmp_path_factory.mktemp("cli")
     model = tiny_random_model("llama", seed=0)
-    model._module.save_pretrained(root / "model")
-    model.tokenizer.save_pretrained(root / "model")
-    (root / "tiny.yaml").write_text(TINY_TASK)
-    rng = np.random.default_rng(0)
-    (root / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(TINY_WORDS, 80))
-                                                  for _ in range(60)))
+    write_tiny_run_files(root, model)
     return root
 
 

@@ -3,15 +3,14 @@ their bytes before any is sent, with no weights here, checked against a run that
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from conftest import TINY_TASK
+from conftest import write_tiny_run_files
 
 from sage_nn import tiny_random_model
 from sage_nn.cli import main
 from sage_nn.evaluation.coders import ReconstructedSAE
-from sage_nn.model.loading import TINY_WORDS, smollm2_dir
+from sage_nn.model.loading import smollm2_dir
 from sage_nn.model.remote import Remote
 from sage_nn.model.sites import Site
 from sage_nn.pipeline.config import RunConfig
@@ -25,12 +24,7 @@ def tiny(tmp_path_factory):
     """A tiny llama saved as a HuggingFace directory, the tiny IOI task and a corpus."""
     root = tmp_path_factory.mktemp("plan")
     model = tiny_random_model("llama", seed=0)
-    model._module.save_pretrained(root / "model")
-    model.tokenizer.save_pretrained(root / "model")
-    (root / "tiny.yaml").write_text(TINY_TASK)
-    rng = np.random.default_rng(0)
-    (root / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(TINY_WORDS, 80))
-                                                  for _ in range(60)))
+    write_tiny_run_files(root, model)
     return root, model
 
 
