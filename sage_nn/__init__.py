@@ -18,7 +18,8 @@ _HOME = {
     "tiny_random_model": "model.loading", "AttributionPatching": "discovery.attribution",
     "MSEDictionary": "dictionaries.supervised", "MeanDictionary": "dictionaries.supervised",
     "ResidualReconstruction": "dictionaries.reconstruction", "Run": "pipeline.runs",
-    "open_run": "pipeline.runs", "SparseAutoencoder": "dictionaries.saes",
+    "open_run": "pipeline.runs", "open_suite": "pipeline.suite", "Suite": "pipeline.suite",
+    "SparseAutoencoder": "dictionaries.saes",
     "load_sae": "dictionaries.saes", "Site": "model.sites", "adapter": "model.sites",
     "check_task": "tasks.datasets", "load_task": "tasks.datasets",
     "collect": "model.activations", "open_store": "model.activations",
@@ -27,11 +28,12 @@ _HOME = {
 #: Names that never run the model; every other one imports sae_lens first, as
 #: ``import sage_nn`` used to: nnsight's ``.save`` patch breaks pydantic models imported
 #: after a trace runs (sage_nn/saes.py), so sae_lens comes before anything that traces.
-_NO_TRACE = {"DEFAULT_MODEL", "Run", "open_run", "Site", "load_task"}
+_NO_TRACE = {"DEFAULT_MODEL", "Run", "open_run", "Site", "Suite", "load_task", "open_suite"}
 
 __all__ = ["DEFAULT_MODEL", "AttributionPatching", "MSEDictionary", "MeanDictionary", "Run",
            "Site", "adapter", "check_task", "collect", "discover", "load_model", "load_task",
-           "open_run", "open_store", "tiny_random_model", "ResidualReconstruction",
+           "open_run", "open_suite", "open_store", "Suite", "tiny_random_model",
+           "ResidualReconstruction",
            "SparseAutoencoder", "load_sae"]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; nothing is imported at run time
@@ -44,6 +46,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; nothing is imported at run
     from .model.loading import DEFAULT_MODEL, load_model, tiny_random_model
     from .model.sites import Site, adapter
     from .pipeline.runs import Run, open_run
+    from .pipeline.suite import Suite, open_suite
     from .tasks.datasets import check_task, load_task
 
 

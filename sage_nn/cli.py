@@ -145,6 +145,25 @@ def _run(args) -> None:
     print(f"report: {result.report / 'summary.md'}")
 
 
+def _suite(args) -> None:
+    from .pipeline.suite import SUITE_CORPUS, run_suite
+
+    if args.task is not None:
+        raise ValueError("sage suite takes --tasks (several task names or YAML paths), not "
+                         "--task; fix: --tasks ioi capitals my_task.yaml")
+    args.sae_corpus = args.sae_corpus or SUITE_CORPUS
+    args.run_dir = args.run_dir or "runs/suite"
+    suite = run_suite(_run_config(args), tasks=args.tasks, min_accuracy=args.min_accuracy,
+                      corpus_tasks=args.corpus_tasks)
+    for name, task in suite.record["tasks"].items():
+        print(f"{name}: " + (f"gated out: {task['gate']}" if task["gate"] else
+                             f"evaluated (accuracy {task['accuracy']:.2f})"))
+    print("score per SAE (gap closed between floor 0 and ceiling 1; higher is better):")
+    print(suite.aggregate[["score", "score_low", "score_high", "n_attributes", "l0"]]
+          .sort_values("score", ascending=False).to_string(float_format=lambda x: f"{x:.3f}"))
+    print(f"report: {suite.report_dir / 'summary.md'}")
+
+
 # -- run options: one flag per RunConfig field, generated from the dataclass -------------
 
 #: Flags whose name is not the field's (``--sae`` names one SAE spec; it repeats).
@@ -183,6 +202,8 @@ FIELD_HELP = {
     "sae_corpus": "what trained SAEs read: task@positions | task | builtin | a text "
                   "file/dir | hf:NAME | a mix builtin+task",
     "sae_task_prompts": "prompts drawn for a task corpus",
+    "corpus_tasks": "the tasks whose prompts a task part of --sae-corpus draws (default: "
+                    "the run's task; a suite's: every task it recorded)",
     "reconstruction": "how residual SAEs reach sublayer sites: input | difference",
     "remote": "run the model on NDIF (--remote or --remote ndif), in nnsight's offline "
               "simulation of it (local), or on another host (a URL); the API key is "
@@ -352,6 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole evaluation: task, discovery, ground truth, "
                        "SAEs, metrics, report (resumable)")
     _add_run_options(p)
+    p = sub.add_parser("suite", help="several tasks with the same SAEs: one run directory "
+                       "per task under --run-dir, each SAE trained once, a gate per task, one "
+                       "score per SAE (resumable)")
+    _add_run_options(p)
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                   help="task names in tasks/ or YAML paths (default: every task in tasks/)")
+    p.add_argument("--min-accuracy", type=float, default=0.8,
+                   help="a task whose held-out accuracy is below this is gated out")
+    p.set_defaults(func=_suite, run_dir=None)
     p = sub.add_parser("quickstart", help="run everything on the embedded default: SmolLM2, "
                        "IOI, residual TopK SAEs trained on first use")
     _add_run_options(p)
@@ -462,7 +492,7 @@ def _check_model(args) -> None:
     from .pipeline.checks import model_problems
     from .pipeline.validate import InvalidRunError
 
-    if args.command not in ("run", "quickstart") and getattr(args, "model", None):
+    if args.command not in ("run", "quickstart", "suite") and getattr(args, "model", None):
         on_server = getattr(args, "remote", None) not in (None, False, "local")
         problems = model_problems(args.model, on_server=on_server)
         if problems:

@@ -1,7 +1,8 @@
 """The run: its options (``config``), the run directory and its manifest (``rundir``), the
 ``--sae`` values (``specs``) and how they are got (``resolve``), input checks before
 anything loads (``validate``, ``checks``), the per-SAE evaluation cache (``cache``), the
-stages (``stages``: ``run``) and reading a finished run back (``runs``: ``open_run``).
+stages (``stages``: ``run``), reading a finished run back (``runs``: ``open_run``) and
+several tasks as one suite (``suite``: ``run_suite``, ``open_suite``).
 """
 
 from ..common.lazy import lazy_exports
@@ -10,6 +11,9 @@ from ..common.lazy import lazy_exports
 __getattr__, __dir__ = lazy_exports(__name__, {
     "InvalidRunError": "validate",
     "MANIFEST": "rundir",
+    "MIN_ACCURACY": "suite",
+    "MIN_EFFECT": "suite",
+    "NotASuiteError": "suite",
     "NotARunError": "runs",
     "Run": "runs",
     "RunConfig": "config",
@@ -17,6 +21,8 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "RunResult": "rundir",
     "SHARED_EVALUATION": "cache",
     "STAGES": "rundir",
+    "SUITE_CORPUS": "suite",
+    "Suite": "suite",
     "SWEEP_OPTIONS": "specs",
     "Stage": "rundir",
     "TASK_CORPORA": "resolve",
@@ -38,6 +44,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "model_config": "checks",
     "model_problems": "checks",
     "open_run": "runs",
+    "open_suite": "suite",
     "parse_train_spec": "specs",
     "release_ids": "resolve",
     "release_saes": "resolve",
@@ -45,6 +52,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "run": "stages",
     "run_dir_problems": "validate",
     "run_prompts": "config",
+    "run_suite": "suite",
     "sae_corpus": "resolve",
     "sae_fingerprint": "cache",
     "sae_problems": "checks",
@@ -52,6 +60,8 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "saes_for_all_layers": "resolve",
     "select_kinds_of": "config",
     "served_problems": "validate",
+    "suite_tasks": "suite",
+    "task_gate": "suite",
     "task_problems": "validate",
     "tokenizer_of": "checks",
     "train_group": "specs",

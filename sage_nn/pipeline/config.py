@@ -56,6 +56,10 @@ class RunConfig:
     # the random floor on IOI (tests/test_calibration.py), so the task is the default.
     sae_corpus: str = "task@positions"
     sae_task_prompts: int = 2048  # prompts drawn for a task corpus
+    # The tasks whose prompts a "task" part of sae_corpus draws (each minus its own fit and
+    # eval prompts at this seed and size); default: the run's task. A suite names all its
+    # tasks, so one set of SAEs is trained for every task and is nobody's task-specific SAE.
+    corpus_tasks: list[str] | None = None
     # How residual SAEs reach sublayer sites: "input" (recompute the site from the SAE's
     # reconstruction of the residual feeding it) or "difference" (attn_out/mlp_out as the
     # difference of the SAEs around the sublayer; select those kinds for it)

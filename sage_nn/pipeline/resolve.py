@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,19 +25,39 @@ TASK_CORPORA = ("task", "task@positions")  # every token / only the named positi
 
 
 def sae_corpus(model: Any, config: RunConfig) -> list:
-    """``config.sae_corpus`` as training sources: each ``task`` part becomes prompts of the
-    run's task drawn at another seed, minus every prompt (and counterfactual) the run fits
-    and evaluates on, so the SAEs never see the evaluation's prompts."""
+    """``config.sae_corpus`` as training sources: each ``task`` part becomes prompts of
+    each of ``config.corpus_tasks`` (default: the run's task) drawn at another seed, minus
+    every prompt (and counterfactual) a run of that task fits and evaluates on, so the SAEs
+    never see an evaluation's prompts. Built once per tokenizer and settings (a suite asks
+    for the same corpus from every task's run; prompts depend on the tokenizer only)."""
     from ..dictionaries.corpus import task_prompts, text_sources
 
     parts = text_sources(config.sae_corpus)
     if not set(parts) & set(TASK_CORPORA):
         return parts
-    full = run_prompts(model, config)[0]
-    used = [p for d in [full, *full.counterfactuals.values()] for p in d.prompts]
-    return [task_prompts(model, config.task, n=config.sae_task_prompts, seed=config.seed,
-                         exclude=used, named_positions=p == "task@positions")
-            if p in TASK_CORPORA else p for p in parts]
+    tasks = list(config.corpus_tasks or [config.task])
+    key = json.dumps([config.sae_corpus, tasks, config.n_fit, config.n_eval, config.seed,
+                      config.sae_task_prompts])
+    try:
+        memo = _CORPORA.setdefault(model.tokenizer, {})
+    except TypeError:  # not weak-referenceable: built each time
+        memo = {}
+    if key not in memo:
+        drawn = {}
+        for task in tasks:
+            full = run_prompts(model, dataclasses.replace(config, task=task))[0]
+            used = [p for d in [full, *full.counterfactuals.values()] for p in d.prompts]
+            for where in set(parts) & set(TASK_CORPORA):
+                drawn[task, where] = task_prompts(
+                    model, task, n=config.sae_task_prompts, seed=config.seed, exclude=used,
+                    named_positions=where == "task@positions")
+        memo[key] = [s for p in parts for s in (
+            [drawn[t, p] for t in tasks] if p in TASK_CORPORA else [p])]
+    return list(memo[key])
+
+
+#: per tokenizer, the task corpora built for it (by settings)
+_CORPORA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def trained_cache(arch: str, model: Any, config: RunConfig, options: dict | None = None):

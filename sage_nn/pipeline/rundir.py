@@ -130,7 +130,7 @@ class RunResult:
     """What :func:`run` produced; every piece is also on disk under ``run_dir``."""
 
     run_dir: Path
-    results: xr.Dataset
+    results: xr.Dataset | None  # None: stopped before the evaluation (``run(until=...)``)
     cross_sections: dict[str, list[str]]
     timings: dict[str, float]
     report: Path

@@ -104,10 +104,17 @@ def discovery_settings(config: RunConfig, attributes: list[str], restriction) ->
 
 
 def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = None,
-        remote: Any = None) -> RunResult:
+        remote: Any = None, until: str | None = None,
+        resolved: dict | None = None) -> RunResult:
     """Build the task, discover cross-sections, get SAEs, evaluate, report; resumable.
 
-    ``remote`` (a :class:`sage_nn.remote.Remote`) overrides the config's remote settings."""
+    ``remote`` (a :class:`sage_nn.remote.Remote`) overrides the config's remote settings.
+    ``until``: stop after this stage (``"task"`` or ``"discovery"``; the result has no
+    ``results`` then), as a suite does to check a task before its SAEs are got.
+    ``resolved``: a dict the SAEs got are kept in, by spec and sites, and taken from: runs
+    sharing it (a suite's tasks) load each given or released SAE once."""
+    if until not in (None, "task", "discovery"):
+        raise ValueError(f"until={until!r}: give 'task' or 'discovery' (or None: every stage)")
     from .validate import check
 
     config = config or RunConfig()
@@ -184,6 +191,8 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
 
     task_summary = stage("task", config.hash("model", "task", "seed", "n_fit", "n_eval"),
                          ["task.json"], sent("task", task_stage), task_load)
+    if until == "task":
+        return RunResult(root, None, {}, stage.timings, root / "report")
 
     disc_dir = root / "discovery"
     disc_files = ["discovery/scores.nc", "discovery/cross_sections.csv", "discovery/summary.json"]
@@ -205,11 +214,26 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                                                    "target", "max_sites", "top_k")
                           + (f",{restriction}" if restriction else ""),
                           disc_files, sent("discovery", discovery_stage), discovery_load)
+    if until == "discovery":
+        return RunResult(root, None, {a: [f"{s}@{p}" for s, p in pairs]
+                                      for a, pairs in pairs_by_attr.items()},
+                         stage.timings, root / "report")
     all_pairs = [p for pairs in pairs_by_attr.values() for p in pairs]
     needed = residual_sites_for(all_pairs, adapter(model).parallel, config.reconstruction)
 
     saes: dict[str, Any] = {}
     sae_specs = expand_sae_specs(config.saes)  # a sweep or a folder: each of its SAEs
+
+    def resolve(spec_: str, sites: list[str]) -> tuple[str, list]:
+        """:func:`resolve_saes`, kept in ``resolved``: a directory's SAEs do not depend on
+        the sites, a release glob's and trained ones do."""
+        if resolved is None:
+            return resolve_saes(spec_, model, sites, config, progress)
+        key = (spec_, *(sites if spec_.startswith("train:") or not Path(spec_).exists()
+                        else ()))
+        if key not in resolved:
+            resolved[key] = resolve_saes(spec_, model, sites, config, progress)
+        return resolved[key]
 
     def resolve_all() -> dict:  # trains what the SAE cache lacks, loads the rest
         # one activation stream trains every SAE an architecture (and width, k) needs
@@ -219,13 +243,12 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                 union.setdefault(train_group(spec_), []).extend(
                     trained_sites(spec_, needed, all_pairs))
         for (arch, options), sites in union.items():
-            resolve_saes(f"train:{arch}" + "".join(f":{k}={v}" for k, v in options), model,
-                         list(dict.fromkeys(sites)), config, progress)
+            resolve(f"train:{arch}" + "".join(f":{k}={v}" for k, v in options),
+                    list(dict.fromkeys(sites)))
         listing = {}
         for spec_ in sae_specs:
             here = at_sites(spec_)
-            name, members = resolve_saes(spec_, model, trained_sites(spec_, needed, all_pairs),
-                                         config, progress)
+            name, members = resolve(spec_, trained_sites(spec_, needed, all_pairs))
             if name in saes:
                 raise ValueError(f"two --sae values are both named {name!r} (the second is "
                                  f"{spec_!r}); rename one SAE directory")

@@ -253,6 +253,14 @@ def corpus_problems(config: Any) -> list[str]:
         elif path.is_dir() and not any(path.rglob("*.txt")):
             problems.append(f"sae_corpus part {part!r}: the directory holds no .txt files; "
                             "fix: add text files or give another source")
+    for task in config.corpus_tasks or []:
+        from ..tasks.datasets import load_task
+
+        try:
+            load_task(task)
+        except (FileNotFoundError, TypeError, ValueError) as err:
+            problems.append(f"corpus_tasks: {first_line(err)}; fix: give task names or the "
+                            "paths of task YAMLs")
     return problems
 
 

@@ -1,0 +1,379 @@
+"""A suite's results as one table and one score per SAE: the runs of several tasks joined
+into a Dataset ``sae x task x attribute x metric``, each SAE's gap closed between its floor
+and the ceiling averaged over the attributes in claims (with a seeded bootstrap over
+attributes and prompts), how each task's ranking of the SAEs agrees with the others', a
+heatmap, the score against L0, one SAEBench-shaped JSON per SAE and the summary."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from ..common.figures import figure, finish
+from ..common.io import jsonable
+from .saebench import eval_results_file, sae_identity
+from .tables import (
+    HEADLINE,
+    comparison_table,
+    excluded,
+    goodness_interval,
+    headline_k,
+    metric_key,
+)
+
+EVAL_TYPE_ID = "sage_suite"
+#: what the table holds per (SAE, task, attribute, metric), from a run's comparison table
+FIELDS = {"value": "", "ci_low": "_low", "ci_high": "_high", "ceiling": "_ceiling",
+          "floor": "_floor", "gap_closed": "_gap"}
+
+
+def suite_dataset(runs: Mapping[str, xr.Dataset], sae_info: Mapping[str, Mapping] | None = None,
+                  gates: Mapping[str, str | None] | None = None) -> xr.Dataset:
+    """Each task's run results (``{task: evaluation Dataset}``) as one Dataset with dims
+    ``sae, task, attribute, metric`` (the headline metrics, edits at the headline k):
+    ``value``, ``ci_low``/``ci_high`` (95%), ``ceiling``, ``floor``, ``gap_closed``
+    (``(sae - floor) / (ceiling - floor)`` in goodness units, higher better), ``l0``; per
+    (task, attribute) ``in_claims`` and ``reason`` (why not); per task ``gated`` and
+    ``gate_reason``. ``gates``: tasks gated out before their evaluation (no run results)
+    with the reason; a task whose attributes are all out of claims is gated too. Attributes
+    a task does not have are NaN / out of claims with an empty reason."""
+    gates = dict(gates or {})
+    tasks = list(dict.fromkeys([*runs, *gates]))
+    k = headline_k(next(iter(runs.values()))) if runs else 2
+    tables, reasons = {}, {}
+    for task, results in runs.items():
+        tables[task] = comparison_table(results, sae_info, k=k)
+        reasons[task] = {str(a): excluded(results, str(a)) for a in results.attribute.values}
+    saes = list(dict.fromkeys(s for t in tables.values() for s in t.index.unique("sae")))
+    attributes = list(dict.fromkeys(a for r in reasons.values() for a in r))
+    metrics = list(HEADLINE)
+    shape = (len(saes), len(tasks), len(attributes), len(metrics))
+    data = {name: np.full(shape, np.nan) for name in FIELDS}
+    l0 = np.full(shape[:3], np.nan)
+    in_claims = np.zeros(shape[1:3], bool)
+    why = np.full(shape[1:3], "", dtype=object)
+    for ti, task in enumerate(tasks):
+        for (sae, attribute), row in tables.get(task, pd.DataFrame()).iterrows():
+            si, ai = saes.index(sae), attributes.index(attribute)
+            l0[si, ti, ai] = row["l0"]
+            for mi, metric in enumerate(metrics):
+                key = metric_key(metric, k)[0]
+                for name, suffix in FIELDS.items():
+                    data[name][si, ti, ai, mi] = row.get(key + suffix, np.nan)
+        for attribute, reason in reasons.get(task, {}).items():
+            ai = attributes.index(attribute)
+            in_claims[ti, ai], why[ti, ai] = reason is None, reason or ""
+        if task in runs and not gates.get(task) and not in_claims[ti].any():
+            gates[task] = "no attribute in claims: " + "; ".join(
+                f"{a}: {r}" for a, r in reasons[task].items())
+    dims = ("sae", "task", "attribute", "metric")
+    ds = xr.Dataset({name: (dims, values) for name, values in data.items()},
+                    coords={"sae": saes, "task": tasks, "attribute": attributes,
+                            "metric": metrics})
+    gated = np.array([bool(gates.get(t)) for t in tasks])
+    return ds.assign(
+        l0=(dims[:3], l0), in_claims=(dims[1:3], in_claims & ~gated[:, None]),
+        reason=(dims[1:3], why.astype(str)), gated=("task", gated),
+        gate_reason=("task", np.array([gates.get(t) or "" for t in tasks], dtype=str))
+    ).assign_attrs(edit_k=int(k), higher_is_better=1,
+                   gap_closed="(sae - floor) / (ceiling - floor), goodness units")
+
+
+def suite_table(ds: xr.Dataset) -> pd.DataFrame:
+    """``suite.csv``: one row per (SAE, task, attribute, metric) a task has, with the
+    value, its interval, ceiling, floor, gap closed, and whether it is in claims (why not)."""
+    frame = ds[list(FIELDS)].to_dataframe().reset_index()
+    frame = frame.merge(ds[["in_claims", "reason"]].to_dataframe().reset_index(),
+                        on=["task", "attribute"])
+    frame = frame.merge(ds[["gated", "gate_reason"]].to_dataframe().reset_index(), on="task")
+    known = frame[list(FIELDS)].notna().any(axis=1) | frame.gated
+    return frame[known].reset_index(drop=True)
+
+
+def _item_scores(ds: xr.Dataset) -> xr.DataArray:
+    """Per (SAE, task, attribute): the mean over the headline metrics of the gap closed
+    (a metric whose ceiling is not above its floor has none and is left out)."""
+    return ds.gap_closed.mean("metric", skipna=True)
+
+
+def _gap_se(ds: xr.Dataset) -> xr.DataArray:
+    """The standard error of each gap closed from its value's 95% interval (the run's
+    bootstrap over prompts), in goodness units over ``ceiling - floor``."""
+    low, high = np.empty(ds.value.shape), np.empty(ds.value.shape)
+    flat = zip(np.ndindex(ds.value.shape), ds.ci_low.values.ravel(), ds.ci_high.values.ravel())
+    metrics = [str(m) for m in ds.metric.values]
+    for index, lo, hi in flat:
+        ends = goodness_interval(metrics[index[-1]], None if np.isnan(lo) else float(lo),
+                                 None if np.isnan(hi) else float(hi))
+        low[index], high[index] = (np.nan, np.nan) if None in ends else ends
+    span = (_goodness(ds.ceiling) - _goodness(ds.floor)).transpose(*ds.value.dims).values
+    return xr.zeros_like(ds.value) + (high - low) / (2 * 1.96) / np.abs(span)
+
+
+def _goodness(da: xr.DataArray) -> xr.DataArray:
+    """:func:`~sage_nn.report.tables.goodness` of every value (sufficiency: 1 - |1 - s|)."""
+    return xr.where(da.metric == "sufficiency", 1 - abs(1 - da), da).transpose(*da.dims)
+
+
+def aggregate(ds: xr.Dataset, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Per SAE: ``score``, the mean over the attributes in claims (of every task not gated)
+    of the mean gap closed over the headline metrics (0: the floor, 1: the ceiling; higher
+    is better), with ``score_low``/``score_high``, a seeded 95% bootstrap interval over
+    attributes (resampled, the same draw for every SAE) and prompts (each gap closed drawn
+    from a normal as wide as its own bootstrap interval over prompts); ``<metric>`` the mean
+    gap closed of each metric; ``n_attributes``; ``l0``, the mean L0 over them."""
+    items = np.flatnonzero(ds.in_claims.stack(item=("task", "attribute")).values)
+    pick_items = lambda da: da.stack(item=("task", "attribute")).isel(item=items)
+    gap = pick_items(ds.gap_closed)
+    se = pick_items(_gap_se(ds)).fillna(0.0)
+    score = gap.mean("metric", skipna=True).mean("item", skipna=True)
+    rng = np.random.default_rng(seed)
+    draws = np.full((n_boot, ds.sizes["sae"]), np.nan)
+    if len(items):
+        base, noise_scale = gap.transpose("sae", "item", "metric").values, \
+            se.transpose("sae", "item", "metric").values
+        for b in range(n_boot):
+            pick = rng.integers(0, len(items), len(items))
+            noisy = base[:, pick] + noise_scale[:, pick] * rng.standard_normal(
+                base[:, pick].shape)
+            with np.errstate(all="ignore"):
+                draws[b] = np.nanmean(np.nanmean(noisy, axis=2), axis=1)
+    with np.errstate(all="ignore"):
+        low, high = np.nanpercentile(draws, [2.5, 97.5], axis=0) if len(items) else \
+            (np.full(ds.sizes["sae"], np.nan),) * 2
+    table = pd.DataFrame({"score": score.values, "score_low": low, "score_high": high},
+                         index=pd.Index([str(s) for s in ds.sae.values], name="sae"))
+    for metric in ds.metric.values:
+        table[str(metric)] = gap.sel(metric=metric).mean("item", skipna=True).values
+    table["n_attributes"] = len(items)
+    table["l0"] = pick_items(ds.l0).mean("item", skipna=True).values if len(items) else np.nan
+    table.attrs.update(n_boot=n_boot, seed=seed)
+    return table
+
+
+def task_scores(ds: xr.Dataset) -> pd.DataFrame:
+    """SAE x task: each task's score of each SAE (the mean over its attributes in claims);
+    NaN for a gated task."""
+    item = _item_scores(ds).where(ds.in_claims)
+    return item.mean("attribute", skipna=True).to_pandas()
+
+
+def rank_agreement(ds: xr.Dataset) -> pd.DataFrame:
+    """Per task (not gated): the Spearman correlation of its SAE ranking (its score) with
+    the aggregate of the other tasks' attributes in claims, and how many SAEs were ranked.
+    NaN with fewer than two SAEs, no other task, or a tie everywhere."""
+    scores = task_scores(ds)
+    item = _item_scores(ds).where(ds.in_claims)
+    rows = []
+    for task in (str(t) for t in ds.task.values):
+        if bool(ds.gated.sel(task=task)):
+            continue
+        others = item.sel(task=[t for t in ds.task.values if str(t) != task])
+        rest = others.stack(i=("task", "attribute")).mean("i", skipna=True).to_pandas()
+        mine = scores[task]
+        both = pd.concat([mine, rest], axis=1).dropna()
+        rho = np.nan
+        if len(both) >= 2 and both.iloc[:, 0].nunique() > 1 and both.iloc[:, 1].nunique() > 1:
+            rho = float(both.iloc[:, 0].corr(both.iloc[:, 1], method="spearman"))
+        rows.append({"task": task, "spearman_vs_others": rho, "n_saes": len(both)})
+    return pd.DataFrame(rows, columns=["task", "spearman_vs_others", "n_saes"]).set_index("task")
+
+
+# -- figures -----------------------------------------------------------------------------
+
+
+def plot_heatmap(ds: xr.Dataset, path: str | Path | None = None, *, dpi: int = 110):
+    """SAE x task: each task's score of each SAE (gap closed, 0 floor, 1 ceiling); gated
+    tasks are marked and left blank."""
+    scores = task_scores(ds)
+    fig = figure(figsize=(1.6 + 1.1 * scores.shape[1], 1.2 + 0.45 * scores.shape[0]))
+    ax = fig.subplots()
+    image = ax.imshow(scores.values.astype(float), cmap="viridis", vmin=0, vmax=1,
+                      aspect="auto")
+    for (i, j), value in np.ndenumerate(scores.values.astype(float)):
+        ax.text(j, i, "gated" if bool(ds.gated.values[j]) else f"{value:.2f}",
+                ha="center", va="center", color="w" if not value > 0.6 else "k", fontsize=8)
+    ax.set_xticks(range(scores.shape[1]), labels=list(scores.columns), rotation=30,
+                  ha="right")
+    ax.set_yticks(range(scores.shape[0]), labels=list(scores.index))
+    fig.colorbar(image, ax=ax, label="gap closed (higher is better)")
+    ax.set_title("score per task: gap closed between floor (0) and ceiling (1)")
+    return finish(fig, path, dpi)
+
+
+def plot_score_vs_l0(table: pd.DataFrame, path: str | Path | None = None, *, dpi: int = 110):
+    """Each SAE's aggregate score (with its 95% interval) against its mean L0."""
+    fig = figure(figsize=(5, 3.6))
+    ax = fig.subplots()
+    err = np.abs(np.vstack([table.score - table.score_low, table.score_high - table.score]))
+    ax.errorbar(table.l0, table.score, yerr=err, fmt="o", capsize=3)
+    for sae, row in table.iterrows():
+        ax.annotate(str(sae), (row.l0, row.score), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.axhline(0, color="grey", lw=0.8, ls="--")
+    ax.axhline(1, color="#2ca02c", lw=0.8, ls="--")
+    ax.set_xlabel("L0 (mean over the attributes in claims)")
+    ax.set_ylabel("suite score (higher is better)")
+    ax.set_title("suite score against L0")
+    return finish(fig, path, dpi)
+
+
+# -- SAEBench-shaped JSON and the summary ------------------------------------------------
+
+
+def suite_eval_output(ds: xr.Dataset, table: pd.DataFrame, sae: str, *,
+                      info: Mapping | None = None, config: Mapping | None = None) -> dict:
+    """One SAE's suite results in SAEBench's ``BaseEvalOutput`` shape (``eval_type_id``
+    ``"sage_suite"``): metric categories ``aggregate`` and one per task (its score and each
+    metric's gap closed and value averaged over its attributes in claims); details per
+    (task, attribute, metric)."""
+    info = dict(info or {})
+    ident = sae_identity(sae, info)
+    row = table.loc[sae]
+    num = lambda v: None if v is None or not np.isfinite(float(v)) else float(v)
+    categories = {"aggregate": {"score": num(row.score), "score_ci_low": num(row.score_low),
+                                "score_ci_high": num(row.score_high),
+                                "n_attributes": int(row.n_attributes), "l0": num(row.l0),
+                                **{f"{m}_gap_closed": num(row[str(m)])
+                                   for m in ds.metric.values}}}
+    one = ds.sel(sae=sae)
+    scores = task_scores(ds)
+    for task in (str(t) for t in ds.task.values):
+        t = one.sel(task=task)
+        claims = t.in_claims.values
+        entry = {"score": num(scores.loc[sae, task]), "gated": bool(t.gated),
+                 "gate_reason": str(t.gate_reason.values) or None}
+        for m in ds.metric.values:
+            sel = t.sel(metric=m)
+            entry[f"{m}_gap_closed"] = _mean(sel.gap_closed.values[claims])
+            entry[str(m)] = _mean(sel.value.values[claims])
+        categories[task] = entry
+    details = [{"task": r.task, "attribute": r.attribute, "metric": r.metric,
+                **{f: num(getattr(r, f)) for f in FIELDS}, "in_claims": bool(r.in_claims),
+                "reason": r.reason or None}
+               for r in suite_table(ds.sel(sae=[sae])).itertuples() if not r.gated]
+    return jsonable({
+        "eval_type_id": EVAL_TYPE_ID,
+        "eval_config": {"tasks": [str(t) for t in ds.task.values],
+                        "metrics": [str(m) for m in ds.metric.values],
+                        "edit_k": int(ds.attrs.get("edit_k", 2)),
+                        "score": "mean over attributes in claims of the mean gap closed "
+                                 "(sae - floor) / (ceiling - floor) over the metrics; "
+                                 "higher is better",
+                        "n_boot": table.attrs.get("n_boot"), "seed": table.attrs.get("seed"),
+                        **dict(config or {})},
+        "eval_id": str(uuid.uuid4()),
+        "datetime_epoch_millis": int(time.time() * 1000),
+        "eval_result_metrics": categories,
+        "eval_result_details": details,
+        "sae_bench_commit_hash": None,
+        "sae_lens_id": ident["sae_lens_id"],
+        "sae_lens_release_id": ident["sae_lens_release_id"],
+        "sae_cfg_dict": info.get("sae_cfg_dict", {}),
+        "eval_result_unstructured": {"sae": sae, "release": ident["release"],
+                                     "sae_id": ident["sae_id"], "spec": info.get("spec")},
+    })
+
+
+def _mean(values: np.ndarray) -> float | None:
+    """The mean of the finite values (None if there is none)."""
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else None
+
+
+def _fmt(value) -> str:
+    return "" if value is None or not np.isfinite(float(value)) else f"{float(value):.3f}"
+
+
+def suite_summary(ds: xr.Dataset, table: pd.DataFrame, agreement: pd.DataFrame,
+                  tasks: Mapping[str, Mapping], images: list[tuple[str, str]],
+                  timings: Mapping[str, float] | None = None) -> str:
+    """The suite's ``summary.md``: the tasks (evaluated or gated, and why), the score per
+    SAE with its interval, the per-task scores and how each task's ranking agrees with the
+    others', what each attribute left out of the score was left out for."""
+    k = int(ds.attrs.get("edit_k", 2))
+    lines = ["# SAGE suite", "",
+             (f"{ds.sizes['sae']} SAE(s) on {ds.sizes['task']} task(s). **Score**: per SAE, "
+              "the gap closed between its random floor (0) and the supervised ceiling (1), "
+              "`(sae - floor) / (ceiling - floor)`, averaged over the headline metrics "
+              f"({', '.join(str(m) for m in ds.metric.values)}; edits at k = {k}) and then "
+              "over every attribute in claims of every task not gated. **Higher is "
+              f"better.** The 95% interval is a bootstrap ({table.attrs.get('n_boot')} "
+              f"resamples, seed {table.attrs.get('seed')}) over attributes and prompts."), "",
+             "## Tasks", "", "| task | status | accuracy | attributes in claims | reason |",
+             "|---|---|---|---|---|"]
+    for task in (str(t) for t in ds.task.values):
+        info = tasks.get(task, {})
+        claimed = [str(a) for a, c in zip(ds.attribute.values, ds.in_claims.sel(task=task).values)
+                   if c]
+        status = "gated out" if bool(ds.gated.sel(task=task)) else "evaluated"
+        lines.append(f"| {task} | {status} | {_fmt(info.get('accuracy'))} | "
+                     f"{', '.join(claimed) or '-'} | {ds.gate_reason.sel(task=task).values!s} |")
+    lines += ["", "## Score per SAE (higher is better)", "",
+              "| SAE | score | 95% interval | " + " | ".join(
+                  f"{m} gap" for m in ds.metric.values) + " | L0 | attributes |",
+              "|---|---|---|" + "---|" * ds.sizes["metric"] + "---|---|"]
+    for sae, row in table.sort_values("score", ascending=False).iterrows():
+        lines.append(f"| {sae} | {_fmt(row.score)} | [{_fmt(row.score_low)}, "
+                     f"{_fmt(row.score_high)}] | " + " | ".join(
+                         _fmt(row[str(m)]) for m in ds.metric.values)
+                     + f" | {_fmt(row.l0)} | {int(row.n_attributes)} |")
+    scores = task_scores(ds)
+    lines += ["", "## Score per task", "", "| SAE | " + " | ".join(scores.columns) + " |",
+              "|---|" + "---|" * scores.shape[1]]
+    for sae, row in scores.iterrows():
+        lines.append(f"| {sae} | " + " | ".join(_fmt(v) for v in row.values) + " |")
+    lines += ["", "## What each task adds", "",
+              ("Spearman correlation of each task's ranking of the SAEs with the ranking "
+               "by the other tasks' aggregate: near 1, the task agrees with the rest; low or "
+               "negative, it carries independent evidence (or noise). With two SAEs it is "
+               "±1 (agrees or not)."), "", "| task | Spearman vs the others | SAEs ranked |",
+              "|---|---|---|"]
+    for task, row in agreement.iterrows():
+        lines.append(f"| {task} | {_fmt(row.spearman_vs_others)} | {int(row.n_saes)} |")
+    left = [(str(t), str(a), str(r)) for t in ds.task.values for a, r in
+            zip(ds.attribute.values, ds.reason.sel(task=t).values) if r]
+    if left:
+        lines += ["", "## Attributes left out of the score", ""]
+        lines += [f"- {t} / {a}: {r}" for t, a, r in left]
+    lines += ["", *[f"![{title}]({file})" for title, file in images]]
+    if timings:
+        lines += ["", "## Time", "", "| part | seconds |", "|---|---|"]
+        lines += [f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_suite_report(ds: xr.Dataset, out_dir: str | Path, *, tasks: Mapping[str, Mapping],
+                       sae_info: Mapping[str, Mapping] | None = None, n_boot: int = 1000,
+                       seed: int = 0, timings: Mapping[str, float] | None = None,
+                       config: Mapping | None = None) -> pd.DataFrame:
+    """Write the suite report into ``out_dir``: ``aggregate.csv``, ``agreement.csv``, the
+    heatmap, the score against L0 (when the SAEs differ in L0), one SAEBench-shaped JSON
+    per SAE and ``summary.md``; return the aggregate table."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = aggregate(ds, n_boot=n_boot, seed=seed)
+    agreement = rank_agreement(ds)
+    table.to_csv(out / "aggregate.csv")
+    agreement.to_csv(out / "agreement.csv")
+    images = []
+    if ds.sizes["sae"] and ds.sizes["task"]:
+        plot_heatmap(ds, out / "heatmap.png")
+        images.append(("SAE x task: score per task", "heatmap.png"))
+    if table.l0.round(3).nunique() > 1:
+        plot_score_vs_l0(table, out / "score_vs_l0.png")
+        images.append(("suite score against L0", "score_vs_l0.png"))
+    for sae in table.index:
+        info = (sae_info or {}).get(sae)
+        doc = suite_eval_output(ds, table, sae, info=info, config=config)
+        (out / eval_results_file(sae, info)).write_text(json.dumps(doc, indent=2))
+    (out / "summary.md").write_text(suite_summary(ds, table, agreement, tasks, images,
+                                                  timings))
+    return table
