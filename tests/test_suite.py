@@ -1,13 +1,12 @@
 """A suite of tiny tasks on a tiny model: one run directory per task, SAEs trained once on
 the mixed corpus, the gate, the joined Dataset, the score and its report, resuming."""
 
-import dataclasses
 import json
 
 import numpy as np
 import pytest
-
 from conftest import TINY_TASK, trained_tiny_model
+
 from sage_nn.model.loading import TINY_WORDS
 from sage_nn.pipeline.config import RunConfig
 from sage_nn.pipeline.suite import run_suite
@@ -45,7 +44,7 @@ def suite_config(root, **kw):
 def test_a_suite_runs_each_task_trains_once_and_gates_the_task_the_model_cannot_do(
         suite_setup, monkeypatch):
     import sage_nn
-    import sage_nn.dictionaries.training as training
+    from sage_nn.dictionaries import training
 
     root, model, first = suite_setup
     trained = []
@@ -128,25 +127,68 @@ def test_a_suite_runs_each_task_trains_once_and_gates_the_task_the_model_cannot_
     assert (more.report_dir / "score_vs_l0.png").exists()  # k=2 against k=32
 
 
-def test_the_score_orders_a_trained_sae_above_a_random_one(suite_setup, tmp_path):
-    """SAEs of random weights at every residual site, given as a directory, score below
-    the trained ones on the same suite."""
-    import torch
-    from sae_lens import TopKSAE, TopKSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
+def suite_of(gaps: dict, gated=(), out_of_claims=()):
+    """A suite Dataset of the shape suite_dataset writes: ``gaps[sae][task]`` the gap
+    closed of every metric at the task's two attributes (floor 0, ceiling 1, value = gap,
+    intervals +-0.05)."""
+    import xarray as xr
 
-    root, model, first = suite_setup
-    random_dir = tmp_path / "random-saes"
-    torch.manual_seed(0)
-    for layer in range(model.config.num_hidden_layers):
-        cfg = TopKSAEConfig(d_in=model.config.hidden_size, d_sae=64, k=8,
-                            metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_pre"))
-        TopKSAE(cfg).save_model(random_dir / f"L{layer}.resid_pre")
-    config = dataclasses.replace(suite_config(root), run_dir=str(tmp_path / "suite"),
-                                 sae_steps=40,
-                                 saes=["train:topk", str(random_dir)])
-    suite = run_suite(config, tasks=[str(first), str(root / "second.yaml")], model=model,
-                      progress=False)
-    scores = suite.aggregate.score
-    assert scores["topk-64"] > scores["random-saes"], scores
-    assert set(suite.agreement.index) == {"tiny-ioi", "tiny-io"}
+    from sage_nn.report.tables import HEADLINE
+
+    saes, tasks = list(gaps), list(next(iter(gaps.values())))
+    attributes, metrics = ["a", "b"], list(HEADLINE)
+    gap = np.array([[[[gaps[s][t] + 0.01 * i] * len(metrics) for i in range(len(attributes))]
+                     for t in tasks] for s in saes])
+    dims = ("sae", "task", "attribute", "metric")
+    in_claims = np.array([[(t, a) not in out_of_claims and t not in gated for a in attributes]
+                          for t in tasks])
+    value = gap  # floor 0, ceiling 1: the value is the gap closed
+    return xr.Dataset(
+        {"value": (dims, value), "ci_low": (dims, value - 0.05), "ci_high": (dims, value + 0.05),
+         "ceiling": (dims, np.ones_like(value)), "floor": (dims, np.zeros_like(value)),
+         "gap_closed": (dims, gap), "l0": (dims[:3], np.full(gap.shape[:3], 8.0)),
+         "in_claims": (dims[1:3], in_claims),
+         "reason": (dims[1:3], np.where(in_claims, "", "small effect")),
+         "gated": ("task", np.array([t in gated for t in tasks])),
+         "gate_reason": ("task", np.array(["no" if t in gated else "" for t in tasks]))},
+        coords={"sae": saes, "task": tasks, "attribute": attributes, "metric": metrics})
+
+
+def test_the_score_orders_saes_by_gap_closed_and_leaves_gated_tasks_out():
+    from sage_nn.report.suite import aggregate
+
+    ds = suite_of({"good": {"t1": 0.8, "t2": 0.7, "t3": 0.9, "bad": 5.0},
+                   "poor": {"t1": 0.2, "t2": 0.1, "t3": 0.3, "bad": 9.0}},
+                  gated=("bad",), out_of_claims=(("t3", "b"),))
+    table = aggregate(ds, n_boot=200, seed=0)
+    # by hand: t1 a/b, t2 a/b, t3 a (t3 b out of claims, the gated task out)
+    assert table.loc["good", "score"] == pytest.approx(np.mean([0.8, 0.81, 0.7, 0.71, 0.9]))
+    assert table.loc["poor", "n_attributes"] == 5
+    assert table.loc["good", "score_low"] > table.loc["poor", "score_high"]  # ordered
+    assert table.loc["good", "score_low"] < table.loc["good", "score"] < \
+        table.loc["good", "score_high"]
+    again = aggregate(ds, n_boot=200, seed=0)
+    assert again.equals(table)  # seeded
+    assert not aggregate(ds, n_boot=200, seed=1).score_low.equals(table.score_low)
+
+
+def test_each_task_ranking_is_compared_with_the_other_tasks():
+    from sage_nn.report.suite import rank_agreement
+
+    # t1-t3 rank x > y > z; t4 reverses it
+    ds = suite_of({"x": {"t1": 0.9, "t2": 0.8, "t3": 0.85, "t4": 0.1},
+                   "y": {"t1": 0.5, "t2": 0.5, "t3": 0.5, "t4": 0.5},
+                   "z": {"t1": 0.1, "t2": 0.2, "t3": 0.15, "t4": 0.9}})
+    agreement = rank_agreement(ds)
+    assert agreement.loc["t1", "spearman_vs_others"] == pytest.approx(1.0)
+    assert agreement.loc["t4", "spearman_vs_others"] == pytest.approx(-1.0)
+    assert (agreement.n_saes == 3).all()
+
+
+def test_sage_suite_takes_tasks_not_task(capsys):
+    from sage_nn.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["suite", "--task", "ioi"])
+    assert exit_.value.code == 2
+    assert "sage suite takes --tasks" in capsys.readouterr().err
