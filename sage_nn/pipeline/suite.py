@@ -113,7 +113,7 @@ def run_suite(config: RunConfig | None = None, tasks: list[str] | None = None,
     from ..model.loading import load_model
     from ..report.suite import suite_dataset, suite_table, write_suite_report
     from .stages import run
-    from .validate import check
+    from .validate import InvalidRunError, task_problems, validate
 
     config = config or RunConfig(sae_corpus=SUITE_CORPUS)
     root = Path(suite_dir or config.run_dir)
@@ -122,15 +122,29 @@ def run_suite(config: RunConfig | None = None, tasks: list[str] | None = None,
         record = json.loads((root / SUITE_FILE).read_text())
     except (OSError, ValueError):
         record = {}
-    corpus = list(corpus_tasks or record.get("corpus_tasks") or named.values())
-    configs = {name: dataclasses.replace(config, task=task, run_dir=str(root / name),
-                                         corpus_tasks=corpus) for name, task in named.items()}
     start = time.perf_counter()
-    check(next(iter(configs.values())), model=model)  # every input, before the model loads
+    first = dataclasses.replace(config, task=next(iter(named.values())),
+                                run_dir=str(root / next(iter(named))))
+    problems = validate(first, model=model, task=False)  # all but the tasks, before loading
+    if problems:
+        raise InvalidRunError(problems)
     timings = {}
     model = model or load_model(config.model, device=config.device, dtype=config.dtype,
                                 remote=config.remote not in (False, "local"))
     timings["model load"] = time.perf_counter() - start
+    status: dict[str, dict] = {}
+    for name, task in named.items():  # 0. a task that cannot be built for this model
+        alone = dataclasses.replace(config, task=task, corpus_tasks=[task])
+        problems = task_problems(alone, getattr(model, "tokenizer", None))
+        if problems:
+            status[name] = {"task": task, "accuracy": None, "effects": {}, "in_corpus": False,
+                            "gate": "cannot be built for this model: " + "; ".join(problems)}
+            log.warning("suite: task %s gated out: %s", name, status[name]["gate"])
+    corpus = list(corpus_tasks or record.get("corpus_tasks")
+                  or [t for n, t in named.items() if n not in status])
+    configs = {name: dataclasses.replace(config, task=task, run_dir=str(root / name),
+                                         corpus_tasks=corpus)
+               for name, task in named.items() if name not in status}
 
     def timed(part: str, cfg: RunConfig, **kwargs):
         """``run(cfg, **kwargs)`` on the suite's model, its seconds added to ``part``."""
@@ -139,7 +153,6 @@ def run_suite(config: RunConfig | None = None, tasks: list[str] | None = None,
         timings[part] = timings.get(part, 0.0) + time.perf_counter() - begin
         return out
 
-    status: dict[str, dict] = {}
     for name, cfg in configs.items():  # 1. can the model do the task?
         timed("task checks", cfg, until="task")
         summary = json.loads((root / name / "task.json").read_text())
@@ -165,8 +178,8 @@ def run_suite(config: RunConfig | None = None, tasks: list[str] | None = None,
         for sae, info in json.loads((root / name / "saes.json").read_text()).items():
             sae_info.setdefault(sae, info)
     ds = suite_dataset(results, sae_info, {n: s["gate"] for n, s in status.items() if s["gate"]})
-    for name in configs:  # the gate after the ceiling's checks, in the record too
-        status[name]["gate"] = str(ds.gate_reason.sel(task=name).values) or None
+    for name, task in status.items():  # the gate after the ceiling's checks, recorded too
+        task["gate"] = str(ds.gate_reason.sel(task=name).values) or None
     write_netcdf(ds, root / "suite.nc")
     write_atomic(root / "suite.csv", suite_table(ds).to_csv(index=False))
     timings["total"] = time.perf_counter() - start

@@ -49,11 +49,12 @@ def check(config: Any, model: Any = None) -> None:
         raise InvalidRunError(problems)
 
 
-def validate(config: Any, model: Any = None) -> list[str]:
+def validate(config: Any, model: Any = None, task: bool = True) -> list[str]:
     """Every problem of a :class:`~sage_nn.pipeline.RunConfig`, one line each ([] if none).
 
     ``model``: the loaded model a run is given (then ``config.model`` is only its label and
-    the task is counted with its tokenizer). Nothing runs the model.
+    the task is counted with its tokenizer). Nothing runs the model. ``task=False`` leaves
+    the task out (a suite checks each of its tasks on its own: :func:`task_problems`).
     """
     problems = field_problems(config)
     config_of_model = None
@@ -81,8 +82,7 @@ def validate(config: Any, model: Any = None) -> list[str]:
     if not any(p.startswith(("n_fit", "n_eval", "seed", "sae_", "saes")) for p in problems):
         tokenizer = getattr(model, "tokenizer", None) if model is not None else \
             tokenizer_of(config.model)
-    problems += task_problems(config, tokenizer)
-    return problems
+    return problems + (task_problems(config, tokenizer) if task else [])
 
 
 def _on_server(config: Any) -> bool:
