@@ -76,6 +76,7 @@ def test_a_suite_runs_each_task_trains_once_and_gates_the_task_the_model_cannot_
     assert reason.startswith("the model does not do the task (held-out accuracy 0.")
     assert not (root / "suite" / "tiny-backwards" / "evaluation.nc").exists()
     assert suite.record["tasks"]["tiny-ioi"]["gate"] is None
+    assert tasks_table.loc["tiny-ioi", "gate"] is None
     assert tasks_table.loc["tiny-ioi", "accuracy"] == 1.0
     ds = suite.results
     assert list(ds.gated.values) == [False, False, True]

@@ -237,7 +237,8 @@ class Suite:
         """Per task: accuracy, effects, and why it was gated out (None: evaluated)."""
         import pandas as pd
 
-        return pd.DataFrame.from_dict(self.record["tasks"], orient="index")
+        frame = pd.DataFrame.from_dict(self.record["tasks"], orient="index").astype(object)
+        return frame.where(frame.notna(), None)
 
     @cached_property
     def runs(self) -> dict:
