@@ -193,3 +193,29 @@ def test_sage_suite_takes_tasks_not_task(capsys):
         main(["suite", "--task", "ioi"])
     assert exit_.value.code == 2
     assert "sage suite takes --tasks" in capsys.readouterr().err
+
+
+def test_sage_suite_lists_every_task_gated_out_and_scores_none(tmp_path, monkeypatch, capsys):
+    """The command on a tiny random model, which does no task: every task is gated out
+    with its reason, before any discovery or training, and the suite still reads back."""
+    import sage_nn
+    from conftest import write_tiny_run_files
+    from sage_nn import tiny_random_model
+    from sage_nn.cli import main
+
+    monkeypatch.setenv("SAGE_NN_CACHE", str(tmp_path / "cache"))
+    write_tiny_run_files(tmp_path, tiny_random_model("llama", seed=0))
+    (tmp_path / "second.yaml").write_text(SECOND_TASK)
+    main(["suite", "--model", str(tmp_path / "model"), "--tasks", str(tmp_path / "tiny.yaml"),
+          str(tmp_path / "second.yaml"), "--sae", "train:topk", "--run-dir",
+          str(tmp_path / "suite"), "--n-fit", "24", "--n-eval", "16", "--sae-width", "64",
+          "--sae-steps", "4", "--sae-corpus", f"{tmp_path / 'corpus.txt'}+task@positions",
+          "--min-accuracy", "1.01"])
+    out = capsys.readouterr().out
+    assert "tiny-ioi: gated out: the model does not do the task" in out
+    assert "tiny-io: gated out" in out
+    suite = sage_nn.open_suite(tmp_path / "suite")
+    assert suite.results.gated.values.all() and suite.runs == {}
+    assert not (tmp_path / "suite" / "tiny-ioi" / "discovery").exists()
+    assert not (tmp_path / "cache" / "saes").exists()  # nothing trained
+    assert "| tiny-ioi | gated out |" in (suite.report_dir / "summary.md").read_text()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -129,31 +130,34 @@ def aggregate(ds: xr.Dataset, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFr
     attributes (resampled, the same draw for every SAE) and prompts (each gap closed drawn
     from a normal as wide as its own bootstrap interval over prompts); ``<metric>`` the mean
     gap closed of each metric; ``n_attributes``; ``l0``, the mean L0 over them."""
+    index = pd.Index([str(s) for s in ds.sae.values], name="sae")
+    columns = ["score", "score_low", "score_high", *map(str, ds.metric.values), "n_attributes",
+               "l0"]
     items = np.flatnonzero(ds.in_claims.stack(item=("task", "attribute")).values)
+    if not len(items) or not ds.sizes["sae"]:  # every task gated out: no score
+        table = pd.DataFrame(np.nan, index=index, columns=columns)
+        table["n_attributes"] = 0
+        table.attrs.update(n_boot=n_boot, seed=seed)
+        return table
     pick_items = lambda da: da.stack(item=("task", "attribute")).isel(item=items)
-    gap = pick_items(ds.gap_closed)
-    se = pick_items(_gap_se(ds)).fillna(0.0)
-    score = gap.mean("metric", skipna=True).mean("item", skipna=True)
+    gap = pick_items(ds.gap_closed).transpose("sae", "item", "metric")
+    se = pick_items(_gap_se(ds)).fillna(0.0).transpose("sae", "item", "metric").values
     rng = np.random.default_rng(seed)
-    draws = np.full((n_boot, ds.sizes["sae"]), np.nan)
-    if len(items):
-        base, noise_scale = gap.transpose("sae", "item", "metric").values, \
-            se.transpose("sae", "item", "metric").values
+    draws = np.empty((n_boot, ds.sizes["sae"]))
+    with warnings.catch_warnings():  # an SAE with no gap anywhere in a draw: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        score = np.nanmean(np.nanmean(gap.values, axis=2), axis=1)
         for b in range(n_boot):
             pick = rng.integers(0, len(items), len(items))
-            noisy = base[:, pick] + noise_scale[:, pick] * rng.standard_normal(
-                base[:, pick].shape)
-            with np.errstate(all="ignore"):
-                draws[b] = np.nanmean(np.nanmean(noisy, axis=2), axis=1)
-    with np.errstate(all="ignore"):
-        low, high = np.nanpercentile(draws, [2.5, 97.5], axis=0) if len(items) else \
-            (np.full(ds.sizes["sae"], np.nan),) * 2
-    table = pd.DataFrame({"score": score.values, "score_low": low, "score_high": high},
-                         index=pd.Index([str(s) for s in ds.sae.values], name="sae"))
-    for metric in ds.metric.values:
-        table[str(metric)] = gap.sel(metric=metric).mean("item", skipna=True).values
-    table["n_attributes"] = len(items)
-    table["l0"] = pick_items(ds.l0).mean("item", skipna=True).values if len(items) else np.nan
+            noisy = gap.values[:, pick] + se[:, pick] * rng.standard_normal(se[:, pick].shape)
+            draws[b] = np.nanmean(np.nanmean(noisy, axis=2), axis=1)
+        low, high = np.nanpercentile(draws, [2.5, 97.5], axis=0)
+        per_metric = np.nanmean(gap.values, axis=1)
+    table = pd.DataFrame({"score": score, "score_low": low, "score_high": high,
+                          **dict(zip(map(str, ds.metric.values), per_metric.T)),
+                          "n_attributes": len(items),
+                          "l0": pick_items(ds.l0).mean("item", skipna=True).values},
+                         index=index)[columns]
     table.attrs.update(n_boot=n_boot, seed=seed)
     return table
 
