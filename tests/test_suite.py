@@ -198,8 +198,9 @@ def test_sage_suite_takes_tasks_not_task(capsys):
 def test_sage_suite_lists_every_task_gated_out_and_scores_none(tmp_path, monkeypatch, capsys):
     """The command on a tiny random model, which does no task: every task is gated out
     with its reason, before any discovery or training, and the suite still reads back."""
-    import sage_nn
     from conftest import write_tiny_run_files
+
+    import sage_nn
     from sage_nn import tiny_random_model
     from sage_nn.cli import main
 
