@@ -14,6 +14,8 @@ from sage_nn.pipeline.suite import run_suite
 # The same prompts, a task of its own: only the io attribute, under another name.
 SECOND_TASK = TINY_TASK.replace("name: tiny-ioi", "name: tiny-io").replace(
     "  s: {slot: S}\n", "")
+# A task added to a finished suite (the same prompts under a third name).
+LATER_TASK = TINY_TASK.replace("name: tiny-ioi", "name: tiny-later")
 # A task the trained model cannot do: the answer is the name it learned to leave.
 BACKWARDS_TASK = TINY_TASK.replace("name: tiny-ioi", "name: tiny-backwards").replace(
     'answer: " {IO}"\ndistractor: " {S}"', 'answer: " {S}"\ndistractor: " {IO}"')
@@ -27,6 +29,7 @@ def suite_setup(tmp_path_factory):
         model, first = trained_tiny_model(root)
         (root / "second.yaml").write_text(SECOND_TASK)
         (root / "backwards.yaml").write_text(BACKWARDS_TASK)
+        (root / "later.yaml").write_text(LATER_TASK)
         rng = np.random.default_rng(0)  # the built-in text's stand-in: the tiny words
         (root / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(TINY_WORDS, 80))
                                                       for _ in range(60)))
@@ -41,23 +44,38 @@ def suite_config(root, **kw):
                      sae_corpus=f"{root / 'corpus.txt'}+task@positions", **kw)
 
 
-def test_a_suite_runs_each_task_trains_once_and_gates_the_task_the_model_cannot_do(
-        suite_setup, monkeypatch):
-    import sage_nn
+class Counting:
+    """train_saes, counting its calls (the sites of each)."""
+
+    def __init__(self):
+        from sage_nn.dictionaries import training
+
+        self.calls, self.real = [], training.train_saes
+
+    def __call__(self, model, sites, *args, **kwargs):
+        self.calls.append(list(sites))
+        return self.real(model, sites, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def first_suite(suite_setup):
     from sage_nn.dictionaries import training
 
     root, model, first = suite_setup
-    trained = []
-    real = training.train_saes
-
-    def counting(model_, sites, *args, **kwargs):
-        trained.append(list(sites))
-        return real(model_, sites, *args, **kwargs)
-
-    monkeypatch.setattr(training, "train_saes", counting)
     tasks = [str(first), str(root / "second.yaml"), str(root / "backwards.yaml")]
-    suite = run_suite(suite_config(root), tasks=tasks, model=model, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        trained = Counting()
+        mp.setattr(training, "train_saes", trained)
+        suite = run_suite(suite_config(root), tasks=tasks, model=model, progress=False)
+    return suite, tasks, trained.calls
 
+
+def test_a_suite_runs_each_task_trains_once_and_gates_the_task_the_model_cannot_do(
+        suite_setup, first_suite):
+    import sage_nn
+
+    root = suite_setup[0]
+    suite, tasks, trained = first_suite
     # one training call for every task's sites; every task's run directory is a run
     assert len(trained) == 1 and trained[0]
     assert set(suite.runs) == {"tiny-ioi", "tiny-io"}
@@ -108,17 +126,32 @@ def test_a_suite_runs_each_task_trains_once_and_gates_the_task_the_model_cannot_
     assert doc["eval_result_metrics"]["tiny-backwards"]["gated"] is True
     assert (suite.report_dir / "heatmap.png").exists()
 
-    # a rerun with one SAE more: nothing of the first is computed again
+
+
+def test_a_task_and_an_sae_added_later_compute_only_what_is_new(suite_setup, first_suite,
+                                                                monkeypatch):
+    """A rerun with one SAE and one task more: nothing of the first is computed again, the
+    SAE corpus stays the recorded one."""
+    import sage_nn
+    from sage_nn.dictionaries import training
+
+    root, model, _ = suite_setup
+    suite, tasks, _ = first_suite
+    before = suite.results.gap_closed.sel(sae="topk-64", task=["tiny-ioi", "tiny-io"]).copy()
     manifests = {n: json.loads((root / "suite" / n / "manifest.json").read_text())
                  for n in suite.runs}
     scored = {n: {p: p.stat().st_mtime_ns for p in (root / "suite" / n / "evaluation").glob(
         "topk-64-*.nc")} for n in suite.runs}
-    trained.clear()
-    more = run_suite(suite_config(root, saes=["train:topk", "train:topk:k=2"]), tasks=tasks,
-                     model=model, progress=False)
-    assert len(trained) == 1  # only the new SAE
+    trained = Counting()
+    monkeypatch.setattr(training, "train_saes", trained)
+    more = run_suite(suite_config(root, saes=["train:topk", "train:topk:k=2"]),
+                     tasks=[*tasks, str(root / "later.yaml")], model=model, progress=False)
+    assert len(trained.calls) == 1  # only the new SAE: the new task's sites are tiny-ioi's
     assert list(more.aggregate.index) == ["topk-64", "topk-64-k2"]
-    assert more.aggregate.loc["topk-64", "score"] == pytest.approx(by_hand)
+    assert set(more.runs) == {"tiny-ioi", "tiny-io", "tiny-later"}
+    assert more.record["corpus_tasks"] == tasks
+    assert more.record["tasks"]["tiny-later"]["in_corpus"] is False
+    assert sage_nn.open_run(root / "suite" / "tiny-later").config.corpus_tasks == tasks
     for name in ("tiny-ioi", "tiny-io"):
         manifest = json.loads((root / "suite" / name / "manifest.json").read_text())
         assert [manifest[s] for s in ("task", "discovery")] == \
@@ -126,6 +159,8 @@ def test_a_suite_runs_each_task_trains_once_and_gates_the_task_the_model_cannot_
         assert len(scored[name]) == 1 and all(p.stat().st_mtime_ns == t
                                               for p, t in scored[name].items())
     assert (more.report_dir / "score_vs_l0.png").exists()  # k=2 against k=32
+    again = more.results.gap_closed.sel(sae="topk-64", task=["tiny-ioi", "tiny-io"])
+    np.testing.assert_array_equal(again.values, before.values)
 
 
 def suite_of(gaps: dict, gated=(), out_of_claims=()):
