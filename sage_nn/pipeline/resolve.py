@@ -36,8 +36,9 @@ def sae_corpus(model: Any, config: RunConfig) -> list:
     if not set(parts) & set(TASK_CORPORA):
         return parts
     tasks = list(config.corpus_tasks or [config.task])
-    key = json.dumps([config.sae_corpus, tasks, config.n_fit, config.n_eval, config.seed,
-                      config.sae_task_prompts])
+    edited = [Path(t).stat().st_mtime_ns if Path(t).is_file() else None for t in tasks]
+    key = json.dumps([config.sae_corpus, tasks, edited, config.n_fit, config.n_eval,
+                      config.seed, config.sae_task_prompts])  # a task file edited: built again
     try:
         memo = _CORPORA.setdefault(model.tokenizer, {})
     except TypeError:  # not weak-referenceable: built each time
