@@ -115,7 +115,8 @@ def _gap_se(ds: xr.Dataset) -> xr.DataArray:
                                  None if np.isnan(hi) else float(hi))
         low[index], high[index] = (np.nan, np.nan) if None in ends else ends
     span = (_goodness(ds.ceiling) - _goodness(ds.floor)).transpose(*ds.value.dims).values
-    return xr.zeros_like(ds.value) + (high - low) / (2 * 1.96) / np.abs(span)
+    with np.errstate(divide="ignore", invalid="ignore"):  # no span: no gap closed either
+        return xr.zeros_like(ds.value) + (high - low) / (2 * 1.96) / np.abs(span)
 
 
 def _goodness(da: xr.DataArray) -> xr.DataArray:
@@ -329,6 +330,14 @@ def suite_summary(ds: xr.Dataset, table: pd.DataFrame, agreement: pd.DataFrame,
                      f"{_fmt(row.score_high)}] | " + " | ".join(
                          _fmt(row[str(m)]) for m in ds.metric.values)
                      + f" | {_fmt(row.l0)} | {int(row.n_attributes)} |")
+    claimed = ds.gap_closed.where(ds.in_claims)
+    empty = [str(m) for m in ds.metric.values
+             if ds.sizes["sae"] and not np.isfinite(claimed.sel(metric=m).values).any()]
+    if empty and len(table) and table.n_attributes.max() > 0:
+        lines += ["", (f"{', '.join(empty)}: no gap closed at any attribute (the floor is at "
+                       "or above the ceiling: where an SAE's L0 reaches the site's width, the "
+                       "floor reconstructs exactly and these metrics cannot rank it; "
+                       "docs/metrics.md), so the score averages the other metrics.")]
     scores = task_scores(ds)
     lines += ["", "## Score per task", "", "| SAE | " + " | ".join(scores.columns) + " |",
               "|---|" + "---|" * scores.shape[1]]
