@@ -203,8 +203,9 @@ def plot_heatmap(ds: xr.Dataset, path: str | Path | None = None, *, dpi: int = 1
     image = ax.imshow(scores.values.astype(float), cmap="viridis", vmin=0, vmax=1,
                       aspect="auto")
     for (i, j), value in np.ndenumerate(scores.values.astype(float)):
-        ax.text(j, i, "gated" if bool(ds.gated.values[j]) else f"{value:.2f}",
-                ha="center", va="center", color="w" if not value > 0.6 else "k", fontsize=8)
+        gated = bool(ds.gated.values[j])  # a blank (white) cell: dark text
+        ax.text(j, i, "gated out" if gated else f"{value:.2f}", ha="center", va="center",
+                color="k" if gated or value > 0.6 else "w", fontsize=8)
     ax.set_xticks(range(scores.shape[1]), labels=list(scores.columns), rotation=30,
                   ha="right")
     ax.set_yticks(range(scores.shape[0]), labels=list(scores.index))
