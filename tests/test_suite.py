@@ -205,6 +205,8 @@ def test_the_score_orders_saes_by_gap_closed_and_leaves_gated_tasks_out():
         table.loc["good", "score_high"]
     again = aggregate(ds, n_boot=200, seed=0)
     assert again.equals(table)  # seeded
+    alone = aggregate(ds.sel(sae=["poor"]), n_boot=200, seed=0)  # not moved by the others
+    assert alone.loc["poor"].equals(table.loc["poor"])
     assert not aggregate(ds, n_boot=200, seed=1).score_low.equals(table.score_low)
 
 

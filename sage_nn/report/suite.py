@@ -128,8 +128,8 @@ def aggregate(ds: xr.Dataset, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFr
     """Per SAE: ``score``, the mean over the attributes in claims (of every task not gated)
     of the mean gap closed over the headline metrics (0: the floor, 1: the ceiling; higher
     is better), with ``score_low``/``score_high``, a seeded 95% bootstrap interval over
-    attributes (resampled, the same draw for every SAE) and prompts (each gap closed drawn
-    from a normal as wide as its own bootstrap interval over prompts); ``<metric>`` the mean
+    attributes (resampled) and prompts (each gap closed drawn from a normal as wide as its
+    own bootstrap interval over prompts), the same draws for every SAE; ``<metric>`` the mean
     gap closed of each metric; ``n_attributes``; ``l0``, the mean L0 over them."""
     index = pd.Index([str(s) for s in ds.sae.values], name="sae")
     columns = ["score", "score_low", "score_high", *map(str, ds.metric.values), "n_attributes",
@@ -143,14 +143,16 @@ def aggregate(ds: xr.Dataset, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFr
     pick_items = lambda da: da.stack(item=("task", "attribute")).isel(item=items)
     gap = pick_items(ds.gap_closed).transpose("sae", "item", "metric")
     se = pick_items(_gap_se(ds)).fillna(0.0).transpose("sae", "item", "metric").values
-    rng = np.random.default_rng(seed)
+    # the same draws for every SAE (an SAE's interval does not depend on the others')
+    picks, noise = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
     draws = np.empty((n_boot, ds.sizes["sae"]))
     with warnings.catch_warnings():  # an SAE with no gap anywhere in a draw: NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         score = np.nanmean(np.nanmean(gap.values, axis=2), axis=1)
         for b in range(n_boot):
-            pick = rng.integers(0, len(items), len(items))
-            noisy = gap.values[:, pick] + se[:, pick] * rng.standard_normal(se[:, pick].shape)
+            pick = picks.integers(0, len(items), len(items))
+            z = noise.standard_normal((len(items), ds.sizes["metric"]))
+            noisy = gap.values[:, pick] + se[:, pick] * z
             draws[b] = np.nanmean(np.nanmean(noisy, axis=2), axis=1)
         low, high = np.nanpercentile(draws, [2.5, 97.5], axis=0)
         per_metric = np.nanmean(gap.values, axis=1)
