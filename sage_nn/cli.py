@@ -151,6 +151,9 @@ def _suite(args) -> None:
     if args.task is not None:
         raise ValueError("sage suite takes --tasks (several task names or YAML paths), not "
                          "--task; fix: --tasks ioi capitals my_task.yaml")
+    if args.dry_run:
+        raise ValueError("sage suite has no --dry-run; fix: sage run --dry-run --task NAME "
+                         "for each task's remote requests")
     args.sae_corpus = args.sae_corpus or SUITE_CORPUS
     args.run_dir = args.run_dir or "runs/suite"
     suite = run_suite(_run_config(args), tasks=args.tasks, min_accuracy=args.min_accuracy,

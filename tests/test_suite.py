@@ -230,6 +230,9 @@ def test_sage_suite_takes_tasks_not_task(capsys):
         main(["suite", "--task", "ioi"])
     assert exit_.value.code == 2
     assert "sage suite takes --tasks" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["suite", "--dry-run"])
+    assert "sage suite has no --dry-run" in capsys.readouterr().err
 
 
 def test_sage_suite_lists_every_task_gated_out_and_scores_none(tmp_path, monkeypatch, capsys):
