@@ -63,7 +63,7 @@ WEIGHT_INITS = ("data", "scaled", "sae_lens")
 NORMALIZATIONS = ("expected_average_only_in", "none")
 #: part of the name of the run's SAE cache entries: SAEs another trainer made (before the
 #: held-out convergence checks and activation normalisation) are not taken for these
-TRAINER_VERSION = "t2"
+TRAINER_VERSION = "t3"
 #: beside each SAE the batched trainer saves: its Adam moments and step, so that ``init``
 #: continues training where it stopped (a fresh Adam's first steps move every weight by
 #: about ``lr``, undoing much of a trained SAE)
@@ -102,7 +102,7 @@ class TrainConfig:
     k: int = 32
     k_heads: int | None = None
     l1_coefficient: float = 5.0
-    lr: float = 4e-4
+    lr: float = 1e-3
     tokens: int = 200_000
     batch_size: int = 1024
     context_size: int = 64
@@ -116,7 +116,7 @@ class TrainConfig:
     trainer: str = "batched"
     normalize_activations: str = "expected_average_only_in"
     dead_window: int | None = None
-    converge_tol: float = 0.002
+    converge_tol: float = 0.005
     converge_window: int = 60
     check_every: int = 10
     min_steps: int = 60
