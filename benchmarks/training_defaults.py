@@ -29,13 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sage_nn.dictionaries.training import TrainConfig, train_saes, training_record  # noqa: E402
-from sage_nn.model.loading import load_model  # noqa: E402
-from sage_nn.pipeline import open_run  # noqa: E402
-from sage_nn.pipeline.config import RunConfig  # noqa: E402
-from sage_nn.pipeline.resolve import sae_corpus, trained_cache  # noqa: E402
-from sage_nn.pipeline.stages import run  # noqa: E402
-from sage_nn.report.tables import (  # noqa: E402
+from sage_nn.dictionaries.training import TrainConfig, train_saes, training_record
+from sage_nn.model.loading import load_model
+from sage_nn.pipeline import open_run
+from sage_nn.pipeline.config import RunConfig
+from sage_nn.pipeline.resolve import trained_cache
+from sage_nn.pipeline.stages import run
+from sage_nn.report.tables import (
     HEADLINE,
     comparison_table,
     excluded,
@@ -78,7 +78,7 @@ def main(argv=None):
     sites = sorted(before)
     t = time.perf_counter()
     cont = Path(tempfile.mkdtemp(prefix="sage-continued-"))
-    train_saes(model, sites, more, source=sae_corpus(model, config), out_dir=cont / "all",
+    train_saes(model, sites, more, source=source, out_dir=cont / "all",
                init=root, progress=False)
     continue_s = time.perf_counter() - t
     after = trained(cont / "all")
