@@ -1,13 +1,15 @@
-"""How long the quickstart's SAEs take to converge, and at which k (issue 27's sweep, a first
-part): SmolLM2 IOI, the quickstart's corpus and width, the benchmark's five sites, trained
-past the quickstart's 300-step cap without stopping, their held-out curves recorded; for
-several tolerances, the step where each SAE meets the convergence criterion and its
-held-out FVU there. Variants: k at heads (``--k-heads``), learning rate (``--lr``). One
-read of the corpus serves every variant (benchmarks/training.py's Replay).
+"""How long the quickstart's SAEs take to converge, under which settings (issue 27's sweep):
+SmolLM2 IOI, the quickstart's corpus and width, the benchmark's five sites, trained without
+stopping for ``--steps``, their held-out curves recorded; for several tolerances, the step
+where each SAE meets the convergence criterion and its held-out FVU there. Each variant
+overrides TrainConfig fields and may train on fewer of the corpus's prompts (``prompts``:
+the first draws of the same seed, so a subset of the one read, which serves every variant:
+benchmarks/training.py's Replay).
 
 Writes benchmarks/results/training_sweep.json.
 
-    python benchmarks/training_sweep.py [--steps 800] [--k-heads 32 16 8] [--lr 4e-4 1e-3]
+    python benchmarks/training_sweep.py [--steps 300] \
+        [--variants weight_init=sae_lens,lr=4e-4 weight_init=data prompts=1024 ...]
 """
 
 from __future__ import annotations
@@ -46,12 +48,20 @@ def first_converged(curve: list, cfg: TrainConfig) -> list | None:
     return None
 
 
+def parse(text: str, default):
+    """A variant's value, typed as the field's default (a None default: an int)."""
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes")
+    return int(text) if default is None else type(default)(text)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sites", nargs="+", default=SITES)
-    ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--k-heads", type=int, nargs="+", default=[32, 16])
-    ap.add_argument("--lr", type=float, nargs="+", default=[TrainConfig.lr])
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--variants", nargs="+", default=["weight_init=sae_lens,lr=4e-4",
+                                                      "weight_init=data", "prompts=1024"],
+                    help="comma-separated KEY=VALUE: TrainConfig fields, and prompts")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
                                          "training_sweep.json"))
@@ -71,14 +81,17 @@ def main(argv=None):
     read_s = time.perf_counter() - t
     stream.activation_batches = Replay(stream.activation_batches, units, acts, base.skip_first)
     variants = {}
-    for lr, k_heads in [(lr, k) for lr in args.lr for k in args.k_heads]:
-        # the residual SAEs do not depend on k_heads: trained with the first one only
-        sites = (args.sites if k_heads == args.k_heads[0]
-                 else [s for s in args.sites if ".z." in s])
-        cfg = TrainConfig(**{**vars(base), "k_heads": k_heads, "lr": lr})
+    for variant in args.variants:
+        fields = dict(kv.split("=") for kv in variant.split(",") if kv)
+        prompts = int(fields.pop("prompts", run_cfg.sae_task_prompts))
+        fields = {k: parse(v, getattr(base, k)) for k, v in fields.items()}
+        cfg = TrainConfig(**{**vars(base), **fields})
+        source = sae_corpus(model, RunConfig(sae_task_prompts=prompts))
+        sites = args.sites
         out = Path(tempfile.mkdtemp())
         t = time.perf_counter()
         _, report = train_saes(model, sites, cfg, source=source, out_dir=out, progress=False)
+        assert stream.activation_batches.misses == 0, "a variant's corpus is not in the read"
         seconds = time.perf_counter() - t
         per_sae = {}
         for site in report.index:
@@ -92,14 +105,17 @@ def main(argv=None):
                              "fvu_at_cap": float(report.loc[site, "fvu"]),
                              "held_out_dead_at_cap": int(report.loc[site, "dead"]),
                              "stop_by_tolerance": stops, "curve": curve}
-        name = f"k_heads={k_heads}" + (f",lr={lr:g}" if len(args.lr) > 1 else "")
-        variants[name] = {"seconds": round(seconds, 1), "per_sae": per_sae}
-        print(k_heads, {s: (v["fvu_at_cap"], v["stop_by_tolerance"]) for s, v in
+        variants[variant] = {"seconds": round(seconds, 1), "prompts": prompts,
+                             "config": {k: getattr(cfg, k) for k in ("lr", "k", "k_heads",
+                                                                     "weight_init")},
+                             "per_sae": per_sae}
+        print(variant, {s: (v["fvu_at_cap"], v["stop_by_tolerance"]) for s, v in
                         per_sae.items()}, flush=True)
     result = {"model": str(model.config._name_or_path),
               "settings": {"sites": labels, "d_sae": run_cfg.sae_width, "k": base.k,
                            "step_cap": args.steps, "batch_size": base.batch_size,
-                           "lr": base.lr, "converge_window": base.converge_window,
+                           "lr": base.lr, "lr_by_width": base.lr_by_width,
+                           "converge_tol": base.converge_tol, "converge_window": base.converge_window,
                            "check_every": base.check_every, "min_steps": base.min_steps,
                            "corpus": str(run_cfg.sae_corpus), "prompts": len(units),
                            "corpus_tokens": len(acts[labels[0]]), "threads": args.threads},

@@ -94,8 +94,8 @@ def _train_sae(args) -> None:
     from .dictionaries.training import TrainConfig, train_saes
 
     config = TrainConfig(architecture=args.architecture, d_sae=args.d_sae, k=args.k,
-                         k_heads=args.k_heads, l1_coefficient=args.l1, lr=args.lr,
-                         tokens=args.tokens, batch_size=args.batch_size,
+                         k_heads=args.k_heads, l1_coefficient=args.l1,
+                         **({} if args.lr is None else {"lr": args.lr}), tokens=args.tokens, batch_size=args.batch_size,
                          context_size=args.context_size, seed=args.seed,
                          stop_at_convergence=not args.no_stop)
     from .model.loading import load_model
@@ -471,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-sae", type=int, default=2048)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--l1", type=float, default=5.0, help="L1 coefficient (standard SAEs)")
-    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam's rate at the residual's width (default 1e-3; a narrower site's "
+                   "SAE steps lr * sqrt(d_model / its width))")
     p.add_argument("--k-heads", type=int, default=None,
                    help="k of TopK SAEs at a head's site (q/k/v/z; default: --k)")
     p.add_argument("--tokens", type=int, default=200_000,

@@ -26,11 +26,11 @@ def converged(curve: Sequence, cfg) -> bool:
 
 
 def fit_batched(saes: dict, stream, cfg, held_out: dict, *, dead_window: int,
-                before: Mapping[str, Mapping] | None = None,
+                lr: Mapping[str, float], before: Mapping[str, Mapping] | None = None,
                 optimizer: Mapping[str, dict] | None = None) -> dict:
     """Train TopK SAEs, those of one shape as one :class:`~.topk.TopKStack`, from one
     stream of batches, checking each one's held-out FVU and dead share every
-    ``cfg.check_every`` steps. ``before``: each SAE's metadata from an earlier training
+    ``cfg.check_every`` steps, at each one's learning rate ``lr``. ``before``: each SAE's metadata from an earlier training
     (``init``), whose steps and curve this one continues; ``optimizer``: their saved Adam
     state (:meth:`~.topk.TopKStack.optimizer_state`), without which Adam starts afresh.
 
@@ -46,7 +46,7 @@ def fit_batched(saes: dict, stream, cfg, held_out: dict, *, dead_window: int,
         groups.setdefault((sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k), []).append(label)
     stacks = [TopKStack(labels, {n: torch.stack([getattr(saes[l], n).detach() for l in labels])
                                  for n in ("W_enc", "b_enc", "W_dec", "b_dec")},
-                        k=saes[labels[0]].cfg.k, lr=cfg.lr, dead_window=dead_window,
+                        k=saes[labels[0]].cfg.k, lr=lr[labels[0]], dead_window=dead_window,
                         aux_coefficient=saes[labels[0]].cfg.aux_loss_coefficient)
               for labels in groups.values()]
     for stack in stacks:  # a continued SAE goes on with the Adam moments it was saved with

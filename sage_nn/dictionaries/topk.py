@@ -1,6 +1,7 @@
 """TopK SAEs of one shape trained as one stack of tensors ``[n_saes, ...]``, with the
 gradients written out rather than left to autograd, so that only the encoder's forward
-is dense: the decoder, and every gradient, touch only the latents each token uses.
+is dense: the decoder, and every gradient, touch only the latents each token uses (the
+auxiliary loss's, up to half the dead latents per token, are dense over the dead ones).
 
 The math is sae_lens's ``TopKTrainingSAE`` stepped by its ``SAETrainer`` (the tests
 compare the weights with it): pre-activations ranked after scaling by the decoder row
@@ -178,25 +179,10 @@ class TopKStack:
             grads["W_encT"][s] = by_latent.sums(g_pre, x[s])
             g_b_enc = torch.zeros(self.d_sae).index_add_(0, index[s].reshape(-1),
                                                          g_pre.reshape(-1))
-            n_dead = int(dead[s].sum())
-            k_aux = min(half, n_dead)
-            if k_aux:  # the auxiliary loss: the top dead latents predict the residual
-                cols = dead[s].nonzero()[:, 0]
-                sub = ranked[s][:, cols]
-                if k_aux < n_dead:
-                    pick = sub.topk(k_aux, dim=-1, sorted=False).indices
-                    aux_index, sub = cols[pick], sub.gather(-1, pick)
-                else:
-                    aux_index = cols.expand(B, -1)
-                aux_coef = sub / norm[s][aux_index]  # no ReLU (sae_lens)
-                recon = decode_active(aux_coef[None], aux_index[None], W_dec[None])[0]
-                scale = self.aux_coefficient * min(n_dead / half, 1.0)
-                g_aux = (recon + err[s]).mul_(2.0 * scale / B)  # residual = x - out = -err
-                aux_latent = _ByLatent(aux_index, self.d_sae)
-                g_aux_pre = row_dots(g_aux, W_dec, aux_index)
-                grads["W_dec"][s] += aux_latent.sums(aux_coef, g_aux)
-                grads["W_encT"][s] += aux_latent.sums(g_aux_pre, x[s])
-                g_b_enc.index_add_(0, aux_index.reshape(-1), g_aux_pre.reshape(-1))
+            cols = dead[s].nonzero()[:, 0]
+            k_aux = min(half, len(cols))
+            if k_aux:
+                self._aux(s, cols, k_aux, ranked[s], norm[s], err[s], x[s], grads, g_b_enc)
             grads["b_enc"][s] = g_b_enc
             # the encoder reads x - b_dec: sum_b g_pre[b] (x[b] - b_dec) per latent
             grads["W_encT"][s].sub_(torch.outer(g_b_enc, self.p["b_dec"][s]))
@@ -206,6 +192,28 @@ class TopKStack:
                 self.flops["dense_encoder_backward" if dense else "floor"] += step_flops(
                     d, self.d_sae, self.k, B, k_aux, dense_encoder_backward=dense)
         return grads, index, coef
+
+    def _aux(self, s: int, cols: torch.Tensor, k_aux: int, ranked: torch.Tensor,
+             norm: torch.Tensor, err: torch.Tensor, x: torch.Tensor, grads: dict,
+             g_b_enc: torch.Tensor) -> None:
+        """Add SAE ``s``'s auxiliary-loss gradients: the top ``k_aux`` of its dead latents
+        ``cols`` (by ranked pre-activation) predict the residual ``x - out = -err``, without
+        ReLU. Up to half of the dead latents fire per token, so the products are dense over
+        the dead columns: a quarter of the latents cost less dense than sparse."""
+        B = ranked.shape[0]
+        W_dec = self.p["W_dec"][s][cols]  # [n_dead, d]
+        sub = ranked[:, cols]
+        chosen = torch.ones_like(sub, dtype=torch.bool)
+        if k_aux < len(cols):
+            chosen = torch.zeros_like(chosen).scatter_(
+                1, sub.topk(k_aux, dim=-1, sorted=False).indices, True)
+        coef = sub.div_(norm[cols]).mul_(chosen)  # [B, n_dead], zero where not chosen
+        scale = self.aux_coefficient * min(len(cols) / (self.d_in // 2), 1.0)
+        g_aux = torch.addmm(err, coef, W_dec).mul_(2.0 * scale / B)  # recon - residual
+        g_pre = (g_aux @ W_dec.T).mul_(chosen)
+        grads["W_dec"][s].index_add_(0, cols, coef.T @ g_aux)
+        grads["W_encT"][s].index_add_(0, cols, g_pre.T @ x)
+        g_b_enc.index_add_(0, cols, g_pre.sum(0))
 
     def _adam(self, grads: dict[str, torch.Tensor]) -> None:
         """Clip each SAE's gradient to norm 1 (sae_lens: ``clip_grad_norm_(..., 1.0)``),

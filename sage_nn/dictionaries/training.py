@@ -54,12 +54,16 @@ TRAINABLE = ("standard", "topk")
 # (sae_lens's TopK training math); "sae_lens": sae_lens's MultiSAETrainer, one SAETrainer
 # per SAE. Standard (L1) SAEs always train with sae_lens's trainer.
 TRAINERS = ("batched", "sae_lens")
+#: How a TopK SAE starts (:func:`initialise_topk`): "data" (decoder rows from the first
+#: batch's tokens), "scaled" (sae_lens's random rows), both at unit norm with the encoder
+#: scaled to fit the batch; "sae_lens" (rows of norm 0.1, sae_lens's default)
+WEIGHT_INITS = ("data", "scaled", "sae_lens")
 #: sae_lens's names: "expected_average_only_in" scales every site to an average norm of
 #: sqrt(d_in) for training (the factor is folded into the saved weights); "none" does not
 NORMALIZATIONS = ("expected_average_only_in", "none")
 #: part of the name of the run's SAE cache entries: SAEs another trainer made (before the
 #: held-out convergence checks and activation normalisation) are not taken for these
-TRAINER_VERSION = "t2"
+TRAINER_VERSION = "t3"
 #: beside each SAE the batched trainer saves: its Adam moments and step, so that ``init``
 #: continues training where it stopped (a fresh Adam's first steps move every weight by
 #: about ``lr``, undoing much of a trained SAE)
@@ -98,7 +102,7 @@ class TrainConfig:
     k: int = 32
     k_heads: int | None = None
     l1_coefficient: float = 5.0
-    lr: float = 4e-4
+    lr: float = 1e-3
     tokens: int = 200_000
     batch_size: int = 1024
     context_size: int = 64
@@ -112,11 +116,13 @@ class TrainConfig:
     trainer: str = "batched"
     normalize_activations: str = "expected_average_only_in"
     dead_window: int | None = None
-    converge_tol: float = 0.002
+    converge_tol: float = 0.005
     converge_window: int = 60
     check_every: int = 10
     min_steps: int = 60
     stop_at_convergence: bool = True
+    weight_init: str = "data"
+    lr_by_width: bool = True
 
     def __post_init__(self):
         if self.architecture not in TRAINABLE:
@@ -127,6 +133,9 @@ class TrainConfig:
                 k = getattr(self, name)
                 if k is not None and not 0 < k <= self.d_sae:
                     raise ValueError(f"{name}={k} must be in 1..d_sae={self.d_sae}")
+        if self.weight_init not in WEIGHT_INITS:
+            raise ValueError(f"weight_init={self.weight_init!r}: choose one of "
+                             f"{', '.join(WEIGHT_INITS)}")
         if self.trainer not in TRAINERS:
             raise ValueError(f"trainer {self.trainer!r}: choose one of {', '.join(TRAINERS)}")
         if self.normalize_activations not in NORMALIZATIONS:
@@ -142,6 +151,13 @@ class TrainConfig:
     @property
     def max_steps(self) -> int:
         return -(-self.tokens // self.batch_size)
+
+    def lr_at(self, d_in: int, d_model: int) -> float:
+        """Adam's learning rate for an SAE reading ``d_in`` dimensions of a ``d_model``-wide
+        model: ``lr`` at the residual's width, and with ``lr_by_width``, ``lr *
+        sqrt(d_model / d_in)`` elsewhere: Adam moves every weight by about ``lr``, so a unit
+        decoder row of a 64-dimensional head turns 3x slower than one of 576 dimensions."""
+        return self.lr * (math.sqrt(d_model / d_in) if self.lr_by_width else 1.0)
 
     def k_at(self, kind: str) -> int:
         """Active latents of a TopK SAE at a site of ``kind``."""
@@ -171,6 +187,30 @@ def _new_sae(cfg: TrainConfig, d_in: int, k: int, meta: SAEMetadata):
     return StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=cfg.d_sae,
                                                          l1_coefficient=cfg.l1_coefficient,
                                                          metadata=meta))
+
+
+def initialise_topk(sae, x: torch.Tensor, how: str, rng: torch.Generator) -> None:
+    """Start a TopK SAE where training would take hundreds of steps to get: unit decoder
+    rows (``"data"``: the batch's own centred tokens, a quarter of sae_lens's random rows
+    added; ``"scaled"``: sae_lens's random rows),
+    the encoder their transpose times the one scale that fits the batch ``x`` best. TopK
+    picks the same latents at any positive scale of the encoder, so that scale is a least-
+    squares fit of the reconstruction; sae_lens's rows of norm 0.1 reconstruct about a
+    hundredth of the input, and Adam grows them by about ``lr`` a step."""
+    with torch.no_grad():
+        centred = x - sae.b_dec
+        rows = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+        if how == "data":  # a quarter random: a corpus repeats tokens, and equal rows tie
+            pick = torch.randint(len(x), (sae.cfg.d_sae,), generator=rng)
+            rows = rows / 4 + centred[pick] / centred[pick].norm(dim=1, keepdim=True)
+            rows /= rows.norm(dim=1, keepdim=True)
+        pre = centred @ rows.T
+        top = pre.topk(sae.cfg.k, dim=-1)
+        recon = torch.zeros_like(pre).scatter_(1, top.indices, top.values.relu()) @ rows
+        fit = (centred * recon).sum() / recon.pow(2).sum().clamp_min(1e-12)
+        sae.W_dec.copy_(rows)
+        sae.W_enc.copy_(rows.T * fit.clamp_min(1e-6))
+        sae.b_enc.zero_()
 
 
 def _initial(init: Any, labels: Sequence[str]) -> dict[str, Path]:
@@ -292,16 +332,19 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
         for label, sae in saes.items():  # residual streams have large means
             if label not in starts:
                 sae.b_dec.copy_(first[label].mean(0) * scale[label])
+                if cfg.architecture == "topk" and cfg.weight_init != "sae_lens":
+                    initialise_topk(sae, first[label] * scale[label], cfg.weight_init, rng)
     stream = ({k: v * scale[k] for k, v in batch.items()}
               for batch in itertools.chain([first], stream))
     held_scaled = {label: held_out[label] * scale[label] for label in labels}
+    lr = {label: cfg.lr_at(sae.cfg.d_in, ad.d_model) for label, sae in saes.items()}
     if cfg.trainer == "batched" and cfg.architecture == "topk":
-        fit = fit_batched(saes, stream, cfg, held_scaled, dead_window=_dead_window(cfg),
+        fit = fit_batched(saes, stream, cfg, held_scaled, dead_window=_dead_window(cfg), lr=lr,
                           before={label: before.get(label, {}) for label in labels},
                           optimizer={label: o for label, o in optimizer.items()
                                      if o is not None})
     else:
-        fit = _fit_sae_lens(saes, stream, cfg, model)
+        fit = _fit_sae_lens(saes, stream, cfg, model, lr)
     plain = {}
     for label in labels:
         saes[label].fold_activation_norm_scaling_factor(scale[label])
@@ -356,14 +399,22 @@ def _dead_window(cfg: TrainConfig) -> int:
     return cfg.dead_window or max(1, cfg.max_steps // 4)
 
 
-def _fit_sae_lens(saes: dict, stream, cfg: TrainConfig, model: Any) -> dict:
-    """sae_lens's MultiSAETrainer over the stream, for ``cfg.tokens`` (no held-out checks)."""
+def _fit_sae_lens(saes: dict, stream, cfg: TrainConfig, model: Any,
+                  lr: Mapping[str, float]) -> dict:
+    """sae_lens's MultiSAETrainer over the stream, for ``cfg.tokens`` (no held-out checks),
+    each SAE at its learning rate ``lr`` (its constant schedule's base rate)."""
     trainer_cfg = SAETrainerConfig(
         total_training_samples=cfg.tokens, train_batch_size_samples=cfg.batch_size,
         lr=cfg.lr, lr_end=cfg.lr / 10, lr_scheduler_name="constant",
         dead_feature_window=_dead_window(cfg), feature_sampling_window=max(1, cfg.max_steps),
         device=str(model_device(model)))
     trainer = MultiSAETrainer(trainer_cfg, saes, {label: label for label in saes}, stream)
+    for label, one in trainer.trainers.items():
+        for group in one.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = lr[label]
+        for schedule in (one.lr_scheduler, *getattr(one.lr_scheduler, "_schedulers", ())):
+            if hasattr(schedule, "base_lrs"):  # SequentialLR holds its parts' only
+                schedule.base_lrs = [lr[label]] * len(schedule.base_lrs)
     trained = trainer.fit()  # sae_lens shows a progress bar
     for label in saes:  # fit() returns the same modules, trained
         saes[label] = trained[label]
