@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from conftest import TINY_TASK
 from sage_nn import tiny_random_model
 from sage_nn.model.loading import TINY_WORDS
 from sage_nn.pipeline.config import RunConfig
+from sage_nn.pipeline.resolve import trained_cache
 from sage_nn.pipeline.rundir import RunDirectory
 from sage_nn.pipeline.stages import run
 
@@ -181,6 +183,15 @@ def test_default_run_grows_head_cross_sections_and_compares_both_approaches(setu
     assert all(s.endswith("resid_pre") for s in listing["topk-64"]["sites"])
     summary = (result.report / "summary.md").read_text()
     assert "Approaches" in summary and "joint exact patch recovers" in summary
+    # the same head SAEs given as a directory are applied at their sites, scoring the same
+    cache = trained_cache("topk", model, cfg)[3]
+    for site in listing["topk-64@sites"]["sites"]:
+        shutil.copytree(cache / site, root / "mine" / site)
+    again = run(dataclasses.replace(cfg, saes=[*cfg.saes, str(root / "mine")]), model=model,
+                progress=False).results
+    for metric in ("sufficiency", "necessity", "edit"):
+        np.testing.assert_allclose(again[metric].sel(dictionary="mine"),
+                                   again[metric].sel(dictionary="topk-64@sites"), atol=1e-5)
 
 
 def test_sweep_specs_expand_to_named_saes(tmp_path):

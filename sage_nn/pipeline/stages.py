@@ -135,7 +135,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     from ..model.linear import EagerAttention
     from ..model.loading import load_model
     from ..model.remote import Remote, as_remote
-    from ..model.sites import Site, adapter
+    from ..model.sites import RESID_KINDS, Site, adapter
     from ..report import write_report
     from ..report.saebench import sae_cfg_dict
     from ..tasks.datasets import load_task, logit_diffs
@@ -247,8 +247,9 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                     list(dict.fromkeys(sites)))
         listing = {}
         for spec_ in sae_specs:
-            here = at_sites(spec_)
             name, members = resolve(spec_, trained_sites(spec_, needed, all_pairs))
+            # a set with no residual SAE (SAEs at heads or sublayers) is applied at its sites
+            here = at_sites(spec_) or not any(m.kind in RESID_KINDS for m in members)
             if name in saes:
                 raise ValueError(f"two --sae values are both named {name!r} (the second is "
                                  f"{spec_!r}); rename one SAE directory")
