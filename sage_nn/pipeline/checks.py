@@ -12,6 +12,7 @@ from typing import Any
 from ..common.formats import (
     SAE_ARCHITECTURES,
     TRAINABLE,
+    architecture_problem,
     gguf_problem,
     model_weights_problem,
     sae_weights_problem,
@@ -208,9 +209,10 @@ def _sae_cfg_problems(where: str, cfg: dict, model_config: Any) -> list[str]:
     from ..model.sites import parse_site
 
     arch = cfg.get("architecture", "standard")
-    if arch not in SAE_ARCHITECTURES:
-        return [f"{where}: architecture {arch!r} is not supported; fix: use one of "
-                f"{', '.join(SAE_ARCHITECTURES)}"]
+    problem = architecture_problem(arch)
+    if problem:
+        return [f"{where}: {problem}; fix: give an SAE of another architecture (one of "
+                f"{', '.join(SAE_ARCHITECTURES)})"]
     d_in = cfg.get("d_in")
     hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
     if model_config is None or not hook or not is_int(d_in):

@@ -72,7 +72,8 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig,
     ``RELEASE:SAE_ID`` / ``RELEASE:ID_GLOB``: sae_lens pretrained SAEs (:func:`release_saes`;
     from the HF cache when offline).
     """
-    from ..dictionaries.saes import cache_lock, load_sae
+    from ..dictionaries.saes import load_sae
+    from ..dictionaries.sealing import cache_lock
     from ..dictionaries.training import load_trained
 
     if spec.startswith("train:"):
@@ -147,7 +148,8 @@ def release_ids(spec: str, members: list) -> list[str | None]:
 def cached_saes(root: Path, model: Any) -> tuple[dict, list[str]]:
     """The intact SAEs of a cache directory by site, and the sites of entries that were
     truncated, corrupt or unreadable: those are removed (and so trained again)."""
-    from ..dictionaries.saes import load_sae, sealed_problem
+    from ..dictionaries.saes import load_sae
+    from ..dictionaries.sealing import sealed_problem
 
     have, broken = {}, []
     for directory in sorted(p.parent for p in root.glob("*/cfg.json")):
@@ -169,7 +171,7 @@ def _train_into_cache(root: Path, model: Any, sites: list[str], cfg, source,
     """Train in a side directory, seal each SAE (SHA-256 of its files) and move it into
     the cache by rename: a killed or failed training leaves nothing a reader takes for an
     SAE. Called with the cache's lock held, so side directories left by killed runs go."""
-    from ..dictionaries.saes import seal
+    from ..dictionaries.sealing import seal
     from ..dictionaries.training import train_saes
 
     for stale in root.parent.glob(f".{root.name}.partial-*"):
