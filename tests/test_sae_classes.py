@@ -154,3 +154,35 @@ def test_unsupported_architecture_directory_is_a_problem_before_loading(tmp_path
     (tmp_path / "tc" / "cfg.json").write_text(json.dumps({**cfg, "d_out": 16}))
     [problem] = sae_problems(str(tmp_path / "tc"))
     assert "d_out=16" in problem and "W_dec" in problem
+
+
+def test_every_class_loads_through_the_offline_release_path(tmp_path, monkeypatch):
+    """``load_sae(RELEASE, SAE_ID)``: sae_lens's ``SAE.from_pretrained`` reading each class
+    from a HuggingFace-hub cache (hub offline), in a release of a registry file named by
+    ``$SAGE_NN_SAE_REGISTRY``."""
+    import huggingface_hub.constants
+
+    repo, sha = "sage-test/every-class", "0123456789abcdef0123456789abcdef01234567"
+    hub = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    (hub / "refs").mkdir(parents=True)
+    (hub / "refs" / "main").write_text(sha)
+    entries = []
+    for i, name in enumerate(CLASSES):
+        build(name, seed=i).save_model(hub / "snapshots" / sha / name)
+        entries.append(f"    - {{id: {name}, path: {name}}}")
+    (tmp_path / "registry.yaml").write_text(
+        f"every-class:\n  repo_id: {repo}\n  conversion_func: null\n  saes:\n"
+        + "\n".join(entries) + "\n")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SAGE_NN_SAE_REGISTRY", str(tmp_path / "registry.yaml"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    from sage_nn.dictionaries.releases import register
+
+    register()
+    model = tiny_random_model("llama")
+    x = torch.randn(3, 5, D)
+    for i, name in enumerate(CLASSES):
+        ours = load_sae("every-class", name, model=model)
+        assert (ours.layer, ours.kind) == CLASSES[name][1]
+        assert_same(ours, build(name, seed=i), x)
