@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +37,13 @@ from sae_lens import SAE
 from ..common.formats import SAE_ARCHITECTURES, SAE_TENSOR_SHAPES, architecture_problem
 from ..model.reads import encoder_only  # noqa: F401  (what a server needs of an SAE)
 from ..model.sites import HEAD_KINDS, KINDS, Site, SiteAdapter, adapter, parse_site
+from .serving import TRANSCODER_INPUTS, transcoder_sites
 from .sealing import cache_lock, seal, sealed_problem  # noqa: F401  (their old home)
 
 ARCHITECTURES_SUPPORTED = tuple(SAE_ARCHITECTURES)
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
 # Folded into the weights by sae_lens at load time, so identity at inference (as in sae_lens).
 _FOLDED_NORMALIZATIONS = ("expected_average_only_in", "covariance_whitening")
-#: The MLP input side a transcoder of layer L may read, by TransformerLens hook inside block
-#: L: the site it is read at, and what is taken of it ("site": the site itself;
-#: "normalized": the MLP norm's centring and scaling without its weight, TransformerLens'
-#: ``ln2.hook_normalized``). Any other name that maps to ``L.resid_mid`` reads it as is.
-TRANSCODER_INPUTS = {"hook_mlp_in": ("resid_mid", "site"),
-                     "hook_resid_mid": ("resid_mid", "site"),
-                     "ln2.hook_normalized": ("resid_mid", "normalized")}
 INPUT_FORMS = ("site", "normalized")
 
 
@@ -260,39 +253,6 @@ class SparseAutoencoder(torch.nn.Module):
 
 
 # -- sae_lens conversion ----------------------------------------------------------------
-
-_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-
-def transcoder_sites(hook_in: str, hook_out: str | None, model: Any = None) -> dict:
-    """Where a transcoder of the MLP reads and writes: ``{input_layer, input_kind,
-    input_form, layer, kind}`` from its input hook (:data:`TRANSCODER_INPUTS`, or a name
-    that maps to ``L.resid_mid``) and output hook (``L.mlp_out``; the input's layer when
-    the config names none). Raises ValueError naming the hook and what is read."""
-    match = _BLOCK_HOOK.match(str(hook_in).strip())
-    if match and match.group(2) in TRANSCODER_INPUTS:
-        layer, (kind, form) = int(match.group(1)), TRANSCODER_INPUTS[match.group(2)]
-    else:
-        try:
-            layer, kind, _ = parse_site(hook_in, model)
-        except ValueError:
-            kind = None
-        form = "site"
-        if kind != "resid_mid":
-            raise ValueError(
-                f"transcoder input {hook_in!r}: sage_nn evaluates transcoders of the MLP, "
-                f"reading {', '.join(f'blocks.L.{h}' for h in TRANSCODER_INPUTS)} (or a name "
-                "of L.resid_mid); pass site= with one of those")
-    out = (layer, "mlp_out")
-    if hook_out:
-        out = parse_site(hook_out, model)[:2]
-        if out != (layer, "mlp_out"):
-            raise ValueError(f"transcoder writing {hook_out!r} from {hook_in!r}: sage_nn "
-                             f"evaluates transcoders of one MLP (blocks.{layer}.hook_mlp_out "
-                             "from that layer's MLP input)")
-    return {"input_layer": layer, "input_kind": kind, "input_form": form, "layer": out[0],
-            "kind": out[1]}
-
 
 def from_sae_lens(sae: Any, *, site: "Site | str | None" = None, center: bool | None = None,
                   model: Any = None) -> SparseAutoencoder:

@@ -433,7 +433,21 @@ def load_trained(out_dir: str | Path, model: Any = None) -> dict[str, SparseAuto
     dirs = sorted(p.parent for p in Path(out_dir).glob("*/cfg.json"))
     if not dirs:
         raise FileNotFoundError(f"no SAEs (*/cfg.json) under {out_dir}; train with sage train-sae")
-    return {d.name: load_sae(d, model=model, site=d.name) for d in dirs}
+    return {d.name: load_sae(d, model=model, site=None if _transcoder(d) else d.name)
+            for d in dirs}
+
+
+def _transcoder(directory: Path) -> bool:
+    """Whether an SAE directory holds a transcoder: placed by its config's hooks (it reads
+    one site and writes another), not by its folder's name."""
+    from ..common.formats import SAE_ARCHITECTURES
+
+    try:
+        arch = json.loads((directory / "cfg.json").read_text()).get("architecture")
+    except (OSError, ValueError, AttributeError):
+        return False
+    spec = SAE_ARCHITECTURES.get(arch or "standard")
+    return bool(spec and spec.transcoder)
 
 
 __all__ = [

@@ -106,13 +106,16 @@ def release_saes(spec: str, model: Any, sites: list[str]) -> tuple[str, list]:
     is offline). A glob loads only the SAEs whose residual tensor is one of ``sites`` (the
     residuals the cross-sections need), one per tensor; its name is the glob."""
     from ..dictionaries.releases import (
+        cfg_site,
         expand,
         hook_names,
         is_glob,
         register,
+        sae_config,
         split_spec,
     )
     from ..dictionaries.saes import load_sae
+    from ..dictionaries.serving import TRANSCODER_PREFIX
     from ..model.sites import adapter, parse_site
 
     register()  # $SAGE_NN_SAE_REGISTRY's releases, for SAE.from_pretrained
@@ -124,8 +127,10 @@ def release_saes(spec: str, model: Any, sites: list[str]) -> tuple[str, list]:
     key = lambda name: residual_key(*parse_site(name)[:2], n_layers)  # noqa: E731
     wanted, chosen = {key(s) for s in sites}, {}
     for sae_id, hook in hook_names(spec).items():
-        try:
-            site = key(hook)
+        served = cfg_site(sae_config(release, sae_id)) or ""
+        try:  # a transcoder of layer L's MLP where its resid_mid feeds a cross-section
+            site = (parse_site(served[len(TRANSCODER_PREFIX):])[0], "resid_mid") \
+                if served.startswith(TRANSCODER_PREFIX) else key(hook)
         except (TypeError, ValueError):
             continue  # not a residual site of this model's grammar: serves no cross-section
         if site in wanted and site not in chosen:
@@ -258,6 +263,9 @@ def sae_site(sae, spec: str = "train:") -> str:
     """An SAE's site as saes.json lists it: the hook name of an SAE the user named (a
     release or a directory: ``blocks.8.hook_resid_post`` stays so), else ``L8.resid_post``."""
     heads = sae.heads or []
+    if getattr(sae, "transcoder", False):  # what it reads -> what it writes
+        return f"{sae.hook_name or f'L{sae.input_layer}.{sae.input_kind}'} -> " \
+            f"{sae.hook_name_out or f'L{sae.layer}.{sae.kind}'}"
     site = f"L{sae.layer}.{sae.kind}" + (f".h{heads[0]}" if len(heads) == 1 else "")
     hook = str(sae.hook_name or "")
     if not spec.startswith("train:") and hook.startswith("blocks.") and len(heads) != 1:
