@@ -186,3 +186,34 @@ def test_every_class_loads_through_the_offline_release_path(tmp_path, monkeypatc
         ours = load_sae("every-class", name, model=model)
         assert (ours.layer, ours.kind) == CLASSES[name][1]
         assert_same(ours, build(name, seed=i), x)
+
+
+def test_new_encoders_run_on_a_server_that_cannot_import_sage_nn(tmp_path):
+    """Residual SAEs of the architectures added here (matching pursuit's data-dependent
+    loop, AbsTopK's signed codes, gated), encoded inside the read's trace in a fresh
+    server process without sage_nn or sae_lens, give the local numbers."""
+    import numpy as np
+    import xarray as xr
+    from conftest import tiny_task_dataset
+
+    from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
+    from sage_nn.evaluation.scoring import evaluate_cross_section
+    from sage_nn.model.remote import FreshProcessBackend, Remote
+    from sage_nn.model.sites import Site
+
+    model, full = tiny_task_dataset(tmp_path, n=24)
+    fit, test = full.subset(np.arange(16)), full.subset(np.arange(16, 24))
+    saes = {name: ReconstructedSAE([from_sae_lens(build(name), model=model)])
+            for name in ("MatchingPursuitSAE", "AbsTopKSAE", "GatedSAE")}
+    cs = CrossSection("io", [(Site(1, "z", 0), "END"), (Site(1, "q", 1), "END")])
+
+    def evaluate(remote):
+        return evaluate_cross_section(model, fit, test, cs, saes, ks=[1], n_boot=5,
+                                      remote=remote)
+
+    remote = Remote(FreshProcessBackend.for_model(model, tmp_path / "server"),
+                    placement="server")
+    there = evaluate(remote)
+    assert {p["placement"] for p in remote.placements} == {"server"}
+    assert (there.l0.sel(dictionary="AbsTopKSAE") > 0).all()
+    xr.testing.assert_allclose(evaluate(None), there, rtol=1e-4, atol=1e-5)
