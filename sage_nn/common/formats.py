@@ -84,8 +84,8 @@ def architecture_problem(arch: str) -> str | None:
             f"{', '.join(SAE_ARCHITECTURES)}")
 
 
-#: ... and those it trains (:mod:`sage_nn.training`).
-TRAINABLE = ("standard", "topk")
+#: ... and those it trains (:mod:`sage_nn.training`), by sae_lens's training names.
+TRAINABLE = ("standard", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated")
 #: The weights file sae_lens writes next to cfg.json (``SAE.save_model``) and reads back.
 SAE_WEIGHTS = "sae_weights.safetensors"
 

@@ -30,12 +30,7 @@ import pandas as pd
 import torch
 
 # sae_lens before any trace runs (why: sage_nn/dictionaries/saes.py, top).
-from sae_lens import (
-    StandardTrainingSAE,
-    StandardTrainingSAEConfig,
-    TopKTrainingSAE,
-    TopKTrainingSAEConfig,
-)
+import sae_lens
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
@@ -49,10 +44,27 @@ from .fit import converged, fit_batched
 from .saes import SparseAutoencoder, from_sae_lens
 from .stream import count_tokens, read_activations, shuffled, site_keys, site_width
 
-TRAINABLE = ("standard", "topk")
+from ..common.formats import TRAINABLE
+
+#: What ``architecture`` trains, by name: sae_lens's training class (its config class is the
+#: name + "Config") and the TrainConfig fields its config takes, by the config's names.
+#: BatchTopK and Matryoshka-BatchTopK save as JumpReLU SAEs (sae_lens's inference form).
+TRAINING_CLASSES = {
+    "standard": ("StandardTrainingSAE", {"l1_coefficient": "l1_coefficient"}),
+    "topk": ("TopKTrainingSAE", {"k": "k"}),
+    "batchtopk": ("BatchTopKTrainingSAE", {"k": "k"}),
+    "matryoshka_batchtopk": ("MatryoshkaBatchTopKTrainingSAE",
+                             {"k": "k", "matryoshka_widths": "matryoshka_widths"}),
+    "jumprelu": ("JumpReLUTrainingSAE", {"l0_coefficient": "l0_coefficient",
+                                         "jumprelu_sparsity_loss_mode": "quadratic",
+                                         "target_l0": "k"}),
+    "gated": ("GatedTrainingSAE", {"l1_coefficient": "l1_coefficient"}),
+}
+#: architectures whose sparsity is k active latents (per token, or per batch on average)
+K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
 # "batched": TopK SAEs of one shape step as one stack with hand-written sparse gradients
 # (sae_lens's TopK training math); "sae_lens": sae_lens's MultiSAETrainer, one SAETrainer
-# per SAE. Standard (L1) SAEs always train with sae_lens's trainer.
+# per SAE. Every other architecture always trains with sae_lens's trainer.
 TRAINERS = ("batched", "sae_lens")
 #: sae_lens's names: "expected_average_only_in" scales every site to an average norm of
 #: sqrt(d_in) for training (the factor is folded into the saved weights); "none" does not
@@ -81,7 +93,11 @@ class TrainConfig:
     once and kept in memory. ``model_batch_size``: chunks per model trace (shorter task
     prompts: as many as fit in the same number of tokens). ``task_prompts``: prompts drawn
     for a ``task:NAME`` source. ``trainer``: see :data:`TRAINERS`. ``normalize_activations``:
-    see :data:`NORMALIZATIONS`. ``dead_window``: steps without firing after which a latent
+    see :data:`NORMALIZATIONS`. ``architecture``: one of :data:`TRAINING_CLASSES`
+    (``k`` is also a JumpReLU SAE's target L0, sae_lens's quadratic L0 loss around it, as
+    Gemma Scope 2; ``l0_coefficient`` its weight;
+    ``matryoshka_levels`` nested prefixes of a Matryoshka SAE, halving down from ``d_sae``).
+    ``dead_window``: steps without firing after which a latent
     counts as dead in training, and the TopK auxiliary loss trains it (None: a quarter of
     the step cap).
 
@@ -98,6 +114,8 @@ class TrainConfig:
     k: int = 32
     k_heads: int | None = None
     l1_coefficient: float = 5.0
+    l0_coefficient: float = 1.0
+    matryoshka_levels: int = 4
     lr: float = 4e-4
     tokens: int = 200_000
     batch_size: int = 1024
@@ -122,7 +140,7 @@ class TrainConfig:
         if self.architecture not in TRAINABLE:
             raise ValueError(f"cannot train architecture {self.architecture!r}; "
                              f"choose one of {', '.join(TRAINABLE)}")
-        if self.architecture == "topk":
+        if self.architecture in K_ARCHITECTURES or self.architecture == "jumprelu":
             for name in ("k", "k_heads"):
                 k = getattr(self, name)
                 if k is not None and not 0 < k <= self.d_sae:
@@ -165,12 +183,15 @@ def _hook_name(layer: int, kind: str, heads, n_heads: int) -> str:
 
 
 def _new_sae(cfg: TrainConfig, d_in: int, k: int, meta: SAEMetadata):
-    if cfg.architecture == "topk":
-        return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=cfg.d_sae, k=k,
-                                                     metadata=meta))
-    return StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=cfg.d_sae,
-                                                         l1_coefficient=cfg.l1_coefficient,
-                                                         metadata=meta))
+    """A sae_lens training SAE of ``cfg.architecture`` (:data:`TRAINING_CLASSES`)."""
+    name, fields = TRAINING_CLASSES[cfg.architecture]
+    values = {"k": k, "l1_coefficient": cfg.l1_coefficient, "quadratic": "quadratic",
+              "l0_coefficient": cfg.l0_coefficient,
+              "matryoshka_widths": sorted({max(1, cfg.d_sae >> i)
+                                           for i in range(cfg.matryoshka_levels)})}
+    options = {key: values[field] for key, field in fields.items()}
+    return getattr(sae_lens, name)(getattr(sae_lens, f"{name}Config")(
+        d_in=d_in, d_sae=cfg.d_sae, metadata=meta, **options))
 
 
 def _initial(init: Any, labels: Sequence[str]) -> dict[str, Path]:
@@ -295,7 +316,7 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
     stream = ({k: v * scale[k] for k, v in batch.items()}
               for batch in itertools.chain([first], stream))
     held_scaled = {label: held_out[label] * scale[label] for label in labels}
-    if cfg.trainer == "batched" and cfg.architecture == "topk":
+    if cfg.trainer == "batched" and cfg.architecture == "topk":  # else sae_lens's trainer
         fit = fit_batched(saes, stream, cfg, held_scaled, dead_window=_dead_window(cfg),
                           before={label: before.get(label, {}) for label in labels},
                           optimizer={label: o for label, o in optimizer.items()

@@ -178,7 +178,7 @@ def sae_problems(spec: str, config: Any = None, model_config: Any = None) -> lis
     if ":" in spec and not spec.startswith((".", "/", "~")):
         return _release_problems(spec)
     return [f"--sae {spec!r}: no such directory; fix: give an SAE directory, "
-            "'train:topk'/'train:standard' (optionally '@sites'), or 'RELEASE:SAE_ID'"]
+            "'train:ARCH' (topk, standard, batchtopk, matryoshka_batchtopk, jumprelu, gated; optionally '@sites'), or 'RELEASE:SAE_ID'"]
 
 
 def _sae_dir_problems(spec: str, path: Path, model_config: Any) -> list[str]:

@@ -96,7 +96,7 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig,
     if ":" in spec:
         return release_saes(spec, model, sites)
     raise ValueError(f"--sae {spec!r}: not a directory with cfg.json, a directory of SAE "
-                     "directories, 'train:topk'/'train:standard' (optionally '@sites'), or "
+                     "directories, 'train:ARCH' (topk, standard, batchtopk, matryoshka_batchtopk, jumprelu, gated; optionally '@sites'), or "
                      "'RELEASE:SAE_ID'")
 
 
