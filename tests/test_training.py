@@ -311,7 +311,33 @@ def test_other_architectures_train_through_sae_lens(text_file, tmp_path, arch, s
 def test_trainable_architectures_are_one_list():
     from sage_nn.common.formats import TRAINABLE
     from sage_nn.dictionaries.training import TRAINING_CLASSES
+    from sage_nn.dictionaries.transcoding import TRANSCODERS
 
-    assert set(TRAINABLE) == set(TRAINING_CLASSES)
+    assert set(TRAINABLE) == set(TRAINING_CLASSES) | set(TRANSCODERS)
     with pytest.raises(ValueError, match="cannot train architecture 'abstopk'"):
         TrainConfig(architecture="abstopk")
+
+
+@pytest.mark.parametrize("arch", ["transcoder", "skip_transcoder"])
+def test_transcoders_of_mlps_train_and_load_the_sae_lens_way(text_file, tmp_path, arch):
+    """A JumpReLU (skip) transcoder per MLP, from its normalised input to its output: saved
+    as sae_lens's class with both hooks, better than the mean on held-out text, loaded back
+    unchanged; a site that is not an MLP's output is refused."""
+    model = tiny_random_model("llama")
+    cfg = TrainConfig(architecture=arch, **{**SMALL, "tokens": 16384, "lr": 3e-3})
+    saes, report = train_saes(model, ["L1.mlp_out"], cfg, source=text_file, out_dir=tmp_path,
+                              progress=False)
+    ref = SAE.load_from_disk(tmp_path / "L1.mlp_out")
+    assert type(ref).__name__ == {"transcoder": "JumpReLUTranscoder",
+                                  "skip_transcoder": "JumpReLUSkipTranscoder"}[arch]
+    assert (ref.cfg.metadata.hook_name, ref.cfg.metadata.hook_name_out) == \
+        ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
+    assert float(report.loc["L1.mlp_out", "fvu"]) < 0.5 and report.l0.iloc[0] > 0, report
+    loaded = load_trained(tmp_path, model)["L1.mlp_out"]
+    assert (loaded.input_kind, loaded.input_form, loaded.kind) == \
+        ("resid_mid", "normalized", "mlp_out")
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(loaded(x), saes["L1.mlp_out"](x))
+    assert training_record(tmp_path / "L1.mlp_out")["steps"] == cfg.max_steps
+    with pytest.raises(ValueError, match="trained for an MLP's output"):
+        train_saes(model, ["L1.z"], cfg, source=text_file)

@@ -198,3 +198,41 @@ def test_a_run_evaluates_transcoders_and_labels_their_kind(run_root, monkeypatch
                                 "blocks.1.ln2.hook_normalized -> blocks.1.hook_mlp_out"]
     summary = (result.report / "summary.md").read_text()
     assert "| tcs | transcoder |" in summary
+
+
+def test_a_run_trains_transcoders_where_the_cross_sections_are(run_root, monkeypatch, caplog):
+    """``train:skip_transcoder``: one per cross-section mlp_out, cached like trained SAEs
+    (a second run loads them), discovery limited to mlp_out, the report's kind."""
+    from sage_nn import tiny_random_model
+    from sage_nn.pipeline.config import RunConfig
+    from sage_nn.pipeline.stages import run
+
+    monkeypatch.setenv("SAGE_NN_CACHE", str(run_root / "cache"))
+    from sage_nn.model.loading import TINY_WORDS
+
+    rng = np.random.default_rng(0)
+    (run_root / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(TINY_WORDS, 80))
+                                                      for _ in range(60)))
+    model = tiny_random_model("llama", seed=0)
+
+    def config(name):
+        return RunConfig(model="tiny-llama", task=str(run_root / "tiny.yaml"),
+                         run_dir=str(run_root / name), n_fit=24, n_eval=16, top_k=2,
+                         n_boot=20, ks=[1, 2], batch_size=16, sae_width=64, sae_steps=2,
+                         sae_corpus=str(run_root / "corpus.txt"),
+                         saes=["train:skip_transcoder:k=4"], select_kinds=["z", "mlp_out"])
+
+    result = run(config("trained"), model=model, progress=False)
+    mlp = sorted({s.split("@")[0] for sites in result.cross_sections.values() for s in sites})
+    assert mlp and all(s.endswith(".mlp_out") for s in mlp), mlp
+    listing = json.loads((result.run_dir / "saes.json").read_text())
+    [(name, info)] = listing.items()
+    assert name == "skip_transcoder-64-k4" and info["approach"] == "transcoder"
+    assert len(info["sites"]) == len(mlp)
+    cached = list((run_root / "cache" / "saes").glob("*/skip_transcoder-64-k4-*/L*.mlp_out"))
+    assert sorted(p.name for p in cached) == mlp
+    with caplog.at_level("INFO", logger="sage_nn"):
+        again = run(config("again"), model=model, progress=False)  # from the cache
+    assert not [m for m in caplog.messages if m.startswith("training ")], caplog.messages
+    np.testing.assert_allclose(again.results.fvu.sel(dictionary=name).values,
+                               result.results.fvu.sel(dictionary=name).values)

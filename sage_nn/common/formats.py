@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["FormatError", "SAE_ARCHITECTURES", "REFUSED_ARCHITECTURES", "SAEArchitecture",
-           "architecture_problem", "TRAINABLE", "SAE_WEIGHTS", "safetensors_header",
+           "architecture_problem", "TRAINABLE", "TRAINED_TRANSCODERS", "SAE_WEIGHTS", "safetensors_header",
            "safetensors_problem", "sae_weights_problem", "gguf_problem",
            "model_weights_problem"]
 
@@ -85,7 +85,11 @@ def architecture_problem(arch: str) -> str | None:
 
 
 #: ... and those it trains (:mod:`sage_nn.training`), by sae_lens's training names.
-TRAINABLE = ("standard", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated")
+TRAINABLE = ("standard", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated",
+             "transcoder", "skip_transcoder")
+#: the trainable transcoders (of an MLP, :mod:`sage_nn.dictionaries.transcoding`): whether
+#: each adds a linear skip path
+TRAINED_TRANSCODERS = {"transcoder": False, "skip_transcoder": True}
 #: The weights file sae_lens writes next to cfg.json (``SAE.save_model``) and reads back.
 SAE_WEIGHTS = "sae_weights.safetensors"
 

@@ -27,24 +27,24 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 # sae_lens before any trace runs (why: sage_nn/dictionaries/saes.py, top).
 import sae_lens
+import torch
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..common.formats import TRAINABLE
 from ..model.activations import model_device
 from ..model.sites import HEAD_KINDS, adapter
 from .corpus import corpus_hash, corpus_units, text_sources
 from .fit import converged, fit_batched
 from .saes import SparseAutoencoder, from_sae_lens
 from .stream import count_tokens, read_activations, shuffled, site_keys, site_width
-
-from ..common.formats import TRAINABLE
+from .transcoding import TRANSCODERS, train_transcoders
 
 #: What ``architecture`` trains, by name: sae_lens's training class (its config class is the
 #: name + "Config") and the TrainConfig fields its config takes, by the config's names.
@@ -96,7 +96,9 @@ class TrainConfig:
     see :data:`NORMALIZATIONS`. ``architecture``: one of :data:`TRAINING_CLASSES`
     (``k`` is also a JumpReLU SAE's target L0, sae_lens's quadratic L0 loss around it, as
     Gemma Scope 2; ``l0_coefficient`` its weight;
-    ``matryoshka_levels`` nested prefixes of a Matryoshka SAE, halving down from ``d_sae``).
+    ``matryoshka_levels`` nested prefixes of a Matryoshka SAE, halving down from ``d_sae``;
+    ``transcoder``/``skip_transcoder``: JumpReLU transcoders of the MLPs of ``mlp_out``
+    sites, target L0 ``k``, :mod:`.transcoding`).
     ``dead_window``: steps without firing after which a latent
     counts as dead in training, and the TopK auxiliary loss trains it (None: a quarter of
     the step cap).
@@ -140,7 +142,7 @@ class TrainConfig:
         if self.architecture not in TRAINABLE:
             raise ValueError(f"cannot train architecture {self.architecture!r}; "
                              f"choose one of {', '.join(TRAINABLE)}")
-        if self.architecture in K_ARCHITECTURES or self.architecture == "jumprelu":
+        if self.architecture in (*K_ARCHITECTURES, "jumprelu", *TRANSCODERS):
             for name in ("k", "k_heads"):
                 k = getattr(self, name)
                 if k is not None and not 0 < k <= self.d_sae:
@@ -264,6 +266,9 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
     ``out_dir/<site>`` with ``train_config.json`` (the config, corpus, corpus hash, curves)
     and ``report.csv``. ``progress=False`` hides the step counter."""
     cfg = config or TrainConfig()
+    if cfg.architecture in TRANSCODERS:  # a transcoder per MLP: its own loop
+        return train_transcoders(model, list(sites), cfg, skip=TRANSCODERS[cfg.architecture],
+                                 source=source, out_dir=out_dir, progress=progress)
     ad = adapter(model)
     keys = site_keys(model, sites)
     labels = [k[0] for k in keys]
@@ -454,11 +459,11 @@ def load_trained(out_dir: str | Path, model: Any = None) -> dict[str, SparseAuto
     dirs = sorted(p.parent for p in Path(out_dir).glob("*/cfg.json"))
     if not dirs:
         raise FileNotFoundError(f"no SAEs (*/cfg.json) under {out_dir}; train with sage train-sae")
-    return {d.name: load_sae(d, model=model, site=None if _transcoder(d) else d.name)
+    return {d.name: load_sae(d, model=model, site=None if transcoder_dir(d) else d.name)
             for d in dirs}
 
 
-def _transcoder(directory: Path) -> bool:
+def transcoder_dir(directory: Path) -> bool:
     """Whether an SAE directory holds a transcoder: placed by its config's hooks (it reads
     one site and writes another), not by its folder's name."""
     from ..common.formats import SAE_ARCHITECTURES
@@ -477,6 +482,7 @@ __all__ = [
     "evaluate",
     "fit_batched",
     "load_trained",
+    "transcoder_dir",
     "train_saes",
     "training_record",
 ]

@@ -155,13 +155,16 @@ def cached_saes(root: Path, model: Any) -> tuple[dict, list[str]]:
     truncated, corrupt or unreadable: those are removed (and so trained again)."""
     from ..dictionaries.saes import load_sae
     from ..dictionaries.sealing import sealed_problem
+    from ..dictionaries.training import transcoder_dir
 
     have, broken = {}, []
     for directory in sorted(p.parent for p in root.glob("*/cfg.json")):
         problem = sealed_problem(directory)
         if problem is None:
-            try:
-                have[directory.name] = load_sae(directory, model=model, site=directory.name)
+            try:  # a transcoder is placed by its config's hooks, an SAE by its folder
+                have[directory.name] = load_sae(
+                    directory, model=model,
+                    site=None if transcoder_dir(directory) else directory.name)
                 continue
             except Exception as err:  # noqa: BLE001 (an unreadable entry is retrained)
                 problem = f"{type(err).__name__}: {err}"
