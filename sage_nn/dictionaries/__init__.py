@@ -1,5 +1,6 @@
 """Feature dictionaries: the supervised ground truth (``supervised``), SAEs as plain torch
-(``saes``) from sae_lens releases (``releases``) or trained here (``corpus``, ``training``),
+(``saes``) from sae_lens releases (``releases``) or trained here (``corpus``, ``training``,
+transcoders ``transcoding``),
 residual SAEs reaching sublayer sites (``reconstruction``, ``serving``) and the random floor
 (``floor``).
 """
@@ -30,6 +31,9 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "TRAINABLE": "training",
     "TRAINERS": "training",
     "Tokens": "corpus",
+    "TRAINING_CLASSES": "training",
+    "TRANSCODERS": "transcoding",
+    "TRANSCODER_INPUTS": "serving",
     "TrainConfig": "training",
     "activation_batches": "stream",
     "cache_lock": "sealing",
@@ -71,5 +75,8 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "task_prompts": "corpus",
     "text_sources": "corpus",
     "train_saes": "training",
+    "train_transcoders": "transcoding",
+    "transcoder_dir": "training",
+    "transcoder_sites": "serving",
     "training_record": "training",
 })
