@@ -37,8 +37,8 @@ from sae_lens import SAE
 from ..common.formats import SAE_ARCHITECTURES, SAE_TENSOR_SHAPES, architecture_problem
 from ..model.reads import encoder_only  # noqa: F401  (what a server needs of an SAE)
 from ..model.sites import HEAD_KINDS, KINDS, Site, SiteAdapter, adapter, parse_site
+from .sealing import cache_lock, seal, sealed_problem  # their old home: still here
 from .serving import TRANSCODER_INPUTS, transcoder_sites
-from .sealing import cache_lock, seal, sealed_problem  # noqa: F401  (their old home)
 
 ARCHITECTURES_SUPPORTED = tuple(SAE_ARCHITECTURES)
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")

@@ -482,7 +482,7 @@ __all__ = [
     "evaluate",
     "fit_batched",
     "load_trained",
-    "transcoder_dir",
     "train_saes",
     "training_record",
+    "transcoder_dir",
 ]
