@@ -186,6 +186,15 @@ def test_every_class_loads_through_the_offline_release_path(tmp_path, monkeypatc
         ours = load_sae("every-class", name, model=model)
         assert (ours.layer, ours.kind) == CLASSES[name][1]
         assert_same(ours, build(name, seed=i), x)
+    # what a release's SAEs serve, from their configs alone: a transcoder the mlp_out it writes
+    from sage_nn.dictionaries.releases import spec_sites
+    from sage_nn.pipeline.resolve import release_saes
+
+    assert spec_sites("every-class:StandardSAE") == [SAE_HOOK]
+    assert spec_sites("every-class:*Transcoder") == ["transcoder:L1.mlp_out"] * 4
+    # a glob loads one transcoder per MLP whose input (L1.resid_mid) a cross-section needs
+    name, [tc] = release_saes("every-class:*Transcoder", model, ["L1.resid_mid"])
+    assert name == "*Transcoder" and tc.architecture == "transcoder"
 
 
 def test_new_encoders_run_on_a_server_that_cannot_import_sage_nn(tmp_path):
