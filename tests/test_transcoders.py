@@ -169,7 +169,10 @@ def test_discovery_is_restricted_to_what_transcoders_serve(run_root, caplog):
     config = RunConfig(saes=[str(run_root / "tcs")], select_kinds=["z", "mlp_out"])
     with caplog.at_level("INFO", logger="sage_nn"):
         assert served_restriction(config, model) == ([0, 1], ["mlp_out"])
-    assert "no --sae serves z" in caplog.text
+    assert caplog.messages[-1] == (
+        f"--select-kinds z mlp_out: --sae {run_root / 'tcs'} (transcoders) serve only the "
+        "mlp_out they write, so cross-sections hold only mlp_out (layers [0, 1]); fix: leave "
+        "z out of --select-kinds, or compare z in a run without transcoders")
     one = RunConfig(saes=[str(run_root / "tcs" / "layer1")], select_kinds=["mlp_out"])
     assert served_restriction(one, model) == ([1], ["mlp_out"])
 

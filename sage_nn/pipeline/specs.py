@@ -183,6 +183,16 @@ def train_group(spec: str) -> tuple:
     return (train_spec(spec)[0], tuple(sorted(train_options(spec).items())))
 
 
+def _serves_as_transcoder(spec: str) -> bool:
+    from ..dictionaries.releases import spec_sites
+    from ..dictionaries.serving import TRANSCODER_PREFIX
+
+    if str(spec).startswith("train:"):
+        return trains_transcoders(spec)
+    found = spec_sites(spec) or []
+    return bool(found) and all(str(s).startswith(TRANSCODER_PREFIX) for s in found)
+
+
 def dropped_kinds_note(config: RunConfig, found: tuple[list[int], list[str]],
                        parallel: bool | None = False) -> str | None:
     """One line naming the kinds a cross-section was allowed to hold that no ``--sae``
@@ -194,6 +204,12 @@ def dropped_kinds_note(config: RunConfig, found: tuple[list[int], list[str]],
     if not dropped:
         return None
     flag = "--select-kinds" if config.select_kinds else "--discovery-kinds"
+    transcoders = [s for s in config.saes if _serves_as_transcoder(s)]
+    if transcoders:  # every --sae serves every site: transcoders hold it to their mlp_out
+        return (f"{flag} {' '.join(wanted)}: --sae {' '.join(transcoders)} (transcoders) "
+                f"serve only the mlp_out they write, so cross-sections hold only "
+                f"{' and '.join(kinds)} (layers {layers}); fix: leave {' '.join(dropped)} out "
+                f"of {flag}, or compare {' '.join(dropped)} in a run without transcoders")
     layer = str(layers[0] if layers else 0)
     needs = []
     for kind in dropped:
