@@ -232,7 +232,7 @@ def test_a_run_trains_transcoders_where_the_cross_sections_are(run_root, monkeyp
     [(name, info)] = listing.items()
     assert name == "skip_transcoder-64-k4" and info["approach"] == "transcoder"
     assert len(info["sites"]) == len(mlp)
-    cached = list((run_root / "cache" / "saes").glob("*/skip_transcoder-64-k4-*/L*.mlp_out"))
+    cached = list((run_root / "cache" / "saes").glob("*/skip_transcoder-64-k4-*-tc2-*/L*.mlp_out"))
     assert sorted(p.name for p in cached) == mlp
     with caplog.at_level("INFO", logger="sage_nn"):
         again = run(config("again"), model=model, progress=False)  # from the cache

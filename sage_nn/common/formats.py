@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["FormatError", "SAE_ARCHITECTURES", "REFUSED_ARCHITECTURES", "SAEArchitecture",
-           "architecture_problem", "TRAINABLE", "TRAINED_TRANSCODERS", "SAE_WEIGHTS", "safetensors_header",
+           "architecture_problem", "TRAINABLE", "TRAINED_TRANSCODERS", "TRANSCODER_TRAINER_VERSION", "SAE_WEIGHTS", "safetensors_header",
            "safetensors_problem", "sae_weights_problem", "gguf_problem",
            "model_weights_problem"]
 
@@ -90,6 +90,8 @@ TRAINABLE = ("standard", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu"
 #: the trainable transcoders (of an MLP, :mod:`sage_nn.dictionaries.transcoding`): whether
 #: each adds a linear skip path
 TRAINED_TRANSCODERS = {"transcoder": False, "skip_transcoder": True}
+#: part of the cache name of trained transcoders: those of an earlier loop are not taken
+TRANSCODER_TRAINER_VERSION = "tc2"
 #: The weights file sae_lens writes next to cfg.json (``SAE.save_model``) and reads back.
 SAE_WEIGHTS = "sae_weights.safetensors"
 
