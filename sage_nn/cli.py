@@ -16,6 +16,8 @@ import types
 import typing
 from pathlib import Path
 
+from .common.formats import TRAINABLE  # no torch: --help stays fast
+
 
 def _model_and_remote(args):
     """The model, and the :class:`~sage_nn.remote.Remote` its passes run through
@@ -467,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory; one sae_lens SAE per site inside")
     p.add_argument("--source", default="builtin",
                    help="'builtin' (offline corpus), a .txt file or directory, or hf:DATASET")
-    p.add_argument("--architecture", default="topk", choices=["topk", "standard"])
+    p.add_argument("--architecture", default="topk", choices=list(TRAINABLE),
+                   help="k is the active latents of topk/batchtopk/matryoshka_batchtopk and "
+                        "the target L0 of jumprelu")
     p.add_argument("--d-sae", type=int, default=2048)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--l1", type=float, default=5.0, help="L1 coefficient (standard SAEs)")

@@ -182,7 +182,9 @@ def test_default_run_grows_head_cross_sections_and_compares_both_approaches(setu
     assert listing["topk-64@sites"]["n_saes_all_layers"] == 2 * 4  # every head of every layer
     assert all(s.endswith("resid_pre") for s in listing["topk-64"]["sites"])
     summary = (result.report / "summary.md").read_text()
-    assert "Approaches" in summary and "joint exact patch recovers" in summary
+    assert "Kinds of dictionary" in summary and "joint exact patch recovers" in summary
+    assert "| residual SAE through the reconstruction |" in summary
+    assert "| SAE at the site |" in summary
     # the same head SAEs given as a directory are applied at their sites, scoring the same
     cache = trained_cache("topk", model, cfg)[3]
     for site in listing["topk-64@sites"]["sites"]:

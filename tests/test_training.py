@@ -74,8 +74,8 @@ def test_activation_batches_read_all_sites_in_one_pass(text_file):
 
 def test_errors_name_the_fix(text_file, tmp_path):
     model = tiny_random_model("llama")
-    with pytest.raises(ValueError, match="cannot train architecture 'gated'"):
-        TrainConfig(architecture="gated")
+    with pytest.raises(ValueError, match="cannot train architecture 'abstopk'"):
+        TrainConfig(architecture="abstopk")
     with pytest.raises(FileNotFoundError, match="use 'builtin', a .txt file"):
         load_texts(tmp_path / "missing.txt")
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set"):
@@ -283,3 +283,62 @@ def test_activations_stop_after_the_last_site_unchanged():
         hidden = model._module(ids, output_hidden_states=True).hidden_states
     torch.testing.assert_close(got["L0.resid_post"], hidden[1][0])
     torch.testing.assert_close(got["L1.resid_pre"], hidden[1][0])
+
+
+@pytest.mark.parametrize("arch,saved", [("batchtopk", "jumprelu"),
+                                        ("matryoshka_batchtopk", "jumprelu"),
+                                        ("jumprelu", "jumprelu"), ("gated", "gated")])
+def test_other_architectures_train_through_sae_lens(text_file, tmp_path, arch, saved):
+    """BatchTopK, Matryoshka-BatchTopK, JumpReLU (quadratic loss around the target L0 k)
+    and gated SAEs train with sae_lens's trainer from the same stream, are saved the sae_lens
+    way (BatchTopK as the JumpReLU SAE sae_lens makes of it) and load back unchanged."""
+    from sage_nn.pipeline.checks import sae_problems
+
+    model = tiny_random_model("llama")
+    cfg = TrainConfig(architecture=arch, **SMALL)
+    saes, report = train_saes(model, ["L0.resid_pre", "L1.resid_mid"], cfg,
+                              source=text_file, out_dir=tmp_path, progress=False)
+    assert {s.architecture for s in saes.values()} == {saved}
+    assert (report.fvu < 0.6).all() and (report.l0 > 0).all(), report
+    assert SAE.load_from_disk(tmp_path / "L0.resid_pre").cfg.architecture() == saved
+    x = torch.randn(5, 32)
+    loaded = load_trained(tmp_path, model)
+    torch.testing.assert_close(loaded["L1.resid_mid"](x), saes["L1.resid_mid"](x))
+    assert training_record(tmp_path / "L0.resid_pre")["steps"] == cfg.max_steps
+    assert sae_problems(f"train:{arch}:k=8") == []
+
+
+def test_trainable_architectures_are_one_list():
+    from sage_nn.common.formats import TRAINABLE
+    from sage_nn.dictionaries.training import TRAINING_CLASSES
+    from sage_nn.dictionaries.transcoding import TRANSCODERS
+
+    assert set(TRAINABLE) == set(TRAINING_CLASSES) | set(TRANSCODERS)
+    with pytest.raises(ValueError, match="cannot train architecture 'abstopk'"):
+        TrainConfig(architecture="abstopk")
+
+
+@pytest.mark.parametrize("arch", ["transcoder", "skip_transcoder"])
+def test_transcoders_of_mlps_train_and_load_the_sae_lens_way(text_file, tmp_path, arch):
+    """A JumpReLU (skip) transcoder per MLP, from its normalised input to its output: saved
+    as sae_lens's class with both hooks, better than the mean on held-out text, loaded back
+    unchanged; a site that is not an MLP's output is refused."""
+    model = tiny_random_model("llama")
+    cfg = TrainConfig(architecture=arch, **{**SMALL, "tokens": 16384, "lr": 3e-3})
+    saes, report = train_saes(model, ["L1.mlp_out"], cfg, source=text_file, out_dir=tmp_path,
+                              progress=False)
+    ref = SAE.load_from_disk(tmp_path / "L1.mlp_out")
+    assert type(ref).__name__ == {"transcoder": "JumpReLUTranscoder",
+                                  "skip_transcoder": "JumpReLUSkipTranscoder"}[arch]
+    assert (ref.cfg.metadata.hook_name, ref.cfg.metadata.hook_name_out) == \
+        ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
+    assert float(report.loc["L1.mlp_out", "fvu"]) < 0.5, report
+    assert 2 <= float(report.l0.iloc[0]) <= 8, report  # near the target L0 k = 4
+    loaded = load_trained(tmp_path, model)["L1.mlp_out"]
+    assert (loaded.input_kind, loaded.input_form, loaded.kind) == \
+        ("resid_mid", "normalized", "mlp_out")
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(loaded(x), saes["L1.mlp_out"](x))
+    assert training_record(tmp_path / "L1.mlp_out")["steps"] == cfg.max_steps
+    with pytest.raises(ValueError, match="trained for an MLP's output"):
+        train_saes(model, ["L1.z"], cfg, source=text_file)

@@ -249,7 +249,8 @@ def test_the_cli_prints_one_line_per_problem_and_exits_2(tmp_path):
         "sage run: error: model '/no/model': no such file or directory, and not a hub id "
         "(org/name); fix: check the path, or give 'smollm2-135m' or a hub id",
         "sage run: error: --sae '/no/sae': no such directory; fix: give an SAE directory, "
-        "'train:topk'/'train:standard' (optionally '@sites'), or 'RELEASE:SAE_ID'"]
+        "'train:ARCH' (topk, standard, batchtopk, matryoshka_batchtopk, jumprelu, gated; "
+        "optionally '@sites'), or 'RELEASE:SAE_ID'"]
     out = subprocess.run(env_cmd + ["task-check", "--model", "someorg/some-model", "--task",
                                     "ioi"], capture_output=True, text=True, env=_offline_env())
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr

@@ -17,16 +17,81 @@ import json
 import math
 import mmap
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FormatError", "SAE_ARCHITECTURES", "TRAINABLE", "SAE_WEIGHTS", "safetensors_header",
+__all__ = ["FormatError", "SAE_ARCHITECTURES", "REFUSED_ARCHITECTURES", "SAEArchitecture",
+           "architecture_problem", "TRAINABLE", "TRAINED_TRANSCODERS", "TRANSCODER_TRAINER_VERSION", "SAE_WEIGHTS", "safetensors_header",
            "safetensors_problem", "sae_weights_problem", "gguf_problem",
            "model_weights_problem"]
 
-#: SAE architectures sage_nn loads (:class:`sage_nn.saes.SparseAutoencoder`) ...
-SAE_ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
-#: ... and those it trains (:mod:`sage_nn.training`).
-TRAINABLE = ("standard", "topk")
+
+
+@dataclass(frozen=True)
+class SAEArchitecture:
+    """What sage_nn knows of one sae_lens inference architecture (``cfg.architecture()``):
+    the ``activation`` its encoder applies (:class:`sage_nn.saes.SparseAutoencoder` runs
+    it), the ``tensors`` its weights file holds, whether it is a ``transcoder`` (reads one
+    site, writes another of width ``d_out``) with a linear ``skip`` path, and whether its
+    encoder is ``tied`` to its decoder (no ``W_enc`` stored)."""
+
+    activation: str
+    tensors: tuple[str, ...]
+    transcoder: bool = False
+    skip: bool = False
+    tied: bool = False
+
+
+_DICT = ("W_dec", "b_dec")
+#: SAE architectures sage_nn loads (:class:`sage_nn.saes.SparseAutoencoder`), by sae_lens's
+#: name: every inference class of sae_lens 6.54 but :data:`REFUSED_ARCHITECTURES` ...
+SAE_ARCHITECTURES = {
+    "standard": SAEArchitecture("relu", ("W_enc", "b_enc", *_DICT)),
+    "topk": SAEArchitecture("topk", ("W_enc", "b_enc", *_DICT)),
+    "abstopk": SAEArchitecture("abstopk", ("W_enc", "b_enc", *_DICT)),
+    "jumprelu": SAEArchitecture("jumprelu", ("W_enc", "b_enc", "threshold", *_DICT)),
+    "gated": SAEArchitecture("gated", ("W_enc", "b_gate", "r_mag", "b_mag", *_DICT)),
+    "matching_pursuit": SAEArchitecture("matching_pursuit", _DICT, tied=True),
+    "transcoder": SAEArchitecture("relu", ("W_enc", "b_enc", *_DICT), transcoder=True),
+    "skip_transcoder": SAEArchitecture("relu", ("W_enc", "b_enc", "W_skip", *_DICT),
+                                       transcoder=True, skip=True),
+    "jumprelu_transcoder": SAEArchitecture("jumprelu", ("W_enc", "b_enc", "threshold", *_DICT),
+                                           transcoder=True),
+    "jumprelu_skip_transcoder": SAEArchitecture(
+        "jumprelu", ("W_enc", "b_enc", "threshold", "W_skip", *_DICT), transcoder=True,
+        skip=True),
+}
+#: ... and those it refuses, with the reason (said before anything runs).
+REFUSED_ARCHITECTURES = {
+    "temporal": "its codes at a token depend on the earlier tokens (attention over the "
+                "context's codes), so a site's codes are not a function of the site's "
+                "activation at that token, which every metric here perturbs",
+}
+#: The shape of each tensor an SAE's weights file holds, in terms of its cfg.json.
+SAE_TENSOR_SHAPES = {"W_enc": ("d_in", "d_sae"), "b_enc": ("d_sae",), "W_dec": ("d_sae", "d_out"),
+                     "b_dec": ("d_out",), "threshold": ("d_sae",), "b_gate": ("d_sae",),
+                     "r_mag": ("d_sae",), "b_mag": ("d_sae",), "W_skip": ("d_out", "d_in")}
+
+
+def architecture_problem(arch: str) -> str | None:
+    """Why sage_nn cannot read SAEs of sae_lens architecture ``arch`` (None: it can)."""
+    if arch in SAE_ARCHITECTURES:
+        return None
+    if arch in REFUSED_ARCHITECTURES:
+        return f"sae_lens architecture {arch!r} cannot be evaluated here: " \
+            f"{REFUSED_ARCHITECTURES[arch]}"
+    return (f"sae_lens architecture {arch!r} is not supported; supported: "
+            f"{', '.join(SAE_ARCHITECTURES)}")
+
+
+#: ... and those it trains (:mod:`sage_nn.training`), by sae_lens's training names.
+TRAINABLE = ("standard", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated",
+             "transcoder", "skip_transcoder")
+#: the trainable transcoders (of an MLP, :mod:`sage_nn.dictionaries.transcoding`): whether
+#: each adds a linear skip path
+TRAINED_TRANSCODERS = {"transcoder": False, "skip_transcoder": True}
+#: part of the cache name of trained transcoders: those of an earlier loop are not taken
+TRANSCODER_TRAINER_VERSION = "tc2"
 #: The weights file sae_lens writes next to cfg.json (``SAE.save_model``) and reads back.
 SAE_WEIGHTS = "sae_weights.safetensors"
 
@@ -100,20 +165,18 @@ def safetensors_problem(path: str | Path) -> str | None:
 
 
 def _expected_sae_tensors(cfg: dict) -> dict[str, tuple[int, ...]] | None:
-    """``{name: shape}`` sae_lens's loader needs for this cfg.json (None: d_in/d_sae unknown).
-    A JumpReLU SAE may keep ``log_threshold`` instead of ``threshold`` (older checkpoints)."""
+    """``{name: shape}`` sae_lens's loader needs for this cfg.json (None: d_in/d_sae unknown
+    or an architecture sage_nn does not read). A JumpReLU SAE may keep ``log_threshold``
+    instead of ``threshold`` (older checkpoints)."""
     d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
-    if not (isinstance(d_in, int) and isinstance(d_sae, int)):
+    spec = SAE_ARCHITECTURES.get(cfg.get("architecture", "standard"))
+    if not (isinstance(d_in, int) and isinstance(d_sae, int)) or spec is None:
         return None
-    out = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    arch = cfg.get("architecture", "standard")
-    if arch == "gated":
-        out.update(b_gate=(d_sae,), r_mag=(d_sae,), b_mag=(d_sae,))
-    else:
-        out["b_enc"] = (d_sae,)
-    if arch == "jumprelu":
-        out["threshold"] = (d_sae,)
-    return out
+    dims = {"d_in": d_in, "d_sae": d_sae,
+            "d_out": cfg.get("d_out", d_in) if spec.transcoder else d_in}
+    if not isinstance(dims["d_out"], int):
+        return None
+    return {name: tuple(dims[d] for d in SAE_TENSOR_SHAPES[name]) for name in spec.tensors}
 
 
 def sae_weights_problem(directory: str | Path, cfg: dict) -> str | None:
@@ -145,7 +208,9 @@ def sae_weights_problem(directory: str | Path, cfg: dict) -> str | None:
     for name, shape in expected.items():
         if tuple(tensors[name]["shape"]) != shape:
             return (f"{SAE_WEIGHTS} holds {name} of shape {list(tensors[name]['shape'])}, but "
-                    f"cfg.json (d_in={cfg['d_in']}, d_sae={cfg['d_sae']}) implies {list(shape)}")
+                    f"cfg.json (d_in={cfg['d_in']}, d_sae={cfg['d_sae']}"
+                    + (f", d_out={cfg['d_out']}" if "d_out" in cfg else "")
+                    + f") implies {list(shape)}")
     return None
 
 

@@ -1,5 +1,6 @@
 """Feature dictionaries: the supervised ground truth (``supervised``), SAEs as plain torch
-(``saes``) from sae_lens releases (``releases``) or trained here (``corpus``, ``training``),
+(``saes``) from sae_lens releases (``releases``) or trained here (``corpus``, ``training``,
+transcoders ``transcoding``),
 residual SAEs reaching sublayer sites (``reconstruction``, ``serving``) and the random floor
 (``floor``).
 """
@@ -24,15 +25,18 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "RegistryError": "releases",
     "ResidualReconstruction": "reconstruction",
     "SAEMismatchError": "saes",
-    "SEAL": "saes",
+    "SEAL": "sealing",
     "SparseAutoencoder": "saes",
     "TASK_SEED_OFFSET": "corpus",
     "TRAINABLE": "training",
     "TRAINERS": "training",
     "Tokens": "corpus",
+    "TRAINING_CLASSES": "training",
+    "TRANSCODERS": "transcoding",
+    "TRANSCODER_INPUTS": "serving",
     "TrainConfig": "training",
     "activation_batches": "stream",
-    "cache_lock": "saes",
+    "cache_lock": "sealing",
     "cached_folder": "releases",
     "channels": "saes",
     "check_sae": "saes",
@@ -62,8 +66,8 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "registry_problems": "releases",
     "residual_key": "serving",
     "residual_sites_for": "serving",
-    "seal": "saes",
-    "sealed_problem": "saes",
+    "seal": "sealing",
+    "sealed_problem": "sealing",
     "served_sites": "serving",
     "serving_sae": "serving",
     "spec_sites": "releases",
@@ -71,5 +75,8 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "task_prompts": "corpus",
     "text_sources": "corpus",
     "train_saes": "training",
+    "train_transcoders": "transcoding",
+    "transcoder_dir": "training",
+    "transcoder_sites": "serving",
     "training_record": "training",
 })

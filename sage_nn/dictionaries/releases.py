@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["REGISTRY_ENV", "RegistryError", "registry", "registry_problems", "register",
-           "is_release_spec", "split_spec", "expand", "hook_names", "cached_folder"]
+           "is_release_spec", "split_spec", "expand", "hook_names", "cached_folder",
+           "sae_config", "cfg_site"]
 
 log = logging.getLogger("sage_nn")
 REGISTRY_ENV = "SAGE_NN_SAE_REGISTRY"
@@ -232,25 +233,49 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
 
 
-def hook_name(release: str, sae_id: str) -> str | None:
-    """The hook name an SAE of a release reads, from its config alone (no weights): the
-    cached cfg.json of a sae_lens-format folder, else sae_lens's own config reader (which
-    downloads only the config, or reads it from the HF cache when offline)."""
+def sae_config(release: str, sae_id: str) -> dict[str, Any]:
+    """The config of an SAE of a release, without its weights: the cached cfg.json of a
+    sae_lens-format folder, else sae_lens's own config reader (which downloads only the
+    config, or reads it from the HF cache when offline)."""
     repo_id, folder, conversion = release_folder(release, sae_id)
-    cfg: dict[str, Any] | None = None
     if conversion in (None, "sae_lens"):
         local = cached_folder(repo_id, folder)
         if local is not None and (local / "cfg.json").exists():
-            cfg = json.loads((local / "cfg.json").read_text())
-    if cfg is None:
-        register()
-        from sae_lens.loading.pretrained_sae_loaders import (
-            load_sae_config_from_huggingface,
-        )
+            return json.loads((local / "cfg.json").read_text())
+    register()
+    from sae_lens.loading.pretrained_sae_loaders import (
+        load_sae_config_from_huggingface,
+    )
 
-        cfg = load_sae_config_from_huggingface(release, sae_id)
-    return (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or \
-        cfg.get("hook_point")
+    return load_sae_config_from_huggingface(release, sae_id)
+
+
+def _hook(cfg: dict, key: str = "hook_name") -> str | None:
+    return (cfg.get("metadata") or {}).get(key) or cfg.get(key) or \
+        (cfg.get("hook_point") if key == "hook_name" else None)
+
+
+def hook_name(release: str, sae_id: str) -> str | None:
+    """The hook name an SAE of a release reads, from its config alone (no weights)."""
+    return _hook(sae_config(release, sae_id))
+
+
+def cfg_site(cfg: dict) -> str | None:
+    """What an SAE config says it serves, for :func:`~sage_nn.dictionaries.serving.served_sites`:
+    the hook it reads, or for a transcoder ``transcoder:L.mlp_out`` (the site it writes;
+    None where its hooks are not those of an MLP)."""
+    from ..common.formats import SAE_ARCHITECTURES
+    from .serving import TRANSCODER_PREFIX, transcoder_sites
+
+    hook = _hook(cfg)
+    spec = SAE_ARCHITECTURES.get(cfg.get("architecture", "standard"))
+    if spec is None or not spec.transcoder or hook is None:
+        return hook
+    try:
+        where = transcoder_sites(hook, _hook(cfg, "hook_name_out"))
+    except ValueError:
+        return None
+    return f"{TRANSCODER_PREFIX}L{where['layer']}.{where['kind']}"
 
 
 def hook_names(spec: str) -> dict[str, str | None]:
@@ -274,12 +299,21 @@ def _dir_hook(directory: Path) -> str | None:
         cfg = json.loads((directory / "cfg.json").read_text())
     except (OSError, ValueError):
         return None
-    return (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
+    return cfg_site(cfg) if isinstance(cfg, dict) else None
+
+
+def _member_site(directory: Path) -> str | None:
+    """A member of a directory of SAEs: a transcoder by what its config says it writes, an
+    SAE by its folder's name (where ``sage train-sae`` loads it)."""
+    from .serving import TRANSCODER_PREFIX
+
+    site = _dir_hook(directory)
+    return site if site and site.startswith(TRANSCODER_PREFIX) else directory.name
 
 
 def spec_sites(spec: str) -> list[str] | None:
-    """The sites (hook names or sage site names) of the SAEs an ``--sae`` spec names, read
-    from their configs alone; ``None`` for ``train:`` specs (trained wherever needed) and for
+    """The sites (hook names or sage site names; ``transcoder:L.mlp_out`` for a transcoder,
+    :func:`cfg_site`) of the SAEs an ``--sae`` spec names, read from their configs alone; ``None`` for ``train:`` specs (trained wherever needed) and for
     specs whose SAEs say nothing about their site."""
     spec = str(spec)
     if spec.startswith("train:"):
@@ -288,10 +322,11 @@ def spec_sites(spec: str) -> list[str] | None:
     if (path / "cfg.json").exists():
         found = [_dir_hook(path)]
     elif path.is_dir():  # SAEs trained by sage train-sae are loaded at their folder's name
-        found = [d.name for d in sorted(p.parent for p in path.glob("*/cfg.json"))]
+        found = [_member_site(d) for d in sorted(p.parent for p in path.glob("*/cfg.json"))]
     elif is_release_spec(spec):
         try:
-            found = list(hook_names(spec).values())
+            release, ids = expand(spec)
+            found = [cfg_site(sae_config(release, i)) for i in ids]
         except Exception as err:  # noqa: BLE001 (unknown sites: nothing is restricted)
             log.warning("--sae %s: cannot read its SAEs' hook names (%s: %s); discovery is "
                         "not limited to what they serve", spec, type(err).__name__, err)

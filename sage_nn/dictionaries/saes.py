@@ -1,11 +1,19 @@
-"""SAEs: load any sae_lens SAE, find its canonical site, and run it as plain torch.
+"""SAEs: load any sae_lens SAE or transcoder, find its sites, and run it as plain torch.
 
 sae_lens objects never enter a trace (they cannot be shipped to NDIF, and importing
 sae_lens while nnsight's ``.save`` patch is active can fail): :func:`from_sae_lens`
 copies the weights into a :class:`SparseAutoencoder`, a small ``torch.nn.Module`` whose
-``encode``/``decode`` reproduce sae_lens's exactly (standard/ReLU, TopK, JumpReLU, gated;
+``encode``/``decode`` reproduce sae_lens's exactly, for every inference class of sae_lens
+6.54 that has a per-token code (:data:`~sage_nn.common.formats.SAE_ARCHITECTURES`:
+standard/ReLU, TopK, AbsTopK, JumpReLU, gated, matching pursuit, and the four transcoders;
 ``apply_b_dec_to_input``, run-time ``layer_norm``/``constant_norm_rescale`` input
-normalisation, TopK's ``rescale_acts_by_decoder_norm``).
+normalisation, TopK's ``rescale_acts_by_decoder_norm``). The temporal SAE is refused with
+its reason (:data:`~sage_nn.common.formats.REFUSED_ARCHITECTURES`) before any forward.
+
+A transcoder reads one site and writes another: here, the MLP's input side of layer L
+(:data:`TRANSCODER_INPUTS`) and its ``mlp_out``. Its ``layer``/``kind`` are the site it
+writes (where its decoder rows are directions), ``input_layer``/``input_kind`` the site
+its codes come from, ``input_form`` what is taken of that site.
 
 SAEs trained on TransformerLens-processed models (``center_writing_weights``, e.g. the
 GPT-2 ``res-jb`` release) saw a residual stream with its mean over ``d_model`` removed:
@@ -14,9 +22,6 @@ GPT-2 ``res-jb`` release) saw a residual stream with its mean over ``d_model`` r
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,13 +34,17 @@ import sae_lens  # noqa: F401
 import torch
 from sae_lens import SAE
 
-from ..common.formats import SAE_ARCHITECTURES as ARCHITECTURES_SUPPORTED
+from ..common.formats import SAE_ARCHITECTURES, SAE_TENSOR_SHAPES, architecture_problem
 from ..model.reads import encoder_only  # noqa: F401  (what a server needs of an SAE)
 from ..model.sites import HEAD_KINDS, KINDS, Site, SiteAdapter, adapter, parse_site
+from .sealing import cache_lock, seal, sealed_problem  # their old home: still here
+from .serving import TRANSCODER_INPUTS, transcoder_sites
 
+ARCHITECTURES_SUPPORTED = tuple(SAE_ARCHITECTURES)
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
 # Folded into the weights by sae_lens at load time, so identity at inference (as in sae_lens).
 _FOLDED_NORMALIZATIONS = ("expected_average_only_in", "covariance_whitening")
+INPUT_FORMS = ("site", "normalized")
 
 
 class SAEMismatchError(ValueError):
@@ -43,47 +52,66 @@ class SAEMismatchError(ValueError):
 
 
 class SparseAutoencoder(torch.nn.Module):
-    """A plain-torch SAE: ``codes = encode(x)``, ``x_hat = decode(codes, x)``.
+    """A plain-torch SAE or transcoder: ``codes = encode(x)``, ``x_hat = decode(codes, x)``.
 
-    Weights follow sae_lens: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``. ``site`` is the
-    canonical kind and layer it reads (``heads`` lists the heads of a q/k/v/z SAE, all
-    concatenated head-major, or ``None`` for d_model-wide kinds).
+    Weights follow sae_lens: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]`` (``d_out =
+    d_in`` but for transcoders), ``W_skip [d_out, d_in]`` (skip transcoders). ``site`` is
+    the canonical kind and layer it reads, or for a transcoder writes (``heads`` lists the
+    heads of a q/k/v/z SAE, all concatenated head-major, or ``None`` for d_model-wide
+    kinds). ``architecture`` is sae_lens's name; what it means is data
+    (:data:`~sage_nn.common.formats.SAE_ARCHITECTURES`): the encoder runs the method named
+    by its activation.
     """
 
     def __init__(self, W_enc, b_enc, W_dec, b_dec, *, architecture: str = "standard",
                  k: int | None = None, threshold=None, b_gate=None, r_mag=None, b_mag=None,
-                 apply_b_dec_to_input: bool = True, normalize: str = "none",
+                 W_skip=None, apply_b_dec_to_input: bool = True, normalize: str = "none",
                  rescale_acts_by_decoder_norm: bool = False, center: bool = False,
+                 residual_threshold: float = 1e-2, max_iterations: int | None = None,
+                 stop_on_duplicate_support: bool = True,
                  layer: int | None = None, kind: str | None = None,
-                 heads: list[int] | None = None, hook_name: str | None = None):
+                 heads: list[int] | None = None, hook_name: str | None = None,
+                 input_layer: int | None = None, input_kind: str | None = None,
+                 input_form: str = "site", hook_name_out: str | None = None):
         super().__init__()
-        if architecture not in ARCHITECTURES_SUPPORTED:
-            raise ValueError(f"SAE architecture {architecture!r} is not supported; supported: "
-                             f"{', '.join(ARCHITECTURES_SUPPORTED)}")
+        problem = architecture_problem(architecture)
+        if problem:
+            raise ValueError(problem)
+        spec = SAE_ARCHITECTURES[architecture]
         if normalize in _FOLDED_NORMALIZATIONS:
             normalize = "none"
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"input normalisation {normalize!r} is not supported; supported: "
                              f"{', '.join(NORMALIZATIONS + _FOLDED_NORMALIZATIONS)}")
-        if architecture == "topk" and not k:
-            raise ValueError("a TopK SAE needs k (number of active latents)")
+        if spec.activation in ("topk", "abstopk") and not k:
+            raise ValueError(f"a {architecture} SAE needs k (number of active latents)")
+        if input_form not in INPUT_FORMS:
+            raise ValueError(f"input_form {input_form!r}: one of {', '.join(INPUT_FORMS)}")
+        given = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec,
+                 "threshold": threshold, "b_gate": b_gate, "r_mag": r_mag, "b_mag": b_mag,
+                 "W_skip": W_skip}
+        missing = [n for n in spec.tensors if given[n] is None]
+        if missing:
+            raise ValueError(f"a {architecture} SAE needs {', '.join(missing)}")
         t = lambda a: None if a is None else torch.as_tensor(a).detach().clone()  # noqa: E731
-        self.W_enc, self.W_dec, self.b_dec = (torch.nn.Parameter(t(w), requires_grad=False)
-                                              for w in (W_enc, W_dec, b_dec))
-        extra = dict(b_enc=b_enc, threshold=threshold, b_gate=b_gate, r_mag=r_mag, b_mag=b_mag)
-        for name, value in extra.items():
+        if spec.tied:  # sae_lens's matching pursuit encodes with its decoder: W_enc = W_dec.T
+            given["W_enc"] = t(W_dec).T.contiguous()
+        if spec.tied and not apply_b_dec_to_input:  # it decodes with b_dec only if it encodes so
+            given["b_dec"] = torch.zeros_like(t(b_dec))
+        for name in SAE_TENSOR_SHAPES:  # what the architecture does not use stays None
+            value = given[name] if name in spec.tensors or name == "W_enc" else None
             setattr(self, name, None if value is None
                     else torch.nn.Parameter(t(value), requires_grad=False))
-        if architecture == "gated" and any(v is None for v in (b_gate, r_mag, b_mag)):
-            raise ValueError("a gated SAE needs b_gate, r_mag and b_mag")
-        if architecture != "gated" and b_enc is None:
-            raise ValueError(f"a {architecture} SAE needs b_enc")
-        if architecture == "jumprelu" and threshold is None:
-            raise ValueError("a JumpReLU SAE needs threshold")
-        self.architecture, self.k = architecture, k
-        self.apply_b_dec_to_input, self.normalize = apply_b_dec_to_input, normalize
-        self.rescale_acts_by_decoder_norm, self.center = rescale_acts_by_decoder_norm, center
+        self.architecture, self.activation, self.k = architecture, spec.activation, k
+        self.transcoder = spec.transcoder
+        self.apply_b_dec_to_input = apply_b_dec_to_input and not spec.transcoder
+        self.normalize, self.rescale_acts_by_decoder_norm = normalize, rescale_acts_by_decoder_norm
+        self.center = center and not spec.transcoder
+        self.residual_threshold, self.max_iterations = residual_threshold, max_iterations
+        self.stop_on_duplicate_support = stop_on_duplicate_support
         self.layer, self.kind, self.heads, self.hook_name = layer, kind, heads, hook_name
+        self.input_layer, self.input_kind, self.input_form = input_layer, input_kind, input_form
+        self.hook_name_out = hook_name_out
 
     @property
     def d_in(self) -> int:
@@ -93,8 +121,14 @@ class SparseAutoencoder(torch.nn.Module):
     def d_sae(self) -> int:
         return self.W_enc.shape[1]
 
+    @property
+    def d_out(self) -> int:
+        return self.W_dec.shape[1]
+
     def __repr__(self) -> str:
         where = f"L{self.layer}.{self.kind}" if self.kind is not None else "unplaced"
+        if self.transcoder and self.input_kind is not None:
+            where = f"L{self.input_layer}.{self.input_kind}->{where}"
         return (f"SparseAutoencoder({self.architecture}, d_in={self.d_in}, d_sae={self.d_sae}, "
                 f"site={where}{', k=%d' % self.k if self.k else ''})")
 
@@ -122,39 +156,96 @@ class SparseAutoencoder(torch.nn.Module):
         x, _, _ = self._prepare(x)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
-        if self.architecture == "gated":
-            active = (x @ self.W_enc + self.b_gate > 0).to(x.dtype)
-            return active * torch.relu(x @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
+        return getattr(self, f"_{self.activation}")(x)
+
+    # the activations, by SAEArchitecture.activation (sae_lens's encode after its input step)
+    def _relu(self, x):
+        return torch.relu(x @ self.W_enc + self.b_enc)
+
+    def _jumprelu(self, x):
         pre = x @ self.W_enc + self.b_enc
-        if self.architecture == "standard":
-            return torch.relu(pre)
-        if self.architecture == "jumprelu":
-            return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
-        if self.rescale_acts_by_decoder_norm:
-            pre = pre * self.W_dec.norm(dim=-1)
+        return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
+
+    def _gated(self, x):
+        active = (x @ self.W_enc + self.b_gate > 0).to(x.dtype)
+        return active * torch.relu(x @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
+
+    def _topk_pre(self, x):
+        pre = x @ self.W_enc + self.b_enc
+        return pre * self.W_dec.norm(dim=-1) if self.rescale_acts_by_decoder_norm else pre
+
+    def _topk(self, x):
+        pre = self._topk_pre(x)
         values, indices = torch.topk(pre, k=self.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter(-1, indices, values.relu())
 
+    def _abstopk(self, x):  # top k by magnitude, signs kept (no ReLU)
+        pre = self._topk_pre(x)
+        indices = torch.topk(pre.abs(), k=self.k, dim=-1, sorted=False).indices
+        return torch.zeros_like(pre).scatter(-1, indices, pre.gather(-1, indices))
+
+    def _matching_pursuit(self, x):
+        """sae_lens's greedy matching pursuit over the (tied) dictionary rows ``W_enc.T``."""
+        W = self.W_enc.T  # [d_sae, d_in]: the decoder, as a server has it (encoder_only)
+        shape = x.shape
+        residual = x.reshape(-1, shape[-1]).clone()
+        acts = residual.new_zeros(residual.shape[0], W.shape[0])
+        prev = torch.zeros_like(acts, dtype=torch.bool)
+        done = torch.zeros(residual.shape[0], dtype=torch.bool, device=residual.device)
+        for _ in range(self.max_iterations or W.shape[1]):
+            index = (residual @ W.T).relu().max(dim=1, keepdim=True).indices
+            row = W[index.squeeze(1)]
+            values = (residual * row).sum(-1, keepdim=True).relu() * (~done)[:, None].to(x.dtype)
+            acts = acts.scatter_add(1, index, values)
+            residual = residual - values * row
+            support = acts != 0
+            if self.stop_on_duplicate_support:
+                done = done | (support == prev).all(dim=1)
+                prev = support
+            if self.residual_threshold > 0:
+                done = done | (residual.norm(dim=-1) < self.residual_threshold)
+            if (self.stop_on_duplicate_support or self.residual_threshold > 0) and done.all():
+                break
+        return acts.reshape(*shape[:-1], W.shape[0])
+
     def decoder(self) -> torch.Tensor:
-        """The effective decoder [d_sae, d_in]: ``decode(c) = scale * (c @ decoder() + b_dec) + shift``."""
+        """The effective decoder [d_sae, d_out]: ``decode(c) = scale * (c @ decoder() + b_dec) +
+        shift`` (+ the skip path of a skip transcoder)."""
         if self.rescale_acts_by_decoder_norm:
             return self.W_dec / self.W_dec.norm(dim=-1, keepdim=True)
         return self.W_dec
 
     def decode_affine(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token ``(scale [..., 1], shift [..., 1])`` of the input normalisation/centring."""
+        """Per-token ``(scale [..., 1], shift [..., 1])`` of the input normalisation/centring
+        (identity for a transcoder: sae_lens does not undo it at another site)."""
         _, scale, shift = self._prepare(x)
+        if self.transcoder:
+            return torch.ones_like(scale), torch.zeros_like(shift)
         return scale, shift
 
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        """A skip transcoder's linear path ``x @ W_skip.T`` (zero without one): part of its
+        reconstruction, never latents."""
+        if self.W_skip is None:
+            return torch.zeros(*x.shape[:-1], self.d_out, dtype=self.W_dec.dtype,
+                               device=x.device)
+        return x.to(self.W_skip.dtype) @ self.W_skip.T
+
     def decode(self, codes: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        """Reconstruction from latents; ``x`` (the input) is needed to undo normalisation."""
+        """Reconstruction from latents; ``x`` (the input) is needed to undo normalisation
+        and for a skip transcoder's skip path."""
         out = codes.to(self.W_dec.dtype) @ self.decoder() + self.b_dec
-        if self.normalize != "none" or self.center:
+        undo = not self.transcoder and (self.normalize != "none" or self.center)
+        if undo or self.W_skip is not None:
             if x is None:
-                raise ValueError(f"this SAE normalises its input ({self.normalize}, "
-                                 f"center={self.center}): pass the input, decode(codes, x)")
-            scale, shift = self.decode_affine(x)
-            out = out * scale + shift
+                why = "it adds a skip path of its input" if self.W_skip is not None else \
+                    f"it normalises its input ({self.normalize}, center={self.center})"
+                raise ValueError(f"this {self.architecture} SAE needs its input to decode "
+                                 f"({why}): pass the input, decode(codes, x)")
+            if undo:
+                scale, shift = self.decode_affine(x)
+                out = out * scale + shift
+            out = out + self.skip(x)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,34 +258,65 @@ def from_sae_lens(sae: Any, *, site: "Site | str | None" = None, center: bool | 
                   model: Any = None) -> SparseAutoencoder:
     """Copy a sae_lens SAE into a :class:`SparseAutoencoder` (and check it fits ``model``).
 
-    ``site`` overrides the site read from the SAE's hook name. ``center`` defaults to what
-    the SAE's metadata says about TransformerLens' ``center_writing_weights``.
+    ``site`` overrides the site read from the SAE's hook name (a transcoder's: the site
+    it reads). ``center`` defaults to what the SAE's metadata says about TransformerLens'
+    ``center_writing_weights``. An architecture sage_nn cannot represent is refused here,
+    naming the class and why, before anything runs.
     """
     cfg = sae.cfg
     arch = cfg.architecture()
-    if arch not in ARCHITECTURES_SUPPORTED:
-        raise ValueError(f"sae_lens architecture {arch!r} is not supported; supported: "
-                         f"{', '.join(ARCHITECTURES_SUPPORTED)}")
-    p = {name: getattr(sae, name, None) for name in
-         ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "b_gate", "r_mag", "b_mag")}
-    if arch != "jumprelu":
-        p["threshold"] = None
+    problem = architecture_problem(arch)
+    if problem:
+        raise ValueError(f"{type(sae).__name__}: {problem}")
+    spec = SAE_ARCHITECTURES[arch]
+    p = {name: getattr(sae, name, None) if name in spec.tensors else None
+         for name in SAE_TENSOR_SHAPES}
+    if cfg.reshape_activations not in ("none", "hook_z"):  # hook_z: flat heads, as here
+        raise ValueError(f"{type(sae).__name__}: reshape_activations "
+                         f"{cfg.reshape_activations!r} is not supported")
     meta = cfg.metadata
     hook_name = meta.hook_name if meta is not None else None
-    layer = kind = heads = None
-    if site is not None or hook_name:
-        layer, kind, heads = parse_site(site if site is not None else hook_name, model)
+    hook_out = meta.hook_name_out if meta is not None else None
+    where: dict = {"layer": None, "kind": None, "heads": None}
+    if spec.transcoder and (site is not None or hook_name):
+        where.update(transcoder_sites(str(site) if site is not None else hook_name, hook_out,
+                                      model))
+    elif site is not None or hook_name:
+        where["layer"], where["kind"], where["heads"] = parse_site(
+            site if site is not None else hook_name, model)
     if center is None:
         kwargs = (meta.model_from_pretrained_kwargs if meta is not None else None) or {}
-        center = bool(kwargs.get("center_writing_weights", False)) and kind not in HEAD_KINDS
+        center = bool(kwargs.get("center_writing_weights", False)) and \
+            where["kind"] not in HEAD_KINDS
+    extra = {name: getattr(cfg, name) for name in
+             ("residual_threshold", "max_iterations", "stop_on_duplicate_support")
+             if hasattr(cfg, name)}
     out = SparseAutoencoder(
         **p, architecture=arch, k=getattr(cfg, "k", None),
         apply_b_dec_to_input=cfg.apply_b_dec_to_input, normalize=cfg.normalize_activations,
         rescale_acts_by_decoder_norm=getattr(cfg, "rescale_acts_by_decoder_norm", False),
-        center=center, layer=layer, kind=kind, heads=heads, hook_name=hook_name)
+        center=center, hook_name=hook_name, hook_name_out=hook_out, **where, **extra)
     if model is not None:
         check_sae(out, model)
     return out
+
+
+def _refuse_unreadable(path: Path) -> None:
+    """Refuse an SAE directory of an architecture sage_nn cannot represent from its cfg.json
+    alone, naming sae_lens's class and why (before its weights load)."""
+    try:
+        arch = json.loads((path / "cfg.json").read_text()).get("architecture", "standard")
+    except (OSError, ValueError, AttributeError):
+        return  # sae_lens's loader says what is wrong with it
+    problem = architecture_problem(arch)
+    if problem:
+        from sae_lens.registry import get_sae_class
+
+        try:
+            name = get_sae_class(arch)[0].__name__
+        except (KeyError, ValueError):
+            name = "an SAE"
+        raise ValueError(f"{path}: {name}: {problem}")
 
 
 def load_sae(release_or_path: str | Path, sae_id: str | None = None, *, model: Any = None,
@@ -210,6 +332,7 @@ def load_sae(release_or_path: str | Path, sae_id: str | None = None, *, model: A
             raise FileNotFoundError(
                 f"{path} is not a sae_lens SAE directory (no cfg.json); pass a directory "
                 "written by SAE.save_model / sage train-sae, or a release and sae_id")
+        _refuse_unreadable(path)
         sae = SAE.load_from_disk(path, device=device)
     else:
         try:
@@ -225,69 +348,12 @@ def load_sae(release_or_path: str | Path, sae_id: str | None = None, *, model: A
     return from_sae_lens(sae, site=site, center=center, model=model)
 
 
-# -- the on-disk cache of trained SAEs ------------------------------------------------------
-
-SEAL = "sha256.json"
-
-
-def _digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def seal(directory: str | Path) -> None:
-    """Flush an SAE directory's files to disk and record their SHA-256 in ``sha256.json``,
-    so a reader tells a complete SAE from a truncated or corrupted one."""
-    directory = Path(directory)
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != SEAL)
-    for path in files:
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-    digests = {p.name: _digest(p) for p in files}
-    with open(directory / SEAL, "w") as f:
-        json.dump(digests, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def sealed_problem(directory: str | Path) -> str | None:
-    """What is wrong with a sealed SAE directory (``None``: intact). A directory without a
-    seal (written before seals existed, or by hand) is left to the loader to judge."""
-    directory = Path(directory)
-    try:
-        digests = json.loads((directory / SEAL).read_text())
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        return f"its {SEAL} is corrupt"
-    for name, digest in digests.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if _digest(path) != digest:
-            return f"{name} is truncated or corrupt (SHA-256 differs from its seal)"
-    return None
-
-
-@contextlib.contextmanager
-def cache_lock(path: str | Path):
-    """Hold an exclusive lock on ``path`` (a ``.lock`` file beside it) for the ``with``
-    block: two processes that need the same cached SAEs take turns, and the second reads
-    what the first wrote. The operating system drops the lock when a process dies."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def check_sae(sae: SparseAutoencoder, model: Any) -> SparseAutoencoder:
     """Raise :class:`SAEMismatchError` unless the SAE's site exists in ``model`` and its
     width matches; fills in all heads for all-head q/k/v/z SAEs. Call before any forward."""
     ad = model if isinstance(model, SiteAdapter) else adapter(model)
+    if sae.transcoder:
+        return _check_transcoder(sae, ad)
     if sae.kind is None:
         raise SAEMismatchError(
             f"{sae!r} has no site (its config has no hook_name): pass site='L5.resid_pre' "
@@ -315,6 +381,26 @@ def check_sae(sae: SparseAutoencoder, model: Any) -> SparseAutoencoder:
     return sae
 
 
+def _check_transcoder(sae: SparseAutoencoder, ad: SiteAdapter) -> SparseAutoencoder:
+    if sae.kind is None:
+        raise SAEMismatchError(
+            f"{sae!r} has no site (its config has no hook_name): pass the site it reads, "
+            "site='blocks.5.ln2.hook_normalized' (or blocks.5.hook_mlp_in), when loading it")
+    for site, what in ((Site(sae.input_layer, sae.input_kind), "reads"),
+                       (Site(sae.layer, sae.kind), "writes")):
+        try:
+            ad.check(site)
+        except ValueError as err:
+            raise SAEMismatchError(f"transcoder {sae!r} {what} {site}, which does not fit the "
+                                   f"model: {err}") from err
+    if (sae.d_in, sae.d_out) != (ad.d_model, ad.d_model):
+        raise SAEMismatchError(
+            f"transcoder widths d_in={sae.d_in}, d_out={sae.d_out} do not match the MLP of "
+            f"{ad.arch.name} model {getattr(ad.config, '_name_or_path', '')!r} (d_model "
+            f"{ad.d_model}): it was trained on another model; load one for this model")
+    return sae
+
+
 def channels(sae: SparseAutoencoder, model: Any):
     """Last-dim indices of the SAE's site tensor (all of it for d_model-wide kinds)."""
     ad = adapter(model)
@@ -322,4 +408,5 @@ def channels(sae: SparseAutoencoder, model: Any):
 
 
 __all__ = ["SparseAutoencoder", "SAEMismatchError", "from_sae_lens", "load_sae", "parse_site",
+           "transcoder_sites", "TRANSCODER_INPUTS",
            "check_sae", "channels", "KINDS", "seal", "sealed_problem", "cache_lock"]

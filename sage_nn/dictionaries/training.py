@@ -27,32 +27,44 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 # sae_lens before any trace runs (why: sage_nn/dictionaries/saes.py, top).
-from sae_lens import (
-    StandardTrainingSAE,
-    StandardTrainingSAEConfig,
-    TopKTrainingSAE,
-    TopKTrainingSAEConfig,
-)
+import sae_lens
+import torch
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..common.formats import TRAINABLE
 from ..model.activations import model_device
 from ..model.sites import HEAD_KINDS, adapter
 from .corpus import corpus_hash, corpus_units, text_sources
 from .fit import converged, fit_batched
 from .saes import SparseAutoencoder, from_sae_lens
 from .stream import count_tokens, read_activations, shuffled, site_keys, site_width
+from .transcoding import TRANSCODERS, train_transcoders
 
-TRAINABLE = ("standard", "topk")
+#: What ``architecture`` trains, by name: sae_lens's training class (its config class is the
+#: name + "Config") and the TrainConfig fields its config takes, by the config's names.
+#: BatchTopK and Matryoshka-BatchTopK save as JumpReLU SAEs (sae_lens's inference form).
+TRAINING_CLASSES = {
+    "standard": ("StandardTrainingSAE", {"l1_coefficient": "l1_coefficient"}),
+    "topk": ("TopKTrainingSAE", {"k": "k"}),
+    "batchtopk": ("BatchTopKTrainingSAE", {"k": "k"}),
+    "matryoshka_batchtopk": ("MatryoshkaBatchTopKTrainingSAE",
+                             {"k": "k", "matryoshka_widths": "matryoshka_widths"}),
+    "jumprelu": ("JumpReLUTrainingSAE", {"l0_coefficient": "l0_coefficient",
+                                         "jumprelu_sparsity_loss_mode": "quadratic",
+                                         "target_l0": "k"}),
+    "gated": ("GatedTrainingSAE", {"l1_coefficient": "l1_coefficient"}),
+}
+#: architectures whose sparsity is k active latents (per token, or per batch on average)
+K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
 # "batched": TopK SAEs of one shape step as one stack with hand-written sparse gradients
 # (sae_lens's TopK training math); "sae_lens": sae_lens's MultiSAETrainer, one SAETrainer
-# per SAE. Standard (L1) SAEs always train with sae_lens's trainer.
+# per SAE. Every other architecture always trains with sae_lens's trainer.
 TRAINERS = ("batched", "sae_lens")
 #: How a TopK SAE starts (:func:`initialise_topk`): "data" (decoder rows from the first
 #: batch's tokens), "scaled" (sae_lens's random rows), both at unit norm with the encoder
@@ -85,7 +97,13 @@ class TrainConfig:
     once and kept in memory. ``model_batch_size``: chunks per model trace (shorter task
     prompts: as many as fit in the same number of tokens). ``task_prompts``: prompts drawn
     for a ``task:NAME`` source. ``trainer``: see :data:`TRAINERS`. ``normalize_activations``:
-    see :data:`NORMALIZATIONS`. ``dead_window``: steps without firing after which a latent
+    see :data:`NORMALIZATIONS`. ``architecture``: one of :data:`TRAINING_CLASSES`
+    (``k`` is also a JumpReLU SAE's target L0, sae_lens's quadratic L0 loss around it, as
+    Gemma Scope 2; ``l0_coefficient`` its weight;
+    ``matryoshka_levels`` nested prefixes of a Matryoshka SAE, halving down from ``d_sae``;
+    ``transcoder``/``skip_transcoder``: JumpReLU transcoders of the MLPs of ``mlp_out``
+    sites, target L0 ``k``, :mod:`.transcoding`).
+    ``dead_window``: steps without firing after which a latent
     counts as dead in training, and the TopK auxiliary loss trains it (None: a quarter of
     the step cap).
 
@@ -102,6 +120,8 @@ class TrainConfig:
     k: int = 32
     k_heads: int | None = None
     l1_coefficient: float = 5.0
+    l0_coefficient: float = 1.0
+    matryoshka_levels: int = 4
     lr: float = 1e-3
     tokens: int = 200_000
     batch_size: int = 1024
@@ -128,7 +148,7 @@ class TrainConfig:
         if self.architecture not in TRAINABLE:
             raise ValueError(f"cannot train architecture {self.architecture!r}; "
                              f"choose one of {', '.join(TRAINABLE)}")
-        if self.architecture == "topk":
+        if self.architecture in (*K_ARCHITECTURES, "jumprelu", *TRANSCODERS):
             for name in ("k", "k_heads"):
                 k = getattr(self, name)
                 if k is not None and not 0 < k <= self.d_sae:
@@ -181,12 +201,15 @@ def _hook_name(layer: int, kind: str, heads, n_heads: int) -> str:
 
 
 def _new_sae(cfg: TrainConfig, d_in: int, k: int, meta: SAEMetadata):
-    if cfg.architecture == "topk":
-        return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=cfg.d_sae, k=k,
-                                                     metadata=meta))
-    return StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=cfg.d_sae,
-                                                         l1_coefficient=cfg.l1_coefficient,
-                                                         metadata=meta))
+    """A sae_lens training SAE of ``cfg.architecture`` (:data:`TRAINING_CLASSES`)."""
+    name, fields = TRAINING_CLASSES[cfg.architecture]
+    values = {"k": k, "l1_coefficient": cfg.l1_coefficient, "quadratic": "quadratic",
+              "l0_coefficient": cfg.l0_coefficient,
+              "matryoshka_widths": sorted({max(1, cfg.d_sae >> i)
+                                           for i in range(cfg.matryoshka_levels)})}
+    options = {key: values[field] for key, field in fields.items()}
+    return getattr(sae_lens, name)(getattr(sae_lens, f"{name}Config")(
+        d_in=d_in, d_sae=cfg.d_sae, metadata=meta, **options))
 
 
 def initialise_topk(sae, x: torch.Tensor, how: str, rng: torch.Generator) -> None:
@@ -283,6 +306,9 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
     ``out_dir/<site>`` with ``train_config.json`` (the config, corpus, corpus hash, curves)
     and ``report.csv``. ``progress=False`` hides the step counter."""
     cfg = config or TrainConfig()
+    if cfg.architecture in TRANSCODERS:  # a transcoder per MLP: its own loop
+        return train_transcoders(model, list(sites), cfg, skip=TRANSCODERS[cfg.architecture],
+                                 source=source, out_dir=out_dir, progress=progress)
     ad = adapter(model)
     keys = site_keys(model, sites)
     labels = [k[0] for k in keys]
@@ -338,7 +364,7 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
               for batch in itertools.chain([first], stream))
     held_scaled = {label: held_out[label] * scale[label] for label in labels}
     lr = {label: cfg.lr_at(sae.cfg.d_in, ad.d_model) for label, sae in saes.items()}
-    if cfg.trainer == "batched" and cfg.architecture == "topk":
+    if cfg.trainer == "batched" and cfg.architecture == "topk":  # else sae_lens's trainer
         fit = fit_batched(saes, stream, cfg, held_scaled, dead_window=_dead_window(cfg), lr=lr,
                           before={label: before.get(label, {}) for label in labels},
                           optimizer={label: o for label, o in optimizer.items()
@@ -484,7 +510,21 @@ def load_trained(out_dir: str | Path, model: Any = None) -> dict[str, SparseAuto
     dirs = sorted(p.parent for p in Path(out_dir).glob("*/cfg.json"))
     if not dirs:
         raise FileNotFoundError(f"no SAEs (*/cfg.json) under {out_dir}; train with sage train-sae")
-    return {d.name: load_sae(d, model=model, site=d.name) for d in dirs}
+    return {d.name: load_sae(d, model=model, site=None if transcoder_dir(d) else d.name)
+            for d in dirs}
+
+
+def transcoder_dir(directory: Path) -> bool:
+    """Whether an SAE directory holds a transcoder: placed by its config's hooks (it reads
+    one site and writes another), not by its folder's name."""
+    from ..common.formats import SAE_ARCHITECTURES
+
+    try:
+        arch = json.loads((directory / "cfg.json").read_text()).get("architecture")
+    except (OSError, ValueError, AttributeError):
+        return False
+    spec = SAE_ARCHITECTURES.get(arch or "standard")
+    return bool(spec and spec.transcoder)
 
 
 __all__ = [
@@ -495,4 +535,5 @@ __all__ = [
     "load_trained",
     "train_saes",
     "training_record",
+    "transcoder_dir",
 ]

@@ -2,7 +2,9 @@
 directions at the site and its codes there on the held-out, counterfactual and fit prompts),
 made by a *coder*: :class:`DirectSAE` (SAEs at their own sites), :class:`ReconstructedSAE`
 (residual SAEs reaching sublayer sites through the residual-to-sublayer reconstruction),
-:func:`supervised_code` (the ceiling) and :func:`floor_code` (the floor)."""
+:class:`Transcoders` (transcoders at the MLP output they write, coded from its input),
+:func:`supervised_code` (the ceiling) and :func:`floor_code` (the floor). Each coder's
+``kind`` is how a report labels its dictionaries (:data:`KINDS`)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from ..dictionaries.floor import RandomDictionary
 from ..dictionaries.reconstruction import ResidualReconstruction
 from ..dictionaries.saes import SparseAutoencoder
 from ..dictionaries.supervised import MSEDictionary
+from ..model.linear import mlp_norm, normalized
 from ..model.sites import HEAD_KINDS, RESID_KINDS, Site, adapter
 from . import metrics
 
@@ -24,6 +27,9 @@ SUPERVISED = "supervised"
 
 
 RANDOM = "random"
+#: The kinds of dictionaries, as a report labels them (a coder's ``kind``).
+KINDS = {"direct": "SAE at the site", "reconstructed": "residual SAE through the reconstruction",
+         "transcoder": "transcoder"}
 
 
 @dataclass
@@ -102,8 +108,11 @@ class DirectSAE:
     """SAEs evaluated at their own sites: a residual SAE at a residual site, or SAEs
     trained at sublayer sites (one per head for q/k/v/z), each serving its own site."""
 
+    kind = KINDS["direct"]
+
     def __init__(self, saes: SparseAutoencoder | Sequence[SparseAutoencoder]):
         self.saes = [saes] if isinstance(saes, SparseAutoencoder) else list(saes)
+        _no_transcoders(self.saes, type(self).__name__)
 
     def _sae(self, model, site: Site) -> int | None:
         return next((i for i, s in enumerate(self.saes) if _at_site(model, s, site)), None)
@@ -132,9 +141,12 @@ class ReconstructedSAE:
     the two residual SAEs' reconstructions around the sublayer. Where there are no latent
     directions, edits are not defined (NaN)."""
 
+    kind = KINDS["reconstructed"]
+
     def __init__(self, saes: Mapping[str, SparseAutoencoder] | Sequence[SparseAutoencoder],
                  batch_size: int = 16, mode: str = "input"):
         self.saes = list(saes.values()) if isinstance(saes, Mapping) else list(saes)
+        _no_transcoders(self.saes, type(self).__name__)
         self.batch_size, self.mode = batch_size, mode
         self._fitted = {}
 
@@ -231,13 +243,75 @@ class ReconstructedSAE:
         return out
 
 
+def _no_transcoders(saes: list, coder: str) -> None:
+    found = [s for s in saes if getattr(s, "transcoder", False)]
+    if found:
+        raise ValueError(f"{coder} evaluates SAEs at the site they read; {found[0]!r} is a "
+                         "transcoder (it writes another site): evaluate it with Transcoders")
+
+
+class Transcoders:
+    """Transcoders evaluated as dictionaries of the MLP output they write (``L.mlp_out``):
+    each latent's direction there is its decoder row, its codes come from the transcoder's
+    input (``L.resid_mid``, or the MLP norm's normalised input, at the same token: the MLP
+    reads that token only), and the reconstruction is ``codes @ W_dec + b_dec`` plus a skip
+    transcoder's skip path, which is part of the reconstruction and never latents (edits
+    move latents only). The input is read in the same forward as the sites; the codes are
+    computed here from it (plain torch, nothing of the transcoder travels)."""
+
+    kind = KINDS["transcoder"]
+
+    def __init__(self, transcoders: SparseAutoencoder | Sequence[SparseAutoencoder]):
+        self.saes = [transcoders] if isinstance(transcoders, SparseAutoencoder) \
+            else list(transcoders)
+        plain = [s for s in self.saes if not getattr(s, "transcoder", False)]
+        if plain:
+            raise ValueError(f"{plain[0]!r} is not a transcoder: evaluate SAEs with DirectSAE "
+                             "or ReconstructedSAE")
+
+    def _of(self, site: Site) -> SparseAutoencoder | None:
+        return next((t for t in self.saes if (t.layer, t.kind) == (site.layer, site.kind)),
+                    None)
+
+    def serves(self, model, site: Site) -> bool:
+        return site.head is None and self._of(site) is not None
+
+    def _feed(self, pair) -> tuple[Site, str]:
+        t = self._of(pair[0])
+        return Site(t.input_layer, t.input_kind), pair[1]
+
+    def reads(self, model, pair) -> list[tuple]:
+        return [self._feed(pair)]
+
+    def jobs(self, model, pairs) -> list:
+        return []
+
+    def codes(self, model, pairs, test, cf, values, values_cf, values_fit, computed=None,
+              remote=None) -> dict:
+        ad, out = adapter(model), {}
+        for pair in pairs:
+            t, feed = self._of(pair[0]), self._feed(pair)
+            norm = mlp_norm(ad, model, t.input_layer) if t.input_form == "normalized" else None
+            x, x_cf, x_fit = (v[feed] if norm is None else normalized(v[feed], *norm)
+                              for v in (values, values_cf, values_fit))
+            with torch.no_grad():
+                codes = t.encode(x)
+                out[pair] = SiteCode(values[pair], t.decode(codes, x).float(), values_cf[pair],
+                                     codes.float(), t.encode(x_cf).float(),
+                                     t.decoder().float(), codes_fit=t.encode(x_fit).float())
+        return out
+
+
 def as_coder(sae: Any) -> Any:
-    """A :class:`SparseAutoencoder` (or a list of them) is evaluated at its own site(s);
-    anything with ``serves``, ``reads``, ``codes`` and ``floor`` (e.g. residual SAEs
-    reaching sublayer sites through :class:`ReconstructedSAE`) is used as is."""
+    """A :class:`SparseAutoencoder` (or a list of them) is evaluated at its own site(s),
+    transcoders at the site they write (:class:`Transcoders`); anything with ``serves``,
+    ``reads``, ``codes`` and ``floor`` (e.g. residual SAEs reaching sublayer sites through
+    :class:`ReconstructedSAE`) is used as is."""
     if isinstance(sae, SparseAutoencoder) or (
             isinstance(sae, (list, tuple)) and all(isinstance(s, SparseAutoencoder) for s in sae)):
-        return DirectSAE(sae)
+        members = [sae] if isinstance(sae, SparseAutoencoder) else list(sae)
+        return Transcoders(members) if all(getattr(s, "transcoder", False) for s in members) \
+            else DirectSAE(sae)
     return sae
 
 

@@ -39,6 +39,25 @@ def inv_scale(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
     return torch.rsqrt(var + eps)
 
 
+def normalized(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+    """A norm's output before its weight (TransformerLens' ``hook_normalized``): ``x``
+    centred (a LayerNorm) and scaled by :func:`inv_scale`."""
+    x = x.float()
+    if kind == "layer":
+        x = x - x.mean(-1, keepdim=True)
+    return x * inv_scale(x, kind, eps)
+
+
+def mlp_norm(ad, model, layer: int) -> tuple[str, float] | None:
+    """``(kind, eps)`` of the norm before ``layer``'s MLP (``None``: the MLP reads the
+    residual itself), read off the module's attributes: no weights needed."""
+    arch = ad.arch
+    if not arch.mlp_norm:
+        return None
+    block = ad.blocks(getattr(model, "_module", model))[layer]
+    return norm_settings(getattr(block, arch.mlp_norm), arch.norm_kinds.get(arch.mlp_norm, "rms"))
+
+
 def affine_of(module: torch.nn.Module, d_in: int,
               cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W [d_in, d_out], b)`` of a linear module (Linear or GPT-2's Conv1D), only the

@@ -39,6 +39,11 @@ def sae_fingerprint(coder: Any) -> str:
         h.update(repr([getattr(sae, a, None) for a in (
             "architecture", "k", "layer", "kind", "heads", "hook_name", "normalize", "center",
             "apply_b_dec_to_input", "rescale_acts_by_decoder_norm")]).encode())
+        if getattr(sae, "transcoder", False) or getattr(sae, "activation", "") == \
+                "matching_pursuit":  # only these have more settings (older keys stay as they were)
+            h.update(repr([getattr(sae, a, None) for a in (
+                "input_layer", "input_kind", "input_form", "residual_threshold",
+                "max_iterations", "stop_on_duplicate_support")]).encode())
         for key, value in sorted(sae.state_dict().items()):
             h.update(key.encode())
             h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

@@ -12,6 +12,7 @@ from typing import Any
 from ..common.formats import (
     SAE_ARCHITECTURES,
     TRAINABLE,
+    architecture_problem,
     gguf_problem,
     model_weights_problem,
     sae_weights_problem,
@@ -177,7 +178,7 @@ def sae_problems(spec: str, config: Any = None, model_config: Any = None) -> lis
     if ":" in spec and not spec.startswith((".", "/", "~")):
         return _release_problems(spec)
     return [f"--sae {spec!r}: no such directory; fix: give an SAE directory, "
-            "'train:topk'/'train:standard' (optionally '@sites'), or 'RELEASE:SAE_ID'"]
+            "'train:ARCH' (topk, standard, batchtopk, matryoshka_batchtopk, jumprelu, gated; optionally '@sites'), or 'RELEASE:SAE_ID'"]
 
 
 def _sae_dir_problems(spec: str, path: Path, model_config: Any) -> list[str]:
@@ -208,9 +209,10 @@ def _sae_cfg_problems(where: str, cfg: dict, model_config: Any) -> list[str]:
     from ..model.sites import parse_site
 
     arch = cfg.get("architecture", "standard")
-    if arch not in SAE_ARCHITECTURES:
-        return [f"{where}: architecture {arch!r} is not supported; fix: use one of "
-                f"{', '.join(SAE_ARCHITECTURES)}"]
+    problem = architecture_problem(arch)
+    if problem:
+        return [f"{where}: {problem}; fix: give an SAE of another architecture (one of "
+                f"{', '.join(SAE_ARCHITECTURES)})"]
     d_in = cfg.get("d_in")
     hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
     if model_config is None or not hook or not is_int(d_in):

@@ -67,6 +67,7 @@ def trained_cache(arch: str, model: Any, config: RunConfig, options: dict | None
     ``options`` (``{"width": 512, "k": 8}``, from ``train:topk:width=512:k=8``) override the run's
     ``sae_width`` and TrainConfig's ``k``; a k named in the spec is part of the name
     (``topk-1024-k8``), so each SAE of a sweep has its own name and cache entry."""
+    from ..common.formats import TRAINED_TRANSCODERS, TRANSCODER_TRAINER_VERSION
     from ..dictionaries.corpus import corpus_hash
     from ..dictionaries.training import TRAINER_VERSION, TrainConfig
     from ..model.loading import cache_dir
@@ -78,8 +79,10 @@ def trained_cache(arch: str, model: Any, config: RunConfig, options: dict | None
                       tokens=config.sae_steps * 1024, **extra)
     name = f"{arch}-{width}" + (f"-k{extra['k']}" if extra else "")
     source = sae_corpus(model, config)
+    version = TRAINER_VERSION + (f"-{TRANSCODER_TRAINER_VERSION}"
+                                 if arch in TRAINED_TRANSCODERS else "")
     root = cache_dir() / "saes" / str(model.config._name_or_path).replace("/", "--") / \
-        f"{name}-{cfg.tokens}-seed{cfg.seed}-{TRAINER_VERSION}-{corpus_hash(source)}"
+        f"{name}-{cfg.tokens}-seed{cfg.seed}-{version}-{corpus_hash(source)}"
     return name, cfg, source, root
 
 
@@ -95,7 +98,8 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig,
     ``RELEASE:SAE_ID`` / ``RELEASE:ID_GLOB``: sae_lens pretrained SAEs (:func:`release_saes`;
     from the HF cache when offline).
     """
-    from ..dictionaries.saes import cache_lock, load_sae
+    from ..dictionaries.saes import load_sae
+    from ..dictionaries.sealing import cache_lock
     from ..dictionaries.training import load_trained
 
     if spec.startswith("train:"):
@@ -118,7 +122,7 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig,
     if ":" in spec:
         return release_saes(spec, model, sites)
     raise ValueError(f"--sae {spec!r}: not a directory with cfg.json, a directory of SAE "
-                     "directories, 'train:topk'/'train:standard' (optionally '@sites'), or "
+                     "directories, 'train:ARCH' (topk, standard, batchtopk, matryoshka_batchtopk, jumprelu, gated; optionally '@sites'), or "
                      "'RELEASE:SAE_ID'")
 
 
@@ -128,13 +132,16 @@ def release_saes(spec: str, model: Any, sites: list[str]) -> tuple[str, list]:
     is offline). A glob loads only the SAEs whose residual tensor is one of ``sites`` (the
     residuals the cross-sections need), one per tensor; its name is the glob."""
     from ..dictionaries.releases import (
+        cfg_site,
         expand,
         hook_names,
         is_glob,
         register,
+        sae_config,
         split_spec,
     )
     from ..dictionaries.saes import load_sae
+    from ..dictionaries.serving import TRANSCODER_PREFIX
     from ..model.sites import adapter, parse_site
 
     register()  # $SAGE_NN_SAE_REGISTRY's releases, for SAE.from_pretrained
@@ -146,8 +153,10 @@ def release_saes(spec: str, model: Any, sites: list[str]) -> tuple[str, list]:
     key = lambda name: residual_key(*parse_site(name)[:2], n_layers)  # noqa: E731
     wanted, chosen = {key(s) for s in sites}, {}
     for sae_id, hook in hook_names(spec).items():
-        try:
-            site = key(hook)
+        served = cfg_site(sae_config(release, sae_id)) or ""
+        try:  # a transcoder of layer L's MLP where its resid_mid feeds a cross-section
+            site = (parse_site(served[len(TRANSCODER_PREFIX):])[0], "resid_mid") \
+                if served.startswith(TRANSCODER_PREFIX) else key(hook)
         except (TypeError, ValueError):
             continue  # not a residual site of this model's grammar: serves no cross-section
         if site in wanted and site not in chosen:
@@ -170,14 +179,18 @@ def release_ids(spec: str, members: list) -> list[str | None]:
 def cached_saes(root: Path, model: Any) -> tuple[dict, list[str]]:
     """The intact SAEs of a cache directory by site, and the sites of entries that were
     truncated, corrupt or unreadable: those are removed (and so trained again)."""
-    from ..dictionaries.saes import load_sae, sealed_problem
+    from ..dictionaries.saes import load_sae
+    from ..dictionaries.sealing import sealed_problem
+    from ..dictionaries.training import transcoder_dir
 
     have, broken = {}, []
     for directory in sorted(p.parent for p in root.glob("*/cfg.json")):
         problem = sealed_problem(directory)
         if problem is None:
-            try:
-                have[directory.name] = load_sae(directory, model=model, site=directory.name)
+            try:  # a transcoder is placed by its config's hooks, an SAE by its folder
+                have[directory.name] = load_sae(
+                    directory, model=model,
+                    site=None if transcoder_dir(directory) else directory.name)
                 continue
             except Exception as err:  # noqa: BLE001 (an unreadable entry is retrained)
                 problem = f"{type(err).__name__}: {err}"
@@ -192,7 +205,7 @@ def _train_into_cache(root: Path, model: Any, sites: list[str], cfg, source,
     """Train in a side directory, seal each SAE (SHA-256 of its files) and move it into
     the cache by rename: a killed or failed training leaves nothing a reader takes for an
     SAE. Called with the cache's lock held, so side directories left by killed runs go."""
-    from ..dictionaries.saes import seal
+    from ..dictionaries.sealing import seal
     from ..dictionaries.training import train_saes
 
     for stale in root.parent.glob(f".{root.name}.partial-*"):
@@ -279,6 +292,9 @@ def sae_site(sae, spec: str = "train:") -> str:
     """An SAE's site as saes.json lists it: the hook name of an SAE the user named (a
     release or a directory: ``blocks.8.hook_resid_post`` stays so), else ``L8.resid_post``."""
     heads = sae.heads or []
+    if getattr(sae, "transcoder", False):  # what it reads -> what it writes
+        return f"{sae.hook_name or f'L{sae.input_layer}.{sae.input_kind}'} -> " \
+            f"{sae.hook_name_out or f'L{sae.layer}.{sae.kind}'}"
     site = f"L{sae.layer}.{sae.kind}" + (f".h{heads[0]}" if len(heads) == 1 else "")
     hook = str(sae.hook_name or "")
     if not spec.startswith("train:") and hook.startswith("blocks.") and len(heads) != 1:

@@ -24,17 +24,23 @@ def discovery_restriction(config: "RunConfig", n_layers: int, parallel: bool | N
                           spec_sites: dict[str, list[str]] | None = None
                           ) -> tuple[list[int], list[str]] | None:
     """``(layers, select_kinds)`` discovery is limited to when every ``--sae`` names SAEs
-    already made (a release, a directory): the sites every one of them serves (each SAE is
-    evaluated at every cross-section site). ``None`` when one is trained here (``train:``,
-    placed wherever discovery finds the cross-sections) or its SAEs' sites are unknown.
+    already made (a release, a directory) or trains transcoders (they serve mlp_out): the
+    sites every one of them serves (each SAE is evaluated at every cross-section site).
+    ``None`` when an SAE is trained here (``train:``, placed wherever discovery finds the
+    cross-sections) and no transcoder is, or its SAEs' sites are unknown.
     Raises :class:`UnservableRunError` (one line, with the fix) when nothing is served.
 
     ``spec_sites``: the sites of each spec when already read (else read from configs)."""
     from ..dictionaries.releases import spec_sites as read_sites
 
-    if any(str(s).startswith("train:") for s in config.saes):
-        return None
-    sites = {s: (spec_sites or {}).get(s) or read_sites(s) for s in config.saes}
+    made = [s for s in config.saes if not str(s).startswith("train:")]
+    trained = [s for s in config.saes if str(s).startswith("train:")]
+    if not any(trains_transcoders(s) for s in trained) and trained:
+        return None  # SAEs trained wherever discovery finds the cross-sections
+    # a trained transcoder serves the mlp_out of every layer (it is trained where needed)
+    every_mlp = [f"transcoder:L{layer}.mlp_out" for layer in range(n_layers)]
+    sites = {s: every_mlp for s in trained if trains_transcoders(s)}
+    sites.update({s: (spec_sites or {}).get(s) or read_sites(s) for s in made})
     if any(v is None for v in sites.values()):
         return None
     wanted = select_kinds_of(config)
@@ -139,10 +145,20 @@ def at_sites(spec: str) -> bool:
     return spec.startswith("train:") and spec.endswith("@sites")
 
 
+def trains_transcoders(spec: str) -> bool:
+    """``train:transcoder`` / ``train:skip_transcoder``: transcoders of the MLPs."""
+    from ..common.formats import TRAINED_TRANSCODERS
+
+    return str(spec).startswith("train:") and parse_train_spec(spec)[0] in TRAINED_TRANSCODERS
+
+
 def trained_sites(spec: str, residual: list[str], pairs: list[tuple]) -> list[str]:
     """The sites an ``--sae`` spec needs SAEs at: one at each cross-section site itself
-    (``train:topk@sites``: the sublayer-native comparison), else the residual sites the
+    (``train:topk@sites``: the sublayer-native comparison), a transcoder at each
+    cross-section ``mlp_out`` (``train:transcoder``), else the residual sites the
     cross-sections need."""
+    if trains_transcoders(spec):
+        return list(dict.fromkeys(str(site) for site, _ in pairs if site.kind == "mlp_out"))
     if at_sites(spec):
         return list(dict.fromkeys(str(site) for site, _ in pairs))
     return residual
@@ -167,6 +183,16 @@ def train_group(spec: str) -> tuple:
     return (train_spec(spec)[0], tuple(sorted(train_options(spec).items())))
 
 
+def _serves_as_transcoder(spec: str) -> bool:
+    from ..dictionaries.releases import spec_sites
+    from ..dictionaries.serving import TRANSCODER_PREFIX
+
+    if str(spec).startswith("train:"):
+        return trains_transcoders(spec)
+    found = spec_sites(spec) or []
+    return bool(found) and all(str(s).startswith(TRANSCODER_PREFIX) for s in found)
+
+
 def dropped_kinds_note(config: RunConfig, found: tuple[list[int], list[str]],
                        parallel: bool | None = False) -> str | None:
     """One line naming the kinds a cross-section was allowed to hold that no ``--sae``
@@ -178,6 +204,12 @@ def dropped_kinds_note(config: RunConfig, found: tuple[list[int], list[str]],
     if not dropped:
         return None
     flag = "--select-kinds" if config.select_kinds else "--discovery-kinds"
+    transcoders = [s for s in config.saes if _serves_as_transcoder(s)]
+    if transcoders:  # every --sae serves every site: transcoders hold it to their mlp_out
+        return (f"{flag} {' '.join(wanted)}: --sae {' '.join(transcoders)} (transcoders) "
+                f"serve only the mlp_out they write, so cross-sections hold only "
+                f"{' and '.join(kinds)} (layers {layers}); fix: leave {' '.join(dropped)} out "
+                f"of {flag}, or compare {' '.join(dropped)} in a run without transcoders")
     layer = str(layers[0] if layers else 0)
     needs = []
     for kind in dropped:

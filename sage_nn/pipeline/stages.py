@@ -88,6 +88,25 @@ def served_restriction(config: RunConfig, model: Any) -> tuple[list[int], list[s
     return found
 
 
+def coder_for(members: list, at_sites: bool, config: RunConfig) -> Any:
+    """How one ``--sae``'s SAEs are evaluated: transcoders at the MLP output they write
+    (:class:`~sage_nn.evaluation.coders.Transcoders`), SAEs trained at the cross-section
+    sites or all at sublayer sites at those sites (``DirectSAE``), residual SAEs through the
+    reconstruction (``ReconstructedSAE``). A mix of transcoders and SAEs is refused."""
+    from ..evaluation.coders import DirectSAE, ReconstructedSAE, Transcoders
+    from ..model.sites import RESID_KINDS
+
+    transcoders = [s.transcoder for s in members]
+    if any(transcoders):
+        if not all(transcoders):
+            raise ValueError(f"one --sae mixes transcoders and SAEs ({members[0]!r}, ...): "
+                             "give transcoders and SAEs as separate --sae values")
+        return Transcoders(members)
+    if at_sites or all(s.kind not in RESID_KINDS for s in members):
+        return DirectSAE(members)
+    return ReconstructedSAE(members, batch_size=config.batch_size, mode=config.reconstruction)
+
+
 def discovery_settings(config: RunConfig, attributes: list[str], restriction) -> Any:
     """The run's :class:`~sage_nn.discovery.DiscoveryConfig`. The grid scores what a
     cross-section may hold unless asked for more (heatmaps of every kind cost the residual
@@ -126,7 +145,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
 
     from ..dictionaries.corpus import corpus_hash
     from ..discovery.stage import discover
-    from ..evaluation.coders import CrossSection, DirectSAE, ReconstructedSAE
+    from ..evaluation.coders import CrossSection
     from ..evaluation.scoring import (
         EVALUATION_VERSION,
         evaluate_cross_section,
@@ -135,7 +154,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     from ..model.linear import EagerAttention
     from ..model.loading import load_model
     from ..model.remote import Remote, as_remote
-    from ..model.sites import RESID_KINDS, Site, adapter
+    from ..model.sites import Site, adapter
     from ..report import write_report
     from ..report.saebench import sae_cfg_dict
     from ..tasks.datasets import load_task, logit_diffs
@@ -248,14 +267,10 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         listing = {}
         for spec_ in sae_specs:
             name, members = resolve(spec_, trained_sites(spec_, needed, all_pairs))
-            # a set with no residual SAE (SAEs at heads or sublayers) is applied at its sites
-            here = at_sites(spec_) or not any(m.kind in RESID_KINDS for m in members)
             if name in saes:
                 raise ValueError(f"two --sae values are both named {name!r} (the second is "
                                  f"{spec_!r}); rename one SAE directory")
-            saes[name] = (DirectSAE(members) if here
-                          else ReconstructedSAE(members, batch_size=config.batch_size,
-                                                mode=config.reconstruction))
+            saes[name] = coder_for(members, at_sites(spec_), config)
             training = None
             if spec_.startswith("train:"):  # what the trainer recorded next to the SAEs
                 root_ = trained_cache(train_spec(spec_)[0], model, config,
@@ -264,8 +279,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
             elif Path(spec_).is_dir():  # SAEs train_saes wrote carry their record along
                 training = saved_record(Path(spec_), members)
             listing[name] = {"spec": spec_, "sites": [sae_site(s, spec_) for s in members],
-                             "approach": "at the cross-section sites" if here else
-                             "residual, through the reconstruction",
+                             "approach": saes[name].kind,
                              "n_saes": len(members),
                              "n_saes_all_layers": saes_for_all_layers(model, members),
                              "sae_cfg_dict": sae_cfg_dict(

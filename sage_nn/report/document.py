@@ -309,12 +309,15 @@ def document(results, config, timings, images, k, discovery_note,
     look = Lookup(results)
     approaches = _approach_rows(look, r.saes, sae_info, k)
     if approaches:
-        blocks.append(("h2", "Approaches: residual SAEs through the reconstruction vs SAEs at "
-                             "the sites"))
-        blocks.append(("p", "Quality at the cross-sections (means over the attributes in "
-                            "claims) and how many SAEs an evaluation at every layer of the "
-                            "model would need with each approach."))
-        blocks.append(("table", ["SAE", "approach", "SAEs here", "SAEs for all layers",
+        blocks.append(("h2", "Kinds of dictionary: residual SAEs through the reconstruction, "
+                             "SAEs at the sites, transcoders"))
+        blocks.append(("p", "Each dictionary's kind (a residual SAE reaching the sites through "
+                            "the reconstruction, an SAE at the site itself, or a transcoder "
+                            "of the MLP whose output is the site, coded from the MLP's input), "
+                            "its quality at the cross-sections (means over the attributes in "
+                            "claims) and how many dictionaries an evaluation at every layer of "
+                            "the model would need of that kind."))
+        blocks.append(("table", ["SAE", "kind", "SAEs here", "SAEs for all layers",
                                  "sufficiency", f"edit k={k}", "FVU"], approaches))
     blocks.append(("h2", "Against the floor: is the SAE better than random directions?"))
     blocks.append(("p", "Per headline metric, whether the SAE's 95% interval lies above its "
