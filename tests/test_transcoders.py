@@ -234,6 +234,7 @@ def test_a_run_trains_transcoders_where_the_cross_sections_are(run_root, monkeyp
     assert len(info["sites"]) == len(mlp)
     cached = list((run_root / "cache" / "saes").glob("*/skip_transcoder-64-k4-*-tc2-*/L*.mlp_out"))
     assert sorted(p.name for p in cached) == mlp
+    caplog.clear()  # the first run's messages (logged if an earlier test left INFO on)
     with caplog.at_level("INFO", logger="sage_nn"):
         again = run(config("again"), model=model, progress=False)  # from the cache
     assert not [m for m in caplog.messages if m.startswith("training ")], caplog.messages

@@ -1,13 +1,17 @@
-"""The batched TopK training loop: TopK SAEs of one shape step as one :class:`~.topk.TopKStack`
-from one stream of batches, and every ``check_every`` steps each SAE's held-out FVU and dead
-share are measured (its curve); :func:`converged` is the held-out criterion that stops it.
-``cfg`` is a :class:`~.training.TrainConfig` (its convergence fields and ``max_steps``)."""
+"""The training loops. The batched TopK loop: TopK SAEs of one shape step as one
+:class:`~.topk.TopKStack` from one stream of batches, and every ``check_every`` steps each
+SAE's held-out FVU and dead share are measured (its curve); :func:`converged` is the
+held-out criterion that stops it. :func:`fit_sae_lens`: sae_lens's own trainer, for every
+other architecture. ``cfg`` is a :class:`~.training.TrainConfig` (its convergence fields
+and ``max_steps``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import torch
+from sae_lens.config import SAETrainerConfig
+from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
 from .topk import TopKStack
 
@@ -114,3 +118,27 @@ def fit_batched(saes: dict, stream, cfg, held_out: dict, *, dead_window: int,
     result["steps"] = {label: s + offset[label] for label, s in result["steps"].items()}
     result["converged"] = {label: label in result["converged_at"] for label in saes}
     return result
+
+
+def fit_sae_lens(saes: dict, stream, cfg, *, dead_window: int, lr: Mapping[str, float],
+                 device: str) -> dict:
+    """sae_lens's MultiSAETrainer over the stream, for ``cfg.tokens`` (no held-out checks),
+    each SAE at its learning rate ``lr`` (its constant schedule's base rate)."""
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=cfg.tokens, train_batch_size_samples=cfg.batch_size,
+        lr=cfg.lr, lr_end=cfg.lr / 10, lr_scheduler_name="constant",
+        dead_feature_window=dead_window, feature_sampling_window=max(1, cfg.max_steps),
+        device=device)
+    trainer = MultiSAETrainer(trainer_cfg, saes, {label: label for label in saes}, stream)
+    for label, one in trainer.trainers.items():
+        for group in one.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = lr[label]
+        for schedule in (one.lr_scheduler, *getattr(one.lr_scheduler, "_schedulers", ())):
+            if hasattr(schedule, "base_lrs"):  # SequentialLR holds its parts' only
+                schedule.base_lrs = [lr[label]] * len(schedule.base_lrs)
+    trained = trainer.fit()  # sae_lens shows a progress bar
+    for label in saes:  # fit() returns the same modules, trained
+        saes[label] = trained[label]
+    return {"steps": {label: trainer.n_training_steps for label in saes},
+            "dead": {label: int(trainer.trainers[label].dead_neurons.sum()) for label in saes},
+            "curves": {}, "converged": {}, "converged_at": {}, "optimizer": {}}

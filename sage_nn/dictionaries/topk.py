@@ -21,6 +21,10 @@ import torch
 #: the stacked parameters: the encoder is kept transposed, ``[S, d_sae, d_in]``, so that
 #: its gradient (a sum of inputs per latent) has the layout of the decoder's
 NAMES = ("W_encT", "b_enc", "W_dec", "b_dec")
+#: How a TopK SAE starts (:func:`initialise_topk`): "data" (decoder rows from the first
+#: batch's tokens), "scaled" (sae_lens's random rows), both at unit norm with the encoder
+#: scaled to fit the batch; "sae_lens" (rows of norm 0.1, sae_lens's default)
+WEIGHT_INITS = ("data", "scaled", "sae_lens")
 
 
 def decode_active(coef: torch.Tensor, index: torch.Tensor,
@@ -262,3 +266,27 @@ class TopKStack:
 
     def l0_in_training(self, i: int) -> float:
         return (self.fired_count[i].sum() / max(1, self.n_seen)).item()
+
+
+def initialise_topk(sae, x: torch.Tensor, how: str, rng: torch.Generator) -> None:
+    """Start a TopK SAE where training would take hundreds of steps to get: unit decoder
+    rows (``"data"``: the batch's own centred tokens, a quarter of sae_lens's random rows
+    added; ``"scaled"``: sae_lens's random rows),
+    the encoder their transpose times the one scale that fits the batch ``x`` best. TopK
+    picks the same latents at any positive scale of the encoder, so that scale is a least-
+    squares fit of the reconstruction; sae_lens's rows of norm 0.1 reconstruct about a
+    hundredth of the input, and Adam grows them by about ``lr`` a step."""
+    with torch.no_grad():
+        centred = x - sae.b_dec
+        rows = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+        if how == "data":  # a quarter random: a corpus repeats tokens, and equal rows tie
+            pick = torch.randint(len(x), (sae.cfg.d_sae,), generator=rng)
+            rows = rows / 4 + centred[pick] / centred[pick].norm(dim=1, keepdim=True)
+            rows /= rows.norm(dim=1, keepdim=True)
+        pre = centred @ rows.T
+        top = pre.topk(sae.cfg.k, dim=-1)
+        recon = torch.zeros_like(pre).scatter_(1, top.indices, top.values.relu()) @ rows
+        fit = (centred * recon).sum() / recon.pow(2).sum().clamp_min(1e-12)
+        sae.W_dec.copy_(rows)
+        sae.W_enc.copy_(rows.T * fit.clamp_min(1e-6))
+        sae.b_enc.zero_()

@@ -31,9 +31,7 @@ import pandas as pd
 # sae_lens before any trace runs (why: sage_nn/dictionaries/saes.py, top).
 import sae_lens
 import torch
-from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
-from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -41,9 +39,10 @@ from ..common.formats import TRAINABLE
 from ..model.activations import model_device
 from ..model.sites import HEAD_KINDS, adapter
 from .corpus import corpus_hash, corpus_units, text_sources
-from .fit import converged, fit_batched
+from .fit import converged, fit_batched, fit_sae_lens
 from .saes import SparseAutoencoder, from_sae_lens
 from .stream import count_tokens, read_activations, shuffled, site_keys, site_width
+from .topk import WEIGHT_INITS, initialise_topk
 from .transcoding import TRANSCODERS, train_transcoders
 
 #: What ``architecture`` trains, by name: sae_lens's training class (its config class is the
@@ -66,10 +65,6 @@ K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
 # (sae_lens's TopK training math); "sae_lens": sae_lens's MultiSAETrainer, one SAETrainer
 # per SAE. Every other architecture always trains with sae_lens's trainer.
 TRAINERS = ("batched", "sae_lens")
-#: How a TopK SAE starts (:func:`initialise_topk`): "data" (decoder rows from the first
-#: batch's tokens), "scaled" (sae_lens's random rows), both at unit norm with the encoder
-#: scaled to fit the batch; "sae_lens" (rows of norm 0.1, sae_lens's default)
-WEIGHT_INITS = ("data", "scaled", "sae_lens")
 #: sae_lens's names: "expected_average_only_in" scales every site to an average norm of
 #: sqrt(d_in) for training (the factor is folded into the saved weights); "none" does not
 NORMALIZATIONS = ("expected_average_only_in", "none")
@@ -212,30 +207,6 @@ def _new_sae(cfg: TrainConfig, d_in: int, k: int, meta: SAEMetadata):
         d_in=d_in, d_sae=cfg.d_sae, metadata=meta, **options))
 
 
-def initialise_topk(sae, x: torch.Tensor, how: str, rng: torch.Generator) -> None:
-    """Start a TopK SAE where training would take hundreds of steps to get: unit decoder
-    rows (``"data"``: the batch's own centred tokens, a quarter of sae_lens's random rows
-    added; ``"scaled"``: sae_lens's random rows),
-    the encoder their transpose times the one scale that fits the batch ``x`` best. TopK
-    picks the same latents at any positive scale of the encoder, so that scale is a least-
-    squares fit of the reconstruction; sae_lens's rows of norm 0.1 reconstruct about a
-    hundredth of the input, and Adam grows them by about ``lr`` a step."""
-    with torch.no_grad():
-        centred = x - sae.b_dec
-        rows = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
-        if how == "data":  # a quarter random: a corpus repeats tokens, and equal rows tie
-            pick = torch.randint(len(x), (sae.cfg.d_sae,), generator=rng)
-            rows = rows / 4 + centred[pick] / centred[pick].norm(dim=1, keepdim=True)
-            rows /= rows.norm(dim=1, keepdim=True)
-        pre = centred @ rows.T
-        top = pre.topk(sae.cfg.k, dim=-1)
-        recon = torch.zeros_like(pre).scatter_(1, top.indices, top.values.relu()) @ rows
-        fit = (centred * recon).sum() / recon.pow(2).sum().clamp_min(1e-12)
-        sae.W_dec.copy_(rows)
-        sae.W_enc.copy_(rows.T * fit.clamp_min(1e-6))
-        sae.b_enc.zero_()
-
-
 def _initial(init: Any, labels: Sequence[str]) -> dict[str, Path]:
     """The SAE directories ``init`` names per site: a directory of site directories (as
     :func:`train_saes` writes), or ``{site: directory}``."""
@@ -370,7 +341,8 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
                           optimizer={label: o for label, o in optimizer.items()
                                      if o is not None})
     else:
-        fit = _fit_sae_lens(saes, stream, cfg, model, lr)
+        fit = fit_sae_lens(saes, stream, cfg, dead_window=_dead_window(cfg), lr=lr,
+                           device=str(model_device(model)))
     plain = {}
     for label in labels:
         saes[label].fold_activation_norm_scaling_factor(scale[label])
@@ -423,30 +395,6 @@ def _dead_window(cfg: TrainConfig) -> int:
     """Steps without firing after which a latent counts as dead (sae_lens's
     ``dead_feature_window``; the TopK auxiliary loss trains those)."""
     return cfg.dead_window or max(1, cfg.max_steps // 4)
-
-
-def _fit_sae_lens(saes: dict, stream, cfg: TrainConfig, model: Any,
-                  lr: Mapping[str, float]) -> dict:
-    """sae_lens's MultiSAETrainer over the stream, for ``cfg.tokens`` (no held-out checks),
-    each SAE at its learning rate ``lr`` (its constant schedule's base rate)."""
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=cfg.tokens, train_batch_size_samples=cfg.batch_size,
-        lr=cfg.lr, lr_end=cfg.lr / 10, lr_scheduler_name="constant",
-        dead_feature_window=_dead_window(cfg), feature_sampling_window=max(1, cfg.max_steps),
-        device=str(model_device(model)))
-    trainer = MultiSAETrainer(trainer_cfg, saes, {label: label for label in saes}, stream)
-    for label, one in trainer.trainers.items():
-        for group in one.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] = lr[label]
-        for schedule in (one.lr_scheduler, *getattr(one.lr_scheduler, "_schedulers", ())):
-            if hasattr(schedule, "base_lrs"):  # SequentialLR holds its parts' only
-                schedule.base_lrs = [lr[label]] * len(schedule.base_lrs)
-    trained = trainer.fit()  # sae_lens shows a progress bar
-    for label in saes:  # fit() returns the same modules, trained
-        saes[label] = trained[label]
-    return {"steps": {label: trainer.n_training_steps for label in saes},
-            "dead": {label: int(trainer.trainers[label].dead_neurons.sum()) for label in saes},
-            "curves": {}, "converged": {}, "converged_at": {}, "optimizer": {}}
 
 
 def _as_inference(training_sae):
