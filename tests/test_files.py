@@ -116,7 +116,7 @@ def test_sae_weights_whose_header_is_garbage_or_disagrees_with_cfg(files, tmp_pa
     save_file({"W_enc": np.zeros((32, 48), np.float32), "W_dec": np.zeros((48, 32), np.float32)},
               partial / "sae_weights.safetensors")
     (problem,) = validate(config(files, saes=[str(partial)]))
-    assert "sae_weights.safetensors lacks tensor(s) b_dec, b_enc that a topk SAE needs " \
+    assert "sae_weights.safetensors lacks tensor(s) b_enc, b_dec that a topk SAE needs " \
            "(it holds W_dec, W_enc)" in problem, problem
 
 
