@@ -100,7 +100,9 @@ class TrainConfig:
     sites, target L0 ``k``, :mod:`.transcoding`).
     ``dead_window``: steps without firing after which a latent
     counts as dead in training, and the TopK auxiliary loss trains it (None: a quarter of
-    the step cap).
+    the step cap). ``weight_init``: where a TopK SAE starts (:data:`~.topk.WEIGHT_INITS`).
+    ``lr``: Adam's rate at the residual's width; ``lr_by_width``: narrower sites step
+    faster (:meth:`lr_at`).
 
     Convergence (TopK SAEs, batched trainer): every ``check_every`` steps each SAE's FVU
     and dead share on the held-out tokens are measured (its curve). An SAE has converged
