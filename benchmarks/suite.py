@@ -48,8 +48,15 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/suite.json")
     parser.add_argument("--add", action="store_true",
                         help="then rerun adding the trained SAE set as a directory")
+    parser.add_argument("--add-only", action="store_true",
+                        help="only that rerun, on the suite and results a cold run left")
     args = parser.parse_args()
     suite_dir, cache = Path(args.suite_dir), Path(args.cache)
+    if args.add_only:
+        os.environ["SAGE_NN_CACHE"] = str(cache.resolve())
+        config = RunConfig(saes=["train:topk"], sae_corpus=SUITE_CORPUS, run_dir=str(suite_dir))
+        add(config, suite_dir, cache, json.loads(Path(args.out).read_text()), args.out)
+        return
     if suite_dir.exists() or cache.exists():
         sys.exit(f"benchmarks/suite.py: error: {suite_dir} or {cache} exists; fix: remove "
                  "them (a cold suite starts from nothing)")
@@ -67,13 +74,18 @@ def main():
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(json.dumps(out["cold"], indent=2))
     if args.add:
-        trained = next((cache / "saes").glob("*/topk-*"))
-        given = suite_dir.parent / "suite-bench-saes" / "topk-given"
-        shutil.copytree(trained, given)
-        out["add_trained_set"] = {"sae": str(given), **phase(
-            RunConfig(**{**config.__dict__, "saes": ["train:topk", str(given)]}), suite_dir)}
-        Path(args.out).write_text(json.dumps(out, indent=2))
-        print(json.dumps(out["add_trained_set"], indent=2))
+        add(config, suite_dir, cache, out, args.out)
+
+
+def add(config: RunConfig, suite_dir: Path, cache: Path, out: dict, path: str) -> None:
+    """Rerun the suite adding the SAE set it trained, given as a directory."""
+    trained = next(p for p in (cache / "saes").glob("*/topk-*") if p.is_dir())  # not a .lock
+    given = suite_dir.parent / "suite-bench-saes" / "topk-given"
+    shutil.copytree(trained, given, dirs_exist_ok=True)
+    out["add_trained_set"] = {"sae": str(given), **phase(
+        RunConfig(**{**config.__dict__, "saes": ["train:topk", str(given)]}), suite_dir)}
+    Path(path).write_text(json.dumps(out, indent=2))
+    print(json.dumps(out["add_trained_set"], indent=2))
 
 
 if __name__ == "__main__":
