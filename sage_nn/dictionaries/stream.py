@@ -12,7 +12,7 @@ import torch
 
 from ..model.activations import model_device
 from ..model.sites import HEAD_KINDS, adapter, parse_site
-from .corpus import Tokens
+from .corpus import Tokens, corpus_units
 
 
 def site_keys(model: Any, sites: Sequence[str]) -> list[tuple[str, int, str, list | None]]:
@@ -91,6 +91,23 @@ def count_tokens(units, skip_first: int) -> int:
     """Training tokens the units give (each one's kept positions, or all after the first)."""
     return sum(len(u.keep) if isinstance(u, Tokens) else max(0, len(u) - skip_first)
                for u in units)
+
+
+def split_corpus(model: Any, source: Any, cfg, rng: torch.Generator):
+    """``source``'s units (:func:`~.corpus.corpus_units`) shuffled by ``rng``, split into
+    ``(held_out, train, training tokens per pass)``: ``cfg.eval_fraction`` of them held out.
+    Refuses a corpus with no training part or fewer training tokens than one batch."""
+    units = corpus_units(model, source, cfg)
+    units = [units[i] for i in torch.randperm(len(units), generator=rng)]
+    n_eval = max(1, int(len(units) * cfg.eval_fraction))
+    held_out, train = units[:n_eval], units[n_eval:]
+    if not train:
+        raise ValueError("not enough text for a held-out split; add text or lower eval_fraction")
+    tokens = count_tokens(train, cfg.skip_first)
+    if tokens < cfg.batch_size:
+        raise ValueError(f"{tokens} training tokens, fewer than batch_size "
+                         f"{cfg.batch_size}: add text or lower batch_size")
+    return held_out, train, tokens
 
 
 def read_activations(model: Any, units, labels: Sequence[str], *, skip_first: int,

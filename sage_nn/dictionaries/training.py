@@ -38,10 +38,10 @@ from tqdm.auto import tqdm
 from ..common.formats import TRAINABLE
 from ..model.activations import model_device
 from ..model.sites import HEAD_KINDS, adapter
-from .corpus import corpus_hash, corpus_units, text_sources
+from .corpus import corpus_hash, text_sources
 from .fit import converged, fit_batched, fit_sae_lens
 from .saes import SparseAutoencoder, from_sae_lens
-from .stream import count_tokens, read_activations, shuffled, site_keys, site_width
+from .stream import read_activations, shuffled, site_keys, site_width, split_corpus
 from .topk import WEIGHT_INITS, initialise_topk
 from .transcoding import TRANSCODERS, train_transcoders
 
@@ -290,16 +290,7 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
     starts = _initial(init, labels) if init is not None else {}
     torch.manual_seed(cfg.seed)
     rng = torch.Generator().manual_seed(cfg.seed)
-    units = corpus_units(model, source, cfg)
-    units = [units[i] for i in torch.randperm(len(units), generator=rng)]
-    n_eval = max(1, int(len(units) * cfg.eval_fraction))
-    eval_units, train_units = units[:n_eval], units[n_eval:]
-    if len(train_units) == 0:
-        raise ValueError("not enough text for a held-out split; add text or lower eval_fraction")
-    tokens_per_pass = count_tokens(train_units, cfg.skip_first)
-    if tokens_per_pass < cfg.batch_size:
-        raise ValueError(f"{tokens_per_pass} training tokens, fewer than batch_size "
-                         f"{cfg.batch_size}: add text or lower batch_size")
+    eval_units, train_units, tokens_per_pass = split_corpus(model, source, cfg, rng)
     name = str(model.config._name_or_path)
     corpus_name = "+".join(str(p) for p in text_sources(source))
     saes = {}

@@ -38,9 +38,9 @@ from sae_lens.saes.sae import SAEMetadata
 from ..common.formats import TRAINED_TRANSCODERS
 from ..model.linear import mlp_norm, normalized
 from ..model.sites import Site, adapter, parse_site
-from .corpus import corpus_units, text_sources
+from .corpus import text_sources
 from .saes import SparseAutoencoder, from_sae_lens
-from .stream import count_tokens, read_activations, shuffled
+from .stream import read_activations, shuffled, split_corpus
 
 #: ``train:NAME`` for transcoders: whether each adds a linear skip path
 TRANSCODERS = TRAINED_TRANSCODERS
@@ -105,14 +105,7 @@ def train_transcoders(model: Any, sites: list[str], config: Any, *, skip: bool =
     labels = [f"L{layer}.{kind}" for layer in layers for kind in ("resid_mid", "mlp_out")]
     torch.manual_seed(cfg.seed)
     rng = torch.Generator().manual_seed(cfg.seed)
-    units = corpus_units(model, source, cfg)
-    units = [units[i] for i in torch.randperm(len(units), generator=rng)]
-    n_eval = max(1, int(len(units) * cfg.eval_fraction))
-    eval_units, train_units = units[:n_eval], units[n_eval:]
-    tokens_per_pass = count_tokens(train_units, cfg.skip_first)
-    if not train_units or tokens_per_pass < cfg.batch_size:
-        raise ValueError(f"{tokens_per_pass} training tokens, fewer than batch_size "
-                         f"{cfg.batch_size}: add text or lower batch_size")
+    eval_units, train_units, tokens_per_pass = split_corpus(model, source, cfg, rng)
     read = {"skip_first": cfg.skip_first, "batch_tokens": cfg.model_batch_size * cfg.context_size}
     norms = {layer: mlp_norm(ad, model, layer) for layer in layers}
 
