@@ -185,8 +185,18 @@ def sae_eval_output(results: xr.Dataset, sae: str, *, config: Mapping | None = N
     eval_config = {"metric": "logit difference (answer - distractor) at the last token",
                    "ceiling": CEILING, "floor": FLOOR_PREFIX + sae,
                    "ks": [int(k) for k in results["k"].values], **dict(config or {})}
+    return eval_document(EVAL_TYPE_ID, sae, eval_config, categories, details, ident, info,
+                         {"attributes": attributes,
+                          **({"set": info["set"]} if info.get("set") else {})})
+
+
+def eval_document(eval_type_id: str, sae: str, eval_config: Mapping, categories: Mapping,
+                  details: list, ident: Mapping, info: Mapping, unstructured: Mapping) -> dict:
+    """SAEBench's eval-results layout (SAE ``sae``, one evaluation) around its metrics
+    (``eval_result_metrics``, by category) and details; ``ident``: :func:`sae_identity`;
+    ``unstructured``: what else ``eval_result_unstructured`` holds."""
     return jsonable({
-        "eval_type_id": EVAL_TYPE_ID,
+        "eval_type_id": eval_type_id,
         "eval_config": eval_config,
         "eval_id": str(uuid.uuid4()),
         "datetime_epoch_millis": int(time.time() * 1000),
@@ -198,10 +208,10 @@ def sae_eval_output(results: xr.Dataset, sae: str, *, config: Mapping | None = N
         "sae_lens_version": _version("sae_lens"),
         "sae_cfg_dict": info.get("sae_cfg_dict", {}),
         "eval_result_unstructured": {"sage_nn_version": _version("sage_nn"),
-                                     "sage_nn_commit_hash": _commit_hash(), "sae": sae,
+                                     "sage_nn_commit_hash": _commit_hash(),
+                                     "sae": sae,
                                      "release": ident["release"], "sae_id": ident["sae_id"],
-                                     "spec": info.get("spec"), "attributes": attributes,
-                                     **({"set": info["set"]} if info.get("set") else {})},
+                                     "spec": info.get("spec"), **unstructured},
     })
 
 

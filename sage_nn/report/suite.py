@@ -7,8 +7,6 @@ heatmap, the score against L0, one SAEBench-shaped JSON per SAE and the summary.
 from __future__ import annotations
 
 import json
-import time
-import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,8 +16,7 @@ import pandas as pd
 import xarray as xr
 
 from ..common.figures import figure, finish
-from ..common.io import jsonable
-from .saebench import eval_results_file, sae_identity
+from .saebench import eval_document, eval_results_file, sae_identity
 from .tables import (
     HEADLINE,
     comparison_table,
@@ -267,27 +264,15 @@ def suite_eval_output(ds: xr.Dataset, table: pd.DataFrame, sae: str, *,
                 **{f: num(getattr(r, f)) for f in FIELDS}, "in_claims": bool(r.in_claims),
                 "reason": r.reason or None}
                for r in suite_table(ds.sel(sae=[sae])).itertuples() if not r.gated]
-    return jsonable({
-        "eval_type_id": EVAL_TYPE_ID,
-        "eval_config": {"tasks": [str(t) for t in ds.task.values],
-                        "metrics": [str(m) for m in ds.metric.values],
-                        "edit_k": int(ds.attrs.get("edit_k", 2)),
-                        "score": "mean over attributes in claims of the mean gap closed "
-                                 "(sae - floor) / (ceiling - floor) over the metrics; "
-                                 "higher is better",
-                        "n_boot": table.attrs.get("n_boot"), "seed": table.attrs.get("seed"),
-                        **dict(config or {})},
-        "eval_id": str(uuid.uuid4()),
-        "datetime_epoch_millis": int(time.time() * 1000),
-        "eval_result_metrics": categories,
-        "eval_result_details": details,
-        "sae_bench_commit_hash": None,
-        "sae_lens_id": ident["sae_lens_id"],
-        "sae_lens_release_id": ident["sae_lens_release_id"],
-        "sae_cfg_dict": info.get("sae_cfg_dict", {}),
-        "eval_result_unstructured": {"sae": sae, "release": ident["release"],
-                                     "sae_id": ident["sae_id"], "spec": info.get("spec")},
-    })
+    eval_config = {"tasks": [str(t) for t in ds.task.values],
+                   "metrics": [str(m) for m in ds.metric.values],
+                   "edit_k": int(ds.attrs.get("edit_k", 2)),
+                   "score": "mean over attributes in claims of the mean gap closed "
+                            "(sae - floor) / (ceiling - floor) over the metrics; "
+                            "higher is better",
+                   "n_boot": table.attrs.get("n_boot"), "seed": table.attrs.get("seed"),
+                   **dict(config or {})}
+    return eval_document(EVAL_TYPE_ID, sae, eval_config, categories, details, ident, info, {})
 
 
 def _mean(values: np.ndarray) -> float | None:
