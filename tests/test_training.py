@@ -76,7 +76,7 @@ def test_errors_name_the_fix(text_file, tmp_path):
     model = tiny_random_model("llama")
     with pytest.raises(ValueError, match="cannot train architecture 'abstopk'"):
         TrainConfig(architecture="abstopk")
-    with pytest.raises(ValueError, match="weight_init='zeros': choose one of data, scaled, sae_lens"):
+    with pytest.raises(ValueError, match="weight_init=.zeros.: choose one of data, scaled"):
         TrainConfig(weight_init="zeros")
     with pytest.raises(FileNotFoundError, match="use 'builtin', a .txt file"):
         load_texts(tmp_path / "missing.txt")
