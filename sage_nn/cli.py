@@ -148,7 +148,9 @@ def _run(args) -> None:
 
 
 def _suite(args) -> None:
-    from .pipeline.suite import SUITE_CORPUS, run_suite
+    import yaml
+
+    from .pipeline.suite import SUITE_DEFAULTS, run_suite
 
     if args.task is not None:
         raise ValueError("sage suite takes --tasks (several task names or YAML paths), not "
@@ -156,7 +158,10 @@ def _suite(args) -> None:
     if args.dry_run:
         raise ValueError("sage suite has no --dry-run; fix: sage run --dry-run --task NAME "
                          "for each task's remote requests")
-    args.sae_corpus = args.sae_corpus or SUITE_CORPUS
+    in_file = set(yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else set()
+    for name, value in SUITE_DEFAULTS.items():  # a suite's defaults, under flags and file
+        if getattr(args, name) is None and name not in in_file:
+            setattr(args, name, value)
     args.run_dir = args.run_dir or "runs/suite"
     suite = run_suite(_run_config(args), tasks=args.tasks, min_accuracy=args.min_accuracy,
                       corpus_tasks=args.corpus_tasks)

@@ -30,6 +30,12 @@ log = logging.getLogger("sage_nn")
 
 #: the SAE corpus of a suite by default: the built-in text and every task's prompts
 SUITE_CORPUS = "builtin+task@positions"
+#: the cap on a suite's SAE training steps: the mixed corpus is larger than one task's, and
+#: at a run's 300 four of the 13 residual SAEs of the SmolLM2 suite had not converged (each
+#: still stops where its held-out FVU stops improving; benchmarks/results/suite.json)
+SUITE_SAE_STEPS = 600
+#: what a suite's RunConfig has unless it says otherwise (``suite_config``)
+SUITE_DEFAULTS = {"sae_corpus": SUITE_CORPUS, "sae_steps": SUITE_SAE_STEPS}
 #: a task whose held-out accuracy is below this is one the model does not do
 MIN_ACCURACY = 0.8
 #: a task none of whose attributes moves the logit difference this much (logits) has
@@ -40,6 +46,11 @@ SUITE_FILE = "suite.json"
 
 class NotASuiteError(FileNotFoundError):
     """A directory that does not hold a finished suite; the message says what is missing."""
+
+
+def suite_config(**settings) -> RunConfig:
+    """A suite's :class:`RunConfig`: ``settings`` over :data:`SUITE_DEFAULTS` over a run's."""
+    return RunConfig(**{**SUITE_DEFAULTS, **settings})
 
 
 def suite_tasks(tasks: list[str] | None = None) -> dict[str, str]:
@@ -107,7 +118,7 @@ def run_suite(config: RunConfig | None = None, tasks: list[str] | None = None,
               min_accuracy: float = MIN_ACCURACY, min_effect: float = MIN_EFFECT) -> Suite:
     """Run ``tasks`` (default: every task in ``tasks/``; names or YAML paths) with the SAEs
     and settings of ``config`` (its ``task`` and ``run_dir`` are replaced per task; default
-    ``RunConfig(sae_corpus=SUITE_CORPUS)``) under ``suite_dir`` (default ``config.run_dir``);
+    ``suite_config()``) under ``suite_dir`` (default ``config.run_dir``);
     resumable. ``corpus_tasks``: the tasks whose prompts the SAE corpus mixes (default: the
     ones ``suite.json`` recorded, else every task). Returns the :class:`Suite`."""
     from ..model.loading import load_model
@@ -115,7 +126,7 @@ def run_suite(config: RunConfig | None = None, tasks: list[str] | None = None,
     from .stages import run
     from .validate import InvalidRunError, task_problems, validate
 
-    config = config or RunConfig(sae_corpus=SUITE_CORPUS)
+    config = config or suite_config()
     root = Path(suite_dir or config.run_dir)
     named = suite_tasks(tasks)
     try:
