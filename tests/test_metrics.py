@@ -294,3 +294,22 @@ def test_bootstrap_of_all_resamples_at_once_equals_one_by_one(name):
     one_by_one = metrics.bootstrap(lambda *a: float(metric(*a)), *arrays, n_boot=300, seed=3)
     assert np.isfinite(at_once).all()
     np.testing.assert_allclose(at_once, one_by_one, rtol=1e-12)
+
+
+def test_signed_codes_are_active_by_their_size():
+    """AbsTopK SAEs keep the k codes of largest |value|, so a latent may fire negatively. A
+    latent that is -2 exactly on the A prompts is A's perfect detector (not 'never active'),
+    and the F1 edit removes it at its signed code; with its sign flipped it detects the same."""
+    labels = pd.DataFrame({"io": ["A", "B"] * 4})
+    on_a = (labels.io == "A").to_numpy()
+    codes = np.stack([np.where(on_a, -2.0, 0.0), np.where(on_a, 0.0, 1.0)], 1)
+    f1, threshold = metrics.latent_f1(codes, labels)["io", "A"]
+    assert f1.tolist() == [pytest.approx(1.0), 0.0] and threshold[0] == 0.0
+    assert metrics.latent_f1(-codes, labels)["io", "A"][0][0] == pytest.approx(1.0)
+    held_out = metrics.interpretability(codes, labels, codes, labels)
+    assert float(held_out.best_f1.sel(attribute="io", value="A")) == pytest.approx(1.0)
+    ranked = {"A": np.array([0, 1]), "B": np.array([1, 0])}
+    chosen, coefs = metrics.f1_path(torch.tensor(codes[:1]), torch.tensor(codes[1:2]),
+                                    ["A"], ["B"], ranked, k=1)
+    assert chosen.tolist() == [[0, 1]]  # A's negative latent removed, B's added
+    torch.testing.assert_close(coefs, torch.tensor([[2.0, 1.0]], dtype=torch.float64))
