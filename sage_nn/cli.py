@@ -147,10 +147,23 @@ def _run(args) -> None:
     print(f"report: {result.report / 'summary.md'}")
 
 
-def _suite(args) -> None:
+def _suite_config(args):
+    """The RunConfig of ``sage suite``: ``sage run``'s, with a suite's defaults
+    (:data:`~sage_nn.pipeline.suite.SUITE_DEFAULTS`) where neither a flag nor the
+    ``--config`` file sets them."""
     import yaml
 
-    from .pipeline.suite import SUITE_DEFAULTS, run_suite
+    from .pipeline.suite import SUITE_DEFAULTS
+
+    in_file = set(yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else set()
+    for name, value in SUITE_DEFAULTS.items():
+        if getattr(args, name) is None and name not in in_file:
+            setattr(args, name, value)
+    return _run_config(args)
+
+
+def _suite(args) -> None:
+    from .pipeline.suite import run_suite
 
     if args.task is not None:
         raise ValueError("sage suite takes --tasks (several task names or YAML paths), not "
@@ -158,12 +171,8 @@ def _suite(args) -> None:
     if args.dry_run:
         raise ValueError("sage suite has no --dry-run; fix: sage run --dry-run --task NAME "
                          "for each task's remote requests")
-    in_file = set(yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else set()
-    for name, value in SUITE_DEFAULTS.items():  # a suite's defaults, under flags and file
-        if getattr(args, name) is None and name not in in_file:
-            setattr(args, name, value)
     args.run_dir = args.run_dir or "runs/suite"
-    suite = run_suite(_run_config(args), tasks=args.tasks, min_accuracy=args.min_accuracy,
+    suite = run_suite(_suite_config(args), tasks=args.tasks, min_accuracy=args.min_accuracy,
                       corpus_tasks=args.corpus_tasks)
     for name, task in suite.record["tasks"].items():
         print(f"{name}: " + (f"gated out: {task['gate']}" if task["gate"] else

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import TINY_TASK, write_tiny_run_files
 from sage_nn import open_run, tiny_random_model
-from sage_nn.cli import _run_config, build_parser, main
+from sage_nn.cli import _run_config, _suite_config, build_parser, main
 from sage_nn.pipeline.config import RunConfig
 from sage_nn.tasks.datasets import available_tasks, load_task
 
@@ -67,6 +67,20 @@ def test_existing_flag_names_and_the_config_file(tmp_path):
     path.write_text("task: pronouns\nn_fit: 10\nks: [1, 2]\n")
     config = parse_run("--config", str(path), "--n-fit", "12")
     assert (config.task, config.n_fit, config.ks) == ("pronouns", 12, [1, 2])
+
+
+def test_suite_defaults_yield_to_flags_and_the_config_file(tmp_path):
+    """A suite trains on the mixed corpus for up to 600 steps unless told otherwise."""
+    def suite(*argv):
+        return _suite_config(build_parser().parse_args(["suite", *argv]))
+
+    assert (suite().sae_corpus, suite().sae_steps) == ("builtin+task@positions", 600)
+    assert suite("--sae-steps", "50").sae_steps == 50
+    path = tmp_path / "c.yaml"
+    path.write_text("sae_corpus: builtin\nsae_steps: 40\n")
+    assert (suite("--config", str(path)).sae_corpus, suite("--config", str(path)).sae_steps) \
+        == ("builtin", 40)
+    assert parse_run().sae_steps == 300  # a run's own default
 
 
 def test_remote_flag_values():
