@@ -126,6 +126,13 @@ def test_a_suite_runs_each_task_trains_once_and_gates_the_task_the_model_cannot_
     assert doc["eval_result_metrics"]["tiny-backwards"]["gated"] is True
     assert (suite.report_dir / "heatmap.png").exists()
 
+    # trained SAEs shown trained: one record over every task's sites, in the summary too
+    per_task = [set(s["topk-64"]["sae_cfg_dict"]["training"]["steps_used"]) for s in saes]
+    assert set(doc["sae_cfg_dict"]["training"]["steps_used"]) == set.union(*per_task)
+    assert "## SAEs" in summary and "| topk-64 | topk |" in summary
+    assert ("| topk-64 (not converged) |" in summary) == (
+        not all(doc["sae_cfg_dict"]["training"]["converged"].values()))
+
 
 
 def test_a_task_and_an_sae_added_later_compute_only_what_is_new(suite_setup, first_suite,
@@ -188,6 +195,20 @@ def suite_of(gaps: dict, gated=(), out_of_claims=()):
          "gated": ("task", np.array([t in gated for t in tasks])),
          "gate_reason": ("task", np.array(["no" if t in gated else "" for t in tasks]))},
         coords={"sae": saes, "task": tasks, "attribute": attributes, "metric": metrics})
+
+
+def test_an_sae_set_lists_the_training_of_every_task_sites():
+    from sage_nn.pipeline.suite import join_sae_info
+
+    def entry(site, fvu):
+        return {"spec": "train:topk", "sae_cfg_dict": {"hook_name": [site], "training": {
+            "corpus": "c", "held_out_fvu": {site: fvu}, "converged": {site: True}}}}
+
+    joined = join_sae_info(entry("L1.resid_pre", 0.1), entry("L2.resid_pre", 0.2))
+    cfg = joined["sae_cfg_dict"]
+    assert cfg["hook_name"] == ["L1.resid_pre", "L2.resid_pre"]
+    assert cfg["training"]["held_out_fvu"] == {"L1.resid_pre": 0.1, "L2.resid_pre": 0.2}
+    assert cfg["training"]["corpus"] == "c" and joined["spec"] == "train:topk"
 
 
 def test_the_score_orders_saes_by_gap_closed_and_leaves_gated_tasks_out():

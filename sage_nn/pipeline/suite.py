@@ -112,6 +112,20 @@ def _train_once(configs: dict[str, RunConfig], found: dict[str, dict], model: An
                      list(dict.fromkeys(sites)), config, progress)
 
 
+def join_sae_info(info: dict, more: dict) -> dict:
+    """One SAE's ``saes.json`` entry over two tasks: the hooks and the per-site training
+    record of both (a suite's SAE set serves every task's sites; each run lists its own)."""
+    cfg, extra = info.get("sae_cfg_dict") or {}, more.get("sae_cfg_dict") or {}
+    hooks = cfg.get("hook_name")
+    if isinstance(hooks, list):
+        hooks = list(dict.fromkeys(hooks + list(extra.get("hook_name") or [])))
+    training = dict(cfg.get("training") or {})
+    for key, value in (extra.get("training") or {}).items():
+        if isinstance(value, dict) and isinstance(training.get(key), dict):
+            training[key] = {**training[key], **value}  # per site
+    return {**info, "sae_cfg_dict": {**cfg, "hook_name": hooks, "training": training}}
+
+
 def run_suite(config: RunConfig | None = None, tasks: list[str] | None = None,
               suite_dir: str | Path | None = None, *, model: Any = None,
               progress: bool = True, corpus_tasks: list[str] | None = None,
@@ -187,7 +201,7 @@ def run_suite(config: RunConfig | None = None, tasks: list[str] | None = None,
         done = timed("evaluation and reports", configs[name], resolved=resolved)
         results[name] = done.results
         for sae, info in json.loads((root / name / "saes.json").read_text()).items():
-            sae_info.setdefault(sae, info)
+            sae_info[sae] = join_sae_info(sae_info[sae], info) if sae in sae_info else info
     ds = suite_dataset(results, sae_info, {n: s["gate"] for n, s in status.items() if s["gate"]})
     for name, task in status.items():  # the gate after the ceiling's checks, recorded too
         task["gate"] = str(ds.gate_reason.sel(task=name).values) or None

@@ -200,9 +200,12 @@ def convergence(sae_info: Mapping | None, sae: str) -> tuple[str, bool | None]:
 
 
 NOT_CONVERGED = " (not converged)"
+#: the columns of :func:`sae_rows`
+SAE_COLUMNS = ["SAE", "architecture", "d_in", "d_sae", "k", "hooks", "training corpus",
+               "corpus passes", "training steps", "held-out FVU", "held-out dead", "converged"]
 
 
-def _sae_rows(saes: list[str], sae_info: Mapping | None) -> list[list[str]]:
+def sae_rows(saes: list[str], sae_info: Mapping | None) -> list[list[str]]:
     """One row per SAE with a known config: what it is, what it was trained on (and how
     often its corpus was repeated), how many steps its members trained, their FVU and
     dead share on the held-out part of their corpus, and whether they converged."""
@@ -229,7 +232,7 @@ def _sae_rows(saes: list[str], sae_info: Mapping | None) -> list[list[str]]:
     return rows
 
 
-def _training_note(saes: list[str], sae_info: Mapping | None) -> str:
+def training_note(saes: list[str], sae_info: Mapping | None) -> str:
     """How to read the SAE table: what was held out, the convergence criterion, and
     which SAEs did not meet it."""
     criteria = sorted({str(_training(sae_info, s)["criterion"]) for s in saes
@@ -300,12 +303,10 @@ def document(results, config, timings, images, k, discovery_note,
                         + ", ".join(f"`{f}`" for s in r.saes
                                     for f in (files or {}).get(s) or [eval_results_file(s)])
                         + " (SAEBench eval-output format)."))
-    sae_rows = _sae_rows(r.saes, sae_info)
-    if sae_rows:
-        blocks.append(("p", _training_note(r.saes, sae_info)))
-        blocks.append(("table", ["SAE", "architecture", "d_in", "d_sae", "k", "hooks",
-                                 "training corpus", "corpus passes", "training steps",
-                                 "held-out FVU", "held-out dead", "converged"], sae_rows))
+    rows = sae_rows(r.saes, sae_info)
+    if rows:
+        blocks.append(("p", training_note(r.saes, sae_info)))
+        blocks.append(("table", SAE_COLUMNS, rows))
     look = Lookup(results)
     approaches = _approach_rows(look, r.saes, sae_info, k)
     if approaches:

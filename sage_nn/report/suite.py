@@ -16,6 +16,7 @@ import pandas as pd
 import xarray as xr
 
 from ..common.figures import figure, finish
+from .document import NOT_CONVERGED, SAE_COLUMNS, convergence, sae_rows, training_note
 from .saebench import eval_document, eval_results_file, sae_identity
 from .tables import (
     HEADLINE,
@@ -287,9 +288,10 @@ def _fmt(value) -> str:
 
 def suite_summary(ds: xr.Dataset, table: pd.DataFrame, agreement: pd.DataFrame,
                   tasks: Mapping[str, Mapping], images: list[tuple[str, str]],
-                  timings: Mapping[str, float] | None = None) -> str:
-    """The suite's ``summary.md``: the tasks (evaluated or gated, and why), the score per
-    SAE with its interval, the per-task scores and how each task's ranking agrees with the
+                  timings: Mapping[str, float] | None = None,
+                  sae_info: Mapping[str, Mapping] | None = None) -> str:
+    """The suite's ``summary.md``: the tasks (evaluated or gated, and why), the SAEs and
+    how they were trained (converged or not), the score per SAE with its interval, the per-task scores and how each task's ranking agrees with the
     others', what each attribute left out of the score was left out for."""
     k = int(ds.attrs.get("edit_k", 2))
     lines = ["# SAGE suite", "",
@@ -309,12 +311,18 @@ def suite_summary(ds: xr.Dataset, table: pd.DataFrame, agreement: pd.DataFrame,
         status = "gated out" if bool(ds.gated.sel(task=task)) else "evaluated"
         lines.append(f"| {task} | {status} | {_fmt(info.get('accuracy'))} | "
                      f"{', '.join(claimed) or '-'} | {ds.gate_reason.sel(task=task).values!s} |")
+    rows = sae_rows([str(sae) for sae in table.index], sae_info)
+    if rows:
+        lines += ["", "## SAEs", "", training_note(list(table.index), sae_info), "",
+                  "| " + " | ".join(SAE_COLUMNS) + " |", "|---" * len(SAE_COLUMNS) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "## Score per SAE (higher is better)", "",
               "| SAE | score | 95% interval | " + " | ".join(
                   f"{m} gap" for m in ds.metric.values) + " | L0 | attributes |",
               "|---|---|---|" + "---|" * ds.sizes["metric"] + "---|---|"]
     for sae, row in table.sort_values("score", ascending=False).iterrows():
-        lines.append(f"| {sae} | {_fmt(row.score)} | [{_fmt(row.score_low)}, "
+        late = NOT_CONVERGED if convergence(sae_info, str(sae))[1] is False else ""
+        lines.append(f"| {sae}{late} | {_fmt(row.score)} | [{_fmt(row.score_low)}, "
                      f"{_fmt(row.score_high)}] | " + " | ".join(
                          _fmt(row[str(m)]) for m in ds.metric.values)
                      + f" | {_fmt(row.l0)} | {int(row.n_attributes)} |")
@@ -376,5 +384,5 @@ def write_suite_report(ds: xr.Dataset, out_dir: str | Path, *, tasks: Mapping[st
         doc = suite_eval_output(ds, table, sae, info=info, config=config)
         (out / eval_results_file(sae, info)).write_text(json.dumps(doc, indent=2))
     (out / "summary.md").write_text(suite_summary(ds, table, agreement, tasks, images,
-                                                  timings))
+                                                  timings, sae_info))
     return table
