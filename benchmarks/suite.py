@@ -7,8 +7,8 @@ Phases (``--phases``, in this order, each appended to benchmarks/results/suite.j
 - ``add``: the suite again, adding the SAE set it trained given as a directory (an already
   trained set, so the rerun only scores it);
 - ``separate``: the same tasks as six separate ``sage run --task T --sae train:topk``
-  processes (a run's defaults: each trains its own SAEs on its own task's prompts), one after
-  another with their own fresh cache: the time a suite saves;
+  processes (each trains its own SAEs on the built-in text and its own task's prompts, to the
+  suite's step cap), one after another with their own fresh cache: the time a suite saves;
 - ``sweep``: the suite again, adding an L0 sweep of trained residual SAEs
   (``train:topk:k=8,16,64``, next to the k=32 set ``train:topk`` trained cold).
 
@@ -72,15 +72,19 @@ def phase(config, suite_dir: Path) -> dict:
             "load_average_end": [round(x, 2) for x in os.getloadavg()]}
 
 
-def separate(root: Path, cache: Path) -> dict:
-    """Each task as its own ``sage run`` process with a run's defaults, timed end to end."""
+def separate(root: Path, cache: Path, config) -> dict:
+    """Each task as its own ``sage run`` process, timed end to end: its SAEs trained on the
+    built-in text and its own prompts (a run's default, its task's prompts alone, is too
+    small a corpus for antonyms and capitals), to the suite's step cap."""
     fresh_cache(cache)
     env = {**os.environ, "SAGE_NN_CACHE": str(cache.resolve())}
     runs, load = {}, os.getloadavg()
     for name, task in suite_tasks().items():
         begin = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "sage_nn.cli", "run", "--task", task,
-                               "--sae", "train:topk", "--run-dir", str(root / name)],
+                               "--sae", "train:topk", "--run-dir", str(root / name),
+                               "--sae-corpus", config.sae_corpus,
+                               "--sae-steps", str(config.sae_steps)],
                               env=env, capture_output=True, text=True)
         runs[name] = {"wall_s": round(time.perf_counter() - begin, 1), "rc": done.returncode}
         if done.returncode:  # a task a run refuses (as the suite gates it) still costs this
@@ -126,7 +130,7 @@ def main():
         config = suite_config(saes=["train:topk", str(given)], run_dir=str(suite_dir))
         save("add_trained_set", {"sae": str(given), **phase(config, suite_dir)})
     if "separate" in args.phases:
-        runs = separate(root / "separate", root / "separate-cache")
+        runs = separate(root / "separate", root / "separate-cache", config)
         cold = out["cold"]["wall_s"]
         save("separate_runs", {**runs, "suite_cold_s": cold,
                                "time_saved_share": round(1 - cold / runs["total_s"], 3)})

@@ -357,3 +357,19 @@ def test_the_data_start_reconstructs_from_the_first_step(text_file):
         _, report = train_saes(model, ["L1.resid_pre"], cfg, source=text_file, progress=False)
         first[start] = report.fvu.iloc[0]
     assert first["data"] < 0.5 * first["sae_lens"], first
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka_batchtopk", "jumprelu"])
+def test_thresholded_saes_start_at_their_target_l0(text_file, arch):
+    """BatchTopK's inference threshold (a moving average from 0) and JumpReLU's (sae_lens's
+    0.01) start far below the data's scale: after a step, many more latents fire than the k
+    they train for. The data start puts them at k active latents per token from the start."""
+    model = tiny_random_model("llama")
+    l0 = {}
+    for start in ("data", "sae_lens"):
+        cfg = TrainConfig(architecture=arch, **{**SMALL, "tokens": 128, "lr": 1e-4},
+                          weight_init=start)
+        _, report = train_saes(model, ["L1.resid_pre"], cfg, source=text_file, progress=False)
+        l0[start] = report.l0.iloc[0]
+    k = SMALL["k"]
+    assert k / 2 <= l0["data"] <= 1.5 * k and l0["sae_lens"] > 3 * k, l0

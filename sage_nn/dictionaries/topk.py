@@ -268,14 +268,17 @@ class TopKStack:
         return (self.fired_count[i].sum() / max(1, self.n_seen)).item()
 
 
-def initialise_topk(sae, x: torch.Tensor, how: str, rng: torch.Generator) -> None:
+def initialise_topk(sae, x: torch.Tensor, how: str, rng: torch.Generator,
+                    k: int | None = None) -> None:
     """Start a TopK SAE where training would take hundreds of steps to get: unit decoder
     rows (``"data"``: the batch's own centred tokens, a quarter of sae_lens's random rows
     added; ``"scaled"``: sae_lens's random rows),
     the encoder their transpose times the one scale that fits the batch ``x`` best. TopK
     picks the same latents at any positive scale of the encoder, so that scale is a least-
-    squares fit of the reconstruction; sae_lens's rows of norm 0.1 reconstruct about a
-    hundredth of the input, and Adam grows them by about ``lr`` a step."""
+    squares fit of the reconstruction with ``k`` (default ``sae.cfg.k``) latents; sae_lens's
+    rows of norm 0.1 reconstruct about a hundredth of the input, and Adam grows them by
+    about ``lr`` a step."""
+    k = int(k or sae.cfg.k)
     with torch.no_grad():
         centred = x - sae.b_dec
         rows = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
@@ -284,9 +287,30 @@ def initialise_topk(sae, x: torch.Tensor, how: str, rng: torch.Generator) -> Non
             rows = rows / 4 + centred[pick] / centred[pick].norm(dim=1, keepdim=True)
             rows /= rows.norm(dim=1, keepdim=True)
         pre = centred @ rows.T
-        top = pre.topk(sae.cfg.k, dim=-1)
+        top = pre.topk(k, dim=-1)
         recon = torch.zeros_like(pre).scatter_(1, top.indices, top.values.relu()) @ rows
         fit = (centred * recon).sum() / recon.pow(2).sum().clamp_min(1e-12)
         sae.W_dec.copy_(rows)
         sae.W_enc.copy_(rows.T * fit.clamp_min(1e-6))
         sae.b_enc.zero_()
+
+
+def initialise_threshold(sae, x: torch.Tensor, k: float) -> None:
+    """Start the inference threshold of a thresholded SAE at ``k`` active latents per token
+    of the batch ``x``, where the weights stand now. BatchTopK (and Matryoshka) SAEs learn
+    one threshold as a moving average of each batch's smallest selected activation, from 0:
+    after a few hundred steps it still lags, and more latents fire than the ``k`` they were
+    trained with; here it starts at the ``k * len(x)``-th largest activation of the batch.
+    A JumpReLU SAE's thresholds start at sae_lens's 0.01, far below a start from the data,
+    and move about ``lr`` a step; here each latent's starts where it fires on a ``k / d_sae``
+    share of the tokens."""
+    with torch.no_grad():
+        pre = sae.process_sae_in(x) @ sae.W_enc + sae.b_enc
+        if hasattr(sae, "topk_threshold"):
+            acts = pre.relu() * (sae.W_dec.norm(dim=-1)
+                                 if sae.cfg.rescale_acts_by_decoder_norm else 1.0)
+            n = min(acts.numel(), max(1, round(k * len(x))))
+            sae.topk_threshold.fill_(acts.flatten().topk(n).values[-1].item())
+        else:
+            share = min(1.0, k / sae.cfg.d_sae)
+            sae.threshold.copy_(torch.quantile(pre, 1 - share, dim=0).clamp_min(1e-4))

@@ -42,7 +42,7 @@ from .corpus import corpus_hash, text_sources
 from .fit import converged, fit_batched, fit_sae_lens
 from .saes import SparseAutoencoder, from_sae_lens
 from .stream import read_activations, shuffled, site_keys, site_width, split_corpus
-from .topk import WEIGHT_INITS, initialise_topk
+from .topk import WEIGHT_INITS, initialise_threshold, initialise_topk
 from .transcoding import TRANSCODERS, train_transcoders
 
 #: What ``architecture`` trains, by name: sae_lens's training class (its config class is the
@@ -61,6 +61,10 @@ TRAINING_CLASSES = {
 }
 #: architectures whose sparsity is k active latents (per token, or per batch on average)
 K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
+#: architectures that ``weight_init`` starts from the data: TopK's start (unit decoder
+#: rows, least-squares encoder scale), and the thresholds at k active latents
+#: (:func:`~.topk.initialise_threshold`); the rest start as sae_lens starts them
+DATA_STARTS = (*K_ARCHITECTURES, "jumprelu")
 # "batched": TopK SAEs of one shape step as one stack with hand-written sparse gradients
 # (sae_lens's TopK training math); "sae_lens": sae_lens's MultiSAETrainer, one SAETrainer
 # per SAE. Every other architecture always trains with sae_lens's trainer.
@@ -71,6 +75,8 @@ NORMALIZATIONS = ("expected_average_only_in", "none")
 #: part of the name of the run's SAE cache entries: SAEs another trainer made (before the
 #: held-out convergence checks and activation normalisation) are not taken for these
 TRAINER_VERSION = "t3"
+#: added to it for the architectures whose training changed since: "d1", started from the data
+ARCH_VERSIONS = {"batchtopk": "d1", "matryoshka_batchtopk": "d1", "jumprelu": "d1"}
 #: beside each SAE the batched trainer saves: its Adam moments and step, so that ``init``
 #: continues training where it stopped (a fresh Adam's first steps move every weight by
 #: about ``lr``, undoing much of a trained SAE)
@@ -100,7 +106,8 @@ class TrainConfig:
     sites, target L0 ``k``, :mod:`.transcoding`).
     ``dead_window``: steps without firing after which a latent
     counts as dead in training, and the TopK auxiliary loss trains it (None: a quarter of
-    the step cap). ``weight_init``: where a TopK SAE starts (:data:`~.topk.WEIGHT_INITS`).
+    the step cap). ``weight_init``: where a TopK, BatchTopK, Matryoshka or JumpReLU SAE starts
+    (:data:`~.topk.WEIGHT_INITS`, :data:`DATA_STARTS`).
     ``lr``: Adam's rate at the residual's width; ``lr_by_width``: narrower sites step
     faster (:meth:`lr_at`).
 
@@ -185,6 +192,12 @@ class TrainConfig:
         return (f"held-out FVU improved by less than {self.converge_tol:g} over the last "
                 f"{self.converge_window} steps (checked every {self.check_every}, from step "
                 f"{self.min_steps})")
+
+
+def trainer_version(architecture: str) -> str:
+    """The trainer's version in the name of an SAE cache entry of ``architecture``."""
+    extra = ARCH_VERSIONS.get(architecture)
+    return TRAINER_VERSION + (f"-{extra}" if extra else "")
 
 
 def _hook_name(layer: int, kind: str, heads, n_heads: int) -> str:
@@ -293,12 +306,12 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
     eval_units, train_units, tokens_per_pass = split_corpus(model, source, cfg, rng)
     name = str(model.config._name_or_path)
     corpus_name = "+".join(str(p) for p in text_sources(source))
-    saes = {}
+    saes, k_of = {}, {label: cfg.k_at(kind) for label, _, kind, _ in keys}
     for label, layer, kind, heads in keys:
         meta = SAEMetadata(hook_name=_hook_name(layer, kind, heads, ad.n_heads_of(kind)),
                            model_name=name, context_size=cfg.context_size,
                            dataset_path=corpus_name, sage_nn_site=label)
-        saes[label] = _new_sae(cfg, site_width(model, kind, heads), cfg.k_at(kind), meta)
+        saes[label] = _new_sae(cfg, site_width(model, kind, heads), k_of[label], meta)
     read = {"skip_first": cfg.skip_first,
             "batch_tokens": cfg.model_batch_size * cfg.context_size}
     # the corpus is read once: the held-out part here, the rest by the stream's first batch
@@ -322,8 +335,11 @@ def train_saes(model: Any, sites: Sequence[str], config: TrainConfig | None = No
         for label, sae in saes.items():  # residual streams have large means
             if label not in starts:
                 sae.b_dec.copy_(first[label].mean(0) * scale[label])
-                if cfg.architecture == "topk" and cfg.weight_init != "sae_lens":
-                    initialise_topk(sae, first[label] * scale[label], cfg.weight_init, rng)
+                if cfg.architecture in DATA_STARTS and cfg.weight_init != "sae_lens":
+                    x = first[label] * scale[label]
+                    initialise_topk(sae, x, cfg.weight_init, rng, k_of[label])
+                    if cfg.architecture != "topk":
+                        initialise_threshold(sae, x, k_of[label])
     stream = ({k: v * scale[k] for k, v in batch.items()}
               for batch in itertools.chain([first], stream))
     held_scaled = {label: held_out[label] * scale[label] for label in labels}

@@ -69,7 +69,7 @@ def trained_cache(arch: str, model: Any, config: RunConfig, options: dict | None
     (``topk-1024-k8``), so each SAE of a sweep has its own name and cache entry."""
     from ..common.formats import TRAINED_TRANSCODERS, TRANSCODER_TRAINER_VERSION
     from ..dictionaries.corpus import corpus_hash
-    from ..dictionaries.training import TRAINER_VERSION, TrainConfig
+    from ..dictionaries.training import TrainConfig, trainer_version
     from ..model.loading import cache_dir
 
     options = options or {}
@@ -79,8 +79,8 @@ def trained_cache(arch: str, model: Any, config: RunConfig, options: dict | None
                       tokens=config.sae_steps * 1024, **extra)
     name = f"{arch}-{width}" + (f"-k{extra['k']}" if extra else "")
     source = sae_corpus(model, config)
-    version = TRAINER_VERSION + (f"-{TRANSCODER_TRAINER_VERSION}"
-                                 if arch in TRAINED_TRANSCODERS else "")
+    version = trainer_version(arch) + (f"-{TRANSCODER_TRAINER_VERSION}"
+                                       if arch in TRAINED_TRANSCODERS else "")
     root = cache_dir() / "saes" / str(model.config._name_or_path).replace("/", "--") / \
         f"{name}-{cfg.tokens}-seed{cfg.seed}-{version}-{corpus_hash(source)}"
     return name, cfg, source, root
