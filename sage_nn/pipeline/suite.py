@@ -31,8 +31,9 @@ log = logging.getLogger("sage_nn")
 #: the SAE corpus of a suite by default: the built-in text and every task's prompts
 SUITE_CORPUS = "builtin+task@positions"
 #: the cap on a suite's SAE training steps: the mixed corpus is larger than one task's, and
-#: at a run's 300 four of the 13 residual SAEs of the SmolLM2 suite had not converged (each
-#: still stops where its held-out FVU stops improving; benchmarks/results/suite.json)
+#: at a run's 300 four of the 13 residual SAEs of the SmolLM2 suite had not converged; at 600
+#: all did, at 180-360 steps (each stops where its held-out FVU stops improving;
+#: benchmarks/results/suite.json)
 SUITE_SAE_STEPS = 600
 #: what a suite's RunConfig has unless it says otherwise (``suite_config``)
 SUITE_DEFAULTS = {"sae_corpus": SUITE_CORPUS, "sae_steps": SUITE_SAE_STEPS}
