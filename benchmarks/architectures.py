@@ -17,15 +17,13 @@ what its trainer recorded (steps, held-out FVU per site) and the stage times to
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from comparison import summary  # noqa: E402  (benchmarks/ is on sys.path when run)
+from comparison import k_option, measure, write  # noqa: E402  (benchmarks/ is on sys.path when run)
 
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu")
 
@@ -40,29 +38,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from sage_nn.pipeline.config import RunConfig
-    from sage_nn.pipeline.stages import run
 
-    k = "" if args.k == 32 else f":k={args.k}"  # 32: TrainConfig's, and the cache's names
+    k = k_option(args.k)
     config = RunConfig(task="ioi", run_dir=args.run_dir, sae_width=args.width,
                        sae_steps=args.steps, saes=[f"train:{a}{k}@sites" for a in ARCHITECTURES])
-    t0 = time.perf_counter()
-    result = run(config, progress=False)
-    seconds = time.perf_counter() - t0
-    res = result.results
-    listing = json.loads((result.run_dir / "saes.json").read_text())
-    names = [str(n) for n in res.dictionary.values]
+    listing, record = measure(config)
     training = {}
     for name, info in listing.items():
-        record = info["sae_cfg_dict"].get("training") or {}
-        training[name] = {key: record.get(key) for key in (
+        trained = info["sae_cfg_dict"].get("training") or {}
+        training[name] = {key: trained.get(key) for key in (
             "architecture", "k", "steps_used", "held_out_fvu", "held_out_dead", "converged")}
-    out = {"config": {"task": "ioi", "steps": args.steps, "width": args.width, "k": args.k},
-           "seconds": round(seconds, 1), "stage_seconds": result.timings,
-           "cross_sections": result.cross_sections, "training": training,
-           "metrics": {str(a): {n: summary(res, n, a) for n in names}
-                       for a in res.attribute.values}}
-    Path(args.out).write_text(json.dumps(out, indent=2, default=str))
-    print(json.dumps(out, indent=2, default=str))
+    write({"config": {"task": "ioi", "steps": args.steps, "width": args.width, "k": args.k},
+           **record, "training": training}, args.out)
 
 
 if __name__ == "__main__":

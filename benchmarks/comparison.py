@@ -49,6 +49,34 @@ def summary(results, name: str, attribute: str) -> dict:
     return out
 
 
+def k_option(k: int) -> str:
+    """``:k=K`` for a train spec, or nothing at 32 (TrainConfig's, and the cache's names)."""
+    return "" if k == 32 else f":k={k}"
+
+
+def measure(config, keep=lambda name: True) -> tuple[dict, dict]:
+    """Run ``config`` timed; return its ``saes.json`` listing and the record both benchmarks
+    write: seconds, stage seconds, cross-sections and, per attribute, the headline metrics of
+    every dictionary ``keep`` accepts."""
+    from sage_nn.pipeline.stages import run
+
+    t0 = time.perf_counter()
+    result = run(config, progress=False)
+    seconds = time.perf_counter() - t0
+    res = result.results
+    names = [str(n) for n in res.dictionary.values if keep(str(n))]
+    return (json.loads((result.run_dir / "saes.json").read_text()),
+            {"seconds": round(seconds, 1), "stage_seconds": result.timings,
+             "cross_sections": result.cross_sections,
+             "metrics": {str(a): {n: summary(res, n, a) for n in names}
+                         for a in res.attribute.values}})
+
+
+def write(out: dict, path: str) -> None:
+    Path(path).write_text(json.dumps(out, indent=2, default=str))
+    print(json.dumps(out, indent=2, default=str))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
@@ -60,29 +88,19 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from sage_nn.pipeline.config import RunConfig
-    from sage_nn.pipeline.stages import run
 
-    k = "" if args.k == 32 else f":k={args.k}"  # 32: TrainConfig's, and the cache's names
+    k = k_option(args.k)
     config = RunConfig(task="ioi", run_dir=args.run_dir, sae_width=args.width,
                        sae_steps=args.steps, max_sites=args.max_sites,
                        select_kinds=["z", "mlp_out"],
                        saes=[f"train:topk{k}", f"train:topk{k}@sites",
                              f"train:skip_transcoder{k}"])
-    t0 = time.perf_counter()
-    result = run(config, progress=False)
-    seconds = time.perf_counter() - t0
-    res = result.results
-    listing = json.loads((result.run_dir / "saes.json").read_text())
-    names = [n for n in res.dictionary.values if not str(n).startswith("random:")]
-    out = {"config": {"steps": args.steps, "width": args.width, "k": args.k,
+    listing, record = measure(config, keep=lambda n: not n.startswith("random:"))
+    write({"config": {"steps": args.steps, "width": args.width, "k": args.k,
                       "max_sites": args.max_sites, "select_kinds": ["z", "mlp_out"]},
-           "seconds": round(seconds, 1), "stage_seconds": result.timings,
-           "cross_sections": result.cross_sections,
-           "kinds": {n: listing[n]["approach"] for n in names if n in listing},
-           "metrics": {str(a): {str(n): summary(res, n, a) for n in names}
-                       for a in res.attribute.values}}
-    Path(args.out).write_text(json.dumps(out, indent=2, default=str))
-    print(json.dumps(out, indent=2, default=str))
+           **record, "kinds": {n: listing[n]["approach"]
+                               for n in next(iter(record["metrics"].values())) if n in listing}},
+          args.out)
 
 
 if __name__ == "__main__":
