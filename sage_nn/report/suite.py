@@ -291,8 +291,9 @@ def suite_summary(ds: xr.Dataset, table: pd.DataFrame, agreement: pd.DataFrame,
                   timings: Mapping[str, float] | None = None,
                   sae_info: Mapping[str, Mapping] | None = None) -> str:
     """The suite's ``summary.md``: the tasks (evaluated or gated, and why), the SAEs and
-    how they were trained (converged or not), the score per SAE with its interval, the per-task scores and how each task's ranking agrees with the
-    others', what each attribute left out of the score was left out for."""
+    how they were trained (converged or not), the score per SAE with its interval, the
+    per-task scores and how each task's ranking agrees with the others', what each
+    attribute left out of the score was left out for."""
     k = int(ds.attrs.get("edit_k", 2))
     lines = ["# SAGE suite", "",
              (f"{ds.sizes['sae']} SAE(s) on {ds.sizes['task']} task(s). **Score**: per SAE, "
@@ -311,9 +312,10 @@ def suite_summary(ds: xr.Dataset, table: pd.DataFrame, agreement: pd.DataFrame,
         status = "gated out" if bool(ds.gated.sel(task=task)) else "evaluated"
         lines.append(f"| {task} | {status} | {_fmt(info.get('accuracy'))} | "
                      f"{', '.join(claimed) or '-'} | {ds.gate_reason.sel(task=task).values!s} |")
-    rows = sae_rows([str(sae) for sae in table.index], sae_info)
+    saes = [str(sae) for sae in table.index]
+    rows = sae_rows(saes, sae_info)
     if rows:
-        lines += ["", "## SAEs", "", training_note(list(table.index), sae_info), "",
+        lines += ["", "## SAEs", "", training_note(saes, sae_info), "",
                   "| " + " | ".join(SAE_COLUMNS) + " |", "|---" * len(SAE_COLUMNS) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "## Score per SAE (higher is better)", "",
