@@ -33,18 +33,20 @@ import torch
 
 from ..model.activations import batches, encode, model_device
 from ..model.linear import (
-    EagerAttention,
+    attention_call,
+    attention_norms,
     frozen_maps,
     heads_read,
     inv_scale,
     linear_codes,
     norm_settings,
+    pattern_rows,
     site_directions,
     take_inputs,
 )
 from ..model.reads import LinearJob
 from ..model.remote import run_kernel
-from ..model.sites import ATTN_KINDS, Site, adapter, at_path
+from ..model.sites import ATTN_KINDS, Site, adapter, at_path, site_key
 from .saes import SparseAutoencoder, check_sae
 
 MODES = ("input", "difference")
@@ -155,7 +157,8 @@ class ResidualReconstruction:
             inputs = {k: v.to(model_device(model)) for k, v in prompts.items()}
         else:
             inputs = encode(model, prompts, model_device(model)).inputs
-        saved, logits = _reconstruct(model, *self._double(inputs), self, sites, with_codes, None)
+        saved, logits = _reconstruct(model, adapter(model).spec, *self._double(inputs), self,
+                                     sites, with_codes, None)
         return ReconstructionResult(**_by_site(saved), logits=logits)
 
     def run_at(self, prompts: Sequence[str], positions: Sequence[int], sites: Sequence[Site | str],
@@ -216,7 +219,7 @@ class ResidualReconstruction:
         batch must be the prompts twice (rows ``[n:]`` are scratch). Fills and returns ``out``
         (create it before the trace: nnsight hands back only objects made outside it or saved):
         ``{"clean"|"recon"|"codes"|"offsets": {site: tensor}}``. ``with_codes`` needs each
-        layer's frozen ``maps`` (:func:`kernel_maps`, read before the trace)."""
+        layer's frozen ``maps`` (:func:`_frozen_here`, read before the trace)."""
         sites = self._plan(sites)
         ad = self.adapter_
         if out is None:
@@ -270,6 +273,8 @@ class ResidualReconstruction:
         arch = ad.arch
         block = ad.blocks(model)[layer]
         attn_sites = [s for s in sites if s.kind in ATTN_KINDS]
+        call = attention_call(model, ad.spec, layer) if with_codes and any(
+            s.kind in ("z", "attn_out") for s in attn_sites) else None  # before it runs
         mlp = any(s.kind == "mlp_out" for s in sites)
         cache = {}
         # resid_pre: clean rows feed the SAE, scratch rows take its reconstruction
@@ -309,6 +314,11 @@ class ResidualReconstruction:
                     t[n:, :, ad.channels(kk)] = clean_qk
             z_sites = [s for s in attn_sites if s.kind == "z"]
             attn_out_site = next((s for s in attn_sites if s.kind == "attn_out"), None)
+            if with_codes and (z_sites or attn_out_site):  # before z: the attention call
+                T = cache["r"].shape[1]
+                cols = torch.arange(T, device=cache["r"].device)[None, :].expand(n, T)
+                cache_pattern = pattern_rows(call, cols, self._pattern_heads(attn_sites),
+                                             ad.n_heads, start=n)  # the scratch rows
             if z_sites:
                 t = ad.tensor(model, layer, "z")
                 for s in z_sites:
@@ -321,9 +331,9 @@ class ResidualReconstruction:
                 o = at_path(attn, arch.o_proj).output
                 o_clean, o_scratch = o[:n].clone(), o[n:].clone()
                 cache["o_out"] = o_clean
-            attn_output = attn_output() if (with_codes or (attn_out_site and not post)) else None
-            if with_codes and (z_sites or attn_out_site):
-                cache["pattern"] = attn_output[1][n:].float()  # the pattern the scratch rows used
+            attn_output = attn_output() if (attn_out_site and not post) else None
+            if with_codes and (z_sites or attn_out_site):  # the pattern the scratch rows use
+                cache["pattern"] = cache_pattern
             if attn_out_site is not None:
                 t = getattr(block, post).output if post else attn_output[0]
                 if post and self.freeze_norm:
@@ -389,20 +399,13 @@ class ResidualReconstruction:
         self._check_linear([site])
         if maps is None:
             maps = self.frozen(site.layer, [site])
-        return site_directions(self.adapter_, maps, self.source(site).decoder(), site)
+        return site_directions(self.adapter_.spec, maps, self.source(site).decoder(),
+                               site_key(site))
 
     def frozen(self, layer: int, sites: Sequence[Site]) -> dict:
         """The frozen maps ``sites`` of ``layer`` read (:func:`~sage_nn.model.linear.
         frozen_maps`), off the model's weights here."""
-        ad = self.adapter_
-        attn = getattr(ad.blocks(self.model_._module)[layer], ad.arch.attn)
-        if next(attn.parameters()).device.type == "meta":
-            raise ValueError(
-                f"layer {layer}'s weights are not here (a remote model is held without them): "
-                "pass the layer's frozen maps read on the server, directions(site, "
-                "maps=read_sites(...).maps[layer]); evaluate_cross_section reads them itself")
-        return frozen_maps(self.model_, layer, heads_read(ad, sites),
-                           any(s.kind == "attn_out" for s in sites))
+        return _frozen_here(self.model_, layer, sites)
 
     def linear_job(self, sites: Sequence[Site], positions: Sequence[str],
                    sets: Sequence[int] | None = None, label: str = "") -> LinearJob:
@@ -418,25 +421,27 @@ class ResidualReconstruction:
         n, T = cache["r"].shape[:2]
         cols = torch.arange(T, device=cache["r"].device)[None, :].expand(n, T)
         mask = torch.ones(n, T, dtype=torch.bool, device=cols.device)
-        heads = [h for h in range(self.adapter_.n_heads)
-                 if any(s.kind == "attn_out" or (s.kind == "z" and s.head == h) for s in sites)]
         norm, post_norm = self.norms_[layer].get("attn"), self.norms_[layer].get("attn_post")
         post = post_norm[1:] if post_norm and any(s.kind == "attn_out" for s in sites) else None
         taken = take_inputs(cache["r"], cache.get("pattern"), cache.get("o_out"), mask, cols,
-                            heads, post)
-        for s, (codes, offset) in linear_codes(self.adapter_, self.source(sites[0]),
-                                               norm[1:] if norm else None, taken, mask, cols,
-                                               maps[layer], sites).items():
-            out["codes"][s], out["offsets"][s] = codes.save(), offset.save()
+                            post)
+        keys = {site_key(s): s for s in sites}
+        for key, (codes, offset) in linear_codes(
+                self.adapter_.spec, self.source(sites[0]).encoder(), norm[1:] if norm else None,
+                taken, mask, cols, maps[layer], list(keys)).items():
+            out["codes"][keys[key]], out["offsets"][keys[key]] = codes.save(), offset.save()
+
+    def _pattern_heads(self, sites) -> list[int]:
+        return [h for h in range(self.adapter_.n_heads)
+                if any(s.kind == "attn_out" or (s.kind == "z" and s.head == h) for s in sites)]
 
 
-def _reconstruct(model, inputs, n, recon, sites, with_codes, rows_cols):
+def _reconstruct(model, arch, inputs, n, recon, sites, with_codes, rows_cols):
     """One forward with ``sites`` reconstructed in rows ``[:n]`` (a remote kernel). With
     ``rows_cols``, only those tokens' values and the last token's logits are kept."""
     saved = {"clean": {}, "recon": {}, "codes": {}, "offsets": {}}  # filled in the trace
-    maps = kernel_maps(model, sites) if with_codes else None  # where the weights are
-    with EagerAttention(model, with_codes or recon.freeze_pattern), torch.no_grad(), \
-            model.trace(inputs):
+    maps = _frozen_here(model, None, sites) if with_codes else None
+    with torch.no_grad(), model.trace(inputs):
         recon.splice(model, sites, n, with_codes=with_codes, out=saved, maps=maps)
         logits = model.output.logits[:n]
         pick = (lambda v: v[rows_cols]) if rows_cols is not None else (lambda v: v)
@@ -448,16 +453,25 @@ def _reconstruct(model, inputs, n, recon, sites, with_codes, rows_cols):
     return result
 
 
-def kernel_maps(model, sites) -> dict:
-    """Each layer's frozen maps for the linear view of ``sites``, read off ``model`` where
-    it runs (in a kernel: on the server), before its trace."""
+def _frozen_here(model, layer, sites) -> dict:
+    """The frozen maps of the linear view of ``sites`` (at ``layer``, or per layer of
+    theirs when ``None``), from calls of the modules of a model whose weights are here."""
     ad, by_layer = adapter(model), {}
     for s in sites:
         if s.kind in ATTN_KINDS:
             by_layer.setdefault(s.layer, []).append(s)
-    return {layer: frozen_maps(model, layer, heads_read(ad, ss),
-                               any(s.kind == "attn_out" for s in ss))
-            for layer, ss in by_layer.items()}
+    hf = getattr(model, "_module", model)
+    like = next(hf.parameters())
+    if like.device.type == "meta":
+        raise ValueError(
+            "the model's weights are not here (a remote model is held without them): pass the "
+            "layers' frozen maps read on the server, directions(site, maps=read_sites(...)"
+            ".maps[layer]); evaluate_cross_section reads them itself")
+    maps = {at: frozen_maps(hf, ad.spec, at, heads_read(ad, ss),
+                            any(s.kind == "attn_out" for s in ss),
+                            *attention_norms(ad, model, at), like=like)
+            for at, ss in by_layer.items()}
+    return maps if layer is None else maps[layer]
 
 
 def _by_site(saved: dict) -> dict:

@@ -45,16 +45,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import torch
+from nnsight.intervention import serialization
+from nnsight.intervention.backends.remote import RemoteBackend
+from nnsight.schema.request import RequestModel
 from nnsight.tracing.backend import Backend
 
+from .sites import spec
+
 log = logging.getLogger(__name__)
-
-#: sage_nn's own dependencies that a server does not have; the fresh-process backend blocks them.
-NOT_ON_SERVER = ("sage_nn", "sae_lens", "xarray", "sklearn", "pandas", "zarr", "dask",
-                 "h5netcdf", "h5py", "matplotlib")
-
-_SERVER_SCRIPT = Path(__file__).with_name("_server.py")
 
 
 #: Where a read encodes residual SAEs (:mod:`sage_nn.model.reads`): chosen by bytes, or forced.
@@ -100,7 +100,9 @@ class Remote:
     bytes each way needs), ``"server"`` or ``"here"``. ``stage`` labels the requests sent
     (the pipeline sets it per stage). ``dry_run=True`` sends nothing: each stage prepares
     its requests, logs them with the bytes they would carry (:class:`Request`; the results'
-    from the kernel's shapes), and stops with :class:`Planned`.
+    from the kernel's shapes), and stops with :class:`Planned`. ``trusted=False`` asks a
+    server whose auth is off (a lab's own NDIF) to run each request sandboxed, as NDIF runs
+    a key without the ``trusted`` tag; ``None`` leaves it to the server.
     """
 
     backend: Any = False
@@ -114,6 +116,7 @@ class Remote:
     placement: str = "auto"
     stage: str = ""
     dry_run: bool = False
+    trusted: bool | None = None
     requests: list = field(default_factory=list, repr=False)  # Request per request sent
     placements: list = field(default_factory=list, repr=False)  # per read job: where, bytes
 
@@ -138,9 +141,21 @@ class Remote:
         return getattr(torch, self.transport) if self.is_remote else None
 
     def session(self, model: Any) -> Any:
+        return model.session(backend=self.backend_for(model))
+
+    def backend_for(self, model: Any, job_id: str | None = None) -> Backend:
+        """The nnsight backend one request goes through: for NDIF (``True``) or a host URL,
+        an :class:`NDIFBackend`, which records the bytes on the wire."""
         if isinstance(self.backend, Backend):
-            return model.session(backend=self.backend)
-        return model.session(remote=self.backend, blocking=self.blocking, verbose=self.verbose)
+            return self.backend
+        if self.backend == "local":
+            from nnsight.intervention.backends.local import LocalSimulationBackend
+
+            return LocalSimulationBackend(model, verbose=self.verbose)
+        return NDIFBackend(model.to_model_key(),
+                           host=self.backend if isinstance(self.backend, str) else None,
+                           blocking=self.blocking, job_id=job_id, verbose=self.verbose,
+                           trusted=self.trusted)
 
     def record(self, kernel: str, group: list[tuple], up: int, out: Any = None,
                seconds: float = 0.0, wire: tuple = (None, None)) -> None:
@@ -222,27 +237,30 @@ def _is_transient(error: BaseException) -> bool:
 def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: Any = None,
                *, stage: str = "", shapes: Callable | None = None,
                shared: bool = False) -> Iterator[Any]:
-    """Yield ``kernel(model, *chunk)`` for each chunk, in order.
+    """Yield ``kernel(model, arch, *chunk)`` for each chunk, in order; ``arch`` is the
+    model's architecture as plain data (:func:`~sage_nn.model.sites.spec`), worked out
+    here: a request carries it, and nothing is derived or kept on a server's model.
 
     Locally each chunk runs as it is consumed. Remotely, chunks are grouped into requests of
     at most ``max_prompts`` prompts; each request is one nnsight session, retried on
     connection failures; a request's results are yielded once it returns. With
     ``shared``, the kernel also gets ``shared=``, a dict of the request's own (made on
     the server; one for the whole stage here): what its chunks compute once. A dry run
-    (``Remote.dry_run``) logs each request with ``shapes(model, *chunk, seen)``, the bytes
+    (``Remote.dry_run``) logs each request with ``shapes(model, arch, *chunk, seen)``, the bytes
     the kernel would return for a chunk (``seen``: a set per request), and raises
     :class:`Planned`.
     """
     remote, stage = as_remote(remote), stage or kernel.__name__
+    arch = spec(model)
     if not remote.is_remote:
         state = {"shared": {}} if shared else {}
         for chunk in chunks:
-            yield kernel(model, *chunk, **state)
+            yield kernel(model, arch, *chunk, **state)
         return
     if remote.dry_run:
         for group in request_groups(chunks, remote.max_prompts):
             seen: set = set()
-            down = sum(shapes(model, *chunk, seen) for chunk in group) if shapes else 0
+            down = sum(shapes(model, arch, *chunk, seen) for chunk in group) if shapes else 0
             remote.requests.append(Request(
                 stage, sum(map(_size, group)),
                 sum(x["input_ids"].numel() for chunk in group for x in _inputs(chunk)),
@@ -250,14 +268,14 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
         raise Planned(stage)
     register()
     if not remote.blocking:
-        yield from _submitted(model, kernel, chunks, remote, stage, shared)
+        yield from _submitted(model, arch, kernel, chunks, remote, stage, shared)
         return
     for group in request_groups(chunks, remote.max_prompts):
         up = payload_bytes(group)  # before it is sent: a server works on its own copy
         for attempt in range(remote.retries + 1):
             try:
                 start = time.perf_counter()
-                out = _session(model, kernel, group, remote, shared)
+                out, wire = _session(model, arch, kernel, group, remote, shared)
                 break
             except Exception as error:  # noqa: BLE001 (re-raised unless transient)
                 if not _is_transient(error) or attempt == remote.retries:
@@ -265,7 +283,7 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
                 wait = remote.backoff_s * 2 ** attempt
                 log.warning("request for %s failed (%s); retrying in %.0f s", stage, error, wait)
                 time.sleep(wait)
-        remote.record(stage, group, up, out, time.perf_counter() - start, _wire(remote.backend))
+        remote.record(stage, group, up, out, time.perf_counter() - start, wire)
         yield from out
 
 
@@ -308,13 +326,16 @@ def payload_bytes(obj: Any, itemsize: int | None = None, seen: set | None = None
     return 0
 
 
-def _session(model: Any, kernel: Callable, group: list[tuple], remote: Remote,
-             shared: bool = False) -> list:
-    with remote.session(model) as session:
+def _session(model: Any, arch: dict, kernel: Callable, group: list[tuple], remote: Remote,
+             shared: bool = False) -> tuple[Any, tuple]:
+    """One request: the kernel's results (or, not blocking, the job id) and the request's
+    and result's serialized sizes where the backend knows them."""
+    backend = remote.backend_for(model)
+    with model.session(backend=backend):
         state = {"shared": {}} if shared else {}  # made where the request runs
-        out = [kernel(model, *chunk, **state) for chunk in group]
+        out = [kernel(model, arch, *chunk, **state) for chunk in group]
         out.save()
-    return session.backend.job_id if not remote.blocking else out
+    return (backend.job_id if not remote.blocking else out), _wire(backend)
 
 
 def _digest(group: list[tuple]) -> str:
@@ -326,11 +347,9 @@ def _digest(group: list[tuple]) -> str:
     return h.hexdigest()[:16]
 
 
-def _submitted(model, kernel, chunks, remote: Remote, stage: str,
+def _submitted(model, arch, kernel, chunks, remote: Remote, stage: str,
                shared: bool = False) -> Iterator[Any]:
     """Submit each request once, keeping its job id; collect the finished ones."""
-    from nnsight.intervention.backends.remote import RemoteBackend
-
     path = Path(remote.jobs)
     jobs = json.loads(path.read_text()) if path.exists() else {}
     results, pending = [], []
@@ -338,15 +357,13 @@ def _submitted(model, kernel, chunks, remote: Remote, stage: str,
         key = f"{stage}/{i}/{_digest(group)}"
         if key not in jobs:
             up = payload_bytes(group)
-            jobs[key] = _session(model, kernel, group, remote, shared)
+            jobs[key], _ = _session(model, arch, kernel, group, remote, shared)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(jobs, indent=2))  # the id outlives this process
             remote.record(stage, group, up)
             pending.append(jobs[key])
             continue
-        host = remote.backend if isinstance(remote.backend, str) else None
-        poll = RemoteBackend(model.to_model_key(), host=host, blocking=False, job_id=jobs[key])
-        done = poll()
+        done = remote.backend_for(model, job_id=jobs[key])()
         if done is None:
             pending.append(jobs[key])
         else:
@@ -357,58 +374,85 @@ def _submitted(model, kernel, chunks, remote: Remote, stage: str,
         yield from out
 
 
-class FreshProcessBackend(Backend):
-    """An nnsight backend that runs each request like a server would, offline.
+class _Envelope(RequestModel):
+    """nnsight's request envelope with NDIF's ``trusted`` field (nnsight 0.8.1 has none)."""
 
-    The request is serialized exactly as for NDIF, then deserialized and run in a new
-    Python process that loads the model from ``model_dir`` (``save_pretrained`` format)
-    and cannot import sage_nn or any package in :data:`NOT_ON_SERVER`. Only the saved
-    values come back. ``request_bytes`` and ``result_bytes`` record each request's sizes.
-    """
+    trusted: bool
 
-    def __init__(self, model_dir: str | Path, timeout_s: float = 600):
-        self.model_dir = Path(model_dir)
-        self.timeout_s = timeout_s
+
+class NDIFBackend(RemoteBackend):
+    """nnsight's client for NDIF, measured: ``request_bytes``/``result_bytes`` hold each
+    request's and result's size as they crossed the wire (after compression). With
+    ``trusted`` set, the request's envelope carries it: a server whose auth is off honours
+    it (``False`` runs the request sandboxed); NDIF itself decides by the API key."""
+
+    def __init__(self, *args, trusted: bool | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trusted = trusted
         self.request_bytes: list[int] = []
         self.result_bytes: list[int] = []
 
-    @classmethod
-    def for_model(cls, model: Any, directory: str | Path | None = None) -> "FreshProcessBackend":
-        """Save ``model`` (weights and tokenizer) for the server process to load."""
-        directory = Path(directory or tempfile.mkdtemp(prefix="sage_nn_server_"))
-        if not (directory / "config.json").exists():
-            model._module.save_pretrained(directory)
-            model.tokenizer.save_pretrained(directory)
-        return cls(directory)
-
-    def __call__(self, tracer: Any) -> None:
-        from nnsight.ndif import pull_env
-        from nnsight.schema.request import RequestModel
-
-        pull_env()
-        blob = RequestModel.serialize(tracer)
+    def _serialize(self, tracer):
+        blob = super()._serialize(tracer)
         self.request_bytes.append(len(blob))
-        with tempfile.TemporaryDirectory(prefix="sage_nn_request_") as tmp:
-            request, result = Path(tmp) / "request", Path(tmp) / "result"
-            request.write_bytes(blob)
-            proc = subprocess.run(
-                [sys.executable, str(_SERVER_SCRIPT), str(self.model_dir), str(request),
-                 str(result), ",".join(NOT_ON_SERVER)],
-                capture_output=True, text=True, timeout=self.timeout_s, cwd=tmp)
-            if proc.returncode != 0:
-                raise RuntimeError(f"the request failed in the server process:\n{proc.stderr[-4000:]}")
-            content = result.read_bytes()
+        return blob
+
+    def finalize(self, content: bytes):
         self.result_bytes.append(len(content))
-        _deliver(tracer, content)
+        return super().finalize(content)
+
+    def _post(self, request, blob):
+        if self.trusted is not None:
+            request = _Envelope(**request.model_dump(), trusted=self.trusted)
+        return super()._post(request, blob)
+
+
+class ShippedByValueError(TypeError):
+    """Something in a request that a server could not run from any Python: a function
+    without source (shipped as bytecode, tied to the client's Python version) or a class
+    shipped by value (a dataclass's generated methods are bytecode)."""
+
+
+class _StrictPickler(serialization.CustomCloudPickler):
+    """nnsight's request pickler, refusing what would travel as bytecode or as a class."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, type) and not cloudpickle.cloudpickle._should_pickle_by_reference(obj):
+            raise ShippedByValueError(
+                f"the request ships class {obj.__module__}.{obj.__qualname__} by value (its "
+                "methods would run on the server); send plain data and plain functions")
+        return super().reducer_override(obj)
+
+    def _dynamic_function_reduce(self, func):
+        reduced = super()._dynamic_function_reduce(func)
+        if reduced[0] is not serialization._load_function:
+            raise ShippedByValueError(
+                f"the request ships {func.__module__}.{func.__qualname__} as bytecode (it has no "
+                "source, e.g. a dataclass's generated method): a server on another Python "
+                "version cannot run it")
+        return reduced
+
+
+def _state(model: Any) -> tuple:
+    """What a request must leave as it found it: every module's attribute names and the
+    config's values."""
+    hf = model._module
+    return ({name: set(vars(m)) for name, m in hf.named_modules()},
+            json.dumps(hf.config.to_dict(), sort_keys=True, default=str))
 
 
 class SimulatedServer(Backend):
-    """nnsight's local simulation of NDIF, served by another model: each request is
-    serialized as for NDIF, deserialized with the user's modules hidden (nnsight's
-    ``LocalSimulationBackend`` does both) against ``model``, the server's own (its
-    parameters frozen, as NDIF's are), and run in this process; only the saved values come
-    back. So the client's model may be held on the meta device, as a remote model is.
-    ``request_bytes`` and ``result_bytes`` record each request's sizes."""
+    """A server in this process, holding the rules a real NDIF server holds (the judge is
+    the real server, ``scripts/ndif/local_ndif.py``; this is the fast check for tests).
+
+    Each request is serialized as for NDIF, with a pickler that refuses anything a server
+    on another Python version could not run (:class:`ShippedByValueError`); deserialized
+    with the user's modules hidden (nnsight's ``LocalSimulationBackend`` does that) against
+    ``model``, the server's own (its parameters frozen, as NDIF's are); run; and only the
+    saved values come back, through bytes. A request that leaves an attribute on the
+    server's model, or changes its config, raises. So the client may hold its model on
+    the meta device, as a remote model is. ``request_bytes`` and ``result_bytes`` record
+    each request's sizes."""
 
     def __init__(self, model: Any):
         from nnsight.intervention.backends.local import LocalSimulationBackend
@@ -420,11 +464,14 @@ class SimulatedServer(Backend):
 
     def __call__(self, tracer: Any) -> None:
         from nnsight.ndif import pull_env
-        from nnsight.schema.request import RequestModel
         from nnsight.tracing import tracer as tracing
 
         pull_env()
-        blob = RequestModel.serialize(tracer)
+        pickler, serialization.CustomCloudPickler = serialization.CustomCloudPickler, _StrictPickler
+        try:
+            blob = RequestModel.serialize(tracer)
+        finally:
+            serialization.CustomCloudPickler = pickler
         self.request_bytes.append(len(blob))
         # deserializing registers the shipped sources in linecache under their files' names;
         # a server is another process, so here they must not outlive the request
@@ -434,6 +481,7 @@ class SimulatedServer(Backend):
             restored = RequestModel.deserialize(blob, self.model._remoteable_persistent_objects())
         finally:
             self.local._restore(hidden)
+        before = _state(self.model)
         pushed, push = [], tracing.push
         tracing.push = lambda frame, values: (pushed.append(dict(values)), push(frame, values))
         try:  # in the caller's own trace scope: its outermost block pushes only saved values
@@ -442,6 +490,12 @@ class SimulatedServer(Backend):
             tracing.push = push
             linecache.cache.clear()
             linecache.cache.update(sources)
+        after = _state(self.model)
+        if after != before:
+            added = sorted(f"{m or 'model'}.{a}" for m, names in after[0].items()
+                           for a in names - before[0].get(m, set()))
+            raise RuntimeError("the request wrote to the server's model (shared by every user): "
+                               + (", ".join(added) if added else "its config changed"))
         buffer = io.BytesIO()  # through bytes, as on the wire: nothing shared with the server
         torch.save(pushed[-1] if pushed else {}, buffer)
         self.result_bytes.append(buffer.tell())
