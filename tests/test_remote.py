@@ -131,14 +131,7 @@ def test_stages_round_trip_through_the_strict_simulated_server(setup):
     assert sum(server.result_bytes[1:]) < sum(server.request_bytes[1:])
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param("local", marks=pytest.mark.xfail(
-        strict=True, raises=TypeError, reason="sage_nn bug: ResidualReconstruction.run_at_each "
-        "ships itself (and the client's model) in the reconstruct request")),
-    pytest.param("simulated", marks=pytest.mark.xfail(
-        strict=True, raises=ShippedByValueError, reason="sage_nn bug: "
-        "ResidualReconstruction.run_at_each ships a ResidualReconstruction and Sites")),
-])
+@pytest.mark.parametrize("backend", ["local", "simulated"])
 def test_a_site_rebuilt_by_a_second_forward_gives_the_local_numbers_remotely(setup, backend):
     """mlp_out through residual SAEs is not linear in their codes: the evaluation rebuilds
     it in a second forward (the ``reconstruct`` kernel), which must run remotely too."""

@@ -148,6 +148,14 @@ class SparseAutoencoder(torch.nn.Module):
                 "max_iterations": self.max_iterations,
                 "stop_on_duplicate_support": self.stop_on_duplicate_support}
 
+    def plain(self) -> dict:
+        """The whole SAE as plain data (:mod:`sage_nn.model.encoders`): the encoder, the
+        effective decoder, the skip path; what a request that rebuilds activations
+        carries."""
+        undo = not self.transcoder and (self.normalize != "none" or self.center)
+        return {**self.encoder(), "decoder": self.decoder(), "W_skip": self.W_skip,
+                "undo": undo}
+
     def _prepare(self, x: torch.Tensor):
         """Input as sae_lens sees it, and the (scale, shift) that undo it after decoding."""
         return encoders.prepare(self.encoder(), x)

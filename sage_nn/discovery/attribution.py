@@ -61,6 +61,7 @@ turns them into cross-sections.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,7 +74,7 @@ import xarray as xr
 
 from ..common.notes import SageWarning
 from ..model.activations import batches, encode, model_device
-from ..model.patching import logit_diff, patched_forward
+from ..model.patching import logit_diff, patched_blocks, patched_forward, plan_batch
 from ..model.remote import run_kernel
 from ..model.sites import (
     HEAD_KINDS,
@@ -84,8 +85,10 @@ from ..model.sites import (
     channels,
     n_heads_of,
     site_tensor,
+    weightless,
 )
 
+log = logging.getLogger("sage_nn")
 SCORES_FORMAT = "sage_nn.discovery/2"  # /1: a (layer, kind, head) grid, head -1 off heads
 RESIDUAL_KINDS = ("resid_pre", "resid_mid", "resid_post")
 
@@ -197,9 +200,11 @@ class AttributionPatching:
         chunks = (_prepare_batch(model, dataset, attributes, positions, grid, idx, device,
                                  self.ig_steps, streams, changed)
                   for idx in batches(n, self.batch_size, self.progress and "attribution"))
-        for contrib, ld, cf_ld, sweep in run_kernel(model, _attribute, chunks, remote,
-                                                    stage="attribution",
-                                                    shapes=attribution_bytes):
+        methods = set()
+        for contrib, ld, cf_ld, sweep, how in run_kernel(model, _attribute, chunks, remote,
+                                                         stage="attribution",
+                                                         shapes=attribution_bytes):
+            methods.add(how)
             for key, c in contrib.items():
                 c = c.double().cpu().numpy()  # [attribute, position(, heads)]
                 delta[:, where[key], :] += c.transpose(0, 2, 1) if c.ndim == 3 else c[:, None]
@@ -209,7 +214,9 @@ class AttributionPatching:
                 swept += sweep.double().cpu().numpy()
         delta /= n
         clean_ld, cf_ld = clean_sum / n, cf_sum / n
-        exact = np.zeros(delta.shape, bool)
+        # where the request ran without a backward pass (NDIF's sandbox) every site was
+        # patched exactly (:func:`_exact_contributions`)
+        exact = np.full(delta.shape, "exact" in methods)
         for key in residual if streams else []:
             i, j = where[key].start, streams.index(_stream(*key))
             for c, (a, p) in enumerate(changed):
@@ -243,11 +250,17 @@ class AttributionPatching:
                    "task": str(getattr(dataset, "name", "")), "n_prompts": n,
                    "clean_logit_diff": clean_ld, "min_effect": self.min_effect,
                    "ig_steps": int(self.ig_steps), "exact_residuals": int(bool(streams)),
-                   "method": ("attribution patching" if not self.ig_steps else
+                   "method": ("exact activation patching of every site (the server ran "
+                              "the request without a backward pass, as NDIF's sandbox does)"
+                              if "exact" in methods else
+                              "attribution patching" if not self.ig_steps else
                               f"attribution patching, integrated gradients ({self.ig_steps} "
                               "steps on the embeddings)")
                    + ("; residual stream at changed tokens patched exactly" if streams else "")
                    + "; score = delta / total_effect"})
+        if "exact" in methods:
+            log.info("discovery: the server ran without a backward pass (NDIF's sandbox), so "
+                     "every site was patched exactly instead of scored by attribution")
         self.effects_ = effects_table(self.scores_)
         return self
 
@@ -352,10 +365,15 @@ def _attribute(model, arch, clean_inputs, cf_inputs, grid, clean_at, cf_at, answ
     b = len(clean_inputs["input_ids"])
     keys = [_stream_key(arch, j) for j in streams]
     read = sorted(set(grid) | set(keys), key=lambda k: (k[0], KINDS.index(k[1])))  # run order
+    exact = weightless(model)  # NDIF's sandbox: a request there runs no backward pass
     cf_values, cf_ld, cf_embed = _forward(model, arch, cf_inputs, read, *cf_at, answer,
-                                          distractor, embeddings=ig_steps > 0)
+                                          distractor, embeddings=ig_steps > 0 and not exact)
     sweep = _residual_sweep(model, arch, clean_inputs, streams, changed, clean_at[1], cf_values,
                             answer[:b], distractor[:b]) if streams else None
+    if exact:
+        contrib, ld = _exact_contributions(model, arch, clean_inputs, grid, clean_at[1],
+                                           cf_values, answer[:b], distractor[:b], n_attr)
+        return contrib, ld, cf_ld, sweep, "exact"
     if not ig_steps:
         values, grads, ld = _forward_backward(model, arch, clean_inputs, grid, *clean_at,
                                               answer[:b], distractor[:b])
@@ -384,7 +402,47 @@ def _attribute(model, arch, clean_inputs, cf_inputs, grid, clean_at, cf_at, answ
         if key[1] in HEAD_KINDS:
             c = c.unflatten(-1, (n_heads_of(arch, key[1]), arch["d_head"]))
         contrib[key] = c.sum(-1).unflatten(0, (n_attr, b)).sum(1)
-    return contrib, ld, cf_ld, sweep
+    return contrib, ld, cf_ld, sweep, "attribution"
+
+
+def _exact_contributions(model, arch, inputs, grid, cols, cf_values, answer, distractor,
+                         n_attr, max_rows: int = 256):
+    """Where no backward pass runs (NDIF's sandbox): every grid site's contribution
+    measured by exact activation patching instead of estimated, in the same shape as the
+    gradient's (``{(layer, kind): [attribute, position(, head)]}``, summed over prompts):
+    the logit difference with that site's counterfactual value written at that position,
+    minus the clean one. Each (site, position, attribute) is a variant of the batch; they
+    share forwards and recompute only the blocks they change (:func:`patched_blocks`).
+    Returns the contributions and the clean logit differences."""
+    b, P = cols.shape
+    T = inputs["input_ids"].shape[1]
+    batch = {"inputs": inputs, "offsets": torch.zeros(b, dtype=torch.long),
+             "lengths": torch.full((b,), T, dtype=torch.long)}  # positions are the columns
+    positions = cols.cpu().numpy()
+    variants, where = [], []
+    for layer, kind in grid:
+        heads = list(range(n_heads_of(arch, kind))) if kind in HEAD_KINDS else [None]
+        width = arch["d_head"] if kind in HEAD_KINDS else arch["d_model"]
+        for a in range(n_attr):
+            for p in range(P):
+                value = cf_values[(layer, kind)][a * b:(a + 1) * b, p]  # [b, heads * width]
+                for i, head in enumerate(heads):
+                    variants.append([((layer, kind, head), positions[:, p],
+                                      value[:, i * width:(i + 1) * width])])
+                    where.append(((layer, kind), a, p, head))
+    groups, members, _ = plan_batch(arch, batch, np.arange(b), variants, max_rows,
+                                    inputs["input_ids"].device, None)
+    outs = patched_blocks(model, arch, inputs, groups, answer, distractor)
+    clean = outs[0][0].float()
+    sums = torch.zeros(len(variants), dtype=torch.float64)
+    for (ld, _, _), chunk in zip(outs[1:], members):
+        sums[chunk] += (ld.float().reshape(b, -1) - clean[:, None]).sum(0).double().cpu()
+    contrib = {}
+    for (key, a, p, head), total in zip(where, sums.tolist()):
+        shape = (n_attr, P) + ((n_heads_of(arch, key[1]),) if head is not None else ())
+        at = contrib.setdefault(key, torch.zeros(shape, dtype=torch.float64))
+        at[(a, p) + ((head,) if head is not None else ())] = total
+    return contrib, clean
 
 
 def _stream_key(arch: dict, j: int) -> tuple[int, str]:

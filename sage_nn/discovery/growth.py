@@ -178,7 +178,7 @@ def _search(measure: Callable, cf_ld: dict[str, float], sizes: dict[str, int],
     for a in cf_ld:
         rec = share(a, prefix[a])
         hit = np.flatnonzero(rec >= target)
-        chosen[a] = list(range((int(hit[0]) if len(hit) else int(np.nanargmax(rec))) + 1))
+        chosen[a] = list(range((int(hit[0]) if len(hit) else _shortest_best(rec)) + 1))
     _, loo = measure({a: [[i] for i in s] + ([[j for j in s if j != i] for i in s]
                                              if len(s) > 1 else []) for a, s in chosen.items()})
     pruned = {}
@@ -191,6 +191,22 @@ def _search(measure: Callable, cf_ld: dict[str, float], sizes: dict[str, int],
     return {"clean": float(clean), "cf": {a: float(x) for a, x in cf_ld.items()},
             "prefix": plain(prefix), "chosen": chosen, "loo": plain(loo), "pruned": pruned,
             "pruned_ld": plain(pruned_ld)}
+
+
+#: Recovered shares closer than this are equal: a member that adds nothing must not be kept
+#: because float rounding (another machine, another batch order) puts its set a hair ahead.
+SHARE_TOLERANCE = 1e-5
+
+
+def _shortest_best(rec, sizes=None) -> int:
+    """The index of the best recovered share, the smallest set among those within
+    :data:`SHARE_TOLERANCE` of it (``sizes``: each set's size; default the index, prefixes)."""
+    rec = np.asarray(rec, dtype=float)
+    if not np.isfinite(rec).any():
+        return 0
+    near = np.flatnonzero(rec >= np.nanmax(rec) - SHARE_TOLERANCE)
+    sizes = np.arange(len(rec)) if sizes is None else np.asarray(sizes)
+    return int(min(near, key=lambda i: (sizes[i], -rec[i])))
 
 
 def _counterfactual_forward(model, arch, inputs, grid, cols, answer, distractor):
@@ -362,8 +378,7 @@ def grow_cross_sections(model: Any, dataset: Any, scores: xr.Dataset,
         if hit:
             best = min(hit, key=lambda i: (len(eligible[i][0]), abs(1 - rec[i])))
         else:
-            best = min(range(len(eligible)), key=lambda i: (
-                -rec[i] if np.isfinite(rec[i]) else np.inf, len(eligible[i][0])))
+            best = _shortest_best(rec, [len(members) for members, _ in eligible])
         members, joint = eligible[best]
         members = sorted(members)
         table = pools[a].iloc[members].reset_index(drop=True)

@@ -1,10 +1,12 @@
-"""An SAE's encoder as plain data and plain functions: what a request carries of an SAE, and
-what runs of it on a server.
+"""An SAE as plain data and plain functions: what a request carries of an SAE, and what runs
+of it on a server.
 
 :class:`~sage_nn.dictionaries.saes.SparseAutoencoder` keeps the weights and the API here;
-``sae.encoder()`` is this plain form (a dict of tensors and settings, without the decoder but
-for its row norms where the codes need them), and :func:`encode` / :func:`decode_affine` are
-its maths, the same functions here and in a request. The maths follow sae_lens 6.54 exactly,
+``sae.encoder()`` is the plain form a read needs (a dict of tensors and settings, without
+the decoder but for its row norms where the codes need them), ``sae.plain()`` adds the
+decoder for a request that rebuilds activations, and :func:`encode`, :func:`decode_affine`,
+:func:`decode` and :func:`reconstruct` are its maths, the same functions here and in a
+request. The maths follow sae_lens 6.54 exactly,
 for every activation of :data:`~sage_nn.common.formats.SAE_ARCHITECTURES`: the input step
 (``center``, ``normalize``, ``apply_b_dec_to_input``), then the activation by name.
 """
@@ -95,3 +97,21 @@ def decode_affine(enc: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if enc["transcoder"]:
         return torch.ones_like(scale), torch.zeros_like(shift)
     return scale, shift
+
+
+def decode(sae: dict, codes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The reconstruction from latents (``sae``: the plain SAE with its ``decoder``, the
+    effective one); ``x`` (the input) undoes the input normalisation and feeds a skip
+    transcoder's skip path."""
+    out = codes.to(sae["decoder"].dtype) @ sae["decoder"] + sae["b_dec"]
+    if sae["undo"]:
+        scale, shift = decode_affine(sae, x)
+        out = out * scale + shift
+    if sae["W_skip"] is not None:
+        out = out + x.to(sae["W_skip"].dtype) @ sae["W_skip"].T
+    return out
+
+
+def reconstruct(sae: dict, x: torch.Tensor) -> torch.Tensor:
+    """``decode(encode(x), x)`` in ``x``'s dtype: the SAE's forward."""
+    return decode(sae, encode(sae, x), x).to(x.dtype)

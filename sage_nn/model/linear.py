@@ -61,18 +61,18 @@ def attention_norms(ad, model, layer: int) -> tuple:
             _settings(ad, model, layer, ad.arch.attn_post_norm))
 
 
-def heads_read(ad, sites) -> list[tuple[str, int]]:
-    """The projection heads ``(kind, head)`` the linear view of ``sites`` reads: q/k/v
-    their own, z its value head, attn_out every value head."""
-    group = ad.n_heads // ad.n_kv_heads
+def heads_read(arch: dict, sites) -> list[tuple[str, int]]:
+    """The projection heads ``(kind, head)`` the linear view of ``sites`` (``(layer, kind,
+    head)``) reads: q/k/v their own, z its value head, attn_out every value head."""
+    group = arch["n_heads"] // arch["n_kv_heads"]
     heads = set()
-    for s in sites:
-        if s.kind in ("q", "k", "v"):
-            heads.add((s.kind, s.head))
-        elif s.kind == "z":
-            heads.add(("v", s.head // group))
+    for _, kind, head in sites:
+        if kind in ("q", "k", "v"):
+            heads.add((kind, head))
+        elif kind == "z":
+            heads.add(("v", head // group))
         else:  # attn_out
-            heads |= {("v", h // group) for h in range(ad.n_heads)}
+            heads |= {("v", h // group) for h in range(arch["n_heads"])}
     return sorted(heads)
 
 

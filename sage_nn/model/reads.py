@@ -154,7 +154,7 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple],
                          "call to read the clean pattern from, so z and attn_out cannot be "
                          "reached through the reconstruction; use SAEs at the sites")
     here, placements = _place(ad, remote, layers, jobs, prepared)
-    maps_of = {layer: (heads_read(ad, plan.sites), plan.attn_out)
+    maps_of = {layer: (heads_read(ad.spec, [site_key(s) for s in plan.sites]), plan.attn_out)
                for layer, plan in layers.items()}
     cast: dict = {}  # encoders cast once
     read_keys = [site_key(s) for s in reads]
@@ -259,11 +259,19 @@ def _place(ad, remote, layers: dict[int, _Layer], jobs, prepared) -> tuple[set, 
         new = {(id(job.sae), g) for g in requests_of[j]} - sent
         server_bytes[j] += encoder * len(new)
         sent |= new
-    here = set()
+    here, limit = set(), remote.max_request_bytes
     for layer, plan in layers.items():
         server = sum(server_bytes[j] for j in plan.jobs)
+        # an encoder larger than a request can be is encoded here, whatever it costs
+        too_big = [jobs[j].label or repr(jobs[j].sae) for j in plan.jobs if limit is not None
+                   and payload_bytes(jobs[j].sae.encoder(), itemsize=size) > limit]
+        if too_big and remote.placement == "server" and remote.is_remote:
+            raise ValueError(
+                f"the encoder of {too_big[0]} is larger than a request to the server may be "
+                f"({limit / 1e6:.2f} MB): it cannot be encoded there; fix: "
+                "--remote-placement here (or auto)")
         if remote.placement == "here" or (remote.placement == "auto" and remote.is_remote
-                                          and here_bytes[layer] < server):
+                                          and (too_big or here_bytes[layer] < server)):
             here.add(layer)
     records = [{"sae": job.label, "layer": job.layer, "width": int(job.sae.d_sae),
                 "placement": "here" if job.layer in here else "server",

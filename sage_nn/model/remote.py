@@ -57,6 +57,10 @@ from .sites import spec
 log = logging.getLogger(__name__)
 
 
+#: The largest request body NDIF's API takes (ndif 0.1.2 parses a request with starlette's
+#: multipart parser, whose parts are capped at 1 MiB: a larger body gets HTTP 400).
+MAX_REQUEST_BYTES = 1 << 20
+
 #: Where a read encodes residual SAEs (:mod:`sage_nn.model.reads`): chosen by bytes, or forced.
 PLACEMENTS = ("auto", "server", "here")
 
@@ -103,6 +107,9 @@ class Remote:
     from the kernel's shapes), and stops with :class:`Planned`. ``trusted=False`` asks a
     server whose auth is off (a lab's own NDIF) to run each request sandboxed, as NDIF runs
     a key without the ``trusted`` tag; ``None`` leaves it to the server.
+    ``max_request_bytes``: the largest request body the server takes (NDIF's API refuses
+    bodies over 1 MiB); a larger request is refused here, before it is sent, naming the
+    fix, and an SAE whose encoder alone is larger is encoded here.
     """
 
     backend: Any = False
@@ -117,6 +124,7 @@ class Remote:
     stage: str = ""
     dry_run: bool = False
     trusted: bool | None = None
+    max_request_bytes: int | None = MAX_REQUEST_BYTES
     requests: list = field(default_factory=list, repr=False)  # Request per request sent
     placements: list = field(default_factory=list, repr=False)  # per read job: where, bytes
 
@@ -155,7 +163,8 @@ class Remote:
         return NDIFBackend(model.to_model_key(),
                            host=self.backend if isinstance(self.backend, str) else None,
                            blocking=self.blocking, job_id=job_id, verbose=self.verbose,
-                           trusted=self.trusted)
+                           trusted=self.trusted, max_request_bytes=self.max_request_bytes,
+                           stage=self.stage)
 
     def record(self, kernel: str, group: list[tuple], up: int, out: Any = None,
                seconds: float = 0.0, wire: tuple = (None, None)) -> None:
@@ -170,6 +179,18 @@ class Planned(Exception):
     def __init__(self, kernel: str):
         self.kernel = kernel
         super().__init__(f"{kernel}: planned, not sent (dry run)")
+
+
+class RemoteRequestError(RuntimeError):
+    """A request the server ran and failed: which stage and request, and the server's own
+    error (its last line here, the whole report in ``detail``)."""
+
+    def __init__(self, stage: str, kernel: str, number: int, rows: int, error: BaseException):
+        self.detail = str(error)
+        lines = [line.strip() for line in self.detail.strip().splitlines() if line.strip()]
+        self.cause = lines[-1] if lines else type(error).__name__
+        super().__init__(f"{stage}: request {number} ({kernel}, {rows} prompts) failed on the "
+                         f"server: {self.cause}")
 
 
 class RemotePending(RuntimeError):
@@ -270,14 +291,19 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
     if not remote.blocking:
         yield from _submitted(model, arch, kernel, chunks, remote, stage, shared)
         return
-    for group in request_groups(chunks, remote.max_prompts):
+    for number, group in enumerate(request_groups(chunks, remote.max_prompts), 1):
         up = payload_bytes(group)  # before it is sent: a server works on its own copy
         for attempt in range(remote.retries + 1):
             try:
                 start = time.perf_counter()
                 out, wire = _session(model, arch, kernel, group, remote, shared)
                 break
+            except RequestTooLargeError:
+                raise
             except Exception as error:  # noqa: BLE001 (re-raised unless transient)
+                if not _is_transient(error) and _ran_on_server(error):
+                    raise RemoteRequestError(remote.stage or stage, kernel.__name__, number,
+                                             sum(map(_size, group)), error) from error
                 if not _is_transient(error) or attempt == remote.retries:
                     raise
                 wait = remote.backoff_s * 2 ** attempt
@@ -285,6 +311,14 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
                 time.sleep(wait)
         remote.record(stage, group, up, out, time.perf_counter() - start, wire)
         yield from out
+
+
+def _ran_on_server(error: BaseException) -> bool:
+    """Whether the server ran the request and reported it failed (nnsight's RemoteError
+    carrying the server's traceback), not a failure to reach it."""
+    from nnsight.intervention.backends.remote import RemoteError
+
+    return isinstance(error, RemoteError) and "Failed to send request" not in str(error)
 
 
 def _wire(backend: Any) -> tuple:
@@ -374,6 +408,10 @@ def _submitted(model, arch, kernel, chunks, remote: Remote, stage: str,
         yield from out
 
 
+class RequestTooLargeError(ValueError):
+    """A request over the server's body limit (:data:`MAX_REQUEST_BYTES`), refused here."""
+
+
 class _Envelope(RequestModel):
     """nnsight's request envelope with NDIF's ``trusted`` field (nnsight 0.8.1 has none)."""
 
@@ -386,15 +424,27 @@ class NDIFBackend(RemoteBackend):
     ``trusted`` set, the request's envelope carries it: a server whose auth is off honours
     it (``False`` runs the request sandboxed); NDIF itself decides by the API key."""
 
-    def __init__(self, *args, trusted: bool | None = None, **kwargs):
+    def __init__(self, *args, trusted: bool | None = None,
+                 max_request_bytes: int | None = MAX_REQUEST_BYTES, stage: str = "", **kwargs):
+        from nnsight.intervention.backends.display import StatusDisplay
+
         super().__init__(*args, **kwargs)
-        self.trusted = trusted
+        self.trusted, self.max_request_bytes, self.stage = trusted, max_request_bytes, stage
+        # the status spinner only when asked for (verbose): sage_nn says one line a stage
+        self.display = StatusDisplay(enabled=self.verbose, verbose=self.verbose)
         self.request_bytes: list[int] = []
         self.result_bytes: list[int] = []
 
     def _serialize(self, tracer):
         blob = super()._serialize(tracer)
         self.request_bytes.append(len(blob))
+        if self.max_request_bytes is not None and len(blob) > self.max_request_bytes:
+            raise RequestTooLargeError(
+                f"{self.stage or 'a'} request of {len(blob) / 1e6:.2f} MB is over the server's "
+                f"limit of {self.max_request_bytes / 1e6:.2f} MB (NDIF's API refuses larger "
+                "bodies); nothing was sent: fix: send fewer prompts a request "
+                "(--max-prompts-per-request, or a smaller --batch-size), or encode residual "
+                "SAEs here (--remote-placement here)")
         return blob
 
     def finalize(self, content: bytes):

@@ -165,12 +165,19 @@ def site_tensor(model: Any, arch: dict, layer: int, kind: str) -> "torch.Tensor"
     raise ValueError(f"unknown site kind {kind!r}")
 
 
+def weightless(model: Any) -> bool:
+    """Whether the code runs beside a copy of the model without weights: NDIF's sandbox,
+    where a request's code runs in a process holding a meta copy and the forward runs
+    elsewhere. There no backward pass runs, and ``tracer.stop()`` misbehaves (ndif 0.1.2)."""
+    return next(model._module.parameters()).device.type == "meta"
+
+
 def stop_after_reads(model: Any, tracer: Any) -> None:
     """Inside a trace, after its last read: stop the forward (the layers above and the
-    logits are not needed), where that is safe. In NDIF's sandbox (the request holds a
-    meta copy of the model) a stopped trace leaves every later trace of the same request
-    stopped before it starts (ndif 0.1.2), so there the forward runs to its end."""
-    if next(model._module.parameters()).device.type != "meta":
+    logits are not needed), where that is safe. In NDIF's sandbox a stopped trace leaves
+    every later trace of the same request stopped before it starts (ndif 0.1.2), so there
+    the forward runs to its end."""
+    if not weightless(model):
         tracer.stop()
 
 

@@ -44,7 +44,7 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-#: The server's environment, pinned: the versions this was last run with.
+#: The server's environment (every version pinned in constraints.txt beside this file).
 PACKAGES = ["torch==2.13.0", "ndif[api,ray]==0.1.2", "nnsight==0.8.1", "transformers==5.25.0",
             "moto[server]==5.2.6"]
 PORTS = {"redis": 6390, "s3": 9010, "api": 8011, "ray": 6385, "ray_client": 10011,
@@ -82,6 +82,10 @@ def env() -> dict:
            "PATH": f"{home() / 'venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
     out.pop("PYTHONPATH", None)
     out.pop("VIRTUAL_ENV", None)
+    # NDIF's sandbox-capable model actor: a trusted request runs in its process, any other
+    # in a runner holding a meta copy of the model (on a CPU: the same, its CUDA calls
+    # done on the CPU, in float32)
+    out["NDIF_MODEL_IMPORT_PATH"] = "ndif.services.ray.sandbox.model.SandboxModelActor"
     if not has_cuda():
         out.update(NDIF_MODEL_IMPORT_PATH="sage_ndif_cpu.CPUSandboxModelActor",
                    NDIF_DEFAULT_DTYPE="float32")
@@ -104,10 +108,17 @@ def python312() -> str:
 
 
 def setup(args) -> None:
+    if not shutil.which("redis-server"):  # NDIF's queue; Debian's package
+        installed = subprocess.run(["apt-get", "install", "-y", "-q", "redis-server"],
+                                   capture_output=True, text=True)
+        if installed.returncode or not shutil.which("redis-server"):
+            sys.exit("redis-server is not installed and `apt-get install redis-server` failed "
+                     f"({installed.stderr.strip()[-300:]}): install Redis, then run setup again")
     venv = home() / "venv"
     if not (venv / "bin" / "python").exists():
         subprocess.run([python312(), "-m", "venv", str(venv)], check=True)
-    pip = [venv_bin("python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    pip = [venv_bin("python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+           "-c", str(HERE / "constraints.txt")]  # what the conformance tier last passed with
     subprocess.run([*pip, *PACKAGES], check=True)
     site = subprocess.run([venv_bin("python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
@@ -182,10 +193,13 @@ def up(args) -> None:
     _wait("redis", lambda: _port_open(PORTS["redis"]), 30, "redis")
     _wait("the S3 store", lambda: _port_open(PORTS["s3"]), 60, "s3")
     cpu = not has_cuda()
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    resources = {"head": 10, "cpu_memory_bytes": memory}
-    if cpu:  # a logical GPU, so that the controller places models here
-        resources["cuda_memory_bytes"] = memory // 2
+    if cpu:  # a logical GPU with half the memory, so that the controller places models here
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        resources = {"head": 10, "cpu_memory_bytes": memory, "cuda_memory_bytes": memory // 2}
+    else:  # what NDIF's own start script reports: the GPUs' memory
+        resources = json.loads(subprocess.run(
+            [venv_bin("python"), "-m", "ndif.services.ray.resources", "--head"],
+            capture_output=True, text=True, env=environment, check=True).stdout)
     ray = [venv_bin("ray"), "start", "--head", f"--port={PORTS['ray']}",
            f"--ray-client-server-port={PORTS['ray_client']}",
            f"--object-manager-port={PORTS['object_manager']}",
@@ -194,13 +208,6 @@ def up(args) -> None:
            "--min-worker-port=20000", "--max-worker-port=20999",
            f"--resources={json.dumps(resources)}", f"--temp-dir={home() / 'ray'}",
            "--num-cpus=8", *(["--num-gpus=1"] if cpu else [])]
-    if not cpu:
-        resources["cuda_memory_bytes"] = int(subprocess.run(
-            [venv_bin("python"), "-m", "ndif.services.ray.resources"], capture_output=True,
-            text=True, env=environment).stdout and json.loads(subprocess.run(
-                [venv_bin("python"), "-m", "ndif.services.ray.resources"],
-                capture_output=True, text=True, env=environment).stdout)["cuda_memory_bytes"])
-        ray[-3] = f"--resources={json.dumps(resources)}"
     started = subprocess.run(ray, env=environment, capture_output=True, text=True)
     if started.returncode:
         down(None)
