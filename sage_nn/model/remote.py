@@ -1,4 +1,5 @@
-"""Where a stage's forward passes run: here, on NDIF, or in a faithful simulation of NDIF.
+"""Where a stage's forward passes run: here, on NDIF (or a lab's own NDIF at a URL), or in a
+simulation of NDIF that holds its rules.
 
 Every stage that runs the model is split in three: *prepare* here (tokenize, build patch
 indices), a *kernel* that runs the traces (plain torch: the only code that touches the
@@ -7,24 +8,28 @@ the prepared chunks of prompts. Locally it calls it chunk by chunk; remotely all
 in one nnsight session, so one request (or one per ``max_prompts`` prompts), and only what
 the kernel returns comes back::
 
-    with model.session(remote=True):          # one request
-        out = [kernel(model, *chunk) for chunk in chunks]
+    with model.session(backend=NDIFBackend(...)):      # one request
+        out = [kernel(model, arch, *chunk) for chunk in chunks]
         nnsight.save(out)
 
-The kernel and what it calls ship by value (``sage_nn`` registers itself, so a pip or
-editable install works) and import only torch and nnsight, which an NDIF server has.
-The NDIF API key is nnsight's (``NDIF_API_KEY`` or nnsight's config); sage_nn never stores it.
+What a request carries runs on any NDIF server, trusted or sandboxed, from any client
+Python (docs/ndif.md): the kernels and what they call travel as source (``sage_nn``
+registers itself, so a pip or editable install works) and import only torch, numpy and
+nnsight; their arguments are plain data (the architecture's facts as ``arch``, worked out
+here; sites as ``(layer, kind, head)``; SAEs as their plain form), never an object of a
+sage_nn class; nothing is written to the server's model. The NDIF API key is nnsight's
+(``NDIF_API_KEY`` or nnsight's config); sage_nn never stores it.
 
 Every request is logged in ``Remote.requests`` (:class:`Request`: the kernel, rows, tokens,
-the tensor bytes sent and received, seconds, and the serialized sizes where the backend
-knows them), and where the read placed each SAE in ``Remote.placements``.
+the tensor bytes sent and received, seconds, and the bytes that crossed the wire where the
+backend knows them: :class:`NDIFBackend` does), and where the read placed each SAE in
+``Remote.placements``.
 
 Backends for testing without a server: nnsight's own ``remote="local"`` (serialize, hide
-local modules, deserialize, run in-process), :class:`SimulatedServer` (the same against a
-separate server-side model, so the client may hold its model without weights) and
-:class:`FreshProcessBackend`, which runs each request in a new Python process that cannot
-import sage_nn or any non-server package. Both keep the server model's parameters frozen,
-as NDIF's are, so a kernel that needs gradients must ask for them.
+local modules, deserialize, run in-process) and :class:`SimulatedServer` (the same against
+a separate server-side model, so the client may hold its model without weights, refusing
+what a real server could not run and any write to its model). The judge is the real
+server, ``scripts/ndif/local_ndif.py`` (tests/test_ndif.py).
 """
 
 from __future__ import annotations
