@@ -180,8 +180,8 @@ def pattern_rows(call, cols: torch.Tensor, heads, n_heads: int, start: int = 0) 
     """The clean attention pattern of ``heads`` at the query tokens ``cols [b, m]`` (``{h:
     [b, m, T]}``), from the attention call's inputs ``call.inputs = (args, kwargs)``: queries
     ``[B, H, T, d]``, keys ``[B, KV, T, d]``, the mask (additive, boolean, or ``None`` for
-    causal), ``scaling`` and a ``softcap``, as eager attention computes them; for the
-    batch's ``b`` rows from ``start``."""
+    causal), ``scaling``, a ``softcap`` and sinks (``s_aux``), as eager attention computes
+    them; for the batch's ``b`` rows from ``start``."""
     args, kwargs = call.inputs
     query, key, mask = args[1], args[2], args[4] if len(args) > 4 else kwargs.get("attention_mask")
     b, T = len(cols), key.shape[2]
@@ -208,7 +208,12 @@ def pattern_rows(call, cols: torch.Tensor, heads, n_heads: int, start: int = 0) 
             scores = scores.masked_fill(~m[:, :, None, :], float("-inf"))
         else:
             scores = scores + m[:, :, None, :].float()
-    P = scores.softmax(-1)  # [b, m, h, T]
+    sinks = kwargs.get("s_aux")  # a learned logit per head that attends to nothing
+    if sinks is not None:
+        sink = sinks.float()[heads].reshape(1, 1, -1, 1).expand(*scores.shape[:-1], 1)
+        P = torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
+    else:
+        P = scores.softmax(-1)  # [b, m, h, T]
     # each its own copy: a view would carry every head's rows back from a server
     return {h: P[:, :, i].clone() for i, h in enumerate(heads)}
 
