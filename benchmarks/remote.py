@@ -94,7 +94,8 @@ from sage_nn.evaluation.scoring import evaluate_cross_section
 from sage_nn.model.loading import smollm2_dir
 from sage_nn.pipeline.config import RunConfig, run_prompts
 from sage_nn.dictionaries.serving import residual_sites_for
-from sage_nn.model.remote import Remote, RequestTooLargeError
+from sage_nn.model.remote import Remote
+from sage_nn.model.servers import RequestTooLargeError
 from sage_nn.dictionaries.saes import SparseAutoencoder
 from sage_nn.model.sites import Site, adapter
 from sage_nn.tasks.datasets import logit_diffs
@@ -378,7 +379,7 @@ def placement_scaling(d_models: list[int], widths: list[int], n_saes=(1, 8)) -> 
 
 def _measured(client, server_model, config, section, d, width, n, planned) -> list[dict]:
     """The planned evaluation sent: random SAEs of the planned shapes, each placement."""
-    from sage_nn.model.remote import SimulatedServer
+    from sage_nn.model.servers import SimulatedServer
 
     _, fit, held_out = run_prompts(client, config)
     saes = {f"sae{i}": ReconstructedSAE([random_topk_sae("L1.resid_pre", d, width, i)])

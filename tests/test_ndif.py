@@ -159,7 +159,7 @@ def test_the_servers_model_is_left_as_it_was_found(server, setup, remote_runs):
     import nnsight
 
     from sage_nn.model.loading import load_model
-    from sage_nn.model.remote import NDIFBackend
+    from sage_nn.model.servers import NDIFBackend
 
     model = load_model(setup[1], remote=True)
     with model.session(backend=NDIFBackend(model.to_model_key(), host=server, trusted=True)):

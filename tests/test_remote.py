@@ -31,7 +31,8 @@ from sage_nn.discovery.growth import grow_cross_sections
 from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
 from sage_nn.evaluation.scoring import evaluate_cross_section
 from sage_nn.model.patching import Patch, run_patched
-from sage_nn.model.remote import Remote, ShippedByValueError, SimulatedServer, run_kernel
+from sage_nn.model.remote import Remote, run_kernel
+from sage_nn.model.servers import ShippedByValueError, SimulatedServer
 from sage_nn.dictionaries.saes import SparseAutoencoder
 from sage_nn.model.sites import Site
 from sage_nn.tasks.datasets import logit_diffs

@@ -209,7 +209,8 @@ def test_new_encoders_run_on_a_server_that_cannot_import_sage_nn(tmp_path):
 
     from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
     from sage_nn.evaluation.scoring import evaluate_cross_section
-    from sage_nn.model.remote import Remote, SimulatedServer
+    from sage_nn.model.remote import Remote
+    from sage_nn.model.servers import SimulatedServer
     from sage_nn.model.sites import Site
 
     model, full = tiny_task_dataset(tmp_path, n=24)

@@ -157,7 +157,7 @@ def _run_batch(model, arch: dict, inputs: dict, grid: dict, rows_positions) -> d
     """One trace reads every (layer, kind) of the grid (:class:`_Grid`'s fields as a dict),
     in execution order (a remote kernel)."""
     saved = {}
-    with torch.no_grad(), model.trace(inputs) as tracer:
+    with torch.no_grad(), model.trace(inputs, use_cache=False, logits_to_keep=1) as tracer:
         for layer in grid["layers"]:
             for kind in grid["kinds"]:
                 t = site_tensor(model, arch, layer, kind)

@@ -11,6 +11,9 @@
 - the norms by what they read and feed: before attention, before the MLP (reading
   ``resid_mid``, or ``resid_pre`` in a parallel block), after either sublayer (sandwich).
 
+One module because deriving, the probe forward, the tiny twins a remote model is probed
+through and the checks before weights load all read the same structure.
+
 Nothing here branches on the family's name. What a structure cannot show is data:
 :data:`REFUSED` says why families that are not decoder-only transformers are refused, so
 the refusal comes before any weights load (:func:`check_config`).

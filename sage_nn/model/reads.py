@@ -376,7 +376,7 @@ def _trace_reads(model, arch, inputs, cols, reads, layers, new_maps):
     the frozen maps of the layers in ``new_maps`` (module calls, inside the trace)."""
     rows = torch.arange(len(cols), device=cols.device)[:, None]
     out, taken, maps = {}, {}, {}  # made outside the trace: filled in it, they come back whole
-    with torch.no_grad(), model.trace(inputs, use_cache=False) as tracer:
+    with torch.no_grad(), model.trace(inputs, use_cache=False, logits_to_keep=1) as tracer:
         calls = {layer: attention_call(model, arch, layer) for layer, plan in layers.items()
                  if plan["heads"]}  # asked for before the model runs
         for layer in sorted({s[0] for s in reads} | set(layers)):

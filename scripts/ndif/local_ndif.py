@@ -26,7 +26,7 @@ What is not NDIF's own code, and why (the rest is the ``ndif`` package as releas
 
 Auth is off (no Postgres): a request runs trusted, in the model's process, unless its
 envelope says ``"trusted": false``; then it runs sandboxed, in a fresh runner process that
-holds a meta copy of the model (``sage_nn.model.remote.NDIFBackend(trusted=False)``).
+holds a meta copy of the model (``sage_nn.model.remote.Remote(URL, trusted=False)``).
 """
 
 from __future__ import annotations
