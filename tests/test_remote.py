@@ -493,3 +493,32 @@ def test_bfloat16_transport_sends_sae_encoders_in_half_precision_once(setup):
     assert sent["float32", 2] == sent["float32", 1]  # one encoder for both jobs
     assert sent["bfloat16", 1] < 0.55 * sent["float32", 1]
     assert wide.W_enc.dtype == torch.float32
+
+
+def test_a_stage_over_the_servers_request_limit_is_split_into_requests_under_it(setup):
+    """A patched run whose values are more than a request may carry goes as several
+    requests (a batch's variants split too), each under the limit, with the same numbers;
+    a request still over it is refused before it is sent, naming the fix."""
+    from sage_nn.model.remote import CODE_ALLOWANCE
+    from sage_nn.model.servers import RequestTooLargeError
+
+    model, fit, test, server_model = setup
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    variants = [[Patch(f"L{layer}.resid_pre", fit.positions["END"],
+                       torch.randn(len(fit.prompts), d, generator=g))] for layer in (0, 1) * 32]
+    here = run_patched(model, fit, [[]] + variants).logit_diff.values
+    limit = CODE_ALLOWANCE + 100_000  # about two groups of 16 variants a request
+    remote = Remote(SimulatedServer(server_model), max_request_bytes=limit)
+    there = run_patched(weightless(model), fit, [[]] + variants, remote=remote)
+    np.testing.assert_allclose(there.logit_diff.values, here, rtol=1e-5, atol=1e-5)
+    assert len(remote.requests) > 1  # one request would have carried them all
+    assert all(r.up <= remote.payload_budget for r in remote.requests), remote.requests
+    assert sum(r.up for r in remote.requests) > remote.payload_budget  # too much for one
+    with pytest.raises(RequestTooLargeError, match=r"over the server's limit of 0\.00 MB.*"
+                       r"nothing was sent: fix: send fewer prompts a request"):
+        from sage_nn.model.servers import NDIFBackend
+
+        backend = NDIFBackend("tiny", host="http://127.0.0.1:9", max_request_bytes=1)
+        with model.session(backend=backend):  # nothing listens there: it must not be sent
+            nnsight.save(torch.zeros(1))

@@ -26,7 +26,7 @@ import torch
 import xarray as xr
 
 from .activations import batches, encode, model_device, token_index
-from .remote import as_remote, cast_shared, run_kernel
+from .remote import as_remote, cast_shared, payload_bytes, run_kernel
 from .sites import HEAD_KINDS, KINDS, Site, adapter, channels, site_key, site_tensor, skip_blocks
 
 
@@ -227,15 +227,22 @@ def run_patched(
     clean = [v for v, patches in enumerate(variants) if not patches]
     prepared, blocks_run = [], [0.0]
 
+    budget = as_remote(remote).payload_budget
+
     def chunks():
         for idx in batches(n, batch_size, progress and "patch"):
             batch = encode(model, [prompts[i] for i in idx], device)
             groups, members, cost = plan_batch(ad.spec, batch.plain(), idx, variants, max_rows,
                                                device, dtype, suffix_ok(model, batch))
             blocks_run[0] += len(idx) * (1 + cost)
-            prepared.extend([(idx, chunk) for chunk in members] + [(idx, clean)])
             tile = lambda ids: torch.as_tensor(ids[idx], device=device)  # noqa: E731
-            yield batch.inputs, groups, tile(answer_ids), tile(distractor_ids)
+            fixed = (batch.inputs, tile(answer_ids), tile(distractor_ids))
+            # a batch whose patches are more than a request may carry goes as several
+            # chunks, each running the clean batch again
+            room = None if budget is None else budget - payload_bytes(fixed)
+            for part, part_members in _within(groups, members, room):
+                prepared.extend([(idx, chunk) for chunk in part_members] + [(idx, clean)])
+                yield fixed[0], part, *fixed[1:]
 
     for outs in run_kernel(model, patched_blocks, chunks(), remote, stage="patch",
                            shapes=patched_bytes):
@@ -264,6 +271,27 @@ def plain_patch(patch: Patch, dtype=None, memo: dict | None = None) -> tuple:
         values = {f: t if dtype is None else cast_shared(t, dtype, memo)
                   for f, t in values.plain().items()}
     return (site_key(patch.site), patch.positions, values)
+
+
+def _within(groups: list, members: list, budget: int | None):
+    """A batch's groups of variants, split into parts of at most ``budget`` tensor bytes
+    (:func:`~sage_nn.model.remote.payload_bytes`; a group over it goes alone)."""
+    if budget is None:
+        yield groups, members
+        return
+    part, mine, size, seen = [], [], 0, set()
+    for group, member in zip(groups, members):
+        extra = payload_bytes(group, seen=seen)
+        if part and size + extra > budget:
+            yield part, mine
+            part, mine, seen = [], [], set()
+            extra = payload_bytes(group, seen=seen)
+            size = 0
+        part.append(group)
+        mine.append(member)
+        size += extra
+    if part:
+        yield part, mine
 
 
 def suffix_ok(model, batch) -> bool:

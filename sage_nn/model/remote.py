@@ -54,6 +54,9 @@ from .sites import spec
 log = logging.getLogger(__name__)
 
 
+#: Room left in a request for its code (serialized and compressed: tens of kB measured)
+CODE_ALLOWANCE = 128 << 10
+
 #: Where a read encodes residual SAEs (:mod:`sage_nn.model.reads`): chosen by bytes, or forced.
 PLACEMENTS = ("auto", "server", "here")
 
@@ -101,8 +104,9 @@ class Remote:
     server whose auth is off (a lab's own NDIF) to run each request sandboxed, as NDIF runs
     a key without the ``trusted`` tag; ``None`` leaves it to the server.
     ``max_request_bytes``: the largest request body the server takes (NDIF's API refuses
-    bodies over 1 MiB); a larger request is refused here, before it is sent, naming the
-    fix, and an SAE whose encoder alone is larger is encoded here.
+    bodies over 1 MiB): a stage's passes are split into requests under it
+    (:attr:`payload_budget`), a request still larger is refused here before it is sent,
+    naming the fix, and an SAE whose encoder alone is larger is encoded here.
     """
 
     backend: Any = False
@@ -135,6 +139,14 @@ class Remote:
     @property
     def is_remote(self) -> bool:
         return self.backend is not False and self.backend is not None
+
+    @property
+    def payload_budget(self) -> int | None:
+        """The tensor bytes a request may carry: the body limit less room for the code (a
+        request's code compresses to tens of kB); none for nnsight's local simulation."""
+        if not self.is_remote or self.backend == "local" or not self.max_request_bytes:
+            return None
+        return self.max_request_bytes - CODE_ALLOWANCE
 
     @property
     def transport_dtype(self) -> torch.dtype | None:
@@ -222,16 +234,23 @@ def _size(chunk: tuple) -> int:
     return sum(len(x["input_ids"]) for x in _inputs(chunk))
 
 
-def request_groups(chunks: Iterable[tuple],
-                   max_prompts: int | None) -> Iterator[list[tuple]]:
-    """The chunks a stage sends, grouped into requests of at most ``max_prompts`` rows."""
-    group, n = [], 0
+def request_groups(chunks: Iterable[tuple], max_prompts: int | None,
+                   max_bytes: int | None = None) -> Iterator[list[tuple]]:
+    """The chunks a stage sends, grouped into requests of at most ``max_prompts`` rows and
+    ``max_bytes`` of tensors (:func:`payload_bytes`, what the chunks share counted once); a
+    chunk over either goes alone."""
+    group, n, size, seen = [], 0, 0, set()
     for chunk in chunks:
-        if group and max_prompts is not None and n + _size(chunk) > max_prompts:
+        extra = payload_bytes(chunk, seen=seen) if max_bytes is not None else 0
+        if group and ((max_prompts is not None and n + _size(chunk) > max_prompts)
+                      or (max_bytes is not None and size + extra > max_bytes)):
             yield group
-            group, n = [], 0
+            group, n, seen = [], 0, set()
+            size = 0
+            extra = payload_bytes(chunk, seen=seen) if max_bytes is not None else 0
         group.append(chunk)
         n += _size(chunk)
+        size += extra
     if group:
         yield group
 
@@ -272,7 +291,7 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
             yield kernel(model, arch, *chunk, **state)
         return
     if remote.dry_run:
-        for group in request_groups(chunks, remote.max_prompts):
+        for group in request_groups(chunks, remote.max_prompts, remote.payload_budget):
             seen: set = set()
             down = sum(shapes(model, arch, *chunk, seen) for chunk in group) if shapes else 0
             remote.requests.append(Request(
@@ -284,7 +303,8 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
     if not remote.blocking:
         yield from _submitted(model, arch, kernel, chunks, remote, stage, shared)
         return
-    for number, group in enumerate(request_groups(chunks, remote.max_prompts), 1):
+    for number, group in enumerate(request_groups(chunks, remote.max_prompts,
+                                                   remote.payload_budget), 1):
         up = payload_bytes(group)  # before it is sent: a server works on its own copy
         for attempt in range(remote.retries + 1):
             try:
@@ -380,7 +400,8 @@ def _submitted(model, arch, kernel, chunks, remote: Remote, stage: str,
     path = Path(remote.jobs)
     jobs = json.loads(path.read_text()) if path.exists() else {}
     results, pending = [], []
-    for i, group in enumerate(request_groups(chunks, remote.max_prompts)):
+    for i, group in enumerate(request_groups(chunks, remote.max_prompts,
+                                             remote.payload_budget)):
         key = f"{stage}/{i}/{_digest(group)}"
         if key not in jobs:
             up = payload_bytes(group)
