@@ -276,7 +276,7 @@ def plain_patch(patch: Patch, dtype=None, memo: dict | None = None) -> tuple:
 def _within(groups: list, members: list, budget: int | None):
     """A batch's groups of variants, split into parts of at most ``budget`` tensor bytes
     (:func:`~sage_nn.model.remote.payload_bytes`; a group over it goes alone)."""
-    if budget is None:
+    if budget is None or not groups:  # the clean run alone is one chunk
         yield groups, members
         return
     part, mine, size, seen = [], [], 0, set()
