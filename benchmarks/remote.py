@@ -340,7 +340,8 @@ def placement_scaling(d_models: list[int], widths: list[int], n_saes=(1, 8)) -> 
                         config = RunConfig(model=tmp, task=str(spec), remote=True, n_fit=16,
                                            n_eval=16, n_discovery=16, ks=[1, 2, 4, 8],
                                            n_boot=10, batch_size=16, run_dir=f"{tmp}/run",
-                                           remote_placement=placement)
+                                           remote_placement=placement,
+                                           max_request_mb=None)  # bytes, whatever a server takes
                         saes = {f"sae{i}": ReconstructedSAE([meta_sae(
                             d, width, Site(1, "resid_pre"), "topk", 32)]) for i in range(n)}
                         plan = plan_run(config, model=client, cross_sections=section,
@@ -388,7 +389,7 @@ def _measured(client, server_model, config, section, d, width, n, planned) -> li
                 for a, ps in section.items()]
     server, out = SimulatedServer(server_model), []
     for placement in ("server", "here", "auto"):
-        remote = Remote(server, placement=placement)
+        remote = Remote(server, placement=placement, max_request_bytes=None)
         start = time.perf_counter()
         evaluate_cross_section(client, fit, held_out, sections, saes, ks=config.ks,
                                n_boot=config.n_boot, seed=config.seed,

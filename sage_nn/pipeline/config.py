@@ -68,11 +68,14 @@ class RunConfig:
     # of NDIF) or a host URL; one request per stage, or per max_prompts_per_request rows.
     # remote_blocking=False submits and returns; rerun to collect (job ids in the run dir).
     # remote_placement: where residual SAEs are encoded ("auto": by bytes, "server", "here")
+    # max_request_mb: the largest request the server takes (NDIF's API: 1 MiB); a stage is
+    # split into requests under it (None: no limit, e.g. a lab's server with another)
     remote: bool | str = False
     max_prompts_per_request: int | None = None
     remote_blocking: bool = True
     remote_transport: str = "float32"
     remote_placement: str = "auto"
+    max_request_mb: float | None = 1.0
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "RunConfig":
@@ -86,6 +89,17 @@ class RunConfig:
     def hash(self, *names: str) -> str:
         values = {n: getattr(self, n) for n in names}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def remote_of(config: RunConfig, **options) -> Any:
+    """The :class:`~sage_nn.model.remote.Remote` a run's settings ask for (``options``: the
+    rest, e.g. ``dry_run`` or ``jobs``)."""
+    from ..model.remote import Remote
+
+    limit = None if config.max_request_mb is None else int(config.max_request_mb * (1 << 20))
+    return Remote(config.remote, max_prompts=config.max_prompts_per_request,
+                  blocking=config.remote_blocking, transport=config.remote_transport,
+                  placement=config.remote_placement, max_request_bytes=limit, **options)
 
 
 def select_kinds_of(config: "RunConfig") -> list[str]:

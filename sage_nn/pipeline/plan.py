@@ -18,13 +18,13 @@ ships by value, and framing; measured by ``benchmarks/remote.py``).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .config import RunConfig, run_prompts, select_kinds_of
+from .config import RunConfig, remote_of, run_prompts, select_kinds_of
 
 #: Bytes a request carries besides its tensors, up and down: the kernels' code (sage_nn
 #: ships by value) and the framing of each object; measured on serialized requests by
@@ -132,7 +132,7 @@ def plan_run(config: RunConfig, *, model: Any = None, cross_sections: dict | Non
     from ..discovery.stage import discover
     from ..evaluation.coders import CrossSection
     from ..evaluation.scoring import evaluate_cross_section
-    from ..model.remote import Planned, Remote
+    from ..model.remote import Planned
     from ..model.sites import Site
     from ..tasks.datasets import logit_diffs
     from .stages import discovery_settings, served_restriction
@@ -149,8 +149,7 @@ def plan_run(config: RunConfig, *, model: Any = None, cross_sections: dict | Non
         raise InvalidRunError(problems)
     model = model if model is not None else meta_model(config.model)
     notes: list[str] = []
-    remote = Remote(config.remote, dry_run=True, max_prompts=config.max_prompts_per_request,
-                    transport=config.remote_transport, placement=config.remote_placement)
+    remote = remote_of(replace(config, remote_blocking=True), dry_run=True)
     _, fit, held_out = run_prompts(model, config)
     attributes = config.attributes or fit.attribute_names
     planned: list[PlannedRequest] = []

@@ -35,7 +35,7 @@ from .cache import (
     sae_fingerprint,
     with_discovery,
 )
-from .config import RunConfig, run_prompts
+from .config import RunConfig, remote_of, run_prompts
 from .resolve import (
     release_ids,
     resolve_saes,
@@ -152,7 +152,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         pair_coords,
     )
     from ..model.loading import load_model
-    from ..model.remote import Remote, as_remote
+    from ..model.remote import as_remote
     from ..model.sites import Site, adapter
     from ..report import write_report
     from ..report.saebench import sae_cfg_dict
@@ -164,10 +164,8 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     write_atomic(root / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
     if remote is None and config.remote:
-        remote = Remote(config.remote, max_prompts=config.max_prompts_per_request,
-                        blocking=config.remote_blocking, transport=config.remote_transport,
-                        placement=config.remote_placement,
-                        jobs=None if config.remote_blocking else root / "remote_jobs.json")
+        remote = remote_of(config, jobs=None if config.remote_blocking
+                           else root / "remote_jobs.json")
     remote = as_remote(remote) if remote is not None else None
     remote = remote if remote is not None and remote.is_remote else None
 
