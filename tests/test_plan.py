@@ -14,6 +14,7 @@ from sage_nn.model.loading import smollm2_dir
 from sage_nn.model.remote import Remote
 from sage_nn.model.sites import Site
 from sage_nn.pipeline.config import RunConfig
+from sage_nn.model.remote import CODE_ALLOWANCE
 from sage_nn.pipeline.plan import meta_model, meta_sae, plan_run
 from sage_nn.pipeline.stages import run
 from sage_nn.pipeline.validate import InvalidRunError
@@ -89,10 +90,13 @@ def test_a_70b_class_configuration_plans_without_weights_under_a_gigabyte(tmp_pa
         plan = plan_run(RunConfig(model=str(tmp_path / "model"), remote=True,
                                   run_dir=str(tmp_path / "run")),
                         model=model, cross_sections=pairs, saes=saes)
-        assert plan.requests_per_stage() == {"task": 1, "discovery": 2, "evaluation": 2}
+        counts = plan.requests_per_stage()
+        # the patched runs' values (about 80 MB) go as many requests under NDIF's 1 MiB
+        assert counts["task"] == 1 and counts["discovery"] == 2 and counts["evaluation"] > 50
+        assert max(r.up for r in plan.requests) <= (1 << 20) - CODE_ALLOWANCE
         assert {p["placement"] for p in plan.placements} == {"here"}
         assert {p["saes_sharing_here"] for p in plan.placements} == {8}
-        totals[width] = sum(plan.totals())
+        totals[width] = sum(plan.totals(code=False))  # tensors: the code is per request
     assert totals[65536] < 1e9
     assert totals[262144] == totals[16384]  # the SAEs' width is not in the bytes
     assert not (tmp_path / "run").exists()  # planned, not run

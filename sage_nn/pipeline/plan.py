@@ -191,8 +191,22 @@ def plan_run(config: RunConfig, *, model: Any = None, cross_sections: dict | Non
     planned += _later_evaluation_requests(model, held_out, sections, coders, config)
     notes.append("the patched runs' greedy and F1 edits are planned dense (an upper bound: "
                  "each is sent as sparse moves where that is fewer bytes)")
+    if remote.payload_budget is not None:
+        planned = _under_limit(planned, remote.payload_budget)
     name = str(getattr(model.config, "_name_or_path", "") or config.model)
     return Plan(name, config.remote_transport, planned, list(remote.placements), notes)
+
+
+def _under_limit(planned: list, budget: int) -> list:
+    """The estimated requests as a run would send them: each split into as many requests
+    as its upload needs under the server's request limit (``budget`` tensor bytes; the
+    prepared ones already are)."""
+    out = []
+    for r in planned:
+        n = max(1, -(-r.up // budget)) if r.estimated else 1
+        out += [replace(r, rows=-(-r.rows // n), up=-(-r.up // n), down=-(-r.down // n))
+                for _ in range(n)]
+    return out
 
 
 def meta_model(name: str) -> Any:
