@@ -106,7 +106,8 @@ def random_topk_sae(site: str, d: int, width: int, seed: int) -> SparseAutoencod
     W = torch.randn(d, width, generator=g) / d ** 0.5
     s = Site.parse(site)
     return SparseAutoencoder(W, torch.zeros(width), W.T.clone(), torch.zeros(d),
-                             architecture="topk", k=32, layer=s.layer, kind=s.kind)
+                             architecture="topk", k=32, layer=s.layer, kind=s.kind,
+                             rescale_acts_by_decoder_norm=True)  # as TopK SAEs are trained
 
 
 def main(args: argparse.Namespace) -> None:
