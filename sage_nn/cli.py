@@ -20,7 +20,7 @@ from .common.formats import TRAINABLE  # no torch: --help stays fast
 
 
 def _model_and_remote(args):
-    """The model, and the :class:`~sage_nn.remote.Remote` its passes run through
+    """The model, and the :class:`~sage_nn.model.remote.Remote` its passes run through
     (``--remote``; None runs them here). On NDIF or another host the weights stay there."""
     from .model.loading import load_model
     from .model.remote import Remote
@@ -130,7 +130,7 @@ def _run(args) -> None:
         return
     try:
         result = run(_run_config(args))
-    except Exception as err:  # sage_nn.remote (torch, nnsight) is imported once a run starts
+    except Exception as err:  # sage_nn.model.remote (torch, nnsight) is imported once a run starts
         remote = sys.modules.get("sage_nn.model.remote")
         if remote is None or not isinstance(err, remote.RemotePending):
             raise
@@ -543,7 +543,7 @@ class _Lines(logging.Handler):
 def _quiet_output(prefix: str) -> None:
     """The command's output is its own lines: sage_nn's log lines, and another library's
     log records only when they are errors (matplotlib's "generated new fontManager" and
-    transformers' notices are not the run's). Warnings: :func:`sage_nn.notes.cli_warnings`."""
+    transformers' notices are not the run's). Warnings: :func:`~.common.notes.cli_warnings`."""
     import os
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when it is imported

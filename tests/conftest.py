@@ -7,7 +7,7 @@ import pytest  # noqa: E402
 
 ARCHITECTURES = ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2"]
 
-# An IOI-like task over the words of the tiny models' tokenizer (sage_nn.models.TINY_WORDS).
+# An IOI-like task over the words of the tiny models' tokenizer (sage_nn.model.loading.TINY_WORDS).
 TINY_TASK = """
 name: tiny-ioi
 vocab:

@@ -49,7 +49,6 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "expand": "releases",
     "fit_weights_torch": "supervised",
     "from_sae_lens": "saes",
-    "fvu": "reconstruction",
     "hook_name": "releases",
     "hook_names": "releases",
     "hub_offline": "releases",

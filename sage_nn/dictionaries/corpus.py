@@ -11,12 +11,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from .training import TrainConfig
 
 BUILTIN_CORPUS = Path(__file__).parents[1] / "data" / "smollm2_corpus.jsonl.gz"
 
@@ -128,7 +125,17 @@ def text_sources(source: Any) -> list:
     return [source]
 
 
-def corpus_units(model: Any, source: Any, cfg: "TrainConfig") -> list[torch.Tensor]:
+class UnitSettings(Protocol):
+    """What :func:`corpus_units` reads of a training config (a
+    :class:`~.training.TrainConfig` has them; named here so the corpus does not depend on
+    the trainer, which depends on it)."""
+
+    context_size: int  # tokens per chunk of text
+    task_prompts: int  # prompts drawn for a ``task:NAME`` source
+    seed: int
+
+
+def corpus_units(model: Any, source: Any, cfg: UnitSettings) -> list[torch.Tensor]:
     """The token sequences the model is run on: ``context_size`` chunks of corpus text,
     one sequence per prompt of a :class:`Prompts` (or ``task:NAME``) source."""
     units: list[torch.Tensor] = []

@@ -127,7 +127,7 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig,
 
 
 def release_saes(spec: str, model: Any, sites: list[str]) -> tuple[str, list]:
-    """``RELEASE:SAE_ID`` or ``RELEASE:ID_GLOB`` (:mod:`sage_nn.releases`): the release's
+    """``RELEASE:SAE_ID`` or ``RELEASE:ID_GLOB`` (:mod:`..dictionaries.releases`): the release's
     SAEs loaded through sae_lens's ``SAE.from_pretrained`` (from the HF cache when the hub
     is offline). A glob loads only the SAEs whose residual tensor is one of ``sites`` (the
     residuals the cross-sections need), one per tensor; its name is the glob."""

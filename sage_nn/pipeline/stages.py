@@ -70,7 +70,7 @@ log = logging.getLogger("sage_nn")
 
 def served_restriction(config: RunConfig, model: Any) -> tuple[list[int], list[str]] | None:
     """:func:`discovery_restriction` for a loaded model (its layers, parallel blocks);
-    nothing served is an :class:`~sage_nn.validate.InvalidRunError`, before any forward.
+    nothing served is an :class:`~sage_nn.pipeline.validate.InvalidRunError`, before any forward.
     Kinds asked for that no SAE serves are dropped with a warning saying what would."""
     from ..model.sites import adapter
     from .validate import InvalidRunError
@@ -127,7 +127,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         resolved: dict | None = None) -> RunResult:
     """Build the task, discover cross-sections, get SAEs, evaluate, report; resumable.
 
-    ``remote`` (a :class:`sage_nn.remote.Remote`) overrides the config's remote settings.
+    ``remote`` (a :class:`sage_nn.model.remote.Remote`) overrides the config's remote settings.
     ``until``: stop after this stage (``"task"`` or ``"discovery"``; the result has no
     ``results`` then), as a suite does to check a task before its SAEs are got.
     ``resolved``: a dict the SAEs got are kept in, by spec and sites, and taken from: runs
@@ -140,7 +140,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     check(config, model=model)  # every input, before anything loads or runs (seconds)
 
     # the heavy imports after the check, so a refused run does not wait for them; they
-    # import sae_lens (sage_nn.saes), as it must be, before the model is built or traced
+    # import sae_lens (dictionaries.saes), as it must be, before the model is built or traced
     import pandas as pd
 
     from ..dictionaries.corpus import corpus_hash

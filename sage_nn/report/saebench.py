@@ -35,7 +35,7 @@ EVAL_TYPE_ID = "sage"
 def sae_cfg_dict(saes: Any, *, model_name: str | None = None,
                  training: Mapping | None = None) -> dict:
     """SAEBench's ``sae_cfg_dict`` (sae_lens's config fields) of an SAE under test: one
-    :class:`~sage_nn.saes.SparseAutoencoder`, a list of them, or an object holding them in
+    :class:`~..dictionaries.saes.SparseAutoencoder`, a list of them, or an object holding them in
     ``.saes`` (residual SAEs evaluated together, one per site).
 
     Fields all members share are top-level (``architecture``, ``d_in``, ``d_sae``, ``k``,
@@ -78,7 +78,7 @@ def sae_cfg_dict(saes: Any, *, model_name: str | None = None,
 def tl_hook_name(sae: Any) -> str | None:
     """The sae_lens/TransformerLens hook an SAE reads (``blocks.8.hook_resid_post``): its
     own hook name when it has one of that form, else its site's
-    (:attr:`sage_nn.sites.Site.hook_name`; q/k/v/z SAEs read the all-heads hook)."""
+    (:attr:`sage_nn.model.sites.Site.hook_name`; q/k/v/z SAEs read the all-heads hook)."""
     if sae.hook_name and str(sae.hook_name).startswith("blocks."):
         return sae.hook_name
     if sae.kind is None:
