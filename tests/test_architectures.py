@@ -252,3 +252,21 @@ def test_model_without_weights_is_derived_through_its_twin(family, sizes):
     local = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     assert architecture_of(remote) == derive(local)
     assert derive(local).n_layers == 3
+
+
+def test_layers_that_pass_the_next_layer_more_than_the_residual_are_refused(tmp_path):
+    """Kolibri 1.1's layers return ``(hidden, pool)`` and the model feeds the pool to the
+    next layer: a patched run that skips layers (feeding the residual alone) would crash
+    inside its forward. The family is refused with that reason, from its config alone
+    (a tiny twin, before weights load) as when it is loaded."""
+    from transformers import AutoConfig
+
+    from sage_nn.model.loading import check_supported
+
+    if "kolibri1_1" not in FAMILIES:
+        pytest.skip(f"transformers {transformers.__version__} has no kolibri1_1")
+    with pytest.raises(UnsupportedArchitectureError, match="more than the first .the "
+                       "residual stream. to the next layer"):
+        check_supported(AutoConfig.for_model("kolibri1_1"), "kolibri")
+    with pytest.raises(UnsupportedArchitectureError, match="to the next layer"):
+        tiny_random_model("kolibri1_1")
