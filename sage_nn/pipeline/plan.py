@@ -18,7 +18,7 @@ ships by value, and framing; measured by ``benchmarks/remote.py``).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,12 @@ CODE_BYTES = (260_000, 20_000)
 
 @dataclass
 class PlannedRequest:
-    """One request a run would send: its stage, kernel, prompt rows and tensor bytes up and
-    down; ``estimated``: from sizes, as it depends on an earlier request's results."""
+    """One request a run would send: its stage, kernel, prompt rows (a patched variant of a
+    prompt is a row) and tokens, the sites it reads or patches, its tensor bytes up by what
+    they are (``tensors``: prompt tokens, SAE weights, activation values, indices...) and
+    down; ``estimated``: from sizes, as it depends on an earlier request's results. ``up``
+    and ``down`` count tensors only; :attr:`total_up` / :attr:`total_down` add the
+    :data:`CODE_BYTES` every request carries, and are what the stage totals sum."""
 
     stage: str
     kernel: str
@@ -43,6 +47,66 @@ class PlannedRequest:
     up: int
     down: int
     estimated: bool = False
+    tokens: int = 0
+    sites: list[str] = field(default_factory=list)
+    tensors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_up(self) -> int:
+        return self.up + CODE_BYTES[0]
+
+    @property
+    def total_down(self) -> int:
+        return self.down + CODE_BYTES[1]
+
+
+#: what a request's tensors are, by where they sit in its chunks (``carried``)
+TOKENS = ("input_ids", "attention_mask", "position_ids")
+
+
+def carried(request: Any) -> tuple[list[str], dict[str, int]]:
+    """The sites a dry run's request names and its tensor bytes by what they are: prompt
+    tokens (ids, mask, positions), SAE weights (each module's parameters), activation
+    values (other floating tensors: patch values, frozen maps), indices (other integer
+    tensors: answer ids, token positions, channels). Counted as
+    :func:`~sage_nn.model.remote.payload_bytes` counts (each storage once, at the
+    transport's size), so the parts add up to the request's ``up``."""
+    import torch
+
+    from ..model.remote import payload_bytes
+    from ..model.sites import KINDS, Site
+
+    sites: dict[str, None] = {}
+    parts: dict[str, int] = {}
+    seen: set = set()
+
+    def add(what: str, obj: Any) -> None:
+        parts[what] = parts.get(what, 0) + payload_bytes(obj, None, seen)
+
+    def walk(obj: Any, key: str = "") -> None:
+        if isinstance(obj, Site):
+            sites[str(obj)] = None
+        elif isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], int) and \
+                obj[1] in KINDS:  # a grid's (layer, kind): every head of it
+            sites[f"L{obj[0]}.{obj[1]}"] = None
+        elif isinstance(obj, torch.Tensor):
+            add("prompt tokens" if key in TOKENS else "activation values"
+                if obj.is_floating_point() else "indices", obj)
+        elif isinstance(obj, torch.nn.Module):
+            add(f"SAE weights ({type(obj).__name__})" if hasattr(obj, "W_enc") else
+                f"weights ({type(obj).__name__})", obj)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, str(k))
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, key)
+        elif is_dataclass(obj) and not isinstance(obj, type):
+            for f in fields(obj):
+                walk(getattr(obj, f.name), f.name)
+
+    walk(request.carried)
+    return list(sites), {k: v for k, v in parts.items() if v}
 
 
 @dataclass
@@ -57,12 +121,13 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     def totals(self, stage: str | None = None, code: bool = True) -> tuple[int, int]:
-        """Bytes up and down of ``stage``'s requests (all with ``None``), with each
-        request's :data:`CODE_BYTES` unless ``code=False``."""
+        """Bytes up and down of ``stage``'s requests (all with ``None``): the sums of their
+        rows' :attr:`~PlannedRequest.total_up` / ``total_down``, or of their tensors alone
+        with ``code=False``."""
         chosen = [r for r in self.requests if stage in (None, r.stage)]
-        extra = len(chosen) if code else 0
-        return (sum(r.up for r in chosen) + extra * CODE_BYTES[0],
-                sum(r.down for r in chosen) + extra * CODE_BYTES[1])
+        if not code:
+            return sum(r.up for r in chosen), sum(r.down for r in chosen)
+        return sum(r.total_up for r in chosen), sum(r.total_down for r in chosen)
 
     def requests_per_stage(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -73,29 +138,43 @@ class Plan:
     def to_dict(self) -> dict:
         up, down = self.totals()
         return {"model": self.model, "transport": self.transport,
-                "requests": [asdict(r) for r in self.requests], "placements": self.placements,
+                "requests": [{**asdict(r), "total_up": r.total_up, "total_down": r.total_down}
+                             for r in self.requests], "placements": self.placements,
                 "requests_per_stage": self.requests_per_stage(), "total_up_bytes": up,
                 "total_down_bytes": down, "code_bytes_per_request": list(CODE_BYTES),
                 "notes": self.notes}
 
     def lines(self) -> list[str]:
-        """The plan as a reader reads it: one line per request and per stage, the total,
-        where each SAE would be encoded, and the assumptions."""
-        mb = lambda n: f"{n / 1e6:10.2f}"  # noqa: E731
+        """The plan as a reader reads it: one row per request (its prompt rows and tokens,
+        bytes up as tensors + code = total, bytes down with code) and under it what it
+        carries (its tensors by what they are, its sites); each stage's and the run's
+        totals, which are the sums of those rows; where each SAE would be encoded, and the
+        assumptions."""
+        mb = lambda n: f"{n / 1e6:.2f}"  # noqa: E731
         out = [f"dry run: {self.model}, transport {self.transport}; nothing was sent",
-               f"{'stage':<12}{'request':<14}{'rows':>7}{'up MB':>11}{'down MB':>11}"]
-        for r in self.requests:
-            out.append(f"{r.stage:<12}{r.kernel + ('*' if r.estimated else ''):<14}"
-                       f"{r.rows:>7}{mb(r.up)}{mb(r.down)}")
-        for stage, n in self.requests_per_stage().items():
+               f"each request carries {mb(CODE_BYTES[0])} MB up and {mb(CODE_BYTES[1])} MB "
+               "down of code and framing besides its tensors",
+               f"{'stage':<12}{'request':<14}{'rows':>7}{'tokens':>9}{'tensors up':>12}"
+               f"{'+ code':>8}{'= up MB':>9}{'down MB':>9}"]
+        for stage in self.requests_per_stage():
+            mine = [r for r in self.requests if r.stage == stage]
+            for r in mine:
+                out.append(f"{r.stage:<12}{r.kernel + ('*' if r.estimated else ''):<14}"
+                           f"{r.rows:>7}{r.tokens:>9}{mb(r.up):>12}{mb(CODE_BYTES[0]):>8}"
+                           f"{mb(r.total_up):>9}{mb(r.total_down):>9}")
+                what = ", ".join(f"{k} {mb(v)} MB" for k, v in r.tensors.items())
+                if what:
+                    out.append(f"    carries: {what}")
+                if r.sites:
+                    shown = ", ".join(r.sites[:12]) + (f", ... ({len(r.sites)} sites)"
+                                                       if len(r.sites) > 12 else "")
+                    out.append(f"    sites: {shown}")
             up, down = self.totals(stage)
-            out.append(f"{stage}: {n} request{'s' * (n > 1)}, {up / 1e6:.2f} MB up, "
-                       f"{down / 1e6:.2f} MB down")
+            out.append(f"{stage}: {len(mine)} request{'s' * (len(mine) > 1)}, {mb(up)} MB "
+                       f"up, {mb(down)} MB down (the sum of its rows)")
         up, down = self.totals()
-        out.append(f"total: {len(self.requests)} requests, {up / 1e6:.2f} MB up, "
-                   f"{down / 1e6:.2f} MB down ({up / 1e9 + down / 1e9:.3f} GB; with "
-                   f"{CODE_BYTES[0] / 1e6:.2f} + {CODE_BYTES[1] / 1e6:.2f} MB of code and "
-                   "framing a request)")
+        out.append(f"total: {len(self.requests)} requests, {mb(up)} MB up, {mb(down)} MB down "
+                   f"({up / 1e9 + down / 1e9:.3f} GB)")
         if self.placements:
             out.append("where the evaluation's read encodes each SAE (the bytes of encoding "
                        "on the server, or here, where the residual rows a layer's SAEs read "
@@ -126,8 +205,11 @@ def plan_run(config: RunConfig, *, model: Any = None, cross_sections: dict | Non
     ``model``: the model (any, e.g. a configuration built on the meta device; default:
     ``config.model`` loaded without weights). ``cross_sections``: ``{attribute: [(site,
     position), ...]}`` (default: the run directory's discovery, else an assumed upper
-    bound, said in the notes). ``saes``: ``{name: coder or SAEs}`` (default: the run's
-    ``--sae`` values, as SAEs of their configs' shapes on the meta device).
+    bound at sites the SAEs serve, said in the notes). ``saes``: ``{name: SAE, list of
+    SAEs, or coder}``, e.g. ``{"mine": meta_sae(8192, 65536, "L40.resid_pre")}`` (a bare
+    SAE or list is evaluated as a run evaluates a ``--sae``: residual SAEs through the
+    reconstruction, others at their sites; default: the run's ``--sae`` values, as SAEs
+    of their configs' shapes on the meta device).
     """
     from ..discovery.stage import discover
     from ..evaluation.coders import CrossSection
@@ -161,11 +243,17 @@ def plan_run(config: RunConfig, *, model: Any = None, cross_sections: dict | Non
             compute()
         except Planned:
             pass
-        planned.extend(PlannedRequest(name, r.kernel, r.rows, r.up, r.down)
-                       for r in remote.requests[first:])
+        for r in remote.requests[first:]:
+            sites, tensors = carried(r)
+            planned.append(PlannedRequest(name, r.kernel, r.rows, r.up, r.down,
+                                          tokens=r.tokens, sites=sites, tensors=tensors))
 
     stage("task", lambda: logit_diffs(model, held_out, config.batch_size, remote=remote))
-    restriction = served_restriction(config, model)
+    if saes is None:
+        restriction = served_restriction(config, model)
+    else:  # discovery and the assumed cross-sections where the given SAEs serve
+        saes = {name: as_coder(value, config) for name, value in saes.items()}
+        restriction = given_restriction(config, model, saes)
     settings = discovery_settings(config, attributes, restriction)
     prompts = fit.subset(np.arange(min(config.n_discovery, len(fit))))
     stage("discovery", lambda: discover(model, prompts, settings, remote=remote))
@@ -173,14 +261,16 @@ def plan_run(config: RunConfig, *, model: Any = None, cross_sections: dict | Non
     if config.top_k is None:
         planned.append(PlannedRequest("discovery", "grow", scored.rows, scored.up,
                                       4 * 8 * len(attributes) * (config.max_sites + 1),
-                                      estimated=True))
+                                      estimated=True, tokens=scored.tokens,
+                                      sites=scored.sites, tensors=dict(scored.tensors)))
     else:
         planned += _validation_requests(model, prompts, attributes, restriction, config)
     pairs = cross_sections or stored_cross_sections(config)
     if pairs is None:
         pairs = assumed_cross_sections(config, model, held_out, attributes, restriction)
+        n_sites = len(next(iter(pairs.values())))
         notes.append("cross-sections assumed (discovery has not run): each attribute "
-                     f"{len(next(iter(pairs.values())))} sites of kind "
+                     f"{n_sites} site{'s' * (n_sites > 1)} of kind "
                      f"{next(iter(pairs.values()))[0][0].kind} at the last token, each in "
                      "its own layer (the most the read can need)")
     pairs = {a: [(Site.parse(s), str(p)) for s, p in ps] for a, ps in pairs.items()}
@@ -194,6 +284,39 @@ def plan_run(config: RunConfig, *, model: Any = None, cross_sections: dict | Non
                  "each is sent as sparse moves where that is fewer bytes)")
     name = str(getattr(model.config, "_name_or_path", "") or config.model)
     return Plan(name, config.remote_transport, planned, list(remote.placements), notes)
+
+
+def as_coder(value: Any, config: RunConfig) -> Any:
+    """A plan's ``saes=`` value as the run evaluates it: a coder as it is; an SAE or a list
+    of them as :func:`~sage_nn.pipeline.stages.coder_for` makes one of a ``--sae``."""
+    from .stages import coder_for
+
+    if hasattr(value, "serves"):
+        return value
+    return coder_for(list(value) if isinstance(value, (list, tuple)) else [value], False,
+                     config)
+
+
+def given_restriction(config: RunConfig, model: Any, coders: dict) -> Any:
+    """:func:`~sage_nn.pipeline.specs.discovery_restriction` for the SAEs a plan is given
+    (read from the SAEs themselves, not from ``config.saes``)."""
+    from ..dictionaries.serving import TRANSCODER_PREFIX
+    from ..model.sites import adapter
+    from .specs import UnservableRunError, discovery_restriction
+    from .validate import InvalidRunError
+
+    def site(sae) -> str:
+        heads = sae.heads or []
+        name = f"L{sae.layer}.{sae.kind}" + (f".h{heads[0]}" if len(heads) == 1 else "")
+        return TRANSCODER_PREFIX + name if getattr(sae, "transcoder", False) else name
+
+    ad = adapter(model)
+    sites = {name: [site(s) for s in coder.saes] for name, coder in coders.items()}
+    try:
+        return discovery_restriction(replace(config, saes=list(coders)), ad.n_layers,
+                                     ad.parallel, spec_sites=sites)
+    except UnservableRunError as err:
+        raise InvalidRunError([str(err)]) from None
 
 
 def meta_model(name: str) -> Any:
@@ -233,10 +356,14 @@ def assumed_cross_sections(config: RunConfig, model: Any, data: Any, attributes:
 
 def meta_sae(d_in: int, d_sae: int, site: Any, architecture: str = "topk",
              k: int | None = 32) -> Any:
-    """An SAE of these shapes on the meta device (no memory): what a plan needs of it."""
+    """An SAE of these shapes on the meta device (no memory): what a plan needs of it.
+    ``site``: a :class:`~sage_nn.model.sites.Site`, ``"L40.resid_pre"`` or a hook name."""
     import torch
 
     from ..dictionaries.saes import SparseAutoencoder
+    from ..model.sites import Site
+
+    site = Site.parse(site) if isinstance(site, str) else site
 
     with torch.device("meta"):
         extra = {"threshold": torch.empty(d_sae)} if architecture == "jumprelu" else {}
@@ -333,10 +460,11 @@ def _later_evaluation_requests(model, data, sections, coders, config) -> list:
 
     ad = adapter(model)
     size, n = getattr(torch, config.remote_transport).itemsize, len(data)
-    inputs, n_batches = 0, 0  # tokens, mask, positions (int64), answer and distractor ids
-    for idx in batches(n, config.batch_size):
+    inputs, n_batches, tokens = 0, 0, 0  # tokens, mask, positions (int64), answer and
+    for idx in batches(n, config.batch_size):  # distractor ids
         n_batches += 1
         batch = encode(model, [data.prompts[i] for i in idx])
+        tokens += batch.inputs["input_ids"].numel()
         inputs += 3 * batch.inputs["input_ids"].numel() * 8 + 2 * len(idx) * 8
     edits, variants, values, nonlinear = 2 * len(config.ks), 0, 0, []
     for cs in sections:
@@ -349,15 +477,21 @@ def _later_evaluation_requests(model, data, sections, coders, config) -> list:
         # and in each batch at most one channel index (int64) a channel
         values += count * sum(n * (ad.width(s.kind) * size + 16) + n_batches * ad.width(
             s.kind) * 8 for s, _ in cs.pairs)
+    sites = list(dict.fromkeys(str(s) for cs in sections for s, _ in cs.pairs))
     out = [PlannedRequest("evaluation", "patch", n, inputs + values, n * (1 + variants) * 16,
-                          estimated=True)]
+                          estimated=True, tokens=tokens, sites=sites,
+                          tensors={"prompt tokens and indices": inputs,
+                                   "patch values and indices": values})]
     if nonlinear:  # held-out and counterfactual prompts, clean and scratch rows
         saes = sum(int(p.numel()) * 4 for c in coders.values()
                    for sae in getattr(c, "saes", []) for p in sae.parameters())
         rows = 2 * n * len({p for _, p in nonlinear})
         down = rows * (ad.config.vocab_size + 2 * len({s for s, _ in nonlinear}) * ad.d_model)
         out.append(PlannedRequest("evaluation", "reconstruct", rows, 2 * inputs + saes,
-                                  4 * down, estimated=True))
+                                  4 * down, estimated=True, tokens=2 * tokens,
+                                  sites=list(dict.fromkeys(str(s) for s, _ in nonlinear)),
+                                  tensors={"prompt tokens and indices": 2 * inputs,
+                                           "SAE weights": saes}))
     return out
 
 
@@ -376,18 +510,24 @@ def _validation_requests(model, data, attributes, restriction, config) -> list:
         len(attributes), config.top_k
     width = max(ad.width(k) for k in (restriction[1] if restriction else
                                       select_kinds_of(config)))
-    inputs, n_batches = 0, 0  # tokens, mask, positions (int64), answer and distractor ids
-    for idx in batches(n, config.batch_size):
+    inputs, n_batches, tokens = 0, 0, 0  # tokens, mask, positions (int64), answer and
+    for idx in batches(n, config.batch_size):  # distractor ids
         n_batches += 1
         batch = encode(model, [data.prompts[i] for i in idx])
+        tokens += batch.inputs["input_ids"].numel()
         inputs += 3 * batch.inputs["input_ids"].numel() * 8 + 2 * len(idx) * 8
     cf_inputs = 2 * A * inputs  # counterfactuals may tokenize longer: twice, to be safe
     pair = n * (width * size + 16) + n_batches * width * 8  # one patch of one site
+    tokens_in = {"prompt tokens and indices": cf_inputs}
     return [PlannedRequest("discovery", "read", A * n, cf_inputs,  # all sites, every set
-                           A * n * A * K * width * size, estimated=True),
+                           A * n * A * K * width * size, estimated=True, tokens=2 * A * tokens,
+                           tensors=tokens_in),
             PlannedRequest("discovery", "patch", n, inputs + A * 2 * K * pair,
-                           n * (1 + A * (K + 1)) * 16, estimated=True),
-            PlannedRequest("discovery", "patch", A * n, cf_inputs, A * n * 16, estimated=True)]
+                           n * (1 + A * (K + 1)) * 16, estimated=True, tokens=tokens,
+                           tensors={"prompt tokens and indices": inputs,
+                                    "patch values and indices": A * 2 * K * pair}),
+            PlannedRequest("discovery", "patch", A * n, cf_inputs, A * n * 16, estimated=True,
+                           tokens=2 * A * tokens, tensors=tokens_in)]
 
 
 def _without_directions(coder: Any, site: Any) -> bool:
