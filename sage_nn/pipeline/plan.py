@@ -288,8 +288,8 @@ def plan_run(config: RunConfig, *, model: Any = None, cross_sections: dict | Non
 
 def as_coder(value: Any, config: RunConfig) -> Any:
     """A plan's ``saes=`` value as the run evaluates it: a coder as it is; an SAE or a list
-    of them as :func:`~sage_nn.pipeline.stages.coder_for` makes one of a ``--sae``."""
-    from .stages import coder_for
+    of them as :func:`~sage_nn.pipeline.resolve.coder_for` makes one of a ``--sae``."""
+    from .resolve import coder_for
 
     if hasattr(value, "serves"):
         return value

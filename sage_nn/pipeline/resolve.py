@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..dictionaries.serving import residual_key
 from .config import RunConfig, run_prompts
-from .specs import train_options, train_spec
+from .specs import (
+    at_sites,
+    expand_sae_specs,
+    train_group,
+    train_options,
+    train_spec,
+    trained_sites,
+)
 
 if TYPE_CHECKING:  # xarray loads where a stage reads or writes a Dataset (not for --help)
     pass
@@ -316,3 +323,81 @@ def saes_for_all_layers(model: Any, members: list) -> int:
     ad = adapter(model)
     return sum(ad.n_layers * (ad.n_heads_of(kind) if kind in HEAD_KINDS else 1)
                for kind in {s.kind for s in members})
+
+
+def coder_for(members: list, at_sites: bool, config: RunConfig) -> Any:
+    """How one ``--sae``'s SAEs are evaluated: transcoders at the MLP output they write
+    (:class:`~sage_nn.evaluation.coders.Transcoders`), SAEs trained at the cross-section
+    sites or all at sublayer sites at those sites (``DirectSAE``), residual SAEs through the
+    reconstruction (``ReconstructedSAE``). A mix of transcoders and SAEs is refused."""
+    from ..evaluation.coders import DirectSAE, ReconstructedSAE, Transcoders
+    from ..model.sites import RESID_KINDS
+
+    transcoders = [s.transcoder for s in members]
+    if any(transcoders):
+        if not all(transcoders):
+            raise ValueError(f"one --sae mixes transcoders and SAEs ({members[0]!r}, ...): "
+                             "give transcoders and SAEs as separate --sae values")
+        return Transcoders(members)
+    if at_sites or all(s.kind not in RESID_KINDS for s in members):
+        return DirectSAE(members)
+    return ReconstructedSAE(members, batch_size=config.batch_size, mode=config.reconstruction)
+
+
+def run_saes(config: RunConfig, model: Any, needed: list[str], pairs: list[tuple],
+             progress: bool = True, resolved: dict | None = None) -> tuple[dict, dict]:
+    """Every ``--sae`` of a run: ``(coders by name, saes.json's listing)``. Trains what the
+    SAE cache lacks (one activation stream for every SAE an architecture, width and k
+    need: ``needed`` residual sites, or the cross-section ``pairs``' own sites), loads
+    the rest. ``resolved``: a dict the SAEs are kept in, by spec and sites, and taken from
+    (a suite's tasks load each given or released SAE once)."""
+    from ..report.saebench import sae_cfg_dict
+
+    def resolve(spec: str, sites: list[str]) -> tuple[str, list]:
+        if resolved is None:  # a directory's SAEs do not depend on the sites
+            return resolve_saes(spec, model, sites, config, progress)
+        key = (spec, *(sites if spec.startswith("train:") or not Path(spec).exists()
+                       else ()))
+        if key not in resolved:
+            resolved[key] = resolve_saes(spec, model, sites, config, progress)
+        return resolved[key]
+
+    specs = expand_sae_specs(config.saes)  # a sweep or a folder: each of its SAEs
+    union: dict[tuple, list[str]] = {}
+    for spec in specs:
+        if spec.startswith("train:"):
+            union.setdefault(train_group(spec), []).extend(trained_sites(spec, needed, pairs))
+    for (arch, options), sites in union.items():
+        resolve(f"train:{arch}" + "".join(f":{k}={v}" for k, v in options),
+                list(dict.fromkeys(sites)))
+    coders, listing = {}, {}
+    for spec in specs:
+        name, members = resolve(spec, trained_sites(spec, needed, pairs))
+        if name in coders:
+            raise ValueError(f"two --sae values are both named {name!r} (the second is "
+                             f"{spec!r}); rename one SAE directory")
+        coders[name] = coder_for(members, at_sites(spec), config)
+        listing[name] = {"spec": spec, "sites": [sae_site(s, spec) for s in members],
+                         "approach": coders[name].kind, "n_saes": len(members),
+                         "n_saes_all_layers": saes_for_all_layers(model, members),
+                         "sae_cfg_dict": sae_cfg_dict(
+                             members, model_name=str(model.config._name_or_path),
+                             training=training_of(spec, model, config, needed, pairs, members))}
+        if ":" in spec and not spec.startswith("train:") and not Path(spec).exists():
+            listing[name]["sae_lens_ids"] = release_ids(spec, members)
+    return coders, listing
+
+
+def training_of(spec: str, model: Any, config: RunConfig, needed: list[str],
+                pairs: list[tuple], members: list) -> dict | None:
+    """What is known of how an ``--sae``'s SAEs were trained: the run's trainer's record
+    for a ``train:`` spec, each SAE's own ``cfg.json`` record for a directory that
+    :func:`~sage_nn.dictionaries.training.train_saes` wrote; nothing for others (a
+    release, or a directory of SAEs trained elsewhere: never the run's training settings,
+    which did not make them)."""
+    if spec.startswith("train:"):
+        root = trained_cache(train_spec(spec)[0], model, config, train_options(spec))[3]
+        return trained_record(root, trained_sites(spec, needed, pairs))
+    if Path(spec).is_dir():
+        return saved_record(Path(spec), members)
+    return None
