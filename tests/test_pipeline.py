@@ -303,3 +303,24 @@ def test_every_variable_and_column_a_run_writes_is_documented(setup):
     # the check can fail: a name the docs do not have is caught
     assert undocumented(["edit_k2_low", "sufficiency_gap", "made_up_metric"], doc) == [
         "made_up_metric"]
+
+
+def test_trained_saes_beside_given_ones_train_where_the_given_ones_serve(setup, tmp_path):
+    """``--sae train:topk --sae DIR`` with DIR a sae_lens SAE at ``blocks.1.hook_resid_pre``:
+    every --sae must serve every cross-section site, so discovery searches layer 1's heads
+    (what DIR serves) and the trained SAEs are trained there, not wherever the effect is
+    largest (which stopped the run: "cannot serve cross-section site L0...")."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    root, model = setup
+    TopKSAE(TopKSAEConfig(d_in=model.config.hidden_size, d_sae=64, k=8, metadata=SAEMetadata(
+        hook_name="blocks.1.hook_resid_pre"))).save_model(tmp_path / "given")
+    both = run(config(root, "both", saes=["train:topk", str(tmp_path / "given")],
+                      n_boot=20, ks=[1]), model=model, progress=False)
+    sites = [p.split("@")[0] for pairs in both.cross_sections.values() for p in pairs]
+    assert sites and all(s.startswith("L1.") for s in sites), sites
+    listing = json.loads((both.run_dir / "saes.json").read_text())
+    assert listing["topk-64"]["sites"] == ["L1.resid_pre"]
+    assert listing["given"]["sites"] == ["blocks.1.hook_resid_pre"]
+    assert {"topk-64", "given"} <= set(both.results.dictionary.values)

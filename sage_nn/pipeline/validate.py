@@ -208,7 +208,7 @@ def _remote_problems(config: Any) -> list[str]:
 
 
 def served_problems(config: Any, model_config: Any = None) -> list[str]:
-    """When every ``--sae`` names SAEs already made (no ``train:``), they must serve some
+    """The ``--sae`` values that name SAEs already made (not ``train:``) must serve some
     site a cross-section may hold (:func:`sage_nn.pipeline.discovery_restriction`), read
     from the SAEs' configs: else discovery would search for sites no SAE can be scored at."""
     from .specs import UnservableRunError, discovery_restriction
