@@ -98,17 +98,33 @@ def test_a_suite_runs_each_task_trains_once_and_gates_the_task_the_model_cannot_
     assert tasks_table.loc["tiny-ioi", "accuracy"] == 1.0
     ds = suite.results
     assert list(ds.gated.values) == [False, False, True]
-    assert not ds.in_claims.sel(task="tiny-backwards").any()
+    # each task's own attributes, no NaN union: tiny-io has only io; a gated task none
+    assert ds.attribute.sel(task="tiny-io").values.tolist() == ["io"]
+    assert ds.attribute.sel(task="tiny-ioi").values.tolist() == ["io", "s"]
+    assert "tiny-backwards" not in ds.task.values
+    # the ceiling's and the floor's intervals and every k, as each run's evaluation.nc has
+    one = ds.sel(sae="topk-64", task="tiny-ioi", attribute="io")
+    run_io = suite.runs["tiny-ioi"].results.sel(attribute="io")
+    assert list(ds.k.values) == [1, 2]
+    for field, method in (("ceiling", "supervised"), ("floor", "random:topk-64")):
+        for k in (1, 2):
+            ci = run_io.edit_ci.sel(dictionary=method, k=k)
+            assert float(one[f"{field}_low"].sel(metric="edit", k=k)) == pytest.approx(
+                float(ci.sel(bound="low")), nan_ok=True)
+            assert float(one[f"{field}_high"].sel(metric="edit", k=k)) == pytest.approx(
+                float(ci.sel(bound="high")), nan_ok=True)
+    assert float(one.value.sel(metric="edit", k=1)) == pytest.approx(
+        float(run_io.edit.sel(dictionary="topk-64", k=1)), nan_ok=True)
     summary = (suite.report_dir / "summary.md").read_text()
     assert "| tiny-backwards | gated out |" in summary and "held-out accuracy" in summary
     assert "Higher is better" in summary and "What each task adds" in summary
 
     # the score is the mean over the attributes in claims of the mean gap closed
-    items = [(t, a) for t in ds.task.values for a in ds.attribute.values
-             if bool(ds.in_claims.sel(task=t, attribute=a))]
+    items = [(t, a) for t, a, c in zip(ds.task.values, ds.attribute.values,
+                                        ds.in_claims.values) if c]
     assert items, ds.reason.values
-    by_hand = np.mean([np.nanmean(ds.gap_closed.sel(sae="topk-64", task=t, attribute=a))
-                       for t, a in items])
+    by_hand = np.mean([np.nanmean(ds.gap_closed.sel(sae="topk-64", task=t, attribute=a,
+                                                    k=ds.edit_k)) for t, a in items])
     assert suite.aggregate.loc["topk-64", "score"] == pytest.approx(by_hand)
     assert suite.aggregate.loc["topk-64", "n_attributes"] == len(items)
     low, high = suite.aggregate.loc["topk-64", ["score_low", "score_high"]]
@@ -119,7 +135,11 @@ def test_a_suite_runs_each_task_trains_once_and_gates_the_task_the_model_cannot_
 
     table = pd.read_csv(root / "suite" / "suite.csv")
     assert set(table.task) == {"tiny-ioi", "tiny-io", "tiny-backwards"}
-    assert {"value", "ci_low", "ci_high", "ceiling", "floor", "gap_closed"} <= set(table.columns)
+    assert {"value", "ci_low", "ci_high", "ceiling", "ceiling_low", "ceiling_high", "floor",
+            "floor_low", "floor_high", "gap_closed", "k"} <= set(table.columns)
+    assert set(table[table.metric == "edit"].k) == {1, 2}
+    assert table[table.metric == "sufficiency"].k.isna().all()
+    assert not ((table.task == "tiny-io") & (table.attribute == "s")).any()
     doc = json.loads((suite.report_dir / "sage_nn_topk-64_eval_results.json").read_text())
     assert doc["eval_type_id"] == "sage_suite"
     assert doc["eval_result_metrics"]["aggregate"]["score"] == pytest.approx(by_hand)
@@ -144,7 +164,7 @@ def test_a_task_and_an_sae_added_later_compute_only_what_is_new(suite_setup, fir
 
     root, model, _ = suite_setup
     suite, tasks, _ = first_suite
-    before = suite.results.gap_closed.sel(sae="topk-64", task=["tiny-ioi", "tiny-io"]).copy()
+    before = suite.results.gap_closed.sel(sae="topk-64").values.copy()
     manifests = {n: json.loads((root / "suite" / n / "manifest.json").read_text())
                  for n in suite.runs}
     scored = {n: {p: p.stat().st_mtime_ns for p in (root / "suite" / n / "evaluation").glob(
@@ -166,35 +186,42 @@ def test_a_task_and_an_sae_added_later_compute_only_what_is_new(suite_setup, fir
         assert len(scored[name]) == 1 and all(p.stat().st_mtime_ns == t
                                               for p, t in scored[name].items())
     assert (more.report_dir / "score_vs_l0.png").exists()  # k=2 against k=32
-    again = more.results.gap_closed.sel(sae="topk-64", task=["tiny-ioi", "tiny-io"])
-    np.testing.assert_array_equal(again.values, before.values)
+    again = more.results.gap_closed.sel(sae="topk-64")
+    first_tasks = np.isin(again.task.values, ["tiny-ioi", "tiny-io"])
+    np.testing.assert_array_equal(again.values[first_tasks], before)
 
 
 def suite_of(gaps: dict, gated=(), out_of_claims=()):
     """A suite Dataset of the shape suite_dataset writes: ``gaps[sae][task]`` the gap
-    closed of every metric at the task's two attributes (floor 0, ceiling 1, value = gap,
-    intervals +-0.05)."""
+    closed of every metric at the task's two attributes at k = 2 (floor 0, ceiling 1,
+    value = gap, intervals +-0.05)."""
     import xarray as xr
 
+    from sage_nn.report.suite import item_index
     from sage_nn.report.tables import HEADLINE
 
     saes, tasks = list(gaps), list(next(iter(gaps.values())))
-    attributes, metrics = ["a", "b"], list(HEADLINE)
-    gap = np.array([[[[gaps[s][t] + 0.01 * i] * len(metrics) for i in range(len(attributes))]
-                     for t in tasks] for s in saes])
-    dims = ("sae", "task", "attribute", "metric")
-    in_claims = np.array([[(t, a) not in out_of_claims and t not in gated for a in attributes]
-                          for t in tasks])
+    items = [(t, a) for t in tasks for a in ("a", "b")]
+    metrics = list(HEADLINE)
+    gap = np.array([[[[gaps[s][t] + 0.01 * (a == "b")] for _ in metrics] for t, a in items]
+                    for s in saes])
+    dims = ("sae", "item", "metric", "k")
+    in_claims = np.array([(t, a) not in out_of_claims and t not in gated for t, a in items])
     value = gap  # floor 0, ceiling 1: the value is the gap closed
-    return xr.Dataset(
-        {"value": (dims, value), "ci_low": (dims, value - 0.05), "ci_high": (dims, value + 0.05),
-         "ceiling": (dims, np.ones_like(value)), "floor": (dims, np.zeros_like(value)),
-         "gap_closed": (dims, gap), "l0": (dims[:3], np.full(gap.shape[:3], 8.0)),
-         "in_claims": (dims[1:3], in_claims),
-         "reason": (dims[1:3], np.where(in_claims, "", "small effect")),
-         "gated": ("task", np.array([t in gated for t in tasks])),
-         "gate_reason": ("task", np.array(["no" if t in gated else "" for t in tasks]))},
-        coords={"sae": saes, "task": tasks, "attribute": attributes, "metric": metrics})
+    fields = {"value": value, "ci_low": value - 0.05, "ci_high": value + 0.05,
+              "ceiling": np.ones_like(value), "ceiling_low": np.ones_like(value),
+              "ceiling_high": np.ones_like(value), "floor": np.zeros_like(value),
+              "floor_low": np.zeros_like(value), "floor_high": np.zeros_like(value),
+              "gap_closed": gap}
+    return item_index(xr.Dataset(
+        {**{name: (dims, v) for name, v in fields.items()},
+         "l0": (dims[:2], np.full(gap.shape[:2], 8.0)), "in_claims": ("item", in_claims),
+         "reason": ("item", np.where(in_claims, "", "small effect")),
+         "gated": ("tasks", np.array([t in gated for t in tasks])),
+         "gate_reason": ("tasks", np.array(["no" if t in gated else "" for t in tasks]))},
+        coords={"sae": saes, "task": ("item", [t for t, _ in items]),
+                "attribute": ("item", [a for _, a in items]), "metric": metrics, "k": [2],
+                "tasks": tasks}).assign_attrs(edit_k=2))
 
 
 def test_an_sae_set_lists_the_training_of_every_task_sites():
