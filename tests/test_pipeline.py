@@ -43,9 +43,14 @@ def config(root, name, **kw):
                      sae_corpus=str(root / "corpus.txt"), **kw)
 
 
-def test_run_writes_every_stage_and_resumes(setup):
+def test_run_writes_every_stage_and_resumes(setup, caplog):
     root, model = setup
-    first = run(config(root, "a"), model=model, progress=False)
+    with caplog.at_level("INFO", logger="sage_nn"):
+        first = run(config(root, "a"), model=model, progress=False)
+    # each stage's line names the run's task (a suite says several)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage ")]
+    assert [line.split(":")[0] for line in said] == [
+        f"stage {s} (tiny-ioi)" for s in ("task", "discovery", "saes", "evaluation", "report")]
     files = ["task.json", "discovery/scores.nc", "discovery/cross_sections.csv", "saes.json",
              "evaluation.nc", "report/summary.md", "manifest.json", "config.yaml"]
     for f in files:
@@ -316,8 +321,9 @@ def test_trained_saes_beside_given_ones_train_where_the_given_ones_serve(setup, 
     root, model = setup
     TopKSAE(TopKSAEConfig(d_in=model.config.hidden_size, d_sae=64, k=8, metadata=SAEMetadata(
         hook_name="blocks.1.hook_resid_pre"))).save_model(tmp_path / "given")
-    both = run(config(root, "both", saes=["train:topk", str(tmp_path / "given")],
-                      n_boot=20, ks=[1]), model=model, progress=False)
+    both = run(dataclasses.replace(config(root, "both", saes=["train:topk", str(tmp_path /
+                                                                       "given")]),
+                                   n_boot=20, ks=[1]), model=model, progress=False)
     sites = [p.split("@")[0] for pairs in both.cross_sections.values() for p in pairs]
     assert sites and all(s.startswith("L1.") for s in sites), sites
     listing = json.loads((both.run_dir / "saes.json").read_text())

@@ -308,3 +308,43 @@ def test_sage_suite_lists_every_task_gated_out_and_scores_none(tmp_path, monkeyp
     assert not (tmp_path / "suite" / "tiny-ioi" / "discovery").exists()
     assert not (tmp_path / "cache" / "saes").exists()  # nothing trained
     assert "| tiny-ioi | gated out |" in (suite.report_dir / "summary.md").read_text()
+
+
+def test_the_prompt_budget_holds_for_the_built_in_text_and_an_unbalanced_mix_is_warned(
+        tmp_path):
+    """``--sae-task-prompts`` bounds the built-in text too (its first documents), so small
+    settings train on a small corpus; at the default budget the built-in text is whole and
+    named and hashed as before (cached SAEs stay valid). Task parts far apart in size (a
+    task that makes few distinct prompts) are warned about, with the fix."""
+    import dataclasses
+    import warnings
+
+    from sage_nn import tiny_random_model
+    from sage_nn.common.notes import SageWarning
+    from sage_nn.dictionaries.corpus import Text, corpus_hash, corpus_units, load_texts
+    from sage_nn.dictionaries.training import TrainConfig
+    from sage_nn.pipeline.resolve import sae_corpus
+
+    model = tiny_random_model("llama", seed=0)
+    (tmp_path / "big.yaml").write_text(TINY_TASK)
+    few = TINY_TASK.replace("name: tiny-ioi", "name: tiny-few").replace(
+        "names: [Mary, John, Alice, Bob, Tom, Anna]", "names: [Mary, John, Alice, Bob]")
+    (tmp_path / "few.yaml").write_text(few)
+    mixed = RunConfig(task=str(tmp_path / "big.yaml"), sae_corpus="builtin+task@positions",
+                      n_fit=4, n_eval=4, sae_task_prompts=200,
+                      corpus_tasks=[str(tmp_path / "big.yaml"), str(tmp_path / "few.yaml")])
+    with pytest.warns(SageWarning, match=r"unbalanced: task:tiny-ioi@positions\[\d+\], "
+                      r"task:tiny-few@positions\[\d+\].*fix: --sae-task-prompts \d+"):
+        sae_corpus(model, mixed)
+    builtin = sae_corpus(model, dataclasses.replace(mixed, sae_task_prompts=40))[0]
+    assert isinstance(builtin, Text) and builtin.capped() and len(builtin.texts()) == 40
+    whole = len(corpus_units(model, "builtin", TrainConfig()))
+    assert len(corpus_units(model, builtin, TrainConfig())) < whole / 2
+    assert corpus_hash(builtin) != corpus_hash("builtin")
+    default = Text("builtin", RunConfig().sae_task_prompts)
+    assert len(load_texts("builtin")) < RunConfig().sae_task_prompts
+    assert str(default) == "builtin" and corpus_hash(default) == corpus_hash("builtin")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SageWarning)  # one task: nothing to balance
+        sae_corpus(model, RunConfig(task=str(tmp_path / "big.yaml"), n_fit=4, n_eval=4,
+                                    sae_task_prompts=40))

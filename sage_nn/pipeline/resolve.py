@@ -8,10 +8,12 @@ import json
 import logging
 import os
 import shutil
+import warnings
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..common.notes import SageWarning
 from ..dictionaries.serving import residual_key
 from .config import RunConfig, run_prompts
 from .specs import (
@@ -35,11 +37,15 @@ def sae_corpus(model: Any, config: RunConfig) -> list:
     """``config.sae_corpus`` as training sources: each ``task`` part becomes prompts of
     each of ``config.corpus_tasks`` (default: the run's task) drawn at another seed, minus
     every prompt (and counterfactual) a run of that task fits and evaluates on, so the SAEs
-    never see an evaluation's prompts. Built once per tokenizer and settings (a suite asks
-    for the same corpus from every task's run; prompts depend on the tokenizer only)."""
-    from ..dictionaries.corpus import task_prompts, text_sources
+    never see an evaluation's prompts; the built-in text is read up to
+    ``config.sae_task_prompts`` of its documents (the same budget: small settings train
+    on a small corpus). A mix whose task parts are far apart in size is warned about
+    (:func:`balance_note`). Built once per tokenizer and settings (a suite asks for the same
+    corpus from every task's run; prompts depend on the tokenizer only)."""
+    from ..dictionaries.corpus import Text, task_prompts, text_sources
 
-    parts = text_sources(config.sae_corpus)
+    parts = [Text(p, config.sae_task_prompts) if p == "builtin" else p
+             for p in text_sources(config.sae_corpus)]
     if not set(parts) & set(TASK_CORPORA):
         return parts
     tasks = list(config.corpus_tasks or [config.task])
@@ -61,7 +67,31 @@ def sae_corpus(model: Any, config: RunConfig) -> list:
                     named_positions=where == "task@positions")
         memo[key] = [s for p in parts for s in (
             [drawn[t, p] for t in tasks] if p in TASK_CORPORA else [p])]
+        note = balance_note(memo[key], config)
+        if note:
+            warnings.warn(SageWarning(note, key="unbalanced corpus"), stacklevel=2)
     return list(memo[key])
+
+
+#: a task part of an SAE corpus with fewer prompts than this share of the largest one's
+#: makes the corpus unbalanced: the SAEs learn mostly from the others
+BALANCE = 0.5
+
+
+def balance_note(sources: list, config: RunConfig) -> str | None:
+    """One line when the task parts of a corpus differ in size by more than
+    :data:`BALANCE` (a task makes only so many distinct prompts: fewer than the budget of
+    ``sae_task_prompts`` each), naming the parts and the fix; None when balanced."""
+    from ..dictionaries.corpus import Prompts
+
+    sizes = {str(s.name): len(s.texts) for s in sources if isinstance(s, Prompts)}
+    if len(sizes) < 2 or min(sizes.values()) >= BALANCE * max(sizes.values()):
+        return None
+    small = min(sizes, key=sizes.get)
+    return (f"the SAE corpus is unbalanced: {', '.join(f'{n}[{k}]' for n, k in sizes.items())} "
+            f"prompts (a task makes only so many distinct prompts), so the SAEs learn mostly "
+            f"from the larger parts; fix: --sae-task-prompts {sizes[small]} (every task the "
+            f"same), or leave {small.split(':', 1)[-1].split('@')[0]} out of --corpus-tasks")
 
 
 #: per tokenizer, the task corpora built for it (by settings)

@@ -147,8 +147,9 @@ def open_run_state(config: RunConfig, *, model: Any = None, remote: Any = None,
 
 def _label(config: RunConfig) -> str:
     """What the stage lines name: the run's task (a suite runs several)."""
-    return Path(config.task).stem if str(config.task).endswith((".yaml", ".yml")) \
-        else str(config.task)
+    from ..tasks.datasets import load_task
+
+    return load_task(config.task).name
 
 
 # -- the stages, in order ---------------------------------------------------------------
