@@ -272,8 +272,20 @@ def test_each_task_ranking_is_compared_with_the_other_tasks():
 
 
 def test_sage_suite_takes_tasks_not_task(capsys):
+    """Its help lists only the flags it takes, with the defaults it uses (a suite's corpus,
+    step cap and directory); --task and --dry-run, given anyway, say what to use."""
+    import re
+
     from sage_nn.cli import main
 
+    with pytest.raises(SystemExit):
+        main(["suite", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert not re.search(r"--task\b(?!s)", text) and "--dry-run" not in text
+    assert "--tasks TASK" in text
+    for default in ("(default: 600)", "(default: builtin+task@positions)",
+                    "(default: runs/suite)"):
+        assert default in text, default
     with pytest.raises(SystemExit) as exit_:
         main(["suite", "--task", "ioi"])
     assert exit_.value.code == 2

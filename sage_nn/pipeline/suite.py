@@ -37,6 +37,8 @@ SUITE_CORPUS = "builtin+task@positions"
 SUITE_SAE_STEPS = 600
 #: what a suite's RunConfig has unless it says otherwise (``suite_config``)
 SUITE_DEFAULTS = {"sae_corpus": SUITE_CORPUS, "sae_steps": SUITE_SAE_STEPS}
+#: where ``sage suite`` writes unless ``--run-dir`` says
+SUITE_DIR = "runs/suite"
 #: a task whose held-out accuracy is below this is one the model does not do
 MIN_ACCURACY = 0.8
 #: a task none of whose attributes moves the logit difference this much (logits) has
