@@ -579,3 +579,28 @@ def test_every_saebench_file_loads_with_saebench_own_class(results, tmp_path):
     doc["sae_bench_commit_hash"] = None  # what the files held: SAEBench refuses it
     with pytest.raises(Exception, match="sae_bench_commit_hash"):
         saebench_output(doc)
+
+
+def test_plots_mark_attributes_out_of_claims_and_name_the_edit_measure(results, tmp_path):
+    """io's counterfactual changes the prediction (its edit is accuracy), s's does not
+    (logit-difference success) and s's effect is small (kept out of claims): the bars and
+    the curves say both, and draw s on grey with its reason."""
+    from sage_nn.report import plot_comparison, plot_controllability
+
+    marked = results.assign(small_effect=("attribute", [False, True]),
+                            edit_metric=("attribute", ["accuracy", "success"]))
+    fig = plot_comparison(marked, "edit", tmp_path / "edit.png", k=2)
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks == ["io\nedit accuracy", "s\nedit success (logit diff.)\nout of claims"]
+    assert "kept out of claims (s: small effect)" in fig.get_supxlabel()
+    assert len(fig.axes[0].patches) > 0 and (tmp_path / "edit.png").stat().st_size > 0
+    plain = plot_comparison(marked, "sufficiency")
+    assert [t.get_text() for t in plain.axes[0].get_xticklabels()] == [
+        "io", "s\nout of claims"]
+    curves = plot_controllability(marked, tmp_path / "controllability.png")
+    titles = [ax.get_title() for ax in curves.axes if ax.get_title()]
+    assert titles == ["attribute io: edit accuracy",
+                      "attribute s: edit success (logit diff.) (out of claims)"]
+    assert "s: small effect" in curves.get_suptitle()
+    unmarked = plot_comparison(results, "edit", k=2)  # results that say neither
+    assert [t.get_text() for t in unmarked.axes[0].get_xticklabels()] == ["io", "s"]
