@@ -101,6 +101,20 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def quickstart(smollm2, tmp_path_factory):
+    """``sage quickstart`` (its RunConfig: SmolLM2, IOI, residual TopK SAEs and SAEs at the
+    heads) run once per session in a run directory of its own. Its SAEs come from the SAE
+    cache (``$SAGE_NN_CACHE``, keyed by the corpus's content, the trainer and the
+    settings), trained there on first use as the quickstart trains them; every stage
+    after is computed here. The calibration and the notebooks read it."""
+    from sage_nn.pipeline.config import RunConfig
+    from sage_nn.pipeline.stages import run
+
+    run_dir = tmp_path_factory.mktemp("quickstart") / "run"
+    return run(RunConfig(run_dir=str(run_dir)), model=smollm2, progress=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_models():
     from sage_nn import tiny_random_model
 
