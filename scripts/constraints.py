@@ -16,7 +16,6 @@ file with this script: the pins move on purpose, after a green run, never by acc
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib.metadata as metadata
 import sys
 import tomllib
@@ -86,6 +85,12 @@ def render() -> str:
     return HEADER.format(python=python) + "\n".join(lines) + "\n"
 
 
+def pins(text: str) -> dict[str, str]:
+    """``{name: version}`` of a constraints file's ``name==version`` lines."""
+    return dict(line.split("==", 1) for line in text.splitlines()
+                if line and not line.startswith("#"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true",
@@ -94,10 +99,10 @@ def main() -> None:
     args = parser.parse_args()
     text = render()
     if args.check:
-        old = args.out.read_text() if args.out.exists() else ""
-        diff = [line for line in difflib.unified_diff(old.splitlines(), text.splitlines(),
-                                                       "constraints.txt", "installed here",
-                                                       lineterm="", n=0)]
+        pinned = pins(args.out.read_text() if args.out.exists() else "")
+        here = pins(text)
+        diff = [f"{name}: {pinned.get(name, '(not pinned)')} -> {here.get(name, '(absent)')}"
+                for name in sorted(set(pinned) | set(here)) if pinned.get(name) != here.get(name)]
         print("\n".join(diff) or "constraints.txt matches this environment")
         sys.exit(1 if diff else 0)
     args.out.write_text(text)

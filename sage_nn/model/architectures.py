@@ -199,7 +199,7 @@ def _probe(hf: torch.nn.Module, layers: str, attn: str, parts: dict, mlp: str) -
     def hook(name):
         def record(module, args, kwargs, output):
             first = args[0] if args else next(iter(kwargs.values()), None)
-            seen[name] = (first, output, kwargs)
+            seen.setdefault(name, (first, output, kwargs))  # the first forward's
         return record
 
     named = {"block": block, "attn": getattr(block, attn), "mlp": getattr(block, mlp),
@@ -221,6 +221,13 @@ def _probe(hf: torch.nn.Module, layers: str, attn: str, parts: dict, mlp: str) -
             hf.set_attn_implementation("eager")  # so the attention returns its pattern
         with torch.no_grad():
             hf(input_ids=ids.to(next(hf.parameters()).device))
+            if isinstance(seen["block"][1], (tuple, list)) and len(seen["block"][1]) > 1:
+                # a skipped layer's output is its residual stream alone (SiteAdapter.skip)
+                handles.append(block.register_forward_hook(lambda m, a, out: (out[0],)))
+                try:
+                    hf(input_ids=ids.to(next(hf.parameters()).device))
+                except Exception as err:  # noqa: BLE001 - the reason is what the model says
+                    seen["cut"] = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
     finally:
         for h in handles:
             h.remove()
@@ -329,39 +336,12 @@ def derive(hf: torch.nn.Module) -> Architecture:
     pattern = seen["attn"][1][1] if arch["attn_tuple"] and len(seen["attn"][1]) > 1 else None
     arch["qkv"] = _check_heads(seen, arch, pattern, candidates=[layout] if layout else
                                ["blocks", "grouped"])
-    _check_residual_only(hf, blocks[0], seen["block"][1])
+    if "cut" in seen:  # Kolibri 1.1's layers hand the next one an indexer's pool too
+        raise UnsupportedArchitectureError(f"its layers ({type(blocks[0]).__name__}) pass "
+            "the next layer more than the residual stream, which patched runs cannot carry "
+            f"when they skip layers (cut to it, the forward fails: {seen['cut']})")
     return Architecture(**arch)
 
-
-def _check_residual_only(hf: torch.nn.Module, block: torch.nn.Module, output) -> None:
-    """Refuse a family whose layers hand the next layer more than the residual stream.
-
-    Patched runs skip the layers below a patch and feed the next one its clean residual
-    alone (:meth:`~sage_nn.model.sites.SiteAdapter.skip`: the layer's output as a tuple of
-    that one tensor where layers return tuples). A layer whose other outputs the model
-    passes on (Kolibri 1.1's indexer pool: ``hidden, pool = layer(hidden, pool=pool)``)
-    would crash inside the model's forward there, so the probe runs one forward with
-    layer 0's output cut to what a skip gives, and refuses the family with the reason."""
-    import torch
-
-    extra = len(output) - 1 if isinstance(output, (tuple, list)) else 0
-    if not extra:
-        return
-    cut = lambda module, args, out: (out[0],)  # noqa: E731 - as skip feeds it
-    handle = block.register_forward_hook(cut)
-    try:
-        with torch.no_grad():
-            hf(input_ids=torch.arange(10, 17).reshape(1, 7).to(next(hf.parameters()).device)
-               % getattr(text_config(hf.config), "vocab_size", 64))
-    except Exception as err:  # noqa: BLE001 - the reason is what the model says
-        raise UnsupportedArchitectureError(
-            f"its layers ({type(block).__name__}) return {extra + 1} values, and the model "
-            "passes more than the first (the residual stream) to the next layer, which "
-            "sage_nn's patched runs cannot carry when they skip a layer (the forward with "
-            f"layer 0's output cut to the residual stream fails: {type(err).__name__}: "
-            f"{str(err).splitlines()[0][:120]})") from None
-    finally:
-        handle.remove()
 
 
 def channel_index(arch: Architecture | dict, kind: str) -> torch.Tensor:
