@@ -39,8 +39,23 @@ def test_quickstart_notebook_executes_on_the_quickstart_run(quickstart, tmp_path
     assert json.loads((quickstart.run_dir / "manifest.json").read_text()) == before
 
 
-def test_sweep_notebook_executes(tmp_path, monkeypatch):
+def test_sweep_notebook_executes_from_the_quickstart_run(quickstart, tmp_path, monkeypatch):
+    """Two few-step SAEs (k = 4 and 32) swept from a copy of the quickstart's run: its
+    task, discovery and ceiling are read back, not computed again; only the sweep's SAEs
+    are trained and scored."""
+    import json
+
     monkeypatch.setenv("SAGE_NB_SMALL", "1")
+    monkeypatch.setenv("SAGE_NB_RUN_DIR", str(quickstart.run_dir))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the notebook copies the run
     text, images = execute("sweep.ipynb", tmp_path, timeout=1800)
     assert "topk-256-k4" in text and "topk-256-k32" in text and "sufficiency" in text
+    assert "topk-1024" not in text.replace("topk-1024@sites", "")  # the sweep's SAEs only
     assert images >= 5  # four metrics against L0 and the controllability figure
+    (sweep,) = tmp_path.glob("*/sweep")
+    mine, theirs = (json.loads((d / "manifest.json").read_text())
+                    for d in (sweep, quickstart.run_dir))
+    assert [mine[s] for s in ("task", "discovery")] == [theirs[s] for s in ("task", "discovery")]
+    index = lambda d: json.loads((d / "evaluation" / "index.json").read_text())  # noqa: E731
+    shared = "evaluation/shared.nc"
+    assert index(sweep)[shared] == index(quickstart.run_dir)[shared]  # the ceiling, read back
