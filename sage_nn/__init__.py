@@ -10,8 +10,6 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-from . import _compat  # noqa: F401  (the old module paths, sage_nn.training etc.)
-
 #: Each public name and the module that defines it.
 _HOME = {
     "DEFAULT_MODEL": "model.loading", "load_model": "model.loading",
@@ -27,7 +25,8 @@ _HOME = {
 }
 #: Names that never run the model; every other one imports sae_lens first, as
 #: ``import sage_nn`` used to: nnsight's ``.save`` patch breaks pydantic models imported
-#: after a trace runs (sage_nn/saes.py), so sae_lens comes before anything that traces.
+#: after a trace runs (sage_nn/dictionaries/saes.py), so sae_lens comes before anything
+#: that traces.
 _NO_TRACE = {"DEFAULT_MODEL", "Run", "open_run", "Site", "Suite", "load_task", "open_suite"}
 
 __all__ = ["DEFAULT_MODEL", "AttributionPatching", "MSEDictionary", "MeanDictionary", "Run",

@@ -20,7 +20,7 @@ from .common.formats import TRAINABLE  # no torch: --help stays fast
 
 
 def _model_and_remote(args):
-    """The model, and the :class:`~sage_nn.remote.Remote` its passes run through
+    """The model, and the :class:`~sage_nn.model.remote.Remote` its passes run through
     (``--remote``; None runs them here). On NDIF or another host the weights stay there."""
     from .model.loading import load_model
     from .model.remote import Remote
@@ -131,7 +131,7 @@ def _run(args) -> None:
     config = _run_config(args)
     try:
         result = run(config)
-    except Exception as err:  # sage_nn.remote (torch, nnsight) is imported once a run starts
+    except Exception as err:  # sage_nn.model.remote (torch, nnsight) is imported once a run starts
         remote = sys.modules.get("sage_nn.model.remote")
         if remote is not None and isinstance(err, remote.RemoteRequestError):
             report = Path(config.run_dir) / "remote_error.txt"  # the server's whole report
@@ -171,7 +171,7 @@ def _suite_config(args):
 
 
 def _suite(args) -> None:
-    from .pipeline.suite import run_suite
+    from .pipeline.suite import SUITE_DIR, run_suite
 
     if args.task is not None:
         raise ValueError("sage suite takes --tasks (several task names or YAML paths), not "
@@ -179,7 +179,7 @@ def _suite(args) -> None:
     if args.dry_run:
         raise ValueError("sage suite has no --dry-run; fix: sage run --dry-run --task NAME "
                          "for each task's remote requests")
-    args.run_dir = args.run_dir or "runs/suite"
+    args.run_dir = args.run_dir or SUITE_DIR
     suite = run_suite(_suite_config(args), tasks=args.tasks, min_accuracy=args.min_accuracy,
                       corpus_tasks=args.corpus_tasks)
     for name, task in suite.record["tasks"].items():
@@ -228,7 +228,8 @@ FIELD_HELP = {
     "sae_steps": "training steps (x 1024 tokens) of the SAEs the run trains",
     "sae_corpus": "what trained SAEs read: task@positions | task | builtin | a text "
                   "file/dir | hf:NAME | a mix builtin+task",
-    "sae_task_prompts": "prompts drawn for a task corpus",
+    "sae_task_prompts": "prompts drawn for a task corpus, and documents read of the "
+                        "built-in text",
     "corpus_tasks": "the tasks whose prompts a task part of --sae-corpus draws (default: "
                     "the run's task; a suite's: every task it recorded)",
     "reconstruction": "how residual SAEs reach sublayer sites: input | difference",
@@ -287,8 +288,10 @@ def _flag_kwargs(hint) -> dict:
     return {"type": _yaml_value}
 
 
-def _field_help(field: dataclasses.Field) -> str:
-    if field.default is not dataclasses.MISSING:
+def _field_help(field: dataclasses.Field, defaults: dict | None = None) -> str:
+    if defaults and field.name in defaults:
+        default = defaults[field.name]
+    elif field.default is not dataclasses.MISSING:
         default = field.default
     else:
         default = field.default_factory()
@@ -296,14 +299,17 @@ def _field_help(field: dataclasses.Field) -> str:
     return text if default is None else f"{text} (default: {str(default).replace('%', '%%')})"
 
 
-def _add_run_options(p) -> None:
+def _add_run_options(p, *, hidden: tuple = (), defaults: dict | None = None) -> None:
+    """One flag per RunConfig field. ``hidden``: fields the command does not take (their
+    flag stays, out of --help, so that giving it says what to use instead); ``defaults``:
+    the command's own defaults, shown in --help (``sage suite``'s)."""
     from .pipeline.config import RunConfig
 
     p.add_argument("--config", help="YAML file with any RunConfig fields (flags override it)")
     hints = typing.get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
         flag = FLAG_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
-        help = _field_help(field)
+        help = argparse.SUPPRESS if field.name in hidden else _field_help(field, defaults)
         if field.name == "remote":
             _add_remote(p, help)
         elif field.name == "saes":
@@ -315,9 +321,10 @@ def _add_run_options(p) -> None:
     p.add_argument("--no-wait", dest="remote_blocking", action="store_const", const=False,
                    help="submit remote jobs and exit; run again to collect them")
     p.add_argument("--dry-run", action="store_true",
-                   help="with --remote: print the requests each stage would send, with bytes "
-                        "up and down and where each SAE is encoded; send nothing, load no "
-                        "weights")
+                   help=argparse.SUPPRESS if "dry_run" in hidden else
+                   "with --remote: print the requests each stage would send, with bytes "
+                   "up and down and where each SAE is encoded; send nothing, load no "
+                   "weights")
     p.set_defaults(func=_run)
 
 
@@ -403,7 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("suite", help="several tasks with the same SAEs: one run directory "
                        "per task under --run-dir, each SAE trained once, a gate per task, one "
                        "score per SAE (resumable)")
-    _add_run_options(p)
+    from .pipeline.suite import SUITE_DEFAULTS, SUITE_DIR
+
+    _add_run_options(p, hidden=("task", "dry_run"),
+                     defaults={**SUITE_DEFAULTS, "run_dir": SUITE_DIR})
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                    help="task names in tasks/ or YAML paths (default: every task in tasks/)")
     p.add_argument("--min-accuracy", type=float, default=0.8,
@@ -551,7 +561,7 @@ class _Lines(logging.Handler):
 def _quiet_output(prefix: str) -> None:
     """The command's output is its own lines: sage_nn's log lines, and another library's
     log records only when they are errors (matplotlib's "generated new fontManager" and
-    transformers' notices are not the run's). Warnings: :func:`sage_nn.notes.cli_warnings`."""
+    transformers' notices are not the run's). Warnings: :func:`~.common.notes.cli_warnings`."""
     import os
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when it is imported

@@ -7,7 +7,7 @@ import pytest  # noqa: E402
 
 ARCHITECTURES = ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2"]
 
-# An IOI-like task over the words of the tiny models' tokenizer (sage_nn.models.TINY_WORDS).
+# An IOI-like task over the words of the tiny models' tokenizer (sage_nn.model.loading.TINY_WORDS).
 TINY_TASK = """
 name: tiny-ioi
 vocab:
@@ -98,6 +98,20 @@ def smollm2():
     from sage_nn import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def quickstart(smollm2, tmp_path_factory):
+    """``sage quickstart`` (its RunConfig: SmolLM2, IOI, residual TopK SAEs and SAEs at the
+    heads) run once per session in a run directory of its own. Its SAEs come from the SAE
+    cache (``$SAGE_NN_CACHE``, keyed by the corpus's content, the trainer and the
+    settings), trained there on first use as the quickstart trains them; every stage
+    after is computed here. The calibration and the notebooks read it."""
+    from sage_nn.pipeline.config import RunConfig
+    from sage_nn.pipeline.stages import run
+
+    run_dir = tmp_path_factory.mktemp("quickstart") / "run"
+    return run(RunConfig(run_dir=str(run_dir)), model=smollm2, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -171,9 +171,12 @@ def _blocks_and_discovery(model, ad):
     for v, variant in enumerate(variants):
         np.testing.assert_allclose(out.logit_diff.values[v], _full_forward_patched(model, ds, variant),
                                    rtol=1e-4, atol=1e-4, err_msg=f"variant {v}")
-    fit = AttributionPatching(min_effect=0, batch_size=3).fit(model, ds)
+    # one batch each: what a family must survive is attribution's and the search's traces
+    # (batching is tested in test_discovery.py); two batches of three cost twice the
+    # tracing, 4 s a family, 5 minutes over the matrix
+    fit = AttributionPatching(min_effect=0, batch_size=6).fit(model, ds)
     found = grow_cross_sections(model, ds, fit.scores_, ["io"], target=0.5, max_sites=3,
-                                batch_size=3)
+                                batch_size=6)
     table, summary = found["io"]
     assert len(table) >= 1 and np.isfinite(summary["recovered"])
 
@@ -277,3 +280,21 @@ def test_model_without_weights_is_derived_through_its_twin(family, sizes):
     local = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     assert architecture_of(remote) == derive(local)
     assert derive(local).n_layers == 3
+
+
+def test_layers_that_pass_the_next_layer_more_than_the_residual_are_refused(tmp_path):
+    """Kolibri 1.1's layers return ``(hidden, pool)`` and the model feeds the pool to the
+    next layer: a patched run that skips layers (feeding the residual alone) would crash
+    inside its forward. The family is refused with that reason, from its config alone
+    (a tiny twin, before weights load) as when it is loaded."""
+    from transformers import AutoConfig
+
+    from sage_nn.model.loading import check_supported
+
+    if "kolibri1_1" not in FAMILIES:
+        pytest.skip(f"transformers {transformers.__version__} has no kolibri1_1")
+    with pytest.raises(UnsupportedArchitectureError, match="pass the next layer more than "
+                       "the residual stream.*not enough values to unpack"):
+        check_supported(AutoConfig.for_model("kolibri1_1"), "kolibri")
+    with pytest.raises(UnsupportedArchitectureError, match="more than the residual stream"):
+        tiny_random_model("kolibri1_1")

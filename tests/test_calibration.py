@@ -1,10 +1,11 @@
 """Calibration on the real model: supervised ceiling > trained residual SAE > random floor.
 
-The pipeline runs on SmolLM2-135M and IOI with the quickstart's settings (prompts, SAE
-width, steps and corpus, edit budgets, bootstrap), for the attribute whose ground truth is
-meaningful here: ``io`` (the indirect object, which the model predicts). Its cross-section
-is grown from attention heads' outputs until their joint patch recovers 60% of the effect,
-and the residual SAEs reach those heads through the residual-to-sublayer reconstruction.
+The quickstart (``tests/conftest.py``'s ``quickstart``: SmolLM2-135M and IOI with the
+quickstart's settings, prompts, SAE width, steps and corpus, edit budgets, bootstrap) is
+judged at the attribute whose ground truth is meaningful here: ``io`` (the indirect object,
+which the model predicts). Its cross-section is grown from attention heads' outputs until
+their joint patch recovers 60% of the effect, and the residual SAEs (``topk-1024``) reach
+those heads through the residual-to-sublayer reconstruction.
 
 Every comparison is strict and can fail: the floor is the best a dictionary without learned
 directions can do (random unit directions with the SAE's number of latents and L0 at the
@@ -19,24 +20,13 @@ random directions with that L0 and optimal codes reconstruct the head exactly, s
 sufficiency and necessity rank the floor above the SAE.
 """
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from sage_nn.pipeline.config import RunConfig
-from sage_nn.pipeline.stages import run
+import numpy as np
+import pytest
 
 pytestmark = pytest.mark.slow
 EDIT_KS = (1, 2, 4, 8)
-
-
-def calibration_config(run_dir) -> RunConfig:
-    """The quickstart's settings; only io, and only the residual SAEs under test."""
-    return RunConfig(model="smollm2-135m", task="ioi", saes=["train:topk"], run_dir=str(run_dir),
-                     attributes=["io"])
+#: the quickstart's residual SAEs, reaching the heads through the reconstruction
+SAE = "topk-1024"
 
 
 def goodness(value):
@@ -49,15 +39,11 @@ def disjoint(a, b) -> bool:
 
 
 @pytest.fixture(scope="module")
-def calibration(smollm2, tmp_path_factory):
-    """The run, with SAEs trained for it alone; io's results and the SAE's and floor's names."""
-    root = tmp_path_factory.mktemp("calibration")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAGE_NN_CACHE", str(root / "cache"))  # SAEs trained here only
-        result = run(calibration_config(root / "run"), model=smollm2, progress=False)
-    io = result.results.sel(attribute="io")
-    sae = next(str(d) for d in io.dictionary.values if str(d).startswith("topk-"))
-    return result, io, sae, f"random:{sae}"
+def calibration(quickstart):
+    """The quickstart; io's results and the residual SAE's and its floor's names."""
+    io = quickstart.results.sel(attribute="io")
+    assert SAE in io.dictionary.values, list(io.dictionary.values)
+    return quickstart, io, SAE, f"random:{SAE}"
 
 
 def test_io_cross_section_is_heads_and_its_ceiling_is_ground_truth(calibration):

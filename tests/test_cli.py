@@ -216,10 +216,10 @@ def test_the_package_names_load_on_first_use_and_sae_lens_comes_before_any_model
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         sage_nn.nope
     # a name that can run the model imports sae_lens first (nnsight's .save patch breaks
-    # pydantic models imported after a trace: sage_nn/saes.py)
+    # pydantic models imported after a trace: sage_nn/dictionaries/saes.py)
     assert _imported_by("import sage_nn\nsage_nn.load_task") == []
     assert "sae_lens" in _imported_by("import sage_nn\nsage_nn.collect")
-    assert "sae_lens" in _imported_by("from sage_nn.models import tiny_random_model\n"
+    assert "sae_lens" in _imported_by("from sage_nn.model.loading import tiny_random_model\n"
                                       "tiny_random_model()")
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import warnings
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -570,6 +572,47 @@ def test_smollm2_io_token_stream_is_patched_exactly(smollm2):
     sel = ranked(fit.scores_, "io", positions=["IO"]).iloc[[0, 10, 20]]
     table, _ = validate(smollm2, ds, fit.scores_, "io", sel, batch_size=8)
     np.testing.assert_allclose(table.delta, table.exact_delta, rtol=1e-3, atol=1e-3)
+
+
+SLOT_FIRST = """
+name: slot_first
+description: The slot is the prompt's first token (SmolLM2 adds no start token).
+vocab:
+  countries: {file: %s}
+slots: {C: countries, D: countries}
+distinct: [[C, D]]
+templates:
+  - {id: a, text: "{C} has a capital, and unlike {D.capital}, the capital of {C} is"}
+  - {id: b, text: "{C}: unlike {D.capital}, the capital city of {C} is"}
+attributes: {country: {slot: C}}
+answer: " {C.capital}"
+distractor: " {D.capital}"
+positions: {C: {slot: C}, END: last}
+split: {test_templates: [b], vocab_halves: [countries]}
+"""
+
+
+@pytest.mark.slow
+def test_a_prompt_that_starts_with_a_slot_is_patched_exactly(smollm2, tmp_path):
+    """A slot at the first token: its exact patches recompute the block from token 0, with
+    no clean keys and values before it (an empty cache once crashed there), and give the
+    numbers of full patched forwards."""
+    from sage_nn.tasks.datasets import load_task
+
+    spec = tmp_path / "slot_first.yaml"
+    spec.write_text(SLOT_FIRST % (Path(__file__).parents[1] / "tasks/vocab/countries.csv"))
+    ds = load_task(spec).build(smollm2, n=8, seed=0)
+    first = ds.positions["C"]
+    assert (first == ds.positions["C"].min()).all()
+    fit = AttributionPatching(kinds=["resid_pre"], positions=["C"], attributes=["country"],
+                              layers=[4, 12], batch_size=8).fit(smollm2, ds)
+    assert fit.scores_.exact.all()  # the country's token changes: every cell patched exactly
+    sel = ranked(fit.scores_, "country", positions=["C"])
+    table, _ = validate(smollm2, ds, fit.scores_, "country", sel, batch_size=8)
+    np.testing.assert_allclose(table.delta, table.exact_delta, rtol=1e-3, atol=1e-3)
+    # a patch that moved the logit difference, not 0 == 0 (little: the first token is the
+    # attention sink, measured 0.07 at L12 and 0.02 at L4)
+    assert (table.exact_delta.abs() > 0.005).all()
 
 
 @pytest.mark.slow

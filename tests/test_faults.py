@@ -276,10 +276,10 @@ def test_a_corrupt_stage_file_or_sae_cache_entry_is_recomputed(setup, monkeypatc
 def test_a_remote_request_failing_on_its_last_retry(setup, monkeypatch):
     """nnsight's offline simulation of NDIF behind a connection that drops after the task's
     one request: discovery's request fails, and fails again on each retry."""
-    import sage_nn.remote
+    import sage_nn.model.remote
 
     root, model, reference = setup
-    real, calls = sage_nn.remote._session, []
+    real, calls = sage_nn.model.remote._session, []
 
     def drops_after_one(*args, **kwargs):
         calls.append(1)
@@ -288,7 +288,7 @@ def test_a_remote_request_failing_on_its_last_retry(setup, monkeypatch):
         return real(*args, **kwargs)
 
     with monkeypatch.context() as mp:
-        mp.setattr(sage_nn.remote, "_session", drops_after_one)
+        mp.setattr(sage_nn.model.remote, "_session", drops_after_one)
         with pytest.raises(ConnectionError):
             run(config(root, "remote"), model=model, progress=False,
                 remote=Remote("local", retries=2, backoff_s=0))

@@ -2,8 +2,10 @@
 
 Every ``sage_nn`` import of every module is read from the source (imports inside functions
 too): a module may import only from its own layer or an earlier one, no two modules import
-each other through any chain, no module reaches into another's private names, and every
-module over about 500 lines says at its top why it is one module.
+each other through any chain (names imported only for type checkers count: a reader of one
+module needs the other), no module reaches into another's private names, every module over
+about 500 lines says at its top why it is one module, and a package's lazy public names
+each come from a public module that defines them.
 """
 
 import ast
@@ -17,8 +19,8 @@ PACKAGE = ROOT / "sage_nn"
 #: the layers, earliest first: shared helpers, then the stages in pipeline order
 LAYERS = ["common", "model", "tasks", "discovery", "dictionaries", "evaluation", "report",
           "pipeline", "cli"]
-#: the public face: re-exports every stage and maps the old module paths to the new
-FACADE = {"sage_nn", "sage_nn._compat"}
+#: the public face: re-exports every stage
+FACADE = {"sage_nn"}
 LONG = 500
 
 
@@ -31,12 +33,13 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
-def imports(name: str, path: Path) -> list[tuple[str, list[str]]]:
-    """``(module, names)`` of every sage_nn import in ``path`` (relative ones resolved)."""
+def imports(name: str, path: Path, typing: bool = False) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` of every sage_nn import in ``path`` (relative ones resolved);
+    ``typing``: with those only type checkers make."""
     tree = ast.parse(path.read_text())
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(tree):  # names only type checkers import are not dependencies
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+    for node in ast.walk(tree):
+        if not typing and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             node.body = []
     found = []
     for node in ast.walk(tree):
@@ -63,14 +66,14 @@ def layer(name: str) -> int:
     return LAYERS.index(part)
 
 
-def graph() -> dict[str, set[str]]:
+def graph(typing: bool = False) -> dict[str, set[str]]:
     mods = modules()
     edges = {}
     for name, path in mods.items():
         if name in FACADE:
             continue
         targets = set()
-        for target, _ in imports(name, path):
+        for target, _ in imports(name, path, typing):
             while target not in mods and "." in target:  # a name inside a module
                 target = target.rpartition(".")[0]
             if target != name and target not in FACADE:
@@ -92,7 +95,7 @@ def test_no_import_from_a_later_stage():
 
 
 def test_no_import_cycles():
-    edges, state, stack, cycles = graph(), {}, [], []
+    edges, state, stack, cycles = graph(typing=True), {}, [], []
 
     def visit(node):
         state[node] = "open"
@@ -139,10 +142,26 @@ def test_the_architecture_page_names_every_package_and_only_those():
     assert named == packages, (named, packages)
 
 
-@pytest.mark.parametrize("old", sorted(__import__("sage_nn._compat").
-                                       _compat.MOVED))
-def test_old_module_paths_still_import(old):
+def test_no_module_aliases():
+    """A module has one path: no finder or alias module maps old names to new ones."""
+    assert not (PACKAGE / "_compat.py").exists()
+    finders = [type(f).__module__ for f in __import__("sys").meta_path]
+    import sage_nn  # noqa: F401
+
+    assert [type(f).__module__ for f in __import__("sys").meta_path] == finders
+    assert not [n for n in finders if n.startswith("sage_nn")]
+
+
+@pytest.mark.parametrize("package", sorted(n for n, p in modules().items()
+                                           if p.name == "__init__.py" and
+                                           "lazy_exports(" in p.read_text()))
+def test_lazy_names_come_from_public_modules_that_define_them(package):
+    """``sage_nn.model.tokenizer`` once named a script's global (running the script on
+    access): every lazy name must be defined by a public module of its package."""
     import importlib
 
-    module = importlib.import_module(f"sage_nn.{old}")
-    assert module.__name__.startswith("sage_nn.")
+    module = importlib.import_module(package)
+    wrong = [f"{name} -> {home}" for name, home in module.__getattr__.homes.items()
+             if home.startswith("_") or
+             name not in vars(importlib.import_module(f"{package}.{home}"))]
+    assert not wrong, wrong

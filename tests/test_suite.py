@@ -98,17 +98,33 @@ def test_a_suite_runs_each_task_trains_once_and_gates_the_task_the_model_cannot_
     assert tasks_table.loc["tiny-ioi", "accuracy"] == 1.0
     ds = suite.results
     assert list(ds.gated.values) == [False, False, True]
-    assert not ds.in_claims.sel(task="tiny-backwards").any()
+    # each task's own attributes, no NaN union: tiny-io has only io; a gated task none
+    assert ds.attribute.sel(task="tiny-io").values.tolist() == ["io"]
+    assert ds.attribute.sel(task="tiny-ioi").values.tolist() == ["io", "s"]
+    assert "tiny-backwards" not in ds.task.values
+    # the ceiling's and the floor's intervals and every k, as each run's evaluation.nc has
+    one = ds.sel(sae="topk-64", task="tiny-ioi", attribute="io")
+    run_io = suite.runs["tiny-ioi"].results.sel(attribute="io")
+    assert list(ds.k.values) == [1, 2]
+    for field, method in (("ceiling", "supervised"), ("floor", "random:topk-64")):
+        for k in (1, 2):
+            ci = run_io.edit_ci.sel(dictionary=method, k=k)
+            assert float(one[f"{field}_low"].sel(metric="edit", k=k)) == pytest.approx(
+                float(ci.sel(bound="low")), nan_ok=True)
+            assert float(one[f"{field}_high"].sel(metric="edit", k=k)) == pytest.approx(
+                float(ci.sel(bound="high")), nan_ok=True)
+    assert float(one.value.sel(metric="edit", k=1)) == pytest.approx(
+        float(run_io.edit.sel(dictionary="topk-64", k=1)), nan_ok=True)
     summary = (suite.report_dir / "summary.md").read_text()
     assert "| tiny-backwards | gated out |" in summary and "held-out accuracy" in summary
     assert "Higher is better" in summary and "What each task adds" in summary
 
     # the score is the mean over the attributes in claims of the mean gap closed
-    items = [(t, a) for t in ds.task.values for a in ds.attribute.values
-             if bool(ds.in_claims.sel(task=t, attribute=a))]
+    items = [(t, a) for t, a, c in zip(ds.task.values, ds.attribute.values,
+                                        ds.in_claims.values) if c]
     assert items, ds.reason.values
-    by_hand = np.mean([np.nanmean(ds.gap_closed.sel(sae="topk-64", task=t, attribute=a))
-                       for t, a in items])
+    by_hand = np.mean([np.nanmean(ds.gap_closed.sel(sae="topk-64", task=t, attribute=a,
+                                                    k=ds.edit_k)) for t, a in items])
     assert suite.aggregate.loc["topk-64", "score"] == pytest.approx(by_hand)
     assert suite.aggregate.loc["topk-64", "n_attributes"] == len(items)
     low, high = suite.aggregate.loc["topk-64", ["score_low", "score_high"]]
@@ -119,7 +135,11 @@ def test_a_suite_runs_each_task_trains_once_and_gates_the_task_the_model_cannot_
 
     table = pd.read_csv(root / "suite" / "suite.csv")
     assert set(table.task) == {"tiny-ioi", "tiny-io", "tiny-backwards"}
-    assert {"value", "ci_low", "ci_high", "ceiling", "floor", "gap_closed"} <= set(table.columns)
+    assert {"value", "ci_low", "ci_high", "ceiling", "ceiling_low", "ceiling_high", "floor",
+            "floor_low", "floor_high", "gap_closed", "k"} <= set(table.columns)
+    assert set(table[table.metric == "edit"].k) == {1, 2}
+    assert table[table.metric == "sufficiency"].k.isna().all()
+    assert not ((table.task == "tiny-io") & (table.attribute == "s")).any()
     doc = json.loads((suite.report_dir / "sage_nn_topk-64_eval_results.json").read_text())
     assert doc["eval_type_id"] == "sage_suite"
     assert doc["eval_result_metrics"]["aggregate"]["score"] == pytest.approx(by_hand)
@@ -144,7 +164,7 @@ def test_a_task_and_an_sae_added_later_compute_only_what_is_new(suite_setup, fir
 
     root, model, _ = suite_setup
     suite, tasks, _ = first_suite
-    before = suite.results.gap_closed.sel(sae="topk-64", task=["tiny-ioi", "tiny-io"]).copy()
+    before = suite.results.gap_closed.sel(sae="topk-64").values.copy()
     manifests = {n: json.loads((root / "suite" / n / "manifest.json").read_text())
                  for n in suite.runs}
     scored = {n: {p: p.stat().st_mtime_ns for p in (root / "suite" / n / "evaluation").glob(
@@ -166,35 +186,42 @@ def test_a_task_and_an_sae_added_later_compute_only_what_is_new(suite_setup, fir
         assert len(scored[name]) == 1 and all(p.stat().st_mtime_ns == t
                                               for p, t in scored[name].items())
     assert (more.report_dir / "score_vs_l0.png").exists()  # k=2 against k=32
-    again = more.results.gap_closed.sel(sae="topk-64", task=["tiny-ioi", "tiny-io"])
-    np.testing.assert_array_equal(again.values, before.values)
+    again = more.results.gap_closed.sel(sae="topk-64")
+    first_tasks = np.isin(again.task.values, ["tiny-ioi", "tiny-io"])
+    np.testing.assert_array_equal(again.values[first_tasks], before)
 
 
 def suite_of(gaps: dict, gated=(), out_of_claims=()):
     """A suite Dataset of the shape suite_dataset writes: ``gaps[sae][task]`` the gap
-    closed of every metric at the task's two attributes (floor 0, ceiling 1, value = gap,
-    intervals +-0.05)."""
+    closed of every metric at the task's two attributes at k = 2 (floor 0, ceiling 1,
+    value = gap, intervals +-0.05)."""
     import xarray as xr
 
+    from sage_nn.report.suite import item_index
     from sage_nn.report.tables import HEADLINE
 
     saes, tasks = list(gaps), list(next(iter(gaps.values())))
-    attributes, metrics = ["a", "b"], list(HEADLINE)
-    gap = np.array([[[[gaps[s][t] + 0.01 * i] * len(metrics) for i in range(len(attributes))]
-                     for t in tasks] for s in saes])
-    dims = ("sae", "task", "attribute", "metric")
-    in_claims = np.array([[(t, a) not in out_of_claims and t not in gated for a in attributes]
-                          for t in tasks])
+    items = [(t, a) for t in tasks for a in ("a", "b")]
+    metrics = list(HEADLINE)
+    gap = np.array([[[[gaps[s][t] + 0.01 * (a == "b")] for _ in metrics] for t, a in items]
+                    for s in saes])
+    dims = ("sae", "item", "metric", "k")
+    in_claims = np.array([(t, a) not in out_of_claims and t not in gated for t, a in items])
     value = gap  # floor 0, ceiling 1: the value is the gap closed
-    return xr.Dataset(
-        {"value": (dims, value), "ci_low": (dims, value - 0.05), "ci_high": (dims, value + 0.05),
-         "ceiling": (dims, np.ones_like(value)), "floor": (dims, np.zeros_like(value)),
-         "gap_closed": (dims, gap), "l0": (dims[:3], np.full(gap.shape[:3], 8.0)),
-         "in_claims": (dims[1:3], in_claims),
-         "reason": (dims[1:3], np.where(in_claims, "", "small effect")),
-         "gated": ("task", np.array([t in gated for t in tasks])),
-         "gate_reason": ("task", np.array(["no" if t in gated else "" for t in tasks]))},
-        coords={"sae": saes, "task": tasks, "attribute": attributes, "metric": metrics})
+    fields = {"value": value, "ci_low": value - 0.05, "ci_high": value + 0.05,
+              "ceiling": np.ones_like(value), "ceiling_low": np.ones_like(value),
+              "ceiling_high": np.ones_like(value), "floor": np.zeros_like(value),
+              "floor_low": np.zeros_like(value), "floor_high": np.zeros_like(value),
+              "gap_closed": gap}
+    return item_index(xr.Dataset(
+        {**{name: (dims, v) for name, v in fields.items()},
+         "l0": (dims[:2], np.full(gap.shape[:2], 8.0)), "in_claims": ("item", in_claims),
+         "reason": ("item", np.where(in_claims, "", "small effect")),
+         "gated": ("tasks", np.array([t in gated for t in tasks])),
+         "gate_reason": ("tasks", np.array(["no" if t in gated else "" for t in tasks]))},
+        coords={"sae": saes, "task": ("item", [t for t, _ in items]),
+                "attribute": ("item", [a for _, a in items]), "metric": metrics, "k": [2],
+                "tasks": tasks}).assign_attrs(edit_k=2))
 
 
 def test_an_sae_set_lists_the_training_of_every_task_sites():
@@ -245,8 +272,20 @@ def test_each_task_ranking_is_compared_with_the_other_tasks():
 
 
 def test_sage_suite_takes_tasks_not_task(capsys):
+    """Its help lists only the flags it takes, with the defaults it uses (a suite's corpus,
+    step cap and directory); --task and --dry-run, given anyway, say what to use."""
+    import re
+
     from sage_nn.cli import main
 
+    with pytest.raises(SystemExit):
+        main(["suite", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert not re.search(r"--task\b(?!s)", text) and "--dry-run" not in text
+    assert "--tasks TASK" in text
+    for default in ("(default: 600)", "(default: builtin+task@positions)",
+                    "(default: runs/suite)"):
+        assert default in text, default
     with pytest.raises(SystemExit) as exit_:
         main(["suite", "--task", "ioi"])
     assert exit_.value.code == 2
@@ -281,3 +320,43 @@ def test_sage_suite_lists_every_task_gated_out_and_scores_none(tmp_path, monkeyp
     assert not (tmp_path / "suite" / "tiny-ioi" / "discovery").exists()
     assert not (tmp_path / "cache" / "saes").exists()  # nothing trained
     assert "| tiny-ioi | gated out |" in (suite.report_dir / "summary.md").read_text()
+
+
+def test_the_prompt_budget_holds_for_the_built_in_text_and_an_unbalanced_mix_is_warned(
+        tmp_path):
+    """``--sae-task-prompts`` bounds the built-in text too (its first documents), so small
+    settings train on a small corpus; at the default budget the built-in text is whole and
+    named and hashed as before (cached SAEs stay valid). Task parts far apart in size (a
+    task that makes few distinct prompts) are warned about, with the fix."""
+    import dataclasses
+    import warnings
+
+    from sage_nn import tiny_random_model
+    from sage_nn.common.notes import SageWarning
+    from sage_nn.dictionaries.corpus import Text, corpus_hash, corpus_units, load_texts
+    from sage_nn.dictionaries.training import TrainConfig
+    from sage_nn.pipeline.resolve import sae_corpus
+
+    model = tiny_random_model("llama", seed=0)
+    (tmp_path / "big.yaml").write_text(TINY_TASK)
+    few = TINY_TASK.replace("name: tiny-ioi", "name: tiny-few").replace(
+        "names: [Mary, John, Alice, Bob, Tom, Anna]", "names: [Mary, John, Alice, Bob]")
+    (tmp_path / "few.yaml").write_text(few)
+    mixed = RunConfig(task=str(tmp_path / "big.yaml"), sae_corpus="builtin+task@positions",
+                      n_fit=4, n_eval=4, sae_task_prompts=200,
+                      corpus_tasks=[str(tmp_path / "big.yaml"), str(tmp_path / "few.yaml")])
+    with pytest.warns(SageWarning, match=r"unbalanced: task:tiny-ioi@positions\[\d+\], "
+                      r"task:tiny-few@positions\[\d+\].*fix: --sae-task-prompts \d+"):
+        sae_corpus(model, mixed)
+    builtin = sae_corpus(model, dataclasses.replace(mixed, sae_task_prompts=40))[0]
+    assert isinstance(builtin, Text) and builtin.capped() and len(builtin.texts()) == 40
+    whole = len(corpus_units(model, "builtin", TrainConfig()))
+    assert len(corpus_units(model, builtin, TrainConfig())) < whole / 2
+    assert corpus_hash(builtin) != corpus_hash("builtin")
+    default = Text("builtin", RunConfig().sae_task_prompts)
+    assert len(load_texts("builtin")) < RunConfig().sae_task_prompts
+    assert str(default) == "builtin" and corpus_hash(default) == corpus_hash("builtin")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SageWarning)  # one task: nothing to balance
+        sae_corpus(model, RunConfig(task=str(tmp_path / "big.yaml"), n_fit=4, n_eval=4,
+                                    sae_task_prompts=40))

@@ -12,7 +12,7 @@ from sage_nn.tasks.spec import TaskSpecError
 
 SHIPPED = ["agreement", "antonyms", "capitals", "greater_than", "ioi", "pronouns"]
 
-# A task over the tiny tokenizer's words (sage_nn.models.TINY_WORDS); 'Zed' and 'Quux'
+# A task over the tiny tokenizer's words (sage_nn.model.loading.TINY_WORDS); 'Zed' and 'Quux'
 # are not in that vocabulary, so they are not single tokens and must be dropped.
 TINY_SPEC = {
     "name": "tiny",

@@ -131,7 +131,7 @@ def test_transcoders_and_saes_are_not_mixed():
     from sage_nn.dictionaries.saes import SparseAutoencoder
     from sage_nn.evaluation.coders import DirectSAE, ReconstructedSAE
     from sage_nn.pipeline.config import RunConfig
-    from sage_nn.pipeline.stages import coder_for
+    from sage_nn.pipeline.resolve import coder_for
 
     tc = from_sae_lens(transcoder(1))
     sae = SparseAutoencoder(torch.zeros(D, 4), torch.zeros(4), torch.zeros(4, D),

@@ -30,7 +30,7 @@ __all__ = ["FormatError", "SAE_ARCHITECTURES", "REFUSED_ARCHITECTURES", "SAEArch
 @dataclass(frozen=True)
 class SAEArchitecture:
     """What sage_nn knows of one sae_lens inference architecture (``cfg.architecture()``):
-    the ``activation`` its encoder applies (:class:`sage_nn.saes.SparseAutoencoder` runs
+    the ``activation`` its encoder applies (:class:`~..dictionaries.saes.SparseAutoencoder` runs
     it), the ``tensors`` its weights file holds, whether it is a ``transcoder`` (reads one
     site, writes another of width ``d_out``) with a linear ``skip`` path, and whether its
     encoder is ``tied`` to its decoder (no ``W_enc`` stored)."""
@@ -43,7 +43,7 @@ class SAEArchitecture:
 
 
 _DICT = ("W_dec", "b_dec")
-#: SAE architectures sage_nn loads (:class:`sage_nn.saes.SparseAutoencoder`), by sae_lens's
+#: SAE architectures sage_nn loads (:class:`~..dictionaries.saes.SparseAutoencoder`), by sae_lens's
 #: name: every inference class of sae_lens 6.54 but :data:`REFUSED_ARCHITECTURES` ...
 SAE_ARCHITECTURES = {
     "standard": SAEArchitecture("relu", ("W_enc", "b_enc", *_DICT)),
@@ -84,7 +84,7 @@ def architecture_problem(arch: str) -> str | None:
             f"{', '.join(SAE_ARCHITECTURES)}")
 
 
-#: ... and those it trains (:mod:`sage_nn.training`), by sae_lens's training names.
+#: ... and those it trains (:mod:`sage_nn.dictionaries.training`), by sae_lens's training names.
 TRAINABLE = ("standard", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated",
              "transcoder", "skip_transcoder")
 #: the trainable transcoders (of an MLP, :mod:`sage_nn.dictionaries.transcoding`): whether

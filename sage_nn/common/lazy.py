@@ -25,4 +25,5 @@ def lazy_exports(package: str, homes: dict[str, str]) -> tuple[Callable, Callabl
     def __dir__() -> list[str]:
         return sorted(homes)
 
+    __getattr__.homes = homes  # what the package exports, for tests/test_layout.py
     return __getattr__, __dir__

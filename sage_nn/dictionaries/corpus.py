@@ -11,12 +11,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from .training import TrainConfig
 
 BUILTIN_CORPUS = Path(__file__).parents[1] / "data" / "smollm2_corpus.jsonl.gz"
 
@@ -85,6 +82,27 @@ class Prompts:
 
 
 @dataclass(frozen=True)
+class Text:
+    """A text source (``"builtin"``, a file or directory, ``hf:NAME``) of which at most
+    ``max_docs`` documents are read (the first ones): a run's prompt budget
+    (``sae_task_prompts``) applied to the built-in text too, so that small settings train on
+    a small corpus. Named and hashed as the source itself when the cap keeps every
+    document."""
+
+    source: str
+    max_docs: int | None = None
+
+    def texts(self) -> list[str]:
+        return load_texts(self.source)[:self.max_docs]
+
+    def capped(self) -> bool:
+        return self.max_docs is not None and self.max_docs < len(load_texts(self.source))
+
+    def __str__(self) -> str:
+        return f"{self.source}[:{self.max_docs} documents]" if self.capped() else self.source
+
+
+@dataclass(frozen=True)
 class Tokens:
     """One sequence to run, and the indices of the tokens whose activations to keep."""
 
@@ -128,7 +146,17 @@ def text_sources(source: Any) -> list:
     return [source]
 
 
-def corpus_units(model: Any, source: Any, cfg: "TrainConfig") -> list[torch.Tensor]:
+class UnitSettings(Protocol):
+    """What :func:`corpus_units` reads of a training config (a
+    :class:`~.training.TrainConfig` has them; named here so the corpus does not depend on
+    the trainer, which depends on it)."""
+
+    context_size: int  # tokens per chunk of text
+    task_prompts: int  # prompts drawn for a ``task:NAME`` source
+    seed: int
+
+
+def corpus_units(model: Any, source: Any, cfg: UnitSettings) -> list[torch.Tensor]:
     """The token sequences the model is run on: ``context_size`` chunks of corpus text,
     one sequence per prompt of a :class:`Prompts` (or ``task:NAME``) source."""
     units: list[torch.Tensor] = []
@@ -141,6 +169,8 @@ def corpus_units(model: Any, source: Any, cfg: "TrainConfig") -> list[torch.Tens
             ids = [torch.tensor(i) for i in model.tokenizer(list(part.texts))["input_ids"]]
             units += ids if part.positions is None else [
                 Tokens(i, keep) for i, keep in zip(ids, part.positions)]
+        elif isinstance(part, Text):
+            units += list(chunk_tokens(model, part.texts(), cfg.context_size))
         else:
             units += list(chunk_tokens(model, load_texts(part), cfg.context_size))
     return units
@@ -153,6 +183,10 @@ def corpus_hash(source: Any) -> str:
     if len(parts) > 1:
         return hashlib.sha256("+".join(corpus_hash(p) for p in parts).encode()).hexdigest()[:8]
     part = parts[0]
+    if isinstance(part, Text):  # as its source unless the cap drops documents
+        own = corpus_hash(part.source)
+        return hashlib.sha256(f"{own}:{part.max_docs}".encode()).hexdigest()[:8] \
+            if part.capped() else own
     if isinstance(part, Prompts):
         return hashlib.sha256(("\n".join(part.texts) + (
             "" if part.positions is None else repr(part.positions))).encode()).hexdigest()[:8]

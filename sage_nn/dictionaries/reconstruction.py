@@ -179,7 +179,7 @@ class ResidualReconstruction:
         """:meth:`run` over many prompts in batches, keeping one token per prompt
         (``positions``: an index per prompt, negative from the end): each site's values are
         ``[n_prompts, ...]`` and ``logits`` those of the last token. ``remote`` runs the
-        forwards elsewhere (see :mod:`sage_nn.remote`); only these rows come back."""
+        forwards elsewhere (see :mod:`sage_nn.model.remote`); only these rows come back."""
         return self.run_at_each([(prompts, positions, sites, with_codes)],
                                 batch_size=batch_size, remote=remote)[0]
 

@@ -42,7 +42,7 @@ could spend two of its k slots on it). The grid keeps ``resid_pre`` (layer 0's i
 embeddings) and drops ``L.resid_post`` whenever ``L+1.resid_pre`` is in the grid, so by
 default only the last block's ``resid_post`` (the stream that feeds the unembedding)
 remains. ``resid_pre`` is the name the rest of sage_nn keys residual SAEs by (the residual
-that feeds a layer's attention sites; :mod:`sage_nn.reconstruction` serves ``L.resid_post``
+that feeds a layer's attention sites; :mod:`..dictionaries.reconstruction` serves ``L.resid_post``
 from ``L+1.resid_pre``), so a residual site of a cross-section and the residual that feeds a
 sublayer site of the same layer resolve to one SAE.
 
@@ -171,7 +171,7 @@ class AttributionPatching:
 
     def fit(self, model: Any, dataset: Any, remote: Any = None) -> "AttributionPatching":
         """Score every grid site for every attribute of ``dataset``. ``remote`` runs the
-        forward and backward passes elsewhere (see :mod:`sage_nn.remote`)."""
+        forward and backward passes elsewhere (see :mod:`sage_nn.model.remote`)."""
         ad = adapter(model)
         kinds, layers, positions, attributes = self._grid(ad, dataset)
         if self.batch_size < 1:

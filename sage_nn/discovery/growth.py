@@ -299,7 +299,7 @@ def grow_cross_sections(model: Any, dataset: Any, scores: xr.Dataset,
     of at most ``max_sites`` sites that reaches ``target`` (ties: recovery closest to 1);
     when none does, the measured set of at most ``max_sites`` with the highest recovery.
     Its ``recovered`` is therefore always a measured joint patch, never an estimate. The
-    whole search is one kernel (:mod:`sage_nn.growth`): one request remotely, whatever the
+    whole search is one kernel (:mod:`sage_nn.discovery.growth`): one request remotely, whatever the
     number of attributes, and the counterfactual values never travel (with
     ``Remote.max_prompts``, each run is its own request instead). Each variant recomputes
     only the layers and tokens its patches can change (:func:`run_patched`), so late-layer

@@ -1,6 +1,6 @@
 """Discovery: where in the model each task attribute is computed.
 
-:mod:`sage_nn.attribution` scores every site of a grid per attribute; this module turns the
+:mod:`.attribution` scores every site of a grid per attribute; this module turns the
 scores into tables (:func:`ranked`, :func:`head_grid`) and cross-sections, checks them by
 exact patching (:func:`validate`) and plots them; :func:`discover` runs the whole stage.
 (``AttributionPatching``, ``load_scores`` and ``save_scores`` are importable from here too.)
@@ -8,7 +8,7 @@ exact patching (:func:`validate`) and plots them; :func:`discover` runs the whol
 A cross-section is a set of components (by default per-head ``z``) whose *joint* exact patch
 recovers a share of the attribute's total effect: :func:`grow_cross_sections` (the default of
 :func:`discover`) takes its candidates from attribution and decides by exact joint patching,
-in four model runs shared by every attribute, one request remotely (:mod:`sage_nn.growth`).
+in four model runs shared by every attribute, one request remotely (:mod:`.growth`).
 On SmolLM2 IOI (16 prompts) it finds io: 6 heads at END (L29.h1, L23.h7/h0/h2/h1/h4)
 recovering 0.63; s: 3 heads (L24.h5, L23.h0/h7) 0.66; order: L20.h0 alone, 2.6 (it
 overshoots the small total effect), in 18 s on 2 idle CPU cores. The top-|score| pick (:func:`select_cross_section`) stays available
@@ -134,7 +134,7 @@ def discover(model: Any, dataset: Any, config: DiscoveryConfig | None = None, *,
     (``cap_hit``) and which attributes ended with the same set (``same_as``).
 
     With ``out_dir``: ``scores.nc``, ``cross_sections.csv``, ``summary.json`` and the PNGs.
-    ``remote`` runs the model's passes elsewhere (see :mod:`sage_nn.remote`).
+    ``remote`` runs the model's passes elsewhere (see :mod:`sage_nn.model.remote`).
     """
     config = config or DiscoveryConfig()
     if config.top_k is not None and config.coverage is not None:

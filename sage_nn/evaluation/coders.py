@@ -55,7 +55,7 @@ class SiteCode:
     codes_fit: torch.Tensor | None = None
 
     def path(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The greedy edit's path up to ``k`` latents (:func:`sage_nn.metrics.greedy_path`):
+        """The greedy edit's path up to ``k`` latents (:func:`.metrics.greedy_path`):
         its first ``k'`` steps are the edit at every ``k' <= k``."""
         return metrics.greedy_path(self.a, self.codes, self.codes_cf, self.directions,
                                    self.a_cf, k, self.scale)
@@ -73,7 +73,7 @@ def supervised_code(dictionary: MSEDictionary, a, attrs, a_cf, attrs_cf, a_fit,
 
 
 def floor_code(code: SiteCode, a_fit: torch.Tensor, seed: int) -> SiteCode:
-    """The floor of a dictionary at one pair (:class:`sage_nn.floor.RandomDictionary`): as
+    """The floor of a dictionary at one pair (:class:`~..dictionaries.floor.RandomDictionary`): as
     many latents as ``code`` has, random unit directions at the site, and ``code``'s mean
     L0 on the fit prompts, the best sparse codes over those directions around the fit mean."""
     n_latents = code.codes.shape[1]
@@ -184,7 +184,7 @@ class ReconstructedSAE:
         return [] if site.kind in RESID_KINDS or self._linear(site) else [self._feed(model, pair)]
 
     def _linear(self, site: Site) -> bool:
-        """Whether ``site``'s codes follow from the clean run (:mod:`sage_nn.reads`)."""
+        """Whether ``site``'s codes follow from the clean run (:mod:`sage_nn.model.reads`)."""
         return self.mode == "input" and site.kind not in RESID_KINDS and site.kind != "mlp_out"
 
     def jobs(self, model, pairs) -> list:

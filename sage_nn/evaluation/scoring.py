@@ -90,8 +90,8 @@ def evaluate_cross_section(
     The forwards follow the data dependencies, whatever the number of attributes, SAEs and
     ``k``: one read of the fit prompts (the dictionaries are fitted on them), the held-out
     and the counterfactual prompts, whose forwards also compute every SAE's codes at the
-    sites (:mod:`sage_nn.reads`), then one batched run
-    of every patched variant (:func:`sage_nn.interventions.run_patched`). Remotely each is
+    sites (:mod:`sage_nn.model.reads`), then one batched run
+    of every patched variant (:func:`sage_nn.model.patching.run_patched`). Remotely each is
     one request (the read is several when ``Remote.max_prompts`` caps the rows). MLP sites
     reached through a reconstruction add that reconstruction's forwards.
 
@@ -347,7 +347,7 @@ def _variants(test, cs, codes_by_method, fitted, a_train, clean, a_cf, keep, ks)
     """One attribute's patched variants over all ``test`` prompts, as ``([(name, patches)],
     edit magnitudes)``: mean-ablated, counterfactual-patched, and per method its
     reconstruction (sufficiency), mean + error (necessity), greedy edits and F1 edits
-    (``fitted``: each method's :func:`sage_nn.metrics.latent_f1` per pair). Rows outside
+    (``fitted``: each method's :func:`sage_nn.evaluation.metrics.latent_f1` per pair). Rows outside
     ``keep`` (the attribute's scored prompts) are written their clean values: unchanged."""
     positions = {pos: test.positions[pos] for _, pos in cs.pairs}
     attribute = cs.attribute
@@ -394,7 +394,7 @@ def _variants(test, cs, codes_by_method, fitted, a_train, clean, a_cf, keep, ks)
 
 def _edits(clean, keep, code: SiteCode, chosen, coefs, ks) -> dict[int, Any]:
     """One pair's edits at every k over all test prompts (the rows outside ``keep`` moved
-    by nothing). Sparse (:class:`~sage_nn.interventions.LatentEdit`: the clean values once,
+    by nothing). Sparse (:class:`~sage_nn.model.patching.LatentEdit`: the clean values once,
     the directions the path uses once, at most k moves a row) where that is fewer bytes
     than dense values (wide sites whose edits share latents across prompts); dense
     otherwise."""

@@ -191,7 +191,7 @@ def collect(
     a prompt's end. ``coords`` (a table, one row per prompt) becomes prompt coordinates.
     ``store`` (``.zarr`` or ``.nc``) writes to disk and returns the lazily reopened store;
     zarr is written batch by batch so it may exceed memory. ``remote`` runs the traces
-    elsewhere (see :mod:`sage_nn.remote`): full activations are then downloaded.
+    elsewhere (see :mod:`sage_nn.model.remote`): full activations are then downloaded.
     """
     prompts, positions, coords = _as_prompt_set(prompts, positions, coords)
     ad = adapter(model)

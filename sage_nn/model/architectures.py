@@ -214,7 +214,7 @@ def _probe(hf: torch.nn.Module, layers: str, attn: str, parts: dict, mlp: str) -
     def hook(name):
         def record(module, args, kwargs, output):
             first = args[0] if args else next(iter(kwargs.values()), None)
-            seen[name] = (first, output, kwargs)
+            seen.setdefault(name, (first, output, kwargs))  # the first forward's
         return record
 
     named = {"block": block, "attn": getattr(block, attn), "mlp": getattr(block, mlp),
@@ -236,6 +236,13 @@ def _probe(hf: torch.nn.Module, layers: str, attn: str, parts: dict, mlp: str) -
             hf.set_attn_implementation("eager")  # so the attention returns its pattern
         with torch.no_grad():
             hf(input_ids=ids.to(next(hf.parameters()).device))
+            if isinstance(seen["block"][1], (tuple, list)) and len(seen["block"][1]) > 1:
+                # a skipped layer's output is its residual stream alone (SiteAdapter.skip)
+                handles.append(block.register_forward_hook(lambda m, a, out: (out[0],)))
+                try:
+                    hf(input_ids=ids.to(next(hf.parameters()).device))
+                except Exception as err:  # noqa: BLE001 - the reason is what the model says
+                    seen["cut"] = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
     finally:
         for h in handles:
             h.remove()
@@ -345,7 +352,12 @@ def derive(hf: torch.nn.Module) -> Architecture:
     pattern = seen["attn"][1][1] if arch["attn_tuple"] and len(seen["attn"][1]) > 1 else None
     arch["qkv"] = _check_heads(seen, arch, pattern, candidates=[layout] if layout else
                                ["blocks", "grouped"])
+    if "cut" in seen:  # Kolibri 1.1's layers hand the next one an indexer's pool too
+        raise UnsupportedArchitectureError(f"its layers ({type(blocks[0]).__name__}) pass "
+            "the next layer more than the residual stream, which patched runs cannot carry "
+            f"when they skip layers (cut to it, the forward fails: {seen['cut']})")
     return Architecture(**arch)
+
 
 
 def channel_index(arch: Architecture | dict, kind: str) -> torch.Tensor:

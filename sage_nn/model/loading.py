@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,9 +170,9 @@ def load_model(
             from nnsight.modeling import huggingface
 
             huggingface._ID_CACHE[name] = name
-        # the tokenizer given: nnsight's meta load cannot infer it for text generation
-        model = TransformersModel(name, task="text-generation",
-                                  tokenizer=AutoTokenizer.from_pretrained(name))
+        with quiet_loading():  # the tokenizer given: nnsight's meta load cannot infer it
+            model = TransformersModel(name, task="text-generation",
+                                      tokenizer=AutoTokenizer.from_pretrained(name))
         configure_tokenizer(model.tokenizer)
         return model
 
@@ -189,12 +190,29 @@ def load_model(
         check_supported(hf.config, str(name))
     else:
         check_supported(AutoConfig.from_pretrained(source), str(name))
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto")
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        with quiet_loading():
+            hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto")
+            tokenizer = AutoTokenizer.from_pretrained(source)
     if dtype is not None:
         hf = hf.to(dtype)
     hf.config._name_or_path = str(name)
     return wrap(hf.to(device).eval(), tokenizer)
+
+
+@contextmanager
+def quiet_loading():
+    """transformers' progress bars off while a converted or saved model loads (a second or
+    two: "Loading weights" on every command says nothing); on where loading is slow, the
+    first conversion of a GGUF file (:func:`embedded_dir`, :func:`_load_gguf`)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def wrap(hf_model: torch.nn.Module, tokenizer: Any) -> Any:

@@ -77,6 +77,8 @@ class Request:
     stage: str = ""
     wire_up: int | None = None
     wire_down: int | None = None
+    #: a dry run's request: the chunks it would send (the plan lists what they hold)
+    carried: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -297,7 +299,7 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
             remote.requests.append(Request(
                 stage, sum(map(_size, group)),
                 sum(x["input_ids"].numel() for chunk in group for x in _inputs(chunk)),
-                payload_bytes(group), down, 0.0, remote.stage))
+                payload_bytes(group), down, 0.0, remote.stage, carried=group))
         raise Planned(stage)
     register()
     if not remote.blocking:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,59 @@ def evaluation_file(name: str) -> str:
     from ..report.saebench import safe_name
 
     return f"evaluation/{safe_name(name)}-{hashlib.sha256(name.encode()).hexdigest()[:8]}.nc"
+
+
+def evaluation_files(saes: dict) -> list[str]:
+    """The files of an evaluation in the run directory: the shared part and each SAE's."""
+    return [f"evaluation/{SHARED_EVALUATION}.nc", *map(evaluation_file, saes)]
+
+
+def evaluate_cached(root: Path, settings: str, saes: dict,
+                    evaluate: Callable[[dict, bool], xr.Dataset]) -> None:
+    """Score what ``root/evaluation/`` lacks and merge the run's parts into
+    ``evaluation.nc`` (with discovery's facts per attribute).
+
+    ``evaluation/shared.nc`` holds the supervised ceiling and what every SAE shares
+    (clean, mean, counterfactual runs: edit baseline, ground truth), keyed by ``settings``;
+    ``evaluation/<SAE>.nc`` each SAE and its floor, keyed by the settings and the SAE's
+    weights (``evaluation/index.json``). Only the SAEs without a fresh file are scored,
+    all in one ``evaluate(saes, ceiling)``; ``evaluation.nc`` merges the run's SAEs in
+    their order, so a removed SAE is left out."""
+    from ..common.io import read_netcdf, sha256, write_atomic, write_netcdf
+
+    (root / "evaluation").mkdir(exist_ok=True)
+    index_path = root / "evaluation" / "index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    files = {SHARED_EVALUATION: f"evaluation/{SHARED_EVALUATION}.nc",
+             **{name: evaluation_file(name) for name in saes}}
+    keys = {SHARED_EVALUATION: settings,
+            **{name: f"{settings},{sae_fingerprint(coder)}" for name, coder in saes.items()}}
+
+    def fresh(name: str) -> bool:
+        record, path = index.get(files[name]), root / files[name]
+        return bool(record) and record["key"] == keys[name] and path.exists() and \
+            sha256(path) == record["sha256"]
+
+    shared_missing = not fresh(SHARED_EVALUATION)
+    missing = [name for name in saes if not fresh(name)]
+    log.info("evaluation: %s%d of %d SAEs to score", "ceiling and " if shared_missing
+             else "", len(missing), len(saes))
+    if shared_missing or missing:
+        results = evaluate({name: saes[name] for name in missing}, shared_missing)
+        scored = ([SHARED_EVALUATION] if shared_missing else []) + missing
+        for name in scored:
+            sae = None if name == SHARED_EVALUATION else name
+            write_netcdf(evaluation_part(results, sae), root / files[name])
+            index[files[name]] = {"sae": sae, "key": keys[name],
+                                  "sha256": sha256(root / files[name])}
+            write_atomic(index_path, json.dumps(index, indent=2))
+    merged = merge_evaluation(read_netcdf(root / files[SHARED_EVALUATION]),
+                              [read_netcdf(root / files[name]) for name in saes])
+    write_netcdf(with_discovery(merged, root / "discovery" / "summary.json"),
+                 root / "evaluation.nc")
 
 
 def sae_fingerprint(coder: Any) -> str:

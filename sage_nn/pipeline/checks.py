@@ -20,6 +20,8 @@ from ..common.formats import (
 from ..dictionaries.releases import hub_offline
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+#: a tokenizer saved by save_pretrained holds at least one of these
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def model_problems(name: str, on_server: bool = False) -> list[str]:
@@ -74,7 +76,12 @@ def model_config(name: Any, on_server: bool = False) -> tuple[list[str], Any]:
             return [f"model {name!r}: not a HuggingFace model directory (no config.json); "
                     "fix: give a directory written by save_pretrained, a .gguf file, or a "
                     "hub id"], None
-        problem = model_weights_problem(path)
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            return [f"model {name!r}: the model directory holds no tokenizer (the task's "
+                    "prompts are built with it here); fix: save the model's tokenizer there "
+                    "(AutoTokenizer.from_pretrained(ID).save_pretrained(DIR))"], None
+        # on a server the weights are there: a config and a tokenizer plan and drive a run
+        problem = None if on_server else model_weights_problem(path)
         if problem:
             return [f"model {name!r}: the model directory {problem}; fix: save it again with "
                     "save_pretrained, or give another model"], None

@@ -55,7 +55,8 @@ class RunConfig:
     # file/dir, "hf:NAME", or a mix ("builtin+task"). SAEs trained on the stories fall below
     # the random floor on IOI (tests/test_calibration.py), so the task is the default.
     sae_corpus: str = "task@positions"
-    sae_task_prompts: int = 2048  # prompts drawn for a task corpus
+    sae_task_prompts: int = 2048  # prompts drawn for a task corpus (and, at most, documents
+                                  # read of the built-in text: small settings, small corpus)
     # The tasks whose prompts a "task" part of sae_corpus draws (each minus its own fit and
     # eval prompts at this seed and size); default: the run's task. A suite names all its
     # tasks, so one set of SAEs is trained for every task and is nobody's task-specific SAE.

@@ -25,25 +25,13 @@ from typing import Any
 import numpy as np
 
 from .config import RunConfig, remote_of, run_prompts, select_kinds_of
-
-#: Bytes a request carries besides its tensors, up and down: the kernels' code (sage_nn
-#: ships by value) and the framing of each object; measured on serialized requests by
-#: benchmarks/remote.py (the largest seen, 251 kB up with 8 SAEs' edits, rounded up).
-CODE_BYTES = (260_000, 20_000)
-
-
-@dataclass
-class PlannedRequest:
-    """One request a run would send: its stage, kernel, prompt rows and tensor bytes up and
-    down; ``estimated``: from sizes, as it depends on an earlier request's results."""
-
-    stage: str
-    kernel: str
-    rows: int
-    up: int
-    down: int
-    estimated: bool = False
-
+from .planned import (
+    CODE_BYTES,
+    PlannedRequest,
+    carried,
+    later_evaluation_requests,
+    validation_requests,
+)
 
 @dataclass
 class Plan:
@@ -57,12 +45,13 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     def totals(self, stage: str | None = None, code: bool = True) -> tuple[int, int]:
-        """Bytes up and down of ``stage``'s requests (all with ``None``), with each
-        request's :data:`CODE_BYTES` unless ``code=False``."""
+        """Bytes up and down of ``stage``'s requests (all with ``None``): the sums of their
+        rows' :attr:`~PlannedRequest.total_up` / ``total_down``, or of their tensors alone
+        with ``code=False``."""
         chosen = [r for r in self.requests if stage in (None, r.stage)]
-        extra = len(chosen) if code else 0
-        return (sum(r.up for r in chosen) + extra * CODE_BYTES[0],
-                sum(r.down for r in chosen) + extra * CODE_BYTES[1])
+        if not code:
+            return sum(r.up for r in chosen), sum(r.down for r in chosen)
+        return sum(r.total_up for r in chosen), sum(r.total_down for r in chosen)
 
     def requests_per_stage(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -73,29 +62,43 @@ class Plan:
     def to_dict(self) -> dict:
         up, down = self.totals()
         return {"model": self.model, "transport": self.transport,
-                "requests": [asdict(r) for r in self.requests], "placements": self.placements,
+                "requests": [{**asdict(r), "total_up": r.total_up, "total_down": r.total_down}
+                             for r in self.requests], "placements": self.placements,
                 "requests_per_stage": self.requests_per_stage(), "total_up_bytes": up,
                 "total_down_bytes": down, "code_bytes_per_request": list(CODE_BYTES),
                 "notes": self.notes}
 
     def lines(self) -> list[str]:
-        """The plan as a reader reads it: one line per request and per stage, the total,
-        where each SAE would be encoded, and the assumptions."""
-        mb = lambda n: f"{n / 1e6:10.2f}"  # noqa: E731
+        """The plan as a reader reads it: one row per request (its prompt rows and tokens,
+        bytes up as tensors + code = total, bytes down with code) and under it what it
+        carries (its tensors by what they are, its sites); each stage's and the run's
+        totals, which are the sums of those rows; where each SAE would be encoded, and the
+        assumptions."""
+        mb = lambda n: f"{n / 1e6:.2f}"  # noqa: E731
         out = [f"dry run: {self.model}, transport {self.transport}; nothing was sent",
-               f"{'stage':<12}{'request':<14}{'rows':>7}{'up MB':>11}{'down MB':>11}"]
-        for r in self.requests:
-            out.append(f"{r.stage:<12}{r.kernel + ('*' if r.estimated else ''):<14}"
-                       f"{r.rows:>7}{mb(r.up)}{mb(r.down)}")
-        for stage, n in self.requests_per_stage().items():
+               f"each request carries {mb(CODE_BYTES[0])} MB up and {mb(CODE_BYTES[1])} MB "
+               "down of code and framing besides its tensors",
+               f"{'stage':<12}{'request':<14}{'rows':>7}{'tokens':>9}{'tensors up':>12}"
+               f"{'+ code':>8}{'= up MB':>9}{'down MB':>9}"]
+        for stage in self.requests_per_stage():
+            mine = [r for r in self.requests if r.stage == stage]
+            for r in mine:
+                out.append(f"{r.stage:<12}{r.kernel + ('*' if r.estimated else ''):<14}"
+                           f"{r.rows:>7}{r.tokens:>9}{mb(r.up):>12}{mb(CODE_BYTES[0]):>8}"
+                           f"{mb(r.total_up):>9}{mb(r.total_down):>9}")
+                what = ", ".join(f"{k} {mb(v)} MB" for k, v in r.tensors.items())
+                if what:
+                    out.append(f"    carries: {what}")
+                if r.sites:
+                    shown = ", ".join(r.sites[:12]) + (f", ... ({len(r.sites)} sites)"
+                                                       if len(r.sites) > 12 else "")
+                    out.append(f"    sites: {shown}")
             up, down = self.totals(stage)
-            out.append(f"{stage}: {n} request{'s' * (n > 1)}, {up / 1e6:.2f} MB up, "
-                       f"{down / 1e6:.2f} MB down")
+            out.append(f"{stage}: {len(mine)} request{'s' * (len(mine) > 1)}, {mb(up)} MB "
+                       f"up, {mb(down)} MB down (the sum of its rows)")
         up, down = self.totals()
-        out.append(f"total: {len(self.requests)} requests, {up / 1e6:.2f} MB up, "
-                   f"{down / 1e6:.2f} MB down ({up / 1e9 + down / 1e9:.3f} GB; with "
-                   f"{CODE_BYTES[0] / 1e6:.2f} + {CODE_BYTES[1] / 1e6:.2f} MB of code and "
-                   "framing a request)")
+        out.append(f"total: {len(self.requests)} requests, {mb(up)} MB up, {mb(down)} MB down "
+                   f"({up / 1e9 + down / 1e9:.3f} GB)")
         if self.placements:
             out.append("where the evaluation's read encodes each SAE (the bytes of encoding "
                        "on the server, or here, where the residual rows a layer's SAEs read "
@@ -126,8 +129,11 @@ def plan_run(config: RunConfig, *, model: Any = None, cross_sections: dict | Non
     ``model``: the model (any, e.g. a configuration built on the meta device; default:
     ``config.model`` loaded without weights). ``cross_sections``: ``{attribute: [(site,
     position), ...]}`` (default: the run directory's discovery, else an assumed upper
-    bound, said in the notes). ``saes``: ``{name: coder or SAEs}`` (default: the run's
-    ``--sae`` values, as SAEs of their configs' shapes on the meta device).
+    bound at sites the SAEs serve, said in the notes). ``saes``: ``{name: SAE, list of
+    SAEs, or coder}``, e.g. ``{"mine": meta_sae(8192, 65536, "L40.resid_pre")}`` (a bare
+    SAE or list is evaluated as a run evaluates a ``--sae``: residual SAEs through the
+    reconstruction, others at their sites; default: the run's ``--sae`` values, as SAEs
+    of their configs' shapes on the meta device).
     """
     from ..discovery.stage import discover
     from ..evaluation.coders import CrossSection
@@ -160,11 +166,17 @@ def plan_run(config: RunConfig, *, model: Any = None, cross_sections: dict | Non
             compute()
         except Planned:
             pass
-        planned.extend(PlannedRequest(name, r.kernel, r.rows, r.up, r.down)
-                       for r in remote.requests[first:])
+        for r in remote.requests[first:]:
+            sites, tensors = carried(r)
+            planned.append(PlannedRequest(name, r.kernel, r.rows, r.up, r.down,
+                                          tokens=r.tokens, sites=sites, tensors=tensors))
 
     stage("task", lambda: logit_diffs(model, held_out, config.batch_size, remote=remote))
-    restriction = served_restriction(config, model)
+    if saes is None:
+        restriction = served_restriction(config, model)
+    else:  # discovery and the assumed cross-sections where the given SAEs serve
+        saes = {name: as_coder(value, config) for name, value in saes.items()}
+        restriction = given_restriction(config, model, saes)
     settings = discovery_settings(config, attributes, restriction)
     prompts = fit.subset(np.arange(min(config.n_discovery, len(fit))))
     stage("discovery", lambda: discover(model, prompts, settings, remote=remote))
@@ -172,14 +184,16 @@ def plan_run(config: RunConfig, *, model: Any = None, cross_sections: dict | Non
     if config.top_k is None:
         planned.append(PlannedRequest("discovery", "grow", scored.rows, scored.up,
                                       4 * 8 * len(attributes) * (config.max_sites + 1),
-                                      estimated=True))
+                                      estimated=True, tokens=scored.tokens,
+                                      sites=scored.sites, tensors=dict(scored.tensors)))
     else:
-        planned += _validation_requests(model, prompts, attributes, restriction, config)
+        planned += validation_requests(model, prompts, attributes, restriction, config)
     pairs = cross_sections or stored_cross_sections(config)
     if pairs is None:
         pairs = assumed_cross_sections(config, model, held_out, attributes, restriction)
+        n_sites = len(next(iter(pairs.values())))
         notes.append("cross-sections assumed (discovery has not run): each attribute "
-                     f"{len(next(iter(pairs.values())))} sites of kind "
+                     f"{n_sites} site{'s' * (n_sites > 1)} of kind "
                      f"{next(iter(pairs.values()))[0][0].kind} at the last token, each in "
                      "its own layer (the most the read can need)")
     pairs = {a: [(Site.parse(s), str(p)) for s, p in ps] for a, ps in pairs.items()}
@@ -188,7 +202,7 @@ def plan_run(config: RunConfig, *, model: Any = None, cross_sections: dict | Non
     stage("evaluation", lambda: evaluate_cross_section(
         model, fit, held_out, sections, coders, ks=config.ks, n_boot=config.n_boot,
         seed=config.seed, batch_size=config.batch_size, remote=remote))
-    planned += _later_evaluation_requests(model, held_out, sections, coders, config)
+    planned += later_evaluation_requests(model, held_out, sections, coders, config)
     notes.append("the patched runs' greedy and F1 edits are planned dense (an upper bound: "
                  "each is sent as sparse moves where that is fewer bytes)")
     if remote.payload_budget is not None:
@@ -204,9 +218,43 @@ def _under_limit(planned: list, budget: int) -> list:
     out = []
     for r in planned:
         n = max(1, -(-r.up // budget)) if r.estimated else 1
-        out += [replace(r, rows=-(-r.rows // n), up=-(-r.up // n), down=-(-r.down // n))
+        out += [replace(r, rows=-(-r.rows // n), tokens=-(-r.tokens // n), up=-(-r.up // n),
+                        down=-(-r.down // n),
+                        tensors={what: -(-size // n) for what, size in r.tensors.items()})
                 for _ in range(n)]
     return out
+
+def as_coder(value: Any, config: RunConfig) -> Any:
+    """A plan's ``saes=`` value as the run evaluates it: a coder as it is; an SAE or a list
+    of them as :func:`~sage_nn.pipeline.resolve.coder_for` makes one of a ``--sae``."""
+    from .resolve import coder_for
+
+    if hasattr(value, "serves"):
+        return value
+    return coder_for(list(value) if isinstance(value, (list, tuple)) else [value], False,
+                     config)
+
+
+def given_restriction(config: RunConfig, model: Any, coders: dict) -> Any:
+    """:func:`~sage_nn.pipeline.specs.discovery_restriction` for the SAEs a plan is given
+    (read from the SAEs themselves, not from ``config.saes``)."""
+    from ..dictionaries.serving import TRANSCODER_PREFIX
+    from ..model.sites import adapter
+    from .specs import UnservableRunError, discovery_restriction
+    from .validate import InvalidRunError
+
+    def site(sae) -> str:
+        heads = sae.heads or []
+        name = f"L{sae.layer}.{sae.kind}" + (f".h{heads[0]}" if len(heads) == 1 else "")
+        return TRANSCODER_PREFIX + name if getattr(sae, "transcoder", False) else name
+
+    ad = adapter(model)
+    sites = {name: [site(s) for s in coder.saes] for name, coder in coders.items()}
+    try:
+        return discovery_restriction(replace(config, saes=list(coders)), ad.n_layers,
+                                     ad.parallel, spec_sites=sites)
+    except UnservableRunError as err:
+        raise InvalidRunError([str(err)]) from None
 
 
 def meta_model(name: str) -> Any:
@@ -246,10 +294,14 @@ def assumed_cross_sections(config: RunConfig, model: Any, data: Any, attributes:
 
 def meta_sae(d_in: int, d_sae: int, site: Any, architecture: str = "topk",
              k: int | None = 32) -> Any:
-    """An SAE of these shapes on the meta device (no memory): what a plan needs of it."""
+    """An SAE of these shapes on the meta device (no memory): what a plan needs of it.
+    ``site``: a :class:`~sage_nn.model.sites.Site`, ``"L40.resid_pre"`` or a hook name."""
     import torch
 
     from ..dictionaries.saes import SparseAutoencoder
+    from ..model.sites import Site
+
+    site = Site.parse(site) if isinstance(site, str) else site
 
     with torch.device("meta"):
         extra = {"threshold": torch.empty(d_sae)} if architecture == "jumprelu" else {}
@@ -336,78 +388,3 @@ def _configured_saes(spec: str, config: RunConfig, notes: list[str]) -> list:
     return out
 
 
-def _later_evaluation_requests(model, data, sections, coders, config) -> list:
-    """The evaluation's requests after its read, from sizes: the patched runs of every
-    variant (per attribute: mean and counterfactual; per dictionary, the ceiling, each SAE
-    and its floor: sufficiency, necessity and, where it has directions, greedy and F1
-    edits at each k), and the second forward of sublayer sites without directions
-    (mlp_out, difference mode), where there are any."""
-    import torch
-
-    from ..model.activations import batches, encode
-    from ..model.sites import adapter
-
-    ad = adapter(model)
-    size, n = getattr(torch, config.remote_transport).itemsize, len(data)
-    inputs, n_batches = 0, 0  # tokens, mask, positions (int64), answer and distractor ids
-    for idx in batches(n, config.batch_size):
-        n_batches += 1
-        batch = encode(model, [data.prompts[i] for i in idx])
-        inputs += 3 * batch.inputs["input_ids"].numel() * 8 + 2 * len(idx) * 8
-    edits, variants, values, nonlinear = 2 * len(config.ks), 0, 0, []
-    for cs in sections:
-        count = 2 + (2 + edits)  # mean, counterfactual; the ceiling
-        for coder in coders.values():
-            missing = [(s, p) for s, p in cs.pairs if _without_directions(coder, s)]
-            count += 2 * (2 + (0 if missing else edits))  # the SAE and its floor
-            nonlinear += missing
-        variants += count  # each patches every pair: a value and a row and column index,
-        # and in each batch at most one channel index (int64) a channel
-        values += count * sum(n * (ad.width(s.kind) * size + 16) + n_batches * ad.width(
-            s.kind) * 8 for s, _ in cs.pairs)
-    out = [PlannedRequest("evaluation", "patch", n, inputs + values, n * (1 + variants) * 16,
-                          estimated=True)]
-    if nonlinear:  # held-out and counterfactual prompts, clean and scratch rows
-        saes = sum(int(p.numel()) * 4 for c in coders.values()
-                   for sae in getattr(c, "saes", []) for p in sae.parameters())
-        rows = 2 * n * len({p for _, p in nonlinear})
-        down = rows * (ad.config.vocab_size + 2 * len({s for s, _ in nonlinear}) * ad.d_model)
-        out.append(PlannedRequest("evaluation", "reconstruct", rows, 2 * inputs + saes,
-                                  4 * down, estimated=True))
-    return out
-
-
-def _validation_requests(model, data, attributes, restriction, config) -> list:
-    """The top-k selections' exact patching, from sizes (:func:`~sage_nn.discovery.
-    selection.validate_all`, three requests): the counterfactual values at every selected
-    site, every site and all of them patched, the counterfactual prompts' logit
-    differences; each site as wide as the widest selectable kind."""
-    import torch
-
-    from ..model.activations import batches, encode
-    from ..model.sites import adapter
-
-    ad = adapter(model)
-    size, n, A, K = getattr(torch, config.remote_transport).itemsize, len(data), \
-        len(attributes), config.top_k
-    width = max(ad.width(k) for k in (restriction[1] if restriction else
-                                      select_kinds_of(config)))
-    inputs, n_batches = 0, 0  # tokens, mask, positions (int64), answer and distractor ids
-    for idx in batches(n, config.batch_size):
-        n_batches += 1
-        batch = encode(model, [data.prompts[i] for i in idx])
-        inputs += 3 * batch.inputs["input_ids"].numel() * 8 + 2 * len(idx) * 8
-    cf_inputs = 2 * A * inputs  # counterfactuals may tokenize longer: twice, to be safe
-    pair = n * (width * size + 16) + n_batches * width * 8  # one patch of one site
-    return [PlannedRequest("discovery", "read", A * n, cf_inputs,  # all sites, every set
-                           A * n * A * K * width * size, estimated=True),
-            PlannedRequest("discovery", "patch", n, inputs + A * 2 * K * pair,
-                           n * (1 + A * (K + 1)) * 16, estimated=True),
-            PlannedRequest("discovery", "patch", A * n, cf_inputs, A * n * 16, estimated=True)]
-
-
-def _without_directions(coder: Any, site: Any) -> bool:
-    """Whether a coder reaches ``site`` without per-latent directions (no edits there)."""
-    mode = getattr(coder, "mode", None)
-    return mode is not None and site.kind not in ("resid_pre", "resid_mid", "resid_post") and (
-        mode == "difference" or site.kind == "mlp_out")

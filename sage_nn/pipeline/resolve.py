@@ -8,13 +8,22 @@ import json
 import logging
 import os
 import shutil
+import warnings
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..common.notes import SageWarning
 from ..dictionaries.serving import residual_key
 from .config import RunConfig, run_prompts
-from .specs import train_options, train_spec
+from .specs import (
+    at_sites,
+    expand_sae_specs,
+    train_group,
+    train_options,
+    train_spec,
+    trained_sites,
+)
 
 if TYPE_CHECKING:  # xarray loads where a stage reads or writes a Dataset (not for --help)
     pass
@@ -28,11 +37,15 @@ def sae_corpus(model: Any, config: RunConfig) -> list:
     """``config.sae_corpus`` as training sources: each ``task`` part becomes prompts of
     each of ``config.corpus_tasks`` (default: the run's task) drawn at another seed, minus
     every prompt (and counterfactual) a run of that task fits and evaluates on, so the SAEs
-    never see an evaluation's prompts. Built once per tokenizer and settings (a suite asks
-    for the same corpus from every task's run; prompts depend on the tokenizer only)."""
-    from ..dictionaries.corpus import task_prompts, text_sources
+    never see an evaluation's prompts; the built-in text is read up to
+    ``config.sae_task_prompts`` of its documents (the same budget: small settings train
+    on a small corpus). A mix whose task parts are far apart in size is warned about
+    (:func:`balance_note`). Built once per tokenizer and settings (a suite asks for the same
+    corpus from every task's run; prompts depend on the tokenizer only)."""
+    from ..dictionaries.corpus import Text, task_prompts, text_sources
 
-    parts = text_sources(config.sae_corpus)
+    parts = [Text(p, config.sae_task_prompts) if p == "builtin" else p
+             for p in text_sources(config.sae_corpus)]
     if not set(parts) & set(TASK_CORPORA):
         return parts
     tasks = list(config.corpus_tasks or [config.task])
@@ -54,7 +67,31 @@ def sae_corpus(model: Any, config: RunConfig) -> list:
                     named_positions=where == "task@positions")
         memo[key] = [s for p in parts for s in (
             [drawn[t, p] for t in tasks] if p in TASK_CORPORA else [p])]
+        note = balance_note(memo[key], config)
+        if note:
+            warnings.warn(SageWarning(note, key="unbalanced corpus"), stacklevel=2)
     return list(memo[key])
+
+
+#: a task part of an SAE corpus with fewer prompts than this share of the largest one's
+#: makes the corpus unbalanced: the SAEs learn mostly from the others
+BALANCE = 0.5
+
+
+def balance_note(sources: list, config: RunConfig) -> str | None:
+    """One line when the task parts of a corpus differ in size by more than
+    :data:`BALANCE` (a task makes only so many distinct prompts: fewer than the budget of
+    ``sae_task_prompts`` each), naming the parts and the fix; None when balanced."""
+    from ..dictionaries.corpus import Prompts
+
+    sizes = {str(s.name): len(s.texts) for s in sources if isinstance(s, Prompts)}
+    if len(sizes) < 2 or min(sizes.values()) >= BALANCE * max(sizes.values()):
+        return None
+    small = min(sizes, key=sizes.get)
+    return (f"the SAE corpus is unbalanced: {', '.join(f'{n}[{k}]' for n, k in sizes.items())} "
+            f"prompts (a task makes only so many distinct prompts), so the SAEs learn mostly "
+            f"from the larger parts; fix: --sae-task-prompts {sizes[small]} (every task the "
+            f"same), or leave {small.split(':', 1)[-1].split('@')[0]} out of --corpus-tasks")
 
 
 #: per tokenizer, the task corpora built for it (by settings)
@@ -127,7 +164,7 @@ def resolve_saes(spec: str, model: Any, sites: list[str], config: RunConfig,
 
 
 def release_saes(spec: str, model: Any, sites: list[str]) -> tuple[str, list]:
-    """``RELEASE:SAE_ID`` or ``RELEASE:ID_GLOB`` (:mod:`sage_nn.releases`): the release's
+    """``RELEASE:SAE_ID`` or ``RELEASE:ID_GLOB`` (:mod:`..dictionaries.releases`): the release's
     SAEs loaded through sae_lens's ``SAE.from_pretrained`` (from the HF cache when the hub
     is offline). A glob loads only the SAEs whose residual tensor is one of ``sites`` (the
     residuals the cross-sections need), one per tensor; its name is the glob."""
@@ -316,3 +353,81 @@ def saes_for_all_layers(model: Any, members: list) -> int:
     ad = adapter(model)
     return sum(ad.n_layers * (ad.n_heads_of(kind) if kind in HEAD_KINDS else 1)
                for kind in {s.kind for s in members})
+
+
+def coder_for(members: list, at_sites: bool, config: RunConfig) -> Any:
+    """How one ``--sae``'s SAEs are evaluated: transcoders at the MLP output they write
+    (:class:`~sage_nn.evaluation.coders.Transcoders`), SAEs trained at the cross-section
+    sites or all at sublayer sites at those sites (``DirectSAE``), residual SAEs through the
+    reconstruction (``ReconstructedSAE``). A mix of transcoders and SAEs is refused."""
+    from ..evaluation.coders import DirectSAE, ReconstructedSAE, Transcoders
+    from ..model.sites import RESID_KINDS
+
+    transcoders = [s.transcoder for s in members]
+    if any(transcoders):
+        if not all(transcoders):
+            raise ValueError(f"one --sae mixes transcoders and SAEs ({members[0]!r}, ...): "
+                             "give transcoders and SAEs as separate --sae values")
+        return Transcoders(members)
+    if at_sites or all(s.kind not in RESID_KINDS for s in members):
+        return DirectSAE(members)
+    return ReconstructedSAE(members, batch_size=config.batch_size, mode=config.reconstruction)
+
+
+def run_saes(config: RunConfig, model: Any, needed: list[str], pairs: list[tuple],
+             progress: bool = True, resolved: dict | None = None) -> tuple[dict, dict]:
+    """Every ``--sae`` of a run: ``(coders by name, saes.json's listing)``. Trains what the
+    SAE cache lacks (one activation stream for every SAE an architecture, width and k
+    need: ``needed`` residual sites, or the cross-section ``pairs``' own sites), loads
+    the rest. ``resolved``: a dict the SAEs are kept in, by spec and sites, and taken from
+    (a suite's tasks load each given or released SAE once)."""
+    from ..report.saebench import sae_cfg_dict
+
+    def resolve(spec: str, sites: list[str]) -> tuple[str, list]:
+        if resolved is None:  # a directory's SAEs do not depend on the sites
+            return resolve_saes(spec, model, sites, config, progress)
+        key = (spec, *(sites if spec.startswith("train:") or not Path(spec).exists()
+                       else ()))
+        if key not in resolved:
+            resolved[key] = resolve_saes(spec, model, sites, config, progress)
+        return resolved[key]
+
+    specs = expand_sae_specs(config.saes)  # a sweep or a folder: each of its SAEs
+    union: dict[tuple, list[str]] = {}
+    for spec in specs:
+        if spec.startswith("train:"):
+            union.setdefault(train_group(spec), []).extend(trained_sites(spec, needed, pairs))
+    for (arch, options), sites in union.items():
+        resolve(f"train:{arch}" + "".join(f":{k}={v}" for k, v in options),
+                list(dict.fromkeys(sites)))
+    coders, listing = {}, {}
+    for spec in specs:
+        name, members = resolve(spec, trained_sites(spec, needed, pairs))
+        if name in coders:
+            raise ValueError(f"two --sae values are both named {name!r} (the second is "
+                             f"{spec!r}); rename one SAE directory")
+        coders[name] = coder_for(members, at_sites(spec), config)
+        listing[name] = {"spec": spec, "sites": [sae_site(s, spec) for s in members],
+                         "approach": coders[name].kind, "n_saes": len(members),
+                         "n_saes_all_layers": saes_for_all_layers(model, members),
+                         "sae_cfg_dict": sae_cfg_dict(
+                             members, model_name=str(model.config._name_or_path),
+                             training=training_of(spec, model, config, needed, pairs, members))}
+        if ":" in spec and not spec.startswith("train:") and not Path(spec).exists():
+            listing[name]["sae_lens_ids"] = release_ids(spec, members)
+    return coders, listing
+
+
+def training_of(spec: str, model: Any, config: RunConfig, needed: list[str],
+                pairs: list[tuple], members: list) -> dict | None:
+    """What is known of how an ``--sae``'s SAEs were trained: the run's trainer's record
+    for a ``train:`` spec, each SAE's own ``cfg.json`` record for a directory that
+    :func:`~sage_nn.dictionaries.training.train_saes` wrote; nothing for others (a
+    release, or a directory of SAEs trained elsewhere: never the run's training settings,
+    which did not make them)."""
+    if spec.startswith("train:"):
+        root = trained_cache(train_spec(spec)[0], model, config, train_options(spec))[3]
+        return trained_record(root, trained_sites(spec, needed, pairs))
+    if Path(spec).is_dir():
+        return saved_record(Path(spec), members)
+    return None

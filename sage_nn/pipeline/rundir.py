@@ -66,16 +66,18 @@ class RunDirectory:
 
 
 class Stage:
-    """Run ``compute`` unless the run directory already holds its result."""
+    """Run ``compute`` unless the run directory already holds its result. ``label`` names
+    the run in each stage's line (a suite's tasks: ``stage task (ioi): 8.7 s``)."""
 
-    def __init__(self, run: RunDirectory, order: list[str]):
+    def __init__(self, run: RunDirectory, order: list[str], label: str = ""):
         self.run, self.order = run, order
+        self.label = f" ({label})" if label else ""
         self.timings: dict[str, float] = {}
 
     def __call__(self, name: str, settings: str, files: list[str],
                  compute: Callable[[], None], load: Callable[[], Any]) -> Any:
         if self.run.done(name, settings):
-            log.info("stage %s: cached", name)
+            log.info("stage %s%s: cached", name, self.label)
             self.timings[name] = 0.0
             return load()
         self.run.forget_after(name, self.order)
@@ -84,7 +86,7 @@ class Stage:
         seconds = time.perf_counter() - start
         self.run.record(name, settings, files, seconds)
         self.timings[name] = seconds
-        log.info("stage %s: %.1f s", name, seconds)
+        log.info("stage %s%s: %.1f s", name, self.label, seconds)
         return load()
 
 

@@ -23,11 +23,12 @@ class UnservableRunError(ValueError):
 def discovery_restriction(config: "RunConfig", n_layers: int, parallel: bool | None,
                           spec_sites: dict[str, list[str]] | None = None
                           ) -> tuple[list[int], list[str]] | None:
-    """``(layers, select_kinds)`` discovery is limited to when every ``--sae`` names SAEs
-    already made (a release, a directory) or trains transcoders (they serve mlp_out): the
-    sites every one of them serves (each SAE is evaluated at every cross-section site).
-    ``None`` when an SAE is trained here (``train:``, placed wherever discovery finds the
-    cross-sections) and no transcoder is, or its SAEs' sites are unknown.
+    """``(layers, select_kinds)`` discovery is limited to: the sites every ``--sae`` that
+    names SAEs already made (a release, a directory) or trains transcoders (they serve
+    mlp_out) serves (each SAE is evaluated at every cross-section site). SAEs a run
+    trains (``train:``) are trained wherever the cross-sections are, so they restrict
+    nothing: beside given SAEs they are trained where those serve. ``None`` when only
+    such SAEs are named, or a given SAE's sites are unknown.
     Raises :class:`UnservableRunError` (one line, with the fix) when nothing is served.
 
     ``spec_sites``: the sites of each spec when already read (else read from configs)."""
@@ -35,7 +36,7 @@ def discovery_restriction(config: "RunConfig", n_layers: int, parallel: bool | N
 
     made = [s for s in config.saes if not str(s).startswith("train:")]
     trained = [s for s in config.saes if str(s).startswith("train:")]
-    if not any(trains_transcoders(s) for s in trained) and trained:
+    if not made and not any(trains_transcoders(s) for s in trained):
         return None  # SAEs trained wherever discovery finds the cross-sections
     # a trained transcoder serves the mlp_out of every layer (it is trained where needed)
     every_mlp = [f"transcoder:L{layer}.mlp_out" for layer in range(n_layers)]
@@ -58,12 +59,14 @@ def discovery_restriction(config: "RunConfig", n_layers: int, parallel: bool | N
             for k in wanted if k not in ("resid_pre", "resid_mid", "resid_post")))
         hint = (" or --select-kinds resid_pre resid_post (cross-sections in the residual "
                 "stream itself)," if any("resid" in h for h in have) else "")
+        given = [s for s in config.saes if s in sites]
         raise UnservableRunError(
-            f"--sae {' '.join(config.saes)}: these SAEs (at {', '.join(have[:6])}"
+            f"--sae {' '.join(given)}: these SAEs (at {', '.join(have[:6])}"
             f"{', ...' if len(have) > 6 else ''}) serve no cross-section site of kinds "
             f"{wanted} in {config.reconstruction} mode (every --sae must serve every site)"
             f"{': ' + need if need else ''}; fix: add SAEs at those residual sites,{hint} "
-            "or add --sae train:topk")
+            + ("or evaluate them in a run of their own" if trained else
+               "or add --sae train:topk"))
     kinds = [k for k in wanted if any(k == kind for _, kind in usable)]
     return sorted({layer for layer, kind in usable}), kinds
 

@@ -1,9 +1,14 @@
-"""The end-to-end run: task -> discovery -> ground truth -> SAEs -> evaluation -> report.
+"""The end-to-end run: task -> discovery -> SAEs -> evaluation -> report.
 
-Each stage writes its output into the run directory and records it in ``manifest.json``
-with a SHA-256 of every file and a hash of the settings it depended on. A rerun skips a
-stage whose record matches; a stage whose file is missing, corrupt or computed with other
-settings is recomputed (and so is everything after it).
+:func:`run` checks every input once, up front (:func:`~.validate.check`: configs, files
+and the tokenizer; nothing loads, nothing runs), opens the run (:func:`open_run_state`:
+the model, the remote, the prompts and the sites the named SAEs serve), then runs
+:data:`STEPS` in order. Each stage is a short function of the run (:class:`RunState`: the
+config, the run directory, and what the earlier stages left): it names the settings its
+output depends on and the files it writes, and the run directory's :class:`~.rundir.Stage`
+runs it, or loads its output when the directory holds it for those settings. A rerun skips
+such a stage; one whose file is missing, corrupt or computed with other settings is
+recomputed (and so is everything after it).
 """
 
 from __future__ import annotations
@@ -12,66 +17,281 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import yaml
 
-from ..common.io import (
-    jsonable,
-    read_netcdf,
-    sha256,
-    write_atomic,
-    write_dir,
-    write_netcdf,
-)
+from ..common.io import jsonable, read_netcdf, write_atomic, write_dir
 from ..dictionaries.serving import residual_sites_for
-from .cache import (
-    SHARED_EVALUATION,
-    evaluation_file,
-    evaluation_part,
-    merge_evaluation,
-    sae_fingerprint,
-    with_discovery,
-)
+from .cache import evaluate_cached, evaluation_files
 from .config import RunConfig, remote_of, run_prompts
-from .resolve import (
-    release_ids,
-    resolve_saes,
-    sae_corpus,
-    sae_site,
-    saes_for_all_layers,
-    saved_record,
-    trained_cache,
-    trained_record,
-)
 from .rundir import STAGES, RunDirectory, RunResult, Stage, log_requests
-from .specs import (
-    UnservableRunError,
-    at_sites,
-    discovery_restriction,
-    dropped_kinds_note,
-    expand_sae_specs,
-    train_group,
-    train_options,
-    train_spec,
-    trained_sites,
-)
-
-if TYPE_CHECKING:  # xarray loads where a stage reads or writes a Dataset (not for --help)
-    pass
+from .specs import UnservableRunError, discovery_restriction, dropped_kinds_note
 
 log = logging.getLogger("sage_nn")
 
 
-# -- the run ----------------------------------------------------------------------------
+@dataclass
+class RunState:
+    """A run in progress: what the checks and the model load give every stage (the config,
+    the run directory, the model, where it runs, the prompts, what the SAEs serve) and what
+    each stage leaves for the later ones."""
+
+    config: RunConfig
+    directory: RunDirectory
+    stage: Stage
+    model: Any
+    remote: Any  # a Remote that sends requests, or None: the model runs here
+    progress: bool
+    resolved: dict | None  # SAEs got, shared by the runs of a suite
+    restriction: tuple | None  # (layers, kinds) the named SAEs serve, or None: anywhere
+    full: Any
+    fit: Any
+    held_out: Any
+    task_summary: dict | None = None
+    cross_sections: dict = field(default_factory=dict)  # attribute -> [(Site, position)]
+    saes: dict = field(default_factory=dict)  # name -> coder
+    results: Any = None
+
+    @property
+    def root(self) -> Path:
+        return self.directory.path
+
+    @property
+    def attributes(self) -> list[str]:
+        return self.config.attributes or self.fit.attribute_names
+
+    @property
+    def pairs(self) -> list[tuple]:
+        """Every (site, position) of every cross-section."""
+        return [p for pairs in self.cross_sections.values() for p in pairs]
+
+    def sent(self, name: str, compute: Callable[[], None]) -> Callable[[], None]:
+        """``compute`` with its remote requests labelled ``name`` and logged in the run
+        directory (:data:`~sage_nn.pipeline.rundir.REQUESTS`), one line said."""
+        if self.remote is None:
+            return compute
+        remote = self.remote
+
+        def logged():
+            remote.stage, first, placed = name, len(remote.requests), len(remote.placements)
+            try:
+                compute()
+            finally:
+                log_requests(self.root, name, remote.requests[first:],
+                             remote.placements[placed:])
+        return logged
+
+    def result(self) -> RunResult:
+        return RunResult(self.root, self.results,
+                         {a: [f"{s}@{p}" for s, p in pairs]
+                          for a, pairs in self.cross_sections.items()},
+                         self.stage.timings, self.root / "report")
+
+
+def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = None,
+        remote: Any = None, until: str | None = None,
+        resolved: dict | None = None) -> RunResult:
+    """Build the task, discover cross-sections, get SAEs, evaluate, report; resumable.
+
+    ``remote`` (a :class:`sage_nn.model.remote.Remote`) overrides the config's remote
+    settings. ``until``: stop after this stage (``"task"`` or ``"discovery"``; the result
+    has no ``results`` then), as a suite does to check a task before its SAEs are got.
+    ``resolved``: a dict the SAEs got are kept in, by spec and sites, and taken from: runs
+    sharing it (a suite's tasks) load each given or released SAE once."""
+    if until not in (None, "task", "discovery"):
+        raise ValueError(f"until={until!r}: give 'task' or 'discovery' (or None: every stage)")
+    from .validate import check
+
+    config = config or RunConfig()
+    check(config, model=model)  # every input, once, before anything loads or runs (seconds)
+    state = open_run_state(config, model=model, remote=remote, progress=progress,
+                           resolved=resolved)
+    for name, step in STEPS.items():
+        step(state)
+        if name == until:
+            break
+    return state.result()
+
+
+def open_run_state(config: RunConfig, *, model: Any = None, remote: Any = None,
+                   progress: bool = True, resolved: dict | None = None) -> RunState:
+    """The run directory (with ``config.yaml``), the model (loaded unless given), the remote
+    its passes go through, what the named SAEs serve, and the task's prompts."""
+    # the heavy imports here, after the checks, so a refused run does not wait for them;
+    # they import sae_lens (dictionaries.saes), as it must be, before the model is traced
+    from ..model.loading import load_model
+    from ..model.remote import as_remote
+
+    directory = RunDirectory(config.run_dir)
+    write_atomic(directory.path / "config.yaml",
+                 yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    if remote is None and config.remote:
+        remote = remote_of(config, jobs=None if config.remote_blocking
+                           else directory.path / "remote_jobs.json")
+    remote = as_remote(remote) if remote is not None else None
+    model = model or load_model(config.model, device=config.device, dtype=config.dtype,
+                                remote=config.remote not in (False, "local"))
+    full, fit, held_out = run_prompts(model, config)
+    return RunState(config, directory, Stage(directory, STAGES, label=_label(config)), model,
+                    remote if remote is not None and remote.is_remote else None, progress,
+                    resolved, served_restriction(config, model), full, fit, held_out)
+
+
+def _label(config: RunConfig) -> str:
+    """What the stage lines name: the run's task (a suite runs several)."""
+    from ..tasks.datasets import load_task
+
+    return load_task(config.task).name
+
+
+# -- the stages, in order ---------------------------------------------------------------
+
+
+def task(run: RunState) -> None:
+    """The held-out prompts' logit differences: the model does the task (``task.json``)."""
+    from ..tasks.datasets import load_task, logit_diffs
+
+    config, root = run.config, run.root
+
+    def compute():
+        ld = logit_diffs(run.model, run.held_out, config.batch_size,
+                         remote=run.remote).to_pandas()
+        summary = {"task": load_task(config.task).name, "n_fit": len(run.fit),
+                   "n_eval": len(run.held_out), "accuracy": float((ld["clean"] > 0).mean()),
+                   "mean_logit_diff": ld.mean().to_dict(), "prompts": run.full.prompts}
+        write_atomic(root / "task.json", json.dumps(summary, indent=2, default=jsonable))
+
+    def load():
+        stored = json.loads((root / "task.json").read_text())
+        if stored["prompts"] != run.full.prompts:
+            raise RuntimeError("the task built different prompts than the stored run: the "
+                               "task spec or tokenizer changed; use a new run directory")
+        return stored
+
+    run.task_summary = run.stage("task", config.hash("model", "task", "seed", "n_fit",
+                                                     "n_eval"),
+                                 ["task.json"], run.sent("task", compute), load)
+
+
+def discovery(run: RunState) -> None:
+    """Each attribute's cross-section (``discovery/``), in the sites the SAEs serve."""
+    import pandas as pd
+
+    from ..discovery.stage import discover
+    from ..model.sites import Site
+
+    config, out = run.config, run.root / "discovery"
+
+    def compute():
+        prompts = run.fit.subset(np.arange(min(config.n_discovery, len(run.fit))))
+        settings = discovery_settings(config, run.attributes, run.restriction)
+        write_dir(out, lambda d: discover(run.model, prompts, settings, out_dir=d,
+                                          progress=run.progress, remote=run.remote))
+
+    def load():
+        table = pd.read_csv(out / "cross_sections.csv")
+        return {a: [(Site.parse(s), str(p)) for s, p in zip(t.site, t.position)]
+                for a, t in table.groupby("attribute", sort=False)}
+
+    settings = config.hash("model", "task", "seed", "n_fit", "n_eval", "n_discovery",
+                           "attributes", "discovery_kinds", "select_kinds", "target",
+                           "max_sites", "top_k") + \
+        (f",{run.restriction}" if run.restriction else "")
+    run.cross_sections = run.stage(
+        "discovery", settings, ["discovery/scores.nc", "discovery/cross_sections.csv",
+                                "discovery/summary.json"],
+        run.sent("discovery", compute), load)
+
+
+def saes(run: RunState) -> None:
+    """The SAEs: trained where the cross-sections need them (cached by their corpus) or
+    loaded (``saes.json``)."""
+    from ..dictionaries.corpus import corpus_hash
+    from ..model.sites import adapter
+    from .resolve import run_saes, sae_corpus
+
+    config, root = run.config, run.root
+    needed = residual_sites_for(run.pairs, adapter(run.model).parallel, config.reconstruction)
+
+    def compute():
+        run.saes, listing = run_saes(config, run.model, needed, run.pairs, run.progress,
+                                     run.resolved)
+        write_atomic(root / "saes.json", json.dumps(listing, indent=2))
+
+    def load():
+        if not run.saes:  # the stage was cached: resolving only reads the SAEs it trained
+            run.saes = run_saes(config, run.model, needed, run.pairs, run.progress,
+                                run.resolved)[0]
+
+    settings = config.hash("model", "saes", "sae_width", "sae_steps", "sae_corpus",
+                           "sae_task_prompts", "seed", "reconstruction")
+    run.stage("saes", f"{settings},{corpus_hash(sae_corpus(run.model, config))},"
+              f"{','.join(needed)}", ["saes.json"], compute, load)
+
+
+def evaluation(run: RunState) -> None:
+    """Every SAE, its floor and the ceiling scored at the cross-sections
+    (``evaluation.nc``; cached per SAE under ``evaluation/``: :func:`~.cache.evaluate_cached`)."""
+    from ..evaluation.coders import CrossSection
+    from ..evaluation.scoring import EVALUATION_VERSION, evaluate_cross_section, pair_coords
+
+    config, root = run.config, run.root
+    shared = config.hash("model", "task", "seed", "n_fit", "n_eval", "n_discovery",
+                         "attributes", "discovery_kinds", "select_kinds", "target",
+                         "max_sites", "top_k", "ks", "n_boot", "remote_transport")
+    shared += f",v{EVALUATION_VERSION}," + hashlib.sha256(json.dumps(
+        run.result().cross_sections, sort_keys=True).encode()).hexdigest()[:16]
+
+    def evaluate(saes: dict, ceiling: bool):
+        return evaluate_cross_section(
+            run.model, run.fit, run.held_out,
+            [CrossSection(a, pairs) for a, pairs in run.cross_sections.items()], saes,
+            ks=config.ks, n_boot=config.n_boot, seed=config.seed,
+            batch_size=config.batch_size, remote=run.remote, ceiling=ceiling)
+
+    run.results = run.stage(
+        "evaluation", shared + "," + run.directory.manifest["saes"]["settings"],
+        ["evaluation.nc", *evaluation_files(run.saes)],
+        run.sent("evaluation", lambda: evaluate_cached(root, shared, run.saes, evaluate)),
+        lambda: pair_coords(read_netcdf(root / "evaluation.nc")))
+
+
+def report(run: RunState) -> None:
+    """The report (``report/``): tables, plots, the summary, one SAEBench JSON per SAE."""
+    from ..report import write_report
+
+    config, root = run.config, run.root
+
+    def compute():
+        listing = json.loads((root / "saes.json").read_text())
+        summary = {k: v for k, v in run.task_summary.items() if k != "prompts"}
+        write_dir(root / "report", lambda out: write_report(
+            run.results, out, discovery_dir=root / "discovery", sae_info=listing,
+            config={**dataclasses.asdict(config), "task_summary": summary},
+            timings=run.stage.timings))
+
+    run.stage("report", run.directory.manifest["evaluation"]["files"]["evaluation.nc"],
+              ["report/summary.md"], compute, lambda: None)
+
+
+#: The stages of a run, in order (:func:`run` runs them).
+STEPS: dict[str, Callable[[RunState], None]] = dict(zip(
+    STAGES, (task, discovery, saes, evaluation, report)))
+
+
+# -- what the stages share with a suite and a plan ------------------------------------
 
 
 def served_restriction(config: RunConfig, model: Any) -> tuple[list[int], list[str]] | None:
     """:func:`discovery_restriction` for a loaded model (its layers, parallel blocks);
-    nothing served is an :class:`~sage_nn.validate.InvalidRunError`, before any forward.
-    Kinds asked for that no SAE serves are dropped with a warning saying what would."""
+    nothing served is an :class:`~sage_nn.pipeline.validate.InvalidRunError`, before any
+    forward. Kinds asked for that no SAE serves are dropped with a warning saying what
+    would."""
     from ..model.sites import adapter
     from .validate import InvalidRunError
 
@@ -88,25 +308,6 @@ def served_restriction(config: RunConfig, model: Any) -> tuple[list[int], list[s
     return found
 
 
-def coder_for(members: list, at_sites: bool, config: RunConfig) -> Any:
-    """How one ``--sae``'s SAEs are evaluated: transcoders at the MLP output they write
-    (:class:`~sage_nn.evaluation.coders.Transcoders`), SAEs trained at the cross-section
-    sites or all at sublayer sites at those sites (``DirectSAE``), residual SAEs through the
-    reconstruction (``ReconstructedSAE``). A mix of transcoders and SAEs is refused."""
-    from ..evaluation.coders import DirectSAE, ReconstructedSAE, Transcoders
-    from ..model.sites import RESID_KINDS
-
-    transcoders = [s.transcoder for s in members]
-    if any(transcoders):
-        if not all(transcoders):
-            raise ValueError(f"one --sae mixes transcoders and SAEs ({members[0]!r}, ...): "
-                             "give transcoders and SAEs as separate --sae values")
-        return Transcoders(members)
-    if at_sites or all(s.kind not in RESID_KINDS for s in members):
-        return DirectSAE(members)
-    return ReconstructedSAE(members, batch_size=config.batch_size, mode=config.reconstruction)
-
-
 def discovery_settings(config: RunConfig, attributes: list[str], restriction) -> Any:
     """The run's :class:`~sage_nn.discovery.DiscoveryConfig`. The grid scores what a
     cross-section may hold unless asked for more (heatmaps of every kind cost the residual
@@ -120,253 +321,3 @@ def discovery_settings(config: RunConfig, attributes: list[str], restriction) ->
                            attributes=attributes, select_layers=layers, select_kinds=select,
                            target=config.target, max_sites=config.max_sites,
                            top_k=config.top_k, batch_size=config.batch_size)
-
-
-def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = None,
-        remote: Any = None, until: str | None = None,
-        resolved: dict | None = None) -> RunResult:
-    """Build the task, discover cross-sections, get SAEs, evaluate, report; resumable.
-
-    ``remote`` (a :class:`sage_nn.remote.Remote`) overrides the config's remote settings.
-    ``until``: stop after this stage (``"task"`` or ``"discovery"``; the result has no
-    ``results`` then), as a suite does to check a task before its SAEs are got.
-    ``resolved``: a dict the SAEs got are kept in, by spec and sites, and taken from: runs
-    sharing it (a suite's tasks) load each given or released SAE once."""
-    if until not in (None, "task", "discovery"):
-        raise ValueError(f"until={until!r}: give 'task' or 'discovery' (or None: every stage)")
-    from .validate import check
-
-    config = config or RunConfig()
-    check(config, model=model)  # every input, before anything loads or runs (seconds)
-
-    # the heavy imports after the check, so a refused run does not wait for them; they
-    # import sae_lens (sage_nn.saes), as it must be, before the model is built or traced
-    import pandas as pd
-
-    from ..dictionaries.corpus import corpus_hash
-    from ..discovery.stage import discover
-    from ..evaluation.coders import CrossSection
-    from ..evaluation.scoring import (
-        EVALUATION_VERSION,
-        evaluate_cross_section,
-        pair_coords,
-    )
-    from ..model.loading import load_model
-    from ..model.remote import as_remote
-    from ..model.sites import Site, adapter
-    from ..report import write_report
-    from ..report.saebench import sae_cfg_dict
-    from ..tasks.datasets import load_task, logit_diffs
-    on_server = config.remote not in (False, "local")  # the model's weights are not here
-    run_dir = RunDirectory(config.run_dir)
-    stage = Stage(run_dir, STAGES)
-    root = run_dir.path
-    write_atomic(root / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-
-    if remote is None and config.remote:
-        remote = remote_of(config, jobs=None if config.remote_blocking
-                           else root / "remote_jobs.json")
-    remote = as_remote(remote) if remote is not None else None
-    remote = remote if remote is not None and remote.is_remote else None
-
-    def sent(name: str, compute):
-        """``compute`` with its remote requests labelled ``name`` and logged in the run
-        directory (:data:`~sage_nn.pipeline.rundir.REQUESTS`), one line said."""
-        if remote is None:
-            return compute
-
-        def logged():
-            remote.stage, first, placed = name, len(remote.requests), len(remote.placements)
-            try:
-                compute()
-            finally:
-                log_requests(root, name, remote.requests[first:],
-                             remote.placements[placed:])
-        return logged
-
-    model = model or load_model(config.model, device=config.device, dtype=config.dtype,
-                                remote=on_server)
-    restriction = served_restriction(config, model)  # what the named SAEs serve, first
-    spec = load_task(config.task)
-    full, fit, held_out = run_prompts(model, config)
-    attributes = config.attributes or fit.attribute_names
-
-    def task_stage():
-        ld = logit_diffs(model, held_out, config.batch_size, remote=remote).to_pandas()
-        summary = {"task": spec.name, "n_fit": len(fit), "n_eval": len(held_out),
-                   "accuracy": float((ld["clean"] > 0).mean()),
-                   "mean_logit_diff": ld.mean().to_dict(), "prompts": full.prompts}
-        write_atomic(root / "task.json", json.dumps(summary, indent=2, default=jsonable))
-
-    def task_load():
-        stored = json.loads((root / "task.json").read_text())
-        if stored["prompts"] != full.prompts:
-            raise RuntimeError("the task built different prompts than the stored run: the "
-                               "task spec or tokenizer changed; use a new run directory")
-        return stored
-
-    task_summary = stage("task", config.hash("model", "task", "seed", "n_fit", "n_eval"),
-                         ["task.json"], sent("task", task_stage), task_load)
-    if until == "task":
-        return RunResult(root, None, {}, stage.timings, root / "report")
-
-    disc_dir = root / "discovery"
-    disc_files = ["discovery/scores.nc", "discovery/cross_sections.csv", "discovery/summary.json"]
-
-    def discovery_stage():
-        prompts = fit.subset(np.arange(min(config.n_discovery, len(fit))))
-        settings = discovery_settings(config, attributes, restriction)
-        write_dir(disc_dir, lambda out: discover(model, prompts, settings, out_dir=out,
-                                                 progress=progress, remote=remote))
-
-    def discovery_load():
-        table = pd.read_csv(disc_dir / "cross_sections.csv")
-        return {a: [(Site.parse(s), str(p)) for s, p in zip(t.site, t.position)]
-                for a, t in table.groupby("attribute", sort=False)}
-
-    pairs_by_attr = stage("discovery", config.hash("model", "task", "seed", "n_fit", "n_eval",
-                                                   "n_discovery", "attributes",
-                                                   "discovery_kinds", "select_kinds",
-                                                   "target", "max_sites", "top_k")
-                          + (f",{restriction}" if restriction else ""),
-                          disc_files, sent("discovery", discovery_stage), discovery_load)
-    if until == "discovery":
-        return RunResult(root, None, {a: [f"{s}@{p}" for s, p in pairs]
-                                      for a, pairs in pairs_by_attr.items()},
-                         stage.timings, root / "report")
-    all_pairs = [p for pairs in pairs_by_attr.values() for p in pairs]
-    needed = residual_sites_for(all_pairs, adapter(model).parallel, config.reconstruction)
-
-    saes: dict[str, Any] = {}
-    sae_specs = expand_sae_specs(config.saes)  # a sweep or a folder: each of its SAEs
-
-    def resolve(spec_: str, sites: list[str]) -> tuple[str, list]:
-        """:func:`resolve_saes`, kept in ``resolved``: a directory's SAEs do not depend on
-        the sites, a release glob's and trained ones do."""
-        if resolved is None:
-            return resolve_saes(spec_, model, sites, config, progress)
-        key = (spec_, *(sites if spec_.startswith("train:") or not Path(spec_).exists()
-                        else ()))
-        if key not in resolved:
-            resolved[key] = resolve_saes(spec_, model, sites, config, progress)
-        return resolved[key]
-
-    def resolve_all() -> dict:  # trains what the SAE cache lacks, loads the rest
-        # one activation stream trains every SAE an architecture (and width, k) needs
-        union: dict[tuple, list[str]] = {}
-        for spec_ in sae_specs:
-            if spec_.startswith("train:"):
-                union.setdefault(train_group(spec_), []).extend(
-                    trained_sites(spec_, needed, all_pairs))
-        for (arch, options), sites in union.items():
-            resolve(f"train:{arch}" + "".join(f":{k}={v}" for k, v in options),
-                    list(dict.fromkeys(sites)))
-        listing = {}
-        for spec_ in sae_specs:
-            name, members = resolve(spec_, trained_sites(spec_, needed, all_pairs))
-            if name in saes:
-                raise ValueError(f"two --sae values are both named {name!r} (the second is "
-                                 f"{spec_!r}); rename one SAE directory")
-            saes[name] = coder_for(members, at_sites(spec_), config)
-            training = None
-            if spec_.startswith("train:"):  # what the trainer recorded next to the SAEs
-                root_ = trained_cache(train_spec(spec_)[0], model, config,
-                                       train_options(spec_))[3]
-                training = trained_record(root_, trained_sites(spec_, needed, all_pairs))
-            elif Path(spec_).is_dir():  # SAEs train_saes wrote carry their record along
-                training = saved_record(Path(spec_), members)
-            listing[name] = {"spec": spec_, "sites": [sae_site(s, spec_) for s in members],
-                             "approach": saes[name].kind,
-                             "n_saes": len(members),
-                             "n_saes_all_layers": saes_for_all_layers(model, members),
-                             "sae_cfg_dict": sae_cfg_dict(
-                                 members, model_name=str(model.config._name_or_path),
-                                 training=training)}
-            if ":" in spec_ and not spec_.startswith("train:") and not Path(spec_).exists():
-                listing[name]["sae_lens_ids"] = release_ids(spec_, members)
-        return listing
-
-    def saes_stage():
-        write_atomic(root / "saes.json", json.dumps(resolve_all(), indent=2))
-
-    def saes_load():
-        if not saes:  # the stage was cached: resolving only reads the SAEs it trained
-            resolve_all()
-
-    sae_settings = config.hash("model", "saes", "sae_width", "sae_steps", "sae_corpus",
-                               "sae_task_prompts", "seed", "reconstruction")
-    sae_settings = f"{sae_settings},{corpus_hash(sae_corpus(model, config))},{','.join(needed)}"
-    stage("saes", sae_settings, ["saes.json"], saes_stage, saes_load)
-
-    # The evaluation is cached per SAE: evaluation/shared.nc holds the supervised ceiling
-    # and what every SAE shares (clean, mean, counterfactual runs: edit baseline, ground
-    # truth); evaluation/<SAE>.nc each SAE and its floor, keyed by the SAE's weights and the
-    # settings it was scored under (evaluation/index.json). A rerun with another list of
-    # SAEs scores only the SAEs it has no file for (all of them in one batched evaluation),
-    # and evaluation.nc merges the run's SAEs in their order: a removed SAE is left out.
-    eval_settings = config.hash("model", "task", "seed", "n_fit", "n_eval", "n_discovery",
-                                "attributes", "discovery_kinds", "select_kinds", "target",
-                                "max_sites", "top_k", "ks", "n_boot", "remote_transport")
-    eval_settings += f",v{EVALUATION_VERSION}," + hashlib.sha256(json.dumps(
-        {a: [f"{s}@{p}" for s, p in pairs] for a, pairs in pairs_by_attr.items()},
-        sort_keys=True).encode()).hexdigest()[:16]
-    sae_keys = {name: f"{eval_settings},{sae_fingerprint(coder)}" for name, coder in saes.items()}
-    eval_files = {SHARED_EVALUATION: f"evaluation/{SHARED_EVALUATION}.nc",
-                  **{name: evaluation_file(name) for name in saes}}
-
-    def evaluation_stage():
-        (root / "evaluation").mkdir(exist_ok=True)
-        index_path = root / "evaluation" / "index.json"
-        try:
-            index = json.loads(index_path.read_text())
-        except (OSError, ValueError):
-            index = {}
-
-        def fresh(name: str, key: str) -> bool:
-            record, path = index.get(eval_files[name]), root / eval_files[name]
-            return bool(record) and record["key"] == key and path.exists() and \
-                sha256(path) == record["sha256"]
-
-        shared_missing = not fresh(SHARED_EVALUATION, eval_settings)
-        missing = [name for name in saes if not fresh(name, sae_keys[name])]
-        log.info("evaluation: %s%d of %d SAEs to score", "ceiling and " if shared_missing
-                 else "", len(missing), len(saes))
-        if shared_missing or missing:
-            results = evaluate_cross_section(
-                model, fit, held_out, [CrossSection(a, pairs)
-                                       for a, pairs in pairs_by_attr.items()],
-                {name: saes[name] for name in missing}, ks=config.ks, n_boot=config.n_boot,
-                seed=config.seed, batch_size=config.batch_size, remote=remote,
-                ceiling=shared_missing)
-            scored = {SHARED_EVALUATION: (eval_settings, None)} if shared_missing else {}
-            scored.update({name: (sae_keys[name], name) for name in missing})
-            for name, (key, sae) in scored.items():
-                write_netcdf(evaluation_part(results, sae), root / eval_files[name])
-                index[eval_files[name]] = {"sae": sae, "key": key,
-                                           "sha256": sha256(root / eval_files[name])}
-                write_atomic(index_path, json.dumps(index, indent=2))
-        merged = merge_evaluation(read_netcdf(root / eval_files[SHARED_EVALUATION]),
-                                  [read_netcdf(root / eval_files[name]) for name in saes])
-        write_netcdf(with_discovery(merged, disc_dir / "summary.json"), root / "evaluation.nc")
-
-    # other SAEs (another corpus, width, ...) are other results
-    results = stage("evaluation", eval_settings + "," + sae_settings,
-                    ["evaluation.nc", *eval_files.values()],
-                    sent("evaluation", evaluation_stage),
-                    lambda: pair_coords(read_netcdf(root / "evaluation.nc")))
-
-    report_dir = root / "report"
-
-    def report_stage():
-        listing = json.loads((root / "saes.json").read_text())
-        write_dir(report_dir, lambda out: write_report(
-            results, out, discovery_dir=disc_dir, sae_info=listing,
-            config={**dataclasses.asdict(config), "task_summary": {
-                k: v for k, v in task_summary.items() if k != "prompts"}},
-            timings=stage.timings))
-
-    stage("report", run_dir.manifest["evaluation"]["files"]["evaluation.nc"],
-          ["report/summary.md"], report_stage, lambda: None)
-    return RunResult(root, results, {a: [f"{s}@{p}" for s, p in pairs]
-                                     for a, pairs in pairs_by_attr.items()},
-                     stage.timings, report_dir)

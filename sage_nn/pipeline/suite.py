@@ -37,6 +37,8 @@ SUITE_CORPUS = "builtin+task@positions"
 SUITE_SAE_STEPS = 600
 #: what a suite's RunConfig has unless it says otherwise (``suite_config``)
 SUITE_DEFAULTS = {"sae_corpus": SUITE_CORPUS, "sae_steps": SUITE_SAE_STEPS}
+#: where ``sage suite`` writes unless ``--run-dir`` says
+SUITE_DIR = "runs/suite"
 #: a task whose held-out accuracy is below this is one the model does not do
 MIN_ACCURACY = 0.8
 #: a task none of whose attributes moves the logit difference this much (logits) has
@@ -137,7 +139,7 @@ def run_suite(config: RunConfig | None = None, tasks: list[str] | None = None,
     resumable. ``corpus_tasks``: the tasks whose prompts the SAE corpus mixes (default: the
     ones ``suite.json`` recorded, else every task). Returns the :class:`Suite`."""
     from ..model.loading import load_model
-    from ..report.suite import suite_dataset, suite_table, write_suite_report
+    from ..report.suite import TASKS, flat, suite_dataset, suite_table, write_suite_report
     from .stages import run
     from .validate import InvalidRunError, task_problems, validate
 
@@ -205,8 +207,8 @@ def run_suite(config: RunConfig | None = None, tasks: list[str] | None = None,
             sae_info[sae] = join_sae_info(sae_info[sae], info) if sae in sae_info else info
     ds = suite_dataset(results, sae_info, {n: s["gate"] for n, s in status.items() if s["gate"]})
     for name, task in status.items():  # the gate after the ceiling's checks, recorded too
-        task["gate"] = str(ds.gate_reason.sel(task=name).values) or None
-    write_netcdf(ds, root / "suite.nc")
+        task["gate"] = str(ds.gate_reason.sel({TASKS: name}).values) or None
+    write_netcdf(flat(ds), root / "suite.nc")
     write_atomic(root / "suite.csv", suite_table(ds).to_csv(index=False))
     timings["total"] = time.perf_counter() - start
     write_suite_report(ds, root / "report", tasks=status, sae_info=sae_info,
@@ -241,8 +243,13 @@ class Suite:
 
     @cached_property
     def results(self):
-        """The joined results (``suite.nc``): dims ``sae, task, attribute, metric``."""
-        return read_netcdf(self.path / "suite.nc")
+        """The joined results (``suite.nc``): dims ``sae, item, metric, k``, ``item`` each
+        task's own attributes (``.sel(task="ioi")``, ``.sel(task="ioi", attribute="io")``),
+        and per task ``gated`` / ``gate_reason`` over ``tasks``
+        (:func:`~sage_nn.report.suite.suite_dataset`)."""
+        from ..report.suite import item_index
+
+        return item_index(read_netcdf(self.path / "suite.nc"))
 
     @cached_property
     def aggregate(self):

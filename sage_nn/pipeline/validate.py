@@ -208,7 +208,7 @@ def _remote_problems(config: Any) -> list[str]:
 
 
 def served_problems(config: Any, model_config: Any = None) -> list[str]:
-    """When every ``--sae`` names SAEs already made (no ``train:``), they must serve some
+    """The ``--sae`` values that name SAEs already made (not ``train:``) must serve some
     site a cross-section may hold (:func:`sage_nn.pipeline.discovery_restriction`), read
     from the SAEs' configs: else discovery would search for sites no SAE can be scored at."""
     from .specs import UnservableRunError, discovery_restriction
@@ -332,7 +332,7 @@ def _corpus_size_problems(spec: Any, config: Any, tokenizer: Any) -> list[str]:
     task_parts = [p for p in parts if p in TASK_CORPORA]
     if not task_parts or not any(str(s).startswith("train:") for s in config.saes):
         return []
-    from ..dictionaries.corpus import corpus_units
+    from ..dictionaries.corpus import Prompts, corpus_units
     from ..dictionaries.stream import count_tokens
     from ..dictionaries.training import TrainConfig
     with warnings.catch_warnings():  # the run warns about dropped values itself
@@ -349,7 +349,7 @@ def _corpus_size_problems(spec: Any, config: Any, tokenizer: Any) -> list[str]:
             return [f"sae_corpus {config.sae_corpus!r} is empty: every distinct prompt of "
                     f"task {spec.name} is among {used}; fix: sae_corpus='builtin' (or "
                     f"'builtin+{task_parts[0]}'), or smaller n_fit/n_eval"]
-        prompts = [s for s in sources if hasattr(s, "texts")]
+        prompts = [s for s in sources if isinstance(s, Prompts)]
         units = corpus_units(holder, prompts, train)
     n_prompts = sum(len(p.texts) for p in prompts)
     # what the trainer keeps after holding out eval_fraction of the units

@@ -18,10 +18,52 @@ from .tables import (
     Lookup,
     Roles,
     check_results,
+    excluded,
     headline_k,
     roles,
     sae_widths,
 )
+
+#: how an attribute kept out of claims is drawn: a grey field behind it
+OUT_OF_CLAIMS = dict(color="#d9d9d9", alpha=0.6, zorder=0)
+#: what an edit measures, by the results' ``edit_metric`` of the attribute
+MEASURES = {"accuracy": "accuracy", "success": "success (logit diff.)"}
+
+
+def edit_measure(results: xr.Dataset, attribute: str) -> str | None:
+    """What the edits of ``attribute`` measure in these results: accuracy where its
+    counterfactual changes the prediction, logit-difference success where it does not
+    (``edit_metric``); None when the results do not say."""
+    if "edit_metric" not in results:
+        return None
+    value = str(results["edit_metric"].sel(attribute=attribute).values)
+    return MEASURES.get(value, value)
+
+
+def attribute_label(results: xr.Dataset, attribute: str, metric: str | None = None) -> str:
+    """An attribute as a plot names it: with its edit's measure (for an edit) and "out of
+    claims" when its numbers are kept out of claims (:func:`~.tables.excluded`)."""
+    lines = [attribute]
+    measure = edit_measure(results, attribute) if metric in BY_K else None
+    if measure:
+        lines.append(f"edit {measure}")
+    if excluded(results, attribute):
+        lines.append("out of claims")
+    return "\n".join(lines)
+
+
+def claims_note(results: xr.Dataset, attributes: list[str]) -> str | None:
+    """One line under a figure: which attributes are kept out of claims, and why."""
+    out = [f"{a}: {excluded(results, a)}" for a in attributes if excluded(results, a)]
+    return ("grey: kept out of claims (" + "; ".join(out) + ")") if out else None
+
+
+def _note(fig, text: str | None) -> None:
+    if text:
+        import textwrap
+
+        fig.supxlabel("\n".join(textwrap.wrap(text, int(fig.get_figwidth() * 14))),
+                      fontsize=7, color="#555555")
 
 
 def _styles(r: Roles) -> dict[str, dict]:
@@ -42,8 +84,10 @@ def _styles(r: Roles) -> dict[str, dict]:
 def plot_comparison(results: xr.Dataset, metric: str, path: str | Path | None = None, *,
                     k: int | None = None, dpi: int = 110):
     """Grouped bars, one group per attribute and one bar per method, with the bootstrap
-    95% interval as error bars where the results have one. Returns the matplotlib
-    Figure, saved to ``path`` when one is given. ``k``: the edit budget of ``edit``."""
+    95% interval as error bars where the results have one. Each attribute is labelled
+    with what its edit measures (for an edit) and, when kept out of claims, so and drawn on
+    grey, its reason under the figure. Returns the matplotlib Figure, saved to ``path``
+    when one is given. ``k``: the edit budget of ``edit``."""
     results = check_results(results)
     r, styles = roles(results), _styles(roles(results))
     methods = r.ordered
@@ -65,8 +109,12 @@ def plot_comparison(results: xr.Dataset, metric: str, path: str | Path | None = 
         style = {k_: s for k_, s in styles[method].items() if k_ != "linestyle"}
         ax.bar(x - 0.4 + width * (i + 0.5), np.nan_to_num(v), width, yerr=err, capsize=3,
                edgecolor=style["color"], linewidth=0.8, **style)
-    ax.set_xticks(x, attributes)
+    for i, attribute in enumerate(attributes):
+        if excluded(results, attribute):
+            ax.axvspan(i - 0.5, i + 0.5, **OUT_OF_CLAIMS)
+    ax.set_xticks(x, [attribute_label(results, a, metric) for a in attributes])
     ax.set_xlabel("attribute")
+    _note(fig, claims_note(results, attributes))
     title = LABELS.get(metric, metric) + (f" at k = {k}" if k is not None else "")
     ax.set_title(title + (" (95% bootstrap CI)" if ci is not None else ""))
     ax.axhline(0, color="black", linewidth=0.6)
@@ -79,9 +127,10 @@ def plot_comparison(results: xr.Dataset, metric: str, path: str | Path | None = 
 
 def plot_controllability(results: xr.Dataset, path: str | Path | None = None, *,
                          dpi: int = 110):
-    """Edit accuracy (with its 95% band) and edit magnitude over k: one column per
-    attribute, one line per method. Returns the matplotlib Figure, saved to ``path`` when
-    one is given."""
+    """The edits (with their 95% bands) and edit magnitude over k: one column per
+    attribute, titled with what its edit measures (accuracy or logit-difference success),
+    grey where the attribute is kept out of claims; one line per method. Returns the
+    matplotlib Figure, saved to ``path`` when one is given."""
     results = check_results(results)
     r = roles(results)
     styles = _styles(r)
@@ -105,8 +154,14 @@ def plot_controllability(results: xr.Dataset, path: str | Path | None = None, *,
             ax.set_xscale("log", base=2)
             ax.set_xticks(ks, [str(k) for k in ks])
             ax.grid(alpha=0.3)
+            if excluded(results, attribute):
+                ax.set_facecolor("#efefef")  # OUT_OF_CLAIMS, without its alpha
             if i == 0:
-                ax.set_title(f"attribute {attribute}")
+                ax.set_title(f"attribute {attribute}" + (
+                    f": edit {edit_measure(results, attribute)}"
+                    if edit_measure(results, attribute) else "")
+                    + (" (out of claims)" if excluded(results, attribute) else ""),
+                    fontsize=9)
             if i == len(rows) - 1:
                 ax.set_xlabel("k (latents edited)")
             if j == 0:
@@ -118,6 +173,9 @@ def plot_controllability(results: xr.Dataset, path: str | Path | None = None, *,
     ncol = max(1, min(5, len(labels), int(fig.get_figwidth() / column)))
     fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncol=ncol,
                frameon=False)
+    note = claims_note(results, attributes)
+    if note:
+        fig.suptitle(note.replace("grey", "grey panels"), fontsize=7, color="#555555")
     return finish(fig, path, dpi)
 
 

@@ -35,7 +35,7 @@ EVAL_TYPE_ID = "sage"
 def sae_cfg_dict(saes: Any, *, model_name: str | None = None,
                  training: Mapping | None = None) -> dict:
     """SAEBench's ``sae_cfg_dict`` (sae_lens's config fields) of an SAE under test: one
-    :class:`~sage_nn.saes.SparseAutoencoder`, a list of them, or an object holding them in
+    :class:`~..dictionaries.saes.SparseAutoencoder`, a list of them, or an object holding them in
     ``.saes`` (residual SAEs evaluated together, one per site).
 
     Fields all members share are top-level (``architecture``, ``d_in``, ``d_sae``, ``k``,
@@ -78,7 +78,7 @@ def sae_cfg_dict(saes: Any, *, model_name: str | None = None,
 def tl_hook_name(sae: Any) -> str | None:
     """The sae_lens/TransformerLens hook an SAE reads (``blocks.8.hook_resid_post``): its
     own hook name when it has one of that form, else its site's
-    (:attr:`sage_nn.sites.Site.hook_name`; q/k/v/z SAEs read the all-heads hook)."""
+    (:attr:`sage_nn.model.sites.Site.hook_name`; q/k/v/z SAEs read the all-heads hook)."""
     if sae.hook_name and str(sae.hook_name).startswith("blocks."):
         return sae.hook_name
     if sae.kind is None:
@@ -101,6 +101,21 @@ def _commit_hash() -> str | None:
 
 
 TRAINED_RELEASE = "sage_nn"  # the release name of SAEs trained by a run, in file names
+#: the run's options that say how the run trains SAEs: part of an SAE's eval_config only
+#: when the run trained it (a given SAE was made otherwise; its sae_cfg_dict says what is
+#: known of it)
+RUN_TRAINING = ("sae_width", "sae_steps", "sae_corpus", "sae_task_prompts", "corpus_tasks")
+#: ``sae_bench_commit_hash``: a string in SAEBench's ``BaseEvalOutput`` (sae-bench 0.6.0),
+#: the commit of the SAEBench that ran the evaluation. SAEBench did not run here: empty
+#: (sage_nn's commit is ``eval_result_unstructured.sage_nn_commit_hash``).
+NOT_SAE_BENCH = ""
+
+
+def sae_eval_config(config: Mapping, info: Mapping | None = None) -> dict:
+    """The run's options as one SAE's ``eval_config``: without :data:`RUN_TRAINING` unless
+    the run trained it (``info["spec"]`` is ``train:...``)."""
+    trained = str((info or {}).get("spec") or "train:").startswith("train:")
+    return {k: v for k, v in config.items() if trained or k not in RUN_TRAINING}
 
 
 def sae_identity(sae: str, info: Mapping | None = None) -> dict[str, str | None]:
@@ -147,7 +162,9 @@ def sae_eval_output(results: xr.Dataset, sae: str, *, config: Mapping | None = N
     ``"sage"``). Metric categories are the attributes (plus ``"mean"`` over them), each a
     flat dict; ``eval_result_details`` holds one entry per (attribute, cross-section pair).
     ``info`` may give ``spec``, ``sae_lens_id``, ``sae_lens_release_id`` (see
-    :func:`sae_identity`) and ``sae_cfg_dict``. ``sae_bench_commit_hash`` is null: SAEBench
+    :func:`sae_identity`) and ``sae_cfg_dict``; ``config``, the run's options, is kept
+    without the run's training settings for an SAE the run did not train
+    (:func:`sae_eval_config`). ``sae_bench_commit_hash`` is :data:`NOT_SAE_BENCH`: SAEBench
     did not run; sage_nn's own commit is ``eval_result_unstructured.sage_nn_commit_hash``.
     ``pairs`` keeps only those pairs' details (one member SAE of a set: the pairs it feeds).
     """
@@ -184,7 +201,8 @@ def sae_eval_output(results: xr.Dataset, sae: str, *, config: Mapping | None = N
             details.append(entry)
     eval_config = {"metric": "logit difference (answer - distractor) at the last token",
                    "ceiling": CEILING, "floor": FLOOR_PREFIX + sae,
-                   "ks": [int(k) for k in results["k"].values], **dict(config or {})}
+                   "ks": [int(k) for k in results["k"].values],
+                   **sae_eval_config(config or {}, info)}
     return eval_document(EVAL_TYPE_ID, sae, eval_config, categories, details, ident, info,
                          {"attributes": attributes,
                           **({"set": info["set"]} if info.get("set") else {})})
@@ -202,7 +220,7 @@ def eval_document(eval_type_id: str, sae: str, eval_config: Mapping, categories:
         "datetime_epoch_millis": int(time.time() * 1000),
         "eval_result_metrics": categories,
         "eval_result_details": details,
-        "sae_bench_commit_hash": None,
+        "sae_bench_commit_hash": NOT_SAE_BENCH,
         "sae_lens_id": ident["sae_lens_id"],
         "sae_lens_release_id": ident["sae_lens_release_id"],
         "sae_lens_version": _version("sae_lens"),

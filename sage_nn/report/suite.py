@@ -6,6 +6,7 @@ heatmap, the score against L0, one SAEBench-shaped JSON per SAE and the summary.
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from collections.abc import Mapping
@@ -19,96 +20,162 @@ from ..common.figures import figure, finish
 from .document import NOT_CONVERGED, SAE_COLUMNS, convergence, sae_rows, training_note
 from .saebench import eval_document, eval_results_file, sae_identity
 from .tables import (
+    BY_K,
     HEADLINE,
-    comparison_table,
+    Lookup,
     excluded,
+    gap_closed,
+    goodness,
     goodness_interval,
     headline_k,
-    metric_key,
+    roles,
 )
 
 EVAL_TYPE_ID = "sage_suite"
-#: what the table holds per (SAE, task, attribute, metric), from a run's comparison table
-FIELDS = {"value": "", "ci_low": "_low", "ci_high": "_high", "ceiling": "_ceiling",
-          "floor": "_floor", "gap_closed": "_gap"}
+#: what the Dataset holds per (SAE, item, metric, k): the SAE's value and 95% interval, the
+#: ceiling's and the floor's with theirs, and the gap closed
+FIELDS = ("value", "ci_low", "ci_high", "ceiling", "ceiling_low", "ceiling_high", "floor",
+          "floor_low", "floor_high", "gap_closed")
+#: the dimension of a suite's (task, attribute) items: a MultiIndex of the two in memory,
+#: its two coordinates in ``suite.nc`` (:func:`item_index` restores it)
+ITEM = "item"
+#: the dimension of the per-task variables (``gated``, ``gate_reason``), every task of the
+#: suite, gated out before its evaluation or not
+TASKS = "tasks"
+
+
+def item_index(ds: xr.Dataset) -> xr.Dataset:
+    """``item`` as a MultiIndex of ``task`` and ``attribute``, so ``ds.sel(task="ioi")``
+    holds that task's attributes only and ``ds.sel(task="ioi", attribute="io")`` one item
+    (``suite.nc`` keeps the two coordinates; a MultiIndex is not netCDF)."""
+    if ITEM in ds.dims and not isinstance(ds.indexes.get(ITEM), pd.MultiIndex):
+        ds = ds.set_index({ITEM: ["task", "attribute"]})
+    return ds
+
+
+def flat(ds: xr.Dataset) -> xr.Dataset:
+    """What ``suite.nc`` holds of a suite Dataset: ``item``'s coordinates without the
+    MultiIndex."""
+    return ds.reset_index(ITEM) if isinstance(ds.indexes.get(ITEM), pd.MultiIndex) else ds
 
 
 def suite_dataset(runs: Mapping[str, xr.Dataset], sae_info: Mapping[str, Mapping] | None = None,
                   gates: Mapping[str, str | None] | None = None) -> xr.Dataset:
     """Each task's run results (``{task: evaluation Dataset}``) as one Dataset with dims
-    ``sae, task, attribute, metric`` (the headline metrics, edits at the headline k):
-    ``value``, ``ci_low``/``ci_high`` (95%), ``ceiling``, ``floor``, ``gap_closed``
-    (``(sae - floor) / (ceiling - floor)`` in goodness units, higher better), ``l0``; per
-    (task, attribute) ``in_claims`` and ``reason`` (why not); per task ``gated`` and
-    ``gate_reason``. ``gates``: tasks gated out before their evaluation (no run results)
-    with the reason; a task whose attributes are all out of claims is gated too. Attributes
-    a task does not have are NaN / out of claims with an empty reason."""
+    ``sae, item, metric, k``, ``item`` being each task's own attributes (a MultiIndex of
+    ``task`` and ``attribute``: no cell for an attribute a task does not have). Per
+    (SAE, item, metric, k): ``value`` with ``ci_low``/``ci_high`` (95%), the ceiling's and
+    the floor's values with theirs (``ceiling``, ``ceiling_low``, ...), and ``gap_closed``
+    (``(sae - floor) / (ceiling - floor)`` in goodness units, higher better; NaN out of
+    claims); the edits at every ``k`` evaluated, the other metrics the same at every k.
+    Per (SAE, item) ``l0``; per item ``in_claims`` and ``reason`` (why not); per task of
+    ``tasks`` ``gated`` and ``gate_reason``. ``gates``: tasks gated out before their
+    evaluation (no run results) with the reason; a task whose attributes are all out of
+    claims is gated too. ``attrs["edit_k"]``: the k of the headline edits, which the score
+    uses."""
     gates = dict(gates or {})
     tasks = list(dict.fromkeys([*runs, *gates]))
     k = headline_k(next(iter(runs.values()))) if runs else 2
-    tables, reasons = {}, {}
-    for task, results in runs.items():
-        tables[task] = comparison_table(results, sae_info, k=k)
-        reasons[task] = {str(a): excluded(results, str(a)) for a in results.attribute.values}
-    saes = list(dict.fromkeys(s for t in tables.values() for s in t.index.unique("sae")))
-    attributes = list(dict.fromkeys(a for r in reasons.values() for a in r))
+    ks = sorted({int(x) for results in runs.values() for x in results["k"].values} or {k})
+    items = [(task, str(a)) for task, results in runs.items()
+             for a in results.attribute.values]
+    saes = list(dict.fromkeys(s for results in runs.values() for s in roles(results).saes))
     metrics = list(HEADLINE)
-    shape = (len(saes), len(tasks), len(attributes), len(metrics))
-    data = {name: np.full(shape, np.nan) for name in FIELDS}
-    l0 = np.full(shape[:3], np.nan)
-    in_claims = np.zeros(shape[1:3], bool)
-    why = np.full(shape[1:3], "", dtype=object)
-    for ti, task in enumerate(tasks):
-        for (sae, attribute), row in tables.get(task, pd.DataFrame()).iterrows():
-            si, ai = saes.index(sae), attributes.index(attribute)
-            l0[si, ti, ai] = row["l0"]
-            for mi, metric in enumerate(metrics):
-                key = metric_key(metric, k)[0]
-                for name, suffix in FIELDS.items():
-                    data[name][si, ti, ai, mi] = row.get(key + suffix, np.nan)
-        for attribute, reason in reasons.get(task, {}).items():
-            ai = attributes.index(attribute)
-            in_claims[ti, ai], why[ti, ai] = reason is None, reason or ""
-        if task in runs and not gates.get(task) and not in_claims[ti].any():
+    data = {name: np.full((len(saes), len(items), len(metrics), len(ks)), np.nan)
+            for name in FIELDS}
+    l0 = np.full((len(saes), len(items)), np.nan)
+    reasons = {}
+    for ii, (task, attribute) in enumerate(items):
+        results = runs[task]
+        r, look = roles(results), Lookup(results)
+        reasons[ii] = excluded(results, attribute)
+        for sae in r.saes:
+            si = saes.index(sae)
+            l0[si, ii] = _nan(look("l0", attribute, sae))
+            for (mi, metric), (ki, kk) in itertools.product(enumerate(metrics), enumerate(ks)):
+                if metric in BY_K and kk not in results["k"].values:
+                    continue
+                sel = {"k": kk} if metric in BY_K else {}
+                for prefix, method in (("", sae), ("ceiling", r.ceiling),
+                                       ("floor", r.floors[sae])):
+                    low, high = look.ci(metric, attribute, method, **sel)
+                    data[prefix or "value"][si, ii, mi, ki] = _nan(
+                        look(metric, attribute, method, **sel))
+                    data[f"{prefix}_low" if prefix else "ci_low"][si, ii, mi, ki] = _nan(low)
+                    data[f"{prefix}_high" if prefix else "ci_high"][si, ii, mi, ki] = _nan(high)
+                if reasons[ii] is None:
+                    data["gap_closed"][si, ii, mi, ki] = _nan(gap_closed(*(
+                        goodness(metric, None if np.isnan(v) else float(v)) for v in (
+                            data[n][si, ii, mi, ki] for n in ("value", "ceiling", "floor")))))
+    for task in runs:
+        mine = [reasons[i] for i, (t, _) in enumerate(items) if t == task]
+        if not gates.get(task) and mine and all(mine):
             gates[task] = "no attribute in claims: " + "; ".join(
-                f"{a}: {r}" for a, r in reasons[task].items())
-    dims = ("sae", "task", "attribute", "metric")
-    ds = xr.Dataset({name: (dims, values) for name, values in data.items()},
-                    coords={"sae": saes, "task": tasks, "attribute": attributes,
-                            "metric": metrics})
-    gated = np.array([bool(gates.get(t)) for t in tasks])
-    return ds.assign(
-        l0=(dims[:3], l0), in_claims=(dims[1:3], in_claims & ~gated[:, None]),
-        reason=(dims[1:3], why.astype(str)), gated=("task", gated),
-        gate_reason=("task", np.array([gates.get(t) or "" for t in tasks], dtype=str))
+                f"{a}: {reasons[i]}" for i, (t, a) in enumerate(items) if t == task)
+    gated = {t: bool(gates.get(t)) for t in tasks}
+    dims = ("sae", ITEM, "metric", "k")
+    ds = xr.Dataset(
+        {name: (dims, values) for name, values in data.items()},
+        coords={"sae": saes, "task": (ITEM, [t for t, _ in items]),
+                "attribute": (ITEM, [a for _, a in items]), "metric": metrics, "k": ks,
+                TASKS: tasks})
+    return item_index(ds.assign(
+        l0=(dims[:2], l0),
+        in_claims=(ITEM, np.array([reasons[i] is None and not gated[t]
+                                   for i, (t, _) in enumerate(items)], dtype=bool)),
+        reason=(ITEM, np.array([reasons[i] or "" for i in range(len(items))], dtype=str)),
+        gated=(TASKS, np.array([gated[t] for t in tasks], dtype=bool)),
+        gate_reason=(TASKS, np.array([gates.get(t) or "" for t in tasks], dtype=str)),
     ).assign_attrs(edit_k=int(k), higher_is_better=1,
-                   gap_closed="(sae - floor) / (ceiling - floor), goodness units")
+                   gap_closed="(sae - floor) / (ceiling - floor), goodness units",
+                   by_k=", ".join(BY_K) + " depend on k; the other metrics are the same at "
+                                          "every k"))
+
+
+def _nan(value: float | None) -> float:
+    return np.nan if value is None else float(value)
+
+
+def headline(ds: xr.Dataset) -> xr.Dataset:
+    """The suite at its headline edit budget (``attrs["edit_k"]``): dims ``sae, item,
+    metric``, what the score averages."""
+    return ds.sel(k=int(ds.attrs.get("edit_k", 2)))
 
 
 def suite_table(ds: xr.Dataset) -> pd.DataFrame:
-    """``suite.csv``: one row per (SAE, task, attribute, metric) a task has, with the
-    value, its interval, ceiling, floor, gap closed, and whether it is in claims (why not)."""
-    frame = ds[list(FIELDS)].to_dataframe().reset_index()
-    frame = frame.merge(ds[["in_claims", "reason"]].to_dataframe().reset_index(),
-                        on=["task", "attribute"])
-    frame = frame.merge(ds[["gated", "gate_reason"]].to_dataframe().reset_index(), on="task")
-    known = frame[list(FIELDS)].notna().any(axis=1) | frame.gated
-    return frame[known].reset_index(drop=True)
+    """``suite.csv``: one row per (SAE, task, attribute, metric) a task has, with ``k`` for
+    the edits (one row per k) and empty for the other metrics; the value, its interval, the
+    ceiling's and floor's with theirs, the gap closed, and whether it is in claims (why
+    not); and one row per task gated out before its evaluation."""
+    frame = flat(ds)[list(FIELDS)].to_dataframe().reset_index()
+    frame = frame[frame.metric.isin(BY_K) | (frame.k == int(ds.attrs.get("edit_k", 2)))]
+    frame.loc[~frame.metric.isin(BY_K), "k"] = np.nan
+    frame = frame[frame[list(FIELDS)].notna().any(axis=1)]
+    claims = flat(ds)[["in_claims", "reason"]].to_dataframe()[["in_claims", "reason"]]
+    frame = frame.merge(claims, left_on=ITEM, right_index=True).drop(columns=ITEM)
+    gates = pd.DataFrame({"task": ds[TASKS].values.astype(str), "gated": ds.gated.values,
+                          "gate_reason": ds.gate_reason.values})
+    frame = frame.merge(gates, on="task", how="outer")
+    columns = ["sae", "task", "attribute", "metric", "k", *FIELDS, "in_claims", "reason",
+               "gated", "gate_reason"]
+    return frame[columns].reset_index(drop=True)
 
 
 def _item_scores(ds: xr.Dataset) -> xr.DataArray:
-    """Per (SAE, task, attribute): the mean over the headline metrics of the gap closed
-    (a metric whose ceiling is not above its floor has none and is left out)."""
-    return ds.gap_closed.mean("metric", skipna=True)
+    """Per (SAE, item): the mean over the headline metrics of the gap closed at the
+    headline k (a metric whose ceiling is not above its floor has none and is left out)."""
+    return headline(ds).gap_closed.mean("metric", skipna=True)
 
 
 def _gap_se(ds: xr.Dataset) -> xr.DataArray:
-    """The standard error of each gap closed from its value's 95% interval (the run's
-    bootstrap over prompts), in goodness units over ``ceiling - floor``."""
+    """The standard error of each gap closed at the headline k from its value's 95%
+    interval (the run's bootstrap over prompts), in goodness units over ``ceiling -
+    floor``."""
+    ds = headline(ds)
     low, high = np.empty(ds.value.shape), np.empty(ds.value.shape)
-    flat = zip(np.ndindex(ds.value.shape), ds.ci_low.values.ravel(), ds.ci_high.values.ravel())
+    flat_ = zip(np.ndindex(ds.value.shape), ds.ci_low.values.ravel(), ds.ci_high.values.ravel())
     metrics = [str(m) for m in ds.metric.values]
-    for index, lo, hi in flat:
+    for index, lo, hi in flat_:
         ends = goodness_interval(metrics[index[-1]], None if np.isnan(lo) else float(lo),
                                  None if np.isnan(hi) else float(hi))
         low[index], high[index] = (np.nan, np.nan) if None in ends else ends
@@ -132,15 +199,15 @@ def aggregate(ds: xr.Dataset, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFr
     index = pd.Index([str(s) for s in ds.sae.values], name="sae")
     columns = ["score", "score_low", "score_high", *map(str, ds.metric.values), "n_attributes",
                "l0"]
-    items = np.flatnonzero(ds.in_claims.stack(item=("task", "attribute")).values)
+    items = np.flatnonzero(ds.in_claims.values)
     if not len(items) or not ds.sizes["sae"]:  # every task gated out: no score
         table = pd.DataFrame(np.nan, index=index, columns=columns)
         table["n_attributes"] = 0
         table.attrs.update(n_boot=n_boot, seed=seed)
         return table
-    pick_items = lambda da: da.stack(item=("task", "attribute")).isel(item=items)
-    gap = pick_items(ds.gap_closed).transpose("sae", "item", "metric")
-    se = pick_items(_gap_se(ds)).fillna(0.0).transpose("sae", "item", "metric").values
+    pick_items = lambda da: da.isel({ITEM: items})  # noqa: E731
+    gap = pick_items(headline(ds).gap_closed).transpose("sae", ITEM, "metric")
+    se = pick_items(_gap_se(ds)).fillna(0.0).transpose("sae", ITEM, "metric").values
     # the same draws for every SAE (an SAE's interval does not depend on the others')
     picks, noise = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
     draws = np.empty((n_boot, ds.sizes["sae"]))
@@ -157,7 +224,7 @@ def aggregate(ds: xr.Dataset, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFr
     table = pd.DataFrame({"score": score, "score_low": low, "score_high": high,
                           **dict(zip(map(str, ds.metric.values), per_metric.T)),
                           "n_attributes": len(items),
-                          "l0": pick_items(ds.l0).mean("item", skipna=True).values},
+                          "l0": pick_items(ds.l0).mean(ITEM, skipna=True).values},
                          index=index)[columns]
     table.attrs.update(n_boot=n_boot, seed=seed)
     return table
@@ -167,7 +234,16 @@ def task_scores(ds: xr.Dataset) -> pd.DataFrame:
     """SAE x task: each task's score of each SAE (the mean over its attributes in claims);
     NaN for a gated task."""
     item = _item_scores(ds).where(ds.in_claims)
-    return item.mean("attribute", skipna=True).to_pandas()
+    tasks = [str(t) for t in ds[TASKS].values]
+    by_task = {t: item.isel({ITEM: _of(ds, t)}).mean(ITEM, skipna=True).values for t in tasks}
+    return pd.DataFrame(by_task, index=pd.Index([str(s) for s in ds.sae.values], name="sae"),
+                        columns=pd.Index(tasks, name="task"))
+
+
+def _of(ds: xr.Dataset, task: str) -> np.ndarray:
+    """The positions along ``item`` of ``task``'s attributes (none for a task gated out
+    before its evaluation)."""
+    return np.flatnonzero(np.asarray(ds["task"].values, dtype=str) == task)
 
 
 def rank_agreement(ds: xr.Dataset) -> pd.DataFrame:
@@ -177,11 +253,12 @@ def rank_agreement(ds: xr.Dataset) -> pd.DataFrame:
     scores = task_scores(ds)
     item = _item_scores(ds).where(ds.in_claims)
     rows = []
-    for task in (str(t) for t in ds.task.values):
-        if bool(ds.gated.sel(task=task)):
+    for task in (str(t) for t in ds[TASKS].values):
+        if bool(ds.gated.sel({TASKS: task})):
             continue
-        others = item.sel(task=[t for t in ds.task.values if str(t) != task])
-        rest = others.stack(i=("task", "attribute")).mean("i", skipna=True).to_pandas()
+        others = np.setdiff1d(np.arange(ds.sizes[ITEM]), _of(ds, task))
+        rest = pd.Series(item.isel({ITEM: others}).mean(ITEM, skipna=True).values,
+                         index=scores.index)
         mine = scores[task]
         both = pd.concat([mine, rest], axis=1).dropna()
         rho = np.nan
@@ -203,7 +280,7 @@ def plot_heatmap(ds: xr.Dataset, path: str | Path | None = None, *, dpi: int = 1
     image = ax.imshow(scores.values.astype(float), cmap="viridis", vmin=0, vmax=1,
                       aspect="auto")
     for (i, j), value in np.ndenumerate(scores.values.astype(float)):
-        gated = bool(ds.gated.values[j])  # a blank (white) cell: dark text
+        gated = bool(ds.gated.sel({TASKS: scores.columns[j]}))  # blank (white): dark text
         ax.text(j, i, "gated out" if gated else f"{value:.2f}", ha="center", va="center",
                 color="k" if gated or value > 0.6 else "w", fontsize=8)
     ax.set_xticks(range(scores.shape[1]), labels=list(scores.columns), rotation=30,
@@ -249,23 +326,25 @@ def suite_eval_output(ds: xr.Dataset, table: pd.DataFrame, sae: str, *,
                                 "n_attributes": int(row.n_attributes), "l0": num(row.l0),
                                 **{f"{m}_gap_closed": num(row[str(m)])
                                    for m in ds.metric.values}}}
-    one = ds.sel(sae=sae)
+    one = headline(ds).sel(sae=sae)
     scores = task_scores(ds)
-    for task in (str(t) for t in ds.task.values):
-        t = one.sel(task=task)
-        claims = t.in_claims.values
-        entry = {"score": num(scores.loc[sae, task]), "gated": bool(t.gated),
-                 "gate_reason": str(t.gate_reason.values) or None}
+    for task in (str(t) for t in ds[TASKS].values):
+        mine = _of(ds, task)
+        claims = one.in_claims.values[mine]
+        entry = {"score": num(scores.loc[sae, task]), "gated": bool(ds.gated.sel({TASKS: task})),
+                 "gate_reason": str(ds.gate_reason.sel({TASKS: task}).values) or None}
         for m in ds.metric.values:
-            sel = t.sel(metric=m)
+            sel = one.sel(metric=m).isel({ITEM: mine})
             entry[f"{m}_gap_closed"] = _mean(sel.gap_closed.values[claims])
             entry[str(m)] = _mean(sel.value.values[claims])
         categories[task] = entry
     details = [{"task": r.task, "attribute": r.attribute, "metric": r.metric,
+                "k": None if pd.isna(r.k) else int(r.k),
                 **{f: num(getattr(r, f)) for f in FIELDS}, "in_claims": bool(r.in_claims),
                 "reason": r.reason or None}
-               for r in suite_table(ds.sel(sae=[sae])).itertuples() if not r.gated]
-    eval_config = {"tasks": [str(t) for t in ds.task.values],
+               for r in suite_table(ds.sel(sae=[sae])).itertuples()
+               if not r.gated and isinstance(r.sae, str)]
+    eval_config = {"tasks": [str(t) for t in ds[TASKS].values],
                    "metrics": [str(m) for m in ds.metric.values],
                    "edit_k": int(ds.attrs.get("edit_k", 2)),
                    "score": "mean over attributes in claims of the mean gap closed "
@@ -296,7 +375,7 @@ def suite_summary(ds: xr.Dataset, table: pd.DataFrame, agreement: pd.DataFrame,
     attribute left out of the score was left out for."""
     k = int(ds.attrs.get("edit_k", 2))
     lines = ["# SAGE suite", "",
-             (f"{ds.sizes['sae']} SAE(s) on {ds.sizes['task']} task(s). **Score**: per SAE, "
+             (f"{ds.sizes['sae']} SAE(s) on {ds.sizes[TASKS]} task(s). **Score**: per SAE, "
               "the gap closed between its random floor (0) and the supervised ceiling (1), "
               "`(sae - floor) / (ceiling - floor)`, averaged over the headline metrics "
               f"({', '.join(str(m) for m in ds.metric.values)}; edits at k = {k}) and then "
@@ -305,13 +384,15 @@ def suite_summary(ds: xr.Dataset, table: pd.DataFrame, agreement: pd.DataFrame,
               f"resamples, seed {table.attrs.get('seed')}) over attributes and prompts."), "",
              "## Tasks", "", "| task | status | accuracy | attributes in claims | reason |",
              "|---|---|---|---|---|"]
-    for task in (str(t) for t in ds.task.values):
+    for task in (str(t) for t in ds[TASKS].values):
         info = tasks.get(task, {})
-        claimed = [str(a) for a, c in zip(ds.attribute.values, ds.in_claims.sel(task=task).values)
-                   if c]
-        status = "gated out" if bool(ds.gated.sel(task=task)) else "evaluated"
+        mine = _of(ds, task)
+        claimed = [str(a) for a, c in zip(ds["attribute"].values[mine],
+                                          ds.in_claims.values[mine]) if c]
+        status = "gated out" if bool(ds.gated.sel({TASKS: task})) else "evaluated"
         lines.append(f"| {task} | {status} | {_fmt(info.get('accuracy'))} | "
-                     f"{', '.join(claimed) or '-'} | {ds.gate_reason.sel(task=task).values!s} |")
+                     f"{', '.join(claimed) or '-'} | "
+                     f"{ds.gate_reason.sel({TASKS: task}).values!s} |")
     saes = [str(sae) for sae in table.index]
     rows = sae_rows(saes, sae_info)
     if rows:
@@ -328,7 +409,7 @@ def suite_summary(ds: xr.Dataset, table: pd.DataFrame, agreement: pd.DataFrame,
                      f"{_fmt(row.score_high)}] | " + " | ".join(
                          _fmt(row[str(m)]) for m in ds.metric.values)
                      + f" | {_fmt(row.l0)} | {int(row.n_attributes)} |")
-    claimed = ds.gap_closed.where(ds.in_claims)
+    claimed = headline(ds).gap_closed.where(ds.in_claims)
     empty = [str(m) for m in ds.metric.values
              if ds.sizes["sae"] and not np.isfinite(claimed.sel(metric=m).values).any()]
     if empty and len(table) and table.n_attributes.max() > 0:
@@ -349,8 +430,8 @@ def suite_summary(ds: xr.Dataset, table: pd.DataFrame, agreement: pd.DataFrame,
               "|---|---|---|"]
     for task, row in agreement.iterrows():
         lines.append(f"| {task} | {_fmt(row.spearman_vs_others)} | {int(row.n_saes)} |")
-    left = [(str(t), str(a), str(r)) for t in ds.task.values for a, r in
-            zip(ds.attribute.values, ds.reason.sel(task=t).values) if r]
+    left = [(str(t), str(a), str(r)) for t, a, r in
+            zip(ds["task"].values, ds["attribute"].values, ds.reason.values) if r]
     if left:
         lines += ["", "## Attributes left out of the score", ""]
         lines += [f"- {t} / {a}: {r}" for t, a, r in left]
@@ -375,7 +456,7 @@ def write_suite_report(ds: xr.Dataset, out_dir: str | Path, *, tasks: Mapping[st
     table.to_csv(out / "aggregate.csv")
     agreement.to_csv(out / "agreement.csv")
     images = []
-    if ds.sizes["sae"] and ds.sizes["task"]:
+    if ds.sizes["sae"] and ds.sizes[TASKS]:
         plot_heatmap(ds, out / "heatmap.png")
         images.append(("SAE x task: score per task", "heatmap.png"))
     if table.l0.round(3).nunique() > 1:

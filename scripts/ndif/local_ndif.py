@@ -99,9 +99,13 @@ def has_cuda() -> bool:
 
 
 def python312() -> str:
-    for candidate in (os.environ.get("SAGE_NN_NDIF_PYTHON"), shutil.which("python3.12"),
-                      *sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))):
-        if candidate and Path(candidate).exists():
+    pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
+    for candidate in (os.environ.get("SAGE_NN_NDIF_PYTHON"),
+                      *sorted(pyenv.glob("versions/3.12*/bin/python3.12")),
+                      shutil.which("python3.12")):
+        # run it: pyenv's shim exists on PATH but fails when 3.12 is not the selected version
+        if candidate and subprocess.run([str(candidate), "-c", ""],
+                                        capture_output=True).returncode == 0:
             return str(candidate)
     sys.exit("no Python 3.12 found (ndif needs >= 3.12): install one, or set "
              "SAGE_NN_NDIF_PYTHON to its path")
@@ -109,8 +113,11 @@ def python312() -> str:
 
 def setup(args) -> None:
     if not shutil.which("redis-server"):  # NDIF's queue; Debian's package
-        installed = subprocess.run(["apt-get", "install", "-y", "-q", "redis-server"],
-                                   capture_output=True, text=True)
+        apt = ["apt-get", "install", "-y", "-q", "redis-server"]
+        installed = subprocess.run(apt, capture_output=True, text=True)
+        if installed.returncode:  # a fresh machine's package lists may be empty or stale
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True)
+            installed = subprocess.run(apt, capture_output=True, text=True)
         if installed.returncode or not shutil.which("redis-server"):
             sys.exit("redis-server is not installed and `apt-get install redis-server` failed "
                      f"({installed.stderr.strip()[-300:]}): install Redis, then run setup again")
