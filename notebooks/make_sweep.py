@@ -41,7 +41,7 @@ if os.environ.get("SAGE_NB_RUN_DIR"):  # a finished quickstart: start from a cop
     shutil.copytree(os.environ["SAGE_NB_RUN_DIR"], run_dir)
 # the quickstart's settings: its task, discovery and ceiling are the sweep's
 config = RunConfig(saes=["train:topk:k=" + ",".join(map(str, ks))], run_dir=run_dir,
-                   **(dict(sae_width=256, sae_steps=30, sae_task_prompts=128) if SMALL
+                   **(dict(sae_width=256, sae_steps=30, sae_task_prompts=512) if SMALL
                       else {}))
 config.saes"""),
     nbf.v4.new_markdown_cell("## 1. One run: train the sweep, discover, evaluate every SAE"),

@@ -161,7 +161,8 @@ def test_task_corpus_is_disjoint_from_the_run_prompts(setup):
     used = {p for d in [full, *full.counterfactuals.values()] for p in d.prompts}
     assert len(prompts.texts) > 10 and not used & set(prompts.texts)  # few combinations here
     assert sae_corpus(model, cfg)[1] == prompts  # the same seed, the same prompts
-    assert sae_corpus(model, dataclasses.replace(cfg, sae_corpus="builtin")) == ["builtin"]
+    (builtin,) = sae_corpus(model, dataclasses.replace(cfg, sae_corpus="builtin"))
+    assert (builtin.source, builtin.max_docs) == ("builtin", 300)  # the prompt budget
     (named,) = sae_corpus(model, dataclasses.replace(cfg, sae_corpus="task@positions"))
     assert named.texts == prompts.texts and len(named.positions) == len(prompts.texts)
 

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..dictionaries.serving import served_sites, serving_sae
+from ..dictionaries.serving import TRANSCODER_PREFIX, served_sites, serving_sae
 from .config import RunConfig, select_kinds_of
 
 if TYPE_CHECKING:  # xarray loads where a stage reads or writes a Dataset (not for --help)
@@ -33,6 +33,7 @@ def discovery_restriction(config: "RunConfig", n_layers: int, parallel: bool | N
 
     ``spec_sites``: the sites of each spec when already read (else read from configs)."""
     from ..dictionaries.releases import spec_sites as read_sites
+    from ..model.sites import HEAD_KINDS, parse_site
 
     made = [s for s in config.saes if not str(s).startswith("train:")]
     trained = [s for s in config.saes if str(s).startswith("train:")]
@@ -43,6 +44,13 @@ def discovery_restriction(config: "RunConfig", n_layers: int, parallel: bool | N
     sites = {s: every_mlp for s in trained if trains_transcoders(s)}
     sites.update({s: (spec_sites or {}).get(s) or read_sites(s) for s in made})
     if any(v is None for v in sites.values()):
+        return None
+    # SAEs at heads serve single heads, which layers and kinds cannot say: applied where
+    # they are, they restrict nothing (a cross-section head without one is refused later)
+    sites = {s: found for s, found in sites.items()
+             if not all(parse_site(n)[1] in HEAD_KINDS for n in found
+                        if not str(n).startswith(TRANSCODER_PREFIX))}
+    if not sites:
         return None
     wanted = select_kinds_of(config)
     served = None
