@@ -31,7 +31,7 @@ from sage_nn.discovery.growth import grow_cross_sections
 from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
 from sage_nn.evaluation.scoring import evaluate_cross_section
 from sage_nn.model.patching import Patch, run_patched
-from sage_nn.model.remote import Remote, run_kernel
+from sage_nn.model.remote import CODE_ALLOWANCE, Remote, run_kernel
 from sage_nn.model.servers import ShippedByValueError, SimulatedServer
 from sage_nn.dictionaries.saes import SparseAutoencoder
 from sage_nn.model.sites import Site
@@ -495,11 +495,52 @@ def test_bfloat16_transport_sends_sae_encoders_in_half_precision_once(setup):
     assert wide.W_enc.dtype == torch.float32
 
 
+def test_sparse_edits_go_dense_where_a_split_would_send_their_directions_again(setup,
+                                                                             monkeypatch):
+    """Sparse edits carry their clean values and directions once a request. In one request
+    they are fewer bytes than dense values and go sparse; under a limit that splits the
+    batch, every request would carry them again, and they go dense. Either way the run
+    sends the fewer bytes of the two (each measured by forcing it) and the numbers are the
+    local run's."""
+    from sage_nn.model import patching
+    from sage_nn.model.patching import LatentEdit
+
+    model, fit, _, server_model = setup
+    n, d = len(fit.prompts), model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    base, directions = torch.randn(n, d, generator=g), torch.randn(8, d, generator=g)
+    ks = [1, 2, 4, 8]  # one greedy path's prefixes, over a few shared latents
+    edits = LatentEdit.prefixes(base, torch.randint(0, 8, (n, 8), generator=g),
+                                torch.randn(n, 8, generator=g), directions, ks)
+    sparse = [[Patch("L1.resid_pre", fit.positions["END"], e)] for e in edits.values()]
+    dense = [[Patch("L1.resid_pre", fit.positions["END"], e.dense())] for e in edits.values()]
+    here = run_patched(model, fit, [[]] + dense).logit_diff.values
+
+    def sent(variants, limit, forced=False):
+        if forced:  # the edits as they are, whatever that costs
+            monkeypatch.setattr(patching, "_cheaper_parts",
+                                lambda groups, members, budget, _: patching._within(
+                                    groups, members, budget))
+        remote = Remote(SimulatedServer(server_model), max_request_bytes=limit)
+        there = run_patched(weightless(model), fit, [[]] + variants, remote=remote,
+                            max_rows=n)  # a group a variant: a split may part them
+        monkeypatch.undo()
+        np.testing.assert_allclose(there.logit_diff.values, here, rtol=1e-5, atol=1e-5)
+        assert all(r.up <= remote.payload_budget for r in remote.requests), remote.requests
+        return len(remote.requests), sum(r.up for r in remote.requests)
+
+    one = 16 << 20
+    split = CODE_ALLOWANCE + 8 * 1024 + 2 * n * d * 4  # the prompts and about two values
+    assert sent(sparse, one, forced=True)[1] < sent(dense, one)[1]
+    assert sent(sparse, one) == sent(sparse, one, forced=True)
+    assert sent(dense, split)[1] < sent(sparse, split, forced=True)[1]
+    assert sent(sparse, split) == sent(dense, split) and sent(dense, split)[0] > 1
+
+
 def test_a_stage_over_the_servers_request_limit_is_split_into_requests_under_it(setup):
     """A patched run whose values are more than a request may carry goes as several
     requests (a batch's variants split too), each under the limit, with the same numbers;
     a request still over it is refused before it is sent, naming the fix."""
-    from sage_nn.model.remote import CODE_ALLOWANCE
     from sage_nn.model.servers import RequestTooLargeError
 
     model, fit, test, server_model = setup
