@@ -32,7 +32,7 @@ from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
 from sage_nn.evaluation.scoring import evaluate_cross_section
 from sage_nn.model.patching import Patch, run_patched
 from sage_nn.model.remote import CODE_ALLOWANCE, Remote, run_kernel
-from sage_nn.model.servers import ShippedByValueError, SimulatedServer
+from sage_nn.model.servers import ShippedByValueError, SimulatedServer, WeightReadError
 from sage_nn.dictionaries.saes import SparseAutoencoder
 from sage_nn.model.sites import Site
 from sage_nn.tasks.datasets import logit_diffs
@@ -212,6 +212,12 @@ def _writes_to_the_model(model, arch, inputs):
     return out
 
 
+def _reads_a_weight(model, arch, inputs):
+    with model.trace(inputs):
+        out = (model.model.norm.weight * model.model.norm.output).sum().save()
+    return out
+
+
 def _plain(model, arch, inputs, site):
     layer, kind, head = site
     with model.trace(inputs):
@@ -219,11 +225,12 @@ def _plain(model, arch, inputs, site):
     return [out, arch["n_layers"], layer, kind]
 
 
-def test_the_simulated_server_refuses_classes_shipped_by_value_and_writes_to_its_model():
+def test_the_simulated_server_refuses_classes_shipped_by_value_writes_and_weight_reads():
     """The strict simulation's rules, each seen failing: a sage_nn dataclass instance in a
     chunk (its class would travel by value, its methods as bytecode), a function without
-    source (a dataclass's generated method: bytecode) and a kernel that leaves an attribute
-    on the server's model (shared by every user) are refused; a kernel given the site as a
+    source (a dataclass's generated method: bytecode), a kernel that leaves an attribute
+    on the server's model (shared by every user) and one that reads a weight inside its
+    trace (a sandbox's model has none) are refused; a kernel given the site as a
     plain (layer, kind, head) key runs, with the server's numbers."""
     server_model = tiny_random_model("llama", seed=4)
     client, server = weightless(server_model), SimulatedServer(server_model)
@@ -245,6 +252,9 @@ def test_the_simulated_server_refuses_classes_shipped_by_value_and_writes_to_its
                                            r"by every user\): model\.foo$"):
         list(run_kernel(client, _writes_to_the_model, [(inputs,)], Remote(server)))
     assert server_model._module.foo == 1 and not hasattr(client._module, "foo")
+    with pytest.raises(WeightReadError, match=r"reads LlamaRMSNorm\.weight inside its trace: "
+                                              r"in NDIF's sandbox the model is on the meta"):
+        list(run_kernel(client, _reads_a_weight, [(inputs,)], Remote(server)))
 
 
 class FlakyBackend(LocalSimulationBackend):
