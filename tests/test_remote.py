@@ -31,8 +31,8 @@ from sage_nn.discovery.growth import grow_cross_sections
 from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
 from sage_nn.evaluation.scoring import evaluate_cross_section
 from sage_nn.model.patching import Patch, run_patched
-from sage_nn.model.remote import Remote, run_kernel
-from sage_nn.model.servers import ShippedByValueError, SimulatedServer
+from sage_nn.model.remote import CODE_ALLOWANCE, Remote, run_kernel
+from sage_nn.model.servers import ShippedByValueError, SimulatedServer, WeightReadError
 from sage_nn.dictionaries.saes import SparseAutoencoder
 from sage_nn.model.sites import Site
 from sage_nn.tasks.datasets import logit_diffs
@@ -212,6 +212,12 @@ def _writes_to_the_model(model, arch, inputs):
     return out
 
 
+def _reads_a_weight(model, arch, inputs):
+    with model.trace(inputs):
+        out = (model.model.norm.weight * model.model.norm.output).sum().save()
+    return out
+
+
 def _plain(model, arch, inputs, site):
     layer, kind, head = site
     with model.trace(inputs):
@@ -219,11 +225,12 @@ def _plain(model, arch, inputs, site):
     return [out, arch["n_layers"], layer, kind]
 
 
-def test_the_simulated_server_refuses_classes_shipped_by_value_and_writes_to_its_model():
+def test_the_simulated_server_refuses_classes_shipped_by_value_writes_and_weight_reads():
     """The strict simulation's rules, each seen failing: a sage_nn dataclass instance in a
     chunk (its class would travel by value, its methods as bytecode), a function without
-    source (a dataclass's generated method: bytecode) and a kernel that leaves an attribute
-    on the server's model (shared by every user) are refused; a kernel given the site as a
+    source (a dataclass's generated method: bytecode), a kernel that leaves an attribute
+    on the server's model (shared by every user) and one that reads a weight inside its
+    trace (a sandbox's model has none) are refused; a kernel given the site as a
     plain (layer, kind, head) key runs, with the server's numbers."""
     server_model = tiny_random_model("llama", seed=4)
     client, server = weightless(server_model), SimulatedServer(server_model)
@@ -245,6 +252,9 @@ def test_the_simulated_server_refuses_classes_shipped_by_value_and_writes_to_its
                                            r"by every user\): model\.foo$"):
         list(run_kernel(client, _writes_to_the_model, [(inputs,)], Remote(server)))
     assert server_model._module.foo == 1 and not hasattr(client._module, "foo")
+    with pytest.raises(WeightReadError, match=r"reads LlamaRMSNorm\.weight inside its trace: "
+                                              r"in NDIF's sandbox the model is on the meta"):
+        list(run_kernel(client, _reads_a_weight, [(inputs,)], Remote(server)))
 
 
 class FlakyBackend(LocalSimulationBackend):
@@ -495,11 +505,52 @@ def test_bfloat16_transport_sends_sae_encoders_in_half_precision_once(setup):
     assert wide.W_enc.dtype == torch.float32
 
 
+def test_sparse_edits_go_dense_where_a_split_would_send_their_directions_again(setup,
+                                                                             monkeypatch):
+    """Sparse edits carry their clean values and directions once a request. In one request
+    they are fewer bytes than dense values and go sparse; under a limit that splits the
+    batch, every request would carry them again, and they go dense. Either way the run
+    sends the fewer bytes of the two (each measured by forcing it) and the numbers are the
+    local run's."""
+    from sage_nn.model import patching
+    from sage_nn.model.patching import LatentEdit
+
+    model, fit, _, server_model = setup
+    n, d = len(fit.prompts), model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    base, directions = torch.randn(n, d, generator=g), torch.randn(8, d, generator=g)
+    ks = [1, 2, 4, 8]  # one greedy path's prefixes, over a few shared latents
+    edits = LatentEdit.prefixes(base, torch.randint(0, 8, (n, 8), generator=g),
+                                torch.randn(n, 8, generator=g), directions, ks)
+    sparse = [[Patch("L1.resid_pre", fit.positions["END"], e)] for e in edits.values()]
+    dense = [[Patch("L1.resid_pre", fit.positions["END"], e.dense())] for e in edits.values()]
+    here = run_patched(model, fit, [[]] + dense).logit_diff.values
+
+    def sent(variants, limit, forced=False):
+        if forced:  # the edits as they are, whatever that costs
+            monkeypatch.setattr(patching, "_cheaper_parts",
+                                lambda groups, members, budget, _: patching._within(
+                                    groups, members, budget))
+        remote = Remote(SimulatedServer(server_model), max_request_bytes=limit)
+        there = run_patched(weightless(model), fit, [[]] + variants, remote=remote,
+                            max_rows=n)  # a group a variant: a split may part them
+        monkeypatch.undo()
+        np.testing.assert_allclose(there.logit_diff.values, here, rtol=1e-5, atol=1e-5)
+        assert all(r.up <= remote.payload_budget for r in remote.requests), remote.requests
+        return len(remote.requests), sum(r.up for r in remote.requests)
+
+    one = 16 << 20
+    split = CODE_ALLOWANCE + 8 * 1024 + 2 * n * d * 4  # the prompts and about two values
+    assert sent(sparse, one, forced=True)[1] < sent(dense, one)[1]
+    assert sent(sparse, one) == sent(sparse, one, forced=True)
+    assert sent(dense, split)[1] < sent(sparse, split, forced=True)[1]
+    assert sent(sparse, split) == sent(dense, split) and sent(dense, split)[0] > 1
+
+
 def test_a_stage_over_the_servers_request_limit_is_split_into_requests_under_it(setup):
     """A patched run whose values are more than a request may carry goes as several
     requests (a batch's variants split too), each under the limit, with the same numbers;
     a request still over it is refused before it is sent, naming the fix."""
-    from sage_nn.model.remote import CODE_ALLOWANCE
     from sage_nn.model.servers import RequestTooLargeError
 
     model, fit, test, server_model = setup

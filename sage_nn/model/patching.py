@@ -26,7 +26,7 @@ import torch
 import xarray as xr
 
 from .activations import batches, encode, model_device, token_index
-from .remote import as_remote, cast_shared, payload_bytes, run_kernel
+from .remote import CODE_ALLOWANCE, as_remote, cast_shared, payload_bytes, run_kernel
 from .sites import HEAD_KINDS, KINDS, Site, adapter, channels, site_key, site_tensor, skip_blocks
 
 
@@ -240,7 +240,7 @@ def run_patched(
             # a batch whose patches are more than a request may carry goes as several
             # chunks, each running the clean batch again
             room = None if budget is None else budget - payload_bytes(fixed)
-            for part, part_members in _within(groups, members, room):
+            for part, part_members in _cheaper_parts(groups, members, room, fixed):
                 prepared.extend([(idx, chunk) for chunk in part_members] + [(idx, clean)])
                 yield fixed[0], part, *fixed[1:]
 
@@ -271,6 +271,34 @@ def plain_patch(patch: Patch, dtype=None, memo: dict | None = None) -> tuple:
         values = {f: t if dtype is None else cast_shared(t, dtype, memo)
                   for f, t in values.plain().items()}
     return (site_key(patch.site), patch.positions, values)
+
+
+def _cheaper_parts(groups: list, members: list, budget: int | None, fixed) -> list:
+    """:func:`_within`'s parts with sparse edits as they are or made dense, whichever sends
+    fewer bytes in all. A sparse edit carries its clean values and directions once a
+    request; once a batch is split under the request limit, every part carries them
+    again, and dense values can then be fewer bytes (and fewer requests)."""
+    sparse = list(_within(groups, members, budget))
+    if budget is None or not any(isinstance(values, dict) for group in groups
+                                 for parts in group[3].values() for *_, values in parts):
+        return sparse
+    dense = list(_within([_densified(group) for group in groups], members, budget))
+    per_request = payload_bytes(fixed) + CODE_ALLOWANCE  # what every request carries again
+
+    def sent(parts: list) -> tuple[int, int]:  # parts over the limit first: they fail
+        sizes = [payload_bytes(part) for part, _ in parts]
+        return sum(size > budget for size in sizes), sum(sizes) + per_request * len(parts)
+
+    return min(sparse, dense, key=sent)
+
+
+def _densified(group: tuple) -> tuple:
+    """A group of :func:`plan_batch` with its sparse edits as dense values."""
+    layer, col, m, writes = group
+    return (layer, col, m, {key: [(rows, cols, chans, edit_dense(values)
+                                   if isinstance(values, dict) else values)
+                                  for rows, cols, chans, values in parts]
+                            for key, parts in writes.items()})
 
 
 def _within(groups: list, members: list, budget: int | None):

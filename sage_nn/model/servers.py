@@ -3,7 +3,8 @@ and an in-process server that holds a real one's rules (:class:`SimulatedServer`
 
 The judge is the real server (``scripts/ndif/local_ndif.py``, tests/test_ndif.py);
 :class:`SimulatedServer` is the fast check the other tests use: it refuses what a server on
-another Python version could not run and any write to the model it serves.
+another Python version could not run, any write to the model it serves, and any weight
+read as an attribute inside a trace.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import cloudpickle
 import torch
 from nnsight.intervention import serialization
 from nnsight.intervention.backends.remote import RemoteBackend
+from nnsight.intervention.envoy import Envoy
 from nnsight.schema.request import RequestModel
 from nnsight.tracing.backend import Backend
 
 #: The largest request body NDIF's API takes (ndif 0.1.2 parses a request with starlette's
 #: multipart parser, whose parts are capped at 1 MiB: a larger body gets HTTP 400).
 MAX_REQUEST_BYTES = 1 << 20
+
+_ENVOY_GETATTR = Envoy.__getattr__
 
 class RequestTooLargeError(ValueError):
     """A request over the server's body limit (:data:`MAX_REQUEST_BYTES`), refused here."""
@@ -99,6 +103,22 @@ class _StrictPickler(serialization.CustomCloudPickler):
         return reduced
 
 
+class WeightReadError(RuntimeError):
+    """A request read a parameter or buffer as an attribute inside its trace; in NDIF's
+    sandbox (a copy of the model on the meta device) it would get a tensor without values."""
+
+
+def _weights_refused(envoy: Any, name: str) -> Any:
+    """``Envoy.__getattr__`` as a sandbox sees it: a module's tensors have no values there."""
+    value = _ENVOY_GETATTR(envoy, name)
+    if isinstance(value, torch.Tensor):
+        raise WeightReadError(
+            f"the request reads {type(envoy._module).__name__}.{name} inside its trace: in "
+            "NDIF's sandbox the model is on the meta device; call the module on a tensor "
+            "instead (its forward runs where the weights are)")
+    return value
+
+
 def _state(model: Any) -> tuple:
     """What a request must leave as it found it: every module's attribute names and the
     config's values."""
@@ -116,7 +136,10 @@ class SimulatedServer(Backend):
     with the user's modules hidden (nnsight's ``LocalSimulationBackend`` does that) against
     ``model``, the server's own (its parameters frozen, as NDIF's are); run; and only the
     saved values come back, through bytes. A request that leaves an attribute on the
-    server's model, or changes its config, raises. So the client may hold its model on
+    server's model, or changes its config, raises, and so does one that reads a parameter
+    or buffer as an attribute inside its trace (:class:`WeightReadError`: NDIF's sandbox
+    holds a meta copy of the model). The sandbox's other differences (no backward pass, a
+    forward that runs elsewhere) are the real server's to judge (tests/test_ndif.py). So the client may hold its model on
     the meta device, as a remote model is. ``request_bytes`` and ``result_bytes`` record
     each request's sizes."""
 
@@ -150,10 +173,12 @@ class SimulatedServer(Backend):
         before = _state(self.model)
         pushed, push = [], tracing.push
         tracing.push = lambda frame, values: (pushed.append(dict(values)), push(frame, values))
+        Envoy.__getattr__ = _weights_refused
         try:  # in the caller's own trace scope: its outermost block pushes only saved values
             restored.execute(restored.info.code)
         finally:
             tracing.push = push
+            Envoy.__getattr__ = _ENVOY_GETATTR
             linecache.cache.clear()
             linecache.cache.update(sources)
         after = _state(self.model)
