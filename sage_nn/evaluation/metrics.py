@@ -58,16 +58,23 @@ def sufficiency_ratio(ld_patched: np.ndarray, ld_clean: np.ndarray) -> float:
 
 def necessity(ld_x: np.ndarray, ld_mean: np.ndarray, ld_clean: np.ndarray,
               min_gap: float = MIN_LD_GAP) -> float:
-    """``1 - |LD_mean - LD_x| / |LD_mean - LD_clean|`` for ``x = mean + (a - â)``.
+    """``1 - mean_i |LD_x,i - LD_mean,i| / mean_i |LD_clean,i - LD_mean,i|`` for ``x = mean
+    + (a - â)``, prompt by prompt.
 
-    1: removing what the dictionary explains hurts as much as mean-ablating everything.
-    NaN when mean ablation moves the mean logit difference by less than ``min_gap`` logits
-    (the ratio would only amplify noise); :func:`mean_ablation_reason` says why.
+    1: removing what the dictionary explains leaves every prompt where mean-ablating
+    everything leaves it; 0: as far from there as the clean run. The distance is taken per
+    prompt before averaging: with the mean logit differences instead, a reconstruction whose
+    errors push prompts both ways would read as if removing it removed everything (a random
+    SAE at SmolLM2's heads, FVU 8-12, scored 0.86-0.91 so). NaN when mean ablation moves the
+    mean logit difference by less than ``min_gap`` logits (the ratio would only amplify
+    noise); :func:`mean_ablation_reason` says why.
     """
-    total = np.abs(_mean(ld_mean) - _mean(ld_clean))
+    gap = np.abs(_mean(ld_mean) - _mean(ld_clean))
+    ld_mean = np.asarray(ld_mean, dtype=np.float64)
+    total = _mean(np.abs(np.asarray(ld_clean, dtype=np.float64) - ld_mean))
     with np.errstate(divide="ignore", invalid="ignore"):
-        value = 1 - np.abs(_mean(ld_mean) - _mean(ld_x)) / total
-    return _value(np.where(total >= min_gap, value, np.nan))  # also NaN for a NaN gap
+        value = 1 - _mean(np.abs(np.asarray(ld_x, dtype=np.float64) - ld_mean)) / total
+    return _value(np.where(gap >= min_gap, value, np.nan))  # also NaN for a NaN gap
 
 
 def mean_ablation_reason(ld_mean: np.ndarray, ld_clean: np.ndarray,
@@ -184,23 +191,27 @@ def greedy_path(a, codes, codes_cf, directions, target, k: int, scale=None):
     (0 for none). The first ``k' < k`` columns are the greedy edit at ``k'``: one path
     serves every k."""
     scale = torch.ones(len(a), dtype=a.dtype) if scale is None else scale.to(a.dtype)
-    norms = directions.norm(dim=-1)  # [L]
-    step = (codes_cf - codes).to(a.dtype)  # [n, L]
-    residual = (target - a).clone()
-    taken = torch.zeros_like(step, dtype=torch.bool)
+    directions = directions.to(a.dtype)
+    step = (codes_cf - codes).to(a.dtype) * scale[:, None]  # [n, L]: each latent's move
+    # the residual's inner product with every direction, updated by the chosen direction's
+    # row of the Gram matrix (no product with all directions per step)
+    corr = (target - a) @ directions.T  # [n, L]
+    gram = directions @ directions.T if len(directions) <= 8192 else None
+    sq = (step ** 2) * directions.pow(2).sum(-1)  # ||δ_j||²
+    blocked = step == 0
     chosen = torch.full((len(a), k), -1, dtype=torch.long)
     coefs = torch.zeros((len(a), k), dtype=a.dtype)
     rows = torch.arange(len(a))
     for i in range(k):
         # gain of candidate j: ||R||² - ||R - δ_j||² = 2 R·δ_j - ||δ_j||²
-        proj = (residual @ directions.T) * step * scale[:, None]
-        gain = 2 * proj - (step * scale[:, None] * norms) ** 2
-        gain = gain.masked_fill(taken | (step == 0), -torch.inf)
+        gain = (2 * corr * step - sq).masked_fill(blocked, -torch.inf)
         best = gain.argmax(-1)
-        ok = torch.isfinite(gain[rows, best]) & (gain[rows, best] > 0)
-        coef = step[rows, best] * scale * ok
-        residual -= coef[:, None] * directions[best]
-        taken[rows[ok], best[ok]] = True
+        top = gain[rows, best]
+        ok = torch.isfinite(top) & (top > 0)
+        coef = step[rows, best] * ok
+        row = gram[best] if gram is not None else directions[best] @ directions.T
+        corr -= coef[:, None] * row
+        blocked[rows[ok], best[ok]] = True
         chosen[ok, i] = best[ok]
         coefs[:, i] = coef
     return chosen, coefs
@@ -286,17 +297,24 @@ def latent_f1(codes_fit: np.ndarray, labels_fit: pd.DataFrame) -> dict:
     below = np.vstack([ranked[1:], np.zeros((1, n_latents))])  # the next score: the cut
     valid = (ranked > below) & (ranked > 0)  # a cut between distinct scores, all active
     predicted = np.arange(1, n + 1)[:, None]
+    cols = np.arange(n_latents)
     out = {}
     for attribute in labels_fit.columns:
         values = labels_fit[attribute].astype(str).to_numpy()
-        for value in sorted(set(values)):
-            positive = values == value
-            f1 = np.where(valid, 2 * np.cumsum(positive[order], 0)
-                          / (predicted + positive.sum()), 0.0)
-            best = f1.argmax(0)
-            cols = np.arange(n_latents)
-            top = f1[best, cols]
-            out[attribute, value] = (top, np.where(top > 0, below[best, cols], np.inf))
+        names = sorted(set(values))
+        step = max(1, 8_000_000 // max(1, n * n_latents))  # values at once, in bounded memory
+        for first in range(0, len(names), step):
+            chunk = names[first:first + step]
+            positive = values[:, None] == np.asarray(chunk)[None, :]  # [n, V]
+            # these values at once: true positives above each cut, per latent's own order
+            hits = np.cumsum(positive[order], 0, dtype=np.int32)  # [n, L, V]
+            f1 = np.where(valid[..., None],
+                          2 * hits / (predicted[..., None] + positive.sum(0)), 0.0)
+            best = f1.argmax(0)  # [L, V]
+            for j, value in enumerate(chunk):
+                top = f1[best[:, j], cols, j]
+                out[attribute, value] = (top, np.where(top > 0, below[best[:, j], cols],
+                                                       np.inf))
     return out
 
 

@@ -35,7 +35,8 @@ def evaluation_files(saes: dict) -> list[str]:
 
 
 def evaluate_cached(root: Path, settings: str, saes: dict,
-                    evaluate: Callable[[dict, bool], xr.Dataset]) -> None:
+                    evaluate: Callable[[dict, bool], xr.Dataset],
+                    target: float = 0.6) -> None:
     """Score what ``root/evaluation/`` lacks and merge the run's parts into
     ``evaluation.nc`` (with discovery's facts per attribute).
 
@@ -44,7 +45,9 @@ def evaluate_cached(root: Path, settings: str, saes: dict,
     ``evaluation/<SAE>.nc`` each SAE and its floor, keyed by the settings and the SAE's
     weights (``evaluation/index.json``). Only the SAEs without a fresh file are scored,
     all in one ``evaluate(saes, ceiling)``; ``evaluation.nc`` merges the run's SAEs in
-    their order, so a removed SAE is left out."""
+    their order, so a removed SAE is left out. Scoring the ceiling scores every SAE again
+    (the path ceiling is read with the residual SAEs' own rows); ``target``: the run's,
+    for :func:`with_discovery`."""
     from ..common.io import read_netcdf, sha256, write_atomic, write_netcdf
 
     (root / "evaluation").mkdir(exist_ok=True)
@@ -65,6 +68,8 @@ def evaluate_cached(root: Path, settings: str, saes: dict,
 
     shared_missing = not fresh(SHARED_EVALUATION)
     missing = [name for name in saes if not fresh(name)]
+    if shared_missing:  # the path ceiling is read with the residual SAEs' own rows
+        missing = list(saes)
     log.info("evaluation: %s%d of %d SAEs to score", "ceiling and " if shared_missing
              else "", len(missing), len(saes))
     if shared_missing or missing:
@@ -78,7 +83,7 @@ def evaluate_cached(root: Path, settings: str, saes: dict,
             write_atomic(index_path, json.dumps(index, indent=2))
     merged = merge_evaluation(read_netcdf(root / files[SHARED_EVALUATION]),
                               [read_netcdf(root / files[name]) for name in saes])
-    write_netcdf(with_discovery(merged, root / "discovery" / "summary.json"),
+    write_netcdf(with_discovery(merged, root / "discovery" / "summary.json", target),
                  root / "evaluation.nc")
 
 
@@ -105,15 +110,18 @@ def sae_fingerprint(coder: Any) -> str:
 
 
 def evaluation_part(results: xr.Dataset, sae: str | None) -> xr.Dataset:
-    """What one cache file holds of an evaluation: an SAE and its floor (variables over
-    ``dictionary``), or (``sae=None``) every other dictionary and every shared variable."""
-    from ..evaluation.coders import RANDOM
+    """What one cache file holds of an evaluation: an SAE and its controls (variables over
+    ``dictionary``), or (``sae=None``) the ceilings, every other dictionary and every shared
+    variable."""
+    from ..evaluation.controls import CONTROLS
 
     names = [str(d) for d in results.dictionary.values]
     if sae is not None:
-        part = results.sel(dictionary=[sae, f"{RANDOM}:{sae}"])
+        part = results.sel(dictionary=[d for d in [sae, *(f"{c}:{sae}" for c in CONTROLS)]
+                                       if d in names])
         return part[[v for v in part.data_vars if "dictionary" in part[v].dims]]
-    own = lambda d: d.startswith(f"{RANDOM}:") or f"{RANDOM}:{d}" in names  # noqa: E731
+    own = lambda d: any(d.startswith(f"{c}:") for c in CONTROLS) or \
+        f"{CONTROLS[0]}:{d}" in names  # noqa: E731
     return results.sel(dictionary=[d for d in names if not own(d)])
 
 
@@ -139,10 +147,13 @@ def merge_evaluation(shared: xr.Dataset, parts: list[xr.Dataset]) -> xr.Dataset:
 WEAK_SHARE = 0.5
 
 
-def with_discovery(results: xr.Dataset, summary_path: Path) -> xr.Dataset:
+def with_discovery(results: xr.Dataset, summary_path: Path,
+                   default_target: float = 0.6) -> xr.Dataset:
     """The cross-sections' discovery facts as attribute variables: ``recovered`` (joint
     exact share of the effect) and its ``target``, ``cap_hit``, ``small_effect``,
-    ``weak_cross_section`` (``recovered`` below :data:`WEAK_SHARE` of the target),
+    ``weak_cross_section`` (``recovered`` below :data:`WEAK_SHARE` of the target; a
+    cross-section chosen by ``top_k`` has no target of its own and is held to
+    ``default_target``, the run's ``target``, so no setting switches the check off),
     ``effect_layers`` (where attribution puts the effect, comma-separated) and ``same_as``
     (the other attributes with the same cross-section, comma-separated)."""
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
@@ -150,6 +161,7 @@ def with_discovery(results: xr.Dataset, summary_path: Path) -> xr.Dataset:
     get = lambda a, key, default: summary.get(a, {}).get(key, default)  # noqa: E731
     recovered = [float(get(a, "recovered", np.nan)) for a in attributes]
     target = [float(get(a, "target", np.nan)) for a in attributes]
+    target = [default_target if np.isnan(t) else t for t in target]
     return results.assign(
         recovered=("attribute", recovered), target=("attribute", target),
         cap_hit=("attribute", [bool(get(a, "cap_hit", False)) for a in attributes]),

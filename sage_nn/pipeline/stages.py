@@ -155,6 +155,7 @@ def _label(config: RunConfig) -> str:
 def task(run: RunState) -> None:
     """The held-out prompts' logit differences: the model does the task (``task.json``)."""
     from ..tasks.datasets import load_task, logit_diffs
+    from ..tasks.gates import task_problems
 
     config, root = run.config, run.root
 
@@ -176,6 +177,9 @@ def task(run: RunState) -> None:
     run.task_summary = run.stage("task", config.hash("model", "task", "seed", "n_fit",
                                                      "n_eval"),
                                  ["task.json"], run.sent("task", compute), load)
+    for problem in task_problems(run.task_summary):  # what a suite would gate the task out for
+        log.warning("task %s: %s; its numbers are kept, read them with care (a suite would "
+                    "gate it out)", run.task_summary["task"], problem)
 
 
 def discovery(run: RunState) -> None:
@@ -213,7 +217,7 @@ def saes(run: RunState) -> None:
     loaded (``saes.json``)."""
     from ..dictionaries.corpus import corpus_hash
     from ..model.sites import adapter
-    from .resolve import run_saes, sae_corpus
+    from .resolve import TRAINED_K_HEADS, run_saes, sae_corpus
 
     config, root = run.config, run.root
     needed = residual_sites_for(run.pairs, adapter(run.model).parallel, config.reconstruction)
@@ -230,8 +234,9 @@ def saes(run: RunState) -> None:
 
     settings = config.hash("model", "saes", "sae_width", "sae_steps", "sae_corpus",
                            "sae_task_prompts", "seed", "reconstruction")
-    run.stage("saes", f"{settings},{corpus_hash(sae_corpus(run.model, config))},"
-              f"{','.join(needed)}", ["saes.json"], compute, load)
+    run.stage("saes", f"{settings},kh{TRAINED_K_HEADS},"
+              f"{corpus_hash(sae_corpus(run.model, config))},{','.join(needed)}",
+              ["saes.json"], compute, load)
 
 
 def evaluation(run: RunState) -> None:
@@ -239,11 +244,17 @@ def evaluation(run: RunState) -> None:
     (``evaluation.nc``; cached per SAE under ``evaluation/``: :func:`~.cache.evaluate_cached`)."""
     from ..evaluation.coders import CrossSection
     from ..evaluation.scoring import EVALUATION_VERSION, evaluate_cross_section, pair_coords
+    from ..report.tables import excluded, roles
+    from ..report.verdicts import sae_flags
 
     config, root = run.config, run.root
     shared = config.hash("model", "task", "seed", "n_fit", "n_eval", "n_discovery",
                          "attributes", "discovery_kinds", "select_kinds", "target",
                          "max_sites", "top_k", "ks", "n_boot", "remote_transport")
+    # the ceilings every SAE shares: a residual SAE through the reconstruction needs the
+    # path ceiling, and the control seeds are every SAE's
+    reconstructed = any(getattr(coder, "mode", None) is not None for coder in run.saes.values())
+    shared += f",controls{config.control_seeds},path{reconstructed}"
     shared += f",v{EVALUATION_VERSION}," + hashlib.sha256(json.dumps(
         run.result().cross_sections, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -252,13 +263,22 @@ def evaluation(run: RunState) -> None:
             run.model, run.fit, run.held_out,
             [CrossSection(a, pairs) for a, pairs in run.cross_sections.items()], saes,
             ks=config.ks, n_boot=config.n_boot, seed=config.seed,
-            batch_size=config.batch_size, remote=run.remote, ceiling=ceiling)
+            batch_size=config.batch_size, remote=run.remote, ceiling=ceiling,
+            control_seeds=config.control_seeds)
 
     run.results = run.stage(
         "evaluation", shared + "," + run.directory.manifest["saes"]["settings"],
         ["evaluation.nc", *evaluation_files(run.saes)],
-        run.sent("evaluation", lambda: evaluate_cached(root, shared, run.saes, evaluate)),
+        run.sent("evaluation", lambda: evaluate_cached(root, shared, run.saes, evaluate,
+                                                      config.target)),
         lambda: pair_coords(read_netcdf(root / "evaluation.nc")))
+    for attribute in (str(a) for a in run.results.attribute.values):  # numbers, no claims
+        reason = excluded(run.results, attribute)
+        if reason:
+            log.warning("attribute %s: kept out of claims: %s", attribute, reason)
+    for sae in roles(run.results).saes:
+        for flag in sae_flags(run.results, sae):
+            log.warning("SAE %s: %s", sae, flag)
 
 
 def report(run: RunState) -> None:

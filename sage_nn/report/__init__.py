@@ -19,9 +19,11 @@ writes into ``out_dir``::
 The plot functions return matplotlib Figures (shown inline in a notebook); they save them
 only when given a path.
 
-Roles of the ``method`` coordinate: ``"supervised"`` is the ceiling, an SAE under test is
-any method ``NAME`` that has a floor ``"random:NAME"``; other methods (e.g. another
-supervised dictionary) are shown as references.
+Roles of the ``dictionary`` coordinate: ``"supervised"`` is the ceiling (and
+``"supervised:path"`` the path ceiling of residual SAEs through the reconstruction), an SAE
+under test is any ``NAME`` that has a floor ``"random:NAME"`` (and a random SAE
+``"random-sae:NAME"``); other dictionaries (e.g. another supervised dictionary) are shown as
+references.
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ from .tables import (
     BY_K,
     FLOOR_PREFIX,
     LABELS,
-    SWEEP_METRICS,
     check_results,
-    comparison_table,
     headline_k,
+    headline_metrics,
     roles,
     sae_widths,
+)
+from .verdicts import (
+    comparison_table,
 )
 
 
@@ -125,14 +129,15 @@ def write_report(results: xr.Dataset, out_dir: str | Path, *,
 
     k = headline_k(results)
     images = []
-    for metric, sel in (("sufficiency", {}), ("necessity", {}), ("edit", {"k": k}),
-                        ("edit_f1", {"k": k}), ("best_f1", {}), ("alignment", {}),
-                        ("fvu", {})):
+    edits = ((("edit_auc", {}), ("edit_f1_auc", {})) if "edit_auc" in results
+             else (("edit", {"k": k}), ("edit_f1", {"k": k})))
+    for metric, sel in (("sufficiency", {}), ("necessity", {}), *edits, ("best_f1", {}),
+                        ("alignment", {}), ("fvu", {})):
         if metric in results:
             file = f"compare_{metric}" + (f"_k{k}" if sel else "") + ".png"
             plot_comparison(results, metric, out / file, **sel)
             images.append((LABELS[metric] + (f" at k = {k}" if sel else "")
-                           + ": SAEs vs ceiling and floor", file))
+                           + ": SAEs vs ceilings and controls", file))
     plot_controllability(results, out / "controllability.png")
     images.append(("Controllability over k", "controllability.png"))
     if plot_training(sae_info or {}, out / "training.png") is not None:
@@ -141,7 +146,7 @@ def write_report(results: xr.Dataset, out_dir: str | Path, *,
     comparison_table(results, sae_info, k=k).to_csv(out / "comparison.csv")
     if len(r.saes) > 1:  # a sweep: each headline metric against L0 and width
         known = {w for w in sae_widths(results, sae_info).values() if w is not None}
-        for metric in SWEEP_METRICS:
+        for metric in headline_metrics(results):
             if metric not in results:
                 continue
             for x in ("l0", "width") if len(known) > 1 else ("l0",):
@@ -174,24 +179,31 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "Lookup": "tables",
     "PER_PAIR": "tables",
     "REQUIRED": "tables",
+    "OLD_HEADLINE": "tables",
+    "RANDOM_SAE_PREFIX": "tables",
     "Roles": "tables",
     "SWEEP_METRICS": "tables",
     "TRAINED_RELEASE": "saebench",
-    "against_floor": "tables",
+    "against_floor": "verdicts",
+    "calibration": "verdicts",
+    "compare": "verdicts",
     "aggregate": "suite",
     "check_results": "tables",
-    "comparison_table": "tables",
+    "comparison_table": "verdicts",
     "document": "document",
     "eval_results_file": "saebench",
     "excluded": "tables",
     "extra_scalars": "tables",
     "gap_closed": "tables",
+    "gap_defined": "verdicts",
     "goodness": "tables",
     "goodness_interval": "tables",
     "headline_columns": "tables",
     "headline_k": "tables",
+    "headline_metrics": "tables",
     "headline_table": "tables",
     "member_files": "saebench",
+    "paired_interval": "verdicts",
     "metric_key": "tables",
     "plot_comparison": "plots",
     "plot_controllability": "plots",
@@ -205,9 +217,10 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "roles": "tables",
     "sae_cfg_dict": "saebench",
     "sae_eval_output": "saebench",
+    "sae_flags": "verdicts",
     "sae_identity": "saebench",
-    "sae_metrics": "tables",
-    "sae_orderings": "tables",
+    "sae_metrics": "verdicts",
+    "sae_orderings": "verdicts",
     "sae_widths": "tables",
     "safe_name": "saebench",
     "suite_dataset": "suite",

@@ -26,6 +26,8 @@ from .tables import (
     Lookup,
     check_results,
     roles,
+)
+from .verdicts import (
     sae_metrics,
 )
 
@@ -179,11 +181,12 @@ def sae_eval_output(results: xr.Dataset, sae: str, *, config: Mapping | None = N
     look = Lookup(results)
     categories = {a: sae_metrics(look, sae, a) for a in attributes}
     if len(attributes) > 1:
-        keys = categories[attributes[0]]
+        # every attribute's keys: a paired interval exists only where it was drawn
+        keys = dict.fromkeys(key for a in attributes for key in categories[a])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             categories["mean"] = {key: _none_nan(np.nanmean(
-                [np.nan if categories[a][key] is None else categories[a][key]
+                [np.nan if categories[a].get(key) is None else categories[a][key]
                  for a in attributes])) for key in keys}
     details = []
     for a in attributes:

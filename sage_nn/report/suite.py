@@ -28,6 +28,7 @@ from .tables import (
     goodness,
     goodness_interval,
     headline_k,
+    headline_metrics,
     roles,
 )
 
@@ -80,7 +81,8 @@ def suite_dataset(runs: Mapping[str, xr.Dataset], sae_info: Mapping[str, Mapping
     items = [(task, str(a)) for task, results in runs.items()
              for a in results.attribute.values]
     saes = list(dict.fromkeys(s for results in runs.values() for s in roles(results).saes))
-    metrics = list(HEADLINE)
+    heads = list(headline_metrics(next(iter(runs.values())))) if runs else list(HEADLINE)
+    metrics = list(dict.fromkeys([*heads, *BY_K]))  # the edits at every k too
     data = {name: np.full((len(saes), len(items), len(metrics), len(ks)), np.nan)
             for name in FIELDS}
     l0 = np.full((len(saes), len(items)), np.nan)
@@ -96,7 +98,7 @@ def suite_dataset(runs: Mapping[str, xr.Dataset], sae_info: Mapping[str, Mapping
                 if metric in BY_K and kk not in results["k"].values:
                     continue
                 sel = {"k": kk} if metric in BY_K else {}
-                for prefix, method in (("", sae), ("ceiling", r.ceiling),
+                for prefix, method in (("", sae), ("ceiling", r.ceiling_of(sae)),
                                        ("floor", r.floors[sae])):
                     low, high = look.ci(metric, attribute, method, **sel)
                     data[prefix or "value"][si, ii, mi, ki] = _nan(
@@ -128,6 +130,7 @@ def suite_dataset(runs: Mapping[str, xr.Dataset], sae_info: Mapping[str, Mapping
         gate_reason=(TASKS, np.array([gates.get(t) or "" for t in tasks], dtype=str)),
     ).assign_attrs(edit_k=int(k), higher_is_better=1,
                    gap_closed="(sae - floor) / (ceiling - floor), goodness units",
+                   headline=",".join(heads),
                    by_k=", ".join(BY_K) + " depend on k; the other metrics are the same at "
                                           "every k"))
 
@@ -137,9 +140,12 @@ def _nan(value: float | None) -> float:
 
 
 def headline(ds: xr.Dataset) -> xr.Dataset:
-    """The suite at its headline edit budget (``attrs["edit_k"]``): dims ``sae, item,
-    metric``, what the score averages."""
-    return ds.sel(k=int(ds.attrs.get("edit_k", 2)))
+    """The suite's headline metrics (``attrs["headline"]``: the edits summarised over k,
+    or at the headline budget ``attrs["edit_k"]`` for results written before): dims
+    ``sae, item, metric``, what the score averages."""
+    metrics = ds.attrs.get("headline")
+    ds = ds.sel(k=int(ds.attrs.get("edit_k", 2)))
+    return ds.sel(metric=metrics.split(",")) if metrics else ds
 
 
 def suite_table(ds: xr.Dataset) -> pd.DataFrame:
@@ -197,8 +203,8 @@ def aggregate(ds: xr.Dataset, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFr
     own bootstrap interval over prompts), the same draws for every SAE; ``<metric>`` the mean
     gap closed of each metric; ``n_attributes``; ``l0``, the mean L0 over them."""
     index = pd.Index([str(s) for s in ds.sae.values], name="sae")
-    columns = ["score", "score_low", "score_high", *map(str, ds.metric.values), "n_attributes",
-               "l0"]
+    metrics = [str(m) for m in headline(ds).metric.values]
+    columns = ["score", "score_low", "score_high", *metrics, "n_attributes", "l0"]
     items = np.flatnonzero(ds.in_claims.values)
     if not len(items) or not ds.sizes["sae"]:  # every task gated out: no score
         table = pd.DataFrame(np.nan, index=index, columns=columns)
@@ -216,13 +222,13 @@ def aggregate(ds: xr.Dataset, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFr
         score = np.nanmean(np.nanmean(gap.values, axis=2), axis=1)
         for b in range(n_boot):
             pick = picks.integers(0, len(items), len(items))
-            z = noise.standard_normal((len(items), ds.sizes["metric"]))
+            z = noise.standard_normal((len(items), len(metrics)))
             noisy = gap.values[:, pick] + se[:, pick] * z
             draws[b] = np.nanmean(np.nanmean(noisy, axis=2), axis=1)
         low, high = np.nanpercentile(draws, [2.5, 97.5], axis=0)
         per_metric = np.nanmean(gap.values, axis=1)
     table = pd.DataFrame({"score": score, "score_low": low, "score_high": high,
-                          **dict(zip(map(str, ds.metric.values), per_metric.T)),
+                          **dict(zip(metrics, per_metric.T)),
                           "n_attributes": len(items),
                           "l0": pick_items(ds.l0).mean(ITEM, skipna=True).values},
                          index=index)[columns]
@@ -325,7 +331,7 @@ def suite_eval_output(ds: xr.Dataset, table: pd.DataFrame, sae: str, *,
                                 "score_ci_high": num(row.score_high),
                                 "n_attributes": int(row.n_attributes), "l0": num(row.l0),
                                 **{f"{m}_gap_closed": num(row[str(m)])
-                                   for m in ds.metric.values}}}
+                                   for m in headline(ds).metric.values}}}
     one = headline(ds).sel(sae=sae)
     scores = task_scores(ds)
     for task in (str(t) for t in ds[TASKS].values):
@@ -333,7 +339,7 @@ def suite_eval_output(ds: xr.Dataset, table: pd.DataFrame, sae: str, *,
         claims = one.in_claims.values[mine]
         entry = {"score": num(scores.loc[sae, task]), "gated": bool(ds.gated.sel({TASKS: task})),
                  "gate_reason": str(ds.gate_reason.sel({TASKS: task}).values) or None}
-        for m in ds.metric.values:
+        for m in one.metric.values:
             sel = one.sel(metric=m).isel({ITEM: mine})
             entry[f"{m}_gap_closed"] = _mean(sel.gap_closed.values[claims])
             entry[str(m)] = _mean(sel.value.values[claims])
@@ -345,7 +351,7 @@ def suite_eval_output(ds: xr.Dataset, table: pd.DataFrame, sae: str, *,
                for r in suite_table(ds.sel(sae=[sae])).itertuples()
                if not r.gated and isinstance(r.sae, str)]
     eval_config = {"tasks": [str(t) for t in ds[TASKS].values],
-                   "metrics": [str(m) for m in ds.metric.values],
+                   "metrics": [str(m) for m in headline(ds).metric.values],
                    "edit_k": int(ds.attrs.get("edit_k", 2)),
                    "score": "mean over attributes in claims of the mean gap closed "
                             "(sae - floor) / (ceiling - floor) over the metrics; "
@@ -374,11 +380,14 @@ def suite_summary(ds: xr.Dataset, table: pd.DataFrame, agreement: pd.DataFrame,
     per-task scores and how each task's ranking agrees with the others', what each
     attribute left out of the score was left out for."""
     k = int(ds.attrs.get("edit_k", 2))
+    metrics = [str(m) for m in headline(ds).metric.values]
     lines = ["# SAGE suite", "",
              (f"{ds.sizes['sae']} SAE(s) on {ds.sizes[TASKS]} task(s). **Score**: per SAE, "
               "the gap closed between its random floor (0) and the supervised ceiling (1), "
               "`(sae - floor) / (ceiling - floor)`, averaged over the headline metrics "
-              f"({', '.join(str(m) for m in ds.metric.values)}; edits at k = {k}) and then "
+              f"({', '.join(metrics)}; "
+              + ("edits as the area over k" if "edit_auc" in metrics else f"edits at k = {k}")
+              + ") and then "
               "over every attribute in claims of every task not gated. **Higher is "
               f"better.** The 95% interval is a bootstrap ({table.attrs.get('n_boot')} "
               f"resamples, seed {table.attrs.get('seed')}) over attributes and prompts."), "",
@@ -401,16 +410,16 @@ def suite_summary(ds: xr.Dataset, table: pd.DataFrame, agreement: pd.DataFrame,
         lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "## Score per SAE (higher is better)", "",
               "| SAE | score | 95% interval | " + " | ".join(
-                  f"{m} gap" for m in ds.metric.values) + " | L0 | attributes |",
-              "|---|---|---|" + "---|" * ds.sizes["metric"] + "---|---|"]
+                  f"{m} gap" for m in metrics) + " | L0 | attributes |",
+              "|---|---|---|" + "---|" * len(metrics) + "---|---|"]
     for sae, row in table.sort_values("score", ascending=False).iterrows():
         late = NOT_CONVERGED if convergence(sae_info, str(sae))[1] is False else ""
         lines.append(f"| {sae}{late} | {_fmt(row.score)} | [{_fmt(row.score_low)}, "
                      f"{_fmt(row.score_high)}] | " + " | ".join(
-                         _fmt(row[str(m)]) for m in ds.metric.values)
+                         _fmt(row[m]) for m in metrics)
                      + f" | {_fmt(row.l0)} | {int(row.n_attributes)} |")
     claimed = headline(ds).gap_closed.where(ds.in_claims)
-    empty = [str(m) for m in ds.metric.values
+    empty = [m for m in metrics
              if ds.sizes["sae"] and not np.isfinite(claimed.sel(metric=m).values).any()]
     if empty and len(table) and table.n_attributes.max() > 0:
         lines += ["", (f"{', '.join(empty)}: no gap closed at any attribute (the floor is at "
