@@ -1,6 +1,8 @@
-"""Scoring dictionaries at a cross-section: each dictionary as site codes (``coders``), the
-metrics as formulas (``metrics``), every intervention in batched forwards (``scoring``), and
-the metrics checked on dictionaries of known quality (``validity``).
+"""Scoring dictionaries at a cross-section: each dictionary as site codes (``coders``), its
+controls (``controls``) and the path ceiling (``path``), the metrics as formulas
+(``metrics``), every intervention in batched forwards (``scoring``), their scores with
+paired bootstrap replicates (``scores``, ``paired``), and the metrics checked on
+dictionaries of known quality (``validity``).
 """
 
 from ..common.lazy import lazy_exports
@@ -34,13 +36,28 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "edit_accuracy_reason": "metrics",
     "edit_magnitude": "metrics",
     "edit_metric": "metrics",
-    "edit_scorer": "scoring",
+    "edit_scorer": "scores",
     "edit_success": "metrics",
     "edit_success_reason": "metrics",
     "evaluate_cross_section": "scoring",
     "f1_path": "metrics",
     "feature_alignment": "metrics",
-    "floor_code": "coders",
+    "CONTROLS": "controls",
+    "FLOOR": "controls",
+    "HEADLINE": "scores",
+    "LinearControls": "controls",
+    "N_CONTROL_SEEDS": "controls",
+    "PATH_CEILING": "path",
+    "PathCeiling": "path",
+    "RANDOM_SAE": "controls",
+    "chance_f1": "paired",
+    "control_name": "controls",
+    "curve_area": "paired",
+    "detector_replicates": "paired",
+    "difference_interval": "paired",
+    "sae_code": "coders",
+    "site_controls": "controls",
+    "verdict": "paired",
     "fvu": "metrics",
     "greedy_edit": "metrics",
     "greedy_path": "metrics",

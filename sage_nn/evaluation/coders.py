@@ -2,9 +2,10 @@
 directions at the site and its codes there on the held-out, counterfactual and fit prompts),
 made by a *coder*: :class:`DirectSAE` (SAEs at their own sites), :class:`ReconstructedSAE`
 (residual SAEs reaching sublayer sites through the residual-to-sublayer reconstruction),
-:class:`Transcoders` (transcoders at the MLP output they write, coded from its input),
-:func:`supervised_code` (the ceiling) and :func:`floor_code` (the floor). Each coder's
-``kind`` is how a report labels its dictionaries (:data:`KINDS`)."""
+:class:`Transcoders` (transcoders at the MLP output they write, coded from its input) and
+:func:`supervised_code` (the ceiling); the controls of each SAE are built from these
+(:mod:`sage_nn.evaluation.controls`). Each coder's ``kind`` is how a report labels its
+dictionaries (:data:`KINDS`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..dictionaries.floor import RandomDictionary
 from ..dictionaries.reconstruction import ResidualReconstruction
 from ..dictionaries.saes import SparseAutoencoder
 from ..dictionaries.supervised import MSEDictionary
@@ -26,7 +26,7 @@ from . import metrics
 SUPERVISED = "supervised"
 
 
-RANDOM = "random"
+RANDOM = "random"  # the floor's prefix: random:<SAE> (sage_nn.evaluation.controls)
 #: The kinds of dictionaries, as a report labels them (a coder's ``kind``).
 KINDS = {"direct": "SAE at the site", "reconstructed": "residual SAE through the reconstruction",
          "transcoder": "transcoder"}
@@ -53,6 +53,9 @@ class SiteCode:
     directions: torch.Tensor | None
     scale: torch.Tensor | None = None
     codes_fit: torch.Tensor | None = None
+    #: per-token L0 at the dictionary's own site (a residual SAE's at the residual stream),
+    #: where that is not the L0 of ``codes`` at this pair (None: it is)
+    l0_own: float | None = None
 
     def path(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The greedy edit's path up to ``k`` latents (:func:`sage_nn.metrics.greedy_path`):
@@ -72,20 +75,6 @@ def supervised_code(dictionary: MSEDictionary, a, attrs, a_cf, attrs_cf, a_fit,
                     codes_fit=t(dictionary.transform(a_fit, attrs_fit)))
 
 
-def floor_code(code: SiteCode, a_fit: torch.Tensor, seed: int) -> SiteCode:
-    """The floor of a dictionary at one pair (:class:`sage_nn.floor.RandomDictionary`): as
-    many latents as ``code`` has, random unit directions at the site, and ``code``'s mean
-    L0 on the fit prompts, the best sparse codes over those directions around the fit mean."""
-    n_latents = code.codes.shape[1]
-    floor = RandomDictionary(n_latents, round(metrics.l0(code.codes_fit.numpy())),
-                             seed=seed).fit(a_fit)
-    f = lambda x: x.float()  # noqa: E731
-    codes = floor.transform(code.a)
-    return SiteCode(code.a, f(floor.inverse_transform(codes)), code.a_cf, f(codes),
-                    f(floor.transform(code.a_cf)), f(floor.components_),
-                    codes_fit=f(floor.transform(a_fit)))
-
-
 def _at_site(model, sae: SparseAutoencoder, site: Site) -> bool:
     """Whether ``sae`` reads exactly ``site`` (one head of a q/k/v/z SAE)."""
     if site.kind in HEAD_KINDS:
@@ -95,7 +84,9 @@ def _at_site(model, sae: SparseAutoencoder, site: Site) -> bool:
         Site(sae.layer, sae.kind), site)
 
 
-def _sae_code(sae: SparseAutoencoder, a, a_cf, a_fit) -> SiteCode:
+def sae_code(sae: SparseAutoencoder, a, a_cf, a_fit) -> SiteCode:
+    """An SAE at its own site as a :class:`SiteCode` (its codes of ``a``, ``a_cf`` and the
+    fit rows ``a_fit``, its decoder as directions)."""
     with torch.no_grad():
         codes, codes_cf = sae.encode(a), sae.encode(a_cf)
         scale, _ = sae.decode_affine(a)
@@ -120,6 +111,11 @@ class DirectSAE:
     def serves(self, model, site: Site) -> bool:
         return self._sae(model, site) is not None
 
+    def member(self, model, pair) -> tuple[str, SparseAutoencoder]:
+        """Where the controls of ``pair`` live: at the site, from its SAE
+        (:mod:`sage_nn.evaluation.controls`)."""
+        return "site", self.saes[self._sae(model, pair[0])]
+
     def reads(self, model, pair) -> list[tuple]:
         return []
 
@@ -128,7 +124,7 @@ class DirectSAE:
 
     def codes(self, model, pairs, test, cf, values, values_cf, values_fit, computed=None,
               remote=None) -> dict:
-        return {pair: _sae_code(self.saes[self._sae(model, pair[0])], values[pair],
+        return {pair: sae_code(self.saes[self._sae(model, pair[0])], values[pair],
                                 values_cf[pair], values_fit[pair]) for pair in pairs}
 
 
@@ -168,6 +164,18 @@ class ReconstructedSAE:
         except ValueError:
             return False
         return True
+
+    def member(self, model, pair) -> tuple[str, SparseAutoencoder | None]:
+        """Where the controls of ``pair`` live (:mod:`sage_nn.evaluation.controls`): a
+        residual pair's at the site, from its SAE; a linear sublayer pair's at the residual
+        feeding it (``"linear"``); elsewhere (mlp_out, difference mode) the floor at the
+        pair itself and no random SAE."""
+        site = pair[0]
+        if site.kind in RESID_KINDS:
+            return "site", self._direct(model, site)
+        if self._linear(site):
+            return "linear", self._reconstruction(model).source(site)
+        return "site", None
 
     def _feed(self, model, pair) -> tuple[Site, str]:
         """The residual that feeds a site, at the site's token."""
@@ -212,7 +220,7 @@ class ReconstructedSAE:
         for pair in pairs:
             site, pos = pair
             if site.kind in RESID_KINDS:
-                out[pair] = _sae_code(self._direct(model, site), values[pair],
+                out[pair] = sae_code(self._direct(model, site), values[pair],
                                       values_cf[pair], values_fit[pair])
                 continue
             recon = self._reconstruction(model)

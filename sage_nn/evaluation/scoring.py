@@ -1,4 +1,4 @@
-"""Scoring dictionaries at a cross-section: the supervised ceiling, SAEs, a random floor.
+"""Scoring dictionaries at a cross-section: the supervised ceilings, SAEs, their controls.
 
 Every method is seen the same way at each (site, position) pair of a cross-section, as a
 :class:`SiteCode`: the clean activations, the method's reconstruction, its codes for the
@@ -7,8 +7,12 @@ one batched run of patched variants gives every intervention metric at once::
 
     clean | mean-ablation | counterfactual | per method: sufficiency, necessity, edit@k
 
-Patched values are computed from the clean run's activations at every pair of the
-cross-section (Makelov et al.'s protocol), so all variants share one set of forwards.
+Every intervention patches all pairs of the cross-section at once, from the clean run's
+activations, so all variants share one set of forwards (sage_nn's protocol: the reference
+patches one node at a time, docs/metrics.md). The methods: the site ceiling
+(``supervised``), the path ceiling of residual SAEs (``supervised:path``,
+:mod:`~sage_nn.evaluation.path`), each SAE and its two controls over several seeds
+(``random:<SAE>``, ``random-sae:<SAE>``, :mod:`~sage_nn.evaluation.controls`).
 """
 
 from __future__ import annotations
@@ -26,19 +30,27 @@ from sklearn.base import clone
 from ..dictionaries.supervised import MSEDictionary
 from ..model.patching import LatentEdit, Patch, run_patched
 from ..model.reads import read_sites
-from . import metrics
+from . import metrics, paired, scores
 from .coders import (
-    RANDOM,
     SUPERVISED,
     CrossSection,
     SiteCode,
     as_coder,
-    floor_code,
     supervised_code,
 )
+from .controls import (
+    CONTROLS,
+    N_CONTROL_SEEDS,
+    LinearControls,
+    control_name,
+    placement,
+    site_controls,
+)
+from .path import PATH_CEILING, PathCeiling
+from .scores import edit_scorer
 
 #: bumped when the metrics' definitions change, so a run's cached evaluation is recomputed
-EVALUATION_VERSION = 3
+EVALUATION_VERSION = 4
 
 
 def _seen_rows(train: Any, test: Any, attribute: str) -> np.ndarray:
@@ -71,6 +83,7 @@ def evaluate_cross_section(
     batch_size: int = 32,
     remote: Any = None,
     ceiling: bool = True,
+    control_seeds: int = N_CONTROL_SEEDS,
 ) -> xr.Dataset:
     """All SAGE metrics of the supervised dictionary, each SAE and the random floor.
 
@@ -126,14 +139,19 @@ def evaluate_cross_section(
     extra = [p for c in coders.values() for pair in every for p in c.reads(model, pair)]
     reads = list(dict.fromkeys(every + extra))
     # 1. one read: the fit prompts (the dictionaries are fitted on them), the held-out and
-    # the counterfactual prompts, with every coder's codes at the sites
-    values, codes, maps = _read(model, train, test, sections, coders, reads, batch_size,
-                                remote)
+    # the counterfactual prompts, with every coder's codes at the sites, and what the linear
+    # view read (the residual SAEs' controls and the path ceiling are coded from it here)
+    read = _read(model, train, test, sections, coders, reads, batch_size, remote)
+    values, codes, maps = read.values, read.codes, read.maps
     a_train = values[0]
+    linear = LinearControls(model, read.inputs, maps, seed, control_seeds) \
+        if read.inputs else None
+    path = PathCeiling(model, read.inputs, maps, train) \
+        if (ceiling and read.inputs) else None
 
     dictionaries = dictionaries or {SUPERVISED: MSEDictionary()}
     reference = next(iter(dictionaries))
-    codes_by, keep_by = {}, {}
+    codes_by, keep_by, owners = {}, {}, {}
     for i, cs in enumerate(sections):
         keep = keep_by[cs.attribute] = _seen_rows(train, test, cs.attribute)
         part = test.subset(keep)
@@ -144,6 +162,14 @@ def evaluate_cross_section(
             dictionaries.items()))]), cs, train, part, a_train, a_test, a_cf)
         if not ceiling:
             by_method.clear()
+        for name in by_method:
+            owners[name] = ("ceiling", "", "")
+        if path is not None:
+            by_method[PATH_CEILING] = {
+                pair: path.codes(pair, test, test.counterfactuals[cs.attribute], keep,
+                                 a_test[pair], a_cf[pair], 2 + i)
+                if path.reaches(pair) else by_method[reference][pair] for pair in cs.pairs}
+            owners[PATH_CEILING] = ("path ceiling", "", "")
         for name, coder in coders.items():
             computed = {pair: (*(t[keep] for t in (*codes[1][key], *codes[2 + i][key])),
                                codes[0][key][0], maps[pair[0].layer])
@@ -151,10 +177,16 @@ def evaluate_cross_section(
             by_method[name] = coder.codes(model, cs.pairs, part,
                                           part.counterfactuals[cs.attribute], a_test, a_cf,
                                           a_train, computed, remote)
-        for name in coders:  # each SAE's floor, from its codes at every pair
-            by_method[f"{RANDOM}:{name}"] = {
-                pair: floor_code(code, a_train[pair], _floor_seed(seed, pair))
-                for pair, code in by_method[name].items()}
+            places = {pair: placement(coder, model, pair) for pair in cs.pairs}
+            ceiling_of = PATH_CEILING if path is not None and any(
+                how == "linear" for how, _ in places.values()) else reference
+            owners[name] = ("SAE", "", ceiling_of)
+            for control, per_seed in _controls(by_method[name], places, linear, a_train,
+                                               seed, control_seeds, 2 + i, keep).items():
+                for s_, by_pair in enumerate(per_seed):
+                    by_method[control_name(control, name, s_)] = by_pair
+                owners[control_name(control, name)] = (
+                    "floor" if control == CONTROLS[0] else "random SAE", name, ceiling_of)
         labels_fit = train.attributes[[cs.attribute]]
         fitted = {method: {pair: metrics.latent_f1(code.codes_fit.numpy(), labels_fit)
                            for pair, code in by_pair.items()}
@@ -180,15 +212,41 @@ def evaluate_cross_section(
                      n_boot, seed)
         parts.append(trust_ceiling(ds, reference) if ceiling else ds)
     result = xr.concat(parts, "attribute", join="outer", combine_attrs="override")
+    result = result.assign_coords(**dictionary_roles(
+        [str(d) for d in result.dictionary.values], owners))
     return pair_coords(result.assign_attrs(patched_forwards=out.attrs["forwards"],
                                            patched_rows=len(variants) * len(test),
-                                           n_prompts=len(test)))
+                                           n_prompts=len(test), control_seeds=control_seeds))
 
 
-def _floor_seed(seed: int, pair: tuple) -> int:
-    """A floor's seed at one pair: the run's seed and the pair's name, so a floor does not
-    depend on which other SAEs or pairs are evaluated with it."""
-    return seed + zlib.crc32(f"{pair[0]}@{pair[1]}".encode()) % (1 << 30)
+def dictionary_roles(names: list[str], owners: Mapping[str, tuple]) -> dict:
+    """The coordinates along ``dictionary``: each one's ``role``, its ``sae`` (a control's)
+    and ``ceiling_of`` (the ceiling it is measured against)."""
+    role, sae, ceiling_of = zip(*(owners.get(d, ("reference", "", "")) for d in names))
+    return {"role": ("dictionary", list(role)), "sae": ("dictionary", list(sae)),
+            "ceiling_of": ("dictionary", list(ceiling_of))}
+
+
+def _controls(codes: Mapping[tuple, SiteCode], places: Mapping[tuple, tuple],
+              linear: LinearControls | None, a_train, seed: int, n_seeds: int, cf_set: int,
+              keep) -> dict[str, list[dict]]:
+    """An SAE's controls at every pair of a cross-section, ``{control: [{pair: SiteCode}
+    per seed]}``; a control missing at some pair (no random SAE at mlp_out) is left out."""
+    found: dict[str, list[dict]] = {}
+    for pair, code in codes.items():
+        how, sae = places[pair]
+        if how == "linear":
+            code.l0_own = linear.own_l0(sae, pair[0].layer)
+            here = linear.site_codes(sae, pair, code.a, code.a_cf, cf_set, keep)
+        else:
+            here = site_controls(code, sae, a_train[pair], seed, f"{pair[0]}@{pair[1]}",
+                                 n_seeds)
+        for control, per_seed in here.items():
+            slots = found.setdefault(control, [{} for _ in per_seed])
+            for slot, c in zip(slots, per_seed):
+                slot[pair] = c
+    return {control: per_seed for control, per_seed in found.items()
+            if all(len(by_pair) == len(codes) for by_pair in per_seed)}
 
 
 def _read(model, train, test, sections, coders, reads, batch_size, remote):
@@ -196,7 +254,8 @@ def _read(model, train, test, sections, coders, reads, batch_size, remote):
     ``0``, ``1``, ``2..``), in one read: the activations at ``reads``, and each coder's
     codes at each site on the fit and held-out prompts and the counterfactuals of the
     attributes whose cross-sections hold the site (keyed ``(id(coder), site, position)``),
-    and the frozen maps of their layers."""
+    the frozen maps of their layers, and (where residual SAEs reach heads) what their
+    linear view read, kept for their controls and the path ceiling."""
     by_sets: dict[tuple, list] = {}  # pairs by the counterfactual sets they are needed on
     for pair in dict.fromkeys(p for cs in sections for p in cs.pairs):
         needed = tuple(2 + i for i, cs in enumerate(sections) if pair in cs.pairs)
@@ -209,9 +268,11 @@ def _read(model, train, test, sections, coders, reads, batch_size, remote):
                 jobs.append(job)
                 owners.append(id(coder))
     sets = [train, test] + [test.counterfactuals[cs.attribute] for cs in sections]
-    read = read_sites(model, sets, reads, jobs, batch_size=batch_size, remote=remote)
-    return read.values, [{(owners[j], s, p): c for (j, s, p), c in part.items()}
-                         for part in read.codes], read.maps
+    read = read_sites(model, sets, reads, jobs, batch_size=batch_size, remote=remote,
+                      keep_inputs=bool(jobs))
+    read.codes = [{(owners[j], s, p): c for (j, s, p), c in part.items()}
+                  for part in read.codes]
+    return read
 
 
 def pair_mean(da: xr.DataArray) -> xr.DataArray:
@@ -257,33 +318,33 @@ def _supervised(dictionaries, cs, train, test, a_train, a_test, a_cf):
 def _scores(out, cs, codes_by_method, features, fitted, magnitudes, train, test, ks, n_boot,
             seed):
     """One attribute's Dataset from its variants' runs (``out``: clean, mean, cf and per
-    method its sufficiency, necessity and edits, on the attribute's kept test rows)."""
+    method its sufficiency, necessity and edits, on the attribute's kept test rows): every
+    method on the same bootstrap draws (:mod:`~sage_nn.evaluation.paired`), each control's
+    seeds merged into one row (:func:`~sage_nn.evaluation.scores.merge_seeds`)."""
     attribute = cs.attribute
     ld, top1 = out.logit_diff, out.top1
     clean, mean, counter = (ld.sel(variant=v).values for v in ("clean", "mean", "cf"))
     top_clean, top_cf = top1.sel(variant="clean").values, top1.sel(variant="cf").values
     edit_metric = metrics.edit_metric(top_clean, top_cf)
-    labels = test.attributes[[attribute]]
-    per_method = [_intervention_metrics(out, method, ks, magnitudes, edit_metric, n_boot, seed)
-                  | _code_metrics(codes_by_method[method], fitted[method], features, labels,
-                                  n_boot, seed)
-                  for method in codes_by_method]
-    by_k = ("dictionary", "k")
-    dims = {name: ("dictionary",) for name in ("sufficiency", "sufficiency_ratio",
-                                               "loss_increase", "necessity")}
-    dims |= {f"{name}_ci": ("dictionary", "bound") for name in (*dims, "best_f1")}
-    dims |= {"edit": by_k, "edit_ci": by_k + ("bound",), "edit_magnitude": by_k,
-             "edit_f1": by_k, "edit_f1_ci": by_k + ("bound",), "edit_f1_magnitude": by_k}
+    labels, labels_fit = test.attributes[[attribute]], train.attributes[[attribute]]
+    idx = paired.resamples(len(test), n_boot, seed)
+    idx_fit = paired.fit_resamples(len(train), n_boot, seed)
+    rows = {method: scores.intervention_scores(out, method, ks, magnitudes, edit_metric, idx)
+            | scores.code_scores(by_pair, fitted[method], features, labels_fit, labels, idx,
+                                 idx_fit)
+            for method, by_pair in codes_by_method.items()}
+    merged, seeds = {}, {}
+    for method, row in rows.items():  # a control's seeds, "random:NAME#i", as one row
+        base = method.split("#")[0]
+        seeds.setdefault(base, []).append(row)
+    for base, per_seed in seeds.items():
+        merged[base] = scores.merge_seeds(
+            per_seed, paired.seed_draws(len(per_seed), n_boot, seed))
+    ds = scores.to_dataset(merged, ks, cs.labels, n_boot)
     notes = {"mean_ablation": metrics.mean_ablation_reason(mean, clean),
              "edit": (metrics.edit_accuracy_reason(top_cf, top_clean) if edit_metric == "accuracy"
                       else metrics.edit_success_reason(clean, counter))}
     logp = out.answer_logprob
-    ds = xr.Dataset(
-        {key: (dims.get(key, ("dictionary", "pair")), [m[key] for m in per_method])
-         for key in per_method[0]},
-        coords={"dictionary": list(codes_by_method), "k": list(ks), "pair": cs.labels,
-                "bound": ["low", "high"]},
-    )
     # what every ratio is built from, per attribute
     ds["clean_logit_diff"] = float(clean.mean())
     ds["mean_ablated_logit_diff"] = float(mean.mean())
@@ -293,6 +354,7 @@ def _scores(out, cs, codes_by_method, features, fitted, magnitudes, train, test,
     ds["n_scored_prompts"] = len(test)
     ds["edit_baseline"] = edit_scorer(out, edit_metric)("clean")
     ds["n_changed_prediction"] = int((top_clean != top_cf).sum())
+    ds["best_f1_chance"] = paired.chance_f1(labels, attribute)
     for name, note in notes.items():
         ds[f"{name}_note"] = note or ""
     return ds.expand_dims(attribute=[attribute]).assign_coords(
@@ -327,20 +389,6 @@ def trust_ceiling(ds: xr.Dataset, ceiling: str = SUPERVISED) -> xr.Dataset:
         ok.append(not failed)
         notes.append("; ".join(failed))
     return ds.assign(ground_truth=("attribute", ok), ground_truth_note=("attribute", notes))
-
-
-def edit_scorer(out: xr.Dataset, edit_metric: str):
-    """``score(variant, rows=all)``: the attribute's edit metric of one variant of
-    :func:`run_patched`'s output, against the clean and counterfactual runs of the same
-    prompts. Each variant's rows are read out of the Dataset once (the bootstrap calls it a
-    thousand times)."""
-    table = out.top1 if edit_metric == "accuracy" else out.logit_diff
-    values = dict(zip(out.variant.values.tolist(), table.values))
-    if edit_metric == "accuracy":
-        return lambda variant, rows=slice(None): metrics.edit_accuracy(
-            values[variant][rows], values["cf"][rows], values["clean"][rows])
-    return lambda variant, rows=slice(None): metrics.edit_success(
-        values[variant][rows], values["clean"][rows], values["cf"][rows])
 
 
 def _variants(test, cs, codes_by_method, fitted, a_train, clean, a_cf, keep, ks):
@@ -411,64 +459,3 @@ def _edits(clean, keep, code: SiteCode, chosen, coefs, ks) -> dict[int, Any]:
     if moves * 3 + (directions + n) * width < n * len(ks) * width:
         return sparse
     return {k: e.dense() for k, e in sparse.items()}
-
-
-def _intervention_metrics(out: xr.Dataset, method: str, ks, magnitudes, edit_metric, n_boot,
-                          seed) -> dict:
-    ld = out.logit_diff
-    clean, mean = ld.sel(variant="clean").values, ld.sel(variant="mean").values
-    suff = ld.sel(variant=f"{method}|sufficiency").values
-    nec = ld.sel(variant=f"{method}|necessity").values
-    logp = [out.answer_logprob.sel(variant=v).values for v in (f"{method}|sufficiency", "clean")]
-    boot = dict(n_boot=n_boot, seed=seed)
-    row = {"sufficiency": metrics.sufficiency(suff, mean, clean),
-           "sufficiency_ci": metrics.bootstrap(metrics.sufficiency, suff, mean, clean, **boot),
-           "sufficiency_ratio": metrics.sufficiency_ratio(suff, clean),
-           "sufficiency_ratio_ci": metrics.bootstrap(metrics.sufficiency_ratio, suff, clean,
-                                                     **boot),
-           "loss_increase": metrics.loss_increase(*logp),
-           "loss_increase_ci": metrics.bootstrap(metrics.loss_increase, *logp, **boot),
-           "necessity": metrics.necessity(nec, mean, clean),
-           "necessity_ci": metrics.bootstrap(metrics.necessity, nec, mean, clean, **boot)}
-    # an edit is scored against the clean and counterfactual runs of the same prompts: the
-    # bootstrap resamples prompt indices, shared by the three
-    prompts, score = np.arange(ld.sizes["prompt"]), edit_scorer(out, edit_metric)
-    for kind in ("edit", "edit_f1"):
-        row |= {kind: [], f"{kind}_ci": [], f"{kind}_magnitude": []}
-        for k in ks:
-            if (method, kind, k) not in magnitudes:
-                row[kind].append(np.nan)
-                row[f"{kind}_ci"].append((np.nan, np.nan))
-                row[f"{kind}_magnitude"].append(np.nan)
-                continue
-            variant = f"{method}|{kind}{k}"
-            row[kind].append(score(variant))
-            row[f"{kind}_ci"].append(metrics.bootstrap(lambda rows: score(variant, rows),
-                                                       prompts, **boot))
-            row[f"{kind}_magnitude"].append(magnitudes[method, kind, k])
-    return row
-
-
-def _code_metrics(codes: Mapping[tuple, SiteCode], fitted: Mapping[tuple, dict], features,
-                  labels, n_boot: int, seed: int) -> dict:
-    """Per pair: FVU, L0, dead latents, interpretability (each value's latent and activity
-    threshold chosen on the fit prompts, ``fitted``, scored on the held-out ones), alignment
-    with supervised features; and the bootstrap interval of best F1's mean over the pairs.
-    Every count is of the codes at the site."""
-    row = {k: [] for k in ("fvu", "l0", "dead", "best_f1", "share_interpretable", "alignment")}
-    active = []
-    for pair, code in codes.items():
-        held_out = code.codes.numpy()
-        interp = metrics.interpretability(None, None, held_out, labels, fitted=fitted[pair])
-        active.append(metrics.detectors(fitted[pair], held_out, labels)[3])
-        row["fvu"].append(metrics.fvu(code.a.numpy(), code.a_hat.numpy()))
-        row["l0"].append(metrics.l0(held_out))
-        row["dead"].append(metrics.dead_share(held_out))
-        row["best_f1"].append(float(interp.best_f1.mean()))
-        row["share_interpretable"].append(float(interp.share_interpretable.mean()))
-        row["alignment"].append(np.nan if code.directions is None else float(
-            metrics.feature_alignment(features[pair], code.directions.numpy()).mean()))
-    positive = metrics.detectors(next(iter(fitted.values())), held_out, labels)[4]
-    row["best_f1_ci"] = metrics.bootstrap(metrics.mean_detector_f1, np.stack(active), positive,
-                                          n_boot=n_boot, seed=seed)
-    return row

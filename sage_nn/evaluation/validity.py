@@ -97,6 +97,11 @@ class Shrunk:
     def serves(self, model, site) -> bool:
         return self.coder.serves(model, site)
 
+    def member(self, model, pair):
+        """The controls of the shrunk coder's (:mod:`sage_nn.evaluation.controls`)."""
+        member = getattr(self.coder, "member", None)
+        return member(model, pair) if member is not None else ("site", None)
+
     def reads(self, model, pair) -> list:
         return self.coder.reads(model, pair)
 

@@ -75,6 +75,11 @@ class Reads:
     codes: list[dict]
     maps: dict = field(default_factory=dict)
     placements: list[dict] = field(default_factory=list)
+    #: with ``keep_inputs``: per set, per batch, ``{layer: {"taken", "cols", "mask",
+    #: "positions", "sites", "attention_mask"}}``, what :func:`~sage_nn.model.linear.linear_codes`
+    #: reads at the named ``positions`` (the evaluation's controls are coded here from it:
+    #: nothing of them travels)
+    inputs: list[list[dict]] = field(default_factory=list)
 
 
 @dataclass
@@ -103,10 +108,11 @@ class _Layer:
 
 def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple],
                jobs: Sequence[LinearJob] = (), *, batch_size: int = 32,
-               remote: Any = None) -> Reads:
+               remote: Any = None, keep_inputs: bool = False) -> Reads:
     """Activations at ``pairs`` and every job's codes, for each task dataset of ``sets``
     (see :class:`Reads`). All sets go through one :func:`~sage_nn.model.remote.run_kernel`
-    (one request remotely)."""
+    (one request remotely). ``keep_inputs``: every job's layer is coded here, and what its
+    linear view read comes back (:attr:`Reads.inputs`)."""
     remote = as_remote(remote)
     ad = adapter(model)
     pairs = [(ad.check(s), str(p)) for s, p in pairs]
@@ -136,6 +142,10 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple],
                                                    plan.mixing), js)
             prepared.append((k, batch.inputs, cols, at))
     here, placements = _place(ad, remote, layers, jobs, prepared)
+    if keep_inputs:  # the rows come here anyway: the SAEs are coded from them here too
+        here = set(layers)
+        for record in placements:
+            record["placement"] = "here"
     maps_of = {layer: (heads_read(ad, plan.sites), plan.attn_out)
                for layer, plan in layers.items()}
     cast: dict = {}  # encoders cast once
@@ -155,18 +165,27 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple],
             yield inputs, cols.to(device), reads, args, dtype
 
     parts: list[list] = [[] for _ in sets]
+    inputs: list[list] = [[] for _ in sets]
     maps: dict[int, dict] = {}
-    for out, (k, _, _, at) in zip(run_kernel(model, _read_batch, chunks(), remote,
+    for out, (k, batch_inputs, _, at) in zip(run_kernel(model, _read_batch, chunks(), remote,
                                              stage="read", shapes=read_bytes, shared=True),
                                   prepared):
         for layer in list(maps_of):
             if f"L{layer}|maps" in out:  # once per request
                 maps[layer] = _on(out.pop(f"L{layer}|maps"), "cpu")
+        kept = {}
         for layer in here & set(at):
             lc, mask, js = at[layer]
-            out.update(_codes_here(ad, layers[layer], out.pop(f"L{layer}|taken"), lc, mask,
-                                   maps[layer], {j: jobs[j] for j in js}))
+            taken = out.pop(f"L{layer}|taken")
+            out.update(_codes_here(ad, layers[layer], taken, lc, mask, maps[layer],
+                                   {j: jobs[j] for j in js}))
+            if keep_inputs:
+                kept[layer] = {"taken": _on(taken, "cpu"), "cols": lc, "mask": mask,
+                               "positions": list(layers[layer].positions),
+                               "sites": list(layers[layer].sites),
+                               "attention_mask": batch_inputs["attention_mask"].cpu()}
         parts[k].append(out)
+        inputs[k].append(kept)
     values, codes = [], []
     for k, part in enumerate(parts):
         cat = lambda key: torch.cat([p[key] for p in part]).float().cpu()  # noqa: E731
@@ -180,7 +199,7 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple],
                                   cat(f"{j}|{s}|offset")[:, layers[job.layer].positions.index(p)])
                       for j, job in enumerate(jobs) for s in job.sites for p in job.positions
                       if f"{j}|{s}|codes" in part[0]})
-    return Reads(values, codes, maps, placements)
+    return Reads(values, codes, maps, placements, inputs if keep_inputs else [])
 
 
 def _layers(ad, model, jobs: list[LinearJob]) -> dict[int, _Layer]:
