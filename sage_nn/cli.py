@@ -54,7 +54,7 @@ def _task_check(args) -> None:
     else:  # check_task's table, from logit differences computed remotely
         ld = logit_diffs(model, ds, args.batch_size, remote=remote).to_pandas()
         table = pd.DataFrame({"n": len(ds), "accuracy": (ld > 0).mean(), "mean_ld": ld.mean(),
-                              "std_ld": ld.std(), "effect": ld["clean"].mean() - ld.mean()})
+                              "std_ld": ld.std(), "effect": ld.mean() - ld["clean"].mean()})
         table.index.name = "condition"
     print(f"task {ds.name} on {args.model}, {args.split} split, {len(ds)} prompts"
           + (f" ({len(ds.dropped)} multi-token values dropped: "
@@ -136,13 +136,10 @@ def _run(args) -> None:
             raise
         print(err)  # --no-wait: the jobs run on; finished stages are kept
         return
-    from .report.tables import excluded, headline_table
+    from .report.tables import headline_table
 
+    # what is kept out of claims and each SAE's flags were said as the run went (warnings)
     print(headline_table(result.results).to_string(float_format=lambda x: f"{x:.3f}"))
-    for attribute in result.results.attribute.values:  # numbers that are not claims
-        reason = excluded(result.results, str(attribute))
-        if reason:
-            print(f"{attribute}: kept out of claims: {reason}")
     print("stage seconds:", {k: round(v, 1) for k, v in result.timings.items()})
     print(f"report: {result.report / 'summary.md'}")
 

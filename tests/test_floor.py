@@ -1,12 +1,16 @@
-"""The random floor: random unit directions, the dictionary's L0, the best sparse codes."""
+"""The controls: the floor (random unit directions, the SAE's budget, one-step support and
+least-squares codes) and the random SAE (its sae_lens architecture with random weights)."""
 
 import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import orthogonal_mp
 
-from sage_nn.evaluation.coders import SiteCode, floor_code
-from sage_nn.dictionaries.floor import RandomDictionary, omp, random_directions
+from sage_nn.dictionaries.floor import RandomDictionary, omp, random_directions, support_codes
+from sage_nn.dictionaries.random_sae import calibrate, per_token_l0, random_sae
+from sage_nn.dictionaries.saes import SparseAutoencoder
+from sage_nn.evaluation.coders import SiteCode
+from sage_nn.evaluation.controls import site_controls
 
 
 def data_like(n: int = 300, width: int = 64, seed: int = 1) -> torch.Tensor:
@@ -18,6 +22,11 @@ def data_like(n: int = 300, width: int = 64, seed: int = 1) -> torch.Tensor:
     return mean + z @ mix
 
 
+def fvu(x, x_hat) -> float:
+    x, x_hat = x.double(), x_hat.double()
+    return float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+
 def test_omp_is_scikit_learns_orthogonal_matching_pursuit():
     dictionary = random_directions(256, 64, seed=0)
     x = data_like(100).double()
@@ -27,23 +36,42 @@ def test_omp_is_scikit_learns_orthogonal_matching_pursuit():
     assert (codes != 0).sum(1).eq(8).all()
 
 
-def test_omp_at_the_sites_width_reconstructs_exactly():
-    dictionary = random_directions(256, 16, seed=2)
-    x = data_like(40, width=16).double()
-    codes = omp(x, dictionary, 100)  # more than the width: capped, and exact
-    assert (codes != 0).sum(1).max() == 16
-    torch.testing.assert_close(codes @ dictionary, x)
+def test_support_codes_are_least_squares_on_the_best_correlated_directions():
+    dictionary = random_directions(256, 64, seed=0).float()
+    x = data_like(50)
+    x = x - x.mean(0)
+    codes = support_codes(x, dictionary, 8, chunk=16)
+    assert (codes != 0).sum(1).eq(8).all()
+    corr = (x @ dictionary.T).abs()
+    for row in range(5):
+        support = torch.nonzero(codes[row]).flatten()
+        assert set(support.tolist()) == set(corr[row].topk(8).indices.tolist())
+        coef, *_ = np.linalg.lstsq(dictionary[support].T.double().numpy(),
+                                   x[row].double().numpy(), rcond=None)
+        np.testing.assert_allclose(codes[row, support].numpy(), coef, rtol=1e-3, atol=1e-4)
+
+
+def test_the_floor_is_not_exact_below_the_sites_width_and_is_at_its_width():
+    """The old floor (OMP) reconstructed a 64-wide head from 32 of 1024 directions with FVU
+    0.001; one-step support leaves a real error at 32, and is exact only at the width."""
+    fit, held_out = data_like(300, seed=1), data_like(200, seed=2)
+    floor = RandomDictionary(1024, 32, seed=3).fit(fit)
+    assert 0.05 < fvu(held_out, floor.inverse_transform(floor.transform(held_out))) < 1
+    exact = RandomDictionary(1024, 64, seed=3).fit(fit)
+    assert fvu(held_out, exact.inverse_transform(exact.transform(held_out))) < 1e-3
+    old = omp(held_out.double() - fit.double().mean(0), floor.components_, 32)
+    assert fvu(held_out, fit.double().mean(0) + old @ floor.components_) < 0.01
 
 
 def test_the_floor_is_never_worse_than_the_mean():
-    """Per row, the floor's error is at most the mean's: FVU <= 1, at any L0."""
+    """Per row, the floor's error is at most the mean's: FVU <= 1, at any budget."""
     fit, held_out = data_like(300, seed=1), data_like(200, seed=2)
     mean = fit.double().mean(0)
     for n_nonzero in (1, 4, 32):
         floor = RandomDictionary(512, n_nonzero, seed=3).fit(fit)
-        recon = floor.inverse_transform(floor.transform(held_out))
-        error = ((held_out - recon) ** 2).sum(1)
-        assert (error <= ((held_out - mean) ** 2).sum(1) + 1e-9).all(), n_nonzero
+        recon = floor.inverse_transform(floor.transform(held_out)).double()
+        error = ((held_out.double() - recon) ** 2).sum(1)
+        assert (error <= ((held_out.double() - mean) ** 2).sum(1) + 1e-6).all(), n_nonzero
         assert (floor.transform(held_out) != 0).sum(1).eq(n_nonzero).all()
 
 
@@ -56,30 +84,57 @@ def test_the_floor_is_deterministic_per_seed():
     torch.testing.assert_close(norms, torch.ones_like(norms))
 
 
-def blow_up_code(a: torch.Tensor, a_fit: torch.Tensor, n_latents: int = 256, k: int = 32):
-    """What the old floor was: a TopK of ``k`` random tied unit directions encoding with its
-    own nonlinearity, which reconstructs a vector several times larger than the signal."""
-    directions = random_directions(n_latents, a.shape[1], seed=9).float()
-
-    def encode(x):
-        pre = x @ directions.T
-        top = pre.topk(k, dim=1)
-        return torch.zeros_like(pre).scatter(1, top.indices, top.values.clamp(min=0))
-
-    codes = encode(a)
-    return SiteCode(a, codes @ directions, a, codes, codes, directions,
-                    codes_fit=encode(a_fit))
+def trained_like(architecture: str, d: int = 64, width: int = 256) -> SparseAutoencoder:
+    """An SAE of the architecture with fixed weights (what the controls are built for)."""
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(d, width, generator=g) / d ** 0.5
+    extra = {"topk": {"k": 8}, "jumprelu": {"threshold": torch.full((width,), 0.4)}}
+    return SparseAutoencoder(W, torch.zeros(width), W.T.clone(), torch.zeros(d),
+                             architecture=architecture, layer=3, kind="resid_pre",
+                             **extra.get(architecture, {}))
 
 
-def test_floor_code_keeps_the_shape_and_l0_and_is_a_floor_not_a_blow_up():
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu", "standard"])
+def test_the_random_sae_is_sae_lens_own_architecture_at_the_saes_budget(architecture):
+    """Built by sae_lens's config class (seeded: the same weights for the same seed), at the
+    SAE's site and budget; sae_lens's initialisation alone is a blow-up (b_dec 0, a JumpReLU
+    firing half its latents), calibrated it is never worse than the mean at its site."""
+    import sae_lens
+
+    sae, fit, held_out = trained_like(architecture), data_like(400, seed=1), data_like(200, seed=2)
+    control = random_sae(sae, seed=5)
+    assert (control.architecture, control.d_sae, control.k, control.layer, control.kind) == (
+        sae.architecture, sae.d_sae, sae.k, sae.layer, sae.kind)
+    torch.testing.assert_close(random_sae(sae, seed=5).W_dec, control.W_dec)
+    assert not torch.allclose(random_sae(sae, seed=6).W_dec, control.W_dec)
+    cls, config = {"topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig),
+                   "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig),
+                   "standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig)}[architecture]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        built = cls(config(d_in=64, d_sae=256, **({"k": 8} if architecture == "topk" else {})))
+    torch.testing.assert_close(built.W_enc.detach(), control.W_enc)  # sae_lens's own weights
+    assert fvu(held_out, control.decode(control.encode(held_out), held_out)) > 1.5
+    calibrate(control, sae, fit)
+    recon = control.decode(control.encode(held_out), held_out)
+    assert fvu(held_out, recon) < 1.0
+    assert per_token_l0(control, fit) == pytest.approx(per_token_l0(sae, fit), rel=0.02)
+
+
+def test_site_controls_keep_the_width_and_the_budget():
+    sae = trained_like("topk")
     fit, held_out = data_like(300, seed=1), data_like(120, seed=2)
-    code = blow_up_code(held_out, fit)
-    fvu = lambda x, x_hat: float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())  # noqa
-    assert fvu(held_out, code.a_hat) > 1.2  # the old floor: worse than the mean
-    floor = floor_code(code, fit, seed=0)
-    assert floor.codes.shape == code.codes.shape and floor.directions.shape == (256, 64)
-    l0 = float((code.codes_fit != 0).sum(1).float().mean())
-    assert float((floor.codes != 0).sum(1).float().mean()) == pytest.approx(round(l0))
-    assert fvu(held_out, floor.a_hat) < 1
-    again = floor_code(code, fit, seed=0)
-    torch.testing.assert_close(again.codes, floor.codes)
+    with torch.no_grad():
+        codes = sae.encode(held_out)
+        code = SiteCode(held_out, sae.decode(codes), held_out, codes, codes, sae.decoder(),
+                        codes_fit=sae.encode(fit))
+    found = site_controls(code, sae, fit, seed=0, where="L3.resid_pre@END", n_seeds=2)
+    assert set(found) == {"random", "random-sae"} and all(len(v) == 2 for v in found.values())
+    for control in found.values():
+        for c in control:
+            assert c.codes.shape == code.codes.shape and c.directions.shape == (256, 64)
+            assert float((c.codes != 0).sum(1).float().mean()) == pytest.approx(8, abs=0.5)
+            assert fvu(held_out, c.a_hat) < 1
+    assert not torch.allclose(found["random"][0].directions, found["random"][1].directions)
+    again = site_controls(code, sae, fit, seed=0, where="L3.resid_pre@END", n_seeds=2)
+    torch.testing.assert_close(again["random-sae"][1].codes, found["random-sae"][1].codes)

@@ -382,7 +382,7 @@ def test_smollm2_performs_ioi(smollm2):
     table = check_task(smollm2, "ioi", n=48, split="test")
     assert table.loc["clean", "accuracy"] > 0.9
     assert table.loc["clean", "mean_ld"] > 3
-    assert table.loc["io", "effect"] > 5  # the answer changes: the LD collapses
+    assert table.loc["io", "effect"] < -5  # the answer changes: the LD collapses
     assert table.loc["io", "accuracy"] < 0.3
     assert abs(table.loc["order", "effect"]) < 1.5  # same names: the model still answers
 
@@ -394,7 +394,7 @@ def test_smollm2_performs_ioi(smollm2):
 def test_smollm2_performs_the_other_tasks(smollm2, name, main):
     table = check_task(smollm2, name, n=48, split="test")
     assert table.loc["clean", "accuracy"] > 0.75, table
-    assert table.loc[main, "effect"] > (1 if name == "greater_than" else 2), table
+    assert table.loc[main, "effect"] < -(1 if name == "greater_than" else 2), table
 
 
 @pytest.mark.slow

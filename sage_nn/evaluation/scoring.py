@@ -178,7 +178,9 @@ def evaluate_cross_section(
                                           part.counterfactuals[cs.attribute], a_test, a_cf,
                                           a_train, computed, remote)
             places = {pair: placement(coder, model, pair) for pair in cs.pairs}
-            ceiling_of = PATH_CEILING if path is not None and any(
+            # a residual SAE reaching heads is measured against the path ceiling (when this
+            # call scores no ceiling, the merged results' is meant)
+            ceiling_of = PATH_CEILING if (path is not None or not ceiling) and any(
                 how == "linear" for how, _ in places.values()) else reference
             owners[name] = ("SAE", "", ceiling_of)
             for control, per_seed in _controls(by_method[name], places, linear, a_train,

@@ -12,6 +12,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "InvalidRunError": "validate",
     "MANIFEST": "rundir",
     "MIN_ACCURACY": "suite",
+    "MIN_CLEAN_LD": "suite",
     "MIN_EFFECT": "suite",
     "NotASuiteError": "suite",
     "NotARunError": "runs",

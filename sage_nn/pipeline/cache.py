@@ -51,15 +51,18 @@ def sae_fingerprint(coder: Any) -> str:
 
 
 def evaluation_part(results: xr.Dataset, sae: str | None) -> xr.Dataset:
-    """What one cache file holds of an evaluation: an SAE and its floor (variables over
-    ``dictionary``), or (``sae=None``) every other dictionary and every shared variable."""
-    from ..evaluation.coders import RANDOM
+    """What one cache file holds of an evaluation: an SAE and its controls (variables over
+    ``dictionary``), or (``sae=None``) the ceilings, every other dictionary and every shared
+    variable."""
+    from ..evaluation.controls import CONTROLS
 
     names = [str(d) for d in results.dictionary.values]
     if sae is not None:
-        part = results.sel(dictionary=[sae, f"{RANDOM}:{sae}"])
+        part = results.sel(dictionary=[d for d in [sae, *(f"{c}:{sae}" for c in CONTROLS)]
+                                       if d in names])
         return part[[v for v in part.data_vars if "dictionary" in part[v].dims]]
-    own = lambda d: d.startswith(f"{RANDOM}:") or f"{RANDOM}:{d}" in names  # noqa: E731
+    own = lambda d: any(d.startswith(f"{c}:") for c in CONTROLS) or \
+        f"{CONTROLS[0]}:{d}" in names  # noqa: E731
     return results.sel(dictionary=[d for d in names if not own(d)])
 
 
@@ -85,10 +88,13 @@ def merge_evaluation(shared: xr.Dataset, parts: list[xr.Dataset]) -> xr.Dataset:
 WEAK_SHARE = 0.5
 
 
-def with_discovery(results: xr.Dataset, summary_path: Path) -> xr.Dataset:
+def with_discovery(results: xr.Dataset, summary_path: Path,
+                   default_target: float = 0.6) -> xr.Dataset:
     """The cross-sections' discovery facts as attribute variables: ``recovered`` (joint
     exact share of the effect) and its ``target``, ``cap_hit``, ``small_effect``,
-    ``weak_cross_section`` (``recovered`` below :data:`WEAK_SHARE` of the target),
+    ``weak_cross_section`` (``recovered`` below :data:`WEAK_SHARE` of the target; a
+    cross-section chosen by ``top_k`` has no target of its own and is held to
+    ``default_target``, the run's ``target``, so no setting switches the check off),
     ``effect_layers`` (where attribution puts the effect, comma-separated) and ``same_as``
     (the other attributes with the same cross-section, comma-separated)."""
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
@@ -96,6 +102,7 @@ def with_discovery(results: xr.Dataset, summary_path: Path) -> xr.Dataset:
     get = lambda a, key, default: summary.get(a, {}).get(key, default)  # noqa: E731
     recovered = [float(get(a, "recovered", np.nan)) for a in attributes]
     target = [float(get(a, "target", np.nan)) for a in attributes]
+    target = [default_target if np.isnan(t) else t for t in target]
     return results.assign(
         recovered=("attribute", recovered), target=("attribute", target),
         cap_hit=("attribute", [bool(get(a, "cap_hit", False)) for a in attributes]),

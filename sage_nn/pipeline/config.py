@@ -44,6 +44,9 @@ class RunConfig:
     top_k: int | None = None
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     n_boot: int = 1000
+    # seeds of each SAE's controls (its floor and its random SAE); their values are the
+    # mean over seeds, and each bootstrap draw takes one seed
+    control_seeds: int = 3
     batch_size: int = 32
     device: str | None = None
     dtype: str | None = None

@@ -210,6 +210,11 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
 
     task_summary = stage("task", config.hash("model", "task", "seed", "n_fit", "n_eval"),
                          ["task.json"], sent("task", task_stage), task_load)
+    from ..tasks.gates import task_problems
+
+    for problem in task_problems(task_summary):  # what a suite would gate the task out for
+        log.warning("task %s: %s; its numbers are kept, read them with care (a suite would "
+                    "gate it out)", spec.name, problem)
     if until == "task":
         return RunResult(root, None, {}, stage.timings, root / "report")
 
@@ -310,6 +315,11 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
     eval_settings = config.hash("model", "task", "seed", "n_fit", "n_eval", "n_discovery",
                                 "attributes", "discovery_kinds", "select_kinds", "target",
                                 "max_sites", "top_k", "ks", "n_boot", "remote_transport")
+    # the ceilings shared by every SAE: a residual SAE through the reconstruction needs the
+    # path ceiling, and the control seeds are every SAE's
+    reconstructed = sorted(name for name, coder in saes.items()
+                           if getattr(coder, "mode", None) is not None)
+    eval_settings += f",controls{config.control_seeds},path{bool(reconstructed)}"
     eval_settings += f",v{EVALUATION_VERSION}," + hashlib.sha256(json.dumps(
         {a: [f"{s}@{p}" for s, p in pairs] for a, pairs in pairs_by_attr.items()},
         sort_keys=True).encode()).hexdigest()[:16]
@@ -332,6 +342,8 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
 
         shared_missing = not fresh(SHARED_EVALUATION, eval_settings)
         missing = [name for name in saes if not fresh(name, sae_keys[name])]
+        if shared_missing:  # the path ceiling is read with the residual SAEs' own rows
+            missing = list(saes)
         log.info("evaluation: %s%d of %d SAEs to score", "ceiling and " if shared_missing
                  else "", len(missing), len(saes))
         if shared_missing or missing:
@@ -342,7 +354,7 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                                            for a, pairs in pairs_by_attr.items()],
                     {name: saes[name] for name in missing}, ks=config.ks, n_boot=config.n_boot,
                     seed=config.seed, batch_size=config.batch_size, remote=remote,
-                    ceiling=shared_missing)
+                    ceiling=shared_missing, control_seeds=config.control_seeds)
             scored = {SHARED_EVALUATION: (eval_settings, None)} if shared_missing else {}
             scored.update({name: (sae_keys[name], name) for name in missing})
             for name, (key, sae) in scored.items():
@@ -352,13 +364,24 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                 write_atomic(index_path, json.dumps(index, indent=2))
         merged = merge_evaluation(read_netcdf(root / eval_files[SHARED_EVALUATION]),
                                   [read_netcdf(root / eval_files[name]) for name in saes])
-        write_netcdf(with_discovery(merged, disc_dir / "summary.json"), root / "evaluation.nc")
+        write_netcdf(with_discovery(merged, disc_dir / "summary.json", config.target),
+                     root / "evaluation.nc")
 
     # other SAEs (another corpus, width, ...) are other results
     results = stage("evaluation", eval_settings + "," + sae_settings,
                     ["evaluation.nc", *eval_files.values()],
                     sent("evaluation", evaluation_stage),
                     lambda: pair_coords(read_netcdf(root / "evaluation.nc")))
+
+    from ..report.tables import excluded, roles, sae_flags
+
+    for attribute in (str(a) for a in results.attribute.values):  # numbers that are no claims
+        reason = excluded(results, attribute)
+        if reason:
+            log.warning("attribute %s: kept out of claims: %s", attribute, reason)
+    for sae in roles(results).saes:
+        for flag in sae_flags(results, sae):
+            log.warning("SAE %s: %s", sae, flag)
 
     report_dir = root / "report"
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.io import jsonable, read_netcdf, write_atomic, write_netcdf
+from ..tasks.gates import MIN_ACCURACY, MIN_CLEAN_LD, MIN_EFFECT, effects, task_gate  # noqa: F401
 from .config import RunConfig
 
 log = logging.getLogger("sage_nn")
@@ -37,11 +38,6 @@ SUITE_CORPUS = "builtin+task@positions"
 SUITE_SAE_STEPS = 600
 #: what a suite's RunConfig has unless it says otherwise (``suite_config``)
 SUITE_DEFAULTS = {"sae_corpus": SUITE_CORPUS, "sae_steps": SUITE_SAE_STEPS}
-#: a task whose held-out accuracy is below this is one the model does not do
-MIN_ACCURACY = 0.8
-#: a task none of whose attributes moves the logit difference this much (logits) has
-#: nothing to find (discovery's ``min_effect``)
-MIN_EFFECT = 1.0
 SUITE_FILE = "suite.json"
 
 
@@ -69,23 +65,6 @@ def suite_tasks(tasks: list[str] | None = None) -> dict[str, str]:
     if not out:
         raise ValueError("no tasks: give task names or YAML paths")
     return out
-
-
-def task_gate(summary: dict, min_accuracy: float = MIN_ACCURACY,
-              min_effect: float = MIN_EFFECT) -> str | None:
-    """Why a task cannot judge SAEs on this model, from its run's ``task.json`` (held-out
-    accuracy, mean logit difference per condition), or None."""
-    reasons = []
-    accuracy = float(summary["accuracy"])
-    if accuracy < min_accuracy:
-        reasons.append(f"the model does not do the task (held-out accuracy {accuracy:.2f} "
-                       f"< {min_accuracy:g})")
-    ld = summary["mean_logit_diff"]
-    effects = {a: float(ld["clean"]) - float(v) for a, v in ld.items() if a != "clean"}
-    if effects and max(abs(e) for e in effects.values()) < min_effect:
-        reasons.append(f"no attribute moves the logit difference by {min_effect:g} or more ("
-                       + ", ".join(f"{a} {e:+.2f}" for a, e in effects.items()) + ")")
-    return "; ".join(reasons) or None
 
 
 def _train_once(configs: dict[str, RunConfig], found: dict[str, dict], model: Any,
@@ -182,9 +161,8 @@ def run_suite(config: RunConfig | None = None, tasks: list[str] | None = None,
     for name, cfg in configs.items():  # 1. can the model do the task?
         timed("task checks", cfg, until="task")
         summary = json.loads((root / name / "task.json").read_text())
-        ld = summary["mean_logit_diff"]
         status[name] = {"task": cfg.task, "accuracy": summary["accuracy"],
-                        "effects": {a: ld["clean"] - v for a, v in ld.items() if a != "clean"},
+                        "effects": effects(summary),
                         "gate": task_gate(summary, min_accuracy, min_effect),
                         "in_corpus": cfg.task in corpus}
         if status[name]["gate"]:

@@ -19,9 +19,11 @@ writes into ``out_dir``::
 The plot functions return matplotlib Figures (shown inline in a notebook); they save them
 only when given a path.
 
-Roles of the ``method`` coordinate: ``"supervised"`` is the ceiling, an SAE under test is
-any method ``NAME`` that has a floor ``"random:NAME"``; other methods (e.g. another
-supervised dictionary) are shown as references.
+Roles of the ``dictionary`` coordinate: ``"supervised"`` is the ceiling (and
+``"supervised:path"`` the path ceiling of residual SAEs through the reconstruction), an SAE
+under test is any ``NAME`` that has a floor ``"random:NAME"`` (and a random SAE
+``"random-sae:NAME"``); other dictionaries (e.g. another supervised dictionary) are shown as
+references.
 """
 
 from __future__ import annotations
@@ -125,14 +127,15 @@ def write_report(results: xr.Dataset, out_dir: str | Path, *,
 
     k = headline_k(results)
     images = []
-    for metric, sel in (("sufficiency", {}), ("necessity", {}), ("edit", {"k": k}),
-                        ("edit_f1", {"k": k}), ("best_f1", {}), ("alignment", {}),
-                        ("fvu", {})):
+    edits = ((("edit_auc", {}), ("edit_f1_auc", {})) if "edit_auc" in results
+             else (("edit", {"k": k}), ("edit_f1", {"k": k})))
+    for metric, sel in (("sufficiency", {}), ("necessity", {}), *edits, ("best_f1", {}),
+                        ("alignment", {}), ("fvu", {})):
         if metric in results:
             file = f"compare_{metric}" + (f"_k{k}" if sel else "") + ".png"
             plot_comparison(results, metric, out / file, **sel)
             images.append((LABELS[metric] + (f" at k = {k}" if sel else "")
-                           + ": SAEs vs ceiling and floor", file))
+                           + ": SAEs vs ceilings and controls", file))
     plot_controllability(results, out / "controllability.png")
     images.append(("Controllability over k", "controllability.png"))
     if plot_training(sae_info or {}, out / "training.png") is not None:
@@ -174,10 +177,14 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "Lookup": "tables",
     "PER_PAIR": "tables",
     "REQUIRED": "tables",
+    "OLD_HEADLINE": "tables",
+    "RANDOM_SAE_PREFIX": "tables",
     "Roles": "tables",
     "SWEEP_METRICS": "tables",
     "TRAINED_RELEASE": "saebench",
     "against_floor": "tables",
+    "calibration": "tables",
+    "compare": "tables",
     "aggregate": "suite",
     "check_results": "tables",
     "comparison_table": "tables",
@@ -186,12 +193,15 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "excluded": "tables",
     "extra_scalars": "tables",
     "gap_closed": "tables",
+    "gap_defined": "tables",
     "goodness": "tables",
     "goodness_interval": "tables",
     "headline_columns": "tables",
     "headline_k": "tables",
+    "headline_metrics": "tables",
     "headline_table": "tables",
     "member_files": "saebench",
+    "paired_interval": "tables",
     "metric_key": "tables",
     "plot_comparison": "plots",
     "plot_controllability": "plots",
@@ -205,6 +215,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "roles": "tables",
     "sae_cfg_dict": "saebench",
     "sae_eval_output": "saebench",
+    "sae_flags": "tables",
     "sae_identity": "saebench",
     "sae_metrics": "tables",
     "sae_orderings": "tables",

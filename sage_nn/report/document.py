@@ -20,19 +20,19 @@ from .saebench import eval_results_file
 from .tables import (
     CEILING,
     FLOOR_PREFIX,
-    HEADLINE,
     LABELS,
     PER_PAIR,
     Lookup,
     against_floor,
+    calibration,
     comparison_table,
     excluded,
     extra_scalars,
-    goodness,
     headline_columns,
+    headline_metrics,
     metric_key,
     roles,
-    sae_metrics,
+    sae_flags,
     sae_orderings,
 )
 
@@ -51,21 +51,33 @@ def _with_ci(value, low, high) -> str:
     return _fmt(value) + ("" if low is None else f" [{_fmt(low, 2)}, {_fmt(high, 2)}]")
 
 
+def _role(r, method: str) -> str:
+    if method == r.ceiling:
+        return "ceiling"
+    if method == r.path_ceiling:
+        return "path ceiling"
+    if method in r.saes:
+        return "SAE"
+    if method in r.floors.values():
+        return "floor"
+    return "random SAE" if method in r.random_saes.values() else "reference"
+
+
 def _attribute_table(look: Lookup, attribute: str, k: int) -> tuple[list, list]:
     results = look.results
     r = roles(results)
-    header = ["dictionary", "role", "sufficiency", "necessity", f"edit k={k}",
-              f"F1 edit k={k}", "best F1"]
-    per_pair = [n for n in PER_PAIR if n in results and n != "best_f1"]
+    columns = headline_columns(k, results)
+    header = ["dictionary", "role"] + [label for _, label, _ in columns]
+    if "best_f1_chance" in results:
+        header[-1] += f" (chance {_fmt(look('best_f1_chance', attribute, r.ceiling), 2)})"
+    fvu = "fvu_pooled" if "fvu_pooled" in results else "fvu"
+    per_pair = [fvu] + [n for n in PER_PAIR if n in results and n not in ("best_f1", "fvu")]
     extra = extra_scalars(results)
     header += [LABELS.get(n, n) for n in per_pair + extra]
     rows = []
     for method in r.ordered:
-        role = ("ceiling" if method == r.ceiling else "SAE" if method in r.saes
-                else "floor" if method in r.floors.values() else "reference")
-        row = [method, role]
-        for name, sel in (("sufficiency", {}), ("necessity", {}), ("edit", {"k": k}),
-                          ("edit_f1", {"k": k}), ("best_f1", {})):
+        row = [method, _role(r, method)]
+        for name, _, sel in columns:
             row.append(_with_ci(look(name, attribute, method, **sel),
                                 *look.ci(name, attribute, method, **sel)))
         row += [_fmt(look(n, attribute, method)) for n in per_pair + extra]
@@ -74,43 +86,50 @@ def _attribute_table(look: Lookup, attribute: str, k: int) -> tuple[list, list]:
 
 
 def _calibration_table(look: Lookup, k: int) -> tuple[list, list]:
-    """Per SAE and attribute: the share of the floor→ceiling gap it closes, and whether
-    ceiling > SAE > floor holds; attributes kept out of claims say why (and get no gap)."""
-    rows = []
-    for sae in roles(look.results).saes:
+    """Per SAE and attribute: the share of the floor→ceiling gap it closes, and its place
+    against its controls and its ceiling by paired intervals (:func:`calibration`);
+    attributes kept out of claims say why (and get no gap)."""
+    rows, r = [], roles(look.results)
+    columns = headline_columns(k, look.results)
+    for sae in r.saes:
         for a in (str(x) for x in look.results["attribute"].values):
-            m = sae_metrics(look, sae, a)
             reason = excluded(look.results, a)
             row = [sae, a]
-            for metric, _, sel in headline_columns(k):
-                key = metric_key(metric, k)[0]
-                ceiling, value, floor = (goodness(metric, m.get(key + role))
-                                         for role in ("_ceiling", "", "_floor"))
-                if None in (ceiling, value, floor) or reason:
+            for metric, _, sel in columns:
+                if reason:
                     row.append("–")
-                elif m[f"{key}_gap_closed"] is None:
-                    row.append("– (ceiling ≤ floor)")
-                else:
-                    ok = "✓" if ceiling > value > floor else "✗ violated"
-                    row.append(f"{_fmt(m[f'{key}_gap_closed'], 2)} {ok}")
+                    continue
+                mark, gap = calibration(look, r, sae, a, metric) if not sel else ("–", None)
+                row.append("– (ceiling ≤ floor)" if mark == "no gap"
+                           else mark if gap is None else f"{_fmt(gap, 2)} {mark}")
             row.append(reason or "claimed")
             rows.append(row)
-    return (["SAE", "attribute"] + [label for _, label, _ in headline_columns(k)]
-            + ["in claims"], rows)
+    return (["SAE", "attribute"] + [label for _, label, _ in columns] + ["in claims"], rows)
 
 
 def _floor_table(look: Lookup, k: int) -> tuple[list, list]:
-    """Per SAE and attribute: whether the SAE's 95% interval lies above its floor's, per
-    headline metric (:func:`against_floor`)."""
-    words = {"above": "above ✓", "below": "below ✗", "overlap": "overlap", None: "–"}
-    rows = []
-    for sae in roles(look.results).saes:
+    """Per SAE and attribute: whether the SAE lies above each of its controls, per headline
+    metric, by the paired interval of their difference (:func:`against_floor`)."""
+    words = {"above": "above", "below": "below", "overlap": "overlap", None: "–"}
+    rows, r = [], roles(look.results)
+    columns = headline_columns(k, look.results)
+    for sae in r.saes:
         for a in (str(x) for x in look.results["attribute"].values):
-            rows.append([sae, a] + [words[against_floor(look, sae, a, metric, **sel)]
-                                    for metric, _, sel in headline_columns(k)]
+            cells = []
+            for metric, _, sel in columns:
+                cells.append(" / ".join(words[against_floor(look, sae, a, metric, c, **sel)]
+                                        for c in r.controls(sae)))
+            rows.append([sae, a] + cells
                         + ["yes" if excluded(look.results, a) is None else "no"])
-    return (["SAE", "attribute"] + [label for _, label, _ in headline_columns(k)]
-            + ["in claims"], rows)
+    return (["SAE", "attribute"] + [label for _, label, _ in columns] + ["in claims"], rows)
+
+
+def task_flags(summary: Mapping | None) -> list[str]:
+    """What a suite would gate a task for, said of a single run: a held-out accuracy below
+    :data:`~sage_nn.tasks.gates.MIN_ACCURACY` or a small clean logit difference."""
+    from ..tasks.gates import task_problems
+
+    return [f"Task: {p}." for p in task_problems(summary)] if summary else []
 
 
 def _attribute_notes(results: xr.Dataset, attribute: str) -> list[str]:
@@ -167,7 +186,8 @@ def _approach_rows(look: Lookup, saes: list[str], sae_info: Mapping | None,
 
         rows.append([sae, str(info["approach"]), str(info.get("n_saes", "–")),
                      str(info.get("n_saes_all_layers", "–")), _fmt(mean("sufficiency")),
-                     _fmt(mean("edit", k=k)), _fmt(mean("fvu"))])
+                     _fmt(mean("edit_auc") if "edit_auc" in results else mean("edit", k=k)),
+                     _fmt(mean("fvu_pooled") if "fvu_pooled" in results else mean("fvu"))])
     return rows
 
 
@@ -256,7 +276,7 @@ def training_note(saes: list[str], sae_info: Mapping | None) -> str:
 def _comparison_blocks(results, sae_info, k) -> list[tuple]:
     """The SAE x attribute x metric table and whether the metrics order the SAEs alike."""
     table = comparison_table(results, sae_info, k=k)
-    cols = [metric_key(m, k)[0] for m in HEADLINE]
+    cols = [metric_key(m, k)[0] for m in headline_metrics(results)]
     rows = []
     for (sae, a), row in table.iterrows():
         cells = [sae, a, "–" if pd.isna(row["width"]) else str(int(row["width"])),
@@ -280,7 +300,7 @@ def _comparison_blocks(results, sae_info, k) -> list[tuple]:
                   "each floor's and the ceiling's values. Orderings are by the mean over "
                   "the attributes kept in claims. " + verdict),
             ("table", ["SAE", "attribute", "width", "L0", "FVU"]
-             + [label for _, label, _ in headline_columns(k)], rows)]
+             + [label for _, label, _ in headline_columns(k, results)], rows)]
 
 
 def document(results, config, timings, images, k, discovery_note,
@@ -293,11 +313,18 @@ def document(results, config, timings, images, k, discovery_note,
     blocks: list[tuple] = [("h1", title), ("p", (
         "Ground-truth evaluation of sparse autoencoders. For every attribute of the task, "
         "each SAE is measured at the attribute's cross-section next to the supervised "
-        f"dictionary (`{CEILING}`, the ceiling) and the SAE's floor "
-        f"(`{FLOOR_PREFIX}<sae>`: random directions, as many as the SAE's latents, with "
-        "its L0 and the best sparse codes over them). Intervals are 95% bootstrap intervals over "
-        "prompts; per-site metrics (F1, FVU, L0, ...) are means over the cross-section's "
-        "sites."))]
+        f"dictionary (`{CEILING}`, the ceiling; `supervised:path` for residual SAEs reaching "
+        "heads: the supervised dictionary fitted at the residual stream and pushed through "
+        "the same reconstruction) and its two controls, each built at the SAE's own site "
+        f"with its width and per-token budget: the floor (`{FLOOR_PREFIX}<sae>`, random unit "
+        "directions, each token coded by its best-correlated directions with least-squares "
+        "coefficients) and the random SAE (`random-sae:<sae>`, the SAE's own architecture "
+        "with random weights, encoded the same way), each over several seeds. The edits "
+        "are summarised over k by the area under their edit-vs-k curve. Intervals are 95% "
+        "bootstrap intervals over prompts, every dictionary on the same draws, and every "
+        "verdict (against a control or the ceiling) is the paired interval of a difference; "
+        "per-site metrics (F1, L0, ...) are means over the cross-section's sites, FVU is "
+        "pooled over them."))]
     blocks.append(("p", f"SAEs under test: {', '.join(f'`{s}`' for s in r.saes) or 'none'}. "
                         f"Files: `results.nc` (all results), "
                         + ", ".join(f"`{f}`" for s in r.saes
@@ -307,6 +334,11 @@ def document(results, config, timings, images, k, discovery_note,
     if rows:
         blocks.append(("p", training_note(r.saes, sae_info)))
         blocks.append(("table", SAE_COLUMNS, rows))
+    flags = [f"`{sae}`: {flag}." for sae in r.saes for flag in sae_flags(results, sae)]
+    flags += task_flags((config or {}).get("task_summary"))
+    if flags:
+        blocks.append(("h2", "Flags"))
+        blocks += [("p", flag) for flag in flags]
     look = Lookup(results)
     approaches = _approach_rows(look, r.saes, sae_info, k)
     if approaches:
@@ -319,21 +351,25 @@ def document(results, config, timings, images, k, discovery_note,
                             "claims) and how many dictionaries an evaluation at every layer of "
                             "the model would need of that kind."))
         blocks.append(("table", ["SAE", "kind", "SAEs here", "SAEs for all layers",
-                                 "sufficiency", f"edit k={k}", "FVU"], approaches))
-    blocks.append(("h2", "Against the floor: is the SAE better than random directions?"))
-    blocks.append(("p", "Per headline metric, whether the SAE's 95% interval lies above its "
-                        "floor's (random unit directions with the SAE's number of latents and "
-                        "L0 at the site, the best sparse codes over them: never worse than "
-                        "the mean), below it, or overlaps it. Sufficiency is compared by its "
-                        "distance from 1 (1 - |1 - s|)."))
+                                 "sufficiency", "edit (over k)" if "edit_auc" in results
+                                 else f"edit k={k}", "FVU"], approaches))
+    blocks.append(("h2", "Against the controls: is the SAE better than random weights?"))
+    blocks.append(("p", "Per headline metric, whether the SAE lies above its floor / its "
+                        "random SAE, below, or overlaps: the paired 95% interval of the "
+                        "difference (the same bootstrap draws of the prompts for both, one "
+                        "control seed per draw, each detector chosen inside the draw) above "
+                        "0, below 0, or holding 0. Sufficiency is compared by its distance "
+                        "from 1 (1 - |1 - s|)."))
     blocks.append(("table",) + _floor_table(look, k))
-    blocks.append(("h2", "Calibration: SAE between floor and ceiling"))
+    blocks.append(("h2", "Calibration: SAE between its controls and its ceiling"))
     blocks.append(("p", "Share of the gap between floor (0) and ceiling (1) that each SAE "
-                        "closes; ✓ marks that ceiling > SAE > floor holds, ✗ that it does "
-                        "not; no gap where the ceiling is not above the floor. An attribute "
-                        "whose cross-section was not found, whose ceiling fails its own "
-                        "checks, or whose effect is small, is listed but kept out of claims, "
-                        "and gets no gap closed."))
+                        "closes (against the path ceiling for a residual SAE through the "
+                        "reconstruction); ✓: the paired intervals put it above both controls "
+                        "and not above the ceiling; ~: not apart from some control; ✗: below "
+                        "a control, or above the ceiling; no gap where the ceiling is not "
+                        "above the floor. An attribute whose cross-section was not found, "
+                        "whose ceiling fails its own checks, or whose effect is small, is "
+                        "listed but kept out of claims, and gets no gap closed."))
     blocks.append(("table",) + _calibration_table(look, k))
     if len(r.saes) > 1:
         blocks += _comparison_blocks(results, sae_info, k)

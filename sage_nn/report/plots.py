@@ -25,15 +25,21 @@ from .tables import (
 
 
 def _styles(r: Roles) -> dict[str, dict]:
-    """Colour per method: the ceiling green, each SAE its own colour, its floor the same
-    colour hatched and pale, references grey."""
+    """Colour per method: the ceiling green (the path ceiling dark green), each SAE its own
+    colour, its floor the same colour hatched and pale, its random SAE the same colour
+    dotted and paler, references grey."""
     palette = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
     styles = {r.ceiling: dict(color="#2ca02c", label=f"{r.ceiling} (ceiling)")}
+    if r.path_ceiling:
+        styles[r.path_ceiling] = dict(color="#145a14", label=f"{r.path_ceiling} (path ceiling)")
     for i, sae in enumerate(r.saes):
         c = palette[i % len(palette)]
         styles[sae] = dict(color=c, label=sae)
         styles[r.floors[sae]] = dict(color=c, alpha=0.35, hatch="//", linestyle="--",
                                      label=f"{r.floors[sae]} (floor)")
+        if sae in r.random_saes:
+            styles[r.random_saes[sae]] = dict(color=c, alpha=0.2, hatch="..", linestyle=":",
+                                              label=f"{r.random_saes[sae]} (random SAE)")
     for other in r.others:
         styles[other] = dict(color="#7f7f7f", label=other)
     return styles
@@ -70,7 +76,7 @@ def plot_comparison(results: xr.Dataset, metric: str, path: str | Path | None = 
     title = LABELS.get(metric, metric) + (f" at k = {k}" if k is not None else "")
     ax.set_title(title + (" (95% bootstrap CI)" if ci is not None else ""))
     ax.axhline(0, color="black", linewidth=0.6)
-    if metric in ("sufficiency", "necessity", *BY_K):
+    if metric in ("sufficiency", "necessity", "edit_auc", "edit_f1_auc", *BY_K):
         ax.axhline(1, color="black", linewidth=0.6, linestyle=":")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.grid(axis="y", alpha=0.3)
@@ -124,8 +130,8 @@ def plot_controllability(results: xr.Dataset, path: str | Path | None = None, *,
 def plot_sweep(results: xr.Dataset, metric: str, path: str | Path | None = None, *,
                x: str = "l0", k: int | None = None, sae_info: Mapping | None = None,
                dpi: int = 110):
-    """``metric`` of every SAE against its L0 (``x="l0"``, the mean over the
-    cross-section's sites) or its width (``x="width"``, from ``sae_info``): one panel per
+    """``metric`` of every SAE against its L0 (``x="l0"``: per token at its own site, the
+    residual stream for a residual SAE) or its width (``x="width"``, from ``sae_info``): one panel per
     attribute, each SAE a point with its 95% bootstrap interval, the ceiling as a band (its
     interval around its line) and the floors as a band over the SAEs' x (each SAE's floor
     at that SAE's x). ``k``: the edit budget (default: the headline k). Returns the
@@ -178,7 +184,7 @@ def plot_sweep(results: xr.Dataset, metric: str, path: str | Path | None = None,
         if len(saes) > 1 and x == "width" and lo_x > 0 and hi_x / lo_x > 3:
             ax.set_xscale("log", base=2)
         ax.set_xlim(lo_x - pad, hi_x + pad) if ax.get_xscale() == "linear" else None
-        ax.set_xlabel("L0 (active latents, mean over the sites)" if x == "l0"
+        ax.set_xlabel("L0 (active latents per token at the SAE's own site)" if x == "l0"
                       else "width (latents)")
         ax.set_title(f"attribute {a}")
         ax.grid(alpha=0.3)

@@ -24,6 +24,7 @@ from .tables import (
     excluded,
     goodness_interval,
     headline_k,
+    headline_metrics,
     metric_key,
 )
 
@@ -36,7 +37,7 @@ FIELDS = {"value": "", "ci_low": "_low", "ci_high": "_high", "ceiling": "_ceilin
 def suite_dataset(runs: Mapping[str, xr.Dataset], sae_info: Mapping[str, Mapping] | None = None,
                   gates: Mapping[str, str | None] | None = None) -> xr.Dataset:
     """Each task's run results (``{task: evaluation Dataset}``) as one Dataset with dims
-    ``sae, task, attribute, metric`` (the headline metrics, edits at the headline k):
+    ``sae, task, attribute, metric`` (the headline metrics, edits over k):
     ``value``, ``ci_low``/``ci_high`` (95%), ``ceiling``, ``floor``, ``gap_closed``
     (``(sae - floor) / (ceiling - floor)`` in goodness units, higher better), ``l0``; per
     (task, attribute) ``in_claims`` and ``reason`` (why not); per task ``gated`` and
@@ -52,7 +53,7 @@ def suite_dataset(runs: Mapping[str, xr.Dataset], sae_info: Mapping[str, Mapping
         reasons[task] = {str(a): excluded(results, str(a)) for a in results.attribute.values}
     saes = list(dict.fromkeys(s for t in tables.values() for s in t.index.unique("sae")))
     attributes = list(dict.fromkeys(a for r in reasons.values() for a in r))
-    metrics = list(HEADLINE)
+    metrics = list(headline_metrics(next(iter(runs.values())))) if runs else list(HEADLINE)
     shape = (len(saes), len(tasks), len(attributes), len(metrics))
     data = {name: np.full(shape, np.nan) for name in FIELDS}
     l0 = np.full(shape[:3], np.nan)
@@ -299,7 +300,9 @@ def suite_summary(ds: xr.Dataset, table: pd.DataFrame, agreement: pd.DataFrame,
              (f"{ds.sizes['sae']} SAE(s) on {ds.sizes['task']} task(s). **Score**: per SAE, "
               "the gap closed between its random floor (0) and the supervised ceiling (1), "
               "`(sae - floor) / (ceiling - floor)`, averaged over the headline metrics "
-              f"({', '.join(str(m) for m in ds.metric.values)}; edits at k = {k}) and then "
+              f"({', '.join(str(m) for m in ds.metric.values)}; "
+              + ("edits as the area over k" if "edit_auc" in ds.metric.values
+                 else f"edits at k = {k}") + ") and then "
               "over every attribute in claims of every task not gated. **Higher is "
               f"better.** The 95% interval is a bootstrap ({table.attrs.get('n_boot')} "
               f"resamples, seed {table.attrs.get('seed')}) over attributes and prompts."), "",

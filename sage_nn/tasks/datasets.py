@@ -445,13 +445,15 @@ def check_task(model: Any, task: Any, n: int = 128, split: str | None = "test", 
     """Does ``model`` perform ``task``? One row per condition (clean, each counterfactual).
 
     Columns: ``accuracy`` (clean answer logit > clean distractor logit), ``mean_ld`` and
-    ``std_ld`` of the logit difference, and ``effect`` = mean clean LD - mean LD.
+    ``std_ld`` of the logit difference, and ``effect`` = mean LD - mean clean LD (the
+    effect of changing the attribute, :mod:`sage_nn.tasks.gates`' sign: negative when the
+    counterfactual turns the answer away).
     """
     ds = task if isinstance(task, TaskDataset) else \
         (task if isinstance(task, TaskSpec) else load_task(task)).build(model, n, seed, split)
     ld = logit_diffs(model, ds, batch_size).to_pandas()
     table = pd.DataFrame({"n": len(ds), "accuracy": (ld > 0).mean(), "mean_ld": ld.mean(),
-                          "std_ld": ld.std(), "effect": ld["clean"].mean() - ld.mean()})
+                          "std_ld": ld.std(), "effect": ld.mean() - ld["clean"].mean()})
     table.index.name = "condition"
     table.attrs.update(task=ds.name, split=str(split), dropped=len(ds.dropped))
     return table
