@@ -97,3 +97,66 @@ def test_shrunk_ladder(setup, where):
     for name in SHRUNK:
         assert summary.loc[name, "f=0"] == pytest.approx(0.0, abs=1e-6)
         assert summary.loc[name, "f=1"] == pytest.approx(1.0, abs=1e-3)
+
+
+# -- in the tool's regime ------------------------------------------------------------------
+
+def distractors(d: int, seed: int = 0) -> SparseAutoencoder:
+    """A TopK residual SAE at L1.resid_pre, 4 of 96 latents a token: its latents fire all
+    over the context and reach the heads with dense codes (distractors for the planted)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d, 96, generator=g) / d ** 0.5
+    return SparseAutoencoder(W, torch.zeros(96), W.T.clone(), torch.zeros(d),
+                             architecture="topk", k=4, layer=1, kind="resid_pre")
+
+
+def test_planted_latents_among_distractors_through_the_reconstruction(setup):
+    """The planted latents beside an SAE's latents at its own L0, all reaching the heads
+    through the reconstruction: the edits over k and F1 still rank the rungs, and the floor
+    (the SAE's, at its budget) sits below the rung that knows the attribute."""
+    from sage_nn.evaluation.validity import WithPlanted
+
+    model, fit, held_out, heads = setup
+    base = distractors(model.config.hidden_size)
+    rungs = {f"planted-{f:g}": (f, WithPlanted(
+        ReconstructedSAE([base]), ReconstructedSAE([planted_sae(model, fit, "io", 1, "IO", f)])))
+        for f in SHARES}
+    results = ladder(model, fit, held_out, CrossSection("io", heads), rungs, ks=[1, 2, 4],
+                     n_boot=200)
+    metrics = ["edit_auc", "edit_f1_auc", "best_f1"]
+    summary = ladder_summary(results, metrics)
+    ranked(summary, metrics, apart=metrics)
+    for name in metrics:  # the floor's place: below the top rung, rising with the rungs
+        assert summary.loc[name, "place f=1"] == "above", summary.T
+        assert summary.loc[name, "floor_monotone"], summary.T
+    # the distractors keep their L0: per token at the residual, 4 of them
+    assert float(results.l0.sel(dictionary="planted-0").mean()) == pytest.approx(4.0)
+
+
+def test_equal_fvu_rungs_only_the_orthogonal_error_keeps_sufficiency(setup):
+    """Every rung has the same FVU; a share f of the error lies outside the task's subspace.
+    Sufficiency and necessity must rank them; FVU cannot (so FVU standing in for sufficiency
+    fails here)."""
+    from sage_nn.evaluation.validity import Perturbed
+
+    model, fit, held_out, heads = setup
+    cs = CrossSection("io", [(Site(1, "resid_pre"), "END")])
+    rungs = {f"error-out-{f:g}": (f, Perturbed(fit, f)) for f in SHARES}
+    results = ladder(model, fit, held_out, cs, rungs, ks=[1], n_boot=200)
+    summary = ladder_summary(results, SHRUNK + ["fvu_pooled"])
+    ranked(summary, SHRUNK, apart=SHRUNK)
+    fvus = [summary.loc["fvu_pooled", f"f={f:g}"] for f in SHARES]
+    assert np.ptp(fvus) < 1e-3 * max(fvus), fvus
+    assert summary.loc["sufficiency", "f=1"] > 0.9 > 0.5 > summary.loc["sufficiency", "f=0"]
+
+
+def test_sufficiency_and_necessity_part_where_a_reconstruction_overshoots(setup):
+    """A linear ladder cannot tell sufficiency from necessity (each is about f); twice what
+    a perfect SAE explains can: sufficiency about 2 (the effect doubled), necessity about 0
+    (removing it reverses the effect). Swapped, the two would read about 0 and 2."""
+    model, fit, held_out, heads = setup
+    cs = CrossSection("io", [(Site(1, "resid_pre"), "END")])
+    out = ladder(model, fit, held_out, cs, {"twice": (2.0, Shrunk(perfect_sae(
+        model.config.hidden_size), 2.0))}, ks=[1], n_boot=50).squeeze("attribute")
+    assert float(out.sufficiency.sel(dictionary="twice")) > 1.5
+    assert float(out.necessity.sel(dictionary="twice")) < 0.5

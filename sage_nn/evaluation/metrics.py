@@ -184,23 +184,27 @@ def greedy_path(a, codes, codes_cf, directions, target, k: int, scale=None):
     (0 for none). The first ``k' < k`` columns are the greedy edit at ``k'``: one path
     serves every k."""
     scale = torch.ones(len(a), dtype=a.dtype) if scale is None else scale.to(a.dtype)
-    norms = directions.norm(dim=-1)  # [L]
-    step = (codes_cf - codes).to(a.dtype)  # [n, L]
-    residual = (target - a).clone()
-    taken = torch.zeros_like(step, dtype=torch.bool)
+    directions = directions.to(a.dtype)
+    step = (codes_cf - codes).to(a.dtype) * scale[:, None]  # [n, L]: each latent's move
+    # the residual's inner product with every direction, updated by the chosen direction's
+    # row of the Gram matrix (no product with all directions per step)
+    corr = (target - a) @ directions.T  # [n, L]
+    gram = directions @ directions.T if len(directions) <= 8192 else None
+    sq = (step ** 2) * directions.pow(2).sum(-1)  # ||δ_j||²
+    blocked = step == 0
     chosen = torch.full((len(a), k), -1, dtype=torch.long)
     coefs = torch.zeros((len(a), k), dtype=a.dtype)
     rows = torch.arange(len(a))
     for i in range(k):
         # gain of candidate j: ||R||² - ||R - δ_j||² = 2 R·δ_j - ||δ_j||²
-        proj = (residual @ directions.T) * step * scale[:, None]
-        gain = 2 * proj - (step * scale[:, None] * norms) ** 2
-        gain = gain.masked_fill(taken | (step == 0), -torch.inf)
+        gain = (2 * corr * step - sq).masked_fill(blocked, -torch.inf)
         best = gain.argmax(-1)
-        ok = torch.isfinite(gain[rows, best]) & (gain[rows, best] > 0)
-        coef = step[rows, best] * scale * ok
-        residual -= coef[:, None] * directions[best]
-        taken[rows[ok], best[ok]] = True
+        top = gain[rows, best]
+        ok = torch.isfinite(top) & (top > 0)
+        coef = step[rows, best] * ok
+        row = gram[best] if gram is not None else directions[best] @ directions.T
+        corr -= coef[:, None] * row
+        blocked[rows[ok], best[ok]] = True
         chosen[ok, i] = best[ok]
         coefs[:, i] = coef
     return chosen, coefs

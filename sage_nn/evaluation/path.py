@@ -10,8 +10,12 @@ feeding the head, at each named position of the task (``IO``, ``S1``, ``END``, .
 :class:`~sage_nn.dictionaries.supervised.MSEDictionary` over the prompts' attribute values;
 each of its features reaches the head as a latent whose direction is the feature pushed
 through the frozen map and whose code is the prompt's indicator times the head's attention
-to that token and the norm's scale there. Tokens without a name keep their clean residual
-(the supervised dictionary has no labels there), so it is generous: a ceiling.
+to that token and the norm's scale there. The tokens without a name carry the attributes too
+(a name is copied forward by earlier layers): one more dictionary, fitted on all of them
+pooled, gives latents coded by the prompt's indicator times the head's summed attention to
+those tokens, so that an edit can move what they carry. Its reconstruction replaces the
+named tokens' residual by the supervised one and keeps the other tokens clean: generous,
+as a ceiling should be.
 
 Computed here from the rows the read kept (:attr:`sage_nn.model.reads.Reads.inputs`); at
 pairs it does not reach (``attn_out``, ``mlp_out``, a residual pair: there it is the site
@@ -52,66 +56,59 @@ class PathCeiling:
             for b in self.inputs[1]))
 
     def named(self, k: int, layer: int, data: Any) -> dict:
-        """Set ``k``'s residual at every named position of ``layer``'s read: ``r [n, P, d]``,
-        ``present [n, P]`` (read, and not the token of an earlier name), the norm's scale
-        ``s [n, P]``, the pattern rows ``w[head] [n, m, P]`` from the query positions, and
-        the query positions' names."""
+        """Set ``k``'s residual rows at ``layer`` (every token the read kept), each with its
+        prompt (``owner``), its class (``cls``: the index of its named position, or ``P``
+        for a token without a name; a token two names share counts for the first), the
+        norm's scale there (``s``), and per head the pattern weight from each query
+        position (``w[head] [n_tokens, m]``); ``queries``, the query positions' names."""
         key = (k, layer)
         if key in self._rows:
             return self._rows[key]
         names = list(data.positions)
         norm = attention_norms(adapter(self.model), self.model, layer)[0]
-        r, present, w, start, queries = [], [], {}, 0, None
+        r, owner, cls, w, start, queries = [], [], [], {}, 0, None
         for batch in self.inputs[k]:
-            n = len(next(iter(batch.values()))["cols"]) if batch else 0
             if layer not in batch:
-                start += n
+                start += len(next(iter(batch.values()))["cols"]) if batch else 0
                 continue
             b = batch[layer]
             queries = b["positions"]
             mask, attn = b["mask"], b["attention_mask"]
             n, T = attn.shape
             lengths = attn.sum(-1)
-            index = torch.full(mask.shape, -1, dtype=torch.long)
-            index[mask] = torch.arange(int(mask.sum()))
-            rows = torch.arange(n)
-            cols = []
-            for p in names:
-                pos = torch.as_tensor(np.asarray(data.positions[p])[start:start + n])
+            label = torch.full((n, T), len(names), dtype=torch.long)
+            for j in reversed(range(len(names))):  # the first name wins a shared token
+                pos = torch.as_tensor(np.asarray(data.positions[names[j]])[start:start + n])
                 pos = torch.where(pos < 0, pos + lengths, pos)
-                cols.append(T - lengths + pos)
-            cols = torch.stack(cols, 1)  # [n, P]
-            at = index[rows[:, None], cols]  # [n, P]: the kept row, or -1
-            seen = torch.zeros_like(at, dtype=torch.bool)
-            for j in range(len(names)):  # a token two names share counts once
-                seen[:, j] = (cols[:, :j] == cols[:, j:j + 1]).any(1)
-            ok = (at >= 0) & ~seen
-            taken = b["taken"]
-            r.append(torch.where(ok[..., None], taken["r"][at.clamp(min=0)], 0.0))
-            present.append(ok)
-            for h, pattern in taken.get("pattern", {}).items():
-                w.setdefault(h, []).append(pattern[rows[:, None, None], torch.arange(
-                    pattern.shape[1])[None, :, None], cols[:, None, :]])
+                label[torch.arange(n), T - lengths + pos] = j
+            prompt, col = mask.nonzero(as_tuple=True)  # the kept rows, in order
+            r.append(b["taken"]["r"])
+            owner.append(prompt + start)
+            cls.append(label[prompt, col])
+            for h, pattern in b["taken"].get("pattern", {}).items():
+                w.setdefault(h, []).append(pattern[prompt, :, col])  # [n_tokens, m]
             start += n
-        r, present = torch.cat(r).float(), torch.cat(present)
-        s = inv_scale(r, *norm)[..., 0] if norm is not None else torch.ones(r.shape[:2])
-        out = {"r": r, "present": present, "s": s * present,
+        r = torch.cat(r).float()
+        s = inv_scale(r, *norm)[..., 0] if norm is not None else torch.ones(len(r))
+        out = {"r": r, "owner": torch.cat(owner), "cls": torch.cat(cls), "s": s,
                "w": {h: torch.cat(v).float() for h, v in w.items()}, "queries": queries,
-               "names": names}
+               "names": names, "n": start}
         self._rows[key] = out
         return out
 
     def dictionaries(self, layer: int) -> list[MSEDictionary | None]:
-        """Per named position, the supervised dictionary of the fit prompts' residual."""
+        """Per named position and for the tokens without a name, the supervised dictionary
+        of the fit prompts' residual there."""
         if layer not in self._fitted:
             rows = self.named(0, layer, self.train)
             labels = self.train.attributes[self.names].reset_index(drop=True)
             fitted = []
-            for j in range(rows["r"].shape[1]):
-                keep = rows["present"][:, j].numpy()
-                fitted.append(MSEDictionary(attributes=self.names).fit(
-                    rows["r"][keep, j].double().numpy(), labels[keep]) if keep.sum() > 1
-                    else None)
+            for c in range(len(rows["names"]) + 1):
+                take = (rows["cls"] == c).numpy()
+                fitted.append(MSEDictionary(attributes=self.names, weights="fitted").fit(
+                    rows["r"][take].double().numpy(),
+                    labels.iloc[rows["owner"][take].numpy()].reset_index(drop=True))
+                    if take.sum() > 1 else None)
             self._fitted[layer] = fitted
         return self._fitted[layer]
 
@@ -132,26 +129,34 @@ class PathCeiling:
         return x * maps["gamma"].float()
 
     def _side(self, k: int, data: Any, rows, pair, labels) -> tuple:
-        """One set's site weights, codes and the reconstruction's change at ``pair``."""
+        """One set's codes at ``pair`` (of the prompts ``rows``, in order) and the change
+        the named tokens' supervised reconstruction makes there."""
         site, position = pair
         named = self.named(k, site.layer, data)
-        r, s = named["r"][rows], named["s"][rows]
         if site.kind == "z":
-            q = named["queries"].index(position)
-            weight = named["w"][site.head][rows][:, q, :] * s  # [n, P]
+            weight = named["w"][site.head][:, named["queries"].index(position)] * named["s"]
         else:  # q/k/v read the query token alone
-            weight = s * torch.as_tensor(np.array(named["names"]) == position)[None, :]
+            query = named["names"].index(position)
+            weight = named["s"] * (named["cls"] == query)
+        where = torch.full((named["n"],), -1, dtype=torch.long)
+        where[torch.as_tensor(np.asarray(rows))] = torch.arange(len(rows))
+        slot = where[named["owner"]]  # each token's row among ``rows`` (-1: not scored)
+        kept = slot >= 0
         W = self._projection(site)
-        codes, change = [], torch.zeros(len(r), W.shape[1])
-        for j, d in enumerate(self.dictionaries(site.layer)):
+        codes, change = [], torch.zeros(len(rows), W.shape[1])
+        for c, d in enumerate(self.dictionaries(site.layer)):
             if d is None:
                 continue
-            c = torch.as_tensor(np.asarray(d.transform(r[:, j].double().numpy(), labels)),
-                                dtype=torch.float32)
-            error = r[:, j] - torch.as_tensor(d.inverse_transform(c.double().numpy()),
-                                              dtype=torch.float32)
-            codes.append(weight[:, j:j + 1] * c)
-            change += weight[:, j:j + 1] * (self._push(error, site.layer) @ W)
+            take = kept & (named["cls"] == c)
+            r = named["r"][take]
+            owners = labels.iloc[slot[take].numpy()].reset_index(drop=True)
+            per_token = np.asarray(d.transform(r.double().numpy(), owners))
+            codes.append(torch.zeros(len(rows), per_token.shape[1]).index_add_(
+                0, slot[take], weight[take, None] * torch.as_tensor(per_token).float()))
+            if c < len(named["names"]):  # a named token: its supervised reconstruction
+                error = r - torch.as_tensor(d.inverse_transform(per_token), dtype=torch.float32)
+                change.index_add_(0, slot[take],
+                                  weight[take, None] * (self._push(error, site.layer) @ W))
         return torch.cat(codes, 1), change
 
     def codes(self, pair: tuple, test: Any, cf: Any, keep: np.ndarray, a, a_cf,

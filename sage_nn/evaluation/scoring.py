@@ -171,9 +171,14 @@ def evaluate_cross_section(
                 if path.reaches(pair) else by_method[reference][pair] for pair in cs.pairs}
             owners[PATH_CEILING] = ("path ceiling", "", "")
         for name, coder in coders.items():
-            computed = {pair: (*(t[keep] for t in (*codes[1][key], *codes[2 + i][key])),
-                               codes[0][key][0], maps[pair[0].layer])
-                        for pair in cs.pairs if (key := (id(coder), *pair)) in codes[2 + i]}
+            computed = {}
+            for pair in cs.pairs:  # per part of the coder (one, but for a combined coder)
+                found = [(*(t[keep] for t in (*codes[1][key], *codes[2 + i][key])),
+                          codes[0][key][0], maps[pair[0].layer])
+                         for part in range(getattr(coder, "n_parts", 1))
+                         if (key := (id(coder), part, *pair)) in codes[2 + i]]
+                if found:
+                    computed[pair] = found if hasattr(coder, "n_parts") else found[0]
             by_method[name] = coder.codes(model, cs.pairs, part,
                                           part.counterfactuals[cs.attribute], a_test, a_cf,
                                           a_train, computed, remote)
@@ -255,7 +260,8 @@ def _read(model, train, test, sections, coders, reads, batch_size, remote):
     """The fit prompts, the held-out prompts and each attribute's counterfactuals (sets
     ``0``, ``1``, ``2..``), in one read: the activations at ``reads``, and each coder's
     codes at each site on the fit and held-out prompts and the counterfactuals of the
-    attributes whose cross-sections hold the site (keyed ``(id(coder), site, position)``),
+    attributes whose cross-sections hold the site (keyed ``(id(coder), part, site,
+    position)``: ``part`` a job's ``part``, for a coder of several, else 0),
     the frozen maps of their layers, and (where residual SAEs reach heads) what their
     linear view read, kept for their controls and the path ceiling."""
     by_sets: dict[tuple, list] = {}  # pairs by the counterfactual sets they are needed on
@@ -268,11 +274,11 @@ def _read(model, train, test, sections, coders, reads, batch_size, remote):
             for job in coder.jobs(model, pairs):
                 job.sets, job.label = [0, 1, *needed], job.label or name
                 jobs.append(job)
-                owners.append(id(coder))
+                owners.append((id(coder), getattr(job, "part", 0)))
     sets = [train, test] + [test.counterfactuals[cs.attribute] for cs in sections]
     read = read_sites(model, sets, reads, jobs, batch_size=batch_size, remote=remote,
                       keep_inputs=bool(jobs))
-    read.codes = [{(owners[j], s, p): c for (j, s, p), c in part.items()}
+    read.codes = [{(*owners[j], s, p): c for (j, s, p), c in part.items()}
                   for part in read.codes]
     return read
 

@@ -12,11 +12,27 @@ A metric that cannot fail proves nothing, so each headline metric is checked aga
   SAE whose latents are the attribute's residual features at the token where the value lives,
   each firing where its value is, reaching a head through the frozen maps.
 - :class:`Shrunk` (sufficiency, necessity): a coder's reconstruction keeping a share ``f`` of
-  what it explains, the rest moved to the mean: ``â_f = mean + f (â - mean)``.
+  what it explains, the rest moved to the mean: ``â_f = mean + f (â - mean)``. Linear in
+  ``f``, so any score normalised by the mean-ablation gap ranks it (sufficiency and
+  necessity swapped would too); a share above 1 overshoots, where the two part.
+
+In the tool's regime (a trained residual SAE at its real L0, its codes dense and summed
+over the context, its latents distractors):
+
+- :class:`WithPlanted` (edits, F1): a trained SAE's latents with planted latents of a share
+  ``f`` of the attribute's values added, all reaching the heads through the reconstruction;
+- :class:`Perturbed` (sufficiency, necessity against FVU): the clean activation plus an
+  error of the same size at every rung (equal FVU), a share of whose energy lies inside the
+  task's subspace (the span of the supervised features at the site: the attribute's signal
+  taken away) and the rest orthogonal to it (noise): only the orthogonal error keeps
+  sufficiency, and FVU cannot tell the rungs apart;
+- the random SAE (:func:`random_rung`): the trained SAE's architecture with random weights,
+  below the trained SAE on every headline metric.
 
 :func:`ladder` evaluates a ladder and :func:`ladder_summary` says, per metric, whether it
 ranks the rungs in order (Spearman over the levels), whether the ``f = 0`` and ``f = 1``
-intervals are apart, and where the floor sits. Both work on any model and task.
+intervals are apart, and where the floor sits at every rung (the paired interval of rung -
+floor). Both work on any model and task.
 """
 
 from __future__ import annotations
@@ -34,6 +50,7 @@ from ..dictionaries.saes import SparseAutoencoder
 from ..dictionaries.supervised import MSEDictionary
 from ..model.reads import read_sites
 from .coders import RANDOM, SUPERVISED, CrossSection, SiteCode, as_coder
+from .paired import percentile_interval
 from .scoring import evaluate_cross_section, pair_mean
 
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -118,6 +135,116 @@ class Shrunk:
         return out
 
 
+class WithPlanted:
+    """A trained residual SAE's latents (``base``, a coder reaching heads through the
+    reconstruction) with planted latents added (``planted``, e.g. a
+    :class:`~sage_nn.evaluation.coders.ReconstructedSAE` of :func:`planted_sae`): at every
+    pair their codes and directions side by side, the reconstruction the trained SAE's (the
+    planted latents only add choices to the edits and the detectors). Its controls are the
+    trained SAE's."""
+
+    n_parts = 2
+
+    def __init__(self, base: Any, planted: Any):
+        self.base, self.planted = as_coder(base), as_coder(planted)
+
+    def serves(self, model, site) -> bool:
+        return self.base.serves(model, site) and self.planted.serves(model, site)
+
+    def reads(self, model, pair) -> list:
+        return list(dict.fromkeys(self.base.reads(model, pair)
+                                  + self.planted.reads(model, pair)))
+
+    def jobs(self, model, pairs) -> list:
+        out = []
+        for part, coder in enumerate((self.base, self.planted)):
+            for job in coder.jobs(model, pairs):
+                job.part = part
+                out.append(job)
+        return out
+
+    def member(self, model, pair):
+        return self.base.member(model, pair)
+
+    def codes(self, model, pairs, test, cf, values, values_cf, values_fit, computed=None,
+              remote=None) -> dict:
+        computed = computed or {}
+        parts = [{pair: found[part] for pair, found in computed.items()} for part in (0, 1)]
+        base = self.base.codes(model, pairs, test, cf, values, values_cf, values_fit,
+                               parts[0], remote)
+        planted = self.planted.codes(model, pairs, test, cf, values, values_cf, values_fit,
+                                     parts[1], remote)
+        out = {}
+        for pair in pairs:
+            b, p = base[pair], planted[pair]
+            out[pair] = SiteCode(b.a, b.a_hat, b.a_cf, torch.cat([b.codes, p.codes], 1),
+                                 torch.cat([b.codes_cf, p.codes_cf], 1),
+                                 torch.cat([b.directions, p.directions]),
+                                 codes_fit=torch.cat([b.codes_fit, p.codes_fit], 1),
+                                 l0_own=b.l0_own)
+        return out
+
+
+class Perturbed:
+    """The clean activation plus an error of the same size at every rung: at each pair,
+    ``â = a + sqrt(1 - share) e_in + sqrt(share) e_out``, where ``e_in = -P (a - mean)``
+    takes the signal of the task's subspace away (``P``: the projection on the span of the
+    supervised features of every attribute, fitted at the pair on the fit prompts) and
+    ``e_out`` is noise orthogonal to that span with ``e_in``'s norm, per prompt (seeded).
+    The two are orthogonal with equal norms, so every rung has the same FVU; ``share = 1``
+    puts the whole error outside the task's subspace. Its codes and directions are the
+    supervised dictionary's."""
+
+    def __init__(self, train: Any, share: float, seed: int = 0):
+        self.train, self.share, self.seed = train, share, seed
+
+    def serves(self, model, site) -> bool:
+        return True
+
+    def reads(self, model, pair) -> list:
+        return []
+
+    def jobs(self, model, pairs) -> list:
+        return []
+
+    def codes(self, model, pairs, test, cf, values, values_cf, values_fit, computed=None,
+              remote=None) -> dict:
+        names = self.train.attribute_names
+        labels_fit = self.train.attributes[names]
+        out = {}
+        for i, pair in enumerate(pairs):
+            d = MSEDictionary(attributes=names).fit(values_fit[pair].numpy(), labels_fit)
+            t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)  # noqa: E731
+            basis = torch.linalg.qr(t(d.components_).T.double()).Q  # [w, r]
+            mean = t(d.mean_).double()
+            a = values[pair].double()
+            inside = (a - mean) @ basis @ basis.T
+            g = torch.Generator().manual_seed(self.seed + i)
+            noise = torch.randn(a.shape, generator=g, dtype=torch.float64)
+            noise = noise - noise @ basis @ basis.T
+            noise = noise / noise.norm(dim=1, keepdim=True).clamp(min=1e-12) * inside.norm(
+                dim=1, keepdim=True)
+            a_hat = a - (1 - self.share) ** 0.5 * inside + self.share ** 0.5 * noise
+            code = lambda data: t(d.transform(np.zeros((len(data), d.components_.shape[1])),  # noqa
+                                              data.attributes[names]))
+            out[pair] = SiteCode(values[pair], a_hat.float(), values_cf[pair], code(test),
+                                 code(cf), t(d.components_), codes_fit=code(self.train))
+        return out
+
+
+def random_rung(model: Any, sae: SparseAutoencoder, train: Any, position: str,
+                seed: int = 0, batch_size: int = 32) -> SparseAutoencoder:
+    """The random-SAE rung: ``sae``'s sae_lens architecture with random weights
+    (:func:`~sage_nn.dictionaries.random_sae.random_sae`), calibrated at ``sae``'s site on
+    the fit prompts' rows at ``position``."""
+    from ..dictionaries.random_sae import calibrate, random_sae
+    from ..model.sites import Site
+
+    site = Site(sae.layer, sae.kind, sae.heads[0] if sae.heads else None)
+    (values,) = read_sites(model, [train], [(site, position)], batch_size=batch_size).values
+    return calibrate(random_sae(sae, seed), sae, values[(site, position)])
+
+
 def planted_sae(model: Any, train: Any, attribute: str, layer: int, position: str,
                 share: float, seed: int = 0, batch_size: int = 32) -> SparseAutoencoder:
     """A residual SAE at ``L{layer}.resid_pre`` with a latent for each planted value of
@@ -157,13 +284,45 @@ def ladder(model: Any, train: Any, test: Any, cross_section: CrossSection,
     return results.assign_coords(share=("dictionary", share))
 
 
+#: how a rung stands against its floor, worst to best
+PLACES = ("below", "overlap", "above")
+
+
+def floor_place(results: xr.Dataset, name: str, rung: str, k: int = 2) -> str | None:
+    """Where ``rung`` stands against its floor on ``name`` (in goodness: sufficiency by its
+    distance from 1): ``"above"``/``"below"`` when the paired interval of rung - floor
+    (their shared bootstrap draws, ``<name>_boot``) excludes 0, else ``"overlap"``; a
+    metric without replicates (an edit at one k) compares the two intervals."""
+    floor = f"{RANDOM}:{rung}"
+    if floor not in results.dictionary.values:
+        return None
+    good = (lambda x: 1 - np.abs(1 - x)) if name == "sufficiency" else (lambda x: x)  # noqa
+    if f"{name}_boot" in results:
+        boot = results[f"{name}_boot"]
+        diff = good(boot.sel(dictionary=rung).values.ravel()) - good(
+            boot.sel(dictionary=floor).values.ravel())
+        lo, hi = percentile_interval(diff)
+    else:
+        ci = results[f"{name}_ci"]
+        ci = ci.sel(k=k) if "k" in ci.dims else ci
+        ends = lambda d: sorted(good(np.array([float(ci.sel(dictionary=d, bound=b).squeeze())  # noqa
+                                               for b in ("low", "high")])))
+        (r_lo, r_hi), (f_lo, f_hi) = ends(rung), ends(floor)
+        lo, hi = r_lo - f_hi, r_hi - f_lo
+    if np.isnan(lo):
+        return None
+    return "above" if lo > 0 else "below" if hi < 0 else "overlap"
+
+
 def ladder_summary(results: xr.Dataset, metrics: Sequence[str], k: int = 2) -> pd.DataFrame:
     """Per metric (edits at ``k``), over the rungs of :func:`ladder`: the value at each
     share, ``spearman`` of value against share, ``apart`` (the ``f = 0`` and ``f = 1``
     95% intervals do not overlap; metrics without intervals: None), the floor of the ``f = 0``
     rung (``floor``) and whether it sits at or below that rung (``floor_not_above``: below
-    its interval's top), the ceiling, and ``in_ceiling_interval`` (the ``f = 1`` rung's value
-    inside the ceiling's interval)."""
+    its interval's top), the floor's place at every rung (``place f=...``:
+    :func:`floor_place`) and whether those places rise with the rungs (``floor_monotone``:
+    no rung stands lower against its floor than a rung below it), the ceiling, and
+    ``in_ceiling_interval`` (the ``f = 1`` rung's value inside the ceiling's interval)."""
     rungs = results.dictionary.values[np.isfinite(results.share.values)]
     order = sorted(rungs, key=lambda d: float(results.share.sel(dictionary=d)))
     rows = {}
@@ -188,6 +347,11 @@ def ladder_summary(results: xr.Dataset, metrics: Sequence[str], k: int = 2) -> p
         row["floor"] = floor
         row["floor_not_above"] = bool(floor <= (low_top if low_top is not None
                                                 else values[0]) + 1e-9)
+        places = [floor_place(results, name, d, k) if ci is not None else None for d in order]
+        for share, place in zip(shares, places):
+            row[f"place f={share:g}"] = place
+        known = [PLACES.index(p) for p in places if p is not None]
+        row["floor_monotone"] = bool(known) and all(a <= b for a, b in zip(known, known[1:]))
         if SUPERVISED in results.dictionary.values:
             row["ceiling"] = value(SUPERVISED)
             if ci is not None:
