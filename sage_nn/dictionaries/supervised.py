@@ -285,7 +285,8 @@ class _SupervisedDictionary(TransformerMixin, BaseEstimator):
         blocks = np.cumsum([0] + [len(c) for c in self.categories_])
         keep = [j for j in range(C.shape[1]) if j not in set(blocks[:-1])]
         D = np.column_stack([np.ones(len(C)), C[:, keep]])
-        _, s, vt = np.linalg.svd(D, full_matrices=True)
+        # V is square whenever there are at least as many rows as columns: no full U needed
+        _, s, vt = np.linalg.svd(D, full_matrices=len(D) < D.shape[1])
         tol = s.max() * max(D.shape) * np.finfo(float).eps
         rank = int((s > tol).sum())
         if rank < D.shape[1]:

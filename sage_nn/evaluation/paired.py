@@ -94,31 +94,35 @@ def detector_replicates(codes_fit: np.ndarray, labels_fit, codes: np.ndarray, la
                         n_candidates: int = N_CANDIDATES) -> np.ndarray:
     """``[n_boot]`` best F1 (the mean over values) with the detector chosen inside each
     resample: per value, among its ``n_candidates`` best fit-prompt detectors (latent and
-    threshold, :func:`sage_nn.evaluation.metrics.latent_f1`), the one with the best F1 on the resampled fit
-    prompts, scored on the resampled held-out prompts."""
+    threshold, :func:`sage_nn.evaluation.metrics.latent_f1`), the one with the best F1 on
+    the resampled fit prompts, scored on the resampled held-out prompts. Every value's
+    candidates at once: three products of the draws' prompt counts with the prompts'
+    indicators."""
     score_fit, score = np.abs(np.asarray(codes_fit)), np.abs(np.asarray(codes))
     w_fit, w = weights(idx_fit, len(score_fit)), weights(idx, len(score))
-    out = []
+    n_values = len(fitted)
+    active_fit, active, positive_fit, positive = [], [], [], []
     for (attribute, value), (f1, cut) in fitted.items():
         top = np.argsort(-f1, kind="stable")[:n_candidates]
-        top = top[np.isfinite(cut[top])] if np.isfinite(cut[top]).any() else top[:1]
-        positive_fit = (labels_fit[attribute].astype(str) == value).to_numpy()
-        positive = (labels[attribute].astype(str) == value).to_numpy()
-        active_fit = score_fit[:, top] > cut[top]  # [n_fit, M]
-        active = score[:, top] > cut[top]  # [n, M]
+        top = np.resize(top, n_candidates)  # fewer latents than candidates: repeated
+        active_fit.append(score_fit[:, top] > cut[top])  # [n_fit, M]
+        active.append(score[:, top] > cut[top])
+        positive_fit.append((labels_fit[attribute].astype(str) == value).to_numpy())
+        positive.append((labels[attribute].astype(str) == value).to_numpy())
 
-        def f1_of(w_, act, pos):
-            tp = w_ @ (act & pos[:, None])
-            n_pos = w_ @ pos
-            with np.errstate(invalid="ignore", divide="ignore"):
-                return np.where(n_pos[:, None] > 0,
-                                2 * tp / np.maximum(w_ @ act + n_pos[:, None], 1e-12), np.nan)
+    def f1_of(w_, act, pos):  # act [n, V, M], pos [n, V] -> [B, V, M]
+        act, pos = np.stack(act, 1).astype(np.float64), np.stack(pos, 1).astype(np.float64)
+        tp = (w_ @ (act * pos[..., None]).reshape(len(act), -1)).reshape(len(w_), n_values, -1)
+        pred = (w_ @ act.reshape(len(act), -1)).reshape(tp.shape)
+        n_pos = (w_ @ pos)[..., None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n_pos > 0, 2 * tp / np.maximum(pred + n_pos, 1e-12), np.nan)
 
-        chosen = np.nan_to_num(f1_of(w_fit, active_fit, positive_fit), nan=-1).argmax(1)
-        out.append(f1_of(w, active, positive)[np.arange(len(w)), chosen])
+    chosen = np.nan_to_num(f1_of(w_fit, active_fit, positive_fit), nan=-1).argmax(-1)
+    held_out = np.take_along_axis(f1_of(w, active, positive), chosen[..., None], -1)[..., 0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a resample without some value
-        return np.nanmean(np.stack(out), 0)
+        return np.nanmean(held_out, -1)
 
 
 def chance_f1(labels, attribute: str) -> float:

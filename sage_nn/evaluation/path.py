@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.linear_model import Ridge
 
 from ..dictionaries.supervised import MSEDictionary
 from ..model.linear import attention_norms, head_key, inv_scale
@@ -105,7 +106,10 @@ class PathCeiling:
             fitted = []
             for c in range(len(rows["names"]) + 1):
                 take = (rows["cls"] == c).numpy()
-                fitted.append(MSEDictionary(attributes=self.names, weights="fitted").fit(
+                # thousands of token rows: least squares by the normal equations (a ridge
+                # far below the one-hot design's scale), not the pseudo-inverse
+                fitted.append(MSEDictionary(attributes=self.names, weights="fitted",
+                                            solver=Ridge(alpha=1e-6, solver="cholesky")).fit(
                     rows["r"][take].double().numpy(),
                     labels.iloc[rows["owner"][take].numpy()].reset_index(drop=True))
                     if take.sum() > 1 else None)
