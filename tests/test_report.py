@@ -166,15 +166,45 @@ def test_write_report_files(results, tmp_path):
     assert "<td>0.600 [0.55, 0.65]</td>" in page
 
 
+def with_replicates(ds: xr.Dataset, n_boot: int = 200, spread: float = 0.02) -> xr.Dataset:
+    """The results as an evaluation now writes them: the edits summarised over k
+    (``edit_auc``) and each headline metric's bootstrap replicates, every dictionary on the
+    same draws (the value plus one shared shift per draw, so a difference of two is exact)."""
+    shift = np.random.default_rng(0).normal(0, spread, n_boot)
+    ds = ds.assign(edit_auc=ds.edit.mean("k"))
+    ds["edit_auc_ci"] = ds.edit_ci.mean("k")
+    for name in ("sufficiency", "necessity", "edit_auc", "best_f1"):
+        value = ds[name].mean("pair") if "pair" in ds[name].dims else ds[name]
+        ds[f"{name}_boot"] = value + xr.DataArray(shift, dims="boot")
+    return ds
+
+
+def set_headline(ds: xr.Dataset, name: str, value: float, **where) -> None:
+    """Set a headline metric's value and move its replicates with it."""
+    old = float(ds[name].loc[where])
+    ds[name].loc[where] = value
+    ds[f"{name}_boot"].loc[where] = ds[f"{name}_boot"].loc[where] + (value - old)
+
+
 def test_report_flags_a_violated_ordering(results, tmp_path):
-    bad = results.copy(deep=True)
-    bad["sufficiency"].loc[dict(attribute="io", dictionary="topk-2048")] = 0.95  # > ceiling
-    # a floor above the ceiling leaves no gap to close: the metric cannot rank there
-    bad["sufficiency"].loc[dict(attribute="s", dictionary="random:relu-1024")] = 0.99
+    """Each mark comes from the paired interval of a difference: an SAE above its ceiling
+    is flagged, a floor above the ceiling leaves no gap to close."""
+    bad = with_replicates(results.copy(deep=True))
+    set_headline(bad, "sufficiency", 0.95, attribute="io", dictionary="topk-2048")
+    set_headline(bad, "sufficiency", 0.99, attribute="s", dictionary="random:relu-1024")
     write_report(bad, tmp_path)
     text = (tmp_path / "summary.md").read_text()
-    assert "| topk-2048 | io | 1.06 ✗ violated |" in text
+    assert "| topk-2048 | io | 1.06 ✗ above the ceiling |" in text
     assert "| relu-1024 | s | – (ceiling ≤ floor) |" in text
+    assert "| topk-2048 | s | 0.62 ✓ |" in text
+    # an SAE within the noise of its floor is not ranked above it
+    close = with_replicates(results.copy(deep=True))
+    for d, v in (("relu-1024", 0.14), ("random:relu-1024", 0.1)):
+        close["sufficiency"].loc[dict(attribute="io", dictionary=d)] = v
+        close["sufficiency_boot"].loc[dict(attribute="io", dictionary=d)] = \
+            v + np.random.default_rng(len(d)).normal(0, 0.05, 200)
+    write_report(close, tmp_path / "close")
+    assert "| relu-1024 | io | 0.05 ~ |" in (tmp_path / "close" / "summary.md").read_text()
 
 
 def _heatmap(path):

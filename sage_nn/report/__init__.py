@@ -46,10 +46,10 @@ from .tables import (
     BY_K,
     FLOOR_PREFIX,
     LABELS,
-    SWEEP_METRICS,
     check_results,
     comparison_table,
     headline_k,
+    headline_metrics,
     roles,
     sae_widths,
 )
@@ -144,7 +144,7 @@ def write_report(results: xr.Dataset, out_dir: str | Path, *,
     comparison_table(results, sae_info, k=k).to_csv(out / "comparison.csv")
     if len(r.saes) > 1:  # a sweep: each headline metric against L0 and width
         known = {w for w in sae_widths(results, sae_info).values() if w is not None}
-        for metric in SWEEP_METRICS:
+        for metric in headline_metrics(results):
             if metric not in results:
                 continue
             for x in ("l0", "width") if len(known) > 1 else ("l0",):

@@ -130,7 +130,7 @@ def headline_k(results: xr.Dataset, k: int = 2) -> int:
 def headline_metrics(results: xr.Dataset) -> tuple[str, ...]:
     """The headline metrics the results hold: edits summarised over k, or (results written
     before) the edits at the headline k."""
-    return HEADLINE if all(m in results for m in HEADLINE) else OLD_HEADLINE
+    return HEADLINE if "edit_auc" in results else OLD_HEADLINE
 
 
 def headline_table(results: xr.Dataset) -> pd.DataFrame:
@@ -521,8 +521,9 @@ def sae_flags(results: xr.Dataset, sae: str) -> list[str]:
             f"{a} ({v:.3g})" for a, v in worse))
     claimed = [a for a in attributes if excluded(results, a) is None]
     if claimed and sae in r.saes:
-        above = [(a, m) for a in claimed for m in headline_metrics(results)
-                 if all(against_floor(look, sae, a, m, c) == "above"
+        columns = headline_columns(headline_k(results), results)
+        above = [(a, m) for a in claimed for m, _, sel in columns
+                 if all(against_floor(look, sae, a, m, c, **sel) == "above"
                         for c in r.controls(sae))]
         if not above:
             flags.append("no headline metric puts it above its random controls at any "
