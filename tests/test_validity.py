@@ -112,8 +112,11 @@ def distractors(d: int, seed: int = 0) -> SparseAutoencoder:
 
 def test_planted_latents_among_distractors_through_the_reconstruction(setup):
     """The planted latents beside an SAE's latents at its own L0, all reaching the heads
-    through the reconstruction: the edits over k and F1 still rank the rungs, and the floor
-    (the SAE's, at its budget) sits below the rung that knows the attribute."""
+    through the reconstruction: the greedy edit over k still ranks the rungs, and the floor
+    (the SAE's, at its budget) sits below the rung that knows the attribute. (On this tiny
+    model a name is its token, and any latent of the context detects it: F1 is 1 for every
+    rung, the distractors and the floor alike, and the top-F1 edit picks distractors tied
+    at F1 1; benchmarks/validity.py ranks them on SmolLM2.)"""
     from sage_nn.evaluation.validity import WithPlanted
 
     model, fit, held_out, heads = setup
@@ -123,12 +126,14 @@ def test_planted_latents_among_distractors_through_the_reconstruction(setup):
         for f in SHARES}
     results = ladder(model, fit, held_out, CrossSection("io", heads), rungs, ks=[1, 2, 4],
                      n_boot=200)
-    metrics = ["edit_auc", "edit_f1_auc", "best_f1"]
-    summary = ladder_summary(results, metrics)
-    ranked(summary, metrics, apart=metrics)
-    for name in metrics:  # the floor's place: below the top rung, rising with the rungs
-        assert summary.loc[name, "place f=1"] == "above", summary.T
-        assert summary.loc[name, "floor_monotone"], summary.T
+    summary = ladder_summary(results, ["edit_auc", "best_f1"])
+    ranked(summary, ["edit_auc"], apart=["edit_auc"])
+    # the floor's place: not above the rung without planted latents, below the top rung,
+    # rising with the rungs
+    assert summary.loc["edit_auc", "place f=0"] in ("overlap", "below"), summary.T
+    assert summary.loc["edit_auc", "place f=1"] == "above", summary.T
+    assert summary.loc["edit_auc", "floor_monotone"], summary.T
+    assert summary.loc["best_f1", "f=1"] == 1.0
     # the distractors keep their L0: per token at the residual, 4 of them
     assert float(results.l0.sel(dictionary="planted-0").mean()) == pytest.approx(4.0)
 

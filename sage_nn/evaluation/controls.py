@@ -73,12 +73,11 @@ def site_controls(code: SiteCode, sae: Any, a_fit: torch.Tensor, seed: int,
     for i in range(n_seeds):
         s = control_seed(seed, where, i)
         floor = RandomDictionary(n_latents, budget, seed=s).fit(a_fit)
-        f = lambda x: x.float()  # noqa: E731
-        codes_fit = floor.transform(a_fit)
+        codes = floor.transform(code.a)
         out[FLOOR].append(SiteCode(
-            code.a, f(floor.inverse_transform(floor.transform(code.a))), code.a_cf,
-            f(floor.transform(code.a)), f(floor.transform(code.a_cf)), f(floor.components_),
-            codes_fit=f(codes_fit), l0_own=float(budget)))
+            code.a, floor.inverse_transform(codes), code.a_cf, codes,
+            floor.transform(code.a_cf), floor.components_.float(),
+            codes_fit=floor.transform(a_fit), l0_own=float(budget)))
         if sae is not None and sae.architecture in CONTROLLED:
             control = calibrate(random_sae(sae, s), sae, a_fit)
             out[RANDOM_SAE].append(sae_code(control, code.a, code.a_cf, a_fit))

@@ -290,17 +290,24 @@ def latent_f1(codes_fit: np.ndarray, labels_fit: pd.DataFrame) -> dict:
     below = np.vstack([ranked[1:], np.zeros((1, n_latents))])  # the next score: the cut
     valid = (ranked > below) & (ranked > 0)  # a cut between distinct scores, all active
     predicted = np.arange(1, n + 1)[:, None]
+    cols = np.arange(n_latents)
     out = {}
     for attribute in labels_fit.columns:
         values = labels_fit[attribute].astype(str).to_numpy()
-        for value in sorted(set(values)):
-            positive = values == value
-            f1 = np.where(valid, 2 * np.cumsum(positive[order], 0)
-                          / (predicted + positive.sum()), 0.0)
-            best = f1.argmax(0)
-            cols = np.arange(n_latents)
-            top = f1[best, cols]
-            out[attribute, value] = (top, np.where(top > 0, below[best, cols], np.inf))
+        names = sorted(set(values))
+        step = max(1, 8_000_000 // max(1, n * n_latents))  # values at once, in bounded memory
+        for first in range(0, len(names), step):
+            chunk = names[first:first + step]
+            positive = values[:, None] == np.asarray(chunk)[None, :]  # [n, V]
+            # these values at once: true positives above each cut, per latent's own order
+            hits = np.cumsum(positive[order], 0, dtype=np.int32)  # [n, L, V]
+            f1 = np.where(valid[..., None],
+                          2 * hits / (predicted[..., None] + positive.sum(0)), 0.0)
+            best = f1.argmax(0)  # [L, V]
+            for j, value in enumerate(chunk):
+                top = f1[best[:, j], cols, j]
+                out[attribute, value] = (top, np.where(top > 0, below[best[:, j], cols],
+                                                       np.inf))
     return out
 
 

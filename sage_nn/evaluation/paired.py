@@ -39,10 +39,9 @@ def seed_draws(n_seeds: int, n_boot: int, seed: int) -> np.ndarray:
 
 
 def weights(idx: np.ndarray, n: int) -> np.ndarray:
-    """``[n_boot, n]`` how often each prompt is drawn."""
-    out = np.zeros((len(idx), n))
-    np.add.at(out, (np.arange(len(idx))[:, None], idx), 1.0)
-    return out
+    """``[n_boot, n]`` how often each prompt is drawn (float32: counts are exact)."""
+    flat = (idx + n * np.arange(len(idx))[:, None]).ravel()
+    return np.bincount(flat, minlength=n * len(idx)).reshape(len(idx), n).astype(np.float32)
 
 
 def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -111,7 +110,7 @@ def detector_replicates(codes_fit: np.ndarray, labels_fit, codes: np.ndarray, la
         positive.append((labels[attribute].astype(str) == value).to_numpy())
 
     def f1_of(w_, act, pos):  # act [n, V, M], pos [n, V] -> [B, V, M]
-        act, pos = np.stack(act, 1).astype(np.float64), np.stack(pos, 1).astype(np.float64)
+        act, pos = np.stack(act, 1).astype(np.float32), np.stack(pos, 1).astype(np.float32)
         tp = (w_ @ (act * pos[..., None]).reshape(len(act), -1)).reshape(len(w_), n_values, -1)
         pred = (w_ @ act.reshape(len(act), -1)).reshape(tp.shape)
         n_pos = (w_ @ pos)[..., None]
