@@ -1,4 +1,5 @@
-"""The metrics validated by construction on SmolLM2 IOI, and the seed noise of trained SAEs.
+"""The metrics validated by construction on SmolLM2 IOI, random SAEs against trained ones, and
+the seed noise of trained SAEs.
 
 1. Ladders (sage_nn.evaluation.validity) at the quickstart's cross-sections of ``io`` and ``s`` (heads'
    ``z`` at END): planted dictionaries (a share f of the attribute's values has a latent that
@@ -9,7 +10,17 @@
    residual SAEs through the reconstruction and for the SAEs at the heads. Per metric:
    Spearman over the levels, whether the f = 0 and f = 1 intervals are apart, the floor
    against f = 0, the f = 1 rung against the ceiling's interval.
-2. Seed noise: the quickstart's residual TopK SAEs (width 1024, k = 32) trained with three
+2. In the tool's regime (``regime``): planted latents among a trained residual SAE's own
+   latents (its real L0, dense codes summed over the context) through the reconstruction,
+   for the edits over k and F1; equal-FVU rungs whose error lies inside versus orthogonal to
+   the task's subspace at the heads, for sufficiency and necessity (FVU flat); an overshoot
+   (twice what the SAE explains) that parts sufficiency from necessity. Every rung with its
+   floor's place (the paired interval of rung - floor).
+3. Random SAEs (``random``): sae_lens TopK and JumpReLU SAEs with random weights (built with
+   sae_lens's config classes, saved as SAE directories and loaded back as a user's) at
+   L23's residual stream, against the trained L23 SAE at io's and s's L23 heads: every
+   headline metric, the paired verdicts, the flags and the calibration marks.
+4. Seed noise: the quickstart's residual TopK SAEs (width 1024, k = 32) trained with three
    seeds, against an L0 sweep (k = 8, 16, 32, 64, seed 0), all on the same corpus and
    evaluated on the same prompts; per metric, the spread across seeds against the
    differences between neighbouring configurations of the sweep. A metric separates two
@@ -38,10 +49,14 @@ from sage_nn.model.linear import EagerAttention
 from sage_nn.report import HEADLINE, goodness
 from sage_nn.model.sites import Site
 from sage_nn.dictionaries.training import TrainConfig, train_saes
-from sage_nn.evaluation.validity import SHARES, PlantedDictionary, Shrunk, ladder, ladder_summary, planted_sae
+from sage_nn.evaluation.validity import (SHARES, Perturbed, PlantedDictionary, Shrunk,
+                                         WithPlanted, ladder, ladder_summary, planted_sae)
 
-PLANTED = ["edit", "edit_f1", "best_f1", "alignment"]
+PLANTED = ["edit", "edit_f1", "edit_auc", "edit_f1_auc", "best_f1", "alignment"]
 SHRUNK = ["sufficiency", "necessity"]
+#: control seeds in the ladders (each rung has its floor and random SAE): two keep the
+#: ladders' evaluations short; the floor's place is read off the paired intervals
+LADDER_CONTROL_SEEDS = 2
 
 
 def trained(model, config: RunConfig, sites, k: int, seed: int, log: dict) -> list:
@@ -79,7 +94,7 @@ def main():
     parser.add_argument("--run", default="runs/quickstart", help="a finished quickstart run")
     parser.add_argument("--attributes", default="io,s")
     parser.add_argument("--n-boot", type=int, default=1000)
-    parser.add_argument("--parts", default="ladders,seeds")
+    parser.add_argument("--parts", default="ladders,regime,random,seeds")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "validity.json"))
     args = parser.parse_args()
@@ -99,11 +114,13 @@ def main():
                                     for p in run.cross_sections[a]]) for a in attributes}
     needed = residual_sites_for([p for cs in sections.values() for p in cs.pairs], False)
     log: dict = {}
-    ks = [1, 2, 4, 8]
-    boot = dict(ks=ks, n_boot=args.n_boot, seed=config.seed, batch_size=config.batch_size)
+    ks = [1, 2, 4, 8, 16, 32]
+    boot = dict(ks=ks, n_boot=args.n_boot, seed=config.seed, batch_size=config.batch_size,
+                control_seeds=LADDER_CONTROL_SEEDS)
     out["settings"] = {"run": str(run_dir), "model": config.model, "task": config.task,
                        "n_fit": len(fit), "n_eval": len(held_out), "shares": list(SHARES),
                        "ks": ks, "headline_k": 2, "n_boot": args.n_boot,
+                       "ladder_control_seeds": LADDER_CONTROL_SEEDS,
                        "cross_sections": {a: cs.labels for a, cs in sections.items()}}
 
     with EagerAttention(model):
@@ -137,6 +154,11 @@ def main():
                                         "seconds": round(time.perf_counter() - start, 1)}
                     print(a, name, "\n", table.T.to_string(), flush=True)
             out["ladders"] = ladders
+        if "regime" in parts:
+            out["regime"] = regime(model, config, fit, held_out, sections, needed, log, boot)
+        if "random" in parts:
+            out["random_saes"] = random_saes(model, config, fit, held_out, sections, log,
+                                             args.n_boot, out_path.parent / "random_saes")
         if "seeds" in parts:
             saes = {f"k32-seed{s}": trained(model, config, needed, 32, s, log)
                     for s in (config.seed, config.seed + 1, config.seed + 2)}
@@ -152,6 +174,87 @@ def main():
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=2))
     print(f"wrote {out_path}")
+
+
+def regime(model, config, fit, held_out, sections, needed, log, boot) -> dict:
+    """The ladders in the tool's regime, per attribute: planted latents among the trained
+    residual SAE's through the reconstruction; equal-FVU rungs with the error inside or
+    outside the task's subspace at the heads; the overshoot."""
+    residual = trained(model, config, needed, 32, config.seed, log)
+    out = {}
+    for a, cs in sections.items():
+        position = {"io": "IO", "s": "S1"}.get(a, "END")
+        layers = sorted({site.layer for site, _ in cs.pairs})
+        out[a] = {}
+        for name, (metrics, rungs) in {
+                "planted among the trained SAE's latents, through the reconstruction": (
+                    PLANTED, {f"planted-{f:g}": (f, WithPlanted(
+                        ReconstructedSAE(residual),
+                        ReconstructedSAE([planted_sae(model, fit, a, layer, position, f)
+                                          for layer in layers]))) for f in SHARES}),
+                "equal FVU, a share f of the error outside the task's subspace": (
+                    SHRUNK + ["fvu_pooled"], {f"error-out-{f:g}": (f, Perturbed(fit, f))
+                                              for f in SHARES})}.items():
+            start = time.perf_counter()
+            results = ladder(model, fit, held_out, cs, rungs, **boot)
+            table = ladder_summary(results, metrics, k=2)
+            out[a][name] = {"metrics": summary_json(table),
+                            "seconds": round(time.perf_counter() - start, 1)}
+            print(a, name, "\n", table.T.to_string(), flush=True)
+        over = ladder(model, fit, held_out, cs, {"twice": (2.0, Shrunk(
+            ReconstructedSAE(residual), 2.0))}, **boot).sel(attribute=a, dictionary="twice")
+        out[a]["overshoot: twice what the trained residual SAE explains"] = {
+            m: float(over[m]) for m in SHRUNK}
+    return out
+
+
+def random_saes(model, config, fit, held_out, sections, log, n_boot, root: Path) -> dict:
+    """sae_lens SAEs with random weights at L23's residual stream against the trained L23
+    SAE, at each attribute's L23 heads: every headline metric (goodness units), the paired
+    interval of trained - random, the flags and the calibration marks."""
+    import torch
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
+
+    from sage_nn.dictionaries.saes import load_sae
+    from sage_nn.report.tables import (Lookup, calibration, goodness, paired_interval, roles,
+                                       sae_flags)
+
+    layer = 23
+    saes = {"trained": ReconstructedSAE(trained(model, config, [f"L{layer}.resid_pre"], 32,
+                                                config.seed, log))}
+    for name, cls, cfg in (("random-topk", TopKSAE, TopKSAEConfig(d_in=576, d_sae=1024, k=32)),
+                           ("random-jumprelu", JumpReLUSAE,
+                            JumpReLUSAEConfig(d_in=576, d_sae=1024))):
+        torch.manual_seed(0)
+        built = cls(cfg)
+        built.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_pre"
+        built.save_model(root / name)
+        saes[name] = ReconstructedSAE([load_sae(root / name, model=model)])
+    at = [CrossSection(a, [p for p in cs.pairs if p[0].layer == layer])
+          for a, cs in sections.items()]
+    at = [cs for cs in at if cs.pairs]
+    results = evaluate_cross_section(model, fit, held_out, at, saes, ks=config.ks,
+                                     n_boot=n_boot, seed=config.seed,
+                                     batch_size=config.batch_size)
+    look, r = Lookup(results), roles(results)
+    out = {"layer": layer, "pairs": {cs.attribute: cs.labels for cs in at}}
+    for name in ("random-topk", "random-jumprelu"):
+        out[name] = {"flags": sae_flags(results, name)}
+        for cs in at:
+            a = cs.attribute
+            rows = {}
+            for metric in HEADLINE:
+                trained_value, value = (goodness(metric, look(metric, a, d))
+                                        for d in ("trained", name))
+                rows[metric] = {"trained": trained_value, "random": value,
+                                "below_trained": bool(value < trained_value),
+                                "trained_minus_random": paired_interval(look, a, metric,
+                                                                        "trained", name),
+                                "calibration": calibration(look, r, name, a, metric)[0],
+                                "fvu_pooled": look("fvu_pooled", a, name)}
+            out[name][a] = rows
+    print(json.dumps(out, indent=1), flush=True)
+    return out
 
 
 def trained_at_sites(model, config, sections, log) -> list:

@@ -27,6 +27,9 @@ def test_sufficiency_and_necessity():
     # removing it changes nothing: 0
     assert metrics.necessity(clean, mean_ablated, clean) == pytest.approx(0.0)
     assert metrics.necessity(np.array([3.0, 3.0]), mean_ablated, clean) == pytest.approx(0.5)
+    # per prompt: errors that push prompts both ways do not cancel (their mean LD is the
+    # mean-ablated one, which the mean-level ratio would score 1)
+    assert metrics.necessity(np.array([-2.0, 4.0]), mean_ablated, clean) == pytest.approx(0.25)
     assert metrics.mean_ablation_reason(mean_ablated, clean) is None
 
 
@@ -39,7 +42,7 @@ def test_necessity_is_nan_with_a_reason_when_mean_ablation_barely_moves_ld():
     assert reason.startswith("NaN: mean ablation moves the logit difference by only 0.02")
     # min_gap is the threshold: a smaller one makes it defined again
     assert metrics.necessity(np.array([1.0, 1.0]), mean_ablated, clean,
-                             min_gap=0.01) == pytest.approx(1 - 3.98 / 0.02)
+                             min_gap=0.01) == pytest.approx(1 - 3.98 / 1.0)
     assert metrics.mean_ablation_reason(mean_ablated, clean, min_gap=0.01) is None
     # exactly zero gap: NaN, not inf
     assert np.isnan(metrics.necessity(clean, clean, clean))

@@ -58,16 +58,23 @@ def sufficiency_ratio(ld_patched: np.ndarray, ld_clean: np.ndarray) -> float:
 
 def necessity(ld_x: np.ndarray, ld_mean: np.ndarray, ld_clean: np.ndarray,
               min_gap: float = MIN_LD_GAP) -> float:
-    """``1 - |LD_mean - LD_x| / |LD_mean - LD_clean|`` for ``x = mean + (a - â)``.
+    """``1 - mean_i |LD_x,i - LD_mean,i| / mean_i |LD_clean,i - LD_mean,i|`` for ``x = mean
+    + (a - â)``, prompt by prompt.
 
-    1: removing what the dictionary explains hurts as much as mean-ablating everything.
-    NaN when mean ablation moves the mean logit difference by less than ``min_gap`` logits
-    (the ratio would only amplify noise); :func:`mean_ablation_reason` says why.
+    1: removing what the dictionary explains leaves every prompt where mean-ablating
+    everything leaves it; 0: as far from there as the clean run. The distance is taken per
+    prompt before averaging: with the mean logit differences instead, a reconstruction whose
+    errors push prompts both ways would read as if removing it removed everything (a random
+    SAE at SmolLM2's heads, FVU 8-12, scored 0.86-0.91 so). NaN when mean ablation moves the
+    mean logit difference by less than ``min_gap`` logits (the ratio would only amplify
+    noise); :func:`mean_ablation_reason` says why.
     """
-    total = np.abs(_mean(ld_mean) - _mean(ld_clean))
+    gap = np.abs(_mean(ld_mean) - _mean(ld_clean))
+    ld_mean = np.asarray(ld_mean, dtype=np.float64)
+    total = _mean(np.abs(np.asarray(ld_clean, dtype=np.float64) - ld_mean))
     with np.errstate(divide="ignore", invalid="ignore"):
-        value = 1 - np.abs(_mean(ld_mean) - _mean(ld_x)) / total
-    return _value(np.where(total >= min_gap, value, np.nan))  # also NaN for a NaN gap
+        value = 1 - _mean(np.abs(np.asarray(ld_x, dtype=np.float64) - ld_mean)) / total
+    return _value(np.where(gap >= min_gap, value, np.nan))  # also NaN for a NaN gap
 
 
 def mean_ablation_reason(ld_mean: np.ndarray, ld_clean: np.ndarray,

@@ -22,10 +22,10 @@ over the context, its latents distractors):
 - :class:`WithPlanted` (edits, F1): a trained SAE's latents with planted latents of a share
   ``f`` of the attribute's values added, all reaching the heads through the reconstruction;
 - :class:`Perturbed` (sufficiency, necessity against FVU): the clean activation plus an
-  error of the same size at every rung (equal FVU), a share of whose energy lies inside the
-  task's subspace (the span of the supervised features at the site: the attribute's signal
-  taken away) and the rest orthogonal to it (noise): only the orthogonal error keeps
-  sufficiency, and FVU cannot tell the rungs apart;
+  error of the same size at every rung (equal FVU), for a share of the prompts orthogonal
+  to the task's subspace (noise), for the others inside it (the span of the supervised
+  features at the site: the attribute's signal taken away): only the orthogonal error
+  keeps sufficiency, and FVU cannot tell the rungs apart;
 - the random SAE (:func:`random_rung`): the trained SAE's architecture with random weights,
   below the trained SAE on every headline metric.
 
@@ -186,17 +186,18 @@ class WithPlanted:
 
 
 class Perturbed:
-    """The clean activation plus an error of the same size at every rung: at each pair,
-    ``â = a + sqrt(1 - share) e_in + sqrt(share) e_out``, where ``e_in = -P (a - mean)``
-    takes the signal of the task's subspace away (``P``: the projection on the span of the
-    supervised features of every attribute, fitted at the pair on the fit prompts) and
-    ``e_out`` is noise orthogonal to that span with ``e_in``'s norm, per prompt (seeded).
-    The two are orthogonal with equal norms, so every rung has the same FVU; ``share = 1``
-    puts the whole error outside the task's subspace. Its codes and directions are the
+    """The clean activation plus an error of the same size at every rung: at each pair, a
+    share ``share`` of the prompts (the first of one seeded order, so the rungs are nested
+    and every pair treats the same prompts alike) get ``e_out``, noise orthogonal to the
+    task's subspace, the others ``e_in = -size P (a - mean)``, which takes that much of the
+    signal in the task's subspace away (``P``: the projection on the span of the supervised
+    features of every attribute, fitted at the pair on the fit prompts); ``e_out`` has
+    ``e_in``'s norm, prompt by prompt. So every rung has the same FVU, and ``share = 1``
+    puts every error outside the task's subspace. Its codes and directions are the
     supervised dictionary's."""
 
-    def __init__(self, train: Any, share: float, seed: int = 0):
-        self.train, self.share, self.seed = train, share, seed
+    def __init__(self, train: Any, share: float, seed: int = 0, size: float = 1.0):
+        self.train, self.share, self.seed, self.size = train, share, seed, size
 
     def serves(self, model, site) -> bool:
         return True
@@ -218,13 +219,16 @@ class Perturbed:
             basis = torch.linalg.qr(t(d.components_).T.double()).Q  # [w, r]
             mean = t(d.mean_).double()
             a = values[pair].double()
-            inside = (a - mean) @ basis @ basis.T
+            inside = self.size * ((a - mean) @ basis @ basis.T)
             g = torch.Generator().manual_seed(self.seed + i)
             noise = torch.randn(a.shape, generator=g, dtype=torch.float64)
             noise = noise - noise @ basis @ basis.T
             noise = noise / noise.norm(dim=1, keepdim=True).clamp(min=1e-12) * inside.norm(
                 dim=1, keepdim=True)
-            a_hat = a - (1 - self.share) ** 0.5 * inside + self.share ** 0.5 * noise
+            order = np.random.default_rng(self.seed).permutation(len(a))
+            outside = torch.zeros(len(a), dtype=torch.bool)
+            outside[torch.as_tensor(order[:round(self.share * len(a))])] = True
+            a_hat = torch.where(outside[:, None], a + noise, a - inside)
             code = lambda data: t(d.transform(np.zeros((len(data), d.components_.shape[1])),  # noqa
                                               data.attributes[names]))
             out[pair] = SiteCode(values[pair], a_hat.float(), values_cf[pair], code(test),
