@@ -8,8 +8,12 @@ its floor. ``lower_bound_s`` is the evaluation benchmark's (benchmarks/evaluatio
 plain HuggingFace forward of the held-out prompts (last-token logits), timed in the same
 process, times the
 ``patched_forwards`` the evaluation reports (the clean run plus, per variant, the block of
-layers x tokens its patches can change). Also times adding one SAE to a finished run (the
-per-SAE cache: ``evaluate_cross_section(..., ceiling=False)`` with that SAE alone).
+layers x tokens its patches can change); ``complete_lower_bound_s`` adds the full forwards
+the reads need and the patched rows' readout (unembedding, log-softmax, argmax of each
+row's last token, measured here on as many rows), as benchmarks/evaluation.py's complete
+bound does. Every SAE comes with its controls (its floor and its random SAE, three seeds
+each) and every variant they patch is in the bound. Also times adding one SAE to a finished
+run (the per-SAE cache: ``evaluate_cross_section(..., ceiling=False)`` with that SAE alone).
 
 The SAEs have random unit directions (tied encoder, zero biases) at the residual sites the
 cross-section needs: evaluation time depends on their shapes and ``k``, not on what they
@@ -32,6 +36,7 @@ from sage_nn.pipeline.config import RunConfig, run_prompts
 from sage_nn.dictionaries.serving import residual_sites_for
 from sage_nn.dictionaries.saes import SparseAutoencoder
 from sage_nn.model.sites import Site, adapter
+from evaluation import readout_time  # the same readout as the evaluation benchmark's
 
 SHAPES = [(256, 4), (512, 4), (256, 8), (512, 8), (256, 16), (512, 16), (256, 32), (512, 32)]
 
@@ -90,7 +95,7 @@ def main():
                                      {n: saes[n] for n in names}, ks=ks, n_boot=args.n_boot,
                                      seed=0, batch_size=config.batch_size, ceiling=ceiling)
         seconds = time.perf_counter() - start
-        return seconds, out.attrs["patched_forwards"]
+        return seconds, out.attrs["patched_forwards"], out.attrs["patched_rows"]
 
     plain()  # warm-up
     evaluate(list(saes)[:1])  # warm-up: the reconstruction's fit, first traces
@@ -102,9 +107,16 @@ def main():
     # full forwards of the held-out prompts (the lower bound above leaves them out)
     reads = (len(fit) + 2 * len(held_out)) / len(held_out)
     rows = {"n_saes": [], "evaluation_s": [], "lower_bound_s": [], "patched_forwards": [],
-            "ratio": [], "lower_bound_with_reads_s": [], "ratio_with_reads": []}
+            "ratio": [], "lower_bound_with_reads_s": [], "ratio_with_reads": [],
+            "patched_rows": [], "readout_s": [], "complete_lower_bound_s": [],
+            "ratio_complete": []}
     for n in sizes:
-        seconds, forwards = evaluate(names[:n])
+        seconds, forwards, patched_rows = evaluate(names[:n])
+        readout = readout_time(model, patched_rows)
+        rows["patched_rows"].append(patched_rows)
+        rows["readout_s"].append(readout)
+        rows["complete_lower_bound_s"].append((forwards + reads) * t_plain + readout)
+        rows["ratio_complete"].append(seconds / rows["complete_lower_bound_s"][-1])
         rows["n_saes"].append(n)
         rows["evaluation_s"].append(seconds)
         rows["patched_forwards"].append(forwards)
@@ -117,7 +129,7 @@ def main():
     added = [(t - t_first) / (n - rows["n_saes"][0]) for n, t in
              zip(rows["n_saes"][1:], rows["evaluation_s"][1:])]
     # adding one SAE to a finished run: the per-SAE cache scores it alone, without the ceiling
-    t_one, forwards_one = evaluate([names[-1]], ceiling=False)
+    t_one, forwards_one, _ = evaluate([names[-1]], ceiling=False)
     result = {"benchmark": "many_saes", "model": config.model, "task": "ioi",
               "attribute": "io", "cross_section": args.pairs.split(","),
               "residual_sites": residual, "saes": names[:max(sizes)],

@@ -57,7 +57,7 @@ def test_planted_ladder_at_the_heads(setup):
     model, fit, held_out, heads = setup
     rungs = {f"planted-{f:g}": (f, PlantedDictionary(fit, "io", f)) for f in SHARES}
     results = ladder(model, fit, held_out, CrossSection("io", heads), rungs, ks=[2],
-                     n_boot=200)
+                     n_boot=200, control_seeds=1)
     assert str(results.edit_metric.values[0]) == "accuracy"  # the model does the task
     summary = ladder_summary(results, PLANTED)
     ranked(summary, PLANTED, apart=["edit", "edit_f1", "best_f1"])
@@ -76,7 +76,7 @@ def test_planted_ladder_through_the_reconstruction(setup):
     rungs = {f"planted-{f:g}": (f, ReconstructedSAE([planted_sae(model, fit, "io", 1, "IO", f)]))
              for f in SHARES}
     summary = ladder_summary(ladder(model, fit, held_out, CrossSection("io", heads), rungs,
-                                    ks=[2], n_boot=200), PLANTED)
+                                    ks=[2], n_boot=200, control_seeds=1), PLANTED)
     ranked(summary, PLANTED, apart=["edit", "edit_f1", "best_f1"])
 
 
@@ -91,8 +91,8 @@ def test_shrunk_ladder(setup, where):
     else:
         cs, coder = CrossSection("io", heads), ReconstructedSAE([perfect_sae(d)])
     rungs = {f"shrunk-{f:g}": (f, Shrunk(coder, f)) for f in SHARES}
-    summary = ladder_summary(ladder(model, fit, held_out, cs, rungs, ks=[1], n_boot=200),
-                             SHRUNK)
+    summary = ladder_summary(ladder(model, fit, held_out, cs, rungs, ks=[1], n_boot=200,
+                                    control_seeds=1), SHRUNK)
     ranked(summary, SHRUNK, apart=SHRUNK)
     for name in SHRUNK:
         assert summary.loc[name, "f=0"] == pytest.approx(0.0, abs=1e-6)
@@ -125,7 +125,7 @@ def test_planted_latents_among_distractors_through_the_reconstruction(setup):
         ReconstructedSAE([base]), ReconstructedSAE([planted_sae(model, fit, "io", 1, "IO", f)])))
         for f in SHARES}
     results = ladder(model, fit, held_out, CrossSection("io", heads), rungs, ks=[1, 2, 4],
-                     n_boot=200)
+                     n_boot=200, control_seeds=1)
     summary = ladder_summary(results, ["edit_auc", "best_f1"])
     ranked(summary, ["edit_auc"], apart=["edit_auc"])
     # the floor's place: not above the rung without planted latents, below the top rung,
@@ -147,7 +147,7 @@ def test_equal_fvu_rungs_only_the_orthogonal_error_keeps_sufficiency(setup):
     model, fit, held_out, heads = setup
     cs = CrossSection("io", [(Site(1, "resid_pre"), "IO")])  # where io's value lives
     rungs = {f"error-out-{f:g}": (f, Perturbed(fit, f)) for f in SHARES}
-    results = ladder(model, fit, held_out, cs, rungs, ks=[1], n_boot=200)
+    results = ladder(model, fit, held_out, cs, rungs, ks=[1], n_boot=200, control_seeds=1)
     summary = ladder_summary(results, SHRUNK + ["fvu_pooled"])
     ranked(summary, ["sufficiency"], apart=["sufficiency"])
     assert summary.loc["necessity", "spearman"] > 0.8, summary.T
@@ -163,6 +163,7 @@ def test_sufficiency_and_necessity_part_where_a_reconstruction_overshoots(setup)
     model, fit, held_out, heads = setup
     cs = CrossSection("io", [(Site(1, "resid_pre"), "IO")])
     out = ladder(model, fit, held_out, cs, {"twice": (2.0, Shrunk(perfect_sae(
-        model.config.hidden_size), 2.0))}, ks=[1], n_boot=50).squeeze("attribute")
+        model.config.hidden_size), 2.0))}, ks=[1], n_boot=50,
+        control_seeds=1).squeeze("attribute")
     assert float(out.sufficiency.sel(dictionary="twice")) > 1.5
     assert float(out.necessity.sel(dictionary="twice")) < 0.5
