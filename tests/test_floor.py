@@ -1,12 +1,13 @@
-"""The controls: the floor (random unit directions, the SAE's budget, one-step support and
-least-squares codes) and the random SAE (its sae_lens architecture with random weights)."""
+"""The controls: the floor (random unit directions at the SAE's budget, encoded as a tied
+random TopK SAE with one least-squares gain) and the random SAE (its sae_lens architecture
+with random weights)."""
 
 import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import orthogonal_mp
 
-from sage_nn.dictionaries.floor import RandomDictionary, omp, random_directions, support_codes
+from sage_nn.dictionaries.floor import RandomDictionary, omp, random_directions, random_floor
 from sage_nn.dictionaries.random_sae import calibrate, per_token_l0, random_sae
 from sage_nn.dictionaries.saes import SparseAutoencoder
 from sage_nn.evaluation.coders import SiteCode
@@ -36,43 +37,44 @@ def test_omp_is_scikit_learns_orthogonal_matching_pursuit():
     assert (codes != 0).sum(1).eq(8).all()
 
 
-def test_support_codes_are_least_squares_on_the_best_correlated_directions():
-    dictionary = random_directions(256, 64, seed=0).float()
-    x = data_like(50)
-    x = x - x.mean(0)
-    codes = support_codes(x, dictionary, 8, chunk=16)
-    assert (codes != 0).sum(1).eq(8).all()
-    corr = (x @ dictionary.T).abs()
+def test_the_floor_is_a_tied_random_abstopk_sae_with_one_gain():
+    """Per token the budget's best-correlated directions, coded by their correlation (signs
+    kept) around the fit mean; one decoder gain for all, by least squares."""
+    fit = data_like(300, seed=1)
+    like = trained_like("topk")
+    floor = random_floor(like, 8, seed=4, rows=fit)
+    assert (floor.architecture, floor.k, floor.d_sae, floor.layer, floor.kind) == (
+        "abstopk", 8, 256, 3, "resid_pre")
+    x = data_like(20, seed=2)
+    codes = floor.encode(x)
+    corr = (x - fit.mean(0)) @ floor.W_enc
     for row in range(5):
         support = torch.nonzero(codes[row]).flatten()
-        assert set(support.tolist()) == set(corr[row].topk(8).indices.tolist())
-        coef, *_ = np.linalg.lstsq(dictionary[support].T.double().numpy(),
-                                   x[row].double().numpy(), rcond=None)
-        np.testing.assert_allclose(codes[row, support].numpy(), coef, rtol=1e-3, atol=1e-4)
+        assert set(support.tolist()) == set(corr[row].abs().topk(8).indices.tolist())
+        torch.testing.assert_close(codes[row, support], corr[row, support])
+    gain = floor.W_dec.norm(dim=1)
+    torch.testing.assert_close(gain, torch.full_like(gain, float(gain[0])))
 
 
-def test_the_floor_is_not_exact_below_the_sites_width_and_is_at_its_width():
+def test_the_floor_is_not_exact_below_or_at_the_sites_width():
     """The old floor (OMP) reconstructed a 64-wide head from 32 of 1024 directions with FVU
-    0.001; one-step support leaves a real error at 32, and is exact only at the width."""
+    0.001; the tied random SAE leaves a real error, even with as many latents a token as the
+    head has dimensions."""
     fit, held_out = data_like(300, seed=1), data_like(200, seed=2)
-    floor = RandomDictionary(1024, 32, seed=3).fit(fit)
-    assert 0.05 < fvu(held_out, floor.inverse_transform(floor.transform(held_out))) < 1
-    exact = RandomDictionary(1024, 64, seed=3).fit(fit)
-    assert fvu(held_out, exact.inverse_transform(exact.transform(held_out))) < 1e-3
-    old = omp(held_out.double() - fit.double().mean(0), floor.components_, 32)
-    assert fvu(held_out, fit.double().mean(0) + old @ floor.components_) < 0.01
+    for budget in (32, 64):
+        floor = RandomDictionary(1024, budget, seed=3).fit(fit)
+        assert 0.05 < fvu(held_out, floor.inverse_transform(floor.transform(held_out))) < 1
+    old = omp(held_out.double() - fit.double().mean(0), random_directions(1024, 64, 3), 32)
+    assert fvu(held_out, fit.double().mean(0) + old @ random_directions(1024, 64, 3)) < 0.01
 
 
-def test_the_floor_is_never_worse_than_the_mean():
-    """Per row, the floor's error is at most the mean's: FVU <= 1, at any budget."""
-    fit, held_out = data_like(300, seed=1), data_like(200, seed=2)
-    mean = fit.double().mean(0)
+def test_the_floor_is_never_worse_than_the_mean_on_its_rows():
+    """The least-squares gain: on the rows it is fitted on, FVU <= 1 at any budget."""
+    fit = data_like(300, seed=1)
     for n_nonzero in (1, 4, 32):
         floor = RandomDictionary(512, n_nonzero, seed=3).fit(fit)
-        recon = floor.inverse_transform(floor.transform(held_out)).double()
-        error = ((held_out.double() - recon) ** 2).sum(1)
-        assert (error <= ((held_out.double() - mean) ** 2).sum(1) + 1e-6).all(), n_nonzero
-        assert (floor.transform(held_out) != 0).sum(1).eq(n_nonzero).all()
+        assert fvu(fit, floor.inverse_transform(floor.transform(fit))) <= 1.0, n_nonzero
+        assert (floor.transform(fit) != 0).sum(1).eq(n_nonzero).all()
 
 
 def test_the_floor_is_deterministic_per_seed():

@@ -2,30 +2,30 @@
 
 A floor keeps the shape of the dictionary it is the floor of (docs/metrics.md, "The
 dictionaries compared"): as many latents, each a random **unit** direction at the site
-(uniform on the sphere, from a seeded generator), and the dictionary's per-token budget (k,
-or its measured per-token L0). Its codes (:func:`support_codes`): the ``k`` directions most
-correlated with the input (around the fit rows' mean), chosen in one step as a TopK encoder
-with tied random weights would choose them, and least-squares coefficients on that support.
-Least squares can only lower the error of the mean alone, so the floor is never worse than
-the mean (FVU at most 1, up to the gap between the fit rows' mean and the held-out rows');
-and the support is not searched for, so it reconstructs exactly only where the budget
-reaches the site's width. (Orthogonal matching pursuit, :func:`omp`, the floor before: at 32
-of a 64-wide head's dimensions it reconstructs anything, FVU 0.001, so no metric of
-fidelity could rank an SAE above it.)
+(uniform on the sphere, from a seeded generator), and the dictionary's per-token budget
+(its k, or its measured per-token L0). It encodes as a TopK SAE with tied random weights
+would: per token, the ``budget`` directions most correlated with the input (around the
+fit rows' mean), each coded by that correlation (signs kept: AbsTopK), and it decodes with
+one gain for all latents, fitted by least squares on the fit rows. So it is an SAE
+(:func:`random_floor`: architecture ``abstopk``, ``W_enc = D^T``, ``W_dec = gain D``,
+``b_dec`` the mean), encoded and pushed through a reconstruction exactly as any SAE; it is
+never worse than the mean on the rows it is fitted on (the gain 0 is the mean), and it
+reconstructs exactly only where the budget reaches the site's width. (Orthogonal matching
+pursuit, :func:`omp`, the floor before: at 32 of a 64-wide head's dimensions it
+reconstructs anything, FVU 0.001, so no metric of fidelity could rank an SAE above it.)
 
-:class:`RandomDictionary` is also an encoder :func:`~sage_nn.model.linear.linear_codes`
-accepts (``encode``, ``decode_affine``, ``b_dec``), so a residual SAE's floor is coded at
-the residual and reaches a head through the same frozen reconstruction as the SAE. It runs
-here only: nothing of it travels to a server.
+:class:`RandomDictionary` is the same floor as a scikit-learn estimator.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
-__all__ = ["RandomDictionary", "omp", "random_directions", "support_codes"]
+__all__ = ["RandomDictionary", "omp", "random_directions", "random_floor"]
 
 
 def random_directions(n_latents: int, width: int, seed: int) -> torch.Tensor:
@@ -71,79 +71,53 @@ def omp(x: torch.Tensor, dictionary: torch.Tensor, k: int, chunk: int = 64) -> t
     return codes
 
 
-def support_codes(x: torch.Tensor, dictionary: torch.Tensor, k: int,
-                  chunk: int = 2048) -> torch.Tensor:
-    """Codes ``[n, L]`` of ``x [n, w]`` over the unit rows of ``dictionary [L, w]``: per row,
-    the ``k`` rows with the largest ``|<x, d_j>|`` (one step, no search), and the
-    least-squares coefficients on them (at most ``w`` of them: then exact). Batched over
-    rows in float32 (the normal equations by Cholesky, with a tiny ridge so that nearly
-    dependent atoms stay solvable)."""
-    x = x.float()
-    dictionary = dictionary.to(x.dtype)
-    n, width = x.shape
-    k = min(k, width, len(dictionary))
-    codes = torch.zeros(n, len(dictionary), dtype=x.dtype)
-    if k <= 0:
-        return codes
-    # the Gram matrix once, when it is small (the atoms' inner products are then looked up)
-    gram_all = dictionary @ dictionary.T if len(dictionary) <= 4096 else None
-    ridge = 1e-6 * torch.eye(k, dtype=x.dtype)
-    for start in range(0, n, chunk):
-        corr = x[start:start + chunk] @ dictionary.T  # [m, L]
-        support = corr.abs().topk(k, dim=1).indices  # [m, k]
-        if gram_all is not None:
-            gram = gram_all[support[:, :, None], support[:, None, :]]
-        else:
-            atoms = dictionary[support]  # [m, k, w]
-            gram = atoms @ atoms.transpose(1, 2)
-        factor, info = torch.linalg.cholesky_ex(gram + ridge)
-        rhs = corr.gather(1, support)[..., None]
-        if bool((info != 0).any()):  # numerically dependent atoms: least squares in float64
-            coef = torch.linalg.lstsq(gram.double(), rhs.double()).solution.to(x.dtype)
-        else:
-            coef = torch.cholesky_solve(rhs, factor)
-        codes[start:start + chunk].scatter_(1, support, coef[..., 0])
-    return codes
+def random_floor(like: Any, budget: int, seed: int, rows: torch.Tensor) -> Any:
+    """The floor of SAE ``like`` as a :class:`~sage_nn.dictionaries.saes.SparseAutoencoder`
+    at ``like``'s site: ``like.d_sae`` random unit directions (seeded), AbsTopK of
+    ``budget`` on the correlations with the input around the mean of ``rows [n, d_in]``
+    (its own site's fit rows), one decoder gain by least squares on those rows."""
+    from .saes import SparseAutoencoder
+
+    rows = rows.float()
+    width = rows.shape[1]
+    directions = random_directions(like.d_sae, width, seed).float()
+    mean = rows.mean(0)
+    budget = max(1, min(int(budget), like.d_sae))
+    floor = SparseAutoencoder(directions.T.contiguous(), torch.zeros(like.d_sae),
+                              directions.clone(), mean, architecture="abstopk", k=budget,
+                              layer=like.layer, kind=like.kind, heads=like.heads,
+                              hook_name=like.hook_name)
+    with torch.no_grad():
+        part = floor.encode(rows) @ floor.W_dec  # the latents' part, gain 1
+        norm = float((part ** 2).sum())
+        gain = float(((rows - mean) * part).sum()) / norm if norm > 0 else 0.0
+        floor.W_dec.mul_(gain)
+    return floor
 
 
 class RandomDictionary(TransformerMixin, BaseEstimator):
-    """A floor at one site: ``n_latents`` random unit directions, ``n_nonzero`` of them a row
-    by :func:`support_codes`, around the mean of the rows it is fitted on.
-
-    ``fit(A)`` sets ``mean_ [w]`` and ``components_ [n_latents, w]``; ``transform(A)`` gives
-    the codes, ``inverse_transform(codes)`` the reconstruction ``mean_ + codes @
-    components_``. Deterministic for a given ``seed``. As an encoder of
-    :func:`~sage_nn.model.linear.linear_codes`: ``encode(x)``, ``b_dec``, ``decoder()`` and
-    ``decode_affine(x)`` (no input normalisation)."""
+    """A floor at one site as an estimator: :func:`random_floor` of ``n_latents`` directions
+    and ``n_nonzero`` a row, fitted on ``A``. ``fit(A)`` sets ``floor_`` (the SAE),
+    ``mean_ [w]`` and ``components_ [n_latents, w]`` (its unit directions);
+    ``transform(A)`` gives the codes, ``inverse_transform(codes)`` the reconstruction.
+    Deterministic for a given ``seed``."""
 
     def __init__(self, n_latents: int, n_nonzero: int, seed: int = 0):
         self.n_latents, self.n_nonzero, self.seed = n_latents, n_nonzero, seed
 
     def fit(self, A, y=None) -> "RandomDictionary":
-        A = torch.as_tensor(np.asarray(A), dtype=torch.float64)
-        self.mean_ = A.mean(0)
+        A = torch.as_tensor(np.asarray(A), dtype=torch.float32)
+        shape = type("Shape", (), {"d_sae": self.n_latents, "layer": None, "kind": None,
+                                   "heads": None, "hook_name": None})
+        self.floor_ = random_floor(shape, self.n_nonzero, self.seed, A)
+        self.mean_ = self.floor_.b_dec.detach().clone()
         self.components_ = random_directions(self.n_latents, A.shape[1], self.seed)
         return self
 
     def transform(self, A) -> torch.Tensor:
-        A = torch.as_tensor(np.asarray(A), dtype=torch.float32)
-        return support_codes(A - self.mean_.float(), self.components_, self.n_nonzero)
+        with torch.no_grad():
+            return self.floor_.encode(torch.as_tensor(np.asarray(A), dtype=torch.float32))
 
     def inverse_transform(self, codes) -> torch.Tensor:
-        codes = torch.as_tensor(np.asarray(codes), dtype=torch.float32)
-        return self.mean_.float() + codes @ self.components_.float()
-
-    # -- as an encoder (linear_codes): codes of the residual rows, offset b_dec ----------
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.transform(x)
-
-    @property
-    def b_dec(self) -> torch.Tensor:
-        return self.mean_.float()
-
-    def decoder(self) -> torch.Tensor:
-        return self.components_.float()
-
-    def decode_affine(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ones = torch.ones(*x.shape[:-1], 1, dtype=torch.float32)
-        return ones, torch.zeros_like(ones)
+        with torch.no_grad():
+            return self.floor_.decode(torch.as_tensor(np.asarray(codes), dtype=torch.float32))

@@ -3,10 +3,9 @@
 Two controls per SAE, each over several seeds, each built at the SAE's *own* site with its
 width and its per-token budget, and reaching the evaluated pairs the way the SAE does:
 
-- the **floor** ``random:<SAE>``: random unit directions coded by
-  :func:`~sage_nn.dictionaries.floor.support_codes` (:class:`~sage_nn.dictionaries.floor.
-  RandomDictionary`): what a dictionary of this width and budget gets without learned
-  directions;
+- the **floor** ``random:<SAE>``: random unit directions, encoded as a TopK SAE with tied
+  random weights would (:func:`~sage_nn.dictionaries.floor.random_floor`): what a
+  dictionary of this width and budget gets without learned directions;
 - the **random SAE** ``random-sae:<SAE>``: the SAE's own sae_lens architecture with random
   weights, encoded the same way (:mod:`sage_nn.dictionaries.random_sae`): what the SAE's
   architecture and budget get without training.
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..dictionaries.floor import RandomDictionary
+from ..dictionaries.floor import random_floor
 from ..dictionaries.random_sae import CONTROLLED, calibrate, per_token_l0, random_sae
 from ..model.linear import attention_norms, linear_codes, site_directions
 from ..model.sites import adapter
@@ -68,22 +67,28 @@ def site_controls(code: SiteCode, sae: Any, a_fit: torch.Tensor, seed: int,
     """Both controls of one pair at its own site, per seed: the floor (``code``'s width, its
     per-token L0 on the fit prompts), and, when ``sae`` is given and controllable, its
     random SAE (:func:`sae_code`)."""
-    n_latents, budget = code.codes.shape[1], round(metrics.l0(code.codes_fit.numpy()))
+    budget = round(metrics.l0(code.codes_fit.numpy()))
+    like = sae if sae is not None else _Shape(code.codes.shape[1])
     out = {FLOOR: [], RANDOM_SAE: []}
     for i in range(n_seeds):
         s = control_seed(seed, where, i)
-        floor = RandomDictionary(n_latents, budget, seed=s).fit(a_fit)
-        codes = floor.transform(code.a)
-        out[FLOOR].append(SiteCode(
-            code.a, floor.inverse_transform(codes), code.a_cf, codes,
-            floor.transform(code.a_cf), floor.components_.float(),
-            codes_fit=floor.transform(a_fit), l0_own=float(budget)))
+        out[FLOOR].append(sae_code(random_floor(like, budget, s, a_fit), code.a, code.a_cf,
+                                   a_fit))
         if sae is not None and sae.architecture in CONTROLLED:
             control = calibrate(random_sae(sae, s), sae, a_fit)
             out[RANDOM_SAE].append(sae_code(control, code.a, code.a_cf, a_fit))
     if not out[RANDOM_SAE]:
         del out[RANDOM_SAE]
     return out
+
+
+class _Shape:
+    """What a floor takes of a dictionary without an SAE of its own at the pair (a
+    transcoder's, a reconstruction's at mlp_out): its width."""
+
+    def __init__(self, d_sae: int):
+        self.d_sae, self.layer, self.kind, self.heads, self.hook_name = d_sae, None, None, \
+            None, None
 
 
 class LinearControls:
@@ -114,8 +119,8 @@ class LinearControls:
             rows = self.rows(0, layer)
             budget = round(per_token_l0(sae, rows))
             where = f"L{layer}.{sae.kind}"
-            built = {FLOOR: [RandomDictionary(sae.d_sae, budget, control_seed(
-                self.seed, where, i)).fit(rows) for i in range(self.n_seeds)]}
+            built = {FLOOR: [random_floor(sae, budget, control_seed(self.seed, where, i),
+                                          rows) for i in range(self.n_seeds)]}
             if sae.architecture in CONTROLLED:
                 built[RANDOM_SAE] = [calibrate(random_sae(sae, control_seed(self.seed, where, i)),
                                                sae, rows) for i in range(self.n_seeds)]
@@ -163,8 +168,7 @@ class LinearControls:
                                              encoder.decoder(), site).float()
                 directions = directions.reshape(-1, directions.shape[-1])
                 flat = codes.flatten(1)
-                own = float(encoder.n_nonzero) if isinstance(encoder, RandomDictionary) \
-                    else self.own_l0(encoder, layer)
+                own = self.own_l0(encoder, layer)
                 out[control].append(SiteCode(a, flat @ directions + offset, a_cf, flat,
                                              codes_cf.flatten(1), directions,
                                              codes_fit=codes_fit.flatten(1), l0_own=own))
