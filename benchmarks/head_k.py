@@ -25,7 +25,6 @@ import numpy as np
 import sage_nn
 from sage_nn.evaluation.coders import CrossSection, DirectSAE
 from sage_nn.evaluation.scoring import evaluate_cross_section
-from sage_nn.model.linear import EagerAttention
 from sage_nn.model.sites import Site
 from sage_nn.pipeline.config import run_prompts
 from sage_nn.report.tables import (HEADLINE, Lookup, against_floor, gap_defined, goodness,
@@ -61,10 +60,9 @@ def main():
             saes[f"k{k}-seed{seed}"] = DirectSAE(trained(model, config, heads, k, seed,
                                                          training))
     start = time.perf_counter()
-    with EagerAttention(model):
-        results = evaluate_cross_section(model, fit, held_out, sections, saes,
-                                         ks=config.ks, n_boot=args.n_boot, seed=config.seed,
-                                         batch_size=config.batch_size)
+    results = evaluate_cross_section(model, fit, held_out, sections, saes, ks=config.ks,
+                                     n_boot=args.n_boot, seed=config.seed,
+                                     batch_size=config.batch_size)
     seconds = round(time.perf_counter() - start, 1)
     out = {"settings": {"run": args.run, "model": config.model, "task": config.task,
                         "width": config.sae_width, "ks": ks, "seeds": seeds,

@@ -1,13 +1,17 @@
-"""Requests and bytes per stage of the quickstart pipeline in remote mode, offline.
+"""Requests, wire bytes and seconds per stage against the real NDIF server, and where SAEs run.
 
 Every model-running stage of the quickstart (SmolLM2, IOI; task check, discovery with
-validation, evaluation of residual TopK SAEs of width 1024 at both attributes' cross-sections)
-runs through :class:`sage_nn.model.remote.FreshProcessBackend`: each request is serialized as for
-NDIF and executed in a fresh process that cannot import sage_nn, so the request and result
-sizes are those a server would receive and send back. Next to the result bytes: what a
-full-activation download would take instead, i.e. every site of the model (all layers; the
-residual stream, sublayer outputs and per-head q/k/v/z) at every token of every row the
-stage runs, in float32. The SAEs are random (their weights do not change the sizes).
+validation, evaluation of residual TopK SAEs of width 1024 at every attribute's
+cross-section, in float32 and bfloat16 transport) is sent to the real server
+(``scripts/ndif/local_ndif.py up``: the ``ndif`` package's API, queue, Ray controller and
+model actor, Python 3.12; this client is this Python), trusted (in the model's process)
+and sandboxed (a runner holding a meta copy of the model, where no backward pass runs, so
+discovery patches every candidate exactly: its settings are smaller, see ``--sandbox-*``).
+Per stage: requests, the bytes that crossed the wire each way (zstd, as nnsight sends
+them), the server's seconds, and next to them what a full-activation download would take
+(every site at every token of every row, float32). The evaluation's numbers are compared
+with the same evaluation run here. The SAEs are random (their weights do not change the
+sizes).
 
 Then where the SAEs run (:func:`placement_scaling`): one evaluation's bytes for d_model
 576, 2048, 4096 and 8192 x SAE width 4096 to 262144 x 1 and 8 SAEs, with the SAEs
@@ -17,11 +21,12 @@ shapes alone (meta device); wherever the SAEs fit this machine, the same evaluat
 a weightless client's :class:`~sage_nn.model.remote.SimulatedServer`, the plan checked
 against the measured bytes. And the 70B-class plan (:func:`plan_70b`).
 And, on the quickstart run with its trained SAEs, the patch request of a residual
-cross-section: sparse edits (the latent directions the edits use once, k coefficients a
-row, as evaluation sends them) against every edit sent as a dense value. Writes
-``benchmarks/results/remote.json``.
+cross-section sent to the real server: sparse edits (the latent directions the edits use
+once, k coefficients a row, as evaluation sends them) against every edit sent as a dense
+value. Writes ``benchmarks/results/remote.json``.
 
-    python benchmarks/remote.py [--skip-smollm2] [--widths 576,2048,4096,8192 | ""]
+    python scripts/ndif/local_ndif.py up
+    python benchmarks/remote.py [--server URL] [--skip-smollm2] [--widths 576,2048,4096,8192 | ""]
                                 [--sae-widths 4096,16384,65536,262144] [--skip-plan]
                                 [--edit-run runs/quickstart | ""]
 """
@@ -44,6 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     and the ~15 minutes of measurements, so a missing quickstart run is said at once."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "remote.json"))
+    parser.add_argument("--server", default="http://127.0.0.1:8011",
+                        help="the NDIF server (default: scripts/ndif/local_ndif.py's)")
+    parser.add_argument("--sandbox-discovery-prompts", type=int, default=8,
+                        help="discovery prompts in the sandbox, where every candidate is "
+                             "patched exactly")
+    parser.add_argument("--sandbox-kinds", nargs="+", default=["z"],
+                        help="discovery kinds in the sandbox (the cross-sections' kinds)")
     parser.add_argument("--n-boot", type=int, default=100)
     parser.add_argument("--skip-smollm2", action="store_true",
                         help="keep the stored SmolLM2 stages, only rerun the width scaling")
@@ -82,7 +94,8 @@ from sage_nn.evaluation.scoring import evaluate_cross_section
 from sage_nn.model.loading import smollm2_dir
 from sage_nn.pipeline.config import RunConfig, run_prompts
 from sage_nn.dictionaries.serving import residual_sites_for
-from sage_nn.model.remote import FreshProcessBackend, Remote
+from sage_nn.model.remote import Remote
+from sage_nn.model.servers import RequestTooLargeError
 from sage_nn.dictionaries.saes import SparseAutoencoder
 from sage_nn.model.sites import Site, adapter
 from sage_nn.tasks.datasets import logit_diffs
@@ -117,76 +130,95 @@ def main(args: argparse.Namespace) -> None:
         print("\n".join(report["plan_70b"]["plan_lines"]))
     report["edit_transport"] = stored.get("edit_transport")
     if args.edit_run:
-        report["edit_transport"] = edit_transport(args.edit_run)
+        report["edit_transport"] = edit_transport(args.edit_run, args.server)
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
 
 
 def smollm2(args) -> dict:
-
     config = RunConfig()  # the quickstart's settings
-    model = load_model(config.model)
+    here = load_model(config.model)
+    model = load_model(str(smollm2_dir()), remote=True)  # the server loads it from its path
     ad = adapter(model)
     per_token = 4 * sum(ad.width(s.kind) for s in ad.all_sites())  # every site, float32
-    server = FreshProcessBackend(smollm2_dir())
-    remote = Remote(server)
-    _, fit, held_out = run_prompts(model, config)
+    _, fit, held_out = run_prompts(here, config)
     attributes = config.attributes or fit.attribute_names
-    spans = {}
-
-    def stage(name, fn):
-        first, start = len(remote.requests), time.perf_counter()
-        out = fn()
-        spans[name] = (first, len(remote.requests), time.perf_counter() - start)
-        return out
-
-    stage("task", lambda: logit_diffs(model, held_out, config.batch_size, remote=remote))
-    settings = DiscoveryConfig(kinds=config.discovery_kinds, attributes=attributes,
-                               top_k=config.top_k, batch_size=config.batch_size)
-    found = stage("discovery", lambda: discover(
-        model, fit.subset(np.arange(config.n_discovery)), settings, remote=remote))
-    pairs = {a: [(Site.parse(s), str(p)) for s, p in zip(t["site"], t["position"])]
-             for a, t in found.cross_sections.items()}
-    needed = residual_sites_for([p for ps in pairs.values() for p in ps], ad.parallel)
-    saes = {"topk-1024": ReconstructedSAE(
-        [random_topk_sae(s, ad.d_model, config.sae_width, i) for i, s in enumerate(needed)])}
-    model._module.set_attn_implementation("eager")
-    evaluation = lambda: evaluate_cross_section(  # noqa: E731
-        model, fit, held_out, [CrossSection(a, ps) for a, ps in pairs.items()], saes,
-        ks=config.ks, n_boot=args.n_boot, remote=remote)
-    stage("evaluation", evaluation)
-    remote.transport = "bfloat16"  # the same evaluation, half-precision transport
-    stage("evaluation, bfloat16", evaluation)
-
-    rows = []
-    for name, (first, last, seconds) in spans.items():
-        sent = remote.requests[first:last]
-        by_kernel = defaultdict(int)
-        for r in sent:
-            by_kernel[r.kernel] += 1
-        result = sum(server.result_bytes[first:last])
-        full = per_token * sum(r.tokens for r in sent)
-        rows.append({"stage": name, "requests": len(sent), "requests_by_kernel": dict(by_kernel),
-                     "rows": sum(r.rows for r in sent),
-                     "upload_bytes": sum(server.request_bytes[first:last]),
-                     "download_bytes": result, "full_activation_bytes": full,
-                     "full_over_download": full / result, "seconds": seconds})
     report = {"benchmark": "remote", "model": config.model, "task": config.task,
+              "server": f"ndif 0.1.2 at {args.server} (scripts/ndif/local_ndif.py, CPU, "
+                        "float32), nnsight 0.8.1", "client": f"Python {platform.python_version()}",
               "settings": {"n_fit": config.n_fit, "n_eval": config.n_eval,
                            "n_discovery": config.n_discovery, "top_k": config.top_k,
                            "ks": config.ks, "sae_width": config.sae_width,
-                           "batch_size": config.batch_size},
-              "cross_sections": {a: [f"{s}@{p}" for s, p in ps] for a, ps in pairs.items()},
+                           "batch_size": config.batch_size, "discovery_kinds": "all",
+                           "sandbox": {"n_discovery": args.sandbox_discovery_prompts,
+                                       "discovery_kinds": args.sandbox_kinds}},
               "full_activation_bytes_per_token": per_token,
-              "backend": "FreshProcessBackend (fresh process per request, sage_nn unimportable)",
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-              "stages": rows}
-    print(f"{'stage':20} {'requests':>8} {'upload MB':>10} {'download MB':>12} "
-          f"{'full MB':>10} {'full/down':>10}")
-    for r in rows:
-        print(f"{r['stage']:20} {r['requests']:8d} {r['upload_bytes'] / 1e6:10.2f} "
-              f"{r['download_bytes'] / 1e6:12.3f} {r['full_activation_bytes'] / 1e6:10.1f} "
-              f"{r['full_over_download']:10.0f}")
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
+    pairs, local = None, {}
+    for mode, trusted in (("trusted", True), ("sandboxed", False)):
+        remote, spans = Remote(args.server, trusted=trusted), {}
+
+        def stage(name, fn):
+            remote.stage = name
+            first, start = len(remote.requests), time.perf_counter()
+            out = fn()
+            spans[name] = (first, len(remote.requests), time.perf_counter() - start)
+            return out
+
+        stage("task", lambda: logit_diffs(model, held_out, config.batch_size, remote=remote))
+        kinds, n = (config.discovery_kinds, config.n_discovery) if trusted else \
+            (args.sandbox_kinds, args.sandbox_discovery_prompts)
+        settings = DiscoveryConfig(kinds=kinds, attributes=attributes, top_k=config.top_k,
+                                   batch_size=config.batch_size)
+        found = stage("discovery", lambda: discover(model, fit.subset(np.arange(n)), settings,
+                                                    remote=remote))
+        if pairs is None:  # both modes evaluate the trusted run's cross-sections
+            pairs = {a: [(Site.parse(s), str(p)) for s, p in zip(t["site"], t["position"])]
+                     for a, t in found.cross_sections.items()}
+            report["cross_sections"] = {a: [f"{s}@{p}" for s, p in ps]
+                                        for a, ps in pairs.items()}
+        needed = residual_sites_for([p for ps in pairs.values() for p in ps], ad.parallel)
+        members = [random_topk_sae(s, ad.d_model, config.sae_width, i)
+                   for i, s in enumerate(needed)]
+        sections = [CrossSection(a, ps) for a, ps in pairs.items()]
+
+        def evaluation(on, through):
+            return evaluate_cross_section(on, fit, held_out, sections,
+                                          {"topk-1024": ReconstructedSAE(members)},
+                                          ks=config.ks, n_boot=args.n_boot, remote=through)
+
+        if not local:
+            local["float32"] = evaluation(here, None)
+        results = {"float32": stage("evaluation", lambda: evaluation(model, remote))}
+        remote.transport = "bfloat16"  # the same evaluation, half-precision transport
+        results["bfloat16"] = stage("evaluation, bfloat16", lambda: evaluation(model, remote))
+        rows = []
+        for name, (first, last, seconds) in spans.items():
+            sent = remote.requests[first:last]
+            by_kernel = defaultdict(int)
+            for r in sent:
+                by_kernel[r.kernel] += 1
+            down = sum(r.wire_down for r in sent)
+            full = per_token * sum(r.tokens for r in sent)
+            rows.append({"stage": name, "requests": len(sent),
+                         "requests_by_kernel": dict(by_kernel), "rows": sum(r.rows for r in sent),
+                         "wire_up_bytes": sum(r.wire_up for r in sent), "wire_down_bytes": down,
+                         "tensor_up_bytes": sum(r.up for r in sent),
+                         "tensor_down_bytes": sum(r.down for r in sent),
+                         "full_activation_bytes": full, "full_over_download": full / down,
+                         "server_seconds": sum(r.seconds for r in sent), "seconds": seconds})
+        agreement = {}
+        for transport, res in results.items():
+            diff = {m: float(np.nanmax(np.abs(res[m].values - local["float32"][m].values)))
+                    for m in ("sufficiency", "necessity", "edit", "fvu")}
+            agreement[transport] = diff
+        report[mode] = {"stages": rows, "max_abs_difference_from_local": agreement,
+                        "discovery_method": found.scores.attrs.get("method", "")}
+        print(f"{mode}: {'stage':20} {'requests':>8} {'up kB':>8} {'down kB':>8} {'s':>6}")
+        for r in rows:
+            print(f"{mode}: {r['stage']:20} {r['requests']:8d} {r['wire_up_bytes'] / 1e3:8.1f} "
+                  f"{r['wire_down_bytes'] / 1e3:8.1f} {r['seconds']:6.1f}")
+        print(f"{mode}: max |difference| from local: {agreement}", flush=True)
     return report
 
 
@@ -228,7 +260,7 @@ def _tiny_spec() -> Path:
     return spec
 
 
-def edit_transport(run_dir: str, pair: str = "L24.resid_pre@END") -> dict:
+def edit_transport(run_dir: str, server_url: str, pair: str = "L24.resid_pre@END") -> dict:
     """The patch request of a residual cross-section (``pair`` for every attribute) on the
     quickstart run's prompts with its trained residual SAEs: sparse edits (as evaluation
     sends them) against every edit sent dense (one ``[prompt, d_model]`` value per k and
@@ -252,25 +284,31 @@ def edit_transport(run_dir: str, pair: str = "L24.resid_pre@END") -> dict:
     spec = next(s for s in config.saes if not s.endswith("@sites"))
     name, members = resolve_saes(spec, model, [site], config)
     saes = {name: ReconstructedSAE(members, batch_size=config.batch_size)}
-    server, row = FreshProcessBackend(smollm2_dir()), {"pair": pair, "sae": name}
+    remote_model = load_model(str(smollm2_dir()), remote=True)
+    row = {"pair": pair, "sae": name}
     results = {}
     for kind, edits in (("sparse", sparse_edits), ("dense", dense_edits)):
         evaluation._edits = edits
-        remote = Remote(server, transport="bfloat16")
-        first = len(server.request_bytes)
-        results[kind] = evaluate_cross_section(model, fit, held_out, sections, saes,
-                                               ks=config.ks, n_boot=10, remote=remote)
-        assert [r.kernel for r in remote.requests] == ["read", "patch"]
-        row[f"patch_upload_bytes_{kind}"] = server.request_bytes[first + 1]
+        remote = Remote(server_url, transport="bfloat16", trusted=True)
+        try:
+            results[kind] = evaluate_cross_section(remote_model, fit, held_out, sections, saes,
+                                                   ks=config.ks, n_boot=10, remote=remote)
+            assert [r.kernel for r in remote.requests] == ["read", "patch"]
+            row[f"patch_wire_up_bytes_{kind}"] = remote.requests[1].wire_up
+        except RequestTooLargeError as refused:  # the server would refuse it: said, not sent
+            row[f"patch_refused_{kind}"] = str(refused)
     evaluation._edits = sparse_edits
-    edit = [results[kind].edit.values for kind in ("sparse", "dense")]
-    row["edit_max_abs_difference"] = float(np.nanmax(np.abs(edit[0] - edit[1])))
-    row["dense_over_sparse"] = row["patch_upload_bytes_dense"] / row["patch_upload_bytes_sparse"]
+    if len(results) == 2:
+        edit = [results[kind].edit.values for kind in ("sparse", "dense")]
+        row["edit_max_abs_difference"] = float(np.nanmax(np.abs(edit[0] - edit[1])))
+        row["dense_over_sparse"] = (row["patch_wire_up_bytes_dense"]
+                                    / row["patch_wire_up_bytes_sparse"])
     print(row, flush=True)
     return {"setup": f"SmolLM2 (d_model 576), the quickstart's fit and held-out prompts, "
                      f"every attribute at {pair}, its trained residual SAE, the supervised "
-                     f"ceiling and the floor; ks {config.ks}; bfloat16 transport; dense = "
-                     f"every edit sent as [prompt, d_model] values", **row}
+                     f"ceiling and the floor; ks {config.ks}; bfloat16 transport, to the real "
+                     f"server (trusted); dense = every edit sent as [prompt, d_model] values",
+            **row}
 
 
 def placement_scaling(d_models: list[int], widths: list[int], n_saes=(1, 8)) -> dict:
@@ -341,7 +379,7 @@ def placement_scaling(d_models: list[int], widths: list[int], n_saes=(1, 8)) -> 
 
 def _measured(client, server_model, config, section, d, width, n, planned) -> list[dict]:
     """The planned evaluation sent: random SAEs of the planned shapes, each placement."""
-    from sage_nn.model.remote import SimulatedServer
+    from sage_nn.model.servers import SimulatedServer
 
     _, fit, held_out = run_prompts(client, config)
     saes = {f"sae{i}": ReconstructedSAE([random_topk_sae("L1.resid_pre", d, width, i)])

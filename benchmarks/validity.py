@@ -45,7 +45,6 @@ from sage_nn.evaluation.scoring import evaluate_cross_section
 from sage_nn.pipeline.config import RunConfig, run_prompts
 from sage_nn.pipeline.resolve import trained_cache, cached_saes
 from sage_nn.dictionaries.serving import residual_sites_for
-from sage_nn.model.linear import EagerAttention
 from sage_nn.report import HEADLINE, goodness
 from sage_nn.model.sites import Site
 from sage_nn.dictionaries.training import TrainConfig, train_saes
@@ -123,53 +122,52 @@ def main():
                        "ladder_control_seeds": LADDER_CONTROL_SEEDS,
                        "cross_sections": {a: cs.labels for a, cs in sections.items()}}
 
-    with EagerAttention(model):
-        if "ladders" in parts:
-            residual = trained(model, config, needed, 32, config.seed, log)
-            at_heads = [s for s in trained_at_sites(model, config, sections, log)]
-            ladders = {}
-            for a, cs in sections.items():
-                position = {"io": "IO", "s": "S1"}.get(a, "END")
-                layers = sorted({site.layer for site, _ in cs.pairs})
-                variants = {
-                    "planted at the heads": (PLANTED, {
-                        f"planted-{f:g}": (f, PlantedDictionary(fit, a, f)) for f in SHARES}),
-                    "planted, through the reconstruction": (PLANTED, {
-                        f"planted-{f:g}": (f, ReconstructedSAE(
-                            [planted_sae(model, fit, a, layer, position, f) for layer in layers]))
-                        for f in SHARES}),
-                    "trained residual SAEs shrunk, through the reconstruction": (SHRUNK, {
-                        f"shrunk-{f:g}": (f, Shrunk(ReconstructedSAE(residual), f))
-                        for f in SHARES}),
-                    "trained SAEs at the heads shrunk": (SHRUNK, {
-                        f"shrunk-{f:g}": (f, Shrunk(DirectSAE(at_heads), f)) for f in SHARES}),
-                }
-                ladders[a] = {}
-                for name, (metrics, rungs) in variants.items():
-                    start = time.perf_counter()
-                    results = ladder(model, fit, held_out, cs, rungs, **boot)
-                    table = ladder_summary(results, metrics, k=2)
-                    ladders[a][name] = {"metrics": summary_json(table),
-                                        "edit_metric": str(results.edit_metric.values[0]),
-                                        "seconds": round(time.perf_counter() - start, 1)}
-                    print(a, name, "\n", table.T.to_string(), flush=True)
-            out["ladders"] = ladders
-        if "regime" in parts:
-            out["regime"] = regime(model, config, fit, held_out, sections, needed, log, boot)
-        if "random" in parts:
-            out["random_saes"] = random_saes(model, config, fit, held_out, sections, log,
-                                             args.n_boot, out_path.parent / "random_saes")
-        if "seeds" in parts:
-            saes = {f"k32-seed{s}": trained(model, config, needed, 32, s, log)
-                    for s in (config.seed, config.seed + 1, config.seed + 2)}
-            saes |= {f"k{k}-seed{config.seed}": trained(model, config, needed, k, config.seed,
-                                                        log) for k in (8, 16, 64)}
-            results = evaluate_cross_section(
-                model, fit, held_out, list(sections.values()),
-                {name: ReconstructedSAE(members) for name, members in saes.items()},
-                ceiling=False, **boot)
-            out["seeds"] = seed_table(results, config.seed)
-            print(json.dumps(out["seeds"], indent=1), flush=True)
+    if "ladders" in parts:
+        residual = trained(model, config, needed, 32, config.seed, log)
+        at_heads = [s for s in trained_at_sites(model, config, sections, log)]
+        ladders = {}
+        for a, cs in sections.items():
+            position = {"io": "IO", "s": "S1"}.get(a, "END")
+            layers = sorted({site.layer for site, _ in cs.pairs})
+            variants = {
+                "planted at the heads": (PLANTED, {
+                    f"planted-{f:g}": (f, PlantedDictionary(fit, a, f)) for f in SHARES}),
+                "planted, through the reconstruction": (PLANTED, {
+                    f"planted-{f:g}": (f, ReconstructedSAE(
+                        [planted_sae(model, fit, a, layer, position, f) for layer in layers]))
+                    for f in SHARES}),
+                "trained residual SAEs shrunk, through the reconstruction": (SHRUNK, {
+                    f"shrunk-{f:g}": (f, Shrunk(ReconstructedSAE(residual), f))
+                    for f in SHARES}),
+                "trained SAEs at the heads shrunk": (SHRUNK, {
+                    f"shrunk-{f:g}": (f, Shrunk(DirectSAE(at_heads), f)) for f in SHARES}),
+            }
+            ladders[a] = {}
+            for name, (metrics, rungs) in variants.items():
+                start = time.perf_counter()
+                results = ladder(model, fit, held_out, cs, rungs, **boot)
+                table = ladder_summary(results, metrics, k=2)
+                ladders[a][name] = {"metrics": summary_json(table),
+                                    "edit_metric": str(results.edit_metric.values[0]),
+                                    "seconds": round(time.perf_counter() - start, 1)}
+                print(a, name, "\n", table.T.to_string(), flush=True)
+        out["ladders"] = ladders
+    if "regime" in parts:
+        out["regime"] = regime(model, config, fit, held_out, sections, needed, log, boot)
+    if "random" in parts:
+        out["random_saes"] = random_saes(model, config, fit, held_out, sections, log,
+                                         args.n_boot, out_path.parent / "random_saes")
+    if "seeds" in parts:
+        saes = {f"k32-seed{s}": trained(model, config, needed, 32, s, log)
+                for s in (config.seed, config.seed + 1, config.seed + 2)}
+        saes |= {f"k{k}-seed{config.seed}": trained(model, config, needed, k, config.seed,
+                                                    log) for k in (8, 16, 64)}
+        results = evaluate_cross_section(
+            model, fit, held_out, list(sections.values()),
+            {name: ReconstructedSAE(members) for name, members in saes.items()},
+            ceiling=False, **boot)
+        out["seeds"] = seed_table(results, config.seed)
+        print(json.dumps(out["seeds"], indent=1), flush=True)
     out["training"] = {**out.get("training", {}), **log}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=2))

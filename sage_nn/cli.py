@@ -128,10 +128,18 @@ def _run(args) -> None:
 
         print("\n".join(plan_run(_run_config(args)).lines()))
         return
+    config = _run_config(args)
     try:
-        result = run(_run_config(args))
+        result = run(config)
     except Exception as err:  # sage_nn.remote (torch, nnsight) is imported once a run starts
         remote = sys.modules.get("sage_nn.model.remote")
+        if remote is not None and isinstance(err, remote.RemoteRequestError):
+            report = Path(config.run_dir) / "remote_error.txt"  # the server's whole report
+            report.write_text(err.detail)
+            print(f"sage {args.command}: error: {err}; the server's report is in {report}; "
+                  "finished stages are kept: run the same command again to resume",
+                  file=sys.stderr)
+            sys.exit(1)
         if remote is None or not isinstance(err, remote.RemotePending):
             raise
         print(err)  # --no-wait: the jobs run on; finished stages are kept

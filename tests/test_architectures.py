@@ -82,11 +82,14 @@ def _line(error: Exception) -> str:
 
 
 def _identities(model, ad):
-    got = {}
+    got, block_in = {}, {}
     with torch.no_grad(), model.trace(PROMPTS):
         for layer in range(ad.n_layers):
             for kind in ad.kinds():
                 got[layer, kind] = ad.read(model, layer, kind).save()
+                if kind == "resid_pre":  # what the block itself receives (resid_pre is read
+                    # as the output of the block before): checked to be the same below
+                    block_in[layer] = ad.blocks(model)[layer].input.save()
     for layer in range(ad.n_layers):
         pre, attn, mlp, post = (got[layer, k] for k in ("resid_pre", "attn_out", "mlp_out", "resid_post"))
         if ad.parallel:
@@ -95,8 +98,29 @@ def _identities(model, ad):
             torch.testing.assert_close(pre + attn, got[layer, "resid_mid"], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got[layer, "resid_mid"] + mlp, post, rtol=1e-5, atol=1e-5)
         if layer + 1 < ad.n_layers:
-            torch.testing.assert_close(post, got[layer + 1, "resid_pre"], rtol=0, atol=0)
+            torch.testing.assert_close(post, block_in[layer + 1], rtol=0, atol=0)
     return got
+
+
+def _pattern_from_the_attention_call(model, ad):
+    """The clean pattern recomputed from the attention call's inputs (what a read uses, on
+    any server) equals the eager pattern the model returns, at every real query token."""
+    from sage_nn.model.activations import encode
+    from sage_nn.model.linear import attention_call, pattern_rows
+
+    if not ad.arch.attention_call:
+        return "no attention call: heads reached only by SAEs at their sites"
+    batch = encode(model, PROMPTS)
+    T = batch.inputs["input_ids"].shape[1]
+    cols = torch.arange(T)[None].expand(len(PROMPTS), T)
+    with torch.no_grad(), model.trace(batch.inputs):
+        call = attention_call(model, ad.spec, 1)
+        P = pattern_rows(call, cols, range(ad.n_heads), ad.n_heads).save()
+        eager = getattr(ad.blocks(model)[1], ad.arch.attn).output[1].save()
+    real = batch.inputs["attention_mask"].bool()
+    for h in range(ad.n_heads):
+        torch.testing.assert_close(P[h][real], eager[:, h].float()[real], rtol=1e-4, atol=1e-5)
+    return None
 
 
 def _z_through_output_projection(model, ad, got):
@@ -169,7 +193,8 @@ def test_family(family):
     _causal_writes(model, ad)
     _perfect_reconstruction(model, ad)
     _blocks_and_discovery(model, ad)
-    OUTCOMES[family] = ("passed", _describe(ad))
+    limit = _pattern_from_the_attention_call(model, ad)
+    OUTCOMES[family] = ("passed", _describe(ad) + (f"; {limit}" if limit else ""))
     print(f"{family}: {time.perf_counter() - start:.1f} s")
 
 

@@ -121,8 +121,7 @@ def random_saes(calibration, smollm2, tmp_path_factory):
     from sage_nn.dictionaries.saes import load_sae
     from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
     from sage_nn.evaluation.scoring import evaluate_cross_section
-    from sage_nn.model.linear import EagerAttention
-    from sage_nn.model.sites import Site
+        from sage_nn.model.sites import Site
     from sage_nn.pipeline.config import run_prompts
     from sage_nn.pipeline.resolve import resolve_saes
 
@@ -145,10 +144,8 @@ def random_saes(calibration, smollm2, tmp_path_factory):
         built.save_model(root / name)
         saes[name] = ReconstructedSAE([load_sae(root / name, model=smollm2)])
     _, fit, held_out = run_prompts(smollm2, calibration_config(result.run_dir))
-    with EagerAttention(smollm2):
-        results = evaluate_cross_section(smollm2, fit, held_out, CrossSection("io", pairs),
-                                         saes, ks=[1, 2, 4, 8, 16, 32], n_boot=300,
-                                         control_seeds=1)
+    results = evaluate_cross_section(smollm2, fit, held_out, CrossSection("io", pairs), saes,
+                                     ks=[1, 2, 4, 8, 16, 32], n_boot=300, control_seeds=1)
     return results
 
 

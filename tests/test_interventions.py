@@ -199,13 +199,14 @@ def test_bad_patches_get_clear_errors(llama):
 
 def _full_forward_patched(model, ds, variant):
     """Reference: one full forward per variant, every block and token recomputed."""
-    from sage_nn.model.patching import patched_forward, writes_of
+    from sage_nn.model.patching import patched_forward, plain_patch, writes_of
 
-    ad, batch = adapter(model), encode(model, ds.prompts)
+    arch, batch = adapter(model).spec, encode(model, ds.prompts)
     idx = np.arange(len(ds.prompts))
-    writes = writes_of(ad, batch, idx, [variant], "cpu", torch.float32)
-    return patched_forward(model, batch.inputs, writes, torch.as_tensor(ds.answer_ids),
-                            torch.as_tensor(ds.distractor_ids))[0].numpy()
+    writes = writes_of(arch, batch.plain(), idx, [[plain_patch(p) for p in variant]], "cpu",
+                       torch.float32)
+    return patched_forward(model, arch, batch.inputs, writes, torch.as_tensor(ds.answer_ids),
+                           torch.as_tensor(ds.distractor_ids))[0].numpy()
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

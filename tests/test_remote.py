@@ -1,14 +1,20 @@
 """Remote execution, offline: every stage through nnsight's ``remote="local"`` backend and
-through a fresh server-like process that cannot import sage_nn, with the local numbers back."""
+through :class:`~sage_nn.model.remote.SimulatedServer`, the strict in-process simulation of
+an NDIF server, with the local numbers back.
+
+The simulated server runs each request against its own model (the client may hold a
+weightless twin on the meta device, as a remote model is held) and enforces what a real
+server needs: a request holds only plain data and plain functions (bytecode or a class
+shipped by value raises ``ShippedByValueError``), and it leaves the server's model as it
+found it (no attribute written, config unchanged). Those rules are tested here too. The
+real NDIF server (the ``ndif`` package, ``scripts/ndif/local_ndif.py``), non-blocking jobs
+included, is tested in ``tests/test_ndif.py``."""
 
 import json
 import logging
-import sys
-import time
 
 import httpx
 import nnsight
-import nnsight.modeling.huggingface
 import numpy as np
 import pytest
 import torch
@@ -17,7 +23,6 @@ from nnsight.intervention.backends.local import LocalSimulationBackend
 from nnsight.intervention.backends.remote import RemoteError
 
 from conftest import tiny_task_dataset
-from ndif_server import FakeNDIF
 from sage_nn import tiny_random_model
 from sage_nn.model.activations import collect
 from sage_nn.discovery.attribution import AttributionPatching
@@ -26,14 +31,8 @@ from sage_nn.discovery.growth import grow_cross_sections
 from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
 from sage_nn.evaluation.scoring import evaluate_cross_section
 from sage_nn.model.patching import Patch, run_patched
-from sage_nn.model.remote import (
-    NOT_ON_SERVER,
-    FreshProcessBackend,
-    Remote,
-    RemotePending,
-    SimulatedServer,
-    run_kernel,
-)
+from sage_nn.model.remote import Remote, run_kernel
+from sage_nn.model.servers import ShippedByValueError, SimulatedServer
 from sage_nn.dictionaries.saes import SparseAutoencoder
 from sage_nn.model.sites import Site
 from sage_nn.tasks.datasets import logit_diffs
@@ -41,11 +40,26 @@ from sage_nn.tasks.datasets import logit_diffs
 SITES = ["L0.resid_post", "L1.z.h0", "L1.mlp_out"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Torch on one thread for this module: the tiny model's matrices are too small to
+    gain from more, and on a busy machine more threads make each forward several times
+    slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    """The tiny llama and its fit and test prompts, and the server's model: the same
+    weights in another model (a :class:`SimulatedServer` freezes its parameters)."""
     model, full = tiny_task_dataset(tmp_path_factory.mktemp("task"), n=24)
-    server = FreshProcessBackend.for_model(model, tmp_path_factory.mktemp("server_model"))
-    return model, full.subset(np.arange(16)), full.subset(np.arange(16, 24)), server
+    server_model = tiny_random_model("llama", seed=4)
+    here, there = model._module.state_dict(), server_model._module.state_dict()
+    assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
+    return model, full.subset(np.arange(16)), full.subset(np.arange(16, 24)), server_model
 
 
 def random_sae(layer: int, kind: str, d: int, seed: int, width: int = 64) -> SparseAutoencoder:
@@ -55,11 +69,13 @@ def random_sae(layer: int, kind: str, d: int, seed: int, width: int = 64) -> Spa
                              architecture="topk", k=8, layer=layer, kind=kind)
 
 
-def evaluate(model, fit, test, remote):
+def evaluate(model, fit, test, remote, sites=((1, "z", 0), (1, "attn_out"))):
+    """A cross-section read through residual SAEs of layer 1: by default at sites linear
+    in their codes (read in one request); ``mlp_out`` is rebuilt by a second forward."""
     d = model.config.hidden_size
     saes = {"res": ReconstructedSAE([random_sae(1, "resid_pre", d, 0),
                                      random_sae(1, "resid_mid", d, 1)])}
-    cs = CrossSection("io", [(Site(1, "z", 0), "END"), (Site(1, "mlp_out"), "END")])
+    cs = CrossSection("io", [(Site(*s), "END") for s in sites])
     return evaluate_cross_section(model, fit, test, cs, saes, ks=[1, 2], n_boot=10,
                                   remote=remote)
 
@@ -87,23 +103,26 @@ def test_stages_give_the_local_numbers_through_nnsight_local_backend(setup):
     assert [(r.kernel, r.rows) for r in remote.requests[:2]] == [("collect", 8), ("collect", 8)]
 
 
-def test_stages_round_trip_through_a_fresh_server_process(setup):
-    """Serialized requests run where sage_nn, sae_lens, xarray... cannot be imported."""
-    model, fit, test, server = setup
+def test_stages_round_trip_through_the_strict_simulated_server(setup):
+    """Requests serialized with nothing shipped as bytecode or by class, run against the
+    server's model from a client without weights: the local numbers come back."""
+    model, fit, test, server_model = setup
+    server, client = SimulatedServer(server_model), weightless(model)
     remote = Remote(server)
     xr.testing.assert_allclose(collect(model, fit, SITES, progress=False),
-                               collect(model, fit, SITES, progress=False, remote=remote),
+                               collect(client, fit, SITES, progress=False, remote=remote),
                                rtol=1e-5, atol=1e-6)
     xr.testing.assert_allclose(evaluate(model, fit, test, None),
-                               evaluate(model, fit, test, remote), rtol=1e-4, atol=1e-5)
+                               evaluate(client, fit, test, remote), rtol=1e-4, atol=1e-5)
     scores = AttributionPatching(kinds=["z", "resid_pre", "mlp_out"], ig_steps=1)
-    there = scores.fit(model, fit, remote=remote).scores_
+    there = scores.fit(client, fit, remote=remote).scores_
     xr.testing.assert_allclose(scores.fit(model, fit).scores_, there, rtol=1e-4, atol=1e-6)
     assert there.exact.any()  # the exact sweep (blocks skipped by nnsight) ran there too
     # the server's parameters are frozen, as NDIF's: the kernel asked for its gradients
+    assert not any(p.requires_grad for p in server_model._module.parameters())
     assert float(abs(there.delta.where(~there.exact)).max()) > 1e-6
     # the adaptive search, decided on the server in one request
-    grown = grow_cross_sections(model, fit, there, max_sites=3, remote=remote)
+    grown = grow_cross_sections(client, fit, there, max_sites=3, remote=remote)
     for a, (table, summary) in grow_cross_sections(model, fit, there, max_sites=3).items():
         assert grown[a][0].site.tolist() == table.site.tolist()
         assert grown[a][1]["recovered"] == pytest.approx(summary["recovered"], rel=1e-4)
@@ -113,14 +132,27 @@ def test_stages_round_trip_through_a_fresh_server_process(setup):
     assert sum(server.result_bytes[1:]) < sum(server.request_bytes[1:])
 
 
-def test_evaluation_requests_follow_the_data_not_the_number_of_attributes_or_saes(setup,
-                                                                                 tmp_path):
+@pytest.mark.parametrize("backend", ["local", "simulated"])
+def test_a_site_rebuilt_by_a_second_forward_gives_the_local_numbers_remotely(setup, backend):
+    """mlp_out through residual SAEs is not linear in their codes: the evaluation rebuilds
+    it in a second forward (the ``reconstruct`` kernel), which must run remotely too."""
+    model, fit, test, server_model = setup
+    sites = ((1, "z", 0), (1, "mlp_out"))
+    client, remote = (model, Remote("local")) if backend == "local" else \
+        (weightless(model), Remote(SimulatedServer(server_model)))
+    there = evaluate(client, fit, test, remote, sites)
+    assert "reconstruct" in [r.kernel for r in remote.requests]
+    xr.testing.assert_allclose(evaluate(model, fit, test, None, sites), there, rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_evaluation_requests_follow_the_data_not_the_number_of_attributes_or_saes(setup):
     """One read (fit prompts, where the floors' L0 is matched, then held-out and
     counterfactual prompts with every SAE's and floor's codes), then every variant
     patched: two requests, for one SAE or three and for two attributes, and the same
     numbers as here; with requests capped at fewer rows, the floors are calibrated here
     between the fit read and the rest, to the same numbers."""
-    model, fit, test, _ = setup
+    model, fit, test, server_model = setup
     d = model.config.hidden_size
     sections = [CrossSection("io", [(Site(1, "z", 0), "END")]),
                 CrossSection("s", [(Site(1, "z", 1), "END"), (Site(0, "resid_post"), "END")])]
@@ -141,13 +173,16 @@ def test_evaluation_requests_follow_the_data_not_the_number_of_attributes_or_sae
     assert len(capped.requests) > 3 and all(r.rows <= 8 for r in capped.requests)
     xr.testing.assert_allclose(here, split, rtol=1e-5, atol=1e-7)
     # bfloat16 transport: about half the bytes each way, the numbers to bf16 precision
-    server = FreshProcessBackend.for_model(model, tmp_path / "server")
-    sizes = {}
+    # (through the strict simulated server, from a client without weights)
+    server, client, sizes = SimulatedServer(server_model), weightless(model), {}
     for transport in ("float32", "bfloat16"):
         server.request_bytes.clear(), server.result_bytes.clear()
-        half = evaluate_cross_section(model, fit, test, sections, saes, ks=[1, 2, 4], n_boot=10,
+        half = evaluate_cross_section(client, fit, test, sections, saes, ks=[1, 2, 4], n_boot=10,
                                       remote=Remote(server, transport=transport))
         sizes[transport] = sum(server.result_bytes), sum(server.request_bytes)
+        if transport == "float32":
+            xr.testing.assert_allclose(here, half, rtol=1e-4, atol=1e-6)
+    assert len(server.result_bytes) == 2  # read, patch
     assert sizes["bfloat16"][0] < 0.7 * sizes["float32"][0]
     assert sizes["bfloat16"][1] < sizes["float32"][1]
     # (this random model's logit differences are thousandths of a logit: compare what the
@@ -158,25 +193,58 @@ def test_evaluation_requests_follow_the_data_not_the_number_of_attributes_or_sae
         Remote("local", transport="float16")
 
 
-def _loaded_modules(model, inputs):
+def _ships_a_site(model, arch, inputs, site):
     with model.trace(inputs):
-        pass
-    return sorted({m.split(".")[0] for m in sys.modules})
+        out = model.output.logits[:, -1, site.head].save()
+    return out
 
 
-def _imports_sae_lens(model, inputs):
-    import sae_lens  # noqa: F401  (a server has no sae_lens)
+def _ships_a_function(model, arch, inputs, function):
+    with model.trace(inputs):
+        out = model.output.logits[:, -1, 0].save()
+    return [out, function]
 
-    return [0]
+
+def _writes_to_the_model(model, arch, inputs):
+    model._module.foo = 1
+    with model.trace(inputs):
+        out = model.output.logits[:, -1, 0].save()
+    return out
 
 
-def test_the_server_process_has_no_sage_nn_and_refuses_what_a_server_lacks(setup):
-    model, fit, _, server = setup
+def _plain(model, arch, inputs, site):
+    layer, kind, head = site
+    with model.trace(inputs):
+        out = model.output.logits[:, -1, head].save()
+    return [out, arch["n_layers"], layer, kind]
+
+
+def test_the_simulated_server_refuses_classes_shipped_by_value_and_writes_to_its_model():
+    """The strict simulation's rules, each seen failing: a sage_nn dataclass instance in a
+    chunk (its class would travel by value, its methods as bytecode), a function without
+    source (a dataclass's generated method: bytecode) and a kernel that leaves an attribute
+    on the server's model (shared by every user) are refused; a kernel given the site as a
+    plain (layer, kind, head) key runs, with the server's numbers."""
+    server_model = tiny_random_model("llama", seed=4)
+    client, server = weightless(server_model), SimulatedServer(server_model)
     inputs = {"input_ids": torch.tensor([[2, 3, 4]])}
-    (loaded,) = run_kernel(model, _loaded_modules, [(inputs,)], Remote(server))
-    assert "torch" in loaded and not set(loaded) & set(NOT_ON_SERVER)
-    with pytest.raises(RuntimeError, match="No module named 'sae_lens'"):
-        list(run_kernel(model, _imports_sae_lens, [(inputs,)], Remote(server)))
+    with pytest.raises(ShippedByValueError, match=r"ships class sage_nn\.model\.sites\.Site "
+                                                  "by value"):
+        list(run_kernel(client, _ships_a_site, [(inputs, Site(1, "z", 2))], Remote(server)))
+    with pytest.raises(ShippedByValueError, match=r"ships sage_nn\.model\.sites\.Site\.__init__ "
+                                                  r"as bytecode \(it has no source"):
+        list(run_kernel(client, _ships_a_function, [(inputs, Site.__init__)], Remote(server)))
+    assert server.result_bytes == []  # refused before they ran
+    (out,) = run_kernel(client, _plain, [(inputs, (1, "z", 2))], Remote(server))
+    with torch.no_grad():
+        expected = server_model._module(**inputs).logits[:, -1, 2]
+    torch.testing.assert_close(out[0], expected)
+    assert out[1:] == [server_model.config.num_hidden_layers, 1, "z"]
+    assert len(server.result_bytes) == 1
+    with pytest.raises(RuntimeError, match=r"the request wrote to the server's model \(shared "
+                                           r"by every user\): model\.foo$"):
+        list(run_kernel(client, _writes_to_the_model, [(inputs,)], Remote(server)))
+    assert server_model._module.foo == 1 and not hasattr(client._module, "foo")
 
 
 class FlakyBackend(LocalSimulationBackend):
@@ -217,40 +285,6 @@ def test_a_dropped_connection_is_retried_and_a_real_error_is_not(setup):
     assert broken.calls == 1
 
 
-def test_a_job_submitted_without_waiting_is_collected_later_by_its_id(setup, tmp_path,
-                                                                      monkeypatch):
-    """nnsight's own HTTP client against a stand-in for NDIF's API (tests/ndif_server.py)."""
-    model, fit, _, server = setup
-    key = "ndif-key-that-must-not-be-stored"
-    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", key)
-    # nnsight names the model by its Hub repo id (canonicalised online): give it one offline
-    monkeypatch.setattr(model, "repo_id", "sage-nn/tiny-llama", raising=False)
-    monkeypatch.setitem(nnsight.modeling.huggingface._ID_CACHE, "sage-nn/tiny-llama",
-                        "sage-nn/tiny-llama")
-    ndif = FakeNDIF(server.model_dir)
-    try:
-        ndif.hold.clear()  # the server queues the job
-        remote = Remote(ndif.url, blocking=False, jobs=tmp_path / "jobs.json")
-        with pytest.raises(RemotePending, match="run again to collect") as pending:
-            patched(model, fit, remote)
-        with pytest.raises(RemotePending):  # still queued: polled, not submitted again
-            patched(model, fit, remote)
-        assert len(ndif.jobs) == 1 and pending.value.job_ids == list(ndif.jobs)
-        ndif.hold.set()
-        for _ in range(120):
-            try:
-                out = patched(model, fit, remote)
-                break
-            except RemotePending:
-                time.sleep(1)
-        xr.testing.assert_allclose(out, patched(model, fit, None), rtol=1e-5, atol=1e-6)
-        assert len(ndif.jobs) == 1
-    finally:
-        ndif.close()
-    assert key in ndif.api_keys  # sent to the server, and written nowhere
-    assert key not in (tmp_path / "jobs.json").read_text()
-
-
 def test_directions_of_a_weightless_model_ask_for_the_maps_read_on_the_server():
     """An NDIF model has no weights here: directions come from the frozen maps a read
     brings back (evaluate_cross_section passes them itself)."""
@@ -260,23 +294,38 @@ def test_directions_of_a_weightless_model_ask_for_the_maps_read_on_the_server():
     model._module.to("meta")
     recon = ResidualReconstruction([random_sae(1, "resid_pre", model.config.hidden_size, 0)],
                                    freeze_norm=True, freeze_pattern=True).fit(model)
-    with pytest.raises(ValueError, match="layer 1's weights are not here .* pass the layer's "
-                                         "frozen maps read on the server"):
+    with pytest.raises(ValueError, match=r"the model's weights are not here \(a remote model "
+                                         r"is held without them\): pass the layers' frozen "
+                                         "maps read on the server"):
         recon.directions("L1.z.h0")
 
 
-def test_a_remote_pipeline_run_matches_the_local_one_and_stores_no_api_key(
-        tmp_path, monkeypatch, caplog):
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """A pipeline run here on test_pipeline's tiny setup, with its SAE cache
+    (``root/cache``): the remote runs compare with it and reuse the SAEs it trained."""
     from sage_nn.pipeline.stages import run
     from test_pipeline import _setup, config
+
+    with pytest.MonkeyPatch.context() as mp:
+        root, model = _setup(tmp_path_factory.mktemp("pipeline"))
+        mp.setenv("SAGE_NN_CACHE", str(root / "cache"))
+        here = run(config(root, "here"), model=model, progress=False)
+    assert (root / "cache" / "saes").is_dir()
+    return root, model, here
+
+
+def test_a_remote_pipeline_run_matches_the_local_one_and_stores_no_api_key(
+        local_run, monkeypatch, caplog):
+    from sage_nn.pipeline.stages import run
+    from test_pipeline import config
 
     key = "ndif-key-that-must-not-be-stored"
     monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", key)
     monkeypatch.setenv("NDIF_API_KEY", key)
-    monkeypatch.setenv("SAGE_NN_CACHE", str(tmp_path / "cache"))
-    root, model = _setup(tmp_path)
+    root, model, here = local_run
+    monkeypatch.setenv("SAGE_NN_CACHE", str(root / "cache"))
     caplog.set_level(logging.INFO, logger="sage_nn")
-    here = run(config(root, "here"), model=model, progress=False)
     remote = Remote("local")
     there = run(config(root, "there", remote="local"), model=model, progress=False,
                 remote=remote)
@@ -306,29 +355,56 @@ def weightless(model):
     return client
 
 
+def sage_nn_attributes(model) -> list[str]:
+    """``module.name`` for every attribute, parameter, buffer or submodule of the model's
+    modules whose name says sage_nn (what a request must never leave on a server's model)."""
+    return sorted(f"{name or 'model'}.{a}" for name, m in model._module.named_modules()
+                  for a in {*vars(m), *m._parameters, *m._buffers, *m._modules}
+                  if "sage_nn" in a.lower())
+
+
+def hooks(model) -> dict:
+    """How many hooks of each kind each of the model's modules has."""
+    return {(name, a): len(v) for name, m in model._module.named_modules()
+            for a, v in vars(m).items() if "hooks" in a and isinstance(v, dict)}
+
+
 def test_a_client_without_weights_runs_the_reconstruction_on_the_servers_model(
-        tmp_path, monkeypatch):
+        local_run, monkeypatch):
     """The SAGE method on a model that is not here: a full run with head cross-sections and
     residual TopK SAEs reaching them through the reconstruction, on a client holding the
     model on the meta device, gives the local run's numbers; the run records where each
-    SAE was encoded, with the bytes each placement needed."""
+    SAE was encoded, with the bytes each placement needed; the server's model is left as
+    it was (no sage_nn attribute on any module, its config unchanged)."""
     from sage_nn.pipeline.stages import run
-    from test_pipeline import _setup, config
+    from test_pipeline import config
 
-    monkeypatch.setenv("SAGE_NN_CACHE", str(tmp_path / "cache"))
-    root, model = _setup(tmp_path)
-    here = run(config(root, "here"), model=model, progress=False).results
+    root, model, here = local_run
+    here = here.results
+    monkeypatch.setenv("SAGE_NN_CACHE", str(root / "cache"))
     assert {str(s).split(".")[1] for s in here.site.values} == {"z"}  # heads, the default
-    client = weightless(model)
-    remote = Remote(SimulatedServer(tiny_random_model("llama", seed=0)))
-    there = run(config(root, "there", remote="local"), model=client, progress=False,
+    client, server_model = weightless(model), tiny_random_model("llama", seed=0)
+    config_before, hooks_before = server_model.config.to_dict(), hooks(server_model)
+    assert config_before["num_hidden_layers"] == 2 and len(config_before) > 20
+    assert len(hooks_before) > 50  # every module's hook tables, whatever they hold
+    server = SimulatedServer(server_model)
+    remote = Remote(server)
+    there = run(config(root, "weightless", remote="local"), model=client, progress=False,
                 remote=remote).results
     xr.testing.assert_allclose(here, there, rtol=1e-4, atol=1e-6)
+    # every request of the run went through the server, and left its model as it was
+    assert len(server.request_bytes) == len(remote.requests) >= 4
+    assert sage_nn_attributes(server_model) == []
+    assert server_model.config.to_dict() == config_before
+    assert hooks(server_model) == hooks_before  # no hook left behind
+    # what the check sees on a model that kept sage_nn's state (as the old code did)
+    server_model._module.model.layers[1].mlp._sage_nn_architecture = {}
+    assert sage_nn_attributes(server_model) == ["model.layers.1.mlp._sage_nn_architecture"]
     assert all(p.device.type == "meta" for p in client._module.parameters())
     kernels = [(r.stage, r.kernel) for r in remote.requests]
     assert [k for k in kernels if k[0] != "discovery"] == [
         ("task", "patch"), ("evaluation", "read"), ("evaluation", "patch")]
-    logged = [json.loads(line) for line in (root / "there" / "requests.jsonl").open()]
+    logged = [json.loads(line) for line in (root / "weightless" / "requests.jsonl").open()]
     placed = [r for r in logged if r["type"] == "placement"]
     assert {p["layer"] for p in placed} == {int(str(s)[1]) for s in here.site.values}
     for p in placed:  # tiny SAEs: their encoders cost less than the residual rows
@@ -349,9 +425,9 @@ def mixed_widths(model, fit, test, remote):
 def test_a_client_without_weights_gets_the_same_numbers_wherever_the_saes_are_encoded(setup):
     """Encoded on the server or here, forced or chosen by bytes, in float32 or bfloat16:
     the numbers are the local run's (bf16: to its rounding); the choice is the cheaper."""
-    model, fit, test, _ = setup
+    model, fit, test, server_model = setup
     here = mixed_widths(model, fit, test, None)
-    client, server = weightless(model), SimulatedServer(model)
+    client, server = weightless(model), SimulatedServer(server_model)
     reads = {}
     for transport in ("float32", "bfloat16"):
         for placement in ("server", "here", "auto"):
@@ -379,17 +455,6 @@ def test_a_client_without_weights_gets_the_same_numbers_wherever_the_saes_are_en
     auto = reads["auto", "float32"]
     assert auto.up + auto.down < min(r.up + r.down for r in (server_read, here_read))
     assert reads["auto", "bfloat16"].down < 0.6 * auto.down  # the rows and codes in bf16
-
-
-def test_a_client_without_weights_reads_through_a_fresh_server_process(setup):
-    """The same through a server process that cannot import sage_nn: the frozen maps and
-    the pattern come from the server's model; one SAE is encoded there, one here."""
-    model, fit, test, server = setup
-    remote = Remote(server)
-    there = mixed_widths(weightless(model), fit, test, remote)
-    assert [p["placement"] for p in remote.placements] == ["server", "here"]
-    xr.testing.assert_allclose(mixed_widths(model, fit, test, None), there, rtol=1e-4,
-                               atol=1e-6)
 
 
 def test_settings_that_cannot_run_remotely_are_refused_before_anything_runs(tmp_path):
@@ -428,3 +493,32 @@ def test_bfloat16_transport_sends_sae_encoders_in_half_precision_once(setup):
     assert sent["float32", 2] == sent["float32", 1]  # one encoder for both jobs
     assert sent["bfloat16", 1] < 0.55 * sent["float32", 1]
     assert wide.W_enc.dtype == torch.float32
+
+
+def test_a_stage_over_the_servers_request_limit_is_split_into_requests_under_it(setup):
+    """A patched run whose values are more than a request may carry goes as several
+    requests (a batch's variants split too), each under the limit, with the same numbers;
+    a request still over it is refused before it is sent, naming the fix."""
+    from sage_nn.model.remote import CODE_ALLOWANCE
+    from sage_nn.model.servers import RequestTooLargeError
+
+    model, fit, test, server_model = setup
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    variants = [[Patch(f"L{layer}.resid_pre", fit.positions["END"],
+                       torch.randn(len(fit.prompts), d, generator=g))] for layer in (0, 1) * 32]
+    here = run_patched(model, fit, [[]] + variants).logit_diff.values
+    limit = CODE_ALLOWANCE + 100_000  # about two groups of 16 variants a request
+    remote = Remote(SimulatedServer(server_model), max_request_bytes=limit)
+    there = run_patched(weightless(model), fit, [[]] + variants, remote=remote)
+    np.testing.assert_allclose(there.logit_diff.values, here, rtol=1e-5, atol=1e-5)
+    assert len(remote.requests) > 1  # one request would have carried them all
+    assert all(r.up <= remote.payload_budget for r in remote.requests), remote.requests
+    assert sum(r.up for r in remote.requests) > remote.payload_budget  # too much for one
+    with pytest.raises(RequestTooLargeError, match=r"over the server's limit of 0\.00 MB.*"
+                       r"nothing was sent: fix: send fewer prompts a request"):
+        from sage_nn.model.servers import NDIFBackend
+
+        backend = NDIFBackend("tiny", host="http://127.0.0.1:9", max_request_bytes=1)
+        with model.session(backend=backend):  # nothing listens there: it must not be sent
+            nnsight.save(torch.zeros(1))

@@ -199,15 +199,18 @@ def test_every_class_loads_through_the_offline_release_path(tmp_path, monkeypatc
 
 def test_new_encoders_run_on_a_server_that_cannot_import_sage_nn(tmp_path):
     """Residual SAEs of the architectures added here (matching pursuit's data-dependent
-    loop, AbsTopK's signed codes, gated), encoded inside the read's trace in a fresh
-    server process without sage_nn or sae_lens, give the local numbers."""
+    loop, AbsTopK's signed codes, gated), encoded inside the read's trace on a server
+    that cannot import sage_nn or sae_lens and gets no code as bytecode (sage_nn's
+    SimulatedServer; the real server's tier is tests/test_ndif.py), give the local
+    numbers."""
     import numpy as np
     import xarray as xr
     from conftest import tiny_task_dataset
 
     from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
     from sage_nn.evaluation.scoring import evaluate_cross_section
-    from sage_nn.model.remote import FreshProcessBackend, Remote
+    from sage_nn.model.remote import Remote
+    from sage_nn.model.servers import SimulatedServer
     from sage_nn.model.sites import Site
 
     model, full = tiny_task_dataset(tmp_path, n=24)
@@ -220,8 +223,7 @@ def test_new_encoders_run_on_a_server_that_cannot_import_sage_nn(tmp_path):
         return evaluate_cross_section(model, fit, test, cs, saes, ks=[1], n_boot=5,
                                       remote=remote)
 
-    remote = Remote(FreshProcessBackend.for_model(model, tmp_path / "server"),
-                    placement="server")
+    remote = Remote(SimulatedServer(model), placement="server")
     there = evaluate(remote)
     assert {p["placement"] for p in remote.placements} == {"server"}
     assert (there.l0.sel(dictionary="AbsTopKSAE") > 0).all()

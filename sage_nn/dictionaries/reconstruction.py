@@ -33,18 +33,31 @@ import torch
 
 from ..model.activations import batches, encode, model_device
 from ..model.linear import (
-    EagerAttention,
+    attention_call,
+    attention_norms,
     frozen_maps,
     heads_read,
     inv_scale,
     linear_codes,
     norm_settings,
+    pattern_rows,
     site_directions,
     take_inputs,
 )
 from ..model.reads import LinearJob
 from ..model.remote import run_kernel
-from ..model.sites import ATTN_KINDS, Site, adapter, at_path
+from ..model.encoders import reconstruct
+from ..model.sites import (
+    ATTN_KINDS,
+    Site,
+    adapter,
+    at_path,
+    blocks_of,
+    channels,
+    site_key,
+    site_name,
+    site_tensor,
+)
 from .saes import SparseAutoencoder, check_sae
 
 MODES = ("input", "difference")
@@ -155,7 +168,9 @@ class ResidualReconstruction:
             inputs = {k: v.to(model_device(model)) for k, v in prompts.items()}
         else:
             inputs = encode(model, prompts, model_device(model)).inputs
-        saved, logits = _reconstruct(model, *self._double(inputs), self, sites, with_codes, None)
+        saved, logits = _reconstruct(model, adapter(model).spec, *self._double(inputs),
+                                     self.plain(), [site_key(s) for s in sites], with_codes,
+                                     None)
         return ReconstructionResult(**_by_site(saved), logits=logits)
 
     def run_at(self, prompts: Sequence[str], positions: Sequence[int], sites: Sequence[Site | str],
@@ -175,7 +190,7 @@ class ResidualReconstruction:
         model = self.model_
         jobs = [(prompts, np.asarray(positions), self._prepare(sites, with_codes), with_codes)
                 for prompts, positions, sites, with_codes in jobs]
-        owners = []
+        owners, plan = [], self.plain()
 
         def chunks():
             for j, (prompts, positions, sites, with_codes) in enumerate(jobs):
@@ -183,7 +198,8 @@ class ResidualReconstruction:
                     batch = encode(model, [prompts[i] for i in idx], model_device(model))
                     rows_cols = (torch.arange(len(idx)), batch.index(positions[idx]))
                     owners.append(j)
-                    yield *self._double(batch.inputs), self, sites, with_codes, rows_cols
+                    yield (*self._double(batch.inputs), plan, [site_key(s) for s in sites],
+                           with_codes, rows_cols)
 
         parts = [[] for _ in jobs]
         for out in run_kernel(model, _reconstruct, chunks(), remote, stage="reconstruct"):
@@ -210,157 +226,14 @@ class ResidualReconstruction:
             inputs = {k: torch.cat([v, v]) for k, v in inputs.items()}
         return inputs, n
 
-    def splice(self, model: Any, sites: Sequence[Site], n: int, *, with_codes: bool = False,
-               out: dict | None = None, maps: dict | None = None) -> dict:
-        """Inside a trace: reconstruct ``sites`` in rows ``[:n]``. In input mode the trace's
-        batch must be the prompts twice (rows ``[n:]`` are scratch). Fills and returns ``out``
-        (create it before the trace: nnsight hands back only objects made outside it or saved):
-        ``{"clean"|"recon"|"codes"|"offsets": {site: tensor}}``. ``with_codes`` needs each
-        layer's frozen ``maps`` (:func:`kernel_maps`, read before the trace)."""
-        sites = self._plan(sites)
-        ad = self.adapter_
-        if out is None:
-            out = {}
-        for key in ("clean", "recon", "codes", "offsets"):
-            out.setdefault(key, {})
-        by_layer: dict[int, list[Site]] = {}
-        for s in sites:
-            by_layer.setdefault(s.layer, []).append(s)
-        for layer in sorted(by_layer):
-            if self.mode == "input":
-                self._input_layer(model, ad, layer, by_layer[layer], n, out,
-                                  maps if with_codes else None)
-            else:
-                self._difference_layer(model, ad, layer, by_layer[layer], out)
-        return out
-
-    def _record(self, out, site, clean, recon):
-        out["clean"][site] = clean.clone().save()
-        out["recon"][site] = recon.clone().save()
-
-    def _difference_layer(self, model, ad, layer, sites, out):
-        kinds = {s.kind for s in sites}
-        r_pre = ad.tensor(model, layer, "resid_pre")
-        hat_pre = self.by_site_[(layer, "resid_pre")](r_pre) if "attn_out" in kinds else None
-        if "attn_out" in kinds:
-            a = ad.tensor(model, layer, "attn_out")
-            clean = a.clone()
-            recon = self.by_site_[(layer, "resid_mid")](r_pre + clean) - hat_pre
-            a[:] = recon
-            self._record(out, Site(layer, "attn_out"), clean, recon)
-        if "mlp_out" in kinds:
-            r_mid = ad.tensor(model, layer, "resid_mid")
-            m = ad.tensor(model, layer, "mlp_out")
-            clean = m.clone()
-            recon = self.by_site_[(layer + 1, "resid_pre")](r_mid + clean) - \
-                self.by_site_[(layer, "resid_mid")](r_mid)
-            m[:] = recon
-            self._record(out, Site(layer, "mlp_out"), clean, recon)
-
-    def _rescale(self, model, layer, which, inp_clean, inp_scratch, out_t, n):
-        """Give the scratch rows' norm output the clean rows' norm scale."""
-        mod_name, kind, eps = self.norms_[layer][which]
-        module = getattr(self.adapter_.blocks(model._module)[layer], mod_name)
-        beta = module.bias if getattr(module, "bias", None) is not None else 0.0
-        ratio = inv_scale(inp_clean, kind, eps) / inv_scale(inp_scratch, kind, eps)
-        out_t[n:] = ((out_t[n:] - beta) * ratio.to(out_t.dtype) + beta)
-
-    def _input_layer(self, model, ad, layer, sites, n, out, maps):
-        with_codes = maps is not None
-        arch = ad.arch
-        block = ad.blocks(model)[layer]
-        attn_sites = [s for s in sites if s.kind in ATTN_KINDS]
-        mlp = any(s.kind == "mlp_out" for s in sites)
-        cache = {}
-        # resid_pre: clean rows feed the SAE, scratch rows take its reconstruction
-        r = ad.tensor(model, layer, "resid_pre")
-        if attn_sites or (mlp and ad.parallel):
-            sae = self.by_site_[(layer, "resid_pre")]
-            clean_r = r[:n].clone()
-            r[n:] = sae(clean_r).to(r.dtype)
-            cache["r"] = clean_r
-            if self.freeze_norm and "attn" in self.norms_[layer]:  # else nothing to freeze
-                norm_name = self.norms_[layer]["attn"][0]
-                scratch_r = r[n:].clone()
-                norm_out = getattr(block, norm_name).output
-                self._rescale(model, layer, "attn", clean_r, scratch_r, norm_out, n)
-        if attn_sites:
-            proj = {"q": arch.q_proj, "k": arch.k_proj, "v": arch.v_proj}
-            attn = getattr(block, arch.attn)
-            attn_output = lambda: attn.output if arch.attn_tuple else (attn.output,)  # noqa: E731
-            fused = arch.qkv != "separate"
-            needed = {"q", "k", "v"} & {s.kind for s in attn_sites}
-            if self.freeze_pattern:
-                needed |= {"q", "k"}
-            for kind in ("q", "k", "v") if not fused else ("q",):
-                kinds_here = ("q", "k", "v") if fused else (kind,)
-                if not needed & set(kinds_here):
-                    continue
-                t = at_path(attn, proj[kind]).output
-                frozen = {kk: t[:n, :, ad.channels(kk)].clone() for kk in kinds_here
-                          if self.freeze_pattern and kk in ("q", "k")}
-                for kk in kinds_here:
-                    for s in (s for s in attn_sites if s.kind == kk):
-                        ch = ad.channels(kk, s.head)
-                        clean, recon = t[:n, :, ch].clone(), t[n:, :, ch].clone()
-                        t[:n, :, ch] = recon
-                        self._record(out, s, clean, recon)
-                for kk, clean_qk in frozen.items():  # the clean pattern in the scratch rows
-                    t[n:, :, ad.channels(kk)] = clean_qk
-            z_sites = [s for s in attn_sites if s.kind == "z"]
-            attn_out_site = next((s for s in attn_sites if s.kind == "attn_out"), None)
-            if z_sites:
-                t = ad.tensor(model, layer, "z")
-                for s in z_sites:
-                    ch = ad.channels("z", s.head)
-                    clean, recon = t[:n, :, ch].clone(), t[n:, :, ch].clone()
-                    t[:n, :, ch] = recon
-                    self._record(out, s, clean, recon)
-            post = arch.attn_post_norm
-            if post and ((attn_out_site and self.freeze_norm) or with_codes):
-                o = at_path(attn, arch.o_proj).output
-                o_clean, o_scratch = o[:n].clone(), o[n:].clone()
-                cache["o_out"] = o_clean
-            attn_output = attn_output() if (with_codes or (attn_out_site and not post)) else None
-            if with_codes and (z_sites or attn_out_site):
-                cache["pattern"] = attn_output[1][n:].float()  # the pattern the scratch rows used
-            if attn_out_site is not None:
-                t = getattr(block, post).output if post else attn_output[0]
-                if post and self.freeze_norm:
-                    self._rescale(model, layer, "attn_post", o_clean, o_scratch, t, n)
-                clean, recon = t[:n].clone(), t[n:].clone()
-                t[:n] = recon
-                self._record(out, attn_out_site, clean, recon)
-            if with_codes:
-                self._codes(layer, attn_sites, cache, out, maps)
-        if mlp:
-            if not ad.parallel:
-                sae = self.by_site_[(layer, "resid_mid")]
-                mid = ad.tensor(model, layer, "resid_mid")
-                clean_m = mid[:n].clone()
-                mid[n:] = sae(clean_m).to(mid.dtype)
-                if self.freeze_norm and "mlp" in self.norms_[layer]:
-                    norm_name = self.norms_[layer]["mlp"][0]
-                    self._rescale(model, layer, "mlp", clean_m, mid[n:].clone(),
-                                  getattr(block, norm_name).output, n)
-            elif self.freeze_norm and "mlp" in self.norms_[layer] and \
-                    self.norms_[layer]["mlp"] != self.norms_[layer].get("attn"):
-                # parallel block: the MLP norm reads resid_pre, rebuilt above (a norm shared
-                # with attention was rescaled there already)
-                norm_name = self.norms_[layer]["mlp"][0]
-                self._rescale(model, layer, "mlp", clean_r, r[n:].clone(),
-                              getattr(block, norm_name).output, n)
-            if arch.mlp_post_norm and self.freeze_norm:
-                m_in = getattr(block, arch.mlp).output
-                m_in = m_in[0] if arch.mlp_tuple else m_in
-                m_clean, m_scratch = m_in[:n].clone(), m_in[n:].clone()
-                t = ad.tensor(model, layer, "mlp_out")
-                self._rescale(model, layer, "mlp_post", m_clean, m_scratch, t, n)
-            else:
-                t = ad.tensor(model, layer, "mlp_out")
-            clean, recon = t[:n].clone(), t[n:].clone()
-            t[:n] = recon
-            self._record(out, Site(layer, "mlp_out"), clean, recon)
+    def plain(self) -> dict:
+        """What a request carries to rebuild sites, as plain data: the mode, the freezes,
+        each residual SAE whole (:meth:`SparseAutoencoder.plain`, keyed ``"layer.kind"``)
+        and each layer's norms ``(module name, kind, eps)`` by role."""
+        return {"mode": self.mode, "freeze_norm": self.freeze_norm,
+                "freeze_pattern": self.freeze_pattern, "norms": self.norms_,
+                "saes": {f"{layer}.{kind}": sae.plain()
+                         for (layer, kind), sae in self.by_site_.items()}}
 
     # -- linear view: per-latent directions at a site ---------------------------------
     def _check_linear(self, sites):
@@ -389,20 +262,13 @@ class ResidualReconstruction:
         self._check_linear([site])
         if maps is None:
             maps = self.frozen(site.layer, [site])
-        return site_directions(self.adapter_, maps, self.source(site).decoder(), site)
+        return site_directions(self.adapter_.spec, maps, self.source(site).decoder(),
+                               site_key(site))
 
     def frozen(self, layer: int, sites: Sequence[Site]) -> dict:
         """The frozen maps ``sites`` of ``layer`` read (:func:`~sage_nn.model.linear.
         frozen_maps`), off the model's weights here."""
-        ad = self.adapter_
-        attn = getattr(ad.blocks(self.model_._module)[layer], ad.arch.attn)
-        if next(attn.parameters()).device.type == "meta":
-            raise ValueError(
-                f"layer {layer}'s weights are not here (a remote model is held without them): "
-                "pass the layer's frozen maps read on the server, directions(site, "
-                "maps=read_sites(...).maps[layer]); evaluate_cross_section reads them itself")
-        return frozen_maps(self.model_, layer, heads_read(ad, sites),
-                           any(s.kind == "attn_out" for s in sites))
+        return _frozen_here(self.model_, layer, sites)
 
     def linear_job(self, sites: Sequence[Site], positions: Sequence[str],
                    sets: Sequence[int] | None = None, label: str = "") -> LinearJob:
@@ -413,51 +279,224 @@ class ResidualReconstruction:
         return LinearJob(self.source(sites[0]), sites, list(positions),
                          None if sets is None else list(sets), label)
 
-    def _codes(self, layer, sites, cache, out, maps):
-        """Site-level codes and offsets at every token (in the trace), for :meth:`directions`."""
-        n, T = cache["r"].shape[:2]
-        cols = torch.arange(T, device=cache["r"].device)[None, :].expand(n, T)
-        mask = torch.ones(n, T, dtype=torch.bool, device=cols.device)
-        heads = [h for h in range(self.adapter_.n_heads)
-                 if any(s.kind == "attn_out" or (s.kind == "z" and s.head == h) for s in sites)]
-        norm, post_norm = self.norms_[layer].get("attn"), self.norms_[layer].get("attn_post")
-        post = post_norm[1:] if post_norm and any(s.kind == "attn_out" for s in sites) else None
-        taken = take_inputs(cache["r"], cache.get("pattern"), cache.get("o_out"), mask, cols,
-                            heads, post)
-        for s, (codes, offset) in linear_codes(self.adapter_, self.source(sites[0]),
-                                               norm[1:] if norm else None, taken, mask, cols,
-                                               maps[layer], sites).items():
-            out["codes"][s], out["offsets"][s] = codes.save(), offset.save()
 
+# -- inside the trace: plain functions of the reconstruction's plain data (:meth:`plain`),
+#    here and in a request ---------------------------------------------------------------
 
-def _reconstruct(model, inputs, n, recon, sites, with_codes, rows_cols):
-    """One forward with ``sites`` reconstructed in rows ``[:n]`` (a remote kernel). With
-    ``rows_cols``, only those tokens' values and the last token's logits are kept."""
+def _reconstruct(model, arch, inputs, n, plan, sites, with_codes, rows_cols):
+    """One forward with ``sites`` (``(layer, kind, head)``) reconstructed in rows ``[:n]``
+    (a remote kernel; ``plan``: :meth:`ResidualReconstruction.plain`). With ``rows_cols``,
+    only those tokens' values and the last token's logits are kept. Keyed by site name: a
+    server returns plain data."""
     saved = {"clean": {}, "recon": {}, "codes": {}, "offsets": {}}  # filled in the trace
-    maps = kernel_maps(model, sites) if with_codes else None  # where the weights are
-    with EagerAttention(model, with_codes or recon.freeze_pattern), torch.no_grad(), \
-            model.trace(inputs):
-        recon.splice(model, sites, n, with_codes=with_codes, out=saved, maps=maps)
+    with torch.no_grad(), model.trace(inputs, use_cache=False):
+        splice(model, arch, plan, sites, n, with_codes, saved)
         logits = model.output.logits[:n]
         pick = (lambda v: v[rows_cols]) if rows_cols is not None else (lambda v: v)
-        # keyed by site name: a server returns plain data, not sage_nn objects
-        saved = {key: {str(s): pick(v) for s, v in d.items()} for key, d in saved.items()}
+        saved = {key: {site_name(s): pick(v) for s, v in d.items()} for key, d in saved.items()}
         logits = logits[:, -1].clone() if rows_cols is not None else logits  # not a view
         result = [saved, logits]
         result.save()
     return result
 
 
-def kernel_maps(model, sites) -> dict:
-    """Each layer's frozen maps for the linear view of ``sites``, read off ``model`` where
-    it runs (in a kernel: on the server), before its trace."""
+def splice(model, arch: dict, plan: dict, sites, n: int, with_codes: bool, out: dict) -> dict:
+    """Inside a trace: reconstruct ``sites`` in rows ``[:n]``. In input mode the trace's
+    batch must be the prompts twice (rows ``[n:]`` are scratch). Fills ``out`` (made before
+    the trace): ``{"clean"|"recon"|"codes"|"offsets": {site: tensor}}``; with
+    ``with_codes`` each q/k/v/z/attn_out site's latent codes and offsets too (the layer's
+    frozen maps read in the trace, from calls of its modules)."""
+    by_layer: dict[int, list] = {}
+    for s in sites:
+        by_layer.setdefault(s[0], []).append(s)
+    for layer in sorted(by_layer):
+        if plan["mode"] == "input":
+            _input_layer(model, arch, plan, layer, by_layer[layer], n, out, with_codes)
+        else:
+            _difference_layer(model, arch, plan, layer, by_layer[layer], out)
+    return out
+
+
+def _sae(plan, layer, kind) -> dict:
+    return plan["saes"][f"{layer}.{kind}"]
+
+
+def _record(out, site, clean, recon):
+    out["clean"][site] = clean.clone().save()
+    out["recon"][site] = recon.clone().save()
+
+
+def _difference_layer(model, arch, plan, layer, sites, out):
+    kinds = {s[1] for s in sites}
+    r_pre = site_tensor(model, arch, layer, "resid_pre")
+    hat_pre = reconstruct(_sae(plan, layer, "resid_pre"), r_pre) if "attn_out" in kinds else None
+    if "attn_out" in kinds:
+        a = site_tensor(model, arch, layer, "attn_out")
+        clean = a.clone()
+        recon = reconstruct(_sae(plan, layer, "resid_mid"), r_pre + clean) - hat_pre
+        a[:] = recon
+        _record(out, (layer, "attn_out", None), clean, recon)
+    if "mlp_out" in kinds:
+        r_mid = site_tensor(model, arch, layer, "resid_mid")
+        m = site_tensor(model, arch, layer, "mlp_out")
+        clean = m.clone()
+        recon = reconstruct(_sae(plan, layer + 1, "resid_pre"), r_mid + clean) - \
+            reconstruct(_sae(plan, layer, "resid_mid"), r_mid)
+        m[:] = recon
+        _record(out, (layer, "mlp_out", None), clean, recon)
+
+
+def _rescale(model, arch, plan, layer, which, inp_clean, inp_scratch, out_t, n):
+    """Give the scratch rows' norm output the clean rows' norm scale (the norm's shift,
+    from a call of it on zeros: no weight is read)."""
+    mod_name, kind, eps = plan["norms"][layer][which]
+    module = getattr(blocks_of(model, arch)[layer], mod_name)
+    beta = module(torch.zeros_like(inp_clean[:1, :1]))[0, 0]
+    ratio = inv_scale(inp_clean, kind, eps) / inv_scale(inp_scratch, kind, eps)
+    out_t[n:] = ((out_t[n:] - beta) * ratio.to(out_t.dtype) + beta)
+
+
+def _input_layer(model, arch, plan, layer, sites, n, out, with_codes):
+    block = blocks_of(model, arch)[layer]
+    norms = plan["norms"][layer]
+    attn_sites = [s for s in sites if s[1] in ATTN_KINDS]
+    mlp = any(s[1] == "mlp_out" for s in sites)
+    mixing = [s for s in attn_sites if s[1] in ("z", "attn_out")]
+    call = attention_call(model, arch, layer) if with_codes and mixing else None  # before it runs
+    cache = {}
+    # resid_pre: clean rows feed the SAE, scratch rows take its reconstruction
+    r = site_tensor(model, arch, layer, "resid_pre")
+    if attn_sites or (mlp and arch["parallel"]):
+        sae = _sae(plan, layer, "resid_pre")
+        clean_r = r[:n].clone()
+        if with_codes and attn_sites:  # what the linear view needs of the weights, by calls
+            cache["maps"] = frozen_maps(
+                model, arch, layer, heads_read(arch, attn_sites),
+                any(s[1] == "attn_out" for s in attn_sites), norms.get("attn", (None,))[1:] or
+                None, norms.get("attn_post", (None,))[1:] or None, like=clean_r)
+        r[n:] = reconstruct(sae, clean_r).to(r.dtype)
+        cache["r"] = clean_r
+        if plan["freeze_norm"] and "attn" in norms:  # else nothing to freeze
+            scratch_r = r[n:].clone()
+            norm_out = getattr(block, norms["attn"][0]).output
+            _rescale(model, arch, plan, layer, "attn", clean_r, scratch_r, norm_out, n)
+    if attn_sites:
+        attn = getattr(block, arch["attn"])
+        fused = arch["qkv"] != "separate"
+        needed = {"q", "k", "v"} & {s[1] for s in attn_sites}
+        if plan["freeze_pattern"]:
+            needed |= {"q", "k"}
+        for kind in ("q", "k", "v") if not fused else ("q",):
+            kinds_here = ("q", "k", "v") if fused else (kind,)
+            if not needed & set(kinds_here):
+                continue
+            t = at_path(attn, arch[f"{kind}_proj"]).output
+            frozen = {kk: t[:n, :, channels(arch, kk)].clone() for kk in kinds_here
+                      if plan["freeze_pattern"] and kk in ("q", "k")}
+            for kk in kinds_here:
+                for s in (s for s in attn_sites if s[1] == kk):
+                    ch = channels(arch, kk, s[2])
+                    clean, recon = t[:n, :, ch].clone(), t[n:, :, ch].clone()
+                    t[:n, :, ch] = recon
+                    _record(out, s, clean, recon)
+            for kk, clean_qk in frozen.items():  # the clean pattern in the scratch rows
+                t[n:, :, channels(arch, kk)] = clean_qk
+        z_sites = [s for s in attn_sites if s[1] == "z"]
+        attn_out_site = next((s for s in attn_sites if s[1] == "attn_out"), None)
+        if call is not None:  # before z: the pattern the scratch rows use (the clean one)
+            T = cache["r"].shape[1]
+            cols = torch.arange(T, device=cache["r"].device)[None, :].expand(n, T)
+            cache["pattern"] = pattern_rows(call, cols, _pattern_heads(arch, mixing),
+                                            arch["n_heads"], start=n)
+        if z_sites:
+            t = site_tensor(model, arch, layer, "z")
+            for s in z_sites:
+                ch = channels(arch, "z", s[2])
+                clean, recon = t[:n, :, ch].clone(), t[n:, :, ch].clone()
+                t[:n, :, ch] = recon
+                _record(out, s, clean, recon)
+        post = arch["attn_post_norm"]
+        if post and ((attn_out_site and plan["freeze_norm"]) or with_codes):
+            o = at_path(attn, arch["o_proj"]).output
+            o_clean, o_scratch = o[:n].clone(), o[n:].clone()
+            cache["o_out"] = o_clean
+        if attn_out_site is not None:
+            if post:
+                t = getattr(block, post).output
+            else:
+                t = attn.output[0] if arch["attn_tuple"] else attn.output
+            if post and plan["freeze_norm"]:
+                _rescale(model, arch, plan, layer, "attn_post", o_clean, o_scratch, t, n)
+            clean, recon = t[:n].clone(), t[n:].clone()
+            t[:n] = recon
+            _record(out, attn_out_site, clean, recon)
+        if with_codes:
+            _codes(arch, plan, layer, attn_sites, cache, out)
+    if mlp:
+        if not arch["parallel"]:
+            mid = site_tensor(model, arch, layer, "resid_mid")
+            clean_m = mid[:n].clone()
+            mid[n:] = reconstruct(_sae(plan, layer, "resid_mid"), clean_m).to(mid.dtype)
+            if plan["freeze_norm"] and "mlp" in norms:
+                _rescale(model, arch, plan, layer, "mlp", clean_m, mid[n:].clone(),
+                         getattr(block, norms["mlp"][0]).output, n)
+        elif plan["freeze_norm"] and "mlp" in norms and norms["mlp"] != norms.get("attn"):
+            # parallel block: the MLP norm reads resid_pre, rebuilt above (a norm shared
+            # with attention was rescaled there already)
+            _rescale(model, arch, plan, layer, "mlp", clean_r, r[n:].clone(),
+                     getattr(block, norms["mlp"][0]).output, n)
+        if arch["mlp_post_norm"] and plan["freeze_norm"]:
+            m_in = getattr(block, arch["mlp"]).output
+            m_in = m_in[0] if arch["mlp_tuple"] else m_in
+            m_clean, m_scratch = m_in[:n].clone(), m_in[n:].clone()
+            t = site_tensor(model, arch, layer, "mlp_out")
+            _rescale(model, arch, plan, layer, "mlp_post", m_clean, m_scratch, t, n)
+        else:
+            t = site_tensor(model, arch, layer, "mlp_out")
+        clean, recon = t[:n].clone(), t[n:].clone()
+        t[:n] = recon
+        _record(out, (layer, "mlp_out", None), clean, recon)
+
+
+def _pattern_heads(arch, sites) -> list[int]:
+    return [h for h in range(arch["n_heads"])
+            if any(s[1] == "attn_out" or (s[1] == "z" and s[2] == h) for s in sites)]
+
+
+def _codes(arch, plan, layer, sites, cache, out):
+    """Site-level codes and offsets at every token (in the trace), for
+    :meth:`ResidualReconstruction.directions`."""
+    n, T = cache["r"].shape[:2]
+    cols = torch.arange(T, device=cache["r"].device)[None, :].expand(n, T)
+    mask = torch.ones(n, T, dtype=torch.bool, device=cols.device)
+    norm, post_norm = plan["norms"][layer].get("attn"), plan["norms"][layer].get("attn_post")
+    post = post_norm[1:] if post_norm and any(s[1] == "attn_out" for s in sites) else None
+    taken = take_inputs(cache["r"], cache.get("pattern"), cache.get("o_out"), mask, cols, post)
+    found = linear_codes(arch, _sae(plan, layer, "resid_pre"), norm[1:] if norm else None,
+                         taken, mask, cols, cache["maps"], sites)
+    for s, (codes, offset) in found.items():
+        out["codes"][s], out["offsets"][s] = codes.save(), offset.save()
+
+
+def _frozen_here(model, layer, sites) -> dict:
+    """The frozen maps of the linear view of ``sites`` (at ``layer``, or per layer of
+    theirs when ``None``), from calls of the modules of a model whose weights are here."""
     ad, by_layer = adapter(model), {}
     for s in sites:
         if s.kind in ATTN_KINDS:
             by_layer.setdefault(s.layer, []).append(s)
-    return {layer: frozen_maps(model, layer, heads_read(ad, ss),
-                               any(s.kind == "attn_out" for s in ss))
-            for layer, ss in by_layer.items()}
+    hf = getattr(model, "_module", model)
+    like = next(hf.parameters())
+    if like.device.type == "meta":
+        raise ValueError(
+            "the model's weights are not here (a remote model is held without them): pass the "
+            "layers' frozen maps read on the server, directions(site, maps=read_sites(...)"
+            ".maps[layer]); evaluate_cross_section reads them itself")
+    maps = {at: frozen_maps(hf, ad.spec, at, heads_read(ad.spec, [site_key(s) for s in ss]),
+                            any(s.kind == "attn_out" for s in ss),
+                            *attention_norms(ad, model, at), like=like)
+            for at, ss in by_layer.items()}
+    return maps if layer is None else maps[layer]
 
 
 def _by_site(saved: dict) -> dict:

@@ -35,7 +35,7 @@ import torch
 from sae_lens import SAE
 
 from ..common.formats import SAE_ARCHITECTURES, SAE_TENSOR_SHAPES, architecture_problem
-from ..model.reads import encoder_only  # noqa: F401  (what a server needs of an SAE)
+from ..model import encoders
 from ..model.sites import HEAD_KINDS, KINDS, Site, SiteAdapter, adapter, parse_site
 from .sealing import cache_lock, seal, sealed_problem  # their old home: still here
 from .serving import TRANSCODER_INPUTS, transcoder_sites
@@ -132,81 +132,37 @@ class SparseAutoencoder(torch.nn.Module):
         return (f"SparseAutoencoder({self.architecture}, d_in={self.d_in}, d_sae={self.d_sae}, "
                 f"site={where}{', k=%d' % self.k if self.k else ''})")
 
-    # -- the maths (plain torch, so it runs inside a trace, locally or on NDIF) --------
+    # -- the maths (plain torch on the plain encoder: the same functions run in a request) --
+    def encoder(self) -> dict:
+        """What encoding needs, as plain data (:mod:`sage_nn.model.encoders`): the encoder
+        tensors, the decoder's row norms where the codes are scaled by them, the settings.
+        What a request carries of an SAE (half its weights, no class of sage_nn's)."""
+        return {"activation": self.activation, "k": self.k, "W_enc": self.W_enc,
+                "b_enc": self.b_enc, "b_dec": self.b_dec, "threshold": self.threshold,
+                "b_gate": self.b_gate, "r_mag": self.r_mag, "b_mag": self.b_mag,
+                "dec_norm": self.W_dec.norm(dim=-1) if self.rescale_acts_by_decoder_norm
+                else None,
+                "apply_b_dec_to_input": self.apply_b_dec_to_input, "normalize": self.normalize,
+                "center": self.center, "transcoder": self.transcoder,
+                "residual_threshold": self.residual_threshold,
+                "max_iterations": self.max_iterations,
+                "stop_on_duplicate_support": self.stop_on_duplicate_support}
+
+    def plain(self) -> dict:
+        """The whole SAE as plain data (:mod:`sage_nn.model.encoders`): the encoder, the
+        effective decoder, the skip path; what a request that rebuilds activations
+        carries."""
+        undo = not self.transcoder and (self.normalize != "none" or self.center)
+        return {**self.encoder(), "decoder": self.decoder(), "W_skip": self.W_skip,
+                "undo": undo}
+
     def _prepare(self, x: torch.Tensor):
         """Input as sae_lens sees it, and the (scale, shift) that undo it after decoding."""
-        x = x.to(self.W_enc.dtype)
-        shift = torch.zeros_like(x[..., :1])
-        if self.center:
-            shift = x.mean(-1, keepdim=True)
-            x = x - shift
-        scale = torch.ones_like(x[..., :1])
-        if self.normalize == "constant_norm_rescale":
-            scale = x.norm(dim=-1, keepdim=True) / self.d_in ** 0.5
-            x = x / scale
-        elif self.normalize == "layer_norm":
-            mu = x.mean(-1, keepdim=True)
-            std = (x - mu).std(dim=-1, keepdim=True)
-            x = (x - mu) / (std + 1e-5)
-            scale, shift = std, shift + mu
-        return x, scale, shift
+        return encoders.prepare(self.encoder(), x)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latent activations [..., d_sae] of inputs [..., d_in]."""
-        x, _, _ = self._prepare(x)
-        if self.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return getattr(self, f"_{self.activation}")(x)
-
-    # the activations, by SAEArchitecture.activation (sae_lens's encode after its input step)
-    def _relu(self, x):
-        return torch.relu(x @ self.W_enc + self.b_enc)
-
-    def _jumprelu(self, x):
-        pre = x @ self.W_enc + self.b_enc
-        return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
-
-    def _gated(self, x):
-        active = (x @ self.W_enc + self.b_gate > 0).to(x.dtype)
-        return active * torch.relu(x @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
-
-    def _topk_pre(self, x):
-        pre = x @ self.W_enc + self.b_enc
-        return pre * self.W_dec.norm(dim=-1) if self.rescale_acts_by_decoder_norm else pre
-
-    def _topk(self, x):
-        pre = self._topk_pre(x)
-        values, indices = torch.topk(pre, k=self.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter(-1, indices, values.relu())
-
-    def _abstopk(self, x):  # top k by magnitude, signs kept (no ReLU)
-        pre = self._topk_pre(x)
-        indices = torch.topk(pre.abs(), k=self.k, dim=-1, sorted=False).indices
-        return torch.zeros_like(pre).scatter(-1, indices, pre.gather(-1, indices))
-
-    def _matching_pursuit(self, x):
-        """sae_lens's greedy matching pursuit over the (tied) dictionary rows ``W_enc.T``."""
-        W = self.W_enc.T  # [d_sae, d_in]: the decoder, as a server has it (encoder_only)
-        shape = x.shape
-        residual = x.reshape(-1, shape[-1]).clone()
-        acts = residual.new_zeros(residual.shape[0], W.shape[0])
-        prev = torch.zeros_like(acts, dtype=torch.bool)
-        done = torch.zeros(residual.shape[0], dtype=torch.bool, device=residual.device)
-        for _ in range(self.max_iterations or W.shape[1]):
-            index = (residual @ W.T).relu().max(dim=1, keepdim=True).indices
-            row = W[index.squeeze(1)]
-            values = (residual * row).sum(-1, keepdim=True).relu() * (~done)[:, None].to(x.dtype)
-            acts = acts.scatter_add(1, index, values)
-            residual = residual - values * row
-            support = acts != 0
-            if self.stop_on_duplicate_support:
-                done = done | (support == prev).all(dim=1)
-                prev = support
-            if self.residual_threshold > 0:
-                done = done | (residual.norm(dim=-1) < self.residual_threshold)
-            if (self.stop_on_duplicate_support or self.residual_threshold > 0) and done.all():
-                break
-        return acts.reshape(*shape[:-1], W.shape[0])
+        return encoders.encode(self.encoder(), x)
 
     def decoder(self) -> torch.Tensor:
         """The effective decoder [d_sae, d_out]: ``decode(c) = scale * (c @ decoder() + b_dec) +
@@ -218,10 +174,7 @@ class SparseAutoencoder(torch.nn.Module):
     def decode_affine(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token ``(scale [..., 1], shift [..., 1])`` of the input normalisation/centring
         (identity for a transcoder: sae_lens does not undo it at another site)."""
-        _, scale, shift = self._prepare(x)
-        if self.transcoder:
-            return torch.ones_like(scale), torch.zeros_like(shift)
-        return scale, shift
+        return encoders.decode_affine(self.encoder(), x)
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
         """A skip transcoder's linear path ``x @ W_skip.T`` (zero without one): part of its

@@ -61,6 +61,7 @@ turns them into cross-sections.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,10 +74,21 @@ import xarray as xr
 
 from ..common.notes import SageWarning
 from ..model.activations import batches, encode, model_device
-from ..model.patching import logit_diff, patched_forward
+from ..model.patching import logit_diff, patched_blocks, patched_forward, plan_batch
 from ..model.remote import run_kernel
-from ..model.sites import HEAD_KINDS, KINDS, Site, adapter
+from ..model.sites import (
+    HEAD_KINDS,
+    KINDS,
+    Site,
+    adapter,
+    blocks_of,
+    channels,
+    n_heads_of,
+    site_tensor,
+    weightless,
+)
 
+log = logging.getLogger("sage_nn")
 SCORES_FORMAT = "sage_nn.discovery/2"  # /1: a (layer, kind, head) grid, head -1 off heads
 RESIDUAL_KINDS = ("resid_pre", "resid_mid", "resid_post")
 
@@ -188,9 +200,11 @@ class AttributionPatching:
         chunks = (_prepare_batch(model, dataset, attributes, positions, grid, idx, device,
                                  self.ig_steps, streams, changed)
                   for idx in batches(n, self.batch_size, self.progress and "attribution"))
-        for contrib, ld, cf_ld, sweep in run_kernel(model, _attribute, chunks, remote,
-                                                    stage="attribution",
-                                                    shapes=attribution_bytes):
+        methods = set()
+        for contrib, ld, cf_ld, sweep, how in run_kernel(model, _attribute, chunks, remote,
+                                                         stage="attribution",
+                                                         shapes=attribution_bytes):
+            methods.add(how)
             for key, c in contrib.items():
                 c = c.double().cpu().numpy()  # [attribute, position(, heads)]
                 delta[:, where[key], :] += c.transpose(0, 2, 1) if c.ndim == 3 else c[:, None]
@@ -200,7 +214,9 @@ class AttributionPatching:
                 swept += sweep.double().cpu().numpy()
         delta /= n
         clean_ld, cf_ld = clean_sum / n, cf_sum / n
-        exact = np.zeros(delta.shape, bool)
+        # where the request ran without a backward pass (NDIF's sandbox) every site was
+        # patched exactly (:func:`_exact_contributions`)
+        exact = np.full(delta.shape, "exact" in methods)
         for key in residual if streams else []:
             i, j = where[key].start, streams.index(_stream(*key))
             for c, (a, p) in enumerate(changed):
@@ -234,11 +250,17 @@ class AttributionPatching:
                    "task": str(getattr(dataset, "name", "")), "n_prompts": n,
                    "clean_logit_diff": clean_ld, "min_effect": self.min_effect,
                    "ig_steps": int(self.ig_steps), "exact_residuals": int(bool(streams)),
-                   "method": ("attribution patching" if not self.ig_steps else
+                   "method": ("exact activation patching of every site (the server ran "
+                              "the request without a backward pass, as NDIF's sandbox does)"
+                              if "exact" in methods else
+                              "attribution patching" if not self.ig_steps else
                               f"attribution patching, integrated gradients ({self.ig_steps} "
                               "steps on the embeddings)")
                    + ("; residual stream at changed tokens patched exactly" if streams else "")
                    + "; score = delta / total_effect"})
+        if "exact" in methods:
+            log.info("discovery: the server ran without a backward pass (NDIF's sandbox), so "
+                     "every site was patched exactly instead of scored by attribution")
         self.effects_ = effects_table(self.scores_)
         return self
 
@@ -322,39 +344,42 @@ def _prepare_batch(model, dataset, attributes, positions, grid, idx, device, ig_
             ig_steps, streams, changed)
 
 
-def attribution_bytes(model, clean_inputs, cf_inputs, grid, clean_at, cf_at, answer,
+def attribution_bytes(model, arch, clean_inputs, cf_inputs, grid, clean_at, cf_at, answer,
                       distractor, n_attr, ig_steps, streams, changed, seen=None) -> int:
     """The bytes :func:`_attribute` returns for one batch, from shapes (in the model's
     dtype): every grid site's contribution per attribute and position, the logit
     differences, the exact sweep."""
-    ad = adapter(model)
     b, positions = len(clean_inputs["input_ids"]), clean_at[1].shape[1]
-    floats = sum(n_attr * positions * (ad.n_heads_of(kind) if kind in HEAD_KINDS else 1)
+    floats = sum(n_attr * positions * (n_heads_of(arch, kind) if kind in HEAD_KINDS else 1)
                  for _, kind in grid)
     floats += b + n_attr * b + len(streams) * len(changed)
     return floats * next(model._module.parameters()).element_size()
 
 
-def _attribute(model, clean_inputs, cf_inputs, grid, clean_at, cf_at, answer, distractor,
-               n_attr, ig_steps, streams, changed):
+def _attribute(model, arch, clean_inputs, cf_inputs, grid, clean_at, cf_at, answer,
+               distractor, n_attr, ig_steps, streams, changed):
     """One batch (a remote kernel): every grid site's summed contribution per attribute
     (``{(layer, kind): [attribute, position(, head)]}``), the clean logit differences, the
     counterfactual ones (``[attribute * batch]``) and the exact sweep's summed logit
     differences (``[stream, changed pair]``, see :func:`_residual_sweep`)."""
-    ad = adapter(model)
     b = len(clean_inputs["input_ids"])
-    keys = [_stream_key(ad, j) for j in streams]
+    keys = [_stream_key(arch, j) for j in streams]
     read = sorted(set(grid) | set(keys), key=lambda k: (k[0], KINDS.index(k[1])))  # run order
-    cf_values, cf_ld, cf_embed = _forward(model, ad, cf_inputs, read, *cf_at, answer,
-                                          distractor, embeddings=ig_steps > 0)
-    sweep = _residual_sweep(model, ad, clean_inputs, streams, changed, clean_at[1], cf_values,
+    exact = weightless(model)  # NDIF's sandbox: a request there runs no backward pass
+    cf_values, cf_ld, cf_embed = _forward(model, arch, cf_inputs, read, *cf_at, answer,
+                                          distractor, embeddings=ig_steps > 0 and not exact)
+    sweep = _residual_sweep(model, arch, clean_inputs, streams, changed, clean_at[1], cf_values,
                             answer[:b], distractor[:b]) if streams else None
+    if exact:
+        contrib, ld = _exact_contributions(model, arch, clean_inputs, grid, clean_at[1],
+                                           cf_values, answer[:b], distractor[:b], n_attr)
+        return contrib, ld, cf_ld, sweep, "exact"
     if not ig_steps:
-        values, grads, ld = _forward_backward(model, ad, clean_inputs, grid, *clean_at,
+        values, grads, ld = _forward_backward(model, arch, clean_inputs, grid, *clean_at,
                                               answer[:b], distractor[:b])
         grads = {key: g.repeat(n_attr, 1, 1) for key, g in grads.items()}
     else:
-        values, ld, embed = _forward(model, ad, clean_inputs, grid, *clean_at, answer[:b],
+        values, ld, embed = _forward(model, arch, clean_inputs, grid, *clean_at, answer[:b],
                                      distractor[:b], embeddings=True)
         # Integrated gradients: the mean gradient at k midpoints of the straight line from
         # the clean to the counterfactual embeddings; each step is one forward+backward of
@@ -366,7 +391,7 @@ def _attribute(model, clean_inputs, cf_inputs, grid, clean_at, cf_at, answer, di
         grads = {}
         for alpha in [(step + 0.5) / ig_steps for step in range(ig_steps)]:
             mix = embed + alpha * (cf_embed - embed)
-            _, step, _ = _forward_backward(model, ad, inputs, grid, rows, cols, answer,
+            _, step, _ = _forward_backward(model, arch, inputs, grid, rows, cols, answer,
                                            distractor, embeddings=mix)
             for key, g in step.items():
                 grads[key] = grads.get(key, 0) + g / ig_steps
@@ -375,17 +400,58 @@ def _attribute(model, clean_inputs, cf_inputs, grid, clean_at, cf_at, answer, di
         # (a(x') - a(x)) . grad, per attribute, summed over prompts and over each head's dims
         c = (cf_values[key] - values[key].repeat(n_attr, 1, 1)) * grads[key]
         if key[1] in HEAD_KINDS:
-            c = c.unflatten(-1, (ad.n_heads_of(key[1]), ad.d_head))
+            c = c.unflatten(-1, (n_heads_of(arch, key[1]), arch["d_head"]))
         contrib[key] = c.sum(-1).unflatten(0, (n_attr, b)).sum(1)
-    return contrib, ld, cf_ld, sweep
+    return contrib, ld, cf_ld, sweep, "attribution"
 
 
-def _stream_key(ad, j: int) -> tuple[int, str]:
+def _exact_contributions(model, arch, inputs, grid, cols, cf_values, answer, distractor,
+                         n_attr, max_rows: int = 256):
+    """Where no backward pass runs (NDIF's sandbox): every grid site's contribution
+    measured by exact activation patching instead of estimated, in the same shape as the
+    gradient's (``{(layer, kind): [attribute, position(, head)]}``, summed over prompts):
+    the logit difference with that site's counterfactual value written at that position,
+    minus the clean one. Each (site, position, attribute) is a variant of the batch; they
+    share forwards and recompute only the blocks they change (:func:`patched_blocks`).
+    Returns the contributions and the clean logit differences."""
+    b, P = cols.shape
+    T = inputs["input_ids"].shape[1]
+    batch = {"inputs": inputs, "offsets": torch.zeros(b, dtype=torch.long),
+             "lengths": torch.full((b,), T, dtype=torch.long)}  # positions are the columns
+    positions = cols.cpu().numpy()
+    variants, where = [], []
+    for layer, kind in grid:
+        heads = list(range(n_heads_of(arch, kind))) if kind in HEAD_KINDS else [None]
+        width = arch["d_head"] if kind in HEAD_KINDS else arch["d_model"]
+        for a in range(n_attr):
+            for p in range(P):
+                value = cf_values[(layer, kind)][a * b:(a + 1) * b, p]  # [b, heads * width]
+                for i, head in enumerate(heads):
+                    variants.append([((layer, kind, head), positions[:, p],
+                                      value[:, i * width:(i + 1) * width])])
+                    where.append(((layer, kind), a, p, head))
+    groups, members, _ = plan_batch(arch, batch, np.arange(b), variants, max_rows,
+                                    inputs["input_ids"].device, None)
+    outs = patched_blocks(model, arch, inputs, groups, answer, distractor)
+    clean = outs[0][0].float()
+    sums = torch.zeros(len(variants), dtype=torch.float64)
+    for (ld, _, _), chunk in zip(outs[1:], members):
+        sums[chunk] += (ld.float().reshape(b, -1) - clean[:, None]).sum(0).double().cpu()
+    contrib = {}
+    for (key, a, p, head), total in zip(where, sums.tolist()):
+        shape = (n_attr, P) + ((n_heads_of(arch, key[1]),) if head is not None else ())
+        at = contrib.setdefault(key, torch.zeros(shape, dtype=torch.float64))
+        at[(a, p) + ((head,) if head is not None else ())] = total
+    return contrib, clean
+
+
+def _stream_key(arch: dict, j: int) -> tuple[int, str]:
     """The site naming residual stream ``R_j``."""
-    return (j, "resid_pre") if j < ad.n_layers else (j - 1, "resid_post")
+    return (j, "resid_pre") if j < arch["n_layers"] else (j - 1, "resid_post")
 
 
-def _residual_sweep(model, ad, inputs, streams, changed, cols, cf_values, answer, distractor):
+def _residual_sweep(model, arch, inputs, streams, changed, cols, cf_values, answer,
+                    distractor):
     """Exact patching of each residual stream ``R_j`` at each changed (attribute, position)
     pair: the summed logit difference per (stream, pair). One forward per stream serves every
     pair (row block ``c`` is the batch with pair ``c``'s counterfactual value written in), and
@@ -396,7 +462,7 @@ def _residual_sweep(model, ad, inputs, streams, changed, cols, cf_values, answer
         clean = {}
         for j in streams:
             if j > 0:
-                clean[j] = ad.tensor(model, *_stream_key(ad, j))
+                clean[j] = site_tensor(model, arch, *_stream_key(arch, j))
         clean.save()
     rows = torch.arange(len(changed) * b, device=cols.device)
     at = torch.cat([cols[:, p] for _, p in changed])
@@ -404,16 +470,16 @@ def _residual_sweep(model, ad, inputs, streams, changed, cols, cf_values, answer
     answer, distractor = answer.repeat(len(changed)), distractor.repeat(len(changed))
     out = []
     for j in streams:
-        values = torch.cat([cf_values[_stream_key(ad, j)][a * b:(a + 1) * b, p]
+        values = torch.cat([cf_values[_stream_key(arch, j)][a * b:(a + 1) * b, p]
                             for a, p in changed])
         if j == 0:  # the embeddings: nothing to skip
-            chans = torch.arange(ad.d_model, device=rows.device)
+            chans = torch.arange(arch["d_model"], device=rows.device)
             writes, skip = {(0, "resid_pre"): [(rows, at, chans, values)]}, None
         else:
             hidden = clean[j].repeat(len(changed), 1, 1)
             hidden[rows, at] = values.to(hidden.dtype)
             writes, skip = {}, (j, hidden)
-        ld = patched_forward(model, tiled, writes, answer, distractor, skip=skip)[0]
+        ld = patched_forward(model, arch, tiled, writes, answer, distractor, skip=skip)[0]
         out.append(ld.float().unflatten(0, (len(changed), b)).sum(1))
     return torch.stack(out)
 
@@ -431,27 +497,27 @@ def _check_aligned(clean, cf, attributes, idx):
             "ig_steps=0 (plain attribution patching) for this dataset")
 
 
-def _forward(model, ad, inputs, grid, rows, cols, answer, distractor, embeddings=False):
+def _forward(model, arch, inputs, grid, rows, cols, answer, distractor, embeddings=False):
     """Every grid tensor at (rows, cols) (``[row, position, channels]``), the logit
     differences and, with ``embeddings``, layer 0's whole input."""
     with torch.no_grad(), model.trace(inputs, logits_to_keep=1):  # the last token's
         values = {}
         if embeddings:
-            values["embeddings"] = ad.tensor(model, 0, "resid_pre")
+            values["embeddings"] = site_tensor(model, arch, 0, "resid_pre")
         for layer, kind in grid:
-            t = ad.tensor(model, layer, kind)[..., ad.channels(kind)]
+            t = site_tensor(model, arch, layer, kind)[..., channels(arch, kind)]
             values[(layer, kind)] = t[rows, cols]
         values.save()
         ld = logit_diff(model.output.logits[:, -1], answer, distractor).save()
     return values, ld, values.pop("embeddings", None)
 
 
-def _forward_backward(model, ad, inputs, grid, rows, cols, answer, distractor,
+def _forward_backward(model, arch, inputs, grid, rows, cols, answer, distractor,
                       embeddings=None):
     """One forward and one backward: every grid tensor and its gradient of the summed logit
     difference, at (rows, cols). ``embeddings`` replace layer 0's input when given."""
     with torch.enable_grad(), model.trace(inputs, logits_to_keep=1):
-        block0 = ad.blocks(model)[0]
+        block0 = blocks_of(model, arch)[0]
         if embeddings is not None:
             first = embeddings.detach().requires_grad_(True)
             block0.input = first
@@ -460,12 +526,13 @@ def _forward_backward(model, ad, inputs, grid, rows, cols, answer, distractor,
             first = block0.input
             if not first.requires_grad:
                 first.requires_grad_(True)
-        tensors = [first if key == (0, "resid_pre") else ad.tensor(model, *key) for key in grid]
+        tensors = [first if key == (0, "resid_pre") else site_tensor(model, arch, *key)
+                   for key in grid]
         ld = logit_diff(model.output.logits[:, -1], answer, distractor)
         grads = torch.autograd.grad(ld.sum(), tensors, allow_unused=True)
         values, out = {}, {}
         for key, t, g in zip(grid, tensors, grads):
-            ch = ad.channels(key[1])
+            ch = channels(arch, key[1])
             values[key] = t.detach()[..., ch][rows, cols]
             out[key] = torch.zeros_like(values[key]) if g is None else g[..., ch][rows, cols]
         values.save()

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from ..model.activations import Batch, batches, encode, model_device
+from ..model.activations import batches, encode, model_device
 from ..model.patching import (
     Patch,
     logit_diff,
@@ -34,7 +34,7 @@ from ..model.patching import (
     suffix_ok,
 )
 from ..model.remote import as_remote, run_kernel
-from ..model.sites import HEAD_KINDS, KINDS, Site, adapter
+from ..model.sites import HEAD_KINDS, KINDS, Site, channels, site_key, site_tensor, spec
 from .attribution import RESIDUAL_KINDS
 from .selection import ranked
 
@@ -45,6 +45,7 @@ def measure_growth(model: Any, dataset: Any, pairs: dict[str, list[tuple]], targ
     """Run the search over each attribute's pool ``pairs[a]`` (``(site, position)``, best
     candidate first). Returns :func:`_search`'s measurements, with the counterfactual logit
     differences under ``"cf"``."""
+    pairs = {a: [(site_key(s), str(p)) for s, p in ps] for a, ps in pairs.items()}  # plain
     if as_remote(remote).max_prompts is not None:
         patches, cf_ld = _counterfactual_patches(model, dataset, pairs, batch_size, progress,
                                                  remote)
@@ -88,27 +89,31 @@ def _names(pairs: dict) -> list[str]:
 
 
 def _grid(pairs: dict) -> list[tuple[int, str]]:
-    return sorted({(s.layer, s.kind) for ps in pairs.values() for s, _ in ps},
+    return sorted({(s[0], s[1]) for ps in pairs.values() for s, _ in ps},
                   key=lambda k: (k[0], KINDS.index(k[1])))
 
 
-def _grow(model, inputs, prepared, pairs, positions, target, max_rows):
+def _grow(model, arch, inputs, prepared, pairs, positions, target, max_rows):
     """The whole search (a remote kernel): counterfactual values and logit differences of
-    every batch, then :func:`_search` with every round's patched runs done here."""
-    ad, grid, n = adapter(model), _grid(pairs), sum(len(p["idx"]) for p in prepared)
-    patches, cf_ld = _pool(ad, pairs, positions, (
-        (*_counterfactual_forward(model, p["cf_inputs"], grid, p["cf_cols"], p["cf_answer"],
-                                  p["cf_distractor"]), len(p["idx"])) for p in prepared))
-    batch_list = [Batch(x, p["offsets"], p["lengths"]) for x, p in zip(inputs, prepared)]
+    every batch, then :func:`_search` with every round's patched runs done here. ``pairs``:
+    each attribute's pool as ``((layer, kind, head), position)``."""
+    grid, n = _grid(pairs), sum(len(p["idx"]) for p in prepared)
+    patches, cf_ld = _pool(arch, pairs, positions, (
+        (*_counterfactual_forward(model, arch, p["cf_inputs"], grid, p["cf_cols"],
+                                  p["cf_answer"], p["cf_distractor"]), len(p["idx"]))
+        for p in prepared))
+    batch_list = [{"inputs": x, "offsets": p["offsets"], "lengths": p["lengths"]}
+                  for x, p in zip(inputs, prepared)]
 
     def measure(sets: dict[str, list[list[int]]]):
         keys, variants = _variants(sets, patches)
         sums = torch.zeros(len(variants))
         for batch, p in zip(batch_list, prepared):
-            device = batch.inputs["input_ids"].device
-            groups, members, _ = plan_batch(ad, batch, p["idx"], variants, max_rows, device,
+            device = batch["inputs"]["input_ids"].device
+            groups, members, _ = plan_batch(arch, batch, p["idx"], variants, max_rows, device,
                                             None, p["suffix"])
-            outs = patched_blocks(model, batch.inputs, groups, p["answer"], p["distractor"])
+            outs = patched_blocks(model, arch, batch["inputs"], groups, p["answer"],
+                                  p["distractor"])
             sums[0] += outs[0][0].float().sum().cpu()
             for (ld, _, _), chunk in zip(outs[1:], members):
                 sums[chunk] += ld.float().cpu().reshape(len(p["idx"]), -1).sum(0)
@@ -133,8 +138,9 @@ def _by_attribute(sets, keys, means) -> dict[str, np.ndarray]:
     return out
 
 
-def _pool(ad, pairs, positions, outs) -> tuple[dict[str, list[Patch]], dict[str, float]]:
-    """Each attribute's pool as patches, and its mean counterfactual logit difference, from
+def _pool(arch, pairs, positions, outs) -> tuple[dict[str, list[tuple]], dict[str, float]]:
+    """Each attribute's pool as plain patches (:func:`~sage_nn.model.patching.plain_patch`),
+    and its mean counterfactual logit difference, from
     the counterfactual forwards' ``(values, logit differences, batch size)`` (every
     attribute stacked along the batch)."""
     attributes, parts, ld_sum, n = list(pairs), [], np.zeros(len(pairs)), 0
@@ -143,7 +149,7 @@ def _pool(ad, pairs, positions, outs) -> tuple[dict[str, list[Patch]], dict[str,
         ld_sum += ld.double().cpu().numpy().reshape(len(attributes), b).sum(1)
         n += b
     values = {key: torch.cat([p[key] for p in parts], 1) for key in parts[0]}
-    patches = _pool_patches(ad, pairs, positions, values, _names(pairs))
+    patches = _pool_patches(arch, pairs, positions, values, _names(pairs))
     return patches, {a: float(x) for a, x in zip(attributes, ld_sum / n)}
 
 
@@ -172,7 +178,7 @@ def _search(measure: Callable, cf_ld: dict[str, float], sizes: dict[str, int],
     for a in cf_ld:
         rec = share(a, prefix[a])
         hit = np.flatnonzero(rec >= target)
-        chosen[a] = list(range((int(hit[0]) if len(hit) else int(np.nanargmax(rec))) + 1))
+        chosen[a] = list(range((int(hit[0]) if len(hit) else _shortest_best(rec)) + 1))
     _, loo = measure({a: [[i] for i in s] + ([[j for j in s if j != i] for i in s]
                                              if len(s) > 1 else []) for a, s in chosen.items()})
     pruned = {}
@@ -187,33 +193,48 @@ def _search(measure: Callable, cf_ld: dict[str, float], sizes: dict[str, int],
             "pruned_ld": plain(pruned_ld)}
 
 
-def _counterfactual_forward(model, inputs, grid, cols, answer, distractor):
+#: Recovered shares closer than this are equal: a member that adds nothing must not be kept
+#: because float rounding (another machine, another batch order) puts its set a hair ahead.
+SHARE_TOLERANCE = 1e-5
+
+
+def _shortest_best(rec, sizes=None) -> int:
+    """The index of the best recovered share, the smallest set among those within
+    :data:`SHARE_TOLERANCE` of it (``sizes``: each set's size; default the index, prefixes)."""
+    rec = np.asarray(rec, dtype=float)
+    if not np.isfinite(rec).any():
+        return 0
+    near = np.flatnonzero(rec >= np.nanmax(rec) - SHARE_TOLERANCE)
+    sizes = np.arange(len(rec)) if sizes is None else np.asarray(sizes)
+    return int(min(near, key=lambda i: (sizes[i], -rec[i])))
+
+
+def _counterfactual_forward(model, arch, inputs, grid, cols, answer, distractor):
     """Kernel: every grid tensor at the named positions' tokens ``cols [b, P]``
     (``{(layer, kind): [b, P, channels]}``) and the logit differences."""
-    ad = adapter(model)
     rows = torch.arange(len(cols), device=cols.device)[:, None]
     with torch.no_grad(), model.trace(inputs, logits_to_keep=1):
         values = {}
         for layer, kind in grid:
-            t = ad.tensor(model, layer, kind)[..., ad.channels(kind)]
+            t = site_tensor(model, arch, layer, kind)[..., channels(arch, kind)]
             values[(layer, kind)] = t[rows, cols]
         values.save()
         ld = logit_diff(model.output.logits[:, -1], answer, distractor).save()
     return values, ld
 
 
-def _pool_patches(ad, pairs, positions, values, names) -> dict[str, list[Patch]]:
-    """Each attribute's pool as patches: ``values[(layer, kind)]`` is ``[attribute, prompt,
-    position, channels]``, a head's channels are cut out of its kind's."""
+def _pool_patches(arch, pairs, positions, values, names) -> dict[str, list[tuple]]:
+    """Each attribute's pool as plain patches: ``values[(layer, kind)]`` is ``[attribute,
+    prompt, position, channels]``, a head's channels are cut out of its kind's."""
     patches = {}
     for a_i, a in enumerate(pairs):
         patches[a] = []
-        for (site, pos), at in zip(pairs[a], positions[a]):
-            v = values[(site.layer, site.kind)][a_i, :, names.index(pos)]
-            if site.kind in HEAD_KINDS:
-                w = ad.width(site.kind)
-                v = v[:, site.head * w:(site.head + 1) * w]
-            patches[a].append(Patch(site, at, v, f"{site}@{pos}"))
+        for ((layer, kind, head), pos), at in zip(pairs[a], positions[a]):
+            v = values[(layer, kind)][a_i, :, names.index(pos)]
+            if kind in HEAD_KINDS:
+                w = arch["d_head"]
+                v = v[:, head * w:(head + 1) * w]
+            patches[a].append(((layer, kind, head), np.asarray(at, dtype=np.int64), v))
     return patches
 
 
@@ -229,7 +250,7 @@ def _counterfactual_patches(model, dataset, pairs: dict, batch_size, progress, r
             yield p["cf_inputs"], grid, p["cf_cols"], p["cf_answer"], p["cf_distractor"]
 
     outs = run_kernel(model, _counterfactual_forward, chunks(), remote, stage="counterfactuals")
-    return _pool(adapter(model), pairs, _positions(dataset, pairs),
+    return _pool(spec(model), pairs, _positions(dataset, pairs),
                  ((values, ld, sizes.pop(0)) for values, ld in outs))
 
 
@@ -238,6 +259,7 @@ def _joint_logit_diffs(model, dataset, sets: dict[str, list[list[int]]], patches
     """One round of the search as its own requests (:func:`run_patched`): the clean mean
     logit difference and ``{attribute: a mean per set}``."""
     keys, variants = _variants(sets, patches)
+    variants = [[Patch(Site(*key), at, v) for key, at, v in variant] for variant in variants]
     ld = run_patched(model, dataset, variants, names=list(range(len(variants))),
                      batch_size=batch_size, max_rows=max_rows, progress=progress,
                      remote=remote).logit_diff.mean("prompt").values.astype(float)
@@ -356,8 +378,7 @@ def grow_cross_sections(model: Any, dataset: Any, scores: xr.Dataset,
         if hit:
             best = min(hit, key=lambda i: (len(eligible[i][0]), abs(1 - rec[i])))
         else:
-            best = min(range(len(eligible)), key=lambda i: (
-                -rec[i] if np.isfinite(rec[i]) else np.inf, len(eligible[i][0])))
+            best = _shortest_best(rec, [len(members) for members, _ in eligible])
         members, joint = eligible[best]
         members = sorted(members)
         table = pools[a].iloc[members].reset_index(drop=True)

@@ -31,7 +31,7 @@ import torch
 from ..dictionaries.floor import random_floor
 from ..dictionaries.random_sae import CONTROLLED, calibrate, per_token_l0, random_sae
 from ..model.linear import attention_norms, linear_codes, site_directions
-from ..model.sites import adapter
+from ..model.sites import Site, adapter, site_key
 from . import metrics
 from .coders import SiteCode, sae_code
 
@@ -139,11 +139,12 @@ class LinearControls:
                 if layer not in batch:
                     continue
                 b = batch[layer]
-                sites = b["sites"]
                 with torch.no_grad():
-                    found = linear_codes(ad, encoder, norm, b["taken"], b["mask"], b["cols"],
-                                         self.maps[layer], sites)
-                for site, (c, off) in found.items():
+                    found = linear_codes(ad.spec, encoder.encoder(), norm, b["taken"],
+                                         b["mask"], b["cols"], self.maps[layer],
+                                         [site_key(s) for s in b["sites"]])
+                for key, (c, off) in found.items():
+                    site = Site(*key)
                     for m, position in enumerate(b["positions"]):
                         parts.setdefault((site, position), []).append((c[:, m], off[:, m]))
             self._coded[key] = {pair: (torch.cat([c for c, _ in v]).float(),
@@ -164,8 +165,8 @@ class LinearControls:
                 codes_cf, _ = self.codes(encoder, cf_set, layer)[pair]
                 codes_fit, _ = self.codes(encoder, 0, layer)[pair]
                 codes, offset, codes_cf = codes[keep], offset[keep], codes_cf[keep]
-                directions = site_directions(adapter(self.model), self.maps[layer],
-                                             encoder.decoder(), site).float()
+                directions = site_directions(adapter(self.model).spec, self.maps[layer],
+                                             encoder.decoder(), site_key(site)).float()
                 directions = directions.reshape(-1, directions.shape[-1])
                 flat = codes.flatten(1)
                 own = self.own_l0(encoder, layer)

@@ -29,7 +29,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .remote import run_kernel
-from .sites import HEAD_KINDS, KINDS, Site, adapter
+from .sites import HEAD_KINDS, KINDS, Site, adapter, channels, site_tensor, stop_after_reads
 
 STORE_FORMAT = "sage_nn.activations/1"
 
@@ -54,12 +54,22 @@ class Batch:
 
     def index(self, positions: Sequence[int] | np.ndarray) -> torch.Tensor:
         """Padded token index of a per-prompt token index (negative counts from the end)."""
-        pos = torch.as_tensor(np.asarray(positions), dtype=torch.long)
-        pos = torch.where(pos < 0, pos + self.lengths, pos)
-        if bool(((pos < 0) | (pos >= self.lengths)).any()):
-            raise IndexError(f"position out of range of the prompt: {pos.tolist()} vs lengths "
-                             f"{self.lengths.tolist()}")
-        return self.offsets + pos
+        return token_index(self.offsets, self.lengths, positions)
+
+    def plain(self) -> dict:
+        """The batch as plain data, for a request (a server gets no class of sage_nn's)."""
+        return {"inputs": self.inputs, "offsets": self.offsets, "lengths": self.lengths}
+
+
+def token_index(offsets: torch.Tensor, lengths: torch.Tensor, positions) -> torch.Tensor:
+    """Padded token index of a per-prompt token index (negative counts from the end), in a
+    left-padded batch whose prompts start at ``offsets`` and have ``lengths`` tokens."""
+    pos = torch.as_tensor(np.asarray(positions), dtype=torch.long)
+    pos = torch.where(pos < 0, pos + lengths, pos)
+    if bool(((pos < 0) | (pos >= lengths)).any()):
+        raise IndexError(f"position out of range of the prompt: {pos.tolist()} vs lengths "
+                         f"{lengths.tolist()}")
+    return offsets + pos
 
 
 def encode(model: Any, prompts: Sequence[str], device: Any = None) -> Batch:
@@ -143,21 +153,21 @@ def _grid(model: Any, sites: Sequence[Site | str]) -> _Grid:
                  {k: sorted(heads[ad.head_dim(k)]) for k in kinds if k in HEAD_KINDS})
 
 
-def _run_batch(model, inputs: dict, grid: _Grid, rows_positions) -> dict:
-    """One trace reads every (layer, kind) of the grid, in execution order (a remote kernel)."""
-    ad = adapter(model)
+def _run_batch(model, arch: dict, inputs: dict, grid: dict, rows_positions) -> dict:
+    """One trace reads every (layer, kind) of the grid (:class:`_Grid`'s fields as a dict),
+    in execution order (a remote kernel)."""
     saved = {}
-    with torch.no_grad(), model.trace(inputs) as tracer:
-        for layer in grid.layers:
-            for kind in grid.kinds:
-                t = ad.tensor(model, layer, kind)
+    with torch.no_grad(), model.trace(inputs, use_cache=False, logits_to_keep=1) as tracer:
+        for layer in grid["layers"]:
+            for kind in grid["kinds"]:
+                t = site_tensor(model, arch, layer, kind)
                 if kind in HEAD_KINDS:
-                    t = t[..., ad.channels(kind, grid.heads[kind])]
+                    t = t[..., channels(arch, kind, grid["heads"][kind])]
                 if rows_positions is not None:
                     rows, cols = rows_positions
                     t = t[rows, cols]  # [batch, n_positions, channels]
                 saved[(layer, kind)] = t.save()
-        tracer.stop()  # the layers above the last read and the logits are not needed
+        stop_after_reads(model, tracer)
     return saved
 
 
@@ -202,7 +212,7 @@ def collect(
                 cols = torch.stack([batch.index(p[idx]) for p in positions.values()], 1)
                 rows_positions = (torch.arange(len(idx))[:, None], cols.to(device))
             prepared.append((idx, batch))
-            yield batch.inputs, grid, rows_positions
+            yield batch.inputs, vars(grid), rows_positions
 
     for saved in run_kernel(model, _run_batch, chunks(), remote, stage="collect"):
         idx, batch = prepared.pop(0)

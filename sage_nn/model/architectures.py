@@ -11,6 +11,9 @@
 - the norms by what they read and feed: before attention, before the MLP (reading
   ``resid_mid``, or ``resid_pre`` in a parallel block), after either sublayer (sandwich).
 
+One module because deriving, the probe forward, the tiny twins a remote model is probed
+through and the checks before weights load all read the same structure.
+
 Nothing here branches on the family's name. What a structure cannot show is data:
 :data:`REFUSED` says why families that are not decoder-only transformers are refused, so
 the refusal comes before any weights load (:func:`check_config`).
@@ -19,6 +22,7 @@ the refusal comes before any weights load (:func:`check_config`).
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +100,17 @@ class Architecture:
     mlp_tuple: bool = False
     norm_kinds: dict = field(default_factory=dict, compare=False)  # name -> "layer" | "rms"
     features: tuple = ()  # descriptive: moe, qk_norm, sliding_window, softcap, ...
+    # nnsight's name for the call inside the attention's forward that gets queries, keys,
+    # values and the mask (transformers' attention_interface): the clean pattern is
+    # recomputed from its inputs (sage_nn.model.linear.pattern_rows); None: not found
+    attention_call: str | None = None
+
+    def plain(self) -> dict:
+        """The same facts as plain data: what a request carries to a server (a dataclass
+        would travel as bytecode, which another Python version cannot run)."""
+        import dataclasses
+
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 # -- before the weights load ------------------------------------------------------------
@@ -325,7 +340,8 @@ def derive(hf: torch.nn.Module) -> Architecture:
                 mlp_tuple=isinstance(seen["mlp"][1], (tuple, list)),
                 norm_kinds={n: norm_kind(named[f"child:{n}"], i) for n, (i, _) in norms.items()
                             if n in (attn_norm, mlp_norm, attn_post, mlp_post)},
-                features=_features(config, getattr(blocks[0], attn), getattr(blocks[0], mlp)))
+                features=_features(config, getattr(blocks[0], attn), getattr(blocks[0], mlp)),
+                attention_call=_attention_call(getattr(blocks[0], attn)))
     pattern = seen["attn"][1][1] if arch["attn_tuple"] and len(seen["attn"][1]) > 1 else None
     arch["qkv"] = _check_heads(seen, arch, pattern, candidates=[layout] if layout else
                                ["blocks", "grouped"])
@@ -374,6 +390,19 @@ def _check_heads(seen, arch: dict, pattern, candidates) -> str:
         "attention, or a projection layout sage_nn does not know)")
 
 
+def _attention_call(attn: torch.nn.Module) -> str | None:
+    """The last call in the attention's forward named ``attention_interface*``, as nnsight's
+    ``.source`` names it (read from the forward's source, nothing is run or changed)."""
+    from nnsight.intervention.source import SourceNotAvailable, instrument, module_body
+
+    try:
+        names = instrument(module_body(attn), lambda *args, **kwargs: None)[1].names
+    except (SourceNotAvailable, OSError, TypeError):
+        return None
+    calls = [n for n in names if n.startswith("attention_interface")]
+    return calls[-1] if calls else None
+
+
 def _features(config, attn, mlp) -> tuple:
     found = []
     if any(n in ("q_norm", "k_norm", "q_layernorm", "k_layernorm") for n, _ in attn.named_children()):
@@ -390,17 +419,21 @@ def _features(config, attn, mlp) -> tuple:
 
 # -- one derivation per model ------------------------------------------------------------
 
+_DERIVED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def architecture_of(hf: torch.nn.Module) -> Architecture:
-    """:func:`derive` once per model (kept on the model, so it travels with it). A model
-    without weights here (remote, on the meta device) is probed through a tiny random twin
-    built from its config."""
-    arch = getattr(hf, "_sage_nn_architecture", None)
+    """:func:`derive` once per model, here (kept beside the model, never on it: a server's
+    model is shared, and a request gets the facts as data). A model without weights here
+    (remote, on the meta device) is probed through a tiny random twin built from its
+    config."""
+    arch = _DERIVED.get(hf)
     if arch is None:
         if any(p.device.type == "meta" for p in hf.parameters()):
             arch = _resized(derive(tiny_twin(hf.config)), text_config(hf.config), hf)
         else:
             arch = derive(hf)
-        hf._sage_nn_architecture = arch
+        _DERIVED[hf] = arch
     return arch
 
 

@@ -163,6 +163,12 @@ def load_model(
         _before_tracing()
         name = str(embedded_dir(name)) if name in EMBEDDED else name  # its converted config
         check_supported(AutoConfig.from_pretrained(name), name)
+        if Path(name).is_dir():
+            # a lab's own server that shares this host loads the model from its path; nnsight
+            # names a model by asking the Hub for its canonical id, which a path has not
+            from nnsight.modeling import huggingface
+
+            huggingface._ID_CACHE[name] = name
         # the tokenizer given: nnsight's meta load cannot infer it for text generation
         model = TransformersModel(name, task="text-generation",
                                   tokenizer=AutoTokenizer.from_pretrained(name))

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import xarray as xr
 
-from .activations import batches, encode, model_device
-from .remote import as_remote, cast_shared, run_kernel
-from .sites import HEAD_KINDS, KINDS, Site, adapter
+from .activations import batches, encode, model_device, token_index
+from .remote import as_remote, cast_shared, payload_bytes, run_kernel
+from .sites import HEAD_KINDS, KINDS, Site, adapter, channels, site_key, site_tensor, skip_blocks
 
 
 def logit_diff(logits: torch.Tensor, answer_ids: Any, distractor_ids: Any) -> torch.Tensor:
@@ -46,13 +46,48 @@ def logit_diff(logits: torch.Tensor, answer_ids: Any, distractor_ids: Any) -> to
     return (logits.gather(1, answer) - logits.gather(1, distractor)).squeeze(1)
 
 
+# -- sparse edits as plain data (they travel in requests: a server gets plain data) ------
+
+def edit_rows(edit: dict, idx) -> dict:
+    """The rows ``idx`` of a sparse edit (:class:`LatentEdit`'s plain form)."""
+    idx = torch.as_tensor(idx)
+    counts = edit["counts"][idx]
+    starts = (torch.cumsum(edit["counts"], 0) - edit["counts"])[idx]
+    # each selected row's entries: its start, then the next counts - 1
+    first = torch.cumsum(counts, 0) - counts
+    entries = (torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
+               + torch.repeat_interleave(starts, counts))
+    return {**edit, "rows": edit["rows"][idx], "counts": counts, "ids": edit["ids"][entries],
+            "coefs": edit["coefs"][entries]}
+
+
+def edit_cat(parts: Sequence[dict]) -> dict:
+    """The rows of edits that share a base and directions, in order."""
+    return {**parts[0], **{f: torch.cat([p[f] for p in parts])
+                           for f in ("rows", "counts", "ids", "coefs")}}
+
+
+def edit_to(edit: dict, device=None, dtype=None) -> dict:
+    floating = ("base", "coefs", "directions")
+    return {f: t.to(device, dtype) if f in floating else t.to(device) for f, t in edit.items()}
+
+
+def edit_dense(edit: dict) -> torch.Tensor:
+    """``[n, w]``: each row its base row moved along its latents."""
+    rows = edit["rows"]
+    owner = torch.repeat_interleave(torch.arange(len(rows), device=rows.device),
+                                    edit["counts"].long())
+    moves = edit["coefs"][:, None] * edit["directions"][edit["ids"].long()]
+    return edit["base"][rows].index_add(0, owner, moves.to(edit["base"].dtype))
+
+
 @dataclass
 class LatentEdit:
     """Patch values as the rows of a base moved along a few latent directions: row ``i`` is
     ``base[rows[i]]`` plus its ``counts[i]`` moves ``coefs[e] * directions[ids[e]]`` (the
     entries of row ``i`` follow those of row ``i - 1``). A sparse edit travels like this:
     per row only the latents it moves, and the directions and the clean values it starts
-    from once per request, instead of one dense value per k."""
+    from once per request, instead of one dense value per k (as :meth:`plain` data)."""
 
     base: torch.Tensor        # [N, w], shared by every edit that starts from it
     rows: torch.Tensor        # [n] rows of base
@@ -70,35 +105,13 @@ class LatentEdit:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, idx) -> "LatentEdit":
-        idx = torch.as_tensor(idx)
-        counts = self.counts[idx]
-        starts = (torch.cumsum(self.counts, 0) - self.counts)[idx]
-        # each selected row's entries: its start, then the next counts - 1
-        first = torch.cumsum(counts, 0) - counts
-        entries = (torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
-                   + torch.repeat_interleave(starts, counts))
-        return LatentEdit(self.base, self.rows[idx], counts, self.ids[entries],
-                          self.coefs[entries], self.directions)
-
-    def to(self, device=None, dtype=None) -> "LatentEdit":
-        return LatentEdit(self.base.to(device, dtype), self.rows.to(device),
-                          self.counts.to(device), self.ids.to(device),
-                          self.coefs.to(device, dtype), self.directions.to(device, dtype))
+    def plain(self) -> dict:
+        return {f: getattr(self, f) for f in ("base", "rows", "counts", "ids", "coefs",
+                                              "directions")}
 
     def dense(self) -> torch.Tensor:
-        """``[n, w]`` (plain torch: runs on a server)."""
-        owner = torch.repeat_interleave(torch.arange(len(self.rows), device=self.rows.device),
-                                        self.counts.long())
-        moves = self.coefs[:, None] * self.directions[self.ids.long()]
-        return self.base[self.rows].index_add(0, owner, moves.to(self.base.dtype))
-
-    @staticmethod
-    def cat(parts: Sequence["LatentEdit"]) -> "LatentEdit":
-        """The rows of edits that share a base and directions, in order."""
-        joined = [torch.cat([getattr(p, f) for p in parts])
-                  for f in ("rows", "counts", "ids", "coefs")]
-        return LatentEdit(parts[0].base, *joined, parts[0].directions)
+        """``[n, w]``."""
+        return edit_dense(self.plain())
 
     @classmethod
     def prefixes(cls, base, chosen, coefs, directions, ks) -> dict[int, "LatentEdit"]:
@@ -207,23 +220,29 @@ def run_patched(
     # values travel in the transport dtype, and are written in the server model's
     dtype = as_remote(remote).transport_dtype or next(model._module.parameters()).dtype
     memo: dict = {}  # sparse edits' bases and directions: cast once, shared, sent once
-    variants = [[replace(p, values=cast_shared(p.values, dtype, memo))
-                 if isinstance(p.values, LatentEdit) else p for p in v] for v in variants]
+    variants = [[plain_patch(p, dtype, memo) for p in v] for v in variants]
     shape = (len(variants), n)
     ld, logp = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     top1 = np.zeros(shape, np.int64)
     clean = [v for v, patches in enumerate(variants) if not patches]
     prepared, blocks_run = [], [0.0]
 
+    budget = as_remote(remote).payload_budget
+
     def chunks():
         for idx in batches(n, batch_size, progress and "patch"):
             batch = encode(model, [prompts[i] for i in idx], device)
-            groups, members, cost = plan_batch(ad, batch, idx, variants, max_rows, device,
-                                               dtype, suffix_ok(model, batch))
+            groups, members, cost = plan_batch(ad.spec, batch.plain(), idx, variants, max_rows,
+                                               device, dtype, suffix_ok(model, batch))
             blocks_run[0] += len(idx) * (1 + cost)
-            prepared.extend([(idx, chunk) for chunk in members] + [(idx, clean)])
             tile = lambda ids: torch.as_tensor(ids[idx], device=device)  # noqa: E731
-            yield batch.inputs, groups, tile(answer_ids), tile(distractor_ids)
+            fixed = (batch.inputs, tile(answer_ids), tile(distractor_ids))
+            # a batch whose patches are more than a request may carry goes as several
+            # chunks, each running the clean batch again
+            room = None if budget is None else budget - payload_bytes(fixed)
+            for part, part_members in _within(groups, members, room):
+                prepared.extend([(idx, chunk) for chunk in part_members] + [(idx, clean)])
+                yield fixed[0], part, *fixed[1:]
 
     for outs in run_kernel(model, patched_blocks, chunks(), remote, stage="patch",
                            shapes=patched_bytes):
@@ -243,6 +262,38 @@ def run_patched(
     )
 
 
+def plain_patch(patch: Patch, dtype=None, memo: dict | None = None) -> tuple:
+    """A patch as plain data, for planning and requests: ``(site (layer, kind, head),
+    positions, values)``; a :class:`LatentEdit` becomes its plain dict. Floating values are
+    cast to ``dtype`` (each shared tensor once, through ``memo``)."""
+    values = patch.values
+    if isinstance(values, LatentEdit):  # its tensors outlive this dict: memo by them
+        values = {f: t if dtype is None else cast_shared(t, dtype, memo)
+                  for f, t in values.plain().items()}
+    return (site_key(patch.site), patch.positions, values)
+
+
+def _within(groups: list, members: list, budget: int | None):
+    """A batch's groups of variants, split into parts of at most ``budget`` tensor bytes
+    (:func:`~sage_nn.model.remote.payload_bytes`; a group over it goes alone)."""
+    if budget is None or not groups:  # the clean run alone is one chunk
+        yield groups, members
+        return
+    part, mine, size, seen = [], [], 0, set()
+    for group, member in zip(groups, members):
+        extra = payload_bytes(group, seen=seen)
+        if part and size + extra > budget:
+            yield part, mine
+            part, mine, seen = [], [], set()
+            extra = payload_bytes(group, seen=seen)
+            size = 0
+        part.append(group)
+        mine.append(member)
+        size += extra
+    if part:
+        yield part, mine
+
+
 def suffix_ok(model, batch) -> bool:
     """Whether every layer's cache keeps all tokens of the batch: a sliding-window layer
     keeps only its window, so past it the tokens before a patch cannot be reused."""
@@ -250,84 +301,98 @@ def suffix_ok(model, batch) -> bool:
     return not window or batch.inputs["input_ids"].shape[1] < window - 1
 
 
-def plan_batch(ad, batch, idx, variants, max_rows: int, device, dtype, suffix: bool = True):
+# -- planning: plain data in, plain data out (it also runs inside a request: discovery's
+#    search plans its rounds on the server) ---------------------------------------------
+
+def plan_batch(arch: dict, batch: dict, idx, variants, max_rows: int, device, dtype,
+               suffix: bool = True):
     """One batch's arguments for :func:`patched_blocks`: the groups of variants that share
     a block (at most ``max_rows`` rows a forward), the variant indices each group runs, and
-    the blocks' cost in full forwards (:func:`block_cost`)."""
+    the blocks' cost in full forwards (:func:`block_cost`). ``batch``: :meth:`Batch.plain`;
+    ``variants``: lists of :func:`plain_patch` patches."""
     blocks = plan_blocks(batch, idx, variants, suffix)
     per_forward = max(1, max_rows // len(idx))
     groups, members = [], []
     for (layer, col), vs in blocks.items():
         for start in range(0, len(vs), per_forward):
             chunk = vs[start:start + per_forward]
-            writes = writes_of(ad, batch, idx, [variants[v] for v in chunk], device, dtype,
-                             offset=col)
+            writes = writes_of(arch, batch, idx, [variants[v] for v in chunk], device, dtype,
+                               offset=col)
             groups.append((layer, col, len(chunk), writes))
             members.append(chunk)
-    return groups, members, block_cost(batch, blocks, ad.n_layers)
+    return groups, members, block_cost(batch, blocks, arch["n_layers"])
 
 
-def plan_blocks(batch, idx, variants, suffix: bool = True) -> dict[tuple[int, int], list[int]]:
+def plan_blocks(batch: dict, idx, variants, suffix: bool = True) -> dict[tuple[int, int], list[int]]:
     """Variants by the block they can change in this batch: ``(first patched layer, first
     patched padded token)`` -> variant indices (empty variants are the clean run). Without
     ``suffix``, every block starts at the first token."""
     blocks: dict[tuple[int, int], list[int]] = {}
     for v, patches in enumerate(variants):
         if patches:
-            layer = min(p.site.layer for p in patches)
-            col = min(int(batch.index(p.positions[idx]).min()) for p in patches) if suffix else 0
+            layer = min(site[0] for site, _, _ in patches)
+            col = min(int(token_index(batch["offsets"], batch["lengths"], at[idx]).min())
+                      for _, at, _ in patches) if suffix else 0
             blocks.setdefault((layer, col), []).append(v)
     return dict(sorted(blocks.items()))
 
 
-def block_cost(batch, blocks: dict, n_layers: int) -> float:
+def block_cost(batch: dict, blocks: dict, n_layers: int) -> float:
     """The variants' blocks (:func:`plan_blocks`) in full forwards of this batch:
     ``sum (L - l) * (T - t) / (L * T)`` over variants."""
-    width = batch.inputs["input_ids"].shape[1]
+    width = batch["inputs"]["input_ids"].shape[1]
     return sum(len(vs) * (n_layers - layer) * (width - col) / (n_layers * width)
                for (layer, col), vs in blocks.items())
 
 
-def writes_of(ad, batch, idx, variants, device, dtype, offset: int = 0) -> dict:
+def writes_of(arch: dict, batch: dict, idx, variants, device, dtype, offset: int = 0) -> dict:
     """A chunk's patches as ``{(layer, kind): [(rows [m], cols [m], channels [c],
     values [m, c]), ...]}``, one entry per channel set (a head, or the whole width), so a
     request carries the values and one index per row, not one per element. Rows are
     prompt-major (``i * len(variants) + j``); columns count from ``offset``."""
     groups: dict[tuple, list] = {}
     b, m = len(idx), len(variants)
+    rows_of = torch.as_tensor(idx)
     for j, variant in enumerate(variants):
         rows = torch.arange(b) * m + j
-        for p in variant:
-            cols = batch.index(p.positions[idx]) - offset
-            groups.setdefault((p.site.layer, p.site.kind, p.site.head), []).append(
-                (rows, cols, p.values[torch.as_tensor(idx)]))
+        for (layer, kind, head), at, values in variant:
+            cols = token_index(batch["offsets"], batch["lengths"], at[idx]) - offset
+            values = edit_rows(values, rows_of) if isinstance(values, dict) else values[rows_of]
+            groups.setdefault((layer, kind, head), []).append((rows, cols, values))
     writes: dict[tuple, list] = {}
     for (layer, kind, head), parts in groups.items():
-        chans = (ad.channels(kind, head) if kind in HEAD_KINDS else torch.arange(ad.d_model))
+        chans = channels(arch, kind, head) if kind in HEAD_KINDS else torch.arange(arch["d_model"])
         # edits from one base along one set of directions stay sparse; the rest is dense
         by_source: dict[Any, list] = {}
         for part in parts:
             v = part[2]
-            key = (id(v.base), id(v.directions)) if isinstance(v, LatentEdit) else None
+            key = (id(v["base"]), id(v["directions"])) if isinstance(v, dict) else None
             by_source.setdefault(key, []).append(part)
         for key, same in by_source.items():
             values = [v for _, _, v in same]
+            values = torch.cat(values).to(device, dtype) if key is None else \
+                edit_to(edit_cat(values), device, dtype)
             writes.setdefault((layer, kind), []).append((
                 torch.cat([r for r, _, _ in same]).to(device),
-                torch.cat([c for _, c, _ in same]).to(device), chans.to(device),
-                (torch.cat(values) if key is None else LatentEdit.cat(values)).to(device, dtype)))
+                torch.cat([c for _, c, _ in same]).to(device), chans.to(device), values))
     return writes
 
 
-def apply_writes(model, ad, writes):
+# -- kernels: plain torch on plain data, the only code that touches the model -------------
+
+def write_into(t: torch.Tensor, parts: list) -> None:
+    """``parts`` (a write's ``(rows, cols, channels, values)``) into ``t`` in place."""
+    for rows, cols, chans, values in parts:
+        if isinstance(values, dict):
+            values = edit_dense(values)
+        # a server's model may run in bf16
+        t[rows[:, None], cols[:, None], chans[None, :]] = values.to(t.device, t.dtype)
+
+
+def apply_writes(model, arch: dict, writes: dict) -> None:
     """Write every patch into the running trace, in execution order."""
     for layer, kind in sorted(writes, key=lambda k: (k[0], KINDS.index(k[1]))):
-        t = ad.tensor(model, layer, kind)
-        for rows, cols, chans, values in writes[(layer, kind)]:
-            if isinstance(values, LatentEdit):
-                values = values.dense()
-            # a server's model may run in bf16
-            t[rows[:, None], cols[:, None], chans[None, :]] = values.to(t.device, t.dtype)
+        write_into(site_tensor(model, arch, layer, kind), writes[(layer, kind)])
 
 
 def readout(logits, answer, distractor) -> list:
@@ -337,42 +402,46 @@ def readout(logits, answer, distractor) -> list:
             logits.argmax(-1)]
 
 
-def patched_bytes(model, inputs, groups, answer, distractor, seen=None) -> int:
+def patched_bytes(model, arch, inputs, groups, answer, distractor, seen=None) -> int:
     """The bytes :func:`patched_blocks` returns for one batch: a float32 logit difference
     and log-probability and an int64 top token per row, for the clean run and each group."""
     rows = len(answer) * (1 + sum(m for _, _, m, _ in groups))
     return rows * (4 + 4 + 8)
 
 
-def patched_blocks(model, inputs, groups, answer, distractor):
+def patched_blocks(model, arch, inputs, groups, answer, distractor):
     """One batch (a remote kernel): the clean run, then each group of variants recomputing
     only its block. A group ``(layer, col, m, writes)`` runs tokens ``col..`` of ``m`` copies
     of the batch (prompt-major) against the clean keys and values of tokens ``..col-1``,
     skipping blocks ``< layer`` (fed the clean residual stream). Returns the clean readout
     and one per group (each ``[b * m]``)."""
-    ad = adapter(model)
     layers = sorted({g[0] for g in groups} - {0})
     with torch.no_grad(), model.trace(inputs, use_cache=True, logits_to_keep=1):
-        streams = {layer: ad.tensor(model, layer, "resid_pre") for layer in layers}
+        streams = {layer: site_tensor(model, arch, layer, "resid_pre") for layer in layers}
         cache = model.output.past_key_values
         out = [readout(model.output.logits[:, -1], answer, distractor)]
         streams.save()
         cache.save()
         out.save()
     for layer, col, m, writes in groups:
-        prefix = copy.deepcopy(cache)  # the clean keys and values before col, per variant
-        prefix.crop(col - inputs["input_ids"].shape[1])  # drops that many tokens
-        prefix.batch_repeat_interleave(m)
         suffix = {"input_ids": inputs["input_ids"][:, col:].repeat_interleave(m, 0),
                   "position_ids": inputs["position_ids"][:, col:].repeat_interleave(m, 0),
                   "attention_mask": inputs["attention_mask"].repeat_interleave(m, 0)}
-        with torch.no_grad(), model.trace(suffix, **{_cache_argument(model): prefix},
-                                          logits_to_keep=1):
-            if layer > 0:
-                ad.skip(model, layer, streams[layer][:, col:].repeat_interleave(m, 0))
-            apply_writes(model, ad, writes)
+        past = {}
+        if col > 0:  # the clean keys and values before col, per variant (none before token 0)
+            prefix = copy.deepcopy(cache)
+            prefix.crop(col - inputs["input_ids"].shape[1])  # drops the tokens from col on
+            prefix.batch_repeat_interleave(m)
+            past = {_cache_argument(model): prefix}
+        with torch.no_grad(), model.trace(suffix, **past, logits_to_keep=1):
+            if layer > 0:  # the skipped blocks' output, with the block's input patches in
+                hidden = streams[layer][:, col:].repeat_interleave(m, 0)
+                write_into(hidden, writes.get((layer, "resid_pre"), []))
+                writes = {key: w for key, w in writes.items() if key != (layer, "resid_pre")}
+                skip_blocks(model, arch, layer, hidden)
+            apply_writes(model, arch, writes)
             result = readout(model.output.logits[:, -1], answer.repeat_interleave(m),
-                              distractor.repeat_interleave(m))
+                             distractor.repeat_interleave(m))
             result.save()
         out.append(result)
     return out
@@ -387,18 +456,15 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in forward else "past_key_values"
 
 
-def patched_forward(model, inputs, writes, answer, distractor, skip=None):
+def patched_forward(model, arch, inputs, writes, answer, distractor, skip=None):
     """One forward with every write applied (a remote kernel): the logit difference, the
     answer's log-probability and the top token at the last position, per row. ``skip`` =
     ``(n, hidden)`` does not run the first ``n`` blocks and feeds ``hidden`` to block ``n``
     (or to the final norm when ``n`` is the number of blocks)."""
-    ad = adapter(model)
-    with torch.no_grad(), model.trace(inputs, logits_to_keep=1):  # only the last token's
+    with torch.no_grad(), model.trace(inputs, use_cache=False, logits_to_keep=1):
         if skip is not None:
-            ad.skip(model, *skip)
-        apply_writes(model, ad, writes)
+            skip_blocks(model, arch, *skip)
+        apply_writes(model, arch, writes)
         out = readout(model.output.logits[:, -1], answer, distractor)
         out.save()
     return out
-
-

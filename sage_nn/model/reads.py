@@ -32,17 +32,31 @@ import torch
 
 from .activations import NonFiniteActivationError, batches, encode, model_device
 from .linear import (
-    EagerAttention,
+    attention_call,
     attention_norms,
     frozen_maps,
     heads_read,
     linear_codes,
     needed_tokens,
+    pattern_rows,
     take_inputs,
 )
 from .patching import Patch
 from .remote import as_remote, cast_shared, payload_bytes, request_groups, run_kernel
-from .sites import HEAD_KINDS, KINDS, Site, adapter, at_path
+from .sites import (
+    HEAD_KINDS,
+    KINDS,
+    Site,
+    adapter,
+    at_path,
+    blocks_of,
+    channels,
+    site_key,
+    site_name,
+    site_tensor,
+    stop_after_reads,
+    width_of,
+)
 
 
 @dataclass
@@ -76,9 +90,9 @@ class Reads:
     maps: dict = field(default_factory=dict)
     placements: list[dict] = field(default_factory=list)
     #: with ``keep_inputs``: per set, per batch, ``{layer: {"taken", "cols", "mask",
-    #: "positions", "sites", "attention_mask"}}``, what :func:`~sage_nn.model.linear.linear_codes`
-    #: reads at the named ``positions`` (the evaluation's controls are coded here from it:
-    #: nothing of them travels)
+    #: "positions", "sites", "attention_mask"}}``, what :func:`~sage_nn.model.linear.
+    #: linear_codes` reads at the named ``positions`` (the evaluation's controls are coded
+    #: here from it: nothing of them travels)
     inputs: list[list[dict]] = field(default_factory=list)
 
 
@@ -141,14 +155,19 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple],
                     at[layer] = (lc, needed_tokens(batch.inputs["attention_mask"], lc,
                                                    plan.mixing), js)
             prepared.append((k, batch.inputs, cols, at))
+    if any(plan.pattern_heads(ad) for plan in layers.values()) and not ad.arch.attention_call:
+        raise ValueError(f"{ad.arch.name}: its attention's forward has no attention_interface "
+                         "call to read the clean pattern from, so z and attn_out cannot be "
+                         "reached through the reconstruction; use SAEs at the sites")
     here, placements = _place(ad, remote, layers, jobs, prepared)
     if keep_inputs:  # the rows come here anyway: the SAEs are coded from them here too
         here = set(layers)
         for record in placements:
             record["placement"] = "here"
-    maps_of = {layer: (heads_read(ad, plan.sites), plan.attn_out)
+    maps_of = {layer: (heads_read(ad.spec, [site_key(s) for s in plan.sites]), plan.attn_out)
                for layer, plan in layers.items()}
     cast: dict = {}  # encoders cast once
+    read_keys = [site_key(s) for s in reads]
 
     def chunks():
         for k, inputs, cols, at in prepared:
@@ -156,13 +175,14 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple],
             for layer, (lc, mask, js) in at.items():
                 plan = layers[layer]
                 encoders = [] if layer in here else [
-                    (j, _encoder(jobs[j].sae, dtype, cast), jobs[j].sites) for j in js]
+                    (j, _encoder(jobs[j].sae, dtype, cast), [site_key(s) for s in jobs[j].sites])
+                    for j in js]
                 args[layer] = {"cols": lc.to(device), "mask": mask.to(device),
                                "norm": plan.norm, "post_norm": plan.post_norm if
                                plan.attn_out else None, "heads": plan.pattern_heads(ad),
                                "maps": maps_of[layer], "jobs": encoders,
                                "send": layer in here}
-            yield inputs, cols.to(device), reads, args, dtype
+            yield inputs, cols.to(device), read_keys, args, dtype
 
     parts: list[list] = [[] for _ in sets]
     inputs: list[list] = [[] for _ in sets]
@@ -219,25 +239,13 @@ def _layers(ad, model, jobs: list[LinearJob]) -> dict[int, _Layer]:
     return dict(sorted(layers.items()))
 
 
-def _encoder(sae, dtype, cast: dict):
-    """:func:`encoder_only` in the transport dtype, one copy per SAE (a request that names
-    it twice carries it once)."""
+def _encoder(sae, dtype, cast: dict) -> dict:
+    """The SAE's plain encoder (``sae.encoder()``: half its weights, plain data) in the
+    transport dtype, one copy per SAE (a request that names it twice carries it once)."""
     if id(sae) not in cast:
-        enc = encoder_only(sae)
+        enc = sae.encoder()
         cast[id(sae)] = enc if dtype in (None, torch.float32) else cast_shared(enc, dtype)
     return cast[id(sae)]
-
-
-def encoder_only(sae):
-    """What a trace needs of an SAE to encode: the same SAE with its decoder replaced by
-    the decoder's row norms (all ``rescale_acts_by_decoder_norm`` reads), so a request
-    carries half the weights."""
-    import copy
-
-    enc = copy.copy(sae)  # shares every tensor but the decoder
-    enc._parameters = dict(sae._parameters)
-    enc.W_dec = torch.nn.Parameter(sae.W_dec.norm(dim=-1, keepdim=True), requires_grad=False)
-    return enc
 
 
 def _place(ad, remote, layers: dict[int, _Layer], jobs, prepared) -> tuple[set, list[dict]]:
@@ -263,20 +271,28 @@ def _place(ad, remote, layers: dict[int, _Layer], jobs, prepared) -> tuple[set, 
             for j in js:
                 requests_of[j].add(g)
                 server_bytes[j] += size * b * m * sum(
-                    _code_width(ad, s, jobs[j].sae) for s in jobs[j].sites)
+                    _code_width(ad.spec, s.kind, jobs[j].sae.d_sae) for s in jobs[j].sites)
     sent: set = set()  # (SAE, request): an SAE named by several jobs travels once a request
     for j, job in enumerate(jobs):
-        encoder = payload_bytes(encoder_only(job.sae), itemsize=size)
+        encoder = payload_bytes(job.sae.encoder(), itemsize=size)
         new = {(id(job.sae), g) for g in requests_of[j]} - sent
         server_bytes[j] += encoder * len(new)
         sent |= new
-    here = set()
+    here, limit = set(), remote.max_request_bytes
     for layer, plan in layers.items():
         server = sum(server_bytes[j] for j in plan.jobs)
+        # an encoder larger than a request can be is encoded here, whatever it costs
+        too_big = [jobs[j].label or repr(jobs[j].sae) for j in plan.jobs if limit is not None
+                   and payload_bytes(jobs[j].sae.encoder(), itemsize=size) > limit]
+        if too_big and remote.placement == "server" and remote.is_remote:
+            raise ValueError(
+                f"the encoder of {too_big[0]} is larger than a request to the server may be "
+                f"({limit / 1e6:.2f} MB): it cannot be encoded there; fix: "
+                "--remote-placement here (or auto)")
         if remote.placement == "here" or (remote.placement == "auto" and remote.is_remote
-                                          and here_bytes[layer] < server):
+                                          and (too_big or here_bytes[layer] < server)):
             here.add(layer)
-    records = [{"sae": job.label, "layer": job.layer, "width": int(job.sae.W_enc.shape[1]),
+    records = [{"sae": job.label, "layer": job.layer, "width": int(job.sae.d_sae),
                 "placement": "here" if job.layer in here else "server",
                 "server_bytes": server_bytes[j], "here_bytes": here_bytes[job.layer],
                 "saes_sharing_here": len({id(jobs[i].sae) for i in layers[job.layer].jobs})}
@@ -286,11 +302,11 @@ def _place(ad, remote, layers: dict[int, _Layer], jobs, prepared) -> tuple[set, 
     return here, records
 
 
-def _code_width(ad, site, sae) -> int:
+def _code_width(arch: dict, kind: str, width: int) -> int:
     """Floats a server sends back per (prompt, position) for one job's site: the codes and
     the offset."""
-    L = int(sae.W_enc.shape[1])
-    return ad.n_heads * L + ad.d_model if site.kind == "attn_out" else L + ad.d_head
+    return arch["n_heads"] * width + arch["d_model"] if kind == "attn_out" \
+        else width + arch["d_head"]
 
 
 def _codes_here(ad, plan: _Layer, taken: dict, cols, mask, maps: dict, jobs: dict) -> dict:
@@ -300,10 +316,11 @@ def _codes_here(ad, plan: _Layer, taken: dict, cols, mask, maps: dict, jobs: dic
     for j, job in jobs.items():
         device = job.sae.W_enc.device
         with torch.no_grad():
-            found = linear_codes(ad, job.sae, plan.norm, _on(taken, device), mask.to(device),
-                                 cols.to(device), _on(maps, device), job.sites)
+            found = linear_codes(ad.spec, job.sae.encoder(), plan.norm, _on(taken, device),
+                                 mask.to(device), cols.to(device), _on(maps, device),
+                                 [site_key(s) for s in job.sites])
         for s, (c, off) in found.items():
-            out[f"{j}|{s}|codes"], out[f"{j}|{s}|offset"] = c, off
+            out[f"{j}|{site_name(s)}|codes"], out[f"{j}|{site_name(s)}|offset"] = c, off
     return out
 
 
@@ -318,85 +335,92 @@ def _on(obj, device):
     return obj
 
 
-def read_bytes(model, inputs, cols, reads, layers, dtype, seen: set) -> int:
+def read_bytes(model, arch, inputs, cols, reads, layers, dtype, seen: set) -> int:
     """The bytes :func:`_read_batch` returns for one chunk, from shapes alone (a plan: the
     model may have no weights here); each layer's maps once per request (``seen``)."""
-    ad = adapter(model)
     size = (dtype or torch.float32).itemsize
     b, P = cols.shape
     T = inputs["input_ids"].shape[1]
-    floats = sum(b * P * ad.width(s.kind) for s in reads)
+    floats = sum(b * P * width_of(arch, kind) for _, kind, _ in reads)
+    d, dh = arch["d_model"], arch["d_head"]
     for layer, plan in layers.items():
         m = plan["cols"].shape[1]
         if layer not in seen:
             seen.add(layer)
             heads, attn_out = plan["maps"]
-            floats += 2 * ad.d_model + len(heads) * (ad.d_model + 1) * ad.d_head
+            floats += 2 * d + len(heads) * (d + 1) * dh
             if attn_out:
-                floats += (ad.n_heads * ad.d_head + 1) * ad.d_model + (
-                    2 * ad.d_model if ad.arch.attn_post_norm else 0)
-        for _, sae, sites in plan["jobs"]:
-            floats += b * m * sum(_code_width(ad, s, sae) for s in sites)
+                floats += (arch["n_heads"] * dh + 1) * d + (
+                    2 * d if arch["attn_post_norm"] else 0)
+        for _, enc, sites in plan["jobs"]:
+            floats += b * m * sum(_code_width(arch, kind, enc["W_enc"].shape[1])
+                                  for _, kind, _ in sites)
         if plan["send"]:
-            floats += int(plan["mask"].sum()) * ad.d_model + b * m * (
+            floats += int(plan["mask"].sum()) * d + b * m * (
                 len(plan["heads"]) * T + (plan["post_norm"] is not None))
     return floats * size
 
 
-def _read_batch(model, inputs, cols, reads, layers, dtype=None, shared=None):
-    """One clean trace (a remote kernel): every read site at tokens ``cols [b, P]``, and per
-    layer of ``layers`` what its linear view reads, then each server-placed job's codes
-    there (``"j|site|codes"``, ``"j|site|offset"``) or, placed here, the reconstruction's
-    inputs (``"L9|taken"``); each layer's frozen maps once per request (``"L9|maps"``;
-    ``shared``: the request's own dict). Keyed by strings: a server returns plain data."""
+def _read_batch(model, arch, inputs, cols, reads, layers, dtype=None, shared=None):
+    """One clean trace (a remote kernel): every read site (``(layer, kind, head)``) at
+    tokens ``cols [b, P]``, and per layer of ``layers`` what its linear view reads, then
+    each server-placed job's codes there (``"j|site|codes"``, ``"j|site|offset"``) or,
+    placed here, the reconstruction's inputs (``"L9|taken"``); each layer's frozen maps
+    once per request (``"L9|maps"``; ``shared``: the request's own dict). Keyed by
+    strings: a server returns plain data."""
     memo = {} if shared is None else shared
-    with EagerAttention(model, any(plan["heads"] for plan in layers.values())):
-        out, taken = _trace_reads(model, inputs, cols, reads, layers)
-    ad = adapter(model)
+    out, taken, maps = _trace_reads(model, arch, inputs, cols, reads, layers,
+                                    [layer for layer in layers if layer not in memo])
     for layer, plan in layers.items():
         if layer not in memo:  # read where the weights are, sent once
-            memo[layer] = frozen_maps(model, layer, *plan["maps"])
-            out[f"L{layer}|maps"] = memo[layer]
-        for j, sae, sites in plan["jobs"]:
+            memo[layer] = out[f"L{layer}|maps"] = maps[layer]
+        for j, enc, sites in plan["jobs"]:
             if dtype not in (None, torch.float32):  # the encoder travelled in half precision
-                if ("float32", id(sae)) not in memo:
-                    memo["float32", id(sae)] = cast_shared(sae, torch.float32)
-                sae = memo["float32", id(sae)]
+                if ("float32", id(enc)) not in memo:
+                    memo["float32", id(enc)] = cast_shared(enc, torch.float32)
+                enc = memo["float32", id(enc)]
             with torch.no_grad():
-                found = linear_codes(ad, sae, plan["norm"], taken[layer], plan["mask"],
+                found = linear_codes(arch, enc, plan["norm"], taken[layer], plan["mask"],
                                      plan["cols"], memo[layer], sites)
             for s, (c, off) in found.items():
-                out[f"{j}|{s}|codes"], out[f"{j}|{s}|offset"] = c, off
+                out[f"{j}|{site_name(s)}|codes"], out[f"{j}|{site_name(s)}|offset"] = c, off
         if plan["send"]:
             out[f"L{layer}|taken"] = taken[layer]
     return out if dtype is None else cast_shared(out, dtype)
 
 
-def _trace_reads(model, inputs, cols, reads, layers):
-    ad = adapter(model)
-    arch = ad.arch
+def _trace_reads(model, arch, inputs, cols, reads, layers, new_maps):
+    """The clean trace of :func:`_read_batch`: the reads, each planned layer's inputs of
+    the linear view (the clean pattern recomputed from the attention call's inputs), and
+    the frozen maps of the layers in ``new_maps`` (module calls, inside the trace)."""
     rows = torch.arange(len(cols), device=cols.device)[:, None]
-    with torch.no_grad(), model.trace(inputs) as tracer:
-        out, taken = {}, {}
-        for layer in sorted({s.layer for s in reads} | set(layers)):
+    out, taken, maps = {}, {}, {}  # made outside the trace: filled in it, they come back whole
+    with torch.no_grad(), model.trace(inputs, use_cache=False, logits_to_keep=1) as tracer:
+        calls = {layer: attention_call(model, arch, layer) for layer, plan in layers.items()
+                 if plan["heads"]}  # asked for before the model runs
+        for layer in sorted({s[0] for s in reads} | set(layers)):
             plan = layers.get(layer)
-            attn = getattr(ad.blocks(model)[layer], arch.attn)
-            r = ad.tensor(model, layer, "resid_pre").clone() if plan else None
+            r = site_tensor(model, arch, layer, "resid_pre").clone() if plan else None
+            if plan and layer in new_maps:
+                maps[layer] = frozen_maps(model, arch, layer, *plan["maps"], plan["norm"],
+                                          plan["post_norm"], like=r)
+            pattern = None
             for kind in KINDS:
+                if kind == "z" and plan and plan["heads"]:  # before z: the attention call
+                    pattern = pattern_rows(calls[layer], plan["cols"], plan["heads"],
+                                           arch["n_heads"])
                 if kind == "attn_out" and plan:  # the clean pattern is known from here on
-                    o_out = at_path(attn, arch.o_proj).output if plan["post_norm"] else None
-                    pattern = attn.output[1] if plan["heads"] else None
+                    attn = getattr(blocks_of(model, arch)[layer], arch["attn"])
+                    o_out = at_path(attn, arch["o_proj"]).output if plan["post_norm"] else None
                     taken[layer] = take_inputs(r, pattern, o_out, plan["mask"], plan["cols"],
-                                               plan["heads"], plan["post_norm"])
-                for s in (s for s in reads if s.layer == layer and s.kind == kind):
-                    t = ad.tensor(model, layer, kind)
+                                               plan["post_norm"])
+                for key in (key for key in reads if key[0] == layer and key[1] == kind):
+                    t = site_tensor(model, arch, layer, kind)
                     if kind in HEAD_KINDS:
-                        t = t[..., ad.channels(kind, s.head)]
-                    out[str(s)] = t[rows, cols]  # [b, P, width]
-        out.save()
-        taken.save()
-        tracer.stop()  # the layers above the last read and the logits are not needed
-    return out, taken
+                        t = t[..., channels(arch, kind, key[2])]
+                    out[site_name(key)] = t[rows, cols]  # [b, P, width]
+        stop_after_reads(model, tracer)
+    return out, taken, maps
 
 
 def site_values(model: Any, data: Any, pairs: Sequence[tuple], *, batch_size: int = 32,

@@ -1,4 +1,5 @@
-"""Where a stage's forward passes run: here, on NDIF, or in a faithful simulation of NDIF.
+"""Where a stage's forward passes run: here, on NDIF (or a lab's own NDIF at a URL), or in a
+simulation of NDIF that holds its rules.
 
 Every stage that runs the model is split in three: *prepare* here (tokenize, build patch
 indices), a *kernel* that runs the traces (plain torch: the only code that touches the
@@ -7,24 +8,28 @@ the prepared chunks of prompts. Locally it calls it chunk by chunk; remotely all
 in one nnsight session, so one request (or one per ``max_prompts`` prompts), and only what
 the kernel returns comes back::
 
-    with model.session(remote=True):          # one request
-        out = [kernel(model, *chunk) for chunk in chunks]
+    with model.session(backend=NDIFBackend(...)):      # one request
+        out = [kernel(model, arch, *chunk) for chunk in chunks]
         nnsight.save(out)
 
-The kernel and what it calls ship by value (``sage_nn`` registers itself, so a pip or
-editable install works) and import only torch and nnsight, which an NDIF server has.
-The NDIF API key is nnsight's (``NDIF_API_KEY`` or nnsight's config); sage_nn never stores it.
+What a request carries runs on any NDIF server, trusted or sandboxed, from any client
+Python (docs/ndif.md): the kernels and what they call travel as source (``sage_nn``
+registers itself, so a pip or editable install works) and import only torch, numpy and
+nnsight; their arguments are plain data (the architecture's facts as ``arch``, worked out
+here; sites as ``(layer, kind, head)``; SAEs as their plain form), never an object of a
+sage_nn class; nothing is written to the server's model. The NDIF API key is nnsight's
+(``NDIF_API_KEY`` or nnsight's config); sage_nn never stores it.
 
 Every request is logged in ``Remote.requests`` (:class:`Request`: the kernel, rows, tokens,
-the tensor bytes sent and received, seconds, and the serialized sizes where the backend
-knows them), and where the read placed each SAE in ``Remote.placements``.
+the tensor bytes sent and received, seconds, and the bytes that crossed the wire where the
+backend knows them: :class:`NDIFBackend` does), and where the read placed each SAE in
+``Remote.placements``.
 
 Backends for testing without a server: nnsight's own ``remote="local"`` (serialize, hide
-local modules, deserialize, run in-process), :class:`SimulatedServer` (the same against a
-separate server-side model, so the client may hold its model without weights) and
-:class:`FreshProcessBackend`, which runs each request in a new Python process that cannot
-import sage_nn or any non-server package. Both keep the server model's parameters frozen,
-as NDIF's are, so a kernel that needs gradients must ask for them.
+local modules, deserialize, run in-process) and :class:`SimulatedServer` (the same against
+a separate server-side model, so the client may hold its model without weights, refusing
+what a real server could not run and any write to its model). The judge is the real
+server, ``scripts/ndif/local_ndif.py`` (tests/test_ndif.py).
 """
 
 from __future__ import annotations
@@ -32,13 +37,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import io
 import json
-import linecache
 import logging
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -48,14 +48,14 @@ from typing import Any
 import torch
 from nnsight.tracing.backend import Backend
 
+from .servers import MAX_REQUEST_BYTES, NDIFBackend, RequestTooLargeError
+from .sites import spec
+
 log = logging.getLogger(__name__)
 
-#: sage_nn's own dependencies that a server does not have; the fresh-process backend blocks them.
-NOT_ON_SERVER = ("sage_nn", "sae_lens", "xarray", "sklearn", "pandas", "zarr", "dask",
-                 "h5netcdf", "h5py", "matplotlib")
 
-_SERVER_SCRIPT = Path(__file__).with_name("_server.py")
-
+#: Room left in a request for its code (serialized and compressed: tens of kB measured)
+CODE_ALLOWANCE = 128 << 10
 
 #: Where a read encodes residual SAEs (:mod:`sage_nn.model.reads`): chosen by bytes, or forced.
 PLACEMENTS = ("auto", "server", "here")
@@ -100,7 +100,13 @@ class Remote:
     bytes each way needs), ``"server"`` or ``"here"``. ``stage`` labels the requests sent
     (the pipeline sets it per stage). ``dry_run=True`` sends nothing: each stage prepares
     its requests, logs them with the bytes they would carry (:class:`Request`; the results'
-    from the kernel's shapes), and stops with :class:`Planned`.
+    from the kernel's shapes), and stops with :class:`Planned`. ``trusted=False`` asks a
+    server whose auth is off (a lab's own NDIF) to run each request sandboxed, as NDIF runs
+    a key without the ``trusted`` tag; ``None`` leaves it to the server.
+    ``max_request_bytes``: the largest request body the server takes (NDIF's API refuses
+    bodies over 1 MiB): a stage's passes are split into requests under it
+    (:attr:`payload_budget`), a request still larger is refused here before it is sent,
+    naming the fix, and an SAE whose encoder alone is larger is encoded here.
     """
 
     backend: Any = False
@@ -114,6 +120,8 @@ class Remote:
     placement: str = "auto"
     stage: str = ""
     dry_run: bool = False
+    trusted: bool | None = None
+    max_request_bytes: int | None = MAX_REQUEST_BYTES
     requests: list = field(default_factory=list, repr=False)  # Request per request sent
     placements: list = field(default_factory=list, repr=False)  # per read job: where, bytes
 
@@ -133,14 +141,35 @@ class Remote:
         return self.backend is not False and self.backend is not None
 
     @property
+    def payload_budget(self) -> int | None:
+        """The tensor bytes a request may carry: the body limit less room for the code (a
+        request's code compresses to tens of kB); none for nnsight's local simulation."""
+        if not self.is_remote or self.backend == "local" or not self.max_request_bytes:
+            return None
+        return self.max_request_bytes - CODE_ALLOWANCE
+
+    @property
     def transport_dtype(self) -> torch.dtype | None:
         """The dtype activations travel in (``None`` here: nothing travels)."""
         return getattr(torch, self.transport) if self.is_remote else None
 
     def session(self, model: Any) -> Any:
+        return model.session(backend=self.backend_for(model))
+
+    def backend_for(self, model: Any, job_id: str | None = None) -> Backend:
+        """The nnsight backend one request goes through: for NDIF (``True``) or a host URL,
+        an :class:`NDIFBackend`, which records the bytes on the wire."""
         if isinstance(self.backend, Backend):
-            return model.session(backend=self.backend)
-        return model.session(remote=self.backend, blocking=self.blocking, verbose=self.verbose)
+            return self.backend
+        if self.backend == "local":
+            from nnsight.intervention.backends.local import LocalSimulationBackend
+
+            return LocalSimulationBackend(model, verbose=self.verbose)
+        return NDIFBackend(model.to_model_key(),
+                           host=self.backend if isinstance(self.backend, str) else None,
+                           blocking=self.blocking, job_id=job_id, verbose=self.verbose,
+                           trusted=self.trusted, max_request_bytes=self.max_request_bytes,
+                           stage=self.stage)
 
     def record(self, kernel: str, group: list[tuple], up: int, out: Any = None,
                seconds: float = 0.0, wire: tuple = (None, None)) -> None:
@@ -155,6 +184,18 @@ class Planned(Exception):
     def __init__(self, kernel: str):
         self.kernel = kernel
         super().__init__(f"{kernel}: planned, not sent (dry run)")
+
+
+class RemoteRequestError(RuntimeError):
+    """A request the server ran and failed: which stage and request, and the server's own
+    error (its last line here, the whole report in ``detail``)."""
+
+    def __init__(self, stage: str, kernel: str, number: int, rows: int, error: BaseException):
+        self.detail = str(error)
+        lines = [line.strip() for line in self.detail.strip().splitlines() if line.strip()]
+        self.cause = lines[-1] if lines else type(error).__name__
+        super().__init__(f"{stage}: request {number} ({kernel}, {rows} prompts) failed on the "
+                         f"server: {self.cause}")
 
 
 class RemotePending(RuntimeError):
@@ -193,16 +234,23 @@ def _size(chunk: tuple) -> int:
     return sum(len(x["input_ids"]) for x in _inputs(chunk))
 
 
-def request_groups(chunks: Iterable[tuple],
-                   max_prompts: int | None) -> Iterator[list[tuple]]:
-    """The chunks a stage sends, grouped into requests of at most ``max_prompts`` rows."""
-    group, n = [], 0
+def request_groups(chunks: Iterable[tuple], max_prompts: int | None,
+                   max_bytes: int | None = None) -> Iterator[list[tuple]]:
+    """The chunks a stage sends, grouped into requests of at most ``max_prompts`` rows and
+    ``max_bytes`` of tensors (:func:`payload_bytes`, what the chunks share counted once); a
+    chunk over either goes alone."""
+    group, n, size, seen = [], 0, 0, set()
     for chunk in chunks:
-        if group and max_prompts is not None and n + _size(chunk) > max_prompts:
+        extra = payload_bytes(chunk, seen=seen) if max_bytes is not None else 0
+        if group and ((max_prompts is not None and n + _size(chunk) > max_prompts)
+                      or (max_bytes is not None and size + extra > max_bytes)):
             yield group
-            group, n = [], 0
+            group, n, seen = [], 0, set()
+            size = 0
+            extra = payload_bytes(chunk, seen=seen) if max_bytes is not None else 0
         group.append(chunk)
         n += _size(chunk)
+        size += extra
     if group:
         yield group
 
@@ -222,27 +270,30 @@ def _is_transient(error: BaseException) -> bool:
 def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: Any = None,
                *, stage: str = "", shapes: Callable | None = None,
                shared: bool = False) -> Iterator[Any]:
-    """Yield ``kernel(model, *chunk)`` for each chunk, in order.
+    """Yield ``kernel(model, arch, *chunk)`` for each chunk, in order; ``arch`` is the
+    model's architecture as plain data (:func:`~sage_nn.model.sites.spec`), worked out
+    here: a request carries it, and nothing is derived or kept on a server's model.
 
     Locally each chunk runs as it is consumed. Remotely, chunks are grouped into requests of
     at most ``max_prompts`` prompts; each request is one nnsight session, retried on
     connection failures; a request's results are yielded once it returns. With
     ``shared``, the kernel also gets ``shared=``, a dict of the request's own (made on
     the server; one for the whole stage here): what its chunks compute once. A dry run
-    (``Remote.dry_run``) logs each request with ``shapes(model, *chunk, seen)``, the bytes
+    (``Remote.dry_run``) logs each request with ``shapes(model, arch, *chunk, seen)``, the bytes
     the kernel would return for a chunk (``seen``: a set per request), and raises
     :class:`Planned`.
     """
     remote, stage = as_remote(remote), stage or kernel.__name__
+    arch = spec(model)
     if not remote.is_remote:
         state = {"shared": {}} if shared else {}
         for chunk in chunks:
-            yield kernel(model, *chunk, **state)
+            yield kernel(model, arch, *chunk, **state)
         return
     if remote.dry_run:
-        for group in request_groups(chunks, remote.max_prompts):
+        for group in request_groups(chunks, remote.max_prompts, remote.payload_budget):
             seen: set = set()
-            down = sum(shapes(model, *chunk, seen) for chunk in group) if shapes else 0
+            down = sum(shapes(model, arch, *chunk, seen) for chunk in group) if shapes else 0
             remote.requests.append(Request(
                 stage, sum(map(_size, group)),
                 sum(x["input_ids"].numel() for chunk in group for x in _inputs(chunk)),
@@ -250,23 +301,37 @@ def run_kernel(model: Any, kernel: Callable, chunks: Iterable[tuple], remote: An
         raise Planned(stage)
     register()
     if not remote.blocking:
-        yield from _submitted(model, kernel, chunks, remote, stage, shared)
+        yield from _submitted(model, arch, kernel, chunks, remote, stage, shared)
         return
-    for group in request_groups(chunks, remote.max_prompts):
+    for number, group in enumerate(request_groups(chunks, remote.max_prompts,
+                                                   remote.payload_budget), 1):
         up = payload_bytes(group)  # before it is sent: a server works on its own copy
         for attempt in range(remote.retries + 1):
             try:
                 start = time.perf_counter()
-                out = _session(model, kernel, group, remote, shared)
+                out, wire = _session(model, arch, kernel, group, remote, shared)
                 break
+            except RequestTooLargeError:
+                raise
             except Exception as error:  # noqa: BLE001 (re-raised unless transient)
+                if not _is_transient(error) and _ran_on_server(error):
+                    raise RemoteRequestError(remote.stage or stage, kernel.__name__, number,
+                                             sum(map(_size, group)), error) from error
                 if not _is_transient(error) or attempt == remote.retries:
                     raise
                 wait = remote.backoff_s * 2 ** attempt
                 log.warning("request for %s failed (%s); retrying in %.0f s", stage, error, wait)
                 time.sleep(wait)
-        remote.record(stage, group, up, out, time.perf_counter() - start, _wire(remote.backend))
+        remote.record(stage, group, up, out, time.perf_counter() - start, wire)
         yield from out
+
+
+def _ran_on_server(error: BaseException) -> bool:
+    """Whether the server ran the request and reported it failed (nnsight's RemoteError
+    carrying the server's traceback), not a failure to reach it."""
+    from nnsight.intervention.backends.remote import RemoteError
+
+    return isinstance(error, RemoteError) and "Failed to send request" not in str(error)
 
 
 def _wire(backend: Any) -> tuple:
@@ -308,13 +373,16 @@ def payload_bytes(obj: Any, itemsize: int | None = None, seen: set | None = None
     return 0
 
 
-def _session(model: Any, kernel: Callable, group: list[tuple], remote: Remote,
-             shared: bool = False) -> list:
-    with remote.session(model) as session:
+def _session(model: Any, arch: dict, kernel: Callable, group: list[tuple], remote: Remote,
+             shared: bool = False) -> tuple[Any, tuple]:
+    """One request: the kernel's results (or, not blocking, the job id) and the request's
+    and result's serialized sizes where the backend knows them."""
+    backend = remote.backend_for(model)
+    with model.session(backend=backend):
         state = {"shared": {}} if shared else {}  # made where the request runs
-        out = [kernel(model, *chunk, **state) for chunk in group]
+        out = [kernel(model, arch, *chunk, **state) for chunk in group]
         out.save()
-    return session.backend.job_id if not remote.blocking else out
+    return (backend.job_id if not remote.blocking else out), _wire(backend)
 
 
 def _digest(group: list[tuple]) -> str:
@@ -326,27 +394,24 @@ def _digest(group: list[tuple]) -> str:
     return h.hexdigest()[:16]
 
 
-def _submitted(model, kernel, chunks, remote: Remote, stage: str,
+def _submitted(model, arch, kernel, chunks, remote: Remote, stage: str,
                shared: bool = False) -> Iterator[Any]:
     """Submit each request once, keeping its job id; collect the finished ones."""
-    from nnsight.intervention.backends.remote import RemoteBackend
-
     path = Path(remote.jobs)
     jobs = json.loads(path.read_text()) if path.exists() else {}
     results, pending = [], []
-    for i, group in enumerate(request_groups(chunks, remote.max_prompts)):
+    for i, group in enumerate(request_groups(chunks, remote.max_prompts,
+                                             remote.payload_budget)):
         key = f"{stage}/{i}/{_digest(group)}"
         if key not in jobs:
             up = payload_bytes(group)
-            jobs[key] = _session(model, kernel, group, remote, shared)
+            jobs[key], _ = _session(model, arch, kernel, group, remote, shared)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(jobs, indent=2))  # the id outlives this process
             remote.record(stage, group, up)
             pending.append(jobs[key])
             continue
-        host = remote.backend if isinstance(remote.backend, str) else None
-        poll = RemoteBackend(model.to_model_key(), host=host, blocking=False, job_id=jobs[key])
-        done = poll()
+        done = remote.backend_for(model, job_id=jobs[key])()
         if done is None:
             pending.append(jobs[key])
         else:
@@ -355,108 +420,6 @@ def _submitted(model, kernel, chunks, remote: Remote, stage: str,
         raise RemotePending(stage, pending, path)
     for out in results:
         yield from out
-
-
-class FreshProcessBackend(Backend):
-    """An nnsight backend that runs each request like a server would, offline.
-
-    The request is serialized exactly as for NDIF, then deserialized and run in a new
-    Python process that loads the model from ``model_dir`` (``save_pretrained`` format)
-    and cannot import sage_nn or any package in :data:`NOT_ON_SERVER`. Only the saved
-    values come back. ``request_bytes`` and ``result_bytes`` record each request's sizes.
-    """
-
-    def __init__(self, model_dir: str | Path, timeout_s: float = 600):
-        self.model_dir = Path(model_dir)
-        self.timeout_s = timeout_s
-        self.request_bytes: list[int] = []
-        self.result_bytes: list[int] = []
-
-    @classmethod
-    def for_model(cls, model: Any, directory: str | Path | None = None) -> "FreshProcessBackend":
-        """Save ``model`` (weights and tokenizer) for the server process to load."""
-        directory = Path(directory or tempfile.mkdtemp(prefix="sage_nn_server_"))
-        if not (directory / "config.json").exists():
-            model._module.save_pretrained(directory)
-            model.tokenizer.save_pretrained(directory)
-        return cls(directory)
-
-    def __call__(self, tracer: Any) -> None:
-        from nnsight.ndif import pull_env
-        from nnsight.schema.request import RequestModel
-
-        pull_env()
-        blob = RequestModel.serialize(tracer)
-        self.request_bytes.append(len(blob))
-        with tempfile.TemporaryDirectory(prefix="sage_nn_request_") as tmp:
-            request, result = Path(tmp) / "request", Path(tmp) / "result"
-            request.write_bytes(blob)
-            proc = subprocess.run(
-                [sys.executable, str(_SERVER_SCRIPT), str(self.model_dir), str(request),
-                 str(result), ",".join(NOT_ON_SERVER)],
-                capture_output=True, text=True, timeout=self.timeout_s, cwd=tmp)
-            if proc.returncode != 0:
-                raise RuntimeError(f"the request failed in the server process:\n{proc.stderr[-4000:]}")
-            content = result.read_bytes()
-        self.result_bytes.append(len(content))
-        _deliver(tracer, content)
-
-
-class SimulatedServer(Backend):
-    """nnsight's local simulation of NDIF, served by another model: each request is
-    serialized as for NDIF, deserialized with the user's modules hidden (nnsight's
-    ``LocalSimulationBackend`` does both) against ``model``, the server's own (its
-    parameters frozen, as NDIF's are), and run in this process; only the saved values come
-    back. So the client's model may be held on the meta device, as a remote model is.
-    ``request_bytes`` and ``result_bytes`` record each request's sizes."""
-
-    def __init__(self, model: Any):
-        from nnsight.intervention.backends.local import LocalSimulationBackend
-
-        model._module.requires_grad_(False)
-        self.model, self.local = model, LocalSimulationBackend(model)
-        self.request_bytes: list[int] = []
-        self.result_bytes: list[int] = []
-
-    def __call__(self, tracer: Any) -> None:
-        from nnsight.ndif import pull_env
-        from nnsight.schema.request import RequestModel
-        from nnsight.tracing import tracer as tracing
-
-        pull_env()
-        blob = RequestModel.serialize(tracer)
-        self.request_bytes.append(len(blob))
-        # deserializing registers the shipped sources in linecache under their files' names;
-        # a server is another process, so here they must not outlive the request
-        sources = dict(linecache.cache)
-        hidden = self.local._hide_local_modules()  # as on a server without sage_nn
-        try:
-            restored = RequestModel.deserialize(blob, self.model._remoteable_persistent_objects())
-        finally:
-            self.local._restore(hidden)
-        pushed, push = [], tracing.push
-        tracing.push = lambda frame, values: (pushed.append(dict(values)), push(frame, values))
-        try:  # in the caller's own trace scope: its outermost block pushes only saved values
-            restored.execute(restored.info.code)
-        finally:
-            tracing.push = push
-            linecache.cache.clear()
-            linecache.cache.update(sources)
-        buffer = io.BytesIO()  # through bytes, as on the wire: nothing shared with the server
-        torch.save(pushed[-1] if pushed else {}, buffer)
-        self.result_bytes.append(buffer.tell())
-        _deliver(tracer, buffer.getvalue())
-
-
-def _deliver(tracer: Any, content: bytes) -> None:
-    """A server's saved values into the caller's frame, as nnsight's RemoteBackend does."""
-    from nnsight.tracing.tracer import save
-    from nnsight.tracing.util import push
-
-    values = torch.load(io.BytesIO(content), map_location="cpu", weights_only=False)
-    for value in values.values():
-        save(value)
-    push(tracer.info.frame, values)
 
 
 def cast_shared(obj: Any, dtype: torch.dtype, memo: dict | None = None) -> Any:

@@ -56,7 +56,7 @@ class Site:
             raise ValueError(f"site kind {self.kind!r} {need}")
 
     def __str__(self) -> str:
-        return f"L{self.layer}.{self.kind}" + (f".h{self.head}" if self.head is not None else "")
+        return site_name((self.layer, self.kind, self.head))
 
     @classmethod
     def parse(cls, text: "str | Site") -> "Site":
@@ -107,32 +107,115 @@ def at_path(envoy: Any, dotted: str) -> Any:
     return envoy
 
 
+# -- live access inside a trace ---------------------------------------------------------
+# Plain functions of the architecture's facts as plain data (:func:`spec`): they run inside
+# requests on a server, which gets source and plain data, never a class of sage_nn's.
+
+def n_heads_of(arch: dict, kind: str) -> int:
+    return arch["n_kv_heads"] if kind in ("k", "v") else arch["n_heads"]
+
+
+def width_of(arch: dict, kind: str) -> int:
+    return arch["d_head"] if kind in HEAD_KINDS else arch["d_model"]
+
+
+def channels(arch: dict, kind: str, heads: "int | Sequence[int] | None" = None):
+    """Last-dim indices of ``heads`` (one, several or all) of ``kind``, head-major."""
+    if kind not in HEAD_KINDS:
+        return slice(None)
+    index = channel_index(arch, kind)
+    # a head's own copy: a view would carry every head's indices in a request
+    return index.flatten() if heads is None else index[heads].flatten().clone()
+
+
+def blocks_of(model: Any, arch: dict) -> Any:
+    """The decoder layers (a module list) of ``model``."""
+    return at_path(model, arch["layers"])
+
+
+def site_tensor(model: Any, arch: dict, layer: int, kind: str) -> "torch.Tensor":
+    """The live tensor holding ``kind`` at ``layer`` ([batch, seq, channels]).
+
+    Slicing it reads the site; assigning into it in place writes the site. For q/k/v/z,
+    :func:`channels` picks a head's slice of the last dim."""
+    block = blocks_of(model, arch)[layer]
+    attn = getattr(block, arch["attn"])
+    if kind == "resid_pre":
+        # past the first block, the output of the block before: the same tensor, but a
+        # block's input comes with its keyword arguments (the key/value cache among them),
+        # which a sandboxed request is sent with every read and gets back stale
+        return site_tensor(model, arch, layer - 1, "resid_post") if layer > 0 else block.input
+    if kind in ("q", "k", "v"):
+        return at_path(attn, arch[f"{kind}_proj"]).output
+    if kind == "z":
+        return at_path(attn, arch["o_proj"]).input
+    if kind == "attn_out":
+        if arch["attn_post_norm"]:
+            return getattr(block, arch["attn_post_norm"]).output
+        return attn.output[0] if arch["attn_tuple"] else attn.output
+    if kind == "resid_mid":
+        return getattr(block, arch["mid_norm"]).input
+    if kind == "mlp_out":
+        if arch["mlp_post_norm"]:
+            return getattr(block, arch["mlp_post_norm"]).output
+        mlp = getattr(block, arch["mlp"])
+        return mlp.output[0] if arch["mlp_tuple"] else mlp.output
+    if kind == "resid_post":
+        return block.output[0] if arch["block_tuple"] else block.output
+    raise ValueError(f"unknown site kind {kind!r}")
+
+
+def weightless(model: Any) -> bool:
+    """Whether the code runs beside a copy of the model without weights: NDIF's sandbox,
+    where a request's code runs in a process holding a meta copy and the forward runs
+    elsewhere. There no backward pass runs, and ``tracer.stop()`` misbehaves (ndif 0.1.2)."""
+    return next(model._module.parameters()).device.type == "meta"
+
+
+def stop_after_reads(model: Any, tracer: Any) -> None:
+    """Inside a trace, after its last read: stop the forward (the layers above and the
+    logits are not needed), where that is safe. In NDIF's sandbox a stopped trace leaves
+    every later trace of the same request stopped before it starts (ndif 0.1.2), so there
+    the forward runs to its end."""
+    if not weightless(model):
+        tracer.stop()
+
+
+def skip_blocks(model: Any, arch: dict, layers: int, hidden: "torch.Tensor") -> None:
+    """Inside a trace: do not run blocks ``< layers``; block ``layers`` reads ``hidden``."""
+    blocks = blocks_of(model, arch)
+    for i in range(layers):
+        blocks[i].skip((hidden,) if arch["block_tuple"] else hidden)
+
+
 class SiteAdapter:
-    """Canonical sites of one model: shapes, validation and live tensor access in a trace.
+    """Canonical sites of one model: shapes and validation, here.
 
     Where each site lives is derived from the model's own structure
-    (:func:`sage_nn.architectures.architecture_of`), once per model.
+    (:func:`sage_nn.model.architectures.architecture_of`), once per model, here: a remote
+    model is probed through a tiny twin of its config. ``spec`` is the same as plain data,
+    what a request carries to the functions above.
     """
 
     def __init__(self, model: Any):
         hf = getattr(model, "_module", model)
         self.arch = arch = architecture_of(hf)
+        self.spec = arch.plain()
         self.config = hf.config
         self.n_layers, self.d_model = arch.n_layers, arch.d_model
         self.n_heads, self.n_kv_heads, self.d_head = arch.n_heads, arch.n_kv_heads, arch.d_head
         self.parallel = arch.parallel
-        self._channels = {kind: channel_index(arch, kind) for kind in HEAD_KINDS}
 
     # -- shapes --------------------------------------------------------------
     def n_heads_of(self, kind: str) -> int:
-        return self.n_kv_heads if kind in ("k", "v") else self.n_heads
+        return n_heads_of(self.spec, kind)
 
     def head_dim(self, kind: str) -> str:
         """Name of the head dimension: ``kv_head`` for k/v under grouped-query attention."""
         return "kv_head" if kind in ("k", "v") and self.n_kv_heads != self.n_heads else "head"
 
     def width(self, kind: str) -> int:
-        return self.d_head if kind in HEAD_KINDS else self.d_model
+        return width_of(self.spec, kind)
 
     def kinds(self) -> tuple[str, ...]:
         return tuple(k for k in KINDS if not (k == "resid_mid" and self.parallel))
@@ -169,47 +252,15 @@ class SiteAdapter:
 
         return canonical(self.check(a)) == canonical(self.check(b))
 
-    # -- live access (inside a trace) ----------------------------------------
+    # -- live access (here, in a trace this process runs) ----------------------
     def channels(self, kind: str, heads: int | Sequence[int] | None = None) -> torch.Tensor | slice:
-        """Last-dim indices of ``heads`` (one, several or all) of ``kind``, head-major."""
-        if kind not in HEAD_KINDS:
-            return slice(None)
-        index = self._channels[kind]
-        return index.flatten() if heads is None else index[heads].flatten()
+        return channels(self.spec, kind, heads)
 
     def blocks(self, model: Any) -> Any:
-        """The decoder layers (a module list) of ``model``."""
-        return at_path(model, self.arch.layers)
+        return blocks_of(model, self.spec)
 
     def tensor(self, model: Any, layer: int, kind: str) -> torch.Tensor:
-        """The live tensor holding ``kind`` at ``layer`` ([batch, seq, channels]).
-
-        Slicing it reads the site; assigning into it in place writes the site. For
-        q/k/v/z, :meth:`channels` picks a head's slice of the last dim.
-        """
-        arch = self.arch
-        block = self.blocks(model)[layer]
-        attn = getattr(block, arch.attn)
-        first = lambda out, is_tuple: out[0] if is_tuple else out  # noqa: E731
-        if kind == "resid_pre":
-            return block.input
-        if kind in ("q", "k", "v"):
-            return at_path(attn, getattr(arch, f"{kind}_proj")).output
-        if kind == "z":
-            return at_path(attn, arch.o_proj).input
-        if kind == "attn_out":
-            if arch.attn_post_norm:
-                return getattr(block, arch.attn_post_norm).output
-            return first(attn.output, arch.attn_tuple)
-        if kind == "resid_mid":
-            return getattr(block, arch.mid_norm).input
-        if kind == "mlp_out":
-            if arch.mlp_post_norm:
-                return getattr(block, arch.mlp_post_norm).output
-            return first(getattr(block, arch.mlp).output, arch.mlp_tuple)
-        if kind == "resid_post":
-            return first(block.output, arch.block_tuple)
-        raise ValueError(f"unknown site kind {kind!r}")
+        return site_tensor(model, self.spec, layer, kind)
 
     def read(self, model: Any, layer: int, kind: str) -> torch.Tensor:
         """All heads of ``kind`` as [batch, seq, heads, d_head], or [batch, seq, d_model]."""
@@ -219,15 +270,29 @@ class SiteAdapter:
         return t
 
     def skip(self, model: Any, layers: int, hidden: torch.Tensor) -> None:
-        """Inside a trace: do not run blocks ``< layers``; block ``layers`` reads ``hidden``."""
-        blocks = self.blocks(model)
-        for i in range(layers):
-            blocks[i].skip((hidden,) if self.arch.block_tuple else hidden)
+        skip_blocks(model, self.spec, layers, hidden)
 
 
 def adapter(model: Any) -> SiteAdapter:
     """The :class:`SiteAdapter` for an nnsight (or HuggingFace) model."""
     return SiteAdapter(model)
+
+
+def spec(model: Any) -> dict:
+    """The model's architecture as plain data, for requests (:class:`SiteAdapter`.spec)."""
+    return adapter(model).spec
+
+
+def site_name(key: tuple) -> str:
+    """``L9.z.h3`` of a ``(layer, kind, head)`` key (plain: it runs in requests too)."""
+    layer, kind, head = key
+    return f"L{layer}.{kind}" + (f".h{head}" if head is not None else "")
+
+
+def site_key(site: "Site | str") -> tuple:
+    """``(layer, kind, head)``: a site as plain data, for requests."""
+    site = Site.parse(site)
+    return (site.layer, site.kind, site.head)
 
 
 # -- hook names and module paths -> canonical sites --------------------------------------

@@ -247,6 +247,9 @@ def meta_sae(d_in: int, d_sae: int, site: Any, architecture: str = "topk",
                                  torch.empty(d_sae, d_in), torch.empty(d_in),
                                  architecture=architecture,
                                  k=k if architecture == "topk" else None, layer=site.layer,
+                                 # as sae_lens trains TopK SAEs (and sage_nn with it): the
+                                 # encoder then carries the decoder's row norms
+                                 rescale_acts_by_decoder_norm=architecture == "topk",
                                  kind=site.kind, heads=[site.head] if site.head is not None
                                  else None, **extra)
 

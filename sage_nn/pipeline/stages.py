@@ -151,7 +151,6 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         evaluate_cross_section,
         pair_coords,
     )
-    from ..model.linear import EagerAttention
     from ..model.loading import load_model
     from ..model.remote import Remote, as_remote
     from ..model.sites import Site, adapter
@@ -347,14 +346,12 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
         log.info("evaluation: %s%d of %d SAEs to score", "ceiling and " if shared_missing
                  else "", len(missing), len(saes))
         if shared_missing or missing:
-            # the frozen pattern is read; the caller's model comes back as it was given
-            with EagerAttention(model, any(p[0].kind in ("z", "attn_out") for p in all_pairs)):
-                results = evaluate_cross_section(
-                    model, fit, held_out, [CrossSection(a, pairs)
-                                           for a, pairs in pairs_by_attr.items()],
-                    {name: saes[name] for name in missing}, ks=config.ks, n_boot=config.n_boot,
-                    seed=config.seed, batch_size=config.batch_size, remote=remote,
-                    ceiling=shared_missing, control_seeds=config.control_seeds)
+            results = evaluate_cross_section(
+                model, fit, held_out, [CrossSection(a, pairs)
+                                       for a, pairs in pairs_by_attr.items()],
+                {name: saes[name] for name in missing}, ks=config.ks, n_boot=config.n_boot,
+                seed=config.seed, batch_size=config.batch_size, remote=remote,
+                ceiling=shared_missing, control_seeds=config.control_seeds)
             scored = {SHARED_EVALUATION: (eval_settings, None)} if shared_missing else {}
             scored.update({name: (sae_keys[name], name) for name in missing})
             for name, (key, sae) in scored.items():
