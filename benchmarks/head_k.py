@@ -27,7 +27,7 @@ from sage_nn.evaluation.coders import CrossSection, DirectSAE
 from sage_nn.evaluation.scoring import evaluate_cross_section
 from sage_nn.model.sites import Site
 from sage_nn.pipeline.config import run_prompts
-from sage_nn.report.tables import (HEADLINE, Lookup, against_floor, gap_defined, goodness,
+from sage_nn.report import (HEADLINE, Lookup, against_floor, gap_defined, goodness,
                                    roles)
 from validity import trained  # the run's SAE training, cached as the pipeline caches it
 

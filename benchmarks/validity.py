@@ -214,7 +214,7 @@ def random_saes(model, config, fit, held_out, sections, log, n_boot, root: Path)
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
 
     from sage_nn.dictionaries.saes import load_sae
-    from sage_nn.report.tables import (Lookup, calibration, goodness, paired_interval, roles,
+    from sage_nn.report import (Lookup, calibration, goodness, paired_interval, roles,
                                        sae_flags)
 
     layer = 23

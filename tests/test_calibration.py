@@ -96,7 +96,7 @@ def test_every_control_is_built_at_the_saes_budget_and_can_lose(calibration):
     """The controls have the SAE's per-token budget at its own site (32 at the residual),
     are not exact by construction, and the SAE lies above both on every headline metric."""
     result, io, sae, floor = calibration
-    from sage_nn.report.tables import HEADLINE, Lookup, against_floor, roles
+    from sage_nn.report import HEADLINE, Lookup, against_floor, roles
 
     assert float(io.l0.sel(dictionary=sae).mean()) == pytest.approx(32)
     assert float(io.l0_site.sel(dictionary=sae).mean()) > 64  # the context union at a head
@@ -152,7 +152,7 @@ def random_saes(calibration, smollm2, tmp_path_factory):
 def test_sae_lens_saes_with_random_weights_are_below_the_trained_sae_and_flagged(
         random_saes, tmp_path):
     from sage_nn.report import write_report
-    from sage_nn.report.tables import HEADLINE, Lookup, calibration, goodness, roles, sae_flags
+    from sage_nn.report import HEADLINE, Lookup, calibration, goodness, roles, sae_flags
 
     look, r = Lookup(random_saes), roles(random_saes)
     for name in ("random-topk", "random-jumprelu"):

@@ -370,7 +370,8 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
                     sent("evaluation", evaluation_stage),
                     lambda: pair_coords(read_netcdf(root / "evaluation.nc")))
 
-    from ..report.tables import excluded, roles, sae_flags
+    from ..report.tables import excluded, roles
+    from ..report.verdicts import sae_flags
 
     for attribute in (str(a) for a in results.attribute.values):  # numbers that are no claims
         reason = excluded(results, attribute)

@@ -23,15 +23,17 @@ from .tables import (
     LABELS,
     PER_PAIR,
     Lookup,
-    against_floor,
-    calibration,
-    comparison_table,
     excluded,
     extra_scalars,
     headline_columns,
     headline_metrics,
     metric_key,
     roles,
+)
+from .verdicts import (
+    against_floor,
+    calibration,
+    comparison_table,
     sae_flags,
     sae_orderings,
 )

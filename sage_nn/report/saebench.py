@@ -26,6 +26,8 @@ from .tables import (
     Lookup,
     check_results,
     roles,
+)
+from .verdicts import (
     sae_metrics,
 )
 

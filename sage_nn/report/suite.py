@@ -20,12 +20,14 @@ from .document import NOT_CONVERGED, SAE_COLUMNS, convergence, sae_rows, trainin
 from .saebench import eval_document, eval_results_file, sae_identity
 from .tables import (
     HEADLINE,
-    comparison_table,
     excluded,
     goodness_interval,
     headline_k,
     headline_metrics,
     metric_key,
+)
+from .verdicts import (
+    comparison_table,
 )
 
 EVAL_TYPE_ID = "sage_suite"

@@ -15,7 +15,6 @@ import xarray as xr
 
 from ..evaluation.coders import RANDOM, SUPERVISED
 from ..evaluation.controls import RANDOM_SAE
-from ..evaluation.paired import percentile_interval
 from ..evaluation.path import PATH_CEILING
 from ..evaluation.scoring import pair_mean
 
@@ -207,10 +206,6 @@ class Lookup:
         return None if not np.isfinite(values).any() else values.astype(np.float64)
 
 
-def _lookup(results: "xr.Dataset | Lookup") -> Lookup:
-    return results if isinstance(results, Lookup) else Lookup(results)
-
-
 def extra_scalars(results: xr.Dataset) -> list[str]:
     """Further (attribute, method) metrics a newer evaluation adds (e.g. a loss increase)."""
     known = set(REQUIRED) | set(PER_PAIR) | set(BY_K) | set(HEADLINE) | {
@@ -238,84 +233,6 @@ def goodness_interval(name: str, low: float | None,
     return min(ends), (1.0 if low <= 1 <= high else max(ends))
 
 
-def paired_interval(look: "Lookup", attribute: str, metric: str, first: str,
-                    second: str) -> tuple[float, float] | None:
-    """The 95% interval of ``first - second`` in goodness units, draw by draw over their
-    shared bootstrap draws (the controls' seeds and the detectors' choice inside them);
-    None without replicates (results written before they were kept)."""
-    a, b = look.boot(metric, attribute, first), look.boot(metric, attribute, second)
-    if a is None or b is None:
-        return None
-    lo, hi = percentile_interval(goodness(metric, a) - goodness(metric, b))
-    return None if np.isnan(lo) else (lo, hi)
-
-
-def compare(look: "Lookup", attribute: str, metric: str, first: str,
-            second: str) -> str | None:
-    """``"above"`` when ``first`` lies above ``second`` (in goodness; the paired interval of
-    their difference above 0), ``"below"``, or ``"overlap"``; None when either has no
-    value. Results without replicates compare the two intervals."""
-    interval = paired_interval(look, attribute, metric, first, second)
-    if interval is not None:
-        lo, hi = interval
-        return "above" if lo > 0 else "below" if hi < 0 else "overlap"
-    mine = goodness_interval(metric, *look.ci(metric, attribute, first))
-    other = goodness_interval(metric, *look.ci(metric, attribute, second))
-    if None in mine + other:
-        return None
-    return "above" if mine[0] > other[1] else "below" if mine[1] < other[0] else "overlap"
-
-
-def against_floor(look: "Lookup", sae: str, attribute: str, metric: str,
-                  control: str = "floor", **sel) -> str | None:
-    """``"above"``/``"below"``/``"overlap"``: the SAE against its ``control`` (``"floor"``
-    or ``"random SAE"``) by the paired interval of their difference (:func:`compare`)."""
-    name = (RANDOM_SAE_PREFIX if control == "random SAE" else FLOOR_PREFIX) + sae
-    if sel:  # one k of an edit: no replicates kept, the intervals compared
-        mine = goodness_interval(metric, *look.ci(metric, attribute, sae, **sel))
-        other = goodness_interval(metric, *look.ci(metric, attribute, name, **sel))
-        if None in mine + other:
-            return None
-        return "above" if mine[0] > other[1] else "below" if mine[1] < other[0] else "overlap"
-    return compare(look, attribute, metric, sae, name)
-
-
-def gap_defined(look: "Lookup", attribute: str, metric: str, ceiling: str,
-                floor: str) -> bool:
-    """Whether there is a gap to close: the ceiling lies above the floor (by the paired
-    interval of their difference where there are replicates, else by value)."""
-    verdict = compare(look, attribute, metric, ceiling, floor)
-    if look.boot(metric, attribute, ceiling) is not None:
-        return verdict == "above"
-    c, f = (goodness(metric, look(metric, attribute, m)) for m in (ceiling, floor))
-    return None not in (c, f) and c - f > 1e-12
-
-
-def calibration(look: "Lookup", r: "Roles", sae: str, attribute: str,
-                metric: str) -> tuple[str, float | None]:
-    """An SAE's place between its controls and its ceiling on one headline metric, from
-    paired intervals: ``("✓", gap)`` above every control and not above the ceiling, ``("✗
-    below <control>", gap)``, ``("✗ above the ceiling", gap)``, ``("~", gap)`` (not apart
-    from some control), or ``("no gap", None)`` where the ceiling is not above the floor."""
-    ceiling, floor = r.ceiling_of(sae), r.floors[sae]
-    values = [goodness(metric, look(metric, attribute, m)) for m in (sae, ceiling, floor)]
-    if None in values:
-        return "–", None
-    if not gap_defined(look, attribute, metric, ceiling, floor):
-        return "no gap", None
-    gap = gap_closed(*values)
-    verdicts = {role: compare(look, attribute, metric, sae, name)
-                for role, name in r.controls(sae).items()}
-    below = [role for role, v in verdicts.items() if v == "below"]
-    if below:
-        return f"✗ below {' and '.join(below)}", gap
-    if compare(look, attribute, metric, sae, ceiling) == "above":
-        return "✗ above the ceiling", gap
-    if all(v == "above" for v in verdicts.values()):
-        return "✓", gap
-    return "~", gap
-
-
 def goodness(name: str, value):
     """Higher is better: sufficiency is best at 1 (overshooting the clean logit difference
     is no better than falling short), so it is scored as ``1 - |1 - s|`` (values or
@@ -328,59 +245,6 @@ def goodness(name: str, value):
 
 
 # -- SAEBench-style JSON -----------------------------------------------------------------
-
-
-def sae_metrics(results: "xr.Dataset | Lookup", sae: str,
-                attribute: str) -> dict[str, float | None]:
-    """Flat metrics of one SAE at one attribute, each next to its ceiling and controls:
-    ``m``, ``m_ci_low``, ``m_ci_high``, ``m_ceiling`` (the ceiling the SAE is measured
-    against), ``m_floor``, ``m_random_sae``, ``m_gap_closed`` (None where the ceiling is not
-    above the floor, or out of claims), and for the headline metrics the paired intervals
-    ``m_minus_floor_low``/``_high`` and ``m_minus_random_sae_low``/``_high``."""
-    look = _lookup(results)
-    results = look.results
-    r = roles(results)
-    floor, ceiling = FLOOR_PREFIX + sae, r.ceiling_of(sae)
-    random = r.random_saes.get(sae)
-    claimed = excluded(results, attribute) is None  # no gap closed against a failed ceiling
-    out: dict[str, float | None] = {}
-
-    def put(key: str, name: str, with_gap: bool, **sel) -> None:
-        out[key] = look(name, attribute, sae, **sel)
-        if f"{name}_ci" in results:
-            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = look.ci(name, attribute, sae, **sel)
-        out[f"{key}_ceiling"] = look(name, attribute, ceiling, **sel)
-        out[f"{key}_floor"] = look(name, attribute, floor, **sel)
-        if random is not None:
-            out[f"{key}_random_sae"] = look(name, attribute, random, **sel)
-        if with_gap:
-            gap = not sel and name in HEADLINE and look.boot(name, attribute, ceiling) is not None
-            defined = gap_defined(look, attribute, name, ceiling, floor) if gap else True
-            out[f"{key}_gap_closed"] = gap_closed(*(goodness(name, out[key + role]) for role
-                                                    in ("", "_ceiling", "_floor"))) \
-                if claimed and defined else None
-        if not sel and name in HEADLINE:
-            for label, other in (("floor", floor), ("random_sae", random)):
-                interval = None if other is None else paired_interval(
-                    look, attribute, name, sae, other)
-                if interval is not None:
-                    out[f"{key}_minus_{label}_low"], out[f"{key}_minus_{label}_high"] = interval
-
-    for name in ("sufficiency", "necessity", "edit_auc", "edit_f1_auc"):
-        if name in results:
-            put(name, name, True)
-    for name in (n for n in BY_K if n in results):
-        for k in results["k"].values:
-            put(f"{name}_k{int(k)}", name, True, k=int(k))
-            if f"{name}_magnitude" in results:
-                put(f"{name}_magnitude_k{int(k)}", f"{name}_magnitude", False, k=int(k))
-    for name in [n for n in PER_PAIR if n in results] + extra_scalars(results):
-        put(name, name, name in CALIBRATED)
-    if "fvu_pooled" in results:
-        put("fvu_pooled", "fvu_pooled", False)
-    if "best_f1_chance" in results:
-        out["best_f1_chance"] = look("best_f1_chance", attribute, sae)
-    return out
 
 
 # -- plots -------------------------------------------------------------------------------
@@ -407,71 +271,6 @@ def sae_widths(results: xr.Dataset, sae_info: Mapping | None = None) -> dict[str
             out[sae] = int(cfg["d_sae"])
         except (KeyError, TypeError, ValueError):
             out[sae] = None
-    return out
-
-
-def comparison_table(results: xr.Dataset, sae_info: Mapping | None = None, *,
-                     k: int | None = None) -> pd.DataFrame:
-    """One row per (SAE, attribute), one column per metric: width, per-token L0 at its own
-    site (``l0``), L0 at the pairs (``l0_site``), pooled FVU, and per headline metric
-    (:func:`headline_metrics`) its value, 95% interval (``*_low``/``*_high``), its
-    ceiling's, floor's and random SAE's values (``*_ceiling``, ``*_floor``,
-    ``*_random_sae``), its gap closed (``*_gap``; empty where the ceiling is not above the
-    floor, or out of claims) and its place against each control by their paired interval
-    (``*_above_floor``, ``*_above_random_sae``: 1 above, -1 below, 0 overlapping).
-    ``k``: the edit budget of results without the edits over k."""
-    results = check_results(results)
-    r, look = roles(results), Lookup(results)
-    k = headline_k(results) if k is None else k
-    widths = sae_widths(results, sae_info)
-    rows = []
-    for sae in r.saes:
-        for a in (str(x) for x in results["attribute"].values):
-            row = {"sae": sae, "attribute": a, "width": widths[sae],
-                   "l0": look("l0", a, sae), "l0_site": look("l0_site", a, sae),
-                   "fvu": look("fvu_pooled", a, sae) if "fvu_pooled" in results
-                   else look("fvu", a, sae)}
-            metrics = sae_metrics(look, sae, a)
-            for metric in headline_metrics(results):
-                name, sel = metric_key(metric, k)
-                if sel:  # results without the edits over k
-                    metrics[name] = look(metric, a, sae, **sel)
-                row[name] = metrics.get(name)
-                row[f"{name}_low"], row[f"{name}_high"] = look.ci(metric, a, sae, **sel)
-                for role in ("ceiling", "floor", "random_sae"):
-                    row[f"{name}_{role}"] = metrics.get(f"{name}_{role}")
-                row[f"{name}_gap"] = metrics.get(f"{name}_gap_closed")
-                for control, label in (("floor", "floor"), ("random SAE", "random_sae")):
-                    verdict = against_floor(look, sae, a, metric, control, **sel)
-                    row[f"{name}_above_{label}"] = {"above": 1, "below": -1,
-                                                    "overlap": 0}.get(verdict)
-            rows.append(row)
-    table = pd.DataFrame(rows).set_index(["sae", "attribute"])
-    table = table.apply(lambda c: pd.to_numeric(c.astype(float)))  # missing: NaN, not None
-    table.attrs["edit_k"] = k
-    return table
-
-
-def sae_orderings(results: xr.Dataset, *, k: int | None = None) -> dict[str, list[str]]:
-    """Per headline metric, the SAEs from best to worst by their mean over the attributes
-    kept in claims (sufficiency by its distance from 1)."""
-    results = check_results(results)
-    r, look = roles(results), Lookup(results)
-    k = headline_k(results) if k is None else k
-    claimed = [str(a) for a in results["attribute"].values if not excluded(results, str(a))]
-    claimed = claimed or [str(a) for a in results["attribute"].values]
-    out = {}
-    for metric in headline_metrics(results):
-        key, sel = metric_key(metric, k)
-        scores = {}
-        for sae in r.saes:
-            values = [goodness(metric, look(metric, a, sae, **sel)) for a in claimed]
-            values = [v for v in values if v is not None]
-            if values:
-                scores[sae] = float(np.mean(values))
-        if scores:
-            out[key] = sorted(
-                scores, key=lambda s: -scores[s])
     return out
 
 
@@ -504,31 +303,3 @@ def headline_columns(k: int, results: xr.Dataset | None = None) -> list[tuple[st
     metrics = HEADLINE if results is None else headline_metrics(results)
     return [(m, LABELS[m] + (f" k={k}" if m in BY_K else ""), {"k": k} if m in BY_K else {})
             for m in metrics]
-
-
-def sae_flags(results: xr.Dataset, sae: str) -> list[str]:
-    """What a reader must know of an SAE before its numbers: a reconstruction worse than the
-    mean (pooled FVU above 1) at some attribute, and an SAE that no headline metric of an
-    attribute in claims puts above both its controls (paired intervals)."""
-    look, r = Lookup(results), roles(results)
-    flags = []
-    attributes = [str(a) for a in results["attribute"].values]
-    worse = [(a, v) for a in attributes
-             if (v := look("fvu_pooled" if "fvu_pooled" in results else "fvu", a, sae))
-             is not None and v > 1]
-    if worse:
-        flags.append("reconstruction worse than the mean (FVU > 1) at " + ", ".join(
-            f"{a} ({v:.3g})" for a, v in worse))
-    claimed = [a for a in attributes if excluded(results, a) is None]
-    if claimed and sae in r.saes:
-        columns = headline_columns(headline_k(results), results)
-        above = [(a, m) for a in claimed for m, _, sel in columns
-                 if all(against_floor(look, sae, a, m, c, **sel) == "above"
-                        for c in r.controls(sae))]
-        if not above:
-            flags.append("no headline metric puts it above its random controls at any "
-                         "attribute in claims: indistinguishable from random weights here")
-    return flags
-
-
-# -- the whole report --------------------------------------------------------------------
