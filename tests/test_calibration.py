@@ -121,7 +121,7 @@ def random_saes(calibration, smollm2, tmp_path_factory):
     from sage_nn.dictionaries.saes import load_sae
     from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
     from sage_nn.evaluation.scoring import evaluate_cross_section
-        from sage_nn.model.sites import Site
+    from sage_nn.model.sites import Site
     from sage_nn.pipeline.config import run_prompts
     from sage_nn.pipeline.resolve import resolve_saes
 

@@ -24,6 +24,7 @@ ceiling, fitted where the SAE lives) it is the site ceiling.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -103,18 +104,25 @@ class PathCeiling:
         if layer not in self._fitted:
             rows = self.named(0, layer, self.train)
             labels = self.train.attributes[self.names].reset_index(drop=True)
-            fitted = []
-            for c in range(len(rows["names"]) + 1):
-                take = (rows["cls"] == c).numpy()
-                # thousands of token rows: least squares by the normal equations (a ridge
-                # far below the one-hot design's scale), not the pseudo-inverse
-                fitted.append(MSEDictionary(attributes=self.names, weights="fitted",
-                                            solver=Ridge(alpha=1e-6, solver="cholesky")).fit(
-                    rows["r"][take].double().numpy(),
-                    labels.iloc[rows["owner"][take].numpy()].reset_index(drop=True))
-                    if take.sum() > 1 else None)
-            self._fitted[layer] = fitted
+            # the labels are the site ceiling's, which has warned of rare or confounded
+            # values already: once is enough
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._fitted[layer] = [self._fit(rows, labels, c)
+                                       for c in range(len(rows["names"]) + 1)]
         return self._fitted[layer]
+
+    def _fit(self, rows: dict, labels, c: int) -> MSEDictionary | None:
+        """The supervised dictionary of class ``c``'s rows (None: fewer than two)."""
+        take = (rows["cls"] == c).numpy()
+        if take.sum() <= 1:
+            return None
+        # thousands of token rows: least squares by the normal equations (a ridge far below
+        # the one-hot design's scale), not the pseudo-inverse
+        return MSEDictionary(attributes=self.names, weights="fitted",
+                             solver=Ridge(alpha=1e-6, solver="cholesky")).fit(
+            rows["r"][take].double().numpy(),
+            labels.iloc[rows["owner"][take].numpy()].reset_index(drop=True))
 
     def _projection(self, site) -> torch.Tensor:
         """``W [d_model, d_head]`` of the head's projection the site reads (z: its value)."""

@@ -18,7 +18,6 @@ patches one node at a time, docs/metrics.md). The methods: the site ceiling
 from __future__ import annotations
 
 import warnings
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
