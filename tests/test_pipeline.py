@@ -227,8 +227,9 @@ def test_saes_are_cached_one_by_one(setup, monkeypatch):
 
     monkeypatch.setattr(evaluation, "evaluate_cross_section", counting)
     one = run(config(root, "sweep", saes=["train:topk:k=2"]), model=model, progress=False)
-    assert set(one.results.dictionary.values) == {"supervised", "topk-64-k2",
-                                                  "random:topk-64-k2"}
+    assert set(one.results.dictionary.values) == {"supervised", "supervised:path",
+                                                  "topk-64-k2", "random:topk-64-k2",
+                                                  "random-sae:topk-64-k2"}
     first = sorted((one.run_dir / "evaluation").glob("topk-64-k2-*.nc"))
     assert len(first) == 1
     mtime = first[0].stat().st_mtime_ns
@@ -239,9 +240,11 @@ def test_saes_are_cached_one_by_one(setup, monkeypatch):
     assert all(s == ["topk-64-k4"] for s in scored) and scored  # only the new SAE
     assert first[0].stat().st_mtime_ns == mtime
     assert list(two.results.dictionary.values) == [
-        "supervised", "topk-64-k2", "random:topk-64-k2", "topk-64-k4", "random:topk-64-k4"]
-    xr.testing.assert_identical(two.results.sel(dictionary=["supervised", "topk-64-k2"]),
-                                one.results.sel(dictionary=["supervised", "topk-64-k2"]))
+        "supervised", "supervised:path", "topk-64-k2", "random:topk-64-k2",
+        "random-sae:topk-64-k2", "topk-64-k4", "random:topk-64-k4", "random-sae:topk-64-k4"]
+    kept = ["supervised", "supervised:path", "topk-64-k2", "random:topk-64-k2"]
+    xr.testing.assert_identical(two.results.sel(dictionary=kept),
+                                one.results.sel(dictionary=kept))
     # the same numbers as scoring both together in a fresh run
     both = run(config(root, "sweep-both", saes=["train:topk:k=2,4"]), model=model,
                progress=False)
@@ -252,8 +255,9 @@ def test_saes_are_cached_one_by_one(setup, monkeypatch):
     scored.clear()
     last = run(config(root, "sweep", saes=["train:topk:k=4"]), model=model, progress=False)
     assert not scored  # everything was cached
-    assert list(last.results.dictionary.values) == ["supervised", "topk-64-k4",
-                                                    "random:topk-64-k4"]
+    assert list(last.results.dictionary.values) == ["supervised", "supervised:path",
+                                                    "topk-64-k4", "random:topk-64-k4",
+                                                    "random-sae:topk-64-k4"]
     summary = (last.report / "summary.md").read_text()
     assert "topk-64-k4" in summary and "topk-64-k2" not in summary
 
