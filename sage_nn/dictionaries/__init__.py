@@ -1,8 +1,8 @@
 """Feature dictionaries: the supervised ground truth (``supervised``), SAEs as plain torch
 (``saes``) from sae_lens releases (``releases``) or trained here (``corpus``, ``training``,
 transcoders ``transcoding``),
-residual SAEs reaching sublayer sites (``reconstruction``, ``serving``) and the random floor
-(``floor``).
+residual SAEs reaching sublayer sites (``reconstruction``, ``serving``) and an SAE's controls:
+the random floor (``floor``) and its architecture with random weights (``random_sae``).
 """
 
 from ..common.lazy import lazy_exports
@@ -60,6 +60,8 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "load_trained": "training",
     "omp": "floor",
     "random_directions": "floor",
+    "random_floor": "floor",
+    "random_sae": "random_sae",
     "reconstruct_torch": "supervised",
     "register": "releases",
     "registry": "releases",
