@@ -50,6 +50,7 @@ class PathCeiling:
         self.names = list(train.attribute_names)
         self._rows: dict = {}
         self._fitted: dict = {}
+        self._tokens_cache: dict = {}
 
     def reaches(self, pair: tuple) -> bool:
         site, position = pair
@@ -160,16 +161,28 @@ class PathCeiling:
             if d is None:
                 continue
             take = kept & (named["cls"] == c)
+            per_token, error = self._tokens(k, site.layer, c, take, slot, labels, d, named)
+            codes.append(torch.zeros(len(rows), per_token.shape[1]).index_add_(
+                0, slot[take], weight[take, None] * per_token))
+            if error is not None:  # a named token: its supervised reconstruction's error
+                change.index_add_(0, slot[take], weight[take, None] * (error @ W))
+        return torch.cat(codes, 1), change
+
+    def _tokens(self, k, layer, c, take, slot, labels, d, named) -> tuple:
+        """The supervised codes of class ``c``'s kept tokens of set ``k`` and (a named
+        class) their reconstruction's error after the frozen norm's weight; the same for
+        every head of the layer, so computed once per set of rows."""
+        key = (k, layer, c, tuple(slot[take].tolist()))  # set k and its rows: the labels too
+        if key not in self._tokens_cache:
             r = named["r"][take]
             owners = labels.iloc[slot[take].numpy()].reset_index(drop=True)
             per_token = np.asarray(d.transform(r.double().numpy(), owners))
-            codes.append(torch.zeros(len(rows), per_token.shape[1]).index_add_(
-                0, slot[take], weight[take, None] * torch.as_tensor(per_token).float()))
-            if c < len(named["names"]):  # a named token: its supervised reconstruction
-                error = r - torch.as_tensor(d.inverse_transform(per_token), dtype=torch.float32)
-                change.index_add_(0, slot[take],
-                                  weight[take, None] * (self._push(error, site.layer) @ W))
-        return torch.cat(codes, 1), change
+            error = None
+            if c < len(named["names"]):
+                error = self._push(r - torch.as_tensor(d.inverse_transform(per_token),
+                                                       dtype=torch.float32), layer)
+            self._tokens_cache[key] = (torch.as_tensor(per_token).float(), error)
+        return self._tokens_cache[key]
 
     def codes(self, pair: tuple, test: Any, cf: Any, keep: np.ndarray, a, a_cf,
               cf_set: int) -> SiteCode:
