@@ -110,7 +110,10 @@ class LinearControls:
 
     def own_l0(self, sae: Any, layer: int) -> float:
         """The SAE's per-token L0 at its own site, on the held-out prompts' rows (set 1)."""
-        return per_token_l0(sae, self.rows(1, layer))
+        key = ("l0", id(sae), layer)
+        if key not in self._coded:
+            self._coded[key] = per_token_l0(sae, self.rows(1, layer))
+        return self._coded[key]
 
     def encoders(self, sae: Any, layer: int) -> dict[str, list]:
         """Per control, one encoder per seed, fitted on the fit prompts' rows (set 0)."""
