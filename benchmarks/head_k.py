@@ -9,7 +9,8 @@ k and headline metric: the trained SAE's value (mean over its seeds) and its spr
 seeds, each control's value, the ceiling's, whether the SAE lies above both controls by the
 paired intervals (for every seed), whether its margin over the random SAE exceeds the seed
 spread, and whether the ceiling lies above the floor (a metric without that gap cannot rank
-anything). The reference used k 3-24 with 512 latents at GPT-2's heads (64 wide).
+anything). The reference used k 3-24 with 512 latents at GPT-2's heads (64 wide). ``chosen``
+(:func:`choose`) is the pipeline's k at heads, ``sage_nn.pipeline.resolve.TRAINED_K_HEADS``.
 
 Writes benchmarks/results/head_k.json.
 """
@@ -112,17 +113,23 @@ def summary(results, ks, seeds, attributes) -> dict:
 
 
 def choose(by_k: dict, ks) -> dict:
-    """The k whose every headline metric, at every attribute, puts the trained SAEs above
-    both controls beyond the seed spread with a gap to close; the smallest such k if there
-    are several (the fewest active latents), else the k meeting the most of them."""
-    met = {}
+    """The k that meets the most criteria (every headline metric, at every attribute: the
+    trained SAEs above both controls by the paired intervals, beyond the seed spread, with a
+    gap to close); among those, the one whose SAEs close the most of the gap from floor to
+    ceiling (the mean over the metrics with a gap, in goodness units)."""
+    met, gaps = {}, {}
     for k in ks:
         cells = [row for attr in by_k[f"k{k}"].values() for row in attr.values()]
         met[k] = sum(row["above_both_controls"] and row["margin_over_random_exceeds_seed_spread"]
                      and row["ceiling_above_floor"] for row in cells) / len(cells)
+        gaps[k] = float(np.mean([(row["sae"] - row["floor"]) / (row["ceiling"] - row["floor"])
+                                 for row in cells if row["ceiling_above_floor"]]))
     best = max(met.values())
-    chosen = min(k for k in ks if met[k] == best)
-    return {"k": chosen, "share_of_criteria_met": {f"k{k}": met[k] for k in ks}}
+    chosen = max((k for k in ks if met[k] == best), key=lambda k: gaps[k])
+    return {"k": chosen, "share_of_criteria_met": {f"k{k}": met[k] for k in ks},
+            "mean_gap_closed": {f"k{k}": round(gaps[k], 3) for k in ks},
+            "not_met": sorted({f"{a} {m}" for k in ks for a, rows in by_k[f"k{k}"].items()
+                               for m, row in rows.items() if not row["ceiling_above_floor"]})}
 
 
 if __name__ == "__main__":

@@ -43,11 +43,11 @@ import sage_nn
 from sage_nn.evaluation.coders import CrossSection, DirectSAE, ReconstructedSAE
 from sage_nn.evaluation.scoring import evaluate_cross_section
 from sage_nn.pipeline.config import RunConfig, run_prompts
-from sage_nn.pipeline.resolve import trained_cache, cached_saes
+from sage_nn.pipeline.resolve import cached_saes, trained_cache, trained_k
 from sage_nn.dictionaries.serving import residual_sites_for
 from sage_nn.report import HEADLINE, goodness
 from sage_nn.model.sites import Site
-from sage_nn.dictionaries.training import TrainConfig, train_saes
+from sage_nn.dictionaries.training import train_saes
 from sage_nn.evaluation.validity import (SHARES, Perturbed, PlantedDictionary, Shrunk,
                                          WithPlanted, ladder, ladder_summary, planted_sae)
 
@@ -61,9 +61,11 @@ LADDER_CONTROL_SEEDS = 2
 def trained(model, config: RunConfig, sites, k: int, seed: int, log: dict) -> list:
     """The run's residual TopK SAEs at ``sites`` with ``k`` and SAE seed ``seed`` (the
     prompts stay the run's), from the pipeline's cache or trained into it."""
-    # the default k is the pipeline's `train:topk`, whose cache the quickstart filled
+    # the default k at these sites is the pipeline's `train:topk`, whose cache the
+    # quickstart filled (TrainConfig's k at the residual, TRAINED_K_HEADS at heads)
+    defaults = {trained_k("topk", Site.parse(s).kind) for s in sites}
     name, cfg, source, root = trained_cache("topk", model, config,
-                                             {} if k == TrainConfig.k else {"k": k})
+                                             {} if defaults == {k} else {"k": k})
     if seed != config.seed:
         cfg.seed = seed
         root = root.with_name(root.name.replace(f"-seed{config.seed}-", f"-seed{seed}-"))

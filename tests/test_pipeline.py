@@ -185,8 +185,21 @@ def test_default_run_grows_head_cross_sections_and_compares_both_approaches(setu
     assert "Kinds of dictionary" in summary and "joint exact patch recovers" in summary
     assert "| residual SAE through the reconstruction |" in summary
     assert "| SAE at the site |" in summary
-    # the same head SAEs given as a directory are applied at their sites, scoring the same
+    # trained SAEs keep TRAINED_K_HEADS latents at a head and TrainConfig's k at the
+    # residual (benchmarks/head_k.py); a k named in the spec holds at every site
+    from sage_nn.dictionaries.training import TrainConfig
+    from sage_nn.pipeline.resolve import TRAINED_K_HEADS, resolve_saes
+
+    assert TRAINED_K_HEADS != TrainConfig.k
+    head, resid = sorted(heads)[0], listing["topk-64"]["sites"][0]
+    _, (at_head, at_resid) = resolve_saes("train:topk", model, [head, resid], cfg, False)
+    assert (at_head.k, at_resid.k) == (TRAINED_K_HEADS, TrainConfig.k)
+    _, (k4_head, k4_resid) = resolve_saes("train:topk:k=4", model, [head, resid], cfg, False)
+    assert (k4_head.k, k4_resid.k) == (4, 4)
     cache = trained_cache("topk", model, cfg)[3]
+    assert cache.name.startswith(f"topk-64-kh{TRAINED_K_HEADS}-")  # not a k=32 head's entry
+    assert trained_cache("topk", model, cfg, {"k": 4})[3].name.startswith("topk-64-k4-")
+    # the same head SAEs given as a directory are applied at their sites, scoring the same
     for site in listing["topk-64@sites"]["sites"]:
         shutil.copytree(cache / site, root / "mine" / site)
     again = run(dataclasses.replace(cfg, saes=[*cfg.saes, str(root / "mine")]), model=model,
@@ -273,7 +286,8 @@ def undocumented(names, doc: str) -> list[str]:
     ``edit_k<k>``, a column of a metric as ``<metric>_low`` and so on."""
     import re
 
-    suffixes = ("_above_floor", "_low", "_high", "_ceiling", "_floor", "_gap", "_ci")
+    suffixes = ("_above_floor", "_above_random_sae", "_random_sae", "_low", "_high",
+                "_ceiling", "_floor", "_gap", "_ci", "_boot")
     missing = []
     for name in names:
         generic = re.sub(r"_k\d+", "_k<k>", str(name))
@@ -305,5 +319,6 @@ def test_every_variable_and_column_a_run_writes_is_documented(setup):
     assert len(names) > 60
     assert undocumented(names, doc) == []
     # the check can fail: a name the docs do not have is caught
-    assert undocumented(["edit_k2_low", "sufficiency_gap", "made_up_metric"], doc) == [
-        "made_up_metric"]
+    assert undocumented(["edit_auc_low", "sufficiency_gap", "best_f1_above_random_sae",
+                         "made_up_metric", "made_up_metric_low"], doc) == [
+        "made_up_metric", "made_up_metric_low"]

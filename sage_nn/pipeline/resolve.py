@@ -23,6 +23,27 @@ log = logging.getLogger("sage_nn")
 
 TASK_CORPORA = ("task", "task@positions")  # every token / only the named positions
 
+#: Active latents per token (a JumpReLU SAE's target L0) of the SAEs a run trains at a head's
+#: site (q/k/v/z, 64 wide on SmolLM2), where ``train:...`` names no k; a residual SAE keeps
+#: TrainConfig's k (32). Measured by benchmarks/head_k.py (results/head_k.json: TopK SAEs at
+#: the quickstart's io and s heads, k 4/8/16/32, two seeds): k 4, 8 and 16 put the trained
+#: SAEs above both controls beyond the seed spread on the same share of headline cells (0.8;
+#: k 32: 0.7), and k 8 closes the most of the floor-to-ceiling gap (0.80; 0.78, 0.73, 0.53).
+TRAINED_K_HEADS = 8
+
+
+def trained_k(arch: str, kind: str, options: dict | None = None) -> int | None:
+    """The k a ``train:ARCH`` spec with ``options`` trains at a site of ``kind`` (None: the
+    architecture has no k). A k named in the spec holds at every site."""
+    from ..dictionaries.training import K_ARCHITECTURES, TrainConfig
+    from ..model.sites import HEAD_KINDS
+
+    if arch not in (*K_ARCHITECTURES, "jumprelu"):
+        return None
+    if options and "k" in options:
+        return int(options["k"])
+    return TRAINED_K_HEADS if kind in HEAD_KINDS else TrainConfig.k
+
 
 def sae_corpus(model: Any, config: RunConfig) -> list:
     """``config.sae_corpus`` as training sources: each ``task`` part becomes prompts of
@@ -65,8 +86,10 @@ def trained_cache(arch: str, model: Any, config: RunConfig, options: dict | None
     """``(name, TrainConfig, sources, cache directory)`` of the run's trained SAEs: the
     directory is keyed by width, k, tokens, seed, trainer version and the corpus's content.
     ``options`` (``{"width": 512, "k": 8}``, from ``train:topk:width=512:k=8``) override the run's
-    ``sae_width`` and TrainConfig's ``k``; a k named in the spec is part of the name
-    (``topk-1024-k8``), so each SAE of a sweep has its own name and cache entry."""
+    ``sae_width`` and the k at every site; a k named in the spec is part of the name
+    (``topk-1024-k8``), so each SAE of a sweep has its own name and cache entry. Without one,
+    SAEs at heads keep :data:`TRAINED_K_HEADS` latents (the entry's directory says so:
+    ``-kh8``) and the others TrainConfig's k."""
     from ..common.formats import TRAINED_TRANSCODERS, TRANSCODER_TRAINER_VERSION
     from ..dictionaries.corpus import corpus_hash
     from ..dictionaries.training import TrainConfig, trainer_version
@@ -75,14 +98,16 @@ def trained_cache(arch: str, model: Any, config: RunConfig, options: dict | None
     options = options or {}
     width = int(options.get("width", config.sae_width))
     extra = {"k": int(options["k"])} if "k" in options else {}
+    heads = trained_k(arch, "z", options)
     cfg = TrainConfig(architecture=arch, d_sae=width, seed=config.seed,
-                      tokens=config.sae_steps * 1024, **extra)
+                      tokens=config.sae_steps * 1024, k_heads=heads, **extra)
     name = f"{arch}-{width}" + (f"-k{extra['k']}" if extra else "")
+    entry = name + (f"-kh{heads}" if heads is not None and not extra else "")
     source = sae_corpus(model, config)
     version = trainer_version(arch) + (f"-{TRANSCODER_TRAINER_VERSION}"
                                        if arch in TRAINED_TRANSCODERS else "")
     root = cache_dir() / "saes" / str(model.config._name_or_path).replace("/", "--") / \
-        f"{name}-{cfg.tokens}-seed{cfg.seed}-{version}-{corpus_hash(source)}"
+        f"{entry}-{cfg.tokens}-seed{cfg.seed}-{version}-{corpus_hash(source)}"
     return name, cfg, source, root
 
 

@@ -37,6 +37,7 @@ from .cache import (
 )
 from .config import RunConfig, run_prompts
 from .resolve import (
+    TRAINED_K_HEADS,
     release_ids,
     resolve_saes,
     sae_corpus,
@@ -302,7 +303,8 @@ def run(config: RunConfig | None = None, *, progress: bool = True, model: Any = 
 
     sae_settings = config.hash("model", "saes", "sae_width", "sae_steps", "sae_corpus",
                                "sae_task_prompts", "seed", "reconstruction")
-    sae_settings = f"{sae_settings},{corpus_hash(sae_corpus(model, config))},{','.join(needed)}"
+    sae_settings = (f"{sae_settings},kh{TRAINED_K_HEADS},{corpus_hash(sae_corpus(model, config))},"
+                    f"{','.join(needed)}")
     stage("saes", sae_settings, ["saes.json"], saes_stage, saes_load)
 
     # The evaluation is cached per SAE: evaluation/shared.nc holds the supervised ceiling
