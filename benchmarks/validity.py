@@ -82,11 +82,14 @@ def trained(model, config: RunConfig, sites, k: int, seed: int, log: dict) -> li
 
 
 def summary_json(table) -> dict:
-    return {metric: {key: (None if value is None or (isinstance(value, float)
-                                                     and not np.isfinite(value))
-                           else (bool(value) if isinstance(value, (bool, np.bool_))
-                                 else float(value)))
-                     for key, value in row.items()}
+    """The ladder summary as JSON: numbers, flags, and the floor's places as words."""
+    def plain(value):
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        return None if not np.isfinite(value) else float(value)
+    return {metric: {key: plain(value) for key, value in row.items()}
             for metric, row in table.iterrows()}
 
 
