@@ -249,8 +249,10 @@ def random_saes(model, config, fit, held_out, sections, log, n_boot, root: Path)
             for metric in HEADLINE:
                 trained_value, value = (goodness(metric, look(metric, a, d))
                                         for d in ("trained", name))
+                undefined = None in (value, trained_value)  # NaN at this cross-section
                 rows[metric] = {"trained": trained_value, "random": value,
-                                "below_trained": bool(value < trained_value),
+                                "below_trained": None if undefined
+                                else bool(value < trained_value),
                                 "trained_minus_random": paired_interval(look, a, metric,
                                                                         "trained", name),
                                 "calibration": calibration(look, r, name, a, metric)[0],
