@@ -48,8 +48,8 @@ def discovery_restriction(config: "RunConfig", n_layers: int, parallel: bool | N
     # SAEs at heads serve single heads, which layers and kinds cannot say: applied where
     # they are, they restrict nothing (a cross-section head without one is refused later)
     sites = {s: found for s, found in sites.items()
-             if not all(parse_site(n)[1] in HEAD_KINDS for n in found
-                        if not str(n).startswith(TRANSCODER_PREFIX))}
+             if not all(not str(n).startswith(TRANSCODER_PREFIX)
+                        and parse_site(n)[1] in HEAD_KINDS for n in found)}
     if not sites:
         return None
     wanted = select_kinds_of(config)
