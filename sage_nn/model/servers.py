@@ -26,7 +26,8 @@ from nnsight.tracing.backend import Backend
 #: multipart parser, whose parts are capped at 1 MiB: a larger body gets HTTP 400).
 MAX_REQUEST_BYTES = 1 << 20
 
-_ENVOY_GETATTR = Envoy.__getattr__
+_ENVOY_GETATTR = Envoy.__getattr__  # restored after each request SimulatedServer runs
+
 
 class RequestTooLargeError(ValueError):
     """A request over the server's body limit (:data:`MAX_REQUEST_BYTES`), refused here."""
@@ -139,8 +140,8 @@ class SimulatedServer(Backend):
     server's model, or changes its config, raises, and so does one that reads a parameter
     or buffer as an attribute inside its trace (:class:`WeightReadError`: NDIF's sandbox
     holds a meta copy of the model). The sandbox's other differences (no backward pass, a
-    forward that runs elsewhere) are the real server's to judge (tests/test_ndif.py). So the client may hold its model on
-    the meta device, as a remote model is. ``request_bytes`` and ``result_bytes`` record
+    forward that runs elsewhere) are the real server's to judge (tests/test_ndif.py). So
+    the client may hold its model on the meta device, as a remote model is. ``request_bytes`` and ``result_bytes`` record
     each request's sizes."""
 
     def __init__(self, model: Any):

@@ -28,7 +28,8 @@ def discovery_restriction(config: "RunConfig", n_layers: int, parallel: bool | N
     mlp_out) serves (each SAE is evaluated at every cross-section site). SAEs a run
     trains (``train:``) are trained wherever the cross-sections are, so they restrict
     nothing: beside given SAEs they are trained where those serve. ``None`` when only
-    such SAEs are named, or a given SAE's sites are unknown.
+    such SAEs are named, or a given SAE's sites are unknown; SAEs at heads restrict
+    nothing either (they serve single heads, which layers and kinds cannot say).
     Raises :class:`UnservableRunError` (one line, with the fix) when nothing is served.
 
     ``spec_sites``: the sites of each spec when already read (else read from configs)."""
@@ -48,8 +49,8 @@ def discovery_restriction(config: "RunConfig", n_layers: int, parallel: bool | N
     # SAEs at heads serve single heads, which layers and kinds cannot say: applied where
     # they are, they restrict nothing (a cross-section head without one is refused later)
     sites = {s: found for s, found in sites.items()
-             if not all(parse_site(n)[1] in HEAD_KINDS for n in found
-                        if not str(n).startswith(TRANSCODER_PREFIX))}
+             if not all(not str(n).startswith(TRANSCODER_PREFIX)
+                        and parse_site(n)[1] in HEAD_KINDS for n in found)}
     if not sites:
         return None
     wanted = select_kinds_of(config)
