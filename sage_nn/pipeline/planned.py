@@ -101,9 +101,9 @@ def carried(request: Any) -> tuple[list[str], dict[str, int]]:
 
 def later_evaluation_requests(model, data, sections, coders, config) -> list:
     """The evaluation's requests after its read, from sizes: the patched runs of every
-    variant (per attribute: mean and counterfactual; per dictionary, the ceiling, each SAE
-    and its floor: sufficiency, necessity and, where it has directions, greedy and F1
-    edits at each k), and the second forward of sublayer sites without directions
+    variant (per attribute: mean and counterfactual; per dictionary, the ceiling, the path
+    ceiling, each SAE and its controls at every control seed: sufficiency, necessity and,
+    where it has directions, greedy and F1 edits at each k), and the second forward of sublayer sites without directions
     (mlp_out, difference mode), where there are any."""
     import torch
 
@@ -121,9 +121,13 @@ def later_evaluation_requests(model, data, sections, coders, config) -> list:
     edits, variants, values, nonlinear = 2 * len(config.ks), 0, 0, []
     for cs in sections:
         count = 2 + (2 + edits)  # mean, counterfactual; the ceiling
+        if any(getattr(coder, "mode", None) is not None for coder in coders.values()):
+            count += 2 + edits  # the path ceiling of residual SAEs through the reconstruction
         for coder in coders.values():
             missing = [(s, p) for s, p in cs.pairs if without_directions(coder, s)]
-            count += 2 * (2 + (0 if missing else edits))  # the SAE and its floor
+            # the SAE, and its floor and random SAE at every control seed (an upper bound:
+            # an SAE without a sae_lens architecture has no random SAE)
+            count += (1 + 2 * config.control_seeds) * (2 + (0 if missing else edits))
             nonlinear += missing
         variants += count  # each patches every pair: a value and a row and column index,
         # and in each batch at most one channel index (int64) a channel
