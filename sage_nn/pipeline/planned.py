@@ -99,6 +99,20 @@ def carried(request: Any) -> tuple[list[str], dict[str, int]]:
     return list(sites), {k: v for k, v in parts.items() if v}
 
 
+def _prompt_inputs(model, data, batch_size: int) -> tuple[int, int, int]:
+    """What a request's prompts weigh, batch by batch: ``(bytes, batches, tokens)``; the
+    bytes are the tokens, mask and positions (int64) and the answer and distractor ids."""
+    from ..model.activations import batches, encode
+
+    inputs, n_batches, tokens = 0, 0, 0
+    for idx in batches(len(data), batch_size):
+        n_batches += 1
+        batch = encode(model, [data.prompts[i] for i in idx])
+        tokens += batch.inputs["input_ids"].numel()
+        inputs += 3 * batch.inputs["input_ids"].numel() * 8 + 2 * len(idx) * 8
+    return inputs, n_batches, tokens
+
+
 def later_evaluation_requests(model, data, sections, coders, config) -> list:
     """The evaluation's requests after its read, from sizes: the patched runs of every
     variant (per attribute: mean and counterfactual; per dictionary, the ceiling, the path
@@ -107,17 +121,11 @@ def later_evaluation_requests(model, data, sections, coders, config) -> list:
     (mlp_out, difference mode), where there are any."""
     import torch
 
-    from ..model.activations import batches, encode
     from ..model.sites import adapter
 
     ad = adapter(model)
     size, n = getattr(torch, config.remote_transport).itemsize, len(data)
-    inputs, n_batches, tokens = 0, 0, 0  # tokens, mask, positions (int64), answer and
-    for idx in batches(n, config.batch_size):  # distractor ids
-        n_batches += 1
-        batch = encode(model, [data.prompts[i] for i in idx])
-        tokens += batch.inputs["input_ids"].numel()
-        inputs += 3 * batch.inputs["input_ids"].numel() * 8 + 2 * len(idx) * 8
+    inputs, n_batches, tokens = _prompt_inputs(model, data, config.batch_size)
     edits, variants, values, nonlinear = 2 * len(config.ks), 0, 0, []
     for cs in sections:
         count = 2 + (2 + edits)  # mean, counterfactual; the ceiling
@@ -158,7 +166,6 @@ def validation_requests(model, data, attributes, restriction, config) -> list:
     differences; each site as wide as the widest selectable kind."""
     import torch
 
-    from ..model.activations import batches, encode
     from ..model.sites import adapter
 
     ad = adapter(model)
@@ -166,12 +173,7 @@ def validation_requests(model, data, attributes, restriction, config) -> list:
         len(attributes), config.top_k
     width = max(ad.width(k) for k in (restriction[1] if restriction else
                                       select_kinds_of(config)))
-    inputs, n_batches, tokens = 0, 0, 0  # tokens, mask, positions (int64), answer and
-    for idx in batches(n, config.batch_size):  # distractor ids
-        n_batches += 1
-        batch = encode(model, [data.prompts[i] for i in idx])
-        tokens += batch.inputs["input_ids"].numel()
-        inputs += 3 * batch.inputs["input_ids"].numel() * 8 + 2 * len(idx) * 8
+    inputs, n_batches, tokens = _prompt_inputs(model, data, config.batch_size)
     cf_inputs = 2 * A * inputs  # counterfactuals may tokenize longer: twice, to be safe
     pair = n * (width * size + 16) + n_batches * width * 8  # one patch of one site
     tokens_in = {"prompt tokens and indices": cf_inputs}
