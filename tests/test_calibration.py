@@ -98,9 +98,11 @@ def test_every_control_is_built_at_the_saes_budget_and_can_lose(calibration):
 
 @pytest.fixture(scope="module")
 def random_saes(calibration, smollm2, tmp_path_factory):
-    """The trained L23 residual SAE and sae_lens TopK and JumpReLU SAEs with random weights
-    at the same site, saved as SAE directories and loaded back as a user's would be, scored
-    at io's L23 heads (with the ceilings, each with its controls)."""
+    """The trained residual SAEs and sae_lens TopK and JumpReLU SAEs with random weights at
+    the same sites (the residual layers feeding io's heads), saved as SAE directories and
+    loaded back as a user's would be, scored at io's cross-section (with the ceilings, each
+    SAE with its controls). All of io's heads, so that mean-ablating them moves the logit
+    difference enough for sufficiency and necessity to be defined."""
     import torch
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
 
@@ -112,25 +114,26 @@ def random_saes(calibration, smollm2, tmp_path_factory):
     from sage_nn.pipeline.resolve import resolve_saes
 
     result, _, sae, _ = calibration
-    pairs = [(Site.parse(p.split("@")[0]), p.split("@")[1])
-             for p in result.cross_sections["io"] if p.startswith("L23.")]
-    assert pairs, result.cross_sections
+    pairs = [(Site.parse(p.split("@")[0]), p.split("@")[1]) for p in result.cross_sections["io"]]
+    layers = sorted({site.layer for site, _ in pairs})
     config = RunConfig(run_dir=str(result.run_dir))  # the quickstart's (conftest.py)
-    _, members = resolve_saes("train:topk", smollm2, ["L23.resid_pre"], config)
+    _, members = resolve_saes("train:topk", smollm2, [f"L{l}.resid_pre" for l in layers], config)
     root = tmp_path_factory.mktemp("random_saes")
     saes = {"trained": ReconstructedSAE(members)}
     for name, cls, cfg in (("random-topk", TopKSAE, TopKSAEConfig(d_in=576, d_sae=1024, k=32)),
                            ("random-jumprelu", JumpReLUSAE,
                             JumpReLUSAEConfig(d_in=576, d_sae=1024))):
-        torch.manual_seed(0)
-        built = cls(cfg)
-        built.cfg.metadata.hook_name = "blocks.23.hook_resid_pre"
-        built.save_model(root / name)
-        saes[name] = ReconstructedSAE([load_sae(root / name, model=smollm2)])
+        loaded = []
+        for layer in layers:
+            torch.manual_seed(layer)
+            built = cls(cfg)
+            built.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_pre"
+            built.save_model(root / name / str(layer))
+            loaded.append(load_sae(root / name / str(layer), model=smollm2))
+        saes[name] = ReconstructedSAE(loaded)
     _, fit, held_out = run_prompts(smollm2, config)
-    results = evaluate_cross_section(smollm2, fit, held_out, CrossSection("io", pairs), saes,
-                                     ks=[1, 2, 4, 8, 16, 32], n_boot=300, control_seeds=1)
-    return results
+    return evaluate_cross_section(smollm2, fit, held_out, CrossSection("io", pairs), saes,
+                                  ks=[1, 2, 4, 8, 16, 32], n_boot=300, control_seeds=1)
 
 
 def test_sae_lens_saes_with_random_weights_are_below_the_trained_sae_and_flagged(
@@ -139,11 +142,13 @@ def test_sae_lens_saes_with_random_weights_are_below_the_trained_sae_and_flagged
     from sage_nn.report import HEADLINE, Lookup, calibration, goodness, roles, sae_flags
 
     look, r = Lookup(random_saes), roles(random_saes)
+    values = {m: {metric: look(metric, "io", m) for metric in HEADLINE}
+              for m in ("trained", "random-topk", "random-jumprelu")}
     for name in ("random-topk", "random-jumprelu"):
         for metric in HEADLINE:  # below the same-shape trained SAE on every headline metric
             trained, random = (goodness(metric, look(metric, "io", m))
                                for m in ("trained", name))
-            assert random < trained, (name, metric, random, trained)
+            assert random < trained, (name, metric, values)
         flags = sae_flags(random_saes, name)
         assert any("FVU > 1" in f for f in flags), flags
         marks = [calibration(look, r, name, "io", m)[0] for m in HEADLINE]

@@ -194,7 +194,7 @@ def test_a_ceiling_that_fails_its_checks_is_not_ground_truth():
 
     good = trust_ceiling(results(1.02, 0.8, 0.9))
     assert bool(good.ground_truth.item()) and good.ground_truth_note.item() == ""
-    bad = trust_ceiling(results(1.6, 0.3, np.nan))
+    bad = trust_ceiling(results(1.6, 0.2, np.nan))
     assert not bool(bad.ground_truth.item())
     assert bad.ground_truth_note.item() == ("sufficiency 1.60 outside [0.8, 1.25]; "
-                                            "necessity 0.30 < 0.5; edit (k=2) nan < 0.5")
+                                            "necessity 0.20 < 0.25; edit (k=2) nan < 0.5")

@@ -182,6 +182,11 @@ def test_default_run_grows_head_cross_sections_and_compares_both_approaches(setu
         assert 1 <= len(sites) <= 3
     assert np.isfinite(res.recovered.values).all()
     assert {str(m) for m in res.edit_metric.values} <= {"accuracy", "success"}
+    # the merged run keeps each SAE's ceiling whole (a fixed-width '' once cut it to 's')
+    from sage_nn.report import roles
+
+    assert (roles(res).ceiling_of("topk-64"), roles(res).ceiling_of("topk-64@sites")) == (
+        "supervised:path", "supervised")
     listing = json.loads((result.run_dir / "saes.json").read_text())
     heads = {s.split("@")[0] for sites in result.cross_sections.values() for s in sites}
     assert set(listing["topk-64@sites"]["sites"]) == heads

@@ -66,7 +66,7 @@ def test_a_plan_counts_the_bytes_the_run_then_sends(tiny, tmp_path, monkeypatch,
     assert before.totals(code=False)[0] >= after.totals(code=False)[0] > 0
 
 
-def test_a_70b_class_configuration_plans_without_weights_under_a_gigabyte(tmp_path):
+def test_a_70b_class_configuration_plans_without_weights_its_bytes_not_growing_with_width(tmp_path):
     """d_model 8192, 80 layers, 64 heads (8 KV heads), built from its config on the meta
     device: 8 residual SAEs of width 65536 feeding five layers' heads, the quickstart's
     prompt counts. Their encoders would be 2.1 GB each; encoded here, the evaluation's
@@ -97,7 +97,7 @@ def test_a_70b_class_configuration_plans_without_weights_under_a_gigabyte(tmp_pa
         assert {p["placement"] for p in plan.placements} == {"here"}
         assert {p["saes_sharing_here"] for p in plan.placements} == {8}
         totals[width] = sum(plan.totals(code=False))  # tensors: the code is per request
-    assert totals[65536] < 1e9
+    assert totals[65536] < 1.5e9  # 8 SAEs, each with 3 floor and 3 random-SAE seeds
     assert totals[262144] == totals[16384]  # the SAEs' width is not in the bytes
     assert not (tmp_path / "run").exists()  # planned, not run
     lines = plan.lines()

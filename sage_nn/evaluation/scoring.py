@@ -371,8 +371,11 @@ def _scores(out, cs, codes_by_method, features, fitted, magnitudes, train, test,
 #: A supervised dictionary is ground truth at a cross-section only if it passes these on the
 #: held-out prompts: its reconstruction keeps the task (sufficiency within the bounds), what
 #: it explains is what the task needs (necessity), and an edit of ``k`` = 2 features (remove
-#: one value's feature, add another's) does what the counterfactual does (edit).
-GROUND_TRUTH_CHECKS = {"sufficiency": (0.8, 1.25), "necessity": (0.5, None),
+#: one value's feature, add another's) does what the counterfactual does (edit). Necessity
+#: is taken prompt by prompt, so what an attribute-only dictionary leaves unexplained at the
+#: heads still pushes each prompt: 0.25, not the 0.5 of the mean-based necessity of before
+#: (docs/metrics.md, "When a number is not a claim").
+GROUND_TRUTH_CHECKS = {"sufficiency": (0.8, 1.25), "necessity": (0.25, None),
                        "edit": (0.5, None)}
 GROUND_TRUTH_K = 2
 

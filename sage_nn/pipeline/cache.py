@@ -130,8 +130,11 @@ def merge_evaluation(shared: xr.Dataset, parts: list[xr.Dataset]) -> xr.Dataset:
     import xarray as xr
 
     per_dictionary = [v for v in shared.data_vars if "dictionary" in shared[v].dims]
-    names = lambda ds: ds.assign_coords(dictionary=np.array(  # noqa: E731 (no fixed width:
-        [str(d) for d in ds.dictionary.values], dtype=object))  # a longer name is not cut)
+    # names along `dictionary` (its labels, role, sae, ceiling_of) as objects: with a fixed
+    # width, the shared part's '' would cut every longer name in the parts to one letter
+    names = lambda ds: ds.assign_coords({  # noqa: E731
+        c: ("dictionary", np.array([str(d) for d in ds[c].values], dtype=object))
+        for c in ds.coords if ds[c].dims == ("dictionary",) and ds[c].dtype.kind in "UO"})
     merged = xr.concat([names(shared[per_dictionary]), *map(names, parts)], "dictionary",
                        join="outer",
                        data_vars="all", coords="minimal", compat="override")

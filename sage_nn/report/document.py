@@ -34,6 +34,7 @@ from .verdicts import (
     against_floor,
     calibration,
     comparison_table,
+    fvu_name,
     sae_flags,
     sae_orderings,
 )
@@ -72,7 +73,7 @@ def _attribute_table(look: Lookup, attribute: str, k: int) -> tuple[list, list]:
     header = ["dictionary", "role"] + [label for _, label, _ in columns]
     if "best_f1_chance" in results:
         header[-1] += f" (chance {_fmt(look('best_f1_chance', attribute, r.ceiling), 2)})"
-    fvu = "fvu_pooled" if "fvu_pooled" in results else "fvu"
+    fvu = fvu_name(results)
     per_pair = [fvu] + [n for n in PER_PAIR if n in results and n not in ("best_f1", "fvu")]
     extra = extra_scalars(results)
     header += [LABELS.get(n, n) for n in per_pair + extra]

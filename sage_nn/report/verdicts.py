@@ -81,6 +81,11 @@ def against_floor(look: "Lookup", sae: str, attribute: str, metric: str,
     return compare(look, attribute, metric, sae, name)
 
 
+def fvu_name(results: xr.Dataset) -> str:
+    """The pooled FVU (results written before it: the per-pair mean)."""
+    return "fvu_pooled" if "fvu_pooled" in results else "fvu"
+
+
 def gap_defined(look: "Lookup", attribute: str, metric: str, ceiling: str,
                 floor: str) -> bool:
     """Whether there is a gap to close: the ceiling lies above the floor (by the paired
@@ -97,7 +102,10 @@ def calibration(look: "Lookup", r: "Roles", sae: str, attribute: str,
     """An SAE's place between its controls and its ceiling on one headline metric, from
     paired intervals: ``("✓", gap)`` above every control and not above the ceiling, ``("✗
     below <control>", gap)``, ``("✗ above the ceiling", gap)``, ``("~", gap)`` (not apart
-    from some control), or ``("no gap", None)`` where the ceiling is not above the floor."""
+    from some control), ``("no gap", None)`` where the ceiling is not above the floor, or
+    ``("✗ FVU > 1", gap)`` for a reconstruction worse than the mean: its edits and detectors
+    are not credited (a random sae_lens TopK at SmolLM2's L23, FVU 97, otherwise edits above
+    its calibrated controls by moving the output with its large decoder)."""
     ceiling, floor = r.ceiling_of(sae), r.floors[sae]
     values = [goodness(metric, look(metric, attribute, m)) for m in (sae, ceiling, floor)]
     if None in values:
@@ -105,6 +113,8 @@ def calibration(look: "Lookup", r: "Roles", sae: str, attribute: str,
     if not gap_defined(look, attribute, metric, ceiling, floor):
         return "no gap", None
     gap = gap_closed(*values)
+    if (fvu := look(fvu_name(look.results), attribute, sae)) is not None and fvu > 1:
+        return "✗ FVU > 1", gap
     verdicts = {role: compare(look, attribute, metric, sae, name)
                 for role, name in r.controls(sae).items()}
     below = [role for role, v in verdicts.items() if v == "below"]
@@ -243,8 +253,7 @@ def sae_flags(results: xr.Dataset, sae: str) -> list[str]:
     flags = []
     attributes = [str(a) for a in results["attribute"].values]
     worse = [(a, v) for a in attributes
-             if (v := look("fvu_pooled" if "fvu_pooled" in results else "fvu", a, sae))
-             is not None and v > 1]
+             if (v := look(fvu_name(results), a, sae)) is not None and v > 1]
     if worse:
         flags.append("reconstruction worse than the mean (FVU > 1) at " + ", ".join(
             f"{a} ({v:.3g})" for a, v in worse))
