@@ -17,9 +17,10 @@ the seed noise of trained SAEs.
    (twice what the SAE explains) that parts sufficiency from necessity. Every rung with its
    floor's place (the paired interval of rung - floor).
 3. Random SAEs (``random``): sae_lens TopK and JumpReLU SAEs with random weights (built with
-   sae_lens's config classes, saved as SAE directories and loaded back as a user's) at
-   L23's residual stream, against the trained L23 SAE at io's and s's L23 heads: every
-   headline metric, the paired verdicts, the flags and the calibration marks.
+   sae_lens's config classes, saved as SAE directories and loaded back as a user's) at the
+   residual layers feeding io's and s's heads, against the trained SAEs there, at the whole
+   cross-sections: every headline metric, the paired verdicts, the flags and the
+   calibration marks.
 4. Seed noise: the quickstart's residual TopK SAEs (width 1024, k = 32) trained with three
    seeds, against an L0 sweep (k = 8, 16, 32, 64, seed 0), all on the same corpus and
    evaluated on the same prompts; per metric, the spread across seeds against the
@@ -212,9 +213,11 @@ def regime(model, config, fit, held_out, sections, needed, log, boot) -> dict:
 
 
 def random_saes(model, config, fit, held_out, sections, log, n_boot, root: Path) -> dict:
-    """sae_lens SAEs with random weights at L23's residual stream against the trained L23
-    SAE, at each attribute's L23 heads: every headline metric (goodness units), the paired
-    interval of trained - random, the flags and the calibration marks."""
+    """sae_lens SAEs with random weights at the residual layers feeding the cross-sections'
+    heads against the trained SAEs there, at each attribute's whole cross-section (so that
+    mean ablation moves the logit difference enough for sufficiency and necessity to be
+    defined): every headline metric (goodness units), the paired interval of trained -
+    random, the flags and the calibration marks."""
     import torch
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
 
@@ -222,25 +225,26 @@ def random_saes(model, config, fit, held_out, sections, log, n_boot, root: Path)
     from sage_nn.report import (Lookup, calibration, goodness, paired_interval, roles,
                                        sae_flags)
 
-    layer = 23
-    saes = {"trained": ReconstructedSAE(trained(model, config, [f"L{layer}.resid_pre"], 32,
-                                                config.seed, log))}
+    layers = sorted({site.layer for cs in sections.values() for site, _ in cs.pairs})
+    saes = {"trained": ReconstructedSAE(trained(
+        model, config, [f"L{layer}.resid_pre" for layer in layers], 32, config.seed, log))}
     for name, cls, cfg in (("random-topk", TopKSAE, TopKSAEConfig(d_in=576, d_sae=1024, k=32)),
                            ("random-jumprelu", JumpReLUSAE,
                             JumpReLUSAEConfig(d_in=576, d_sae=1024))):
-        torch.manual_seed(0)
-        built = cls(cfg)
-        built.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_pre"
-        built.save_model(root / name)
-        saes[name] = ReconstructedSAE([load_sae(root / name, model=model)])
-    at = [CrossSection(a, [p for p in cs.pairs if p[0].layer == layer])
-          for a, cs in sections.items()]
-    at = [cs for cs in at if cs.pairs]
+        loaded = []
+        for layer in layers:
+            torch.manual_seed(layer)
+            built = cls(cfg)
+            built.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_pre"
+            built.save_model(root / name / str(layer))
+            loaded.append(load_sae(root / name / str(layer), model=model))
+        saes[name] = ReconstructedSAE(loaded)
+    at = list(sections.values())
     results = evaluate_cross_section(model, fit, held_out, at, saes, ks=config.ks,
                                      n_boot=n_boot, seed=config.seed,
                                      batch_size=config.batch_size)
     look, r = Lookup(results), roles(results)
-    out = {"layer": layer, "pairs": {cs.attribute: cs.labels for cs in at}}
+    out = {"layers": layers, "pairs": {cs.attribute: cs.labels for cs in at}}
     for name in ("random-topk", "random-jumprelu"):
         out[name] = {"flags": sae_flags(results, name)}
         for cs in at:

@@ -24,7 +24,8 @@ import xarray as xr
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "scripts" / "ndif" / "local_ndif.py"
 SETTINGS = dict(task="ioi", attributes=["io"], n_fit=16, n_eval=16, n_discovery=8,
-                discovery_kinds=["z"], ks=[1, 2], n_boot=20, batch_size=16, seed=0)
+                discovery_kinds=["z"], ks=[1, 2], n_boot=20, batch_size=16, seed=0,
+                control_seeds=1)  # one seed of each control: the numbers, not the spread
 LAYER = 29  # the residual SAE's and the head SAEs' layer: discovery searches its heads
 
 
@@ -126,7 +127,8 @@ def test_every_stage_on_the_real_server_gives_the_local_numbers(setup, local, re
 def test_saes_at_the_heads_beside_the_residual_sae_give_the_local_numbers(server, setup, local,
                                                                           trusted):
     """The run's cross-section evaluated with the residual SAE through the reconstruction
-    and SAEs at the heads themselves, in one read and one patch request."""
+    and SAEs at the heads themselves, in one read, then the patches (with the controls, two
+    requests under NDIF's 1 MiB)."""
     from sage_nn.dictionaries.training import load_trained
     from sage_nn.evaluation.coders import CrossSection, DirectSAE, ReconstructedSAE
     from sage_nn.evaluation.scoring import evaluate_cross_section
@@ -144,13 +146,15 @@ def test_saes_at_the_heads_beside_the_residual_sae_give_the_local_numbers(server
         saes = {"residual": ReconstructedSAE(list(load_trained(root / "residual", model).values())),
                 "heads": DirectSAE(list(load_trained(root / "heads", model).values()))}
         return evaluate_cross_section(model, fit, test, CrossSection("io", pairs), saes,
-                                      ks=[1, 2], n_boot=20, remote=remote)
+                                      ks=[1, 2], n_boot=20, control_seeds=1, remote=remote)
 
     remote = Remote(server, trusted=trusted)
     there = evaluate(load_model(path, remote=True), remote)
     xr.testing.assert_allclose(there, evaluate(here, None), rtol=1e-5, atol=1e-5)
     assert np.isfinite(there.fvu.sel(dictionary="heads")).all()
-    assert [r.kernel for r in remote.requests] == ["read", "patch"]
+    kernels = [r.kernel for r in remote.requests]  # the patches split under NDIF's limit
+    assert kernels[0] == "read" and set(kernels[1:]) == {"patch"} and len(kernels) <= 3, kernels
+    assert all(r.up <= remote.max_request_bytes for r in remote.requests)
 
 
 def test_the_servers_model_is_left_as_it_was_found(server, setup, remote_runs):

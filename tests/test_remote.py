@@ -31,6 +31,7 @@ from sage_nn.discovery.growth import grow_cross_sections
 from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
 from sage_nn.evaluation.scoring import evaluate_cross_section
 from sage_nn.model.patching import Patch, run_patched
+from sage_nn.model.reads import read_sites
 from sage_nn.model.remote import CODE_ALLOWANCE, Remote, run_kernel
 from sage_nn.model.servers import ShippedByValueError, SimulatedServer, WeightReadError
 from sage_nn.dictionaries.saes import SparseAutoencoder
@@ -179,11 +180,14 @@ def test_evaluation_requests_follow_the_data_not_the_number_of_attributes_or_sae
         server.request_bytes.clear(), server.result_bytes.clear()
         half = evaluate_cross_section(client, fit, test, sections, saes, ks=[1, 2, 4], n_boot=10,
                                       remote=Remote(server, transport=transport))
-        sizes[transport] = sum(server.result_bytes), sum(server.request_bytes)
+        sizes[transport] = list(server.result_bytes), sum(server.request_bytes)
         if transport == "float32":
             xr.testing.assert_allclose(here, half, rtol=1e-4, atol=1e-6)
     assert len(server.result_bytes) == 2  # read, patch
-    assert sizes["bfloat16"][0] < 0.7 * sizes["float32"][0]
+    # the read's activations and residual rows go in bf16; the patched runs' readouts
+    # (logit differences, log-probabilities, top tokens) stay float32 and integer
+    (read16, patch16), (read32, patch32) = sizes["bfloat16"][0], sizes["float32"][0]
+    assert read16 < 0.6 * read32 and patch16 <= patch32, sizes
     assert sizes["bfloat16"][1] < sizes["float32"][1]
     # (this random model's logit differences are thousandths of a logit: compare what the
     # reads carry, not ratios of those)
@@ -417,41 +421,40 @@ def test_a_client_without_weights_runs_the_reconstruction_on_the_servers_model(
     logged = [json.loads(line) for line in (root / "weightless" / "requests.jsonl").open()]
     placed = [r for r in logged if r["type"] == "placement"]
     assert {p["layer"] for p in placed} == {int(str(s)[1]) for s in here.site.values}
-    for p in placed:  # tiny SAEs: their encoders cost less than the residual rows
-        assert p["placement"] == "server" and 0 < p["server_bytes"] < p["here_bytes"], p
+    for p in placed:  # tiny SAEs: their encoders cost less than the residual rows, but the
+        # controls and the path ceiling need those rows: encoded here, from them
+        assert p["placement"] == "here" and 0 < p["server_bytes"] < p["here_bytes"], p
 
 
 def mixed_widths(model, fit, test, remote):
     """Heads of two layers read through residual SAEs of two widths: at 64 latents the
-    encoder costs fewer bytes than the residual rows, at 4096 more (``auto`` splits)."""
+    encoder costs fewer bytes than the residual rows, at 4096 more (``auto`` splits where
+    the rows are not needed anyway)."""
     d = model.config.hidden_size
     saes = {"res": ReconstructedSAE([random_sae(0, "resid_pre", d, 0),
                                      random_sae(1, "resid_pre", d, 1, width=4096)])}
     cs = CrossSection("io", [(Site(0, "z", 0), "END"), (Site(1, "z", 1), "END")])
     return evaluate_cross_section(model, fit, test, cs, saes, ks=[1, 2], n_boot=10,
-                                  remote=remote)
+                                  remote=remote), saes["res"].jobs(model, cs.pairs)
 
 
 def test_a_client_without_weights_gets_the_same_numbers_wherever_the_saes_are_encoded(setup):
     """Encoded on the server or here, forced or chosen by bytes, in float32 or bfloat16:
     the numbers are the local run's (bf16: to its rounding); the choice is the cheaper."""
     model, fit, test, server_model = setup
-    here = mixed_widths(model, fit, test, None)
+    here, _ = mixed_widths(model, fit, test, None)
     client, server = weightless(model), SimulatedServer(server_model)
     reads = {}
     for transport in ("float32", "bfloat16"):
         for placement in ("server", "here", "auto"):
             remote = Remote(server, placement=placement, transport=transport)
-            there = mixed_widths(client, fit, test, remote)
+            there, jobs = mixed_widths(client, fit, test, remote)
             assert [r.kernel for r in remote.requests] == ["read", "patch"]
             reads[placement, transport] = remote.requests[0]
             chosen = [p["placement"] for p in remote.placements]
-            assert chosen == (["server", "here"] if placement == "auto" else [placement] * 2)
-            for p in remote.placements:
-                assert min(p["server_bytes"], p["here_bytes"]) > 0
-                if placement == "auto":
-                    cheaper = "here" if p["here_bytes"] < p["server_bytes"] else "server"
-                    assert p["placement"] == cheaper, p
+            # the controls need the residual rows: "auto" codes both SAEs here from them
+            assert chosen == (["here", "here"] if placement == "auto" else [placement] * 2)
+            assert all(min(p["server_bytes"], p["here_bytes"]) > 0 for p in remote.placements)
             if transport == "float32":
                 xr.testing.assert_allclose(here, there, rtol=1e-4, atol=1e-6)
             else:  # what the reads carry, to bf16 rounding (a random SAE's TopK flips at
@@ -459,12 +462,18 @@ def test_a_client_without_weights_gets_the_same_numbers_wherever_the_saes_are_en
                 np.testing.assert_allclose(there.fvu, here.fvu, rtol=0.05, atol=1e-3)
                 np.testing.assert_allclose(there.l0, here.l0, rtol=0.1)
     # encoded here, the read uploads no encoder (the wide one's is most of the upload) and
-    # brings residual rows back rather than 4096 codes a token; each SAE where it is cheaper
+    # brings the residual rows back without 4096 codes a token
     server_read, here_read = reads["server", "float32"], reads["here", "float32"]
-    assert here_read.up < 0.05 * server_read.up and here_read.down < 0.5 * server_read.down
+    assert here_read.up < 0.05 * server_read.up and here_read.down < server_read.down
     auto = reads["auto", "float32"]
-    assert auto.up + auto.down < min(r.up + r.down for r in (server_read, here_read))
+    assert (auto.up, auto.down) == (here_read.up, here_read.down)
     assert reads["auto", "bfloat16"].down < 0.6 * auto.down  # the rows and codes in bf16
+    # where the rows are not needed (a read alone), "auto" puts each SAE where it is cheaper
+    remote = Remote(server, placement="auto")
+    read_sites(client, [test], [], jobs, batch_size=len(test), remote=remote)
+    assert [p["placement"] for p in remote.placements] == ["server", "here"]
+    for p in remote.placements:
+        assert p["placement"] == ("here" if p["here_bytes"] < p["server_bytes"] else "server")
 
 
 def test_settings_that_cannot_run_remotely_are_refused_before_anything_runs(tmp_path):

@@ -106,7 +106,11 @@ def test_a_suite_runs_each_task_trains_once_and_gates_the_task_the_model_cannot_
     one = ds.sel(sae="topk-64", task="tiny-ioi", attribute="io")
     run_io = suite.runs["tiny-ioi"].results.sel(attribute="io")
     assert list(ds.k.values) == [1, 2]
-    for field, method in (("ceiling", "supervised"), ("floor", "random:topk-64")):
+    from sage_nn.report import roles
+
+    ceiling = roles(suite.runs["tiny-ioi"].results).ceiling_of("topk-64")
+    assert ceiling == "supervised:path"  # a residual SAE's: the ceiling on its path
+    for field, method in (("ceiling", ceiling), ("floor", "random:topk-64")):
         for k in (1, 2):
             ci = run_io.edit_ci.sel(dictionary=method, k=k)
             assert float(one[f"{field}_low"].sel(metric="edit", k=k)) == pytest.approx(

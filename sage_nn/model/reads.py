@@ -125,8 +125,9 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple],
                remote: Any = None, keep_inputs: bool = False) -> Reads:
     """Activations at ``pairs`` and every job's codes, for each task dataset of ``sets``
     (see :class:`Reads`). All sets go through one :func:`~sage_nn.model.remote.run_kernel`
-    (one request remotely). ``keep_inputs``: every job's layer is coded here, and what its
-    linear view read comes back (:attr:`Reads.inputs`)."""
+    (one request remotely). ``keep_inputs``: what every job's linear view read comes back
+    (:attr:`Reads.inputs`), and the jobs are coded here from it (on the server only where
+    ``remote.placement`` is ``"server"``: there "auto" has nothing left to save)."""
     remote = as_remote(remote)
     ad = adapter(model)
     pairs = [(ad.check(s), str(p)) for s, p in pairs]
@@ -160,10 +161,12 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple],
                          "call to read the clean pattern from, so z and attn_out cannot be "
                          "reached through the reconstruction; use SAEs at the sites")
     here, placements = _place(ad, remote, layers, jobs, prepared)
-    if keep_inputs:  # the rows come here anyway: the SAEs are coded from them here too
-        here = set(layers)
+    if keep_inputs:  # the rows come here anyway: the SAEs are coded from them here too,
+        # unless the server is asked for (then it encodes them, and the rows come as well)
+        forced = remote is not None and remote.is_remote and remote.placement == "server"
+        here = set() if forced else set(layers)
         for record in placements:
-            record["placement"] = "here"
+            record["placement"] = "here" if record["layer"] in here else "server"
     maps_of = {layer: (heads_read(ad.spec, [site_key(s) for s in plan.sites]), plan.attn_out)
                for layer, plan in layers.items()}
     cast: dict = {}  # encoders cast once
@@ -181,7 +184,7 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple],
                                "norm": plan.norm, "post_norm": plan.post_norm if
                                plan.attn_out else None, "heads": plan.pattern_heads(ad),
                                "maps": maps_of[layer], "jobs": encoders,
-                               "send": layer in here}
+                               "send": keep_inputs or layer in here}
             yield inputs, cols.to(device), read_keys, args, dtype
 
     parts: list[list] = [[] for _ in sets]
@@ -194,11 +197,12 @@ def read_sites(model: Any, sets: Sequence[Any], pairs: Sequence[tuple],
             if f"L{layer}|maps" in out:  # once per request
                 maps[layer] = _on(out.pop(f"L{layer}|maps"), "cpu")
         kept = {}
-        for layer in here & set(at):
+        for layer in set(at) if keep_inputs else here & set(at):
             lc, mask, js = at[layer]
             taken = out.pop(f"L{layer}|taken")
-            out.update(_codes_here(ad, layers[layer], taken, lc, mask, maps[layer],
-                                   {j: jobs[j] for j in js}))
+            if layer in here:
+                out.update(_codes_here(ad, layers[layer], taken, lc, mask, maps[layer],
+                                       {j: jobs[j] for j in js}))
             if keep_inputs:
                 kept[layer] = {"taken": _on(taken, "cpu"), "cols": lc, "mask": mask,
                                "positions": list(layers[layer].positions),
