@@ -50,7 +50,8 @@ from sage_nn.report import HEADLINE, goodness
 from sage_nn.model.sites import Site
 from sage_nn.dictionaries.training import train_saes
 from sage_nn.evaluation.validity import (SHARES, Perturbed, PlantedDictionary, Shrunk,
-                                         WithPlanted, ladder, ladder_summary, planted_sae)
+                                         WithPlanted, ladder, ladder_summary, planted_sae,
+                                         saved_random_saes)
 
 PLANTED = ["edit", "edit_f1", "edit_auc", "edit_f1_auc", "best_f1", "alignment"]
 SHRUNK = ["sufficiency", "necessity"]
@@ -218,27 +219,13 @@ def random_saes(model, config, fit, held_out, sections, log, n_boot, root: Path)
     mean ablation moves the logit difference enough for sufficiency and necessity to be
     defined): every headline metric (goodness units), the paired interval of trained -
     random, the flags and the calibration marks."""
-    import torch
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
-
-    from sage_nn.dictionaries.saes import load_sae
     from sage_nn.report import (Lookup, calibration, goodness, paired_interval, roles,
                                        sae_flags)
 
     layers = sorted({site.layer for cs in sections.values() for site, _ in cs.pairs})
     saes = {"trained": ReconstructedSAE(trained(
-        model, config, [f"L{layer}.resid_pre" for layer in layers], 32, config.seed, log))}
-    for name, cls, cfg in (("random-topk", TopKSAE, TopKSAEConfig(d_in=576, d_sae=1024, k=32)),
-                           ("random-jumprelu", JumpReLUSAE,
-                            JumpReLUSAEConfig(d_in=576, d_sae=1024))):
-        loaded = []
-        for layer in layers:
-            torch.manual_seed(layer)
-            built = cls(cfg)
-            built.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_pre"
-            built.save_model(root / name / str(layer))
-            loaded.append(load_sae(root / name / str(layer), model=model))
-        saes[name] = ReconstructedSAE(loaded)
+        model, config, [f"L{layer}.resid_pre" for layer in layers], 32, config.seed, log)),
+        **saved_random_saes(model, layers, root)}
     at = list(sections.values())
     results = evaluate_cross_section(model, fit, held_out, at, saes, ks=config.ks,
                                      n_boot=n_boot, seed=config.seed,

@@ -103,12 +103,9 @@ def random_saes(calibration, smollm2, tmp_path_factory):
     loaded back as a user's would be, scored at io's cross-section (with the ceilings, each
     SAE with its controls). All of io's heads, so that mean-ablating them moves the logit
     difference enough for sufficiency and necessity to be defined."""
-    import torch
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
-
-    from sage_nn.dictionaries.saes import load_sae
     from sage_nn.evaluation.coders import CrossSection, ReconstructedSAE
     from sage_nn.evaluation.scoring import evaluate_cross_section
+    from sage_nn.evaluation.validity import saved_random_saes
     from sage_nn.model.sites import Site
     from sage_nn.pipeline.config import RunConfig, run_prompts
     from sage_nn.pipeline.resolve import resolve_saes
@@ -118,19 +115,8 @@ def random_saes(calibration, smollm2, tmp_path_factory):
     layers = sorted({site.layer for site, _ in pairs})
     config = RunConfig(run_dir=str(result.run_dir))  # the quickstart's (conftest.py)
     _, members = resolve_saes("train:topk", smollm2, [f"L{l}.resid_pre" for l in layers], config)
-    root = tmp_path_factory.mktemp("random_saes")
-    saes = {"trained": ReconstructedSAE(members)}
-    for name, cls, cfg in (("random-topk", TopKSAE, TopKSAEConfig(d_in=576, d_sae=1024, k=32)),
-                           ("random-jumprelu", JumpReLUSAE,
-                            JumpReLUSAEConfig(d_in=576, d_sae=1024))):
-        loaded = []
-        for layer in layers:
-            torch.manual_seed(layer)
-            built = cls(cfg)
-            built.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_pre"
-            built.save_model(root / name / str(layer))
-            loaded.append(load_sae(root / name / str(layer), model=smollm2))
-        saes[name] = ReconstructedSAE(loaded)
+    saes = {"trained": ReconstructedSAE(members),
+            **saved_random_saes(smollm2, layers, tmp_path_factory.mktemp("random_saes"))}
     _, fit, held_out = run_prompts(smollm2, config)
     return evaluate_cross_section(smollm2, fit, held_out, CrossSection("io", pairs), saes,
                                   ks=[1, 2, 4, 8, 16, 32], n_boot=300, control_seeds=1)

@@ -27,7 +27,8 @@ over the context, its latents distractors):
   features at the site: the attribute's signal taken away): only the orthogonal error
   keeps sufficiency, and FVU cannot tell the rungs apart;
 - the random SAE (:func:`random_rung`): the trained SAE's architecture with random weights,
-  below the trained SAE on every headline metric.
+  below the trained SAE on every headline metric; and sae_lens SAEs with random weights
+  given as SAE directories (:func:`saved_random_saes`).
 
 :func:`ladder` evaluates a ladder and :func:`ladder_summary` says, per metric, whether it
 ranks the rungs in order (Spearman over the levels), whether the ``f = 0`` and ``f = 1``
@@ -63,14 +64,9 @@ def planted_values(values: Sequence[str], share: float, seed: int = 0) -> list[s
     return order[:round(share * len(order))]
 
 
-class PlantedDictionary:
-    """A coder (see :func:`sage_nn.evaluation.as_coder`) whose latents at each pair are the
-    supervised features (:class:`~sage_nn.dictionaries.MSEDictionary`, fitted on ``train``)
-    of every attribute but ``attribute``, and of ``attribute``'s planted values only
-    (:func:`planted_values`); codes are the labels' indicators."""
-
-    def __init__(self, train: Any, attribute: str, share: float, seed: int = 0):
-        self.train, self.attribute, self.share, self.seed = train, attribute, share, seed
+class _CodedHere:
+    """A coder whose codes are made here from the read's values at every pair: it reads
+    nothing of its own and sends no job."""
 
     def serves(self, model, site) -> bool:
         return True
@@ -80,6 +76,16 @@ class PlantedDictionary:
 
     def jobs(self, model, pairs) -> list:
         return []
+
+
+class PlantedDictionary(_CodedHere):
+    """A coder (see :func:`sage_nn.evaluation.as_coder`) whose latents at each pair are the
+    supervised features (:class:`~sage_nn.dictionaries.MSEDictionary`, fitted on ``train``)
+    of every attribute but ``attribute``, and of ``attribute``'s planted values only
+    (:func:`planted_values`); codes are the labels' indicators."""
+
+    def __init__(self, train: Any, attribute: str, share: float, seed: int = 0):
+        self.train, self.attribute, self.share, self.seed = train, attribute, share, seed
 
     def codes(self, model, pairs, test, cf, values, values_cf, values_fit, computed=None,
               remote=None) -> dict:
@@ -185,7 +191,7 @@ class WithPlanted:
         return out
 
 
-class Perturbed:
+class Perturbed(_CodedHere):
     """The clean activation plus an error of the same size at every rung: at each pair, a
     share ``share`` of the prompts (the first of one seeded order, so the rungs are nested
     and every pair treats the same prompts alike) get ``e_out``, noise orthogonal to the
@@ -198,15 +204,6 @@ class Perturbed:
 
     def __init__(self, train: Any, share: float, seed: int = 0, size: float = 1.0):
         self.train, self.share, self.seed, self.size = train, share, seed, size
-
-    def serves(self, model, site) -> bool:
-        return True
-
-    def reads(self, model, pair) -> list:
-        return []
-
-    def jobs(self, model, pairs) -> list:
-        return []
 
     def codes(self, model, pairs, test, cf, values, values_cf, values_fit, computed=None,
               remote=None) -> dict:
@@ -247,6 +244,38 @@ def random_rung(model: Any, sae: SparseAutoencoder, train: Any, position: str,
     site = Site(sae.layer, sae.kind, sae.heads[0] if sae.heads else None)
     (values,) = read_sites(model, [train], [(site, position)], batch_size=batch_size).values
     return calibrate(random_sae(sae, seed), sae, values[(site, position)])
+
+
+def saved_random_saes(model: Any, layers: Sequence[int], root: Any, d_sae: int = 1024,
+                      k: int = 32) -> dict:
+    """sae_lens TopK and JumpReLU SAEs with sae_lens's own random weights (built with its
+    config classes, seeded by layer) at ``L{layer}.resid_pre`` for each of ``layers``,
+    saved as SAE directories under ``root`` and loaded back as a user's would be:
+    ``{"random-topk": ReconstructedSAE, "random-jumprelu": ReconstructedSAE}``, to reach
+    heads through the reconstruction. They must score below a trained SAE of that shape."""
+    from pathlib import Path
+
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
+
+    from ..dictionaries.saes import load_sae
+    from ..model.sites import adapter
+    from .coders import ReconstructedSAE
+
+    d_in = adapter(model).d_model
+    built = {}
+    for name, cls, cfg in (("random-topk", TopKSAE, TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k)),
+                           ("random-jumprelu", JumpReLUSAE,
+                            JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae))):
+        loaded = []
+        for layer in layers:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(layer)
+                sae = cls(cfg)
+            sae.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_pre"
+            sae.save_model(Path(root) / name / str(layer))
+            loaded.append(load_sae(Path(root) / name / str(layer), model=model))
+        built[name] = ReconstructedSAE(loaded)
+    return built
 
 
 def planted_sae(model: Any, train: Any, attribute: str, layer: int, position: str,
