@@ -35,6 +35,7 @@ benchmarks/results/validity.json.
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def main():
         out["regime"] = regime(model, config, fit, held_out, sections, needed, log, boot)
     if "random" in parts:
         out["random_saes"] = random_saes(model, config, fit, held_out, sections, log,
-                                         args.n_boot, out_path.parent / "random_saes")
+                                         args.n_boot, Path(tempfile.mkdtemp()))
     if "seeds" in parts:
         saes = {f"k32-seed{s}": trained(model, config, needed, 32, s, log)
                 for s in (config.seed, config.seed + 1, config.seed + 2)}
