@@ -199,8 +199,7 @@ def comparison_table(results: xr.Dataset, sae_info: Mapping | None = None, *,
         for a in (str(x) for x in results["attribute"].values):
             row = {"sae": sae, "attribute": a, "width": widths[sae],
                    "l0": look("l0", a, sae), "l0_site": look("l0_site", a, sae),
-                   "fvu": look("fvu_pooled", a, sae) if "fvu_pooled" in results
-                   else look("fvu", a, sae)}
+                   "fvu": look(fvu_name(results), a, sae)}
             metrics = sae_metrics(look, sae, a)
             for metric in headline_metrics(results):
                 name, sel = metric_key(metric, k)
