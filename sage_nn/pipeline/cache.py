@@ -56,8 +56,7 @@ def evaluate_cached(root: Path, settings: str, saes: dict,
         index = json.loads(index_path.read_text())
     except (OSError, ValueError):
         index = {}
-    files = {SHARED_EVALUATION: f"evaluation/{SHARED_EVALUATION}.nc",
-             **{name: evaluation_file(name) for name in saes}}
+    files = dict(zip([SHARED_EVALUATION, *saes], evaluation_files(saes)))
     keys = {SHARED_EVALUATION: settings,
             **{name: f"{settings},{sae_fingerprint(coder)}" for name, coder in saes.items()}}
 
