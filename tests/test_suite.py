@@ -119,6 +119,15 @@ def test_a_suite_runs_each_task_trains_once_and_gates_the_task_the_model_cannot_
                 float(ci.sel(bound="high")), nan_ok=True)
     assert float(one.value.sel(metric="edit", k=1)) == pytest.approx(
         float(run_io.edit.sel(dictionary="topk-64", k=1)), nan_ok=True)
+    # the gap closed is the report's: none where the paired interval of ceiling - floor
+    # does not lie above 0 (the value alone would give one)
+    from sage_nn.report import sae_metrics
+
+    report = sae_metrics(suite.runs["tiny-ioi"].results, "topk-64", "io")
+    for metric in ds.attrs["headline"].split(","):
+        assert float(one.gap_closed.sel(metric=metric, k=2)) == pytest.approx(
+            report[f"{metric}_gap_closed"] if report[f"{metric}_gap_closed"] is not None
+            else np.nan, nan_ok=True), metric
     summary = (suite.report_dir / "summary.md").read_text()
     assert "| tiny-backwards | gated out |" in summary and "held-out accuracy" in summary
     assert "Higher is better" in summary and "What each task adds" in summary

@@ -19,13 +19,12 @@ import xarray as xr
 from ..common.figures import figure, finish
 from .document import NOT_CONVERGED, SAE_COLUMNS, convergence, sae_rows, training_note
 from .saebench import eval_document, eval_results_file, sae_identity
+from .verdicts import sae_metrics
 from .tables import (
     BY_K,
     HEADLINE,
     Lookup,
     excluded,
-    gap_closed,
-    goodness,
     goodness_interval,
     headline_k,
     headline_metrics,
@@ -94,6 +93,7 @@ def suite_dataset(runs: Mapping[str, xr.Dataset], sae_info: Mapping[str, Mapping
         for sae in r.saes:
             si = saes.index(sae)
             l0[si, ii] = _nan(look("l0", attribute, sae))
+            gaps = sae_metrics(look, sae, attribute)
             for (mi, metric), (ki, kk) in itertools.product(enumerate(metrics), enumerate(ks)):
                 if metric in BY_K and kk not in results["k"].values:
                     continue
@@ -105,10 +105,10 @@ def suite_dataset(runs: Mapping[str, xr.Dataset], sae_info: Mapping[str, Mapping
                         look(metric, attribute, method, **sel))
                     data[f"{prefix}_low" if prefix else "ci_low"][si, ii, mi, ki] = _nan(low)
                     data[f"{prefix}_high" if prefix else "ci_high"][si, ii, mi, ki] = _nan(high)
-                if reasons[ii] is None:
-                    data["gap_closed"][si, ii, mi, ki] = _nan(gap_closed(*(
-                        goodness(metric, None if np.isnan(v) else float(v)) for v in (
-                            data[n][si, ii, mi, ki] for n in ("value", "ceiling", "floor")))))
+                # the report's gap closed: where the paired interval puts the ceiling
+                # above the floor, and only in claims
+                key = f"{metric}_k{kk}" if metric in BY_K else metric
+                data["gap_closed"][si, ii, mi, ki] = _nan(gaps.get(f"{key}_gap_closed"))
     for task in runs:
         mine = [reasons[i] for i, (t, _) in enumerate(items) if t == task]
         if not gates.get(task) and mine and all(mine):
