@@ -96,6 +96,29 @@ def test_every_control_is_built_at_the_saes_budget_and_can_lose(calibration):
             assert against_floor(look, sae, "io", metric, control) == "above", (metric, control)
 
 
+def test_every_headline_metric_has_a_gap_to_close_at_the_attributes_in_claims(calibration):
+    """At every attribute in claims, each SAE's ceiling lies above its floor on every headline
+    metric by their paired interval, so each metric can rank SAEs; necessity's ceiling is its
+    ideal (an exact reconstruction's 1): the supervised dictionaries explain the attributes
+    alone and sit at or below the heads' floor there (io: 0.46 against 0.51)."""
+    result, _, _, _ = calibration
+    from sage_nn.report import HEADLINE, IDEAL, Lookup, calibration, excluded, gap_defined, roles
+
+    results = result.results
+    look, r = Lookup(results), roles(results)
+    claimed = [str(a) for a in results.attribute.values if excluded(results, str(a)) is None]
+    assert {"io", "s"} <= set(claimed), claimed
+    assert r.ceiling_of(SAE, "necessity") == IDEAL and look("necessity", "io", IDEAL) == 1
+    for sae in r.saes:
+        for a in claimed:
+            for metric in HEADLINE:
+                ceiling = r.ceiling_of(sae, metric)
+                assert gap_defined(look, a, metric, ceiling, r.floors[sae]), (sae, a, metric)
+                mark = calibration(look, r, sae, a, metric)[0]
+                assert mark not in ("no gap", "–") and not mark.startswith("✗"), (
+                    sae, a, metric, mark)
+
+
 @pytest.fixture(scope="module")
 def random_saes(calibration, smollm2, tmp_path_factory):
     """The trained residual SAEs and sae_lens TopK and JumpReLU SAEs with random weights at

@@ -175,6 +175,8 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "EVAL_TYPE_ID": "saebench",
     "FLOOR_PREFIX": "tables",
     "HEADLINE": "tables",
+    "IDEAL": "tables",
+    "IDEAL_CEILINGS": "tables",
     "LABELS": "tables",
     "Lookup": "tables",
     "PER_PAIR": "tables",

@@ -367,8 +367,11 @@ def document(results, config, timings, images, k, discovery_note,
     blocks.append(("h2", "Calibration: SAE between its controls and its ceiling"))
     blocks.append(("p", "Share of the gap between floor (0) and ceiling (1) that each SAE "
                         "closes (against the path ceiling for a residual SAE through the "
-                        "reconstruction); ✓: the paired intervals put it above both controls "
-                        "and not above the ceiling; ~: not apart from some control; ✗: below "
+                        "reconstruction; on necessity against its ideal, 1, an exact "
+                        "reconstruction's, since a dictionary of the attributes alone is no "
+                        "upper bound for it); ✓: the paired intervals put it above both "
+                        "controls and not above the ceiling; ~: not apart from some control; "
+                        "✗: below "
                         "a control, or above the ceiling; no gap where the ceiling is not "
                         "above the floor. An attribute whose cross-section was not found, "
                         "whose ceiling fails its own checks, or whose effect is small, is "

@@ -14,6 +14,8 @@ from ..common.figures import figure, finish
 from ..evaluation.scoring import pair_mean
 from .tables import (
     BY_K,
+    IDEAL,
+    IDEAL_CEILINGS,
     LABELS,
     Lookup,
     Roles,
@@ -214,10 +216,11 @@ def plot_sweep(results: xr.Dataset, metric: str, path: str | Path | None = None,
         xv = np.array([xs[s] for s in saes], dtype=float)
         lo_x, hi_x = xv.min(), xv.max()
         pad = (hi_x - lo_x) * 0.05 or max(abs(hi_x) * 0.05, 0.5)
-        ceiling = look(metric, a, r.ceiling, **sel)
+        top = IDEAL if metric in IDEAL_CEILINGS else r.ceiling
+        ceiling = look(metric, a, top, **sel)
         if ceiling is not None:
-            c_lo, c_hi = look.ci(metric, a, r.ceiling, **sel)
-            ax.axhline(ceiling, color="#2ca02c", linewidth=1, label=f"{r.ceiling} (ceiling)")
+            c_lo, c_hi = look.ci(metric, a, top, **sel)
+            ax.axhline(ceiling, color="#2ca02c", linewidth=1, label=f"{top} (ceiling)")
             if c_lo is not None and c_hi is not None:
                 ax.axhspan(c_lo, c_hi, color="#2ca02c", alpha=0.15, linewidth=0)
         floors = [look(metric, a, r.floors[s], **sel) for s in saes]

@@ -98,7 +98,7 @@ def suite_dataset(runs: Mapping[str, xr.Dataset], sae_info: Mapping[str, Mapping
                 if metric in BY_K and kk not in results["k"].values:
                     continue
                 sel = {"k": kk} if metric in BY_K else {}
-                for prefix, method in (("", sae), ("ceiling", r.ceiling_of(sae)),
+                for prefix, method in (("", sae), ("ceiling", r.ceiling_of(sae, metric)),
                                        ("floor", r.floors[sae])):
                     low, high = look.ci(metric, attribute, method, **sel)
                     data[prefix or "value"][si, ii, mi, ki] = _nan(
@@ -383,7 +383,8 @@ def suite_summary(ds: xr.Dataset, table: pd.DataFrame, agreement: pd.DataFrame,
     metrics = [str(m) for m in headline(ds).metric.values]
     lines = ["# SAGE suite", "",
              (f"{ds.sizes['sae']} SAE(s) on {ds.sizes[TASKS]} task(s). **Score**: per SAE, "
-              "the gap closed between its random floor (0) and the supervised ceiling (1), "
+              "the gap closed between its random floor (0) and the supervised ceiling (1) "
+              "(necessity: its ideal, 1), "
               "`(sae - floor) / (ceiling - floor)`, averaged over the headline metrics "
               f"({', '.join(metrics)}; "
               + ("edits as the area over k" if "edit_auc" in metrics else f"edits at k = {k}")

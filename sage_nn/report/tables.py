@@ -32,6 +32,13 @@ HEADLINE = ("sufficiency", "necessity", "edit_auc", "edit_f1_auc", "best_f1")
 #: at the headline k)
 OLD_HEADLINE = ("sufficiency", "necessity", "edit", "edit_f1", "best_f1")
 BY_K = ("edit", "edit_f1")
+#: headline metrics measured against their ideal value instead of a supervised dictionary:
+#: prompt by prompt, necessity is 1 for any exact reconstruction, and a dictionary of the
+#: attributes alone leaves what else the heads carry pushing each prompt, so it is no
+#: ceiling for necessity (docs/metrics.md, "Intervals and verdicts")
+IDEAL_CEILINGS = {"necessity": 1.0}
+#: the name the ideal goes by where a ceiling's name is asked for
+IDEAL = "ideal"
 PER_PAIR = ("fvu", "l0", "l0_site", "dead", "best_f1", "share_interpretable", "alignment")
 LABELS = {"sufficiency": "sufficiency", "necessity": "necessity",
           "edit": "edit (greedy)", "edit_magnitude": "edit magnitude",
@@ -67,9 +74,12 @@ class Roles:
                                               if sae in self.random_saes else [])
         return out + self.others
 
-    def ceiling_of(self, sae: str) -> str:
+    def ceiling_of(self, sae: str, metric: str | None = None) -> str:
         """The ceiling ``sae`` is measured against (the path ceiling for a residual SAE
-        through the reconstruction)."""
+        through the reconstruction), on ``metric``: :data:`IDEAL` for a metric measured
+        against its ideal (:data:`IDEAL_CEILINGS`)."""
+        if metric in IDEAL_CEILINGS:
+            return IDEAL
         return self.ceilings.get(sae, self.ceiling)
 
     def controls(self, sae: str) -> dict[str, str]:
@@ -172,13 +182,17 @@ def headline_table(results: xr.Dataset) -> pd.DataFrame:
 
 
 class Lookup:
-    """Scalar access to the results by labels (one ``.sel`` per scalar is slow)."""
+    """Scalar access to the results by labels (one ``.sel`` per scalar is slow). The
+    method :data:`IDEAL` reads a metric's ideal (:data:`IDEAL_CEILINGS`), defined where
+    the ceiling's value is."""
 
     def __init__(self, results: xr.Dataset):
         self.results = results
         self._series: dict[str, pd.Series] = {}
 
     def __call__(self, name: str, attribute: str, method: str, **sel) -> float | None:
+        if method == IDEAL:
+            return self._ideal(name, attribute)
         if name not in self.results:
             return None
         if name not in self._series:  # per-pair metrics: mean over the cross-section
@@ -192,7 +206,14 @@ class Lookup:
             return None
         return None if math.isnan(value) else value
 
+    def _ideal(self, name: str, attribute: str) -> float | None:
+        if name not in IDEAL_CEILINGS or self(name, attribute, CEILING) is None:
+            return None
+        return IDEAL_CEILINGS[name]
+
     def ci(self, name: str, attribute: str, method: str, **sel):
+        if method == IDEAL:
+            return (self._ideal(name, attribute),) * 2
         return (self(f"{name}_ci", attribute, method, bound="low", **sel),
                 self(f"{name}_ci", attribute, method, bound="high", **sel))
 
@@ -200,6 +221,10 @@ class Lookup:
         """The metric's bootstrap replicates (``<name>_boot``; every dictionary of an
         attribute on the same draws), or None."""
         var = f"{name}_boot"
+        if method == IDEAL:  # the ideal on every draw where the ceiling is defined
+            ceiling, ideal = self.boot(name, attribute, CEILING), self._ideal(name, attribute)
+            return None if ceiling is None or ideal is None else np.where(
+                np.isfinite(ceiling), ideal, np.nan)
         if var not in self.results or method not in self.results["dictionary"].values:
             return None
         values = self.results[var].sel(attribute=attribute, dictionary=method).values

@@ -106,7 +106,7 @@ def calibration(look: "Lookup", r: "Roles", sae: str, attribute: str,
     ``("✗ FVU > 1", gap)`` for a reconstruction worse than the mean: its edits and detectors
     are not credited (a random sae_lens TopK at SmolLM2's L23, FVU 97, otherwise edits above
     its calibrated controls by moving the output with its large decoder)."""
-    ceiling, floor = r.ceiling_of(sae), r.floors[sae]
+    ceiling, floor = r.ceiling_of(sae, metric), r.floors[sae]
     values = [goodness(metric, look(metric, attribute, m)) for m in (sae, ceiling, floor)]
     if None in values:
         return "–", None
@@ -131,18 +131,20 @@ def sae_metrics(results: "xr.Dataset | Lookup", sae: str,
                 attribute: str) -> dict[str, float | None]:
     """Flat metrics of one SAE at one attribute, each next to its ceiling and controls:
     ``m``, ``m_ci_low``, ``m_ci_high``, ``m_ceiling`` (the ceiling the SAE is measured
-    against), ``m_floor``, ``m_random_sae``, ``m_gap_closed`` (None where the ceiling is not
-    above the floor, or out of claims), and for the headline metrics the paired intervals
-    ``m_minus_floor_low``/``_high`` and ``m_minus_random_sae_low``/``_high``."""
+    against: its ideal for necessity), ``m_floor``, ``m_random_sae``, ``m_gap_closed``
+    (None where the ceiling is not above the floor, or out of claims), and for the headline
+    metrics the paired intervals ``m_minus_floor_low``/``_high`` and
+    ``m_minus_random_sae_low``/``_high``."""
     look = _lookup(results)
     results = look.results
     r = roles(results)
-    floor, ceiling = FLOOR_PREFIX + sae, r.ceiling_of(sae)
+    floor = FLOOR_PREFIX + sae
     random = r.random_saes.get(sae)
     claimed = excluded(results, attribute) is None  # no gap closed against a failed ceiling
     out: dict[str, float | None] = {}
 
     def put(key: str, name: str, with_gap: bool, **sel) -> None:
+        ceiling = r.ceiling_of(sae, name)
         out[key] = look(name, attribute, sae, **sel)
         if f"{name}_ci" in results:
             out[f"{key}_ci_low"], out[f"{key}_ci_high"] = look.ci(name, attribute, sae, **sel)
