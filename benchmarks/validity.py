@@ -12,9 +12,12 @@ the seed noise of trained SAEs.
    against f = 0, the f = 1 rung against the ceiling's interval.
 2. In the tool's regime (``regime``): planted latents among a trained residual SAE's own
    latents (its real L0, dense codes summed over the context) through the reconstruction,
-   for the edits over k and F1; equal-FVU rungs whose error lies inside versus orthogonal to
-   the task's subspace at the heads, for sufficiency and necessity (FVU flat); an overshoot
-   (twice what the SAE explains) that parts sufficiency from necessity. Every rung with its
+   for the edits over k and F1, the SAE's latents that detect a value of the attribute on
+   the fit prompts (F1 above ``DETECTOR_F1``) removed at every pair, so that f = 0 does
+   not know the attribute and the planted latents are the detectors of their values;
+   equal-FVU rungs whose error lies inside versus orthogonal to the task's subspace at the
+   heads, for sufficiency and necessity (FVU flat); an overshoot (twice what the SAE
+   explains) that parts sufficiency from necessity. Every rung with its
    floor's place (the paired interval of rung - floor).
 3. Random SAEs (``random``): sae_lens TopK and JumpReLU SAEs with random weights (built with
    sae_lens's config classes, saved as SAE directories and loaded back as a user's) at the
@@ -51,14 +54,19 @@ from sage_nn.report import HEADLINE, goodness
 from sage_nn.model.sites import Site
 from sage_nn.dictionaries.training import train_saes
 from sage_nn.evaluation.validity import (SHARES, Perturbed, PlantedDictionary, Shrunk,
-                                         WithPlanted, ladder, ladder_summary, planted_sae,
-                                         saved_random_saes)
+                                         WithoutDetectors, WithPlanted, ladder,
+                                         ladder_summary, planted_sae, saved_random_saes)
 
 PLANTED = ["edit", "edit_f1", "edit_auc", "edit_f1_auc", "best_f1", "alignment"]
 SHRUNK = ["sufficiency", "necessity"]
 #: control seeds in the ladders (each rung has its floor and random SAE): two keep the
 #: ladders' evaluations short; the floor's place is read off the paired intervals
 LADDER_CONTROL_SEEDS = 2
+#: the regime's planted rungs stand on the trained SAE without its latents that detect a
+#: value of the attribute with F1 above this on the fit prompts (WithoutDetectors): with
+#: about 5 fit prompts per value many latents pass 0.5 by chance, win the choice of
+#: detector over a planted latent and lose on the held-out prompts
+DETECTOR_F1 = 0.4
 
 
 def trained(model, config: RunConfig, sites, k: int, seed: int, log: dict) -> list:
@@ -184,18 +192,22 @@ def main():
 
 def regime(model, config, fit, held_out, sections, needed, log, boot) -> dict:
     """The ladders in the tool's regime, per attribute: planted latents among the trained
-    residual SAE's through the reconstruction; equal-FVU rungs with the error inside or
-    outside the task's subspace at the heads; the overshoot."""
+    residual SAE's through the reconstruction, its detectors of the attribute removed;
+    equal-FVU rungs with the error inside or outside the task's subspace at the heads; the
+    overshoot."""
     residual = trained(model, config, needed, 32, config.seed, log)
     out = {}
     for a, cs in sections.items():
         position = {"io": "IO", "s": "S1"}.get(a, "END")
         layers = sorted({site.layer for site, _ in cs.pairs})
         out[a] = {}
+        bases = {f: WithoutDetectors(ReconstructedSAE(residual), fit, a, DETECTOR_F1)
+                 for f in SHARES}
         for name, (metrics, rungs) in {
-                "planted among the trained SAE's latents, through the reconstruction": (
+                "planted among the trained SAE's latents without its detectors of the "
+                "attribute, through the reconstruction": (
                     PLANTED, {f"planted-{f:g}": (f, WithPlanted(
-                        ReconstructedSAE(residual),
+                        bases[f],
                         ReconstructedSAE([planted_sae(model, fit, a, layer, position, f)
                                           for layer in layers]))) for f in SHARES}),
                 "equal FVU, a share f of the error outside the task's subspace": (
@@ -206,6 +218,12 @@ def regime(model, config, fit, held_out, sections, needed, log, boot) -> dict:
             table = ladder_summary(results, metrics, k=2)
             out[a][name] = {"metrics": summary_json(table),
                             "seconds": round(time.perf_counter() - start, 1)}
+            if metrics == PLANTED:
+                base = bases[0.0]
+                out[a][name]["base"] = {
+                    "detector_f1_threshold": DETECTOR_F1,
+                    "latents_removed": {f"{site}@{pos}": [len(found), base.latents[site, pos]]
+                                        for (site, pos), found in base.removed.items()}}
             print(a, name, "\n", table.T.to_string(), flush=True)
         over = ladder(model, fit, held_out, cs, {"twice": (2.0, Shrunk(
             ReconstructedSAE(residual), 2.0))}, **boot).sel(attribute=a, dictionary="twice")

@@ -21,6 +21,9 @@ over the context, its latents distractors):
 
 - :class:`WithPlanted` (edits, F1): a trained SAE's latents with planted latents of a share
   ``f`` of the attribute's values added, all reaching the heads through the reconstruction;
+  its base the trained SAE without its latents that detect the attribute on the fit
+  prompts (:class:`WithoutDetectors`), so that the planted latents are the only detectors
+  of their values and best F1 rises with ``f``;
 - :class:`Perturbed` (sufficiency, necessity against FVU): the clean activation plus an
   error of the same size at every rung (equal FVU), for a share of the prompts orthogonal
   to the task's subspace (noise), for the others inside it (the span of the supervised
@@ -50,6 +53,7 @@ from scipy.stats import spearmanr
 from ..dictionaries.saes import SparseAutoencoder
 from ..dictionaries.supervised import MSEDictionary
 from ..model.reads import read_sites
+from . import metrics
 from .coders import RANDOM, SUPERVISED, CrossSection, SiteCode, as_coder
 from .paired import percentile_interval
 from .scoring import evaluate_cross_section, pair_mean
@@ -188,6 +192,59 @@ class WithPlanted:
                                  torch.cat([b.directions, p.directions]),
                                  codes_fit=torch.cat([b.codes_fit, p.codes_fit], 1),
                                  l0_own=b.l0_own)
+        return out
+
+
+class WithoutDetectors:
+    """``coder`` with, at every pair, the latents that detect a value of ``attribute``
+    removed: those whose best F1 on the fit prompts (``train``; :func:`~.metrics.latent_f1`,
+    over thresholds of activity, the detector ``best_f1`` would choose) for any of its values
+    exceeds ``threshold``. Removed means zeroed: their codes and directions are dropped and
+    their part of the reconstruction with them (where the pair has latent directions).
+    Chosen on the fit prompts only, so the held-out prompts score it as any dictionary. The
+    base of the regime's planted rungs (:class:`WithPlanted`): a trained SAE that does not
+    know the attribute, so that the planted latents added to it are the only detectors of
+    their values. Its controls are ``coder``'s."""
+
+    def __init__(self, coder: Any, train: Any, attribute: str, threshold: float):
+        self.coder, self.train = as_coder(coder), train
+        self.attribute, self.threshold = attribute, threshold
+        #: per pair, the removed latents' indices and how many latents there were (filled
+        #: by :meth:`codes`)
+        self.removed: dict = {}
+        self.latents: dict = {}
+
+    def serves(self, model, site) -> bool:
+        return self.coder.serves(model, site)
+
+    def member(self, model, pair):
+        member = getattr(self.coder, "member", None)
+        return member(model, pair) if member is not None else ("site", None)
+
+    def reads(self, model, pair) -> list:
+        return self.coder.reads(model, pair)
+
+    def jobs(self, model, pairs) -> list:
+        return self.coder.jobs(model, pairs)
+
+    def codes(self, model, pairs, test, cf, values, values_cf, values_fit, computed=None,
+              remote=None) -> dict:
+        out = self.coder.codes(model, pairs, test, cf, values, values_cf, values_fit,
+                               computed, remote)
+        labels_fit = self.train.attributes[[self.attribute]]
+        for pair, code in out.items():
+            fitted = metrics.latent_f1(code.codes_fit.numpy(), labels_fit)
+            best = np.max([f1 for f1, _ in fitted.values()], axis=0)
+            drop = torch.as_tensor(best > self.threshold)
+            self.removed[pair] = torch.nonzero(drop).ravel().tolist()
+            self.latents[pair] = len(drop)
+            if code.directions is not None and drop.any():
+                part = code.codes[:, drop] @ code.directions[drop]
+                scale = 1 if code.scale is None else code.scale[:, None]
+                code.a_hat = code.a_hat - scale * part
+                code.directions = code.directions[~drop]
+            code.codes, code.codes_cf = code.codes[:, ~drop], code.codes_cf[:, ~drop]
+            code.codes_fit = code.codes_fit[:, ~drop]
         return out
 
 
