@@ -23,7 +23,10 @@ import xarray as xr
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "scripts" / "ndif" / "local_ndif.py"
-SETTINGS = dict(task="ioi", attributes=["io"], n_fit=16, n_eval=16, n_discovery=8,
+# Discovery on 2 prompts (one of each IOI order, 17 and 14 tokens: padded): in the sandbox
+# every head of every layer is patched exactly, at each prompt and position, which costs
+# about 30 s a prompt on 2 CPU cores; the comparison needs the path, not the prompts.
+SETTINGS = dict(task="ioi", attributes=["io"], n_fit=16, n_eval=16, n_discovery=2,
                 discovery_kinds=["z"], ks=[1, 2], n_boot=20, batch_size=16, seed=0,
                 control_seeds=1)  # one seed of each control: the numbers, not the spread
 LAYER = 29  # the residual SAE's and the head SAEs' layer: discovery searches its heads
@@ -81,11 +84,20 @@ def _config(root, model, name, remote):
 
 
 @pytest.fixture(scope="module")
-def local(setup):
+def here(setup):
+    """The model loaded here from the server's directory, once: the local reference runs
+    share it."""
+    from sage_nn.model.loading import load_model
+
+    return load_model(setup[1])
+
+
+@pytest.fixture(scope="module")
+def local(setup, here):
     from sage_nn.pipeline.stages import run
 
     root, model = setup
-    return run(_config(root, model, "local", False), progress=False)
+    return run(_config(root, model, "local", False), model=here, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -123,22 +135,18 @@ def test_every_stage_on_the_real_server_gives_the_local_numbers(setup, local, re
         assert r["wire_up"] > 0 and r["wire_down"] > 0 and r["seconds"] > 0, r
 
 
-@pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "sandboxed"])
-def test_saes_at_the_heads_beside_the_residual_sae_give_the_local_numbers(server, setup, local,
-                                                                          trusted):
+@pytest.fixture(scope="module")
+def heads(setup, local, here):
     """The run's cross-section evaluated with the residual SAE through the reconstruction
-    and SAEs at the heads themselves, in one read, then the patches (with the controls, two
-    requests under NDIF's 1 MiB)."""
+    and SAEs at the heads themselves: the evaluation, and its numbers here (computed once,
+    the reference of both modes)."""
     from sage_nn.dictionaries.training import load_trained
     from sage_nn.evaluation.coders import CrossSection, DirectSAE, ReconstructedSAE
     from sage_nn.evaluation.scoring import evaluate_cross_section
-    from sage_nn.model.loading import load_model
-    from sage_nn.model.remote import Remote
     from sage_nn.model.sites import Site
     from sage_nn.pipeline.config import run_prompts
 
     root, path = setup
-    here = load_model(path)
     pairs = [(Site.parse(p.split("@")[0]), p.split("@")[1]) for p in local.cross_sections["io"]]
     _, fit, test = run_prompts(here, _config(root, path, "heads", False))
 
@@ -148,9 +156,21 @@ def test_saes_at_the_heads_beside_the_residual_sae_give_the_local_numbers(server
         return evaluate_cross_section(model, fit, test, CrossSection("io", pairs), saes,
                                       ks=[1, 2], n_boot=20, control_seeds=1, remote=remote)
 
+    return evaluate, evaluate(here, None)
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "sandboxed"])
+def test_saes_at_the_heads_beside_the_residual_sae_give_the_local_numbers(server, setup, heads,
+                                                                          trusted):
+    """The heads fixture's evaluation on the server, in one read, then the patches (with
+    the controls, two requests under NDIF's 1 MiB), gives its local numbers."""
+    from sage_nn.model.loading import load_model
+    from sage_nn.model.remote import Remote
+
+    evaluate, local_numbers = heads
     remote = Remote(server, trusted=trusted)
-    there = evaluate(load_model(path, remote=True), remote)
-    xr.testing.assert_allclose(there, evaluate(here, None), rtol=1e-5, atol=1e-5)
+    there = evaluate(load_model(setup[1], remote=True), remote)
+    xr.testing.assert_allclose(there, local_numbers, rtol=1e-5, atol=1e-5)
     assert np.isfinite(there.fvu.sel(dictionary="heads")).all()
     kernels = [r.kernel for r in remote.requests]  # the patches split under NDIF's limit
     assert kernels[0] == "read" and set(kernels[1:]) == {"patch"} and len(kernels) <= 3, kernels
@@ -195,7 +215,7 @@ def test_a_failing_request_names_its_stage_and_request(server, setup):
         list(run_kernel(model, broken, [(inputs,)], remote))
 
 
-def test_a_job_submitted_without_waiting_is_collected_later(server, setup, tmp_path):
+def test_a_job_submitted_without_waiting_is_collected_later(server, setup, here, tmp_path):
     import time
 
     from sage_nn.model.loading import load_model
@@ -205,7 +225,7 @@ def test_a_job_submitted_without_waiting_is_collected_later(server, setup, tmp_p
 
     model = load_model(setup[1], remote=True)
     data = load_task("ioi").build(model, n=8, seed=1, split="train")
-    local = run_patched(load_model(), data, [[]]).logit_diff.values
+    local = run_patched(here, data, [[]]).logit_diff.values
     remote = Remote(server, trusted=True, blocking=False, jobs=tmp_path / "jobs.json")
     with pytest.raises(RemotePending):
         run_patched(model, data, [[]], remote=remote)
